@@ -1,0 +1,187 @@
+"""Saving and loading, safely.
+
+* Model weights: ``model.safetensors`` beside ``config.json`` (class name, vaekit version,
+  format version, model config). Loading never unpickles anything.
+* Training checkpoints: one file written atomically (temporary file, flush, fsync,
+  rename, fsync of the directory), read back with ``torch.load(weights_only=True)``,
+  which refuses pickled objects other than tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save as _safetensors_bytes
+
+from . import __version__
+
+__all__ = [
+    "atomic_write",
+    "write_json",
+    "read_json",
+    "save_model",
+    "load_model",
+    "save_checkpoint",
+    "load_checkpoint",
+    "CheckpointError",
+    "MODEL_FORMAT",
+    "CHECKPOINT_FORMAT",
+]
+
+MODEL_FORMAT = 1
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_MAGIC = "vaekit-checkpoint"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or saved model that cannot be used (missing, truncated, unsafe, newer)."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some filesystems do not open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write) -> Path:
+    """Write ``path`` through ``write(file_object)`` so that readers see the old or the
+    new content, never a partial one: temporary file in the same directory, flush,
+    fsync, ``os.replace``, fsync of the directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_json(path, obj) -> Path:
+    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def read_json(path) -> dict:
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+# ---------------------------------------------------------------------------------------
+# Models
+
+
+def save_model(model, directory) -> Path:
+    """``directory/model.safetensors`` + ``directory/config.json``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(directory / "model.safetensors", lambda f: f.write(_safetensors_bytes(state)))
+    write_json(
+        directory / "config.json",
+        {
+            "class": type(model).__name__,
+            "vaekit_version": __version__,
+            "format_version": MODEL_FORMAT,
+            "model": model.config.to_dict(),
+        },
+    )
+    return directory
+
+
+def load_model(directory, *, device=None):
+    """Rebuild a :class:`vaekit.models.VAE` from ``save_model``'s files."""
+    from .models import VAE, ModelConfig
+
+    directory = Path(directory)
+    cfg_path, weights = directory / "config.json", directory / "model.safetensors"
+    for p in (cfg_path, weights):
+        if not p.is_file():
+            raise CheckpointError(f"{directory} holds no saved model: {p.name} is missing")
+    meta = read_json(cfg_path)
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > MODEL_FORMAT or version < 1:
+        raise CheckpointError(
+            f"{cfg_path} has format_version {version!r}; this vaekit ({__version__}) reads 1..{MODEL_FORMAT}"
+        )
+    if meta.get("class") != "VAE":
+        raise CheckpointError(f"{cfg_path} describes class {meta.get('class')!r}, expected 'VAE'")
+    model = VAE(ModelConfig.from_dict(meta.get("model", {})))
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"{weights} is not a readable safetensors file: {e}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{weights} does not match {cfg_path}: {e}") from None
+    if device is not None:
+        model.to(device)
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# Training checkpoints
+
+
+def save_checkpoint(path, state: dict) -> Path:
+    """Atomically write a training checkpoint (a dict of tensors, numbers, strings,
+    lists and dicts: everything ``torch.load(weights_only=True)`` accepts)."""
+    payload = {"format": CHECKPOINT_MAGIC, "format_version": CHECKPOINT_FORMAT, **state}
+    return atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path, *, map_location="cpu") -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint`; never unpickles code.
+
+    Raises :class:`CheckpointError` for a missing, truncated, foreign, unsafe or newer file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path} holds objects that could run code when loaded; refusing it ({msg})"
+            ) from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or damaged?): {msg}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_MAGIC:
+        raise CheckpointError(f"{path} is not a vaekit checkpoint")
+    version = state.get("format_version")
+    if not isinstance(version, int) or not 1 <= version <= CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} has checkpoint format {version!r}; this vaekit ({__version__}) reads 1..{CHECKPOINT_FORMAT}"
+        )
+    return state

@@ -1,0 +1,445 @@
+"""The VAE objective: likelihoods, the Gaussian KL, and ``VAELoss``.
+
+Conventions (see ``docs/objective.md``):
+
+* data ``x`` is ``[B, *event]``; latent parameters ``mu`` and ``logvar`` are ``[B, d]``;
+* every function returns **per-example** values ``[B]``: the sum over the event (data or
+  latent) dimensions, in nats;
+* the batch is reduced once, at the top, by ``VAELoss(reduction=...)``;
+* decoders hand over likelihood *parameters* (Bernoulli logits, Gaussian mean and
+  log-variance), never probabilities;
+* ``logvar`` is always the log-variance ``log sigma^2``.
+
+Half-precision inputs (e.g. under bf16 autocast) are computed in float32: the
+reductions over hundreds of pixels and the exponentials would otherwise lose the
+numbers this module exists to get right.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "gaussian_kl",
+    "bernoulli_nll",
+    "gaussian_nll",
+    "mse",
+    "continuous_bernoulli_nll",
+    "reconstruction_nll",
+    "VAELoss",
+    "LossResult",
+    "RECONSTRUCTIONS",
+    "REDUCTIONS",
+    "set_validate_args",
+    "validate_args_enabled",
+]
+
+RECONSTRUCTIONS = ("bernoulli", "gaussian", "mse", "continuous_bernoulli")
+REDUCTIONS = ("mean", "sum", "none")
+
+_LOG_2PI = math.log(2.0 * math.pi)
+_validate_default = True
+
+
+def set_validate_args(value: bool) -> None:
+    """Switch the value checks (support, finiteness) on or off for the whole process.
+
+    Shape and dtype checks always run. The value checks need a device synchronisation,
+    so a compiled or graph-captured training step turns them off, as
+    ``torch.distributions.Distribution.set_default_validate_args`` does.
+    """
+    global _validate_default
+    if not isinstance(value, bool):
+        raise TypeError(f"value must be a bool, got {type(value).__name__}")
+    _validate_default = value
+
+
+def validate_args_enabled() -> bool:
+    """Whether the value checks run by default."""
+    return _validate_default
+
+
+def _validating(validate_args: bool | None) -> bool:
+    return _validate_default if validate_args is None else validate_args
+
+
+def _check_tensor(name: str, t, min_dim: int = 1) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dim() < min_dim:
+        raise ValueError(
+            f"{name} must have at least {min_dim} dimension(s) [B, ...], got shape {tuple(t.shape)}"
+        )
+
+
+def _check_same_shape(a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{a_name} has shape {tuple(a.shape)} but {b_name} has shape {tuple(b.shape)}"
+        )
+
+
+def _check_finite(name: str, t: Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite, but it holds NaN or infinite values")
+
+
+def _check_unit_interval(name: str, t: Tensor) -> None:
+    if not bool(((t >= 0) & (t <= 1)).all()):
+        lo, hi = float(t.min()), float(t.max())
+        raise ValueError(f"{name} must lie in [0, 1], got values in [{lo:g}, {hi:g}]")
+
+
+def _upcast(*ts: Tensor) -> tuple[Tensor, ...]:
+    """float16/bfloat16 -> float32; float32/float64 unchanged."""
+    return tuple(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in ts)
+
+
+def _sum_event(t: Tensor) -> Tensor:
+    """Sum over every dimension but the first: ``[B, *event] -> [B]``."""
+    return t.reshape(t.shape[0], -1).sum(1)
+
+
+# ---------------------------------------------------------------------------------------
+# KL divergence
+
+
+def gaussian_kl(
+    mu: Tensor,
+    logvar: Tensor,
+    prior_mu: Union[float, Tensor] = 0.0,
+    prior_logvar: Union[float, Tensor] = 0.0,
+    *,
+    validate_args: bool | None = None,
+) -> Tensor:
+    r"""KL(N(mu, e^logvar) || N(prior_mu, e^prior_logvar)), summed over the latent dims.
+
+    .. math::
+        \mathrm{KL} = -\tfrac12 \sum_j \big(1 + \log\sigma_j^2 - \mu_j^2 - \sigma_j^2\big)
+
+    for the standard-normal prior; in general, with ``r = logvar - prior_logvar``,
+
+    .. math::
+        \mathrm{KL} = \tfrac12 \sum_j \big( (e^{r_j} - 1 - r_j) + (\mu_j - m_j)^2 e^{-s_j} \big).
+
+    The first bracket is written with ``expm1`` so that it is exactly zero at the prior
+    and never negative through rounding.
+
+    Args:
+        mu: posterior means, ``[B, d]``.
+        logvar: posterior log-variances ``log sigma^2`` (not variances), ``[B, d]``.
+        prior_mu, prior_logvar: prior mean and log-variance, scalars or broadcastable to
+            ``[B, d]``.
+
+    Shape:
+        returns ``[B]`` (the last dimension is summed; leading dims are kept, so
+        ``[k, B, d]`` gives ``[k, B]``).
+
+    Example:
+        >>> gaussian_kl(torch.zeros(2, 3), torch.zeros(2, 3))
+        tensor([0., 0.])
+    """
+    _check_tensor("mu", mu)
+    _check_tensor("logvar", logvar)
+    _check_same_shape("mu", mu, "logvar", logvar)
+    if _validating(validate_args):
+        _check_finite("mu", mu)
+        _check_finite("logvar", logvar)
+    mu, logvar = _upcast(mu, logvar)
+    r = logvar - prior_logvar
+    diff = mu - prior_mu if not (isinstance(prior_mu, float) and prior_mu == 0.0) else mu
+    if isinstance(prior_logvar, float) and prior_logvar == 0.0:
+        quad = diff.square()
+    else:
+        quad = diff.square() * torch.exp(-torch.as_tensor(prior_logvar, dtype=mu.dtype, device=mu.device))
+    return 0.5 * (torch.expm1(r) - r + quad).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------
+# Reconstruction likelihoods
+
+
+def bernoulli_nll(logits: Tensor, x: Tensor, *, validate_args: bool | None = None) -> Tensor:
+    r"""-log Bernoulli(x | sigmoid(logits)), summed over the event dims.
+
+    .. math::
+        -\sum_i \big[x_i \log \hat x_i + (1 - x_i)\log(1 - \hat x_i)\big],
+        \quad \hat x = \sigma(\ell),
+
+    computed from the logits as ``max(l, 0) - l x + log(1 + e^{-|l|})``, which is finite
+    for any finite logit (no ``log(0)``). Targets may be grey levels in [0, 1]; then this
+    is the binary cross-entropy, which is *not* a normalised likelihood for continuous
+    data (see :func:`continuous_bernoulli_nll`).
+
+    Shape: ``logits`` and ``x`` are ``[B, *event]``; returns ``[B]``.
+    """
+    _check_tensor("logits", logits)
+    _check_tensor("x", x)
+    _check_same_shape("x", x, "logits", logits)
+    if _validating(validate_args):
+        _check_unit_interval("x", x)
+        _check_finite("logits", logits)
+    logits, x = _upcast(logits, x)
+    return _sum_event(F.binary_cross_entropy_with_logits(logits, x, reduction="none"))
+
+
+def _as_logvar(logvar, like: Tensor) -> Tensor:
+    if isinstance(logvar, (int, float)) and not isinstance(logvar, bool):
+        return torch.tensor(float(logvar), dtype=like.dtype, device=like.device)
+    if not isinstance(logvar, Tensor):
+        raise TypeError(f"logvar must be a float or a torch.Tensor, got {type(logvar).__name__}")
+    if not logvar.is_floating_point():
+        raise TypeError(f"logvar must be a floating-point tensor, got dtype {logvar.dtype}")
+    try:
+        torch.broadcast_shapes(logvar.shape, like.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"logvar has shape {tuple(logvar.shape)}, which does not broadcast to x's shape "
+            f"{tuple(like.shape)}: give a scalar, one value per data dimension, or one per element"
+        ) from None
+    if logvar.dim() > like.dim() or (logvar.dim() == like.dim() and logvar.shape[0] not in (1, like.shape[0])):
+        raise ValueError(f"logvar has shape {tuple(logvar.shape)} but x has shape {tuple(like.shape)}")
+    return logvar
+
+
+def gaussian_nll(
+    mean: Tensor, x: Tensor, logvar: Union[float, Tensor] = 0.0, *, validate_args: bool | None = None
+) -> Tensor:
+    r"""-log N(x | mean, e^logvar), summed over the event dims, constant included.
+
+    .. math::
+        \tfrac12 \sum_i \big(\log 2\pi + \log\sigma_i^2 + (x_i - \mu_i)^2 / \sigma_i^2\big)
+
+    Args:
+        mean: decoder means, ``[B, *event]``.
+        x: data, ``[B, *event]``.
+        logvar: the decoder log-variance: a scalar (float or 0-dim tensor), one value per
+            data dimension (shape ``event``), or one per element (shape ``[B, *event]``).
+
+    Shape: returns ``[B]``.
+    """
+    _check_tensor("mean", mean)
+    _check_tensor("x", x)
+    _check_same_shape("x", x, "mean", mean)
+    logvar = _as_logvar(logvar, x)
+    if _validating(validate_args):
+        _check_finite("x", x)
+        _check_finite("mean", mean)
+        _check_finite("logvar", logvar)
+    mean, x, logvar = _upcast(mean, x, logvar)
+    elem = 0.5 * (_LOG_2PI + logvar + (x - mean).square() * torch.exp(-logvar))
+    return _sum_event(elem.expand_as(x) if elem.shape != x.shape else elem)
+
+
+def mse(x_hat: Tensor, x: Tensor, *, validate_args: bool | None = None) -> Tensor:
+    r"""Squared error summed over the event dims: ``sum_i (x_hat_i - x_i)^2``.
+
+    This is the tutorial's reconstruction term. It is a Gaussian likelihood with a
+    *fixed* variance in disguise: with ``sigma^2`` fixed,
+    ``gaussian_nll = mse / (2 sigma^2) + (D/2) log(2 pi sigma^2)``. So ``mse + beta*KL``
+    is, up to a constant, ``2 * (gaussian_nll(sigma^2 = 1/2) + (beta/2) KL)``: using MSE
+    silently fixes the decoder variance at 1/2 and is not a likelihood in nats.
+
+    Shape: ``[B, *event]`` each; returns ``[B]``.
+    """
+    _check_tensor("x_hat", x_hat)
+    _check_tensor("x", x)
+    _check_same_shape("x", x, "x_hat", x_hat)
+    if _validating(validate_args):
+        _check_finite("x", x)
+        _check_finite("x_hat", x_hat)
+    x_hat, x = _upcast(x_hat, x)
+    return _sum_event((x_hat - x).square())
+
+
+# log C(eta) = log(eta / tanh(eta/2)) has the Taylor series log 2 + eta^2/12 - eta^4/1440;
+# below this |eta| the series is exact to float64 rounding and avoids 0/0.
+_CB_TAYLOR = 1e-3
+
+
+def continuous_bernoulli_log_norm(logits: Tensor) -> Tensor:
+    r"""Log normalising constant of the continuous Bernoulli, from the logits.
+
+    With ``lambda = sigmoid(eta)``, ``C(lambda) = 2 atanh(1 - 2 lambda) / (1 - 2 lambda)``,
+    which in terms of the logit is ``eta / tanh(eta / 2)`` (and 2 at ``eta = 0``). Written
+    as ``log|eta| - log(-expm1(-|eta|)) + log1p(e^{-|eta|})`` it is stable for every
+    finite logit; near 0 the Taylor series is used.
+    """
+    a = logits.abs()
+    small = a < _CB_TAYLOR
+    safe = torch.where(small, torch.ones_like(a), a)  # keeps the unused branch's gradient finite
+    exact = torch.log(safe) - torch.log(-torch.expm1(-safe)) + torch.log1p(torch.exp(-safe))
+    a2 = a.square()
+    series = math.log(2.0) + a2 / 12.0 - a2.square() / 1440.0
+    return torch.where(small, series, exact)
+
+
+def continuous_bernoulli_nll(
+    logits: Tensor, x: Tensor, *, validate_args: bool | None = None
+) -> Tensor:
+    r"""-log ContinuousBernoulli(x | sigmoid(logits)), summed over the event dims.
+
+    The continuous Bernoulli (Loaiza-Ganem and Cunningham, 2019) is the normalised
+    density on [0, 1] whose unnormalised form is the Bernoulli cross-entropy:
+
+    .. math::
+        -\log p(x) = \mathrm{BCE}(\ell, x) - \log C(\sigma(\ell)).
+
+    Stable at and near ``lambda = 0.5`` (``logits = 0``) and for logits of any size.
+
+    Shape: ``[B, *event]`` each; returns ``[B]``.
+    """
+    _check_tensor("logits", logits)
+    _check_tensor("x", x)
+    _check_same_shape("x", x, "logits", logits)
+    if _validating(validate_args):
+        _check_unit_interval("x", x)
+        _check_finite("logits", logits)
+    logits, x = _upcast(logits, x)
+    bce = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
+    return _sum_event(bce - continuous_bernoulli_log_norm(logits))
+
+
+def reconstruction_nll(
+    kind: str,
+    decoder_out,
+    x: Tensor,
+    *,
+    logvar: Union[float, Tensor] = 0.0,
+    validate_args: bool | None = None,
+) -> Tensor:
+    """Per-example reconstruction term for a likelihood named by ``kind``.
+
+    ``decoder_out`` is the decoder's output: logits for ``"bernoulli"`` and
+    ``"continuous_bernoulli"``; the mean, or a ``(mean, logvar)`` pair for a learned
+    decoder variance, for ``"gaussian"``; the reconstruction for ``"mse"``. ``logvar`` is
+    the fixed Gaussian log-variance used when ``decoder_out`` carries none.
+    """
+    if kind == "gaussian":
+        if isinstance(decoder_out, (tuple, list)):
+            if len(decoder_out) != 2:
+                raise ValueError(
+                    f"decoder_out for 'gaussian' must be a mean tensor or a (mean, logvar) pair, "
+                    f"got a sequence of length {len(decoder_out)}"
+                )
+            mean, logvar = decoder_out
+        else:
+            mean = decoder_out
+        return gaussian_nll(mean, x, logvar, validate_args=validate_args)
+    if isinstance(decoder_out, (tuple, list)):
+        raise TypeError(f"decoder_out for {kind!r} must be a tensor, got a {type(decoder_out).__name__}")
+    if kind == "bernoulli":
+        return bernoulli_nll(decoder_out, x, validate_args=validate_args)
+    if kind == "continuous_bernoulli":
+        return continuous_bernoulli_nll(decoder_out, x, validate_args=validate_args)
+    if kind == "mse":
+        return mse(decoder_out, x, validate_args=validate_args)
+    raise ValueError(f"reconstruction must be one of {', '.join(RECONSTRUCTIONS)}; got {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# The objective
+
+
+class LossResult(NamedTuple):
+    """``loss = reconstruction + beta * kl``, each reduced the same way."""
+
+    loss: Tensor
+    reconstruction: Tensor
+    kl: Tensor
+
+
+def _reduce(t: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return t.mean()
+    if reduction == "sum":
+        return t.sum()
+    return t
+
+
+def check_beta(beta) -> None:
+    """Reject a beta that is not a real number >= 0 (naming it)."""
+    if isinstance(beta, Tensor):
+        if beta.numel() != 1:
+            raise ValueError(f"beta must be a scalar, got a tensor of shape {tuple(beta.shape)}")
+        value = float(beta)
+    elif isinstance(beta, (int, float)) and not isinstance(beta, bool):
+        value = float(beta)
+    else:
+        raise TypeError(f"beta must be a number, got {type(beta).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"beta must be a finite number >= 0, got {value}")
+
+
+class VAELoss(torch.nn.Module):
+    r"""The negative ELBO with a KL weight: ``reconstruction + beta * KL(q(z|x) || N(0, I))``.
+
+    ``beta`` multiplies the KL only. ``beta = 1`` is the ELBO; ``beta > 1`` is the
+    beta-VAE; schedules change ``beta`` between steps (see :mod:`vaekit.objectives`).
+
+    Args:
+        beta: KL weight, a number >= 0. May be reassigned between steps; a 0-dim tensor
+            can be updated in place by a graph-captured step.
+        reconstruction: ``"bernoulli"`` (logits), ``"gaussian"`` (mean, or
+            ``(mean, logvar)``), ``"mse"`` or ``"continuous_bernoulli"`` (logits).
+        reduction: ``"mean"`` (nats per example, the scale of published numbers),
+            ``"sum"`` (the whole batch) or ``"none"`` (``[B]``).
+        logvar: fixed decoder log-variance for ``"gaussian"`` when the decoder gives only
+            a mean.
+        validate_args: value checks; ``None`` follows :func:`set_validate_args`.
+
+    Call:
+        ``loss_fn(x, decoder_out, mu, logvar) -> LossResult(loss, reconstruction, kl)``
+
+    Example:
+        >>> loss_fn = VAELoss(beta=4.0)
+        >>> out = loss_fn(x, logits, mu, logvar)
+        >>> out.loss.backward()
+    """
+
+    def __init__(
+        self,
+        beta: Union[float, Tensor] = 1.0,
+        reconstruction: str = "bernoulli",
+        reduction: str = "mean",
+        *,
+        logvar: float = 0.0,
+        validate_args: bool | None = None,
+    ) -> None:
+        super().__init__()
+        check_beta(beta)
+        if reconstruction not in RECONSTRUCTIONS:
+            raise ValueError(
+                f"reconstruction must be one of {', '.join(RECONSTRUCTIONS)}; got {reconstruction!r}"
+            )
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+        self.beta = beta
+        self.reconstruction = reconstruction
+        self.reduction = reduction
+        self.logvar = logvar
+        self.validate_args = validate_args
+
+    def forward(self, x: Tensor, decoder_out, mu: Tensor, logvar: Tensor) -> LossResult:
+        if isinstance(x, Tensor) and isinstance(mu, Tensor) and x.dim() >= 1 and mu.dim() >= 1:
+            if x.shape[0] != mu.shape[0]:
+                raise ValueError(
+                    f"x has batch size {x.shape[0]} but mu has batch size {mu.shape[0]}"
+                )
+        rec = reconstruction_nll(
+            self.reconstruction, decoder_out, x, logvar=self.logvar, validate_args=self.validate_args
+        )
+        kl = gaussian_kl(mu, logvar, validate_args=self.validate_args)
+        rec = _reduce(rec, self.reduction)
+        kl = _reduce(kl, self.reduction)
+        return LossResult(rec + self.beta * kl, rec, kl)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, reconstruction={self.reconstruction!r}, reduction={self.reduction!r}"

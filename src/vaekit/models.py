@@ -1,0 +1,274 @@
+"""Encoders, decoders and the VAE module.
+
+``VAE.encode(x)`` returns the posterior q(z|x) as a distribution object
+(``Independent(Normal(mu, sigma), 1)``), so ``rsample``, ``log_prob`` and
+``kl_divergence`` come from ``torch.distributions``. ``VAE.decode(z)`` returns the
+likelihood's parameters (logits, or a mean and a log-variance), never probabilities.
+The objective itself lives in :mod:`vaekit.losses`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Independent, Normal
+
+from .losses import RECONSTRUCTIONS, reconstruction_nll
+
+__all__ = ["ModelConfig", "VAE", "VAEOutput", "ARCHS", "ACTIVATIONS"]
+
+ARCHS = ("mlp", "conv")
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU, "silu": nn.SiLU}
+DECODER_VARIANCES = ("fixed", "learned")
+
+
+def _fail(name: str, expected: str, got) -> None:
+    raise ValueError(f"ModelConfig.{name} must be {expected}, got {got!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and likelihood of a VAE. Saved as JSON beside the weights.
+
+    Attributes:
+        arch: ``"mlp"`` (fully connected) or ``"conv"`` (stride-2 convolutions).
+        input_shape: shape of one example, ``(C, H, W)`` or ``(D,)``.
+        latent_dim: size ``d`` of the latent code.
+        hidden: MLP layer widths, or the channels of each stride-2 convolution.
+        activation: one of ``relu``, ``tanh``, ``elu``, ``gelu``, ``silu``.
+        likelihood: the decoder's distribution: ``bernoulli`` (binary data, logits),
+            ``continuous_bernoulli`` (grey levels, logits), ``gaussian`` (mean) or
+            ``mse`` (squared error, a fixed-variance Gaussian in disguise).
+        decoder_variance: for ``gaussian``: ``fixed`` (``fixed_logvar``) or ``learned``
+            (one log-variance per data dimension, trained with the model).
+        fixed_logvar: the decoder log-variance when it is fixed.
+        logvar_limit: the encoder's log-variance is softly bounded to
+            ``(-logvar_limit, logvar_limit)`` (``L * tanh(raw / L)``), so ``exp(logvar)``
+            can neither overflow nor underflow to an exact zero.
+    """
+
+    arch: str = "mlp"
+    input_shape: tuple = (1, 28, 28)
+    latent_dim: int = 16
+    hidden: tuple = (512, 256)
+    activation: str = "relu"
+    likelihood: str = "bernoulli"
+    decoder_variance: str = "fixed"
+    fixed_logvar: float = 0.0
+    logvar_limit: float = 12.0
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            _fail("arch", f"one of {', '.join(ARCHS)}", self.arch)
+        if isinstance(self.input_shape, list):
+            self.input_shape = tuple(self.input_shape)
+        if isinstance(self.hidden, list):
+            self.hidden = tuple(self.hidden)
+        if (
+            not isinstance(self.input_shape, tuple)
+            or not self.input_shape
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in self.input_shape)
+        ):
+            _fail("input_shape", "a non-empty tuple of positive integers", self.input_shape)
+        if not isinstance(self.latent_dim, int) or isinstance(self.latent_dim, bool) or self.latent_dim < 1:
+            _fail("latent_dim", "a positive integer", self.latent_dim)
+        if not isinstance(self.hidden, tuple) or not all(
+            isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in self.hidden
+        ):
+            _fail("hidden", "a tuple of positive integers", self.hidden)
+        if self.activation not in ACTIVATIONS:
+            _fail("activation", f"one of {', '.join(ACTIVATIONS)}", self.activation)
+        if self.likelihood not in RECONSTRUCTIONS:
+            _fail("likelihood", f"one of {', '.join(RECONSTRUCTIONS)}", self.likelihood)
+        if self.decoder_variance not in DECODER_VARIANCES:
+            _fail("decoder_variance", f"one of {', '.join(DECODER_VARIANCES)}", self.decoder_variance)
+        if self.decoder_variance == "learned" and self.likelihood != "gaussian":
+            _fail("decoder_variance", "'fixed' unless likelihood is 'gaussian'", self.decoder_variance)
+        for name in ("fixed_logvar", "logvar_limit"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                _fail(name, "a finite number", v)
+        if self.logvar_limit <= 0:
+            _fail("logvar_limit", "> 0", self.logvar_limit)
+        if self.arch == "conv":
+            if len(self.input_shape) != 3:
+                _fail("input_shape", "(C, H, W) for arch 'conv'", self.input_shape)
+            if not self.hidden:
+                _fail("hidden", "at least one channel count for arch 'conv'", self.hidden)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"model config must be a mapping, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+
+class VAEOutput(NamedTuple):
+    """What the loss needs: decoder parameters, posterior parameters and the sample."""
+
+    decoder_out: Union[Tensor, tuple]
+    mu: Tensor
+    logvar: Tensor
+    z: Tensor
+
+
+def _mlp(sizes: list[int], act: type[nn.Module]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), act()]
+    return nn.Sequential(*layers)
+
+
+def _conv_sizes(size: int, n: int) -> list[int]:
+    """Spatial sizes after each stride-2, kernel-3, padding-1 convolution."""
+    sizes = [size]
+    for _ in range(n):
+        sizes.append((sizes[-1] + 1) // 2)
+    return sizes
+
+
+class VAE(nn.Module):
+    """A variational autoencoder with a diagonal-Gaussian posterior and N(0, I) prior.
+
+    Example:
+        >>> model = VAE(ModelConfig(input_shape=(1, 8, 8), latent_dim=4, hidden=(64,)))
+        >>> out = model(torch.rand(2, 1, 8, 8))
+        >>> out.mu.shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+        self.config = config
+        act = ACTIVATIONS[config.activation]
+        shape = config.input_shape
+        d = config.latent_dim
+        if config.arch == "mlp":
+            n_in = math.prod(shape)
+            self.encoder = nn.Sequential(nn.Flatten(), _mlp([n_in, *config.hidden], act))
+            feat = config.hidden[-1] if config.hidden else n_in
+            self.head = nn.Linear(feat, 2 * d)
+            widths = [d, *reversed(config.hidden)]
+            self.decoder = nn.Sequential(
+                _mlp(widths, act), nn.Linear(widths[-1], n_in), nn.Unflatten(1, shape)
+            )
+        else:
+            c, h, w = shape
+            hs, ws = _conv_sizes(h, len(config.hidden)), _conv_sizes(w, len(config.hidden))
+            chans = [c, *config.hidden]
+            enc: list[nn.Module] = []
+            for a, b in zip(chans[:-1], chans[1:]):
+                enc += [nn.Conv2d(a, b, 3, stride=2, padding=1), act()]
+            self.encoder = nn.Sequential(*enc, nn.Flatten())
+            feat = chans[-1] * hs[-1] * ws[-1]
+            self.head = nn.Linear(feat, 2 * d)
+            dec: list[nn.Module] = [nn.Linear(d, feat), act(), nn.Unflatten(1, (chans[-1], hs[-1], ws[-1]))]
+            for i in range(len(config.hidden), 0, -1):
+                # output_padding makes each transposed convolution undo its encoder twin exactly.
+                op = (hs[i - 1] - (2 * hs[i] - 1), ws[i - 1] - (2 * ws[i] - 1))
+                out_c = chans[i - 1] if i > 1 else chans[1]
+                dec += [nn.ConvTranspose2d(chans[i], out_c, 3, stride=2, padding=1, output_padding=op), act()]
+            dec.append(nn.Conv2d(chans[1], c, 3, padding=1))
+            self.decoder = nn.Sequential(*dec)
+        if config.decoder_variance == "learned":
+            self.decoder_logvar = nn.Parameter(torch.full(shape, float(config.fixed_logvar)))
+        else:
+            self.decoder_logvar = None
+
+    # -- the two halves -----------------------------------------------------------------
+
+    def encode_params(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Posterior parameters ``(mu, logvar)``, each ``[B, d]``."""
+        self._check_input(x)
+        mu, raw = self.head(self.encoder(x)).chunk(2, dim=-1)
+        lim = self.config.logvar_limit
+        return mu, lim * torch.tanh(raw / lim)
+
+    def encode(self, x: Tensor) -> Independent:
+        """q(z|x) as ``Independent(Normal(mu, sigma), 1)``: batch shape ``[B]``, event ``[d]``."""
+        mu, logvar = self.encode_params(x)
+        return Independent(Normal(mu, torch.exp(0.5 * logvar)), 1)
+
+    def decode(self, z: Tensor):
+        """Likelihood parameters for ``z`` (``[N, d]``): a ``[N, *input_shape]`` tensor of
+        logits (Bernoulli kinds) or means, or ``(mean, logvar)`` for a learned variance."""
+        out = self.decoder(z)
+        if self.decoder_logvar is not None:
+            return out, self.decoder_logvar
+        return out
+
+    def nll(self, decoder_out, x: Tensor) -> Tensor:
+        """Per-example reconstruction term ``-log p(x|z)`` under the configured likelihood, ``[B]``."""
+        return reconstruction_nll(self.config.likelihood, decoder_out, x, logvar=self.config.fixed_logvar)
+
+    def forward(self, x: Tensor) -> VAEOutput:
+        mu, logvar = self.encode_params(x)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        return VAEOutput(self.decode(z), mu, logvar, z)
+
+    # -- conveniences -------------------------------------------------------------------
+
+    def decoder_mean(self, decoder_out) -> Tensor:
+        """The mean of p(x|z): what a picture of a sample or reconstruction shows."""
+        kind = self.config.likelihood
+        if kind == "bernoulli":
+            return torch.sigmoid(decoder_out)
+        if kind == "continuous_bernoulli":
+            return torch.distributions.ContinuousBernoulli(logits=decoder_out.float()).mean
+        mean = decoder_out[0] if isinstance(decoder_out, tuple) else decoder_out
+        return mean
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` draws z ~ N(0, I), decoded to the mean of p(x|z): ``[n, *input_shape]``."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        p = next(self.parameters())
+        z = torch.randn(n, self.config.latent_dim, generator=generator, device=p.device, dtype=p.dtype)
+        return self.decoder_mean(self.decode(z))
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Decode the posterior mean: the mean of p(x | z = E[z|x]), ``[B, *input_shape]``."""
+        mu, _ = self.encode_params(x)
+        return self.decoder_mean(self.decode(mu))
+
+    def _check_input(self, x) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if tuple(x.shape[1:]) != tuple(self.config.input_shape):
+            raise ValueError(
+                f"x has shape {tuple(x.shape)} but the model expects [B, {', '.join(map(str, self.config.input_shape))}]"
+            )
+
+    # -- persistence --------------------------------------------------------------------
+
+    def save_pretrained(self, directory) -> None:
+        """Write ``model.safetensors`` and ``config.json`` into ``directory``."""
+        from .io import save_model
+
+        save_model(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, *, device=None) -> "VAE":
+        """Load a model written by :meth:`save_pretrained` (safetensors + JSON only)."""
+        from .io import load_model
+
+        return load_model(directory, device=device)
