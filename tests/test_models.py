@@ -1,0 +1,112 @@
+import math
+
+import pytest
+import torch
+from torch.distributions import Independent, Normal, kl_divergence
+
+from vaekit.io import CheckpointError
+from vaekit.losses import gaussian_kl
+from vaekit.models import VAE, ModelConfig
+
+CONFIGS = [
+    ModelConfig(arch="mlp", input_shape=(1, 8, 8), latent_dim=4, hidden=(32, 16)),
+    ModelConfig(arch="mlp", input_shape=(784,), latent_dim=3, hidden=(), activation="tanh"),
+    ModelConfig(arch="conv", input_shape=(1, 28, 28), latent_dim=5, hidden=(8, 16, 16)),
+    ModelConfig(arch="conv", input_shape=(3, 32, 32), latent_dim=6, hidden=(8, 16), likelihood="continuous_bernoulli"),
+    ModelConfig(arch="conv", input_shape=(3, 64, 64), latent_dim=7, hidden=(4, 8, 8, 8),
+                likelihood="gaussian", decoder_variance="learned"),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.arch}-{'x'.join(map(str, c.input_shape))}")
+def test_shapes_and_posterior(cfg):
+    torch.manual_seed(0)
+    model = VAE(cfg)
+    x = torch.rand(3, *cfg.input_shape)
+    out = model(x)
+    assert out.mu.shape == out.logvar.shape == out.z.shape == (3, cfg.latent_dim)
+    mean = out.decoder_out[0] if isinstance(out.decoder_out, tuple) else out.decoder_out
+    assert mean.shape == x.shape
+    assert model.nll(out.decoder_out, x).shape == (3,)
+    q = model.encode(x)
+    assert isinstance(q, Independent) and q.batch_shape == (3,) and q.event_shape == (cfg.latent_dim,)
+    # The posterior object and the loss's closed form agree (a second computation).
+    prior = Independent(Normal(torch.zeros_like(out.mu), torch.ones_like(out.mu)), 1)
+    torch.testing.assert_close(kl_divergence(q, prior), gaussian_kl(*model.encode_params(x)), rtol=1e-5, atol=1e-5)
+    assert model.sample(2).shape == (2, *cfg.input_shape)
+    assert model.reconstruct(x).shape == x.shape
+
+
+def test_learned_decoder_variance_gets_gradient():
+    cfg = CONFIGS[-1]
+    model = VAE(cfg)
+    x = torch.rand(2, *cfg.input_shape)
+    out = model(x)
+    model.nll(out.decoder_out, x).sum().backward()
+    assert model.decoder_logvar.grad is not None and model.decoder_logvar.grad.abs().sum() > 0
+
+
+def test_logvar_is_bounded_and_finite_for_huge_activations():
+    cfg = ModelConfig(input_shape=(4,), latent_dim=2, hidden=(3,), logvar_limit=10.0)
+    model = VAE(cfg)
+    with torch.no_grad():
+        model.head.weight.fill_(1e6)
+    mu, logvar = model.encode_params(torch.ones(2, 4))
+    assert logvar.abs().max() <= 10.0
+    assert torch.isfinite(gaussian_kl(mu.clamp(-1e3, 1e3), logvar)).all()
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:3] + CONFIGS[4:], ids=str)
+def test_save_load_round_trip(tmp_path, cfg):
+    torch.manual_seed(1)
+    model = VAE(cfg).eval()
+    x = torch.rand(2, *cfg.input_shape)
+    model.save_pretrained(tmp_path / "m")
+    loaded = VAE.from_pretrained(tmp_path / "m").eval()
+    assert loaded.config == cfg
+    for a, b in zip(model.encode_params(x), loaded.encode_params(x)):
+        assert torch.equal(a, b)
+    assert torch.equal(model.reconstruct(x), loaded.reconstruct(x))
+
+
+def test_load_refuses_damaged_or_newer(tmp_path):
+    model = VAE(CONFIGS[0])
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 7)
+    with pytest.raises(CheckpointError, match="safetensors"):
+        VAE.from_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
+    import json
+
+    meta = json.loads((tmp_path / "config.json").read_text())
+    meta["format_version"] = 99
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="format_version"):
+        VAE.from_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="missing"):
+        VAE.from_pretrained(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"arch": "rnn"}, "arch"),
+        ({"latent_dim": 0}, "latent_dim"),
+        ({"latent_dim": 2.5}, "latent_dim"),
+        ({"hidden": (32, -1)}, "hidden"),
+        ({"activation": "swish2"}, "activation"),
+        ({"likelihood": "poisson"}, "likelihood"),
+        ({"decoder_variance": "learned"}, "decoder_variance"),
+        ({"arch": "conv", "input_shape": (784,)}, "input_shape"),
+        ({"logvar_limit": math.inf}, "logvar_limit"),
+    ],
+)
+def test_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"ModelConfig.{field}"):
+        ModelConfig(**kwargs)
+
+
+def test_wrong_input_shape_is_named():
+    model = VAE(CONFIGS[0])
+    with pytest.raises(ValueError, match=r"x has shape \(2, 1, 9, 9\)"):
+        model(torch.rand(2, 1, 9, 9))
