@@ -1,0 +1,460 @@
+"""Tests of vaekit.data: every reader on tiny files written here, the download code with a
+fake opener (no network), the splits and BatchIterator's reproducibility and sharding."""
+
+import gzip
+import hashlib
+import io
+import struct
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vaekit import data
+from vaekit.data import (
+    BatchIterator, DataConfig, MNIST_FILES, binarize_dynamic, binarize_static, check_images,
+    download_mnist, load_dataset, read_idx,
+)
+
+
+def idx_bytes(a: np.ndarray) -> bytes:
+    """Encode an array as IDX independently of read_idx: struct header + big-endian payload."""
+    code = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C,
+            np.float32: 0x0D, np.float64: 0x0E}[a.dtype.type]
+    header = struct.pack(">BBBB", 0, 0, code, a.ndim) + struct.pack(f">{a.ndim}I", *a.shape)
+    return header + a.astype(a.dtype.newbyteorder(">")).tobytes()
+
+
+def mnist_like(rng, n_train=20, n_test=6, hw=(4, 5)):
+    return (rng.integers(0, 256, (n_train, *hw), dtype=np.uint8), rng.integers(0, 10, n_train, dtype=np.uint8),
+            rng.integers(0, 256, (n_test, *hw), dtype=np.uint8), rng.integers(0, 10, n_test, dtype=np.uint8))
+
+
+def write_mnist(root, arrays, gz=(False, True, False, True)):
+    root.mkdir(parents=True, exist_ok=True)
+    for name, a, z in zip(MNIST_FILES, arrays, gz):
+        raw = idx_bytes(a)
+        (root / (name + ".gz" if z else name)).write_bytes(gzip.compress(raw) if z else raw)
+
+
+# ---------------------------------------------------------------------------------------
+# DataConfig
+
+
+@pytest.mark.parametrize("kwargs, error, field", [
+    (dict(dataset="cifar"), ValueError, "dataset"),
+    (dict(dataset=3), TypeError, "dataset"),
+    (dict(binarize="otsu"), ValueError, "binarize"),
+    (dict(split="head"), ValueError, "split"),
+    (dict(val_size=-1), ValueError, "val_size"),
+    (dict(val_size=1.5), ValueError, "val_size"),
+    (dict(val_size="10"), TypeError, "val_size"),
+    (dict(val_size=True), TypeError, "val_size"),
+    (dict(seed=-2), ValueError, "seed"),
+    (dict(seed=1.0), TypeError, "seed"),
+    (dict(download="yes"), TypeError, "download"),
+    (dict(data_dir=5), TypeError, "data_dir"),
+    (dict(dataset="array"), ValueError, "data_dir"),
+])
+def test_config_rejects_bad_fields(kwargs, error, field):
+    with pytest.raises(error, match=field):
+        DataConfig(**kwargs)
+
+
+def test_config_accepts_paths(tmp_path):
+    c = DataConfig(dataset="mnist", data_dir=tmp_path, val_size=10000, split="tail")
+    assert c.data_dir == str(tmp_path) and c.val_size == 10000
+
+
+# ---------------------------------------------------------------------------------------
+# IDX
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.float32])
+@pytest.mark.parametrize("compress", [False, True])
+def test_read_idx_round_trip(tmp_path, dtype, compress):
+    a = (np.arange(2 * 3 * 4) * 7 - 20).reshape(2, 3, 4).astype(dtype)
+    raw = idx_bytes(a)
+    # a misleading suffix: compression is detected from the bytes
+    path = tmp_path / ("data.idx" if compress else "data.gz")
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+    out = read_idx(path)
+    assert out.dtype == dtype and out.shape == a.shape
+    np.testing.assert_array_equal(out, a)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda raw: raw[:-1], "payload has"),                     # truncated payload
+    (lambda raw: raw + b"\x00", "payload has"),                # trailing bytes
+    (lambda raw: raw[:6], "header truncated"),                 # truncated dims
+    (lambda raw: b"\x01\x02" + raw[2:], "not an IDX file"),    # wrong magic
+    (lambda raw: raw[:2] + b"\x07" + raw[3:], "dtype code"),   # unknown dtype
+    (lambda raw: b"", "not an IDX file"),
+    (lambda raw: gzip.compress(raw)[:-10], "gzip"),            # truncated gzip stream
+])
+def test_read_idx_rejects_corrupt_files(tmp_path, mutate, message):
+    path = tmp_path / "bad-idx3-ubyte"
+    path.write_bytes(mutate(idx_bytes(np.zeros((2, 3, 3), np.uint8))))
+    with pytest.raises(ValueError, match=message) as info:
+        read_idx(path)
+    assert "bad-idx3-ubyte" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------
+# MNIST-like loaders
+
+
+def test_mnist_from_idx_files_tail_split(tmp_path):
+    arrays = mnist_like(np.random.default_rng(0))
+    write_mnist(tmp_path, arrays)
+    d = load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path), val_size=5, split="tail"))
+    x, y, xt, yt = arrays
+    assert d.train.shape == (15, 1, 4, 5) and d.val.shape == (5, 1, 4, 5) and d.test.shape == (6, 1, 4, 5)
+    assert d.train.dtype == torch.float32
+    expected = torch.from_numpy(x.astype(np.float64) / 255.0)  # scaling computed in float64
+    torch.testing.assert_close(d.val[:, 0].double(), expected[15:], rtol=0, atol=1e-7)
+    torch.testing.assert_close(d.train[:, 0].double(), expected[:15], rtol=0, atol=1e-7)
+    assert d.val_labels.tolist() == y[15:].tolist() and d.test_labels.tolist() == yt.tolist()
+    assert d.test_labels.dtype == torch.long
+
+
+def test_fashion_mnist_from_npz(tmp_path):
+    x, y, xt, yt = mnist_like(np.random.default_rng(1))
+    np.savez(tmp_path / "fashion-mnist.npz", x_train=x, y_train=y, x_test=xt, y_test=yt)
+    d = load_dataset(DataConfig(dataset="fashion-mnist", data_dir=str(tmp_path), val_size=0.25, seed=3))
+    assert (len(d.train), len(d.val), len(d.test)) == (15, 5, 6)
+    # the random split is a partition of the training set: match images back to rows
+    rows = torch.cat([d.train, d.val])[:, 0].mul(255).round().to(torch.uint8).numpy()
+    assert sorted(map(bytes, rows)) == sorted(map(bytes, x))
+
+
+def test_missing_mnist_files_error_lists_files(tmp_path):
+    (tmp_path / MNIST_FILES[0]).write_bytes(idx_bytes(np.zeros((1, 2, 2), np.uint8)))
+    with pytest.raises(FileNotFoundError) as info:
+        load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path)))
+    msg = str(info.value)
+    assert str(tmp_path) in msg and "download=True" in msg and "mnist.npz" in msg
+    assert all(name in msg for name in MNIST_FILES)
+
+
+def test_mnist_wrong_dims_named(tmp_path):
+    x, y, xt, yt = mnist_like(np.random.default_rng(2))
+    write_mnist(tmp_path, (x, y, xt, yt.astype(np.int32)))
+    with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte"):
+        load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path)))
+
+
+# ---------------------------------------------------------------------------------------
+# Download, with urlopen replaced by a local server of bytes
+
+
+@pytest.fixture
+def fake_mirrors(monkeypatch, tmp_path):
+    """Two mirrors: the first always fails, the second serves gz files from disk."""
+    served = tmp_path / "served"
+    write_mnist(served, mnist_like(np.random.default_rng(5)), gz=(True,) * 4)
+    md5s = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in served.iterdir()}
+    monkeypatch.setitem(data._MNIST_SOURCES, "mnist", (("http://down.invalid/", "http://ok.invalid/"), md5s))
+    calls = []
+
+    def fake_urlopen(url, timeout=None):
+        calls.append(url)
+        if url.startswith("http://down.invalid/"):
+            raise urllib.error.URLError("mirror down")
+        return io.BytesIO((served / url.rsplit("/", 1)[1]).read_bytes())
+
+    monkeypatch.setattr(data, "urlopen", fake_urlopen)
+    return served, md5s, calls
+
+
+def test_download_mnist_tries_mirrors_and_checks_md5(tmp_path, fake_mirrors):
+    served, md5s, calls = fake_mirrors
+    root = tmp_path / "dl"
+    paths = download_mnist(root, "mnist")
+    assert sorted(p.name for p in root.iterdir()) == sorted(md5s)  # no temporary files left
+    for p in paths:
+        assert p.read_bytes() == (served / p.name).read_bytes()
+    assert len(calls) == 8 and calls[0].startswith("http://down.invalid/")
+    download_mnist(root, "mnist")  # files present with the right md5: nothing fetched
+    assert len(calls) == 8
+    d = load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path / "dl2"), download=True, val_size=0))
+    assert d.train.shape == (20, 1, 4, 5) and len(d.val) == 0
+
+
+def test_download_mnist_bad_checksum_leaves_nothing(tmp_path, fake_mirrors, monkeypatch):
+    _, md5s, _ = fake_mirrors
+    wrong = dict(md5s, **{"train-images-idx3-ubyte.gz": "0" * 32})
+    monkeypatch.setitem(data._MNIST_SOURCES, "mnist", (("http://ok.invalid/",), wrong))
+    root = tmp_path / "dl"
+    with pytest.raises(OSError, match="train-images-idx3-ubyte.gz.*md5"):
+        download_mnist(root, "mnist")
+    left = {p.name for p in root.iterdir()}  # files fetched before the bad one may stay
+    assert "train-images-idx3-ubyte.gz" not in left and not any(n.endswith(".part") for n in left)
+    assert all(hashlib.md5((root / n).read_bytes()).hexdigest() == md5s[n] for n in left)
+
+
+# ---------------------------------------------------------------------------------------
+# Arrays and image folders
+
+
+def test_array_npy_carves_a_fixed_test_set(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (40, 3, 3), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", x)
+    d1 = load_dataset(DataConfig(dataset="array", data_dir=str(tmp_path / "a.npy"), val_size=4, seed=1))
+    d2 = load_dataset(DataConfig(dataset="array", data_dir=str(tmp_path / "a.npy"), val_size=4, seed=2))
+    assert (len(d1.train), len(d1.val), len(d1.test)) == (30, 4, 6) and d1.train_labels is None
+    assert d1.name == "a" and d1.train.shape[1:] == (1, 3, 3)
+    assert torch.equal(d1.test, d2.test) and not torch.equal(d1.val, d2.val)
+
+
+def test_array_npz_channels_last_and_flat(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (10, 4, 5, 3), dtype=np.uint8)
+    xt = rng.integers(0, 256, (3, 4, 5, 3), dtype=np.uint8)
+    np.savez(tmp_path / "c.npz", x_train=x, y_train=np.arange(10), x_test=xt)
+    d = load_dataset(DataConfig(dataset="array", data_dir=str(tmp_path / "c.npz"), val_size=0))
+    assert d.train.shape == (10, 3, 4, 5) and d.test_labels is None
+    assert d.train[7, 2, 1, 4].item() == pytest.approx(x[7, 1, 4, 2] / 255)
+    assert d.train_labels.tolist() == list(range(10))
+    flat = rng.random((20, 6))
+    np.savez(tmp_path / "f.npz", x=flat, y=np.arange(20))
+    d = load_dataset(DataConfig(dataset="array", data_dir=str(tmp_path / "f.npz"), val_size=0))
+    assert d.train.shape == (17, 6) and d.test.shape == (3, 6)
+    rows = {tuple(r) for r in flat.astype(np.float32).tolist()}
+    assert all(tuple(r) in rows for r in d.test.tolist())
+
+
+@pytest.mark.parametrize("array, error, message", [
+    (np.array([[0.5, np.nan, np.inf]] * 3), ValueError, "6 of 9 values"),
+    (np.zeros((0, 4), np.uint8), ValueError, "empty"),
+    (np.zeros((4, 4), np.int64), TypeError, "int64"),
+    (np.zeros((4, 2, 2, 5), np.uint8), ValueError, "shape"),
+])
+def test_array_rejects_bad_arrays(tmp_path, array, error, message):
+    np.save(tmp_path / "bad.npy", array)
+    with pytest.raises(error, match=message) as info:
+        load_dataset(DataConfig(dataset="array", data_dir=str(tmp_path / "bad.npy")))
+    assert "bad.npy" in str(info.value)
+
+
+def test_binarize_rejects_data_outside_unit_interval(tmp_path):
+    np.save(tmp_path / "real.npy", np.full((10, 4), 2.0, np.float32))
+    assert load_dataset(DataConfig(dataset="array", data_dir=str(tmp_path / "real.npy"))).train.max() == 2.0
+    for mode in ("static", "dynamic"):
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            load_dataset(DataConfig(dataset="array", data_dir=str(tmp_path / "real.npy"), binarize=mode))
+
+
+def test_folder_with_class_subfolders(tmp_path):
+    rng = np.random.default_rng(0)
+    grey = {c: [rng.integers(0, 256, (3, 4), dtype=np.uint8) for _ in range(5)] for c in ("cat", "dog")}
+    for c, imgs in grey.items():
+        (tmp_path / c).mkdir()
+        for i, a in enumerate(imgs):
+            Image.fromarray(a, mode="L").save(tmp_path / c / f"{i}.png")
+    d = load_dataset(DataConfig(dataset="folder", data_dir=str(tmp_path), val_size=0))
+    assert d.train.shape == (8, 1, 3, 4) and d.test.shape == (2, 1, 3, 4)
+    x = torch.cat([d.train, d.test])
+    labels = torch.cat([d.train_labels, d.test_labels])
+    # every loaded image is one written image, under its class's label (0 cat, 1 dog)
+    for img, lab in zip(x, labels):
+        written = np.stack(grey[("cat", "dog")[lab]])
+        assert ((written / 255.0 - img[0].numpy()) ** 2).sum((1, 2)).min() < 1e-10
+    assert sorted(labels.tolist()) == [0] * 5 + [1] * 5
+    # one colour JPEG makes the whole set RGB
+    Image.fromarray(rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)).save(tmp_path / "dog" / "c.jpg")
+    d = load_dataset(DataConfig(dataset="folder", data_dir=str(tmp_path), val_size=0))
+    assert d.train.shape[1:] == (3, 3, 4) and len(d.train) + len(d.test) == 11
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(ValueError, match="no PNG or JPEG"):
+        load_dataset(DataConfig(dataset="folder", data_dir=str(tmp_path)))
+    Image.new("L", (4, 3)).save(tmp_path / "a.png")
+    Image.new("L", (5, 3)).save(tmp_path / "b.png")
+    with pytest.raises(ValueError, match=r"b\.png is 5x3"):
+        load_dataset(DataConfig(dataset="folder", data_dir=str(tmp_path)))
+
+
+# ---------------------------------------------------------------------------------------
+# Digits, splits and binarization
+
+
+def test_digits_sizes_and_split_determinism():
+    from sklearn.datasets import load_digits
+
+    d0 = load_dataset(DataConfig(seed=0))
+    assert (len(d0.train), len(d0.val), len(d0.test)) == (1350, 150, 297)
+    assert d0.train.shape[1:] == (1, 8, 8) and d0.train.min() == 0 and d0.train.max() == 1
+    again, d1 = load_dataset(DataConfig(seed=0)), load_dataset(DataConfig(seed=1))
+    assert torch.equal(again.val, d0.val) and torch.equal(again.train_labels, d0.train_labels)
+    assert torch.equal(d1.test, d0.test) and not torch.equal(d1.val, d0.val)
+    # the three sets partition the bundled images, each scaled by 1/16
+    ref = load_digits().images
+    got = torch.cat([d0.train, d0.val, d0.test])[:, 0].double() * 16
+    assert sorted(map(bytes, got.round().to(torch.uint8).numpy())) == sorted(map(bytes, ref.astype(np.uint8)))
+    tail = load_dataset(DataConfig(val_size=100, split="tail"))
+    assert torch.equal(tail.val, torch.cat([tail.train, tail.val])[-100:])
+
+
+def test_binarization_in_load_dataset():
+    grey = load_dataset(DataConfig())
+    static = load_dataset(DataConfig(binarize="static"))
+    for a, b in zip(static[:3], grey[:3]):
+        assert torch.equal(a, (b > 0.5).float())
+    dyn, dyn2 = load_dataset(DataConfig(binarize="dynamic")), load_dataset(DataConfig(binarize="dynamic"))
+    assert torch.equal(dyn.train, grey.train)  # training batches are drawn by the iterator
+    assert set(dyn.val.unique().tolist()) == {0.0, 1.0} and torch.equal(dyn.test, dyn2.test)
+    g = torch.Generator().manual_seed(1)  # documented: seed + 1, val first, then test
+    assert torch.equal(dyn.val, torch.bernoulli(grey.val, generator=g))
+    assert torch.equal(dyn.test, torch.bernoulli(grey.test, generator=g))
+
+
+def test_binarize_helpers():
+    x = torch.tensor([[0.0, 0.3, 0.5, 0.51, 1.0]])
+    assert binarize_static(x).tolist() == [[0, 0, 0, 1, 1]]
+    levels = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0]).expand(20000, 5).contiguous()
+    b = binarize_dynamic(levels, torch.Generator().manual_seed(0))
+    assert set(b.unique().tolist()) <= {0.0, 1.0}
+    se = (levels[0] * (1 - levels[0]) / 20000).sqrt()
+    assert ((b.mean(0) - levels[0]).abs() <= 5 * se + 1e-12).all()  # exact at 0 and 1
+    for bad in (torch.tensor([[1.5]]), torch.tensor([[-0.1]])):
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            binarize_static(bad)
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            binarize_dynamic(bad)
+
+
+@pytest.mark.parametrize("x, error, message", [
+    (torch.tensor([[float("nan"), 0.5]]), ValueError, "1 NaN"),
+    (torch.zeros(0, 3), ValueError, "empty"),
+    (torch.zeros(3), ValueError, "shape"),
+    (torch.zeros(2, 3, dtype=torch.long), TypeError, "dtype"),
+    (np.zeros((2, 3)), TypeError, "Tensor"),
+])
+def test_check_images(x, error, message):
+    with pytest.raises(error, match=message):
+        check_images(x, "images")
+    assert check_images(torch.full((2, 3), -4.0), "images", support="real") is not None
+
+
+# ---------------------------------------------------------------------------------------
+# BatchIterator
+
+
+def ids(n, event=(1,)):
+    """Data whose first feature is the example index, to track which examples a batch holds."""
+    return torch.arange(n, dtype=torch.float32).reshape(n, *([1] * len(event))).expand(n, *event).contiguous()
+
+
+@pytest.mark.parametrize("drop_last, n_batches, last", [(False, 4, 2), (True, 3, 5)])
+def test_iterator_covers_each_example_once(drop_last, n_batches, last):
+    it = BatchIterator(ids(17, (2, 3)), 5, drop_last=drop_last, seed=4)
+    for epoch in range(2):
+        batches = list(it)
+        assert len(batches) == len(it) == n_batches and batches[-1].shape == (last, 2, 3)
+        seen = torch.cat(batches)[:, 0, 0].long()
+        assert len(seen.unique()) == len(seen) == (15 if drop_last else 17)
+        assert it.epoch == epoch + 1 and it.position == 0
+    ordered = torch.cat(list(BatchIterator(ids(17), 5, shuffle=False)))[:, 0]
+    assert torch.equal(ordered, torch.arange(17.0))
+
+
+def test_iterator_same_seed_same_batches():
+    x = torch.rand(23, 4, generator=torch.Generator().manual_seed(0))
+    runs = [[b for b in BatchIterator(x, 4, seed=s, dynamic_binarize=True)] for s in (7, 7, 8)]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(runs[0], runs[2]))
+    it = BatchIterator(ids(23), 23)
+    e0, e1 = next(iter(it)), next(iter(it))
+    assert not torch.equal(e0, e1)  # a fresh permutation each epoch
+
+
+@pytest.mark.parametrize("stop", [0, 3, 6, 7, 12])
+def test_iterator_resumes_mid_epoch(stop):
+    x = torch.rand(26, 3, generator=torch.Generator().manual_seed(1))
+
+    def stream(it, epochs):
+        return [b.clone() for _ in range(epochs) for b in it]
+
+    full = stream(BatchIterator(x, 4, seed=3, dynamic_binarize=True), 2)  # 7 batches per epoch
+    it = BatchIterator(x, 4, seed=3, dynamic_binarize=True)
+    head, gen = [], iter(it)
+    while len(head) < stop:  # stop in the middle of an epoch, or right after its last batch
+        try:
+            head.append(next(gen).clone())
+        except StopIteration:
+            gen = iter(it)
+    state = it.state_dict()
+    resumed = BatchIterator(x, 4, seed=0, dynamic_binarize=True)
+    resumed.load_state_dict(state)
+    assert resumed.seed == 3
+    tail = []
+    while resumed.epoch < 2:  # the training loop's "for epoch in range(start, 2)"
+        tail += [b.clone() for b in resumed]
+    assert len(head) + len(tail) == len(full)
+    assert all(torch.equal(a, b) for a, b in zip(head + tail, full))
+
+
+@pytest.mark.parametrize("n, drop_last, dynamic", [(29, False, False), (29, True, True), (36, False, True)])
+def test_iterator_ddp_shards_concatenate_to_single_process_batches(n, drop_last, dynamic):
+    x = torch.rand(n, 2, generator=torch.Generator().manual_seed(2)) if dynamic else ids(n, (2,))
+    world, b = 3, 4
+    single = BatchIterator(x, world * b, drop_last=drop_last, dynamic_binarize=dynamic, seed=9)
+    ranks = [BatchIterator(x, b, drop_last=drop_last, dynamic_binarize=dynamic, seed=9, rank=r,
+                           world_size=world) for r in range(world)]
+    for epoch in range(2):
+        ref = list(single)
+        shards = [list(it) for it in ranks]
+        assert all(len(s) == len(ref) == len(it) for s, it in zip(shards, ranks))
+        for j, batch in enumerate(ref):
+            assert torch.equal(torch.cat([s[j] for s in shards]), batch)
+    for r in range(world):  # full batches are exactly b per rank
+        assert shards[r][0].shape[0] == b
+
+
+def test_iterator_dynamic_binarization_mean_matches_grey_levels():
+    x = torch.tensor([[0.1, 0.5, 0.8]]).expand(50, 3).contiguous()
+    it = BatchIterator(x, 10, dynamic_binarize=True, seed=5)
+    draws = torch.cat([b for _ in range(20) for b in it])  # 1000 draws per level
+    assert set(draws.unique().tolist()) == {0.0, 1.0}
+    se = (x[0] * (1 - x[0]) / len(draws)).sqrt()
+    assert ((draws.mean(0) - x[0]).abs() < 5 * se).all()
+
+
+def test_iterator_argument_errors():
+    x = torch.rand(10, 2)
+    for kwargs, error, field in [
+        (dict(batch_size=0), ValueError, "batch_size"), (dict(batch_size=2.0), TypeError, "batch_size"),
+        (dict(rank=2, world_size=2), ValueError, "rank"), (dict(world_size=0), ValueError, "world_size"),
+        (dict(batch_size=11, drop_last=True), ValueError, "drop_last"),
+        (dict(batch_size=3, world_size=3), ValueError, "world_size"),  # last combined batch of 1 < 3 ranks
+    ]:
+        with pytest.raises(error, match=field):
+            BatchIterator(x, **{"batch_size": 2, **kwargs})
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        BatchIterator(x * 3, 2, dynamic_binarize=True)
+    it = BatchIterator(x, 2)
+    with pytest.raises(ValueError, match="position"):
+        it.load_state_dict({"epoch": 0, "position": 6, "seed": 0})
+    with pytest.raises(ValueError, match="keys"):
+        it.load_state_dict({"epoch": 0})
+    it.set_epoch(3)
+    assert it.state_dict() == {"epoch": 3, "position": 0, "seed": 0}
+    assert torch.equal(next(iter(it)), x[it.permutation(3)[:2]])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_iterator_on_cuda_is_reproducible_and_resumable():
+    x = torch.rand(50, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    full = [b.clone() for b in BatchIterator(x, 8, seed=2, dynamic_binarize=True, device="cuda")]
+    assert all(b.device.type == "cuda" for b in full)
+    it = BatchIterator(x, 8, seed=2, dynamic_binarize=True, device="cuda")
+    gen = iter(it)
+    head = [next(gen).clone() for _ in range(3)]
+    resumed = BatchIterator(x, 8, seed=2, dynamic_binarize=True, device="cuda")
+    resumed.load_state_dict(it.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(head + list(resumed), full))
+    assert set(torch.cat(full).unique().tolist()) == {0.0, 1.0}
