@@ -204,7 +204,7 @@ def _as_logvar(logvar, like: Tensor) -> Tensor:
             f"logvar has shape {tuple(logvar.shape)}, which does not broadcast to x's shape "
             f"{tuple(like.shape)}: give a scalar, one value per data dimension, or one per element"
         ) from None
-    if logvar.dim() > like.dim() or (logvar.dim() == like.dim() and logvar.shape[0] not in (1, like.shape[0])):
+    if torch.broadcast_shapes(logvar.shape, like.shape) != like.shape:
         raise ValueError(f"logvar has shape {tuple(logvar.shape)} but x has shape {tuple(like.shape)}")
     return logvar
 
@@ -243,9 +243,9 @@ def mse(x_hat: Tensor, x: Tensor, *, validate_args: bool | None = None) -> Tenso
 
     This is the tutorial's reconstruction term. It is a Gaussian likelihood with a
     *fixed* variance in disguise: with ``sigma^2`` fixed,
-    ``gaussian_nll = mse / (2 sigma^2) + (D/2) log(2 pi sigma^2)``. So ``mse + beta*KL``
-    is, up to a constant, ``2 * (gaussian_nll(sigma^2 = 1/2) + (beta/2) KL)``: using MSE
-    silently fixes the decoder variance at 1/2 and is not a likelihood in nats.
+    ``gaussian_nll = mse / (2 sigma^2) + (D/2) log(2 pi sigma^2)``. So
+    ``mse + beta*KL = gaussian_nll(sigma^2 = 1/2) + beta*KL - (D/2) log(pi)``: using MSE
+    silently fixes the decoder variance at 1/2, and its value is not a likelihood in nats.
 
     Shape: ``[B, *event]`` each; returns ``[B]``.
     """
@@ -259,9 +259,11 @@ def mse(x_hat: Tensor, x: Tensor, *, validate_args: bool | None = None) -> Tenso
     return _sum_event((x_hat - x).square())
 
 
-# log C(eta) = log(eta / tanh(eta/2)) has the Taylor series log 2 + eta^2/12 - eta^4/1440;
-# below this |eta| the series is exact to float64 rounding and avoids 0/0.
+# log C(eta) = log(eta / tanh(eta/2)) = log 2 + eta^2/12 - 7 eta^4/1440 + 31 eta^6/90720
+#   - 127 eta^8/4838400 + ...; below these |eta| the series (to eta^8) is exact to the
+# dtype's rounding and avoids 0/0.
 _CB_TAYLOR = 1e-3
+_CB_TAYLOR_F32 = 0.5
 
 
 def continuous_bernoulli_log_norm(logits: Tensor) -> Tensor:
@@ -273,11 +275,14 @@ def continuous_bernoulli_log_norm(logits: Tensor) -> Tensor:
     finite logit; near 0 the Taylor series is used.
     """
     a = logits.abs()
-    small = a < _CB_TAYLOR
-    safe = torch.where(small, torch.ones_like(a), a)  # keeps the unused branch's gradient finite
+    # Below the switch the exact form's gradient (1/a - 1/sinh a) cancels badly in float32.
+    small = a < (_CB_TAYLOR if a.dtype == torch.float64 else _CB_TAYLOR_F32)
+    # Each branch sees only inputs where it is used, so neither can overflow into a NaN
+    # gradient through torch.where.
+    safe = torch.where(small, torch.ones_like(a), a)
     exact = torch.log(safe) - torch.log(-torch.expm1(-safe)) + torch.log1p(torch.exp(-safe))
-    a2 = a.square()
-    series = math.log(2.0) + a2 / 12.0 - a2.square() / 1440.0
+    a2 = torch.where(small, a, torch.zeros_like(a)).square()
+    series = math.log(2.0) + a2 * (1.0 / 12 + a2 * (-7.0 / 1440 + a2 * (31.0 / 90720 - a2 * 127.0 / 4838400)))
     return torch.where(small, series, exact)
 
 

@@ -1,0 +1,557 @@
+"""vaekit.losses: every formula checked against a second computation.
+
+Second computations used here: torch.distributions in float64, a 40-digit ``decimal``
+evaluation of the continuous Bernoulli, gradcheck, Monte Carlo, numerical quadrature and
+the classic tutorial formulas. The last block has one test per tutorial mistake
+(docs/objective.md lists them).
+"""
+
+import math
+import subprocess
+import sys
+from decimal import Decimal, localcontext
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from torch.autograd import gradcheck
+from torch.distributions import Bernoulli, ContinuousBernoulli, Independent, Normal, kl_divergence
+from torch.testing import assert_close
+
+from vaekit import losses
+from vaekit.losses import (
+    VAELoss,
+    bernoulli_nll,
+    continuous_bernoulli_nll,
+    gaussian_kl,
+    gaussian_nll,
+    mse,
+    set_validate_args,
+    validate_args_enabled,
+)
+
+F64 = torch.float64
+HYPOTHESIS = settings(max_examples=200, deadline=None)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_restore_validation():
+    torch.manual_seed(0)
+    before = validate_args_enabled()
+    yield
+    set_validate_args(before)
+
+
+def _latent(b=4, d=3, dtype=F64):
+    return torch.randn(b, d, dtype=dtype), torch.randn(b, d, dtype=dtype)
+
+
+def _posterior(mu, logvar):
+    return Independent(Normal(mu, torch.exp(0.5 * logvar)), 1)
+
+
+def _classic_kl(mu, logvar):
+    return -0.5 * (1 + logvar - mu.square() - logvar.exp()).sum(-1)
+
+
+def _cb_reference(eta: float, x: float) -> tuple[float, float]:
+    """-log ContinuousBernoulli(x | sigmoid(eta)) and its eta-derivative, to 40 digits.
+
+    log C(eta) = log(a / tanh(a/2)) with a = |eta|; d/d eta log C = sign(eta) (1/a - 1/sinh a).
+    """
+    with localcontext() as ctx:
+        ctx.prec = 40
+        e, xd = Decimal(eta), Decimal(x)
+        bce = (1 + e.exp()).ln() - e * xd
+        sigmoid = 1 / (1 + (-e).exp())
+        if eta == 0:
+            log_norm, dlog_norm = Decimal(2).ln(), Decimal(0)
+        else:
+            a = abs(e)
+            q = (-a).exp()
+            log_norm = a.ln() + (1 + q).ln() - (1 - q).ln()
+            dlog_norm = (1 / a - 2 / (a.exp() - q)) * (1 if eta > 0 else -1)
+        return float(bce - log_norm), float(sigmoid - xd - dlog_norm)
+
+
+def _cb_eval(etas, x, dtype):
+    """Value and gradient of continuous_bernoulli_nll, one element per example."""
+    eta = torch.tensor(etas, dtype=dtype).reshape(-1, 1).requires_grad_()
+    xs = torch.full_like(eta, x).detach()
+    value = continuous_bernoulli_nll(eta, xs)
+    value.sum().backward()
+    return eta.detach().double().flatten(), value.detach().double(), eta.grad.double().flatten()
+
+
+# ---------------------------------------------------------------------------------------
+# KL divergence
+
+
+@pytest.mark.parametrize("prior", ["standard", "scalar", "per_dim", "per_element"])
+def test_gaussian_kl_matches_kl_divergence(prior):
+    mu, logvar = _latent(5, 4)
+    pm, plv = {
+        "standard": (0.0, 0.0),
+        "scalar": (0.7, -1.3),
+        "per_dim": (torch.randn(4, dtype=F64), torch.randn(4, dtype=F64)),
+        "per_element": _latent(5, 4),
+    }[prior]
+    pm_t, plv_t = (torch.as_tensor(v, dtype=F64).expand(5, 4) for v in (pm, plv))
+    expected = kl_divergence(_posterior(mu, logvar), _posterior(pm_t, plv_t))
+    assert_close(gaussian_kl(mu, logvar, pm, plv), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_gaussian_kl_keeps_leading_dims():
+    mu, logvar = torch.randn(2, 3, 4, dtype=F64), torch.randn(2, 3, 4, dtype=F64)
+    out = gaussian_kl(mu, logvar)
+    assert out.shape == (2, 3)
+    assert_close(out[1], gaussian_kl(mu[1], logvar[1]), rtol=0, atol=0)
+
+
+def test_gaussian_kl_against_monte_carlo():
+    gen = torch.Generator().manual_seed(1)
+    mu, logvar = torch.tensor([[0.5, -1.0, 2.0]], dtype=F64), torch.tensor([[-0.5, 0.3, -2.0]], dtype=F64)
+    pm, plv = torch.tensor([0.2, 0.0, 1.0], dtype=F64), torch.tensor([0.4, -0.2, 0.1], dtype=F64)
+    q, p = _posterior(mu, logvar), _posterior(pm, plv)
+    z = mu + torch.exp(0.5 * logvar) * torch.randn(200_000, 3, dtype=F64, generator=gen)
+    log_ratio = q.log_prob(z) - p.log_prob(z)
+    stderr = log_ratio.std() / math.sqrt(len(log_ratio))
+    assert abs(log_ratio.mean() - gaussian_kl(mu, logvar, pm, plv)[0]) < 4 * stderr
+
+
+@st.composite
+def _latent_params(draw, lo=-1e3, hi=1e3):
+    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 5)))
+
+    def arr(a, b):
+        return torch.from_numpy(draw(hnp.arrays(np.float32, shape, elements=st.floats(a, b, width=32))))
+
+    return arr(lo, hi), arr(-80, 80)
+
+
+@HYPOTHESIS
+@given(_latent_params(), st.floats(-100, 100), st.floats(-80, 80))
+def test_kl_is_nonnegative(params, prior_mu, prior_logvar):
+    mu, logvar = params
+    for kl in (gaussian_kl(mu, logvar), gaussian_kl(mu, logvar, prior_mu, prior_logvar)):
+        assert not kl.isnan().any() and (kl >= 0).all()
+
+
+@HYPOTHESIS
+@given(_latent_params(), st.floats(-100, 100), st.floats(-80, 80))
+def test_kl_is_exactly_zero_at_the_prior(params, m, s):
+    mu, logvar = params
+    zeros = torch.zeros_like(mu)
+    assert (gaussian_kl(zeros, zeros) == 0).all()
+    assert (gaussian_kl(torch.full_like(mu, m), torch.full_like(mu, s), m, s) == 0).all()
+    assert (gaussian_kl(mu, logvar, mu.clone(), logvar.clone()) == 0).all()
+
+
+# ---------------------------------------------------------------------------------------
+# Reconstruction likelihoods against torch.distributions
+
+
+@pytest.mark.parametrize("grey", [False, True])
+def test_bernoulli_nll_matches_distribution(grey):
+    logits = 4 * torch.randn(3, 2, 5, dtype=F64)
+    x = torch.rand(3, 2, 5, dtype=F64)
+    x = x if grey else x.round()
+    dist = Independent(Bernoulli(logits=logits, validate_args=False), 2)
+    assert_close(bernoulli_nll(logits, x), -dist.log_prob(x), rtol=1e-10, atol=1e-10)
+    direct = (F.softplus(logits) - logits * x).sum((1, 2))
+    assert_close(bernoulli_nll(logits, x), direct, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("form", ["float", "0-dim", "per_dim", "per_element", "per_example"])
+def test_gaussian_nll_matches_independent_normal(form):
+    mean, x = torch.randn(3, 2, 4, dtype=F64), torch.randn(3, 2, 4, dtype=F64)
+    logvar = {
+        "float": -0.7,
+        "0-dim": torch.tensor(0.4, dtype=F64),
+        "per_dim": torch.randn(2, 4, dtype=F64),
+        "per_element": torch.randn(3, 2, 4, dtype=F64),
+        "per_example": torch.randn(3, 1, 1, dtype=F64),
+    }[form]
+    std = torch.exp(torch.as_tensor(logvar, dtype=F64) / 2).expand_as(x)
+    expected = -Independent(Normal(mean, std), 2).log_prob(x)
+    assert_close(gaussian_nll(mean, x, logvar), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "x_shape, logvar_shape",
+    [((4, 6), (5,)), ((4, 6), (3, 6)), ((4, 6), (4, 1, 6)), ((4, 1), (4, 6)), ((4, 1, 6), (3, 6))],
+)
+def test_gaussian_nll_bad_logvar_shape_raises_value_error(x_shape, logvar_shape):
+    # The last two broadcast, but to a shape larger than x: still a wrong logvar.
+    x = torch.zeros(x_shape)
+    with pytest.raises(ValueError, match="logvar"):
+        gaussian_nll(x, x, torch.zeros(logvar_shape))
+
+
+def test_continuous_bernoulli_matches_torch_on_moderate_logits():
+    logits = torch.empty(4, 3, 5, dtype=F64).uniform_(-8, 8)
+    x = torch.rand(4, 3, 5, dtype=F64)
+    expected = -Independent(ContinuousBernoulli(logits=logits), 2).log_prob(x)
+    assert_close(continuous_bernoulli_nll(logits, x), expected, rtol=1e-10, atol=1e-10)
+
+
+# Both sides of the Taylor threshold (1e-3), zero, and logits far beyond torch's clamp.
+_CB_ETAS = [0.0, 1e-5, -1e-5, 5e-4, 9e-4, -9.99e-4, 1e-3 - 1e-9, 1e-3, 1e-3 + 1e-9, -1.001e-3,
+            2e-3, 0.3, -3.0, 40.0, -300.0, 1e4]
+
+
+@pytest.mark.parametrize("x", [0.0, 0.3, 1.0])
+def test_continuous_bernoulli_float64_against_40_digit_reference(x):
+    eta, value, grad = _cb_eval(_CB_ETAS, x, F64)
+    ref = torch.tensor([_cb_reference(float(e), x) for e in eta], dtype=F64)
+    assert_close(value, ref[:, 0], rtol=1e-14, atol=1e-15)
+    assert_close(grad, ref[:, 1], rtol=1e-12, atol=5e-13)
+
+
+def test_continuous_bernoulli_continuous_across_taylor_threshold():
+    # The jump between the two sides must be the true change of the function, no more.
+    for sign in (1.0, -1.0):
+        eta, value, grad = _cb_eval([sign * 1e-3 * (1 - 1e-9), sign * 1e-3 * (1 + 1e-9)], 0.25, F64)
+        ref = [_cb_reference(float(e), 0.25) for e in eta]
+        assert abs((value[1] - value[0]) - (ref[1][0] - ref[0][0])) < 2e-15
+        assert abs((grad[1] - grad[0]) - (ref[1][1] - ref[0][1])) < 5e-13
+
+
+def test_continuous_bernoulli_float32_gradient_near_zero():
+    # float32 (and bf16/fp16, which are upcast to float32) near logit 0: value and
+    # gradient within a few float32 ulps of 1 of the exact answer, no jump at the switch.
+    etas = np.concatenate([np.geomspace(1e-5, 2.0, 60), -np.geomspace(1e-5, 2.0, 7)])
+    eta, value, grad = _cb_eval(etas.tolist(), 0.5, torch.float32)
+    ref = torch.tensor([_cb_reference(float(e), 0.5) for e in eta], dtype=F64)
+    assert_close(value, ref[:, 0], rtol=0, atol=1e-6)
+    assert_close(grad, ref[:, 1], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# Gradients, extreme values, autocast
+
+
+def _req(*ts):
+    return tuple(t.detach().clone().requires_grad_() for t in ts)
+
+
+_CB_GRAD_LOGITS = torch.tensor([[0.0, 1e-5, -1e-5, 1e-3 - 5e-7, 1e-3 + 5e-7, -1e-3 + 5e-7, 2.5, -6.0]], dtype=F64)
+_GRADCHECKS = {
+    "gaussian_kl": lambda: (lambda m, lv, pm, plv: gaussian_kl(m, lv, pm, plv), _req(*_latent(), *_latent())),
+    "gaussian_kl_std": lambda: (gaussian_kl, _req(*_latent())),
+    "bernoulli_nll": lambda: (bernoulli_nll, _req(3 * torch.randn(2, 5, dtype=F64), torch.rand(2, 5, dtype=F64))),
+    "gaussian_nll_scalar": lambda: (gaussian_nll, _req(*_latent(2, 5), torch.tensor(0.3, dtype=F64))),
+    "gaussian_nll_per_dim": lambda: (gaussian_nll, _req(*_latent(2, 5), torch.randn(5, dtype=F64))),
+    "gaussian_nll_per_element": lambda: (gaussian_nll, _req(*_latent(2, 5), torch.randn(2, 5, dtype=F64))),
+    "mse": lambda: (mse, _req(*_latent(2, 5))),
+    "continuous_bernoulli_nll": lambda: (
+        continuous_bernoulli_nll, _req(_CB_GRAD_LOGITS, torch.rand_like(_CB_GRAD_LOGITS) * 0.8 + 0.1)),
+}
+
+
+@pytest.mark.parametrize("name", list(_GRADCHECKS))
+def test_gradcheck(name):
+    fn, inputs = _GRADCHECKS[name]()
+    assert gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("reconstruction", losses.RECONSTRUCTIONS)
+def test_gradcheck_vae_loss(reconstruction):
+    x, logits, mu, logvar = _req(torch.rand(2, 4, dtype=F64), torch.randn(2, 4, dtype=F64), *_latent(2, 3))
+    loss_fn = VAELoss(beta=2.0, reconstruction=reconstruction)
+    assert gradcheck(lambda *a: loss_fn(*a).loss, (x.detach(), logits, mu, logvar))
+
+
+def _finite_with_grad(fn, *inputs):
+    inputs = _req(*inputs)
+    out = fn(*inputs)
+    out.sum().backward()
+    return bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(t.grad).all()) for t in inputs)
+
+
+def test_extreme_values_are_finite_in_float32():
+    logvar = torch.linspace(-80, 80, 161).reshape(7, 23)
+    mu = torch.randn(7, 23) * 10
+    assert _finite_with_grad(gaussian_kl, mu, logvar)
+    assert _finite_with_grad(gaussian_nll, mu, mu + torch.randn(7, 23), logvar)
+    logits = torch.tensor([[1e4, -1e4, 1e4, -1e4, 0.0]])
+    x = torch.tensor([[0.0, 1.0, 1.0, 0.0, 0.5]])
+    for fn in (bernoulli_nll, continuous_bernoulli_nll):
+        assert _finite_with_grad(lambda lg: fn(lg, x), logits)
+    for rec in ("bernoulli", "continuous_bernoulli"):
+        assert _finite_with_grad(lambda lg, m, lv: VAELoss(reconstruction=rec)(x, lg, m, lv).loss,
+                                 logits, mu[:1, :3], logvar[:1, :3])
+
+
+@pytest.mark.parametrize("dtype, big", [(torch.float32, 1e20), (torch.float32, 3e38), (torch.float64, 1e200)])
+def test_continuous_bernoulli_gradient_finite_for_any_finite_logit(dtype, big):
+    # "Stable for logits of any size": the unused Taylor branch must not overflow, or
+    # torch.where sends 0 * inf = NaN into the gradient.
+    logits, x = torch.tensor([[big, -big]], dtype=dtype), torch.tensor([[0.3, 0.3]], dtype=dtype)
+    assert _finite_with_grad(lambda lg: continuous_bernoulli_nll(lg, x), logits)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e3])
+def test_bf16_autocast_matches_float32_of_the_same_values(scale):
+    layer = torch.nn.Linear(4, 12)
+    with torch.no_grad():
+        layer.weight.mul_(scale)
+    h, x = torch.randn(3, 4), torch.rand(3, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(h)
+        logits, mu, logvar = out[:, :6], out[:, 6:9] / scale, 80 * torch.tanh(out[:, 9:])
+        assert logits.dtype == torch.bfloat16
+        got = [bernoulli_nll(logits, x), continuous_bernoulli_nll(logits, x), gaussian_kl(mu, logvar),
+               VAELoss(reconstruction="continuous_bernoulli")(x, logits, mu, logvar).loss]
+    want = [bernoulli_nll(logits.float(), x), continuous_bernoulli_nll(logits.float(), x),
+            gaussian_kl(mu.float(), logvar.float()),
+            VAELoss(reconstruction="continuous_bernoulli")(x, logits.float(), mu.float(), logvar.float()).loss]
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and torch.isfinite(g).all()
+        assert_close(g, w, rtol=0, atol=0)
+    got[-1].backward()
+    assert torch.isfinite(layer.weight.grad).all()
+
+
+# ---------------------------------------------------------------------------------------
+# mse is a Gaussian with a fixed variance
+
+
+@pytest.mark.parametrize("var", [0.5, 1.0, 0.1, 3.0])
+def test_mse_is_twice_sigma2_gaussian_nll_minus_constant(var):
+    x_hat, x = torch.randn(3, 2, 5, dtype=F64), torch.randn(3, 2, 5, dtype=F64)
+    d = 10
+    # docstring: gaussian_nll = mse / (2 sigma^2) + (D/2) log(2 pi sigma^2)
+    const = var * d * math.log(2 * math.pi * var)
+    assert_close(mse(x_hat, x), 2 * var * gaussian_nll(x_hat, x, math.log(var)) - const, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 4.0])
+def test_mse_objective_is_gaussian_objective_with_variance_one_half(beta):
+    # Same beta on both sides: mse + beta KL = gaussian_nll(sigma^2 = 1/2) + beta KL - (D/2) log pi.
+    x, x_hat, (mu, logvar) = torch.randn(4, 6, dtype=F64), torch.randn(4, 6, dtype=F64), _latent()
+    as_mse = VAELoss(beta, "mse", "none")(x, x_hat, mu, logvar).loss
+    as_gauss = VAELoss(beta, "gaussian", "none", logvar=math.log(0.5))(x, x_hat, mu, logvar).loss
+    assert_close(as_mse, as_gauss - 3 * math.log(math.pi), rtol=1e-12, atol=1e-12)
+    if beta > 0:  # equivalently: tuning beta under MSE picks the variance sigma^2 = beta/2 of an ELBO
+        var = beta / 2
+        elbo = VAELoss(1.0, "gaussian", "none", logvar=math.log(var))(x, x_hat, mu, logvar).loss
+        assert_close(as_mse, 2 * var * elbo - var * 6 * math.log(2 * math.pi * var), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# VAELoss
+
+
+def _batch(reconstruction, b=4, d=6, dtype=F64):
+    x = torch.rand(b, d, dtype=dtype)
+    out = torch.randn(b, d, dtype=dtype)
+    if reconstruction == "gaussian":
+        out = (out, torch.randn(b, d, dtype=dtype))
+    return (x, out, *_latent(b, 3, dtype))
+
+
+@pytest.mark.parametrize("reconstruction", losses.RECONSTRUCTIONS)
+def test_reductions_are_consistent(reconstruction):
+    args = _batch(reconstruction)
+    none, mean, total = (VAELoss(2.5, reconstruction, r)(*args) for r in ("none", "mean", "sum"))
+    assert none.loss.shape == none.reconstruction.shape == none.kl.shape == (4,)
+    assert_close(none.loss, none.reconstruction + 2.5 * none.kl)
+    for field in ("loss", "reconstruction", "kl"):
+        assert_close(getattr(mean, field), getattr(none, field).mean())
+        assert_close(getattr(total, field), getattr(none, field).sum())
+
+
+def test_sum_bernoulli_equals_the_classic_tutorial_loss():
+    x, logits, mu, logvar = _batch("bernoulli", 8, 20)
+    x = x.round()
+    classic = F.binary_cross_entropy(torch.sigmoid(logits), x, reduction="sum") + 3.0 * _classic_kl(mu, logvar).sum()
+    assert_close(VAELoss(3.0, "bernoulli", "sum")(x, logits, mu, logvar).loss, classic, rtol=1e-10, atol=1e-10)
+
+
+def test_gaussian_learned_variance_reaches_logvar():
+    x, (mean, dec_logvar), mu, logvar = _batch("gaussian")
+    dec_logvar.requires_grad_()
+    out = VAELoss(reconstruction="gaussian", reduction="none")(x, (mean, dec_logvar), mu, logvar)
+    assert_close(out.reconstruction, gaussian_nll(mean, x, dec_logvar))
+    out.loss.sum().backward()
+    assert dec_logvar.grad is not None and (dec_logvar.grad != 0).all()
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"beta": -0.1}, "beta"), ({"beta": float("nan")}, "beta"), ({"beta": float("inf")}, "beta"),
+    ({"beta": torch.tensor([1.0, 2.0])}, "beta"), ({"reconstruction": "l2"}, "reconstruction"),
+    ({"reduction": "avg"}, "reduction"),
+])
+def test_vae_loss_rejects_bad_settings_at_construction(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        VAELoss(**kwargs)
+
+
+@pytest.mark.parametrize("case", ["x_vs_logits", "mu_vs_logvar", "x_vs_mu_batch"])
+def test_shape_mismatch_names_both_arguments_and_shapes(case):
+    x, logits, mu, logvar = _batch("bernoulli")
+    if case == "x_vs_logits":
+        logits, words = logits[:, :5], ["x has", "logits has", "(4, 6)", "(4, 5)"]
+    elif case == "mu_vs_logvar":
+        logvar, words = logvar[:, :2], ["mu has", "logvar has", "(4, 3)", "(4, 2)"]
+    else:
+        mu, logvar, words = mu[:3], logvar[:3], ["x has", "mu has", "4", "3"]
+    with pytest.raises(ValueError) as err:
+        VAELoss()(x, logits, mu, logvar)
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def _bad_value_case(case):
+    x, out, mu, logvar = _batch("bernoulli")
+    rec = "bernoulli"
+    if case == "x_above_one":
+        x[0, 0] = 1.5
+    elif case == "x_below_zero_cb":
+        x[0, 0], rec = -0.1, "continuous_bernoulli"
+    elif case == "nan_logits":
+        out[1, 2] = float("nan")
+    elif case == "nan_mu":
+        mu[0, 0] = float("nan")
+    elif case == "nan_x_gaussian":
+        x[0, 0], rec = float("nan"), "gaussian"
+    return rec, (x, out, mu, logvar)
+
+
+@pytest.mark.parametrize("case", ["x_above_one", "x_below_zero_cb", "nan_logits", "nan_mu", "nan_x_gaussian"])
+def test_value_checks_raise_and_can_be_switched_off(case):
+    rec, args = _bad_value_case(case)
+    with pytest.raises(ValueError):
+        VAELoss(reconstruction=rec)(*args)
+    VAELoss(reconstruction=rec, validate_args=False)(*args)
+    set_validate_args(False)  # the autouse fixture restores it
+    assert not validate_args_enabled()
+    VAELoss(reconstruction=rec)(*args)
+
+
+def test_set_validate_args_needs_a_bool():
+    with pytest.raises(TypeError, match="value"):
+        set_validate_args(0)
+
+
+def test_integer_tensors_raise_type_error():
+    i, f = torch.ones(2, 3, dtype=torch.long), torch.rand(2, 3)
+    calls = [lambda: gaussian_kl(i, f), lambda: bernoulli_nll(f, i), lambda: bernoulli_nll(i, f),
+             lambda: gaussian_nll(f, i, 0.0), lambda: gaussian_nll(f, f, i), lambda: mse(i, f),
+             lambda: continuous_bernoulli_nll(f, i), lambda: VAELoss()(i, f, f, f)]
+    for call in calls:
+        with pytest.raises(TypeError):
+            call()
+
+
+# ---------------------------------------------------------------------------------------
+# The eight tutorial mistakes (docs/objective.md)
+
+
+def test_mistake1_kl_leading_minus():
+    mu, logvar = _latent(16, 5)
+    kl = gaussian_kl(mu, logvar)
+    assert (kl >= 0).all()
+    assert_close(kl, kl_divergence(_posterior(mu, logvar), _posterior(0 * mu, 0 * logvar)), rtol=1e-10, atol=1e-10)
+    sign_dropped = 0.5 * (1 + logvar - mu.square() - logvar.exp()).sum(-1)
+    assert (sign_dropped < 0).all()
+
+
+def test_mistake2_bernoulli_minus_covers_both_terms():
+    logits, x = torch.randn(6, 10, dtype=F64), torch.randint(0, 2, (6, 10)).to(F64)
+    nll = bernoulli_nll(logits, x)
+    assert_close(nll, -Bernoulli(logits=logits).log_prob(x).sum(-1), rtol=1e-10, atol=1e-10)
+    p = torch.sigmoid(logits)
+    wrong = (-x * p.log() + (1 - x) * (1 - p).log()).sum(-1)
+    assert ((wrong - nll).abs() > 1e-3).all()
+
+
+def test_mistake3_code_imports_and_runs():
+    import vaekit
+    import vaekit.losses as module
+
+    assert vaekit.__version__
+    assert all(hasattr(module, name) for name in module.__all__)
+    enc, dec = torch.nn.Linear(6, 4), torch.nn.Linear(2, 6)
+    x = torch.rand(3, 6).round()
+    mu, logvar = enc(x).chunk(2, dim=1)
+    z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    VAELoss()(x, dec(z), mu, logvar).loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in [*enc.parameters(), *dec.parameters()])
+    done = subprocess.run([sys.executable, "-c", "import vaekit.losses"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_mistake4_logvar_is_log_variance():
+    mu = torch.randn(8, 3, dtype=F64)
+    var = torch.rand(8, 3, dtype=F64) * 3 + 0.1
+    kl = gaussian_kl(mu, var.log())
+    assert_close(kl, kl_divergence(Independent(Normal(mu, var.sqrt()), 1), _posterior(0 * mu, 0 * mu)), rtol=1e-10, atol=1e-10)
+    assert ((gaussian_kl(mu, var) - kl).abs() > 1e-3).all()
+
+
+def test_mistake5_beta_multiplies_the_kl_only():
+    x, logits, mu, logvar = _batch("bernoulli")
+    base = VAELoss(0.0)(x, logits, mu, logvar)
+    for beta in (0.5, 1.0, 7.0):
+        out = VAELoss(beta)(x, logits, mu, logvar)
+        assert_close(out.loss - base.loss, beta * out.kl)
+        assert_close(out.reconstruction, base.reconstruction, rtol=0, atol=0)
+
+
+def test_mistake6_reduction_must_be_explicit():
+    b, d = 3, 784
+    x, logits = torch.rand(b, 1, 28, 28, dtype=F64).round(), torch.randn(b, 1, 28, 28, dtype=F64)
+    mu, logvar = _latent(b, 8)
+    per_pixel_mean = F.binary_cross_entropy_with_logits(logits, x, reduction="mean") + _classic_kl(mu, logvar).mean()
+    assert_close(per_pixel_mean, VAELoss(beta=d)(x, logits, mu, logvar).loss / d, rtol=1e-12, atol=1e-12)
+    elbo_scale = VAELoss(beta=1.0)(x, logits, mu, logvar).loss / d
+    assert abs(per_pixel_mean - elbo_scale) > 1e-3
+
+
+def test_mistake7_cross_entropy_from_logits_and_normalised_on_grey_levels():
+    logits = torch.tensor([40.0, 60.0, 80.0, -40.0, -60.0, -100.0]).reshape(-1, 1)
+    x = (logits < 0).float()  # the worst case: confident and wrong
+    truth = (F.softplus(logits.double()) - logits.double() * x.double()).flatten()
+    on_probs = logits.clone().requires_grad_()
+    probs = torch.sigmoid(on_probs)
+    bce = F.binary_cross_entropy(probs, x, reduction="none").flatten()
+    hand_written = -(x * probs.log() + (1 - x) * (1 - probs).log()).flatten()
+    assert torch.isinf(hand_written[:3]).all()
+    assert ((bce[:3] - truth[:3]).abs() > 10).all()  # clamped at 100 nats
+    bce.sum().backward()
+    assert (on_probs.grad.abs() < 1e-5).all()  # no gradient left although the model is wrong
+    on_logits = logits.clone().requires_grad_()
+    nll = bernoulli_nll(on_logits, x)
+    nll.sum().backward()
+    assert torch.isfinite(nll).all()
+    assert_close(nll.double(), truth, rtol=1e-6, atol=0)
+    assert_close(on_logits.grad, torch.sigmoid(logits) - x)
+    # grey levels: the continuous Bernoulli is a density on [0, 1]; exp(-BCE) is not.
+    grid = torch.linspace(0, 1, 100_001, dtype=F64).reshape(-1, 1)
+    for eta in (-5.0, -0.5, 0.0, 1e-4, 2.0, 8.0):
+        lg = torch.full_like(grid, eta)
+        density = torch.exp(-continuous_bernoulli_nll(lg, grid))
+        unnormalised = torch.exp(-bernoulli_nll(lg, grid))
+        assert abs(torch.trapezoid(density, grid.flatten()) - 1) < 1e-8
+        assert abs(torch.trapezoid(unnormalised, grid.flatten()) - 1) > 0.4
+
+
+def test_mistake8_beta_above_one_and_schedules():
+    x, logits, mu, logvar = _batch("bernoulli")
+    for beta in (4.0, 250.0, 0.0):
+        out = VAELoss(beta)(x, logits, mu, logvar)
+        assert_close(out.loss, out.reconstruction + beta * out.kl)
+    beta = torch.tensor(0.0, dtype=F64)
+    loss_fn = VAELoss(beta)
+    seen = []
+    for step in range(3):
+        beta.fill_(min(1.0, step / 2))  # a warm-up schedule, updated in place
+        seen.append(loss_fn(x, logits, mu, logvar))
+    for out, b in zip(seen, (0.0, 0.5, 1.0)):
+        assert_close(out.loss, out.reconstruction + b * out.kl)
+    assert seen[0].loss < seen[1].loss < seen[2].loss
