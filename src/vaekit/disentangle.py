@@ -1,0 +1,441 @@
+"""Ground-truth factors and disentanglement metrics.
+
+A data set with known generative factors, rendered here, and four scores of how well a
+representation separates them: MIG, DCI, the FactorVAE score and the beta-VAE score.
+
+**Sprites.** A dSprites-like set: 64x64 binary images of one white shape on black, with
+five independent factors of sizes ``sprite_factor_sizes = (3, 6, 40, 32, 32)``:
+
+====  ===========  ======  =====================================================
+k     factor       values  meaning
+====  ===========  ======  =====================================================
+0     shape        3       square, ellipse, heart
+1     scale        6       ``linspace(0.5, 1, 6)`` times a 10 pixel half-size
+2     orientation  40      ``2*pi*i/40``, i = 0..39
+3     pos_x        32      centre column ``16 + i`` pixels, i = 0..31
+4     pos_y        32      centre row, the same grid
+====  ===========  ======  =====================================================
+
+As in the original, the square looks the same after a quarter turn and the ellipse after
+a half turn, so orientation is only partly identifiable from their images; only the heart
+shows all 40 orientations. The full product is 737,280 images, 737280 * 4096 bytes = 3.0 GB
+as uint8 (12 GB as float32), so images are rendered on demand: ``make_sprites`` and
+``FactorSampler`` draw random factors, ``iter_all`` walks the whole set in batches.
+
+How it differs from dSprites (Matthey et al. 2017): the images come from our own
+rasteriser (a point-in-shape test at each pixel centre, after undoing the shape's
+translation, rotation and scale), not from the original files; the heart is the implicit
+curve ``(x^2 + y^2 - 1)^3 = x^2 y^3``; the square is 20x20 and the ellipse 20x10 pixels at
+scale 1; orientations are 40 distinct angles (the original's ``linspace(0, 2*pi, 40)``
+repeats 0 as 2*pi); positions keep every rotated shape inside the frame. Scores on it are
+comparable between models trained here, not digit for digit with published dSprites numbers.
+
+**Samplers.** The metrics that intervene on factors take a ``sampler`` with
+``factor_sizes``, ``sampler(n, generator) -> (obs, factors)`` and
+``sampler.sample_with_fixed(n, factor_index, value, generator) -> (obs, factors)``, and a
+``representation(obs) -> codes [n, d]``, called on CPU batches of at most ``chunk_size``
+under ``torch.no_grad`` (for a VAE in eval mode, the posterior mean:
+``lambda x: model.encode_params(x.to(device))[0]``). ``FactorSampler(sizes)`` with no
+renderer returns the factors themselves as observations, which lets the metrics be
+tested without images. MIG and DCI take code and factor arrays; ``sample_codes`` makes
+them from a representation and a sampler.
+
+Costs on the sprites (one CPU thread): rendering is about 0.15 ms an image, so the
+FactorVAE score's defaults (5,000 + 1,600 x 64 images) take some 20 s and the beta-VAE
+score's (1,200 x 128) some 25 s, plus the encoder; DCI on 10,000 codes of 10 dimensions
+about 20 s.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "sprite_factor_sizes",
+    "sprite_factor_names",
+    "render_sprites",
+    "sample_factors",
+    "make_sprites",
+    "iter_all",
+    "FactorSampler",
+    "SpritesFactors",
+    "sample_codes",
+    "mig",
+    "dci",
+    "factor_vae_score",
+    "beta_vae_score",
+]
+
+sprite_factor_sizes = (3, 6, 40, 32, 32)
+sprite_factor_names = ("shape", "scale", "orientation", "pos_x", "pos_y")
+
+_SIZE = 64
+_HALF = 10.0  # pixels from the centre to a square's side at scale 1
+_SCALES = torch.linspace(0.5, 1.0, 6)
+_ANGLES = torch.arange(40) * (2 * math.pi / 40)
+# Whole-pixel steps put every centre on a pixel corner, so unrotated shapes come out
+# symmetric; a square's half-diagonal at scale 1 is 14.1 px, inside the 16 px margin.
+_POSITIONS = torch.arange(32, dtype=torch.float32) + 16.0
+_HEART_WIDTH = 1.139  # half-width of (x^2+y^2-1)^3 = x^2 y^3; it spans y in [-1, 1.236]
+_HEART_MIDDLE = 0.118
+
+
+def _check_factors(factors: Tensor, sizes: Sequence[int]) -> None:
+    if not isinstance(factors, Tensor) or factors.dtype != torch.long:
+        raise TypeError(f"factors must be a torch.long tensor, got {getattr(factors, 'dtype', type(factors))}")
+    if factors.dim() != 2 or factors.shape[1] != len(sizes):
+        raise ValueError(f"factors must have shape [N, {len(sizes)}], got {tuple(factors.shape)}")
+    bad = (factors < 0) | (factors >= torch.tensor(sizes))
+    if bad.any():
+        k = int(bad.any(0).nonzero()[0])
+        raise ValueError(f"factors[:, {k}] must lie in [0, {sizes[k]}), got values {factors[bad.any(1), k].unique().tolist()}")
+
+
+def render_sprites(factors: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Render sprites for factor indices ``[N, 5]`` (long) as ``[N, 1, 64, 64]`` in {0, 1}.
+
+    A pixel is on when its centre ``p`` lies inside the shape: with centre ``c``, angle
+    ``theta`` and scale ``s``, the local point ``q = R(-theta) (p - c) / (10 s)`` must satisfy
+    ``max(|q_x|, |q_y|) <= 1`` (square), ``q_x^2 + (2 q_y)^2 <= 1`` (ellipse) or
+    ``(u^2 + v^2 - 1)^3 <= u^2 v^3`` with ``(u, v) = 1.139 (q_x, -q_y) + (0, 0.118)``
+    (heart, tip down at angle 0). Vectorised over N and the pixels; deterministic.
+    """
+    _check_factors(factors, sprite_factor_sizes)
+    inside = torch.empty(len(factors), _SIZE, _SIZE, dtype=torch.bool, device=factors.device)
+    # Each shape's test runs only on its own sprites: the heart's cubic costs the most.
+    for shape in range(3):
+        index = (factors[:, 0] == shape).nonzero().squeeze(1)
+        if len(index):
+            qx, qy = _local_coordinates(factors[index])
+            inside[index] = _inside_shape(shape, qx, qy)
+    return inside.unsqueeze(1).to(dtype)
+
+
+def _local_coordinates(factors: Tensor) -> tuple[Tensor, Tensor]:
+    """Pixel centres in each sprite's frame, ``q = R(-theta) (p - c) / (10 s)``: two ``[N, 64, 64]``."""
+    device = factors.device
+    scale = _SCALES.to(device)[factors[:, 1]][:, None, None] * _HALF
+    angle = _ANGLES.to(device)[factors[:, 2]][:, None, None]
+    cx = _POSITIONS.to(device)[factors[:, 3]][:, None, None]
+    cy = _POSITIONS.to(device)[factors[:, 4]][:, None, None]
+    centres = torch.arange(_SIZE, device=device, dtype=torch.float32) + 0.5
+    dx, dy = centres[None, None, :] - cx, centres[None, :, None] - cy
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    return cos * dx + sin * dy, cos * dy - sin * dx
+
+
+def _inside_shape(shape: int, qx: Tensor, qy: Tensor) -> Tensor:
+    if shape == 0:
+        return torch.maximum(qx.abs(), qy.abs()) <= 1.0
+    if shape == 1:
+        return qx.square() + (2.0 * qy).square() <= 1.0
+    u, v = _HEART_WIDTH * qx, _HEART_MIDDLE - _HEART_WIDTH * qy
+    return (u.square() + v.square() - 1.0) ** 3 <= u.square() * v**3
+
+
+def sample_factors(n: int, generator: torch.Generator | None = None, factor_sizes: Sequence[int] = sprite_factor_sizes) -> Tensor:
+    """Factor indices ``[n, K]`` (long), each factor uniform and independent of the others."""
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    cols = [torch.randint(int(s), (n,), generator=generator) for s in factor_sizes]
+    return torch.stack(cols, 1) if cols else torch.zeros(n, 0, dtype=torch.long)
+
+
+def _render_chunked(factors: Tensor, dtype: torch.dtype, chunk: int = 1024) -> Tensor:
+    # A chunk's intermediates are ~10 float tensors of chunk*4096 values: 160 MB at 1024.
+    if len(factors) == 0:
+        return torch.zeros(0, 1, _SIZE, _SIZE, dtype=dtype)
+    return torch.cat([render_sprites(f, dtype=dtype) for f in factors.split(chunk)])
+
+
+def make_sprites(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``n`` random sprites: images ``[n, 1, 64, 64]`` float32 in {0, 1} and factors ``[n, 5]`` long."""
+    factors = sample_factors(n, torch.Generator().manual_seed(seed))
+    return _render_chunked(factors, torch.float32), factors
+
+
+def iter_all(batch_size: int = 4096, *, dtype: torch.dtype = torch.uint8) -> Iterator[tuple[Tensor, Tensor]]:
+    """Every sprite once, in lexicographic factor order (pos_y fastest), as ``(images, factors)`` batches."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    total = math.prod(sprite_factor_sizes)
+    strides = [math.prod(sprite_factor_sizes[k + 1 :]) for k in range(len(sprite_factor_sizes))]
+    for start in range(0, total, batch_size):
+        index = torch.arange(start, min(start + batch_size, total))
+        factors = torch.stack([(index // st) % sz for st, sz in zip(strides, sprite_factor_sizes)], 1)
+        yield _render_chunked(factors, dtype), factors
+
+
+class FactorSampler:
+    """Uniform independent factors and their observations ``render(factors)``.
+
+    Without ``render`` the observations are the factor indices as float32 ``[n, K]``:
+    a stand-in world where a representation can be written down by hand.
+    """
+
+    def __init__(self, factor_sizes: Sequence[int], render: Callable[[Tensor], Tensor] | None = None) -> None:
+        sizes = tuple(factor_sizes)
+        if not sizes or any(not isinstance(s, int) or s < 1 for s in sizes):
+            raise ValueError(f"factor_sizes must be positive ints, got {factor_sizes!r}")
+        self.factor_sizes = sizes
+        self.render = render
+
+    def _observe(self, factors: Tensor) -> Tensor:
+        return factors.float() if self.render is None else self.render(factors)
+
+    def __call__(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        factors = sample_factors(n, generator, self.factor_sizes)
+        return self._observe(factors), factors
+
+    def sample_with_fixed(
+        self, n: int, factor_index: int, value, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``n`` draws with factor ``factor_index`` set to ``value`` (an int, or ``[n]`` values)."""
+        if not 0 <= factor_index < len(self.factor_sizes):
+            raise ValueError(f"factor_index must be in [0, {len(self.factor_sizes)}), got {factor_index}")
+        factors = sample_factors(n, generator, self.factor_sizes)
+        factors[:, factor_index] = torch.as_tensor(value, dtype=torch.long)
+        _check_factors(factors, self.factor_sizes)
+        return self._observe(factors), factors
+
+
+class SpritesFactors(FactorSampler):
+    """The sprites world: observations are ``render_sprites(factors)`` ``[n, 1, 64, 64]``."""
+
+    names = sprite_factor_names
+
+    def __init__(self) -> None:
+        super().__init__(sprite_factor_sizes, lambda f: _render_chunked(f, torch.float32))
+
+
+# ---------------------------------------------------------------- codes
+
+
+def _encode(representation, obs: Tensor, chunk_size: int) -> np.ndarray:
+    with torch.no_grad():
+        parts = [torch.as_tensor(representation(o)).detach().cpu().double() for o in obs.split(chunk_size)]
+    codes = torch.cat(parts).numpy()
+    if codes.ndim != 2 or codes.shape[0] != len(obs):
+        raise ValueError(f"representation must map {len(obs)} observations to codes [n, d], got shape {codes.shape}")
+    return codes
+
+
+def _encode_groups(representation, groups: Iterator[Tensor], chunk_size: int) -> Iterator[np.ndarray]:
+    """Codes of each observation group, encoding several small groups per call."""
+    pending: list[Tensor] = []
+    for obs in groups:
+        pending.append(obs)
+        if sum(len(p) for p in pending) >= chunk_size:
+            codes = _encode(representation, torch.cat(pending), chunk_size)
+            yield from np.split(codes, np.cumsum([len(p) for p in pending])[:-1])
+            pending = []
+    if pending:
+        codes = _encode(representation, torch.cat(pending), chunk_size)
+        yield from np.split(codes, np.cumsum([len(p) for p in pending])[:-1])
+
+
+def sample_codes(representation, sampler, n: int, *, seed: int = 0, chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Codes ``[n, d]`` (float64) and factors ``[n, K]`` (int64) of ``n`` random observations."""
+    obs, factors = sampler(n, torch.Generator().manual_seed(seed))
+    return _encode(representation, obs, chunk_size), factors.numpy()
+
+
+def _as_array(name: str, a, ndim: int = 2) -> np.ndarray:
+    a = a.detach().cpu().numpy() if isinstance(a, Tensor) else np.asarray(a)
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must be a {ndim}-d array [n, ...], got shape {a.shape}")
+    return a
+
+
+# ---------------------------------------------------------------- MIG
+
+
+def mig(codes, factors, n_bins: int = 20) -> float:
+    """Mutual Information Gap (Chen et al. 2018), in [0, 1].
+
+    Each code dimension is cut into ``n_bins`` equal-width bins over its range; with
+    ``I[j, k]`` the empirical mutual information between binned code ``j`` and factor
+    ``k`` and ``H_k`` the factor's entropy,
+    ``MIG = mean_k (I[j1, k] - I[j2, k]) / H_k`` over the two codes ``j1, j2`` most
+    informative about ``k``. Constant factors (``H_k = 0``) are left out.
+
+    Shape: codes ``[n, d]``, factors ``[n, K]`` (discrete labels).
+    """
+    from sklearn.metrics import mutual_info_score
+
+    codes, factors = _as_array("codes", codes), _as_array("factors", factors)
+    if len(codes) != len(factors):
+        raise ValueError(f"codes has {len(codes)} rows but factors has {len(factors)}")
+    if not isinstance(n_bins, int) or n_bins < 2:
+        raise ValueError(f"n_bins must be an int >= 2, got {n_bins!r}")
+    binned = [np.digitize(c, np.histogram_bin_edges(c, bins=n_bins)[1:-1]) for c in codes.T.astype(np.float64)]
+    gaps = []
+    for f in factors.T:
+        entropy = mutual_info_score(f, f)
+        if entropy <= 0:
+            continue
+        info = np.sort([mutual_info_score(f, b) for b in binned])[::-1]
+        second = info[1] if len(info) > 1 else 0.0
+        gaps.append((info[0] - second) / entropy)
+    if not gaps:
+        raise ValueError("factors must vary: every factor column is constant")
+    return float(np.mean(gaps))
+
+
+# ---------------------------------------------------------------- DCI
+
+
+def _entropy_rows(p: np.ndarray, base: int) -> np.ndarray:
+    """Entropy of each row of a probability matrix, in log base ``base`` (0 when base is 1)."""
+    if base < 2:
+        return np.zeros(len(p))
+    logs = np.log(p, where=p > 0, out=np.zeros_like(p))
+    return -(p * logs).sum(1) / math.log(base)
+
+
+def dci(codes_train, factors_train, codes_test, factors_test, *, seed: int = 0, n_estimators: int = 30, max_depth: int | None = 8) -> dict:
+    """DCI (Eastwood & Williams 2018) from random-forest importances.
+
+    For each factor ``k`` a random-forest classifier predicts ``k`` from the codes; its
+    impurity importances form column ``k`` of ``R [d, K]``. With ``P_jk = R_jk / sum_k R_jk``:
+
+    * disentanglement ``D = sum_j rho_j (1 - H_K(P_j.))``, ``rho_j = sum_k R_jk / sum R``;
+    * completeness ``C = mean_k (1 - H_d(R_.k / sum_j R_jk))``;
+    * informativeness: the classifiers' mean test accuracy.
+
+    ``H_b`` is the entropy in log base ``b``. The paper uses lasso or random-forest
+    regressors; classifiers suit discrete factors, and a few shallow trees keep it fast.
+    Every split may use any code (``max_features=None``): with the usual ``sqrt(d)``
+    subsampling a tree offered only irrelevant codes splits on them anyway, which spreads
+    importance and understates the disentanglement of a perfect code.
+    Returns ``{"disentanglement", "completeness", "informativeness"}`` as floats.
+    """
+    from sklearn.ensemble import RandomForestClassifier
+
+    ctr, ftr = _as_array("codes_train", codes_train), _as_array("factors_train", factors_train)
+    cte, fte = _as_array("codes_test", codes_test), _as_array("factors_test", factors_test)
+    if len(ctr) != len(ftr) or len(cte) != len(fte):
+        raise ValueError(f"codes and factors must have the same rows, got {len(ctr)}/{len(ftr)} and {len(cte)}/{len(fte)}")
+    if ctr.shape[1] != cte.shape[1] or ftr.shape[1] != fte.shape[1]:
+        raise ValueError(f"train and test must have the same columns, got {ctr.shape}/{cte.shape}, {ftr.shape}/{fte.shape}")
+    d, n_factors = ctr.shape[1], ftr.shape[1]
+    importance = np.zeros((d, n_factors))
+    accuracy = []
+    for k in range(n_factors):
+        forest = RandomForestClassifier(n_estimators=n_estimators, max_depth=max_depth, max_features=None, random_state=seed + k)
+        forest.fit(ctr, ftr[:, k])
+        importance[:, k] = np.abs(forest.feature_importances_)
+        accuracy.append(forest.score(cte, fte[:, k]))
+    disent, complete = _disentanglement_completeness(importance)
+    return {"disentanglement": disent, "completeness": complete, "informativeness": float(np.mean(accuracy))}
+
+
+def _disentanglement_completeness(importance: np.ndarray) -> tuple[float, float]:
+    """``(D, C)`` of an importance matrix ``[d, K]``; codes or factors with no importance weigh 0."""
+    d, n_factors = importance.shape
+    total = importance.sum()
+    if total <= 0:  # no code helps any factor: nothing is disentangled
+        return 0.0, 0.0
+    row, col = importance.sum(1), importance.sum(0)
+    p_rows = np.divide(importance, row[:, None], out=np.zeros_like(importance), where=row[:, None] > 0)
+    p_cols = np.divide(importance, col[None, :], out=np.zeros_like(importance), where=col[None, :] > 0)
+    disent = float(((1.0 - _entropy_rows(p_rows, n_factors)) * row / total).sum())
+    complete = float(np.mean(np.where(col > 0, 1.0 - _entropy_rows(p_cols.T, d), 0.0)))
+    return disent, complete
+
+
+# ---------------------------------------------------------------- FactorVAE and beta-VAE scores
+
+
+def factor_vae_score(
+    representation,
+    sampler,
+    *,
+    seed: int = 0,
+    n_reference: int = 5000,
+    n_train: int = 800,
+    n_eval: int = 800,
+    batch_size: int = 64,
+    prune_fraction: float = 0.05,
+    chunk_size: int = 1024,
+) -> float:
+    """FactorVAE score (Kim & Mnih 2018): held-out accuracy of a majority-vote classifier.
+
+    Codes are divided by their standard deviation ``s_j`` over ``n_reference`` random
+    observations. Dimensions with ``s_j <= prune_fraction * max_j s_j`` count as collapsed
+    and are dropped: a constant code would divide by zero, and a nearly dead one is often
+    constant within a vote's batch, so it would win the argmin whatever factor is fixed.
+    The paper prunes by an absolute threshold on codes on the prior's unit scale;
+    relative to the largest spread the rule is the same there and does not depend on
+    the units of other representations. Each vote fixes a random factor ``k``
+    at a random value, encodes ``batch_size`` observations and records
+    ``(argmin_j Var[z_j / s_j], k)``. Each dimension predicts the factor it got most
+    training votes for; the score is the accuracy on ``n_eval`` further votes.
+    Chance is about ``1 / K``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    obs, _ = sampler(n_reference, gen)
+    std = _encode(representation, obs, chunk_size).std(0)
+    active = std > prune_fraction * std.max()
+    if not active.any():
+        return 0.0
+    sizes = sampler.factor_sizes
+    n_votes = n_train + n_eval
+    fixed = torch.randint(len(sizes), (n_votes,), generator=gen)
+
+    def groups():
+        for k in fixed.tolist():
+            value = int(torch.randint(sizes[k], (), generator=gen))
+            yield sampler.sample_with_fixed(batch_size, k, value, gen)[0]
+
+    votes = np.array([np.argmin((z[:, active] / std[active]).var(0, ddof=1)) for z in _encode_groups(representation, groups(), chunk_size)])
+    labels = fixed.numpy()
+    counts = np.zeros((int(active.sum()), len(sizes)), dtype=np.int64)
+    np.add.at(counts, (votes[:n_train], labels[:n_train]), 1)
+    predicted = np.where(counts.sum(1) > 0, counts.argmax(1), -1)
+    return float(np.mean(predicted[votes[n_train:]] == labels[n_train:]))
+
+
+def beta_vae_score(
+    representation,
+    sampler,
+    *,
+    seed: int = 0,
+    n_train: int = 800,
+    n_eval: int = 400,
+    batch_size: int = 64,
+    chunk_size: int = 1024,
+) -> float:
+    """beta-VAE score (Higgins et al. 2017): held-out accuracy of a linear factor classifier.
+
+    Each point picks a factor ``k`` and ``batch_size`` pairs ``(x1, x2)`` whose factors
+    agree on ``k`` only by construction; its feature is ``mean |z(x1) - z(x2)|`` over the
+    pairs (``[d]``) and its label ``k``. A logistic regression (on standardised features)
+    is fit on ``n_train`` points and scored on ``n_eval``. Chance is about ``1 / K``.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    gen = torch.Generator().manual_seed(seed)
+    n_points = n_train + n_eval
+    labels = torch.randint(len(sampler.factor_sizes), (n_points,), generator=gen)
+
+    def groups():
+        for k in labels.tolist():
+            x1, f1 = sampler(batch_size, gen)
+            x2, _ = sampler.sample_with_fixed(batch_size, k, f1[:, k], gen)
+            yield torch.cat([x1, x2])
+
+    features = np.stack([np.abs(z[:batch_size] - z[batch_size:]).mean(0) for z in _encode_groups(representation, groups(), chunk_size)])
+    y = labels.numpy()
+    if len(np.unique(y[:n_train])) < 2:
+        raise ValueError(f"n_train={n_train} points drew a single factor; use more points")
+    classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    classifier.fit(features[:n_train], y[:n_train])
+    return float(classifier.score(features[n_train:], y[n_train:]))

@@ -1,0 +1,281 @@
+"""Pictures of a VAE: image grids, latent traversals and training curves.
+
+Everything here writes files and returns their path; nothing touches pyplot's global
+state. Figures are built on ``matplotlib.figure.Figure`` with an Agg canvas attached, so
+plotting works on a headless machine and inside a process that uses another backend.
+Image grids are plain arrays written with Pillow.
+
+Pixel values are expected in ``[0, 1]`` and are clipped to it; a grid is ``uint8``
+``[H, W]`` for grey images and ``[H, W, 3]`` for RGB ones.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["image_grid", "save_image_grid", "plot_curves", "save_traversals", "decoder_mean"]
+
+
+def _to_numpy(images) -> np.ndarray:
+    if isinstance(images, Tensor):
+        return images.detach().to("cpu", torch.float32).numpy()
+    return np.asarray(images, dtype=np.float32)
+
+
+def image_grid(images, nrow: int = 8, padding: int = 2, pad_value: float = 1.0, *, image_shape=None) -> np.ndarray:
+    """Tile a batch of images into one ``uint8`` picture, ``nrow`` images per row.
+
+    Args:
+        images: ``[N, C, H, W]`` with ``C`` in {1, 3}, ``[N, H, W]`` (grey), or ``[N, D]``
+            flat vectors together with ``image_shape``; a tensor or an array.
+        nrow: images per row; the last row may be short and is filled with ``pad_value``.
+        padding: pixels of ``pad_value`` around and between the images.
+        pad_value: the border intensity in ``[0, 1]`` (1 = white).
+        image_shape: ``(C, H, W)`` or ``(H, W)`` to reshape flat ``[N, D]`` input.
+
+    Shape:
+        rows = ceil(N / nrow), cols = min(N, nrow); the grid is
+        ``[rows*(H+padding)+padding, cols*(W+padding)+padding]``, with a trailing 3 for RGB.
+    """
+    arr = _to_numpy(images)
+    if image_shape is not None:
+        shape = tuple(int(s) for s in image_shape)
+        if arr.ndim < 1 or math.prod(arr.shape[1:]) != math.prod(shape):
+            raise ValueError(f"images of shape {arr.shape} cannot be reshaped to image_shape {shape}")
+        arr = arr.reshape(arr.shape[0], *shape)
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    if arr.ndim != 4 or arr.shape[1] not in (1, 3):
+        raise ValueError(
+            f"images must be [N, C, H, W] with C in (1, 3), [N, H, W], or [N, D] with image_shape; "
+            f"got shape {arr.shape}"
+        )
+    if arr.shape[0] == 0:
+        raise ValueError("images must hold at least one image, got an empty batch")
+    if not isinstance(nrow, int) or nrow < 1:
+        raise ValueError(f"nrow must be a positive int, got {nrow!r}")
+    if not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"padding must be a non-negative int, got {padding!r}")
+    n, c, h, w = arr.shape
+    cols = min(n, nrow)
+    rows = math.ceil(n / cols)
+    grid = np.full(
+        (c, rows * (h + padding) + padding, cols * (w + padding) + padding),
+        np.clip(pad_value, 0.0, 1.0),
+        dtype=np.float32,
+    )
+    # NaN would turn into an arbitrary byte; show it as black instead.
+    arr = np.clip(np.nan_to_num(arr, nan=0.0), 0.0, 1.0)
+    for i in range(n):
+        top = padding + (i // cols) * (h + padding)
+        left = padding + (i % cols) * (w + padding)
+        grid[:, top : top + h, left : left + w] = arr[i]
+    out = np.rint(grid * 255.0).astype(np.uint8)
+    return out[0] if c == 1 else out.transpose(1, 2, 0)
+
+
+def save_image_grid(
+    images, path, nrow: int = 8, scale: int = 1, image_shape=None, *, padding: int = 2, pad_value: float = 1.0
+) -> Path:
+    """Write ``image_grid(images, ...)`` as a PNG, enlarged ``scale`` times.
+
+    The enlargement repeats each pixel ``scale x scale`` times (nearest neighbour), so
+    8x8 digits stay sharp and the file's size is exactly ``scale`` times the grid's.
+    Parent directories are created. Returns the path written.
+    """
+    from PIL import Image
+
+    if not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"scale must be a positive int, got {scale!r}")
+    grid = image_grid(images, nrow=nrow, padding=padding, pad_value=pad_value, image_shape=image_shape)
+    if scale > 1:
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid, mode="L" if grid.ndim == 2 else "RGB").save(path, format="PNG")
+    return path
+
+
+def _number(value) -> float | None:
+    """A metrics.csv cell as a float; empty cells and text that is not a number give None."""
+    if value is None or value == "":
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(out) else out
+
+
+def plot_curves(
+    rows: Sequence[Mapping], path, *, keys: Iterable[str] = ("loss", "reconstruction", "kl"), x: str = "epoch"
+) -> Path:
+    """Plot training curves: one subplot per metric in ``keys``, one line per ``split``.
+
+    Args:
+        rows: dicts as read from ``metrics.csv`` (values may be strings), e.g.
+            ``{"epoch": "3", "split": "val", "loss": "98.1", ...}``; rows without a
+            ``split`` column form a single line. Cells that are empty or not numbers are
+            skipped, so a split that logs fewer metrics still plots the ones it has.
+        path: the PNG to write (parent directories are created).
+        keys: the metrics to plot, each a column of at least one row.
+        x: the column on the horizontal axis.
+    Returns the path written.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = list(rows)
+    keys = list(keys)
+    if not rows:
+        raise ValueError("rows must hold at least one metrics row, got none")
+    if not keys:
+        raise ValueError("keys must name at least one metric, got none")
+    columns = set().union(*(r.keys() for r in rows))
+    missing = [k for k in [x, *keys] if k not in columns]
+    if missing:
+        raise ValueError(f"keys/x name columns {missing} that no row has; the rows have {sorted(columns)}")
+
+    fig = Figure(figsize=(4.0 * len(keys), 3.2), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    splits = list(dict.fromkeys(str(r.get("split", "")) for r in rows))
+    for ax, key in zip(axes, keys):
+        for split in splits:
+            points = sorted(
+                (_number(r.get(x)), _number(r.get(key)))
+                for r in rows
+                if str(r.get("split", "")) == split and _number(r.get(x)) is not None and _number(r.get(key)) is not None
+            )
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=split or None)
+        ax.set_title(key)
+        ax.set_xlabel(x)
+        ax.grid(alpha=0.3)
+        if any(splits) and ax.lines:
+            ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def decoder_mean(model, decoder_out) -> Tensor:
+    """The mean of ``p(x|z)`` as an image in ``[0, 1]``, from the decoder's parameters.
+
+    * ``bernoulli``: ``sigmoid(logits)``;
+    * ``continuous_bernoulli``: the distribution's mean, which is *not* ``sigmoid(logits)``:
+      ``E[x] = p/(2p-1) + 1/(2 atanh(1-2p))`` with ``p = sigmoid(logits)`` (and 1/2 at p = 1/2),
+      taken from ``torch.distributions.ContinuousBernoulli``;
+    * ``gaussian`` / ``mse``: the mean itself (the first element of a ``(mean, logvar)`` tuple).
+
+    The result is clipped to ``[0, 1]``, the range of the images vaekit trains on.
+    Uses only ``model.config.likelihood``.
+    """
+    kind = model.config.likelihood
+    if kind in ("gaussian", "mse"):
+        mean = decoder_out[0] if isinstance(decoder_out, (tuple, list)) else decoder_out
+    elif isinstance(decoder_out, (tuple, list)):
+        raise TypeError(f"a {kind} decoder returns a logits tensor, got a {type(decoder_out).__name__}")
+    elif kind == "bernoulli":
+        mean = torch.sigmoid(decoder_out)
+    elif kind == "continuous_bernoulli":
+        # float32 logits near 0 make the closed form cancel badly; the distribution
+        # switches to a Taylor expansion there, in the precision it is given.
+        mean = torch.distributions.ContinuousBernoulli(logits=decoder_out.double(), validate_args=False).mean
+        mean = mean.to(decoder_out.dtype)
+    else:
+        raise ValueError(
+            f"model.config.likelihood must be one of bernoulli, continuous_bernoulli, gaussian, mse; got {kind!r}"
+        )
+    return mean.clamp(0.0, 1.0)
+
+
+def _image_shape(input_shape) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) == 3:
+        return shape
+    if len(shape) == 2:
+        return (1, *shape)
+    side = math.isqrt(shape[0]) if len(shape) == 1 else 0
+    if side * side != math.prod(shape):
+        raise ValueError(f"cannot show input_shape {shape} as an image; pass image_shape=(C, H, W)")
+    return (1, side, side)
+
+
+def save_traversals(
+    model,
+    x: Tensor,
+    path,
+    *,
+    n_steps: int = 9,
+    span: float = 3.0,
+    dims=None,
+    kl_per_dim=None,
+    image_shape=None,
+    scale: int = 4,
+) -> Path:
+    """Latent traversals of one example: a row per latent dimension, a column per value.
+
+    ``x`` (``[1, *input_shape]`` or ``[*input_shape]``) is encoded to ``q(z|x) = N(mu,
+    diag sigma^2)``. Row ``j`` decodes ``mu`` with coordinate ``z_j`` replaced by each of
+    ``linspace(-span, span, n_steps)`` and shows ``decoder_mean`` of the result.
+
+    Rows are ordered by decreasing KL: by ``kl_per_dim`` (``[d]``, e.g. the mean KL per
+    dimension over a data set, the better guide to which units are active) when given,
+    otherwise by this example's ``KL(q(z_j|x) || N(0, 1))``. ``dims`` limits the rows: an
+    int keeps the first ``dims`` of that order, a sequence of indices shows exactly those
+    dimensions in the order given. ``image_shape`` is needed only for a flat input whose
+    size is not a square. ``scale`` enlarges the PNG (nearest neighbour). Returns the path.
+    """
+    d = int(model.config.latent_dim)
+    shape = _image_shape(image_shape if image_shape is not None else model.config.input_shape)
+    input_shape = tuple(model.config.input_shape)
+    if tuple(x.shape) == input_shape:
+        x = x.unsqueeze(0)
+    if tuple(x.shape) != (1, *input_shape):
+        raise ValueError(f"x must be one example of shape {(1, *input_shape)}, got {tuple(x.shape)}")
+    if not isinstance(n_steps, int) or n_steps < 2:
+        raise ValueError(f"n_steps must be an int >= 2, got {n_steps!r}")
+
+    was_training = isinstance(model, torch.nn.Module) and model.training
+    if was_training:
+        model.eval()
+    try:
+        with torch.no_grad():
+            posterior = model.encode(x)
+            mu, std = posterior.mean[0], posterior.stddev[0]
+            if kl_per_dim is None:
+                prior = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(std))
+                kl = torch.distributions.kl_divergence(torch.distributions.Normal(mu, std), prior)
+            else:
+                kl = torch.as_tensor(kl_per_dim, dtype=torch.float64).flatten()
+                if kl.numel() != d:
+                    raise ValueError(f"kl_per_dim must have latent_dim={d} entries, got {kl.numel()}")
+            order = torch.argsort(kl.cpu().double(), descending=True, stable=True).tolist()
+            if dims is None:
+                chosen = order
+            elif isinstance(dims, int):
+                chosen = order[:dims]
+            else:
+                chosen = [int(j) for j in dims]
+            if not chosen or any(not 0 <= j < d for j in chosen):
+                raise ValueError(f"dims must select latent dimensions in [0, {d}), got {dims!r}")
+
+            values = torch.linspace(-span, span, n_steps, dtype=mu.dtype, device=mu.device)
+            z = mu.repeat(len(chosen) * n_steps, 1)
+            for row, j in enumerate(chosen):
+                z[row * n_steps : (row + 1) * n_steps, j] = values
+            images = decoder_mean(model, model.decode(z))
+    finally:
+        if was_training:
+            model.train()
+    return save_image_grid(images.reshape(-1, *shape), path, nrow=n_steps, scale=scale)

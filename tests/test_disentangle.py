@@ -1,0 +1,284 @@
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vaekit.disentangle import (
+    FactorSampler,
+    SpritesFactors,
+    _disentanglement_completeness,
+    beta_vae_score,
+    dci,
+    factor_vae_score,
+    iter_all,
+    make_sprites,
+    mig,
+    render_sprites,
+    sample_codes,
+    sample_factors,
+    sprite_factor_sizes,
+)
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These tensors are small; on a loaded machine idle OpenMP workers spinning for them
+    # made the file several times slower. Restored for the other test files.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- sprites
+
+
+def _sprite(shape=2, scale=5, angle=0, x=16, y=16):
+    return torch.tensor([[shape, scale, angle, x, y]])
+
+
+def test_make_sprites_deterministic_and_binary():
+    images, factors = make_sprites(64, seed=3)
+    assert images.shape == (64, 1, 64, 64) and images.dtype == torch.float32
+    assert factors.shape == (64, 5) and factors.dtype == torch.long
+    assert set(images.unique().tolist()) == {0.0, 1.0}
+    assert (factors < torch.tensor(sprite_factor_sizes)).all() and (factors >= 0).all()
+    again, factors_again = make_sprites(64, seed=3)
+    assert torch.equal(images, again) and torch.equal(factors, factors_again)
+    assert torch.equal(render_sprites(factors), images)
+    assert not torch.equal(make_sprites(64, seed=4)[1], factors)
+    # every sprite is drawn and stays off the border
+    assert (images.sum((1, 2, 3)) > 0).all()
+    assert images[..., [0, -1], :].sum() == 0 and images[..., :, [0, -1]].sum() == 0
+
+
+def test_shapes_differ_and_unrotated_square_is_exact():
+    images = render_sprites(torch.cat([_sprite(shape=s) for s in range(3)]))
+    for a, b in itertools.combinations(range(3), 2):
+        assert (images[a] != images[b]).sum() > 20
+    # square of half-size 10 px centred on the pixel corner (32, 32): rows/cols 22..41
+    expected = torch.zeros(64, 64)
+    expected[22:42, 22:42] = 1
+    assert torch.equal(images[0, 0], expected)
+    # the heart's tip points down (rows grow downwards): its lowest row is its narrowest
+    rows = images[2, 0].sum(1)
+    rows = rows[rows > 0]
+    assert rows[-1] < rows[0] and rows[-1] == rows.min()
+    # ellipse area close to pi * 10 * 5 pixels, heart between the two
+    area = images.sum((1, 2, 3))
+    assert abs(area[1] - math.pi * 50) < 8 and area[1] < area[2] < area[0]
+
+
+@pytest.mark.parametrize("shape", [0, 1, 2])
+def test_pixel_count_rises_with_scale(shape):
+    images = render_sprites(torch.cat([_sprite(shape=shape, scale=s, angle=3) for s in range(6)]))
+    counts = images.sum((1, 2, 3))
+    assert (counts[1:] > counts[:-1]).all()
+    # area grows like scale^2: (1 / 0.5)^2 = 4 up to rasterisation
+    assert 3.3 < counts[-1] / counts[0] < 4.8
+
+
+def test_position_moves_the_centroid():
+    factors = torch.cat([_sprite(shape=1, angle=7, x=x, y=y) for x, y in [(0, 0), (31, 0), (0, 31), (10, 20)]])
+    images = render_sprites(factors)[:, 0]
+    grid = torch.arange(64.0) + 0.5
+    cx = (images.sum(1) * grid).sum(1) / images.sum((1, 2))
+    cy = (images.sum(2) * grid).sum(1) / images.sum((1, 2))
+    # an ellipse is symmetric about its centre, so the centroid is the centre 16 + index
+    torch.testing.assert_close(cx, factors[:, 3].float() + 16, atol=0.3, rtol=0)
+    torch.testing.assert_close(cy, factors[:, 4].float() + 16, atol=0.3, rtol=0)
+    # translation by whole pixels moves the image and nothing else
+    assert torch.equal(images[0, :30, :30], images[3, 20:50, 10:40])
+
+
+def test_rotation_and_symmetries():
+    angles = torch.arange(40)
+    hearts = render_sprites(torch.cat([_sprite(shape=2, angle=int(a)) for a in angles]))
+    assert len({h.numpy().tobytes() for h in hearts}) == 40  # every orientation of a heart differs
+    assert not torch.equal(hearts[0], hearts[1])
+    assert torch.equal(hearts[20], hearts[0].flip(-1, -2))  # a half turn about a pixel corner
+    square = render_sprites(torch.cat([_sprite(shape=0, angle=a) for a in (0, 10, 3)]))
+    assert torch.equal(square[0], square[1]) and not torch.equal(square[0], square[2])
+    ellipse = render_sprites(torch.cat([_sprite(shape=1, angle=a) for a in (0, 20, 10)]))
+    assert torch.equal(ellipse[0], ellipse[1])
+    assert torch.equal(ellipse[2, 0], ellipse[0, 0].T)  # a quarter turn swaps the axes
+
+
+def test_render_validates_factors():
+    with pytest.raises(ValueError, match=r"factors\[:, 2\] must lie in \[0, 40\)"):
+        render_sprites(torch.tensor([[0, 0, 40, 0, 0]]))
+    with pytest.raises(ValueError, match="shape"):
+        render_sprites(torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(TypeError, match="long"):
+        render_sprites(torch.zeros(2, 5))
+
+
+def test_iter_all_order_and_sampler():
+    images, factors = next(iter_all(batch_size=40))
+    assert images.dtype == torch.uint8 and images.shape == (40, 1, 64, 64)
+    assert (factors[:32, :3] == 0).all() and torch.equal(factors[:32, 4], torch.arange(32))
+    assert torch.equal(factors[32], torch.tensor([0, 0, 0, 1, 0]))
+    assert torch.equal(images, render_sprites(factors, dtype=torch.uint8))
+    sampler = SpritesFactors()
+    gen = torch.Generator().manual_seed(0)
+    obs, f = sampler.sample_with_fixed(16, 0, 2, gen)
+    assert (f[:, 0] == 2).all() and torch.equal(obs, render_sprites(f))
+    f1 = sample_factors(10, torch.Generator().manual_seed(1))
+    _, f2 = sampler.sample_with_fixed(10, 3, f1[:, 3], gen)
+    assert torch.equal(f2[:, 3], f1[:, 3])
+
+
+# ---------------------------------------------------------------- metrics on a small factor world
+
+SIZES = (4, 5, 6, 8)
+_SIZES = torch.tensor(SIZES, dtype=torch.float32)
+
+
+def _standardise(factors):
+    return (factors - (_SIZES - 1) / 2) / ((_SIZES**2 - 1) / 12).sqrt()  # zero mean, unit variance
+
+
+def perfect(noise=0.05, seed=1):
+    """One code per factor plus one collapsed (constant) code."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def representation(obs):
+        z = _standardise(obs) + noise * torch.randn(obs.shape, generator=gen)
+        return torch.cat([z, torch.zeros(len(z), 1)], 1)
+
+    return representation
+
+
+ROTATION = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(3)))[0]
+
+
+def rotated(obs):
+    z = perfect()(obs)
+    return torch.cat([z[:, :4] @ ROTATION, z[:, 4:]], 1)
+
+
+def shuffled(seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    rep = perfect()
+    return lambda obs: (z := rep(obs))[torch.randperm(len(z), generator=gen)]
+
+
+@pytest.fixture(scope="module")
+def codes():
+    sampler = FactorSampler(SIZES)
+    out = {}
+    for name, rep in [("perfect", perfect()), ("rotated", rotated), ("shuffled", shuffled())]:
+        out[name] = sample_codes(rep, sampler, 2000, seed=0) + sample_codes(rep, sampler, 1000, seed=1)
+    return out
+
+
+def test_mig_hand_computed():
+    grid = np.array(list(itertools.product(range(4), range(3))))  # full product: factors exactly independent
+    f0, f1 = grid.T
+    assert mig(np.stack([f0, f1], 1), grid) == pytest.approx(1.0)
+    assert mig(np.stack([f0, f0], 1), grid) == pytest.approx(0.0, abs=1e-12)
+    # factor 0: I = [log 2, 0, log 4] / log 4 -> gap 1/2; factor 1: I = [0, 1, 0] -> gap 1
+    assert mig(np.stack([f0 // 2, f1, f0], 1), grid) == pytest.approx(0.75)
+    assert mig(np.stack([f0, np.zeros(12)], 1), grid[:, :1]) == pytest.approx(1.0)
+    # a monotone transform of the code keeps the bins, so the score
+    assert mig(np.stack([np.exp(f0), f1**3], 1), grid) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="rows"):
+        mig(np.zeros((5, 2)), grid)
+
+
+def test_mig_matches_plug_in_entropy_formula(codes):
+    # second computation: MI from the joint histogram, I = sum p(a,b) log p(a,b) / (p(a) p(b))
+    c, f = codes["perfect"][:2]
+    binned = np.digitize(c[:, 0], np.linspace(c[:, 0].min(), c[:, 0].max(), 21)[1:-1])
+    joint = np.zeros((binned.max() + 1, SIZES[0]))
+    np.add.at(joint, (binned, f[:, 0]), 1)
+    p = joint / joint.sum()
+    pa, pb = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
+    nz = p > 0
+    info = (p[nz] * np.log(p[nz] / (pa @ pb)[nz])).sum()
+    entropy = -(pb[pb > 0] * np.log(pb[pb > 0])).sum()
+    # the other codes carry no information on factor 0, so its gap is I / H up to sampling noise
+    per_factor_gap = mig(c, f[:, :1])
+    assert per_factor_gap == pytest.approx(info / entropy, abs=0.02)
+
+
+def test_mig_orders_representations(codes):
+    scores = {name: mig(c, f) for name, (c, f, _, _) in codes.items()}
+    assert scores["perfect"] > 0.9
+    assert scores["rotated"] < scores["perfect"] - 0.4
+    assert scores["shuffled"] < 0.05
+
+
+def test_dci_formula_on_hand_matrices():
+    assert _disentanglement_completeness(np.eye(3)) == pytest.approx((1.0, 1.0))
+    assert _disentanglement_completeness(np.ones((3, 3))) == pytest.approx((0.0, 0.0))
+    # one code explains both factors equally: not disentangled, complete; a dead code weighs nothing
+    assert _disentanglement_completeness(np.array([[1.0, 1.0], [0.0, 0.0]])) == pytest.approx((0.0, 1.0))
+    # two codes share one factor equally: code-wise disentangled, factor 0 half complete (H_2 = 1)
+    r = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 2.0]]) / 4
+    d, c = _disentanglement_completeness(r)
+    assert d == pytest.approx(1.0)
+    assert c == pytest.approx((1 - math.log(2) / math.log(3) + 1.0) / 2)
+
+
+def test_dci_orders_representations(codes):
+    scores = {name: dci(*v, n_estimators=10) for name, v in codes.items()}
+    perfect_, rotated_, shuffled_ = scores["perfect"], scores["rotated"], scores["shuffled"]
+    assert perfect_["disentanglement"] > 0.9 and perfect_["completeness"] > 0.9
+    assert perfect_["informativeness"] > 0.95
+    assert rotated_["disentanglement"] < perfect_["disentanglement"] - 0.4
+    assert rotated_["informativeness"] > 0.8  # a rotation keeps the information
+    assert shuffled_["disentanglement"] < 0.1
+    chance = np.mean([1 / s for s in SIZES])
+    assert shuffled_["informativeness"] < chance + 0.1
+
+
+@pytest.mark.parametrize("score", [factor_vae_score, beta_vae_score])
+def test_intervention_scores(score):
+    sampler = FactorSampler(SIZES)
+    kwargs = dict(n_train=200, n_eval=200, batch_size=32, seed=0)
+    if score is factor_vae_score:
+        kwargs["n_reference"] = 1000
+    top = score(perfect(), sampler, **kwargs)
+    assert top > 0.95
+    assert score(perfect(), sampler, **kwargs) == top  # seeded
+    chance = score(shuffled(), sampler, **kwargs)
+    assert chance < 1 / len(SIZES) + 0.15
+
+
+def test_factor_vae_prunes_collapsed_codes():
+    sampler = FactorSampler(SIZES)
+    rep = perfect()
+    gen = torch.Generator().manual_seed(5)
+
+    def dead_unit(obs):
+        # a nearly dead unit that rarely fires: about half the batches of 32 see it constant,
+        # so its variance there is 0 and it would win their argmin vote whatever the factor
+        fires = 1e-3 * (torch.rand(len(obs), 1, generator=gen) < 0.02)
+        return torch.cat([rep(obs)[:, :4], fires], 1)
+
+    kwargs = dict(n_reference=2000, n_train=200, n_eval=200, batch_size=32)
+    assert factor_vae_score(dead_unit, sampler, **kwargs) > 0.95
+    assert factor_vae_score(dead_unit, sampler, prune_fraction=0.0, **kwargs) < 0.8
+    # an exactly constant code (the one in perfect()) is dropped even with prune_fraction=0
+    assert factor_vae_score(rep, sampler, prune_fraction=0.0, **kwargs) > 0.95
+
+
+def test_metrics_on_sprites_with_image_moments():
+    # a hand-made representation of images: the centroid and the area of the sprite
+    def moments(images):
+        mass = images.sum((1, 2, 3))
+        grid = torch.arange(64.0)
+        cx = (images.sum((1, 2)) * grid).sum(1) / mass
+        cy = (images.sum((1, 3)) * grid).sum(1) / mass
+        return torch.stack([cx, cy, mass.sqrt()], 1)
+
+    codes, factors = sample_codes(moments, SpritesFactors(), 600, seed=0, chunk_size=300)
+    # the centroids carry the positions (20 bins for 32 positions and 600 samples keep the
+    # score well below 1); none of the codes sees the orientation
+    assert mig(codes, factors[:, 3:]) > 0.45
+    assert mig(codes, factors[:, 2:3]) < 0.1
+    assert factor_vae_score(moments, SpritesFactors(), n_reference=300, n_train=40, n_eval=40, batch_size=16) > 0.25

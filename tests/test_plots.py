@@ -1,0 +1,151 @@
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vaekit.plots import decoder_mean, image_grid, plot_curves, save_image_grid, save_traversals
+
+
+def test_image_grid_shape_padding_and_placement():
+    torch.manual_seed(0)
+    images = torch.rand(5, 1, 3, 4)
+    grid = image_grid(images, nrow=2, padding=1, pad_value=1.0)
+    # 3 rows of 2 columns: H = 3*(3+1)+1, W = 2*(4+1)+1
+    assert grid.shape == (13, 11) and grid.dtype == np.uint8
+    expected = np.rint(images.numpy() * 255).astype(np.uint8)
+    for i in range(5):
+        top, left = 1 + (i // 2) * 4, 1 + (i % 2) * 5
+        np.testing.assert_array_equal(grid[top : top + 3, left : left + 4], expected[i, 0])
+    # borders and the empty sixth cell are pad_value
+    assert (grid[0] == 255).all() and (grid[:, 0] == 255).all()
+    assert (grid[9:12, 6:10] == 255).all()
+    assert (image_grid(images, nrow=2, padding=1, pad_value=0.0)[0] == 0).all()
+
+
+def test_image_grid_rgb_clip_and_flat_input():
+    x = torch.full((3, 3, 2, 2), 2.0)
+    x[1] = -1.0
+    grid = image_grid(x, nrow=3, padding=0)
+    assert grid.shape == (2, 6, 3)
+    assert (grid[:, :2] == 255).all() and (grid[:, 2:4] == 0).all()
+    flat = torch.arange(8.0).reshape(2, 4) / 7
+    a = image_grid(flat, image_shape=(2, 2), padding=0)
+    b = image_grid(flat.reshape(2, 1, 2, 2), padding=0)
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="image_shape"):
+        image_grid(flat, image_shape=(3, 3))
+    with pytest.raises(ValueError, match="C in"):
+        image_grid(torch.zeros(2, 2, 4, 4))
+
+
+@pytest.mark.parametrize("channels, mode", [(1, "L"), (3, "RGB")])
+def test_save_image_grid_png_size(tmp_path, channels, mode):
+    torch.manual_seed(0)
+    x = torch.rand(10, channels, 8, 8)
+    path = save_image_grid(x, tmp_path / "sub" / "grid.png", nrow=4, scale=4)
+    with Image.open(path) as im:
+        assert im.mode == mode
+        assert im.size == (4 * (4 * 10 + 2), 4 * (3 * 10 + 2))  # (W, H)
+        arr = np.asarray(im)
+    grid = image_grid(x, nrow=4)
+    # nearest-neighbour enlargement: every 4x4 block is one grid pixel
+    np.testing.assert_array_equal(arr[::4, ::4], grid)
+    np.testing.assert_array_equal(arr[3::4, 3::4], grid)
+
+
+def test_plot_curves_draws_each_split(tmp_path):
+    rows = []
+    for epoch in range(1, 6):
+        for split, off in (("train", 0.0), ("val", 5.0)):
+            rows.append({"epoch": str(epoch), "split": split, "loss": str(100 / epoch + off),
+                         "reconstruction": str(90 / epoch + off), "kl": str(10 + off)})
+    rows.append({"epoch": "6", "split": "train", "loss": "", "reconstruction": "x", "kl": "9"})
+    path = plot_curves(rows, tmp_path / "plots" / "curves.png")
+    with Image.open(path) as im:
+        assert im.size == (1200, 320)
+        pixels = np.asarray(im.convert("RGB")).reshape(-1, 3).astype(int)
+
+    def has(colour):
+        return (np.abs(pixels - np.array(colour)).sum(1) < 30).sum() > 50
+
+    assert has((0x1F, 0x77, 0xB4)) and has((0xFF, 0x7F, 0x0E))  # matplotlib's C0 and C1: both splits
+    one_split = plot_curves([r for r in rows if r["split"] == "train"], tmp_path / "one.png", keys=["kl"])
+    with Image.open(one_split) as im:
+        pixels = np.asarray(im.convert("RGB")).reshape(-1, 3).astype(int)
+    assert has((0x1F, 0x77, 0xB4)) and not has((0xFF, 0x7F, 0x0E))
+    with pytest.raises(ValueError, match="elbo"):
+        plot_curves(rows, tmp_path / "bad.png", keys=["elbo"])
+
+
+class FakeVAE(torch.nn.Module):
+    """Posterior N(0, diag(std^2)); pixel j of the decoded 1 x d image shows z_j."""
+
+    def __init__(self, std, likelihood="bernoulli"):
+        super().__init__()
+        self.std = torch.tensor(std)
+        d = len(std)
+        self.config = SimpleNamespace(input_shape=(1, 1, d), latent_dim=d, likelihood=likelihood)
+
+    def encode(self, x):
+        mu = torch.zeros(x.shape[0], len(self.std))
+        return torch.distributions.Independent(torch.distributions.Normal(mu, self.std.expand_as(mu)), 1)
+
+    def decode(self, z):
+        out = (4.0 * z).reshape(z.shape[0], 1, 1, -1)
+        if self.config.likelihood == "gaussian":
+            return (torch.sigmoid(out), torch.zeros_like(out))
+        return out
+
+
+def _row_dims(path, n_rows, n_steps, d):
+    """Which latent pixel varies along each traversal row of a scale-1, padding-2 grid."""
+    with Image.open(path) as im:
+        arr = np.asarray(im).astype(int)
+    assert arr.shape == (n_rows * 3 + 2, n_steps * (d + 2) + 2)
+    found = []
+    for r in range(n_rows):
+        row = arr[2 + 3 * r]
+        cells = np.stack([row[2 + c * (d + 2) : 2 + c * (d + 2) + d] for c in range(n_steps)])
+        spread = cells.max(0) - cells.min(0)
+        assert (np.sort(spread)[:-1] == 0).all()  # the other dims stay at the posterior mean
+        assert cells[0, spread.argmax()] < cells[-1, spread.argmax()]  # -span ... +span
+        found.append(int(spread.argmax()))
+    return found
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "continuous_bernoulli"])
+def test_traversals_rows_ordered_by_kl(tmp_path, likelihood):
+    std = [1.0, 0.1, 0.5, 0.99]  # KL(N(0,s^2)||N(0,1)) = (s^2 - 1 - log s^2)/2 decreases as s -> 1
+    model = FakeVAE(std, likelihood).train()
+    x = torch.zeros(1, 1, 1, 4)
+    path = save_traversals(model, x, tmp_path / "t.png", n_steps=5, scale=1)
+    assert _row_dims(path, 4, 5, 4) == [1, 2, 3, 0]
+    assert model.training  # mode restored
+    path = save_traversals(model, x[0], tmp_path / "k.png", n_steps=5, scale=1, kl_per_dim=[0.3, 0.0, 0.1, 0.2], dims=2)
+    assert _row_dims(path, 2, 5, 4) == [0, 3]
+    path = save_traversals(model, x, tmp_path / "d.png", n_steps=5, scale=1, dims=[2, 0])
+    assert _row_dims(path, 2, 5, 4) == [2, 0]
+    with pytest.raises(ValueError, match="dims"):
+        save_traversals(model, x, tmp_path / "e.png", dims=[4])
+
+
+def test_decoder_mean_matches_distributions():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5) * 3
+    logits[0, 0] = 1e-4  # the numerically delicate point of the continuous Bernoulli mean
+    m = lambda kind: SimpleNamespace(config=SimpleNamespace(likelihood=kind))  # noqa: E731
+    torch.testing.assert_close(decoder_mean(m("bernoulli"), logits), torch.distributions.Bernoulli(logits=logits).mean)
+    # continuous Bernoulli: E[x] = int_0^1 x p(x) dx by the trapezoid rule in float64
+    grid = torch.linspace(0, 1, 20001, dtype=torch.float64)
+    lam = torch.sigmoid(logits.double())[..., None]
+    dens = lam**grid * (1 - lam) ** (1 - grid)
+    numeric = torch.trapezoid(grid * dens, grid) / torch.trapezoid(dens, grid)
+    torch.testing.assert_close(decoder_mean(m("continuous_bernoulli"), logits), numeric.float(), atol=1e-5, rtol=0)
+    assert not torch.allclose(decoder_mean(m("continuous_bernoulli"), logits), torch.sigmoid(logits), atol=1e-2)
+    mean = torch.randn(3, 5)
+    torch.testing.assert_close(decoder_mean(m("gaussian"), (mean, torch.zeros(3, 5))), mean.clamp(0, 1))
+    torch.testing.assert_close(decoder_mean(m("mse"), mean), mean.clamp(0, 1))
+    with pytest.raises(ValueError, match="likelihood"):
+        decoder_mean(m("poisson"), mean)
