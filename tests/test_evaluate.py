@@ -1,0 +1,339 @@
+"""Tests for vaekit.evaluate against a linear-Gaussian VAE whose log p(x) is exact.
+
+Model: z ~ N(0, I_d), x | z ~ N(W z + b, sigma^2 I_D), so x ~ N(b, W W^T + sigma^2 I).
+W has orthogonal columns, which makes the exact posterior diagonal:
+q*(z|x) = N(A x + c, S) with S = (I + W^T W / sigma^2)^-1, A = S W^T / sigma^2, c = -A b.
+An encoder equal to q* has log w = log p(x) for every z; a perturbed one has a positive gap.
+Everything is float64.
+"""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from torch.distributions import Bernoulli, MultivariateNormal, Normal, kl_divergence
+
+import vaekit.evaluate as ev
+from vaekit.losses import gaussian_kl, gaussian_nll
+
+DTYPE = torch.float64
+D, d = 5, 3
+SIGMA2 = 0.3
+
+
+class LinearGaussianVAE(nn.Module):
+    """Decoder x = W z + b + N(0, sigma^2 I); encoder N(A x + c, diag(exp(enc_logvar)))."""
+
+    def __init__(self, W, b, sigma2, A, c, enc_logvar):
+        super().__init__()
+        self.W = nn.Parameter(W.clone())
+        self.register_buffer("b", b.clone())
+        self.register_buffer("A", A.clone())
+        self.register_buffer("c", c.clone())
+        self.register_buffer("enc_logvar", enc_logvar.clone())
+        self.head = nn.Identity()  # a submodule, to check that its own mode is restored
+        self.log_sigma2 = math.log(sigma2)
+        self.config = SimpleNamespace(
+            input_shape=(W.shape[0],), latent_dim=W.shape[1], likelihood="gaussian"
+        )
+        self.seen = []  # (training, grad enabled) at each encoder call
+
+    def encode_params(self, x):
+        self.seen.append((self.training, torch.is_grad_enabled()))
+        mu = x @ self.A.T + self.c
+        return mu, self.enc_logvar.expand_as(mu)
+
+    def encode(self, x):
+        mu, logvar = self.encode_params(x)
+        return torch.distributions.Independent(Normal(mu, torch.exp(0.5 * logvar)), 1)
+
+    def decode(self, z):
+        return z @ self.W.T + self.b
+
+    def nll(self, decoder_out, x):
+        return gaussian_nll(decoder_out, x, self.log_sigma2)
+
+
+def make_problem(n=32, seed=0, perturb=0.0, ignore=()):
+    """Returns (exact-or-perturbed model, data x, exact log p(x) [n])."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(D, d, generator=g, dtype=DTYPE))
+    scales = torch.tensor([2.0, 1.0, 0.5], dtype=DTYPE)
+    W = q * scales
+    b = torch.randn(D, generator=g, dtype=DTYPE)
+    post_var = 1.0 / (1.0 + scales.square() / SIGMA2)
+    A = post_var[:, None] * W.T / SIGMA2
+    c = -A @ b
+    logvar = post_var.log()
+    if perturb:
+        A = A + perturb * torch.randn(d, D, generator=g, dtype=DTYPE)
+        c = c + perturb * torch.randn(d, generator=g, dtype=DTYPE)
+        logvar = logvar + 2 * perturb
+    for j in ignore:
+        A[j] = 0.0
+    model = LinearGaussianVAE(W, b, SIGMA2, A, c, logvar)
+    z = torch.randn(n, d, generator=g, dtype=DTYPE)
+    x = z @ W.T + b + math.sqrt(SIGMA2) * torch.randn(n, D, generator=g, dtype=DTYPE)
+    marginal = MultivariateNormal(b, W @ W.T + SIGMA2 * torch.eye(D, dtype=DTYPE))
+    return model, x, marginal.log_prob(x)
+
+
+def closed_form_elbo(model, x):
+    """E_q[log p(x|z)] - KL in closed form for the linear-Gaussian model."""
+    with torch.no_grad():
+        mu, logvar = model.encode_params(x)
+        W, var = model.W, logvar.exp()
+        resid = (x - model.b - mu @ W.T).square().sum(-1) + (var * W.square().sum(0)).sum(-1)
+        expected_ll = -0.5 * D * (math.log(2 * math.pi) + model.log_sigma2) - 0.5 * resid / SIGMA2
+        kl = kl_divergence(Normal(mu, var.sqrt()), Normal(0.0, 1.0)).sum(-1)
+    return expected_ll - kl
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def reference_log_weights(model, x, eps):
+    """log p(x|z) + log p(z) - log q(z|x) through torch.distributions: [k, B]."""
+    with torch.no_grad():
+        q = model.encode(x)
+        z = q.mean + q.stddev * eps
+        log_px_z = Normal(z @ model.W.T + model.b, math.sqrt(SIGMA2)).log_prob(x).sum(-1)
+        return log_px_z + Normal(0.0, 1.0).log_prob(z).sum(-1) - q.log_prob(z)
+
+
+def test_closed_form_helpers_agree():
+    exact, x, log_px = make_problem()
+    torch.testing.assert_close(closed_form_elbo(exact, x), log_px, rtol=0, atol=1e-10)
+
+
+def test_elbo_matches_closed_form_and_lies_below_log_px():
+    model, x, log_px = make_problem(perturb=0.15)
+    terms = ev.elbo_terms(model, x, n_samples=20000, generator=gen(1), batch_size=10)
+    assert set(terms) == {"elbo", "reconstruction", "kl"} and terms["elbo"].shape == (32,)
+    # Monte Carlo standard error of the reconstruction term is about 0.015 nats here.
+    torch.testing.assert_close(terms["elbo"], closed_form_elbo(model, x), rtol=0, atol=0.08)
+    mu, logvar = model.encode_params(x)
+    kl = kl_divergence(Normal(mu, (0.5 * logvar).exp()), Normal(0.0, 1.0)).sum(-1)
+    torch.testing.assert_close(terms["kl"], kl, rtol=0, atol=1e-12)
+    torch.testing.assert_close(terms["elbo"], -(terms["reconstruction"] + terms["kl"]))
+    gap = log_px - terms["elbo"]
+    assert bool((gap > 0).all()) and float(gap.mean()) > 1.0, gap
+
+
+def test_exact_posterior_makes_the_estimate_exact_for_any_k():
+    model, x, log_px = make_problem()
+    for k in (1, 5, 100):
+        est = ev.iw_log_likelihood(model, x, k, generator=gen(k))
+        torch.testing.assert_close(est, log_px, rtol=0, atol=1e-9)
+
+
+def test_iw_estimate_rises_with_k_and_converges():
+    model, x, log_px = make_problem(perturb=0.15, n=256)
+    estimates = [ev.iw_log_likelihood(model, x, k, generator=gen(2)) for k in (1, 10, 100, 1000)]
+    means = [float(e.mean()) for e in estimates]
+    assert means == sorted(means) and means[0] < means[-1] - 1.0, means
+    # k = 1 is an unbiased estimate of the ELBO: within 4 standard errors of the exact one.
+    deviation = estimates[0] - closed_form_elbo(model, x)
+    assert abs(float(deviation.mean())) < 4 * float(deviation.std()) / math.sqrt(256)
+    assert means[-1] < float(log_px.mean()) + 0.02
+    big = ev.iw_log_likelihood(model, x[:64], 5000, generator=gen(3), chunk_size=700).mean()
+    assert abs(float(big) - float(log_px[:64].mean())) < 0.02
+
+
+def test_iw_equals_independent_computation_with_the_same_noise():
+    model, x, _ = make_problem(perturb=0.3, n=8)
+    k = 10  # below the noise block: the whole noise is one randn(k, B, d) call
+    lw = reference_log_weights(model, x, torch.randn(k, 8, d, generator=gen(4), dtype=DTYPE))
+    est = ev.iw_log_likelihood(model, x, k, generator=gen(4))
+    torch.testing.assert_close(est, lw.logsumexp(0) - math.log(k), rtol=0, atol=1e-10)
+
+
+def test_iw_with_one_sample_is_the_elbo_with_the_same_noise():
+    model, x, _ = make_problem(perturb=0.3, n=8)
+    iw1 = ev.iw_log_likelihood(model, x, 1, generator=gen(5))
+    terms = ev.elbo_terms(model, x, n_samples=1, generator=gen(5))
+    # Same draw: iw(k=1) = -reconstruction - (log q(z|x) - log p(z)), a Monte Carlo KL.
+    eps = torch.randn(1, 8, d, generator=gen(5), dtype=DTYPE)
+    q = model.encode(x)
+    z = q.mean + q.stddev * eps[0]
+    mc_kl = q.log_prob(z) - Normal(0.0, 1.0).log_prob(z).sum(-1)
+    torch.testing.assert_close(iw1, -terms["reconstruction"] - mc_kl, rtol=0, atol=1e-10)
+    torch.testing.assert_close(iw1, reference_log_weights(model, x, eps)[0], rtol=0, atol=1e-10)
+
+
+def test_chunk_size_does_not_change_the_estimate(monkeypatch):
+    model, x, _ = make_problem(perturb=0.3, n=6)
+    k = 150  # crosses the noise-block boundary
+    calls = []
+    decode = model.decode
+
+    def counting_decode(z):
+        calls.append(z.shape[0])
+        return decode(z)
+
+    monkeypatch.setattr(model, "decode", counting_decode)
+    results = {}
+    for chunk in (1, 7, k):
+        calls.clear()
+        results[chunk] = ev.iw_log_likelihood(model, x, k, chunk_size=chunk, generator=gen(6))
+        assert len(calls) == math.ceil(k / chunk) and max(calls) == min(chunk, k) * 6
+    # The automatic size follows the memory budget: 10 samples of 6 x 5 float64 values.
+    monkeypatch.setattr(ev, "_MEMORY_BUDGET_BYTES", 10 * 6 * D * 8)
+    calls.clear()
+    results[None] = ev.iw_log_likelihood(model, x, k, generator=gen(6))
+    assert len(calls) == 15 and max(calls) == 60
+    for est in results.values():
+        torch.testing.assert_close(est, results[k], rtol=0, atol=1e-12)
+    batched = ev.iw_log_likelihood(model, x, k, chunk_size=7, batch_size=4, generator=gen(6))
+    assert batched.shape == (6,) and bool(torch.isfinite(batched).all())
+
+
+def test_active_units_count_ignored_dimensions_inactive():
+    model, x, _ = make_problem(n=200, ignore=(1,))
+    count, variances = ev.active_units(model, x, batch_size=64)
+    mu = x @ model.A.T + model.c
+    torch.testing.assert_close(variances, mu.var(0), rtol=1e-12, atol=1e-14)
+    assert count == d - 1 and float(variances[1]) < 1e-20 and bool((variances[[0, 2]] > 0.01).all())
+    assert ev.active_units(model, x, threshold=1e6)[0] == 0
+
+
+def test_kl_per_dimension_sums_to_the_mean_kl():
+    model, x, _ = make_problem(perturb=0.3, n=50)
+    per_dim = ev.kl_per_dimension(model, x, batch_size=16)
+    mu, logvar = model.encode_params(x)
+    assert per_dim.shape == (d,)
+    torch.testing.assert_close(per_dim.sum(), gaussian_kl(mu, logvar).mean())
+    ref = kl_divergence(Normal(mu, (0.5 * logvar).exp()), Normal(0.0, 1.0)).mean(0)
+    torch.testing.assert_close(per_dim, ref, rtol=1e-12, atol=1e-14)
+
+
+def test_mutual_information():
+    model, x, _ = make_problem(n=1500)
+    mi = ev.mutual_information(model, x, generator=gen(7), batch_size=500)
+    # Population value for Gaussians: z ~ N(A b + c, A C A^T + S).
+    W = model.W.detach()
+    cov_x = W @ W.T + SIGMA2 * torch.eye(D, dtype=DTYPE)
+    cov_z = model.A @ cov_x @ model.A.T + torch.diag(model.enc_logvar.exp())
+    exact = 0.5 * (torch.logdet(cov_z) - model.enc_logvar.sum())
+    assert 0 < float(mi) < math.log(1500)
+    assert abs(float(mi) - float(exact)) < 0.1, (float(mi), float(exact))
+    # Against the direct pairwise computation, with posteriors that overlap partly.
+    model2, xs, _ = make_problem(n=300, perturb=0.5)
+    model2.enc_logvar.fill_(-2.0)
+    got = ev.mutual_information(model2, xs, n_samples=2, generator=gen(8))
+    mu, logvar = model2.encode_params(xs)
+    z = mu + (0.5 * logvar).exp() * torch.randn(2, 300, d, generator=gen(8), dtype=DTYPE)
+    log_q = Normal(mu, (0.5 * logvar).exp()).log_prob(z.unsqueeze(-2)).sum(-1)  # [2, 300, 300]
+    own = torch.diagonal(log_q, dim1=-2, dim2=-1)
+    expected = (own - log_q.logsumexp(-1) + math.log(300)).mean()
+    assert 1.0 < float(expected) < math.log(300) - 1.0  # neither saturated nor trivial
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+    # A posterior that ignores x carries no information.
+    model.A.zero_()
+    assert abs(float(ev.mutual_information(model, x, generator=gen(7)))) < 1e-12
+    # A nearly deterministic encoder saturates at log N and never exceeds it.
+    small, xs, _ = make_problem(n=4)
+    small.enc_logvar.fill_(-20.0)
+    mi4 = float(ev.mutual_information(small, xs, n_samples=3, generator=gen(8)))
+    assert math.log(4) - 1e-6 < mi4 <= math.log(4) + 1e-12
+
+
+def test_bits_per_dim_and_dequantisation_offset():
+    assert ev.bits_per_dim(784 * math.log(2.0), 784) == pytest.approx(1.0)
+    # A density constant on [0, 1]^D is the uniform distribution over 256^D values.
+    torch.testing.assert_close(
+        ev.continuous_to_discrete_nll(torch.zeros(3), 4), torch.full((3,), 4 * math.log(256.0))
+    )
+    # A density constant on each of the 2^n bins: p(y) = 2^n P(v); the offset is exact.
+    g = gen(9)
+    probs = torch.rand(2, 16, generator=g, dtype=DTYPE)
+    probs = probs / probs.sum(-1, keepdim=True)  # D = 2 dimensions, 4-bit values
+    v = torch.randint(0, 16, (10, 2), generator=g)
+    log_pmf = probs.log().gather(1, v.T).T.sum(-1)
+    density_nll = -(log_pmf + 2 * math.log(16.0))
+    torch.testing.assert_close(ev.continuous_to_discrete_nll(density_nll, 2, n_bits=4), -log_pmf)
+    with pytest.raises(ValueError, match="num_dims"):
+        ev.bits_per_dim(1.0, 0)
+
+
+class BernoulliVAE(nn.Module):
+    """Linear encoder and decoder on [1, 2, 3] images; checks image-shaped events."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(6, 4, dtype=DTYPE)
+        self.dec = nn.Linear(2, 6, dtype=DTYPE)
+        self.config = SimpleNamespace(input_shape=(1, 2, 3), latent_dim=2, likelihood="bernoulli")
+
+    def encode_params(self, x):
+        mu, logvar = self.enc(x.flatten(1)).chunk(2, dim=-1)
+        return mu, logvar
+
+    def decode(self, z):
+        return self.dec(z).reshape(-1, 1, 2, 3)
+
+    def nll(self, decoder_out, x):
+        return -Bernoulli(logits=decoder_out).log_prob(x).flatten(1).sum(-1)
+
+
+def test_image_shaped_events_against_a_per_example_loop():
+    torch.manual_seed(0)
+    model = BernoulliVAE()
+    x = (torch.rand(5, 1, 2, 3, dtype=DTYPE) > 0.5).to(DTYPE)
+    k = 20
+    est = ev.iw_log_likelihood(model, x, k, chunk_size=3, batch_size=2, generator=gen(10))
+    eps_g = gen(10)
+    for start in range(0, 5, 2):  # batches draw their noise in order
+        xb = x[start : start + 2]
+        eps = torch.randn(k, xb.shape[0], 2, generator=eps_g, dtype=DTYPE)
+        with torch.no_grad():
+            for i in range(xb.shape[0]):
+                mu, logvar = model.encode_params(xb[i : i + 1])
+                q = Normal(mu[0], (0.5 * logvar[0]).exp())
+                lw = []
+                for s in range(k):
+                    z = q.loc + q.scale * eps[s, i]
+                    lp = Bernoulli(logits=model.decode(z[None])[0]).log_prob(xb[i]).sum()
+                    lw.append(lp + Normal(0.0, 1.0).log_prob(z).sum() - q.log_prob(z).sum())
+                ref = torch.stack(lw).logsumexp(0) - math.log(k)
+                torch.testing.assert_close(est[start + i], ref, rtol=0, atol=1e-10)
+    out = ev.evaluate_model(model, x, iw_samples=k, batch_size=2)
+    assert out["bits_per_dim"] == pytest.approx(out["iw_nll"] / (6 * math.log(2.0)))
+
+
+def test_evaluate_model_keys_determinism_and_modes(capsys):
+    model, x, log_px = make_problem(perturb=0.15, n=40)
+    model.train()
+    model.head.eval()
+    out = ev.evaluate_model(model, x, iw_samples=500, batch_size=16, seed=3, progress=True, n_bits=8)
+    expected = {"num_examples", "elbo", "reconstruction", "kl", "active_units", "mutual_information",
+                "kl_per_dim", "iw_nll", "iw_samples", "bits_per_dim"}
+    assert set(out) == expected
+    assert model.training and not model.head.training
+    assert all(seen == (False, False) for seen in model.seen)
+    assert "evaluate" in capsys.readouterr().err
+    assert out == ev.evaluate_model(model, x, iw_samples=500, batch_size=16, seed=3, n_bits=8)
+    assert out["iw_nll"] != ev.evaluate_model(model, x, iw_samples=500, batch_size=16, seed=4)["iw_nll"]
+    assert out["iw_samples"] == 500 and out["active_units"] == d and len(out["kl_per_dim"]) == d
+    assert out["elbo"] < -out["iw_nll"] < float(log_px.mean()) + 0.05
+    assert abs(out["iw_nll"] + float(log_px.mean())) < 0.1
+    assert out["bits_per_dim"] == pytest.approx(out["iw_nll"] / (D * math.log(2.0)) + 8)
+    plain = ev.evaluate_model(model, x)
+    assert "iw_nll" not in plain and "bits_per_dim" not in plain
+
+
+def test_argument_errors_name_the_argument():
+    model, x, _ = make_problem(n=4)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        ev.iw_log_likelihood(model, x, 0)
+    with pytest.raises(TypeError, match="chunk_size must be an int"):
+        ev.iw_log_likelihood(model, x, 3, chunk_size=1.5)
+    with pytest.raises(ValueError, match=r"x has event shape \(4,\)"):
+        ev.elbo_terms(model, x[:, :4])
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        ev.active_units(model, x.long())
+    with pytest.raises(ValueError, match="iw_samples"):
+        ev.evaluate_model(model, x, iw_samples=-1)
