@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from vaekit.losses import gaussian_kl
+from vaekit.objectives import decode_nll, log_weights_from_noise
 
 __all__ = [
     "elbo_terms",
@@ -152,42 +153,11 @@ def _auto_chunk_size(batch: int, num_dims: int, dtype: torch.dtype, k: int) -> i
 
 
 # ---------------------------------------------------------------------------------------
-# The core: log importance weights for one chunk of samples
-
-
-def _sample_nll(model, x: Tensor, z: Tensor) -> Tensor:
-    """``-log p(x | z)`` for ``z`` of shape ``[k, B, d]``: ``[k, B]`` in one decoder call."""
-    k, b, d = z.shape
-    out = model.decode(z.reshape(k * b, d))
-    # model.nll expects matching [k*B, *event] shapes, so x is repeated once per sample.
-    xs = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
-    return model.nll(out, xs).reshape(k, b)
+# The core (shared with the IWAE objective in vaekit.objectives)
 
 
 def _log_weights(model, x: Tensor, mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
-    r"""Log importance weights ``log p(x, z) - log q(z | x)`` for ``z = mu + sigma * eps``.
-
-    With ``z = mu + sigma * eps``, ``log q(z|x) = sum_j(-eps_j^2/2 - logvar_j/2 - log(2 pi)/2)``
-    exactly, so
-
-    .. math::
-        \log p(z) - \log q(z \mid x) = \tfrac12 \sum_j \big(\epsilon_j^2 - z_j^2 + \log\sigma_j^2\big)
-
-    (the ``log 2 pi`` terms cancel): no density is evaluated twice. Differentiable in
-    the model's parameters and in ``mu``, ``logvar`` (no ``no_grad`` here), so the IWAE
-    training objective can share it.
-
-    Args:
-        model: the vaekit model interface (``decode``, ``nll``).
-        x: data ``[B, *event]``.
-        mu, logvar: posterior parameters ``[B, d]``.
-        eps: standard-normal noise ``[k, B, d]``.
-
-    Shape: returns ``[k, B]``.
-    """
-    z = mu + torch.exp(0.5 * logvar) * eps
-    log_px_z = -_sample_nll(model, x, z)
-    return log_px_z + 0.5 * (eps.square() - z.square() + logvar).sum(-1)
+    return log_weights_from_noise(model, x, mu, logvar, eps)[0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -196,7 +166,7 @@ def _log_weights(model, x: Tensor, mu: Tensor, logvar: Tensor, eps: Tensor) -> T
 
 def _elbo_from_params(model, x, mu, logvar, n_samples, generator) -> dict[str, Tensor]:
     z = mu + torch.exp(0.5 * logvar) * _randn((n_samples, *mu.shape), generator, mu)
-    reconstruction = _sample_nll(model, x, z).mean(0)
+    reconstruction = decode_nll(model, x, z).mean(0)
     kl = gaussian_kl(mu, logvar)
     return {"elbo": -(reconstruction + kl), "reconstruction": reconstruction, "kl": kl}
 

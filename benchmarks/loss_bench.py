@@ -1,0 +1,152 @@
+"""Time the VAE loss, forward + backward: the classic recipe vs vaekit's eager and fused losses.
+
+Recipes (all with a summed reduction, as the classic recipe has it):
+
+  (a) classic   sigmoid -> F.binary_cross_entropy(reduction="sum") plus
+                -0.5 * sum(1 + logvar - mu^2 - exp(logvar))       (the baseline)
+  (b) compiled  (a) under torch.compile
+  (c) VAELoss   vaekit.losses.VAELoss, eager, value checks off
+  (d) fused     vaekit.kernels.fused_vae_loss, value checks off
+
+Each is timed as loss + torch.autograd.grad(loss, (logits, mu, logvar)): median of
+--repeats runs after --warmup runs, with CUDA events on a GPU. The device's copy bandwidth
+(a large device-to-device copy: bytes read + written per second) is measured in the same
+run, and (d) is reported as a fraction of it, counting only the minimum traffic of
+3 passes over [B, D] (read logits, read x, write the logits' gradient).
+
+  python benchmarks/loss_bench.py                        # B=4096, D=3*64*64, d=128, fp32
+  python benchmarks/loss_bench.py --dtype bf16
+  python benchmarks/loss_bench.py --device cpu --batch 64 --dim 784 --latent 16 --no-compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from vaekit.kernels import fused_available, fused_vae_loss
+from vaekit.losses import VAELoss
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def classic_loss(x, logits, mu, logvar, beta):
+    """The tutorial recipe, kept here as the baseline (probabilities, then their log)."""
+    recon = F.binary_cross_entropy(torch.sigmoid(logits), x, reduction="sum")
+    kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+    return recon + beta * kl
+
+
+def median_ms(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    if device.type != "cuda":
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(times)
+    torch.cuda.synchronize(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, warmup: int, repeats: int) -> float:
+    """Bytes read + written per second by a device-to-device copy of ``nbytes``."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, warmup, repeats)
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def make_inputs(args, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    dtype = DTYPES[args.dtype]
+    x = torch.rand(args.batch, args.dim, generator=g).to(device=device, dtype=dtype)
+    logits = (2 * torch.randn(args.batch, args.dim, generator=g)).to(device=device, dtype=dtype)
+    mu = torch.randn(args.batch, args.latent, generator=g).to(device=device, dtype=dtype)
+    logvar = (0.5 * torch.randn(args.batch, args.latent, generator=g)).to(device=device, dtype=dtype)
+    return x, logits.requires_grad_(), mu.requires_grad_(), logvar.requires_grad_()
+
+
+def check_correctness(x, logits, mu, logvar, beta) -> None:
+    inputs = (logits, mu, logvar)
+    fused = fused_vae_loss(x, logits, mu, logvar, beta=beta, reduction="sum", validate_args=False)
+    eager = VAELoss(beta, "bernoulli", "sum", validate_args=False)(x, logits, mu, logvar)
+    print("correctness, fused vs eager VAELoss (max |difference|, relative to max |eager|):")
+    grads = zip(torch.autograd.grad(fused.loss, inputs, retain_graph=False),
+                torch.autograd.grad(eager.loss, inputs))
+    names = ("loss", "reconstruction", "kl", "d/d logits", "d/d mu", "d/d logvar")
+    for name, (a, b) in zip(names, [*zip(fused, eager), *grads]):
+        a, b = a.detach().double(), b.detach().double()
+        diff = float((a - b).abs().max())
+        print(f"  {name:<15} {diff:.3e}  ({diff / max(float(b.abs().max()), 1e-30):.1e})")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--dim", type=int, default=3 * 64 * 64)
+    parser.add_argument("--latent", type=int, default=128)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="dtype of x, logits, mu and logvar (default fp32)")
+    parser.add_argument("--beta", type=float, default=1.0)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--no-compile", action="store_true", help="skip (b), torch.compile")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device {name}; torch {torch.__version__}; B={args.batch} D={args.dim} d={args.latent} {args.dtype}")
+    fused = fused_available(device)
+    if not fused:
+        print(f"note: the fused path is not available on {device.type}: (d) runs the eager fallback")
+    x, logits, mu, logvar = make_inputs(args, device)
+    check_correctness(x, logits, mu, logvar, args.beta)
+
+    beta = args.beta
+    vae_loss = VAELoss(beta, "bernoulli", "sum", validate_args=False)
+    recipes = {"(a) classic": lambda: classic_loss(x, logits, mu, logvar, beta)}
+    if not args.no_compile:
+        compiled = torch.compile(classic_loss)
+        recipes["(b) torch.compile"] = lambda: compiled(x, logits, mu, logvar, beta)
+    recipes["(c) VAELoss eager"] = lambda: vae_loss(x, logits, mu, logvar).loss
+    recipes["(d) fused"] = lambda: fused_vae_loss(
+        x, logits, mu, logvar, beta=beta, reduction="sum", validate_args=False).loss
+    inputs = (logits, mu, logvar)
+
+    bandwidth = copy_bandwidth(device, max(64 << 20, 2 * logits.numel() * logits.element_size()),
+                               args.warmup, args.repeats)
+    print(f"copy bandwidth (read + write): {bandwidth / 1e9:.1f} GB/s")
+    min_bytes = 2 * logits.numel() * logits.element_size() + x.numel() * x.element_size()
+
+    rows = []
+    for label, loss_fn in recipes.items():
+        ms = median_ms(lambda: torch.autograd.grad(loss_fn(), inputs), device, args.warmup, args.repeats)
+        rows.append((label, ms))
+        print(f"{label:<20} {ms:9.3f} ms")
+
+    print(f"\n{'recipe':<20} {'ms':>9} {'speed-up vs (a)':>16} {'of copy BW at 3-pass minimum':>30}")
+    base = rows[0][1]
+    for label, ms in rows:
+        frac = "-"
+        if label.startswith("(d)"):
+            frac = f"{min_bytes / (ms * 1e-3) / bandwidth:.0%}" if fused else "n/a (eager fallback)"
+        print(f"{label:<20} {ms:9.3f} {base / ms:15.2f}x {frac:>30}")
+
+
+if __name__ == "__main__":
+    main()

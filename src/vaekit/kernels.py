@@ -1,0 +1,427 @@
+"""A fused GPU loss: reconstruction + beta * KL, forward and backward, in Triton.
+
+:func:`fused_vae_loss` computes exactly what ``vaekit.losses.VAELoss`` computes (that module
+is the reference and the fallback) for the two likelihoods whose gradient is a cheap
+elementwise function of the inputs:
+
+* ``"bernoulli"``: per element ``max(l, 0) - l x + log1p(e^{-|l|})``, gradient
+  ``sigmoid(l) - x``;
+* ``"gaussian"`` with a fixed scalar log-variance ``s``: per element
+  ``(log 2pi + s + (x - m)^2 e^{-s}) / 2``, gradient ``(m - x) e^{-s}``;
+* the Gaussian KL against N(0, I): per latent ``(expm1(v) - v + mu^2) / 2``, gradients
+  ``mu`` and ``expm1(v) / 2``.
+
+Design (why it is shaped this way):
+
+* **One program per data row, looping over its columns**, not a 2D grid with atomic adds.
+  At B=4096, D=3*64*64=12288 the rows alone are 4096 programs (~30 per SM of an H100),
+  each streaming 2 x 48 KB contiguously: the device is full with no atomics, no zeroing
+  launch for an accumulator, and deterministic row sums. At B=128, D=784 the whole
+  problem is ~1.2 MB, under a microsecond of bandwidth: launch latency dominates, a row
+  fits one block, and only the number of launches matters (two forward, one backward).
+  Only when B cannot fill the device (B=8, D=196608, say) are a row's columns split into
+  chunks whose partial sums ``[B, split]`` the finalize kernel adds in a fixed order.
+* **The gradient is written by the forward**, in the logits' dtype, already times the 1/B
+  of ``"mean"``. The backward multiplies it in place by the incoming ``g_loss + g_rec``
+  (per example for ``"none"``), and a program *skips its row when that factor is exactly
+  1*, decided on the device: no host sync, so a CUDA-graph-captured step still works.
+* **Bandwidth**, counted in passes over B*D elements (the [B, d] latent part is noise):
+  the minimum for forward+backward is 3 (read logits, read x, write the gradient). This
+  design does exactly 3 for ``loss.backward()`` or any incoming gradient of 1; another
+  incoming gradient (fp16 GradScaler, weighted losses) adds an in-place read+write: 5,
+  with no new [B, D] allocation. A forward without autograd on the logits does 2.
+  (Eager PyTorch chains elementwise kernels that each read and write [B, D].)
+* ``beta`` given as a tensor is read by the kernels from memory, forward and backward: a
+  captured step follows in-place updates. Change it between steps, not between a forward
+  and its backward (the eager graph would raise there; this one would use the new value).
+
+fp16/bf16 inputs are read as they are and accumulated in fp32; gradients are stored in
+the inputs' dtypes. Non-contiguous inputs are made contiguous first.
+
+Interpreter mode: with ``TRITON_INTERPRET=1`` set *before this module is imported*
+(Triton decides at decoration time whether a kernel is compiled or interpreted), the same
+kernels run on CPU tensors; :func:`fused_available` tells. The tests use a subprocess.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from vaekit.losses import (
+    REDUCTIONS,
+    LossResult,
+    VAELoss,
+    _check_finite,
+    _check_unit_interval,
+    _validating,
+    check_beta,
+)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the eager VAELoss serves every call
+    triton = None
+
+__all__ = ["fused_vae_loss", "fused_available"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_BLOCK = 2048
+# Launches pass enable_fp_fusion=True: FMA contraction is harmless in these formulas, and
+# saying so keeps Triton 3.9 from warning about its coming change of default.
+
+if triton is not None:
+
+    @triton.jit
+    def _log1p_small(u):
+        # log(1 + u) for u in [0, 1]: log(w) * u / (w - 1) cancels the rounding of w = 1 + u
+        # (Goldberg's trick), so tiny u keep their digits; no libdevice (the interpreter has none).
+        w = 1.0 + u
+        exact = w == 1.0
+        return tl.where(exact, u, tl.log(w) * (u / tl.where(exact, 1.0, w - 1.0)))
+
+    @triton.jit
+    def _expm1_terms(v):
+        # (expm1(v) - v, expm1(v)). Near 0, exp(v) - 1 - v cancels to nothing, so a Taylor
+        # polynomial takes over below |v| = 0.5 (truncation < 1e-11 relative there).
+        q = 1.0 / 2 + v * (1.0 / 6 + v * (1.0 / 24 + v * (1.0 / 120 + v * (
+            1.0 / 720 + v * (1.0 / 5040 + v * (1.0 / 40320 + v * (1.0 / 362880)))))))
+        small = tl.abs(v) < 0.5
+        em1 = tl.exp(v) - 1.0
+        return tl.where(small, v * v * q, em1 - v), tl.where(small, v + v * v * q, em1)
+
+    @triton.jit
+    def _fwd_kernel(
+        dec_ptr, x_ptr, grad_ptr, part_ptr, mu_ptr, lv_ptr, gmu_ptr, glv_ptr, kl_ptr,
+        D, d, chunk, split, gauss_logvar, inv_n,
+        GAUSSIAN: tl.constexpr, WRITE_GRAD: tl.constexpr, WRITE_KL_GRAD: tl.constexpr,
+        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        part = tl.program_id(1)
+        base = row.to(tl.int64) * D
+        lo = part * chunk
+        hi = tl.minimum(lo + chunk, D)
+        cols = tl.arange(0, BLOCK)
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(lo, hi, BLOCK):
+            offs = start + cols
+            mask = offs < hi
+            out = tl.load(dec_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+            if GAUSSIAN:
+                inv_var = tl.exp(-gauss_logvar)
+                diff = out - x
+                elem = 0.5 * (1.8378770664093453 + gauss_logvar + diff * diff * inv_var)  # log(2 pi)
+                grad = diff * inv_var
+            else:
+                e = tl.exp(-tl.abs(out))  # in (0, 1]: no overflow for any finite logit
+                elem = tl.maximum(out, 0.0) - out * x + _log1p_small(e)
+                grad = tl.where(out >= 0, 1.0, e) / (1.0 + e) - x
+            acc += tl.where(mask, elem, 0.0)
+            if WRITE_GRAD:
+                tl.store(grad_ptr + base + offs, (grad * inv_n).to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(part_ptr + row * split + part, tl.sum(acc, 0))
+        if part == 0:  # the KL row rides along with the first chunk of its data row
+            kbase = row.to(tl.int64) * d
+            kcols = tl.arange(0, BLOCK_D)
+            kacc = tl.zeros([BLOCK_D], tl.float32)
+            for start in range(0, d, BLOCK_D):
+                offs = start + kcols
+                mask = offs < d
+                mu = tl.load(mu_ptr + kbase + offs, mask=mask, other=0.0).to(tl.float32)
+                lv = tl.load(lv_ptr + kbase + offs, mask=mask, other=0.0).to(tl.float32)
+                em1_minus_v, em1 = _expm1_terms(lv)
+                kacc += tl.where(mask, 0.5 * (em1_minus_v + mu * mu), 0.0)
+                if WRITE_KL_GRAD:
+                    tl.store(gmu_ptr + kbase + offs, (mu * inv_n).to(gmu_ptr.dtype.element_ty), mask=mask)
+                    tl.store(glv_ptr + kbase + offs, (0.5 * em1 * inv_n).to(glv_ptr.dtype.element_ty),
+                             mask=mask)
+            tl.store(kl_ptr + row, tl.sum(kacc, 0))
+
+    @triton.jit
+    def _beta(beta_ptr, beta_value, BETA_PTR: tl.constexpr):
+        if BETA_PTR:
+            return tl.load(beta_ptr).to(tl.float32)
+        return beta_value
+
+    @triton.jit
+    def _row_terms(part_ptr, kl_ptr, rows, B, split, BLOCK_S: tl.constexpr):
+        """Per-example reconstruction (its chunks added in order) and KL for ``rows``."""
+        s = tl.arange(0, BLOCK_S)
+        m = rows < B
+        parts = tl.load(part_ptr + rows[:, None] * split + s[None, :],
+                        mask=m[:, None] & (s[None, :] < split), other=0.0)
+        return tl.sum(parts, 1), tl.load(kl_ptr + rows, mask=m, other=0.0), m
+
+    @triton.jit
+    def _finalize_kernel(
+        part_ptr, kl_ptr, beta_ptr, beta_value, loss_ptr, rec_ptr, kl_out_ptr, B, split, denom,
+        REDUCE: tl.constexpr, BETA_PTR: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        beta = _beta(beta_ptr, beta_value, BETA_PTR)
+        if REDUCE:  # one program: a fixed summation order over the batch
+            rec_acc = tl.zeros([BLOCK_B], tl.float32)
+            kl_acc = tl.zeros([BLOCK_B], tl.float32)
+            for start in range(0, B, BLOCK_B):
+                rec_rows, kl_rows, _ = _row_terms(part_ptr, kl_ptr, start + tl.arange(0, BLOCK_B), B, split, BLOCK_S)
+                rec_acc += rec_rows
+                kl_acc += kl_rows
+            rec = tl.sum(rec_acc, 0) / denom
+            kl = tl.sum(kl_acc, 0) / denom
+            tl.store(rec_ptr, rec)
+            tl.store(kl_out_ptr, kl)
+            tl.store(loss_ptr, (rec + beta * kl).to(loss_ptr.dtype.element_ty))
+        else:
+            rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+            rec, kl, m = _row_terms(part_ptr, kl_ptr, rows, B, split, BLOCK_S)
+            tl.store(rec_ptr + rows, rec, mask=m)
+            tl.store(kl_out_ptr + rows, kl, mask=m)
+            tl.store(loss_ptr + rows, rec + beta * kl, mask=m)
+
+    @triton.jit
+    def _scale_in_place(ptr, base, lo, hi, factor, BLOCK: tl.constexpr):
+        for start in range(lo, hi, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < hi
+            val = tl.load(ptr + base + offs, mask=mask).to(tl.float32)
+            tl.store(ptr + base + offs, (val * factor).to(ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _bwd_kernel(
+        grad_ptr, gmu_ptr, glv_ptr, gl_ptr, gr_ptr, gk_ptr, gl_stride, gr_stride, gk_stride,
+        beta_ptr, beta_value, D, d, chunk,
+        HAS_GL: tl.constexpr, HAS_GR: tl.constexpr, HAS_GK: tl.constexpr, BETA_PTR: tl.constexpr,
+        SCALE_REC: tl.constexpr, SCALE_KL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # d loss/d rec = 1 and d loss/d kl = beta, so the saved gradients are multiplied by
+        # m_rec = g_loss + g_rec and m_kl = beta * g_loss + g_kl (per row; stride 0 = scalar).
+        row = tl.program_id(0)
+        part = tl.program_id(1)
+        beta = _beta(beta_ptr, beta_value, BETA_PTR)
+        m_rec = 0.0
+        m_kl = 0.0
+        if HAS_GL:
+            gl = tl.load(gl_ptr + row * gl_stride).to(tl.float32)
+            m_rec = m_rec + gl
+            m_kl = m_kl + beta * gl
+        if HAS_GR:
+            m_rec = m_rec + tl.load(gr_ptr + row * gr_stride).to(tl.float32)
+        if HAS_GK:
+            m_kl = m_kl + tl.load(gk_ptr + row * gk_stride).to(tl.float32)
+        if SCALE_REC:
+            if m_rec != 1.0:  # the common loss.backward(): no pass over the [B, D] gradient
+                lo = part * chunk
+                _scale_in_place(grad_ptr, row.to(tl.int64) * D, lo, tl.minimum(lo + chunk, D), m_rec, BLOCK)
+        if SCALE_KL:
+            if (part == 0) & (m_kl != 1.0):
+                _scale_in_place(gmu_ptr, row.to(tl.int64) * d, 0, d, m_kl, BLOCK_D)
+                _scale_in_place(glv_ptr, row.to(tl.int64) * d, 0, d, m_kl, BLOCK_D)
+
+    _INTERPRETED = not isinstance(_fwd_kernel, triton.runtime.JITFunction)
+else:
+    _INTERPRETED = False
+
+# Splitting a row's columns pays only when the rows alone cannot fill the device; a chunk
+# is at least _MIN_CHUNK elements. The interpreter uses tiny values so that small test
+# shapes exercise the split path too.
+_MIN_CHUNK = 64 if _INTERPRETED else 4096
+
+
+@functools.lru_cache(maxsize=None)
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _plan(B: int, D: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(split, chunk, BLOCK, num_warps) for a [B, D] problem."""
+    split = max(1, min(_cdiv(_target_programs(device), B), _cdiv(D, _MIN_CHUNK), 512))
+    chunk = _cdiv(_cdiv(D, split), 16) * 16  # 16-element aligned chunks keep vector loads
+    split = _cdiv(D, chunk)
+    block = min(_MAX_BLOCK, max(16, _next_pow2(chunk)))
+    return split, chunk, block, max(1, min(8, block // 256))
+
+
+def fused_available(device) -> bool:
+    """Whether the Triton path can run on ``device`` (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    if triton is None:
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    return _INTERPRETED and device.type == "cpu"
+
+
+def _stride0(t: Tensor | None) -> int:
+    return 0 if t is None or t.dim() == 0 else t.stride(0)  # 0: one value for every row
+
+
+class _FusedVAELoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dec, x, mu, logvar, beta_t, beta_value, gaussian, gauss_logvar, reduction,
+                loss_dtype, want_grad, want_kl_grad):
+        B, D = dec.shape
+        d = mu.shape[1]
+        split, chunk, block, warps = _plan(B, D, dec.device)
+        block_d = min(1024, max(16, _next_pow2(d)))
+        inv_n = 1.0 / B if reduction == "mean" else 1.0
+        grad = torch.empty_like(dec) if want_grad else None
+        gmu = torch.empty_like(mu) if want_kl_grad else None
+        glv = torch.empty_like(logvar) if want_kl_grad else None
+        f32 = dict(dtype=torch.float32, device=dec.device)
+        parts = torch.empty(B, split, **f32)
+        kl_rows = torch.empty(B, **f32)
+        _fwd_kernel[(B, split)](
+            dec, x, dec if grad is None else grad, parts, mu, logvar,
+            mu if gmu is None else gmu, logvar if glv is None else glv, kl_rows,
+            D, d, chunk, split, float(gauss_logvar), inv_n,
+            GAUSSIAN=gaussian, WRITE_GRAD=want_grad, WRITE_KL_GRAD=want_kl_grad,
+            BLOCK=block, BLOCK_D=block_d, num_warps=warps, enable_fp_fusion=True,
+        )
+        reduce = reduction != "none"
+        shape = () if reduce else (B,)
+        loss = torch.empty(shape, dtype=loss_dtype, device=dec.device)
+        rec, kl = torch.empty(shape, **f32), torch.empty(shape, **f32)
+        block_s = _next_pow2(split)
+        block_b = max(1, min(_next_pow2(B), 4096 // block_s))
+        _finalize_kernel[(1 if reduce else _cdiv(B, block_b),)](
+            parts, kl_rows, kl_rows if beta_t is None else beta_t, beta_value, loss, rec, kl,
+            B, split, float(B) if reduction == "mean" else 1.0,
+            REDUCE=reduce, BETA_PTR=beta_t is not None, BLOCK_B=block_b, BLOCK_S=block_s,
+            enable_fp_fusion=True,
+        )
+        # Plain attributes, not save_for_backward: the buffers are the gradients to return,
+        # scaled in place, and are dropped on the first backward.
+        ctx.bufs = (grad, gmu, glv)
+        ctx.beta_t, ctx.beta_value = beta_t, beta_value
+        ctx.geometry = (B, D, d, split, chunk, block, block_d, warps)
+        ctx.set_materialize_grads(False)
+        return loss, rec, kl
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_loss, g_rec, g_kl):
+        if ctx.bufs is None:
+            raise RuntimeError(
+                "fused_vae_loss scales its saved gradients in place, so its graph can be "
+                "back-propagated once; for retain_graph=True use vaekit.losses.VAELoss"
+            )
+        grad, gmu, glv = ctx.bufs
+        ctx.bufs = None
+        if g_loss is None and g_rec is None:
+            grad = None
+        if g_loss is None and g_kl is None:
+            gmu = glv = None
+        if grad is not None or gmu is not None:
+            B, D, d, split, chunk, block, block_d, warps = ctx.geometry
+            anchor = grad if grad is not None else gmu  # stands in for absent pointers
+            ptrs = [anchor if t is None else t for t in (grad, gmu, glv, g_loss, g_rec, g_kl, ctx.beta_t)]
+            _bwd_kernel[(B, split)](
+                *ptrs[:6], _stride0(g_loss), _stride0(g_rec), _stride0(g_kl), ptrs[6], ctx.beta_value,
+                D, d, chunk,
+                HAS_GL=g_loss is not None, HAS_GR=g_rec is not None, HAS_GK=g_kl is not None,
+                BETA_PTR=ctx.beta_t is not None, SCALE_REC=grad is not None, SCALE_KL=gmu is not None,
+                BLOCK=block, BLOCK_D=block_d, num_warps=warps, enable_fp_fusion=True,
+            )
+        return grad, None, gmu, glv, None, None, None, None, None, None, None, None
+
+
+def _fusable(x, out, mu, logvar, beta, reconstruction, reduction, gaussian_logvar) -> bool:
+    """Whether the Triton path applies; anything else goes to the eager VAELoss, which also
+    raises the errors (shape mismatches included) with the reference messages."""
+    if triton is None or reconstruction not in ("bernoulli", "gaussian") or reduction not in REDUCTIONS:
+        return False
+    tensors = (x, out, mu, logvar)
+    if not all(isinstance(t, Tensor) for t in tensors) or type(gaussian_logvar) not in (int, float):
+        return False
+    device, grad_mode = x.device, torch.is_grad_enabled()
+    if any(t.device != device or t.dtype not in _DTYPES for t in tensors) or not fused_available(device):
+        return False
+    if x.dim() < 1 or mu.dim() != 2 or x.shape != out.shape or mu.shape != logvar.shape:
+        return False
+    if x.shape[0] != mu.shape[0] or x.numel() == 0 or mu.numel() == 0:
+        return False
+    if isinstance(beta, Tensor) and (beta.dim() != 0 or (grad_mode and beta.requires_grad)
+                                     or beta.device not in (device, torch.device("cpu"))):
+        return False
+    return not (grad_mode and x.requires_grad)
+
+
+def fused_vae_loss(
+    x: Tensor,
+    decoder_out: Tensor,
+    mu: Tensor,
+    logvar: Tensor,
+    *,
+    beta=1.0,
+    reconstruction: str = "bernoulli",
+    reduction: str = "mean",
+    gaussian_logvar: float = 0.0,
+    validate_args: bool | None = None,
+) -> LossResult:
+    r"""``VAELoss(beta, reconstruction, reduction, logvar=gaussian_logvar)(x, decoder_out, mu, logvar)``,
+    in two Triton launches forward and one backward where possible.
+
+    ``loss = reduce(nll(x | decoder_out)) + beta * reduce(KL(N(mu, e^logvar) || N(0, I)))``
+
+    Args:
+        x: data ``[B, *event]``; decoder_out: Bernoulli logits or the Gaussian mean, same
+            shape; mu, logvar: ``[B, d]``. Each fp32, fp16 or bf16.
+        beta: KL weight: a number, or a 0-dim tensor the kernels read from memory.
+        reconstruction: ``"bernoulli"`` or ``"gaussian"`` (fixed ``gaussian_logvar``, a
+            number) run fused; the other :data:`vaekit.losses.RECONSTRUCTIONS` run eager.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        validate_args: value checks (they synchronise); ``None`` follows
+            :func:`vaekit.losses.set_validate_args`.
+
+    Returns:
+        ``LossResult(loss, reconstruction, kl)``: fp32 (``loss`` promoted with a tensor
+        ``beta`` as ``rec + beta * kl`` would be), ``[B]`` each for ``"none"``.
+
+    The eager reference runs instead when Triton is missing, the tensors are not on a
+    device :func:`fused_available` accepts, a dtype is not fp32/fp16/bf16, ``x`` or
+    ``beta`` needs a gradient, or the shapes do not fit ``[B, *event]`` / ``[B, d]``.
+    """
+    if not _fusable(x, decoder_out, mu, logvar, beta, reconstruction, reduction, gaussian_logvar):
+        loss_fn = VAELoss(beta, reconstruction, reduction, logvar=gaussian_logvar, validate_args=validate_args)
+        return loss_fn(x, decoder_out, mu, logvar)
+    gaussian = reconstruction == "gaussian"
+    if _validating(validate_args):  # the eager checks, in the eager order
+        check_beta(beta)
+        (_check_finite if gaussian else _check_unit_interval)("x", x)
+        _check_finite("mean" if gaussian else "logits", decoder_out)
+        _check_finite("mu", mu)
+        _check_finite("logvar", logvar)
+    elif not isinstance(beta, Tensor):
+        check_beta(beta)  # a number: no sync
+    B = x.shape[0]
+    beta_t, beta_value = None, 0.0
+    if isinstance(beta, Tensor) and beta.device == x.device:
+        beta_t = beta
+    else:
+        beta_value = float(beta)  # a number or a CPU scalar: no device sync
+    # Same promotion as `rec + beta * kl` on fp32 results (0-dim only when reduced).
+    loss_dtype = torch.float32
+    if reduction != "none" and isinstance(beta, Tensor) and beta.is_floating_point():
+        loss_dtype = torch.promote_types(torch.float32, beta.dtype)
+    grad_mode = torch.is_grad_enabled()
+    loss, rec, kl = _FusedVAELoss.apply(
+        decoder_out.reshape(B, -1).contiguous(), x.reshape(B, -1).contiguous(),
+        mu.contiguous(), logvar.contiguous(), beta_t, beta_value, gaussian,
+        float(gaussian_logvar), reduction, loss_dtype,
+        grad_mode and decoder_out.requires_grad, grad_mode and (mu.requires_grad or logvar.requires_grad),
+    )
+    return LossResult(loss, rec, kl)

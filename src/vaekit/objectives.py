@@ -1,0 +1,534 @@
+"""Objectives beyond the plain ELBO, and ``objective_loss``, the one call the training loop makes.
+
+Beta schedules (pure functions of the step), the capacity penalty, free bits, the IWAE bound,
+the beta-TCVAE decomposition of the KL, the calibrated Gaussian decoder (sigma-VAE) and the
+discretized logistic likelihood for 8-bit data. Conventions as in :mod:`vaekit.losses`:
+per-example values ``[B]`` in nats, summed over event or latent dims; the batch is reduced
+once, in :func:`objective_loss`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vaekit.losses import (
+    _check_finite, _check_same_shape, _check_tensor, _check_unit_interval, _sum_event, _upcast,
+    _validating, gaussian_kl,
+)
+
+__all__ = [
+    "constant_beta", "linear_warmup", "cyclical_beta", "beta_schedule", "capacity_kl_penalty",
+    "free_bits_kl", "log_importance_weights", "iwae_bound", "iwae_loss", "TCTerms",
+    "tc_decomposition", "beta_tcvae_kl", "optimal_sigma_nll", "discretized_logistic_nll",
+    "decode_nll", "log_weights_from_noise", "ObjectiveConfig", "ObjectiveResult", "objective_loss",
+    "SCHEDULES", "OBJECTIVES", "TC_ESTIMATORS",
+]
+
+SCHEDULES = ("constant", "linear", "cyclical")
+OBJECTIVES = ("elbo", "iwae", "beta_tcvae")
+TC_ESTIMATORS = ("mws", "stratified")
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _number(name: str, value, *, low: float = 0.0, open_low: bool = False, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    if not (math.isfinite(v) and (v > low if open_low else v >= low) and v <= high):
+        bound = f"{'>' if open_low else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
+        raise ValueError(f"{name} must be a finite number {bound}, got {value}")
+    return v
+
+
+def _count(name: str, value, *, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value}")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------------------
+# Beta schedules: pure functions of the (0-based) step, returning a float.
+
+
+def constant_beta(step: int, beta: float) -> float:
+    """``beta`` at every step."""
+    _count("step", step)
+    return _number("beta", beta)
+
+
+def linear_warmup(step: int, *, beta: float, warmup_steps: int, start: float = 0.0) -> float:
+    """``start + (beta - start) * step / warmup_steps`` for ``step < warmup_steps``, then ``beta``.
+
+    ``warmup_steps = 0`` means no warm-up (``beta`` from step 0).
+    """
+    step, warmup_steps = _count("step", step), _count("warmup_steps", warmup_steps)
+    beta, start = _number("beta", beta), _number("start", start)
+    if step >= warmup_steps:
+        return beta
+    return start + (beta - start) * step / warmup_steps
+
+
+def cyclical_beta(step: int, *, beta: float, cycle_steps: int, ratio: float = 0.5) -> float:
+    """Cyclical annealing (Fu et al., 2019): with ``tau = (step mod cycle_steps) / cycle_steps``,
+    ``beta * min(1, tau / ratio)``: 0 at the start of each cycle, ``beta`` from ``tau = ratio`` on.
+    """
+    step, cycle_steps = _count("step", step), _count("cycle_steps", cycle_steps, low=1)
+    beta, ratio = _number("beta", beta), _number("ratio", ratio, open_low=True, high=1.0)
+    tau = (step % cycle_steps) / cycle_steps
+    return beta * min(1.0, tau / ratio)
+
+
+def _check_schedule(name, beta, warmup_steps, cycle_steps, ratio, *, ratio_name="ratio") -> None:
+    if name not in SCHEDULES:
+        raise ValueError(f"beta_schedule must be one of {', '.join(SCHEDULES)}; got {name!r}")
+    _number("beta", beta)
+    _number(ratio_name, ratio, open_low=True, high=1.0)
+    if _count("warmup_steps", warmup_steps) == 0 and name == "linear":
+        raise ValueError("the 'linear' beta schedule needs warmup_steps >= 1, got 0")
+    if _count("cycle_steps", cycle_steps) == 0 and name == "cyclical":
+        raise ValueError("the 'cyclical' beta schedule needs cycle_steps >= 1, got 0")
+
+
+def beta_schedule(name: str, step: int, *, beta: float, warmup_steps: int = 0,
+                  cycle_steps: int = 0, ratio: float = 0.5) -> float:
+    """The KL weight at ``step`` for the schedule ``name`` in ``"constant" | "linear" | "cyclical"``.
+
+    Every argument is checked whether or not the schedule uses it; ``"linear"`` needs
+    ``warmup_steps >= 1`` and ``"cyclical"`` needs ``cycle_steps >= 1``.
+    """
+    _check_schedule(name, beta, warmup_steps, cycle_steps, ratio)
+    if name == "constant":
+        return constant_beta(step, beta)
+    if name == "linear":
+        return linear_warmup(step, beta=beta, warmup_steps=warmup_steps)
+    return cyclical_beta(step, beta=beta, cycle_steps=cycle_steps, ratio=ratio)
+
+
+# ---------------------------------------------------------------------------------------
+# Capacity and free bits
+
+
+def capacity_kl_penalty(kl: Tensor, step: int, *, gamma: float, capacity_max: float,
+                        capacity_steps: int) -> Tensor:
+    r"""Controlled capacity (Burgess et al., 2018): ``gamma * |kl - C(step)|``.
+
+    ``C`` rises linearly from 0 to ``capacity_max`` over ``capacity_steps``, then stays.
+    The absolute value is taken per example (``mean_i |kl_i - C|``, which by Jensen is >=
+    the ``|mean_i kl_i - C|`` of implementations that penalise the batch-mean KL).
+
+    Shape: ``kl`` is ``[B]``; returns ``[B]``.
+    """
+    _check_tensor("kl", kl)
+    gamma = _number("gamma", gamma, open_low=True)
+    _number("capacity_max", capacity_max)
+    _count("capacity_steps", capacity_steps)
+    capacity = linear_warmup(step, beta=capacity_max, warmup_steps=capacity_steps)
+    return gamma * (kl - capacity).abs()
+
+
+def free_bits_kl(mu: Tensor, logvar: Tensor, free_bits: float, *, validate_args: bool | None = None) -> Tensor:
+    r"""KL to N(0, I) with free bits (Kingma et al., 2016), batch-mean-per-dimension form.
+
+    With ``KL_ij`` the KL of example ``i`` in latent dimension ``j`` and ``kl_j = mean_i KL_ij``,
+    the penalty is ``sum_j max(free_bits, kl_j)``. It is returned per example as
+
+    .. math::
+        r_i = \sum_j \big[\, KL_{ij} \text{ if } kl_j > \lambda \text{ else } \lambda \,\big],
+
+    so that ``r.mean() == sum_j max(free_bits, kl_j)`` exactly. The gradient of ``r.mean()``
+    is the plain KL's gradient in dimensions above the threshold and zero in dimensions at
+    or below it (the threshold itself counts as below). ``free_bits = 0`` gives
+    :func:`vaekit.losses.gaussian_kl`.
+
+    Shape: ``mu``, ``logvar`` are ``[B, d]``; returns ``[B]``.
+    """
+    threshold = _number("free_bits", free_bits)
+    _check_tensor("mu", mu)
+    _check_tensor("logvar", logvar)
+    if mu.dim() != 2:
+        raise ValueError(f"mu must have shape [B, d], got shape {tuple(mu.shape)}")
+    kl = gaussian_kl(mu.unsqueeze(-1), logvar.unsqueeze(-1), validate_args=validate_args)  # [B, d]
+    active = kl.mean(0) > threshold
+    return torch.where(active, kl, kl.new_tensor(threshold)).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------
+# Importance-weighted bound (Burda et al., 2015)
+
+
+def _log_normal(z: Tensor, mu: Tensor | None = None, logvar: Tensor | None = None) -> Tensor:
+    """Elementwise log N(z | mu, e^logvar); N(0, 1) when mu and logvar are None."""
+    if mu is None:
+        return -0.5 * (_LOG_2PI + z.square())
+    return -0.5 * (_LOG_2PI + logvar + (z - mu).square() * torch.exp(-logvar))
+
+
+def decode_nll(model, x: Tensor, z: Tensor) -> Tensor:
+    """``-log p(x | z)`` for ``z`` of shape ``[k, B, d]``: ``[k, B]`` from one decoder call."""
+    k, b, d = z.shape
+    out = model.decode(z.reshape(k * b, d))
+    # model.nll expects matching [k*B, *event] shapes, so x is repeated once per sample.
+    xs = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
+    nll = model.nll(out, xs)
+    if nll.shape != (k * b,):
+        raise ValueError(f"model.nll must return shape ({k * b},), got {tuple(nll.shape)}")
+    return nll.reshape(k, b)
+
+
+def log_weights_from_noise(model, x: Tensor, mu: Tensor, logvar: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Log importance weights ``log p(x, z) - log q(z | x)`` for ``z = mu + sigma * eps``,
+    and the reconstruction term ``-log p(x | z)``; each ``[k, B]``.
+
+    With ``z = mu + sigma * eps``, ``log q(z|x) = sum_j(-eps_j^2/2 - logvar_j/2 - log(2 pi)/2)``
+    exactly, so
+
+    .. math::
+        \log p(z) - \log q(z \mid x) = \tfrac12 \sum_j \big(\epsilon_j^2 - z_j^2 + \log\sigma_j^2\big)
+
+    (the ``log 2 pi`` terms cancel): no density is evaluated twice. Differentiable; the
+    IWAE objective and the chunked evaluation in :mod:`vaekit.evaluate` share it.
+
+    Shape: ``x`` ``[B, *event]``; ``mu``, ``logvar`` ``[B, d]``; ``eps`` ``[k, B, d]``.
+    """
+    z = mu + torch.exp(0.5 * logvar) * eps
+    nll = decode_nll(model, x, z)
+    return -nll + 0.5 * (eps.square() - z.square() + logvar).sum(-1), nll
+
+
+def _importance_terms(model, x: Tensor, k: int):
+    """``(log_w [k, B], nll [k, B], (mu, logvar))`` from one encode and one decode of ``k * B`` latents."""
+    k = _count("k", k, low=1)
+    _check_tensor("x", x)
+    mu, logvar = model.encode_params(x)
+    if mu.dim() != 2 or mu.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"model.encode_params(x) must give [B, d] parameters with B = {x.shape[0]}, got {tuple(mu.shape)}"
+        )
+    eps = torch.randn((k, *mu.shape), dtype=mu.dtype, device=mu.device)
+    log_w, nll = log_weights_from_noise(model, x, mu, logvar, eps)
+    return log_w, nll, (mu, logvar)
+
+
+def log_importance_weights(model, x: Tensor, k: int) -> Tensor:
+    r"""``log w = log p(x|z) + log p(z) - log q(z|x)`` for ``k`` reparameterised ``z ~ q(z|x)``.
+
+    Uses ``model.encode_params``, ``model.decode`` on
+    all ``k * B`` latents at once (``[k*B, d]``, sample-major) and ``model.nll`` on ``x``
+    repeated to match. Memory grows with ``k * B``: chunk over ``k`` for large ``k``.
+
+    Shape: ``x`` is ``[B, *event]``; returns ``[k, B]``, differentiable.
+    """
+    return _importance_terms(model, x, k)[0]
+
+
+def iwae_bound(log_w: Tensor) -> Tensor:
+    r"""``L_k = logsumexp_k(log w) - log k`` over the first dimension: ``[k, B] -> [B]``.
+
+    ``L_1`` is the single-sample ELBO; ``E[L_k]`` rises with ``k`` towards ``log p(x)``.
+    """
+    _check_tensor("log_w", log_w)
+    return torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
+
+
+def iwae_loss(model, x: Tensor, k: int) -> Tensor:
+    """``-iwae_bound(log_importance_weights(model, x, k))``, ``[B]``."""
+    return -iwae_bound(log_importance_weights(model, x, k))
+
+
+# ---------------------------------------------------------------------------------------
+# beta-TCVAE (Chen et al., 2018)
+
+
+class TCTerms(NamedTuple):
+    """Per-example ``[B]`` terms; they sum to ``log q(z|x) - log p(z)`` at the given ``z``."""
+
+    mutual_info: Tensor
+    total_correlation: Tensor
+    dimwise_kl: Tensor
+
+
+def _minibatch_log_weights(batch: int, dataset_size: int, estimator: str, like: Tensor) -> Tensor:
+    if estimator == "mws":
+        return like.new_full((batch, batch), -math.log(batch * dataset_size))
+    if batch < 2 and dataset_size > 1:
+        raise ValueError("the 'stratified' estimator needs a batch of at least 2, got 1")
+    # the other B - 1 items stand for the N - 1 items that are not the sample's own
+    other = (dataset_size - 1) / (dataset_size * max(batch - 1, 1))
+    w = like.new_full((batch, batch), math.log(other) if other > 0 else -math.inf)
+    return w.fill_diagonal_(-math.log(dataset_size))
+
+
+def tc_decomposition(z: Tensor, mu: Tensor, logvar: Tensor, dataset_size: int, *,
+                     estimator: str = "mws", validate_args: bool | None = None) -> TCTerms:
+    r"""Split ``log q(z|x) - log p(z)`` into index-code MI, total correlation and dimension-wise KL.
+
+    For sample ``z_i ~ q(z|x_i)`` the aggregate posterior is estimated from the batch as
+    ``log q(z_i) = logsumexp_j [log w_ij + log q(z_i|x_j)]`` and each marginal likewise per
+    dimension, ``log prod_d q(z_id) = sum_d logsumexp_j [log w_ij + log q(z_id|x_jd)]``. Then
+
+    ``MI_i = log q(z_i|x_i) - log q(z_i)``, ``TC_i = log q(z_i) - log prod_d q(z_id)``,
+    ``DWKL_i = log prod_d q(z_id) - log p(z_i)``; they telescope to ``log q(z_i|x_i) - log p(z_i)``.
+
+    ``estimator``:
+        * ``"mws"``: minibatch-weighted sampling as in the paper, ``w_ij = 1 / (B N)``. Its TC
+          carries an offset of about ``(d-1) log B`` (separated posteriors) to ``(d-1) log N``
+          (overlapping ones), exactly ``(d-1) log B`` when the batch is the whole data set:
+          nearly constant, so gradients barely notice, but the value is no TC estimate.
+        * ``"stratified"``: ``w_ii = 1/N`` for the sample's own item and
+          ``w_ij = (N-1) / (N (B-1))`` for the others, which stand for the rest of the data;
+          the sum is an unbiased estimate of ``q(z_i)``, so a factorised ``q(z)`` gives TC near 0.
+
+    Shape: ``z``, ``mu``, ``logvar`` are ``[B, d]``; returns three ``[B]`` tensors. Cost ``O(B^2 d)``.
+    """
+    for name, t in (("z", z), ("mu", mu), ("logvar", logvar)):
+        _check_tensor(name, t, min_dim=2)
+    _check_same_shape("z", z, "mu", mu)
+    _check_same_shape("mu", mu, "logvar", logvar)
+    if z.dim() != 2:
+        raise ValueError(f"z must have shape [B, d], got shape {tuple(z.shape)}")
+    dataset_size = _count("dataset_size", dataset_size, low=1)
+    if estimator not in TC_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {', '.join(TC_ESTIMATORS)}; got {estimator!r}")
+    if _validating(validate_args):
+        for name, t in (("z", z), ("mu", mu), ("logvar", logvar)):
+            _check_finite(name, t)
+    z, mu, logvar = _upcast(z, mu, logvar)
+    log_q_ij = _log_normal(z.unsqueeze(1), mu.unsqueeze(0), logvar.unsqueeze(0))  # [B_i, B_j, d]
+    log_w = _minibatch_log_weights(z.shape[0], dataset_size, estimator, z)
+    log_qz = torch.logsumexp(log_w + log_q_ij.sum(-1), 1)
+    log_prod_qz = torch.logsumexp(log_w.unsqueeze(-1) + log_q_ij, 1).sum(-1)
+    log_qz_x = torch.diagonal(log_q_ij, dim1=0, dim2=1).sum(0)
+    log_pz = _log_normal(z).sum(-1)
+    return TCTerms(log_qz_x - log_qz, log_qz - log_prod_qz, log_prod_qz - log_pz)
+
+
+def beta_tcvae_kl(z: Tensor, mu: Tensor, logvar: Tensor, dataset_size: int, *, alpha: float = 1.0,
+                  beta: float = 6.0, gamma: float = 1.0, estimator: str = "mws") -> Tensor:
+    """``alpha * MI + beta * TC + gamma * DWKL`` from :func:`tc_decomposition`, ``[B]``."""
+    alpha, beta, gamma = _number("alpha", alpha), _number("beta", beta), _number("gamma", gamma)
+    terms = tc_decomposition(z, mu, logvar, dataset_size, estimator=estimator)
+    return alpha * terms.mutual_info + beta * terms.total_correlation + gamma * terms.dimwise_kl
+
+
+# ---------------------------------------------------------------------------------------
+# Likelihoods with their own parameterisation
+
+
+def optimal_sigma_nll(mean: Tensor, x: Tensor, *, per: str = "example", min_logvar: float = -9.0,
+                      validate_args: bool | None = None) -> Tensor:
+    r"""Gaussian NLL with the decoder variance at its maximum-likelihood value (sigma-VAE).
+
+    ``sigma^2 = max(MSE, e^min_logvar)`` where MSE is the mean squared error over the ``D``
+    data dims of each example (``per="example"``) or over the whole batch (``per="batch"``,
+    one shared variance as in Rybkin et al., 2021). Then, with ``SSE_i = sum (x_i - mean_i)^2``,
+
+    .. math::
+        \mathrm{NLL}_i = \tfrac12 \big( D(\log 2\pi + \log\sigma^2) + SSE_i / \sigma^2 \big),
+
+    which is ``D/2 (log 2 pi + log MSE + 1)`` where the clamp is inactive. ``sigma^2`` is *not*
+    detached: it is a stationary point of the (batch-summed) NLL in ``sigma``, so by the
+    envelope theorem the gradient in ``mean`` is the same as with a detached ``sigma``, and
+    keeping it makes the returned value's own gradient the one back-propagated. The clamp is
+    applied to the MSE before the log, so a perfect reconstruction has finite gradients.
+
+    Shape: ``mean``, ``x`` are ``[B, *event]``; returns ``[B]``.
+    """
+    _check_tensor("mean", mean)
+    _check_tensor("x", x)
+    _check_same_shape("x", x, "mean", mean)
+    if per not in ("example", "batch"):
+        raise ValueError(f"per must be 'example' or 'batch', got {per!r}")
+    min_logvar = _number("min_logvar", min_logvar, low=-math.inf)
+    if _validating(validate_args):
+        _check_finite("x", x)
+        _check_finite("mean", mean)
+    mean, x = _upcast(mean, x)
+    sq = (x - mean).square().reshape(x.shape[0], -1)
+    dims = sq.shape[1]
+    sse = sq.sum(1)
+    mse = sse / dims if per == "example" else (sse.sum() / sq.numel()).expand_as(sse)
+    logvar = torch.clamp(mse, min=math.exp(min_logvar)).log()
+    return 0.5 * (dims * (_LOG_2PI + logvar) + sse * torch.exp(-logvar))
+
+
+# Below this log bin-width-over-scale, log(1 - e^-delta) uses its series (error ~ delta^4 / 2880).
+_SERIES_BELOW = -7.0
+# exp(-log_scale) must stay finite in float32; e^-80 is far below any bin width.
+_MIN_LOG_SCALE = -80.0
+
+
+def discretized_logistic_nll(mean: Tensor, log_scale: Tensor, x: Tensor, *, n_bits: int = 8,
+                             validate_args: bool | None = None) -> Tensor:
+    r"""-log P(x) for x on the grid ``k / (2^n_bits - 1)`` under one logistic per subpixel.
+
+    Each value owns the bin ``[x - h, x + h]``, ``h = 1 / (2 (2^n_bits - 1))``; the first bin
+    extends to ``-inf`` and the last to ``+inf``, so the masses of all values sum to 1. With
+    ``a = (x + h - mean) / s`` and ``b = (x - h - mean) / s``, ``s = e^log_scale``,
+
+    .. math::
+        P = \sigma(a) - \sigma(b) = \sigma(a)\,\sigma(-b)\,(1 - e^{-(a - b)}),
+
+    computed in logs (``logsigmoid`` twice, ``log(-expm1(-delta))`` with ``delta = 2h / s``
+    formed in log space) so it is finite for log scales far from 0 and means outside [0, 1].
+    The first bin is ``sigma(a)``, the last ``sigma(-b)``. ``log_scale`` is clamped below at
+    -80 (so ``1/s`` cannot overflow float32); half precision is computed in float32.
+
+    Shape: ``mean``, ``log_scale``, ``x`` are ``[B, *event]``; returns ``[B]`` in nats.
+    """
+    for name, t in (("mean", mean), ("log_scale", log_scale), ("x", x)):
+        _check_tensor(name, t)
+    _check_same_shape("x", x, "mean", mean)
+    _check_same_shape("x", x, "log_scale", log_scale)
+    levels = 2 ** _count("n_bits", n_bits, low=1) - 1
+    if _validating(validate_args):
+        _check_finite("mean", mean)
+        _check_finite("log_scale", log_scale)
+        _check_unit_interval("x", x)
+        off_grid = float((x * levels - (x * levels).round()).abs().max())
+        if off_grid > 1e-3:
+            raise ValueError(f"x must hold multiples of 1/{levels} (n_bits={n_bits}); a value is "
+                             f"{off_grid:.3g} of a level away from the grid")
+    mean, log_scale, x = _upcast(mean, log_scale, x)
+    log_scale = log_scale.clamp(min=_MIN_LOG_SCALE)
+    half = 0.5 / levels
+    inv_scale = torch.exp(-log_scale)
+    log_cdf_upper = F.logsigmoid((x + half - mean) * inv_scale)
+    log_sf_lower = F.logsigmoid((mean - x + half) * inv_scale)
+    log_delta = math.log(2.0 * half) - log_scale
+    small = log_delta < _SERIES_BELOW
+    delta = torch.exp(log_delta.clamp(max=30.0))  # beyond, 1 - e^-delta is 1 in every dtype
+    d_small = torch.where(small, delta, torch.zeros_like(delta))
+    series = log_delta - d_small / 2 + d_small.square() / 24
+    exact = torch.log(-torch.expm1(-torch.where(small, torch.ones_like(delta), delta)))
+    interior = log_cdf_upper + log_sf_lower + torch.where(small, series, exact)
+    log_p = torch.where(x < half, log_cdf_upper, torch.where(x > 1 - half, log_sf_lower, interior))
+    return -_sum_event(log_p)
+
+
+# ---------------------------------------------------------------------------------------
+# The single entry point
+
+
+# Fields that only act for one objective, with their "off" value.
+_ONLY_FOR = {"free_bits": ("elbo", 0.0), "capacity_max": ("elbo", 0.0), "iw_samples": ("iwae", 1),
+             "tc_alpha": ("beta_tcvae", 1.0), "tc_gamma": ("beta_tcvae", 1.0)}
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the training loop optimises; see :func:`objective_loss`.
+
+    Attributes:
+        name: "elbo", "iwae" (importance-weighted bound) or "beta_tcvae".
+        beta: KL weight (for "beta_tcvae": the total-correlation weight).
+        beta_schedule: "constant", "linear" (warm-up from 0) or "cyclical" (Fu et al., 2019).
+        warmup_steps: steps of the linear warm-up.
+        cycle_steps: length of one cycle of the cyclical schedule.
+        cycle_ratio: fraction of each cycle spent rising from 0 to beta.
+        free_bits: nats per latent dimension below which the KL is not penalised ("elbo" only).
+        capacity_max: target KL in nats of the capacity penalty, 0 = off ("elbo" only); it
+            replaces beta * KL by capacity_gamma * |KL - C|, so it takes no beta or schedule.
+        capacity_steps: steps over which the capacity C rises from 0 to capacity_max.
+        capacity_gamma: weight of the capacity penalty.
+        iw_samples: importance samples per example ("iwae" only; it takes no beta or schedule).
+        tc_alpha: weight of the index-code mutual information ("beta_tcvae" only).
+        tc_gamma: weight of the dimension-wise KL ("beta_tcvae" only).
+    """
+
+    name: str = "elbo"
+    beta: float = 1.0
+    beta_schedule: str = "constant"
+    warmup_steps: int = 0
+    cycle_steps: int = 0
+    cycle_ratio: float = 0.5
+    free_bits: float = 0.0
+    capacity_max: float = 0.0
+    capacity_steps: int = 0
+    capacity_gamma: float = 1000.0
+    iw_samples: int = 1
+    tc_alpha: float = 1.0
+    tc_gamma: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.name not in OBJECTIVES:
+            raise ValueError(f"name must be one of {', '.join(OBJECTIVES)}; got {self.name!r}")
+        _check_schedule(self.beta_schedule, self.beta, self.warmup_steps, self.cycle_steps,
+                        self.cycle_ratio, ratio_name="cycle_ratio")
+        for field in ("free_bits", "capacity_max", "tc_alpha", "tc_gamma"):
+            _number(field, getattr(self, field))
+        _number("capacity_gamma", self.capacity_gamma, open_low=True)
+        _count("capacity_steps", self.capacity_steps)
+        _count("iw_samples", self.iw_samples, low=1)
+        for field, (objective, off) in _ONLY_FOR.items():
+            if self.name != objective and getattr(self, field) != off:
+                raise ValueError(f"{field}={getattr(self, field)} applies only to name={objective!r}, "
+                                 f"got name={self.name!r}")
+        if self.free_bits > 0 and self.capacity_max > 0:
+            raise ValueError("free_bits and capacity_max cannot both be > 0: the capacity penalty "
+                             "replaces the KL term that free bits modifies")
+        beta_set = self.beta != 1.0 or self.beta_schedule != "constant"
+        if (self.name == "iwae" or self.capacity_max > 0) and beta_set:
+            who = "name='iwae'" if self.name == "iwae" else "capacity_max > 0"
+            raise ValueError(f"beta and beta_schedule are unused with {who}; got beta={self.beta}, "
+                             f"beta_schedule={self.beta_schedule!r} (leave 1.0 and 'constant')")
+
+
+class ObjectiveResult(NamedTuple):
+    """Scalars (batch means) for the step; ``beta`` is the KL weight used (``capacity_gamma``
+    under the capacity penalty, 1.0 for IWAE)."""
+
+    loss: Tensor
+    reconstruction: Tensor
+    kl: Tensor
+    beta: float
+
+
+def objective_loss(model, x: Tensor, config: ObjectiveConfig, step: int, *,
+                   dataset_size: int | None = None) -> ObjectiveResult:
+    """The loss the training loop minimises at ``step``, from one forward pass of ``model``.
+
+    * ``"elbo"``: ``mean(nll + beta_t * KL)``; with ``free_bits > 0`` the KL is
+      :func:`free_bits_kl`; with ``capacity_max > 0``, :func:`capacity_kl_penalty` replaces
+      ``beta_t * KL``.
+    * ``"iwae"``: ``mean(-L_k)``, ``k = iw_samples`` (one encode, one decode of ``k * B``).
+    * ``"beta_tcvae"``: ``mean(nll + beta_tcvae_kl(z, ...))`` with the model's own sample
+      ``z``, ``beta = beta_t``; needs ``dataset_size``.
+
+    ``reconstruction`` is the mean NLL (over the ``k`` samples too for IWAE) and ``kl`` the
+    mean analytic KL to N(0, I), whatever the loss uses, for logging.
+    """
+    if not isinstance(config, ObjectiveConfig):
+        raise TypeError(f"config must be an ObjectiveConfig, got {type(config).__name__}")
+    _count("step", step)
+    if config.name == "iwae":
+        log_w, nll, (mu, logvar) = _importance_terms(model, x, config.iw_samples)
+        kl = gaussian_kl(mu, logvar)
+        return ObjectiveResult(-iwae_bound(log_w).mean(), nll.mean(), kl.mean(), 1.0)
+    if config.name == "beta_tcvae" and dataset_size is None:
+        raise ValueError("dataset_size is required for name='beta_tcvae', got None")
+    beta = beta_schedule(config.beta_schedule, step, beta=config.beta, warmup_steps=config.warmup_steps,
+                         cycle_steps=config.cycle_steps, ratio=config.cycle_ratio)
+    out = model(x)
+    nll = model.nll(out.decoder_out, x)
+    kl = gaussian_kl(out.mu, out.logvar)
+    if config.name == "beta_tcvae":
+        penalty = beta_tcvae_kl(out.z, out.mu, out.logvar, dataset_size, alpha=config.tc_alpha,
+                                beta=beta, gamma=config.tc_gamma)
+    elif config.capacity_max > 0:
+        beta = config.capacity_gamma
+        penalty = capacity_kl_penalty(kl, step, gamma=beta, capacity_max=config.capacity_max,
+                                      capacity_steps=config.capacity_steps)
+    elif config.free_bits > 0:
+        penalty = beta * free_bits_kl(out.mu, out.logvar, config.free_bits)
+    else:
+        penalty = beta * kl
+    return ObjectiveResult((nll + penalty).mean(), nll.mean(), kl.mean(), beta)

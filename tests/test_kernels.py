@@ -1,0 +1,329 @@
+"""fused_vae_loss against the eager reference vaekit.losses.VAELoss.
+
+The Triton kernels run on CPU only under Triton's interpreter, which has to be switched on
+(TRITON_INTERPRET=1) before the kernels are decorated, i.e. before vaekit.kernels is first
+imported. Inside a pytest run some other module may already have imported it, and setting
+the variable here would leak into every later test module; so the interpreter tests run in
+a fresh subprocess that re-runs this file with the variable set (test_triton_interpreter).
+In this process they are skipped; the fallback tests run in both.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vaekit import kernels
+from vaekit.kernels import fused_available, fused_vae_loss
+from vaekit.losses import REDUCTIONS, VAELoss
+
+CHILD = os.environ.get("VAEKIT_TRITON_CHILD") == "1"
+interpreted = pytest.mark.skipif(
+    not CHILD, reason="Triton path: run by test_triton_interpreter in a TRITON_INTERPRET=1 subprocess"
+)
+GAUSS_LOGVAR = -0.7
+
+
+def _inputs(B, D, d, *, dtype=torch.float32, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(B, D, generator=g)
+    x[: B // 2] = x[: B // 2].round()  # binary and grey-level targets
+    out = (scale * torch.randn(B, D, generator=g)).to(dtype).requires_grad_()
+    mu = torch.randn(B, d, generator=g).requires_grad_()
+    logvar = torch.randn(B, d, generator=g).requires_grad_()
+    return x, out, mu, logvar
+
+
+def _is_fused(result) -> bool:
+    return "_FusedVAELoss" in type(result.reconstruction.grad_fn).__name__
+
+
+def _both(x, out, mu, logvar, *, beta=1.0, reconstruction="bernoulli", reduction="mean"):
+    fused = fused_vae_loss(x, out, mu, logvar, beta=beta, reconstruction=reconstruction,
+                           reduction=reduction, gaussian_logvar=GAUSS_LOGVAR)
+    ref = VAELoss(beta, reconstruction, reduction, logvar=GAUSS_LOGVAR)(x, out, mu, logvar)
+    return fused, ref
+
+
+def _grads(result, inputs, weights):
+    """Gradients of sum_k <w_k, output_k>: None weights leave that output out of the graph."""
+    total = sum((t * w).sum() for t, w in zip(result, weights) if w is not None)
+    return torch.autograd.grad(total, inputs, allow_unused=True)
+
+
+def _assert_same(fused, ref, rtol=1e-5, atol=1e-5):
+    for a, b in zip(fused, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, a.dtype, b.shape, b.dtype)
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+def _assert_grads_same(ga, gb, rtol=1e-5, atol=1e-6):
+    for a, b in zip(ga, gb):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+# ------------------------------------------------------------------ always run
+
+
+@pytest.mark.skipif(kernels._INTERPRETED, reason="this process runs Triton's interpreter on CPU")
+@pytest.mark.parametrize("reconstruction", ["bernoulli", "gaussian", "mse", "continuous_bernoulli"])
+def test_cpu_falls_back_to_eager_bit_for_bit(reconstruction):
+    assert not fused_available("cpu")
+    torch.manual_seed(0)
+    x, out, mu, logvar = _inputs(3, 10, 4)
+    fused, ref = _both(x, out, mu, logvar, beta=2.0, reconstruction=reconstruction)
+    assert not _is_fused(fused)
+    for a, b in zip(fused, ref):
+        assert torch.equal(a, b)
+    weights = (torch.tensor(1.5), None, None)
+    for a, b in zip(_grads(fused, (out, mu, logvar), weights), _grads(ref, (out, mu, logvar), weights)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs, shapes, match",
+    [
+        (dict(reduction="avg"), ((2, 3), (2, 3), (2, 4)), "reduction must be one of"),
+        (dict(reconstruction="poisson"), ((2, 3), (2, 3), (2, 4)), "reconstruction must be one of"),
+        ({}, ((2, 3), (2, 5), (2, 4)), r"x has shape \(2, 3\) but logits has shape \(2, 5\)"),
+        ({}, ((2, 3), (2, 3), (3, 4)), "x has batch size 2 but mu has batch size 3"),
+    ],
+)
+def test_errors_are_the_eager_errors(kwargs, shapes, match):
+    x = torch.rand(shapes[0])
+    with pytest.raises(ValueError, match=match):
+        fused_vae_loss(x, torch.zeros(shapes[1]), torch.zeros(shapes[2]), torch.zeros(shapes[2]), **kwargs)
+
+
+@pytest.mark.skipif(CHILD, reason="this is the child process")
+def test_triton_interpreter():
+    if kernels.triton is None:
+        pytest.skip("triton is not installed: the Triton path is not tested (the eager fallback is)")
+    env = dict(os.environ, TRITON_INTERPRET="1", VAEKIT_TRITON_CHILD="1")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-x", "-p", "no:cacheprovider",
+         str(Path(__file__).resolve())],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )
+    report = proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, report
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, report
+
+
+# ------------------------------------------------------------------ Triton path (child only)
+
+# D is never a multiple of a block size; B=64 costs the interpreter ~1 s per call (one
+# Python-level program per row), so it gets one likelihood and one reduction each.
+CASES = [
+    (rec, *shape)
+    for rec in ("bernoulli", "gaussian")
+    for shape in [(1, 1, 1), (3, 7, 5), (1, 1000, 32), (3, 784, 1)]
+] + [("bernoulli", 64, 784, 5), ("gaussian", 64, 7, 32)]
+
+
+@interpreted
+@pytest.mark.parametrize("reconstruction, B, D, d", CASES)
+def test_values_and_grads_match_eager(reconstruction, B, D, d):
+    reductions = REDUCTIONS if B < 64 else [REDUCTIONS[(D + len(reconstruction)) % 3]]
+    for i, reduction in enumerate(reductions):
+        x, out, mu, logvar = _inputs(B, D, d, seed=i)
+        beta = 0.3 + i if i % 2 else torch.tensor(2.5)
+        fused, ref = _both(x, out, mu, logvar, beta=beta, reconstruction=reconstruction, reduction=reduction)
+        assert _is_fused(fused)
+        _assert_same(fused, ref)
+        # random upstream gradients into all three outputs: the in-place rescale path
+        g = torch.Generator().manual_seed(10 + i)
+        weights = [torch.rand(ref.loss.shape, generator=g) for _ in range(3)]
+        inputs = (out, mu, logvar)
+        _assert_grads_same(_grads(fused, inputs, weights), _grads(ref, inputs, weights))
+
+
+@interpreted
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_unit_upstream_gradient_skips_the_rescale(reduction):
+    # loss.backward() (or loss.sum() for "none") hands the kernel a multiplier of exactly 1
+    x, out, mu, logvar = _inputs(3, 50, 6)
+    fused, ref = _both(x, out, mu, logvar, beta=1.0, reduction=reduction)
+    weights = (torch.ones(ref.loss.shape), None, None)
+    inputs = (out, mu, logvar)
+    _assert_grads_same(_grads(fused, inputs, weights), _grads(ref, inputs, weights))
+
+
+@interpreted
+@pytest.mark.parametrize("which", [(1, None, None), (None, 1, None), (None, None, 1), (None, 2, 3)])
+def test_gradients_through_any_output(which):
+    x, out, mu, logvar = _inputs(3, 20, 4)
+    fused, ref = _both(x, out, mu, logvar, beta=torch.tensor(0.25), reduction="none")
+    weights = [None if w is None else torch.full((3,), float(w)) for w in which]
+    inputs = (out, mu, logvar)
+    _assert_grads_same(_grads(fused, inputs, weights), _grads(ref, inputs, weights))
+
+
+@interpreted
+def test_column_split_is_exercised_and_correct():
+    assert kernels._plan(1, 1000, torch.device("cpu"))[0] > 1
+    x, out, mu, logvar = _inputs(1, 1000, 3)
+    fused, ref = _both(x, out, mu, logvar, reduction="sum")
+    _assert_same(fused, ref)
+    weights = (torch.tensor(0.5), None, None)
+    inputs = (out, mu, logvar)
+    _assert_grads_same(_grads(fused, inputs, weights), _grads(ref, inputs, weights))
+
+
+@interpreted
+def test_extreme_logits_stay_finite_and_exact():
+    out = torch.tensor([[1e4, -1e4, 1e4, -1e4, 30.0, -30.0, 0.0]]).repeat(2, 1).requires_grad_()
+    x = torch.tensor([[1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.2], [0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.7]])
+    mu = torch.zeros(2, 3, requires_grad=True)
+    logvar = torch.tensor([[0.0, 1e-7, -1e-4], [2e-3, -0.4, 0.6]], requires_grad=True)
+    fused, ref = _both(x, out, mu, logvar, reduction="none")
+    assert all(bool(torch.isfinite(t).all()) for t in fused)
+    _assert_same(fused, ref, rtol=1e-6, atol=1e-6)
+    inputs = (out, mu, logvar)
+    weights = (torch.tensor([1.0, 3.0]), None, None)
+    _assert_grads_same(_grads(fused, inputs, weights), _grads(ref, inputs, weights))
+
+
+@interpreted
+def test_confident_logits_keep_their_tiny_loss():
+    # log1p(e^-|l|) ~ e^-|l| far below fp32's epsilon of 1: must not round to 0
+    out = torch.tensor([[17.0, -20.0, 25.0, -40.0, 60.0], [-18.0, 22.0, -30.0, 50.0, -88.0]])
+    x = (out > 0).float()
+    mu, logvar = torch.zeros(2, 1), torch.zeros(2, 1)
+    fused = fused_vae_loss(x, out, mu, logvar, reduction="none")
+    exact = VAELoss(reduction="none")(x.double(), out.double(), mu.double(), logvar.double())
+    torch.testing.assert_close(fused.reconstruction.double(), exact.reconstruction, rtol=1e-5, atol=0)
+
+
+@interpreted
+def test_kl_near_the_prior_matches_float64():
+    # exp(v) - 1 - v cancels for small v: the kernel's series must keep the digits
+    v = torch.tensor([[0.0, 1e-8, -1e-6, 1e-4, -3e-3, 0.2, -0.49, 0.51, -2.0, 5.0]])
+    mu = torch.zeros_like(v)
+    x, out = torch.full((1, 2), 0.5), torch.zeros(1, 2)
+    fused = fused_vae_loss(x, out, mu, v, reduction="none")
+    v64 = v.double()
+    exact = (0.5 * (torch.expm1(v64) - v64)).sum(-1)
+    torch.testing.assert_close(fused.kl.double(), exact, rtol=2e-6, atol=1e-12)
+    for value in v[0]:  # each term alone: non-negative and accurate
+        one = fused_vae_loss(x, out, torch.zeros(1, 1), value.reshape(1, 1), reduction="sum").kl
+        ref = 0.5 * (torch.expm1(value.double()) - value.double())
+        assert float(one) >= 0
+        assert abs(float(one) - float(ref)) <= 2e-6 * float(ref) + 1e-15
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits(dtype):
+    x, out, mu, logvar = _inputs(3, 300, 5, dtype=dtype)
+    mu_h, logvar_h = mu.detach().to(dtype).requires_grad_(), logvar.detach().to(dtype).requires_grad_()
+    fused, ref = _both(x, out, mu_h, logvar_h, reduction="sum")
+    assert fused.loss.dtype == torch.float32
+    _assert_same(fused, ref, rtol=1e-5, atol=1e-3)
+    weights = (torch.tensor(1.0), torch.tensor(0.5), None)
+    ga = _grads(fused, (out, mu_h, logvar_h), weights)
+    gb = _grads(ref, (out, mu_h, logvar_h), weights)
+    assert ga[0].dtype == dtype
+    _assert_grads_same(ga, gb, rtol=1e-2, atol=1e-3)  # one rounding to the half dtype each
+
+
+@interpreted
+def test_beta_tensor_is_read_from_memory_and_promotes_like_eager():
+    x, out, mu, logvar = _inputs(3, 30, 4)
+    beta = torch.tensor(0.5, dtype=torch.float64)
+    first = fused_vae_loss(x, out, mu, logvar, beta=beta).loss.detach()
+    beta.fill_(4.0)  # an in-place schedule update
+    fused, ref = _both(x, out, mu, logvar, beta=beta)
+    assert fused.loss.dtype == ref.loss.dtype == torch.float64
+    _assert_same(fused, ref)
+    assert not torch.allclose(first, fused.loss.detach())
+    weights = (torch.tensor(0.7, dtype=torch.float64), None, torch.tensor(0.2))
+    inputs = (out, mu, logvar)
+    _assert_grads_same(_grads(fused, inputs, weights), _grads(ref, inputs, weights))
+
+
+@interpreted
+def test_image_shaped_and_non_contiguous_inputs():
+    x, out, mu, logvar = _inputs(4, 2 * 5 * 6, 3)
+    x_img = x.reshape(4, 2, 5, 6).transpose(2, 3)
+    out_img = out.detach().reshape(4, 2, 5, 6).transpose(2, 3).requires_grad_()
+    fused, ref = _both(x_img, out_img, mu, logvar, reduction="none")
+    assert _is_fused(fused)
+    _assert_same(fused, ref)
+    weights = (torch.rand(4), None, None)
+    _assert_grads_same(_grads(fused, (out_img, mu, logvar), weights), _grads(ref, (out_img, mu, logvar), weights))
+
+
+@interpreted
+def test_forward_only_and_partial_requires_grad():
+    x, out, mu, logvar = _inputs(3, 40, 4)
+    with torch.no_grad():
+        fused, ref = _both(x, out, mu, logvar, reduction="none")
+    _assert_same(fused, ref)
+    out.requires_grad_(False)
+    fused, ref = _both(x, out, mu, logvar)
+    assert _is_fused(fused)
+    weights = (torch.tensor(2.0), None, None)
+    _assert_grads_same(_grads(fused, (mu, logvar), weights), _grads(ref, (mu, logvar), weights))
+
+
+@interpreted
+def test_second_backward_through_the_graph_raises():
+    x, out, mu, logvar = _inputs(2, 10, 3)
+    fused = fused_vae_loss(x, out, mu, logvar)
+    fused.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="back-propagated once"):
+        fused.loss.backward()
+
+
+@interpreted
+def test_value_checks_follow_validate_args():
+    x, out, mu, logvar = _inputs(2, 10, 3)
+    x[0, 0] = 1.5
+    with pytest.raises(ValueError, match=r"x must lie in \[0, 1\]"):
+        fused_vae_loss(x, out, mu, logvar)
+    fused = fused_vae_loss(x, out, mu, logvar, validate_args=False)
+    assert _is_fused(fused) and bool(torch.isfinite(fused.loss))
+
+
+@interpreted
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
+@pytest.mark.parametrize(
+    "case",
+    ["mse", "learned_logvar", "float64", "x_requires_grad", "beta_requires_grad", "beta_shape_1",
+     "latent_3d", "no_triton"],
+)
+def test_fallback_conditions_run_the_reference(case, monkeypatch):
+    x, out, mu, logvar = _inputs(2, 6, 3)
+    kw = dict(beta=1.5, reconstruction="bernoulli")
+    args = [x, out, mu, logvar]
+    if case == "mse":
+        kw["reconstruction"] = "mse"
+    elif case == "learned_logvar":
+        kw["reconstruction"], args[1] = "gaussian", (out, torch.zeros(2, 6))
+    elif case == "float64":
+        args[1] = out.detach().double().requires_grad_()
+    elif case == "x_requires_grad":
+        args[0] = x.clone().requires_grad_()
+    elif case == "beta_requires_grad":
+        kw["beta"] = torch.tensor(1.5, requires_grad=True)
+    elif case == "beta_shape_1":
+        kw["beta"] = torch.tensor([1.5])
+    elif case == "latent_3d":
+        args[2], args[3] = mu.detach()[:, None], logvar.detach()[:, None]
+    elif case == "no_triton":
+        monkeypatch.setattr(kernels, "triton", None)
+    result = fused_vae_loss(*args, **kw)
+    assert not _is_fused(result)
+    ref = VAELoss(kw["beta"], kw["reconstruction"])(*args)
+    for a, b in zip(result, ref):
+        assert torch.equal(a, b)

@@ -1,0 +1,517 @@
+"""Tests for vaekit.objectives: every formula against a second computation."""
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.distributions import Independent, MultivariateNormal, Normal
+
+from vaekit import objectives as obj
+from vaekit.losses import gaussian_kl, gaussian_nll, reconstruction_nll
+
+D64 = torch.float64
+
+
+# ---------------------------------------------------------------------------------------
+# A tiny model implementing the model interface (encode/encode_params/decode/nll/forward)
+
+
+class VAEOutput(NamedTuple):
+    decoder_out: object
+    mu: torch.Tensor
+    logvar: torch.Tensor
+    z: torch.Tensor
+
+
+@dataclass
+class TinyConfig:
+    input_shape: tuple
+    latent_dim: int
+    likelihood: str
+
+
+class TinyVAE(nn.Module):
+    """Linear encoder and decoder; "gaussian" decodes to a (mean, logvar) pair."""
+
+    def __init__(self, input_shape=(1, 2, 3), latent_dim=2, likelihood="bernoulli"):
+        super().__init__()
+        self.config = TinyConfig(input_shape, latent_dim, likelihood)
+        size = math.prod(input_shape)
+        self.enc = nn.Linear(size, 2 * latent_dim).double()
+        self.dec = nn.Linear(latent_dim, size).double()
+        self.dec_logvar = nn.Parameter(torch.tensor(0.0, dtype=D64))
+        self.calls = 0
+
+    def encode_params(self, x):
+        mu, logvar = self.enc(x.flatten(1)).chunk(2, -1)
+        return mu, logvar
+
+    def encode(self, x):
+        mu, logvar = self.encode_params(x)
+        return Independent(Normal(mu, (0.5 * logvar).exp()), 1)
+
+    def decode(self, z):
+        out = self.dec(z).view(z.shape[0], *self.config.input_shape)
+        if self.config.likelihood == "gaussian":
+            return out, self.dec_logvar.expand_as(out)
+        return out
+
+    def nll(self, decoder_out, x):
+        return reconstruction_nll(self.config.likelihood, decoder_out, x)
+
+    def forward(self, x):
+        self.calls += 1
+        mu, logvar = self.encode_params(x)
+        z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
+        return VAEOutput(self.decode(z), mu, logvar, z)
+
+
+def binary_batch(b=4, shape=(1, 2, 3)):
+    return torch.randint(0, 2, (b, *shape)).double()
+
+
+def linear_gaussian(exact_posterior=True):
+    """x = W z + b + noise, W with orthogonal columns so the exact posterior is diagonal.
+
+    Returns the model (encoder = exact posterior, or perturbed) and log p(x) as a function.
+    """
+    torch.manual_seed(0)
+    model = TinyVAE(input_shape=(2, 2), latent_dim=2, likelihood="gaussian")
+    q_mat, _ = torch.linalg.qr(torch.randn(4, 2, dtype=D64))
+    s = torch.tensor([1.5, 0.7], dtype=D64)
+    w, bias, logvar = q_mat * s, torch.randn(4, dtype=D64), math.log(0.3)
+    post_var = 1.0 / (1.0 + s.square() / math.exp(logvar))
+    a = post_var[:, None] * w.T / math.exp(logvar)
+    with torch.no_grad():
+        model.dec.weight.copy_(w)
+        model.dec.bias.copy_(bias)
+        model.dec_logvar.fill_(logvar)
+        model.enc.weight.copy_(torch.cat([a, torch.zeros_like(a)]))
+        model.enc.bias.copy_(torch.cat([-a @ bias, post_var.log()]))
+        if not exact_posterior:
+            model.enc.weight[:2] *= 0.5
+            model.enc.bias[2:] += 1.0
+    marginal = MultivariateNormal(bias, w @ w.T + math.exp(logvar) * torch.eye(4, dtype=D64))
+    return model, (lambda x: marginal.log_prob(x.flatten(1))), (w, bias, logvar)
+
+
+# ---------------------------------------------------------------------------------------
+# Schedules
+
+
+def test_schedules_against_interpolation():
+    for step in range(0, 40):
+        assert obj.constant_beta(step, 2.5) == 2.5
+        want = np.interp(step, [0, 10], [0.2, 3.0])
+        assert obj.linear_warmup(step, beta=3.0, warmup_steps=10, start=0.2) == pytest.approx(want)
+        want = np.interp(step % 8, [0, 0.25 * 8], [0.0, 4.0])
+        assert obj.cyclical_beta(step, beta=4.0, cycle_steps=8, ratio=0.25) == pytest.approx(want)
+        assert obj.beta_schedule("linear", step, beta=1.0, warmup_steps=5) == obj.linear_warmup(
+            step, beta=1.0, warmup_steps=5)
+        assert obj.beta_schedule("cyclical", step, beta=1.0, cycle_steps=6, ratio=0.5) == obj.cyclical_beta(
+            step, beta=1.0, cycle_steps=6)
+    assert obj.linear_warmup(0, beta=2.0, warmup_steps=0) == 2.0
+    assert obj.cyclical_beta(0, beta=4.0, cycle_steps=8) == 0.0
+    assert obj.cyclical_beta(7, beta=4.0, cycle_steps=8, ratio=1.0) == pytest.approx(3.5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(name="cosine"), "beta_schedule"),
+    (dict(name="linear"), "warmup_steps"),
+    (dict(name="cyclical"), "cycle_steps"),
+    (dict(name="constant", beta=-1.0), "beta"),
+    (dict(name="constant", ratio=0.0), "ratio"),
+    (dict(name="constant", step=-1), "step"),
+    (dict(name="constant", warmup_steps=1.5), "warmup_steps"),
+])
+def test_beta_schedule_rejects(kwargs, match):
+    args = dict(name="constant", step=0, beta=1.0, warmup_steps=0, cycle_steps=0, ratio=0.5) | kwargs
+    with pytest.raises((ValueError, TypeError), match=match):
+        obj.beta_schedule(args.pop("name"), args.pop("step"), **args)
+
+
+# ---------------------------------------------------------------------------------------
+# Capacity and free bits
+
+
+def test_capacity_penalty():
+    torch.manual_seed(0)
+    kl = (torch.rand(6, dtype=D64) * 10).requires_grad_()
+    for step in (0, 5, 10, 50):
+        c = 8.0 * min(step, 10) / 10
+        out = obj.capacity_kl_penalty(kl, step, gamma=3.0, capacity_max=8.0, capacity_steps=10)
+        torch.testing.assert_close(out, torch.tensor([3.0 * abs(v - c) for v in kl.tolist()], dtype=D64))
+    (grad,) = torch.autograd.grad(out.sum(), kl)
+    torch.testing.assert_close(grad, 3.0 * torch.sign(kl.detach() - 8.0))
+    with pytest.raises(ValueError, match="gamma"):
+        obj.capacity_kl_penalty(kl, 0, gamma=0.0, capacity_max=1.0, capacity_steps=1)
+
+
+def per_dim_kl(mu, logvar):
+    q = Normal(mu, (0.5 * logvar).exp())
+    return torch.distributions.kl_divergence(q, Normal(torch.zeros_like(mu), torch.ones_like(mu)))
+
+
+def test_free_bits_value_and_gradients():
+    torch.manual_seed(0)
+    mu = torch.randn(5, 3, dtype=D64) * torch.tensor([2.0, 1.5, 0.01], dtype=D64)
+    logvar = torch.randn(5, 3, dtype=D64) * torch.tensor([0.5, 0.5, 0.01], dtype=D64)
+    mu.requires_grad_()
+    logvar.requires_grad_()
+    fb = 0.5
+    kl_j = per_dim_kl(mu, logvar).mean(0)
+    assert bool((kl_j[:2] > fb).all()) and float(kl_j[2].detach()) < fb
+    out = obj.free_bits_kl(mu, logvar, fb)
+    assert out.shape == (5,)
+    torch.testing.assert_close(out.mean(), torch.clamp(kl_j, min=fb).sum())
+    g_fb = torch.autograd.grad(out.mean(), (mu, logvar))
+    g_kl = torch.autograd.grad(gaussian_kl(mu, logvar).mean(), (mu, logvar))
+    for a, b in zip(g_fb, g_kl):
+        torch.testing.assert_close(a[:, :2], b[:, :2])
+        assert bool((a[:, 2] == 0).all()) and bool((b[:, 2] != 0).all())
+    torch.testing.assert_close(obj.free_bits_kl(mu, logvar, 0.0), gaussian_kl(mu, logvar))
+    assert torch.autograd.gradcheck(lambda m, v: obj.free_bits_kl(m, v, fb), (mu, logvar))
+
+
+# ---------------------------------------------------------------------------------------
+# IWAE
+
+
+def test_log_weights_exact_posterior_equal_log_marginal():
+    # With q(z|x) the exact posterior, w = p(x, z) / p(z|x) = p(x) for every z.
+    model, log_px, _ = linear_gaussian(exact_posterior=True)
+    x = torch.randn(3, 2, 2, dtype=D64)
+    log_w = obj.log_importance_weights(model, x, 7)
+    assert log_w.shape == (7, 3)
+    torch.testing.assert_close(log_w, log_px(x).expand(7, 3), rtol=0, atol=1e-10)
+    torch.testing.assert_close(obj.iwae_bound(log_w), log_px(x), rtol=0, atol=1e-10)
+
+
+def test_k1_bound_is_the_single_sample_elbo():
+    torch.manual_seed(1)
+    model, x = TinyVAE(), binary_batch()
+    torch.manual_seed(5)
+    bound = obj.iwae_bound(obj.log_importance_weights(model, x, 1))
+    torch.manual_seed(5)
+    q = model.encode(x)
+    z = q.rsample((1,))[0]
+    mc_kl = q.log_prob(z) - Normal(0.0, 1.0).log_prob(z).sum(-1)
+    torch.testing.assert_close(bound, -(model.nll(model.decode(z), x) + mc_kl))
+    torch.manual_seed(5)
+    torch.testing.assert_close(obj.iwae_loss(model, x, 1), -bound)
+
+
+def test_k1_bound_matches_closed_form_elbo_in_expectation():
+    model, _, (w, bias, logvar) = linear_gaussian(exact_posterior=False)
+    x = torch.randn(2, 2, 2, dtype=D64)
+    mu, lv = model.encode_params(x)
+    resid = (x.flatten(1) - mu @ w.T - bias).square().sum(1) + (lv.exp() * w.square().sum(0)).sum(1)
+    elbo = -(0.5 * (4 * (math.log(2 * math.pi) + logvar) + resid / math.exp(logvar)) + gaussian_kl(mu, lv))
+    torch.manual_seed(2)
+    log_w = obj.log_importance_weights(model, x, 20000)
+    stderr = log_w.std(0) / math.sqrt(20000)
+    assert bool(((log_w.mean(0) - elbo).abs() < 4 * stderr).all())
+
+
+def test_bound_increases_with_k_towards_log_marginal():
+    model, log_px, _ = linear_gaussian(exact_posterior=False)
+    x = torch.randn(2, 2, 2, dtype=D64)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        log_w = obj.log_importance_weights(model, x, 64 * 400)
+    means = [obj.iwae_bound(log_w.view(k, -1, 2)).mean(0) for k in (1, 4, 64)]
+    gap = log_px(x) - means[0]
+    assert bool((gap > 0.3).all())
+    assert bool((means[0] < means[1]).all()) and bool((means[1] < means[2]).all())
+    assert bool((means[2] < log_px(x) + 0.01).all()) and bool((log_px(x) - means[2] < 0.25 * gap).all())
+
+
+class ThreeLogWeights(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        torch.manual_seed(11)  # the same noise at every call: a deterministic function of the weights
+        return obj.log_importance_weights(self.model, x, 3)
+
+
+def test_log_weights_gradcheck_in_the_weights_and_errors():
+    torch.manual_seed(4)
+    wrapper = ThreeLogWeights(TinyVAE(input_shape=(5,)))
+    x = torch.randint(0, 2, (3, 5)).double()
+    names = ("model.enc.weight", "model.enc.bias", "model.dec.weight")
+    start = dict(wrapper.named_parameters())
+    params = tuple(start[n].detach().clone().requires_grad_() for n in names)
+    assert torch.autograd.gradcheck(
+        lambda *p: torch.func.functional_call(wrapper, dict(zip(names, p)), (x,)), params)
+    log_w = torch.randn(4, 3, dtype=D64, requires_grad=True)
+    assert torch.autograd.gradcheck(obj.iwae_bound, (log_w,))
+    with pytest.raises(ValueError, match="k must"):
+        obj.log_importance_weights(wrapper.model, x, 0)
+
+
+# ---------------------------------------------------------------------------------------
+# beta-TCVAE
+
+
+def tc_inputs(b=5, d=3, seed=0):
+    torch.manual_seed(seed)
+    mu, logvar = torch.randn(b, d, dtype=D64), torch.randn(b, d, dtype=D64) * 0.3
+    return mu + (0.5 * logvar).exp() * torch.randn(b, d, dtype=D64), mu, logvar
+
+
+@pytest.mark.parametrize("estimator", obj.TC_ESTIMATORS)
+def test_tc_terms_telescope_to_the_kl_estimate(estimator):
+    z, mu, logvar = tc_inputs()
+    terms = obj.tc_decomposition(z, mu, logvar, 1000, estimator=estimator)
+    q = Independent(Normal(mu, (0.5 * logvar).exp()), 1)
+    kl_hat = q.log_prob(z) - Normal(0.0, 1.0).log_prob(z).sum(-1)
+    torch.testing.assert_close(sum(terms), kl_hat, rtol=0, atol=1e-12)
+    weighted = obj.beta_tcvae_kl(z, mu, logvar, 1000, alpha=0.5, beta=6.0, gamma=2.0, estimator=estimator)
+    torch.testing.assert_close(weighted, 0.5 * terms[0] + 6.0 * terms[1] + 2.0 * terms[2])
+
+
+@pytest.mark.parametrize("estimator", obj.TC_ESTIMATORS)
+def test_aggregate_posterior_estimate_against_loops(estimator):
+    z, mu, logvar = tc_inputs(b=3, d=2, seed=1)
+    n, b = 10, 3
+
+    def weight(i, j):
+        if estimator == "mws":
+            return 1.0 / (b * n)
+        return 1.0 / n if i == j else (n - 1) / (n * (b - 1))
+
+    def dens(i, j, dims):
+        return math.prod(math.exp(-(z[i, k] - mu[j, k]) ** 2 / (2 * math.exp(logvar[j, k])))
+                         / math.sqrt(2 * math.pi * math.exp(logvar[j, k])) for k in dims)
+
+    log_qz = [math.log(sum(weight(i, j) * dens(i, j, range(2)) for j in range(b))) for i in range(b)]
+    log_prod = [sum(math.log(sum(weight(i, j) * dens(i, j, [k]) for j in range(b))) for k in range(2))
+                for i in range(b)]
+    mi, tc, _ = obj.tc_decomposition(z, mu, logvar, n, estimator=estimator)
+    log_qz_x = Independent(Normal(mu, (0.5 * logvar).exp()), 1).log_prob(z)
+    torch.testing.assert_close(log_qz_x - mi, torch.tensor(log_qz, dtype=D64))
+    torch.testing.assert_close(log_qz_x - mi - tc, torch.tensor(log_prod, dtype=D64))
+
+
+def test_tc_zero_for_a_factorised_dataset_exactly():
+    # Means on a 3 x 4 product grid with shared variances: q(z) = q(z1) q(z2) exactly.
+    a, c = torch.tensor([-1.0, 0.0, 2.0], dtype=D64), torch.tensor([-2.0, -0.5, 0.5, 1.0], dtype=D64)
+    mu = torch.cartesian_prod(a, c)
+    logvar = torch.tensor([-1.0, 0.3], dtype=D64).expand(12, 2)
+    torch.manual_seed(0)
+    z = mu + (0.5 * logvar).exp() * torch.randn(12, 2, dtype=D64)
+    tc = obj.tc_decomposition(z, mu, logvar, 12, estimator="stratified").total_correlation
+    torch.testing.assert_close(tc, torch.zeros(12, dtype=D64), rtol=0, atol=1e-12)
+    tc_mws = obj.tc_decomposition(z, mu, logvar, 12, estimator="mws").total_correlation
+    torch.testing.assert_close(tc_mws, torch.full((12,), math.log(12), dtype=D64))  # (d-1) log B offset
+
+
+def test_tc_near_zero_for_independent_q_and_positive_for_correlated():
+    torch.manual_seed(0)
+    b, n, var, means = 128, 10_000, 0.25, {}
+    for kind in ("independent", "correlated"):
+        for est in obj.TC_ESTIMATORS:
+            means[est, kind] = 0.0
+        for _ in range(10):
+            m = torch.randn(b, 2, dtype=D64)
+            if kind == "correlated":
+                m[:, 1] = m[:, 0]
+            z = m + math.sqrt(var) * torch.randn(b, 2, dtype=D64)
+            logvar = torch.full((b, 2), math.log(var), dtype=D64)
+            for est in obj.TC_ESTIMATORS:
+                means[est, kind] += float(obj.tc_decomposition(z, m, logvar, n, estimator=est)[1].mean()) / 10
+    true_tc = -0.5 * math.log(1 - (1 / (1 + var)) ** 2)  # z1, z2 correlated with rho = 1 / (1 + var)
+    assert abs(means["stratified", "independent"]) < 0.08
+    assert abs(means["stratified", "correlated"] - true_tc) < 0.1
+    # MWS: the same ordering, on top of an offset between (d-1) log B and (d-1) log N
+    assert math.log(b) < means["mws", "independent"] < math.log(n) + 0.1
+    assert means["mws", "correlated"] > means["mws", "independent"] + 0.5
+
+
+def test_tc_gradcheck_and_errors():
+    z, mu, logvar = (t.requires_grad_() for t in tc_inputs(b=4, d=2))
+    for est in obj.TC_ESTIMATORS:
+        assert torch.autograd.gradcheck(
+            lambda a, b, c: torch.stack(obj.tc_decomposition(a, b, c, 50, estimator=est)), (z, mu, logvar))
+    with pytest.raises(ValueError, match="estimator"):
+        obj.tc_decomposition(z, mu, logvar, 50, estimator="mss")
+    with pytest.raises(ValueError, match="dataset_size"):
+        obj.tc_decomposition(z, mu, logvar, 0)
+    with pytest.raises(ValueError, match="logvar"):
+        obj.tc_decomposition(z, mu, logvar[:, :1], 50)
+
+
+# ---------------------------------------------------------------------------------------
+# sigma-VAE
+
+
+@pytest.mark.parametrize("per", ["example", "batch"])
+def test_optimal_sigma_nll_against_gaussian_nll_and_is_minimal(per):
+    torch.manual_seed(0)
+    x, mean = torch.rand(4, 1, 3, 3, dtype=D64), torch.rand(4, 1, 3, 3, dtype=D64)
+    sq = (x - mean).square().flatten(1)
+    lv = sq.mean(1).log().view(4, 1, 1, 1) if per == "example" else sq.mean().log()
+    out = obj.optimal_sigma_nll(mean, x, per=per)
+    torch.testing.assert_close(out, gaussian_nll(mean, x, lv))
+    at_optimum = 0.5 * 9 * (math.log(2 * math.pi) + lv.flatten() + 1)  # per example, or the batch mean
+    torch.testing.assert_close(out if per == "example" else out.mean(), at_optimum.squeeze())
+    for eps in (-0.05, 0.05):
+        worse = gaussian_nll(mean, x, lv + eps)
+        assert bool((worse > out).all()) if per == "example" else float(worse.sum()) > float(out.sum())
+
+
+@pytest.mark.parametrize("per", ["example", "batch"])
+def test_optimal_sigma_gradient_is_the_detached_one(per):
+    torch.manual_seed(1)
+    x, mean = torch.rand(3, 5, dtype=D64), torch.rand(3, 5, dtype=D64).requires_grad_()
+    (g,) = torch.autograd.grad(obj.optimal_sigma_nll(mean, x, per=per).sum(), mean)
+    sq = (x - mean.detach()).square()
+    lv = sq.mean(1, keepdim=True).log() if per == "example" else sq.mean().log()
+    (g_detached,) = torch.autograd.grad(gaussian_nll(mean, x, lv).sum(), mean)
+    torch.testing.assert_close(g, g_detached)
+    assert torch.autograd.gradcheck(lambda m: obj.optimal_sigma_nll(m, x, per=per), (mean,))
+
+
+def test_optimal_sigma_clamps_a_perfect_reconstruction():
+    x = torch.rand(2, 4, dtype=D64)
+    mean = x.clone().requires_grad_()
+    out = obj.optimal_sigma_nll(mean, x, min_logvar=-9.0)
+    torch.testing.assert_close(out, gaussian_nll(mean, x, -9.0))
+    (g,) = torch.autograd.grad(out.sum(), mean)
+    assert bool(torch.isfinite(g).all())
+    with pytest.raises(ValueError, match="per"):
+        obj.optimal_sigma_nll(mean, x, per="pixel")
+
+
+# ---------------------------------------------------------------------------------------
+# Discretized logistic
+
+
+def all_levels(mean, log_scale, n_bits=8):
+    k = 2 ** n_bits
+    x = torch.arange(k, dtype=D64).div(k - 1).view(k, 1)
+    return obj.discretized_logistic_nll(torch.full_like(x, mean), torch.full_like(x, log_scale), x, n_bits=n_bits)
+
+
+@pytest.mark.parametrize("mean, log_scale", [(0.5, -3.0), (0.1, 0.0), (-0.4, -1.0), (1.3, -20.0),
+                                             (0.7, 20.0), (0.5001, -20.0), (0.3, -6.0), (0.5, 2.0)])
+def test_masses_sum_to_one(mean, log_scale):
+    assert abs(float(torch.exp(-all_levels(mean, log_scale)).sum()) - 1.0) < 1e-9
+    assert abs(float(torch.exp(-all_levels(mean, log_scale, n_bits=3)).sum()) - 1.0) < 1e-9
+
+
+def test_masses_against_cdf_differences():
+    k = 255
+    x = torch.arange(256, dtype=D64).div(k)
+    # log_scale 1.4 and 1.5 sit either side of the switch to the series for log(1 - e^-delta)
+    for mean, log_scale in [(0.4, -2.5), (0.9, -4.0), (0.0, 0.5), (0.3, 1.4), (0.3, 1.5), (0.6, 3.0)]:
+        cdf = lambda v: torch.sigmoid((v - mean) / math.exp(log_scale))
+        upper = torch.where(x > 1 - 1e-9, torch.ones_like(x), cdf(x + 0.5 / k))
+        lower = torch.where(x < 1e-9, torch.zeros_like(x), cdf(x - 0.5 / k))
+        want = -torch.log(upper - lower)
+        got = all_levels(mean, log_scale).view(-1)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_discretized_logistic_gradcheck_and_extremes():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (2, 1, 2, 2)).double().div(255)
+    x[0, 0, 0, 0], x[1, 0, 0, 0] = 0.0, 1.0
+    mean = (torch.rand(2, 1, 2, 2, dtype=D64) * 1.2 - 0.1).requires_grad_()
+    log_scale = (torch.rand(2, 1, 2, 2, dtype=D64) * 3 - 4).requires_grad_()
+    assert torch.autograd.gradcheck(lambda m, s: obj.discretized_logistic_nll(m, s, x), (mean, log_scale))
+    for dtype in (torch.float32, D64):
+        for ls in (-20.0, 20.0):
+            m = torch.tensor([-3.0, 0.5, 4.0, 1.0], dtype=dtype).view(1, 4).expand(2, 4).clone().requires_grad_()
+            s = torch.full((2, 4), ls, dtype=dtype, requires_grad=True)
+            xx = torch.tensor([[0.0, 0.5, 1.0, 0.2], [1.0, 0.0, 3 / 255, 1.0]], dtype=dtype).mul(255).round().div(255)
+            out = obj.discretized_logistic_nll(m, s, xx)
+            out.sum().backward()
+            assert bool(torch.isfinite(out).all() and torch.isfinite(m.grad).all() and torch.isfinite(s.grad).all())
+    with pytest.raises(ValueError, match="multiples"):
+        obj.discretized_logistic_nll(mean, log_scale, torch.full_like(mean, 0.5001))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"name": "vae"}, "name"),
+    ({"beta": -1.0}, "beta"),
+    ({"beta_schedule": "exp"}, "beta_schedule"),
+    ({"beta_schedule": "linear", "warmup_steps": 0}, "warmup_steps"),
+    ({"beta_schedule": "cyclical", "cycle_steps": 0}, "cycle_steps"),
+    ({"beta_schedule": "cyclical", "cycle_steps": 10, "cycle_ratio": 1.5}, "cycle_ratio"),
+    ({"free_bits": -0.1}, "free_bits"),
+    ({"capacity_gamma": 0.0}, "capacity_gamma"),
+    ({"iw_samples": 0}, "iw_samples"),
+    ({"iw_samples": 5}, "iw_samples"),
+    ({"name": "iwae", "iw_samples": 5, "free_bits": 0.5}, "free_bits"),
+    ({"name": "iwae", "iw_samples": 5, "beta": 4.0}, "beta"),
+    ({"capacity_max": 25.0, "free_bits": 0.5}, "free_bits"),
+    ({"tc_alpha": 2.0}, "tc_alpha"),
+])
+def test_config_rejects(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        obj.ObjectiveConfig(**kwargs)
+
+
+def run(model, x, config, step, seed=7, **kw):
+    torch.manual_seed(seed)
+    return obj.objective_loss(model, x, config, step, **kw)
+
+
+def reference_forward(model, x, seed=7):
+    torch.manual_seed(seed)
+    out = model(x)
+    return out, model.nll(out.decoder_out, x), gaussian_kl(out.mu, out.logvar)
+
+
+@pytest.mark.parametrize("config, step, beta", [
+    (obj.ObjectiveConfig(beta=4.0), 3, 4.0),
+    (obj.ObjectiveConfig(beta=2.0, beta_schedule="linear", warmup_steps=10), 4, 0.8),
+    (obj.ObjectiveConfig(beta=2.0, beta_schedule="cyclical", cycle_steps=10, cycle_ratio=0.5), 13, 1.2),
+    (obj.ObjectiveConfig(beta=3.0, free_bits=0.05), 0, 3.0),
+    (obj.ObjectiveConfig(capacity_max=5.0, capacity_steps=10, capacity_gamma=100.0), 6, 100.0),
+    (obj.ObjectiveConfig(name="beta_tcvae", beta=6.0, tc_alpha=0.5), 0, 6.0),
+])
+def test_objective_loss_matches_its_parts(config, step, beta):
+    torch.manual_seed(0)
+    model, x = TinyVAE(), binary_batch(6)
+    res = run(model, x, config, step, dataset_size=500)
+    assert model.calls == 1
+    out, nll, kl = reference_forward(model, x)
+    if config.capacity_max:
+        penalty = 100.0 * (kl - 5.0 * 6 / 10).abs()
+    elif config.free_bits:
+        kl_j = per_dim_kl(out.mu, out.logvar).mean(0).detach()
+        assert float(kl_j.min()) < config.free_bits < float(kl_j.max())  # both regimes present
+        penalty = beta * torch.clamp(kl_j, min=config.free_bits).sum().expand(6)
+    elif config.name == "beta_tcvae":
+        mi, tc, dw = obj.tc_decomposition(out.z, out.mu, out.logvar, 500)
+        penalty = 0.5 * mi + 6.0 * tc + dw
+    else:
+        penalty = beta * kl
+    assert res.beta == pytest.approx(beta)
+    torch.testing.assert_close(res.loss, (nll + penalty).mean())
+    torch.testing.assert_close(res.reconstruction, nll.mean())
+    torch.testing.assert_close(res.kl, kl.mean())
+
+
+def test_objective_loss_iwae():
+    torch.manual_seed(0)
+    model, x = TinyVAE(likelihood="gaussian"), torch.rand(3, 1, 2, 3, dtype=D64)
+    res = run(model, x, obj.ObjectiveConfig(name="iwae", iw_samples=5), 0)
+    torch.manual_seed(7)
+    torch.testing.assert_close(res.loss, obj.iwae_loss(model, x, 5).mean())
+    mu, logvar = model.encode_params(x)
+    torch.testing.assert_close(res.kl, gaussian_kl(mu, logvar).mean())
+    assert res.beta == 1.0
+    res.loss.backward()
+    with pytest.raises(ValueError, match="dataset_size"):
+        obj.objective_loss(model, x, obj.ObjectiveConfig(name="beta_tcvae"), 0)
+    with pytest.raises(TypeError, match="config"):
+        obj.objective_loss(model, x, {"name": "elbo"}, 0)
