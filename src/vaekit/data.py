@@ -470,6 +470,8 @@ class BatchIterator:
 
     Iterating runs the rest of the current epoch; ``position`` is the index of the next
     batch, ``state_dict()`` / ``load_state_dict()`` resume at exactly that batch.
+    ``last_span = (offset, size, combined)`` says where the last batch yielded sits in its
+    combined batch.
     """
 
     def __init__(self, x: Tensor, batch_size: int, *, shuffle: bool = True, drop_last: bool = False,
@@ -495,6 +497,7 @@ class BatchIterator:
             raise ValueError(f"the last batch of {n % combined} examples cannot give each of the "
                              f"world_size={world_size} ranks one example; use drop_last=True")
         self.epoch = self.position = 0
+        self.last_span = (0, 0, 0)  # (offset, size, combined size) of the last batch
 
     def __len__(self) -> int:
         return self._len
@@ -534,6 +537,11 @@ class BatchIterator:
                 batch = torch.bernoulli(self.x[idx], generator=g).tensor_split(self.world_size)[self.rank]
             else:
                 batch = self.x[idx.tensor_split(self.world_size)[self.rank]]
+            # Where this rank's examples sit in the combined batch (tensor_split's layout),
+            # so per-example randomness can be drawn for the combined batch and sliced.
+            base, extra = divmod(len(idx), self.world_size)
+            r = self.rank
+            self.last_span = (r * base + min(r, extra), base + (r < extra), len(idx))
             self.position = j + 1
             yield batch
         self.epoch, self.position = epoch + 1, 0

@@ -218,9 +218,12 @@ class VAE(nn.Module):
         """Per-example reconstruction term ``-log p(x|z)`` under the configured likelihood, ``[B]``."""
         return reconstruction_nll(self.config.likelihood, decoder_out, x, logvar=self.config.fixed_logvar)
 
-    def forward(self, x: Tensor) -> VAEOutput:
+    def forward(self, x: Tensor, *, noise=None) -> VAEOutput:
+        """Encode, draw ``z = mu + sigma * eps`` and decode. ``noise(shape)``, when given,
+        supplies ``eps`` (the training loop uses it for step-keyed, rank-consistent noise)."""
         mu, logvar = self.encode_params(x)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        eps = torch.randn_like(mu) if noise is None else noise(tuple(mu.shape))
+        z = mu + torch.exp(0.5 * logvar) * eps
         return VAEOutput(self.decode(z), mu, logvar, z)
 
     # -- conveniences -------------------------------------------------------------------

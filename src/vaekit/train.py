@@ -1,0 +1,522 @@
+"""The fit loop: a plain function, no Trainer hierarchy.
+
+``fit(config, run_dir)`` trains a VAE and leaves in ``run_dir``:
+
+* ``config.json``: the resolved run configuration (model, data, train, objective);
+* ``model/``: the best model by validation ELBO (``model.safetensors`` + ``config.json``);
+* ``checkpoint.pt``: the latest training state (atomic), for ``resume=True``;
+* ``metrics.csv``, ``curves.png``, ``reconstructions.png``, ``samples.png``;
+* TensorBoard events in ``tb/`` when the ``tensorboard`` package is installed.
+
+Resuming continues exactly where the run stopped: the checkpoint holds the model,
+optimiser, step, random-number states, the position in the data order and the partial
+epoch sums, so a resumed run ends with the same weights bit for bit (on the CPU).
+Under ``torchrun`` the same function trains with DistributedDataParallel (see
+``docs/distributed.md``).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from . import __version__
+from .data import BatchIterator, DataConfig, _mix_seed, load_dataset
+from .io import CheckpointError, load_checkpoint, read_json, save_checkpoint, save_model, write_json
+from .models import VAE, ModelConfig
+from .objectives import ObjectiveConfig, objective_loss
+
+__all__ = ["TrainConfig", "RunConfig", "fit", "FitResult", "TrainingDiverged", "lr_at", "resolve_device"]
+
+LR_SCHEDULES = ("constant", "cosine")
+AMP_MODES = ("none", "bf16")
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row; the last good checkpoint is left intact."""
+
+
+def _need(cond: bool, name: str, expected: str, got) -> None:
+    if not cond:
+        raise ValueError(f"TrainConfig.{name} must be {expected}, got {got!r}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass
+class TrainConfig:
+    """How to train.
+
+    Attributes:
+        epochs: passes over the training set.
+        max_steps: stop after this many optimiser steps (0: no limit).
+        batch_size: examples per step (per process under torchrun).
+        lr: Adam learning rate.
+        lr_schedule: ``constant`` or ``cosine`` (decay to 0 over the run).
+        weight_decay: Adam weight decay.
+        grad_clip: clip the global gradient norm to this (0: off).
+        seed: seeds the weights, the data order and the sampling noise.
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+        early_stopping: stop after this many epochs without a better validation ELBO
+            (0: off).
+        checkpoint_every: also checkpoint every this many steps (0: at epoch ends only).
+        max_bad_steps: stop after this many non-finite steps in a row.
+        amp: ``none`` or ``bf16`` (autocast for the forward pass).
+        num_threads: CPU threads for PyTorch (0: one per core).
+        progress: show a tqdm progress bar.
+    """
+
+    epochs: int = 20
+    max_steps: int = 0
+    batch_size: int = 100
+    lr: float = 1e-3
+    lr_schedule: str = "constant"
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    early_stopping: int = 0
+    checkpoint_every: int = 0
+    max_bad_steps: int = 10
+    amp: str = "none"
+    num_threads: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "max_steps", "early_stopping", "checkpoint_every", "num_threads", "seed"):
+            v = getattr(self, name)
+            _need(_is_int(v) and v >= 0, name, "an integer >= 0", v)
+        _need(self.epochs > 0 or self.max_steps > 0, "epochs", "> 0 (or max_steps > 0)", self.epochs)
+        _need(_is_int(self.batch_size) and self.batch_size > 0, "batch_size", "a positive integer", self.batch_size)
+        _need(_is_int(self.max_bad_steps) and self.max_bad_steps > 0, "max_bad_steps", "a positive integer", self.max_bad_steps)
+        _need(_is_num(self.lr) and self.lr > 0, "lr", "a finite number > 0", self.lr)
+        for name in ("weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            _need(_is_num(v) and v >= 0, name, "a finite number >= 0", v)
+        _need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {', '.join(LR_SCHEDULES)}", self.lr_schedule)
+        _need(self.amp in AMP_MODES, "amp", f"one of {', '.join(AMP_MODES)}", self.amp)
+        _need(isinstance(self.progress, bool), "progress", "true or false", self.progress)
+        _need(
+            isinstance(self.device, str) and (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")),
+            "device", "auto, cpu, cuda or cuda:N", self.device,
+        )
+
+
+GROUPS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "objective": ObjectiveConfig}
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs: one dataclass per concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+
+    def to_dict(self) -> dict:
+        out = {}
+        for name in GROUPS:
+            d = dataclasses.asdict(getattr(self, name))
+            out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"a run config must be a mapping, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(GROUPS) - {"vaekit_version"})
+        if unknown:
+            raise ValueError(f"unknown config section(s): {', '.join(unknown)}; known: {', '.join(GROUPS)}")
+        parts = {}
+        for name, klass in GROUPS.items():
+            sub = d.get(name, {})
+            if not isinstance(sub, dict):
+                raise TypeError(f"config section {name!r} must be a mapping, got {type(sub).__name__}")
+            known = {f.name for f in dataclasses.fields(klass)}
+            bad = sorted(set(sub) - known)
+            if bad:
+                raise ValueError(f"unknown key(s) in config section {name!r}: {', '.join(bad)}")
+            parts[name] = klass(**sub)
+        return cls(**parts)
+
+
+class FitResult(NamedTuple):
+    model: VAE
+    history: list
+    run_dir: Path
+    interrupted: bool
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"TrainConfig.device is {name!r} but no CUDA device is available")
+    return dev
+
+
+def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
+    """The learning rate at ``step``: a pure function of the step."""
+    if config.lr_schedule == "cosine" and total_steps > 0:
+        return 0.5 * config.lr * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    return config.lr
+
+
+class _Objective(nn.Module):
+    """The objective as a module, so that DistributedDataParallel sees every forward.
+
+    The reparameterisation noise of step ``s`` is drawn for the whole combined batch from a
+    generator seeded by ``(seed, s)`` and sliced to this process's examples: a run on W
+    processes then draws exactly the noise of one process with the combined batch, and a
+    resumed run the noise of the uninterrupted one.
+    """
+
+    def __init__(self, model: VAE, config: ObjectiveConfig, dataset_size: int, batches: BatchIterator,
+                 seed: int, device: torch.device) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.dataset_size = dataset_size
+        self._batches = batches
+        self._seed = seed
+        self._gen = torch.Generator(device=device)
+
+    def forward(self, x, step: int):
+        def noise(shape):
+            offset, size, combined = self._batches.last_span
+            self._gen.manual_seed(_mix_seed(self._seed, _NOISE_STREAM, step))
+            full = torch.randn(*shape[:-2], combined, shape[-1], generator=self._gen, device=x.device)
+            return full[..., offset : offset + size, :]
+
+        return objective_loss(self.model, x, self.config, step, dataset_size=self.dataset_size, noise=noise)
+
+
+_NOISE_STREAM = 0x6E6F6973  # keeps the noise seeds apart from the data-order seeds
+
+
+class _Stop:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _dist_info() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+METRIC_FIELDS = ["epoch", "step", "split", "loss", "reconstruction", "kl", "elbo", "beta", "lr", "skipped", "seconds"]
+
+
+def _write_metrics(path: Path, rows: list) -> None:
+    import io as _io
+
+    buf = _io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    from .io import atomic_write
+
+    data = buf.getvalue().encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
+@torch.no_grad()
+def _validate(model: VAE, x: torch.Tensor, batch_size: int) -> dict:
+    from .evaluate import elbo_terms
+
+    was = model.training
+    model.eval()
+    sums = {"elbo": 0.0, "reconstruction": 0.0, "kl": 0.0}
+    for i in range(0, x.shape[0], batch_size):
+        t = elbo_terms(model, x[i : i + batch_size])
+        for k in sums:
+            sums[k] += float(t[k].sum())
+    model.train(was)
+    n = max(1, x.shape[0])
+    out = {k: v / n for k, v in sums.items()}
+    out["loss"] = -out["elbo"]
+    return out
+
+
+def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
+    """Train a VAE as ``config`` says; write everything into ``run_dir``.
+
+    With ``resume=True`` the run continues from ``run_dir/checkpoint.pt`` with the
+    configuration saved there (``config`` is ignored but for ``train.progress``).
+    """
+    run_dir = Path(run_dir)
+    rank, local_rank, world = _dist_info()
+    distributed = world > 1
+    ckpt_path = run_dir / "checkpoint.pt"
+    state = None
+    if resume:
+        state = load_checkpoint(ckpt_path)
+        progress_flag = config.train.progress
+        config = RunConfig.from_dict(state["config"])
+        config.train = dataclasses.replace(config.train, progress=progress_flag)
+    tc, oc = config.train, config.objective
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    device = resolve_device(tc.device)
+    if distributed:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    data = load_dataset(config.data)
+    config.model = dataclasses.replace(config.model, input_shape=tuple(data.train.shape[1:]))
+    torch.manual_seed(tc.seed)
+    model = VAE(config.model).to(device)
+    batches = BatchIterator(
+        data.train, tc.batch_size, shuffle=True, drop_last=False,
+        dynamic_binarize=config.data.binarize == "dynamic", seed=tc.seed, device=device,
+        rank=rank, world_size=world,
+    )
+    objective = _Objective(model, oc, data.train.shape[0], batches, tc.seed, device)
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    val_x = data.val.to(device)
+    steps_per_epoch = len(batches)
+    total_steps = tc.epochs * steps_per_epoch
+    if tc.max_steps:
+        total_steps = min(total_steps, tc.max_steps) if tc.epochs else tc.max_steps
+    epochs = tc.epochs if tc.epochs else math.ceil(total_steps / steps_per_epoch)
+
+    # Per-rank noise: every process draws its own reparameterisation noise.
+    torch.manual_seed(tc.seed * 1000 + 17 + rank)
+    step, epoch, history = 0, 0, []
+    best, since_best, skipped, bad_run = math.inf, 0, 0, 0
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, rec, kl, n over the epoch
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, epoch, history = state["step"], state["epoch"], list(state["history"])
+        best, since_best, skipped = state["best"], state["since_best"], state["skipped"]
+        sums = state["sums"].to(device)
+        batches.load_state_dict(state["batches"])
+        rngs = state["rng"]
+        if len(rngs) == world:
+            _set_rng_state(rngs[rank], device)
+    is_main = rank == 0
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", {"vaekit_version": __version__, **config.to_dict()})
+    writer = _tensorboard(run_dir) if is_main else None
+
+    def checkpoint() -> None:
+        rng = _rng_state(device)
+        rngs = [rng]
+        if distributed:
+            rngs = [None] * world
+            torch.distributed.all_gather_object(rngs, {k: v.cpu() for k, v in rng.items()})
+        if is_main:
+            save_checkpoint(ckpt_path, {
+                "config": config.to_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "step": step, "epoch": epoch, "history": history, "best": best, "since_best": since_best,
+                "skipped": skipped, "sums": sums.cpu(), "batches": batches.state_dict(), "rng": rngs,
+                "vaekit_version": __version__,
+            })
+        if distributed:
+            torch.distributed.barrier()
+
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if tc.amp == "bf16" else _nullcontext()
+    progress = _progress(tc.progress and is_main, total_steps, step)
+    interrupted = False
+    lr, beta = lr_at(step, total_steps, tc), oc.beta
+    t0 = time.perf_counter()
+    with _Stop() as stop:
+        while epoch < epochs and step < total_steps and not interrupted:
+            model.train()
+            if batches.position == 0:
+                batches.set_epoch(epoch)
+            for x in batches:
+                lr = lr_at(step, total_steps, tc)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                with amp:
+                    out = objective(x, step)
+                opt.zero_grad(set_to_none=True)
+                out.loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
+                beta = out.beta
+                ok = torch.isfinite(out.loss) & torch.isfinite(gnorm)
+                if distributed:  # every rank must take the same decision
+                    ok = ok.to(torch.int32)
+                    torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+                if bool(ok):
+                    opt.step()
+                    bad_run = 0
+                    b = x.shape[0]
+                    sums += torch.stack([out.loss.detach() * b, out.reconstruction.detach() * b,
+                                         out.kl.detach() * b, torch.tensor(b, device=device)]).double()
+                else:
+                    skipped += 1
+                    bad_run += 1
+                    if bad_run >= tc.max_bad_steps:
+                        progress.close()
+                        raise TrainingDiverged(
+                            f"{bad_run} non-finite steps in a row (at step {step}); stopped. "
+                            f"The last good checkpoint is {ckpt_path if ckpt_path.exists() else 'not written yet'}"
+                        )
+                step += 1
+                progress.update(1)
+                if step % 20 == 0 and sums[3] > 0:
+                    progress.set_postfix(loss=f"{float(sums[0] / sums[3]):.2f}", rec=f"{float(sums[1] / sums[3]):.2f}",
+                                         kl=f"{float(sums[2] / sums[3]):.2f}", beta=f"{beta:.3g}")
+                if stop.signum or step >= total_steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
+                    if stop.signum:
+                        interrupted = True
+                        checkpoint()
+                        break
+                    if step >= total_steps:
+                        break
+                    checkpoint()
+            if interrupted:
+                break
+            # -- end of epoch ---------------------------------------------------------------
+            if distributed:
+                torch.distributed.all_reduce(sums)
+            n = float(sums[3]) or 1.0
+            row = {"epoch": epoch + 1, "step": step, "split": "train", "loss": float(sums[0]) / n,
+                   "reconstruction": float(sums[1]) / n, "kl": float(sums[2]) / n,
+                   "elbo": -(float(sums[1]) + float(sums[2])) / n, "beta": beta, "lr": lr,
+                   "skipped": skipped, "seconds": round(time.perf_counter() - t0, 3)}
+            val = _validate(model, val_x, max(tc.batch_size, 500))
+            vrow = {**row, "split": "val", **val}
+            history += [row, vrow]
+            epoch += 1
+            sums.zero_()
+            batches.set_epoch(epoch)
+            improved = val["loss"] < best
+            if improved:
+                best, since_best = val["loss"], 0
+            else:
+                since_best += 1
+            if is_main:
+                if improved:
+                    save_model(model, run_dir / "model")
+                _write_metrics(run_dir / "metrics.csv", history)
+                if writer is not None:
+                    for split, r in (("train", row), ("val", vrow)):
+                        for k in ("loss", "reconstruction", "kl"):
+                            writer.add_scalar(f"{split}/{k}", r[k], epoch)
+            checkpoint()
+            if tc.early_stopping and since_best >= tc.early_stopping:
+                break
+    progress.close()
+    if interrupted:
+        if is_main:
+            print(f"vaekit: interrupted by signal {stop.signum}; checkpoint saved to {ckpt_path}; "
+                  f"continue with: vaekit train --resume {run_dir}", flush=True)
+        return FitResult(model, history, run_dir, True)
+    if is_main:
+        if not (run_dir / "model" / "model.safetensors").exists():
+            save_model(model, run_dir / "model")
+        best_model = VAE.from_pretrained(run_dir / "model", device=device)
+        _pictures(best_model, data.test if data.test.shape[0] else data.val, run_dir, history, tc.seed)
+        if writer is not None:
+            writer.close()
+    if distributed:
+        torch.distributed.barrier()
+    return FitResult(model, history, run_dir, False)
+
+
+def _pictures(model: VAE, x: torch.Tensor, run_dir: Path, history: list, seed: int) -> None:
+    from .plots import plot_curves, save_image_grid
+
+    model.eval()
+    scale = max(1, 112 // max(model.config.input_shape[-1], 1))
+    shape = model.config.input_shape
+    x = x[:32].to(next(model.parameters()).device)
+    rec = model.reconstruct(x)
+    pairs = torch.stack([x, rec], 1).reshape(-1, *x.shape[1:])  # input above its reconstruction
+    kw = {"image_shape": None} if len(shape) == 3 else {"image_shape": _square(shape)}
+    save_image_grid(pairs.cpu(), run_dir / "reconstructions.png", nrow=8, scale=scale, **kw)
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    save_image_grid(model.sample(64, generator=g).cpu(), run_dir / "samples.png", nrow=8, scale=scale, **kw)
+    if history:
+        plot_curves(history, run_dir / "curves.png")
+
+
+def _square(shape) -> tuple | None:
+    d = math.prod(shape)
+    s = int(math.isqrt(d))
+    return (1, s, s) if s * s == d else None
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is an optional extra
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, leave=False)
