@@ -30,7 +30,7 @@ __all__ = [
     "binarize_static", "binarize_dynamic", "check_images", "DATASETS", "MNIST_FILES",
 ]
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "array", "folder")
+DATASETS = ("digits", "mnist", "fashion-mnist", "array", "folder", "sprites")
 BINARIZATIONS = ("none", "static", "dynamic")
 SPLITS = ("random", "tail")
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -78,7 +78,8 @@ class DataConfig:
         dataset: one of ``DATASETS``.
         data_dir: for "mnist"/"fashion-mnist" the directory holding the four IDX files
             (raw or .gz) or ``<dataset>.npz`` (default ``data/<dataset>``); for "array"
-            a .npy/.npz file; for "folder" a folder of images. Unused for "digits".
+            a .npy/.npz file; for "folder" a folder of images. Unused for "digits" and
+            "sprites".
         binarize: "none"; "static" (``x > 0.5``, at load time); or "dynamic": training
             batches are fresh Bernoulli samples of the grey levels (drawn by
             :class:`BatchIterator`), while validation and test are binarized ONCE, at
@@ -90,6 +91,9 @@ class DataConfig:
             ``val_size`` training examples).
         seed: seeds the validation split and the binarization of val/test.
         download: fetch missing MNIST-like files (see :func:`download_mnist`).
+        sprites_count: how many images of the "sprites" factor data set
+            (:mod:`vaekit.disentangle`) to render, factors drawn with seed 0; the
+            labels are the five factors.
     """
 
     dataset: str = "digits"
@@ -99,6 +103,7 @@ class DataConfig:
     split: str = "random"
     seed: int = 0
     download: bool = False
+    sprites_count: int = 50000
 
     def __post_init__(self) -> None:
         _check_choice("dataset", self.dataset, DATASETS)
@@ -118,6 +123,7 @@ class DataConfig:
         if isinstance(v, int) and v < 0:
             raise ValueError(f"val_size must be >= 0, got {v}")
         _check_int("seed", self.seed)
+        _check_int("sprites_count", self.sprites_count, 2)
         if not isinstance(self.download, bool):
             raise TypeError(f"download must be a bool, got {type(self.download).__name__}")
 
@@ -424,6 +430,11 @@ def load_dataset(config: DataConfig) -> SplitData:
     elif name in ("mnist", "fashion-mnist"):
         root = Path(config.data_dir or os.path.join("data", name))
         x, y, xt, yt = _load_mnist(root, name, config.download)
+    elif name == "sprites":
+        from .disentangle import make_sprites
+
+        x, y = make_sprites(config.sprites_count, seed=0)
+        xt = yt = None
     else:
         path = Path(config.data_dir)
         if name == "array" and path.suffix not in (".npy", ".npz"):

@@ -78,7 +78,8 @@ class TrainConfig:
         checkpoint_every: also checkpoint every this many steps (0: at epoch ends only).
         max_bad_steps: stop after this many non-finite steps in a row.
         amp: ``none`` or ``bf16`` (autocast for the forward pass).
-        num_threads: CPU threads for PyTorch (0: one per core).
+        num_threads: CPU threads for PyTorch (0: automatic: one thread for small
+            models, whose steps run faster single-threaded, else PyTorch's default).
         progress: show a tqdm progress bar.
     """
 
@@ -171,6 +172,14 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"TrainConfig.device is {name!r} but no CUDA device is available")
     return dev
+
+
+_SMALL_STEP = 2e7
+
+
+def _work_per_step(model: nn.Module, batch_size: int) -> float:
+    """Multiply-adds of one forward pass, roughly: parameters times batch size."""
+    return sum(p.numel() for p in model.parameters()) * batch_size
 
 
 def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
@@ -304,8 +313,6 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
         config = RunConfig.from_dict(state["config"])
         config.train = dataclasses.replace(config.train, progress=progress_flag)
     tc, oc = config.train, config.objective
-    if tc.num_threads:
-        torch.set_num_threads(tc.num_threads)
     device = resolve_device(tc.device)
     if distributed:
         import torch.distributed as dist
@@ -320,6 +327,12 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
     config.model = dataclasses.replace(config.model, input_shape=tuple(data.train.shape[1:]))
     torch.manual_seed(tc.seed)
     model = VAE(config.model).to(device)
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    elif device.type == "cpu" and _work_per_step(model, tc.batch_size) < _SMALL_STEP:
+        # A tiny step is slower on several threads: they spin on the OpenMP barrier and
+        # fight other processes for the cores (measured: see docs/benchmarks.md).
+        torch.set_num_threads(1)
     batches = BatchIterator(
         data.train, tc.batch_size, shuffle=True, drop_last=False,
         dynamic_binarize=config.data.binarize == "dynamic", seed=tc.seed, device=device,
