@@ -34,12 +34,14 @@ from . import __version__
 from .data import BatchIterator, DataConfig, _mix_seed, load_dataset
 from .io import CheckpointError, load_checkpoint, read_json, save_checkpoint, save_model, write_json
 from .models import VAE, ModelConfig
-from .objectives import ObjectiveConfig, objective_loss
+from .fast import StaticStep, static_step_supported
+from .objectives import ObjectiveConfig, beta_schedule, objective_loss
 
 __all__ = ["TrainConfig", "RunConfig", "fit", "FitResult", "TrainingDiverged", "lr_at", "resolve_device"]
 
 LR_SCHEDULES = ("constant", "cosine")
 AMP_MODES = ("none", "bf16")
+FAST_MODES = ("auto", "static", "off")
 
 
 class TrainingDiverged(RuntimeError):
@@ -80,6 +82,9 @@ class TrainConfig:
         amp: ``none`` or ``bf16`` (autocast for the forward pass).
         num_threads: CPU threads for PyTorch (0: automatic: one thread for small
             models, whose steps run faster single-threaded, else PyTorch's default).
+        fast: ``auto`` (the static step on CUDA, captured in a CUDA graph, where the
+            objective allows it), ``static`` (that step everywhere; uncaptured off CUDA)
+            or ``off`` (the eager step). See :mod:`vaekit.fast`.
         progress: show a tqdm progress bar.
     """
 
@@ -97,6 +102,7 @@ class TrainConfig:
     max_bad_steps: int = 10
     amp: str = "none"
     num_threads: int = 0
+    fast: str = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -112,6 +118,7 @@ class TrainConfig:
             _need(_is_num(v) and v >= 0, name, "a finite number >= 0", v)
         _need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {', '.join(LR_SCHEDULES)}", self.lr_schedule)
         _need(self.amp in AMP_MODES, "amp", f"one of {', '.join(AMP_MODES)}", self.amp)
+        _need(self.fast in FAST_MODES, "fast", f"one of {', '.join(FAST_MODES)}", self.fast)
         _need(isinstance(self.progress, bool), "progress", "true or false", self.progress)
         _need(
             isinstance(self.device, str) and (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")),
@@ -174,6 +181,21 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def _use_static(tc, oc, model, device, distributed: bool) -> bool:
+    if tc.fast == "off" or distributed or not static_step_supported(model, oc):
+        return False
+    return tc.fast == "static" or device.type == "cuda"
+
+
+def _fold(static: StaticStep, sums: torch.Tensor, bad_run: int, skipped: int) -> tuple[int, int]:
+    """Move the static step's device counters into the loop's (one sync)."""
+    sums += static.sums
+    static.sums.zero_()
+    n_bad, run = int(static.skipped), int(static.bad_run)
+    static.skipped.zero_()
+    return (run if n_bad else bad_run), skipped + n_bad
+
+
 _SMALL_STEP = 2e7
 
 
@@ -208,14 +230,17 @@ class _Objective(nn.Module):
         self._seed = seed
         self._gen = torch.Generator(device=device)
 
-    def forward(self, x, step: int):
-        def noise(shape):
-            offset, size, combined = self._batches.last_span
-            self._gen.manual_seed(_mix_seed(self._seed, _NOISE_STREAM, step))
-            full = torch.randn(*shape[:-2], combined, shape[-1], generator=self._gen, device=x.device)
-            return full[..., offset : offset + size, :]
+    def noise(self, step: int, shape) -> torch.Tensor:
+        """Standard-normal noise of ``shape`` (batch in dim -2) for this process's slice of
+        the combined batch of ``step``."""
+        offset, size, combined = self._batches.last_span
+        self._gen.manual_seed(_mix_seed(self._seed, _NOISE_STREAM, step))
+        full = torch.randn(*shape[:-2], combined, shape[-1], generator=self._gen, device=self._gen.device)
+        return full[..., offset : offset + size, :]
 
-        return objective_loss(self.model, x, self.config, step, dataset_size=self.dataset_size, noise=noise)
+    def forward(self, x, step: int):
+        return objective_loss(self.model, x, self.config, step, dataset_size=self.dataset_size,
+                              noise=lambda shape: self.noise(step, shape))
 
 
 _NOISE_STREAM = 0x6E6F6973  # keeps the noise seeds apart from the data-order seeds
@@ -343,7 +368,12 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    if _use_static(tc, oc, model, device, distributed) and device.type == "cuda":
+        # A captured step reads the learning rate from the device.
+        opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(tc.lr, device=device),
+                               weight_decay=tc.weight_decay, capturable=True)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     val_x = data.val.to(device)
     steps_per_epoch = len(batches)
     total_steps = tc.epochs * steps_per_epoch
@@ -366,6 +396,10 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
         rngs = state["rng"]
         if len(rngs) == world:
             _set_rng_state(rngs[rank], device)
+    static = None
+    if _use_static(tc, oc, model, device, distributed):
+        static = StaticStep(model, opt, batch_size=tc.batch_size, grad_clip=tc.grad_clip, amp=tc.amp == "bf16")
+    inner = objective.module if distributed else objective
     is_main = rank == 0
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -373,6 +407,9 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
     writer = _tensorboard(run_dir) if is_main else None
 
     def checkpoint() -> None:
+        nonlocal bad_run, skipped
+        if static is not None:
+            bad_run, skipped = _fold(static, sums, bad_run, skipped)
         rng = _rng_state(device)
         rngs = [rng]
         if distributed:
@@ -400,33 +437,42 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
                 batches.set_epoch(epoch)
             for x in batches:
                 lr = lr_at(step, total_steps, tc)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                with amp:
-                    out = objective(x, step)
-                opt.zero_grad(set_to_none=True)
-                out.loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
-                beta = out.beta
-                ok = torch.isfinite(out.loss) & torch.isfinite(gnorm)
-                if distributed:  # every rank must take the same decision
-                    ok = ok.to(torch.int32)
-                    torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-                if bool(ok):
-                    opt.step()
-                    bad_run = 0
-                    b = x.shape[0]
-                    sums += torch.stack([out.loss.detach() * b, out.reconstruction.detach() * b,
-                                         out.kl.detach() * b, torch.tensor(b, device=device)]).double()
+                if static is not None and x.shape[0] == tc.batch_size:
+                    beta = beta_schedule(oc.beta_schedule, step, beta=oc.beta, warmup_steps=oc.warmup_steps,
+                                         cycle_steps=oc.cycle_steps, ratio=oc.cycle_ratio)
+                    static.run(x, inner.noise(step, (x.shape[0], config.model.latent_dim)), lr, beta)
+                    if step % 20 == 19:
+                        bad_run, skipped = _fold(static, sums, bad_run, skipped)
                 else:
-                    skipped += 1
-                    bad_run += 1
-                    if bad_run >= tc.max_bad_steps:
-                        progress.close()
-                        raise TrainingDiverged(
-                            f"{bad_run} non-finite steps in a row (at step {step}); stopped. "
-                            f"The last good checkpoint is {ckpt_path if ckpt_path.exists() else 'not written yet'}"
-                        )
+                    for g in opt.param_groups:
+                        g["lr"] = lr
+                    with amp:
+                        out = objective(x, step)
+                    opt.zero_grad(set_to_none=True)
+                    out.loss.backward()
+                    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
+                    beta = out.beta
+                    ok = torch.isfinite(out.loss) & torch.isfinite(gnorm)
+                    if distributed:  # every rank must take the same decision
+                        ok = ok.to(torch.int32)
+                        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+                    if bool(ok):
+                        opt.step()
+                        bad_run = 0
+                        b = x.shape[0]
+                        sums += torch.stack([out.loss.detach() * b, out.reconstruction.detach() * b,
+                                             out.kl.detach() * b, torch.tensor(b, device=device)]).double()
+                    else:
+                        skipped += 1
+                        bad_run += 1
+                    if static is not None:
+                        static.resync()
+                if bad_run >= tc.max_bad_steps:
+                    progress.close()
+                    raise TrainingDiverged(
+                        f"{bad_run} non-finite steps in a row (at step {step}); stopped. "
+                        f"The last good checkpoint is {ckpt_path if ckpt_path.exists() else 'not written yet'}"
+                    )
                 step += 1
                 progress.update(1)
                 if step % 20 == 0 and sums[3] > 0:
@@ -443,6 +489,10 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
             if interrupted:
                 break
             # -- end of epoch ---------------------------------------------------------------
+            if static is not None:
+                bad_run, skipped = _fold(static, sums, bad_run, skipped)
+                if bad_run >= tc.max_bad_steps:
+                    raise TrainingDiverged(f"{bad_run} non-finite steps in a row (at step {step}); stopped")
             if distributed:
                 torch.distributed.all_reduce(sums)
             n = float(sums[3]) or 1.0

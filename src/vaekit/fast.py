@@ -1,0 +1,174 @@
+"""The fast training step: one whole step over static buffers, replayed as a CUDA graph.
+
+:class:`StaticStep` runs forward, loss, backward, gradient clipping and Adam on
+tensors that never move (the batch, the noise, beta and the learning rate are copied
+into them), so that on CUDA the whole step is captured once in a CUDA graph and each
+later step is one ``replay``: no Python per kernel, no host synchronisation inside the
+epoch. It computes what the eager loop computes:
+
+* the same objective (``reconstruction + beta * KL``, batch mean) through
+  :func:`vaekit.kernels.fused_vae_loss`, whose reference is :class:`vaekit.losses.VAELoss`
+  (the Triton kernel on CUDA, the eager functions elsewhere);
+* the same noise (drawn by the caller from the step-keyed generator);
+* the same non-finite rule without a sync: when the loss or the gradient norm is not
+  finite, every parameter and optimiser state is put back to its value before the step
+  (a ``torch.where`` against a copy kept on the device), and the step is counted as
+  skipped on the device.
+
+Off CUDA the same code runs uncaptured: that is how the tests compare it with the eager
+loop on a CPU. Only the plain ELBO/beta-VAE objective with a constant batch size takes
+this path; the training loop runs the eager step for anything else (a partial last
+batch, IWAE, beta-TCVAE, free bits, capacity).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .kernels import fused_available, fused_vae_loss
+from .losses import LossResult, gaussian_kl, reconstruction_nll
+
+__all__ = ["StaticStep", "static_step_supported"]
+
+
+def static_step_supported(model, objective) -> bool:
+    """Whether :class:`StaticStep` computes this objective for this model."""
+    return (
+        objective.name == "elbo"
+        and objective.free_bits == 0
+        and objective.capacity_max == 0
+        and model.config.likelihood in ("bernoulli", "gaussian", "continuous_bernoulli", "mse")
+    )
+
+
+class StaticStep:
+    """One optimiser step of ``model`` on a batch of a fixed size, over static buffers.
+
+    Args:
+        model: a :class:`vaekit.models.VAE` (on its training device).
+        optimizer: its Adam; on CUDA built with ``capturable=True`` and a tensor ``lr``.
+        batch_size: the (constant) batch size of the steps it runs.
+        grad_clip: global gradient-norm clip (0: off).
+        amp: autocast the forward in bfloat16.
+        capture: capture a CUDA graph (default: when the model is on CUDA).
+
+    Call ``run(x, eps, lr, beta)`` per step; ``sums`` holds ``[loss*b, rec*b, kl*b, b]``
+    over the accepted steps, ``skipped`` and ``bad_run`` count non-finite steps (all on
+    the device, read them at epoch ends).
+    """
+
+    def __init__(self, model, optimizer, *, batch_size: int, grad_clip: float = 0.0, amp: bool = False,
+                 capture: bool | None = None, warmup: int = 3) -> None:
+        p = next(model.parameters())
+        self.device = p.device
+        self.model, self.opt = model, optimizer
+        self.params = [q for q in model.parameters() if q.requires_grad]
+        self.grad_clip = grad_clip or math.inf
+        self.amp = amp
+        cfg = model.config
+        self.x = torch.zeros(batch_size, *cfg.input_shape, device=self.device)
+        self.eps = torch.zeros(batch_size, cfg.latent_dim, device=self.device)
+        self.beta = torch.zeros((), device=self.device)
+        self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        self.skipped = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.bad_run = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.capture = (self.device.type == "cuda") if capture is None else capture
+        self._graph = None
+        self._backups: list[tuple[Tensor, Tensor]] | None = None
+        self._warmup_left = warmup if self.capture else 0
+        self._fused = (fused_available(self.device) and cfg.likelihood in ("bernoulli", "gaussian")
+                       and cfg.decoder_variance == "fixed")
+
+    # -- the step, as captured ----------------------------------------------------------
+
+    def _state_tensors(self) -> list[Tensor]:
+        out = [q.data for q in self.params]
+        for q in self.params:
+            for v in self.opt.state.get(q, {}).values():
+                if isinstance(v, Tensor) and v.device == self.device:
+                    out.append(v)
+        return out
+
+    def _body(self) -> None:
+        model, cfg = self.model, self.model.config
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            mu, logvar = model.encode_params(self.x)
+            z = mu + torch.exp(0.5 * logvar) * self.eps
+            out = model.decode(z)
+        if self._fused:
+            res = fused_vae_loss(self.x, out, mu, logvar, beta=self.beta, reconstruction=cfg.likelihood,
+                                 reduction="mean", gaussian_logvar=cfg.fixed_logvar, validate_args=False)
+        else:
+            rec = reconstruction_nll(cfg.likelihood, out, self.x, logvar=cfg.fixed_logvar, validate_args=False).mean()
+            kl = gaussian_kl(mu, logvar, validate_args=False).mean()
+            res = LossResult(rec + self.beta * kl, rec, kl)
+        res.loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        ok = torch.isfinite(res.loss) & torch.isfinite(gnorm)
+        self.opt.step()
+        for t, backup in self._backups:
+            t.copy_(torch.where(ok, t, backup))
+            backup.copy_(t)
+        b = float(self.x.shape[0])
+        parts = torch.stack([res.loss.detach() * b, res.reconstruction.detach() * b, res.kl.detach() * b,
+                             torch.full((), b, device=self.device)]).double()
+        self.sums += torch.where(ok, parts, torch.zeros_like(parts))
+        bad = (~ok).to(torch.int64)
+        self.skipped += bad
+        self.bad_run.mul_(bad).add_(bad)
+
+    def _refresh_backups(self) -> None:
+        self._backups = [(t, t.detach().clone()) for t in self._state_tensors()]
+
+    # -- driving it ---------------------------------------------------------------------
+
+    def resync(self) -> None:
+        """Call after an eager step changed the weights or optimiser state in place: the
+        copies that undo a non-finite step follow (the captured graph reads the same
+        tensors, so it stays valid)."""
+        if self._backups is not None:
+            for t, backup in self._backups:
+                backup.copy_(t)
+
+    def run(self, x: Tensor, eps: Tensor, lr: float, beta: float) -> None:
+        """One step on batch ``x`` with noise ``eps``, learning rate ``lr`` and KL weight ``beta``."""
+        self.x.copy_(x)
+        self.eps.copy_(eps)
+        self.beta.fill_(beta)
+        for g in self.opt.param_groups:
+            if isinstance(g["lr"], Tensor):
+                g["lr"].fill_(lr)
+            else:
+                g["lr"] = lr
+        if self._backups is None or (self.opt.state and len(self._backups) != len(self._state_tensors())):
+            self._refresh_backups()
+        if not self.capture:
+            self.opt.zero_grad(set_to_none=True)
+            self._body()
+            return
+        if self._graph is not None:
+            self._graph.replay()
+            return
+        if self._warmup_left > 0:
+            # Warm-up steps on a side stream create the optimiser state and the autograd
+            # buffers before capture, as CUDA graphs require.
+            self._warmup_left -= 1
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                self.opt.zero_grad(set_to_none=True)
+                self._body()
+            torch.cuda.current_stream().wait_stream(s)
+            self._refresh_backups()
+            return
+        self._refresh_backups()
+        self.opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._body()
+        self._graph = graph
+        # Capture records the step without running it: run it now.
+        graph.replay()

@@ -1,0 +1,94 @@
+"""The static (graph-capturable) training step computes what the eager step computes.
+
+On a CPU the step runs uncaptured; on CUDA (benchmarks/gpu.sh) the same tests capture it.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from vaekit.cli import build_config
+from vaekit.fast import StaticStep
+from vaekit.io import load_checkpoint
+from vaekit.losses import gaussian_kl
+from vaekit.models import VAE, ModelConfig
+from vaekit.train import fit
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _tiny(fast: str, **train):
+    return build_config(overrides={
+        "train.epochs": 3, "train.fast": fast, "train.progress": False, "model.hidden": (32,),
+        "model.latent_dim": 3, "train.grad_clip": 50.0, **{f"train.{k}": v for k, v in train.items()},
+    })
+
+
+def test_static_fit_equals_eager_fit(tmp_path):
+    torch.set_num_threads(1)
+    eager = fit(_tiny("off"), tmp_path / "eager")
+    static = fit(_tiny("static"), tmp_path / "static")
+    a = load_checkpoint(tmp_path / "eager" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "static" / "checkpoint.pt")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    for ra, rb in zip(eager.history, static.history):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+
+
+def _manual_step(model, opt, x, eps, beta):
+    mu, logvar = model.encode_params(x)
+    z = mu + torch.exp(0.5 * logvar) * eps
+    loss = (model.nll(model.decode(z), x) + beta * gaussian_kl(mu, logvar)).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_static_step_matches_a_hand_written_step(device):
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(1, 6, 6), latent_dim=2, hidden=(16,))).to(device)
+    twin = copy.deepcopy(model)
+    kw = {"capturable": True, "lr": torch.tensor(1e-2, device=device)} if device == "cuda" else {"lr": 1e-2}
+    opt = torch.optim.Adam(model.parameters(), **kw)
+    opt_twin = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    step = StaticStep(model, opt, batch_size=8)
+    for i in range(6):  # crosses warm-up and capture on CUDA
+        x = torch.rand(8, 1, 6, 6, device=device).bernoulli()
+        eps = torch.randn(8, 2, device=device)
+        beta = 0.5 + i
+        step.run(x, eps, 1e-2, beta)
+        ref = _manual_step(twin, opt_twin, x, eps, beta)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    assert int(step.skipped) == 0 and float(step.sums[3]) == 48.0
+    assert torch.isfinite(ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_finite_step_is_undone_without_a_sync(device):
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(4,), latent_dim=2, hidden=(8,), likelihood="gaussian")).to(device)
+    kw = {"capturable": True, "lr": torch.tensor(1e-2, device=device)} if device == "cuda" else {"lr": 1e-2}
+    opt = torch.optim.Adam(model.parameters(), **kw)
+    step = StaticStep(model, opt, batch_size=4)
+    good = torch.rand(4, 4, device=device)
+    for _ in range(5):
+        step.run(good, torch.randn(4, 2, device=device), 1e-2, 1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    state_before = {k: v.clone() for k, v in opt.state[next(model.parameters())].items()}
+    bad = good.clone()
+    bad[0, 0] = float("nan")
+    step.run(bad, torch.randn(4, 2, device=device), 1e-2, 1.0)
+    step.run(bad, torch.randn(4, 2, device=device), 1e-2, 1.0)
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+    for k, v in opt.state[next(model.parameters())].items():
+        assert torch.equal(v, state_before[k]), k
+    assert int(step.skipped) == 2 and int(step.bad_run) == 2
+    step.run(good, torch.randn(4, 2, device=device), 1e-2, 1.0)
+    assert int(step.bad_run) == 0 and int(step.skipped) == 2
+    assert not torch.equal(next(model.parameters()), before[0])
