@@ -2,7 +2,8 @@
 
 Each command is a plain function over the config dataclasses; the flags are a view of
 those dataclasses. Precedence: preset < ``--config`` file (TOML or JSON) < flags.
-Bad input prints one line, ``vaekit: error: ...``, and exits with status 2.
+Bad input prints one line, ``vaekit: error: ...``, and exits with status 2
+(``VAEKIT_DEBUG=1`` shows the traceback instead).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import sys
 import time
@@ -364,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vaekit: error: {e}", file=sys.stderr)
         return 1
     except (UsageError, ValueError, TypeError, FileNotFoundError, CheckpointError, OSError) as e:
+        if os.environ.get("VAEKIT_DEBUG"):
+            raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"vaekit: error: {msg}", file=sys.stderr)
         return 2
