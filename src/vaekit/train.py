@@ -5,7 +5,8 @@
 * ``config.json``: the resolved run configuration (model, data, train, objective);
 * ``model/``: the best model by validation ELBO (``model.safetensors`` + ``config.json``);
 * ``checkpoint.pt``: the latest training state (atomic), for ``resume=True``;
-* ``metrics.csv``, ``curves.png``, ``reconstructions.png``, ``samples.png``;
+* ``metrics.csv``, ``curves.png``, ``reconstructions.png``, ``samples.png``,
+  ``traversals.png`` (one row per latent dimension, by decreasing KL);
 * TensorBoard events in ``tb/`` when the ``tensorboard`` package is installed.
 
 Resuming continues exactly where the run stopped: the checkpoint holds the model,
@@ -541,7 +542,7 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
 
 
 def _pictures(model: VAE, x: torch.Tensor, run_dir: Path, history: list, seed: int) -> None:
-    from .plots import plot_curves, save_image_grid
+    from .plots import plot_curves, save_image_grid, save_traversals
 
     model.eval()
     scale = max(1, 112 // max(model.config.input_shape[-1], 1))
@@ -555,6 +556,11 @@ def _pictures(model: VAE, x: torch.Tensor, run_dir: Path, history: list, seed: i
     save_image_grid(model.sample(64, generator=g).cpu(), run_dir / "samples.png", nrow=8, scale=scale, **kw)
     if history:
         plot_curves(history, run_dir / "curves.png")
+    from .evaluate import kl_per_dimension
+
+    kl = kl_per_dimension(model, x)
+    save_traversals(model, x[:1], run_dir / "traversals.png", kl_per_dim=kl, dims=min(10, model.config.latent_dim),
+                    scale=scale, image_shape=None if len(shape) == 3 else _square(shape))
 
 
 def _square(shape) -> tuple | None:
