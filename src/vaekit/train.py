@@ -198,6 +198,8 @@ def _fold(static: StaticStep, sums: torch.Tensor, bad_run: int, skipped: int) ->
 
 
 _SMALL_STEP = 2e7
+# Steps between reads of the device counters (progress bar, non-finite streaks).
+_FOLD_EVERY = 50
 
 
 def _work_per_step(model: nn.Module, batch_size: int) -> float:
@@ -442,11 +444,14 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
                     beta = beta_schedule(oc.beta_schedule, step, beta=oc.beta, warmup_steps=oc.warmup_steps,
                                          cycle_steps=oc.cycle_steps, ratio=oc.cycle_ratio)
                     static.run(x, inner.noise(step, (x.shape[0], config.model.latent_dim)), lr, beta)
-                    if step % 20 == 19:
+                    if step % _FOLD_EVERY == _FOLD_EVERY - 1:  # the only sync of the static path
                         bad_run, skipped = _fold(static, sums, bad_run, skipped)
                 else:
                     for g in opt.param_groups:
-                        g["lr"] = lr
+                        if isinstance(g["lr"], torch.Tensor):  # capturable Adam: keep the tensor
+                            g["lr"].fill_(lr)
+                        else:
+                            g["lr"] = lr
                     with amp:
                         out = objective(x, step)
                     opt.zero_grad(set_to_none=True)
@@ -476,7 +481,7 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
                     )
                 step += 1
                 progress.update(1)
-                if step % 20 == 0 and sums[3] > 0:
+                if step % _FOLD_EVERY == 0 and sums[3] > 0:
                     progress.set_postfix(loss=f"{float(sums[0] / sums[3]):.2f}", rec=f"{float(sums[1] / sums[3]):.2f}",
                                          kl=f"{float(sums[2] / sums[3]):.2f}", beta=f"{beta:.3g}")
                 if stop.signum or step >= total_steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
