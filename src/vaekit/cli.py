@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             if result.interrupted:
                 return 130
             val = [r for r in result.history if r["split"] == "val"]
-            if val:
+            if val and int(os.environ.get("RANK", "0")) == 0:  # one summary line per job under torchrun
                 print(f"vaekit: trained {val[-1]['epoch']} epochs; best val ELBO "
                       f"{-min(r['loss'] for r in val):.3f} nats; run in {result.run_dir}")
             return 0

@@ -247,6 +247,7 @@ class _Objective(nn.Module):
 
 
 _NOISE_STREAM = 0x6E6F6973  # keeps the noise seeds apart from the data-order seeds
+_VAL_STREAM = 0x76616C  # validation noise: a function of (seed, epoch), the same on every rank
 
 
 class _Stop:
@@ -307,14 +308,14 @@ def _write_metrics(path: Path, rows: list) -> None:
 
 
 @torch.no_grad()
-def _validate(model: VAE, x: torch.Tensor, batch_size: int) -> dict:
+def _validate(model: VAE, x: torch.Tensor, batch_size: int, generator: torch.Generator) -> dict:
     from .evaluate import elbo_terms
 
     was = model.training
     model.eval()
     sums = {"elbo": 0.0, "reconstruction": 0.0, "kl": 0.0}
     for i in range(0, x.shape[0], batch_size):
-        t = elbo_terms(model, x[i : i + batch_size])
+        t = elbo_terms(model, x[i : i + batch_size], generator=generator)
         for k in sums:
             sums[k] += float(t[k].sum())
     model.train(was)
@@ -362,7 +363,9 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
         # fight other processes for the cores (measured: see docs/benchmarks.md).
         torch.set_num_threads(1)
     batches = BatchIterator(
-        data.train, tc.batch_size, shuffle=True, drop_last=False,
+        # A last combined batch with fewer examples than ranks cannot be split between
+        # them: it is skipped (fewer than `world` examples an epoch).
+        data.train, tc.batch_size, shuffle=True, drop_last=0 < data.train.shape[0] % (tc.batch_size * world) < world,
         dynamic_binarize=config.data.binarize == "dynamic", seed=tc.seed, device=device,
         rank=rank, world_size=world,
     )
@@ -384,7 +387,7 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
         total_steps = min(total_steps, tc.max_steps) if tc.epochs else tc.max_steps
     epochs = tc.epochs if tc.epochs else math.ceil(total_steps / steps_per_epoch)
 
-    # Per-rank noise: every process draws its own reparameterisation noise.
+    # Only draws outside the step- and epoch-keyed streams come from here (none in vaekit itself).
     torch.manual_seed(tc.seed * 1000 + 17 + rank)
     step, epoch, history = 0, 0, []
     best, since_best, skipped, bad_run = math.inf, 0, 0, 0
@@ -394,8 +397,13 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
         opt.load_state_dict(state["optimizer"])
         step, epoch, history = state["step"], state["epoch"], list(state["history"])
         best, since_best, skipped = state["best"], state["since_best"], state["skipped"]
-        sums = state["sums"].to(device)
+        sums = state["sums"].to(device) if rank == 0 else torch.zeros_like(state["sums"], device=device)
         batches.load_state_dict(state["batches"])
+        if state.get("world_size", 1) != world:
+            raise CheckpointError(
+                f"{ckpt_path} was written by a run on {state.get('world_size', 1)} process(es); resume it "
+                f"with the same number, not {world} (the data position counts combined batches)"
+            )
         rngs = state["rng"]
         if len(rngs) == world:
             _set_rng_state(rngs[rank], device)
@@ -414,23 +422,24 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
         if static is not None:
             bad_run, skipped = _fold(static, sums, bad_run, skipped)
         rng = _rng_state(device)
-        rngs = [rng]
+        rngs, all_sums = [rng], sums.clone()
         if distributed:
+            torch.distributed.all_reduce(all_sums)
             rngs = [None] * world
             torch.distributed.all_gather_object(rngs, {k: v.cpu() for k, v in rng.items()})
         if is_main:
             save_checkpoint(ckpt_path, {
                 "config": config.to_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "step": step, "epoch": epoch, "history": history, "best": best, "since_best": since_best,
-                "skipped": skipped, "sums": sums.cpu(), "batches": batches.state_dict(), "rng": rngs,
-                "vaekit_version": __version__,
+                "skipped": skipped, "sums": all_sums.cpu(), "batches": batches.state_dict(), "rng": rngs,
+                "world_size": world, "vaekit_version": __version__,
             })
         if distributed:
             torch.distributed.barrier()
 
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if tc.amp == "bf16" else _nullcontext()
     progress = _progress(tc.progress and is_main, total_steps, step)
-    interrupted = False
+    interrupted = stop_all = False
     lr, beta = lr_at(step, total_steps, tc), oc.beta
     t0 = time.perf_counter()
     with _Stop() as stop:
@@ -455,13 +464,22 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
                     with amp:
                         out = objective(x, step)
                     opt.zero_grad(set_to_none=True)
-                    out.loss.backward()
+                    loss = out.loss
+                    if distributed:
+                        # DDP averages the ranks' gradients: scaled by its share of the combined
+                        # batch, each rank's mean makes that average the combined batch's mean
+                        # (ranks get unequal slices of a partial last batch).
+                        _, size, combined = batches.last_span
+                        loss = loss * (size * world / combined)
+                    loss.backward()
                     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
                     beta = out.beta
                     ok = torch.isfinite(out.loss) & torch.isfinite(gnorm)
-                    if distributed:  # every rank must take the same decision
-                        ok = ok.to(torch.int32)
-                        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+                    if distributed:  # every rank must take the same decisions: step, and stop
+                        flags = torch.stack([ok.to(torch.int32), torch.tensor(int(not stop.signum), device=device,
+                                                                              dtype=torch.int32)])
+                        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+                        ok, stop_all = flags[0], not bool(flags[1])
                     if bool(ok):
                         opt.step()
                         bad_run = 0
@@ -484,8 +502,9 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
                 if step % _FOLD_EVERY == 0 and sums[3] > 0:
                     progress.set_postfix(loss=f"{float(sums[0] / sums[3]):.2f}", rec=f"{float(sums[1] / sums[3]):.2f}",
                                          kl=f"{float(sums[2] / sums[3]):.2f}", beta=f"{beta:.3g}")
-                if stop.signum or step >= total_steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
-                    if stop.signum:
+                stopping = stop_all if distributed else bool(stop.signum)
+                if stopping or step >= total_steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
+                    if stopping:
                         interrupted = True
                         checkpoint()
                         break
@@ -506,7 +525,8 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
                    "reconstruction": float(sums[1]) / n, "kl": float(sums[2]) / n,
                    "elbo": -(float(sums[1]) + float(sums[2])) / n, "beta": beta, "lr": lr,
                    "skipped": skipped, "seconds": round(time.perf_counter() - t0, 3)}
-            val = _validate(model, val_x, max(tc.batch_size, 500))
+            val_gen = torch.Generator(device=device).manual_seed(_mix_seed(tc.seed, _VAL_STREAM, epoch))
+            val = _validate(model, val_x, max(tc.batch_size, 500), val_gen)
             vrow = {**row, "split": "val", **val}
             history += [row, vrow]
             epoch += 1
@@ -531,7 +551,8 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
     progress.close()
     if interrupted:
         if is_main:
-            print(f"vaekit: interrupted by signal {stop.signum}; checkpoint saved to {ckpt_path}; "
+            why = f"signal {stop.signum}" if stop.signum else "a signal to another rank"
+            print(f"vaekit: interrupted by {why}; checkpoint saved to {ckpt_path}; "
                   f"continue with: vaekit train --resume {run_dir}", flush=True)
         return FitResult(model, history, run_dir, True)
     if is_main:

@@ -1,0 +1,318 @@
+"""Data-parallel training under torchrun: CPU, Gloo, loopback only.
+
+Every run goes through a small entry script (written into the test's temporary folder)
+that calls ``vaekit.cli.main`` after wrapping a few functions of ``vaekit.train``:
+
+* it keeps a copy of every checkpoint (``checkpoint-<step>.pt``) outside the run
+  folder, so one run gives the parameters after several steps;
+* it logs, per rank, every file-writing call of the loop and the history ``fit`` returns
+  (the pictures are logged but not drawn, to save time);
+* on request, rank 1 dies (``os._exit(1)``) or receives SIGINT at a given step.
+
+The reference for a W-process run is one process with the combined batch W*b on the same
+data order, binarization draws and reparameterisation noise (see ``BatchIterator`` and
+``train._Objective``). Tiny model (hidden 16, latent 2) on the bundled 8x8 digits with
+dynamic binarization, 2 epochs of 11 steps. The uncommon training-set size 1283
+(``--val-size 217``) leaves a last combined batch of 3 examples, split 2 / 1 between
+the ranks; the first 10 batches of each epoch are full.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with the Gloo backend is not available in this build of PyTorch",
+                allow_module_level=True)
+
+from vaekit.data import DataConfig, load_dataset  # noqa: E402
+from vaekit.io import load_checkpoint  # noqa: E402
+
+B = 64  # per-rank batch size; the single-process reference uses 2 * B
+STEPS_PER_EPOCH, EPOCHS = 11, 2
+TOTAL = STEPS_PER_EPOCH * EPOCHS
+TRAIN_ARGS = [
+    "train", "--hidden", "16", "--latent-dim", "2", "--no-progress", "--num-threads", "1",
+    "--epochs", str(EPOCHS), "--lr-schedule", "constant", "--val-size", "217", "--seed", "3",
+    "--checkpoint-every", "3",
+]
+HANG_LIMIT = 40  # seconds: a launch here takes 5-12 s; past this the job is taken as hung
+
+ENTRY = '''
+import json, os, signal, sys
+from pathlib import Path
+
+import vaekit.train as train
+from vaekit.cli import main
+
+rank = int(os.environ.get("RANK", "0"))
+fail_step = int(os.environ.get("TEST_FAIL_STEP", "-1"))
+signal_step = int(os.environ.get("TEST_SIGNAL_STEP", "-1"))
+keep = Path(os.environ["TEST_KEEP"])
+(keep / f"pid-{rank}").write_text(str(os.getpid()))  # lets the test kill a hung worker
+writes = []
+forward, save_checkpoint, fit = train._Objective.forward, train.save_checkpoint, train.fit
+
+
+def patched_forward(self, x, step):
+    if rank == 1 and step == fail_step:
+        os._exit(1)
+    if rank == 1 and step == signal_step:
+        os.kill(os.getpid(), signal.SIGINT)
+    return forward(self, x, step)
+
+
+def patched_save_checkpoint(path, state):
+    save_checkpoint(keep / f"checkpoint-{state['step']}.pt", state)
+    writes.append("save_checkpoint")
+    return save_checkpoint(path, state)
+
+
+def logged(name):
+    original = getattr(train, name)
+
+    def wrapper(*args, **kwargs):
+        writes.append(name)
+        if name != "_pictures":  # pictures are not the subject here: the call is logged, not run
+            return original(*args, **kwargs)
+
+    return wrapper
+
+
+def patched_fit(*args, **kwargs):
+    result = fit(*args, **kwargs)
+    (keep / f"history-{rank}.json").write_text(json.dumps(result.history))
+    (keep / f"writes-{rank}.json").write_text(json.dumps(writes))
+    return result
+
+
+train._Objective.forward = patched_forward
+train.save_checkpoint = patched_save_checkpoint
+for name in ("write_json", "save_model", "_write_metrics", "_pictures"):
+    setattr(train, name, logged(name))
+train.fit = patched_fit
+sys.exit(main(sys.argv[1:]))
+'''
+
+_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+             "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Launch:
+    """One finished (or killed) launch: exit status, merged output, wall time, kept files."""
+
+    def __init__(self, rc, output, seconds, keep, hung):
+        self.rc, self.output, self.seconds, self.keep, self.hung = rc, output, seconds, keep, hung
+
+    def model(self, step: int) -> dict:
+        return load_checkpoint(self.keep / f"checkpoint-{step}.pt")["model"]
+
+    def json(self, name: str):
+        return json.loads((self.keep / name).read_text())
+
+
+def _launch(tmp: Path, name: str, args: list, *, nproc: int, env: dict | None = None) -> Launch:
+    entry = tmp / "entry.py"
+    if not entry.exists():
+        entry.write_text(ENTRY)
+    keep = tmp / f"keep-{name}"
+    keep.mkdir()
+    cmd = [sys.executable]
+    if nproc > 1:
+        cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr", "127.0.0.1",
+                "--master_port", str(_free_port())]
+    cmd += [str(entry), *args]
+    full_env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    full_env.update(OMP_NUM_THREADS="1", TEST_KEEP=str(keep), PYTHONUNBUFFERED="1", **(env or {}))
+    log = keep / "output.txt"
+    t0 = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp, env=full_env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=HANG_LIMIT)
+            hung = False
+        except subprocess.TimeoutExpired:
+            # torchrun starts each worker in a session of its own: kill the workers by the
+            # pids they recorded, then the launcher's process group.
+            for pid_file in keep.glob("pid-*"):
+                try:
+                    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            hung = True
+    seconds = time.perf_counter() - t0
+    return Launch(proc.returncode, log.read_text(), seconds, keep, hung)
+
+
+def _ok(run: Launch) -> Launch:
+    assert not run.hung and run.rc == 0, f"run failed (rc {run.rc}, hung {run.hung}):\n{run.output[-4000:]}"
+    return run
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def _metrics(path: Path) -> list:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The four launches most tests share: a 2-process run, the 1-process reference, a
+    2-process run whose rank 1 dies at step 8, and its 2-process resumption."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    r = {}
+    r["ddp"] = _launch(tmp, "ddp", [*TRAIN_ARGS, "--batch-size", str(B), "--run-dir", str(tmp / "ddp")], nproc=2)
+    r["single"] = _launch(tmp, "single", [*TRAIN_ARGS, "--batch-size", str(2 * B), "--run-dir", str(tmp / "single")],
+                          nproc=1)
+    r["failed"] = _launch(tmp, "failed", [*TRAIN_ARGS, "--batch-size", str(B), "--run-dir", str(tmp / "failed")],
+                          nproc=2, env={"TEST_FAIL_STEP": "8"})
+    r["failed_ckpt_step"] = (load_checkpoint(tmp / "failed" / "checkpoint.pt")["step"]
+                             if (tmp / "failed" / "checkpoint.pt").exists() else None)
+    r["resumed"] = _launch(tmp, "resumed", ["train", "--resume", str(tmp / "failed")], nproc=2)
+    r["dirs"] = {k: tmp / k for k in ("ddp", "single", "failed")}
+    return r
+
+
+def test_two_ranks_equal_one_process_with_combined_batch(runs):
+    ddp, single = _ok(runs["ddp"]), _ok(runs["single"])
+    for step in (3, 6, 9):  # full batches only so far
+        assert _max_diff(ddp.model(step), single.model(step)) < 1e-6, step
+    # The parameters moved: the comparison is not between two untouched initialisations.
+    assert _max_diff(ddp.model(9), ddp.model(3)) > 1e-3
+
+
+def test_uneven_last_batch_weighted_like_one_process(runs):
+    """Step 10 of each epoch has 3 examples: rank 0 gets 2, rank 1 gets 1. One process
+    minimises their mean; averaging the two ranks' means gives rank 1's example twice
+    the weight, unless each rank's loss is scaled by its share of the combined batch."""
+    n = load_dataset(DataConfig(dataset="digits", binarize="dynamic", val_size=217)).train.shape[0]
+    assert n % (2 * B) == 3  # the premise: a last combined batch of 3, split 2 / 1
+    ddp, single = _ok(runs["ddp"]), _ok(runs["single"])
+    for step in (STEPS_PER_EPOCH, 12, TOTAL):
+        assert _max_diff(ddp.model(step), single.model(step)) < 1e-6, step
+
+
+def test_epoch_metrics_equal_one_process(runs):
+    ddp, single = _ok(runs["ddp"]), _ok(runs["single"])
+    a, b = _metrics(runs["dirs"]["ddp"] / "metrics.csv"), _metrics(runs["dirs"]["single"] / "metrics.csv")
+    assert [(r["epoch"], r["split"], r["step"]) for r in a] == [(r["epoch"], r["split"], r["step"]) for r in b]
+    for ra, rb in zip(a, b):
+        for k in ("loss", "reconstruction", "kl", "elbo"):
+            assert float(ra[k]) == pytest.approx(float(rb[k]), rel=1e-5), (ra["epoch"], ra["split"], k)
+
+
+def test_every_rank_sees_the_same_validation_result(runs):
+    """Early stopping and the choice of the best model are taken on every rank: ranks
+    that see different validation numbers can take different decisions and deadlock."""
+    ddp = _ok(runs["ddp"])
+    h0, h1 = ddp.json("history-0.json"), ddp.json("history-1.json")
+    strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
+    assert strip(h0) == strip(h1)
+
+
+def test_only_rank_zero_writes(runs):
+    ddp = _ok(runs["ddp"])
+    assert ddp.json("writes-1.json") == []
+    assert {"write_json", "save_model", "_write_metrics", "_pictures", "save_checkpoint"} <= set(
+        ddp.json("writes-0.json"))
+    run = runs["dirs"]["ddp"]
+    # The same files as a one-process run, written once.
+    listing = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.parent.name != "tb")  # noqa: E731
+    assert listing(run) == listing(runs["dirs"]["single"])
+    assert {"checkpoint.pt", "config.json", "metrics.csv", "model/model.safetensors"} <= set(listing(run))
+    assert [p.name for p in run.rglob("*.pt")] == ["checkpoint.pt"]
+    assert not [p for p in run.rglob("*") if p.name.endswith((".tmp", ".part"))]
+    rows = _metrics(run / "metrics.csv")
+    assert [(r["epoch"], r["split"]) for r in rows] == [(str(e), s) for e in range(1, EPOCHS + 1)
+                                                        for s in ("train", "val")]
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == TOTAL
+
+
+def test_one_summary_line_per_job(runs):
+    ddp = _ok(runs["ddp"])
+    assert len(re.findall(r"vaekit: trained \d+ epochs", ddp.output)) == 1, ddp.output[-2000:]
+
+
+def test_failing_rank_stops_the_job_and_resume_completes_it(runs):
+    failed = runs["failed"]
+    assert not failed.hung, f"the job hung after rank 1 died:\n{failed.output[-3000:]}"
+    assert failed.rc != 0
+    # torchrun's report names the rank that failed first and its exit code.
+    root = failed.output.split("Root Cause", 1)
+    assert len(root) == 2, failed.output[-3000:]
+    assert re.search(r"rank\s*:\s*1\b", root[1]) and re.search(r"exitcode\s*:\s*1\b", root[1]), root[1][:800]
+    # Rank 1 died inside step 8: the last checkpoint is the periodic one after step 6.
+    assert runs["failed_ckpt_step"] == 6
+    resumed = _ok(runs["resumed"])
+    assert sorted(p.name for p in resumed.keep.glob("checkpoint-*.pt")) == sorted(
+        f"checkpoint-{s}.pt" for s in (9, 11, 12, 15, 18, 21, 22))
+    ddp = _ok(runs["ddp"])
+    for step in (9, TOTAL):
+        assert _max_diff(resumed.model(step), ddp.model(step)) == 0.0, step
+    final = load_checkpoint(runs["dirs"]["failed"] / "checkpoint.pt")
+    assert final["step"] == TOTAL and _max_diff(final["model"], ddp.model(TOTAL)) == 0.0
+
+
+def test_resumed_metrics_equal_uninterrupted(runs):
+    """The checkpoint taken mid-epoch must carry the partial epoch sums of all ranks."""
+    _ok(runs["ddp"])
+    _ok(runs["resumed"])
+    a, b = _metrics(runs["dirs"]["ddp"] / "metrics.csv"), _metrics(runs["dirs"]["failed"] / "metrics.csv")
+    assert [(r["epoch"], r["split"]) for r in a] == [(r["epoch"], r["split"]) for r in b]
+    for ra, rb in zip(a, b):
+        for k in ("loss", "reconstruction", "kl", "elbo"):
+            assert float(ra[k]) == pytest.approx(float(rb[k]), rel=1e-9), (ra["epoch"], ra["split"], k)
+
+
+def test_last_batch_smaller_than_world_size(tmp_path):
+    """1281 training examples in combined batches of 128 leave 1 example for 2 ranks. The
+    run must still train (for instance without that one example), not stop at start-up
+    with advice to set ``drop_last``, which no option or config field reaches."""
+    args = [*TRAIN_ARGS, "--val-size", "219", "--max-steps", "2", "--batch-size", str(B),
+            "--run-dir", str(tmp_path / "run")]
+    _ok(_launch(tmp_path, "small-last", args, nproc=2))
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2
+
+
+def test_stop_signal_on_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
+    """SIGINT reaching one rank only (or reaching the ranks at different points of a step,
+    as Ctrl-C or a scheduler's SIGTERM do) must stop every rank after the same step, with
+    one checkpoint, rather than leave the ranks waiting in different collectives.
+    (Resuming from a checkpoint is checked by the test above.)"""
+    run_dir = tmp_path / "signalled"
+    stopped = _launch(tmp_path, "signalled", [*TRAIN_ARGS, "--batch-size", str(B), "--run-dir", str(run_dir)],
+                      nproc=2, env={"TEST_SIGNAL_STEP": "4"})
+    assert not stopped.hung, f"the ranks deadlocked after SIGINT reached rank 1 only:\n{stopped.output[-3000:]}"
+    # No rank raised; the first to end returned the interrupted status, 130 (torchrun may
+    # then send SIGTERM to the other while it is leaving).
+    assert not re.search(r"^\[rank\d\]:.*Error", stopped.output, re.M), stopped.output[-3000:]
+    root = stopped.output.split("Root Cause", 1)[-1]
+    assert re.search(r"exitcode\s*:\s*130\b", root), stopped.output[-3000:]
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    assert 4 < ckpt["step"] < STEPS_PER_EPOCH, ckpt["step"]  # taken on the signal, not a periodic one
+    assert ckpt["batches"] == {"epoch": 0, "position": ckpt["step"], "seed": 3}
