@@ -51,7 +51,7 @@ class UsageError(ValueError):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, status 2, no usage dump
-        raise UsageError(f"{self.prog}: {message}")
+        raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
 # -- config <-> flags ------------------------------------------------------------------
@@ -85,6 +85,9 @@ def _number(text: str):
         return int(text)
     except ValueError:
         return float(text)
+
+
+_number.__name__ = "number"  # argparse shows it: "invalid number value: 'abc'"
 
 
 def _int_tuple(text: str):
@@ -164,6 +167,8 @@ def _read_config_file(path: str) -> dict:
 def _merge(base: dict, over: dict) -> dict:
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
     for k, v in over.items():
+        if isinstance(v, dict) and k in out and not isinstance(out[k], dict):
+            raise UsageError(f"config section {k!r} must be a table of settings, got {type(out[k]).__name__}")
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = {**out[k], **v}
         else:
@@ -338,9 +343,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             overrides = {k: v for k, v in vars(args).items() if "." in k}
             if args.resume:
+                progress = overrides.pop("train.progress", True)
                 if overrides or args.preset or args.config or args.run_dir:
-                    raise UsageError("--resume continues a run with its saved configuration; give no other options")
-                result = train_command(resume=args.resume)
+                    raise UsageError("--resume continues a run with its saved configuration; "
+                                     "give no other options but --no-progress")
+                from .train import RunConfig, TrainConfig
+
+                result = train_command(RunConfig(train=TrainConfig(progress=progress)), resume=args.resume)
             else:
                 config = build_config(args.preset, args.config, overrides)
                 result = train_command(config, args.run_dir, preset=args.preset or DEFAULT_PRESET)

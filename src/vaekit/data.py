@@ -16,6 +16,8 @@ import gzip
 import hashlib
 import os
 import tempfile
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional, Union
@@ -75,7 +77,8 @@ class DataConfig:
     """Which data, how it is binarized and how validation is carved from training.
 
     Attributes:
-        dataset: one of ``DATASETS``.
+        dataset: "digits" (bundled with scikit-learn), "mnist", "fashion-mnist",
+            "array" (a .npy/.npz file), "folder" (a folder of images) or "sprites".
         data_dir: for "mnist"/"fashion-mnist" the directory holding the four IDX files
             (raw or .gz) or ``<dataset>.npz`` (default ``data/<dataset>``); for "array"
             a .npy/.npz file; for "folder" a folder of images. Unused for "digits" and
@@ -281,11 +284,16 @@ def _load_mnist(root: Path, kind: str, download: bool):
     if None not in paths:
         arrays, sources = [read_idx(p) for p in paths], [str(p) for p in paths]
     else:
-        with np.load(npz) as f:
-            keys = ("x_train", "y_train", "x_test", "y_test")
-            if not set(keys) <= set(f.files):
-                raise ValueError(f"{npz}: expected keys {keys}, found {f.files}")
-            arrays, sources = [f[k] for k in keys], [f"{npz}[{k}]" for k in keys]
+        keys = ("x_train", "y_train", "x_test", "y_test")
+        try:
+            with np.load(npz, allow_pickle=False) as f:
+                found = list(f.files)
+                arrays = [f[k] for k in keys] if set(keys) <= set(found) else None
+        except _NP_READ_ERRORS as e:
+            raise ValueError(f"{npz}: not a readable .npz file ({e})") from None
+        if arrays is None:
+            raise ValueError(f"{npz}: expected keys {keys}, found {found}")
+        sources = [f"{npz}[{k}]" for k in keys]
     x, y, xt, yt = arrays
     for a, src, nd in zip(arrays, sources, (3, 1, 3, 1)):
         if a.ndim != nd or a.dtype != np.uint8:
@@ -294,11 +302,21 @@ def _load_mnist(root: Path, kind: str, download: bool):
             _as_images(xt, sources[2]), _as_labels(yt, len(xt), sources[3]))
 
 
+_NP_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
 def _load_array(path: Path):
-    if path.suffix == ".npy":
-        return _as_images(np.load(path, allow_pickle=False), str(path)), None, None, None
-    with np.load(path, allow_pickle=False) as f:
-        d = {k: f[k] for k in f.files}
+    try:
+        if path.suffix == ".npy":
+            return _as_images(np.load(path, allow_pickle=False), str(path)), None, None, None
+        with np.load(path, allow_pickle=False) as f:
+            d = {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise ValueError(f"data_dir {str(path)!r}: no such file") from None
+    except _NP_READ_ERRORS as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"{path}: not a readable {path.suffix} array file ({e})") from None
     key = "x_train" if "x_train" in d else "x" if "x" in d else None
     if key is None:
         raise ValueError(f"{path}: expected keys x_train[, y_train, x_test, y_test] or x[, y], found {list(d)}")
@@ -454,6 +472,9 @@ def load_dataset(config: DataConfig) -> SplitData:
     keep, held = _split(len(x), n_val, config.seed, tail=config.split == "tail")
     train, val, ytr, yv = x[keep], x[held], _take(y, keep), _take(y, held)
     if config.binarize == "static":
+        for label, t in (("train", train), ("val", val), ("test", xt)):
+            if len(t):
+                check_images(t, f"{name} {label} (binarize='static')")
         train, val, xt = (binarize_static(t) if len(t) else t for t in (train, val, xt))
     elif config.binarize == "dynamic":
         check_images(train, f"{name} train")

@@ -37,6 +37,10 @@ CHECKPOINT_FORMAT = 1
 CHECKPOINT_MAGIC = "vaekit-checkpoint"
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 class CheckpointError(ValueError):
     """A checkpoint or saved model that cannot be used (missing, truncated, unsafe, newer)."""
 
@@ -62,6 +66,7 @@ def atomic_write(path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the run the umask's permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

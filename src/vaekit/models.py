@@ -81,7 +81,7 @@ class ModelConfig:
             isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in self.hidden
         ):
             _fail("hidden", "a tuple of positive integers", self.hidden)
-        if self.activation not in ACTIVATIONS:
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
             _fail("activation", f"one of {', '.join(ACTIVATIONS)}", self.activation)
         if self.likelihood not in RECONSTRUCTIONS:
             _fail("likelihood", f"one of {', '.join(RECONSTRUCTIONS)}", self.likelihood)

@@ -98,7 +98,8 @@ def save_image_grid(
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid, mode="L" if grid.ndim == 2 else "RGB").save(path, format="PNG")
+    fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+    Image.fromarray(grid, mode="L" if grid.ndim == 2 else "RGB").save(path, format=fmt)
     return path
 
 

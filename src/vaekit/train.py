@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .data import BatchIterator, DataConfig, _mix_seed, load_dataset
+from .data import BatchIterator, DataConfig, _mix_seed, check_images, load_dataset
 from .io import CheckpointError, load_checkpoint, read_json, save_checkpoint, save_model, write_json
 from .models import VAE, ModelConfig
 from .fast import StaticStep, static_step_supported
@@ -43,6 +43,10 @@ __all__ = ["TrainConfig", "RunConfig", "fit", "FitResult", "TrainingDiverged", "
 LR_SCHEDULES = ("constant", "cosine")
 AMP_MODES = ("none", "bf16")
 FAST_MODES = ("auto", "static", "off")
+
+
+_CHECKPOINT_KEYS = ("config", "model", "optimizer", "step", "epoch", "history", "best", "since_best",
+                    "skipped", "sums", "batches", "rng")
 
 
 class TrainingDiverged(RuntimeError):
@@ -339,7 +343,13 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
     if resume:
         state = load_checkpoint(ckpt_path)
         progress_flag = config.train.progress
-        config = RunConfig.from_dict(state["config"])
+        missing = sorted(set(_CHECKPOINT_KEYS) - set(state))
+        if missing:
+            raise CheckpointError(f"{ckpt_path} lacks {', '.join(missing)}: it was not written by vaekit train")
+        try:
+            config = RunConfig.from_dict(state["config"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{ckpt_path} holds an invalid config: {e}") from None
         config.train = dataclasses.replace(config.train, progress=progress_flag)
     tc, oc = config.train, config.objective
     device = resolve_device(tc.device)
@@ -353,6 +363,13 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
     data = load_dataset(config.data)
+    if config.model.likelihood in ("bernoulli", "continuous_bernoulli"):
+        # Checked here, before the run directory is touched: the loop runs the losses
+        # without their value checks and would otherwise train on impossible targets.
+        for split in ("train", "val", "test"):
+            t = getattr(data, split)
+            if len(t):
+                check_images(t, f"{data.name} {split} data (likelihood {config.model.likelihood!r})")
     config.model = dataclasses.replace(config.model, input_shape=tuple(data.train.shape[1:]))
     torch.manual_seed(tc.seed)
     model = VAE(config.model).to(device)
@@ -393,8 +410,11 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
     best, since_best, skipped, bad_run = math.inf, 0, 0, 0
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, rec, kl, n over the epoch
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{ckpt_path} does not match its own config: {str(e).strip().splitlines()[0]}") from None
         step, epoch, history = state["step"], state["epoch"], list(state["history"])
         best, since_best, skipped = state["best"], state["since_best"], state["skipped"]
         sums = state["sums"].to(device) if rank == 0 else torch.zeros_like(state["sums"], device=device)
@@ -414,6 +434,8 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
     is_main = rank == 0
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in run_dir.glob(".*.tmp"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
         write_json(run_dir / "config.json", {"vaekit_version": __version__, **config.to_dict()})
     writer = _tensorboard(run_dir) if is_main else None
 
@@ -442,7 +464,7 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
     interrupted = stop_all = False
     lr, beta = lr_at(step, total_steps, tc), oc.beta
     t0 = time.perf_counter()
-    with _Stop() as stop:
+    with _Stop() as stop, _unvalidated():
         while epoch < epochs and step < total_steps and not interrupted:
             model.train()
             if batches.position == 0:
@@ -503,13 +525,18 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
                     progress.set_postfix(loss=f"{float(sums[0] / sums[3]):.2f}", rec=f"{float(sums[1] / sums[3]):.2f}",
                                          kl=f"{float(sums[2] / sums[3]):.2f}", beta=f"{beta:.3g}")
                 stopping = stop_all if distributed else bool(stop.signum)
-                if stopping or step >= total_steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
-                    if stopping:
-                        interrupted = True
-                        checkpoint()
-                        break
-                    if step >= total_steps:
-                        break
+                if step >= total_steps:
+                    break
+                if batches.position == len(batches):
+                    # The epoch's last batch: the end-of-epoch block below checkpoints and
+                    # honours a stop; a checkpoint here would resume into the next epoch
+                    # and skip this epoch's validation, metrics and best model.
+                    continue
+                if stopping:
+                    interrupted = True
+                    checkpoint()
+                    break
+                if tc.checkpoint_every and step % tc.checkpoint_every == 0:
                     checkpoint()
             if interrupted:
                 break
@@ -520,7 +547,7 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
                     raise TrainingDiverged(f"{bad_run} non-finite steps in a row (at step {step}); stopped")
             if distributed:
                 torch.distributed.all_reduce(sums)
-            n = float(sums[3]) or 1.0
+            n = float(sums[3]) or math.nan  # every step skipped: no mean to report
             row = {"epoch": epoch + 1, "step": step, "split": "train", "loss": float(sums[0]) / n,
                    "reconstruction": float(sums[1]) / n, "kl": float(sums[2]) / n,
                    "elbo": -(float(sums[1]) + float(sums[2])) / n, "beta": beta, "lr": lr,
@@ -548,6 +575,9 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
             checkpoint()
             if tc.early_stopping and since_best >= tc.early_stopping:
                 break
+            if (stop_all if distributed else stop.signum) and epoch < epochs and step < total_steps:
+                interrupted = True
+                break
     progress.close()
     if interrupted:
         if is_main:
@@ -559,7 +589,8 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
         if not (run_dir / "model" / "model.safetensors").exists():
             save_model(model, run_dir / "model")
         best_model = VAE.from_pretrained(run_dir / "model", device=device)
-        _pictures(best_model, data.test if data.test.shape[0] else data.val, run_dir, history, tc.seed)
+        with _unvalidated():  # a model made of NaNs still gets its (blank) pictures
+            _pictures(best_model, data.test if data.test.shape[0] else data.val, run_dir, history, tc.seed)
         if writer is not None:
             writer.close()
     if distributed:
@@ -601,6 +632,25 @@ def _tensorboard(run_dir: Path):
     except Exception:  # tensorboard is an optional extra
         return None
     return SummaryWriter(str(run_dir / "tb"))
+
+
+class _unvalidated:
+    """The losses' value checks off while the loop runs: it judges finiteness itself and
+    skips a non-finite step instead of raising (the data were checked before)."""
+
+    def __enter__(self):
+        from .losses import set_validate_args, validate_args_enabled
+
+        self._before = validate_args_enabled(), torch.distributions.Distribution._validate_args
+        set_validate_args(False)
+        torch.distributions.Distribution.set_default_validate_args(False)
+
+    def __exit__(self, *exc):
+        from .losses import set_validate_args
+
+        set_validate_args(self._before[0])
+        torch.distributions.Distribution.set_default_validate_args(self._before[1])
+        return False
 
 
 class _nullcontext:

@@ -1,0 +1,399 @@
+"""The command line (``vaekit train | evaluate | sample``) and the run directory it leaves.
+
+Commands run in-process through :func:`vaekit.cli.main`, which returns the exit status;
+a real process (``python -m vaekit``) only where the test is about the process itself.
+Every training run is tiny: the bundled 8x8 digits, one hidden layer of 16, two epochs.
+"""
+
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch.distributions import Independent, Normal, kl_divergence
+
+import vaekit.data
+import vaekit.losses
+import vaekit.models
+import vaekit.objectives
+import vaekit.train
+from vaekit.cli import build_config, main
+from vaekit.data import load_dataset
+from vaekit.io import load_checkpoint, read_json
+from vaekit.models import VAE
+from vaekit.plots import image_grid
+from vaekit.train import GROUPS, RunConfig, fit
+
+TINY = ["--epochs", "2", "--hidden", "16", "--latent-dim", "2", "--batch-size", "128",
+        "--no-progress", "--num-threads", "1"]
+ENV = {**{k: v for k, v in os.environ.items() if k != "VAEKIT_DEBUG"}, "OMP_NUM_THREADS": "1"}
+RUN_FILES = ("config.json", "model/model.safetensors", "model/config.json", "metrics.csv",
+             "curves.png", "reconstructions.png", "samples.png", "traversals.png", "checkpoint.pt")
+
+
+# -- helpers (test_reliability.py imports them) ---------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def no_debug_tracebacks(monkeypatch):
+    """VAEKIT_DEBUG=1 turns the one-line errors into tracebacks: not what is tested here."""
+    monkeypatch.delenv("VAEKIT_DEBUG", raising=False)
+
+
+def snapshot(directory) -> dict:
+    """``relative path -> sha256`` of every file under ``directory`` (``<dir>`` for folders)."""
+    root = Path(directory)
+    if not root.exists():
+        return {}
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
+            for p in sorted(root.rglob("*"))}
+
+
+def run_cli(*args, timeout: float = 120):
+    """``python -m vaekit ARGS`` in a real process: (status, stdout, stderr)."""
+    p = subprocess.run([sys.executable, "-m", "vaekit", *map(str, args)], capture_output=True, text=True,
+                       env=ENV, timeout=timeout)
+    return p.returncode, p.stdout, p.stderr
+
+
+def call(argv, capsys):
+    """``vaekit.cli.main(argv)`` in-process: (status, stdout, stderr). An exception that
+    escapes ``main`` is what a user would see as a traceback, so it fails the test."""
+    capsys.readouterr()
+    try:
+        rc = main([str(a) for a in argv])
+    except BaseException as e:  # SystemExit included: main returns its status
+        pytest.fail(f"main({[str(a) for a in argv]}) raised {type(e).__name__}: {e} (a traceback for the user)")
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_usage_error(rc: int, err: str, pattern: str) -> None:
+    """Status 2, no traceback, and stderr is one line ``vaekit: error: ...`` matching ``pattern``."""
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vaekit: error: "), f"stderr is not one error line: {err!r}"
+    assert re.search(pattern, lines[0]), f"{lines[0]!r} does not match {pattern!r}"
+    assert rc == 2, f"status {rc} for {lines[0]!r}"
+
+
+def steps_per_epoch(config: RunConfig) -> int:
+    return math.ceil(load_dataset(config.data).train.shape[0] / config.train.batch_size)
+
+
+def tiny_config(**overrides) -> RunConfig:
+    """The TINY run as a RunConfig (``group__field=value`` overrides more)."""
+    base = {"train.epochs": 2, "model.hidden": (16,), "model.latent_dim": 2, "train.batch_size": 128,
+            "train.progress": False, "train.num_threads": 1}
+    base.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return build_config(None, None, base)
+
+
+# -- one trained run shared by the tests that only read it ----------------------------
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    rd = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "--run-dir", str(rd), *TINY]) == 0
+    return rd
+
+
+def test_run_directory_holds_config_model_metrics_pictures_and_checkpoint(run):
+    for name in RUN_FILES:
+        assert (run / name).is_file(), f"{name} missing from the run directory"
+    config = RunConfig.from_dict(read_json(run / "config.json"))  # the resolved config loads back
+    assert (config.model.hidden, config.model.latent_dim) == ((16,), 2)
+    assert (config.train.epochs, config.train.batch_size, config.data.dataset) == (2, 128, "digits")
+    data = load_dataset(config.data)
+    assert config.model.input_shape == tuple(data.train.shape[1:])
+    meta = read_json(run / "model" / "config.json")
+    assert meta["class"] == "VAE" and meta["model"]["latent_dim"] == 2
+    assert tuple(meta["model"]["input_shape"]) == tuple(data.train.shape[1:])
+
+    spe = steps_per_epoch(config)
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["epoch"], r["split"]) for r in rows] == [("1", "train"), ("1", "val"), ("2", "train"), ("2", "val")]
+    for r in rows:
+        assert int(r["step"]) == spe * int(r["epoch"]) and int(r["skipped"]) == 0
+        rec, kl, elbo = float(r["reconstruction"]), float(r["kl"]), float(r["elbo"])
+        assert all(map(math.isfinite, (rec, kl, elbo))) and kl >= 0
+        assert elbo == pytest.approx(-(rec + kl), rel=1e-6)
+    for name in ("curves.png", "reconstructions.png", "samples.png", "traversals.png"):
+        with Image.open(run / name) as im:
+            im.verify()
+
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert (state["step"], state["epoch"]) == (2 * spe, 2)
+    weights = load_file(str(run / "model" / "model.safetensors"))
+    assert {k: v.shape for k, v in state["model"].items()} == {k: v.shape for k, v in weights.items()}
+
+
+def test_run_files_get_ordinary_permissions(run):
+    # Written through a temporary file (mkstemp makes 0600): the final files must still be
+    # readable as the umask allows, like the pictures, or a shared run cannot be read.
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in RUN_FILES:
+        assert stat.S_IMODE((run / name).stat().st_mode) == 0o666 & ~mask, name
+
+
+def test_sample_writes_the_models_samples_as_a_png(run, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    rc, stdout, _ = call(["sample", run, "-n", 16, "-o", out], capsys)
+    assert rc == 0 and str(out) in stdout
+    model = VAE.from_pretrained(run / "model").eval()
+    expected = image_grid(model.sample(16, generator=torch.Generator().manual_seed(0)), nrow=8)
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+        pixels = np.asarray(im)
+    h, w = expected.shape[:2]
+    scale = pixels.shape[0] // h
+    assert scale >= 1 and pixels.shape[:2] == (scale * h, scale * w)  # 2 rows of 8 images, enlarged
+    np.testing.assert_array_equal(pixels[::scale, ::scale], expected)
+    rc, _, _ = call(["sample", run, "-n", 16, "-o", tmp_path / "other.png", "--seed", 1], capsys)
+    with Image.open(tmp_path / "other.png") as im:
+        assert rc == 0 and not np.array_equal(np.asarray(im), pixels)
+
+
+def test_sample_to_jpg_writes_a_jpeg(run, tmp_path, capsys):
+    out = tmp_path / "grid.jpg"
+    rc, _, _ = call(["sample", run, "-n", 4, "-o", out], capsys)
+    with Image.open(out) as im:
+        assert rc == 0 and im.format == "JPEG"
+
+
+def _test_data(run):
+    return load_dataset(RunConfig.from_dict(read_json(run / "config.json")).data).test
+
+
+def test_evaluate_prints_a_table_and_writes_metrics_checked_by_hand(run, capsys):
+    rc, out, _ = call(["evaluate", run], capsys)
+    assert rc == 0
+    m = read_json(run / "metrics-test.json")
+    assert {"elbo", "reconstruction", "kl"} <= set(m) and "iw_nll" not in m
+    for key in ("elbo", "reconstruction", "kl"):
+        assert re.search(rf"^{key}\s+{re.escape(f'{m[key]:.4f}')}$", out, re.M), out
+
+    torch.manual_seed(0)
+    model, x = VAE.from_pretrained(run / "model").eval(), _test_data(run)
+    n = x.shape[0]
+    with torch.no_grad():
+        q = model.encode(x)
+        prior = Independent(Normal(torch.zeros_like(q.mean), torch.ones_like(q.mean)), 1)
+        assert m["kl"] == pytest.approx(float(kl_divergence(q, prior).mean()), rel=1e-5)
+        z = q.sample((64,))  # [64, N, d]: a Monte Carlo reconstruction term to compare with
+        nll = model.nll(model.decode(z.flatten(0, 1)), x.repeat(64, 1, 1, 1)).view(64, n).double()
+    se = math.sqrt(float(nll.var(0).mean()) * (1 + 1 / 64) / n)
+    assert abs(m["reconstruction"] - float(nll.mean())) < 6 * se + 1e-4
+    assert m["elbo"] == pytest.approx(-(m["reconstruction"] + m["kl"]), rel=1e-6)
+
+    rc, out, _ = call(["evaluate", run, "--iw-samples", 10], capsys)
+    m10 = read_json(run / "metrics-test.json")
+    iw_text = f"{m10['iw_nll']:.4f}"
+    assert rc == 0 and re.search(rf"^iw_nll\s+{re.escape(iw_text)}$", out, re.M), out
+    assert m10["elbo"] == pytest.approx(m["elbo"], rel=1e-12)  # the ELBO draws do not move
+    with torch.no_grad():  # 16 independent IWAE-10 estimates from torch.distributions
+        z = q.sample((16, 10))  # [16, 10, N, d]
+        log_px = -model.nll(model.decode(z.reshape(-1, z.shape[-1])), x.repeat(160, 1, 1, 1)).view(16, 10, n)
+        log_w = log_px + prior.log_prob(z) - q.log_prob(z)
+        iw = -(torch.logsumexp(log_w.double(), 1) - math.log(10))  # [16, N]
+    se = math.sqrt(float(iw.var(0).mean()) * (1 + 1 / 16) / n)
+    assert abs(m10["iw_nll"] - float(iw.mean())) < 6 * se + 1e-4
+
+
+# -- help ------------------------------------------------------------------------------
+
+CHOICES = {  # fields whose value is one of a fixed set: the help must list the set
+    ("data", "dataset"): vaekit.data.DATASETS,
+    ("data", "binarize"): vaekit.data.BINARIZATIONS,
+    ("data", "split"): vaekit.data.SPLITS,
+    ("model", "arch"): vaekit.models.ARCHS,
+    ("model", "activation"): tuple(vaekit.models.ACTIVATIONS),
+    ("model", "likelihood"): vaekit.losses.RECONSTRUCTIONS,
+    ("model", "decoder_variance"): vaekit.models.DECODER_VARIANCES,
+    ("train", "lr_schedule"): vaekit.train.LR_SCHEDULES,
+    ("train", "amp"): vaekit.train.AMP_MODES,
+    ("train", "fast"): getattr(vaekit.train, "FAST_MODES", ()),
+    ("objective", "name"): vaekit.objectives.OBJECTIVES,
+    ("objective", "beta_schedule"): vaekit.objectives.SCHEDULES,
+}
+
+
+def _help(command, monkeypatch, capsys) -> str:
+    monkeypatch.setenv("COLUMNS", "10000")  # one line per option: no wrapping inside names
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"] if command else ["--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def _option_blocks(text: str) -> list[str]:
+    """The help text of each option: its line and the lines indented under it."""
+    blocks: list[str] = []
+    for line in text.splitlines():
+        if re.match(r"^  -", line):
+            blocks.append(line)
+        elif blocks and line.startswith("   "):
+            blocks[-1] += " " + line.strip()
+    return blocks
+
+
+def test_train_help_documents_every_config_field(monkeypatch, capsys):
+    blocks = _option_blocks(_help("train", monkeypatch, capsys))
+    for flag in ("--preset", "--config", "--run-dir", "--resume"):
+        assert any(re.match(rf"^  {flag}\b", b) for b in blocks), flag
+    for group, klass in GROUPS.items():
+        for f in dataclasses.fields(klass):
+            flag = f"--{group}.{f.name.replace('_', '-')}"
+            block = next((b for b in blocks if re.search(rf"{re.escape(flag)}\b", b)), None)
+            assert block is not None, f"{flag} is not in vaekit train --help"
+            assert re.search(rf"\({group}\) (?!\[default)\S", block), f"{flag} has no description: {block}"
+            assert "[default: " in block, f"{flag} does not state its default"
+            for choice in CHOICES.get((group, f.name), ()):
+                assert re.search(rf"\b{re.escape(choice)}\b", block), f"{flag} does not list {choice!r}: {block}"
+
+
+@pytest.mark.parametrize("command, flags", [
+    ("evaluate", ("--split", "--iw-samples", "--batch-size", "--seed", "--device", "--disentanglement")),
+    ("sample", ("-n", "--output", "--seed", "--nrow")),
+])
+def test_evaluate_and_sample_help_document_every_flag(command, flags, monkeypatch, capsys):
+    text = _help(command, monkeypatch, capsys)
+    assert "RUN" in text
+    blocks = _option_blocks(text)
+    for flag in flags:
+        block = next((b for b in blocks if re.search(rf"(^  |, ){re.escape(flag)}\b", b)), None)
+        assert block is not None and len(block.split()) > 3, f"{command} --help: {flag} undocumented"
+
+
+def test_top_level_help_lists_the_commands(monkeypatch, capsys):
+    text = _help(None, monkeypatch, capsys)
+    assert all(re.search(rf"\b{c}\b", text) for c in ("train", "evaluate", "sample"))
+
+
+# -- reproducibility and persistence ---------------------------------------------------
+
+
+def test_same_seed_same_weights_other_seed_other_weights(run, tmp_path):
+    assert main(["train", "--run-dir", str(tmp_path / "same"), *TINY]) == 0
+    assert main(["train", "--run-dir", str(tmp_path / "other"), *TINY, "--seed", "1"]) == 0
+    ref = load_file(str(run / "model" / "model.safetensors"))
+    same = load_file(str(tmp_path / "same" / "model" / "model.safetensors"))
+    other = load_file(str(tmp_path / "other" / "model" / "model.safetensors"))
+    assert set(ref) == set(same) == set(other)
+    assert all(torch.equal(ref[k], same[k]) for k in ref)
+    assert not all(torch.equal(ref[k], other[k]) for k in ref)
+    last_ref = load_checkpoint(run / "checkpoint.pt")["model"]
+    last_same = load_checkpoint(tmp_path / "same" / "checkpoint.pt")["model"]
+    assert all(torch.equal(last_ref[k], last_same[k]) for k in last_ref)
+
+
+def test_resolved_config_json_reproduces_the_run(run, tmp_path):
+    assert main(["train", "--config", str(run / "config.json"), "--run-dir", str(tmp_path / "again")]) == 0
+    ref = load_file(str(run / "model" / "model.safetensors"))
+    again = load_file(str(tmp_path / "again" / "model" / "model.safetensors"))
+    assert set(ref) == set(again) and all(torch.equal(ref[k], again[k]) for k in ref)
+
+
+def test_from_pretrained_reconstructs_like_the_model_fit_returned(tmp_path):
+    config = tiny_config(train__epochs=1)  # one epoch: model/ holds the final weights
+    result = fit(config, tmp_path / "run")
+    loaded = VAE.from_pretrained(tmp_path / "run" / "model")
+    assert loaded.config == result.model.config
+    x = load_dataset(config.data).test
+    result.model.eval()
+    loaded.eval()
+    assert torch.equal(result.model.reconstruct(x), loaded.reconstruct(x))
+    a, b = result.model.state_dict(), loaded.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+FILE_CONFIG = {
+    "model": {"hidden": [16], "latent_dim": 3, "activation": "tanh"},
+    "train": {"epochs": 1, "batch_size": 64, "lr": 0.005, "num_threads": 1, "progress": False},
+    "objective": {"beta": 0.5},
+}
+
+
+def _toml(d: dict) -> str:
+    lines = []
+    for section, values in d.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".json"])
+def test_config_file_then_flags(suffix, tmp_path, capsys):
+    path = tmp_path / f"run{suffix}"
+    path.write_text(_toml(FILE_CONFIG) if suffix == ".toml" else json.dumps(FILE_CONFIG))
+    rd = tmp_path / "run"
+    rc, _, err = call(["train", "--config", path, "--latent-dim", 2, "--lr", 0.002, "--run-dir", rd], capsys)
+    assert rc == 0, err
+    resolved = read_json(rd / "config.json")
+    assert resolved["model"]["hidden"] == [16] and resolved["model"]["activation"] == "tanh"  # file
+    assert resolved["model"]["latent_dim"] == 2 and resolved["train"]["lr"] == 0.002  # flags win
+    assert resolved["train"]["epochs"] == 1 and resolved["train"]["batch_size"] == 64  # file
+    assert resolved["objective"]["beta"] == 0.5  # file
+    assert resolved["data"]["binarize"] == "dynamic"  # the preset, untouched
+    model = VAE.from_pretrained(rd / "model")
+    assert (model.config.latent_dim, model.config.activation) == (2, "tanh")
+
+
+# -- bad input: status 2, one line, nothing changed ------------------------------------
+
+BAD_INPUT = [  # (id, argv with {run}/{empty}/{tmp} placeholders, regex the one-line error must match)
+    ("unknown-dataset", ["train", "--run-dir", "{empty}", *TINY, "--dataset", "nope"], r"dataset.*'nope'"),
+    ("mnist-without-data", ["train", "--run-dir", "{empty}", *TINY, "--dataset", "mnist",
+                            "--data-dir", "{tmp}/no-mnist-here"], r"no-mnist-here"),
+    ("negative-epochs", ["train", "--run-dir", "{empty}", *TINY, "--epochs", "-1"], r"epochs.*-1"),
+    ("unknown-option", ["train", "--run-dir", "{empty}", *TINY, "--no-such-option"], r"--no-such-option"),
+    ("missing-config", ["train", "--run-dir", "{empty}", "--config", "{tmp}/missing.toml"], r"missing\.toml"),
+    ("invalid-toml", ["train", "--run-dir", "{empty}", "--config", "{tmp}/bad.toml"], r"bad\.toml.*TOML"),
+    ("invalid-json", ["train", "--run-dir", "{empty}", "--config", "{tmp}/bad.json"], r"bad\.json.*JSON"),
+    ("unknown-config-key", ["train", "--run-dir", "{empty}", "--config", "{tmp}/typo.toml"], r"unknown key.*epoch\b"),
+    ("run-dir-not-empty", ["train", "--run-dir", "{run}", *TINY], r"--run-dir.*not empty"),
+    ("resume-without-checkpoint", ["train", "--resume", "{empty}"], r"--resume.*checkpoint"),
+    ("sample-n-0", ["sample", "{run}", "-n", "0", "-o", "{tmp}/never.png"], r"-n\b.*0"),
+    ("evaluate-missing-run", ["evaluate", "{tmp}/no-such-run"], r"no-such-run"),
+]
+
+
+@pytest.fixture
+def places(run, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.toml").write_text("[train\nepochs = 2\n")
+    (tmp_path / "bad.json").write_text('{"train": {"epochs": 2,}')
+    (tmp_path / "typo.toml").write_text("[train]\nepoch = 3\n")
+    return {"run": str(run), "empty": str(tmp_path / "empty"), "tmp": str(tmp_path)}
+
+
+@pytest.mark.parametrize("argv, pattern", [row[1:] for row in BAD_INPUT], ids=[row[0] for row in BAD_INPUT])
+def test_bad_command_line_input(argv, pattern, places, capsys):
+    before = {name: snapshot(places[name]) for name in ("run", "empty")}
+    rc, _, err = call([a.format(**places) for a in argv], capsys)
+    assert_usage_error(rc, err, pattern)
+    assert {name: snapshot(places[name]) for name in ("run", "empty")} == before
+    assert not Path(places["tmp"], "never.png").exists()
+
+
+def test_bad_input_in_a_real_process_prints_one_line_without_traceback(places):
+    before = snapshot(places["run"])
+    rc, out, err = run_cli("train", "--run-dir", places["run"], *TINY)
+    assert_usage_error(rc, err, r"--run-dir.*not empty")
+    assert out == "" and snapshot(places["run"]) == before
