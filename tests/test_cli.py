@@ -28,13 +28,15 @@ import vaekit.data
 import vaekit.losses
 import vaekit.models
 import vaekit.objectives
+import vaekit.config
 import vaekit.train
 from vaekit.cli import build_config, main
 from vaekit.data import load_dataset
 from vaekit.io import load_checkpoint, read_json
 from vaekit.models import VAE
 from vaekit.plots import image_grid
-from vaekit.train import GROUPS, RunConfig, fit
+from vaekit.config import GROUPS, RunConfig
+from vaekit.train import fit
 
 TINY = ["--epochs", "2", "--hidden", "16", "--latent-dim", "2", "--batch-size", "128",
         "--no-progress", "--num-threads", "1"]
@@ -225,9 +227,9 @@ CHOICES = {  # fields whose value is one of a fixed set: the help must list the 
     ("model", "activation"): tuple(vaekit.models.ACTIVATIONS),
     ("model", "likelihood"): vaekit.losses.RECONSTRUCTIONS,
     ("model", "decoder_variance"): vaekit.models.DECODER_VARIANCES,
-    ("train", "lr_schedule"): vaekit.train.LR_SCHEDULES,
-    ("train", "amp"): vaekit.train.AMP_MODES,
-    ("train", "fast"): getattr(vaekit.train, "FAST_MODES", ()),
+    ("train", "lr_schedule"): vaekit.config.LR_SCHEDULES,
+    ("train", "amp"): vaekit.config.AMP_MODES,
+    ("train", "fast"): vaekit.config.FAST_MODES,
     ("objective", "name"): vaekit.objectives.OBJECTIVES,
     ("objective", "beta_schedule"): vaekit.objectives.SCHEDULES,
 }

@@ -1,5 +1,5 @@
 """Tests of vaekit.data: every reader on tiny files written here, the download code with a
-fake opener (no network), the splits and BatchIterator's reproducibility and sharding."""
+fake opener (no network), the splits and binarization."""
 
 import gzip
 import hashlib
@@ -14,7 +14,7 @@ from PIL import Image
 
 from vaekit import data
 from vaekit.data import (
-    BatchIterator, DataConfig, MNIST_FILES, binarize_dynamic, binarize_static, check_images,
+    DataConfig, MNIST_FILES, binarize_dynamic, binarize_static, check_images,
     download_mnist, load_dataset, read_idx,
 )
 
@@ -338,123 +338,3 @@ def test_check_images(x, error, message):
     with pytest.raises(error, match=message):
         check_images(x, "images")
     assert check_images(torch.full((2, 3), -4.0), "images", support="real") is not None
-
-
-# ---------------------------------------------------------------------------------------
-# BatchIterator
-
-
-def ids(n, event=(1,)):
-    """Data whose first feature is the example index, to track which examples a batch holds."""
-    return torch.arange(n, dtype=torch.float32).reshape(n, *([1] * len(event))).expand(n, *event).contiguous()
-
-
-@pytest.mark.parametrize("drop_last, n_batches, last", [(False, 4, 2), (True, 3, 5)])
-def test_iterator_covers_each_example_once(drop_last, n_batches, last):
-    it = BatchIterator(ids(17, (2, 3)), 5, drop_last=drop_last, seed=4)
-    for epoch in range(2):
-        batches = list(it)
-        assert len(batches) == len(it) == n_batches and batches[-1].shape == (last, 2, 3)
-        seen = torch.cat(batches)[:, 0, 0].long()
-        assert len(seen.unique()) == len(seen) == (15 if drop_last else 17)
-        assert it.epoch == epoch + 1 and it.position == 0
-    ordered = torch.cat(list(BatchIterator(ids(17), 5, shuffle=False)))[:, 0]
-    assert torch.equal(ordered, torch.arange(17.0))
-
-
-def test_iterator_same_seed_same_batches():
-    x = torch.rand(23, 4, generator=torch.Generator().manual_seed(0))
-    runs = [[b for b in BatchIterator(x, 4, seed=s, dynamic_binarize=True)] for s in (7, 7, 8)]
-    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
-    assert not all(torch.equal(a, b) for a, b in zip(runs[0], runs[2]))
-    it = BatchIterator(ids(23), 23)
-    e0, e1 = next(iter(it)), next(iter(it))
-    assert not torch.equal(e0, e1)  # a fresh permutation each epoch
-
-
-@pytest.mark.parametrize("stop", [0, 3, 6, 7, 12])
-def test_iterator_resumes_mid_epoch(stop):
-    x = torch.rand(26, 3, generator=torch.Generator().manual_seed(1))
-
-    def stream(it, epochs):
-        return [b.clone() for _ in range(epochs) for b in it]
-
-    full = stream(BatchIterator(x, 4, seed=3, dynamic_binarize=True), 2)  # 7 batches per epoch
-    it = BatchIterator(x, 4, seed=3, dynamic_binarize=True)
-    head, gen = [], iter(it)
-    while len(head) < stop:  # stop in the middle of an epoch, or right after its last batch
-        try:
-            head.append(next(gen).clone())
-        except StopIteration:
-            gen = iter(it)
-    state = it.state_dict()
-    resumed = BatchIterator(x, 4, seed=0, dynamic_binarize=True)
-    resumed.load_state_dict(state)
-    assert resumed.seed == 3
-    tail = []
-    while resumed.epoch < 2:  # the training loop's "for epoch in range(start, 2)"
-        tail += [b.clone() for b in resumed]
-    assert len(head) + len(tail) == len(full)
-    assert all(torch.equal(a, b) for a, b in zip(head + tail, full))
-
-
-@pytest.mark.parametrize("n, drop_last, dynamic", [(29, False, False), (29, True, True), (36, False, True)])
-def test_iterator_ddp_shards_concatenate_to_single_process_batches(n, drop_last, dynamic):
-    x = torch.rand(n, 2, generator=torch.Generator().manual_seed(2)) if dynamic else ids(n, (2,))
-    world, b = 3, 4
-    single = BatchIterator(x, world * b, drop_last=drop_last, dynamic_binarize=dynamic, seed=9)
-    ranks = [BatchIterator(x, b, drop_last=drop_last, dynamic_binarize=dynamic, seed=9, rank=r,
-                           world_size=world) for r in range(world)]
-    for epoch in range(2):
-        ref = list(single)
-        shards = [list(it) for it in ranks]
-        assert all(len(s) == len(ref) == len(it) for s, it in zip(shards, ranks))
-        for j, batch in enumerate(ref):
-            assert torch.equal(torch.cat([s[j] for s in shards]), batch)
-    for r in range(world):  # full batches are exactly b per rank
-        assert shards[r][0].shape[0] == b
-
-
-def test_iterator_dynamic_binarization_mean_matches_grey_levels():
-    x = torch.tensor([[0.1, 0.5, 0.8]]).expand(50, 3).contiguous()
-    it = BatchIterator(x, 10, dynamic_binarize=True, seed=5)
-    draws = torch.cat([b for _ in range(20) for b in it])  # 1000 draws per level
-    assert set(draws.unique().tolist()) == {0.0, 1.0}
-    se = (x[0] * (1 - x[0]) / len(draws)).sqrt()
-    assert ((draws.mean(0) - x[0]).abs() < 5 * se).all()
-
-
-def test_iterator_argument_errors():
-    x = torch.rand(10, 2)
-    for kwargs, error, field in [
-        (dict(batch_size=0), ValueError, "batch_size"), (dict(batch_size=2.0), TypeError, "batch_size"),
-        (dict(rank=2, world_size=2), ValueError, "rank"), (dict(world_size=0), ValueError, "world_size"),
-        (dict(batch_size=11, drop_last=True), ValueError, "drop_last"),
-        (dict(batch_size=3, world_size=3), ValueError, "world_size"),  # last combined batch of 1 < 3 ranks
-    ]:
-        with pytest.raises(error, match=field):
-            BatchIterator(x, **{"batch_size": 2, **kwargs})
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        BatchIterator(x * 3, 2, dynamic_binarize=True)
-    it = BatchIterator(x, 2)
-    with pytest.raises(ValueError, match="position"):
-        it.load_state_dict({"epoch": 0, "position": 6, "seed": 0})
-    with pytest.raises(ValueError, match="keys"):
-        it.load_state_dict({"epoch": 0})
-    it.set_epoch(3)
-    assert it.state_dict() == {"epoch": 3, "position": 0, "seed": 0}
-    assert torch.equal(next(iter(it)), x[it.permutation(3)[:2]])
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_iterator_on_cuda_is_reproducible_and_resumable():
-    x = torch.rand(50, 1, 4, 4, generator=torch.Generator().manual_seed(3))
-    full = [b.clone() for b in BatchIterator(x, 8, seed=2, dynamic_binarize=True, device="cuda")]
-    assert all(b.device.type == "cuda" for b in full)
-    it = BatchIterator(x, 8, seed=2, dynamic_binarize=True, device="cuda")
-    gen = iter(it)
-    head = [next(gen).clone() for _ in range(3)]
-    resumed = BatchIterator(x, 8, seed=2, dynamic_binarize=True, device="cuda")
-    resumed.load_state_dict(it.state_dict())
-    assert all(torch.equal(a, b) for a, b in zip(head + list(resumed), full))
-    assert set(torch.cat(full).unique().tolist()) == {0.0, 1.0}

@@ -33,6 +33,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import vaekit.config
 import vaekit.models
 import vaekit.train
 from test_cli import (ENV, assert_usage_error, call, no_debug_tracebacks, run_cli, snapshot,  # noqa: F401
@@ -412,7 +413,7 @@ def test_truncated_and_newer_checkpoints_and_models_are_refused(reference, tmp_p
 
 # -- 6. non-finite steps ---------------------------------------------------------------
 
-_FAST = [f.name for f in dataclasses.fields(vaekit.train.TrainConfig)].count("fast") == 1
+_FAST = [f.name for f in dataclasses.fields(vaekit.config.TrainConfig)].count("fast") == 1
 
 
 @pytest.mark.parametrize("amp, fast", [("none", "off"), ("bf16", "off"), ("none", "static"), ("bf16", "static")])

@@ -31,7 +31,7 @@ _WHERE = {
     "VAE": "models", "ModelConfig": "models",
     "VAELoss": "losses", "gaussian_kl": "losses", "bernoulli_nll": "losses", "gaussian_nll": "losses",
     "continuous_bernoulli_nll": "losses", "mse": "losses",
-    "fit": "train", "RunConfig": "train", "TrainConfig": "train",
+    "fit": "train", "RunConfig": "config", "TrainConfig": "config",
     "DataConfig": "data", "load_dataset": "data",
     "ObjectiveConfig": "objectives",
     "iw_nll": "evaluate", "evaluate_model": "evaluate",

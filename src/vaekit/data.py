@@ -5,7 +5,7 @@ scaled to [0, 1]: uint8 grey levels are divided by 255, scikit-learn's digits (0
 by 16; float arrays are taken as they are (finite; range-checked only if binarized).
 :func:`load_dataset` carves a validation set from the training set and, where a source
 has no test set, a test set with a seed fixed at 0 so that it never moves when
-``DataConfig.seed`` does. :class:`BatchIterator` batches a tensor kept whole on the
+``DataConfig.seed`` does. :class:`vaekit.batching.BatchIterator` batches a tensor kept whole on the
 device, reproducibly and resumably, with the same batches split over DDP ranks.
 """
 
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "DataConfig", "SplitData", "load_dataset", "read_idx", "download_mnist", "BatchIterator",
+    "DataConfig", "SplitData", "load_dataset", "read_idx", "download_mnist",
     "binarize_static", "binarize_dynamic", "check_images", "DATASETS", "MNIST_FILES",
 ]
 
@@ -85,7 +85,7 @@ class DataConfig:
             "sprites".
         binarize: "none"; "static" (``x > 0.5``, at load time); or "dynamic": training
             batches are fresh Bernoulli samples of the grey levels (drawn by
-            :class:`BatchIterator`), while validation and test are binarized ONCE, at
+            :class:`vaekit.batching.BatchIterator`), while validation and test are binarized ONCE, at
             load time, with a generator seeded with ``seed + 1`` so every evaluation
             sees the same binary images.
         val_size: a count (int >= 0) or a fraction of the training set (float in [0, 1)).
@@ -181,11 +181,6 @@ def binarize_dynamic(x: Tensor, generator: Optional[torch.Generator] = None) -> 
     """
     check_images(x, "x")
     return torch.bernoulli(x, generator=generator)
-
-
-def _mix_seed(*values: int) -> int:
-    """A well-spread 63-bit seed from a tuple of non-negative ints, e.g. (seed, epoch)."""
-    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, np.uint64)[0]) >> 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -481,99 +476,3 @@ def load_dataset(config: DataConfig) -> SplitData:
         g = torch.Generator().manual_seed(config.seed + 1)
         val, xt = (binarize_dynamic(t, g) if len(t) else t for t in (val, xt))
     return SplitData(train, val, xt, ytr, yv, yt, name)
-
-
-# ---------------------------------------------------------------------------------------
-# Batching
-
-
-class BatchIterator:
-    """Batches of a tensor kept whole on ``device``, reproducible and resumable.
-
-    Epoch ``e`` uses the permutation ``randperm(N)`` drawn by a CPU generator seeded from
-    ``(seed, e)`` (identity if ``shuffle=False``), so it is recomputed, not stored, on
-    resume. With ``world_size = W`` ranks, *combined* batch ``j`` is
-    ``perm[j*W*b : (j+1)*W*b]`` and rank ``r`` takes part ``r`` of its ``W``-way
-    ``tensor_split`` (``[r*b:(r+1)*b]`` for a full batch): concatenating the ranks'
-    batches ``j`` gives exactly batch ``j`` of one process with batch size ``W*b``.
-    ``dynamic_binarize`` replaces combined batch ``j`` of epoch ``e`` by
-    ``torch.bernoulli(batch, generator=g)`` with ``g`` on the data's device seeded from
-    ``(seed, e, j)``, before the split, so the draws too agree with one process.
-
-    Iterating runs the rest of the current epoch; ``position`` is the index of the next
-    batch, ``state_dict()`` / ``load_state_dict()`` resume at exactly that batch.
-    ``last_span = (offset, size, combined)`` says where the last batch yielded sits in its
-    combined batch.
-    """
-
-    def __init__(self, x: Tensor, batch_size: int, *, shuffle: bool = True, drop_last: bool = False,
-                 dynamic_binarize: bool = False, seed: int = 0, device=None, rank: int = 0,
-                 world_size: int = 1) -> None:
-        check_images(x, "x", support="unit" if dynamic_binarize else "real")
-        _check_int("batch_size", batch_size, 1)
-        _check_int("seed", seed)
-        _check_int("world_size", world_size, 1)
-        _check_int("rank", rank)
-        if rank >= world_size:
-            raise ValueError(f"rank must be < world_size={world_size}, got {rank}")
-        self.x = x if device is None else x.to(device)
-        self.batch_size, self.shuffle, self.drop_last = batch_size, bool(shuffle), bool(drop_last)
-        self.dynamic_binarize, self.seed = bool(dynamic_binarize), seed
-        self.rank, self.world_size = rank, world_size
-        n, combined = len(x), batch_size * world_size
-        self._combined = combined
-        self._len = n // combined if drop_last else -(-n // combined)
-        if self._len == 0:
-            raise ValueError(f"x has {n} examples, fewer than one batch of {combined} with drop_last=True")
-        if not drop_last and 0 < n % combined < world_size:
-            raise ValueError(f"the last batch of {n % combined} examples cannot give each of the "
-                             f"world_size={world_size} ranks one example; use drop_last=True")
-        self.epoch = self.position = 0
-        self.last_span = (0, 0, 0)  # (offset, size, combined size) of the last batch
-
-    def __len__(self) -> int:
-        return self._len
-
-    def set_epoch(self, epoch: int) -> None:
-        _check_int("epoch", epoch)
-        self.epoch, self.position = epoch, 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or set(state) != {"epoch", "position", "seed"}:
-            raise ValueError(f"state must be a dict with keys epoch, position, seed, got {state!r}")
-        for key in ("epoch", "position", "seed"):
-            _check_int(f"state[{key!r}]", state[key])
-        if state["position"] > len(self):
-            raise ValueError(f"state['position'] must be <= {len(self)} batches, got {state['position']}")
-        self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
-
-    def permutation(self, epoch: int) -> Tensor:
-        """The example order of ``epoch`` on the data's device (same on every rank)."""
-        if not self.shuffle:
-            return torch.arange(len(self.x), device=self.x.device)
-        g = torch.Generator().manual_seed(_mix_seed(self.seed, epoch))
-        return torch.randperm(len(self.x), generator=g).to(self.x.device)
-
-    def __iter__(self):
-        if self.position >= len(self):  # resumed right after an epoch's last batch
-            self.epoch, self.position = self.epoch + 1, 0
-        epoch, perm = self.epoch, self.permutation(self.epoch)
-        while self.position < len(self):
-            j = self.position
-            idx = perm[j * self._combined:(j + 1) * self._combined]
-            if self.dynamic_binarize:
-                g = torch.Generator(device=self.x.device).manual_seed(_mix_seed(self.seed, epoch, j))
-                batch = torch.bernoulli(self.x[idx], generator=g).tensor_split(self.world_size)[self.rank]
-            else:
-                batch = self.x[idx.tensor_split(self.world_size)[self.rank]]
-            # Where this rank's examples sit in the combined batch (tensor_split's layout),
-            # so per-example randomness can be drawn for the combined batch and sliced.
-            base, extra = divmod(len(idx), self.world_size)
-            r = self.rank
-            self.last_span = (r * base + min(r, extra), base + (r < extra), len(idx))
-            self.position = j + 1
-            yield batch
-        self.epoch, self.position = epoch + 1, 0

@@ -166,6 +166,17 @@ def gaussian_kl(
 # Reconstruction likelihoods
 
 
+def _check_logits_and_targets(logits, x, validate_args) -> tuple[Tensor, Tensor]:
+    """The checks of the two Bernoulli-family likelihoods; returns the inputs upcast."""
+    _check_tensor("logits", logits)
+    _check_tensor("x", x)
+    _check_same_shape("x", x, "logits", logits)
+    if _validating(validate_args):
+        _check_unit_interval("x", x)
+        _check_finite("logits", logits)
+    return _upcast(logits, x)
+
+
 def bernoulli_nll(logits: Tensor, x: Tensor, *, validate_args: bool | None = None) -> Tensor:
     r"""-log Bernoulli(x | sigmoid(logits)), summed over the event dims.
 
@@ -180,13 +191,7 @@ def bernoulli_nll(logits: Tensor, x: Tensor, *, validate_args: bool | None = Non
 
     Shape: ``logits`` and ``x`` are ``[B, *event]``; returns ``[B]``.
     """
-    _check_tensor("logits", logits)
-    _check_tensor("x", x)
-    _check_same_shape("x", x, "logits", logits)
-    if _validating(validate_args):
-        _check_unit_interval("x", x)
-        _check_finite("logits", logits)
-    logits, x = _upcast(logits, x)
+    logits, x = _check_logits_and_targets(logits, x, validate_args)
     return _sum_event(F.binary_cross_entropy_with_logits(logits, x, reduction="none"))
 
 
@@ -301,13 +306,7 @@ def continuous_bernoulli_nll(
 
     Shape: ``[B, *event]`` each; returns ``[B]``.
     """
-    _check_tensor("logits", logits)
-    _check_tensor("x", x)
-    _check_same_shape("x", x, "logits", logits)
-    if _validating(validate_args):
-        _check_unit_interval("x", x)
-        _check_finite("logits", logits)
-    logits, x = _upcast(logits, x)
+    logits, x = _check_logits_and_targets(logits, x, validate_args)
     bce = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
     return _sum_event(bce - continuous_bernoulli_log_norm(logits))
 

@@ -24,7 +24,6 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,18 +31,16 @@ import torch
 from torch import nn
 
 from . import __version__
-from .data import BatchIterator, DataConfig, _mix_seed, check_images, load_dataset
-from .io import CheckpointError, load_checkpoint, read_json, save_checkpoint, save_model, write_json
-from .models import VAE, ModelConfig
+from .batching import BatchIterator, mix_seed
+from .config import RunConfig, TrainConfig
+from .data import check_images, load_dataset
 from .fast import StaticStep, static_step_supported
+from .io import CheckpointError, load_checkpoint, save_checkpoint, save_model, write_json
+from .models import VAE
+from .plots import save_run_pictures
 from .objectives import ObjectiveConfig, beta_schedule, objective_loss
 
 __all__ = ["TrainConfig", "RunConfig", "fit", "FitResult", "TrainingDiverged", "lr_at", "resolve_device"]
-
-LR_SCHEDULES = ("constant", "cosine")
-AMP_MODES = ("none", "bf16")
-FAST_MODES = ("auto", "static", "off")
-
 
 _CHECKPOINT_KEYS = ("config", "model", "optimizer", "step", "epoch", "history", "best", "since_best",
                     "skipped", "sums", "batches", "rng")
@@ -51,123 +48,6 @@ _CHECKPOINT_KEYS = ("config", "model", "optimizer", "step", "epoch", "history", 
 
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row; the last good checkpoint is left intact."""
-
-
-def _need(cond: bool, name: str, expected: str, got) -> None:
-    if not cond:
-        raise ValueError(f"TrainConfig.{name} must be {expected}, got {got!r}")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-@dataclass
-class TrainConfig:
-    """How to train.
-
-    Attributes:
-        epochs: passes over the training set.
-        max_steps: stop after this many optimiser steps (0: no limit).
-        batch_size: examples per step (per process under torchrun).
-        lr: Adam learning rate.
-        lr_schedule: ``constant`` or ``cosine`` (decay to 0 over the run).
-        weight_decay: Adam weight decay.
-        grad_clip: clip the global gradient norm to this (0: off).
-        seed: seeds the weights, the data order and the sampling noise.
-        device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
-        early_stopping: stop after this many epochs without a better validation ELBO
-            (0: off).
-        checkpoint_every: also checkpoint every this many steps (0: at epoch ends only).
-        max_bad_steps: stop after this many non-finite steps in a row.
-        amp: ``none`` or ``bf16`` (autocast for the forward pass).
-        num_threads: CPU threads for PyTorch (0: automatic: one thread for small
-            models, whose steps run faster single-threaded, else PyTorch's default).
-        fast: ``auto`` (the static step on CUDA, captured in a CUDA graph, where the
-            objective allows it), ``static`` (that step everywhere; uncaptured off CUDA)
-            or ``off`` (the eager step). See :mod:`vaekit.fast`.
-        progress: show a tqdm progress bar.
-    """
-
-    epochs: int = 20
-    max_steps: int = 0
-    batch_size: int = 100
-    lr: float = 1e-3
-    lr_schedule: str = "constant"
-    weight_decay: float = 0.0
-    grad_clip: float = 0.0
-    seed: int = 0
-    device: str = "auto"
-    early_stopping: int = 0
-    checkpoint_every: int = 0
-    max_bad_steps: int = 10
-    amp: str = "none"
-    num_threads: int = 0
-    fast: str = "auto"
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "max_steps", "early_stopping", "checkpoint_every", "num_threads", "seed"):
-            v = getattr(self, name)
-            _need(_is_int(v) and v >= 0, name, "an integer >= 0", v)
-        _need(self.epochs > 0 or self.max_steps > 0, "epochs", "> 0 (or max_steps > 0)", self.epochs)
-        _need(_is_int(self.batch_size) and self.batch_size > 0, "batch_size", "a positive integer", self.batch_size)
-        _need(_is_int(self.max_bad_steps) and self.max_bad_steps > 0, "max_bad_steps", "a positive integer", self.max_bad_steps)
-        _need(_is_num(self.lr) and self.lr > 0, "lr", "a finite number > 0", self.lr)
-        for name in ("weight_decay", "grad_clip"):
-            v = getattr(self, name)
-            _need(_is_num(v) and v >= 0, name, "a finite number >= 0", v)
-        _need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {', '.join(LR_SCHEDULES)}", self.lr_schedule)
-        _need(self.amp in AMP_MODES, "amp", f"one of {', '.join(AMP_MODES)}", self.amp)
-        _need(self.fast in FAST_MODES, "fast", f"one of {', '.join(FAST_MODES)}", self.fast)
-        _need(isinstance(self.progress, bool), "progress", "true or false", self.progress)
-        _need(
-            isinstance(self.device, str) and (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")),
-            "device", "auto, cpu, cuda or cuda:N", self.device,
-        )
-
-
-GROUPS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "objective": ObjectiveConfig}
-
-
-@dataclass
-class RunConfig:
-    """Everything a run needs: one dataclass per concern."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-
-    def to_dict(self) -> dict:
-        out = {}
-        for name in GROUPS:
-            d = dataclasses.asdict(getattr(self, name))
-            out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
-        if not isinstance(d, dict):
-            raise TypeError(f"a run config must be a mapping, got {type(d).__name__}")
-        unknown = sorted(set(d) - set(GROUPS) - {"vaekit_version"})
-        if unknown:
-            raise ValueError(f"unknown config section(s): {', '.join(unknown)}; known: {', '.join(GROUPS)}")
-        parts = {}
-        for name, klass in GROUPS.items():
-            sub = d.get(name, {})
-            if not isinstance(sub, dict):
-                raise TypeError(f"config section {name!r} must be a mapping, got {type(sub).__name__}")
-            known = {f.name for f in dataclasses.fields(klass)}
-            bad = sorted(set(sub) - known)
-            if bad:
-                raise ValueError(f"unknown key(s) in config section {name!r}: {', '.join(bad)}")
-            parts[name] = klass(**sub)
-        return cls(**parts)
 
 
 class FitResult(NamedTuple):
@@ -241,7 +121,7 @@ class _Objective(nn.Module):
         """Standard-normal noise of ``shape`` (batch in dim -2) for this process's slice of
         the combined batch of ``step``."""
         offset, size, combined = self._batches.last_span
-        self._gen.manual_seed(_mix_seed(self._seed, _NOISE_STREAM, step))
+        self._gen.manual_seed(mix_seed(self._seed, _NOISE_STREAM, step))
         full = torch.randn(*shape[:-2], combined, shape[-1], generator=self._gen, device=self._gen.device)
         return full[..., offset : offset + size, :]
 
@@ -552,7 +432,7 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
                    "reconstruction": float(sums[1]) / n, "kl": float(sums[2]) / n,
                    "elbo": -(float(sums[1]) + float(sums[2])) / n, "beta": beta, "lr": lr,
                    "skipped": skipped, "seconds": round(time.perf_counter() - t0, 3)}
-            val_gen = torch.Generator(device=device).manual_seed(_mix_seed(tc.seed, _VAL_STREAM, epoch))
+            val_gen = torch.Generator(device=device).manual_seed(mix_seed(tc.seed, _VAL_STREAM, epoch))
             val = _validate(model, val_x, max(tc.batch_size, 500), val_gen)
             vrow = {**row, "split": "val", **val}
             history += [row, vrow]
@@ -590,40 +470,12 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
             save_model(model, run_dir / "model")
         best_model = VAE.from_pretrained(run_dir / "model", device=device)
         with _unvalidated():  # a model made of NaNs still gets its (blank) pictures
-            _pictures(best_model, data.test if data.test.shape[0] else data.val, run_dir, history, tc.seed)
+            save_run_pictures(best_model, data.test if data.test.shape[0] else data.val, run_dir, history, seed=tc.seed)
         if writer is not None:
             writer.close()
     if distributed:
         torch.distributed.barrier()
     return FitResult(model, history, run_dir, False)
-
-
-def _pictures(model: VAE, x: torch.Tensor, run_dir: Path, history: list, seed: int) -> None:
-    from .plots import plot_curves, save_image_grid, save_traversals
-
-    model.eval()
-    scale = max(1, 112 // max(model.config.input_shape[-1], 1))
-    shape = model.config.input_shape
-    x = x[:32].to(next(model.parameters()).device)
-    rec = model.reconstruct(x)
-    pairs = torch.stack([x, rec], 1).reshape(-1, *x.shape[1:])  # input above its reconstruction
-    kw = {"image_shape": None} if len(shape) == 3 else {"image_shape": _square(shape)}
-    save_image_grid(pairs.cpu(), run_dir / "reconstructions.png", nrow=8, scale=scale, **kw)
-    g = torch.Generator(device=x.device).manual_seed(seed)
-    save_image_grid(model.sample(64, generator=g).cpu(), run_dir / "samples.png", nrow=8, scale=scale, **kw)
-    if history:
-        plot_curves(history, run_dir / "curves.png")
-    from .evaluate import kl_per_dimension
-
-    kl = kl_per_dimension(model, x)
-    save_traversals(model, x[:1], run_dir / "traversals.png", kl_per_dim=kl, dims=min(10, model.config.latent_dim),
-                    scale=scale, image_shape=None if len(shape) == 3 else _square(shape))
-
-
-def _square(shape) -> tuple | None:
-    d = math.prod(shape)
-    s = int(math.isqrt(d))
-    return (1, s, s) if s * s == d else None
 
 
 def _tensorboard(run_dir: Path):

@@ -1,0 +1,141 @@
+"""Config is data: one dataclass per concern, gathered in :class:`RunConfig`.
+
+``ModelConfig`` (:mod:`vaekit.models`), ``DataConfig`` (:mod:`vaekit.data`) and
+``ObjectiveConfig`` (:mod:`vaekit.objectives`) live beside the code they configure;
+``TrainConfig`` and the run as a whole live here. Each validates itself in
+``__post_init__`` with errors that name the field; a run's resolved configuration is saved
+as JSON, and the command line is a view of these fields (:mod:`vaekit.cli`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from .data import DataConfig
+from .models import ModelConfig
+from .objectives import ObjectiveConfig
+
+__all__ = ["TrainConfig", "RunConfig", "GROUPS", "LR_SCHEDULES", "AMP_MODES", "FAST_MODES"]
+
+LR_SCHEDULES = ("constant", "cosine")
+AMP_MODES = ("none", "bf16")
+FAST_MODES = ("auto", "static", "off")
+
+
+def _need(cond: bool, name: str, expected: str, got) -> None:
+    if not cond:
+        raise ValueError(f"TrainConfig.{name} must be {expected}, got {got!r}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass
+class TrainConfig:
+    """How to train.
+
+    Attributes:
+        epochs: passes over the training set.
+        max_steps: stop after this many optimiser steps (0: no limit).
+        batch_size: examples per step (per process under torchrun).
+        lr: Adam learning rate.
+        lr_schedule: ``constant`` or ``cosine`` (decay to 0 over the run).
+        weight_decay: Adam weight decay.
+        grad_clip: clip the global gradient norm to this (0: off).
+        seed: seeds the weights, the data order and the sampling noise.
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+        early_stopping: stop after this many epochs without a better validation ELBO
+            (0: off).
+        checkpoint_every: also checkpoint every this many steps (0: at epoch ends only).
+        max_bad_steps: stop after this many non-finite steps in a row.
+        amp: ``none`` or ``bf16`` (autocast for the forward pass).
+        num_threads: CPU threads for PyTorch (0: automatic: one thread for small
+            models, whose steps run faster single-threaded, else PyTorch's default).
+        fast: ``auto`` (the static step on CUDA, captured in a CUDA graph, where the
+            objective allows it), ``static`` (that step everywhere; uncaptured off CUDA)
+            or ``off`` (the eager step). See :mod:`vaekit.fast`.
+        progress: show a tqdm progress bar.
+    """
+
+    epochs: int = 20
+    max_steps: int = 0
+    batch_size: int = 100
+    lr: float = 1e-3
+    lr_schedule: str = "constant"
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    early_stopping: int = 0
+    checkpoint_every: int = 0
+    max_bad_steps: int = 10
+    amp: str = "none"
+    num_threads: int = 0
+    fast: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "max_steps", "early_stopping", "checkpoint_every", "num_threads", "seed"):
+            v = getattr(self, name)
+            _need(_is_int(v) and v >= 0, name, "an integer >= 0", v)
+        _need(self.epochs > 0 or self.max_steps > 0, "epochs", "> 0 (or max_steps > 0)", self.epochs)
+        _need(_is_int(self.batch_size) and self.batch_size > 0, "batch_size", "a positive integer", self.batch_size)
+        _need(_is_int(self.max_bad_steps) and self.max_bad_steps > 0, "max_bad_steps", "a positive integer", self.max_bad_steps)
+        _need(_is_num(self.lr) and self.lr > 0, "lr", "a finite number > 0", self.lr)
+        for name in ("weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            _need(_is_num(v) and v >= 0, name, "a finite number >= 0", v)
+        _need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {', '.join(LR_SCHEDULES)}", self.lr_schedule)
+        _need(self.amp in AMP_MODES, "amp", f"one of {', '.join(AMP_MODES)}", self.amp)
+        _need(self.fast in FAST_MODES, "fast", f"one of {', '.join(FAST_MODES)}", self.fast)
+        _need(isinstance(self.progress, bool), "progress", "true or false", self.progress)
+        _need(
+            isinstance(self.device, str) and (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")),
+            "device", "auto, cpu, cuda or cuda:N", self.device,
+        )
+
+
+GROUPS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "objective": ObjectiveConfig}
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs: one dataclass per concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+
+    def to_dict(self) -> dict:
+        out = {}
+        for name in GROUPS:
+            d = dataclasses.asdict(getattr(self, name))
+            out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"a run config must be a mapping, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(GROUPS) - {"vaekit_version"})
+        if unknown:
+            raise ValueError(f"unknown config section(s): {', '.join(unknown)}; known: {', '.join(GROUPS)}")
+        parts = {}
+        for name, klass in GROUPS.items():
+            sub = d.get(name, {})
+            if not isinstance(sub, dict):
+                raise TypeError(f"config section {name!r} must be a mapping, got {type(sub).__name__}")
+            known = {f.name for f in dataclasses.fields(klass)}
+            bad = sorted(set(sub) - known)
+            if bad:
+                raise ValueError(f"unknown key(s) in config section {name!r}: {', '.join(bad)}")
+            parts[name] = klass(**sub)
+        return cls(**parts)
