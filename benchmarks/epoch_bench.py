@@ -1,0 +1,321 @@
+"""Seconds per epoch of the classic MNIST VAE (784-400-20, ReLU, Bernoulli, Adam lr 1e-3,
+batch 128, the 60,000 training images statically binarized), in one run, for:
+
+  (a) classic       the tutorial recipe, the baseline: DataLoader(TensorDataset, shuffle),
+                    F.binary_cross_entropy(sigmoid(logits), x, reduction="sum") + the KL
+                    formula, loss.item() every step
+  (b) vaekit eager  the eager step of vaekit.train.fit, from vaekit's public pieces:
+                    vaekit.models.VAE, data kept on the device by BatchIterator,
+                    objective_loss with step-keyed noise and the value checks off,
+                    backward, clip_grad_norm_, finiteness check (a sync), Adam, epoch sums
+  (c) vaekit static the static step fit takes by default on CUDA: vaekit.fast.StaticStep
+                    (fused loss, capturable Adam, one CUDA-graph replay per step; run
+                    uncaptured on a CPU), counters read every 50 steps
+  (d) pythae        pythae 0.1.2's VAE and BaseTrainer.train_step (if importable)
+  (e) matmul floor  the same four Linear layers and ReLUs, loss = sum of the outputs,
+                    backward and a fused Adam (Adam(fused=True)), on contiguous pre-sliced
+                    batches: no sampling, no likelihood, no data pipeline
+  (f) vaekit fit    vaekit.train.fit itself for 1 + --epochs epochs (validation on 1,000
+                    images and a checkpoint after each): per-epoch times from its metrics
+
+Contenders (a)-(e) are built once, warmed up for --warmup steps, then timed one epoch
+each in turn, --epochs times (interleaved, so that load from other processes hits all of
+them alike); the median is reported. --threads takes a list: on a CPU the whole set is
+run once per thread count.
+
+  python benchmarks/epoch_bench.py --device cpu --threads 1,2 --epochs 3
+  /tmp/pythae-venv/bin/python benchmarks/epoch_bench.py      # with the pythae contender
+  python benchmarks/epoch_bench.py --device cuda --data synthetic
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pythae_compare import (  # noqa: E402  (shared benchmark helpers)
+    DEFAULT_DATA, MLPEncoder, import_pythae, load_mnist, mlp_decoder, pythae_dataset, pythae_trainer,
+    pythae_vae, quiet, sync, warm_up_torch, write_npz,
+)
+
+BATCH, HIDDEN, LATENT, LR = 128, 400, 20, 1e-3
+
+
+class ClassicVAE(nn.Module):
+    """The tutorial model: fc1, fc21/fc22 (mu, logvar), fc3, fc4 (logits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc21, self.fc22 = nn.Linear(784, HIDDEN), nn.Linear(HIDDEN, LATENT), nn.Linear(HIDDEN, LATENT)
+        self.fc3, self.fc4 = nn.Linear(LATENT, HIDDEN), nn.Linear(HIDDEN, 784)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        mu, logvar = self.fc21(h), self.fc22(h)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        return self.fc4(F.relu(self.fc3(z))), mu, logvar
+
+
+def classic(x, device):
+    model = ClassicVAE().to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=BATCH, shuffle=True)
+
+    def run(max_steps=None):
+        model.train()
+        total = 0.0
+        for i, (xb,) in enumerate(loader):
+            if max_steps is not None and i >= max_steps:
+                break
+            xb = xb.to(device)
+            logits, mu, logvar = model(xb)
+            bce = F.binary_cross_entropy(torch.sigmoid(logits), xb, reduction="sum")
+            kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+            loss = bce + kld
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        sync(device)
+
+    return run
+
+
+def vaekit_loop(x, device, static: bool):
+    """The loop vaekit.train.fit runs, from vaekit's public pieces: data on the device in a
+    BatchIterator, noise from a generator re-seeded from the step, the losses' value checks
+    off (fit checks the data once, up front). Eager: objective_loss, backward,
+    clip_grad_norm_, finiteness check (a sync), Adam, epoch sums. Static: vaekit.fast.
+    StaticStep (one CUDA graph replay per step on CUDA, uncaptured elsewhere) with its
+    counters read every 50 steps; the short last batch takes the eager step, as in fit."""
+    from vaekit import VAE, ModelConfig, ObjectiveConfig
+    from vaekit.batching import BatchIterator, mix_seed
+    from vaekit.fast import StaticStep
+    from vaekit.losses import set_validate_args
+    from vaekit.objectives import objective_loss
+
+    model = VAE(ModelConfig(arch="mlp", input_shape=(784,), hidden=(HIDDEN,), latent_dim=LATENT,
+                            activation="relu", likelihood="bernoulli")).to(device)
+    if static and device.type == "cuda":
+        opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(LR, device=device), capturable=True)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=LR)
+    batches = BatchIterator(x, BATCH, shuffle=True, seed=0, device=device)
+    step_fn = StaticStep(model, opt, batch_size=BATCH) if static else None
+    config, n = ObjectiveConfig(), x.shape[0]
+    gen = torch.Generator(device=device)
+    state = {"step": 0, "epoch": 0}
+
+    def noise(shape):
+        gen.manual_seed(mix_seed(0, 1, state["step"]))
+        return torch.randn(shape, generator=gen, device=device)
+
+    def eager(xb, sums):
+        for g in opt.param_groups:
+            if isinstance(g["lr"], torch.Tensor):
+                g["lr"].fill_(LR)
+            else:
+                g["lr"] = LR
+        out = objective_loss(model, xb, config, state["step"], dataset_size=n, noise=noise)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
+        if bool(torch.isfinite(out.loss) & torch.isfinite(gnorm)):
+            opt.step()
+            b = xb.shape[0]
+            sums += torch.stack([out.loss.detach() * b, out.reconstruction.detach() * b,
+                                 out.kl.detach() * b, torch.tensor(b, device=device)]).double()
+        if step_fn is not None:
+            step_fn.resync()
+
+    def run(max_steps=None):
+        set_validate_args(False)
+        torch.distributions.Distribution.set_default_validate_args(False)
+        model.train()
+        sums = torch.zeros(4, dtype=torch.float64, device=device)
+        batches.set_epoch(state["epoch"])
+        for i, xb in enumerate(batches):
+            if max_steps is not None and i >= max_steps:
+                break
+            if step_fn is not None and xb.shape[0] == BATCH:
+                step_fn.run(xb, noise((BATCH, LATENT)), LR, 1.0)
+                if state["step"] % 50 == 49:
+                    int(step_fn.skipped)  # fit reads the device counters this often
+            else:
+                eager(xb, sums)
+            state["step"] += 1
+        state["epoch"] += 1
+        float(sums[3])
+        sync(device)
+        set_validate_args(True)
+        torch.distributions.Distribution.set_default_validate_args(True)
+
+    return run
+
+
+def pythae_contender(x, device, pythae, workdir):
+    model = pythae_vae(pythae, MLPEncoder((HIDDEN,), LATENT, "relu"), mlp_decoder((HIDDEN,), LATENT, "relu"), LATENT)
+    with quiet():
+        trainer = pythae_trainer(model, pythae_dataset(x.cpu(), False), None, batch=BATCH, lr=LR, epochs=1000,
+                                 device=device, seed=0, out_dir=workdir)
+        trainer.prepare_training()
+    state = {"epoch": 1}
+
+    def run(max_steps=None):
+        if max_steps is not None:  # warm-up: the same calls train_step makes, fewer of them
+            trainer.model.train()
+            for i, inputs in enumerate(trainer.train_loader):
+                if i >= max_steps:
+                    break
+                out = trainer.model(trainer._set_inputs_to_device(inputs), epoch=1, dataset_size=len(x),
+                                    uses_ddp=False)
+                trainer._optimizers_step(out)
+                out.loss.item()
+        else:
+            with quiet():
+                trainer.train_step(state["epoch"])
+            state["epoch"] += 1
+        sync(device)
+
+    return run
+
+
+def matmul_floor(x, device):
+    enc, head = nn.Linear(784, HIDDEN).to(device), nn.Linear(HIDDEN, 2 * LATENT).to(device)
+    dec1, dec2 = nn.Linear(LATENT, HIDDEN).to(device), nn.Linear(HIDDEN, 784).to(device)
+    params = [p for m in (enc, head, dec1, dec2) for p in m.parameters()]
+    try:  # the cheapest Adam torch has: one fused kernel per step (CPU and CUDA, torch >= 2.4)
+        opt = torch.optim.Adam(params, lr=LR, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        opt = torch.optim.Adam(params, lr=LR)
+    xd = x.to(device)
+    steps = math.ceil(xd.shape[0] / BATCH)
+
+    def run(max_steps=None):
+        for i in range(steps if max_steps is None else min(steps, max_steps)):
+            xb = xd[i * BATCH:(i + 1) * BATCH]
+            h = head(F.relu(enc(xb)))
+            out = dec2(F.relu(dec1(h[:, :LATENT])))
+            loss = out.sum() + h.sum()  # h.sum(): every parameter gets a gradient
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sync(device)
+
+    return run
+
+
+def vaekit_fit(x_u8, x_val_u8, epochs, device, threads, workdir):
+    """Per-epoch seconds of vaekit.train.fit: the first, and the median of the rest."""
+    from vaekit import DataConfig, ModelConfig, RunConfig, TrainConfig, fit
+
+    npz = Path(workdir) / "fit-data.npz"
+    write_npz(npz, x_u8, x_val_u8, x_val_u8)
+    config = RunConfig(
+        model=ModelConfig(arch="mlp", input_shape=(784,), hidden=(HIDDEN,), latent_dim=LATENT, activation="relu"),
+        data=DataConfig(dataset="array", data_dir=str(npz), binarize="none", val_size=len(x_val_u8), split="tail"),
+        train=TrainConfig(epochs=1 + epochs, batch_size=BATCH, lr=LR, device=str(device), num_threads=threads,
+                          progress=False),
+    )
+    history = fit(config, Path(workdir) / "fit-run").history
+    ends = [row["seconds"] for row in history if row["split"] == "train"]
+    return ends[0], [b - a for a, b in zip(ends, ends[1:])]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", default="1,2", help="comma list of torch thread counts (CPU only)")
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per contender")
+    parser.add_argument("--warmup", type=int, default=30, help="untimed warm-up steps per contender")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="MNIST .npz or 'synthetic'")
+    parser.add_argument("--n-train", type=int, default=60000, help="training images (fewer: a quick check)")
+    parser.add_argument("--skip", default="", help="comma list of contenders to leave out: "
+                        "classic,eager,static,pythae,floor,fit")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    skip = set(filter(None, args.skip.split(",")))
+    threads = [int(t) for t in args.threads.split(",")] if device.type == "cpu" else [torch.get_num_threads()]
+    x_u8, xt_u8, source = load_mnist(args.data)
+    x_u8 = x_u8[: args.n_train]
+    x_u8, val_u8 = (x_u8 > 127).astype(np.uint8) * 255, (xt_u8[:1000] > 127).astype(np.uint8) * 255
+    x = torch.from_numpy(x_u8.astype(np.float32) / 255.0)  # static binarization: x / 255 > 0.5
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device {name}; torch {torch.__version__}; data: {source}, {len(x)} images, statically binarized; "
+          f"784-{HIDDEN}-{LATENT} ReLU, batch {BATCH}, Adam lr {LR}; {args.epochs} timed epochs after "
+          f"{args.warmup} warm-up steps")
+    warm_up_torch()
+    pythae, reason = import_pythae()
+    if pythae is None and "pythae" not in skip:
+        print(f"(d) pythae: skipped: {reason}")
+    results = []  # (threads, label, median s, all s)
+    with tempfile.TemporaryDirectory() as work:
+        for n_threads in threads:
+            torch.set_num_threads(n_threads)
+            torch.manual_seed(0)
+            makers = {
+                "(a) classic": ("classic", lambda: classic(x, device)),
+                "(b) vaekit eager step": ("eager", lambda: vaekit_loop(x, device, static=False)),
+                "(c) vaekit static step": ("static", lambda: vaekit_loop(x, device, static=True)),
+                "(d) pythae 0.1.2": ("pythae", lambda: pythae_contender(x, device, pythae, work)),
+                "(e) matmul floor": ("floor", lambda: matmul_floor(x, device)),
+            }
+            runs = {label: make() for label, (key, make) in makers.items()
+                    if key not in skip and not (key == "pythae" and pythae is None)}
+            for run in runs.values():
+                run(max_steps=args.warmup)
+            times = {label: [] for label in runs}
+            for _ in range(args.epochs):
+                for label, run in runs.items():
+                    t0 = time.perf_counter()
+                    run()
+                    times[label].append(time.perf_counter() - t0)
+            results += [(n_threads, label, statistics.median(t), t) for label, t in times.items()]
+            if "fit" not in skip:
+                first, rest = vaekit_fit(x_u8, val_u8, args.epochs, device, n_threads, work)
+                results.append((n_threads, "(f) vaekit fit, epoch incl. val+ckpt", statistics.median(rest), rest))
+                print(f"(f) vaekit fit, threads={n_threads}: first epoch (warm-up) {first:.2f} s")
+    report(results, device, len(x))
+
+
+def report(results, device, n_examples: int) -> None:
+    print(f"\n{'threads':>7}  {'contender':<38} {'s/epoch':>8} {'classic/this':>12} {'this/floor':>10}  epochs (s)")
+    for n_threads in dict.fromkeys(r[0] for r in results):
+        rows = [r for r in results if r[0] == n_threads]
+        base = next((r[2] for r in rows if r[1].startswith("(a)")), None)
+        floor = next((r[2] for r in rows if r[1].startswith("(e)")), None)
+        for _, label, med, all_s in rows:
+            vs_base = f"{base / med:.2f}x" if base else "-"
+            vs_floor = f"{med / floor:.2f}x" if floor else "-"
+            print(f"{n_threads:>7}  {label:<38} {med:8.3f} {vs_base:>12} {vs_floor:>10}  "
+                  + " ".join(f"{t:.2f}" for t in all_s))
+    # Matrix-product work of one epoch: the forward, every weight gradient, and the input
+    # gradients of all layers but the first (x needs none).
+    forward = 2 * (784 * HIDDEN + HIDDEN * 2 * LATENT + LATENT * HIDDEN + HIDDEN * 784)
+    flops = n_examples * (3 * forward - 2 * 784 * HIDDEN)
+    for n_threads, label, med, _ in results:
+        if label.startswith("(e)"):
+            print(f"matrix products: {flops / 1e9:.1f} GFLOP per epoch; the floor ran them at "
+                  f"{flops / med / 1e9:.0f} GFLOP/s ({n_threads} thread(s))")
+    tag = "cuda" if device.type == "cuda" else "cpu"
+    for n_threads, label, med, _ in results:
+        base = next((r[2] for r in results if r[0] == n_threads and r[1].startswith("(a)")), None)
+        ratio = f", {base / med:.2f}x classic" if base else ""
+        threads = f" threads={n_threads}" if device.type == "cpu" else ""
+        unit = f"{med * 1e3:.1f} ms" if med < 1 else f"{med:.3f} s"
+        print(f"SUMMARY epoch_bench {tag}{threads} {label}: {unit}/epoch{ratio}")
+
+
+if __name__ == "__main__":
+    main()

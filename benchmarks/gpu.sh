@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (H100/H200; Python + torch already there, nothing is
+# installed, no network): GPU correctness tests, then the loss, epoch and IW benchmarks,
+# each under a timeout, then a summary. Expected total: about 3 minutes; the timeouts
+# (80+90+80+110+50 s) bound it below 7 minutes.
+#
+#   bash benchmarks/gpu.sh                      # timing only, on synthetic binary data
+#   MNIST=shared/mnist.npz bash benchmarks/gpu.sh   # real MNIST copied into the repo
+#
+# $MNIST: path to an .npz with x_train, x_test (uint8, MNIST's shapes). Without it the
+# epoch and IW benchmarks use random binary images of MNIST's shape (timing only: their
+# NLLs mean nothing). With $OUT set, everything is also written to $OUT/gpu.log.
+set -u
+
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+LOG=/dev/null
+if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT"
+    LOG="$OUT/gpu.log"
+fi
+: >"$LOG" 2>/dev/null || LOG=/dev/null
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+
+say() { echo "$@" | tee -a "$LOG"; }
+
+# step NAME SECONDS CMD...: run with a timeout, log everything, remember the status.
+STATUS=()
+step() {
+    local name=$1 limit=$2
+    shift 2
+    say ""
+    say "=== $name (timeout ${limit}s): $*"
+    local t0=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG" | tee "$TMP/$name.out"
+    local rc=${PIPESTATUS[0]}
+    local how="ok"
+    [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && how="TIMED OUT"
+    [ "$rc" -ne 0 ] && [ "$how" = "ok" ] && how="FAILED (exit $rc)"
+    STATUS+=("$(printf '%-12s %-16s %4ss' "$name" "$how" $((SECONDS - t0)))")
+}
+
+say "=== machine"
+nvidia-smi -L 2>&1 | tee -a "$LOG"
+"$PY" -c 'import torch; print("torch", torch.__version__, "| cuda", torch.version.cuda, "| available", torch.cuda.is_available(), "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")' 2>&1 | tee -a "$LOG"
+
+DATA=synthetic
+if [ -n "${MNIST:-}" ] && [ -f "$MNIST" ]; then
+    DATA=$MNIST
+    say "data: $MNIST"
+else
+    say "data: \$MNIST not set or not a file: synthetic random binary images of MNIST's shape (timing only)"
+fi
+
+if "$PY" -c 'import pytest, hypothesis' 2>/dev/null; then
+    step tests 80 "$PY" -m pytest tests/test_kernels.py tests/test_losses.py -q -o addopts="" -p no:cacheprovider
+else
+    say "tests: skipped (pytest or hypothesis missing on this machine)"
+    STATUS+=("tests        SKIPPED")
+fi
+step loss_bench 90 "$PY" benchmarks/loss_bench.py --device cuda
+step epoch_bench 80 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --data "$DATA"
+step iw_bench 110 "$PY" benchmarks/iw_bench.py --device cuda --k 5000 --n 10000 --data "$DATA"
+step iw_tf32 50 "$PY" benchmarks/iw_bench.py --device cuda --k 5000 --n 10000 --tf32 --skip baseline --data "$DATA"
+
+say ""
+say "=== summary"
+for line in "${STATUS[@]}"; do say "$line"; done
+say ""
+say "targets: loss fwd+bwd B=4096 D=12288 d=128 <= 0.25 ms (H200), >= 60% copy BW, >= 4x classic;"
+say "         epoch at batch 128 <= 60 ms; k=5000 IW on 10,000 images <= 1 s (H200, 784-512-512-50)"
+{
+    grep -h -E "passed|failed|error" "$TMP/tests.out" 2>/dev/null | tail -n 1
+    grep -h -E "^device|^copy bandwidth" "$TMP/loss_bench.out" 2>/dev/null
+    sed -n '/^recipe/,$p' "$TMP/loss_bench.out" 2>/dev/null
+    grep -h -E "^SUMMARY|^agreement|^matrix products" "$TMP/epoch_bench.out" "$TMP/iw_bench.out" \
+        "$TMP/iw_tf32.out" 2>/dev/null | sed 's/^SUMMARY //'
+} | tee -a "$LOG"
