@@ -182,6 +182,7 @@ def test_chunk_size_does_not_change_the_estimate(monkeypatch):
         assert len(calls) == math.ceil(k / chunk) and max(calls) == min(chunk, k) * 6
     # The automatic size follows the memory budget: 10 samples of 6 x 5 float64 values.
     monkeypatch.setattr(ev, "_MEMORY_BUDGET_BYTES", 10 * 6 * D * 8)
+    monkeypatch.setattr(ev, "_CPU_BUDGET_BYTES", 10 * 6 * D * 8)
     calls.clear()
     results[None] = ev.iw_log_likelihood(model, x, k, generator=gen(6))
     assert len(calls) == 15 and max(calls) == 60
