@@ -452,7 +452,7 @@ def evaluate_model(
     ``iw_samples = k > 0``, ``iw_nll`` and ``iw_samples``; ``active_units``,
     ``mutual_information`` (nats) and ``kl_per_dim`` (a list of ``d`` floats); and
     ``bits_per_dim`` of the best NLL at hand (``iw_nll``, else ``-elbo``) where it is a
-    code length: a Bernoulli likelihood of binary data, or a Gaussian /
+    code length: a discretized logistic, a Bernoulli likelihood of binary data, or a Gaussian /
     continuous-Bernoulli density when ``n_bits`` says that ``x`` holds dequantised
     ``n_bits``-bit values scaled by ``2^-n_bits`` (see :func:`continuous_to_discrete_nll`).
     ``progress=True`` shows a tqdm bar over the batches.
@@ -497,7 +497,7 @@ def evaluate_model(
     nll = result.get("iw_nll", -result["elbo"])
     num_dims = x[0].numel()
     likelihood = getattr(getattr(model, "config", None), "likelihood", None)
-    if likelihood == "bernoulli" and bool(((x == 0) | (x == 1)).all()):
+    if likelihood == "discretized_logistic" or (likelihood == "bernoulli" and bool(((x == 0) | (x == 1)).all())):
         result["bits_per_dim"] = bits_per_dim(nll, num_dims)
     elif likelihood in ("gaussian", "continuous_bernoulli") and n_bits is not None:
         discrete_nll = continuous_to_discrete_nll(nll, num_dims, n_bits)

@@ -41,6 +41,7 @@ def static_step_supported(model, objective) -> bool:
         and objective.free_bits == 0
         and objective.capacity_max == 0
         and model.config.likelihood in ("bernoulli", "gaussian", "continuous_bernoulli", "mse")
+        and model.config.decoder_variance != "optimal"
     )
 
 

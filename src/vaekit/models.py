@@ -19,12 +19,14 @@ from torch import Tensor, nn
 from torch.distributions import Independent, Normal
 
 from .losses import RECONSTRUCTIONS, reconstruction_nll
+from .objectives import discretized_logistic_nll, optimal_sigma_nll
 
-__all__ = ["ModelConfig", "VAE", "VAEOutput", "ARCHS", "ACTIVATIONS"]
+__all__ = ["ModelConfig", "VAE", "VAEOutput", "likelihood_mean", "ARCHS", "ACTIVATIONS", "LIKELIHOODS", "DECODER_VARIANCES"]
 
 ARCHS = ("mlp", "conv")
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU, "silu": nn.SiLU}
-DECODER_VARIANCES = ("fixed", "learned")
+LIKELIHOODS = RECONSTRUCTIONS + ("discretized_logistic",)
+DECODER_VARIANCES = ("fixed", "learned", "optimal")
 
 
 def _fail(name: str, expected: str, got) -> None:
@@ -42,10 +44,14 @@ class ModelConfig:
         hidden: MLP layer widths, or the channels of each stride-2 convolution.
         activation: one of ``relu``, ``tanh``, ``elu``, ``gelu``, ``silu``.
         likelihood: the decoder's distribution: ``bernoulli`` (binary data, logits),
-            ``continuous_bernoulli`` (grey levels, logits), ``gaussian`` (mean) or
-            ``mse`` (squared error, a fixed-variance Gaussian in disguise).
-        decoder_variance: for ``gaussian``: ``fixed`` (``fixed_logvar``) or ``learned``
-            (one log-variance per data dimension, trained with the model).
+            ``continuous_bernoulli`` (grey levels, logits), ``gaussian`` (mean),
+            ``mse`` (squared error, a fixed-variance Gaussian in disguise) or
+            ``discretized_logistic`` (8-bit images scaled to [0, 1]: a mean and a log-scale
+            per subpixel; report it in bits per dimension).
+        decoder_variance: for ``gaussian``: ``fixed`` (``fixed_logvar``), ``learned``
+            (one log-variance per data dimension, trained with the model) or ``optimal``
+            (each example's maximum-likelihood variance, the calibrated decoder of
+            Rybkin et al. 2021).
         fixed_logvar: the decoder log-variance when it is fixed.
         logvar_limit: the encoder's log-variance is softly bounded to
             ``(-logvar_limit, logvar_limit)`` (``L * tanh(raw / L)``), so ``exp(logvar)``
@@ -83,11 +89,11 @@ class ModelConfig:
             _fail("hidden", "a tuple of positive integers", self.hidden)
         if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
             _fail("activation", f"one of {', '.join(ACTIVATIONS)}", self.activation)
-        if self.likelihood not in RECONSTRUCTIONS:
-            _fail("likelihood", f"one of {', '.join(RECONSTRUCTIONS)}", self.likelihood)
-        if self.decoder_variance not in DECODER_VARIANCES:
+        if not isinstance(self.likelihood, str) or self.likelihood not in LIKELIHOODS:
+            _fail("likelihood", f"one of {', '.join(LIKELIHOODS)}", self.likelihood)
+        if not isinstance(self.decoder_variance, str) or self.decoder_variance not in DECODER_VARIANCES:
             _fail("decoder_variance", f"one of {', '.join(DECODER_VARIANCES)}", self.decoder_variance)
-        if self.decoder_variance == "learned" and self.likelihood != "gaussian":
+        if self.decoder_variance != "fixed" and self.likelihood != "gaussian":
             _fail("decoder_variance", "'fixed' unless likelihood is 'gaussian'", self.decoder_variance)
         for name in ("fixed_logvar", "logvar_limit"):
             v = getattr(self, name)
@@ -116,6 +122,31 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**d)
+
+
+def likelihood_mean(kind: str, decoder_out) -> Tensor:
+    """The mean of p(x|z) from the decoder's parameters, for likelihood ``kind``.
+
+    * ``bernoulli``: ``sigmoid(logits)``;
+    * ``continuous_bernoulli``: the distribution's mean, which is *not* ``sigmoid(logits)``:
+      ``E[x] = p/(2p-1) + 1/(2 atanh(1-2p))`` with ``p = sigmoid(logits)`` (1/2 at p = 1/2),
+      from ``torch.distributions.ContinuousBernoulli`` in float64 (float32 logits near 0
+      cancel badly in the closed form);
+    * ``gaussian`` / ``mse``: the mean (the first element of a ``(mean, logvar)`` pair);
+    * ``discretized_logistic``: the logistic's location, clipped to [0, 1] (the edge bins
+      take the mass beyond).
+    """
+    if kind in ("gaussian", "mse", "discretized_logistic"):
+        mean = decoder_out[0] if isinstance(decoder_out, (tuple, list)) else decoder_out
+        return mean.clamp(0.0, 1.0) if kind == "discretized_logistic" else mean
+    if isinstance(decoder_out, (tuple, list)):
+        raise TypeError(f"a {kind} decoder returns a logits tensor, got a {type(decoder_out).__name__}")
+    if kind == "bernoulli":
+        return torch.sigmoid(decoder_out)
+    if kind == "continuous_bernoulli":
+        dist = torch.distributions.ContinuousBernoulli(logits=decoder_out.double(), validate_args=False)
+        return dist.mean.to(decoder_out.dtype)
+    raise ValueError(f"likelihood must be one of {', '.join(LIKELIHOODS)}; got {kind!r}")
 
 
 class VAEOutput(NamedTuple):
@@ -160,6 +191,8 @@ class VAE(nn.Module):
         act = ACTIVATIONS[config.activation]
         shape = config.input_shape
         d = config.latent_dim
+        # The discretized logistic takes two maps per channel: a mean and a log-scale.
+        n_out = 2 if config.likelihood == "discretized_logistic" else 1
         if config.arch == "mlp":
             n_in = math.prod(shape)
             self.encoder = nn.Sequential(nn.Flatten(), _mlp([n_in, *config.hidden], act))
@@ -167,7 +200,7 @@ class VAE(nn.Module):
             self.head = nn.Linear(feat, 2 * d)
             widths = [d, *reversed(config.hidden)]
             self.decoder = nn.Sequential(
-                _mlp(widths, act), nn.Linear(widths[-1], n_in), nn.Unflatten(1, shape)
+                _mlp(widths, act), nn.Linear(widths[-1], n_out * n_in), nn.Unflatten(1, (n_out * shape[0], *shape[1:]))
             )
         else:
             c, h, w = shape
@@ -185,7 +218,7 @@ class VAE(nn.Module):
                 op = (hs[i - 1] - (2 * hs[i] - 1), ws[i - 1] - (2 * ws[i] - 1))
                 out_c = chans[i - 1] if i > 1 else chans[1]
                 dec += [nn.ConvTranspose2d(chans[i], out_c, 3, stride=2, padding=1, output_padding=op), act()]
-            dec.append(nn.Conv2d(chans[1], c, 3, padding=1))
+            dec.append(nn.Conv2d(chans[1], n_out * c, 3, padding=1))
             self.decoder = nn.Sequential(*dec)
         if config.decoder_variance == "learned":
             self.decoder_logvar = nn.Parameter(torch.full(shape, float(config.fixed_logvar)))
@@ -210,13 +243,21 @@ class VAE(nn.Module):
         """Likelihood parameters for ``z`` (``[N, d]``): a ``[N, *input_shape]`` tensor of
         logits (Bernoulli kinds) or means, or ``(mean, logvar)`` for a learned variance."""
         out = self.decoder(z)
+        if self.config.likelihood == "discretized_logistic":
+            return tuple(out.chunk(2, dim=1))  # (mean, log_scale)
         if self.decoder_logvar is not None:
             return out, self.decoder_logvar
         return out
 
     def nll(self, decoder_out, x: Tensor) -> Tensor:
         """Per-example reconstruction term ``-log p(x|z)`` under the configured likelihood, ``[B]``."""
-        return reconstruction_nll(self.config.likelihood, decoder_out, x, logvar=self.config.fixed_logvar)
+        cfg = self.config
+        if cfg.likelihood == "discretized_logistic":
+            mean, log_scale = decoder_out
+            return discretized_logistic_nll(mean, log_scale, x)
+        if cfg.decoder_variance == "optimal":
+            return optimal_sigma_nll(decoder_out, x)
+        return reconstruction_nll(cfg.likelihood, decoder_out, x, logvar=cfg.fixed_logvar)
 
     def forward(self, x: Tensor, *, noise=None) -> VAEOutput:
         """Encode, draw ``z = mu + sigma * eps`` and decode. ``noise(shape)``, when given,
@@ -230,13 +271,7 @@ class VAE(nn.Module):
 
     def decoder_mean(self, decoder_out) -> Tensor:
         """The mean of p(x|z): what a picture of a sample or reconstruction shows."""
-        kind = self.config.likelihood
-        if kind == "bernoulli":
-            return torch.sigmoid(decoder_out)
-        if kind == "continuous_bernoulli":
-            return torch.distributions.ContinuousBernoulli(logits=decoder_out.float()).mean
-        mean = decoder_out[0] if isinstance(decoder_out, tuple) else decoder_out
-        return mean
+        return likelihood_mean(self.config.likelihood, decoder_out)
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:

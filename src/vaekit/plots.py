@@ -170,34 +170,11 @@ def plot_curves(
 
 
 def decoder_mean(model, decoder_out) -> Tensor:
-    """The mean of ``p(x|z)`` as an image in ``[0, 1]``, from the decoder's parameters.
+    """The mean of ``p(x|z)`` as an image in ``[0, 1]`` (see
+    :func:`vaekit.models.likelihood_mean`), for a model with ``config.likelihood``."""
+    from .models import likelihood_mean
 
-    * ``bernoulli``: ``sigmoid(logits)``;
-    * ``continuous_bernoulli``: the distribution's mean, which is *not* ``sigmoid(logits)``:
-      ``E[x] = p/(2p-1) + 1/(2 atanh(1-2p))`` with ``p = sigmoid(logits)`` (and 1/2 at p = 1/2),
-      taken from ``torch.distributions.ContinuousBernoulli``;
-    * ``gaussian`` / ``mse``: the mean itself (the first element of a ``(mean, logvar)`` tuple).
-
-    The result is clipped to ``[0, 1]``, the range of the images vaekit trains on.
-    Uses only ``model.config.likelihood``.
-    """
-    kind = model.config.likelihood
-    if kind in ("gaussian", "mse"):
-        mean = decoder_out[0] if isinstance(decoder_out, (tuple, list)) else decoder_out
-    elif isinstance(decoder_out, (tuple, list)):
-        raise TypeError(f"a {kind} decoder returns a logits tensor, got a {type(decoder_out).__name__}")
-    elif kind == "bernoulli":
-        mean = torch.sigmoid(decoder_out)
-    elif kind == "continuous_bernoulli":
-        # float32 logits near 0 make the closed form cancel badly; the distribution
-        # switches to a Taylor expansion there, in the precision it is given.
-        mean = torch.distributions.ContinuousBernoulli(logits=decoder_out.double(), validate_args=False).mean
-        mean = mean.to(decoder_out.dtype)
-    else:
-        raise ValueError(
-            f"model.config.likelihood must be one of bernoulli, continuous_bernoulli, gaussian, mse; got {kind!r}"
-        )
-    return mean.clamp(0.0, 1.0)
+    return likelihood_mean(model.config.likelihood, decoder_out).clamp(0.0, 1.0)
 
 
 def _image_shape(input_shape) -> tuple[int, ...]:

@@ -259,6 +259,12 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
             t = getattr(data, split)
             if len(t):
                 check_images(t, f"{data.name} {split} data (likelihood {config.model.likelihood!r})")
+    if config.model.likelihood == "discretized_logistic":
+        for split in ("train", "val", "test"):
+            t = getattr(data, split)
+            if len(t) and not bool(((t * 255 - torch.round(t * 255)).abs() < 1e-3).all() & (t >= 0).all() & (t <= 1).all()):
+                raise ValueError(f"{data.name} {split} data must be 8-bit levels k/255 in [0, 1] for the "
+                                 f"discretized_logistic likelihood (use binarize 'none' on uint8 images)")
     config.model = dataclasses.replace(config.model, input_shape=tuple(data.train.shape[1:]))
     torch.manual_seed(tc.seed)
     model = VAE(config.model).to(device)
