@@ -146,13 +146,7 @@ def gaussian_kl(
         >>> gaussian_kl(torch.zeros(2, 3), torch.zeros(2, 3))
         tensor([0., 0.])
     """
-    _check_tensor("mu", mu)
-    _check_tensor("logvar", logvar)
-    _check_same_shape("mu", mu, "logvar", logvar)
-    if _validating(validate_args):
-        _check_finite("mu", mu)
-        _check_finite("logvar", logvar)
-    mu, logvar = _upcast(mu, logvar)
+    mu, logvar = _checked("mu", mu, "logvar", logvar, validate_args)
     r = logvar - prior_logvar
     diff = mu - prior_mu if not (isinstance(prior_mu, float) and prior_mu == 0.0) else mu
     if isinstance(prior_logvar, float) and prior_logvar == 0.0:
@@ -166,15 +160,16 @@ def gaussian_kl(
 # Reconstruction likelihoods
 
 
-def _check_logits_and_targets(logits, x, validate_args) -> tuple[Tensor, Tensor]:
-    """The checks of the two Bernoulli-family likelihoods; returns the inputs upcast."""
-    _check_tensor("logits", logits)
-    _check_tensor("x", x)
-    _check_same_shape("x", x, "logits", logits)
+def _checked(first_name: str, first, second_name: str, second, validate_args, *, unit_first: bool = False):
+    """The common checks of a two-tensor loss: both floating tensors of one shape and, when
+    validating, finite (``first`` in [0, 1] when ``unit_first``). Returns both upcast."""
+    _check_tensor(second_name, second)
+    _check_tensor(first_name, first)
+    _check_same_shape(first_name, first, second_name, second)
     if _validating(validate_args):
-        _check_unit_interval("x", x)
-        _check_finite("logits", logits)
-    return _upcast(logits, x)
+        (_check_unit_interval if unit_first else _check_finite)(first_name, first)
+        _check_finite(second_name, second)
+    return _upcast(first, second)
 
 
 def bernoulli_nll(logits: Tensor, x: Tensor, *, validate_args: bool | None = None) -> Tensor:
@@ -191,7 +186,7 @@ def bernoulli_nll(logits: Tensor, x: Tensor, *, validate_args: bool | None = Non
 
     Shape: ``logits`` and ``x`` are ``[B, *event]``; returns ``[B]``.
     """
-    logits, x = _check_logits_and_targets(logits, x, validate_args)
+    x, logits = _checked("x", x, "logits", logits, validate_args, unit_first=True)
     return _sum_event(F.binary_cross_entropy_with_logits(logits, x, reduction="none"))
 
 
@@ -254,13 +249,7 @@ def mse(x_hat: Tensor, x: Tensor, *, validate_args: bool | None = None) -> Tenso
 
     Shape: ``[B, *event]`` each; returns ``[B]``.
     """
-    _check_tensor("x_hat", x_hat)
-    _check_tensor("x", x)
-    _check_same_shape("x", x, "x_hat", x_hat)
-    if _validating(validate_args):
-        _check_finite("x", x)
-        _check_finite("x_hat", x_hat)
-    x_hat, x = _upcast(x_hat, x)
+    x, x_hat = _checked("x", x, "x_hat", x_hat, validate_args)
     return _sum_event((x_hat - x).square())
 
 
@@ -306,7 +295,7 @@ def continuous_bernoulli_nll(
 
     Shape: ``[B, *event]`` each; returns ``[B]``.
     """
-    logits, x = _check_logits_and_targets(logits, x, validate_args)
+    x, logits = _checked("x", x, "logits", logits, validate_args, unit_first=True)
     bce = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
     return _sum_event(bce - continuous_bernoulli_log_norm(logits))
 
