@@ -109,8 +109,11 @@ def vaekit_loop(x, device, static: bool):
                             activation="relu", likelihood="bernoulli")).to(device)
     if static and device.type == "cuda":
         opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(LR, device=device), capturable=True)
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr=LR)
+    else:  # as fit builds it: fused where torch has the kernel for the device
+        from vaekit.config import TrainConfig
+        from vaekit.train import _adam
+
+        opt = _adam(model, TrainConfig(lr=LR))
     batches = BatchIterator(x, BATCH, shuffle=True, seed=0, device=device)
     step_fn = StaticStep(model, opt, batch_size=BATCH) if static else None
     config, n = ObjectiveConfig(), x.shape[0]

@@ -251,7 +251,7 @@ def evaluate_command(run: str, *, split: str = "test", iw_samples: int = 0, batc
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     rd, config, model = _load_run(run)
-    dev = resolve_device(device)
+    dev = resolve_device(device, what="--device")
     model.to(dev)
     data = load_dataset(config.data)
     x = getattr(data, split).to(dev)

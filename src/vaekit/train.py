@@ -57,12 +57,16 @@ class FitResult(NamedTuple):
     interrupted: bool
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, *, what: str = "TrainConfig.device") -> torch.device:
+    """``auto`` -> CUDA when present, else the CPU; refuses CUDA where there is none."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{what} must be auto, cpu, cuda or cuda:N, got {name!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"TrainConfig.device is {name!r} but no CUDA device is available")
+        raise ValueError(f"{what} is {name!r} but no CUDA device is available")
     return dev
 
 
