@@ -533,6 +533,7 @@ class _nullcontext:
 
 
 def _progress(enabled: bool, total: int, initial: int):
+    # disable=None: shown on a terminal, silent when stderr goes to a file or a pipe.
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, leave=False)
+    return tqdm(total=total, initial=initial, disable=None if enabled else True, unit="step", dynamic_ncols=True, leave=False)
