@@ -70,6 +70,14 @@ def resolve_device(name: str, *, what: str = "TrainConfig.device") -> torch.devi
     return dev
 
 
+def _grad_norm(model: nn.Module, clip: float) -> torch.Tensor:
+    """The global gradient norm, clipping to ``clip`` when it is > 0. Without clipping
+    only the norm is computed (``clip_grad_norm_`` would still rescale every gradient by 1)."""
+    if clip or not hasattr(torch.nn.utils, "get_total_norm"):  # get_total_norm: torch >= 2.6
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), clip or math.inf)
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+
+
 def _adam(model: nn.Module, tc: TrainConfig) -> torch.optim.Adam:
     """Adam, fused where this PyTorch has the fused kernel for the device (on a CPU it
     takes about a third of the unfused step's time: docs/benchmarks.md)."""
@@ -393,7 +401,7 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
                         _, size, combined = batches.last_span
                         loss = loss * (size * world / combined)
                     loss.backward()
-                    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
+                    gnorm = _grad_norm(model, tc.grad_clip)
                     beta = out.beta
                     ok = torch.isfinite(out.loss) & torch.isfinite(gnorm)
                     if distributed:  # every rank must take the same decisions: step, and stop
@@ -405,8 +413,8 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
                         opt.step()
                         bad_run = 0
                         b = x.shape[0]
-                        sums += torch.stack([out.loss.detach() * b, out.reconstruction.detach() * b,
-                                             out.kl.detach() * b, torch.tensor(b, device=device)]).double()
+                        sums[:3] += torch.stack([out.loss.detach(), out.reconstruction.detach(), out.kl.detach()]) * b
+                        sums[3] += b
                     else:
                         skipped += 1
                         bad_run += 1
