@@ -55,3 +55,15 @@ def test_tensorboard_hook_gets_every_epoch_curve(tmp_path, monkeypatch):
     val = [r for r in result.history if r["split"] == "val"]
     logged = sorted((step, v) for t, v, step in rec.scalars if t == "val/loss")
     assert logged == [(i + 1, r["loss"]) for i, r in enumerate(val)]
+
+
+def test_fit_restores_the_thread_count(tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = build_config(overrides={"train.epochs": 1, "train.progress": False, "model.hidden": (8,),
+                                      "model.latent_dim": 2, "train.num_threads": 1})
+        train.fit(cfg, tmp_path / "run")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -235,7 +235,16 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
 
     With ``resume=True`` the run continues from ``run_dir/checkpoint.pt`` with the
     configuration saved there (``config`` is ignored but for ``train.progress``).
+    PyTorch's CPU thread count, which a run may set, is restored on the way out.
     """
+    threads = torch.get_num_threads()
+    try:
+        return _fit(config, run_dir, resume)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(config: RunConfig, run_dir, resume: bool) -> FitResult:
     run_dir = Path(run_dir)
     rank, local_rank, world = _dist_info()
     distributed = world > 1
