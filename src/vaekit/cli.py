@@ -45,6 +45,10 @@ PRESETS: dict[str, dict] = {
 DEFAULT_PRESET = "digits"
 
 
+# Set by the run itself (the data decide the input shape), so no flag offers them.
+_DERIVED = {("model", "input_shape")}
+
+
 class UsageError(ValueError):
     """Bad command-line input: reported in one line with exit status 2."""
 
@@ -118,6 +122,8 @@ def _flag_names() -> dict[tuple[str, str], list[str]]:
     names = {}
     for group, klass in _groups().items():
         for f in dataclasses.fields(klass):
+            if (group, f.name) in _DERIVED:
+                continue
             dashed = f.name.replace("_", "-")
             flags = [f"--{group}.{dashed}"]
             if group == "objective" and f.name == "name":
