@@ -67,3 +67,16 @@ def test_fit_restores_the_thread_count(tmp_path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_run_killed_before_its_first_checkpoint_can_be_started_again(tmp_path):
+    from vaekit.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")  # what a run killed while loading data leaves
+    (run / ".checkpoint.pt.abc.tmp").write_bytes(b"partial")
+    args = ["train", "--epochs", "1", "--hidden", "8", "--latent-dim", "2", "--no-progress", "--run-dir", str(run)]
+    assert main(args) == 0
+    assert (run / "checkpoint.pt").is_file() and not list(run.glob(".*.tmp"))
+    assert main(args) == 2  # a started run is never overwritten
