@@ -17,7 +17,7 @@ from .data import DataConfig
 from .models import ModelConfig
 from .objectives import ObjectiveConfig
 
-__all__ = ["TrainConfig", "RunConfig", "GROUPS", "LR_SCHEDULES", "AMP_MODES", "FAST_MODES"]
+__all__ = ["TrainConfig", "RunConfig", "section_from_dict", "GROUPS", "LR_SCHEDULES", "AMP_MODES", "FAST_MODES"]
 
 LR_SCHEDULES = ("constant", "cosine")
 AMP_MODES = ("none", "bf16")
@@ -128,14 +128,15 @@ class RunConfig:
         unknown = sorted(set(d) - set(GROUPS) - {"vaekit_version"})
         if unknown:
             raise ValueError(f"unknown config section(s): {', '.join(unknown)}; known: {', '.join(GROUPS)}")
-        parts = {}
-        for name, klass in GROUPS.items():
-            sub = d.get(name, {})
-            if not isinstance(sub, dict):
-                raise TypeError(f"config section {name!r} must be a mapping, got {type(sub).__name__}")
-            known = {f.name for f in dataclasses.fields(klass)}
-            bad = sorted(set(sub) - known)
-            if bad:
-                raise ValueError(f"unknown key(s) in config section {name!r}: {', '.join(bad)}")
-            parts[name] = klass(**sub)
-        return cls(**parts)
+        return cls(**{name: section_from_dict(klass, d.get(name, {}), name) for name, klass in GROUPS.items()})
+
+
+def section_from_dict(klass, d, name: str):
+    """Build config dataclass ``klass`` from a mapping, refusing unknown keys by name."""
+    if not isinstance(d, dict):
+        raise TypeError(f"config section {name!r} must be a mapping, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(klass)}
+    bad = sorted(set(d) - known)
+    if bad:
+        raise ValueError(f"unknown key(s) in config section {name!r}: {', '.join(bad)}; known: {', '.join(sorted(known))}")
+    return klass(**d)

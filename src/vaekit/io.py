@@ -125,6 +125,7 @@ def save_model(model, directory) -> Path:
 
 def load_model(directory, *, device=None):
     """Rebuild a :class:`vaekit.models.VAE` from ``save_model``'s files."""
+    from .config import section_from_dict
     from .models import VAE, ModelConfig
 
     directory = Path(directory)
@@ -140,7 +141,10 @@ def load_model(directory, *, device=None):
         )
     if meta.get("class") != "VAE":
         raise CheckpointError(f"{cfg_path} describes class {meta.get('class')!r}, expected 'VAE'")
-    model = VAE(ModelConfig.from_dict(meta.get("model", {})))
+    try:
+        model = VAE(section_from_dict(ModelConfig, meta.get("model", {}), "model"))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path} holds an invalid model config: {e}") from None
     try:
         state = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types for damaged files

@@ -113,16 +113,6 @@ class ModelConfig:
         d["hidden"] = list(self.hidden)
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        if not isinstance(d, dict):
-            raise TypeError(f"model config must be a mapping, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model config key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**d)
-
 
 def likelihood_mean(kind: str, decoder_out) -> Tensor:
     """The mean of p(x|z) from the decoder's parameters, for likelihood ``kind``.
