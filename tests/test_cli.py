@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -36,7 +37,7 @@ from vaekit.io import load_checkpoint, read_json
 from vaekit.models import VAE
 from vaekit.plots import image_grid
 from vaekit.config import GROUPS, RunConfig
-from vaekit.train import fit
+from vaekit.train import fit, lr_at
 
 TINY = ["--epochs", "2", "--hidden", "16", "--latent-dim", "2", "--batch-size", "128",
         "--no-progress", "--num-threads", "1"]
@@ -319,6 +320,45 @@ def test_resolved_config_json_reproduces_the_run(run, tmp_path):
     assert set(ref) == set(again) and all(torch.equal(ref[k], again[k]) for k in ref)
 
 
+def _metrics(run_dir) -> list[dict]:
+    with open(Path(run_dir) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_resume_with_epochs_extends_a_finished_run(run, tmp_path, capsys):
+    rd = tmp_path / "run"
+    shutil.copytree(run, rd)
+    before = _metrics(rd)
+    rc, out, err = call(["train", "--resume", rd, "--epochs", "4", "--no-progress"], capsys)
+    assert rc == 0, err
+    assert "trained 4 epochs" in out
+    rows = _metrics(rd)
+    assert rows[: len(before)] == before  # the history carries on
+    assert [r["epoch"] for r in rows if r["split"] == "train"] == ["1", "2", "3", "4"]
+    spe = steps_per_epoch(tiny_config())
+    state = load_checkpoint(rd / "checkpoint.pt")
+    assert (state["epoch"], state["step"], state["config"]["train"]["epochs"]) == (4, 4 * spe, 4)
+    config = RunConfig.from_dict(read_json(rd / "config.json"))
+    assert config.train.epochs == 4 and config.train.lr_schedule == "cosine"
+    # From the resume point on, the cosine runs over the new total of steps (a row's lr
+    # is the one of its epoch's last step).
+    for r in rows[len(before):]:
+        assert float(r["lr"]) == lr_at(int(r["step"]) - 1, 4 * spe, config.train)
+    # A later plain resume finds the run finished: it trains no more.
+    ckpt = snapshot(rd)["checkpoint.pt"]
+    rc, out, err = call(["train", "--resume", rd, "--no-progress"], capsys)
+    assert rc == 0 and "trained 4 epochs" in out, err
+    assert snapshot(rd)["checkpoint.pt"] == ckpt and _metrics(rd) == rows
+
+
+def test_train_command_takes_epochs_only_with_resume(tmp_path):
+    from vaekit.cli import UsageError, train_command
+
+    with pytest.raises(UsageError, match=r"epochs extends the run given by resume.*got epochs=3 without resume"):
+        train_command(tiny_config(), tmp_path / "new", epochs=3)
+    assert not (tmp_path / "new").exists()
+
+
 def test_from_pretrained_reconstructs_like_the_model_fit_returned(tmp_path):
     config = tiny_config(train__epochs=1)  # one epoch: model/ holds the final weights
     result = fit(config, tmp_path / "run")
@@ -378,6 +418,14 @@ BAD_INPUT = [  # (id, argv with {run}/{empty}/{tmp} placeholders, regex the one-
     ("unknown-config-key", ["train", "--run-dir", "{empty}", "--config", "{tmp}/typo.toml"], r"unknown key.*epoch\b"),
     ("run-dir-not-empty", ["train", "--run-dir", "{run}", *TINY], r"--run-dir.*not empty"),
     ("resume-without-checkpoint", ["train", "--resume", "{empty}"], r"--resume.*checkpoint"),
+    ("resume-epochs-as-many", ["train", "--resume", "{run}", "--epochs", "2"],
+     r"--epochs\).*greater than the 2 epochs \S+ has done, got 2$"),
+    ("resume-epochs-fewer", ["train", "--resume", "{run}", "--epochs", "1", "--no-progress"],
+     r"--epochs\).*greater than the 2 epochs \S+ has done, got 1$"),
+    ("resume-epochs-and-lr", ["train", "--resume", "{run}", "--epochs", "4", "--lr", "0.1"],
+     r"--resume.*takes only --epochs and --no-progress, not --lr$"),
+    ("resume-run-dir-preset-seed", ["train", "--resume", "{run}", "--run-dir", "{tmp}/x", "--preset", "digits",
+                                    "--seed", "1"], r"--resume.*not --preset, --run-dir, --seed$"),
     ("sample-n-0", ["sample", "{run}", "-n", "0", "-o", "{tmp}/never.png"], r"-n\b.*0"),
     ("evaluate-missing-run", ["evaluate", "{tmp}/no-such-run"], r"no-such-run"),
 ]

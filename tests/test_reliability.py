@@ -543,7 +543,7 @@ BAD_INPUTS = [  # (id, argv with {empty} {run} {d} {tmp} placeholders, regex of 
     ("device-tpu", [*TRAIN, "--device", "tpu"], r"device.*tpu"),
     ("max-bad-steps-0", [*TRAIN, "--max-bad-steps", "0"], r"max_bad_steps.*\b0\b"),
     ("unknown-preset", ["train", "--preset", "imagenet"], r"preset.*imagenet"),
-    ("resume-with-flags", ["train", "--resume", "{run}", "--epochs", "9"], r"--resume"),
+    ("resume-with-flags", ["train", "--resume", "{run}", "--lr", "0.1"], r"--resume"),
     ("no-command", [], r"command"),
     ("unknown-command", ["fit"], r"'fit'"),
     ("evaluate-negative-iw", ["evaluate", "{run}", "--iw-samples", "-1"], r"--iw-samples.*-1"),

@@ -1,14 +1,17 @@
 """vaekit.train pieces not covered through the command line: the learning-rate schedule,
-the device choice and the TensorBoard hook."""
+the device choice, the TensorBoard hook and extending a run (``resume=True, epochs=N``)."""
 
 import math
+import shutil
 
 import pytest
 import torch
 
 import vaekit.train as train
+from test_cli import snapshot, steps_per_epoch, tiny_config
 from vaekit.cli import build_config
 from vaekit.config import TrainConfig
+from vaekit.io import load_checkpoint, read_json, save_checkpoint
 
 
 def test_cosine_learning_rate_is_the_closed_form():
@@ -80,3 +83,107 @@ def test_a_run_killed_before_its_first_checkpoint_can_be_started_again(tmp_path)
     assert main(args) == 0
     assert (run / "checkpoint.pt").is_file() and not list(run.glob(".*.tmp"))
     assert main(args) == 2  # a started run is never overwritten
+
+
+# -- extending a run: fit(..., resume=True, epochs=N) ---------------------------------
+
+
+def _small(**overrides):
+    """A tiny run with a constant learning rate, so that an extended run can equal a run
+    planned that long from the start (a cosine schedule would differ before the resume)."""
+    return tiny_config(train__lr_schedule="constant", train__checkpoint_every=3, model__hidden=(8,), **overrides)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished one-epoch run of ``_small()``; tests extend copies of it."""
+    rd = tmp_path_factory.mktemp("finished") / "run"
+    train.fit(_small(train__epochs=1), rd)
+    return rd
+
+
+def _copy(finished, tmp_path, **changes):
+    """A copy of ``finished`` whose checkpoint has ``train__field=value`` config changes
+    and ``key=value`` state changes."""
+    rd = tmp_path / "run"
+    shutil.copytree(finished, rd)
+    if changes:
+        state = load_checkpoint(rd / "checkpoint.pt")
+        for k, v in changes.items():
+            if k.startswith("train__"):
+                state["config"]["train"][k.removeprefix("train__")] = v
+            else:
+                state[k] = v
+        save_checkpoint(rd / "checkpoint.pt", {k: v for k, v in state.items() if k not in ("format", "format_version")})
+    return rd
+
+
+class _Crash(Exception):
+    """What a process killed right after a checkpoint write leaves, in-process."""
+
+
+def _no_seconds(history):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+
+def test_an_extended_run_equals_the_longer_run_even_through_a_crash_and_a_plain_resume(finished, tmp_path, monkeypatch):
+    longer = train.fit(_small(train__epochs=2), tmp_path / "longer")
+    rd = _copy(finished, tmp_path)
+    saved, save = [], train.save_checkpoint
+
+    def save_then_crash(path, state):
+        save(path, state)
+        saved.append(state["step"])
+        if len(saved) == 2:
+            raise _Crash
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    with pytest.raises(_Crash):
+        train.fit(_small(), rd, resume=True, epochs=2)
+    spe = steps_per_epoch(_small())
+    # The new count is saved before any step, so the crash after the first step checkpoint
+    # leaves a run that a plain resume continues to 2 epochs.
+    assert saved == [spe, (spe // 3 + 1) * 3]
+    assert load_checkpoint(rd / "checkpoint.pt")["config"]["train"]["epochs"] == 2
+    assert read_json(rd / "config.json")["train"]["epochs"] == 2
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    result = train.fit(_small(), rd, resume=True)
+    state, ref = load_checkpoint(rd / "checkpoint.pt"), load_checkpoint(tmp_path / "longer" / "checkpoint.pt")
+    assert (state["epoch"], state["step"], state["config"]["train"]["epochs"]) == (2, 2 * spe, 2)
+    assert set(state["model"]) == set(ref["model"])
+    assert all(torch.equal(state["model"][k], ref["model"][k]) for k in ref["model"])
+    assert _no_seconds(result.history) == _no_seconds(longer.history)
+    assert (state["best"], state["since_best"]) == (ref["best"], ref["since_best"])
+
+
+@pytest.mark.parametrize("changes, epochs, error, pattern", [
+    ({}, 1, ValueError, r"^epochs \(--epochs\) must be greater than the 1 epochs \S+ has done, got 1$"),
+    ({}, 0, ValueError, r"greater than the 1 epochs \S+ has done, got 0$"),
+    ({}, 2.0, TypeError, r"^epochs \(--epochs\) must be an integer, got 2\.0$"),
+    ({}, True, TypeError, r"must be an integer, got True$"),
+    ({"train__epochs": 3, "train__early_stopping": 1, "since_best": 1}, 3, ValueError,
+     r"cannot extend \S+: it stopped early after epoch 1, 1 epochs without a better validation ELBO "
+     r"\(train\.early_stopping 1\)"),
+    ({"train__max_steps": 5}, 3, ValueError, r"cannot extend \S+: train\.max_steps 5 ends it and its \d+ steps are done"),
+], ids=["as-many", "zero", "float", "bool", "stopped-early", "max-steps-reached"])
+def test_an_extension_that_cannot_train_on_is_refused_and_changes_nothing(finished, tmp_path, changes, epochs,
+                                                                          error, pattern):
+    rd = _copy(finished, tmp_path, **changes)
+    before = snapshot(rd)
+    with pytest.raises(error, match=pattern):
+        train.fit(_small(), rd, resume=True, epochs=epochs)
+    assert snapshot(rd) == before
+
+
+def test_epochs_without_resume_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"epochs extends a resumed run.*config\.train\.epochs.*epochs=2"):
+        train.fit(_small(), tmp_path / "new", epochs=2)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_plain_resume_of_a_run_that_stopped_early_trains_no_more(finished, tmp_path):
+    rd = _copy(finished, tmp_path, train__epochs=3, train__early_stopping=1, since_best=1)
+    before = snapshot(rd)["checkpoint.pt"]
+    result = train.fit(_small(), rd, resume=True)
+    assert [r["epoch"] for r in result.history] == [1, 1]
+    assert snapshot(rd)["checkpoint.pt"] == before

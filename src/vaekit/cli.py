@@ -202,17 +202,23 @@ def build_config(preset: str | None = None, config_file: str | None = None, over
 # -- commands --------------------------------------------------------------------------
 
 
-def train_command(config=None, run_dir=None, *, resume: str | None = None, preset: str | None = None):
-    """Train and return the :class:`vaekit.train.FitResult`. ``resume`` continues a run."""
+def train_command(config=None, run_dir=None, *, resume: str | None = None, preset: str | None = None,
+                  epochs: int | None = None):
+    """Train and return the :class:`vaekit.train.FitResult`. ``resume`` continues a run;
+    with ``epochs`` too, it extends the run to that many epochs in all (see
+    :func:`vaekit.train.fit`)."""
     from .train import fit
 
+    if epochs is not None and not resume:
+        raise UsageError(f"epochs extends the run given by resume; a new run takes config.train.epochs, "
+                         f"got epochs={epochs!r} without resume")
     if resume:
         rd = Path(resume)
         if not (rd / "checkpoint.pt").is_file():
             raise UsageError(f"--resume {resume}: no checkpoint.pt there to resume from")
         from .train import RunConfig
 
-        return fit(config or RunConfig(), rd, resume=True)
+        return fit(config or RunConfig(), rd, resume=True, epochs=epochs)
     if run_dir is None:
         stem = preset or config.data.dataset
         run_dir = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -316,7 +322,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", choices=list(PRESETS), help=f"named starting configuration [default: {DEFAULT_PRESET}]")
     t.add_argument("--config", metavar="FILE", help="TOML or JSON file with [model], [data], [train], [objective] sections")
     t.add_argument("--run-dir", metavar="DIR", help="where to write the run [default: runs/<preset>-<time>]")
-    t.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
+    t.add_argument("--resume", metavar="RUN",
+                   help="continue the run in RUN from its last checkpoint, with its saved configuration; "
+                        "only --no-progress and --epochs N go with it. --epochs N extends the run to N "
+                        "epochs in all (more than it has done) and saves N in RUN/config.json; a cosine "
+                        "learning rate then follows the cosine over N epochs from the resume point on")
     _add_config_flags(t)
 
     e = sub.add_parser("evaluate", help="evaluate a trained run", description="Evaluate a trained run on a split.")
@@ -357,12 +367,18 @@ def main(argv: list[str] | None = None) -> int:
             overrides = {k: v for k, v in vars(args).items() if "." in k}
             if args.resume:
                 progress = overrides.pop("train.progress", True)
-                if overrides or args.preset or args.config or args.run_dir:
-                    raise UsageError("--resume continues a run with its saved configuration; "
-                                     "give no other options but --no-progress")
+                epochs = overrides.pop("train.epochs", None)
+                names = _flag_names()
+                refused = [flag for flag, given in (("--preset", args.preset), ("--config", args.config),
+                                                    ("--run-dir", args.run_dir)) if given]
+                refused += [names[tuple(k.split(".", 1))][0] for k in overrides]
+                if refused:
+                    raise UsageError("--resume continues a run with its saved configuration; it takes only "
+                                     f"--epochs and --no-progress, not {', '.join(refused)}")
                 from .config import RunConfig, TrainConfig
 
-                result = train_command(RunConfig(train=TrainConfig(progress=progress)), resume=args.resume)
+                result = train_command(RunConfig(train=TrainConfig(progress=progress)), resume=args.resume,
+                                       epochs=epochs)
             else:
                 config = build_config(args.preset, args.config, overrides)
                 result = train_command(config, args.run_dir, preset=args.preset or DEFAULT_PRESET)

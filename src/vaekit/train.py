@@ -230,21 +230,50 @@ def _validate(model: VAE, x: torch.Tensor, batch_size: int, generator: torch.Gen
     return out
 
 
-def fit(config: RunConfig, run_dir, *, resume: bool = False) -> FitResult:
+def fit(config: RunConfig, run_dir, *, resume: bool = False, epochs: int | None = None) -> FitResult:
     """Train a VAE as ``config`` says; write everything into ``run_dir``.
 
     With ``resume=True`` the run continues from ``run_dir/checkpoint.pt`` with the
     configuration saved there (``config`` is ignored but for ``train.progress``).
+    ``epochs`` (with ``resume=True`` only; ``--resume RUN --epochs N``) extends the run to
+    that many epochs in all: more than it has done, and not a run that stopped early or
+    reached ``train.max_steps``; the checkpoint and ``config.json`` are rewritten
+    (atomically) with the new count before training goes on, so a later plain resume
+    continues the extended run. With a cosine ``lr_schedule`` the learning rate from the
+    resume point on follows the cosine over the new total (it goes back up, then decays
+    to 0 at the new end), while a resume without ``epochs`` stays bit for bit the
+    uninterrupted run.
     PyTorch's CPU thread count, which a run may set, is restored on the way out.
     """
+    if epochs is not None and not resume:
+        raise ValueError(f"epochs extends a resumed run (resume=True); a new run takes config.train.epochs, "
+                         f"got epochs={epochs!r} with resume=False")
     threads = torch.get_num_threads()
     try:
-        return _fit(config, run_dir, resume)
+        return _fit(config, run_dir, resume, epochs)
     finally:
         torch.set_num_threads(threads)
 
 
-def _fit(config: RunConfig, run_dir, resume: bool) -> FitResult:
+def _extended(tc: TrainConfig, state: dict, epochs, run_dir: Path) -> TrainConfig:
+    """``tc`` with ``epochs`` in all, for the run resumed from checkpoint ``state``;
+    refused, before anything is written, where the run would not train further."""
+    what, done = "epochs (--epochs)", state["epoch"]
+    if not isinstance(epochs, int) or isinstance(epochs, bool):
+        raise TypeError(f"{what} must be an integer, got {epochs!r}")
+    if epochs <= done:
+        raise ValueError(f"{what} must be greater than the {done} epochs {run_dir} has done, got {epochs}")
+    if tc.early_stopping and state["since_best"] >= tc.early_stopping:
+        raise ValueError(f"{what} cannot extend {run_dir}: it stopped early after epoch {done}, "
+                         f"{state['since_best']} epochs without a better validation ELBO "
+                         f"(train.early_stopping {tc.early_stopping})")
+    if tc.max_steps and state["step"] >= tc.max_steps:
+        raise ValueError(f"{what} cannot extend {run_dir}: train.max_steps {tc.max_steps} ends it "
+                         f"and its {state['step']} steps are done")
+    return dataclasses.replace(tc, epochs=epochs)
+
+
+def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None) -> FitResult:
     run_dir = Path(run_dir)
     rank, local_rank, world = _dist_info()
     distributed = world > 1
@@ -261,6 +290,8 @@ def _fit(config: RunConfig, run_dir, resume: bool) -> FitResult:
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{ckpt_path} holds an invalid config: {e}") from None
         config.train = dataclasses.replace(config.train, progress=progress_flag)
+        if extend_to is not None:
+            config.train = _extended(config.train, state, extend_to, run_dir)
     tc, oc = config.train, config.objective
     device = resolve_device(tc.device)
     if distributed:
@@ -352,6 +383,9 @@ def _fit(config: RunConfig, run_dir, resume: bool) -> FitResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in run_dir.glob(".*.tmp"):  # left by a process killed mid-write
             stale.unlink(missing_ok=True)
+        if extend_to is not None:  # first the checkpoint: a plain resume reads its config
+            save_checkpoint(ckpt_path, {**{k: v for k, v in state.items() if k not in ("format", "format_version")},
+                                        "config": config.to_dict()})
         write_json(run_dir / "config.json", {"vaekit_version": __version__, **config.to_dict()})
     writer = _tensorboard(run_dir) if is_main else None
 
@@ -381,7 +415,9 @@ def _fit(config: RunConfig, run_dir, resume: bool) -> FitResult:
     lr, beta = lr_at(step, total_steps, tc), oc.beta
     t0 = time.perf_counter()
     with _Stop() as stop, _unvalidated():
-        while epoch < epochs and step < total_steps and not interrupted:
+        # A run resumed after it stopped early is finished: it does not train on.
+        while (epoch < epochs and step < total_steps and not interrupted
+               and not (tc.early_stopping and since_best >= tc.early_stopping)):
             model.train()
             if batches.position == 0:
                 batches.set_epoch(epoch)
