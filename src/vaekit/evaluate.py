@@ -216,7 +216,8 @@ def elbo_terms(
 
 def _iw_from_params(model, x, mu, logvar, k, chunk_size, generator) -> Tensor:
     if chunk_size is None:
-        chunk_size = _auto_chunk_size(x.shape[0], x[0].numel(), mu.dtype, k, mu.device)
+        # decode_numel: what one decoded example holds (an autoregressive head holds feature maps).
+        chunk_size = _auto_chunk_size(x.shape[0], getattr(model, "decode_numel", x[0].numel()), mu.dtype, k, mu.device)
     total = None
     for eps in _normal_chunks(k, chunk_size, mu, generator):
         chunk = torch.logsumexp(_log_weights(model, x, mu, logvar, eps), dim=0)

@@ -98,7 +98,7 @@ class StaticStep:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             mu, logvar = model.encode_params(self.x)
             z = mu + torch.exp(0.5 * logvar) * self.eps
-            out = model.decode(z)
+            out = model.decode(z, self.x) if model.autoregressive else model.decode(z)
         if self._fused:
             res = fused_vae_loss(self.x, out, mu, logvar, beta=self.beta, reconstruction=cfg.likelihood,
                                  reduction="mean", gaussian_logvar=cfg.fixed_logvar, validate_args=False)

@@ -20,6 +20,7 @@ from torch.distributions import Independent, Normal
 
 from .losses import RECONSTRUCTIONS, reconstruction_nll
 from .objectives import discretized_logistic_nll, optimal_sigma_nll
+from .pixelcnn import PixelCNNHead, sample_pixels
 
 __all__ = ["ModelConfig", "VAE", "VAEOutput", "likelihood_mean", "ARCHS", "ACTIVATIONS", "LIKELIHOODS", "DECODER_VARIANCES"]
 
@@ -56,6 +57,10 @@ class ModelConfig:
         logvar_limit: the encoder's log-variance is softly bounded to
             ``(-logvar_limit, logvar_limit)`` (``L * tanh(raw / L)``), so ``exp(logvar)``
             can neither overflow nor underflow to an exact zero.
+        pixelcnn_layers: masked convolution layers of an autoregressive head on the
+            decoder (``p(x|z) = prod_i p(x_i | x_<i, z)``; :mod:`vaekit.pixelcnn`); 0: none,
+            pixels independent given ``z``. Needs ``(C, H, W)`` images and ``bernoulli``.
+        pixelcnn_width: feature maps of those layers.
     """
 
     arch: str = "mlp"
@@ -67,6 +72,8 @@ class ModelConfig:
     decoder_variance: str = "fixed"
     fixed_logvar: float = 0.0
     logvar_limit: float = 12.0
+    pixelcnn_layers: int = 0
+    pixelcnn_width: int = 64
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -101,6 +108,15 @@ class ModelConfig:
                 _fail(name, "a finite number", v)
         if self.logvar_limit <= 0:
             _fail("logvar_limit", "> 0", self.logvar_limit)
+        for name in ("pixelcnn_layers", "pixelcnn_width"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "pixelcnn_layers" else 1):
+                _fail(name, "a non-negative integer" if name == "pixelcnn_layers" else "a positive integer", v)
+        if self.pixelcnn_layers:
+            if len(self.input_shape) != 3:
+                _fail("input_shape", "(C, H, W) images when pixelcnn_layers > 0", self.input_shape)
+            if self.likelihood != "bernoulli":
+                _fail("likelihood", "'bernoulli' when pixelcnn_layers > 0", self.likelihood)
         if self.arch == "conv":
             if len(self.input_shape) != 3:
                 _fail("input_shape", "(C, H, W) for arch 'conv'", self.input_shape)
@@ -210,6 +226,8 @@ class VAE(nn.Module):
                 dec += [nn.ConvTranspose2d(chans[i], out_c, 3, stride=2, padding=1, output_padding=op), act()]
             dec.append(nn.Conv2d(chans[1], n_out * c, 3, padding=1))
             self.decoder = nn.Sequential(*dec)
+        self.pixelcnn = (PixelCNNHead(shape[0], config.pixelcnn_width, config.pixelcnn_layers, act)
+                         if config.pixelcnn_layers else None)
         if config.decoder_variance == "learned":
             self.decoder_logvar = nn.Parameter(torch.full(shape, float(config.fixed_logvar)))
         else:
@@ -229,10 +247,34 @@ class VAE(nn.Module):
         mu, logvar = self.encode_params(x)
         return Independent(Normal(mu, torch.exp(0.5 * logvar)), 1)
 
-    def decode(self, z: Tensor):
+    @property
+    def autoregressive(self) -> bool:
+        """Whether p(x|z) is autoregressive: then :meth:`decode` needs ``x`` as well."""
+        return self.pixelcnn is not None
+
+    @property
+    def decode_numel(self) -> int:
+        """Elements one example's decode holds at its peak (evaluation sizes its chunks by it)."""
+        n = math.prod(self.config.input_shape)
+        if self.pixelcnn is None:
+            return n * (2 if self.config.likelihood == "discretized_logistic" else 1)
+        return n * (1 + 3 * self.config.pixelcnn_width // self.config.input_shape[0])  # h, a layer's output, its input
+
+    def decode(self, z: Tensor, x: Tensor | None = None):
         """Likelihood parameters for ``z`` (``[N, d]``): a ``[N, *input_shape]`` tensor of
-        logits (Bernoulli kinds) or means, or ``(mean, logvar)`` for a learned variance."""
+        logits (Bernoulli kinds) or means, or ``(mean, logvar)`` for a learned variance.
+
+        An autoregressive decoder (``pixelcnn_layers > 0``) needs the pixels ``x``
+        (``[N, *input_shape]``) too: the logit of each pixel depends on the pixels before it.
+        To draw new images, use :meth:`generate`."""
         out = self.decoder(z)
+        if self.pixelcnn is not None:
+            if x is None:
+                raise ValueError("decode(z, x): x is required by an autoregressive decoder (pixelcnn_layers > 0), "
+                                 "got None; use generate(z) to draw images")
+            if tuple(x.shape) != tuple(out.shape):
+                raise ValueError(f"x has shape {tuple(x.shape)} but z decodes to {tuple(out.shape)}")
+            return self.pixelcnn(x.to(out.dtype), out)
         if self.config.likelihood == "discretized_logistic":
             return tuple(out.chunk(2, dim=1))  # (mean, log_scale)
         if self.decoder_logvar is not None:
@@ -255,7 +297,8 @@ class VAE(nn.Module):
         mu, logvar = self.encode_params(x)
         eps = torch.randn_like(mu) if noise is None else noise(tuple(mu.shape))
         z = mu + torch.exp(0.5 * logvar) * eps
-        return VAEOutput(self.decode(z), mu, logvar, z)
+        # Only an autoregressive decoder reads x (subclasses may override decode(z)).
+        return VAEOutput(self.decode(z, x) if self.autoregressive else self.decode(z), mu, logvar, z)
 
     # -- conveniences -------------------------------------------------------------------
 
@@ -264,19 +307,31 @@ class VAE(nn.Module):
         return likelihood_mean(self.config.likelihood, decoder_out)
 
     @torch.no_grad()
+    def generate(self, z: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """An image for each ``z`` (``[N, d]``): the mean of p(x|z), ``[N, *input_shape]``.
+
+        For an autoregressive decoder the mean has no closed form: the image is a draw
+        from p(x|z), pixel by pixel, shown as each pixel's probability of being 1 given the
+        pixels drawn before it (:func:`vaekit.pixelcnn.sample_pixels`; ``generator`` seeds
+        the draw)."""
+        if self.pixelcnn is not None:
+            return sample_pixels(self.pixelcnn, self.decoder(z), generator=generator)
+        return self.decoder_mean(self.decode(z))
+
+    @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` draws z ~ N(0, I), decoded to the mean of p(x|z): ``[n, *input_shape]``."""
+        """``n`` draws z ~ N(0, I), each made an image by :meth:`generate`: ``[n, *input_shape]``."""
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         p = next(self.parameters())
         z = torch.randn(n, self.config.latent_dim, generator=generator, device=p.device, dtype=p.dtype)
-        return self.decoder_mean(self.decode(z))
+        return self.generate(z, generator=generator)
 
     @torch.no_grad()
-    def reconstruct(self, x: Tensor) -> Tensor:
-        """Decode the posterior mean: the mean of p(x | z = E[z|x]), ``[B, *input_shape]``."""
+    def reconstruct(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """The image :meth:`generate` makes of the posterior mean ``E[z|x]``, ``[B, *input_shape]``."""
         mu, _ = self.encode_params(x)
-        return self.decoder_mean(self.decode(mu))
+        return self.generate(mu, generator=generator)
 
     def _check_input(self, x) -> None:
         if not isinstance(x, Tensor):

@@ -175,9 +175,12 @@ def _log_normal(z: Tensor, mu: Tensor | None = None, logvar: Tensor | None = Non
 def decode_nll(model, x: Tensor, z: Tensor) -> Tensor:
     """``-log p(x | z)`` for ``z`` of shape ``[k, B, d]``: ``[k, B]`` from one decoder call."""
     k, b, d = z.shape
-    out = model.decode(z.reshape(k * b, d))
     # model.nll expects matching [k*B, *event] shapes, so x is repeated once per sample.
     xs = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
+    if getattr(model, "autoregressive", False):  # p(x_i | x_<i, z): the decoder reads x too
+        out = model.decode(z.reshape(k * b, d), xs)
+    else:
+        out = model.decode(z.reshape(k * b, d))
     nll = model.nll(out, xs)
     if nll.shape != (k * b,):
         raise ValueError(f"model.nll must return shape ({k * b},), got {tuple(nll.shape)}")

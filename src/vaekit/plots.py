@@ -177,6 +177,14 @@ def decoder_mean(model, decoder_out) -> Tensor:
     return likelihood_mean(model.config.likelihood, decoder_out).clamp(0.0, 1.0)
 
 
+def _images_of(model, z: Tensor) -> Tensor:
+    """``model.generate(z)`` where the model has it (an autoregressive decoder draws its
+    images pixel by pixel), else the decoder mean."""
+    if hasattr(model, "generate"):
+        return model.generate(z).clamp(0.0, 1.0)
+    return decoder_mean(model, model.decode(z))
+
+
 def _image_shape(input_shape) -> tuple[int, ...]:
     shape = tuple(int(s) for s in input_shape)
     if len(shape) == 3:
@@ -252,7 +260,7 @@ def save_traversals(
             z = mu.repeat(len(chosen) * n_steps, 1)
             for row, j in enumerate(chosen):
                 z[row * n_steps : (row + 1) * n_steps, j] = values
-            images = decoder_mean(model, model.decode(z))
+            images = _images_of(model, z)
     finally:
         if was_training:
             model.train()

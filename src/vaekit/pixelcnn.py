@@ -1,0 +1,139 @@
+"""An autoregressive decoder head: a small PixelCNN conditioned on the latent code.
+
+With ``ModelConfig(pixelcnn_layers=L)`` the decoder no longer treats pixels as independent
+given ``z``. It factorises
+
+    p(x | z) = prod_i p(x_i | x_<i, z)        (pixels in raster order)
+
+with each factor a Bernoulli whose logit comes from masked convolutions over the pixels
+already seen (van den Oord et al. 2016, "Pixel Recurrent Neural Networks") plus the
+ordinary decoder's output for ``z``. The channels of one pixel are independent given the
+pixels before it and ``z``. Training and likelihood evaluation need one forward pass
+(the true pixels are the inputs: teacher forcing); drawing a sample needs one pass per
+pixel (:func:`sample_pixels`).
+
+This is the design of the PixelVAE (Gulrajani et al. 2017) and of the variational lossy
+autoencoder (Chen et al. 2017), reduced to its core: a local autoregressive model takes the
+pixel-level detail, the latent code the global structure. Their MNIST results (about 79
+nats) are the reason it is here: an MLP decoder with independent pixels stalls near 84.
+
+The last 1 x 1 convolution starts at zero, so an untrained head computes exactly the
+plain decoder's logits: the autoregressive part is learned as a correction.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["MaskedConv2d", "PixelCNNHead", "sample_pixels"]
+
+
+class MaskedConv2d(nn.Conv2d):
+    """A 2-d convolution that sees only the pixels before the centre in raster order.
+
+    ``mask="A"`` also hides the centre pixel (the first layer: an output must not see its
+    own input); ``mask="B"`` shows it (later layers, whose inputs at the centre already
+    depend only on earlier pixels). Every input channel of a pixel is masked alike.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, mask: str) -> None:
+        if mask not in ("A", "B"):
+            raise ValueError(f"mask must be 'A' or 'B', got {mask!r}")
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        k = kernel_size
+        m = torch.zeros(k, k)
+        m[: k // 2] = 1.0  # the rows above
+        m[k // 2, : k // 2 + (mask == "B")] = 1.0  # the centre row: left of the centre (and the centre for B)
+        self.register_buffer("mask", m.expand(out_channels, in_channels, k, k).clone(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight * self.mask, self.bias, padding=self.padding)
+
+
+class PixelCNNHead(nn.Module):
+    """Logits of ``p(x_i | x_<i, z)`` from the pixels ``x`` and the decoder's maps ``cond``.
+
+    Layer 0: a 7 x 7 mask-A convolution of ``x`` plus a 3 x 3 convolution of ``cond``;
+    layers 1..L-1: residual 3 x 3 mask-B convolutions, each also fed ``cond``; a 1 x 1
+    convolution to one logit per channel, added to ``cond`` (so logits = ``cond`` when that
+    last convolution is zero, as it is at initialisation).
+
+    Args:
+        channels: image channels ``C`` (``x`` and ``cond`` are ``[B, C, H, W]``).
+        width: feature maps of the masked layers.
+        layers: masked layers (>= 1).
+        activation: the module class between layers.
+    """
+
+    def __init__(self, channels: int, width: int, layers: int, activation: type[nn.Module]) -> None:
+        super().__init__()
+        self.masked = nn.ModuleList(
+            [MaskedConv2d(channels, width, 7, "A")] + [MaskedConv2d(width, width, 3, "B") for _ in range(layers - 1)]
+        )
+        # cond depends on z only, never on x: its convolutions need no mask.
+        self.cond = nn.ModuleList([nn.Conv2d(channels, width, 3, padding=1) for _ in range(layers)])
+        self.act = activation()
+        self.out = nn.Conv2d(width, channels, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    @property
+    def rows_above(self) -> int:
+        """How many rows above its own an output reads: 3 for the 7 x 7 layer, 1 per 3 x 3."""
+        return 3 + (len(self.masked) - 1)
+
+    def condition(self, cond: Tensor) -> list[Tensor]:
+        """Each layer's share of ``cond`` (it depends on ``z`` only: computed once per ``z``)."""
+        return [conv(cond) for conv in self.cond]
+
+    def run(self, x: Tensor, cond: Tensor, features: list[Tensor] | None = None) -> Tensor:
+        """The logits from ``x`` and ``cond`` (``features``: :meth:`condition` of ``cond``,
+        computed once when many calls share one ``cond``). Rows may be cut off at the
+        bottom, alike in ``x``, ``cond`` and ``features``: no output looks at a later row."""
+        def fed(layer: int) -> Tensor:
+            return features[layer] if features is not None else self.cond[layer](cond)
+
+        h = self.act(self.masked[0](x) + fed(0))
+        for layer in range(1, len(self.masked)):
+            h = h + self.act(self.masked[layer](h) + fed(layer))
+        return cond + self.out(h)
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        return self.run(x, cond)
+
+
+@torch.no_grad()
+def sample_pixels(head: PixelCNNHead, cond: Tensor, *, generator: torch.Generator | None = None,
+                  probabilities: bool = True) -> Tensor:
+    """Draw ``x ~ p(x | z)`` pixel by pixel (``H * W`` passes of ``head`` over a band of rows).
+
+    Args:
+        head: the autoregressive head.
+        cond: the plain decoder's maps for ``z``, ``[B, C, H, W]``.
+        generator: for the Bernoulli draws.
+        probabilities: return, for each pixel, its probability of being 1 given the pixels
+            drawn before it (a grey-level picture of the sample, smoother than the 0/1
+            draw); ``False`` returns the 0/1 draw itself.
+    """
+    _, _, h, w = cond.shape
+    features = head.condition(cond)
+    x = torch.zeros_like(cond)
+    probs = torch.zeros_like(cond)
+    for i in range(h):
+        # Row i reads rows i - rows_above .. i only: the rest is not computed. (Within the
+        # window, rows near its top see zero padding in place of the rows cut off; row i's
+        # outputs never read them, so they are exact.)
+        top = max(0, i - head.rows_above)
+        rows = slice(top, i + 1)
+        feats = [f[:, :, rows] for f in features]
+        for j in range(w):
+            logits = head.run(x[:, :, rows], cond[:, :, rows], feats)[:, :, i - top, j]
+            p = torch.sigmoid(logits)
+            u = torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype)
+            x[:, :, i, j] = (u < p).to(x.dtype)
+            probs[:, :, i, j] = p
+    return probs if probabilities else x

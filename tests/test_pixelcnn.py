@@ -1,0 +1,182 @@
+"""The autoregressive decoder: causal, normalised, sampled from the distribution it scores."""
+
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+
+from vaekit.evaluate import elbo_terms, iw_log_likelihood
+from vaekit.fast import StaticStep
+from vaekit.losses import gaussian_kl
+from vaekit.models import VAE, ModelConfig
+from vaekit.objectives import decode_nll, log_weights_from_noise
+from vaekit.pixelcnn import MaskedConv2d, PixelCNNHead, sample_pixels
+
+
+def _model(shape=(1, 5, 5), layers=3, arch="mlp", seed=0, trained_head=True):
+    torch.manual_seed(seed)
+    hidden = (16,) if arch == "mlp" else (4,)
+    model = VAE(ModelConfig(arch=arch, input_shape=shape, latent_dim=3, hidden=hidden,
+                            pixelcnn_layers=layers, pixelcnn_width=6))
+    if trained_head:  # the head starts at zero; a random last layer makes every test bite
+        torch.nn.init.normal_(model.pixelcnn.out.weight, std=0.5)
+        torch.nn.init.normal_(model.pixelcnn.out.bias, std=0.5)
+    return model
+
+
+@pytest.mark.parametrize("shape,arch", [((1, 5, 5), "mlp"), ((2, 4, 6), "mlp"), ((1, 6, 6), "conv")])
+def test_each_logit_depends_only_on_earlier_pixels(shape, arch):
+    model = _model(shape, layers=4, arch=arch)
+    c, h, w = shape
+    x = torch.rand(1, *shape).bernoulli().requires_grad_(True)
+    logits = model.decode(torch.randn(1, 3), x)
+    for ch, i, j in itertools.product(range(c), range(h), range(w)):
+        (g,) = torch.autograd.grad(logits[0, ch, i, j], x, retain_graph=True)
+        seen = g[0].abs().sum(0) != 0  # [H, W]: the pixels this logit reads (any channel)
+        order = torch.arange(h * w).reshape(h, w)
+        assert not seen[order >= i * w + j].any(), f"logit ({ch}, {i}, {j}) reads pixel at or after itself"
+    # ... and it reads some earlier pixels (the head is not dead).
+    (g,) = torch.autograd.grad(logits[0, 0, h - 1, w - 1], x)
+    assert g.abs().sum() > 0
+
+
+def test_masks_match_their_definition():
+    a, b = MaskedConv2d(1, 1, 5, "A").mask[0, 0], MaskedConv2d(1, 1, 5, "B").mask[0, 0]
+    assert a.sum() == 12 and b.sum() == 13  # 2 rows of 5 above, 2 (or 3) in the centre row
+    assert a[2, 2] == 0 and b[2, 2] == 1 and a[3:].sum() == 0 and b[2, 3:].sum() == 0
+    with pytest.raises(ValueError, match="mask"):
+        MaskedConv2d(1, 1, 3, "C")
+
+
+def test_likelihood_is_normalised_over_every_binary_image():
+    """sum_x p(x|z) = 1 over all 2^(C*H*W) images, exactly (float64): the factors are a
+    proper autoregressive factorisation."""
+    model = _model((1, 3, 3)).double()
+    images = torch.tensor(list(itertools.product([0.0, 1.0], repeat=9)), dtype=torch.float64).reshape(-1, 1, 3, 3)
+    z = torch.randn(2, 3, dtype=torch.float64)
+    for zi in z:
+        with torch.no_grad():
+            nll = decode_nll(model, images, zi.expand(1, len(images), 3))[0]
+        assert abs(torch.logsumexp(-nll, 0).item()) < 1e-12
+
+
+def test_drawn_images_follow_the_likelihood_they_are_scored_with():
+    """Monte Carlo: the frequency of each of the 16 images of a 2 x 2 draw matches exp(-nll)."""
+    model = _model((1, 2, 2)).double()
+    z = torch.randn(1, 3, dtype=torch.float64)
+    n = 20000
+    g = torch.Generator().manual_seed(1)
+    draws = sample_pixels(model.pixelcnn, model.decoder(z.expand(n, 3)), generator=g, probabilities=False)
+    codes = (draws.reshape(n, 4) * torch.tensor([8.0, 4.0, 2.0, 1.0], dtype=torch.float64)).sum(1).long()
+    freq = torch.bincount(codes, minlength=16).double() / n
+    images = torch.tensor(list(itertools.product([0.0, 1.0], repeat=4)), dtype=torch.float64).reshape(16, 1, 2, 2)
+    p = torch.exp(-decode_nll(model, images, z.expand(1, 16, 3))[0])
+    se = torch.sqrt(p * (1 - p) / n)
+    assert ((freq - p).abs() <= 5 * se + 1e-9).all(), (freq, p)
+
+
+def test_sampling_probabilities_equal_the_teacher_forced_logits():
+    """Each pixel's probability during the pixel-by-pixel draw (computed on the rows so far)
+    equals sigmoid of the one-pass logits on the finished draw. 9 rows, 2 layers (an output
+    reads 4 rows above its own): the band of rows computed per pixel is cut at the top."""
+    model = _model((2, 9, 4), layers=2)
+    assert model.pixelcnn.rows_above == 4
+    cond = model.decoder(torch.randn(3, 3))
+    g = torch.Generator().manual_seed(0)
+    probs = sample_pixels(model.pixelcnn, cond, generator=g)
+    g.manual_seed(0)
+    draw = sample_pixels(model.pixelcnn, cond, generator=g, probabilities=False)
+    assert set(draw.unique().tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(probs, torch.sigmoid(model.pixelcnn(draw, cond)), rtol=1e-5, atol=1e-6)
+
+
+def test_untrained_head_is_the_plain_decoder():
+    ar = _model((1, 6, 6), trained_head=False)
+    plain = VAE(ModelConfig(arch="mlp", input_shape=(1, 6, 6), latent_dim=3, hidden=(16,)))
+    plain.load_state_dict({k: v for k, v in ar.state_dict().items() if not k.startswith("pixelcnn.")})
+    x = torch.rand(4, 1, 6, 6).bernoulli()
+    z = torch.randn(4, 3)
+    torch.testing.assert_close(ar.decode(z, x), plain.decode(z))
+
+
+def test_importance_weighted_estimate_with_an_autoregressive_decoder():
+    """One log weight is log p(x|z) + log p(z) - log q(z|x) (torch.distributions); the
+    k-sample estimate lies above the ELBO; chunking does not change it."""
+    model = _model((1, 5, 5)).double()
+    x = torch.rand(6, 1, 5, 5, dtype=torch.float64).bernoulli()
+    mu, logvar = model.encode_params(x)
+    eps = torch.randn(1, 6, 3, dtype=torch.float64)
+    log_w, nll = log_weights_from_noise(model, x, mu, logvar, eps)
+    z = mu + torch.exp(0.5 * logvar) * eps[0]
+    q = torch.distributions.Independent(torch.distributions.Normal(mu, torch.exp(0.5 * logvar)), 1)
+    prior = torch.distributions.Independent(torch.distributions.Normal(torch.zeros_like(mu), 1.0), 1)
+    log_p_x_z = -model.nll(model.decode(z, x), x)
+    torch.testing.assert_close(log_w[0], log_p_x_z + prior.log_prob(z) - q.log_prob(z))
+    torch.testing.assert_close(nll[0], -log_p_x_z)
+    g = torch.Generator().manual_seed(0)
+    ll = iw_log_likelihood(model, x, 200, generator=g, chunk_size=7)
+    g.manual_seed(0)
+    ll_auto = iw_log_likelihood(model, x, 200, generator=g)
+    torch.testing.assert_close(ll, ll_auto)
+    terms = elbo_terms(model, x, n_samples=200, generator=torch.Generator().manual_seed(1))
+    assert (ll > terms["elbo"]).all()
+
+
+def test_static_step_trains_the_autoregressive_model_like_a_hand_written_step():
+    torch.manual_seed(0)
+    model = _model((1, 5, 5))
+    twin = copy.deepcopy(model)
+    opt, opt_twin = torch.optim.Adam(model.parameters(), lr=1e-2), torch.optim.Adam(twin.parameters(), lr=1e-2)
+    step = StaticStep(model, opt, batch_size=4)
+    for _ in range(3):
+        x, eps = torch.rand(4, 1, 5, 5).bernoulli(), torch.randn(4, 3)
+        step.run(x, eps, 1e-2, 1.0)
+        mu, logvar = twin.encode_params(x)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        loss = (twin.nll(twin.decode(z, x), x) + gaussian_kl(mu, logvar)).mean()
+        opt_twin.zero_grad()
+        loss.backward()
+        opt_twin.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_generate_sample_reconstruct_and_errors():
+    model = _model((1, 4, 4))
+    x = torch.rand(3, 1, 4, 4).bernoulli()
+    g = torch.Generator().manual_seed(0)
+    s = model.sample(5, generator=g)
+    assert s.shape == (5, 1, 4, 4) and ((s >= 0) & (s <= 1)).all()
+    g.manual_seed(0)
+    torch.testing.assert_close(model.sample(5, generator=g), s)  # seeded: repeatable
+    assert model.reconstruct(x).shape == x.shape
+    assert model.decode_numel > math.prod(model.config.input_shape)
+    with pytest.raises(ValueError, match="x is required"):
+        model.decode(torch.randn(2, 3))
+    with pytest.raises(ValueError, match=r"x has shape \(2, 1, 4, 5\)"):
+        model.decode(torch.randn(2, 3), torch.zeros(2, 1, 4, 5))
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"pixelcnn_layers": -1}, "pixelcnn_layers"),
+        ({"pixelcnn_layers": 2, "pixelcnn_width": 0}, "pixelcnn_width"),
+        ({"pixelcnn_layers": 2, "input_shape": (784,)}, "input_shape"),
+        ({"pixelcnn_layers": 2, "likelihood": "gaussian"}, "likelihood"),
+    ],
+)
+def test_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"ModelConfig.{field}"):
+        ModelConfig(**kwargs)
+
+
+def test_head_alone_runs_on_rows_cut_off_at_the_bottom():
+    head = PixelCNNHead(1, 4, 3, torch.nn.ReLU)
+    torch.nn.init.normal_(head.out.weight)
+    x, cond = torch.rand(2, 1, 6, 6).bernoulli(), torch.randn(2, 1, 6, 6)
+    full = head.run(x, cond, head.condition(cond))
+    cut = head.run(x[:, :, :3], cond[:, :, :3], [f[:, :, :3] for f in head.condition(cond)])
+    torch.testing.assert_close(cut, full[:, :, :3])
