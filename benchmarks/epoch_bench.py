@@ -18,12 +18,22 @@ batch 128, the 60,000 training images statically binarized), in one run, for:
   (f) vaekit fit    vaekit.train.fit itself for 1 + --epochs epochs (validation on 1,000
                     images and a checkpoint after each): per-epoch times from its metrics
 
+--amp picks the precision of (b), (e) and (f): "none" (fp32 only), "bf16" (bf16 only) or
+"both" (each twice, the bf16 rows labelled ", bf16 autocast"). bf16 means what
+TrainConfig(amp="bf16") does: the forward and the loss under torch.autocast(bfloat16),
+the backward and Adam on the float32 weights; (f) runs with TrainConfig(amp="bf16").
+(a), (c) and (d) always run in fp32. Default: "both" on a CPU, "none" on CUDA (where
+benchmarks/gpu.sh runs this script under a time limit).
+
 Contenders (a)-(e) are built once, warmed up for --warmup steps, then timed one epoch
 each in turn, --epochs times (interleaved, so that load from other processes hits all of
 them alike); the median is reported. --threads takes a list: on a CPU the whole set is
-run once per thread count.
+run once per thread count. "classic/this" is always against the fp32 classic recipe
+(a); "this/floor" is against the floor (e) of the row's own precision where it was run
+(the column after it says which floor).
 
   python benchmarks/epoch_bench.py --device cpu --threads 1,2 --epochs 3
+  python benchmarks/epoch_bench.py --device cpu --threads 2 --amp none   # fp32 rows only
   /tmp/pythae-venv/bin/python benchmarks/epoch_bench.py      # with the pythae contender
   python benchmarks/epoch_bench.py --device cuda --data synthetic
 """
@@ -31,6 +41,7 @@ run once per thread count.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import statistics
 import sys
@@ -50,6 +61,14 @@ from pythae_compare import (  # noqa: E402  (shared benchmark helpers)
 )
 
 BATCH, HIDDEN, LATENT, LR = 128, 400, 20, 1e-3
+BF16 = ", bf16 autocast"  # appended to the label of a contender run under bf16 autocast
+AMP_CHOICES = {"none": (False,), "bf16": (True,), "both": (False, True)}
+
+
+def autocast(device, amp: bool):
+    """What fit wraps the forward in: torch.autocast(bfloat16) for TrainConfig(amp="bf16"),
+    else nothing (the fp32 rows run exactly the code they ran before --amp existed)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
 
 
 class ClassicVAE(nn.Module):
@@ -92,11 +111,12 @@ def classic(x, device):
     return run
 
 
-def vaekit_loop(x, device, static: bool):
+def vaekit_loop(x, device, static: bool, amp: bool = False):
     """The loop vaekit.train.fit runs, from vaekit's public pieces: data on the device in a
     BatchIterator, noise from a generator re-seeded from the step, the losses' value checks
-    off (fit checks the data once, up front). Eager: objective_loss, backward,
-    clip_grad_norm_, finiteness check (a sync), Adam, epoch sums. Static: vaekit.fast.
+    off (fit checks the data once, up front). Eager: objective_loss (under bf16 autocast
+    with ``amp``, as fit runs it), backward, clip_grad_norm_, finiteness check (a sync),
+    Adam, epoch sums. Static: vaekit.fast.
     StaticStep (one CUDA graph replay per step on CUDA, uncaptured elsewhere) with its
     counters read every 50 steps; the short last batch takes the eager step, as in fit."""
     from vaekit import VAE, ModelConfig, ObjectiveConfig
@@ -130,7 +150,8 @@ def vaekit_loop(x, device, static: bool):
                 g["lr"].fill_(LR)
             else:
                 g["lr"] = LR
-        out = objective_loss(model, xb, config, state["step"], dataset_size=n, noise=noise)
+        with autocast(device, amp):
+            out = objective_loss(model, xb, config, state["step"], dataset_size=n, noise=noise)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
@@ -194,7 +215,7 @@ def pythae_contender(x, device, pythae, workdir):
     return run
 
 
-def matmul_floor(x, device):
+def matmul_floor(x, device, amp: bool = False):
     enc, head = nn.Linear(784, HIDDEN).to(device), nn.Linear(HIDDEN, 2 * LATENT).to(device)
     dec1, dec2 = nn.Linear(LATENT, HIDDEN).to(device), nn.Linear(HIDDEN, 784).to(device)
     params = [p for m in (enc, head, dec1, dec2) for p in m.parameters()]
@@ -208,9 +229,10 @@ def matmul_floor(x, device):
     def run(max_steps=None):
         for i in range(steps if max_steps is None else min(steps, max_steps)):
             xb = xd[i * BATCH:(i + 1) * BATCH]
-            h = head(F.relu(enc(xb)))
-            out = dec2(F.relu(dec1(h[:, :LATENT])))
-            loss = out.sum() + h.sum()  # h.sum(): every parameter gets a gradient
+            with autocast(device, amp):
+                h = head(F.relu(enc(xb)))
+                out = dec2(F.relu(dec1(h[:, :LATENT])))
+                loss = out.sum() + h.sum()  # h.sum(): every parameter gets a gradient
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -219,19 +241,20 @@ def matmul_floor(x, device):
     return run
 
 
-def vaekit_fit(x_u8, x_val_u8, epochs, device, threads, workdir):
-    """Per-epoch seconds of vaekit.train.fit: the first, and the median of the rest."""
+def vaekit_fit(x_u8, x_val_u8, epochs, device, threads, workdir, amp: bool = False):
+    """Per-epoch seconds of vaekit.train.fit: the first, and those of the rest."""
     from vaekit import DataConfig, ModelConfig, RunConfig, TrainConfig, fit
 
     npz = Path(workdir) / "fit-data.npz"
-    write_npz(npz, x_u8, x_val_u8, x_val_u8)
+    if not npz.exists():  # the same data for every thread count and precision
+        write_npz(npz, x_u8, x_val_u8, x_val_u8)
     config = RunConfig(
         model=ModelConfig(arch="mlp", input_shape=(784,), hidden=(HIDDEN,), latent_dim=LATENT, activation="relu"),
         data=DataConfig(dataset="array", data_dir=str(npz), binarize="none", val_size=len(x_val_u8), split="tail"),
         train=TrainConfig(epochs=1 + epochs, batch_size=BATCH, lr=LR, device=str(device), num_threads=threads,
-                          progress=False),
+                          amp="bf16" if amp else "none", progress=False),
     )
-    history = fit(config, Path(workdir) / "fit-run").history
+    history = fit(config, Path(workdir) / f"fit-run-{threads}-{'bf16' if amp else 'fp32'}").history
     ends = [row["seconds"] for row in history if row["split"] == "train"]
     return ends[0], [b - a for a, b in zip(ends, ends[1:])]
 
@@ -246,8 +269,12 @@ def main(argv=None) -> None:
     parser.add_argument("--n-train", type=int, default=60000, help="training images (fewer: a quick check)")
     parser.add_argument("--skip", default="", help="comma list of contenders to leave out: "
                         "classic,eager,static,pythae,floor,fit")
+    parser.add_argument("--amp", choices=sorted(AMP_CHOICES), default=None,
+                        help="precision of (b), (e) and (f): fp32 (none), bf16 autocast (bf16) or both; "
+                        "default: both on a CPU, none on CUDA")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    amps = AMP_CHOICES[args.amp or ("none" if device.type == "cuda" else "both")]
     skip = set(filter(None, args.skip.split(",")))
     threads = [int(t) for t in args.threads.split(",")] if device.type == "cpu" else [torch.get_num_threads()]
     x_u8, xt_u8, source = load_mnist(args.data)
@@ -255,65 +282,77 @@ def main(argv=None) -> None:
     x_u8, val_u8 = (x_u8 > 127).astype(np.uint8) * 255, (xt_u8[:1000] > 127).astype(np.uint8) * 255
     x = torch.from_numpy(x_u8.astype(np.float32) / 255.0)  # static binarization: x / 255 > 0.5
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    precisions = " and ".join("bf16 autocast" if amp else "fp32" for amp in amps)
     print(f"device {name}; torch {torch.__version__}; data: {source}, {len(x)} images, statically binarized; "
           f"784-{HIDDEN}-{LATENT} ReLU, batch {BATCH}, Adam lr {LR}; {args.epochs} timed epochs after "
-          f"{args.warmup} warm-up steps")
+          f"{args.warmup} warm-up steps; (b), (e), (f) in {precisions}")
     warm_up_torch()
     pythae, reason = import_pythae()
     if pythae is None and "pythae" not in skip:
         print(f"(d) pythae: skipped: {reason}")
-    results = []  # (threads, label, median s, all s)
+    results = []  # (threads, label, bf16?, median s, all s)
     with tempfile.TemporaryDirectory() as work:
         for n_threads in threads:
             torch.set_num_threads(n_threads)
             torch.manual_seed(0)
-            makers = {
-                "(a) classic": ("classic", lambda: classic(x, device)),
-                "(b) vaekit eager step": ("eager", lambda: vaekit_loop(x, device, static=False)),
-                "(c) vaekit static step": ("static", lambda: vaekit_loop(x, device, static=True)),
-                "(d) pythae 0.1.2": ("pythae", lambda: pythae_contender(x, device, pythae, work)),
-                "(e) matmul floor": ("floor", lambda: matmul_floor(x, device)),
-            }
-            runs = {label: make() for label, (key, make) in makers.items()
+            makers = [  # (label, --skip key, bf16?, maker); a default argument binds each amp
+                ("(a) classic", "classic", False, lambda: classic(x, device)),
+                *[(f"(b) vaekit eager step{BF16 if amp else ''}", "eager", amp,
+                   lambda amp=amp: vaekit_loop(x, device, static=False, amp=amp)) for amp in amps],
+                ("(c) vaekit static step", "static", False, lambda: vaekit_loop(x, device, static=True)),
+                ("(d) pythae 0.1.2", "pythae", False, lambda: pythae_contender(x, device, pythae, work)),
+                *[(f"(e) matmul floor{BF16 if amp else ''}", "floor", amp,
+                   lambda amp=amp: matmul_floor(x, device, amp)) for amp in amps],
+            ]
+            runs = {(label, amp): make() for label, key, amp, make in makers
                     if key not in skip and not (key == "pythae" and pythae is None)}
             for run in runs.values():
                 run(max_steps=args.warmup)
-            times = {label: [] for label in runs}
+            times = {row: [] for row in runs}
             for _ in range(args.epochs):
-                for label, run in runs.items():
+                for row, run in runs.items():
                     t0 = time.perf_counter()
                     run()
-                    times[label].append(time.perf_counter() - t0)
-            results += [(n_threads, label, statistics.median(t), t) for label, t in times.items()]
-            if "fit" not in skip:
-                first, rest = vaekit_fit(x_u8, val_u8, args.epochs, device, n_threads, work)
-                results.append((n_threads, "(f) vaekit fit, epoch incl. val+ckpt", statistics.median(rest), rest))
-                print(f"(f) vaekit fit, threads={n_threads}: first epoch (warm-up) {first:.2f} s")
+                    times[row].append(time.perf_counter() - t0)
+            results += [(n_threads, label, amp, statistics.median(t), t) for (label, amp), t in times.items()]
+            for amp in amps if "fit" not in skip else ():
+                label = f"(f) vaekit fit, epoch incl. val+ckpt{BF16 if amp else ''}"
+                first, rest = vaekit_fit(x_u8, val_u8, args.epochs, device, n_threads, work, amp)
+                results.append((n_threads, label, amp, statistics.median(rest), rest))
+                print(f"{label}, threads={n_threads}: first epoch (warm-up) {first:.2f} s")
     report(results, device, len(x))
 
 
 def report(results, device, n_examples: int) -> None:
-    print(f"\n{'threads':>7}  {'contender':<38} {'s/epoch':>8} {'classic/this':>12} {'this/floor':>10}  epochs (s)")
+    """The table, the floor's matrix-product rate and one SUMMARY line per row. Every
+    "classic/this" is against the fp32 classic recipe (a); "this/floor" against the floor
+    (e) of the row's own precision, or the other one where that was not run."""
+    width = max([38] + [len(r[1]) for r in results])
+    print(f"\n{'threads':>7}  {'contender':<{width}} {'s/epoch':>8} {'classic/this':>12} {'this/floor':>10} "
+          f"{'floor':>5}  epochs (s)")
     for n_threads in dict.fromkeys(r[0] for r in results):
         rows = [r for r in results if r[0] == n_threads]
-        base = next((r[2] for r in rows if r[1].startswith("(a)")), None)
-        floor = next((r[2] for r in rows if r[1].startswith("(e)")), None)
-        for _, label, med, all_s in rows:
+        base = next((r[3] for r in rows if r[1].startswith("(a)")), None)
+        floors = {r[2]: r[3] for r in rows if r[1].startswith("(e)")}
+        for _, label, amp, med, all_s in rows:
+            which = amp if amp in floors else not amp
             vs_base = f"{base / med:.2f}x" if base else "-"
-            vs_floor = f"{med / floor:.2f}x" if floor else "-"
-            print(f"{n_threads:>7}  {label:<38} {med:8.3f} {vs_base:>12} {vs_floor:>10}  "
+            vs_floor = f"{med / floors[which]:.2f}x" if which in floors else "-"
+            floor_name = ("bf16" if which else "fp32") if which in floors else "-"
+            print(f"{n_threads:>7}  {label:<{width}} {med:8.3f} {vs_base:>12} {vs_floor:>10} {floor_name:>5}  "
                   + " ".join(f"{t:.2f}" for t in all_s))
     # Matrix-product work of one epoch: the forward, every weight gradient, and the input
     # gradients of all layers but the first (x needs none).
     forward = 2 * (784 * HIDDEN + HIDDEN * 2 * LATENT + LATENT * HIDDEN + HIDDEN * 784)
     flops = n_examples * (3 * forward - 2 * 784 * HIDDEN)
-    for n_threads, label, med, _ in results:
+    for n_threads, label, amp, med, _ in results:
         if label.startswith("(e)"):
-            print(f"matrix products: {flops / 1e9:.1f} GFLOP per epoch; the floor ran them at "
+            floor = "the floor under bf16 autocast" if amp else "the floor"
+            print(f"matrix products: {flops / 1e9:.1f} GFLOP per epoch; {floor} ran them at "
                   f"{flops / med / 1e9:.0f} GFLOP/s ({n_threads} thread(s))")
     tag = "cuda" if device.type == "cuda" else "cpu"
-    for n_threads, label, med, _ in results:
-        base = next((r[2] for r in results if r[0] == n_threads and r[1].startswith("(a)")), None)
+    for n_threads, label, _, med, _ in results:
+        base = next((r[3] for r in results if r[0] == n_threads and r[1].startswith("(a)")), None)
         ratio = f", {base / med:.2f}x classic" if base else ""
         threads = f" threads={n_threads}" if device.type == "cpu" else ""
         unit = f"{med * 1e3:.1f} ms" if med < 1 else f"{med:.3f} s"
