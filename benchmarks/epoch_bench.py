@@ -16,9 +16,13 @@ batch 128, the 60,000 training images statically binarized), in one run, for:
                     backward and a fused Adam (Adam(fused=True)), on contiguous pre-sliced
                     batches: no sampling, no likelihood, no data pipeline
   (f) vaekit fit    vaekit.train.fit itself for 1 + --epochs epochs (validation on 1,000
-                    images and a checkpoint after each): per-epoch times from its metrics
+                    images and a checkpoint after each): per-epoch times from its metrics;
+                    "fast=compile": fit with TrainConfig(fast="compile")
+  (g) vaekit compiled  the static step uncaptured, its forward pass and loss compiled by
+                    torch.compile (StaticStep(compile=True): TrainConfig(fast="compile"),
+                    vaekit's CPU fast path); the compilation happens in the warm-up
 
---amp picks the precision of (b), (e) and (f): "none" (fp32 only), "bf16" (bf16 only) or
+--amp picks the precision of (b), (e), (f) and (g): "none" (fp32 only), "bf16" (bf16 only) or
 "both" (each twice, the bf16 rows labelled ", bf16 autocast"). bf16 means what
 TrainConfig(amp="bf16") does: the forward and the loss under torch.autocast(bfloat16),
 the backward and Adam on the float32 weights; (f) runs with TrainConfig(amp="bf16").
@@ -111,14 +115,16 @@ def classic(x, device):
     return run
 
 
-def vaekit_loop(x, device, static: bool, amp: bool = False):
+def vaekit_loop(x, device, static: bool, amp: bool = False, compiled: bool = False):
     """The loop vaekit.train.fit runs, from vaekit's public pieces: data on the device in a
     BatchIterator, noise from a generator re-seeded from the step, the losses' value checks
     off (fit checks the data once, up front). Eager: objective_loss (under bf16 autocast
     with ``amp``, as fit runs it), backward, clip_grad_norm_, finiteness check (a sync),
     Adam, epoch sums. Static: vaekit.fast.
     StaticStep (one CUDA graph replay per step on CUDA, uncaptured elsewhere) with its
-    counters read every 50 steps; the short last batch takes the eager step, as in fit."""
+    counters read every 50 steps; the short last batch takes the eager step, as in fit.
+    Compiled: the static step uncaptured with ``compile=True`` (its forward and loss under
+    bf16 autocast with ``amp``)."""
     from vaekit import VAE, ModelConfig, ObjectiveConfig
     from vaekit.batching import BatchIterator, mix_seed
     from vaekit.fast import StaticStep
@@ -127,7 +133,7 @@ def vaekit_loop(x, device, static: bool, amp: bool = False):
 
     model = VAE(ModelConfig(arch="mlp", input_shape=(784,), hidden=(HIDDEN,), latent_dim=LATENT,
                             activation="relu", likelihood="bernoulli")).to(device)
-    if static and device.type == "cuda":
+    if static and device.type == "cuda" and not compiled:
         opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(LR, device=device), capturable=True)
     else:  # as fit builds it: fused where torch has the kernel for the device
         from vaekit.config import TrainConfig
@@ -135,7 +141,10 @@ def vaekit_loop(x, device, static: bool, amp: bool = False):
 
         opt = _adam(model, TrainConfig(lr=LR))
     batches = BatchIterator(x, BATCH, shuffle=True, seed=0, device=device)
-    step_fn = StaticStep(model, opt, batch_size=BATCH) if static else None
+    step_fn = None
+    if static:
+        step_fn = StaticStep(model, opt, batch_size=BATCH, amp=amp and compiled, compile=compiled,
+                             capture=False if compiled else None)
     config, n = ObjectiveConfig(), x.shape[0]
     gen = torch.Generator(device=device)
     state = {"step": 0, "epoch": 0}
@@ -241,7 +250,7 @@ def matmul_floor(x, device, amp: bool = False):
     return run
 
 
-def vaekit_fit(x_u8, x_val_u8, epochs, device, threads, workdir, amp: bool = False):
+def vaekit_fit(x_u8, x_val_u8, epochs, device, threads, workdir, amp: bool = False, fast: str = "auto"):
     """Per-epoch seconds of vaekit.train.fit: the first, and those of the rest."""
     from vaekit import DataConfig, ModelConfig, RunConfig, TrainConfig, fit
 
@@ -252,9 +261,9 @@ def vaekit_fit(x_u8, x_val_u8, epochs, device, threads, workdir, amp: bool = Fal
         model=ModelConfig(arch="mlp", input_shape=(784,), hidden=(HIDDEN,), latent_dim=LATENT, activation="relu"),
         data=DataConfig(dataset="array", data_dir=str(npz), binarize="none", val_size=len(x_val_u8), split="tail"),
         train=TrainConfig(epochs=1 + epochs, batch_size=BATCH, lr=LR, device=str(device), num_threads=threads,
-                          amp="bf16" if amp else "none", progress=False),
+                          amp="bf16" if amp else "none", fast=fast, progress=False),
     )
-    history = fit(config, Path(workdir) / f"fit-run-{threads}-{'bf16' if amp else 'fp32'}").history
+    history = fit(config, Path(workdir) / f"fit-run-{threads}-{'bf16' if amp else 'fp32'}-{fast}").history
     ends = [row["seconds"] for row in history if row["split"] == "train"]
     return ends[0], [b - a for a, b in zip(ends, ends[1:])]
 
@@ -268,7 +277,7 @@ def main(argv=None) -> None:
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="MNIST .npz or 'synthetic'")
     parser.add_argument("--n-train", type=int, default=60000, help="training images (fewer: a quick check)")
     parser.add_argument("--skip", default="", help="comma list of contenders to leave out: "
-                        "classic,eager,static,pythae,floor,fit")
+                        "classic,eager,static,pythae,floor,compiled,fit,fit-compile")
     parser.add_argument("--amp", choices=sorted(AMP_CHOICES), default=None,
                         help="precision of (b), (e) and (f): fp32 (none), bf16 autocast (bf16) or both; "
                         "default: both on a CPU, none on CUDA")
@@ -303,6 +312,8 @@ def main(argv=None) -> None:
                 ("(d) pythae 0.1.2", "pythae", False, lambda: pythae_contender(x, device, pythae, work)),
                 *[(f"(e) matmul floor{BF16 if amp else ''}", "floor", amp,
                    lambda amp=amp: matmul_floor(x, device, amp)) for amp in amps],
+                *[(f"(g) vaekit compiled step{BF16 if amp else ''}", "compiled", amp,
+                   lambda amp=amp: vaekit_loop(x, device, static=True, amp=amp, compiled=True)) for amp in amps],
             ]
             runs = {(label, amp): make() for label, key, amp, make in makers
                     if key not in skip and not (key == "pythae" and pythae is None)}
@@ -315,9 +326,12 @@ def main(argv=None) -> None:
                     run()
                     times[row].append(time.perf_counter() - t0)
             results += [(n_threads, label, amp, statistics.median(t), t) for (label, amp), t in times.items()]
-            for amp in amps if "fit" not in skip else ():
-                label = f"(f) vaekit fit, epoch incl. val+ckpt{BF16 if amp else ''}"
-                first, rest = vaekit_fit(x_u8, val_u8, args.epochs, device, n_threads, work, amp)
+            fits = [(fast, amp) for fast, key in (("auto", "fit"), ("compile", "fit-compile")) if key not in skip
+                    for amp in amps]
+            for fast, amp in fits:
+                how = ", fast=compile" if fast == "compile" else ""
+                label = f"(f) vaekit fit, epoch incl. val+ckpt{how}{BF16 if amp else ''}"
+                first, rest = vaekit_fit(x_u8, val_u8, args.epochs, device, n_threads, work, amp, fast)
                 results.append((n_threads, label, amp, statistics.median(rest), rest))
                 print(f"{label}, threads={n_threads}: first epoch (warm-up) {first:.2f} s")
     report(results, device, len(x))

@@ -56,7 +56,7 @@ else
 fi
 
 if "$PY" -c 'import pytest, hypothesis' 2>/dev/null; then
-    step tests 90 "$PY" -m pytest tests/test_kernels.py tests/test_losses.py tests/test_fast.py tests/test_batching.py -q -o addopts="" -p no:cacheprovider
+    step tests 90 "$PY" -m pytest tests/test_kernels.py tests/test_losses.py tests/test_fast.py tests/test_batching.py tests/test_pixelcnn.py -q -o addopts="" -p no:cacheprovider
 else
     say "tests: skipped (pytest or hypothesis missing on this machine)"
     STATUS+=("tests        SKIPPED")

@@ -21,7 +21,7 @@ __all__ = ["TrainConfig", "RunConfig", "section_from_dict", "GROUPS", "LR_SCHEDU
 
 LR_SCHEDULES = ("constant", "cosine")
 AMP_MODES = ("none", "bf16")
-FAST_MODES = ("auto", "static", "off")
+FAST_MODES = ("auto", "static", "compile", "off")
 
 
 def _need(cond: bool, name: str, expected: str, got) -> None:
@@ -59,8 +59,10 @@ class TrainConfig:
         num_threads: CPU threads for PyTorch (0: automatic: one thread for small
             models, whose steps run faster single-threaded, else PyTorch's default).
         fast: ``auto`` (the static step on CUDA, captured in a CUDA graph, where the
-            objective allows it), ``static`` (that step everywhere; uncaptured off CUDA)
-            or ``off`` (the eager step). See :mod:`vaekit.fast`.
+            objective allows it), ``static`` (that step everywhere; uncaptured off CUDA),
+            ``compile`` (that step uncaptured, its forward pass and loss compiled by
+            ``torch.compile``: the fastest CPU step, after a compilation of some seconds;
+            needs a C++ compiler) or ``off`` (the eager step). See :mod:`vaekit.fast`.
         progress: show a tqdm progress bar.
     """
 

@@ -16,9 +16,12 @@ epoch. It computes what the eager loop computes:
   skipped on the device.
 
 Off CUDA the same code runs uncaptured: that is how the tests compare it with the eager
-loop on a CPU. Only the plain ELBO/beta-VAE objective with a constant batch size takes
-this path; the training loop runs the eager step for anything else (a partial last
-batch, IWAE, beta-TCVAE, free bits, capacity).
+loop on a CPU. There a host synchronisation costs nothing, so a non-finite step is simply
+not taken (no copies to undo it). With ``compile=True`` the forward pass and the loss
+are compiled by ``torch.compile`` (on a CPU, inductor fuses the element-wise work into
+C++ loops: ``TrainConfig(fast="compile")``). Only the plain ELBO/beta-VAE objective with
+a constant batch size takes this path; the training loop runs the eager step for anything
+else (a partial last batch, IWAE, beta-TCVAE, free bits, capacity).
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ class StaticStep:
         grad_clip: global gradient-norm clip (0: off).
         amp: autocast the forward in bfloat16.
         capture: capture a CUDA graph (default: when the model is on CUDA).
+        compile: compile the forward pass and the loss with ``torch.compile`` (needs a C++
+            compiler on a CPU, Triton on a GPU).
 
     Call ``run(x, eps, lr, beta)`` per step; ``sums`` holds ``[loss*b, rec*b, kl*b, b]``
     over the accepted steps, ``skipped`` and ``bad_run`` count non-finite steps (all on
@@ -62,7 +67,7 @@ class StaticStep:
     """
 
     def __init__(self, model, optimizer, *, batch_size: int, grad_clip: float = 0.0, amp: bool = False,
-                 capture: bool | None = None, warmup: int = 3) -> None:
+                 capture: bool | None = None, warmup: int = 3, compile: bool = False) -> None:
         p = next(model.parameters())
         self.device = p.device
         self.model, self.opt = model, optimizer
@@ -82,6 +87,8 @@ class StaticStep:
         self._warmup_left = warmup if self.capture else 0
         self._fused = (fused_available(self.device) and cfg.likelihood in ("bernoulli", "gaussian")
                        and cfg.decoder_variance == "fixed")
+        self._forward = torch.compile(self._forward_loss, dynamic=False) if compile else self._forward_loss
+        self._untried = compile  # the first call compiles: its failure gets a clear message
 
     # -- the step, as captured ----------------------------------------------------------
 
@@ -93,33 +100,49 @@ class StaticStep:
                     out.append(v)
         return out
 
-    def _body(self) -> None:
+    def _forward_loss(self, x: Tensor, eps: Tensor, beta: Tensor) -> LossResult:
         model, cfg = self.model, self.model.config
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            mu, logvar = model.encode_params(self.x)
-            z = mu + torch.exp(0.5 * logvar) * self.eps
-            out = model.decode(z, self.x) if model.autoregressive else model.decode(z)
+            mu, logvar = model.encode_params(x)
+            z = mu + torch.exp(0.5 * logvar) * eps
+            out = model.decode(z, x) if model.autoregressive else model.decode(z)
         if self._fused:
-            res = fused_vae_loss(self.x, out, mu, logvar, beta=self.beta, reconstruction=cfg.likelihood,
-                                 reduction="mean", gaussian_logvar=cfg.fixed_logvar, validate_args=False)
+            return fused_vae_loss(x, out, mu, logvar, beta=beta, reconstruction=cfg.likelihood,
+                                  reduction="mean", gaussian_logvar=cfg.fixed_logvar, validate_args=False)
+        rec = reconstruction_nll(cfg.likelihood, out, x, logvar=cfg.fixed_logvar, validate_args=False).mean()
+        kl = gaussian_kl(mu, logvar, validate_args=False).mean()
+        return LossResult(rec + beta * kl, rec, kl)
+
+    def _body(self) -> None:
+        if self._untried:
+            try:
+                res = self._forward(self.x, self.eps, self.beta)
+            except Exception as e:  # noqa: BLE001  (inductor raises many kinds; the cause is chained)
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise RuntimeError(f"TrainConfig.fast='compile': torch.compile could not compile the step "
+                                   f"({type(e).__name__}: {first}); train with fast='auto' or 'off'") from e
+            self._untried = False
         else:
-            rec = reconstruction_nll(cfg.likelihood, out, self.x, logvar=cfg.fixed_logvar, validate_args=False).mean()
-            kl = gaussian_kl(mu, logvar, validate_args=False).mean()
-            res = LossResult(rec + self.beta * kl, rec, kl)
+            res = self._forward(self.x, self.eps, self.beta)
         res.loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         ok = torch.isfinite(res.loss) & torch.isfinite(gnorm)
+        b = float(self.x.shape[0])
+        parts = torch.stack([res.loss.detach() * b, res.reconstruction.detach() * b, res.kl.detach() * b,
+                             torch.full((), b, device=self.device)]).double()
+        bad = (~ok).to(torch.int64)
+        self.skipped += bad
+        self.bad_run.mul_(bad).add_(bad)
+        if self._backups is None:  # uncaptured: a sync is cheap, a bad step is just not taken
+            if bool(ok):
+                self.opt.step()
+                self.sums += parts
+            return
         self.opt.step()
         for t, backup in self._backups:
             t.copy_(torch.where(ok, t, backup))
             backup.copy_(t)
-        b = float(self.x.shape[0])
-        parts = torch.stack([res.loss.detach() * b, res.reconstruction.detach() * b, res.kl.detach() * b,
-                             torch.full((), b, device=self.device)]).double()
         self.sums += torch.where(ok, parts, torch.zeros_like(parts))
-        bad = (~ok).to(torch.int64)
-        self.skipped += bad
-        self.bad_run.mul_(bad).add_(bad)
 
     def _refresh_backups(self) -> None:
         self._backups = [(t, t.detach().clone()) for t in self._state_tensors()]
@@ -144,8 +167,6 @@ class StaticStep:
                 g["lr"].fill_(lr)
             else:
                 g["lr"] = lr
-        if self._backups is None or (self.opt.state and len(self._backups) != len(self._state_tensors())):
-            self._refresh_backups()
         if not self.capture:
             self.opt.zero_grad(set_to_none=True)
             self._body()
@@ -153,6 +174,8 @@ class StaticStep:
         if self._graph is not None:
             self._graph.replay()
             return
+        if self._backups is None or (self.opt.state and len(self._backups) != len(self._state_tensors())):
+            self._refresh_backups()
         if self._warmup_left > 0:
             # Warm-up steps on a side stream create the optimiser state and the autograd
             # buffers before capture, as CUDA graphs require.

@@ -90,7 +90,7 @@ def _adam(model: nn.Module, tc: TrainConfig) -> torch.optim.Adam:
 def _use_static(tc, oc, model, device, distributed: bool) -> bool:
     if tc.fast == "off" or distributed or not static_step_supported(model, oc):
         return False
-    return tc.fast == "static" or device.type == "cuda"
+    return tc.fast in ("static", "compile") or device.type == "cuda"
 
 
 def _fold(static: StaticStep, sums: torch.Tensor, bad_run: int, skipped: int) -> tuple[int, int]:
@@ -376,7 +376,9 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None)
             _set_rng_state(rngs[rank], device)
     static = None
     if _use_static(tc, oc, model, device, distributed):
-        static = StaticStep(model, opt, batch_size=tc.batch_size, grad_clip=tc.grad_clip, amp=tc.amp == "bf16")
+        compiled = tc.fast == "compile"
+        static = StaticStep(model, opt, batch_size=tc.batch_size, grad_clip=tc.grad_clip, amp=tc.amp == "bf16",
+                            compile=compiled, capture=False if compiled else None)
     inner = objective.module if distributed else objective
     is_main = rank == 0
     if is_main:
