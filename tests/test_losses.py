@@ -438,6 +438,14 @@ def test_set_validate_args_needs_a_bool():
         set_validate_args(0)
 
 
+def test_the_validate_args_switch_is_the_one_in_checks():
+    from vaekit import checks
+
+    assert set_validate_args is checks.set_validate_args and validate_args_enabled is checks.validate_args_enabled
+    set_validate_args(False)  # the autouse fixture restores it
+    assert not checks.validating(None) and checks.validating(True)
+
+
 def test_integer_tensors_raise_type_error():
     i, f = torch.ones(2, 3, dtype=torch.long), torch.rand(2, 3)
     calls = [lambda: gaussian_kl(i, f), lambda: bernoulli_nll(f, i), lambda: bernoulli_nll(i, f),

@@ -438,6 +438,14 @@ def test_discretized_logistic_gradcheck_and_extremes():
         obj.discretized_logistic_nll(mean, log_scale, torch.full_like(mean, 0.5001))
 
 
+def test_the_likelihoods_stay_importable_from_objectives():
+    from vaekit import likelihoods
+
+    assert obj.discretized_logistic_nll is likelihoods.discretized_logistic_nll
+    assert obj.optimal_sigma_nll is likelihoods.optimal_sigma_nll
+    assert all(hasattr(obj, name) for name in obj.__all__)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"name": "vae"}, "name"),
     ({"beta": -1.0}, "beta"),

@@ -24,7 +24,8 @@ import math
 import torch
 from torch import Tensor
 
-from vaekit.losses import gaussian_kl, set_validate_args, validate_args_enabled
+from vaekit.checks import set_validate_args, validate_args_enabled
+from vaekit.losses import gaussian_kl
 from vaekit.objectives import decode_nll, log_weights_from_noise
 
 __all__ = [

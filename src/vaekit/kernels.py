@@ -50,15 +50,8 @@ import functools
 import torch
 from torch import Tensor
 
-from vaekit.losses import (
-    REDUCTIONS,
-    LossResult,
-    VAELoss,
-    _check_finite,
-    _check_unit_interval,
-    _validating,
-    check_beta,
-)
+from vaekit.checks import check_beta, check_finite, check_unit_interval, validating
+from vaekit.losses import REDUCTIONS, LossResult, VAELoss
 
 try:
     import triton
@@ -399,12 +392,12 @@ def fused_vae_loss(
         loss_fn = VAELoss(beta, reconstruction, reduction, logvar=gaussian_logvar, validate_args=validate_args)
         return loss_fn(x, decoder_out, mu, logvar)
     gaussian = reconstruction == "gaussian"
-    if _validating(validate_args):  # the eager checks, in the eager order
+    if validating(validate_args):  # the eager checks, in the eager order
         check_beta(beta)
-        (_check_finite if gaussian else _check_unit_interval)("x", x)
-        _check_finite("mean" if gaussian else "logits", decoder_out)
-        _check_finite("mu", mu)
-        _check_finite("logvar", logvar)
+        (check_finite if gaussian else check_unit_interval)("x", x)
+        check_finite("mean" if gaussian else "logits", decoder_out)
+        check_finite("mu", mu)
+        check_finite("logvar", logvar)
     elif not isinstance(beta, Tensor):
         check_beta(beta)  # a number: no sync
     B = x.shape[0]

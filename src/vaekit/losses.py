@@ -24,6 +24,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checks import (
+    check_beta,
+    check_finite,
+    check_same_shape,
+    check_tensor,
+    check_unit_interval,
+    set_validate_args,
+    sum_event,
+    upcast,
+    validate_args_enabled,
+    validating,
+)
+
 __all__ = [
     "gaussian_kl",
     "bernoulli_nll",
@@ -43,68 +56,6 @@ RECONSTRUCTIONS = ("bernoulli", "gaussian", "mse", "continuous_bernoulli")
 REDUCTIONS = ("mean", "sum", "none")
 
 _LOG_2PI = math.log(2.0 * math.pi)
-_validate_default = True
-
-
-def set_validate_args(value: bool) -> None:
-    """Switch the value checks (support, finiteness) on or off for the whole process.
-
-    Shape and dtype checks always run. The value checks need a device synchronisation,
-    so a compiled or graph-captured training step turns them off, as
-    ``torch.distributions.Distribution.set_default_validate_args`` does.
-    """
-    global _validate_default
-    if not isinstance(value, bool):
-        raise TypeError(f"value must be a bool, got {type(value).__name__}")
-    _validate_default = value
-
-
-def validate_args_enabled() -> bool:
-    """Whether the value checks run by default."""
-    return _validate_default
-
-
-def _validating(validate_args: bool | None) -> bool:
-    return _validate_default if validate_args is None else validate_args
-
-
-def _check_tensor(name: str, t, min_dim: int = 1) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if t.dim() < min_dim:
-        raise ValueError(
-            f"{name} must have at least {min_dim} dimension(s) [B, ...], got shape {tuple(t.shape)}"
-        )
-
-
-def _check_same_shape(a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
-    if a.shape != b.shape:
-        raise ValueError(
-            f"{a_name} has shape {tuple(a.shape)} but {b_name} has shape {tuple(b.shape)}"
-        )
-
-
-def _check_finite(name: str, t: Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} must be finite, but it holds NaN or infinite values")
-
-
-def _check_unit_interval(name: str, t: Tensor) -> None:
-    if not bool(((t >= 0) & (t <= 1)).all()):
-        lo, hi = float(t.min()), float(t.max())
-        raise ValueError(f"{name} must lie in [0, 1], got values in [{lo:g}, {hi:g}]")
-
-
-def _upcast(*ts: Tensor) -> tuple[Tensor, ...]:
-    """float16/bfloat16 -> float32; float32/float64 unchanged."""
-    return tuple(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in ts)
-
-
-def _sum_event(t: Tensor) -> Tensor:
-    """Sum over every dimension but the first: ``[B, *event] -> [B]``."""
-    return t.reshape(t.shape[0], -1).sum(1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -163,13 +114,13 @@ def gaussian_kl(
 def _checked(first_name: str, first, second_name: str, second, validate_args, *, unit_first: bool = False):
     """The common checks of a two-tensor loss: both floating tensors of one shape and, when
     validating, finite (``first`` in [0, 1] when ``unit_first``). Returns both upcast."""
-    _check_tensor(second_name, second)
-    _check_tensor(first_name, first)
-    _check_same_shape(first_name, first, second_name, second)
-    if _validating(validate_args):
-        (_check_unit_interval if unit_first else _check_finite)(first_name, first)
-        _check_finite(second_name, second)
-    return _upcast(first, second)
+    check_tensor(second_name, second)
+    check_tensor(first_name, first)
+    check_same_shape(first_name, first, second_name, second)
+    if validating(validate_args):
+        (check_unit_interval if unit_first else check_finite)(first_name, first)
+        check_finite(second_name, second)
+    return upcast(first, second)
 
 
 def bernoulli_nll(logits: Tensor, x: Tensor, *, validate_args: bool | None = None) -> Tensor:
@@ -187,7 +138,7 @@ def bernoulli_nll(logits: Tensor, x: Tensor, *, validate_args: bool | None = Non
     Shape: ``logits`` and ``x`` are ``[B, *event]``; returns ``[B]``.
     """
     x, logits = _checked("x", x, "logits", logits, validate_args, unit_first=True)
-    return _sum_event(F.binary_cross_entropy_with_logits(logits, x, reduction="none"))
+    return sum_event(F.binary_cross_entropy_with_logits(logits, x, reduction="none"))
 
 
 def _as_logvar(logvar, like: Tensor) -> Tensor:
@@ -225,17 +176,17 @@ def gaussian_nll(
 
     Shape: returns ``[B]``.
     """
-    _check_tensor("mean", mean)
-    _check_tensor("x", x)
-    _check_same_shape("x", x, "mean", mean)
+    check_tensor("mean", mean)
+    check_tensor("x", x)
+    check_same_shape("x", x, "mean", mean)
     logvar = _as_logvar(logvar, x)
-    if _validating(validate_args):
-        _check_finite("x", x)
-        _check_finite("mean", mean)
-        _check_finite("logvar", logvar)
-    mean, x, logvar = _upcast(mean, x, logvar)
+    if validating(validate_args):
+        check_finite("x", x)
+        check_finite("mean", mean)
+        check_finite("logvar", logvar)
+    mean, x, logvar = upcast(mean, x, logvar)
     elem = 0.5 * (_LOG_2PI + logvar + (x - mean).square() * torch.exp(-logvar))
-    return _sum_event(elem.expand_as(x) if elem.shape != x.shape else elem)
+    return sum_event(elem.expand_as(x) if elem.shape != x.shape else elem)
 
 
 def mse(x_hat: Tensor, x: Tensor, *, validate_args: bool | None = None) -> Tensor:
@@ -250,7 +201,7 @@ def mse(x_hat: Tensor, x: Tensor, *, validate_args: bool | None = None) -> Tenso
     Shape: ``[B, *event]`` each; returns ``[B]``.
     """
     x, x_hat = _checked("x", x, "x_hat", x_hat, validate_args)
-    return _sum_event((x_hat - x).square())
+    return sum_event((x_hat - x).square())
 
 
 # log C(eta) = log(eta / tanh(eta/2)) = log 2 + eta^2/12 - 7 eta^4/1440 + 31 eta^6/90720
@@ -297,7 +248,7 @@ def continuous_bernoulli_nll(
     """
     x, logits = _checked("x", x, "logits", logits, validate_args, unit_first=True)
     bce = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
-    return _sum_event(bce - continuous_bernoulli_log_norm(logits))
+    return sum_event(bce - continuous_bernoulli_log_norm(logits))
 
 
 def reconstruction_nll(
@@ -355,20 +306,6 @@ def _reduce(t: Tensor, reduction: str) -> Tensor:
     if reduction == "sum":
         return t.sum()
     return t
-
-
-def check_beta(beta) -> None:
-    """Reject a beta that is not a real number >= 0 (naming it)."""
-    if isinstance(beta, Tensor):
-        if beta.numel() != 1:
-            raise ValueError(f"beta must be a scalar, got a tensor of shape {tuple(beta.shape)}")
-        value = float(beta)
-    elif isinstance(beta, (int, float)) and not isinstance(beta, bool):
-        value = float(beta)
-    else:
-        raise TypeError(f"beta must be a number, got {type(beta).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"beta must be a finite number >= 0, got {value}")
 
 
 class VAELoss(torch.nn.Module):

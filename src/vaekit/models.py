@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.distributions import Independent, Normal
 
 from .losses import RECONSTRUCTIONS, reconstruction_nll
-from .objectives import discretized_logistic_nll, optimal_sigma_nll
+from .likelihoods import discretized_logistic_nll, optimal_sigma_nll
 from .pixelcnn import PixelCNNHead, sample_pixels
 
 __all__ = ["ModelConfig", "VAE", "VAEOutput", "likelihood_mean", "ARCHS", "ACTIVATIONS", "LIKELIHOODS", "DECODER_VARIANCES"]

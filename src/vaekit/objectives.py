@@ -1,8 +1,9 @@
 """Objectives beyond the plain ELBO, and ``objective_loss``, the one call the training loop makes.
 
-Beta schedules (pure functions of the step), the capacity penalty, free bits, the IWAE bound,
-the beta-TCVAE decomposition of the KL, the calibrated Gaussian decoder (sigma-VAE) and the
-discretized logistic likelihood for 8-bit data. Conventions as in :mod:`vaekit.losses`:
+Beta schedules (pure functions of the step), the capacity penalty, free bits, the IWAE bound
+and the beta-TCVAE decomposition of the KL. The calibrated Gaussian decoder (sigma-VAE) and the
+discretized logistic likelihood for 8-bit data live in :mod:`vaekit.likelihoods` and are
+importable from here too. Conventions as in :mod:`vaekit.losses`:
 per-example values ``[B]`` in nats, summed over event or latent dims; the batch is reduced
 once, in :func:`objective_loss`.
 """
@@ -10,18 +11,17 @@ once, in :func:`objective_loss`.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from vaekit.losses import (
-    _check_finite, _check_same_shape, _check_tensor, _check_unit_interval, _sum_event, _upcast,
-    _validating, gaussian_kl,
+from vaekit.checks import (
+    check_finite, check_int, check_number, check_same_shape, check_tensor, upcast, validating,
 )
+from vaekit.likelihoods import discretized_logistic_nll, optimal_sigma_nll  # re-exported: public here first
+from vaekit.losses import gaussian_kl
 
 __all__ = [
     "constant_beta", "linear_warmup", "cyclical_beta", "beta_schedule", "capacity_kl_penalty",
@@ -37,32 +37,14 @@ TC_ESTIMATORS = ("mws", "stratified")
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
-def _number(name: str, value, *, low: float = 0.0, open_low: bool = False, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    v = float(value)
-    if not (math.isfinite(v) and (v > low if open_low else v >= low) and v <= high):
-        bound = f"{'>' if open_low else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
-        raise ValueError(f"{name} must be a finite number {bound}, got {value}")
-    return v
-
-
-def _count(name: str, value, *, low: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value}")
-    return int(value)
-
-
 # ---------------------------------------------------------------------------------------
 # Beta schedules: pure functions of the (0-based) step, returning a float.
 
 
 def constant_beta(step: int, beta: float) -> float:
     """``beta`` at every step."""
-    _count("step", step)
-    return _number("beta", beta)
+    check_int("step", step)
+    return check_number("beta", beta)
 
 
 def linear_warmup(step: int, *, beta: float, warmup_steps: int, start: float = 0.0) -> float:
@@ -70,8 +52,8 @@ def linear_warmup(step: int, *, beta: float, warmup_steps: int, start: float = 0
 
     ``warmup_steps = 0`` means no warm-up (``beta`` from step 0).
     """
-    step, warmup_steps = _count("step", step), _count("warmup_steps", warmup_steps)
-    beta, start = _number("beta", beta), _number("start", start)
+    step, warmup_steps = check_int("step", step), check_int("warmup_steps", warmup_steps)
+    beta, start = check_number("beta", beta), check_number("start", start)
     if step >= warmup_steps:
         return beta
     return start + (beta - start) * step / warmup_steps
@@ -81,8 +63,8 @@ def cyclical_beta(step: int, *, beta: float, cycle_steps: int, ratio: float = 0.
     """Cyclical annealing (Fu et al., 2019): with ``tau = (step mod cycle_steps) / cycle_steps``,
     ``beta * min(1, tau / ratio)``: 0 at the start of each cycle, ``beta`` from ``tau = ratio`` on.
     """
-    step, cycle_steps = _count("step", step), _count("cycle_steps", cycle_steps, low=1)
-    beta, ratio = _number("beta", beta), _number("ratio", ratio, open_low=True, high=1.0)
+    step, cycle_steps = check_int("step", step), check_int("cycle_steps", cycle_steps, low=1)
+    beta, ratio = check_number("beta", beta), check_number("ratio", ratio, open_low=True, high=1.0)
     tau = (step % cycle_steps) / cycle_steps
     return beta * min(1.0, tau / ratio)
 
@@ -90,11 +72,11 @@ def cyclical_beta(step: int, *, beta: float, cycle_steps: int, ratio: float = 0.
 def _check_schedule(name, beta, warmup_steps, cycle_steps, ratio, *, ratio_name="ratio") -> None:
     if name not in SCHEDULES:
         raise ValueError(f"beta_schedule must be one of {', '.join(SCHEDULES)}; got {name!r}")
-    _number("beta", beta)
-    _number(ratio_name, ratio, open_low=True, high=1.0)
-    if _count("warmup_steps", warmup_steps) == 0 and name == "linear":
+    check_number("beta", beta)
+    check_number(ratio_name, ratio, open_low=True, high=1.0)
+    if check_int("warmup_steps", warmup_steps) == 0 and name == "linear":
         raise ValueError("the 'linear' beta schedule needs warmup_steps >= 1, got 0")
-    if _count("cycle_steps", cycle_steps) == 0 and name == "cyclical":
+    if check_int("cycle_steps", cycle_steps) == 0 and name == "cyclical":
         raise ValueError("the 'cyclical' beta schedule needs cycle_steps >= 1, got 0")
 
 
@@ -127,10 +109,10 @@ def capacity_kl_penalty(kl: Tensor, step: int, *, gamma: float, capacity_max: fl
 
     Shape: ``kl`` is ``[B]``; returns ``[B]``.
     """
-    _check_tensor("kl", kl)
-    gamma = _number("gamma", gamma, open_low=True)
-    _number("capacity_max", capacity_max)
-    _count("capacity_steps", capacity_steps)
+    check_tensor("kl", kl)
+    gamma = check_number("gamma", gamma, open_low=True)
+    check_number("capacity_max", capacity_max)
+    check_int("capacity_steps", capacity_steps)
     capacity = linear_warmup(step, beta=capacity_max, warmup_steps=capacity_steps)
     return gamma * (kl - capacity).abs()
 
@@ -151,9 +133,9 @@ def free_bits_kl(mu: Tensor, logvar: Tensor, free_bits: float, *, validate_args:
 
     Shape: ``mu``, ``logvar`` are ``[B, d]``; returns ``[B]``.
     """
-    threshold = _number("free_bits", free_bits)
-    _check_tensor("mu", mu)
-    _check_tensor("logvar", logvar)
+    threshold = check_number("free_bits", free_bits)
+    check_tensor("mu", mu)
+    check_tensor("logvar", logvar)
     if mu.dim() != 2:
         raise ValueError(f"mu must have shape [B, d], got shape {tuple(mu.shape)}")
     kl = gaussian_kl(mu.unsqueeze(-1), logvar.unsqueeze(-1), validate_args=validate_args)  # [B, d]
@@ -209,8 +191,8 @@ def log_weights_from_noise(model, x: Tensor, mu: Tensor, logvar: Tensor, eps: Te
 
 def _importance_terms(model, x: Tensor, k: int, noise=None):
     """``(log_w [k, B], nll [k, B], (mu, logvar))`` from one encode and one decode of ``k * B`` latents."""
-    k = _count("k", k, low=1)
-    _check_tensor("x", x)
+    k = check_int("k", k, low=1)
+    check_tensor("x", x)
     mu, logvar = model.encode_params(x)
     if mu.dim() != 2 or mu.shape[0] != x.shape[0]:
         raise ValueError(
@@ -238,7 +220,7 @@ def iwae_bound(log_w: Tensor) -> Tensor:
 
     ``L_1`` is the single-sample ELBO; ``E[L_k]`` rises with ``k`` towards ``log p(x)``.
     """
-    _check_tensor("log_w", log_w)
+    check_tensor("log_w", log_w)
     return torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
 
 
@@ -293,18 +275,18 @@ def tc_decomposition(z: Tensor, mu: Tensor, logvar: Tensor, dataset_size: int, *
     Shape: ``z``, ``mu``, ``logvar`` are ``[B, d]``; returns three ``[B]`` tensors. Cost ``O(B^2 d)``.
     """
     for name, t in (("z", z), ("mu", mu), ("logvar", logvar)):
-        _check_tensor(name, t, min_dim=2)
-    _check_same_shape("z", z, "mu", mu)
-    _check_same_shape("mu", mu, "logvar", logvar)
+        check_tensor(name, t, min_dim=2)
+    check_same_shape("z", z, "mu", mu)
+    check_same_shape("mu", mu, "logvar", logvar)
     if z.dim() != 2:
         raise ValueError(f"z must have shape [B, d], got shape {tuple(z.shape)}")
-    dataset_size = _count("dataset_size", dataset_size, low=1)
+    dataset_size = check_int("dataset_size", dataset_size, low=1)
     if estimator not in TC_ESTIMATORS:
         raise ValueError(f"estimator must be one of {', '.join(TC_ESTIMATORS)}; got {estimator!r}")
-    if _validating(validate_args):
+    if validating(validate_args):
         for name, t in (("z", z), ("mu", mu), ("logvar", logvar)):
-            _check_finite(name, t)
-    z, mu, logvar = _upcast(z, mu, logvar)
+            check_finite(name, t)
+    z, mu, logvar = upcast(z, mu, logvar)
     log_q_ij = _log_normal(z.unsqueeze(1), mu.unsqueeze(0), logvar.unsqueeze(0))  # [B_i, B_j, d]
     log_w = _minibatch_log_weights(z.shape[0], dataset_size, estimator, z)
     log_qz = torch.logsumexp(log_w + log_q_ij.sum(-1), 1)
@@ -317,104 +299,9 @@ def tc_decomposition(z: Tensor, mu: Tensor, logvar: Tensor, dataset_size: int, *
 def beta_tcvae_kl(z: Tensor, mu: Tensor, logvar: Tensor, dataset_size: int, *, alpha: float = 1.0,
                   beta: float = 6.0, gamma: float = 1.0, estimator: str = "mws") -> Tensor:
     """``alpha * MI + beta * TC + gamma * DWKL`` from :func:`tc_decomposition`, ``[B]``."""
-    alpha, beta, gamma = _number("alpha", alpha), _number("beta", beta), _number("gamma", gamma)
+    alpha, beta, gamma = check_number("alpha", alpha), check_number("beta", beta), check_number("gamma", gamma)
     terms = tc_decomposition(z, mu, logvar, dataset_size, estimator=estimator)
     return alpha * terms.mutual_info + beta * terms.total_correlation + gamma * terms.dimwise_kl
-
-
-# ---------------------------------------------------------------------------------------
-# Likelihoods with their own parameterisation
-
-
-def optimal_sigma_nll(mean: Tensor, x: Tensor, *, per: str = "example", min_logvar: float = -9.0,
-                      validate_args: bool | None = None) -> Tensor:
-    r"""Gaussian NLL with the decoder variance at its maximum-likelihood value (sigma-VAE).
-
-    ``sigma^2 = max(MSE, e^min_logvar)`` where MSE is the mean squared error over the ``D``
-    data dims of each example (``per="example"``) or over the whole batch (``per="batch"``,
-    one shared variance as in Rybkin et al., 2021). Then, with ``SSE_i = sum (x_i - mean_i)^2``,
-
-    .. math::
-        \mathrm{NLL}_i = \tfrac12 \big( D(\log 2\pi + \log\sigma^2) + SSE_i / \sigma^2 \big),
-
-    which is ``D/2 (log 2 pi + log MSE + 1)`` where the clamp is inactive. ``sigma^2`` is *not*
-    detached: it is a stationary point of the (batch-summed) NLL in ``sigma``, so by the
-    envelope theorem the gradient in ``mean`` is the same as with a detached ``sigma``, and
-    keeping it makes the returned value's own gradient the one back-propagated. The clamp is
-    applied to the MSE before the log, so a perfect reconstruction has finite gradients.
-
-    Shape: ``mean``, ``x`` are ``[B, *event]``; returns ``[B]``.
-    """
-    _check_tensor("mean", mean)
-    _check_tensor("x", x)
-    _check_same_shape("x", x, "mean", mean)
-    if per not in ("example", "batch"):
-        raise ValueError(f"per must be 'example' or 'batch', got {per!r}")
-    min_logvar = _number("min_logvar", min_logvar, low=-math.inf)
-    if _validating(validate_args):
-        _check_finite("x", x)
-        _check_finite("mean", mean)
-    mean, x = _upcast(mean, x)
-    sq = (x - mean).square().reshape(x.shape[0], -1)
-    dims = sq.shape[1]
-    sse = sq.sum(1)
-    mse = sse / dims if per == "example" else (sse.sum() / sq.numel()).expand_as(sse)
-    logvar = torch.clamp(mse, min=math.exp(min_logvar)).log()
-    return 0.5 * (dims * (_LOG_2PI + logvar) + sse * torch.exp(-logvar))
-
-
-# Below this log bin-width-over-scale, log(1 - e^-delta) uses its series (error ~ delta^4 / 2880).
-_SERIES_BELOW = -7.0
-# exp(-log_scale) must stay finite in float32; e^-80 is far below any bin width.
-_MIN_LOG_SCALE = -80.0
-
-
-def discretized_logistic_nll(mean: Tensor, log_scale: Tensor, x: Tensor, *, n_bits: int = 8,
-                             validate_args: bool | None = None) -> Tensor:
-    r"""-log P(x) for x on the grid ``k / (2^n_bits - 1)`` under one logistic per subpixel.
-
-    Each value owns the bin ``[x - h, x + h]``, ``h = 1 / (2 (2^n_bits - 1))``; the first bin
-    extends to ``-inf`` and the last to ``+inf``, so the masses of all values sum to 1. With
-    ``a = (x + h - mean) / s`` and ``b = (x - h - mean) / s``, ``s = e^log_scale``,
-
-    .. math::
-        P = \sigma(a) - \sigma(b) = \sigma(a)\,\sigma(-b)\,(1 - e^{-(a - b)}),
-
-    computed in logs (``logsigmoid`` twice, ``log(-expm1(-delta))`` with ``delta = 2h / s``
-    formed in log space) so it is finite for log scales far from 0 and means outside [0, 1].
-    The first bin is ``sigma(a)``, the last ``sigma(-b)``. ``log_scale`` is clamped below at
-    -80 (so ``1/s`` cannot overflow float32); half precision is computed in float32.
-
-    Shape: ``mean``, ``log_scale``, ``x`` are ``[B, *event]``; returns ``[B]`` in nats.
-    """
-    for name, t in (("mean", mean), ("log_scale", log_scale), ("x", x)):
-        _check_tensor(name, t)
-    _check_same_shape("x", x, "mean", mean)
-    _check_same_shape("x", x, "log_scale", log_scale)
-    levels = 2 ** _count("n_bits", n_bits, low=1) - 1
-    if _validating(validate_args):
-        _check_finite("mean", mean)
-        _check_finite("log_scale", log_scale)
-        _check_unit_interval("x", x)
-        off_grid = float((x * levels - (x * levels).round()).abs().max())
-        if off_grid > 1e-3:
-            raise ValueError(f"x must hold multiples of 1/{levels} (n_bits={n_bits}); a value is "
-                             f"{off_grid:.3g} of a level away from the grid")
-    mean, log_scale, x = _upcast(mean, log_scale, x)
-    log_scale = log_scale.clamp(min=_MIN_LOG_SCALE)
-    half = 0.5 / levels
-    inv_scale = torch.exp(-log_scale)
-    log_cdf_upper = F.logsigmoid((x + half - mean) * inv_scale)
-    log_sf_lower = F.logsigmoid((mean - x + half) * inv_scale)
-    log_delta = math.log(2.0 * half) - log_scale
-    small = log_delta < _SERIES_BELOW
-    delta = torch.exp(log_delta.clamp(max=30.0))  # beyond, 1 - e^-delta is 1 in every dtype
-    d_small = torch.where(small, delta, torch.zeros_like(delta))
-    series = log_delta - d_small / 2 + d_small.square() / 24
-    exact = torch.log(-torch.expm1(-torch.where(small, torch.ones_like(delta), delta)))
-    interior = log_cdf_upper + log_sf_lower + torch.where(small, series, exact)
-    log_p = torch.where(x < half, log_cdf_upper, torch.where(x > 1 - half, log_sf_lower, interior))
-    return -_sum_event(log_p)
 
 
 # ---------------------------------------------------------------------------------------
@@ -472,10 +359,10 @@ class ObjectiveConfig:
         _check_schedule(self.beta_schedule, self.beta, self.warmup_steps, self.cycle_steps,
                         self.cycle_ratio, ratio_name="cycle_ratio")
         for field in ("free_bits", "capacity_max", "tc_alpha", "tc_gamma"):
-            _number(field, getattr(self, field))
-        _number("capacity_gamma", self.capacity_gamma, open_low=True)
-        _count("capacity_steps", self.capacity_steps)
-        _count("iw_samples", self.iw_samples, low=1)
+            check_number(field, getattr(self, field))
+        check_number("capacity_gamma", self.capacity_gamma, open_low=True)
+        check_int("capacity_steps", self.capacity_steps)
+        check_int("iw_samples", self.iw_samples, low=1)
         if self.tc_estimator not in TC_ESTIMATORS:
             raise ValueError(f"tc_estimator must be one of {', '.join(TC_ESTIMATORS)}; got {self.tc_estimator!r}")
         for field, (objective, off) in _ONLY_FOR.items():
@@ -522,7 +409,7 @@ def objective_loss(model, x: Tensor, config: ObjectiveConfig, step: int, *,
     """
     if not isinstance(config, ObjectiveConfig):
         raise TypeError(f"config must be an ObjectiveConfig, got {type(config).__name__}")
-    _count("step", step)
+    check_int("step", step)
     if config.name == "iwae":
         log_w, nll, (mu, logvar) = _importance_terms(model, x, config.iw_samples, noise)
         kl = gaussian_kl(mu, logvar)

@@ -1,0 +1,159 @@
+"""Argument checks shared by the likelihoods, the objectives and the fused kernels.
+
+Two kinds of check, as in ``torch.distributions``:
+
+* **shape, dtype and type checks** always run: they read only metadata, never the values;
+* **value checks** (finiteness, support) need a device synchronisation, so they follow a
+  switch: :func:`set_validate_args` for the whole process, or ``validate_args=`` for one
+  call. A compiled or graph-captured step turns them off.
+
+Every error names the argument, what was expected and what was given.
+
+Also here, because every likelihood applies them: :func:`upcast` (half precision is computed
+in float32) and :func:`sum_event` (per-example values are sums over the event dims).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "set_validate_args",
+    "validate_args_enabled",
+    "validating",
+    "check_tensor",
+    "check_same_shape",
+    "check_finite",
+    "check_unit_interval",
+    "check_number",
+    "check_int",
+    "check_beta",
+    "upcast",
+    "sum_event",
+]
+
+_validate_default = True
+
+
+# ---------------------------------------------------------------------------------------
+# The value-check switch
+
+
+def set_validate_args(value: bool) -> None:
+    """Switch the value checks (support, finiteness) on or off for the whole process.
+
+    Shape and dtype checks always run. The value checks need a device synchronisation,
+    so a compiled or graph-captured training step turns them off, as
+    ``torch.distributions.Distribution.set_default_validate_args`` does.
+    """
+    global _validate_default
+    if not isinstance(value, bool):
+        raise TypeError(f"value must be a bool, got {type(value).__name__}")
+    _validate_default = value
+
+
+def validate_args_enabled() -> bool:
+    """Whether the value checks run by default."""
+    return _validate_default
+
+
+def validating(validate_args: bool | None) -> bool:
+    """Whether one call runs its value checks: ``validate_args``, or the process default
+    (:func:`set_validate_args`) when it is ``None``."""
+    return _validate_default if validate_args is None else validate_args
+
+
+# ---------------------------------------------------------------------------------------
+# Tensors: type, dtype and shape (always), values (when validating)
+
+
+def check_tensor(name: str, t, min_dim: int = 1) -> None:
+    """Raise unless ``t`` is a floating-point ``torch.Tensor`` with at least ``min_dim`` dims."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dim() < min_dim:
+        raise ValueError(
+            f"{name} must have at least {min_dim} dimension(s) [B, ...], got shape {tuple(t.shape)}"
+        )
+
+
+def check_same_shape(a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
+    """Raise unless ``a`` and ``b`` have the same shape (no broadcasting)."""
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{a_name} has shape {tuple(a.shape)} but {b_name} has shape {tuple(b.shape)}"
+        )
+
+
+def check_finite(name: str, t: Tensor) -> None:
+    """Raise if ``t`` holds a NaN or an infinity. A value check: it synchronises."""
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite, but it holds NaN or infinite values")
+
+
+def check_unit_interval(name: str, t: Tensor) -> None:
+    """Raise unless every value of ``t`` lies in [0, 1]. A value check: it synchronises."""
+    if not bool(((t >= 0) & (t <= 1)).all()):
+        lo, hi = float(t.min()), float(t.max())
+        raise ValueError(f"{name} must lie in [0, 1], got values in [{lo:g}, {hi:g}]")
+
+
+# ---------------------------------------------------------------------------------------
+# Python numbers (settings, not data: checked whatever the switch says)
+
+
+def check_number(name: str, value, *, low: float = 0.0, open_low: bool = False,
+                 high: float = math.inf) -> float:
+    """``value`` as a float, if it is a finite real number ``>= low`` (``> low`` when
+    ``open_low``) and ``<= high``; a bool is not a number. Otherwise raise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    if not (math.isfinite(v) and (v > low if open_low else v >= low) and v <= high):
+        bound = f"{'>' if open_low else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
+        raise ValueError(f"{name} must be a finite number {bound}, got {value}")
+    return v
+
+
+def check_int(name: str, value, *, low: int = 0) -> int:
+    """``value`` as an int, if it is an integer ``>= low``; a bool is not one. Otherwise raise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value}")
+    return int(value)
+
+
+def check_beta(beta) -> None:
+    """Reject a beta that is not a real number >= 0 (naming it); a one-element tensor counts
+    as a number (and is read, so it synchronises)."""
+    if isinstance(beta, Tensor):
+        if beta.numel() != 1:
+            raise ValueError(f"beta must be a scalar, got a tensor of shape {tuple(beta.shape)}")
+        value = float(beta)
+    elif isinstance(beta, (int, float)) and not isinstance(beta, bool):
+        value = float(beta)
+    else:
+        raise TypeError(f"beta must be a number, got {type(beta).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"beta must be a finite number >= 0, got {value}")
+
+
+# ---------------------------------------------------------------------------------------
+# The two conventions every likelihood applies
+
+
+def upcast(*ts: Tensor) -> tuple[Tensor, ...]:
+    """float16/bfloat16 -> float32; float32/float64 unchanged. Returns a tuple, one per input."""
+    return tuple(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in ts)
+
+
+def sum_event(t: Tensor) -> Tensor:
+    """Sum over every dimension but the first: ``[B, *event] -> [B]``."""
+    return t.reshape(t.shape[0], -1).sum(1)

@@ -1,0 +1,115 @@
+"""Likelihoods with their own parameterisation, beyond those of :mod:`vaekit.losses`.
+
+The calibrated Gaussian decoder (sigma-VAE), whose variance is set to its maximum-likelihood
+value instead of being learned or fixed, and the discretized logistic for data on an 8-bit
+(or ``n_bits``) grid. Conventions as in :mod:`vaekit.losses`: per-example values ``[B]`` in
+nats, summed over the event dims; half precision is computed in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vaekit.checks import (
+    check_finite, check_int, check_number, check_same_shape, check_tensor, check_unit_interval,
+    sum_event, upcast, validating,
+)
+
+__all__ = ["optimal_sigma_nll", "discretized_logistic_nll"]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def optimal_sigma_nll(mean: Tensor, x: Tensor, *, per: str = "example", min_logvar: float = -9.0,
+                      validate_args: bool | None = None) -> Tensor:
+    r"""Gaussian NLL with the decoder variance at its maximum-likelihood value (sigma-VAE).
+
+    ``sigma^2 = max(MSE, e^min_logvar)`` where MSE is the mean squared error over the ``D``
+    data dims of each example (``per="example"``) or over the whole batch (``per="batch"``,
+    one shared variance as in Rybkin et al., 2021). Then, with ``SSE_i = sum (x_i - mean_i)^2``,
+
+    .. math::
+        \mathrm{NLL}_i = \tfrac12 \big( D(\log 2\pi + \log\sigma^2) + SSE_i / \sigma^2 \big),
+
+    which is ``D/2 (log 2 pi + log MSE + 1)`` where the clamp is inactive. ``sigma^2`` is *not*
+    detached: it is a stationary point of the (batch-summed) NLL in ``sigma``, so by the
+    envelope theorem the gradient in ``mean`` is the same as with a detached ``sigma``, and
+    keeping it makes the returned value's own gradient the one back-propagated. The clamp is
+    applied to the MSE before the log, so a perfect reconstruction has finite gradients.
+
+    Shape: ``mean``, ``x`` are ``[B, *event]``; returns ``[B]``.
+    """
+    check_tensor("mean", mean)
+    check_tensor("x", x)
+    check_same_shape("x", x, "mean", mean)
+    if per not in ("example", "batch"):
+        raise ValueError(f"per must be 'example' or 'batch', got {per!r}")
+    min_logvar = check_number("min_logvar", min_logvar, low=-math.inf)
+    if validating(validate_args):
+        check_finite("x", x)
+        check_finite("mean", mean)
+    mean, x = upcast(mean, x)
+    sq = (x - mean).square().reshape(x.shape[0], -1)
+    dims = sq.shape[1]
+    sse = sq.sum(1)
+    mse = sse / dims if per == "example" else (sse.sum() / sq.numel()).expand_as(sse)
+    logvar = torch.clamp(mse, min=math.exp(min_logvar)).log()
+    return 0.5 * (dims * (_LOG_2PI + logvar) + sse * torch.exp(-logvar))
+
+
+# Below this log bin-width-over-scale, log(1 - e^-delta) uses its series (error ~ delta^4 / 2880).
+_SERIES_BELOW = -7.0
+# exp(-log_scale) must stay finite in float32; e^-80 is far below any bin width.
+_MIN_LOG_SCALE = -80.0
+
+
+def discretized_logistic_nll(mean: Tensor, log_scale: Tensor, x: Tensor, *, n_bits: int = 8,
+                             validate_args: bool | None = None) -> Tensor:
+    r"""-log P(x) for x on the grid ``k / (2^n_bits - 1)`` under one logistic per subpixel.
+
+    Each value owns the bin ``[x - h, x + h]``, ``h = 1 / (2 (2^n_bits - 1))``; the first bin
+    extends to ``-inf`` and the last to ``+inf``, so the masses of all values sum to 1. With
+    ``a = (x + h - mean) / s`` and ``b = (x - h - mean) / s``, ``s = e^log_scale``,
+
+    .. math::
+        P = \sigma(a) - \sigma(b) = \sigma(a)\,\sigma(-b)\,(1 - e^{-(a - b)}),
+
+    computed in logs (``logsigmoid`` twice, ``log(-expm1(-delta))`` with ``delta = 2h / s``
+    formed in log space) so it is finite for log scales far from 0 and means outside [0, 1].
+    The first bin is ``sigma(a)``, the last ``sigma(-b)``. ``log_scale`` is clamped below at
+    -80 (so ``1/s`` cannot overflow float32); half precision is computed in float32.
+
+    Shape: ``mean``, ``log_scale``, ``x`` are ``[B, *event]``; returns ``[B]`` in nats.
+    """
+    for name, t in (("mean", mean), ("log_scale", log_scale), ("x", x)):
+        check_tensor(name, t)
+    check_same_shape("x", x, "mean", mean)
+    check_same_shape("x", x, "log_scale", log_scale)
+    levels = 2 ** check_int("n_bits", n_bits, low=1) - 1
+    if validating(validate_args):
+        check_finite("mean", mean)
+        check_finite("log_scale", log_scale)
+        check_unit_interval("x", x)
+        off_grid = float((x * levels - (x * levels).round()).abs().max())
+        if off_grid > 1e-3:
+            raise ValueError(f"x must hold multiples of 1/{levels} (n_bits={n_bits}); a value is "
+                             f"{off_grid:.3g} of a level away from the grid")
+    mean, log_scale, x = upcast(mean, log_scale, x)
+    log_scale = log_scale.clamp(min=_MIN_LOG_SCALE)
+    half = 0.5 / levels
+    inv_scale = torch.exp(-log_scale)
+    log_cdf_upper = F.logsigmoid((x + half - mean) * inv_scale)
+    log_sf_lower = F.logsigmoid((mean - x + half) * inv_scale)
+    log_delta = math.log(2.0 * half) - log_scale
+    small = log_delta < _SERIES_BELOW
+    delta = torch.exp(log_delta.clamp(max=30.0))  # beyond, 1 - e^-delta is 1 in every dtype
+    d_small = torch.where(small, delta, torch.zeros_like(delta))
+    series = log_delta - d_small / 2 + d_small.square() / 24
+    exact = torch.log(-torch.expm1(-torch.where(small, torch.ones_like(delta), delta)))
+    interior = log_cdf_upper + log_sf_lower + torch.where(small, series, exact)
+    log_p = torch.where(x < half, log_cdf_upper, torch.where(x > 1 - half, log_sf_lower, interior))
+    return -sum_event(log_p)
