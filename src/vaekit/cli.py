@@ -44,11 +44,12 @@ PRESETS: dict[str, dict] = {
     # The wider MLP with an autoregressive PixelCNN head on the decoder (vaekit.pixelcnn):
     # the latent code carries the global shape, the head the pixel-level detail. The KL
     # weight rises from 0 to 1 over the first 10 epochs so the head does not learn to
-    # ignore the latent code.
+    # ignore the latent code. 32 feature maps keep a k = 5000 evaluation of the test set
+    # near 2.4 PFLOP (about 48 MFLOP per decoded image).
     "mnist-pixelcnn": {
         "data": {"dataset": "mnist", "binarize": "dynamic", "val_size": 10000, "split": "tail"},
         "model": {"arch": "mlp", "hidden": [512, 512], "latent_dim": 50, "activation": "elu",
-                  "pixelcnn_layers": 4, "pixelcnn_width": 64},
+                  "pixelcnn_layers": 4, "pixelcnn_width": 32},
         "train": {"epochs": 100, "batch_size": 100, "lr": 1e-3, "lr_schedule": "cosine"},
         "objective": {"beta_schedule": "linear", "warmup_steps": 5000},
     },
