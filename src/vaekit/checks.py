@@ -36,6 +36,9 @@ __all__ = [
     "sum_event",
 ]
 
+# log(2 pi), the constant of every Gaussian log-density; one definition for every module.
+_LOG_2PI = math.log(2.0 * math.pi)
+
 _validate_default = True
 
 

@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor
 
-from vaekit.checks import set_validate_args, validate_args_enabled
+from vaekit.checks import _LOG_2PI, set_validate_args, validate_args_enabled
 from vaekit.losses import gaussian_kl
 from vaekit.objectives import decode_nll, log_weights_from_noise
 
@@ -39,8 +39,6 @@ __all__ = [
     "mutual_information",
     "evaluate_model",
 ]
-
-_LOG_2PI = math.log(2.0 * math.pi)
 
 # Target size of one chunk's decoder output when chunk_size is not given. The peak is a
 # small multiple of it (the expanded copy of x and the likelihood's temporaries).

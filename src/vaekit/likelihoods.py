@@ -15,13 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vaekit.checks import (
-    check_finite, check_int, check_number, check_same_shape, check_tensor, check_unit_interval,
-    sum_event, upcast, validating,
+    _LOG_2PI, check_finite, check_int, check_number, check_same_shape, check_tensor,
+    check_unit_interval, sum_event, upcast, validating,
 )
 
 __all__ = ["optimal_sigma_nll", "discretized_logistic_nll"]
-
-_LOG_2PI = math.log(2.0 * math.pi)
 
 
 def optimal_sigma_nll(mean: Tensor, x: Tensor, *, per: str = "example", min_logvar: float = -9.0,

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .checks import (
+    _LOG_2PI,
     check_beta,
     check_finite,
     check_same_shape,
@@ -54,8 +55,6 @@ __all__ = [
 
 RECONSTRUCTIONS = ("bernoulli", "gaussian", "mse", "continuous_bernoulli")
 REDUCTIONS = ("mean", "sum", "none")
-
-_LOG_2PI = math.log(2.0 * math.pi)
 
 
 # ---------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from vaekit.checks import (
-    check_finite, check_int, check_number, check_same_shape, check_tensor, upcast, validating,
+    _LOG_2PI, check_finite, check_int, check_number, check_same_shape, check_tensor, upcast,
+    validating,
 )
 from vaekit.likelihoods import discretized_logistic_nll, optimal_sigma_nll  # re-exported: public here first
 from vaekit.losses import gaussian_kl
@@ -34,7 +35,6 @@ __all__ = [
 SCHEDULES = ("constant", "linear", "cyclical")
 OBJECTIVES = ("elbo", "iwae", "beta_tcvae")
 TC_ESTIMATORS = ("mws", "stratified")
-_LOG_2PI = math.log(2.0 * math.pi)
 
 
 # ---------------------------------------------------------------------------------------

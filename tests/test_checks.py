@@ -1,0 +1,126 @@
+"""Tests for vaekit.checks: each check passes a good value and names the argument and the
+value given when it rejects a bad one; the value-check switch; upcast and sum_event."""
+
+import math
+import re
+
+import pytest
+import torch
+
+from vaekit import checks as c
+from vaekit.likelihoods import discretized_logistic_nll
+
+
+@pytest.fixture(autouse=True)
+def _restore_validation():
+    before = c.validate_args_enabled()
+    yield
+    c.set_validate_args(before)
+
+
+def test_log_2pi_is_the_gaussian_constant():
+    log_density_at_mean = torch.distributions.Normal(0.0, 1.0).log_prob(torch.tensor(0.0, dtype=torch.float64))
+    assert c._LOG_2PI == pytest.approx(-2 * float(log_density_at_mean), rel=1e-15)
+
+
+def test_check_tensor():
+    c.check_tensor("x", torch.zeros(2, 3), min_dim=2)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+        c.check_tensor("x", [1.0])
+    with pytest.raises(TypeError, match="x must be a floating-point tensor, got dtype torch.int64"):
+        c.check_tensor("x", torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=re.escape("x must have at least 1 dimension(s) [B, ...], got shape ()")):
+        c.check_tensor("x", torch.tensor(1.0))
+
+
+def test_check_same_shape():
+    c.check_same_shape("x", torch.zeros(4, 10), "logits", torch.zeros(4, 10))
+    with pytest.raises(ValueError, match=re.escape("x has shape (4, 10) but logits has shape (4, 11)")):
+        c.check_same_shape("x", torch.zeros(4, 10), "logits", torch.zeros(4, 11))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_check_finite(bad):
+    c.check_finite("mu", torch.tensor([0.0, -1e30, 1e30]))
+    with pytest.raises(ValueError, match="mu must be finite, but it holds NaN or infinite values"):
+        c.check_finite("mu", torch.tensor([0.0, bad]))
+
+
+def test_check_unit_interval():
+    c.check_unit_interval("x", torch.tensor([0.0, 0.5, 1.0]))
+    with pytest.raises(ValueError, match=re.escape("x must lie in [0, 1], got values in [-0.5, 1]")):
+        c.check_unit_interval("x", torch.tensor([-0.5, 1.0]))
+    with pytest.raises(ValueError, match=re.escape("got values in [0, 1.25]")):
+        c.check_unit_interval("x", torch.tensor([0.0, 1.25]))
+
+
+def test_check_number():
+    assert c.check_number("tau", 3) == 3.0 and isinstance(c.check_number("tau", 3), float)
+    assert c.check_number("tau", 0.0) == 0.0 and c.check_number("tau", 2.0, high=2.0) == 2.0
+    with pytest.raises(TypeError, match="tau must be a number, got bool"):
+        c.check_number("tau", True)
+    with pytest.raises(TypeError, match="tau must be a number, got str"):
+        c.check_number("tau", "1")
+    for value, kw, bound in [(-1.0, {}, ">= 0"), (0.0, {"open_low": True}, "> 0"),
+                             (math.nan, {}, ">= 0"), (math.inf, {}, ">= 0"), (3.0, {"high": 2.0}, ">= 0 and <= 2")]:
+        with pytest.raises(ValueError, match=re.escape(f"tau must be a finite number {bound}, got {value}")):
+            c.check_number("tau", value, **kw)
+
+
+def test_check_int():
+    assert c.check_int("n_bits", 8, low=1) == 8
+    with pytest.raises(TypeError, match="n_bits must be an int, got float"):
+        c.check_int("n_bits", 8.0)
+    with pytest.raises(TypeError, match="n_bits must be an int, got bool"):
+        c.check_int("n_bits", True)
+    with pytest.raises(ValueError, match="n_bits must be an int >= 1, got 0"):
+        c.check_int("n_bits", 0, low=1)
+
+
+def test_check_beta():
+    for ok in (0, 1.5, torch.tensor(2.0), torch.tensor([0.5])):
+        c.check_beta(ok)
+    with pytest.raises(ValueError, match=re.escape("beta must be a scalar, got a tensor of shape (2,)")):
+        c.check_beta(torch.ones(2))
+    with pytest.raises(TypeError, match="beta must be a number, got bool"):
+        c.check_beta(False)
+    for bad in (-1.0, math.nan, torch.tensor(-0.5)):
+        with pytest.raises(ValueError, match=f"beta must be a finite number >= 0, got {float(bad)}"):
+            c.check_beta(bad)
+
+
+def test_the_switch_turns_value_checks_off_and_back_on():
+    off_grid = torch.full((1, 3), 0.5001)  # a value check rejects it; the shape checks do not
+    mean, log_scale = torch.full((1, 3), 0.5), torch.zeros(1, 3)
+    with pytest.raises(TypeError, match="value must be a bool, got int"):
+        c.set_validate_args(0)
+    c.set_validate_args(False)
+    assert not c.validate_args_enabled() and not c.validating(None) and c.validating(True)
+    assert torch.isfinite(discretized_logistic_nll(mean, log_scale, off_grid)).all()
+    with pytest.raises(ValueError, match="multiples"):  # validate_args=True overrides the default
+        discretized_logistic_nll(mean, log_scale, off_grid, validate_args=True)
+    with pytest.raises(ValueError, match="x has shape"):  # shape checks run whatever the switch
+        discretized_logistic_nll(mean, log_scale, off_grid[:, :2])
+    c.set_validate_args(True)
+    assert c.validate_args_enabled() and c.validating(None) and not c.validating(False)
+    with pytest.raises(ValueError, match="multiples"):
+        discretized_logistic_nll(mean, log_scale, off_grid)
+    assert torch.isfinite(discretized_logistic_nll(mean, log_scale, off_grid, validate_args=False)).all()
+
+
+def test_upcast():
+    ts = [torch.ones(2, dtype=d) for d in (torch.bfloat16, torch.float16, torch.float32, torch.float64)]
+    out = c.upcast(*ts)
+    assert isinstance(out, tuple) and [t.dtype for t in out] == [torch.float32, torch.float32,
+                                                                  torch.float32, torch.float64]
+    assert out[2] is ts[2] and out[3] is ts[3]
+    assert all(bool((o == 1).all()) for o in out)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (3, 1, 4, 2), (1, 7, 2)])
+def test_sum_event_against_float64(shape):
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    want = t.double().sum(dim=tuple(range(1, t.dim())))
+    got = c.sum_event(t)
+    assert got.shape == (shape[0],)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
