@@ -218,6 +218,20 @@ def test_evaluate_prints_a_table_and_writes_metrics_checked_by_hand(run, capsys)
     assert abs(m10["iw_nll"] - float(iw.mean())) < 6 * se + 1e-4
 
 
+def test_evaluate_limit_scores_the_first_examples_into_its_own_file(run, capsys):
+    rc, _, _ = call(["evaluate", run], capsys)
+    whole = (run / "metrics-test.json").read_bytes()
+    rc, out, _ = call(["evaluate", run, "--limit", 7], capsys)
+    assert rc == 0 and "metrics-test-first7.json" in out
+    m = read_json(run / "metrics-test-first7.json")
+    assert m["n"] == 7 and (run / "metrics-test.json").read_bytes() == whole  # the full result is kept
+    model, x = VAE.from_pretrained(run / "model").eval(), _test_data(run)[:7]
+    with torch.no_grad():  # the KL of the first 7 examples, from torch.distributions
+        q = model.encode(x)
+        prior = Independent(Normal(torch.zeros_like(q.mean), torch.ones_like(q.mean)), 1)
+        assert m["kl"] == pytest.approx(float(kl_divergence(q, prior).mean()), rel=1e-5)
+
+
 # -- help ------------------------------------------------------------------------------
 
 CHOICES = {  # fields whose value is one of a fixed set: the help must list the set
@@ -279,7 +293,7 @@ def test_train_help_documents_every_config_field(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("command, flags", [
-    ("evaluate", ("--split", "--iw-samples", "--batch-size", "--seed", "--device", "--disentanglement")),
+    ("evaluate", ("--split", "--iw-samples", "--batch-size", "--seed", "--device", "--disentanglement", "--limit")),
     ("sample", ("-n", "--output", "--seed", "--nrow")),
 ])
 def test_evaluate_and_sample_help_document_every_flag(command, flags, monkeypatch, capsys):
@@ -418,6 +432,7 @@ BAD_INPUT = [  # (id, argv with {run}/{empty}/{tmp} placeholders, regex the one-
     ("unknown-config-key", ["train", "--run-dir", "{empty}", "--config", "{tmp}/typo.toml"], r"unknown key.*epoch\b"),
     ("run-dir-not-empty", ["train", "--run-dir", "{run}", *TINY], r"--run-dir.*not empty"),
     ("resume-without-checkpoint", ["train", "--resume", "{empty}"], r"--resume.*checkpoint"),
+    ("negative-limit", ["evaluate", "{run}", "--limit", "-3"], r"--limit.*-3"),
     ("resume-epochs-as-many", ["train", "--resume", "{run}", "--epochs", "2"],
      r"--epochs\).*greater than the 2 epochs \S+ has done, got 2$"),
     ("resume-epochs-fewer", ["train", "--resume", "{run}", "--epochs", "1", "--no-progress"],
