@@ -124,3 +124,13 @@ def test_sum_event_against_float64(shape):
     got = c.sum_event(t)
     assert got.shape == (shape[0],)
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_value_checks_restores_both_switches_even_when_the_block_raises():
+    before = torch.distributions.Distribution._validate_args
+    c.set_validate_args(True)
+    with pytest.raises(RuntimeError, match="inside"):
+        with c.value_checks(False, distributions=True):
+            assert not c.validate_args_enabled() and torch.distributions.Distribution._validate_args is False
+            raise RuntimeError("inside")
+    assert c.validate_args_enabled() and torch.distributions.Distribution._validate_args == before

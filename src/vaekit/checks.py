@@ -15,6 +15,7 @@ in float32) and :func:`sum_event` (per-example values are sums over the event di
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -25,6 +26,7 @@ __all__ = [
     "set_validate_args",
     "validate_args_enabled",
     "validating",
+    "value_checks",
     "check_tensor",
     "check_same_shape",
     "check_finite",
@@ -62,6 +64,23 @@ def set_validate_args(value: bool) -> None:
 def validate_args_enabled() -> bool:
     """Whether the value checks run by default."""
     return _validate_default
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool, *, distributions: bool = False):
+    """Within the block, the value checks are ``enabled`` (and, with ``distributions``,
+    ``torch.distributions``' default ``validate_args`` too); the previous settings come
+    back on the way out, also when the block raises."""
+    before = _validate_default, torch.distributions.Distribution._validate_args
+    set_validate_args(enabled)
+    if distributions:
+        torch.distributions.Distribution.set_default_validate_args(enabled)
+    try:
+        yield
+    finally:
+        set_validate_args(before[0])
+        if distributions:
+            torch.distributions.Distribution.set_default_validate_args(before[1])
 
 
 def validating(validate_args: bool | None) -> bool:

@@ -24,9 +24,9 @@ import math
 import torch
 from torch import Tensor
 
-from vaekit.checks import _LOG_2PI, set_validate_args, validate_args_enabled
-from vaekit.losses import gaussian_kl
-from vaekit.objectives import decode_nll, log_weights_from_noise
+from .checks import _LOG_2PI, validate_args_enabled, value_checks
+from .losses import gaussian_kl
+from .objectives import decode_nll, log_weights_from_noise
 
 __all__ = [
     "elbo_terms",
@@ -103,15 +103,12 @@ def _evaluating(model):
     once, not every chunk); each submodule's training flag and the checks are restored."""
     modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
     flags = [m.training for m in modules]
-    validating = validate_args_enabled()
     if modules:
         model.eval()
-    set_validate_args(False)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), value_checks(False):
             yield
     finally:
-        set_validate_args(validating)
         for m, flag in zip(modules, flags):
             m.training = flag
 

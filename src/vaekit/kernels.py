@@ -50,8 +50,8 @@ import functools
 import torch
 from torch import Tensor
 
-from vaekit.checks import check_beta, check_finite, check_unit_interval, validating
-from vaekit.losses import REDUCTIONS, LossResult, VAELoss
+from .checks import check_beta, check_finite, check_unit_interval, validating
+from .losses import REDUCTIONS, LossResult, VAELoss
 
 try:
     import triton

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vaekit.checks import (
+from .checks import (
     _LOG_2PI, check_finite, check_int, check_number, check_same_shape, check_tensor,
     check_unit_interval, sum_event, upcast, validating,
 )

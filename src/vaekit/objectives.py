@@ -17,12 +17,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from vaekit.checks import (
+from .checks import (
     _LOG_2PI, check_finite, check_int, check_number, check_same_shape, check_tensor, upcast,
     validating,
 )
-from vaekit.likelihoods import discretized_logistic_nll, optimal_sigma_nll  # re-exported: public here first
-from vaekit.losses import gaussian_kl
+from .likelihoods import discretized_logistic_nll, optimal_sigma_nll  # re-exported: public here first
+from .losses import gaussian_kl
 
 __all__ = [
     "constant_beta", "linear_warmup", "cyclical_beta", "beta_schedule", "capacity_kl_penalty",

@@ -560,23 +560,12 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tb"))
 
 
-class _unvalidated:
+def _unvalidated():
     """The losses' value checks off while the loop runs: it judges finiteness itself and
     skips a non-finite step instead of raising (the data were checked before)."""
+    from .checks import value_checks
 
-    def __enter__(self):
-        from .losses import set_validate_args, validate_args_enabled
-
-        self._before = validate_args_enabled(), torch.distributions.Distribution._validate_args
-        set_validate_args(False)
-        torch.distributions.Distribution.set_default_validate_args(False)
-
-    def __exit__(self, *exc):
-        from .losses import set_validate_args
-
-        set_validate_args(self._before[0])
-        torch.distributions.Distribution.set_default_validate_args(self._before[1])
-        return False
+    return value_checks(False, distributions=True)
 
 
 class _nullcontext:
