@@ -25,32 +25,31 @@ def _tiny(fast: str, **train):
     })
 
 
-def test_static_fit_equals_eager_fit(tmp_path):
+def _fits_agree(tmp_path, fast: str, epochs: int, rtol: float, atol: float):
+    """Train the tiny config eagerly and with ``fast``; weights and losses agree. Returns
+    the eager run's history."""
     torch.set_num_threads(1)
-    eager = fit(_tiny("off"), tmp_path / "eager")
-    static = fit(_tiny("static"), tmp_path / "static")
+    eager = fit(_tiny("off", epochs=epochs), tmp_path / "eager")
+    other = fit(_tiny(fast, epochs=epochs), tmp_path / fast)
     a = load_checkpoint(tmp_path / "eager" / "checkpoint.pt")["model"]
-    b = load_checkpoint(tmp_path / "static" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / fast / "checkpoint.pt")["model"]
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    for ra, rb in zip(eager.history, static.history):
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol)
+    for ra, rb in zip(eager.history, other.history):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+    return eager.history
+
+
+def test_static_fit_equals_eager_fit(tmp_path):
+    _fits_agree(tmp_path, "static", 3, rtol=1e-5, atol=1e-6)
 
 
 def test_compiled_fit_equals_eager_fit(tmp_path):
     """fast="compile": the same step with its forward pass and loss compiled (inductor's
     C++ on a CPU), within float tolerance of the eager step; bf16 autocast compiles too."""
-    torch.set_num_threads(1)
-    eager = fit(_tiny("off", epochs=2), tmp_path / "eager")
-    compiled = fit(_tiny("compile", epochs=2), tmp_path / "compiled")
-    a = load_checkpoint(tmp_path / "eager" / "checkpoint.pt")["model"]
-    b = load_checkpoint(tmp_path / "compiled" / "checkpoint.pt")["model"]
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-    for ra, rb in zip(eager.history, compiled.history):
-        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+    history = _fits_agree(tmp_path, "compile", 2, rtol=1e-4, atol=1e-5)
     bf16 = fit(_tiny("compile", epochs=1, amp="bf16"), tmp_path / "bf16")
-    assert bf16.history[0]["loss"] == pytest.approx(eager.history[0]["loss"], rel=2e-2)
+    assert bf16.history[0]["loss"] == pytest.approx(history[0]["loss"], rel=2e-2)
 
 
 def _manual_step(model, opt, x, eps, beta):
