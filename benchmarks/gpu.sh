@@ -62,7 +62,7 @@ else
     STATUS+=("tests        SKIPPED")
 fi
 step loss_bench 90 "$PY" benchmarks/loss_bench.py --device cuda
-step epoch_bench 80 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --data "$DATA"
+step epoch_bench 80 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --skip compiled,fit-compile --data "$DATA"
 step iw_bench 110 "$PY" benchmarks/iw_bench.py --device cuda --k 5000 --n 10000 --data "$DATA"
 step iw_tf32 50 "$PY" benchmarks/iw_bench.py --device cuda --k 5000 --n 10000 --tf32 --skip baseline --data "$DATA"
 
