@@ -108,3 +108,16 @@ def test_non_finite_step_is_undone_without_a_sync(device):
     step.run(good, torch.randn(4, 2, device=device), 1e-2, 1.0)
     assert int(step.bad_run) == 0 and int(step.skipped) == 2
     assert not torch.equal(next(model.parameters()), before[0])
+
+
+def test_a_compile_failure_names_the_option_and_the_way_out(monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise OSError("no C++ compiler found\nmore detail")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = VAE(ModelConfig(input_shape=(1, 4, 4), latent_dim=2, hidden=(8,)))
+    step = StaticStep(model, torch.optim.Adam(model.parameters()), batch_size=2, compile=True, capture=False)
+    with pytest.raises(RuntimeError, match=r"fast='compile'.*OSError: no C\+\+ compiler found\).*'auto' or 'off'"):
+        step.run(torch.rand(2, 1, 4, 4).bernoulli(), torch.randn(2, 2), 1e-3, 1.0)

@@ -114,16 +114,15 @@ class StaticStep:
         return LossResult(rec + beta * kl, rec, kl)
 
     def _body(self) -> None:
-        if self._untried:
-            try:
-                res = self._forward(self.x, self.eps, self.beta)
-            except Exception as e:  # noqa: BLE001  (inductor raises many kinds; the cause is chained)
-                first = (str(e).strip().splitlines() or [""])[0]
-                raise RuntimeError(f"TrainConfig.fast='compile': torch.compile could not compile the step "
-                                   f"({type(e).__name__}: {first}); train with fast='auto' or 'off'") from e
-            self._untried = False
-        else:
+        try:
             res = self._forward(self.x, self.eps, self.beta)
+        except Exception as e:  # noqa: BLE001  (inductor raises many kinds; the cause is chained)
+            if not self._untried:
+                raise
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise RuntimeError(f"TrainConfig.fast='compile': torch.compile could not compile the step "
+                               f"({type(e).__name__}: {first}); train with fast='auto' or 'off'") from e
+        self._untried = False
         res.loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         ok = torch.isfinite(res.loss) & torch.isfinite(gnorm)
