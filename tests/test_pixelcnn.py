@@ -15,11 +15,14 @@ from vaekit.objectives import decode_nll, log_weights_from_noise
 from vaekit.pixelcnn import MaskedConv2d, PixelCNNHead, sample_pixels
 
 
-def _model(shape=(1, 5, 5), layers=3, arch="mlp", seed=0, trained_head=True):
+FUSIONS = pytest.mark.parametrize("fusion", ["early", "late"])
+
+
+def _model(shape=(1, 5, 5), layers=3, arch="mlp", seed=0, trained_head=True, fusion="early"):
     torch.manual_seed(seed)
     hidden = (16,) if arch == "mlp" else (4,)
     model = VAE(ModelConfig(arch=arch, input_shape=shape, latent_dim=3, hidden=hidden,
-                            pixelcnn_layers=layers, pixelcnn_width=6))
+                            pixelcnn_layers=layers, pixelcnn_width=6, pixelcnn_fusion=fusion))
     if trained_head:  # the head starts at zero; a random last layer makes every test bite
         torch.nn.init.normal_(model.pixelcnn.out.weight, std=0.5)
         torch.nn.init.normal_(model.pixelcnn.out.bias, std=0.5)
@@ -27,8 +30,9 @@ def _model(shape=(1, 5, 5), layers=3, arch="mlp", seed=0, trained_head=True):
 
 
 @pytest.mark.parametrize("shape,arch", [((1, 5, 5), "mlp"), ((2, 4, 6), "mlp"), ((1, 6, 6), "conv")])
-def test_each_logit_depends_only_on_earlier_pixels(shape, arch):
-    model = _model(shape, layers=4, arch=arch)
+@FUSIONS
+def test_each_logit_depends_only_on_earlier_pixels(shape, arch, fusion):
+    model = _model(shape, layers=4, arch=arch, fusion=fusion)
     c, h, w = shape
     x = torch.rand(1, *shape).bernoulli().requires_grad_(True)
     logits = model.decode(torch.randn(1, 3), x)
@@ -50,10 +54,11 @@ def test_masks_match_their_definition():
         MaskedConv2d(1, 1, 3, "C")
 
 
-def test_likelihood_is_normalised_over_every_binary_image():
+@FUSIONS
+def test_likelihood_is_normalised_over_every_binary_image(fusion):
     """sum_x p(x|z) = 1 over all 2^(C*H*W) images, exactly (float64): the factors are a
     proper autoregressive factorisation."""
-    model = _model((1, 3, 3)).double()
+    model = _model((1, 3, 3), fusion=fusion).double()
     images = torch.tensor(list(itertools.product([0.0, 1.0], repeat=9)), dtype=torch.float64).reshape(-1, 1, 3, 3)
     z = torch.randn(2, 3, dtype=torch.float64)
     for zi in z:
@@ -62,9 +67,10 @@ def test_likelihood_is_normalised_over_every_binary_image():
         assert abs(torch.logsumexp(-nll, 0).item()) < 1e-12
 
 
-def test_drawn_images_follow_the_likelihood_they_are_scored_with():
+@FUSIONS
+def test_drawn_images_follow_the_likelihood_they_are_scored_with(fusion):
     """Monte Carlo: the frequency of each of the 16 images of a 2 x 2 draw matches exp(-nll)."""
-    model = _model((1, 2, 2)).double()
+    model = _model((1, 2, 2), fusion=fusion).double()
     z = torch.randn(1, 3, dtype=torch.float64)
     n = 20000
     g = torch.Generator().manual_seed(1)
@@ -77,11 +83,12 @@ def test_drawn_images_follow_the_likelihood_they_are_scored_with():
     assert ((freq - p).abs() <= 5 * se + 1e-9).all(), (freq, p)
 
 
-def test_sampling_probabilities_equal_the_teacher_forced_logits():
+@FUSIONS
+def test_sampling_probabilities_equal_the_teacher_forced_logits(fusion):
     """Each pixel's probability during the pixel-by-pixel draw (computed on the rows so far)
     equals sigmoid of the one-pass logits on the finished draw. 9 rows, 2 layers (an output
     reads 4 rows above its own): the band of rows computed per pixel is cut at the top."""
-    model = _model((2, 9, 4), layers=2)
+    model = _model((2, 9, 4), layers=2, fusion=fusion)
     assert model.pixelcnn.rows_above == 4
     cond = model.decoder(torch.randn(3, 3))
     g = torch.Generator().manual_seed(0)
@@ -92,8 +99,9 @@ def test_sampling_probabilities_equal_the_teacher_forced_logits():
     torch.testing.assert_close(probs, torch.sigmoid(model.pixelcnn(draw, cond)), rtol=1e-5, atol=1e-6)
 
 
-def test_untrained_head_is_the_plain_decoder():
-    ar = _model((1, 6, 6), trained_head=False)
+@FUSIONS
+def test_untrained_head_is_the_plain_decoder(fusion):
+    ar = _model((1, 6, 6), trained_head=False, fusion=fusion)
     plain = VAE(ModelConfig(arch="mlp", input_shape=(1, 6, 6), latent_dim=3, hidden=(16,)))
     plain.load_state_dict({k: v for k, v in ar.state_dict().items() if not k.startswith("pixelcnn.")})
     x = torch.rand(4, 1, 6, 6).bernoulli()
@@ -101,10 +109,11 @@ def test_untrained_head_is_the_plain_decoder():
     torch.testing.assert_close(ar.decode(z, x), plain.decode(z))
 
 
-def test_importance_weighted_estimate_with_an_autoregressive_decoder():
+@FUSIONS
+def test_importance_weighted_estimate_with_an_autoregressive_decoder(fusion):
     """One log weight is log p(x|z) + log p(z) - log q(z|x) (torch.distributions); the
     k-sample estimate lies above the ELBO; chunking does not change it."""
-    model = _model((1, 5, 5)).double()
+    model = _model((1, 5, 5), fusion=fusion).double()
     x = torch.rand(6, 1, 5, 5, dtype=torch.float64).bernoulli()
     mu, logvar = model.encode_params(x)
     eps = torch.randn(1, 6, 3, dtype=torch.float64)
@@ -124,9 +133,10 @@ def test_importance_weighted_estimate_with_an_autoregressive_decoder():
     assert (ll > terms["elbo"]).all()
 
 
-def test_static_step_trains_the_autoregressive_model_like_a_hand_written_step():
+@FUSIONS
+def test_static_step_trains_the_autoregressive_model_like_a_hand_written_step(fusion):
     torch.manual_seed(0)
-    model = _model((1, 5, 5))
+    model = _model((1, 5, 5), fusion=fusion)
     twin = copy.deepcopy(model)
     opt, opt_twin = torch.optim.Adam(model.parameters(), lr=1e-2), torch.optim.Adam(twin.parameters(), lr=1e-2)
     step = StaticStep(model, opt, batch_size=4)
@@ -166,6 +176,7 @@ def test_generate_sample_reconstruct_and_errors():
         ({"pixelcnn_layers": 2, "pixelcnn_width": 0}, "pixelcnn_width"),
         ({"pixelcnn_layers": 2, "input_shape": (784,)}, "input_shape"),
         ({"pixelcnn_layers": 2, "likelihood": "gaussian"}, "likelihood"),
+        ({"pixelcnn_layers": 2, "pixelcnn_fusion": "middle"}, "pixelcnn_fusion"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, field):
@@ -173,10 +184,78 @@ def test_config_errors_name_the_field(kwargs, field):
         ModelConfig(**kwargs)
 
 
-def test_head_alone_runs_on_rows_cut_off_at_the_bottom():
-    head = PixelCNNHead(1, 4, 3, torch.nn.ReLU)
+@FUSIONS
+def test_head_alone_runs_on_rows_cut_off_at_the_bottom(fusion):
+    head = PixelCNNHead(1, 4, 3, torch.nn.ReLU, fusion)
     torch.nn.init.normal_(head.out.weight)
     x, cond = torch.rand(2, 1, 6, 6).bernoulli(), torch.randn(2, 1, 6, 6)
     full = head.run(x, cond, head.condition(cond))
     cut = head.run(x[:, :, :3], cond[:, :, :3], [f[:, :, :3] for f in head.condition(cond)])
     torch.testing.assert_close(cut, full[:, :, :3])
+
+
+@FUSIONS
+def test_decoding_k_samples_at_once_equals_decoding_each_with_x_repeated(fusion):
+    """decode_samples (which evaluation uses, and which reads the pixels once per image
+    under late fusion) gives the logits of decode on x repeated k times, in z's order."""
+    model = _model((1, 6, 5), layers=3, fusion=fusion).double()
+    k, b = 4, 3
+    x = torch.rand(b, 1, 6, 5, dtype=torch.float64).bernoulli()
+    z = torch.randn(k, b, 3, dtype=torch.float64)
+    xs = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, 1, 6, 5)
+    torch.testing.assert_close(model.decode_samples(z, x), model.decode(z.reshape(k * b, 3), xs), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"x has shape \(2, 1, 6, 5\)"):
+        model.decode_samples(z, x[:2])
+    plain = VAE(ModelConfig(arch="mlp", input_shape=(1, 6, 5), latent_dim=3, hidden=(16,)))
+    torch.testing.assert_close(plain.decode_samples(z.float(), x.float()), plain.decode(z.float().reshape(k * b, 3)))
+
+
+def test_late_fusion_runs_the_masked_layers_once_per_image():
+    model = _model((1, 6, 6), fusion="late")
+    calls = []
+    model.pixelcnn.masked[0].register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    x = torch.rand(3, 1, 6, 6).bernoulli()
+    with torch.no_grad():
+        decode_nll(model, x, torch.randn(50, 3, 3))
+    assert calls == [3]  # not 150
+    assert len(model.pixelcnn.cond) == 0 and len(_model(fusion="early").pixelcnn.cond) == 3
+
+
+def test_late_fusion_mixes_the_decoder_logits_over_each_window():
+    """The late head's logits equal cond + offset + sum_t weight_t * (cond shifted by t),
+    the shifts computed here by convolutions with one-hot 3 x 3 kernels."""
+    model = _model((2, 5, 4), fusion="late").double()
+    head = model.pixelcnn
+    x = torch.rand(3, 2, 5, 4, dtype=torch.float64).bernoulli()
+    cond = torch.randn(3, 2, 5, 4, dtype=torch.float64)
+    m = head.mixing(x)  # [B, C, 10, H, W]
+    assert m.shape == (3, 2, 10, 5, 4)
+    expected = cond + m[:, :, 9]
+    for t in range(9):
+        kernel = torch.zeros(2, 1, 3, 3, dtype=torch.float64)
+        kernel.view(2, 9)[:, t] = 1.0
+        shifted = torch.nn.functional.conv2d(cond, kernel, padding=1, groups=2)  # cond at offset t, per channel
+        expected = expected + m[:, :, t] * shifted
+    torch.testing.assert_close(head(x, cond), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_chunked_evaluation_reads_the_pixels_once_per_batch_under_late_fusion():
+    model = _model((1, 5, 5), fusion="late").double()
+    calls = []
+    model.pixelcnn.masked[0].register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    x = torch.rand(6, 1, 5, 5, dtype=torch.float64).bernoulli()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        ll = iw_log_likelihood(model, x, 40, generator=g, chunk_size=3, batch_size=4)
+    assert calls == [4, 2]  # once per batch, not once per chunk of samples
+    g.manual_seed(0)
+    with torch.no_grad():
+        ll_whole = iw_log_likelihood(model, x, 40, generator=g, chunk_size=40, batch_size=4)
+    torch.testing.assert_close(ll, ll_whole)
+    # With gradients on, nothing is shared (the shared maps would carry no gradient of their own).
+    calls.clear()
+    model.train(False)
+    with model.sharing_pixels(x):
+        decode_nll(model, x, torch.randn(2, 6, 3, dtype=torch.float64))
+        decode_nll(model, x, torch.randn(2, 6, 3, dtype=torch.float64))
+    assert calls == [6, 6]

@@ -215,10 +215,13 @@ def _iw_from_params(model, x, mu, logvar, k, chunk_size, generator) -> Tensor:
         # decode_numel: what one decoded example holds (an autoregressive head holds feature maps).
         chunk_size = _auto_chunk_size(x.shape[0], getattr(model, "decode_numel", x[0].numel()), mu.dtype, k, mu.device)
     total = None
-    for eps in _normal_chunks(k, chunk_size, mu, generator):
-        chunk = torch.logsumexp(_log_weights(model, x, mu, logvar, eps), dim=0)
-        # log(a + b) from log a and log b: a running logsumexp that never overflows.
-        total = chunk if total is None else torch.logaddexp(total, chunk)
+    # A model may share work on x across the chunks (the late-fusion PixelCNN head's pixel features).
+    sharing = getattr(model, "sharing_pixels", None)
+    with sharing(x) if sharing is not None else contextlib.nullcontext():
+        for eps in _normal_chunks(k, chunk_size, mu, generator):
+            chunk = torch.logsumexp(_log_weights(model, x, mu, logvar, eps), dim=0)
+            # log(a + b) from log a and log b: a running logsumexp that never overflows.
+            total = chunk if total is None else torch.logaddexp(total, chunk)
     return total - math.log(k)
 
 

@@ -9,6 +9,7 @@ The objective itself lives in :mod:`vaekit.losses`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from torch.distributions import Independent, Normal
 
 from .losses import RECONSTRUCTIONS, reconstruction_nll
 from .likelihoods import discretized_logistic_nll, optimal_sigma_nll
-from .pixelcnn import PixelCNNHead, sample_pixels
+from .pixelcnn import FUSIONS, PixelCNNHead, sample_pixels
 
 __all__ = ["ModelConfig", "VAE", "VAEOutput", "likelihood_mean", "ARCHS", "ACTIVATIONS", "LIKELIHOODS", "DECODER_VARIANCES"]
 
@@ -61,6 +62,9 @@ class ModelConfig:
             decoder (``p(x|z) = prod_i p(x_i | x_<i, z)``; :mod:`vaekit.pixelcnn`); 0: none,
             pixels independent given ``z``. Needs ``(C, H, W)`` images and ``bernoulli``.
         pixelcnn_width: feature maps of those layers.
+        pixelcnn_fusion: where ``z`` enters the head: ``"early"`` (every masked layer) or
+            ``"late"`` (one layer after them, so the masked layers read the pixels only and
+            an importance-weighted estimate runs them once per image, not once per sample).
     """
 
     arch: str = "mlp"
@@ -74,6 +78,7 @@ class ModelConfig:
     logvar_limit: float = 12.0
     pixelcnn_layers: int = 0
     pixelcnn_width: int = 64
+    pixelcnn_fusion: str = "early"
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -112,6 +117,8 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "pixelcnn_layers" else 1):
                 _fail(name, "a non-negative integer" if name == "pixelcnn_layers" else "a positive integer", v)
+        if not isinstance(self.pixelcnn_fusion, str) or self.pixelcnn_fusion not in FUSIONS:
+            _fail("pixelcnn_fusion", f"one of {', '.join(FUSIONS)}", self.pixelcnn_fusion)
         if self.pixelcnn_layers:
             if len(self.input_shape) != 3:
                 _fail("input_shape", "(C, H, W) images when pixelcnn_layers > 0", self.input_shape)
@@ -226,8 +233,9 @@ class VAE(nn.Module):
                 dec += [nn.ConvTranspose2d(chans[i], out_c, 3, stride=2, padding=1, output_padding=op), act()]
             dec.append(nn.Conv2d(chans[1], n_out * c, 3, padding=1))
             self.decoder = nn.Sequential(*dec)
-        self.pixelcnn = (PixelCNNHead(shape[0], config.pixelcnn_width, config.pixelcnn_layers, act)
-                         if config.pixelcnn_layers else None)
+        self.pixelcnn = (PixelCNNHead(shape[0], config.pixelcnn_width, config.pixelcnn_layers, act,
+                                      config.pixelcnn_fusion) if config.pixelcnn_layers else None)
+        self._shared_pixels = None  # (x, the head's mixing maps for it) inside sharing_pixels(x)
         if config.decoder_variance == "learned":
             self.decoder_logvar = nn.Parameter(torch.full(shape, float(config.fixed_logvar)))
         else:
@@ -258,7 +266,11 @@ class VAE(nn.Module):
         n = math.prod(self.config.input_shape)
         if self.pixelcnn is None:
             return n * (2 if self.config.likelihood == "discretized_logistic" else 1)
-        return n * (1 + 3 * self.config.pixelcnn_width // self.config.input_shape[0])  # h, a layer's output, its input
+        # Early: h, a layer's output, its input.
+        cfg = self.config
+        if cfg.pixelcnn_fusion == "late":  # per sample: the windows and their weighted copy
+            return n * (1 + 2 * 9)
+        return n * (1 + 3 * cfg.pixelcnn_width // cfg.input_shape[0])
 
     def decode(self, z: Tensor, x: Tensor | None = None):
         """Likelihood parameters for ``z`` (``[N, d]``): a ``[N, *input_shape]`` tensor of
@@ -280,6 +292,39 @@ class VAE(nn.Module):
         if self.decoder_logvar is not None:
             return out, self.decoder_logvar
         return out
+
+    def decode_samples(self, z: Tensor, x: Tensor):
+        """:meth:`decode` of ``k`` latents per example: ``z`` ``[k, B, d]``, ``x``
+        ``[B, *input_shape]`` -> the likelihood parameters of ``z.reshape(k * B, d)``, as
+        :meth:`decode` would give them with ``x`` repeated ``k`` times. An autoregressive head
+        with late fusion reads the pixels once per example here
+        (:meth:`vaekit.pixelcnn.PixelCNNHead.run_samples`)."""
+        k, b, d = z.shape
+        if self.pixelcnn is None:
+            return self.decode(z.reshape(k * b, d))
+        out = self.decoder(z.reshape(k * b, d))
+        want = (b,) + tuple(out.shape[1:])
+        if tuple(x.shape) != want:
+            raise ValueError(f"x has shape {tuple(x.shape)} but z of shape {tuple(z.shape)} decodes to {want} per sample")
+        shared = self._shared_pixels
+        mixing = shared[1] if shared is not None and shared[0] is x else None
+        logits = self.pixelcnn.run_samples(x.to(out.dtype), out.unflatten(0, (k, b)), mixing)
+        return logits.flatten(0, 1)
+
+    @contextlib.contextmanager
+    def sharing_pixels(self, x: Tensor):
+        """Within this block, :meth:`decode_samples` calls with this very ``x`` reuse one
+        computation of the late-fusion head's mixing maps (chunked importance sampling
+        decodes many chunks of samples of one batch). Gradients do not flow through the
+        shared features: it is meant for evaluation under ``torch.no_grad()``."""
+        if self.pixelcnn is None or self.pixelcnn.fusion != "late" or torch.is_grad_enabled():
+            yield
+            return
+        self._shared_pixels = (x, self.pixelcnn.mixing(x.to(next(self.parameters()).dtype)))
+        try:
+            yield
+        finally:
+            self._shared_pixels = None
 
     def nll(self, decoder_out, x: Tensor) -> Tensor:
         """Per-example reconstruction term ``-log p(x|z)`` under the configured likelihood, ``[B]``."""

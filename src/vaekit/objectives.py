@@ -160,7 +160,9 @@ def decode_nll(model, x: Tensor, z: Tensor) -> Tensor:
     # model.nll expects matching [k*B, *event] shapes, so x is repeated once per sample.
     xs = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
     if getattr(model, "autoregressive", False):  # p(x_i | x_<i, z): the decoder reads x too
-        out = model.decode(z.reshape(k * b, d), xs)
+        # decode_samples (when the model has it) may share work across the k samples of an image.
+        decode_samples = getattr(model, "decode_samples", None)
+        out = decode_samples(z, x) if decode_samples is not None else model.decode(z.reshape(k * b, d), xs)
     else:
         out = model.decode(z.reshape(k * b, d))
     nll = model.nll(out, xs)

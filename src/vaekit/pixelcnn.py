@@ -19,6 +19,18 @@ nats) are the reason it is here: an MLP decoder with independent pixels stalls n
 
 The last 1 x 1 convolution starts at zero, so an untrained head computes exactly the
 plain decoder's logits: the autoregressive part is learned as a correction.
+
+Where ``z`` enters is a choice (``fusion``). ``"early"``: the decoder's maps feed every
+masked layer, so all of the head runs once per ``z``. ``"late"``: the masked layers read the
+pixels only and end in, for each pixel, an offset and nine weights for the decoder's logits
+in the 3 x 3 window around it:
+
+    logit_i = l_i(z) + o_i(x_<i) + sum_t a_ti(x_<i) l_(i+t)(z)
+
+``z`` enters linearly, through the decoder's logits ``l``. An importance-weighted estimate
+decodes ``k`` latents for each image: with late fusion the masked layers run once per image,
+not ``k`` times (:meth:`PixelCNNHead.run_samples`), and each sample costs the plain decoder
+plus a few operations per pixel, which makes ``k = 5000`` affordable on a CPU.
 """
 
 from __future__ import annotations
@@ -27,7 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MaskedConv2d", "PixelCNNHead", "sample_pixels"]
+__all__ = ["FUSIONS", "MaskedConv2d", "PixelCNNHead", "sample_pixels"]
+
+FUSIONS = ("early", "late")
 
 
 class MaskedConv2d(nn.Conv2d):
@@ -57,27 +71,35 @@ class MaskedConv2d(nn.Conv2d):
 class PixelCNNHead(nn.Module):
     """Logits of ``p(x_i | x_<i, z)`` from the pixels ``x`` and the decoder's maps ``cond``.
 
-    Layer 0: a 7 x 7 mask-A convolution of ``x`` plus a 3 x 3 convolution of ``cond``;
-    layers 1..L-1: residual 3 x 3 mask-B convolutions, each also fed ``cond``; a 1 x 1
-    convolution to one logit per channel, added to ``cond`` (so logits = ``cond`` when that
-    last convolution is zero, as it is at initialisation).
+    ``fusion="early"``: layer 0 is a 7 x 7 mask-A convolution of ``x`` plus a 3 x 3
+    convolution of ``cond``; layers 1..L-1 are residual 3 x 3 mask-B convolutions, each also
+    fed ``cond``; a 1 x 1 convolution makes one logit per channel, added to ``cond``.
+    ``fusion="late"``: the same masked layers without ``cond``; a 1 x 1 convolution makes, per
+    channel, an offset and nine weights that mix ``cond`` over the 3 x 3 window (module notes).
+    Either way the last convolution starts at zero, so an untrained head gives ``cond``.
 
     Args:
         channels: image channels ``C`` (``x`` and ``cond`` are ``[B, C, H, W]``).
         width: feature maps of the masked layers.
         layers: masked layers (>= 1).
         activation: the module class between layers.
+        fusion: ``"early"`` or ``"late"`` (where ``cond`` enters).
     """
 
-    def __init__(self, channels: int, width: int, layers: int, activation: type[nn.Module]) -> None:
+    def __init__(self, channels: int, width: int, layers: int, activation: type[nn.Module],
+                 fusion: str = "early") -> None:
         super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+        self.fusion = fusion
         self.masked = nn.ModuleList(
             [MaskedConv2d(channels, width, 7, "A")] + [MaskedConv2d(width, width, 3, "B") for _ in range(layers - 1)]
         )
         # cond depends on z only, never on x: its convolutions need no mask.
-        self.cond = nn.ModuleList([nn.Conv2d(channels, width, 3, padding=1) for _ in range(layers)])
+        n_cond = layers if fusion == "early" else 0
+        self.cond = nn.ModuleList([nn.Conv2d(channels, width, 3, padding=1) for _ in range(n_cond)])
         self.act = activation()
-        self.out = nn.Conv2d(width, channels, 1)
+        self.out = nn.Conv2d(width, channels * (1 if fusion == "early" else 1 + _TAPS), 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -87,23 +109,60 @@ class PixelCNNHead(nn.Module):
         return 3 + (len(self.masked) - 1)
 
     def condition(self, cond: Tensor) -> list[Tensor]:
-        """Each layer's share of ``cond`` (it depends on ``z`` only: computed once per ``z``)."""
+        """What each layer takes from ``cond`` (it depends on ``z`` only: computed once per
+        ``z``). Late fusion: ``cond`` over each pixel's 3 x 3 window, ``[N, C * 9, H, W]``."""
+        if self.fusion == "late":
+            n, c, h, w = cond.shape
+            return [F.unfold(cond, 3, padding=1).reshape(n, c * _TAPS, h, w)]
         return [conv(cond) for conv in self.cond]
+
+    def mixing(self, x: Tensor) -> Tensor:
+        """Late fusion: per pixel and channel, the nine window weights and the offset,
+        ``[B, C, 10, H, W]``; they depend on ``x`` only (on the pixels before each one)."""
+        h = self.act(self.masked[0](x))
+        for layer in self.masked[1:]:
+            h = h + self.act(layer(h))
+        m = self.out(h)
+        return m.reshape(m.shape[0], -1, 1 + _TAPS, *m.shape[2:])
 
     def run(self, x: Tensor, cond: Tensor, features: list[Tensor] | None = None) -> Tensor:
         """The logits from ``x`` and ``cond`` (``features``: :meth:`condition` of ``cond``,
         computed once when many calls share one ``cond``). Rows may be cut off at the
         bottom, alike in ``x``, ``cond`` and ``features``: no output looks at a later row."""
-        def fed(layer: int) -> Tensor:
-            return features[layer] if features is not None else self.cond[layer](cond)
-
-        h = self.act(self.masked[0](x) + fed(0))
+        if features is None:
+            features = self.condition(cond)
+        if self.fusion == "late":
+            return _mix(self.mixing(x), features[0].unflatten(1, (cond.shape[1], _TAPS)), cond)
+        h = self.act(self.masked[0](x) + features[0])
         for layer in range(1, len(self.masked)):
-            h = h + self.act(self.masked[layer](h) + fed(layer))
+            h = h + self.act(self.masked[layer](h) + features[layer])
         return cond + self.out(h)
+
+    def run_samples(self, x: Tensor, cond: Tensor, mixing: Tensor | None = None) -> Tensor:
+        """Logits for ``k`` decoder maps per image: ``x`` ``[B, C, H, W]``, ``cond``
+        ``[k, B, C, H, W]`` -> ``[k, B, C, H, W]``; equal to :meth:`run` on ``x`` repeated
+        ``k`` times. With late fusion the masked layers run once per image, not ``k`` times
+        (``mixing``: :meth:`mixing` of ``x``, when already computed)."""
+        k, b, c, hh, ww = cond.shape
+        flat = cond.reshape(k * b, c, hh, ww)
+        if self.fusion == "early":
+            xs = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
+            return self.run(xs, flat).unflatten(0, (k, b))
+        windows = self.condition(flat)[0].reshape(k, b, c, _TAPS, hh, ww)
+        return _mix(self.mixing(x) if mixing is None else mixing, windows, cond)
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
         return self.run(x, cond)
+
+
+_TAPS = 9  # a 3 x 3 window
+
+
+def _mix(mixing: Tensor, windows: Tensor, cond: Tensor) -> Tensor:
+    """Late fusion's logits ``cond + offset + sum_t weight_t * window_t``. ``mixing``
+    ``[B, C, 10, H, W]``; ``windows`` ``[..., B, C, 9, H, W]`` and ``cond`` ``[..., B, C, H, W]``
+    with the same leading sample dimensions (the mixing maps broadcast over them)."""
+    return cond + mixing[:, :, _TAPS] + (mixing[:, :, :_TAPS] * windows).sum(-3)
 
 
 @torch.no_grad()
