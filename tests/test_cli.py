@@ -28,6 +28,7 @@ from torch.distributions import Independent, Normal, kl_divergence
 import vaekit.data
 import vaekit.losses
 import vaekit.models
+import vaekit.pixelcnn
 import vaekit.objectives
 import vaekit.config
 import vaekit.train
@@ -242,6 +243,7 @@ CHOICES = {  # fields whose value is one of a fixed set: the help must list the 
     ("model", "activation"): tuple(vaekit.models.ACTIVATIONS),
     ("model", "likelihood"): vaekit.losses.RECONSTRUCTIONS,
     ("model", "decoder_variance"): vaekit.models.DECODER_VARIANCES,
+    ("model", "pixelcnn_fusion"): vaekit.pixelcnn.FUSIONS,
     ("train", "lr_schedule"): vaekit.config.LR_SCHEDULES,
     ("train", "amp"): vaekit.config.AMP_MODES,
     ("train", "fast"): vaekit.config.FAST_MODES,
@@ -293,7 +295,8 @@ def test_train_help_documents_every_config_field(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("command, flags", [
-    ("evaluate", ("--split", "--iw-samples", "--batch-size", "--seed", "--device", "--disentanglement", "--limit")),
+    ("evaluate", ("--split", "--iw-samples", "--batch-size", "--seed", "--device", "--disentanglement", "--limit",
+                  "--num-threads")),
     ("sample", ("-n", "--output", "--seed", "--nrow")),
 ])
 def test_evaluate_and_sample_help_document_every_flag(command, flags, monkeypatch, capsys):
@@ -479,3 +482,21 @@ def test_every_preset_resolves_to_a_model_that_builds(name):
     x = torch.zeros(2, *model_cfg.input_shape)
     out = model(x)
     assert model.nll(out.decoder_out, x).shape == (2,)
+
+
+def test_evaluate_num_threads_is_used_and_restored(run, capsys, monkeypatch):
+    seen = []
+    import vaekit.evaluate as ev
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return ev_real(*args, **kwargs)
+
+    ev_real = ev.evaluate_model
+    monkeypatch.setattr(ev, "evaluate_model", spy)
+    before = torch.get_num_threads()
+    rc, _, err = call(["evaluate", run, "--num-threads", 1], capsys)
+    assert rc == 0, err
+    assert seen == [1] and torch.get_num_threads() == before
+    rc, _, err = call(["evaluate", run, "--num-threads", -1], capsys)
+    assert rc == 2 and "--num-threads must be >= 0" in err and "Traceback" not in err

@@ -276,15 +276,13 @@ def _load_run(run: str):
 
 def evaluate_command(run: str, *, split: str = "test", iw_samples: int = 0, batch_size: int = 500,
                      seed: int = 0, device: str = "auto", disentanglement: bool = False,
-                     quick: bool = False, limit: int = 0) -> dict:
+                     quick: bool = False, limit: int = 0, num_threads: int = 0) -> dict:
     """ELBO, reconstruction, KL (and the importance-weighted log-likelihood when
     ``iw_samples > 0``) on a split; writes ``RUN/metrics-<split>.json``. ``limit > 0``
     scores only the split's first ``limit`` examples (a quick estimate for an expensive
-    model) and writes ``RUN/metrics-<split>-first<limit>.json`` instead."""
-    from .data import load_dataset
-    from .evaluate import evaluate_model
-    from .io import write_json
-    from .train import resolve_device
+    model) and writes ``RUN/metrics-<split>-first<limit>.json`` instead. ``num_threads > 0``
+    sets PyTorch's CPU threads for the call (restored after)."""
+    import torch
 
     if split not in ("test", "val", "train"):
         raise UsageError(f"--split must be test, val or train, got {split!r}")
@@ -294,6 +292,23 @@ def evaluate_command(run: str, *, split: str = "test", iw_samples: int = 0, batc
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if limit < 0:
         raise UsageError(f"--limit must be >= 0 (0: the whole split), got {limit}")
+    if num_threads < 0:
+        raise UsageError(f"--num-threads must be >= 0 (0: PyTorch's default), got {num_threads}")
+    threads = torch.get_num_threads()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    try:
+        return _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement, quick, limit)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement, quick, limit) -> dict:
+    from .data import load_dataset
+    from .evaluate import evaluate_model
+    from .io import write_json
+    from .train import resolve_device
+
     rd, config, model = _load_run(run)
     dev = resolve_device(device, what="--device")
     model.to(dev)
@@ -376,6 +391,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --disentanglement: about ten times smaller metric samples (a rough, fast estimate)")
     e.add_argument("--limit", type=int, default=0, metavar="N",
                    help="score only the split's first N examples (written to metrics-<split>-firstN.json) [default: 0, all]")
+    e.add_argument("--num-threads", type=int, default=0, metavar="N",
+                   help="CPU threads for PyTorch [default: 0, PyTorch's own choice]")
 
     s = sub.add_parser("sample", help="draw samples from a trained run", description="Save a grid of samples.")
     s.add_argument("run", metavar="RUN", help="run directory written by 'vaekit train'")
@@ -428,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "evaluate":
             metrics = evaluate_command(args.run, split=args.split, iw_samples=args.iw_samples,
                                        batch_size=args.batch_size, seed=args.seed, device=args.device,
-                                       disentanglement=args.disentanglement, quick=args.quick, limit=args.limit)
+                                       disentanglement=args.disentanglement, quick=args.quick, limit=args.limit,
+                                       num_threads=args.num_threads)
             _print_table(metrics)
             print(f"vaekit: metrics written to {Path(args.run) / metrics_name(args.split, args.limit)}")
             return 0
