@@ -296,7 +296,7 @@ def test_train_help_documents_every_config_field(monkeypatch, capsys):
 
 @pytest.mark.parametrize("command, flags", [
     ("evaluate", ("--split", "--iw-samples", "--batch-size", "--seed", "--device", "--disentanglement", "--limit",
-                  "--num-threads")),
+                  "--num-threads", "--no-progress")),
     ("sample", ("-n", "--output", "--seed", "--nrow")),
 ])
 def test_evaluate_and_sample_help_document_every_flag(command, flags, monkeypatch, capsys):
@@ -498,5 +498,7 @@ def test_evaluate_num_threads_is_used_and_restored(run, capsys, monkeypatch):
     rc, _, err = call(["evaluate", run, "--num-threads", 1], capsys)
     assert rc == 0, err
     assert seen == [1] and torch.get_num_threads() == before
+    rc, _, err = call(["evaluate", run, "--no-progress"], capsys)
+    assert rc == 0 and seen == [1, before]
     rc, _, err = call(["evaluate", run, "--num-threads", -1], capsys)
     assert rc == 2 and "--num-threads must be >= 0" in err and "Traceback" not in err
