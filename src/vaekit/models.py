@@ -266,11 +266,10 @@ class VAE(nn.Module):
         n = math.prod(self.config.input_shape)
         if self.pixelcnn is None:
             return n * (2 if self.config.likelihood == "discretized_logistic" else 1)
-        # Early: h, a layer's output, its input.
         cfg = self.config
-        if cfg.pixelcnn_fusion == "late":  # per sample: the windows and their weighted copy
+        if cfg.pixelcnn_fusion == "late":  # per sample: the 3 x 3 windows and their weighted copy
             return n * (1 + 2 * 9)
-        return n * (1 + 3 * cfg.pixelcnn_width // cfg.input_shape[0])
+        return n * (1 + 3 * cfg.pixelcnn_width // cfg.input_shape[0])  # h, a layer's output, its input
 
     def decode(self, z: Tensor, x: Tensor | None = None):
         """Likelihood parameters for ``z`` (``[N, d]``): a ``[N, *input_shape]`` tensor of
