@@ -1,11 +1,17 @@
 """fused_vae_loss against the eager reference vaekit.losses.VAELoss.
 
-The Triton kernels run on CPU only under Triton's interpreter, which has to be switched on
-(TRITON_INTERPRET=1) before the kernels are decorated, i.e. before vaekit.kernels is first
-imported. Inside a pytest run some other module may already have imported it, and setting
-the variable here would leak into every later test module; so the interpreter tests run in
-a fresh subprocess that re-runs this file with the variable set (test_triton_interpreter).
-In this process they are skipped; the fallback tests run in both.
+The Triton-path tests (marked ``triton_path``) run wherever the real kernels can run:
+
+* on a machine with CUDA, in this process, on the GPU (every tensor a test makes is
+  created there: the tests run under ``torch.device("cuda")``);
+* elsewhere under Triton's interpreter on CPU tensors. The interpreter has to be switched
+  on (TRITON_INTERPRET=1) before the kernels are decorated, i.e. before vaekit.kernels is
+  first imported. Inside a pytest run some other module may already have imported it, and
+  setting the variable here would leak into every later test module; so there they run in
+  a fresh subprocess that re-runs this file with the variable set
+  (test_triton_interpreter), and are skipped in this process.
+
+The fallback tests run in both.
 """
 
 from __future__ import annotations
@@ -23,19 +29,45 @@ from vaekit.kernels import fused_available, fused_vae_loss
 from vaekit.losses import REDUCTIONS, VAELoss
 
 CHILD = os.environ.get("VAEKIT_TRITON_CHILD") == "1"
-interpreted = pytest.mark.skipif(
-    not CHILD, reason="Triton path: run by test_triton_interpreter in a TRITON_INTERPRET=1 subprocess"
-)
+# The real kernels on a GPU, in this process (the interpreter's child never uses the GPU).
+NATIVE = not CHILD and kernels.triton is not None and torch.cuda.is_available()
+
+
+def interpreted(test):
+    """A Triton-path test: natively on CUDA, else only in the interpreter's child process."""
+    skip = pytest.mark.skipif(
+        not (CHILD or NATIVE), reason="Triton path: run by test_triton_interpreter in a TRITON_INTERPRET=1 subprocess"
+    )
+    return skip(pytest.mark.triton_path(test))
+
+
+@pytest.fixture(autouse=True)
+def _triton_path_device(request):
+    """Natively, a Triton-path test makes its tensors on the GPU."""
+    if NATIVE and request.node.get_closest_marker("triton_path"):
+        with torch.device("cuda"):
+            yield
+    else:
+        yield
+
+
+def _cpu_rand(shape, generator):
+    """Seeded uniform numbers, the same on every machine, on the default device."""
+    return torch.rand(shape, generator=generator, device="cpu").to(torch.empty(0).device)
+
+
+def _cpu_randn(shape, generator):
+    return torch.randn(shape, generator=generator, device="cpu").to(torch.empty(0).device)
 GAUSS_LOGVAR = -0.7
 
 
 def _inputs(B, D, d, *, dtype=torch.float32, seed=0, scale=3.0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.rand(B, D, generator=g)
+    x = _cpu_rand((B, D), generator=g)
     x[: B // 2] = x[: B // 2].round()  # binary and grey-level targets
-    out = (scale * torch.randn(B, D, generator=g)).to(dtype).requires_grad_()
-    mu = torch.randn(B, d, generator=g).requires_grad_()
-    logvar = torch.randn(B, d, generator=g).requires_grad_()
+    out = (scale * _cpu_randn((B, D), generator=g)).to(dtype).requires_grad_()
+    mu = _cpu_randn((B, d), generator=g).requires_grad_()
+    logvar = _cpu_randn((B, d), generator=g).requires_grad_()
     return x, out, mu, logvar
 
 
@@ -104,6 +136,7 @@ def test_errors_are_the_eager_errors(kwargs, shapes, match):
 
 
 @pytest.mark.skipif(CHILD, reason="this is the child process")
+@pytest.mark.skipif(NATIVE, reason="CUDA is here: the Triton-path tests ran on the GPU in this process")
 def test_triton_interpreter():
     if kernels.triton is None:
         pytest.skip("triton is not installed: the Triton path is not tested (the eager fallback is)")
@@ -142,7 +175,7 @@ def test_values_and_grads_match_eager(reconstruction, B, D, d):
         _assert_same(fused, ref)
         # random upstream gradients into all three outputs: the in-place rescale path
         g = torch.Generator().manual_seed(10 + i)
-        weights = [torch.rand(ref.loss.shape, generator=g) for _ in range(3)]
+        weights = [_cpu_rand(ref.loss.shape, generator=g) for _ in range(3)]
         inputs = (out, mu, logvar)
         _assert_grads_same(_grads(fused, inputs, weights), _grads(ref, inputs, weights))
 
@@ -170,8 +203,9 @@ def test_gradients_through_any_output(which):
 
 @interpreted
 def test_column_split_is_exercised_and_correct():
-    assert kernels._plan(1, 1000, torch.device("cpu"))[0] > 1
-    x, out, mu, logvar = _inputs(1, 1000, 3)
+    D = 20000 if NATIVE else 1000  # a chunk is at least 4096 columns on a GPU, 64 interpreted
+    assert kernels._plan(1, D, torch.empty(0).device)[0] > 1
+    x, out, mu, logvar = _inputs(1, D, 3)
     fused, ref = _both(x, out, mu, logvar, reduction="sum")
     _assert_same(fused, ref)
     weights = (torch.tensor(0.5), None, None)
