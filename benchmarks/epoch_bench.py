@@ -9,8 +9,10 @@ batch 128, the 60,000 training images statically binarized), in one run, for:
                     objective_loss with step-keyed noise and the value checks off,
                     backward, clip_grad_norm_, finiteness check (a sync), Adam, epoch sums
   (c) vaekit static the static step fit takes by default on CUDA: vaekit.fast.StaticStep
-                    (fused loss, capturable Adam, one CUDA-graph replay per step; run
+                    (fused loss, capturable fused Adam, one CUDA-graph replay per step; run
                     uncaptured on a CPU), counters read every 50 steps
+  (c') CUDA only    the same with the capturable unfused Adam, a non-finite step undone
+                    from copies inside the graph (fit's choice until the fourth session)
   (d) pythae        pythae 0.1.2's VAE and BaseTrainer.train_step (if importable)
   (e) matmul floor  the same four Linear layers and ReLUs, loss = sum of the outputs,
                     backward and a fused Adam (Adam(fused=True)), on contiguous pre-sliced
@@ -115,7 +117,7 @@ def classic(x, device):
     return run
 
 
-def vaekit_loop(x, device, static: bool, amp: bool = False, compiled: bool = False):
+def vaekit_loop(x, device, static: bool, amp: bool = False, compiled: bool = False, fused_adam: bool = True):
     """The loop vaekit.train.fit runs, from vaekit's public pieces: data on the device in a
     BatchIterator, noise from a generator re-seeded from the step, the losses' value checks
     off (fit checks the data once, up front). Eager: objective_loss (under bf16 autocast
@@ -124,7 +126,9 @@ def vaekit_loop(x, device, static: bool, amp: bool = False, compiled: bool = Fal
     StaticStep (one CUDA graph replay per step on CUDA, uncaptured elsewhere) with its
     counters read every 50 steps; the short last batch takes the eager step, as in fit.
     Compiled: the static step uncaptured with ``compile=True`` (its forward and loss under
-    bf16 autocast with ``amp``)."""
+    bf16 autocast with ``amp``). On CUDA the static step's Adam is fit's (capturable,
+    fused: the kernel skips a non-finite step); ``fused_adam=False`` gives the capturable
+    unfused Adam, whose non-finite steps the captured graph undoes from copies."""
     from vaekit import VAE, ModelConfig, ObjectiveConfig
     from vaekit.batching import BatchIterator, mix_seed
     from vaekit.fast import StaticStep
@@ -133,12 +137,15 @@ def vaekit_loop(x, device, static: bool, amp: bool = False, compiled: bool = Fal
 
     model = VAE(ModelConfig(arch="mlp", input_shape=(784,), hidden=(HIDDEN,), latent_dim=LATENT,
                             activation="relu", likelihood="bernoulli")).to(device)
-    if static and device.type == "cuda" and not compiled:
-        opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(LR, device=device), capturable=True)
-    else:  # as fit builds it: fused where torch has the kernel for the device
-        from vaekit.config import TrainConfig
-        from vaekit.train import _adam
+    from vaekit.config import TrainConfig
+    from vaekit.train import _adam
 
+    if static and device.type == "cuda" and not compiled:
+        if fused_adam:  # as fit builds it for a captured step
+            opt = _adam(model, TrainConfig(lr=LR), captured_on=device)
+        else:
+            opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(LR, device=device), capturable=True)
+    else:  # as fit builds it: fused where torch has the kernel for the device
         opt = _adam(model, TrainConfig(lr=LR))
     batches = BatchIterator(x, BATCH, shuffle=True, seed=0, device=device)
     step_fn = None
@@ -277,7 +284,7 @@ def main(argv=None) -> None:
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="MNIST .npz or 'synthetic'")
     parser.add_argument("--n-train", type=int, default=60000, help="training images (fewer: a quick check)")
     parser.add_argument("--skip", default="", help="comma list of contenders to leave out: "
-                        "classic,eager,static,pythae,floor,compiled,fit,fit-compile")
+                        "classic,eager,static,static-unfused,pythae,floor,compiled,fit,fit-compile")
     parser.add_argument("--amp", choices=sorted(AMP_CHOICES), default=None,
                         help="precision of (b), (e) and (f): fp32 (none), bf16 autocast (bf16) or both; "
                         "default: both on a CPU, none on CUDA")
@@ -309,6 +316,8 @@ def main(argv=None) -> None:
                 *[(f"(b) vaekit eager step{BF16 if amp else ''}", "eager", amp,
                    lambda amp=amp: vaekit_loop(x, device, static=False, amp=amp)) for amp in amps],
                 ("(c) vaekit static step", "static", False, lambda: vaekit_loop(x, device, static=True)),
+                *([("(c') static step, unfused Adam + undo copies", "static-unfused", False,
+                    lambda: vaekit_loop(x, device, static=True, fused_adam=False))] if device.type == "cuda" else []),
                 ("(d) pythae 0.1.2", "pythae", False, lambda: pythae_contender(x, device, pythae, work)),
                 *[(f"(e) matmul floor{BF16 if amp else ''}", "floor", amp,
                    lambda amp=amp: matmul_floor(x, device, amp)) for amp in amps],

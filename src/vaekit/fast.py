@@ -11,9 +11,13 @@ epoch. It computes what the eager loop computes:
   (the Triton kernel on CUDA, the eager functions elsewhere);
 * the same noise (drawn by the caller from the step-keyed generator);
 * the same non-finite rule without a sync: when the loss or the gradient norm is not
-  finite, every parameter and optimiser state is put back to its value before the step
-  (a ``torch.where`` against a copy kept on the device), and the step is counted as
-  skipped on the device.
+  finite the step is not taken and is counted as skipped on the device. With a fused
+  Adam (``fused=True``, what :func:`vaekit.train.fit` builds) the optimiser itself skips
+  it: its ``found_inf`` flag (the hook PyTorch's GradScaler uses) is set on the device,
+  and the fused kernel leaves weights, moments and step count as they were. With any
+  other optimiser every parameter and optimiser state is put back to its value before the
+  step (a ``torch.where`` against a copy kept on the device: three small kernels per
+  tensor, which in a captured graph cost more than the model itself).
 
 Off CUDA the same code runs uncaptured: that is how the tests compare it with the eager
 loop on a CPU. There a host synchronisation costs nothing, so a non-finite step is simply
@@ -34,7 +38,14 @@ from torch import Tensor
 from .kernels import fused_available, fused_vae_loss
 from .losses import LossResult, gaussian_kl, reconstruction_nll
 
-__all__ = ["StaticStep", "static_step_supported"]
+__all__ = ["StaticStep", "static_step_supported", "skips_on_device"]
+
+
+def skips_on_device(optimizer) -> bool:
+    """Whether ``optimizer`` can skip a step on the device: a fused Adam or AdamW, whose
+    kernel reads a ``found_inf`` flag."""
+    return (isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+            and all(g.get("fused") for g in optimizer.param_groups))
 
 
 def static_step_supported(model, objective) -> bool:
@@ -53,7 +64,8 @@ class StaticStep:
 
     Args:
         model: a :class:`vaekit.models.VAE` (on its training device).
-        optimizer: its Adam; on CUDA built with ``capturable=True`` and a tensor ``lr``.
+        optimizer: its Adam; on CUDA built with ``capturable=True`` and a tensor ``lr``,
+            best also ``fused=True`` (a non-finite step is then skipped by the kernel).
         batch_size: the (constant) batch size of the steps it runs.
         grad_clip: global gradient-norm clip (0: off).
         amp: autocast the forward in bfloat16.
@@ -83,6 +95,9 @@ class StaticStep:
         self.bad_run = torch.zeros((), dtype=torch.int64, device=self.device)
         self.capture = (self.device.type == "cuda") if capture is None else capture
         self._graph = None
+        # A fused Adam skips a non-finite step itself when this flag is 1; otherwise a
+        # captured step undoes it from backups, and an uncaptured one checks on the host.
+        self._found_inf = torch.zeros((), device=self.device) if skips_on_device(optimizer) else None
         self._backups: list[tuple[Tensor, Tensor]] | None = None
         self._warmup_left = warmup if self.capture else 0
         self._fused = (fused_available(self.device) and cfg.likelihood in ("bernoulli", "gaussian")
@@ -124,7 +139,10 @@ class StaticStep:
                                f"({type(e).__name__}: {first}); train with fast='auto' or 'off'") from e
         self._untried = False
         res.loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        if math.isinf(self.grad_clip) and hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+            gnorm = torch.nn.utils.get_total_norm([q.grad for q in self.params if q.grad is not None])
+        else:  # clip_grad_norm_ with no clip still multiplies every gradient by 1
+            gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         ok = torch.isfinite(res.loss) & torch.isfinite(gnorm)
         b = float(self.x.shape[0])
         parts = torch.stack([res.loss.detach() * b, res.reconstruction.detach() * b, res.kl.detach() * b,
@@ -132,6 +150,15 @@ class StaticStep:
         bad = (~ok).to(torch.int64)
         self.skipped += bad
         self.bad_run.mul_(bad).add_(bad)
+        if self._found_inf is not None:
+            self._found_inf.copy_(bad)
+            self.opt.found_inf = self._found_inf  # read by this step() only: eager steps
+            try:                                  # of the same optimiser never see it
+                self.opt.step()
+            finally:
+                del self.opt.found_inf
+            self.sums += torch.where(ok, parts, torch.zeros_like(parts))
+            return
         if self._backups is None:  # uncaptured: a sync is cheap, a bad step is just not taken
             if bool(ok):
                 self.opt.step()
@@ -156,6 +183,12 @@ class StaticStep:
             for t, backup in self._backups:
                 backup.copy_(t)
 
+    def _refresh_backups_if_needed(self) -> None:
+        if self._found_inf is not None:
+            return  # the optimiser skips a bad step itself: nothing to undo
+        if self._backups is None or (self.opt.state and len(self._backups) != len(self._state_tensors())):
+            self._refresh_backups()
+
     def run(self, x: Tensor, eps: Tensor, lr: float, beta: float) -> None:
         """One step on batch ``x`` with noise ``eps``, learning rate ``lr`` and KL weight ``beta``."""
         self.x.copy_(x)
@@ -173,8 +206,7 @@ class StaticStep:
         if self._graph is not None:
             self._graph.replay()
             return
-        if self._backups is None or (self.opt.state and len(self._backups) != len(self._state_tensors())):
-            self._refresh_backups()
+        self._refresh_backups_if_needed()
         if self._warmup_left > 0:
             # Warm-up steps on a side stream create the optimiser state and the autograd
             # buffers before capture, as CUDA graphs require.
@@ -185,9 +217,11 @@ class StaticStep:
                 self.opt.zero_grad(set_to_none=True)
                 self._body()
             torch.cuda.current_stream().wait_stream(s)
-            self._refresh_backups()
+            if self._found_inf is None:
+                self._refresh_backups()
             return
-        self._refresh_backups()
+        if self._found_inf is None:
+            self._refresh_backups()
         self.opt.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):

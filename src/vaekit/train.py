@@ -78,13 +78,19 @@ def _grad_norm(model: nn.Module, clip: float) -> torch.Tensor:
     return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
-def _adam(model: nn.Module, tc: TrainConfig) -> torch.optim.Adam:
+def _adam(model: nn.Module, tc: TrainConfig, *, captured_on: torch.device | None = None) -> torch.optim.Adam:
     """Adam, fused where this PyTorch has the fused kernel for the device (on a CPU it
-    takes about a third of the unfused step's time: docs/benchmarks.md)."""
+    takes about a third of the unfused step's time: docs/benchmarks.md; in a captured
+    step the kernel itself skips a non-finite step, with no copies to undo it:
+    ``vaekit.fast``). ``captured_on``: the device of a CUDA-graph-captured step, which
+    reads the learning rate from a tensor there."""
+    kw = dict(lr=tc.lr, weight_decay=tc.weight_decay)
+    if captured_on is not None:
+        kw.update(lr=torch.tensor(tc.lr, device=captured_on), capturable=True)
     try:
-        return torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
+        return torch.optim.Adam(model.parameters(), fused=True, **kw)
     except (RuntimeError, ValueError, TypeError):
-        return torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        return torch.optim.Adam(model.parameters(), **kw)
 
 
 def _use_static(tc, oc, model, device, distributed: bool) -> bool:
@@ -339,9 +345,7 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None)
 
         objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
     if _use_static(tc, oc, model, device, distributed) and device.type == "cuda":
-        # A captured step reads the learning rate from the device.
-        opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(tc.lr, device=device),
-                               weight_decay=tc.weight_decay, capturable=True)
+        opt = _adam(model, tc, captured_on=device)
     else:
         opt = _adam(model, tc)
     val_x = data.val.to(device)
