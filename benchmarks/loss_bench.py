@@ -7,6 +7,8 @@ Recipes (all with a summed reduction, as the classic recipe has it):
   (b) compiled  (a) under torch.compile
   (c) VAELoss   vaekit.losses.VAELoss, eager, value checks off
   (d) fused     vaekit.kernels.fused_vae_loss, value checks off
+  (d') tiles    the same with vaekit.kernels.PLAN = "tiles" (one program per 1,024-column
+                block of a row instead of one per row looping over its columns); GPU only
 
 Each is timed as loss + torch.autograd.grad(loss, (logits, mu, logvar)): median of
 --repeats runs after --warmup runs, with CUDA events on a GPU. The device's copy bandwidth
@@ -28,6 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from vaekit import kernels
 from vaekit.kernels import fused_available, fused_vae_loss
 from vaekit.losses import VAELoss
 
@@ -79,11 +82,15 @@ def make_inputs(args, device):
     return x, logits.requires_grad_(), mu.requires_grad_(), logvar.requires_grad_()
 
 
-def check_correctness(x, logits, mu, logvar, beta) -> None:
+def check_correctness(x, logits, mu, logvar, beta, plan="rows") -> None:
     inputs = (logits, mu, logvar)
-    fused = fused_vae_loss(x, logits, mu, logvar, beta=beta, reduction="sum", validate_args=False)
+    kernels.PLAN = plan
+    try:
+        fused = fused_vae_loss(x, logits, mu, logvar, beta=beta, reduction="sum", validate_args=False)
+    finally:
+        kernels.PLAN = "rows"
     eager = VAELoss(beta, "bernoulli", "sum", validate_args=False)(x, logits, mu, logvar)
-    print("correctness, fused vs eager VAELoss (max |difference|, relative to max |eager|):")
+    print(f"correctness, fused (plan {plan}) vs eager VAELoss (max |difference|, relative to max |eager|):")
     grads = zip(torch.autograd.grad(fused.loss, inputs, retain_graph=False),
                 torch.autograd.grad(eager.loss, inputs))
     names = ("loss", "reconstruction", "kl", "d/d logits", "d/d mu", "d/d logvar")
@@ -115,7 +122,8 @@ def main(argv=None) -> None:
     if not fused:
         print(f"note: the fused path is not available on {device.type}: (d) runs the eager fallback")
     x, logits, mu, logvar = make_inputs(args, device)
-    check_correctness(x, logits, mu, logvar, args.beta)
+    for plan in ("rows", "tiles") if fused else ("rows",):
+        check_correctness(x, logits, mu, logvar, args.beta, plan)
 
     beta = args.beta
     vae_loss = VAELoss(beta, "bernoulli", "sum", validate_args=False)
@@ -126,6 +134,15 @@ def main(argv=None) -> None:
     recipes["(c) VAELoss eager"] = lambda: vae_loss(x, logits, mu, logvar).loss
     recipes["(d) fused"] = lambda: fused_vae_loss(
         x, logits, mu, logvar, beta=beta, reduction="sum", validate_args=False).loss
+    if fused:
+        def tiles():
+            kernels.PLAN = "tiles"  # the forward fixes the geometry; the backward reuses it
+            try:
+                return fused_vae_loss(x, logits, mu, logvar, beta=beta, reduction="sum", validate_args=False).loss
+            finally:
+                kernels.PLAN = "rows"
+
+        recipes["(d') fused, tile plan"] = tiles
     inputs = (logits, mu, logvar)
 
     bandwidth = copy_bandwidth(device, max(64 << 20, 2 * logits.numel() * logits.element_size()),
@@ -143,7 +160,7 @@ def main(argv=None) -> None:
     base = rows[0][1]
     for label, ms in rows:
         frac = "-"
-        if label.startswith("(d)"):
+        if label.startswith("(d"):
             frac = f"{min_bytes / (ms * 1e-3) / bandwidth:.0%}" if fused else "n/a (eager fallback)"
         print(f"{label:<20} {ms:9.3f} {base / ms:15.2f}x {frac:>30}")
 

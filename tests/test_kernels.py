@@ -181,6 +181,31 @@ def test_values_and_grads_match_eager(reconstruction, B, D, d):
 
 
 @interpreted
+@pytest.mark.parametrize("reconstruction, B, D, d", [("bernoulli", 3, 784, 5), ("gaussian", 2, 1000, 3),
+                                                     ("bernoulli", 1, 17, 2)])
+def test_tile_plan_matches_eager(reconstruction, B, D, d, monkeypatch):
+    # PLAN="tiles": one program per block of a row's columns (benchmarks/loss_bench.py
+    # times it against "rows"); the same values and gradients
+    monkeypatch.setattr(kernels, "PLAN", "tiles")
+    split, chunk, _, _ = kernels._plan(B, D, torch.empty(0).device)
+    assert split == -(-D // chunk) and (split > 1) == (D > kernels._TILE)
+    for reduction in REDUCTIONS:
+        x, out, mu, logvar = _inputs(B, D, d, seed=3)
+        fused, ref = _both(x, out, mu, logvar, beta=0.7, reconstruction=reconstruction, reduction=reduction)
+        assert _is_fused(fused)
+        _assert_same(fused, ref)
+        weights = (_cpu_rand(ref.loss.shape, generator=torch.Generator().manual_seed(1)), None, None)
+        inputs = (out, mu, logvar)
+        _assert_grads_same(_grads(fused, inputs, weights), _grads(ref, inputs, weights))
+
+
+def test_an_unknown_plan_is_refused(monkeypatch):
+    monkeypatch.setattr(kernels, "PLAN", "diagonal")
+    with pytest.raises(ValueError, match="PLAN must be 'rows' or 'tiles', got 'diagonal'"):
+        kernels._plan(4, 100, torch.device("cpu"))
+
+
+@interpreted
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_unit_upstream_gradient_skips_the_rescale(reduction):
     # loss.backward() (or loss.sum() for "none") hands the kernel a multiplier of exactly 1

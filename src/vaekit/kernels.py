@@ -223,6 +223,14 @@ else:
 # shapes exercise the split path too.
 _MIN_CHUNK = 64 if _INTERPRETED else 4096
 
+# How the [B, D] work is cut into programs: "rows" (above: one program per row, looping
+# over its columns, split only to fill the device) or "tiles" (one program per block of
+# _TILE columns of a row, no loop: many more, shorter programs with no loop-carried
+# wait between a load and the next). A knob for benchmarks/loss_bench.py, which times
+# both; the results of the two agree to float rounding (the tests run both).
+PLAN = "rows"
+_TILE = 32 if _INTERPRETED else 1024
+
 
 @functools.lru_cache(maxsize=None)
 def _target_programs(device: torch.device) -> int:
@@ -241,6 +249,13 @@ def _cdiv(a: int, b: int) -> int:
 
 def _plan(B: int, D: int, device: torch.device) -> tuple[int, int, int, int]:
     """(split, chunk, BLOCK, num_warps) for a [B, D] problem."""
+    if PLAN == "tiles":
+        split = min(_cdiv(D, _TILE), 512)
+        chunk = _cdiv(_cdiv(D, split), 16) * 16
+        block = min(_TILE, _next_pow2(chunk))
+        return _cdiv(D, chunk), chunk, block, max(1, min(8, block // 256))
+    if PLAN != "rows":
+        raise ValueError(f"vaekit.kernels.PLAN must be 'rows' or 'tiles', got {PLAN!r}")
     split = max(1, min(_cdiv(_target_programs(device), B), _cdiv(D, _MIN_CHUNK), 512))
     chunk = _cdiv(_cdiv(D, split), 16) * 16  # 16-element aligned chunks keep vector loads
     split = _cdiv(D, chunk)
