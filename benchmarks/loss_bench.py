@@ -9,6 +9,7 @@ Recipes (all with a summed reduction, as the classic recipe has it):
   (d) fused     vaekit.kernels.fused_vae_loss, value checks off
   (d') tiles    the same with vaekit.kernels.PLAN = "tiles" (one program per 1,024-column
                 block of a row instead of one per row looping over its columns); GPU only
+  --sweep       the fused kernel over plans, tile sizes and warps per program (GPU)
 
 Each is timed as loss + torch.autograd.grad(loss, (logits, mu, logvar)): median of
 --repeats runs after --warmup runs, with CUDA events on a GPU. The device's copy bandwidth
@@ -112,6 +113,9 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--no-compile", action="store_true", help="skip (b), torch.compile")
+    parser.add_argument("--sweep", action="store_true",
+                        help="GPU: also time the fused kernel over work plans, tile sizes and warps "
+                        "(vaekit.kernels.PLAN, TILE, NUM_WARPS), each checked against the eager loss first")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -163,6 +167,47 @@ def main(argv=None) -> None:
         if label.startswith("(d"):
             frac = f"{min_bytes / (ms * 1e-3) / bandwidth:.0%}" if fused else "n/a (eager fallback)"
         print(f"{label:<20} {ms:9.3f} {base / ms:15.2f}x {frac:>30}")
+    if args.sweep and fused:
+        sweep(x, logits, mu, logvar, beta, device, args, min_bytes, bandwidth, base)
+
+
+SWEEP = [("rows", 1024, w) for w in (4, 8, 16)] + [("tiles", t, w) for t in (512, 1024, 2048, 4096) for w in (4, 8)]
+
+
+def sweep(x, logits, mu, logvar, beta, device, args, min_bytes, bandwidth, classic_ms) -> None:
+    """The fused loss under each (PLAN, TILE, NUM_WARPS) of SWEEP; a setting whose logits'
+    gradient differs from the eager loss's by more than 1e-5 (relative) is reported, not timed."""
+    inputs = (logits, mu, logvar)
+    ref = torch.autograd.grad(VAELoss(beta, "bernoulli", "sum", validate_args=False)(x, logits, mu, logvar).loss,
+                              inputs)[0]
+    defaults = (kernels.PLAN, kernels.TILE, kernels.NUM_WARPS)
+
+    def run():
+        return torch.autograd.grad(
+            fused_vae_loss(x, logits, mu, logvar, beta=beta, reduction="sum", validate_args=False).loss, inputs)
+
+    print(f"\nsweep of the fused kernel (same shape; BLOCK = TILE for tiles, up to 2048 for rows):")
+    print(f"{'plan':<6} {'TILE':>5} {'warps':>5} {'ms':>8} {'of copy BW':>11} {'vs classic':>11}")
+    best = None
+    for plan, tile, warps in SWEEP:
+        kernels.PLAN, kernels.TILE, kernels.NUM_WARPS = plan, tile, warps
+        try:
+            got = run()[0]
+            err = float((got - ref).abs().max() / ref.abs().max())
+            if not err < 1e-5:
+                print(f"{plan:<6} {tile:>5} {warps:>5}  WRONG: relative error {err:.1e}")
+                continue
+            ms = median_ms(run, device, args.warmup, args.repeats)
+        finally:
+            kernels.PLAN, kernels.TILE, kernels.NUM_WARPS = defaults
+        frac = min_bytes / (ms * 1e-3) / bandwidth
+        print(f"{plan:<6} {tile:>5} {warps:>5} {ms:8.3f} {frac:>10.0%} {classic_ms / ms:>10.2f}x")
+        if best is None or ms < best[0]:
+            best = (ms, plan, tile, warps, frac)
+    if best:
+        ms, plan, tile, warps, frac = best
+        print(f"SUMMARY loss_bench sweep best: PLAN={plan} TILE={tile} NUM_WARPS={warps}: {ms:.3f} ms, "
+              f"{frac:.0%} of copy BW, {classic_ms / ms:.2f}x classic")
 
 
 if __name__ == "__main__":

@@ -185,10 +185,11 @@ def test_values_and_grads_match_eager(reconstruction, B, D, d):
                                                      ("bernoulli", 1, 17, 2)])
 def test_tile_plan_matches_eager(reconstruction, B, D, d, monkeypatch):
     # PLAN="tiles": one program per block of a row's columns (benchmarks/loss_bench.py
-    # times it against "rows"); the same values and gradients
+    # times it against "rows"); the same values and gradients, whatever the warps
     monkeypatch.setattr(kernels, "PLAN", "tiles")
+    monkeypatch.setattr(kernels, "NUM_WARPS", 2)
     split, chunk, _, _ = kernels._plan(B, D, torch.empty(0).device)
-    assert split == -(-D // chunk) and (split > 1) == (D > kernels._TILE)
+    assert split == -(-D // chunk) and (split > 1) == (D > kernels.TILE)
     for reduction in REDUCTIONS:
         x, out, mu, logvar = _inputs(B, D, d, seed=3)
         fused, ref = _both(x, out, mu, logvar, beta=0.7, reconstruction=reconstruction, reduction=reduction)
@@ -199,9 +200,14 @@ def test_tile_plan_matches_eager(reconstruction, B, D, d, monkeypatch):
         _assert_grads_same(_grads(fused, inputs, weights), _grads(ref, inputs, weights))
 
 
-def test_an_unknown_plan_is_refused(monkeypatch):
-    monkeypatch.setattr(kernels, "PLAN", "diagonal")
-    with pytest.raises(ValueError, match="PLAN must be 'rows' or 'tiles', got 'diagonal'"):
+@pytest.mark.parametrize("knob, value, match", [
+    ("PLAN", "diagonal", "PLAN must be 'rows' or 'tiles', got 'diagonal'"),
+    ("TILE", 1000, "TILE must be a power of 2 >= 16, got 1000"),
+    ("NUM_WARPS", 3, "NUM_WARPS must be None or a power of 2 up to 32, got 3"),
+])
+def test_an_unknown_plan_is_refused(monkeypatch, knob, value, match):
+    monkeypatch.setattr(kernels, knob, value)
+    with pytest.raises(ValueError, match=match):
         kernels._plan(4, 100, torch.device("cpu"))
 
 

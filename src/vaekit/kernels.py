@@ -225,11 +225,13 @@ _MIN_CHUNK = 64 if _INTERPRETED else 4096
 
 # How the [B, D] work is cut into programs: "rows" (above: one program per row, looping
 # over its columns, split only to fill the device) or "tiles" (one program per block of
-# _TILE columns of a row, no loop: many more, shorter programs with no loop-carried
-# wait between a load and the next). A knob for benchmarks/loss_bench.py, which times
-# both; the results of the two agree to float rounding (the tests run both).
+# TILE columns of a row, no loop: many more, shorter programs with no loop-carried wait
+# between a load and the next). NUM_WARPS: warps per program (None: BLOCK / 256, 1 to 8).
+# Knobs for benchmarks/loss_bench.py, which times them (--sweep); every setting computes
+# the same values up to float rounding (the tests run both plans).
 PLAN = "rows"
-_TILE = 32 if _INTERPRETED else 1024
+TILE = 32 if _INTERPRETED else 1024
+NUM_WARPS: int | None = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -249,18 +251,21 @@ def _cdiv(a: int, b: int) -> int:
 
 def _plan(B: int, D: int, device: torch.device) -> tuple[int, int, int, int]:
     """(split, chunk, BLOCK, num_warps) for a [B, D] problem."""
-    if PLAN == "tiles":
-        split = min(_cdiv(D, _TILE), 512)
-        chunk = _cdiv(_cdiv(D, split), 16) * 16
-        block = min(_TILE, _next_pow2(chunk))
-        return _cdiv(D, chunk), chunk, block, max(1, min(8, block // 256))
-    if PLAN != "rows":
+    if PLAN not in ("rows", "tiles"):
         raise ValueError(f"vaekit.kernels.PLAN must be 'rows' or 'tiles', got {PLAN!r}")
-    split = max(1, min(_cdiv(_target_programs(device), B), _cdiv(D, _MIN_CHUNK), 512))
-    chunk = _cdiv(_cdiv(D, split), 16) * 16  # 16-element aligned chunks keep vector loads
-    split = _cdiv(D, chunk)
-    block = min(_MAX_BLOCK, max(16, _next_pow2(chunk)))
-    return split, chunk, block, max(1, min(8, block // 256))
+    if not (isinstance(TILE, int) and TILE >= 16 and TILE & (TILE - 1) == 0):
+        raise ValueError(f"vaekit.kernels.TILE must be a power of 2 >= 16, got {TILE!r}")
+    if NUM_WARPS is not None and NUM_WARPS not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"vaekit.kernels.NUM_WARPS must be None or a power of 2 up to 32, got {NUM_WARPS!r}")
+    if PLAN == "tiles":
+        split = min(_cdiv(D, TILE), 512)
+        chunk = _cdiv(_cdiv(D, split), 16) * 16
+        block = min(TILE, max(16, _next_pow2(chunk)))
+    else:
+        split = max(1, min(_cdiv(_target_programs(device), B), _cdiv(D, _MIN_CHUNK), 512))
+        chunk = _cdiv(_cdiv(D, split), 16) * 16  # 16-element aligned chunks keep vector loads
+        block = min(_MAX_BLOCK, max(16, _next_pow2(chunk)))
+    return _cdiv(D, chunk), chunk, block, NUM_WARPS or max(1, min(8, block // 256))
 
 
 def fused_available(device) -> bool:
