@@ -18,6 +18,7 @@ Under ``torchrun`` the same function trains with DistributedDataParallel (see
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import math
@@ -415,7 +416,7 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None)
         if distributed:
             torch.distributed.barrier()
 
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if tc.amp == "bf16" else _nullcontext()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if tc.amp == "bf16" else contextlib.nullcontext()
     progress = _progress(tc.progress and is_main, total_steps, step)
     interrupted = stop_all = False
     lr, beta = lr_at(step, total_steps, tc), oc.beta
@@ -570,14 +571,6 @@ def _unvalidated():
     from .checks import value_checks
 
     return value_checks(False, distributions=True)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _progress(enabled: bool, total: int, initial: int):
