@@ -328,7 +328,7 @@ def test_evaluate_model_keys_determinism_and_modes(capsys):
 
 def test_argument_errors_name_the_argument():
     model, x, _ = make_problem(n=4)
-    with pytest.raises(ValueError, match="k must be >= 1"):
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
         ev.iw_log_likelihood(model, x, 0)
     with pytest.raises(TypeError, match="chunk_size must be an int"):
         ev.iw_log_likelihood(model, x, 3, chunk_size=1.5)
@@ -336,5 +336,9 @@ def test_argument_errors_name_the_argument():
         ev.elbo_terms(model, x[:, :4])
     with pytest.raises(TypeError, match="x must be a floating-point"):
         ev.active_units(model, x.long())
+    with pytest.raises(ValueError, match="threshold must be a finite number >= 0, got -0.5"):
+        ev.active_units(model, x, threshold=-0.5)
+    with pytest.raises(TypeError, match="threshold must be a number, got str"):
+        ev.evaluate_model(model, x, threshold="0.01")
     with pytest.raises(ValueError, match="iw_samples"):
         ev.evaluate_model(model, x, iw_samples=-1)

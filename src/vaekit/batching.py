@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import _check_int, check_images
+from .checks import check_int
+from .data import check_images
 
 __all__ = ["BatchIterator", "mix_seed"]
 
@@ -48,10 +49,10 @@ class BatchIterator:
                  dynamic_binarize: bool = False, seed: int = 0, device=None, rank: int = 0,
                  world_size: int = 1) -> None:
         check_images(x, "x", support="unit" if dynamic_binarize else "real")
-        _check_int("batch_size", batch_size, 1)
-        _check_int("seed", seed)
-        _check_int("world_size", world_size, 1)
-        _check_int("rank", rank)
+        check_int("batch_size", batch_size, low=1)
+        check_int("seed", seed)
+        check_int("world_size", world_size, low=1)
+        check_int("rank", rank)
         if rank >= world_size:
             raise ValueError(f"rank must be < world_size={world_size}, got {rank}")
         self.x = x if device is None else x.to(device)
@@ -73,7 +74,7 @@ class BatchIterator:
         return self._len
 
     def set_epoch(self, epoch: int) -> None:
-        _check_int("epoch", epoch)
+        check_int("epoch", epoch)
         self.epoch, self.position = epoch, 0
 
     def state_dict(self) -> dict:
@@ -83,7 +84,7 @@ class BatchIterator:
         if not isinstance(state, dict) or set(state) != {"epoch", "position", "seed"}:
             raise ValueError(f"state must be a dict with keys epoch, position, seed, got {state!r}")
         for key in ("epoch", "position", "seed"):
-            _check_int(f"state[{key!r}]", state[key])
+            check_int(f"state[{key!r}]", state[key])
         if state["position"] > len(self):
             raise ValueError(f"state['position'] must be <= {len(self)} batches, got {state['position']}")
         self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]

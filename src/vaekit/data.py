@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .checks import check_int
+
 __all__ = [
     "DataConfig", "SplitData", "load_dataset", "read_idx", "download_mnist",
     "binarize_static", "binarize_dynamic", "check_images", "DATASETS", "MNIST_FILES",
@@ -63,13 +65,6 @@ def _check_choice(name: str, value, choices: tuple) -> None:
         raise TypeError(f"{name} must be a str, one of {choices}, got {type(value).__name__}")
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def _check_int(name: str, value, minimum: int = 0) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 @dataclass
@@ -125,8 +120,8 @@ class DataConfig:
             raise ValueError(f"val_size as a fraction must lie in [0, 1), got {v}")
         if isinstance(v, int) and v < 0:
             raise ValueError(f"val_size must be >= 0, got {v}")
-        _check_int("seed", self.seed)
-        _check_int("sprites_count", self.sprites_count, 2)
+        check_int("seed", self.seed)
+        check_int("sprites_count", self.sprites_count, low=2)
         if not isinstance(self.download, bool):
             raise TypeError(f"download must be a bool, got {type(self.download).__name__}")
 

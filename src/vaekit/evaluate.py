@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor
 
-from .checks import _LOG_2PI, validate_args_enabled, value_checks
+from .checks import _LOG_2PI, check_int, check_number, validate_args_enabled, value_checks
 from .losses import gaussian_kl
 from .objectives import decode_nll, log_weights_from_noise
 
@@ -55,17 +55,8 @@ _NOISE_BLOCK = 64
 
 
 def _check_positive_int(name: str, value, *, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-
-
-def _check_threshold(threshold) -> None:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
-        raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
+    if not (optional and value is None):
+        check_int(name, value, low=1)
 
 
 def _check_x(model, x) -> None:
@@ -350,7 +341,7 @@ def active_units(
     """
     _check_x(model, x)
     _check_positive_int("batch_size", batch_size, optional=True)
-    _check_threshold(threshold)
+    check_number("threshold", threshold)
     with _evaluating(model):
         mu, _ = _encode_all(model, x, batch_size)
     return _active_units_from_mu(mu, float(threshold))
@@ -462,7 +453,7 @@ def evaluate_model(
     _check_positive_int("chunk_size", chunk_size, optional=True)
     _check_positive_int("n_samples", n_samples)
     _check_positive_int("n_bits", n_bits, optional=True)
-    _check_threshold(threshold)
+    check_number("threshold", threshold)
     if isinstance(iw_samples, bool) or not isinstance(iw_samples, int) or iw_samples < 0:
         raise ValueError(f"iw_samples must be an int >= 0, got {iw_samples!r}")
     from tqdm.auto import tqdm
