@@ -100,7 +100,7 @@ def patched_fit(*args, **kwargs):
 
 train._Objective.forward = patched_forward
 train.save_checkpoint = patched_save_checkpoint
-for name in ("write_json", "save_model", "_write_metrics", "save_run_pictures"):
+for name in ("write_json", "save_model", "write_metrics", "save_run_pictures"):
     setattr(train, name, logged(name))
 train.fit = patched_fit
 sys.exit(main(sys.argv[1:]))
@@ -238,7 +238,7 @@ def test_every_rank_sees_the_same_validation_result(runs):
 def test_only_rank_zero_writes(runs):
     ddp = _ok(runs["ddp"])
     assert ddp.json("writes-1.json") == []
-    assert {"write_json", "save_model", "_write_metrics", "save_run_pictures", "save_checkpoint"} <= set(
+    assert {"write_json", "save_model", "write_metrics", "save_run_pictures", "save_checkpoint"} <= set(
         ddp.json("writes-0.json"))
     run = runs["dirs"]["ddp"]
     # The same files as a one-process run, written once.

@@ -19,7 +19,6 @@ Under ``torchrun`` the same function trains with DistributedDataParallel (see
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import math
 import os
@@ -36,16 +35,13 @@ from .batching import BatchIterator, mix_seed
 from .config import RunConfig, TrainConfig
 from .data import check_images, load_dataset
 from .fast import StaticStep, static_step_supported
-from .io import CheckpointError, load_checkpoint, save_checkpoint, save_model, write_json
+from .io import save_checkpoint, save_model, write_json
 from .models import VAE
 from .plots import save_run_pictures
+from .runs import read_for_resume, restore, rng_state, write_metrics
 from .objectives import ObjectiveConfig, beta_schedule, objective_loss
 
 __all__ = ["TrainConfig", "RunConfig", "fit", "FitResult", "TrainingDiverged", "lr_at", "resolve_device"]
-
-_CHECKPOINT_KEYS = ("config", "model", "optimizer", "step", "epoch", "history", "best", "since_best",
-                    "skipped", "sums", "batches", "rng")
-
 
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row; the last good checkpoint is left intact."""
@@ -190,35 +186,6 @@ def _dist_info() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
 
 
-def _rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-METRIC_FIELDS = ["epoch", "step", "split", "loss", "reconstruction", "kl", "elbo", "beta", "lr", "skipped", "seconds"]
-
-
-def _write_metrics(path: Path, rows: list) -> None:
-    import io as _io
-
-    buf = _io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    from .io import atomic_write
-
-    data = buf.getvalue().encode()
-    atomic_write(path, lambda f: f.write(data))
-
-
 @torch.no_grad()
 def _validate(model: VAE, x: torch.Tensor, batch_size: int, generator: torch.Generator) -> dict:
     from .evaluate import elbo_terms
@@ -235,6 +202,22 @@ def _validate(model: VAE, x: torch.Tensor, batch_size: int, generator: torch.Gen
     out = {k: v / n for k, v in sums.items()}
     out["loss"] = -out["elbo"]
     return out
+
+
+def _check_training_data(data, likelihood: str) -> None:
+    """Refuse data the likelihood cannot score, before the run directory is touched: the
+    loop runs the losses without their value checks and would otherwise train on
+    impossible targets."""
+    for split in ("train", "val", "test"):
+        t = getattr(data, split)
+        if not len(t):
+            continue
+        if likelihood in ("bernoulli", "continuous_bernoulli"):
+            check_images(t, f"{data.name} {split} data (likelihood {likelihood!r})")
+        elif likelihood == "discretized_logistic" and not bool(
+                ((t * 255 - torch.round(t * 255)).abs() < 1e-3).all() & (t >= 0).all() & (t <= 1).all()):
+            raise ValueError(f"{data.name} {split} data must be 8-bit levels k/255 in [0, 1] for the "
+                             f"discretized_logistic likelihood (use binarize 'none' on uint8 images)")
 
 
 def fit(config: RunConfig, run_dir, *, resume: bool = False, epochs: int | None = None) -> FitResult:
@@ -262,24 +245,6 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False, epochs: int | None 
         torch.set_num_threads(threads)
 
 
-def _extended(tc: TrainConfig, state: dict, epochs, run_dir: Path) -> TrainConfig:
-    """``tc`` with ``epochs`` in all, for the run resumed from checkpoint ``state``;
-    refused, before anything is written, where the run would not train further."""
-    what, done = "epochs (--epochs)", state["epoch"]
-    if not isinstance(epochs, int) or isinstance(epochs, bool):
-        raise TypeError(f"{what} must be an integer, got {epochs!r}")
-    if epochs <= done:
-        raise ValueError(f"{what} must be greater than the {done} epochs {run_dir} has done, got {epochs}")
-    if tc.early_stopping and state["since_best"] >= tc.early_stopping:
-        raise ValueError(f"{what} cannot extend {run_dir}: it stopped early after epoch {done}, "
-                         f"{state['since_best']} epochs without a better validation ELBO "
-                         f"(train.early_stopping {tc.early_stopping})")
-    if tc.max_steps and state["step"] >= tc.max_steps:
-        raise ValueError(f"{what} cannot extend {run_dir}: train.max_steps {tc.max_steps} ends it "
-                         f"and its {state['step']} steps are done")
-    return dataclasses.replace(tc, epochs=epochs)
-
-
 def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None) -> FitResult:
     run_dir = Path(run_dir)
     rank, local_rank, world = _dist_info()
@@ -287,18 +252,7 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None)
     ckpt_path = run_dir / "checkpoint.pt"
     state = None
     if resume:
-        state = load_checkpoint(ckpt_path)
-        progress_flag = config.train.progress
-        missing = sorted(set(_CHECKPOINT_KEYS) - set(state))
-        if missing:
-            raise CheckpointError(f"{ckpt_path} lacks {', '.join(missing)}: it was not written by vaekit train")
-        try:
-            config = RunConfig.from_dict(state["config"])
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{ckpt_path} holds an invalid config: {e}") from None
-        config.train = dataclasses.replace(config.train, progress=progress_flag)
-        if extend_to is not None:
-            config.train = _extended(config.train, state, extend_to, run_dir)
+        config, state = read_for_resume(run_dir, progress=config.train.progress, extend_to=extend_to)
     tc, oc = config.train, config.objective
     device = resolve_device(tc.device)
     if distributed:
@@ -311,19 +265,7 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None)
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
     data = load_dataset(config.data)
-    if config.model.likelihood in ("bernoulli", "continuous_bernoulli"):
-        # Checked here, before the run directory is touched: the loop runs the losses
-        # without their value checks and would otherwise train on impossible targets.
-        for split in ("train", "val", "test"):
-            t = getattr(data, split)
-            if len(t):
-                check_images(t, f"{data.name} {split} data (likelihood {config.model.likelihood!r})")
-    if config.model.likelihood == "discretized_logistic":
-        for split in ("train", "val", "test"):
-            t = getattr(data, split)
-            if len(t) and not bool(((t * 255 - torch.round(t * 255)).abs() < 1e-3).all() & (t >= 0).all() & (t <= 1).all()):
-                raise ValueError(f"{data.name} {split} data must be 8-bit levels k/255 in [0, 1] for the "
-                                 f"discretized_logistic likelihood (use binarize 'none' on uint8 images)")
+    _check_training_data(data, config.model.likelihood)
     config.model = dataclasses.replace(config.model, input_shape=tuple(data.train.shape[1:]))
     torch.manual_seed(tc.seed)
     model = VAE(config.model).to(device)
@@ -362,23 +304,10 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None)
     best, since_best, skipped, bad_run = math.inf, 0, 0, 0
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, rec, kl, n over the epoch
     if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{ckpt_path} does not match its own config: {str(e).strip().splitlines()[0]}") from None
-        step, epoch, history = state["step"], state["epoch"], list(state["history"])
-        best, since_best, skipped = state["best"], state["since_best"], state["skipped"]
-        sums = state["sums"].to(device) if rank == 0 else torch.zeros_like(state["sums"], device=device)
-        batches.load_state_dict(state["batches"])
-        if state.get("world_size", 1) != world:
-            raise CheckpointError(
-                f"{ckpt_path} was written by a run on {state.get('world_size', 1)} process(es); resume it "
-                f"with the same number, not {world} (the data position counts combined batches)"
-            )
-        rngs = state["rng"]
-        if len(rngs) == world:
-            _set_rng_state(rngs[rank], device)
+        restored = restore(state, ckpt_path, model=model, optimizer=opt, batches=batches, device=device,
+                           rank=rank, world=world)
+        step, epoch, history, sums = restored["step"], restored["epoch"], restored["history"], restored["sums"]
+        best, since_best, skipped = restored["best"], restored["since_best"], restored["skipped"]
     static = None
     if _use_static(tc, oc, model, device, distributed):
         compiled = tc.fast == "compile"
@@ -400,7 +329,7 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None)
         nonlocal bad_run, skipped
         if static is not None:
             bad_run, skipped = _fold(static, sums, bad_run, skipped)
-        rng = _rng_state(device)
+        rng = rng_state(device)
         rngs, all_sums = [rng], sums.clone()
         if distributed:
             torch.distributed.all_reduce(all_sums)
@@ -526,7 +455,7 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None)
             if is_main:
                 if improved:
                     save_model(model, run_dir / "model")
-                _write_metrics(run_dir / "metrics.csv", history)
+                write_metrics(run_dir / "metrics.csv", history)
                 if writer is not None:
                     for split, r in (("train", row), ("val", vrow)):
                         for k in ("loss", "reconstruction", "kl"):

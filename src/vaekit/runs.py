@@ -1,0 +1,119 @@
+"""The run directory that :func:`vaekit.train.fit` writes and reads back.
+
+What a run leaves (``fit`` writes it, rank 0 only under ``torchrun``):
+
+* ``checkpoint.pt``: everything needed to go on exactly where the run stopped
+  (:data:`CHECKPOINT_KEYS`): the resolved config, weights, optimiser state, step and
+  epoch, history, best validation loss, the partial epoch sums, the position in the data
+  order and each process's random-number states;
+* ``metrics.csv``: one ``train`` and one ``val`` row per epoch (:data:`METRIC_FIELDS`);
+* ``config.json``, ``model/`` (the best model) and the pictures.
+
+This module holds the format of those files and the reading side of a resume; the loop
+that writes them is in :mod:`vaekit.train`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io as _io
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig, TrainConfig
+from .io import CheckpointError, atomic_write, load_checkpoint
+
+__all__ = ["CHECKPOINT_KEYS", "METRIC_FIELDS", "write_metrics", "rng_state", "set_rng_state",
+           "read_for_resume", "extended", "restore"]
+
+CHECKPOINT_KEYS = ("config", "model", "optimizer", "step", "epoch", "history", "best", "since_best",
+                   "skipped", "sums", "batches", "rng")
+METRIC_FIELDS = ["epoch", "step", "split", "loss", "reconstruction", "kl", "elbo", "beta", "lr", "skipped", "seconds"]
+
+
+def write_metrics(path: Path, rows: list) -> None:
+    """``rows`` (dicts) as ``metrics.csv``, replaced atomically."""
+    buf = _io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    data = buf.getvalue().encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
+def rng_state(device: torch.device) -> dict:
+    """The global random-number states a checkpoint keeps (the CPU's, and the device's on CUDA)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def read_for_resume(run_dir: Path, *, progress: bool, extend_to: int | None) -> tuple[RunConfig, dict]:
+    """The configuration and checkpoint of the run in ``run_dir``, checked: the saved
+    config with ``train.progress`` from the caller, and ``train.epochs`` raised to
+    ``extend_to`` when given (:func:`extended`). Nothing is written here."""
+    ckpt_path = run_dir / "checkpoint.pt"
+    state = load_checkpoint(ckpt_path)
+    missing = sorted(set(CHECKPOINT_KEYS) - set(state))
+    if missing:
+        raise CheckpointError(f"{ckpt_path} lacks {', '.join(missing)}: it was not written by vaekit train")
+    try:
+        config = RunConfig.from_dict(state["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt_path} holds an invalid config: {e}") from None
+    config.train = dataclasses.replace(config.train, progress=progress)
+    if extend_to is not None:
+        config.train = extended(config.train, state, extend_to, run_dir)
+    return config, state
+
+
+def extended(tc: TrainConfig, state: dict, epochs, run_dir: Path) -> TrainConfig:
+    """``tc`` with ``epochs`` in all, for the run resumed from checkpoint ``state``;
+    refused, before anything is written, where the run would not train further."""
+    what, done = "epochs (--epochs)", state["epoch"]
+    if not isinstance(epochs, int) or isinstance(epochs, bool):
+        raise TypeError(f"{what} must be an integer, got {epochs!r}")
+    if epochs <= done:
+        raise ValueError(f"{what} must be greater than the {done} epochs {run_dir} has done, got {epochs}")
+    if tc.early_stopping and state["since_best"] >= tc.early_stopping:
+        raise ValueError(f"{what} cannot extend {run_dir}: it stopped early after epoch {done}, "
+                         f"{state['since_best']} epochs without a better validation ELBO "
+                         f"(train.early_stopping {tc.early_stopping})")
+    if tc.max_steps and state["step"] >= tc.max_steps:
+        raise ValueError(f"{what} cannot extend {run_dir}: train.max_steps {tc.max_steps} ends it "
+                         f"and its {state['step']} steps are done")
+    return dataclasses.replace(tc, epochs=epochs)
+
+
+def restore(state: dict, ckpt_path: Path, *, model, optimizer, batches, device: torch.device,
+            rank: int, world: int) -> dict:
+    """Load checkpoint ``state`` into the model, optimiser, batch iterator and this
+    process's random-number states; returns the loop's counters (``step``, ``epoch``,
+    ``history``, ``best``, ``since_best``, ``skipped``, and ``sums`` on ``device``: the
+    partial epoch's, kept by rank 0)."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{ckpt_path} does not match its own config: {str(e).strip().splitlines()[0]}") from None
+    batches.load_state_dict(state["batches"])
+    if state.get("world_size", 1) != world:
+        raise CheckpointError(
+            f"{ckpt_path} was written by a run on {state.get('world_size', 1)} process(es); resume it "
+            f"with the same number, not {world} (the data position counts combined batches)"
+        )
+    rngs = state["rng"]
+    if len(rngs) == world:
+        set_rng_state(rngs[rank], device)
+    sums = state["sums"].to(device) if rank == 0 else torch.zeros_like(state["sums"], device=device)
+    return {"step": state["step"], "epoch": state["epoch"], "history": list(state["history"]),
+            "best": state["best"], "since_best": state["since_best"], "skipped": state["skipped"], "sums": sums}

@@ -1,0 +1,75 @@
+"""The run directory's format and the reading side of a resume (vaekit.runs); the loop
+that writes it is tested in test_train.py (exact resume, extension) and
+test_reliability.py (damaged checkpoints)."""
+
+import csv
+
+import pytest
+import torch
+
+from vaekit.batching import BatchIterator
+from vaekit.cli import build_config
+from vaekit.io import CheckpointError, save_checkpoint
+from vaekit.models import VAE, ModelConfig
+from vaekit.runs import CHECKPOINT_KEYS, METRIC_FIELDS, read_for_resume, restore, rng_state, set_rng_state, write_metrics
+from vaekit.train import fit
+
+
+def test_metrics_csv_has_the_fields_in_order_and_is_replaced_whole(tmp_path):
+    path = tmp_path / "metrics.csv"
+    rows = [{"epoch": 1, "split": "train", "loss": 2.5, "extra": "dropped"}, {"epoch": 1, "split": "val", "loss": 3.0}]
+    write_metrics(path, rows)
+    write_metrics(path, rows[:1])
+    read = list(csv.DictReader(path.open()))
+    assert list(read[0]) == METRIC_FIELDS and len(read) == 1
+    assert read[0]["loss"] == "2.5" and read[0]["kl"] == ""
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]  # no temporary file left
+
+
+def test_rng_state_round_trip_repeats_the_draws():
+    state = rng_state(torch.device("cpu"))
+    first = torch.rand(5)
+    set_rng_state(state, torch.device("cpu"))
+    assert torch.equal(torch.rand(5), first)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    fit(build_config(overrides={"train.epochs": 2, "train.progress": False, "model.hidden": (16,),
+                                "model.latent_dim": 2}), run)
+    return run
+
+
+def test_read_for_resume_gives_the_saved_config_with_the_callers_progress_and_an_extension(finished):
+    config, state = read_for_resume(finished, progress=True, extend_to=5)
+    assert config.train.progress is True and config.train.epochs == 5 and state["epoch"] == 2
+    assert set(CHECKPOINT_KEYS) <= set(state)
+    with pytest.raises(ValueError, match=r"must be greater than the 2 epochs"):
+        read_for_resume(finished, progress=False, extend_to=2)
+
+
+def test_a_checkpoint_missing_keys_is_named(finished, tmp_path):
+    from vaekit.io import load_checkpoint
+
+    state = load_checkpoint(finished / "checkpoint.pt")
+    damaged = {k: v for k, v in state.items() if k not in ("rng", "sums", "format", "format_version")}
+    save_checkpoint(tmp_path / "checkpoint.pt", damaged)
+    with pytest.raises(CheckpointError, match=r"lacks rng, sums: it was not written by vaekit train"):
+        read_for_resume(tmp_path, progress=False, extend_to=None)
+
+
+def test_restore_puts_everything_back_and_refuses_another_world_size(finished):
+    config, state = read_for_resume(finished, progress=False, extend_to=None)
+    model = VAE(ModelConfig(**{**config.model.__dict__, "input_shape": (64,)}))
+    opt = torch.optim.Adam(model.parameters())
+    batches = BatchIterator(torch.rand(100, 64).round(), config.train.batch_size, shuffle=True, seed=0)
+    counters = restore(state, finished / "checkpoint.pt", model=model, optimizer=opt, batches=batches,
+                       device=torch.device("cpu"), rank=0, world=1)
+    assert counters["step"] == state["step"] and counters["epoch"] == 2 and counters["history"] == state["history"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state["model"][k])
+    assert opt.state_dict()["state"].keys() == state["optimizer"]["state"].keys()
+    with pytest.raises(CheckpointError, match=r"written by a run on 1 process\(es\); resume it with the same number, not 2"):
+        restore(state, finished / "checkpoint.pt", model=model, optimizer=opt, batches=batches,
+                device=torch.device("cpu"), rank=0, world=2)
