@@ -502,3 +502,17 @@ def test_evaluate_num_threads_is_used_and_restored(run, capsys, monkeypatch):
     assert rc == 0 and seen == [1, before]
     rc, _, err = call(["evaluate", run, "--num-threads", -1], capsys)
     assert rc == 2 and "--num-threads must be >= 0" in err and "Traceback" not in err
+
+
+def test_a_failed_fast_path_is_one_line_naming_the_way_out(tmp_path, capsys, monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise OSError("no C++ compiler found\nmore detail")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    rc, _, err = call(["train", "--run-dir", tmp_path / "run", *TINY, "--fast", "compile"], capsys)
+    assert rc == 1 and "Traceback" not in err
+    assert err.strip().splitlines() == [
+        "vaekit: error: TrainConfig.fast='compile': torch.compile could not compile the step "
+        "(OSError: no C++ compiler found); train with fast='auto' or 'off'"]

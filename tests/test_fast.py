@@ -139,3 +139,25 @@ def test_a_compile_failure_names_the_option_and_the_way_out(monkeypatch):
     step = StaticStep(model, torch.optim.Adam(model.parameters()), batch_size=2, compile=True, capture=False)
     with pytest.raises(RuntimeError, match=r"fast='compile'.*OSError: no C\+\+ compiler found\).*'auto' or 'off'"):
         step.run(torch.rand(2, 1, 4, 4).bernoulli(), torch.randn(2, 2), 1e-3, 1.0)
+
+
+def test_a_capture_failure_names_the_way_out(monkeypatch):
+    """On CUDA a step that cannot be captured says which option runs it uncaptured (faked
+    here: the capture context raises as soon as it is entered)."""
+    class FailingCapture:
+        def __init__(self, graph):
+            pass
+
+        def __enter__(self):
+            raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", FailingCapture)
+    model = VAE(ModelConfig(input_shape=(1, 4, 4), latent_dim=2, hidden=(8,)))
+    step = StaticStep(model, torch.optim.Adam(model.parameters(), fused=True), batch_size=2, capture=True, warmup=0)
+    with pytest.raises(RuntimeError, match=r"could not be captured in a CUDA graph \(RuntimeError: operation not "
+                                            r"permitted when stream is capturing\); train with fast='off'"):
+        step.run(torch.rand(2, 1, 4, 4).bernoulli(), torch.randn(2, 2), 1e-3, 1.0)

@@ -415,6 +415,7 @@ def _print_table(metrics: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from .io import CheckpointError
+    from .fast import FastPathError
     from .train import TrainingDiverged
 
     try:
@@ -458,8 +459,10 @@ def main(argv: list[str] | None = None) -> int:
             path = sample_command(args.run, n=args.n, output=args.output, seed=args.seed, nrow=args.nrow)
             print(f"vaekit: {args.n} samples written to {path}")
             return 0
-    except TrainingDiverged as e:
-        print(f"vaekit: error: {e}", file=sys.stderr)
+    except (TrainingDiverged, FastPathError) as e:
+        if os.environ.get("VAEKIT_DEBUG"):
+            raise
+        print(f"vaekit: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1
     except (UsageError, ValueError, TypeError, FileNotFoundError, CheckpointError, OSError) as e:
         if os.environ.get("VAEKIT_DEBUG"):

@@ -38,7 +38,12 @@ from torch import Tensor
 from .kernels import fused_available, fused_vae_loss
 from .losses import LossResult, gaussian_kl, reconstruction_nll
 
-__all__ = ["StaticStep", "static_step_supported", "skips_on_device"]
+__all__ = ["StaticStep", "FastPathError", "static_step_supported", "skips_on_device"]
+
+
+class FastPathError(RuntimeError):
+    """The fast step could not be built here (torch.compile or CUDA-graph capture failed);
+    the message names the setting that runs the step without it."""
 
 
 def skips_on_device(optimizer) -> bool:
@@ -135,7 +140,7 @@ class StaticStep:
             if not self._untried:
                 raise
             first = (str(e).strip().splitlines() or [""])[0]
-            raise RuntimeError(f"TrainConfig.fast='compile': torch.compile could not compile the step "
+            raise FastPathError(f"TrainConfig.fast='compile': torch.compile could not compile the step "
                                f"({type(e).__name__}: {first}); train with fast='auto' or 'off'") from e
         self._untried = False
         res.loss.backward()
@@ -224,8 +229,14 @@ class StaticStep:
             self._refresh_backups()
         self.opt.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._body()
+        try:
+            with torch.cuda.graph(graph):
+                self._body()
+        except Exception as e:  # noqa: BLE001  (capture fails in many ways; the cause is chained)
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise FastPathError(f"the training step could not be captured in a CUDA graph "
+                               f"({type(e).__name__}: {first}); train with fast='off' "
+                               f"(vaekit train --fast off) to run it uncaptured") from e
         self._graph = graph
         # Capture records the step without running it: run it now.
         graph.replay()
