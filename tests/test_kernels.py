@@ -182,7 +182,7 @@ def test_values_and_grads_match_eager(reconstruction, B, D, d):
 
 @interpreted
 @pytest.mark.parametrize("reconstruction, B, D, d", [("bernoulli", 3, 784, 5), ("gaussian", 2, 1000, 3),
-                                                     ("bernoulli", 1, 17, 2)])
+                                                     ("bernoulli", 1, 17, 2), ("gaussian", 1, 2100, 3)])
 def test_tile_plan_matches_eager(reconstruction, B, D, d, monkeypatch):
     # PLAN="tiles": one program per block of a row's columns (benchmarks/loss_bench.py
     # times it against "rows"); the same values and gradients, whatever the warps
