@@ -96,6 +96,7 @@ class StaticStep:
         self.eps = torch.zeros(batch_size, cfg.latent_dim, device=self.device)
         self.beta = torch.zeros((), device=self.device)
         self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        self._one = torch.ones((), device=self.device)
         self.skipped = torch.zeros((), dtype=torch.int64, device=self.device)
         self.bad_run = torch.zeros((), dtype=torch.int64, device=self.device)
         self.capture = (self.device.type == "cuda") if capture is None else capture
@@ -149,10 +150,10 @@ class StaticStep:
         else:  # clip_grad_norm_ with no clip still multiplies every gradient by 1
             gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         ok = torch.isfinite(res.loss) & torch.isfinite(gnorm)
-        b = float(self.x.shape[0])
-        parts = torch.stack([res.loss.detach() * b, res.reconstruction.detach() * b, res.kl.detach() * b,
-                             torch.full((), b, device=self.device)]).double()
-        bad = (~ok).to(torch.int64)
+        # [loss*b, rec*b, kl*b, b] in few kernels: each one is a node of the captured graph.
+        parts = torch.stack([res.loss.detach(), res.reconstruction.detach(), res.kl.detach(), self._one]).double()
+        parts = parts * float(self.x.shape[0])
+        bad = ~ok
         self.skipped += bad
         self.bad_run.mul_(bad).add_(bad)
         if self._found_inf is not None:
@@ -162,7 +163,7 @@ class StaticStep:
                 self.opt.step()
             finally:
                 del self.opt.found_inf
-            self.sums += torch.where(ok, parts, torch.zeros_like(parts))
+            self.sums += torch.where(ok, parts, 0.0)
             return
         if self._backups is None:  # uncaptured: a sync is cheap, a bad step is just not taken
             if bool(ok):
