@@ -62,7 +62,9 @@ class TrainConfig:
             objective allows it), ``static`` (that step everywhere; uncaptured off CUDA),
             ``compile`` (that step uncaptured, its forward pass and loss compiled by
             ``torch.compile``: the fastest CPU step, after a compilation of some seconds;
-            needs a C++ compiler) or ``off`` (the eager step). See :mod:`vaekit.fast`.
+            needs a C++ compiler) or ``off`` (the eager step). See :mod:`vaekit.fast`; a
+            step that cannot be compiled or captured raises ``vaekit.fast.FastPathError``
+            naming the setting that runs it without.
         progress: show a tqdm progress bar.
     """
 
