@@ -13,7 +13,9 @@
 # by that, so the cosine schedule ends when the budget does. FAST: the training step
 # (default auto: captured on CUDA); if the calibration run fails with it, the script says
 # so and goes on with FAST=off. IW_K: importance samples (default 5000; smaller only to
-# try the script). Output: the training log, the evaluation table, the wall times and a
+# try the script). EVAL_TF32=1: evaluate with `vaekit evaluate --tf32` (TF32 matrix
+# products and convolutions; the default is full float32, which for the PixelCNN head's
+# convolutions is slower: the fourth session's 174 s estimate ran with cuDNN's TF32). Output: the training log, the evaluation table, the wall times and a
 # last QUALITY line; with $OUT set, the run's metrics, samples and best model
 # (model.tar) are copied there.
 set -euo pipefail
@@ -56,7 +58,7 @@ EPOCHS=${EPOCHS:-200}
 t0=$SECONDS
 "$PY" -m vaekit train --preset "$PRESET" --data-dir "$MNIST_DIR" --epochs "$EPOCHS" --fast "$FAST" --run-dir "$RUN" --no-progress
 t1=$SECONDS
-"$PY" -m vaekit evaluate "$RUN" --iw-samples "$IW_K" --batch-size 1000 --no-progress
+"$PY" -m vaekit evaluate "$RUN" --iw-samples "$IW_K" --batch-size 1000 --no-progress ${EVAL_TF32:+--tf32}
 t2=$SECONDS
 tail -n 2 "$RUN/metrics.csv"
 echo "preset $PRESET, $EPOCHS epochs: training $((t1 - t0)) s (process start, data loading and the end-of-run pictures included; metrics.csv's seconds column is the training loop alone), evaluation $((t2 - t1)) s"

@@ -516,3 +516,12 @@ def test_a_failed_fast_path_is_one_line_naming_the_way_out(tmp_path, capsys, mon
     assert err.strip().splitlines() == [
         "vaekit: error: TrainConfig.fast='compile': torch.compile could not compile the step "
         "(OSError: no C++ compiler found); train with fast='auto' or 'off'"]
+
+
+def test_evaluate_tf32_is_asked_for_and_recorded(run, capsys):
+    rc, _, err = call(["evaluate", run], capsys)
+    assert rc == 0, err
+    assert read_json(Path(run) / "metrics-test.json")["tf32"] is False
+    rc, _, err = call(["evaluate", run, "--tf32"], capsys)
+    assert rc == 0, err
+    assert read_json(Path(run) / "metrics-test.json")["tf32"] is True

@@ -311,8 +311,8 @@ def test_evaluate_model_keys_determinism_and_modes(capsys):
     model.head.eval()
     out = ev.evaluate_model(model, x, iw_samples=500, batch_size=16, seed=3, progress=True, n_bits=8)
     expected = {"num_examples", "elbo", "reconstruction", "kl", "active_units", "mutual_information",
-                "kl_per_dim", "iw_nll", "iw_samples", "bits_per_dim"}
-    assert set(out) == expected
+                "kl_per_dim", "iw_nll", "iw_samples", "bits_per_dim", "tf32"}
+    assert set(out) == expected and out["tf32"] is False
     assert model.training and not model.head.training
     assert all(seen == (False, False) for seen in model.seen)
     assert "evaluate" in capsys.readouterr().err
@@ -342,3 +342,29 @@ def test_argument_errors_name_the_argument():
         ev.evaluate_model(model, x, threshold="0.01")
     with pytest.raises(ValueError, match="iw_samples"):
         ev.evaluate_model(model, x, iw_samples=-1)
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_evaluation_sets_the_float32_precision_for_the_call_only(tf32, monkeypatch):
+    """Full float32 on CUDA unless asked (PyTorch's default lets cuDNN convolutions use
+    TF32); the global flags are put back after the call, also after an error."""
+    model, x, _ = make_problem(n=8)
+    flags = []
+    decode = model.decode
+    monkeypatch.setattr(model, "decode", lambda z: (flags.append((torch.backends.cuda.matmul.allow_tf32,
+                                                                   torch.backends.cudnn.allow_tf32)), decode(z))[1])
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
+    try:
+        ev.evaluate_model(model, x, iw_samples=3, tf32=tf32)
+        ev.iw_nll(model, x, 3, tf32=tf32)
+        assert flags and set(flags) == {(tf32, tf32)}
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (not tf32, not tf32)
+        monkeypatch.setattr(model, "decode", lambda z: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            ev.iw_nll(model, x, 3, tf32=tf32)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (not tf32, not tf32)
+        with pytest.raises(TypeError, match="tf32 must be a bool, got int"):
+            ev.iw_nll(model, x, 3, tf32=1)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

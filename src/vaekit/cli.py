@@ -276,13 +276,15 @@ def _load_run(run: str):
 
 def evaluate_command(run: str, *, split: str = "test", iw_samples: int = 0, batch_size: int = 500,
                      seed: int = 0, device: str = "auto", disentanglement: bool = False,
-                     quick: bool = False, limit: int = 0, num_threads: int = 0, progress: bool = False) -> dict:
+                     quick: bool = False, limit: int = 0, num_threads: int = 0, progress: bool = False,
+                     tf32: bool = False) -> dict:
     """ELBO, reconstruction, KL (and the importance-weighted log-likelihood when
     ``iw_samples > 0``) on a split; writes ``RUN/metrics-<split>.json``. ``limit > 0``
     scores only the split's first ``limit`` examples (a quick estimate for an expensive
     model) and writes ``RUN/metrics-<split>-first<limit>.json`` instead. ``num_threads > 0``
     sets PyTorch's CPU threads for the call (restored after); ``progress`` shows a bar over
-    the batches."""
+    the batches; ``tf32`` lets CUDA run the float32 matrix products and convolutions in TF32
+    (default: full float32; the metrics record which)."""
     import torch
 
     if split not in ("test", "val", "train"):
@@ -299,12 +301,14 @@ def evaluate_command(run: str, *, split: str = "test", iw_samples: int = 0, batc
     if num_threads:
         torch.set_num_threads(num_threads)
     try:
-        return _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement, quick, limit, progress)
+        return _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement, quick, limit, progress,
+                         tf32)
     finally:
         torch.set_num_threads(threads)
 
 
-def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement, quick, limit, progress) -> dict:
+def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement, quick, limit, progress,
+              tf32) -> dict:
     from .data import load_dataset
     from .evaluate import evaluate_model
     from .io import write_json
@@ -318,7 +322,8 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
     x = (x[:limit] if limit else x).to(dev)
     if x.shape[0] == 0:
         raise UsageError(f"--split {split}: the split is empty for dataset {config.data.dataset!r}")
-    metrics = evaluate_model(model, x, iw_samples=iw_samples, batch_size=batch_size, seed=seed, progress=progress)
+    metrics = evaluate_model(model, x, iw_samples=iw_samples, batch_size=batch_size, seed=seed, progress=progress,
+                             tf32=tf32)
     if disentanglement:
         metrics.update(_disentanglement(model, config, seed, quick))
     result = {"split": split, "n": int(x.shape[0]), "iw_samples": iw_samples, **metrics}
@@ -394,6 +399,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="score only the split's first N examples (written to metrics-<split>-firstN.json) [default: 0, all]")
     e.add_argument("--num-threads", type=int, default=0, metavar="N",
                    help="CPU threads for PyTorch [default: 0, PyTorch's own choice]")
+    e.add_argument("--tf32", action="store_true",
+                   help="on CUDA, float32 matrix products and convolutions in TF32 (faster; default: full float32)")
     e.add_argument("--no-progress", action="store_true",
                    help="no progress bar over the batches (shown only on a terminal anyway)")
 
@@ -450,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics = evaluate_command(args.run, split=args.split, iw_samples=args.iw_samples,
                                        batch_size=args.batch_size, seed=args.seed, device=args.device,
                                        disentanglement=args.disentanglement, quick=args.quick, limit=args.limit,
-                                       num_threads=args.num_threads,
+                                       num_threads=args.num_threads, tf32=args.tf32,
                                        progress=not args.no_progress and sys.stderr.isatty())
             _print_table(metrics)
             print(f"vaekit: metrics written to {Path(args.run) / metrics_name(args.split, args.limit)}")
