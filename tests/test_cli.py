@@ -525,3 +525,11 @@ def test_evaluate_tf32_is_asked_for_and_recorded(run, capsys):
     rc, _, err = call(["evaluate", run, "--tf32"], capsys)
     assert rc == 0, err
     assert read_json(Path(run) / "metrics-test.json")["tf32"] is True
+
+
+def test_version_names_vaekit_and_torch(capsys):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"vaekit {vaekit.__version__} (torch {torch.__version__})"

@@ -77,6 +77,14 @@ class UsageError(ValueError):
     """Bad command-line input: reported in one line with exit status 2."""
 
 
+def _version_line() -> str:
+    import torch
+
+    from . import __version__
+
+    return f"vaekit {__version__} (torch {torch.__version__})"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, status 2, no usage dump
         raise UsageError(f"{message} (see '{self.prog} --help')")
@@ -371,6 +379,7 @@ def sample_command(run: str, *, n: int = 64, output: str = "samples.png", seed: 
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vaekit", description="Variational autoencoders: train, evaluate, sample.")
+    p.add_argument("--version", action="version", version=_version_line())
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="train a VAE (default: the bundled 8x8 digits)",
                        description="Train a VAE. With no arguments: the 'digits' preset.")
