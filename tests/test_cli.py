@@ -533,3 +533,26 @@ def test_version_names_vaekit_and_torch(capsys):
         main(["--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out.strip() == f"vaekit {vaekit.__version__} (torch {torch.__version__})"
+
+
+def test_time_budget_sets_the_epochs_it_says(tmp_path, capsys):
+    tiny = [a for i, a in enumerate(TINY) if a != "--epochs" and (i == 0 or TINY[i - 1] != "--epochs")]
+    rc, out, err = call(["train", "--run-dir", tmp_path / "run", *tiny, "--time-budget", 0.5], capsys)
+    assert rc == 0, err
+    said = re.search(r"calibration: ([0-9.]+) s an epoch -> (\d+) epochs for a 0.5 s budget", out)
+    assert said, out
+    epochs, per_epoch = int(said.group(2)), float(said.group(1))  # printed to 3 decimals
+    assert max(1, int(0.5 / (per_epoch + 5e-4))) <= epochs <= max(1, int(0.5 / max(per_epoch - 5e-4, 1e-9)))
+    assert read_json(tmp_path / "run" / "config.json")["train"]["epochs"] == epochs
+    assert f"trained {epochs} epochs" in out
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["--time-budget", "5", "--epochs", "3"], "give --epochs or --time-budget, not both"),
+    (["--time-budget", "0"], r"--time-budget must be a number of seconds > 0, got 0"),
+    (["--time-budget", "nan"], r"--time-budget must be a number of seconds > 0, got nan"),
+])
+def test_time_budget_refusals(argv, pattern, tmp_path, capsys):
+    rc, _, err = call(["train", "--run-dir", tmp_path / "run", *argv], capsys)
+    assert_usage_error(rc, err, pattern)
+    assert not (tmp_path / "run").exists()

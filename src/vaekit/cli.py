@@ -266,6 +266,23 @@ def train_command(config=None, run_dir=None, *, resume: str | None = None, prese
     return fit(config, run_dir)
 
 
+def _budgeted(config, seconds: float, *, epochs_given: bool):
+    """``config`` with the epochs that fit in ``seconds`` (--time-budget), said in one line."""
+    import dataclasses
+    import math
+
+    from .train import epochs_for_budget
+
+    if epochs_given:
+        raise UsageError("--time-budget sets the number of epochs; give --epochs or --time-budget, not both")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise UsageError(f"--time-budget must be a number of seconds > 0, got {seconds:g}")
+    epochs, per_epoch = epochs_for_budget(config, seconds)
+    print(f"vaekit: calibration: {per_epoch:.3f} s an epoch -> {epochs} epochs for a {seconds:g} s budget", flush=True)
+    config.train = dataclasses.replace(config.train, epochs=epochs)
+    return config
+
+
 def _load_run(run: str):
     from .io import read_json
     from .models import VAE
@@ -391,6 +408,10 @@ def _parser() -> argparse.ArgumentParser:
                         "only --no-progress and --epochs N go with it. --epochs N extends the run to N "
                         "epochs in all (more than it has done) and saves N in RUN/config.json; a cosine "
                         "learning rate then follows the cosine over N epochs from the resume point on")
+    t.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="train as many epochs as fit in SECONDS of training loop, timed by a 3-epoch "
+                        "calibration run first (thrown away); sets --epochs, so the cosine schedule ends "
+                        "with the budget")
     _add_config_flags(t)
 
     e = sub.add_parser("evaluate", help="evaluate a trained run", description="Evaluate a trained run on a split.")
@@ -443,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
                 epochs = overrides.pop("train.epochs", None)
                 names = _flag_names()
                 refused = [flag for flag, given in (("--preset", args.preset), ("--config", args.config),
-                                                    ("--run-dir", args.run_dir)) if given]
+                                                    ("--run-dir", args.run_dir),
+                                                    ("--time-budget", args.time_budget is not None)) if given]
                 refused += [names[tuple(k.split(".", 1))][0] for k in overrides]
                 if refused:
                     raise UsageError("--resume continues a run with its saved configuration; it takes only "
@@ -454,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
                                        epochs=epochs)
             else:
                 config = build_config(args.preset, args.config, overrides)
+                if args.time_budget is not None:
+                    config = _budgeted(config, args.time_budget, epochs_given="train.epochs" in overrides)
                 result = train_command(config, args.run_dir, preset=args.preset or DEFAULT_PRESET)
             if result.interrupted:
                 return 130

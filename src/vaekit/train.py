@@ -33,6 +33,7 @@ from torch import nn
 from . import __version__
 from .batching import BatchIterator, mix_seed
 from .config import RunConfig, TrainConfig
+from .checks import check_int, check_number
 from .data import check_images, load_dataset
 from .fast import StaticStep, static_step_supported
 from .io import save_checkpoint, save_model, write_json
@@ -41,7 +42,8 @@ from .plots import save_run_pictures
 from .runs import read_for_resume, restore, rng_state, write_metrics
 from .objectives import ObjectiveConfig, beta_schedule, objective_loss
 
-__all__ = ["TrainConfig", "RunConfig", "fit", "FitResult", "TrainingDiverged", "lr_at", "resolve_device"]
+__all__ = ["TrainConfig", "RunConfig", "fit", "FitResult", "TrainingDiverged", "lr_at", "resolve_device",
+           "epochs_for_budget"]
 
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row; the last good checkpoint is left intact."""
@@ -243,6 +245,33 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False, epochs: int | None 
         return _fit(config, run_dir, resume, epochs)
     finally:
         torch.set_num_threads(threads)
+
+
+def epochs_for_budget(config: RunConfig, seconds: float, *, calibration_epochs: int = 3) -> tuple[int, float]:
+    """How many epochs of ``config``'s training fit in ``seconds`` of training loop:
+    ``(epochs, seconds per epoch)``, the latter timed by a short run of
+    ``calibration_epochs`` epochs (in a temporary directory, thrown away; its first epoch,
+    which compiles or captures the step, is left out of the timing). Training that many
+    epochs keeps every schedule a function of the step (the cosine ends with the budget),
+    so the run stays reproducible; its wall time is the budget give or take the machine's
+    noise, plus the process's start and the end-of-run pictures. Not under ``torchrun``
+    (the ranks could time differently)."""
+    check_number("seconds", seconds, open_low=True)
+    check_int("calibration_epochs", calibration_epochs, low=2)
+    if _dist_info()[2] > 1:
+        raise ValueError("a time budget is not supported under torchrun (the ranks could time differently); "
+                         "give the epochs instead")
+    import copy
+    import tempfile
+
+    trial = copy.deepcopy(config)
+    trial.train = dataclasses.replace(trial.train, epochs=calibration_epochs, max_steps=0, early_stopping=0,
+                                      checkpoint_every=0, progress=False)
+    with tempfile.TemporaryDirectory(prefix="vaekit-calibrate-") as tmp:
+        history = fit(trial, Path(tmp) / "run").history
+    rows = [r for r in history if r["split"] == "train"]
+    per_epoch = (rows[-1]["seconds"] - rows[0]["seconds"]) / (len(rows) - 1)
+    return max(1, int(seconds / max(per_epoch, 1e-9))), per_epoch
 
 
 def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None) -> FitResult:
