@@ -32,7 +32,7 @@ import vaekit.pixelcnn
 import vaekit.objectives
 import vaekit.config
 import vaekit.train
-from vaekit.cli import PRESETS, build_config, main
+from vaekit.cli import build_config, main
 from vaekit.data import load_dataset
 from vaekit.io import load_checkpoint, read_json
 from vaekit.models import VAE
@@ -472,16 +472,6 @@ def test_bad_input_in_a_real_process_prints_one_line_without_traceback(places):
     rc, out, err = run_cli("train", "--run-dir", places["run"], *TINY)
     assert_usage_error(rc, err, r"--run-dir.*not empty")
     assert out == "" and snapshot(places["run"]) == before
-
-
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_every_preset_resolves_to_a_model_that_builds(name):
-    cfg = build_config(name)
-    model_cfg = dataclasses.replace(cfg.model, input_shape=(1, 28, 28) if name != "digits" else (1, 8, 8))
-    model = VAE(model_cfg)
-    x = torch.zeros(2, *model_cfg.input_shape)
-    out = model(x)
-    assert model.nll(out.decoder_out, x).shape == (2,)
 
 
 def test_evaluate_num_threads_is_used_and_restored(run, capsys, monkeypatch):
