@@ -16,6 +16,7 @@ from torch import nn
 from torch.distributions import Bernoulli, MultivariateNormal, Normal, kl_divergence
 
 import vaekit.evaluate as ev
+import vaekit.iw
 from vaekit.losses import gaussian_kl, gaussian_nll
 
 DTYPE = torch.float64
@@ -181,8 +182,8 @@ def test_chunk_size_does_not_change_the_estimate(monkeypatch):
         results[chunk] = ev.iw_log_likelihood(model, x, k, chunk_size=chunk, generator=gen(6))
         assert len(calls) == math.ceil(k / chunk) and max(calls) == min(chunk, k) * 6
     # The automatic size follows the memory budget: 10 samples of 6 x 5 float64 values.
-    monkeypatch.setattr(ev, "_MEMORY_BUDGET_BYTES", 10 * 6 * D * 8)
-    monkeypatch.setattr(ev, "_CPU_BUDGET_BYTES", 10 * 6 * D * 8)
+    monkeypatch.setattr(vaekit.iw, "MEMORY_BUDGET_BYTES", 10 * 6 * D * 8)
+    monkeypatch.setattr(vaekit.iw, "CPU_BUDGET_BYTES", 10 * 6 * D * 8)
     calls.clear()
     results[None] = ev.iw_log_likelihood(model, x, k, generator=gen(6))
     assert len(calls) == 15 and max(calls) == 60

@@ -26,7 +26,8 @@ from torch import Tensor
 
 from .checks import _LOG_2PI, check_int, check_number, validate_args_enabled, value_checks
 from .losses import gaussian_kl
-from .objectives import decode_nll, log_weights_from_noise
+from .iw import MEMORY_BUDGET_BYTES, iw_from_params, randn_like_on
+from .objectives import decode_nll
 
 __all__ = [
     "elbo_terms",
@@ -39,16 +40,6 @@ __all__ = [
     "mutual_information",
     "evaluate_model",
 ]
-
-# Target size of one chunk's decoder output when chunk_size is not given. The peak is a
-# small multiple of it (the expanded copy of x and the likelihood's temporaries).
-_MEMORY_BUDGET_BYTES = 256 * 2**20
-_CPU_BUDGET_BYTES = 8 * 2**20
-
-# Noise for the k samples is drawn in blocks of this many samples, whatever the chunk
-# size, so that the draws (and hence the estimate) do not depend on chunk_size.
-_NOISE_BLOCK = 64
-
 
 # ---------------------------------------------------------------------------------------
 # Checks and plumbing
@@ -126,58 +117,12 @@ def _encode_all(model, x: Tensor, batch_size: int | None) -> tuple[Tensor, Tenso
     return torch.cat([p[0] for p in params]), torch.cat([p[1] for p in params])
 
 
-def _randn(shape, generator, like: Tensor) -> Tensor:
-    """Standard normal noise drawn on the generator's device, returned on ``like``'s."""
-    device = generator.device if generator is not None else like.device
-    return torch.randn(shape, generator=generator, dtype=like.dtype, device=device).to(like.device)
-
-
-def _normal_chunks(k: int, chunk_size: int, like: Tensor, generator):
-    """Yield standard-normal tensors ``[c, *like.shape]`` covering ``k`` samples in order.
-
-    The generator is called for blocks of ``min(_NOISE_BLOCK, samples left)`` samples
-    whatever ``chunk_size`` is, so the concatenated noise depends only on ``k`` and the
-    generator's state. (Drawing per chunk would not do: a CPU ``randn`` of n values is
-    not the first n values of a larger ``randn``.)
-    """
-    left = like.new_empty(0, *like.shape)
-    drawn = 0
-    for start in range(0, k, chunk_size):
-        need = min(chunk_size, k - start)
-        parts, have = [left], left.shape[0]
-        while have < need:
-            n = min(_NOISE_BLOCK, k - drawn)
-            parts.append(_randn((n, *like.shape), generator, like))
-            have += n
-            drawn += n
-        buffer = torch.cat(parts) if len(parts) > 1 else left
-        yield buffer[:need]
-        left = buffer[need:]
-
-
-def _auto_chunk_size(batch: int, num_dims: int, dtype: torch.dtype, k: int, device=None) -> int:
-    """Samples per chunk so that the decoder output is about ``_MEMORY_BUDGET_BYTES`` on
-    an accelerator, ``_CPU_BUDGET_BYTES`` on a CPU (where a chunk that stays in the caches
-    runs about twice as fast: see docs/benchmarks.md)."""
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    budget = _CPU_BUDGET_BYTES if device is None or torch.device(device).type == "cpu" else _MEMORY_BUDGET_BYTES
-    return max(1, min(k, budget // max(1, batch * num_dims * itemsize)))
-
-
-# ---------------------------------------------------------------------------------------
-# The core (shared with the IWAE objective in vaekit.objectives)
-
-
-def _log_weights(model, x: Tensor, mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
-    return log_weights_from_noise(model, x, mu, logvar, eps)[0]
-
-
 # ---------------------------------------------------------------------------------------
 # ELBO and the importance-weighted likelihood
 
 
 def _elbo_from_params(model, x, mu, logvar, n_samples, generator) -> dict[str, Tensor]:
-    z = mu + torch.exp(0.5 * logvar) * _randn((n_samples, *mu.shape), generator, mu)
+    z = mu + torch.exp(0.5 * logvar) * randn_like_on((n_samples, *mu.shape), generator, mu)
     reconstruction = decode_nll(model, x, z).mean(0)
     kl = gaussian_kl(mu, logvar)
     return {"elbo": -(reconstruction + kl), "reconstruction": reconstruction, "kl": kl}
@@ -209,21 +154,6 @@ def elbo_terms(
             for sl in _batches(x.shape[0], batch_size)
         ]
     return {key: torch.cat([p[key] for p in parts]) for key in ("elbo", "reconstruction", "kl")}
-
-
-def _iw_from_params(model, x, mu, logvar, k, chunk_size, generator) -> Tensor:
-    if chunk_size is None:
-        # decode_numel: what one decoded example holds (an autoregressive head holds feature maps).
-        chunk_size = _auto_chunk_size(x.shape[0], getattr(model, "decode_numel", x[0].numel()), mu.dtype, k, mu.device)
-    total = None
-    # A model may share work on x across the chunks (the late-fusion PixelCNN head's pixel features).
-    sharing = getattr(model, "sharing_pixels", None)
-    with sharing(x) if sharing is not None else contextlib.nullcontext():
-        for eps in _normal_chunks(k, chunk_size, mu, generator):
-            chunk = torch.logsumexp(_log_weights(model, x, mu, logvar, eps), dim=0)
-            # log(a + b) from log a and log b: a running logsumexp that never overflows.
-            total = chunk if total is None else torch.logaddexp(total, chunk)
-    return total - math.log(k)
 
 
 def iw_log_likelihood(
@@ -270,7 +200,7 @@ def iw_log_likelihood(
     with _evaluating(model, tf32):
         mu, logvar = _encode_all(model, x, batch_size)
         parts = [
-            _iw_from_params(model, x[sl].to(mu.device), mu[sl], logvar[sl], k, chunk_size, generator)
+            iw_from_params(model, x[sl].to(mu.device), mu[sl], logvar[sl], k, chunk_size, generator)
             for sl in _batches(x.shape[0], batch_size)
         ]
     return torch.cat(parts)
@@ -384,7 +314,7 @@ def kl_per_dimension(model, x: Tensor, *, batch_size: int | None = 256) -> Tenso
 
 def _mutual_information_from_params(mu, logvar, n_samples, generator) -> Tensor:
     n, d = mu.shape
-    z = mu + torch.exp(0.5 * logvar) * _randn((n_samples, n, d), generator, mu)  # [S, N, d]
+    z = mu + torch.exp(0.5 * logvar) * randn_like_on((n_samples, n, d), generator, mu)  # [S, N, d]
     # log q(z_i | x_n) for all pairs as two matrix products: -0.5 sum_j (z_j - m_j)^2 / v_j
     # = -0.5 z^2 . (1/v) + z . (m/v) - 0.5 m^2 . (1/v). In float64 and centred on the mean
     # of mu, the cancellation between the terms costs nothing measurable; the direct
@@ -393,7 +323,7 @@ def _mutual_information_from_params(mu, logvar, n_samples, generator) -> Tensor:
     m, inv_var = mu.double() - center, torch.exp(-logvar.double())  # [N, d]
     const = -0.5 * (logvar.double().sum(-1) + d * _LOG_2PI + (m.square() * inv_var).sum(-1))
     m_over_v = m * inv_var
-    rows = max(1, _MEMORY_BUDGET_BYTES // (2 * 8 * n_samples * n))
+    rows = max(1, MEMORY_BUDGET_BYTES // (2 * 8 * n_samples * n))
     total = mu.new_zeros((), dtype=torch.float64)
     for start in range(0, n, rows):
         zc = z[:, start : start + rows].double() - center  # [S, b, d]
@@ -489,7 +419,7 @@ def evaluate_model(
             for key, value in terms.items():
                 sums[key] = sums[key] + value.double().sum()  # stays on the device: no sync
             if iw_samples:
-                iw = _iw_from_params(model, xb, mu[sl], logvar[sl], iw_samples, chunk_size, g_iw)
+                iw = iw_from_params(model, xb, mu[sl], logvar[sl], iw_samples, chunk_size, g_iw)
                 sums["iw"] = sums["iw"] + iw.double().sum()
         means = {key: float(value) / n for key, value in sums.items()}
         result = {
