@@ -508,10 +508,11 @@ def test_a_failed_fast_path_is_one_line_naming_the_way_out(tmp_path, capsys, mon
         "(OSError: no C++ compiler found); train with fast='auto' or 'off'"]
 
 
-def test_evaluate_tf32_is_asked_for_and_recorded(run, capsys):
+def test_evaluate_tf32_is_asked_for_and_recorded_with_the_machine(run, capsys):
     rc, _, err = call(["evaluate", run], capsys)
     assert rc == 0, err
-    assert read_json(Path(run) / "metrics-test.json")["tf32"] is False
+    m = read_json(Path(run) / "metrics-test.json")
+    assert m["tf32"] is False and m["device"] == "cpu" and m["torch"] == torch.__version__ and m["seconds"] > 0
     rc, _, err = call(["evaluate", run, "--tf32"], capsys)
     assert rc == 0, err
     assert read_json(Path(run) / "metrics-test.json")["tf32"] is True

@@ -299,11 +299,17 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
     x = (x[:limit] if limit else x).to(dev)
     if x.shape[0] == 0:
         raise UsageError(f"--split {split}: the split is empty for dataset {config.data.dataset!r}")
+    t0 = time.perf_counter()
     metrics = evaluate_model(model, x, iw_samples=iw_samples, batch_size=batch_size, seed=seed, progress=progress,
                              tf32=tf32)
+    seconds = time.perf_counter() - t0
     if disentanglement:
         metrics.update(_disentanglement(model, config, seed, quick))
-    result = {"split": split, "n": int(x.shape[0]), "iw_samples": iw_samples, **metrics}
+    import torch
+
+    where = f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else str(dev)
+    result = {"split": split, "n": int(x.shape[0]), "iw_samples": iw_samples, **metrics,
+              "seconds": round(seconds, 3), "device": where, "torch": torch.__version__}
     write_json(rd / metrics_name(split, limit), result)
     return result
 
