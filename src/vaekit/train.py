@@ -19,10 +19,12 @@ Under ``torchrun`` the same function trains with DistributedDataParallel (see
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -253,17 +255,15 @@ def epochs_for_budget(config: RunConfig, seconds: float, *, calibration_epochs: 
     ``calibration_epochs`` epochs (in a temporary directory, thrown away; its first epoch,
     which compiles or captures the step, is left out of the timing). Training that many
     epochs keeps every schedule a function of the step (the cosine ends with the budget),
-    so the run stays reproducible; its wall time is the budget give or take the machine's
-    noise, plus the process's start and the end-of-run pictures. Not under ``torchrun``
+    so the run stays reproducible; its training loop takes the budget give or take the
+    machine's noise, and the calibration run, the process's start and the end-of-run
+    pictures come on top. Not under ``torchrun``
     (the ranks could time differently)."""
     check_number("seconds", seconds, open_low=True)
     check_int("calibration_epochs", calibration_epochs, low=2)
     if _dist_info()[2] > 1:
         raise ValueError("a time budget is not supported under torchrun (the ranks could time differently); "
                          "give the epochs instead")
-    import copy
-    import tempfile
-
     trial = copy.deepcopy(config)
     trial.train = dataclasses.replace(trial.train, epochs=calibration_epochs, max_steps=0, early_stopping=0,
                                       checkpoint_every=0, progress=False)
