@@ -73,11 +73,11 @@ fi
 step loss_bench 120 "$PY" benchmarks/loss_bench.py --device cuda --sweep
 step epoch_bench 80 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --skip compiled,fit-compile --data "$DATA"
 # The per-example loop and pythae run on the first 300 images (their time is also per image).
-step iw_bench 90 "$PY" benchmarks/iw_bench.py --device cuda --k 5000 --n 10000 --n-baseline 300 --tf32 --data "$DATA"
-# $RESCORE (a run directory inside the repo): how far TF32 moves its k = 5000 NLL on the
-# first 1,000 test images (the fourth session's PixelCNN run: .gpudata/pixelcnn-h100).
+step iw_bench 90 "$PY" benchmarks/iw_bench.py --device cuda --k 5000 --n 10000 --n-baseline 300 --reduced tf32,bf16 --data "$DATA"
+# $RESCORE (a run directory inside the repo): how far TF32 and bf16 move its k = 5000 NLL
+# on the first 1,000 test images (the fourth session's PixelCNN run: .gpudata/pixelcnn-h100).
 if [ -n "${RESCORE:-}" ]; then
-    step tf32_shift 150 "$PY" benchmarks/tf32_shift.py "$RESCORE" --k 5000 --limit 1000
+    step precision_shift 150 "$PY" benchmarks/precision_shift.py "$RESCORE" --k 5000 --limit 1000
 fi
 # The Triton-path kernel tests run on the GPU in-process; the captured step for both optimisers.
 if "$PY" -c 'import pytest, hypothesis' 2>/dev/null; then
@@ -98,6 +98,6 @@ say "         epoch at batch 128 <= 60 ms; k=5000 IW on 10,000 images <= 1 s (H2
     grep -h -E "^device|^copy bandwidth" "$TMP/loss_bench.out" 2>/dev/null
     sed -n '/^recipe/,/^$/p' "$TMP/loss_bench.out" 2>/dev/null
     grep -h "^SUMMARY loss_bench" "$TMP/loss_bench.out" 2>/dev/null | sed 's/^SUMMARY //'
-    grep -h -E "^SUMMARY|^agreement|^matrix products|^TF32" "$TMP/epoch_bench.out" "$TMP/iw_bench.out" \
-        "$TMP/tf32_shift.out" 2>/dev/null | sed 's/^SUMMARY //'
+    grep -h -E "^SUMMARY|^agreement|^matrix products|^PRECISION" "$TMP/epoch_bench.out" "$TMP/iw_bench.out" \
+        "$TMP/precision_shift.out" 2>/dev/null | sed 's/^SUMMARY //'
 } | tee -a "$LOG"

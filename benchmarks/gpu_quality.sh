@@ -12,12 +12,13 @@
 # run times an epoch, leaving out the first, which captures the CUDA graph, and the
 # epochs become the budget divided by that, so the cosine schedule ends when the budget
 # does). FAST: the training step (default auto: captured on CUDA); if training fails
-# with it, the script says so and trains again with FAST=off. IW_K: importance samples (default 5000; smaller only to
-# try the script). EVAL_TF32=1: evaluate with `vaekit evaluate --tf32` (TF32 matrix
-# products and convolutions; the default is full float32, which for the PixelCNN head's
-# convolutions is slower: the fourth session's 174 s estimate ran with cuDNN's TF32). Output: the training log, the evaluation table, the wall times and a
-# last QUALITY line; with $OUT set, the run's metrics, samples and best model
-# (model.tar) are copied there.
+# with it, the script says so and trains again with FAST=off. IW_K: importance samples
+# (default 5000; smaller only to try the script). EVAL_PRECISION: `vaekit evaluate
+# --precision` (fp32, the default; tf32 or bf16 are faster: full float32 is slower for the
+# PixelCNN head's convolutions, and the fourth session's 174 s estimate ran with cuDNN's
+# TF32 before fp32 became the default). Output: the training log, the evaluation table,
+# the wall times and a last QUALITY line; with $OUT set, the run's metrics, samples and
+# best model (model.tar) are copied there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -50,7 +51,7 @@ if ! train; then
 fi
 t1=$SECONDS
 EPOCHS=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["train"]["epochs"])' "$RUN/config.json")
-"$PY" -m vaekit evaluate "$RUN" --iw-samples "$IW_K" --batch-size 1000 --no-progress ${EVAL_TF32:+--tf32}
+"$PY" -m vaekit evaluate "$RUN" --iw-samples "$IW_K" --batch-size 1000 --no-progress --precision "${EVAL_PRECISION:-fp32}"
 t2=$SECONDS
 tail -n 2 "$RUN/metrics.csv"
 echo "preset $PRESET, $EPOCHS epochs: training $((t1 - t0)) s (process start, data loading, the calibration run of a budget and the end-of-run pictures included; metrics.csv's seconds column is the training loop alone), evaluation $((t2 - t1)) s"

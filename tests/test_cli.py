@@ -508,14 +508,16 @@ def test_a_failed_fast_path_is_one_line_naming_the_way_out(tmp_path, capsys, mon
         "(OSError: no C++ compiler found); train with fast='auto' or 'off'"]
 
 
-def test_evaluate_tf32_is_asked_for_and_recorded_with_the_machine(run, capsys):
+def test_evaluate_precision_is_asked_for_and_recorded_with_the_machine(run, capsys):
     rc, _, err = call(["evaluate", run], capsys)
     assert rc == 0, err
     m = read_json(Path(run) / "metrics-test.json")
-    assert m["tf32"] is False and m["device"] == "cpu" and m["torch"] == torch.__version__ and m["seconds"] > 0
-    rc, _, err = call(["evaluate", run, "--tf32"], capsys)
+    assert m["precision"] == "fp32" and m["device"] == "cpu" and m["torch"] == torch.__version__ and m["seconds"] > 0
+    rc, _, err = call(["evaluate", run, "--precision", "bf16"], capsys)
     assert rc == 0, err
-    assert read_json(Path(run) / "metrics-test.json")["tf32"] is True
+    assert read_json(Path(run) / "metrics-test.json")["precision"] == "bf16"
+    rc, _, err = call(["evaluate", run, "--precision", "fp16"], capsys)
+    assert_usage_error(rc, err, r"--precision: invalid choice: 'fp16'")
 
 
 def test_version_names_vaekit_and_torch(capsys):

@@ -254,14 +254,14 @@ def _load_run(run: str):
 def evaluate_command(run: str, *, split: str = "test", iw_samples: int = 0, batch_size: int = 500,
                      seed: int = 0, device: str = "auto", disentanglement: bool = False,
                      quick: bool = False, limit: int = 0, num_threads: int = 0, progress: bool = False,
-                     tf32: bool = False) -> dict:
+                     precision: str = "fp32") -> dict:
     """ELBO, reconstruction, KL (and the importance-weighted log-likelihood when
     ``iw_samples > 0``) on a split; writes ``RUN/metrics-<split>.json``. ``limit > 0``
     scores only the split's first ``limit`` examples (a quick estimate for an expensive
     model) and writes ``RUN/metrics-<split>-first<limit>.json`` instead. ``num_threads > 0``
     sets PyTorch's CPU threads for the call (restored after); ``progress`` shows a bar over
-    the batches; ``tf32`` lets CUDA run the float32 matrix products and convolutions in TF32
-    (default: full float32; the metrics record which)."""
+    the batches; ``precision``: the arithmetic, ``fp32`` (default), ``tf32`` (CUDA) or
+    ``bf16`` (see :func:`vaekit.evaluate.iw_log_likelihood`; the metrics record which)."""
     import torch
 
     if split not in ("test", "val", "train"):
@@ -279,13 +279,13 @@ def evaluate_command(run: str, *, split: str = "test", iw_samples: int = 0, batc
         torch.set_num_threads(num_threads)
     try:
         return _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement, quick, limit, progress,
-                         tf32)
+                         precision)
     finally:
         torch.set_num_threads(threads)
 
 
 def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement, quick, limit, progress,
-              tf32) -> dict:
+              precision) -> dict:
     from .data import load_dataset
     from .evaluate import evaluate_model
     from .io import write_json
@@ -301,7 +301,7 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
         raise UsageError(f"--split {split}: the split is empty for dataset {config.data.dataset!r}")
     t0 = time.perf_counter()
     metrics = evaluate_model(model, x, iw_samples=iw_samples, batch_size=batch_size, seed=seed, progress=progress,
-                             tf32=tf32)
+                             precision=precision)
     seconds = time.perf_counter() - t0
     if disentanglement:
         metrics.update(_disentanglement(model, config, seed, quick))
@@ -353,6 +353,8 @@ def sample_command(run: str, *, n: int = 64, output: str = "samples.png", seed: 
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .evaluate import PRECISIONS
+
     p = _Parser(prog="vaekit", description="Variational autoencoders: train, evaluate, sample.")
     p.add_argument("--version", action="version", version=_version_line())
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -387,8 +389,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="score only the split's first N examples (written to metrics-<split>-firstN.json) [default: 0, all]")
     e.add_argument("--num-threads", type=int, default=0, metavar="N",
                    help="CPU threads for PyTorch [default: 0, PyTorch's own choice]")
-    e.add_argument("--tf32", action="store_true",
-                   help="on CUDA, float32 matrix products and convolutions in TF32 (faster; default: full float32)")
+    e.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="arithmetic: full float32, TF32 matrix products and convolutions (CUDA), or bfloat16 "
+                        "autocast; the reduced ones are faster [default: fp32]")
     e.add_argument("--no-progress", action="store_true",
                    help="no progress bar over the batches (shown only on a terminal anyway)")
 
@@ -448,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics = evaluate_command(args.run, split=args.split, iw_samples=args.iw_samples,
                                        batch_size=args.batch_size, seed=args.seed, device=args.device,
                                        disentanglement=args.disentanglement, quick=args.quick, limit=args.limit,
-                                       num_threads=args.num_threads, tf32=args.tf32,
+                                       num_threads=args.num_threads, precision=args.precision,
                                        progress=not args.no_progress and sys.stderr.isatty())
             _print_table(metrics)
             print(f"vaekit: metrics written to {Path(args.run) / metrics_name(args.split, args.limit)}")
