@@ -38,12 +38,26 @@ from torch import Tensor
 from .kernels import fused_available, fused_vae_loss
 from .losses import LossResult, gaussian_kl, reconstruction_nll
 
-__all__ = ["StaticStep", "FastPathError", "static_step_supported", "skips_on_device"]
+__all__ = ["StaticStep", "FastPathError", "static_step_supported", "skips_on_device", "grad_norm"]
 
 
 class FastPathError(RuntimeError):
     """The fast step could not be built here (torch.compile or CUDA-graph capture failed);
     the message names the setting that runs the step without it."""
+
+
+def grad_norm(params, clip: float = 0.0) -> Tensor:
+    """The global gradient norm of ``params``, clipping to ``clip`` when it is > 0 and
+    finite. Without clipping only the norm is computed (``clip_grad_norm_`` would still
+    multiply every gradient by 1)."""
+    params = list(params)
+    if (clip and math.isfinite(clip)) or not hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.clip_grad_norm_(params, clip or math.inf)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 def skips_on_device(optimizer) -> bool:
@@ -140,15 +154,11 @@ class StaticStep:
         except Exception as e:  # noqa: BLE001  (inductor raises many kinds; the cause is chained)
             if not self._untried:
                 raise
-            first = (str(e).strip().splitlines() or [""])[0]
             raise FastPathError(f"TrainConfig.fast='compile': torch.compile could not compile the step "
-                               f"({type(e).__name__}: {first}); train with fast='auto' or 'off'") from e
+                                f"({type(e).__name__}: {_first_line(e)}); train with fast='auto' or 'off'") from e
         self._untried = False
         res.loss.backward()
-        if math.isinf(self.grad_clip) and hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
-            gnorm = torch.nn.utils.get_total_norm([q.grad for q in self.params if q.grad is not None])
-        else:  # clip_grad_norm_ with no clip still multiplies every gradient by 1
-            gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        gnorm = grad_norm(self.params, self.grad_clip)
         ok = torch.isfinite(res.loss) & torch.isfinite(gnorm)
         # [loss*b, rec*b, kl*b, b] in few kernels: each one is a node of the captured graph.
         parts = torch.stack([res.loss.detach(), res.reconstruction.detach(), res.kl.detach(), self._one]).double()
@@ -177,7 +187,8 @@ class StaticStep:
         self.sums += torch.where(ok, parts, torch.zeros_like(parts))
 
     def _refresh_backups(self) -> None:
-        self._backups = [(t, t.detach().clone()) for t in self._state_tensors()]
+        if self._found_inf is None:  # a fused Adam skips a bad step itself: nothing to undo
+            self._backups = [(t, t.detach().clone()) for t in self._state_tensors()]
 
     # -- driving it ---------------------------------------------------------------------
 
@@ -188,12 +199,6 @@ class StaticStep:
         if self._backups is not None:
             for t, backup in self._backups:
                 backup.copy_(t)
-
-    def _refresh_backups_if_needed(self) -> None:
-        if self._found_inf is not None:
-            return  # the optimiser skips a bad step itself: nothing to undo
-        if self._backups is None or (self.opt.state and len(self._backups) != len(self._state_tensors())):
-            self._refresh_backups()
 
     def run(self, x: Tensor, eps: Tensor, lr: float, beta: float) -> None:
         """One step on batch ``x`` with noise ``eps``, learning rate ``lr`` and KL weight ``beta``."""
@@ -212,7 +217,8 @@ class StaticStep:
         if self._graph is not None:
             self._graph.replay()
             return
-        self._refresh_backups_if_needed()
+        if self._backups is None or (self.opt.state and len(self._backups) != len(self._state_tensors())):
+            self._refresh_backups()
         if self._warmup_left > 0:
             # Warm-up steps on a side stream create the optimiser state and the autograd
             # buffers before capture, as CUDA graphs require.
@@ -223,21 +229,18 @@ class StaticStep:
                 self.opt.zero_grad(set_to_none=True)
                 self._body()
             torch.cuda.current_stream().wait_stream(s)
-            if self._found_inf is None:
-                self._refresh_backups()
-            return
-        if self._found_inf is None:
             self._refresh_backups()
+            return
+        self._refresh_backups()
         self.opt.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
                 self._body()
         except Exception as e:  # noqa: BLE001  (capture fails in many ways; the cause is chained)
-            first = (str(e).strip().splitlines() or [""])[0]
             raise FastPathError(f"the training step could not be captured in a CUDA graph "
-                               f"({type(e).__name__}: {first}); train with fast='off' "
-                               f"(vaekit train --fast off) to run it uncaptured") from e
+                                f"({type(e).__name__}: {_first_line(e)}); train with fast='off' "
+                                f"(vaekit train --fast off) to run it uncaptured") from e
         self._graph = graph
         # Capture records the step without running it: run it now.
         graph.replay()

@@ -37,7 +37,7 @@ from .batching import BatchIterator, mix_seed
 from .config import RunConfig, TrainConfig
 from .checks import check_int, check_number
 from .data import check_images, load_dataset
-from .fast import StaticStep, static_step_supported
+from .fast import StaticStep, grad_norm, static_step_supported
 from .io import save_checkpoint, save_model, write_json
 from .models import VAE
 from .plots import save_run_pictures
@@ -69,14 +69,6 @@ def resolve_device(name: str, *, what: str = "TrainConfig.device") -> torch.devi
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{what} is {name!r} but no CUDA device is available")
     return dev
-
-
-def _grad_norm(model: nn.Module, clip: float) -> torch.Tensor:
-    """The global gradient norm, clipping to ``clip`` when it is > 0. Without clipping
-    only the norm is computed (``clip_grad_norm_`` would still rescale every gradient by 1)."""
-    if clip or not hasattr(torch.nn.utils, "get_total_norm"):  # get_total_norm: torch >= 2.6
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), clip or math.inf)
-    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
 def _adam(model: nn.Module, tc: TrainConfig, *, captured_on: torch.device | None = None) -> torch.optim.Adam:
@@ -411,7 +403,7 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None)
                         _, size, combined = batches.last_span
                         loss = loss * (size * world / combined)
                     loss.backward()
-                    gnorm = _grad_norm(model, tc.grad_clip)
+                    gnorm = grad_norm(model.parameters(), tc.grad_clip)
                     beta = out.beta
                     ok = torch.isfinite(out.loss) & torch.isfinite(gnorm)
                     if distributed:  # every rank must take the same decisions: step, and stop
