@@ -286,6 +286,8 @@ def evaluate_command(run: str, *, split: str = "test", iw_samples: int = 0, batc
 
 def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement, quick, limit, progress,
               precision) -> dict:
+    import torch
+
     from .data import load_dataset
     from .evaluate import evaluate_model
     from .io import write_json
@@ -305,8 +307,6 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
     seconds = time.perf_counter() - t0
     if disentanglement:
         metrics.update(_disentanglement(model, config, seed, quick))
-    import torch
-
     where = f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else str(dev)
     result = {"split": split, "n": int(x.shape[0]), "iw_samples": iw_samples, **metrics,
               "seconds": round(seconds, 3), "device": where, "torch": torch.__version__}
