@@ -20,9 +20,16 @@ batch 128, the 60,000 training images statically binarized), in one run, for:
   (f) vaekit fit    vaekit.train.fit itself for 1 + --epochs epochs (validation on 1,000
                     images and a checkpoint after each): per-epoch times from its metrics;
                     "fast=compile": fit with TrainConfig(fast="compile")
-  (g) vaekit compiled  the static step uncaptured, its forward pass and loss compiled by
+  (g) vaekit compiled  the static step with its forward pass and loss compiled by
                     torch.compile (StaticStep(compile=True): TrainConfig(fast="compile"),
-                    vaekit's CPU fast path); the compilation happens in the warm-up
+                    vaekit's CPU fast path; on CUDA the compiled step is also captured);
+                    the compilation happens in the warm-up
+
+--dynamic: the images stay grey and every contender but the floor and pythae binarizes
+each batch afresh (dynamic binarization, what vaekit's MNIST presets train on): the
+classic recipe with torch.bernoulli on each batch, vaekit through BatchIterator(
+dynamic_binarize=True), fit with DataConfig(binarize="dynamic"). pythae has no dynamic
+binarization and is left out.
 
 --amp picks the precision of (b), (e), (f) and (g): "none" (fp32 only), "bf16" (bf16 only) or
 "both" (each twice, the bf16 rows labelled ", bf16 autocast"). bf16 means what
@@ -92,7 +99,7 @@ class ClassicVAE(nn.Module):
         return self.fc4(F.relu(self.fc3(z))), mu, logvar
 
 
-def classic(x, device):
+def classic(x, device, dynamic: bool = False):
     model = ClassicVAE().to(device)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=BATCH, shuffle=True)
@@ -104,6 +111,8 @@ def classic(x, device):
             if max_steps is not None and i >= max_steps:
                 break
             xb = xb.to(device)
+            if dynamic:
+                xb = torch.bernoulli(xb)
             logits, mu, logvar = model(xb)
             bce = F.binary_cross_entropy(torch.sigmoid(logits), xb, reduction="sum")
             kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
@@ -117,7 +126,8 @@ def classic(x, device):
     return run
 
 
-def vaekit_loop(x, device, static: bool, amp: bool = False, compiled: bool = False, fused_adam: bool = True):
+def vaekit_loop(x, device, static: bool, amp: bool = False, compiled: bool = False, fused_adam: bool = True,
+                dynamic: bool = False):
     """The loop vaekit.train.fit runs, from vaekit's public pieces: data on the device in a
     BatchIterator, noise from a generator re-seeded from the step, the losses' value checks
     off (fit checks the data once, up front). Eager: objective_loss (under bf16 autocast
@@ -125,8 +135,8 @@ def vaekit_loop(x, device, static: bool, amp: bool = False, compiled: bool = Fal
     Adam, epoch sums. Static: vaekit.fast.
     StaticStep (one CUDA graph replay per step on CUDA, uncaptured elsewhere) with its
     counters read every 50 steps; the short last batch takes the eager step, as in fit.
-    Compiled: the static step uncaptured with ``compile=True`` (its forward and loss under
-    bf16 autocast with ``amp``). On CUDA the static step's Adam is fit's (capturable,
+    Compiled: the static step with ``compile=True`` (its forward and loss under bf16
+    autocast with ``amp``; captured on CUDA, as fit runs it). On CUDA the static step's Adam is fit's (capturable,
     fused: the kernel skips a non-finite step); ``fused_adam=False`` gives the capturable
     unfused Adam, whose non-finite steps the captured graph undoes from copies."""
     from vaekit import VAE, ModelConfig, ObjectiveConfig
@@ -140,18 +150,17 @@ def vaekit_loop(x, device, static: bool, amp: bool = False, compiled: bool = Fal
     from vaekit.config import TrainConfig
     from vaekit.train import _adam
 
-    if static and device.type == "cuda" and not compiled:
+    if static and device.type == "cuda":
         if fused_adam:  # as fit builds it for a captured step
             opt = _adam(model, TrainConfig(lr=LR), captured_on=device)
         else:
             opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(LR, device=device), capturable=True)
     else:  # as fit builds it: fused where torch has the kernel for the device
         opt = _adam(model, TrainConfig(lr=LR))
-    batches = BatchIterator(x, BATCH, shuffle=True, seed=0, device=device)
+    batches = BatchIterator(x, BATCH, shuffle=True, seed=0, device=device, dynamic_binarize=dynamic)
     step_fn = None
     if static:
-        step_fn = StaticStep(model, opt, batch_size=BATCH, amp=amp and compiled, compile=compiled,
-                             capture=False if compiled else None)
+        step_fn = StaticStep(model, opt, batch_size=BATCH, amp=amp and compiled, compile=compiled)
     config, n = ObjectiveConfig(), x.shape[0]
     gen = torch.Generator(device=device)
     state = {"step": 0, "epoch": 0}
@@ -257,7 +266,8 @@ def matmul_floor(x, device, amp: bool = False):
     return run
 
 
-def vaekit_fit(x_u8, x_val_u8, epochs, device, threads, workdir, amp: bool = False, fast: str = "auto"):
+def vaekit_fit(x_u8, x_val_u8, epochs, device, threads, workdir, amp: bool = False, fast: str = "auto",
+               dynamic: bool = False):
     """Per-epoch seconds of vaekit.train.fit: the first, and those of the rest."""
     from vaekit import DataConfig, ModelConfig, RunConfig, TrainConfig, fit
 
@@ -266,11 +276,12 @@ def vaekit_fit(x_u8, x_val_u8, epochs, device, threads, workdir, amp: bool = Fal
         write_npz(npz, x_u8, x_val_u8, x_val_u8)
     config = RunConfig(
         model=ModelConfig(arch="mlp", input_shape=(784,), hidden=(HIDDEN,), latent_dim=LATENT, activation="relu"),
-        data=DataConfig(dataset="array", data_dir=str(npz), binarize="none", val_size=len(x_val_u8), split="tail"),
+        data=DataConfig(dataset="array", data_dir=str(npz), binarize="dynamic" if dynamic else "none",
+                        val_size=len(x_val_u8), split="tail"),
         train=TrainConfig(epochs=1 + epochs, batch_size=BATCH, lr=LR, device=str(device), num_threads=threads,
                           amp="bf16" if amp else "none", fast=fast, progress=False),
     )
-    history = fit(config, Path(workdir) / f"fit-run-{threads}-{'bf16' if amp else 'fp32'}-{fast}").history
+    history = fit(config, Path(workdir) / f"fit-run-{threads}-{'bf16' if amp else 'fp32'}-{fast}-{dynamic}").history
     ends = [row["seconds"] for row in history if row["split"] == "train"]
     return ends[0], [b - a for a, b in zip(ends, ends[1:])]
 
@@ -288,6 +299,8 @@ def main(argv=None) -> None:
     parser.add_argument("--amp", choices=sorted(AMP_CHOICES), default=None,
                         help="precision of (b), (e) and (f): fp32 (none), bf16 autocast (bf16) or both; "
                         "default: both on a CPU, none on CUDA")
+    parser.add_argument("--dynamic", action="store_true",
+                        help="grey images, binarized afresh in every batch (pythae left out)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     amps = AMP_CHOICES[args.amp or ("none" if device.type == "cuda" else "both")]
@@ -295,11 +308,17 @@ def main(argv=None) -> None:
     threads = [int(t) for t in args.threads.split(",")] if device.type == "cpu" else [torch.get_num_threads()]
     x_u8, xt_u8, source = load_mnist(args.data)
     x_u8 = x_u8[: args.n_train]
-    x_u8, val_u8 = (x_u8 > 127).astype(np.uint8) * 255, (xt_u8[:1000] > 127).astype(np.uint8) * 255
-    x = torch.from_numpy(x_u8.astype(np.float32) / 255.0)  # static binarization: x / 255 > 0.5
+    dyn = args.dynamic
+    if dyn:
+        skip.add("pythae")
+        val_u8 = xt_u8[:1000]
+    else:  # static binarization: x / 255 > 0.5
+        x_u8, val_u8 = (x_u8 > 127).astype(np.uint8) * 255, (xt_u8[:1000] > 127).astype(np.uint8) * 255
+    x = torch.from_numpy(x_u8.astype(np.float32) / 255.0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     precisions = " and ".join("bf16 autocast" if amp else "fp32" for amp in amps)
-    print(f"device {name}; torch {torch.__version__}; data: {source}, {len(x)} images, statically binarized; "
+    print(f"device {name}; torch {torch.__version__}; data: {source}, {len(x)} images, "
+          f"{'binarized afresh in each batch' if dyn else 'statically binarized'}; "
           f"784-{HIDDEN}-{LATENT} ReLU, batch {BATCH}, Adam lr {LR}; {args.epochs} timed epochs after "
           f"{args.warmup} warm-up steps; (b), (e), (f) in {precisions}")
     warm_up_torch()
@@ -312,17 +331,18 @@ def main(argv=None) -> None:
             torch.set_num_threads(n_threads)
             torch.manual_seed(0)
             makers = [  # (label, --skip key, bf16?, maker); a default argument binds each amp
-                ("(a) classic", "classic", False, lambda: classic(x, device)),
+                ("(a) classic", "classic", False, lambda: classic(x, device, dyn)),
                 *[(f"(b) vaekit eager step{BF16 if amp else ''}", "eager", amp,
-                   lambda amp=amp: vaekit_loop(x, device, static=False, amp=amp)) for amp in amps],
-                ("(c) vaekit static step", "static", False, lambda: vaekit_loop(x, device, static=True)),
+                   lambda amp=amp: vaekit_loop(x, device, static=False, amp=amp, dynamic=dyn)) for amp in amps],
+                ("(c) vaekit static step", "static", False, lambda: vaekit_loop(x, device, static=True, dynamic=dyn)),
                 *([("(c') static step, unfused Adam + undo copies", "static-unfused", False,
-                    lambda: vaekit_loop(x, device, static=True, fused_adam=False))] if device.type == "cuda" else []),
+                    lambda: vaekit_loop(x, device, static=True, fused_adam=False, dynamic=dyn))] if device.type == "cuda" else []),
                 ("(d) pythae 0.1.2", "pythae", False, lambda: pythae_contender(x, device, pythae, work)),
                 *[(f"(e) matmul floor{BF16 if amp else ''}", "floor", amp,
                    lambda amp=amp: matmul_floor(x, device, amp)) for amp in amps],
                 *[(f"(g) vaekit compiled step{BF16 if amp else ''}", "compiled", amp,
-                   lambda amp=amp: vaekit_loop(x, device, static=True, amp=amp, compiled=True)) for amp in amps],
+                   lambda amp=amp: vaekit_loop(x, device, static=True, amp=amp, compiled=True, dynamic=dyn))
+                  for amp in amps],
             ]
             runs = {(label, amp): make() for label, key, amp, make in makers
                     if key not in skip and not (key == "pythae" and pythae is None)}
@@ -340,7 +360,7 @@ def main(argv=None) -> None:
             for fast, amp in fits:
                 how = ", fast=compile" if fast == "compile" else ""
                 label = f"(f) vaekit fit, epoch incl. val+ckpt{how}{BF16 if amp else ''}"
-                first, rest = vaekit_fit(x_u8, val_u8, args.epochs, device, n_threads, work, amp, fast)
+                first, rest = vaekit_fit(x_u8, val_u8, args.epochs, device, n_threads, work, amp, fast, dyn)
                 results.append((n_threads, label, amp, statistics.median(rest), rest))
                 print(f"{label}, threads={n_threads}: first epoch (warm-up) {first:.2f} s")
     report(results, device, len(x))

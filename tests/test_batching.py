@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from vaekit.batching import BatchIterator
-
+from vaekit.batching import BatchIterator, bernoulli_draw, mix_seed
 
 
 def ids(n, event=(1,)):
@@ -85,6 +84,31 @@ def test_iterator_dynamic_binarization_mean_matches_grey_levels():
     assert set(draws.unique().tolist()) == {0.0, 1.0}
     se = (x[0] * (1 - x[0]) / len(draws)).sqrt()
     assert ((draws.mean(0) - x[0]).abs() < 5 * se).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_bernoulli_draw_frequencies_and_endpoints(dtype):
+    levels = torch.tensor([0.0, 1 / 255, 0.1, 0.5, 0.9, 254 / 255, 1.0], dtype=dtype)
+    n = 40000
+    draws = bernoulli_draw(levels.expand(n, len(levels)), torch.Generator().manual_seed(0))
+    assert draws.dtype == dtype and set(draws.unique().tolist()) == {0.0, 1.0}
+    p = levels.double()
+    freq = draws.double().mean(0)
+    assert freq[0] == 0 and freq[-1] == 1  # exact where the level is 0 or 1
+    se = (p * (1 - p) / n).sqrt()
+    assert ((freq - p).abs() <= 5 * se).all(), (freq, p)
+    # Against torch's own Bernoulli sampler, with the same number of draws.
+    ref = torch.bernoulli(p.expand(n, len(levels)), generator=torch.Generator().manual_seed(1)).mean(0)
+    assert ((freq - ref).abs() <= 5 * (2 ** 0.5) * se + 1e-12).all()
+
+
+def test_iterator_binarizes_each_combined_batch_with_its_own_stream():
+    x = torch.rand(20, 3, generator=torch.Generator().manual_seed(2))
+    it = BatchIterator(x, 6, dynamic_binarize=True, seed=4)
+    perm = it.permutation(0)
+    for j, b in enumerate(it):
+        g = torch.Generator().manual_seed(mix_seed(4, 0, j))
+        assert torch.equal(b, bernoulli_draw(x[perm[j * 6:(j + 1) * 6]], g))
 
 
 def test_iterator_argument_errors():
