@@ -161,3 +161,28 @@ def test_a_capture_failure_names_the_way_out(monkeypatch):
     with pytest.raises(RuntimeError, match=r"could not be captured in a CUDA graph \(RuntimeError: operation not "
                                             r"permitted when stream is capturing\); train with fast='off'"):
         step.run(torch.rand(2, 1, 4, 4).bernoulli(), torch.randn(2, 2), 1e-3, 1.0)
+    compiled = StaticStep(model, torch.optim.Adam(model.parameters(), fused=True), batch_size=2, capture=True,
+                          warmup=0, compile=True)
+    with pytest.raises(RuntimeError, match=r"could not be captured .*train with fast='auto' .* or fast='off'"):
+        compiled.run(torch.rand(2, 1, 4, 4).bernoulli(), torch.randn(2, 2), 1e-3, 1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by benchmarks/gpu.sh)")
+def test_compiled_and_captured_step_matches_a_hand_written_step():
+    """fast='compile' on CUDA: compiled in the first warm-up step, then captured."""
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(1, 6, 6), latent_dim=2, hidden=(16,))).to("cuda")
+    twin = copy.deepcopy(model)
+    opt = _adam(model.parameters(), "cuda", "fused")
+    opt_twin = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    step = StaticStep(model, opt, batch_size=8, compile=True)
+    assert step.capture and not step._fused
+    for i in range(6):
+        x = torch.rand(8, 1, 6, 6, device="cuda").bernoulli()
+        eps = torch.randn(8, 2, device="cuda")
+        step.run(x, eps, 1e-2, 0.5 + i)
+        _manual_step(twin, opt_twin, x, eps, 0.5 + i)
+    assert step._graph is not None
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    assert int(step.skipped) == 0 and float(step.sums[3]) == 48.0

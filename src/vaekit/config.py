@@ -60,9 +60,10 @@ class TrainConfig:
             models, whose steps run faster single-threaded, else PyTorch's default).
         fast: ``auto`` (the static step on CUDA, captured in a CUDA graph, where the
             objective allows it), ``static`` (that step everywhere; uncaptured off CUDA),
-            ``compile`` (that step uncaptured, its forward pass and loss compiled by
-            ``torch.compile``: the fastest CPU step, after a compilation of some seconds;
-            needs a C++ compiler) or ``off`` (the eager step). See :mod:`vaekit.fast`; a
+            ``compile`` (that step with its forward pass and loss compiled by
+            ``torch.compile``: the fastest CPU step, after a compilation of some seconds,
+            needs a C++ compiler; on CUDA the compiled step is captured as well, which
+            leaves fewer, fused kernels in the graph) or ``off`` (the eager step). See :mod:`vaekit.fast`; a
             step that cannot be compiled or captured raises ``vaekit.fast.FastPathError``
             naming the setting that runs it without.
         progress: show a tqdm progress bar.

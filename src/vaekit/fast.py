@@ -22,8 +22,10 @@ epoch. It computes what the eager loop computes:
 Off CUDA the same code runs uncaptured: that is how the tests compare it with the eager
 loop on a CPU. There a host synchronisation costs nothing, so a non-finite step is simply
 not taken (no copies to undo it). With ``compile=True`` the forward pass and the loss
-are compiled by ``torch.compile`` (on a CPU, inductor fuses the element-wise work into
-C++ loops: ``TrainConfig(fast="compile")``). Only the plain ELBO/beta-VAE objective with
+are compiled by ``torch.compile`` (``TrainConfig(fast="compile")``): on a CPU inductor
+fuses the element-wise work into C++ loops; on CUDA it writes fused Triton kernels (the
+loss among them: the hand-written kernel is not used there) and the compiled step is then
+captured like the eager one, with fewer kernels in the graph. Only the plain ELBO/beta-VAE objective with
 a constant batch size takes this path; the training loop runs the eager step for anything
 else (a partial last batch, IWAE, beta-TCVAE, free bits, capacity).
 """
@@ -90,7 +92,8 @@ class StaticStep:
         amp: autocast the forward in bfloat16.
         capture: capture a CUDA graph (default: when the model is on CUDA).
         compile: compile the forward pass and the loss with ``torch.compile`` (needs a C++
-            compiler on a CPU, Triton on a GPU).
+            compiler on a CPU, Triton on a GPU); compiled in the first call (on CUDA in
+            the first warm-up step, before capture).
 
     Call ``run(x, eps, lr, beta)`` per step; ``sums`` holds ``[loss*b, rec*b, kl*b, b]``
     over the accepted steps, ``skipped`` and ``bad_run`` count non-finite steps (all on
@@ -120,8 +123,11 @@ class StaticStep:
         self._found_inf = torch.zeros((), device=self.device) if skips_on_device(optimizer) else None
         self._backups: list[tuple[Tensor, Tensor]] | None = None
         self._warmup_left = warmup if self.capture else 0
-        self._fused = (fused_available(self.device) and cfg.likelihood in ("bernoulli", "gaussian")
+        # Compiled, inductor fuses the eager loss itself (and would have to trace around the
+        # hand-written kernel's autograd function).
+        self._fused = (not compile and fused_available(self.device) and cfg.likelihood in ("bernoulli", "gaussian")
                        and cfg.decoder_variance == "fixed")
+        self._compiled = compile
         self._forward = torch.compile(self._forward_loss, dynamic=False) if compile else self._forward_loss
         self._untried = compile  # the first call compiles: its failure gets a clear message
 
@@ -238,9 +244,10 @@ class StaticStep:
             with torch.cuda.graph(graph):
                 self._body()
         except Exception as e:  # noqa: BLE001  (capture fails in many ways; the cause is chained)
+            way_out = ("fast='auto' (vaekit train --fast auto) to capture it uncompiled, or fast='off'"
+                       if self._compiled else "fast='off' (vaekit train --fast off) to run it uncaptured")
             raise FastPathError(f"the training step could not be captured in a CUDA graph "
-                                f"({type(e).__name__}: {_first_line(e)}); train with fast='off' "
-                                f"(vaekit train --fast off) to run it uncaptured") from e
+                                f"({type(e).__name__}: {_first_line(e)}); train with {way_out}") from e
         self._graph = graph
         # Capture records the step without running it: run it now.
         graph.replay()

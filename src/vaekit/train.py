@@ -333,7 +333,7 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None)
     if _use_static(tc, oc, model, device, distributed):
         compiled = tc.fast == "compile"
         static = StaticStep(model, opt, batch_size=tc.batch_size, grad_clip=tc.grad_clip, amp=tc.amp == "bf16",
-                            compile=compiled, capture=False if compiled else None)
+                            compile=compiled)
     inner = objective.module if distributed else objective
     is_main = rank == 0
     if is_main:
