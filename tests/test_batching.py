@@ -3,7 +3,18 @@
 import pytest
 import torch
 
-from vaekit.batching import BatchIterator, bernoulli_draw, mix_seed
+import vaekit.batching
+from vaekit.batching import BatchIterator, bernoulli_draw, block_steps, mix_seed
+
+
+@pytest.fixture(params=["one block an epoch", "blocks of 2 steps"])
+def blocks(request, monkeypatch):
+    """Run a test with the default block size (every epoch here fits one block) and with
+    blocks of 2 steps for the tests' data (a step of 12 or 24 elements), so that block
+    boundaries, a short last block and resumes inside a block are all exercised."""
+    if request.param == "blocks of 2 steps":
+        monkeypatch.setattr(vaekit.batching, "BLOCK_ELEMENTS", 50)
+    return request.param
 
 
 def ids(n, event=(1,)):
@@ -35,7 +46,7 @@ def test_iterator_same_seed_same_batches():
 
 
 @pytest.mark.parametrize("stop", [0, 3, 6, 7, 12])
-def test_iterator_resumes_mid_epoch(stop):
+def test_iterator_resumes_mid_epoch(stop, blocks):
     x = torch.rand(26, 3, generator=torch.Generator().manual_seed(1))
 
     def stream(it, epochs):
@@ -61,7 +72,7 @@ def test_iterator_resumes_mid_epoch(stop):
 
 
 @pytest.mark.parametrize("n, drop_last, dynamic", [(29, False, False), (29, True, True), (36, False, True)])
-def test_iterator_ddp_shards_concatenate_to_single_process_batches(n, drop_last, dynamic):
+def test_iterator_ddp_shards_concatenate_to_single_process_batches(n, drop_last, dynamic, blocks):
     x = torch.rand(n, 2, generator=torch.Generator().manual_seed(2)) if dynamic else ids(n, (2,))
     world, b = 3, 4
     single = BatchIterator(x, world * b, drop_last=drop_last, dynamic_binarize=dynamic, seed=9)
@@ -102,13 +113,23 @@ def test_bernoulli_draw_frequencies_and_endpoints(dtype):
     assert ((freq - ref).abs() <= 5 * (2 ** 0.5) * se + 1e-12).all()
 
 
-def test_iterator_binarizes_each_combined_batch_with_its_own_stream():
+@pytest.mark.parametrize("block_elements, k", [(1 << 24, 32), (40, 2), (18, 1), (5, 1)])
+def test_iterator_binarizes_each_block_with_its_own_stream(monkeypatch, block_elements, k):
+    monkeypatch.setattr(vaekit.batching, "BLOCK_ELEMENTS", block_elements)
     x = torch.rand(20, 3, generator=torch.Generator().manual_seed(2))
-    it = BatchIterator(x, 6, dynamic_binarize=True, seed=4)
+    it = BatchIterator(x, 6, dynamic_binarize=True, seed=4)  # 4 batches: 6, 6, 6, 2
+    assert it.steps_per_block == k == block_steps(18)
     perm = it.permutation(0)
-    for j, b in enumerate(it):
-        g = torch.Generator().manual_seed(mix_seed(4, 0, j))
-        assert torch.equal(b, bernoulli_draw(x[perm[j * 6:(j + 1) * 6]], g))
+    batches = list(it)
+    for i in range(-(-4 // k)):
+        g = torch.Generator().manual_seed(mix_seed(4, 0, i))
+        block = bernoulli_draw(x[perm[i * k * 6:(i + 1) * k * 6]], g)
+        assert torch.equal(torch.cat(batches[i * k:(i + 1) * k]), block)
+
+
+def test_block_steps():
+    assert block_steps(128 * 784) == 32 and block_steps(1) == 32
+    assert block_steps(512 * 3 * 64 * 64) == 2 and block_steps(1 << 30) == 1 and block_steps(0) == 32
 
 
 def test_iterator_argument_errors():

@@ -186,3 +186,24 @@ def test_compiled_and_captured_step_matches_a_hand_written_step():
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
     assert int(step.skipped) == 0 and float(step.sums[3]) == 48.0
+
+
+def test_learning_rate_and_beta_are_written_when_they_change_and_after_resync():
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(4,), latent_dim=2, hidden=(8,)))
+    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3))
+    step = StaticStep(model, opt, batch_size=2)
+    x, eps = torch.rand(2, 4).bernoulli(), torch.randn(2, 2)
+    lr_tensor = opt.param_groups[0]["lr"]
+    for lr, beta in [(0.1, 1.0), (0.1, 1.0), (0.2, 3.0), (0.2, 3.0)]:
+        step.run(x, eps, lr, beta)
+        assert float(lr_tensor) == pytest.approx(lr) and float(step.beta) == beta
+    lr_tensor.fill_(0.5)  # an eager step of fit's loop writes the learning rate
+    step.resync()
+    step.run(x, eps, 0.2, 3.0)
+    assert float(lr_tensor) == pytest.approx(0.2)
+    step.beta.fill_(7.0)  # not the way to change it: the value is what run() last wrote
+    step.run(x, eps, 0.2, 3.0)
+    assert float(step.beta) == 7.0
+    step.run(x, eps, 0.2, 2.0)
+    assert float(step.beta) == 2.0

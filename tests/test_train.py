@@ -217,3 +217,34 @@ def test_epochs_for_budget_refuses(kwargs, env, error, match, monkeypatch):
         monkeypatch.setenv(k, v)
     with pytest.raises(error, match=match):
         train.epochs_for_budget(tiny_config(), **kwargs)
+
+
+@pytest.mark.parametrize("iw_shape", [(), (3,)])
+def test_training_noise_comes_in_blocks_and_shards_like_one_process(iw_shape):
+    """Step s's noise is part s % K of one draw for K steps, seeded by (seed, s // K); the
+    ranks' slices of it concatenate to the noise of one process with the combined batch."""
+    from vaekit.batching import BatchIterator, block_steps, mix_seed
+
+    x = torch.rand(70, 4)
+    world, b, d, seed = 3, 4, 2, 5
+    k = block_steps(math.prod(iw_shape) * world * b * d)
+    assert k == 32
+
+    def noises(batch_size, rank=0, world_size=1):
+        it = BatchIterator(x, batch_size, seed=seed, rank=rank, world_size=world_size, shuffle=False)
+        obj = train._Objective(None, None, len(x), it, seed, torch.device("cpu"))
+        out = []
+        for epoch in range(7):  # 6 steps an epoch (the last of 10 examples): 42 steps, two blocks
+            it.set_epoch(epoch)
+            for xb in it:
+                out.append(obj.noise(len(out), (*iw_shape, xb.shape[0], d)).clone())
+        return out
+
+    single = noises(world * b)
+    ranks = [noises(b, r, world) for r in range(world)]
+    assert len(single) == 42
+    for s, ref in enumerate(single):
+        assert torch.equal(torch.cat([r[s] for r in ranks], dim=-2), ref)
+        g = torch.Generator().manual_seed(mix_seed(seed, train._NOISE_STREAM, s // k))
+        block = torch.randn(k, *iw_shape, world * b, d, generator=g)
+        assert torch.equal(ref, block[s % k][..., : ref.shape[-2], :])

@@ -1,11 +1,14 @@
 """Batches of a tensor kept whole on the training device: reproducible, resumable, sharded.
 
-No DataLoader and no per-sample collation: a batch is one indexing of the data tensor by a
-slice of the epoch's permutation. Every random choice (the order, dynamic binarization,
-the training noise in :mod:`vaekit.train`) comes from a generator seeded by
-:func:`mix_seed` from the run seed and the position (epoch, batch or step), so a resumed
-run and a run split over data-parallel processes draw exactly what one uninterrupted
-process draws.
+No DataLoader and no per-sample collation: the batches of a *block* of up to
+``MAX_BLOCK_STEPS`` consecutive steps are one indexing of the data tensor by a slice of the
+epoch's permutation (and, with dynamic binarization, one draw), and each step takes a
+view of its block. Per step that leaves almost nothing for the host to do, which is what a
+CUDA-graph-replayed step needs (a GPU step of a small model takes less time than a few
+kernel launches from Python). Every random choice (the order, dynamic binarization, the
+training noise in :mod:`vaekit.train`) comes from a generator seeded by :func:`mix_seed`
+from the run seed and the position (epoch and block), so a resumed run and a run split
+over data-parallel processes draw exactly what one uninterrupted process draws.
 """
 
 from __future__ import annotations
@@ -17,12 +20,31 @@ from torch import Tensor
 from .checks import check_int
 from .data import check_images
 
-__all__ = ["BatchIterator", "mix_seed", "bernoulli_draw"]
+__all__ = ["BatchIterator", "mix_seed", "bernoulli_draw", "block_steps", "MAX_BLOCK_STEPS", "BLOCK_ELEMENTS"]
+
+MAX_BLOCK_STEPS = 32
+# Elements of one block of batches at most (64 MB in float32): big images get fewer steps a block.
+BLOCK_ELEMENTS = 1 << 24
+
+
+def block_steps(step_elements: int) -> int:
+    """Steps per block for steps of ``step_elements`` elements each: a function of the
+    shapes only, so that every rank and every resume cuts the same blocks."""
+    return max(1, min(MAX_BLOCK_STEPS, BLOCK_ELEMENTS // max(1, step_elements)))
 
 
 def mix_seed(*values: int) -> int:
     """A well-spread 63-bit seed from a tuple of non-negative ints, e.g. (seed, epoch)."""
     return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, np.uint64)[0]) >> 1
+
+
+def _cumsum(counts: list[int]) -> list[int]:
+    """Start of each run of ``counts``: [0, c0, c0 + c1, ...] (as many as counts)."""
+    out, total = [], 0
+    for m in counts:
+        out.append(total)
+        total += m
+    return out
 
 
 def bernoulli_draw(p: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -49,9 +71,12 @@ class BatchIterator:
     ``perm[j*W*b : (j+1)*W*b]`` and rank ``r`` takes part ``r`` of its ``W``-way
     ``tensor_split`` (``[r*b:(r+1)*b]`` for a full batch): concatenating the ranks'
     batches ``j`` gives exactly batch ``j`` of one process with batch size ``W*b``.
-    ``dynamic_binarize`` replaces combined batch ``j`` of epoch ``e`` by
-    :func:`bernoulli_draw` ``(batch, g)`` with ``g`` on the data's device seeded from
-    ``(seed, e, j)``, before the split, so the draws too agree with one process.
+    The combined batches are taken ``K = block_steps(W * b * event size)`` at a time: block
+    ``i`` of epoch ``e`` holds combined batches ``i*K`` to ``i*K + K - 1`` (the last block
+    fewer) and is gathered at once; ``dynamic_binarize`` replaces it by
+    :func:`bernoulli_draw` ``(block, g)`` with ``g`` on the data's device seeded from
+    ``(seed, e, i)``, before the split, so the draws too agree with one process. A batch
+    is a view of its block.
 
     Iterating runs the rest of the current epoch; ``position`` is the index of the next
     batch, ``state_dict()`` / ``load_state_dict()`` resume at exactly that batch.
@@ -87,6 +112,18 @@ class BatchIterator:
     def __len__(self) -> int:
         return self._len
 
+    @property
+    def steps_per_block(self) -> int:
+        """Combined batches gathered (and binarized) at once: :func:`block_steps` of a
+        combined batch's elements."""
+        return block_steps(self._combined * (self.x[0].numel() if len(self.x) else 1))
+
+    def _own(self, a: int, b: int) -> tuple[int, int]:
+        """(start, count) of this rank's part of the combined batch ``[a, b)`` of the permutation."""
+        base, extra = divmod(b - a, self.world_size)
+        r = self.rank
+        return a + r * base + min(r, extra), base + (r < extra)
+
     def set_epoch(self, epoch: int) -> None:
         check_int("epoch", epoch)
         self.epoch, self.position = epoch, 0
@@ -114,19 +151,33 @@ class BatchIterator:
         if self.position >= len(self):  # resumed right after an epoch's last batch
             self.epoch, self.position = self.epoch + 1, 0
         epoch, perm = self.epoch, self.permutation(self.epoch)
+        n, c, k = len(self.x), self._combined, self.steps_per_block
+        current, block, starts = -1, None, []
         while self.position < len(self):
             j = self.position
-            idx = perm[j * self._combined:(j + 1) * self._combined]
-            if self.dynamic_binarize:
-                g = torch.Generator(device=self.x.device).manual_seed(mix_seed(self.seed, epoch, j))
-                batch = bernoulli_draw(self.x[idx], g).tensor_split(self.world_size)[self.rank]
-            else:
-                batch = self.x[idx.tensor_split(self.world_size)[self.rank]]
+            if j // k != current:  # a new block: one gather (and one draw) for its k steps
+                current = j // k
+                steps = range(current * k, min((current + 1) * k, len(self)))
+                spans = [(i * c, min((i + 1) * c, n)) for i in steps]
+                if self.dynamic_binarize:
+                    g = torch.Generator(device=self.x.device).manual_seed(mix_seed(self.seed, epoch, current))
+                    block = bernoulli_draw(self.x[perm[spans[0][0]:spans[-1][1]]], g)
+                    starts = [(a - spans[0][0], b - a) for a, b in spans]
+                else:  # only this rank's rows are gathered
+                    own = [self._own(a, b) for a, b in spans]
+                    block = self.x[perm[torch.cat([torch.arange(a, a + m) for a, m in own]).to(perm.device)]]
+                    starts = [(o, m) for o, m in zip(_cumsum([m for _, m in own]), (m for _, m in own))]
             # Where this rank's examples sit in the combined batch (tensor_split's layout),
             # so per-example randomness can be drawn for the combined batch and sliced.
-            base, extra = divmod(len(idx), self.world_size)
+            lo, size = starts[j - current * k]
+            combined = min(c, n - j * c)
+            base, extra = divmod(combined, self.world_size)
             r = self.rank
-            self.last_span = (r * base + min(r, extra), base + (r < extra), len(idx))
+            offset = r * base + min(r, extra)
+            self.last_span = (offset, base + (r < extra), combined)
             self.position = j + 1
-            yield batch
+            if self.dynamic_binarize:
+                yield block[lo + offset: lo + offset + self.last_span[1]]
+            else:
+                yield block[lo: lo + size]
         self.epoch, self.position = epoch + 1, 0

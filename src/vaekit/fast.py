@@ -9,7 +9,8 @@ epoch. It computes what the eager loop computes:
 * the same objective (``reconstruction + beta * KL``, batch mean) through
   :func:`vaekit.kernels.fused_vae_loss`, whose reference is :class:`vaekit.losses.VAELoss`
   (the Triton kernel on CUDA, the eager functions elsewhere);
-* the same noise (drawn by the caller from the step-keyed generator);
+* the same noise (drawn by the caller: in :func:`vaekit.train.fit`, the step's part of a
+  block of noise keyed by the run seed and the step);
 * the same non-finite rule without a sync: when the loss or the gradient norm is not
   finite the step is not taken and is counted as skipped on the device. With a fused
   Adam (``fused=True``, what :func:`vaekit.train.fit` builds) the optimiser itself skips
@@ -130,6 +131,7 @@ class StaticStep:
         self._compiled = compile
         self._forward = torch.compile(self._forward_loss, dynamic=False) if compile else self._forward_loss
         self._untried = compile  # the first call compiles: its failure gets a clear message
+        self._beta_now = self._lr_now = None  # what the tensors hold: unchanged values are not refilled
 
     # -- the step, as captured ----------------------------------------------------------
 
@@ -199,9 +201,11 @@ class StaticStep:
     # -- driving it ---------------------------------------------------------------------
 
     def resync(self) -> None:
-        """Call after an eager step changed the weights or optimiser state in place: the
-        copies that undo a non-finite step follow (the captured graph reads the same
-        tensors, so it stays valid)."""
+        """Call after an eager step changed the weights, the optimiser state or its
+        learning rate in place: the copies that undo a non-finite step follow (the captured
+        graph reads the same tensors, so it stays valid), and the next step writes the
+        learning rate again."""
+        self._lr_now = None
         if self._backups is not None:
             for t, backup in self._backups:
                 backup.copy_(t)
@@ -210,12 +214,17 @@ class StaticStep:
         """One step on batch ``x`` with noise ``eps``, learning rate ``lr`` and KL weight ``beta``."""
         self.x.copy_(x)
         self.eps.copy_(eps)
-        self.beta.fill_(beta)
-        for g in self.opt.param_groups:
-            if isinstance(g["lr"], Tensor):
-                g["lr"].fill_(lr)
-            else:
-                g["lr"] = lr
+        # Each fill is a kernel launch on CUDA: schedules that hold still cost none.
+        if beta != self._beta_now:
+            self.beta.fill_(beta)
+            self._beta_now = beta
+        if lr != self._lr_now:
+            for g in self.opt.param_groups:
+                if isinstance(g["lr"], Tensor):
+                    g["lr"].fill_(lr)
+                else:
+                    g["lr"] = lr
+            self._lr_now = lr
         if not self.capture:
             self.opt.zero_grad(set_to_none=True)
             self._body()

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .batching import BatchIterator, mix_seed
+from .batching import BatchIterator, block_steps, mix_seed
 from .config import RunConfig, TrainConfig
 from .checks import check_int, check_number
 from .data import check_images, load_dataset
@@ -121,10 +121,14 @@ def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
 class _Objective(nn.Module):
     """The objective as a module, so that DistributedDataParallel sees every forward.
 
-    The reparameterisation noise of step ``s`` is drawn for the whole combined batch from a
-    generator seeded by ``(seed, s)`` and sliced to this process's examples: a run on W
-    processes then draws exactly the noise of one process with the combined batch, and a
-    resumed run the noise of the uninterrupted one.
+    The reparameterisation noise is drawn for ``K`` steps at once (one kernel instead of one
+    per step, as the batches are; ``K = vaekit.batching.block_steps`` of one step's combined
+    draw, 32 but for big draws): steps ``i*K`` to
+    ``i*K + K - 1`` take their noise from one draw for full combined batches by a generator
+    seeded by ``(seed, i)``; step ``s`` takes its part ``s - i*K``, sliced to this process's
+    examples (a short last batch: to the first rows). A run on W processes then draws
+    exactly the noise of one process with the combined batch, and a resumed run the noise
+    of the uninterrupted one.
     """
 
     def __init__(self, model: VAE, config: ObjectiveConfig, dataset_size: int, batches: BatchIterator,
@@ -136,14 +140,20 @@ class _Objective(nn.Module):
         self._batches = batches
         self._seed = seed
         self._gen = torch.Generator(device=device)
+        self._block_key, self._block = None, None
 
     def noise(self, step: int, shape) -> torch.Tensor:
         """Standard-normal noise of ``shape`` (batch in dim -2) for this process's slice of
         the combined batch of ``step``."""
-        offset, size, combined = self._batches.last_span
-        self._gen.manual_seed(mix_seed(self._seed, _NOISE_STREAM, step))
-        full = torch.randn(*shape[:-2], combined, shape[-1], generator=self._gen, device=self._gen.device)
-        return full[..., offset : offset + size, :]
+        offset, size, _ = self._batches.last_span
+        full = self._batches.batch_size * self._batches.world_size
+        k = block_steps(math.prod(shape[:-2]) * full * shape[-1])
+        key = (step // k, k, tuple(shape[:-2]), shape[-1])
+        if key != self._block_key:
+            self._gen.manual_seed(mix_seed(self._seed, _NOISE_STREAM, step // k))
+            self._block = torch.randn(k, *shape[:-2], full, shape[-1], generator=self._gen, device=self._gen.device)
+            self._block_key = key
+        return self._block[step % k][..., offset : offset + size, :]
 
     def forward(self, x, step: int):
         return objective_loss(self.model, x, self.config, step, dataset_size=self.dataset_size,
