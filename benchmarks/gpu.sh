@@ -4,8 +4,8 @@
 # results against a reference), then the GPU tests, each under a timeout, then a summary.
 # Expected total: about 6 to 7 minutes on an H100 (the fourth session: loss 29 s, epoch
 # 34 s, IW about 30 s, tests about 120 s; the compiled epoch row and the reduced-precision
-# IW rows, added since, not yet timed there); the timeouts (120+80+90+150+200 s, and 150 s
-# for $RESCORE) bound it below 11 minutes: give DEADLINE in a device call of fixed length.
+# IW rows, added since, not yet timed there); the timeouts (120+80+60+90+150+200 s, and 150 s
+# for $RESCORE) bound it below 12 minutes: give DEADLINE in a device call of fixed length.
 #
 #   bash benchmarks/gpu.sh                      # timing only, on synthetic binary data
 #   MNIST=shared/mnist.npz bash benchmarks/gpu.sh   # real MNIST copied into the repo
@@ -73,6 +73,8 @@ fi
 
 step loss_bench 120 "$PY" benchmarks/loss_bench.py --device cuda --sweep
 step epoch_bench 80 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --skip compiled,fit-compile --data "$DATA"
+# The host's time per step outside the captured graph (the 60 ms epoch leaves 128 us a step).
+step host_bench 60 "$PY" benchmarks/host_bench.py --device cuda
 # The per-example loop and pythae run on the first 300 images (their time is also per image).
 step iw_bench 90 "$PY" benchmarks/iw_bench.py --device cuda --k 5000 --n 10000 --n-baseline 300 --reduced tf32,bf16 --data "$DATA"
 # fast='compile' on CUDA: the compiled step, captured (row g), and fit with it, beside the
@@ -103,6 +105,6 @@ say "         epoch at batch 128 <= 60 ms; k=5000 IW on 10,000 images <= 1 s (H2
     grep -h -E "^device|^copy bandwidth" "$TMP/loss_bench.out" 2>/dev/null
     sed -n '/^recipe/,/^$/p' "$TMP/loss_bench.out" 2>/dev/null
     grep -h "^SUMMARY loss_bench" "$TMP/loss_bench.out" 2>/dev/null | sed 's/^SUMMARY //'
-    grep -h -E "^SUMMARY|^agreement|^matrix products|^PRECISION" "$TMP/epoch_bench.out" "$TMP/iw_bench.out" \
+    grep -h -E "^SUMMARY|^agreement|^matrix products|^PRECISION" "$TMP/epoch_bench.out" "$TMP/host_bench.out" "$TMP/iw_bench.out" \
         "$TMP/epoch_compiled.out" "$TMP/precision_shift.out" 2>/dev/null | sed 's/^SUMMARY //'
 } | tee -a "$LOG"
