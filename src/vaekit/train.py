@@ -92,15 +92,6 @@ def _use_static(tc, oc, model, device, distributed: bool) -> bool:
     return tc.fast in ("static", "compile") or device.type == "cuda"
 
 
-def _fold(static: StaticStep, sums: torch.Tensor, bad_run: int, skipped: int) -> tuple[int, int]:
-    """Move the static step's device counters into the loop's (one sync)."""
-    sums += static.sums
-    static.sums.zero_()
-    n_bad, run = int(static.skipped), int(static.bad_run)
-    static.skipped.zero_()
-    return (run if n_bad else bad_run), skipped + n_bad
-
-
 _SMALL_STEP = 2e7
 # Steps between reads of the device counters (progress bar, non-finite streaks).
 _FOLD_EVERY = 50
@@ -276,17 +267,67 @@ def epochs_for_budget(config: RunConfig, seconds: float, *, calibration_epochs: 
     return max(1, int(seconds / max(per_epoch, 1e-9))), per_epoch
 
 
-def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None) -> FitResult:
-    run_dir = Path(run_dir)
+@dataclasses.dataclass(eq=False)
+class _Run:
+    """What one training run wires together, and the loop's counters (with the weights,
+    what a checkpoint holds): the state that the loop's pieces below share."""
+
+    config: RunConfig
+    run_dir: Path
+    device: torch.device
+    rank: int
+    world: int
+    data: object
+    val_x: torch.Tensor  # the validation images, on the device
+    model: VAE
+    batches: BatchIterator
+    objective: nn.Module  # _Objective, or its DistributedDataParallel wrapper
+    opt: torch.optim.Optimizer
+    total_steps: int
+    epochs: int
+    sums: torch.Tensor  # loss, rec, kl, n over the epoch so far
+    static: StaticStep | None = None
+    step: int = 0
+    epoch: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    best: float = math.inf
+    since_best: int = 0
+    skipped: int = 0
+    bad_run: int = 0  # non-finite steps in a row
+    lr: float = 0.0  # the last step's learning rate and KL weight, for the epoch's row
+    beta: float = 0.0
+    stop_all: bool = False  # under torchrun: some rank got a stop signal
+
+    @property
+    def tc(self) -> TrainConfig:
+        return self.config.train
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.run_dir / "checkpoint.pt"
+
+    def more_to_do(self) -> bool:
+        return self.epoch < self.epochs and self.step < self.total_steps
+
+    def stopped_early(self) -> bool:
+        return bool(self.tc.early_stopping) and self.since_best >= self.tc.early_stopping
+
+
+def _build(config: RunConfig, run_dir: Path, state: dict | None) -> _Run:
+    """Device, data, model, batches, objective, optimiser and fast step of a run, and its
+    counters from ``state`` (a checkpoint) when it resumes."""
     rank, local_rank, world = _dist_info()
-    distributed = world > 1
-    ckpt_path = run_dir / "checkpoint.pt"
-    state = None
-    if resume:
-        config, state = read_for_resume(run_dir, progress=config.train.progress, extend_to=extend_to)
     tc, oc = config.train, config.objective
     device = resolve_device(tc.device)
-    if distributed:
+    if world > 1:
         import torch.distributed as dist
 
         if device.type == "cuda":
@@ -314,207 +355,254 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None)
         rank=rank, world_size=world,
     )
     objective = _Objective(model, oc, data.train.shape[0], batches, tc.seed, device)
-    if distributed:
+    if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
-    if _use_static(tc, oc, model, device, distributed) and device.type == "cuda":
-        opt = _adam(model, tc, captured_on=device)
-    else:
-        opt = _adam(model, tc)
-    val_x = data.val.to(device)
+    static = _use_static(tc, oc, model, device, world > 1)
+    opt = _adam(model, tc, captured_on=device if static and device.type == "cuda" else None)
     steps_per_epoch = len(batches)
     total_steps = tc.epochs * steps_per_epoch
     if tc.max_steps:
         total_steps = min(total_steps, tc.max_steps) if tc.epochs else tc.max_steps
-    epochs = tc.epochs if tc.epochs else math.ceil(total_steps / steps_per_epoch)
+    run = _Run(config, run_dir, device, rank, world, data, data.val.to(device), model, batches, objective, opt,
+               total_steps,
+               epochs=tc.epochs if tc.epochs else math.ceil(total_steps / steps_per_epoch),
+               sums=torch.zeros(4, dtype=torch.float64, device=device))
 
     # Only draws outside the step- and epoch-keyed streams come from here (none in vaekit itself).
     torch.manual_seed(tc.seed * 1000 + 17 + rank)
-    step, epoch, history = 0, 0, []
-    best, since_best, skipped, bad_run = math.inf, 0, 0, 0
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, rec, kl, n over the epoch
     if state is not None:
-        restored = restore(state, ckpt_path, model=model, optimizer=opt, batches=batches, device=device,
-                           rank=rank, world=world)
-        step, epoch, history, sums = restored["step"], restored["epoch"], restored["history"], restored["sums"]
-        best, since_best, skipped = restored["best"], restored["since_best"], restored["skipped"]
-    static = None
-    if _use_static(tc, oc, model, device, distributed):
-        compiled = tc.fast == "compile"
-        static = StaticStep(model, opt, batch_size=tc.batch_size, grad_clip=tc.grad_clip, amp=tc.amp == "bf16",
-                            compile=compiled)
-    inner = objective.module if distributed else objective
-    is_main = rank == 0
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in run_dir.glob(".*.tmp"):  # left by a process killed mid-write
-            stale.unlink(missing_ok=True)
-        if extend_to is not None:  # first the checkpoint: a plain resume reads its config
-            save_checkpoint(ckpt_path, {**{k: v for k, v in state.items() if k not in ("format", "format_version")},
-                                        "config": config.to_dict()})
-        write_json(run_dir / "config.json", {"vaekit_version": __version__, **config.to_dict()})
-    writer = _tensorboard(run_dir) if is_main else None
+        for key, value in restore(state, run.ckpt_path, model=model, optimizer=opt, batches=batches, device=device,
+                                  rank=rank, world=world).items():
+            setattr(run, key, value)
+    if static:  # after the restore: the step's backups copy the optimiser's state
+        run.static = StaticStep(model, opt, batch_size=tc.batch_size, grad_clip=tc.grad_clip, amp=tc.amp == "bf16",
+                                compile=tc.fast == "compile")
+    run.lr, run.beta = lr_at(run.step, total_steps, tc), oc.beta
+    return run
 
-    def checkpoint() -> None:
-        nonlocal bad_run, skipped
-        if static is not None:
-            bad_run, skipped = _fold(static, sums, bad_run, skipped)
-        rng = rng_state(device)
-        rngs, all_sums = [rng], sums.clone()
-        if distributed:
-            torch.distributed.all_reduce(all_sums)
-            rngs = [None] * world
-            torch.distributed.all_gather_object(rngs, {k: v.cpu() for k, v in rng.items()})
-        if is_main:
-            save_checkpoint(ckpt_path, {
-                "config": config.to_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "step": step, "epoch": epoch, "history": history, "best": best, "since_best": since_best,
-                "skipped": skipped, "sums": all_sums.cpu(), "batches": batches.state_dict(), "rng": rngs,
-                "world_size": world, "vaekit_version": __version__,
-            })
-        if distributed:
-            torch.distributed.barrier()
 
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if tc.amp == "bf16" else contextlib.nullcontext()
-    progress = _progress(tc.progress and is_main, total_steps, step)
-    interrupted = stop_all = False
-    lr, beta = lr_at(step, total_steps, tc), oc.beta
+def _prepare_run_dir(run: _Run, state: dict | None, extend_to: int | None) -> None:
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run.run_dir.glob(".*.tmp"):  # left by a process killed mid-write
+        stale.unlink(missing_ok=True)
+    if extend_to is not None:  # first the checkpoint: a plain resume reads its config
+        save_checkpoint(run.ckpt_path, {**{k: v for k, v in state.items() if k not in ("format", "format_version")},
+                                        "config": run.config.to_dict()})
+    write_json(run.run_dir / "config.json", {"vaekit_version": __version__, **run.config.to_dict()})
+
+
+def _fold(run: _Run) -> None:
+    """Move the static step's device counters into the loop's (one sync)."""
+    static = run.static
+    run.sums += static.sums
+    static.sums.zero_()
+    n_bad, in_a_row = int(static.skipped), int(static.bad_run)
+    static.skipped.zero_()
+    if n_bad:
+        run.bad_run = in_a_row
+    run.skipped += n_bad
+
+
+def _checkpoint(run: _Run) -> None:
+    if run.static is not None:
+        _fold(run)
+    rng = rng_state(run.device)
+    rngs, all_sums = [rng], run.sums.clone()
+    if run.distributed:
+        torch.distributed.all_reduce(all_sums)
+        rngs = [None] * run.world
+        torch.distributed.all_gather_object(rngs, {k: v.cpu() for k, v in rng.items()})
+    if run.is_main:
+        save_checkpoint(run.ckpt_path, {
+            "config": run.config.to_dict(), "model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
+            "step": run.step, "epoch": run.epoch, "history": run.history, "best": run.best,
+            "since_best": run.since_best, "skipped": run.skipped, "sums": all_sums.cpu(),
+            "batches": run.batches.state_dict(), "rng": rngs, "world_size": run.world, "vaekit_version": __version__,
+        })
+    if run.distributed:
+        torch.distributed.barrier()
+
+
+def _static_step(run: _Run, x: torch.Tensor) -> None:
+    """One step of the static (captured or compiled) path: no host sync but every
+    ``_FOLD_EVERY`` steps."""
+    oc = run.config.objective
+    run.beta = beta_schedule(oc.beta_schedule, run.step, beta=oc.beta, warmup_steps=oc.warmup_steps,
+                             cycle_steps=oc.cycle_steps, ratio=oc.cycle_ratio)
+    inner = run.objective.module if run.distributed else run.objective
+    run.static.run(x, inner.noise(run.step, (x.shape[0], run.config.model.latent_dim)), run.lr, run.beta)
+    if run.step % _FOLD_EVERY == _FOLD_EVERY - 1:
+        _fold(run)
+
+
+def _eager_step(run: _Run, x: torch.Tensor, stop: _Stop, amp) -> None:
+    """One eager step: any objective, any batch size, data-parallel. A non-finite loss or
+    gradient norm skips it (all ranks alike)."""
+    opt = run.opt
+    for g in opt.param_groups:
+        if isinstance(g["lr"], torch.Tensor):  # capturable Adam: keep the tensor
+            g["lr"].fill_(run.lr)
+        else:
+            g["lr"] = run.lr
+    with amp:
+        out = run.objective(x, run.step)
+    opt.zero_grad(set_to_none=True)
+    loss = out.loss
+    if run.distributed:
+        # DDP averages the ranks' gradients: scaled by its share of the combined batch,
+        # each rank's mean makes that average the combined batch's mean (ranks get
+        # unequal slices of a partial last batch).
+        _, size, combined = run.batches.last_span
+        loss = loss * (size * run.world / combined)
+    loss.backward()
+    gnorm = grad_norm(run.model.parameters(), run.tc.grad_clip)
+    run.beta = out.beta
+    ok = torch.isfinite(out.loss) & torch.isfinite(gnorm)
+    if run.distributed:  # every rank must take the same decisions: step, and stop
+        flags = torch.stack([ok.to(torch.int32), torch.tensor(int(not stop.signum), device=run.device,
+                                                              dtype=torch.int32)])
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+        ok, run.stop_all = flags[0], not bool(flags[1])
+    if bool(ok):
+        opt.step()
+        run.bad_run = 0
+        b = x.shape[0]
+        run.sums[:3] += torch.stack([out.loss.detach(), out.reconstruction.detach(), out.kl.detach()]) * b
+        run.sums[3] += b
+    else:
+        run.skipped += 1
+        run.bad_run += 1
+    if run.static is not None:
+        run.static.resync()
+
+
+def _train_epoch(run: _Run, stop: _Stop, progress, amp) -> bool:
+    """The rest of the current epoch; True when a stop signal interrupted it (after a
+    checkpoint)."""
+    tc, batches = run.tc, run.batches
+    run.model.train()
+    if batches.position == 0:
+        batches.set_epoch(run.epoch)
+    for x in batches:
+        run.lr = lr_at(run.step, run.total_steps, tc)
+        if run.static is not None and x.shape[0] == tc.batch_size:
+            _static_step(run, x)
+        else:
+            _eager_step(run, x, stop, amp)
+        if run.bad_run >= tc.max_bad_steps:
+            progress.close()
+            raise TrainingDiverged(
+                f"{run.bad_run} non-finite steps in a row (at step {run.step}); stopped. The last good checkpoint "
+                f"is {run.ckpt_path if run.ckpt_path.exists() else 'not written yet'}"
+            )
+        run.step += 1
+        progress.update(1)
+        sums = run.sums
+        if run.step % _FOLD_EVERY == 0 and sums[3] > 0:
+            progress.set_postfix(loss=f"{float(sums[0] / sums[3]):.2f}", rec=f"{float(sums[1] / sums[3]):.2f}",
+                                 kl=f"{float(sums[2] / sums[3]):.2f}", beta=f"{run.beta:.3g}")
+        stopping = run.stop_all if run.distributed else bool(stop.signum)
+        if run.step >= run.total_steps:
+            break
+        if batches.position == len(batches):
+            # The epoch's last batch: the end-of-epoch block checkpoints and honours a
+            # stop; a checkpoint here would resume into the next epoch and skip this
+            # epoch's validation, metrics and best model.
+            continue
+        if stopping:
+            _checkpoint(run)
+            return True
+        if tc.checkpoint_every and run.step % tc.checkpoint_every == 0:
+            _checkpoint(run)
+    return False
+
+
+def _end_epoch(run: _Run, t0: float, writer) -> None:
+    """The epoch's row, validation, best model, metrics and checkpoint."""
+    tc = run.tc
+    if run.static is not None:
+        _fold(run)
+        if run.bad_run >= tc.max_bad_steps:
+            raise TrainingDiverged(f"{run.bad_run} non-finite steps in a row (at step {run.step}); stopped")
+    sums = run.sums
+    if run.distributed:
+        torch.distributed.all_reduce(sums)
+    n = float(sums[3]) or math.nan  # every step skipped: no mean to report
+    row = {"epoch": run.epoch + 1, "step": run.step, "split": "train", "loss": float(sums[0]) / n,
+           "reconstruction": float(sums[1]) / n, "kl": float(sums[2]) / n,
+           "elbo": -(float(sums[1]) + float(sums[2])) / n, "beta": run.beta, "lr": run.lr,
+           "skipped": run.skipped, "seconds": round(time.perf_counter() - t0, 3)}
+    val_gen = torch.Generator(device=run.device).manual_seed(mix_seed(tc.seed, _VAL_STREAM, run.epoch))
+    val = _validate(run.model, run.val_x, max(tc.batch_size, 500), val_gen)
+    vrow = {**row, "split": "val", **val}
+    run.history += [row, vrow]
+    run.epoch += 1
+    sums.zero_()
+    run.batches.set_epoch(run.epoch)
+    improved = val["loss"] < run.best
+    if improved:
+        run.best, run.since_best = val["loss"], 0
+    else:
+        run.since_best += 1
+    if run.is_main:
+        if improved:
+            save_model(run.model, run.run_dir / "model")
+        write_metrics(run.run_dir / "metrics.csv", run.history)
+        if writer is not None:
+            for split, r in (("train", row), ("val", vrow)):
+                for k in ("loss", "reconstruction", "kl"):
+                    writer.add_scalar(f"{split}/{k}", r[k], run.epoch)
+    _checkpoint(run)
+
+
+def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None) -> FitResult:
+    run_dir = Path(run_dir)
+    state = None
+    if resume:
+        config, state = read_for_resume(run_dir, progress=config.train.progress, extend_to=extend_to)
+    run = _build(config, run_dir, state)
+    if run.is_main:
+        _prepare_run_dir(run, state, extend_to)
+    writer = _tensorboard(run_dir) if run.is_main else None
+    amp = (torch.autocast(run.device.type, dtype=torch.bfloat16) if run.tc.amp == "bf16"
+           else contextlib.nullcontext())
+    progress = _progress(run.tc.progress and run.is_main, run.total_steps, run.step)
+    interrupted = False
     t0 = time.perf_counter()
     with _Stop() as stop, _unvalidated():
         # A run resumed after it stopped early is finished: it does not train on.
-        while (epoch < epochs and step < total_steps and not interrupted
-               and not (tc.early_stopping and since_best >= tc.early_stopping)):
-            model.train()
-            if batches.position == 0:
-                batches.set_epoch(epoch)
-            for x in batches:
-                lr = lr_at(step, total_steps, tc)
-                if static is not None and x.shape[0] == tc.batch_size:
-                    beta = beta_schedule(oc.beta_schedule, step, beta=oc.beta, warmup_steps=oc.warmup_steps,
-                                         cycle_steps=oc.cycle_steps, ratio=oc.cycle_ratio)
-                    static.run(x, inner.noise(step, (x.shape[0], config.model.latent_dim)), lr, beta)
-                    if step % _FOLD_EVERY == _FOLD_EVERY - 1:  # the only sync of the static path
-                        bad_run, skipped = _fold(static, sums, bad_run, skipped)
-                else:
-                    for g in opt.param_groups:
-                        if isinstance(g["lr"], torch.Tensor):  # capturable Adam: keep the tensor
-                            g["lr"].fill_(lr)
-                        else:
-                            g["lr"] = lr
-                    with amp:
-                        out = objective(x, step)
-                    opt.zero_grad(set_to_none=True)
-                    loss = out.loss
-                    if distributed:
-                        # DDP averages the ranks' gradients: scaled by its share of the combined
-                        # batch, each rank's mean makes that average the combined batch's mean
-                        # (ranks get unequal slices of a partial last batch).
-                        _, size, combined = batches.last_span
-                        loss = loss * (size * world / combined)
-                    loss.backward()
-                    gnorm = grad_norm(model.parameters(), tc.grad_clip)
-                    beta = out.beta
-                    ok = torch.isfinite(out.loss) & torch.isfinite(gnorm)
-                    if distributed:  # every rank must take the same decisions: step, and stop
-                        flags = torch.stack([ok.to(torch.int32), torch.tensor(int(not stop.signum), device=device,
-                                                                              dtype=torch.int32)])
-                        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
-                        ok, stop_all = flags[0], not bool(flags[1])
-                    if bool(ok):
-                        opt.step()
-                        bad_run = 0
-                        b = x.shape[0]
-                        sums[:3] += torch.stack([out.loss.detach(), out.reconstruction.detach(), out.kl.detach()]) * b
-                        sums[3] += b
-                    else:
-                        skipped += 1
-                        bad_run += 1
-                    if static is not None:
-                        static.resync()
-                if bad_run >= tc.max_bad_steps:
-                    progress.close()
-                    raise TrainingDiverged(
-                        f"{bad_run} non-finite steps in a row (at step {step}); stopped. "
-                        f"The last good checkpoint is {ckpt_path if ckpt_path.exists() else 'not written yet'}"
-                    )
-                step += 1
-                progress.update(1)
-                if step % _FOLD_EVERY == 0 and sums[3] > 0:
-                    progress.set_postfix(loss=f"{float(sums[0] / sums[3]):.2f}", rec=f"{float(sums[1] / sums[3]):.2f}",
-                                         kl=f"{float(sums[2] / sums[3]):.2f}", beta=f"{beta:.3g}")
-                stopping = stop_all if distributed else bool(stop.signum)
-                if step >= total_steps:
-                    break
-                if batches.position == len(batches):
-                    # The epoch's last batch: the end-of-epoch block below checkpoints and
-                    # honours a stop; a checkpoint here would resume into the next epoch
-                    # and skip this epoch's validation, metrics and best model.
-                    continue
-                if stopping:
-                    interrupted = True
-                    checkpoint()
-                    break
-                if tc.checkpoint_every and step % tc.checkpoint_every == 0:
-                    checkpoint()
-            if interrupted:
+        while run.more_to_do() and not run.stopped_early():
+            if _train_epoch(run, stop, progress, amp):
+                interrupted = True
                 break
-            # -- end of epoch ---------------------------------------------------------------
-            if static is not None:
-                bad_run, skipped = _fold(static, sums, bad_run, skipped)
-                if bad_run >= tc.max_bad_steps:
-                    raise TrainingDiverged(f"{bad_run} non-finite steps in a row (at step {step}); stopped")
-            if distributed:
-                torch.distributed.all_reduce(sums)
-            n = float(sums[3]) or math.nan  # every step skipped: no mean to report
-            row = {"epoch": epoch + 1, "step": step, "split": "train", "loss": float(sums[0]) / n,
-                   "reconstruction": float(sums[1]) / n, "kl": float(sums[2]) / n,
-                   "elbo": -(float(sums[1]) + float(sums[2])) / n, "beta": beta, "lr": lr,
-                   "skipped": skipped, "seconds": round(time.perf_counter() - t0, 3)}
-            val_gen = torch.Generator(device=device).manual_seed(mix_seed(tc.seed, _VAL_STREAM, epoch))
-            val = _validate(model, val_x, max(tc.batch_size, 500), val_gen)
-            vrow = {**row, "split": "val", **val}
-            history += [row, vrow]
-            epoch += 1
-            sums.zero_()
-            batches.set_epoch(epoch)
-            improved = val["loss"] < best
-            if improved:
-                best, since_best = val["loss"], 0
-            else:
-                since_best += 1
-            if is_main:
-                if improved:
-                    save_model(model, run_dir / "model")
-                write_metrics(run_dir / "metrics.csv", history)
-                if writer is not None:
-                    for split, r in (("train", row), ("val", vrow)):
-                        for k in ("loss", "reconstruction", "kl"):
-                            writer.add_scalar(f"{split}/{k}", r[k], epoch)
-            checkpoint()
-            if tc.early_stopping and since_best >= tc.early_stopping:
+            _end_epoch(run, t0, writer)
+            if run.stopped_early():
                 break
-            if (stop_all if distributed else stop.signum) and epoch < epochs and step < total_steps:
+            if (run.stop_all if run.distributed else stop.signum) and run.more_to_do():
                 interrupted = True
                 break
     progress.close()
     if interrupted:
-        if is_main:
+        if run.is_main:
             why = f"signal {stop.signum}" if stop.signum else "a signal to another rank"
-            print(f"vaekit: interrupted by {why}; checkpoint saved to {ckpt_path}; "
+            print(f"vaekit: interrupted by {why}; checkpoint saved to {run.ckpt_path}; "
                   f"continue with: vaekit train --resume {run_dir}", flush=True)
-        return FitResult(model, history, run_dir, True)
-    if is_main:
+        return FitResult(run.model, run.history, run_dir, True)
+    if run.is_main:
         if not (run_dir / "model" / "model.safetensors").exists():
-            save_model(model, run_dir / "model")
-        best_model = VAE.from_pretrained(run_dir / "model", device=device)
+            save_model(run.model, run_dir / "model")
+        best_model = VAE.from_pretrained(run_dir / "model", device=run.device)
+        data = run.data
         with _unvalidated():  # a model made of NaNs still gets its (blank) pictures
-            save_run_pictures(best_model, data.test if data.test.shape[0] else data.val, run_dir, history, seed=tc.seed)
+            save_run_pictures(best_model, data.test if data.test.shape[0] else data.val, run_dir, run.history,
+                              seed=run.tc.seed)
         if writer is not None:
             writer.close()
-    if distributed:
+    if run.distributed:
         torch.distributed.barrier()
-    return FitResult(model, history, run_dir, False)
+    return FitResult(run.model, run.history, run_dir, False)
 
 
 def _tensorboard(run_dir: Path):
