@@ -17,6 +17,12 @@ Each is timed as loss + torch.autograd.grad(loss, (logits, mu, logvar)): median 
 run, and (d) is reported as a fraction of it, counting only the minimum traffic of
 3 passes over [B, D] (read logits, read x, write the logits' gradient).
 
+On a GPU two more columns say how much of a time is the host's: "host ms/call" is the
+host's time to issue one forward + backward (the loop runs without a sync, so when it is
+above the events' time the GPU waited for the host and the events measured the host), and
+"graph ms" times the same forward + backward captured once in a CUDA graph and replayed,
+which is how the training step runs it (vaekit.fast): the GPU's time alone.
+
   python benchmarks/loss_bench.py                        # B=4096, D=3*64*64, d=128, fp32
   python benchmarks/loss_bench.py --dtype bf16
   python benchmarks/loss_bench.py --device cpu --batch 64 --dim 784 --latent 16 --no-compile
@@ -63,6 +69,36 @@ def median_ms(fn, device: torch.device, warmup: int, repeats: int) -> float:
         end.record()
     torch.cuda.synchronize(device)
     return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def host_ms(fn, device: torch.device, repeats: int) -> float:
+    """The host's time per call of ``fn`` issued back to back without a sync."""
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    issued = time.perf_counter() - t0
+    torch.cuda.synchronize(device)
+    return 1e3 * issued / repeats
+
+
+def graph_ms(fn, device: torch.device, warmup: int, repeats: int) -> float | None:
+    """Median time of one replay of ``fn`` captured in a CUDA graph (None, with a note,
+    when it cannot be captured)."""
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as e:  # noqa: BLE001  (a recipe that cannot be captured is reported, not timed)
+        print(f"  (not captured: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:100]})")
+        return None
+    return median_ms(graph.replay, device, warmup, repeats)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, warmup: int, repeats: int) -> float:
@@ -155,28 +191,44 @@ def main(argv=None) -> None:
     min_bytes = 2 * logits.numel() * logits.element_size() + x.numel() * x.element_size()
 
     rows = []
+    cuda = device.type == "cuda"
     for label, loss_fn in recipes.items():
-        ms = median_ms(lambda: torch.autograd.grad(loss_fn(), inputs), device, args.warmup, args.repeats)
-        rows.append((label, ms))
-        print(f"{label:<20} {ms:9.3f} ms")
+        step = lambda loss_fn=loss_fn: torch.autograd.grad(loss_fn(), inputs)  # noqa: E731
+        ms = median_ms(step, device, args.warmup, args.repeats)
+        host = host_ms(step, device, args.repeats) if cuda else None
+        graph = graph_ms(step, device, args.warmup, args.repeats) if cuda else None
+        rows.append((label, ms, host, graph))
+        extra = f"; host {host:.3f} ms/call; graph replay {graph:.3f} ms" if graph is not None else ""
+        print(f"{label:<20} {ms:9.3f} ms{extra}")
 
-    print(f"\n{'recipe':<20} {'ms':>9} {'speed-up vs (a)':>16} {'of copy BW at 3-pass minimum':>30}")
-    base = rows[0][1]
-    for label, ms in rows:
-        frac = "-"
-        if label.startswith("(d"):
-            frac = f"{min_bytes / (ms * 1e-3) / bandwidth:.0%}" if fused else "n/a (eager fallback)"
-        print(f"{label:<20} {ms:9.3f} {base / ms:15.2f}x {frac:>30}")
+    def bw(ms):
+        return f"{min_bytes / (ms * 1e-3) / bandwidth:.0%}" if fused else "n/a (eager fallback)"
+
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"\n{'recipe':<20} {'ms':>9} {'speed-up vs (a)':>16} {'of copy BW at 3-pass minimum':>30} "
+          f"{'host ms/call':>12} {'graph ms':>9} {'graph: vs (a)':>13} {'graph: of copy BW':>17}")
+    base, base_graph = rows[0][1], rows[0][3]
+    for label, ms, host, graph in rows:
+        fused_row = label.startswith("(d")
+        vs = f"{base_graph / graph:.2f}x" if graph and base_graph else "-"
+        print(f"{label:<20} {ms:9.3f} {base / ms:15.2f}x {bw(ms) if fused_row else '-':>30} {fmt(host):>12} "
+              f"{fmt(graph):>9} {vs:>13} {bw(graph) if fused_row and graph else '-':>17}")
+    print()
+    for label, ms, host, graph in rows:
+        if label.startswith("(d") and graph:
+            vs = f", {base_graph / graph:.2f}x classic (graph)" if base_graph else ""
+            print(f"SUMMARY loss_bench {label} graph replay: {graph:.3f} ms, {bw(graph)} of copy BW{vs}")
     if args.sweep and fused:
-        sweep(x, logits, mu, logvar, beta, device, args, min_bytes, bandwidth, base)
+        sweep(x, logits, mu, logvar, beta, device, args, min_bytes, bandwidth, base_graph or base)
 
 
 SWEEP = [("rows", 1024, w) for w in (4, 8, 16)] + [("tiles", t, w) for t in (512, 1024, 2048, 4096) for w in (4, 8)]
 
 
 def sweep(x, logits, mu, logvar, beta, device, args, min_bytes, bandwidth, classic_ms) -> None:
-    """The fused loss under each (PLAN, TILE, NUM_WARPS) of SWEEP; a setting whose logits'
-    gradient differs from the eager loss's by more than 1e-5 (relative) is reported, not timed."""
+    """The fused loss under each (PLAN, TILE, NUM_WARPS) of SWEEP, timed as graph replays
+    (``classic_ms``: the classic recipe's, replayed too); a setting whose logits' gradient
+    differs from the eager loss's by more than 1e-5 (relative) is reported, not timed."""
     inputs = (logits, mu, logvar)
     ref = torch.autograd.grad(VAELoss(beta, "bernoulli", "sum", validate_args=False)(x, logits, mu, logvar).loss,
                               inputs)[0]
@@ -186,7 +238,8 @@ def sweep(x, logits, mu, logvar, beta, device, args, min_bytes, bandwidth, class
         return torch.autograd.grad(
             fused_vae_loss(x, logits, mu, logvar, beta=beta, reduction="sum", validate_args=False).loss, inputs)
 
-    print(f"\nsweep of the fused kernel (same shape; BLOCK = TILE for tiles, up to 2048 for rows):")
+    print("\nsweep of the fused kernel (same shape; BLOCK = TILE for tiles, up to 2048 for rows; "
+          "graph replay, the GPU's time alone):")
     print(f"{'plan':<6} {'TILE':>5} {'warps':>5} {'ms':>8} {'of copy BW':>11} {'vs classic':>11}")
     best = None
     for plan, tile, warps in SWEEP:
@@ -197,9 +250,11 @@ def sweep(x, logits, mu, logvar, beta, device, args, min_bytes, bandwidth, class
             if not err < 1e-5:
                 print(f"{plan:<6} {tile:>5} {warps:>5}  WRONG: relative error {err:.1e}")
                 continue
-            ms = median_ms(run, device, args.warmup, args.repeats)
+            ms = graph_ms(run, device, args.warmup, args.repeats)
         finally:
             kernels.PLAN, kernels.TILE, kernels.NUM_WARPS = defaults
+        if ms is None:
+            continue
         frac = min_bytes / (ms * 1e-3) / bandwidth
         print(f"{plan:<6} {tile:>5} {warps:>5} {ms:8.3f} {frac:>10.0%} {classic_ms / ms:>10.2f}x")
         if best is None or ms < best[0]:
