@@ -13,6 +13,8 @@ batch 128, the 60,000 training images statically binarized), in one run, for:
                     uncaptured on a CPU), counters read every 50 steps
   (c') CUDA only    the same with the capturable unfused Adam, a non-finite step undone
                     from copies inside the graph (fit's choice until the fourth session)
+  (c'') CUDA only   (c) with 32 steps captured in one graph (StaticStep.run_block, a
+                    prototype fit does not use yet): the host's work per step 32x smaller
   (d) pythae        pythae 0.1.2's VAE and BaseTrainer.train_step (if importable)
   (e) matmul floor  the same four Linear layers and ReLUs, loss = sum of the outputs,
                     backward and a fused Adam (Adam(fused=True)), on contiguous pre-sliced
@@ -127,7 +129,7 @@ def classic(x, device, dynamic: bool = False):
 
 
 def vaekit_loop(x, device, static: bool, amp: bool = False, compiled: bool = False, fused_adam: bool = True,
-                dynamic: bool = False):
+                dynamic: bool = False, block: int = 1):
     """The loop vaekit.train.fit runs, from vaekit's public pieces: data on the device in a
     BatchIterator, noise from a generator re-seeded from the step, the losses' value checks
     off (fit checks the data once, up front). Eager: objective_loss (under bf16 autocast
@@ -138,7 +140,9 @@ def vaekit_loop(x, device, static: bool, amp: bool = False, compiled: bool = Fal
     Compiled: the static step with ``compile=True`` (its forward and loss under bf16
     autocast with ``amp``; captured on CUDA, as fit runs it). On CUDA the static step's Adam is fit's (capturable,
     fused: the kernel skips a non-finite step); ``fused_adam=False`` gives the capturable
-    unfused Adam, whose non-finite steps the captured graph undoes from copies."""
+    unfused Adam, whose non-finite steps the captured graph undoes from copies. ``block``
+    > 1 (static only): ``block`` steps a call of ``StaticStep.run_block`` (on CUDA one
+    captured graph of that many steps), the noise drawn once a block."""
     from vaekit import VAE, ModelConfig, ObjectiveConfig
     from vaekit.batching import BatchIterator, mix_seed
     from vaekit.fast import StaticStep
@@ -194,16 +198,30 @@ def vaekit_loop(x, device, static: bool, amp: bool = False, compiled: bool = Fal
         model.train()
         sums = torch.zeros(4, dtype=torch.float64, device=device)
         batches.set_epoch(state["epoch"])
+        pending = []  # block > 1: full batches waiting for their block
         for i, xb in enumerate(batches):
             if max_steps is not None and i >= max_steps:
                 break
-            if step_fn is not None and xb.shape[0] == BATCH:
+            if step_fn is not None and xb.shape[0] == BATCH and block > 1:
+                pending.append(xb)
+                if len(pending) == block:  # one draw of noise for the block, as fit draws it
+                    gen.manual_seed(mix_seed(0, 1, state["step"] // block))
+                    step_fn.run_block(torch.stack(pending), torch.randn((block, BATCH, LATENT), generator=gen,
+                                                                        device=device), [LR] * block, [1.0] * block)
+                    pending = []
+                    int(step_fn.skipped)  # fit reads the device counters every 50 steps
+            elif step_fn is not None and xb.shape[0] == BATCH:
                 step_fn.run(xb, noise((BATCH, LATENT)), LR, 1.0)
                 if state["step"] % 50 == 49:
                     int(step_fn.skipped)  # fit reads the device counters this often
             else:
+                for xp in pending:  # the batches short of a whole block: one step each
+                    step_fn.run(xp, noise((BATCH, LATENT)), LR, 1.0)
+                pending = []
                 eager(xb, sums)
             state["step"] += 1
+        for xp in pending:
+            step_fn.run(xp, noise((BATCH, LATENT)), LR, 1.0)
         state["epoch"] += 1
         float(sums[3])
         sync(device)
@@ -295,7 +313,7 @@ def main(argv=None) -> None:
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="MNIST .npz or 'synthetic'")
     parser.add_argument("--n-train", type=int, default=60000, help="training images (fewer: a quick check)")
     parser.add_argument("--skip", default="", help="comma list of contenders to leave out: "
-                        "classic,eager,static,static-unfused,pythae,floor,compiled,fit,fit-compile")
+                        "classic,eager,static,static-unfused,static-block,pythae,floor,compiled,fit,fit-compile")
     parser.add_argument("--amp", choices=sorted(AMP_CHOICES), default=None,
                         help="precision of (b), (e) and (f): fp32 (none), bf16 autocast (bf16) or both; "
                         "default: both on a CPU, none on CUDA")
@@ -336,7 +354,10 @@ def main(argv=None) -> None:
                    lambda amp=amp: vaekit_loop(x, device, static=False, amp=amp, dynamic=dyn)) for amp in amps],
                 ("(c) vaekit static step", "static", False, lambda: vaekit_loop(x, device, static=True, dynamic=dyn)),
                 *([("(c') static step, unfused Adam + undo copies", "static-unfused", False,
-                    lambda: vaekit_loop(x, device, static=True, fused_adam=False, dynamic=dyn))] if device.type == "cuda" else []),
+                    lambda: vaekit_loop(x, device, static=True, fused_adam=False, dynamic=dyn)),
+                   ("(c'') static step, 32 steps a captured graph", "static-block", False,
+                    lambda: vaekit_loop(x, device, static=True, dynamic=dyn, block=32))]
+                  if device.type == "cuda" else []),
                 ("(d) pythae 0.1.2", "pythae", False, lambda: pythae_contender(x, device, pythae, work)),
                 *[(f"(e) matmul floor{BF16 if amp else ''}", "floor", amp,
                    lambda amp=amp: matmul_floor(x, device, amp)) for amp in amps],

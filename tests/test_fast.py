@@ -207,3 +207,42 @@ def test_learning_rate_and_beta_are_written_when_they_change_and_after_resync():
     assert float(step.beta) == 7.0
     step.run(x, eps, 0.2, 2.0)
     assert float(step.beta) == 2.0
+
+
+@pytest.mark.parametrize("lr_kind", ["number", "tensor"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_block_of_steps_equals_the_steps_one_by_one(device, lr_kind):
+    """run_block(K batches) does what K calls of run() do (on CUDA: after the single step
+    is captured, as one captured graph of K steps), a non-finite batch inside the block
+    included."""
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(1, 6, 6), latent_dim=2, hidden=(16,))).to(device)
+    twin = copy.deepcopy(model)
+
+    def adam(m):
+        if device == "cuda":
+            return _adam(m.parameters(), device, "fused")
+        lr = torch.tensor(1e-2) if lr_kind == "tensor" else 1e-2
+        return torch.optim.Adam(m.parameters(), lr=lr)
+
+    blocked, single = StaticStep(model, adam(model), batch_size=8), StaticStep(twin, adam(twin), batch_size=8)
+    k = 5
+    for block in range(4):  # on CUDA: the first block warms up and captures the single step
+        xs = torch.rand(k, 8, 1, 6, 6, device=device).bernoulli()
+        if block == 2:
+            xs[3, 0, 0, 0, 0] = float("nan")
+        eps = torch.randn(k, 8, 2, device=device)
+        lrs = [1e-2 * (1 + 0.1 * (block * k + i)) for i in range(k)]
+        betas = [0.5 + 0.25 * i for i in range(k)]
+        blocked.run_block(xs, eps, lrs, betas)
+        for i in range(k):
+            single.run(xs[i], eps[i], lrs[i], betas[i])
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(blocked.sums, single.sums)
+    assert float(blocked.sums[3]) == 8 * 19 and int(blocked.skipped) == int(single.skipped) == 1
+    blocked.run(xs[0], eps[0], 0.5, 1.0)  # a single step after a block writes its own lr again
+    lr = blocked.opt.param_groups[0]["lr"]
+    assert float(lr) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="one entry per step"):
+        blocked.run_block(xs, eps, lrs[:2], betas)

@@ -132,6 +132,7 @@ class StaticStep:
         self._forward = torch.compile(self._forward_loss, dynamic=False) if compile else self._forward_loss
         self._untried = compile  # the first call compiles: its failure gets a clear message
         self._beta_now = self._lr_now = None  # what the tensors hold: unchanged values are not refilled
+        self._blocks: dict[int, tuple] = {}  # K -> (buffers, graph) of run_block
 
     # -- the step, as captured ----------------------------------------------------------
 
@@ -156,9 +157,10 @@ class StaticStep:
         kl = gaussian_kl(mu, logvar, validate_args=False).mean()
         return LossResult(rec + beta * kl, rec, kl)
 
-    def _body(self) -> None:
+    def _body(self, x: Tensor | None = None, eps: Tensor | None = None, beta: Tensor | None = None) -> None:
+        x = self.x if x is None else x
         try:
-            res = self._forward(self.x, self.eps, self.beta)
+            res = self._forward(x, self.eps if eps is None else eps, self.beta if beta is None else beta)
         except Exception as e:  # noqa: BLE001  (inductor raises many kinds; the cause is chained)
             if not self._untried:
                 raise
@@ -170,7 +172,7 @@ class StaticStep:
         ok = torch.isfinite(res.loss) & torch.isfinite(gnorm)
         # [loss*b, rec*b, kl*b, b] in few kernels: each one is a node of the captured graph.
         parts = torch.stack([res.loss.detach(), res.reconstruction.detach(), res.kl.detach(), self._one]).double()
-        parts = parts * float(self.x.shape[0])
+        parts = parts * float(x.shape[0])
         bad = ~ok
         self.skipped += bad
         self.bad_run.mul_(bad).add_(bad)
@@ -260,3 +262,61 @@ class StaticStep:
         self._graph = graph
         # Capture records the step without running it: run it now.
         graph.replay()
+
+    def run_block(self, xs: Tensor, eps: Tensor, lrs, betas) -> None:
+        """``K = len(xs)`` steps: batch ``xs[i]``, noise ``eps[i]``, learning rate ``lrs[i]``
+        and KL weight ``betas[i]`` for step ``i`` (what ``K`` calls of :meth:`run` do). On
+        CUDA, once the single step is captured, the K steps are captured as one graph (one
+        per K) and each later block is four copies and one replay: the host's work per
+        step shrinks K-fold. Elsewhere the same code runs uncaptured. (Prototype: the
+        benchmarks time it; ``fit`` still runs one step at a time.)"""
+        k = xs.shape[0]
+        if eps.shape[0] != k or len(lrs) != k or len(betas) != k:
+            raise ValueError(f"xs, eps, lrs and betas must have one entry per step, got {k}, {eps.shape[0]}, "
+                             f"{len(lrs)} and {len(betas)}")
+        if self.capture and self._graph is None:  # warm up and capture the single step first
+            for i in range(k):
+                self.run(xs[i], eps[i], lrs[i], betas[i])
+            return
+        if k not in self._blocks:
+            self._blocks[k] = ((torch.zeros_like(self.x).expand(k, *self.x.shape).clone(),
+                                torch.zeros_like(self.eps).expand(k, *self.eps.shape).clone(),
+                                torch.zeros(k, device=self.device), torch.zeros(k, device=self.device)), None)
+        (bx, beps, blr, bbeta), graph = self._blocks[k]
+        bx.copy_(xs)
+        beps.copy_(eps)
+        blr.copy_(torch.tensor([float(v) for v in lrs]))
+        bbeta.copy_(torch.tensor([float(v) for v in betas]))
+        self._beta_now = self._lr_now = None  # the single step's buffers were not written
+        if graph is not None:
+            graph.replay()
+            return
+        if not self.capture:
+            for i in range(k):
+                self._set_lr(lrs[i], blr[i])
+                self.opt.zero_grad(set_to_none=True)
+                self._body(bx[i], beps[i], bbeta[i])
+            return
+        # The single step is captured (above), so the copies that undo a non-finite step
+        # (unfused optimisers) exist: the block's graph must update the very same ones.
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                for i in range(k):
+                    self._set_lr(lrs[i], blr[i])
+                    self.opt.zero_grad(set_to_none=True)
+                    self._body(bx[i], beps[i], bbeta[i])
+        except Exception as e:  # noqa: BLE001  (capture fails in many ways; the cause is chained)
+            raise FastPathError(f"{k} training steps could not be captured in one CUDA graph "
+                                f"({type(e).__name__}: {_first_line(e)}); run them one by one") from e
+        self._blocks[k] = ((bx, beps, blr, bbeta), graph)
+        graph.replay()
+
+    def _set_lr(self, value: float, on_device: Tensor) -> None:
+        """Step i's learning rate: copied on the device from its block entry (a node of a
+        captured block), or set as a number for an optimiser that takes one."""
+        for g in self.opt.param_groups:
+            if isinstance(g["lr"], Tensor):
+                g["lr"].copy_(on_device)
+            else:
+                g["lr"] = float(value)
