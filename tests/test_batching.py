@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vaekit.batching
-from vaekit.batching import BatchIterator, bernoulli_draw, block_steps, mix_seed
+from vaekit.batching import BatchIterator, bernoulli_draw, block_steps, fits_on_device, mix_seed
 
 
 @pytest.fixture(params=["one block an epoch", "blocks of 2 steps"])
@@ -166,3 +166,45 @@ def test_iterator_on_cuda_is_reproducible_and_resumable():
     resumed.load_state_dict(it.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(head + list(resumed), full))
     assert set(torch.cat(full).unique().tolist()) == {0.0, 1.0}
+
+
+def test_fits_on_device_keeps_data_on_a_gpu_only_while_it_is_small(monkeypatch):
+    x = torch.zeros(1000, 250)  # 1,000,000 bytes
+    assert fits_on_device(x, "cpu")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2_000_000, 8_000_000))
+    assert fits_on_device(x, torch.device("cuda"))  # half of 2 MB free
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1_999_999, 8_000_000))
+    assert not fits_on_device(x, torch.device("cuda"))
+    monkeypatch.setattr(vaekit.batching, "DEVICE_DATA_FRACTION", 0.9)
+    assert fits_on_device(x, torch.device("cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_data_too_big_for_the_gpu_stay_on_the_host_and_give_the_same_batches(monkeypatch, dynamic):
+    x = torch.rand(50, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    on_gpu = BatchIterator(x, 8, seed=2, dynamic_binarize=dynamic, device="cuda")
+    monkeypatch.setattr(vaekit.batching, "DEVICE_DATA_FRACTION", 0.0)
+    on_host = BatchIterator(x, 8, seed=2, dynamic_binarize=dynamic, device="cuda")
+    assert on_gpu.on_device and not on_host.on_device and on_host.x.device.type == "cpu"
+    a, b = list(on_gpu), list(on_host)
+    assert all(p.device.type == "cuda" and torch.equal(p, q) for p, q in zip(a, b)) and len(a) == len(b) == 7
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_with_data_left_on_the_host_trains_the_same_model(monkeypatch, tmp_path):
+    from vaekit.cli import build_config
+    from vaekit.io import load_checkpoint
+    from vaekit.train import fit
+
+    def run(name):
+        config = build_config(overrides={"train.epochs": 2, "train.progress": False, "model.hidden": (32,),
+                                         "model.latent_dim": 3, "train.device": "cuda"})
+        return fit(config, tmp_path / name)
+
+    a = run("on-gpu")
+    monkeypatch.setattr(vaekit.batching, "DEVICE_DATA_FRACTION", 0.0)
+    b = run("on-host")
+    for k, v in load_checkpoint(tmp_path / "on-gpu" / "checkpoint.pt")["model"].items():
+        torch.testing.assert_close(v, load_checkpoint(tmp_path / "on-host" / "checkpoint.pt")["model"][k])
+    assert [r["loss"] for r in a.history] == pytest.approx([r["loss"] for r in b.history], rel=1e-6)

@@ -20,11 +20,27 @@ from torch import Tensor
 from .checks import check_int
 from .data import check_images
 
-__all__ = ["BatchIterator", "mix_seed", "bernoulli_draw", "block_steps", "MAX_BLOCK_STEPS", "BLOCK_ELEMENTS"]
+__all__ = ["BatchIterator", "mix_seed", "bernoulli_draw", "block_steps", "fits_on_device", "MAX_BLOCK_STEPS",
+           "BLOCK_ELEMENTS", "DEVICE_DATA_FRACTION"]
 
 MAX_BLOCK_STEPS = 32
 # Elements of one block of batches at most (64 MB in float32): big images get fewer steps a block.
 BLOCK_ELEMENTS = 1 << 24
+
+
+# The training data are kept on a GPU when they take at most this share of its free memory.
+DEVICE_DATA_FRACTION = 0.5
+
+
+def fits_on_device(x: Tensor, device) -> bool:
+    """Whether ``x`` should be kept whole on ``device``: always on a CPU; on CUDA when it
+    takes at most ``DEVICE_DATA_FRACTION`` of the memory free there (the rest is the
+    model's, the optimiser's and the activations')."""
+    device = torch.device(device)
+    if device.type != "cuda" or x.device == device:
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return x.numel() * x.element_size() <= DEVICE_DATA_FRACTION * free
 
 
 def block_steps(step_elements: int) -> int:
@@ -78,6 +94,11 @@ class BatchIterator:
     ``(seed, e, i)``, before the split, so the draws too agree with one process. A batch
     is a view of its block.
 
+    ``device``: where the batches go. The data are moved there whole when they fit
+    (``keep_on_device=None``: :func:`fits_on_device`); otherwise they stay in host memory
+    and each block is gathered there and copied over (then binarized on ``device``, so the
+    batches are the same either way).
+
     Iterating runs the rest of the current epoch; ``position`` is the index of the next
     batch, ``state_dict()`` / ``load_state_dict()`` resume at exactly that batch.
     ``last_span = (offset, size, combined)`` says where the last batch yielded sits in its
@@ -86,7 +107,7 @@ class BatchIterator:
 
     def __init__(self, x: Tensor, batch_size: int, *, shuffle: bool = True, drop_last: bool = False,
                  dynamic_binarize: bool = False, seed: int = 0, device=None, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, keep_on_device: bool | None = None) -> None:
         check_images(x, "x", support="unit" if dynamic_binarize else "real")
         check_int("batch_size", batch_size, low=1)
         check_int("seed", seed)
@@ -94,7 +115,11 @@ class BatchIterator:
         check_int("rank", rank)
         if rank >= world_size:
             raise ValueError(f"rank must be < world_size={world_size}, got {rank}")
-        self.x = x if device is None else x.to(device)
+        self.device = x.device if device is None else torch.device(device)
+        if keep_on_device is None:
+            keep_on_device = fits_on_device(x, self.device)
+        self.on_device = bool(keep_on_device) or x.device == self.device
+        self.x = x.to(self.device) if self.on_device else x
         self.batch_size, self.shuffle, self.drop_last = batch_size, bool(shuffle), bool(drop_last)
         self.dynamic_binarize, self.seed = bool(dynamic_binarize), seed
         self.rank, self.world_size = rank, world_size
@@ -160,12 +185,13 @@ class BatchIterator:
                 steps = range(current * k, min((current + 1) * k, len(self)))
                 spans = [(i * c, min((i + 1) * c, n)) for i in steps]
                 if self.dynamic_binarize:
-                    g = torch.Generator(device=self.x.device).manual_seed(mix_seed(self.seed, epoch, current))
-                    block = bernoulli_draw(self.x[perm[spans[0][0]:spans[-1][1]]], g)
+                    g = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, epoch, current))
+                    block = bernoulli_draw(self.x[perm[spans[0][0]:spans[-1][1]]].to(self.device), g)
                     starts = [(a - spans[0][0], b - a) for a, b in spans]
                 else:  # only this rank's rows are gathered
                     own = [self._own(a, b) for a, b in spans]
                     block = self.x[perm[torch.cat([torch.arange(a, a + m) for a, m in own]).to(perm.device)]]
+                    block = block.to(self.device)
                     starts = [(o, m) for o, m in zip(_cumsum([m for _, m in own]), (m for _, m in own))]
             # Where this rank's examples sit in the combined batch (tensor_split's layout),
             # so per-example randomness can be drawn for the combined batch and sliced.

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .batching import BatchIterator, block_steps, mix_seed
+from .batching import BatchIterator, block_steps, fits_on_device, mix_seed
 from .config import RunConfig, TrainConfig
 from .checks import check_int, check_number
 from .data import check_images, load_dataset
@@ -190,8 +190,9 @@ def _validate(model: VAE, x: torch.Tensor, batch_size: int, generator: torch.Gen
     was = model.training
     model.eval()
     sums = {"elbo": 0.0, "reconstruction": 0.0, "kl": 0.0}
+    device = next(model.parameters()).device
     for i in range(0, x.shape[0], batch_size):
-        t = elbo_terms(model, x[i : i + batch_size], generator=generator)
+        t = elbo_terms(model, x[i : i + batch_size].to(device), generator=generator)
         for k in sums:
             sums[k] += float(t[k].sum())
     model.train(was)
@@ -278,7 +279,7 @@ class _Run:
     rank: int
     world: int
     data: object
-    val_x: torch.Tensor  # the validation images, on the device
+    val_x: torch.Tensor  # the validation images, on the device if they fit there
     model: VAE
     batches: BatchIterator
     objective: nn.Module  # _Objective, or its DistributedDataParallel wrapper
@@ -365,8 +366,8 @@ def _build(config: RunConfig, run_dir: Path, state: dict | None) -> _Run:
     total_steps = tc.epochs * steps_per_epoch
     if tc.max_steps:
         total_steps = min(total_steps, tc.max_steps) if tc.epochs else tc.max_steps
-    run = _Run(config, run_dir, device, rank, world, data, data.val.to(device), model, batches, objective, opt,
-               total_steps,
+    val_x = data.val.to(device) if fits_on_device(data.val, device) else data.val  # else a batch at a time
+    run = _Run(config, run_dir, device, rank, world, data, val_x, model, batches, objective, opt, total_steps,
                epochs=tc.epochs if tc.epochs else math.ceil(total_steps / steps_per_epoch),
                sums=torch.zeros(4, dtype=torch.float64, device=device))
 
