@@ -1,4 +1,5 @@
-"""Batches of a tensor kept whole on the training device: reproducible, resumable, sharded.
+"""Batches of a tensor kept on the training device (or in host memory when it is too big
+there): reproducible, resumable, sharded.
 
 No DataLoader and no per-sample collation: the batches of a *block* of up to
 ``MAX_BLOCK_STEPS`` consecutive steps are one indexing of the data tensor by a slice of the

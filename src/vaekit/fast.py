@@ -25,10 +25,11 @@ loop on a CPU. There a host synchronisation costs nothing, so a non-finite step 
 not taken (no copies to undo it). With ``compile=True`` the forward pass and the loss
 are compiled by ``torch.compile`` (``TrainConfig(fast="compile")``): on a CPU inductor
 fuses the element-wise work into C++ loops; on CUDA it writes fused Triton kernels (the
-loss among them: the hand-written kernel is not used there) and the compiled step is then
-captured like the eager one, with fewer kernels in the graph. Only the plain ELBO/beta-VAE objective with
-a constant batch size takes this path; the training loop runs the eager step for anything
-else (a partial last batch, IWAE, beta-TCVAE, free bits, capacity).
+loss among them: the hand-written kernel is not used there) and the compiled step is
+then captured like the eager one, with fewer kernels in the graph. Only the plain
+ELBO/beta-VAE objective with a constant batch size takes this path; the training loop
+runs the eager step for anything else (a partial last batch, IWAE, beta-TCVAE, free
+bits, capacity).
 """
 
 from __future__ import annotations
