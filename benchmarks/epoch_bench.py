@@ -21,7 +21,8 @@ batch 128, the 60,000 training images statically binarized), in one run, for:
                     batches: no sampling, no likelihood, no data pipeline
   (f) vaekit fit    vaekit.train.fit itself for 1 + --epochs epochs (validation on 1,000
                     images and a checkpoint after each): per-epoch times from its metrics;
-                    "fast=compile": fit with TrainConfig(fast="compile")
+                    "fast=compile": fit with TrainConfig(fast="compile"); on CUDA also
+                    "graph_steps=32": 32 steps a captured graph
   (g) vaekit compiled  the static step with its forward pass and loss compiled by
                     torch.compile (StaticStep(compile=True): TrainConfig(fast="compile"),
                     vaekit's CPU fast path; on CUDA the compiled step is also captured);
@@ -285,7 +286,7 @@ def matmul_floor(x, device, amp: bool = False):
 
 
 def vaekit_fit(x_u8, x_val_u8, epochs, device, threads, workdir, amp: bool = False, fast: str = "auto",
-               dynamic: bool = False):
+               dynamic: bool = False, graph_steps: int = 1):
     """Per-epoch seconds of vaekit.train.fit: the first, and those of the rest."""
     from vaekit import DataConfig, ModelConfig, RunConfig, TrainConfig, fit
 
@@ -297,9 +298,10 @@ def vaekit_fit(x_u8, x_val_u8, epochs, device, threads, workdir, amp: bool = Fal
         data=DataConfig(dataset="array", data_dir=str(npz), binarize="dynamic" if dynamic else "none",
                         val_size=len(x_val_u8), split="tail"),
         train=TrainConfig(epochs=1 + epochs, batch_size=BATCH, lr=LR, device=str(device), num_threads=threads,
-                          amp="bf16" if amp else "none", fast=fast, progress=False),
+                          amp="bf16" if amp else "none", fast=fast, graph_steps=graph_steps, progress=False),
     )
-    history = fit(config, Path(workdir) / f"fit-run-{threads}-{'bf16' if amp else 'fp32'}-{fast}-{dynamic}").history
+    name = f"fit-run-{threads}-{'bf16' if amp else 'fp32'}-{fast}-{dynamic}-{graph_steps}"
+    history = fit(config, Path(workdir) / name).history
     ends = [row["seconds"] for row in history if row["split"] == "train"]
     return ends[0], [b - a for a, b in zip(ends, ends[1:])]
 
@@ -313,7 +315,7 @@ def main(argv=None) -> None:
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="MNIST .npz or 'synthetic'")
     parser.add_argument("--n-train", type=int, default=60000, help="training images (fewer: a quick check)")
     parser.add_argument("--skip", default="", help="comma list of contenders to leave out: "
-                        "classic,eager,static,static-unfused,static-block,pythae,floor,compiled,fit,fit-compile")
+                        "classic,eager,static,static-unfused,static-block,pythae,floor,compiled,fit,fit-compile,fit-block")
     parser.add_argument("--amp", choices=sorted(AMP_CHOICES), default=None,
                         help="precision of (b), (e) and (f): fp32 (none), bf16 autocast (bf16) or both; "
                         "default: both on a CPU, none on CUDA")
@@ -376,12 +378,14 @@ def main(argv=None) -> None:
                     run()
                     times[row].append(time.perf_counter() - t0)
             results += [(n_threads, label, amp, statistics.median(t), t) for (label, amp), t in times.items()]
-            fits = [(fast, amp) for fast, key in (("auto", "fit"), ("compile", "fit-compile")) if key not in skip
-                    for amp in amps]
-            for fast, amp in fits:
-                how = ", fast=compile" if fast == "compile" else ""
+            kinds = [("auto", 1, "fit"), ("compile", 1, "fit-compile")]
+            if device.type == "cuda":
+                kinds.append(("auto", 32, "fit-block"))
+            fits = [(fast, steps, amp) for fast, steps, key in kinds if key not in skip for amp in amps]
+            for fast, steps, amp in fits:
+                how = (", fast=compile" if fast == "compile" else "") + (f", graph_steps={steps}" if steps > 1 else "")
                 label = f"(f) vaekit fit, epoch incl. val+ckpt{how}{BF16 if amp else ''}"
-                first, rest = vaekit_fit(x_u8, val_u8, args.epochs, device, n_threads, work, amp, fast, dyn)
+                first, rest = vaekit_fit(x_u8, val_u8, args.epochs, device, n_threads, work, amp, fast, dyn, steps)
                 results.append((n_threads, label, amp, statistics.median(rest), rest))
                 print(f"{label}, threads={n_threads}: first epoch (warm-up) {first:.2f} s")
     report(results, device, len(x))

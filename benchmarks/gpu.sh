@@ -80,7 +80,7 @@ step iw_bench 90 "$PY" benchmarks/iw_bench.py --device cuda --k 5000 --n 10000 -
 # fast='compile' on CUDA: the compiled step, captured (row g), and fit with it, beside the
 # uncompiled captured step (row c) in the same run; each compile takes tens of seconds.
 step epoch_compiled 150 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp none \
-    --skip classic,eager,static-unfused,static-block,pythae,floor,fit --data "$DATA"
+    --skip classic,eager,static-unfused,static-block,pythae,floor,fit,fit-block --data "$DATA"
 # $RESCORE (a run directory inside the repo): how far TF32 and bf16 move its k = 5000 NLL
 # on the first 1,000 test images (the fourth session's PixelCNN run: .gpudata/pixelcnn-h100).
 if [ -n "${RESCORE:-}" ]; then

@@ -4,6 +4,7 @@ On a CPU the step runs uncaptured; on CUDA (benchmarks/gpu.sh) the same tests ca
 """
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -246,3 +247,40 @@ def test_a_block_of_steps_equals_the_steps_one_by_one(device, lr_kind):
     assert float(lr) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="one entry per step"):
         blocked.run_block(xs, eps, lrs[:2], betas)
+
+
+@pytest.mark.parametrize("extra", [{}, {"checkpoint_every": 5, "max_steps": 37}])
+def test_fit_in_blocks_of_steps_is_the_same_run(tmp_path, extra):
+    """TrainConfig(graph_steps=k): the static path k steps a call (a captured graph of k
+    steps on CUDA) trains exactly the same run, around checkpoints every few steps, a step
+    limit inside a block and the epoch's short last batch."""
+    torch.set_num_threads(1)
+    runs, blocks = {}, []
+    real = StaticStep.run_block
+
+    def spy(self, xs, *args):
+        blocks.append(xs.shape[0])
+        return real(self, xs, *args)
+
+    for k in (1, 4, 7):
+        config = _tiny("static", epochs=3, graph_steps=k, lr_schedule="cosine", **extra)
+        config.objective = dataclasses.replace(config.objective, beta_schedule="linear", warmup_steps=30)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(StaticStep, "run_block", spy)
+            runs[k] = fit(config, tmp_path / str(k))
+        assert runs[k].history
+    # a block of 7 always holds a multiple of 5 (a checkpoint inside): those steps run singly
+    assert set(blocks) == ({4} if extra else {4, 7})
+    ref = load_checkpoint(tmp_path / "1" / "checkpoint.pt")
+    for k in (4, 7):
+        got = load_checkpoint(tmp_path / str(k) / "checkpoint.pt")
+        assert got["step"] == ref["step"]
+        for name, v in ref["model"].items():
+            assert torch.equal(v, got["model"][name]), (k, name)
+        strip = lambda h: [{c: v for c, v in r.items() if c != "seconds"} for r in h]  # noqa: E731
+        assert strip(runs[k].history) == strip(runs[1].history)
+
+
+def test_graph_steps_is_checked():
+    with pytest.raises(ValueError, match="graph_steps"):
+        _tiny("static", graph_steps=0)

@@ -139,6 +139,11 @@ class BatchIterator:
         return self._len
 
     @property
+    def full_batches(self) -> int:
+        """Batches of exactly ``batch_size`` examples an epoch (all but a short last one)."""
+        return len(self.x) // self._combined
+
+    @property
     def steps_per_block(self) -> int:
         """Combined batches gathered (and binarized) at once: :func:`block_steps` of a
         combined batch's elements."""

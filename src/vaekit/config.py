@@ -66,6 +66,11 @@ class TrainConfig:
             leaves fewer, fused kernels in the graph) or ``off`` (the eager step). See :mod:`vaekit.fast`; a
             step that cannot be compiled or captured raises ``vaekit.fast.FastPathError``
             naming the setting that runs it without.
+        graph_steps: steps per call of the static step (``vaekit.fast.StaticStep.run_block``):
+            on CUDA that many steps are captured in one graph, and the host issues one
+            replay for them instead of one per step (for small models, whose steps take
+            the GPU less time than the host's work for a step); elsewhere the same steps
+            run uncaptured. The same run either way; 1: a step at a time.
         progress: show a tqdm progress bar.
     """
 
@@ -84,6 +89,7 @@ class TrainConfig:
     amp: str = "none"
     num_threads: int = 0
     fast: str = "auto"
+    graph_steps: int = 1
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -100,6 +106,8 @@ class TrainConfig:
         _need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {', '.join(LR_SCHEDULES)}", self.lr_schedule)
         _need(self.amp in AMP_MODES, "amp", f"one of {', '.join(AMP_MODES)}", self.amp)
         _need(self.fast in FAST_MODES, "fast", f"one of {', '.join(FAST_MODES)}", self.fast)
+        _need(_is_int(self.graph_steps) and 1 <= self.graph_steps <= 1024, "graph_steps", "an integer in [1, 1024]",
+              self.graph_steps)
         _need(isinstance(self.progress, bool), "progress", "true or false", self.progress)
         _need(
             isinstance(self.device, str) and (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")),

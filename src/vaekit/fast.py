@@ -269,8 +269,8 @@ class StaticStep:
         and KL weight ``betas[i]`` for step ``i`` (what ``K`` calls of :meth:`run` do). On
         CUDA, once the single step is captured, the K steps are captured as one graph (one
         per K) and each later block is four copies and one replay: the host's work per
-        step shrinks K-fold. Elsewhere the same code runs uncaptured. (Prototype: the
-        benchmarks time it; ``fit`` still runs one step at a time.)"""
+        step shrinks K-fold. Elsewhere the same code runs uncaptured.
+        ``TrainConfig(graph_steps=K)`` makes ``fit`` call it."""
         k = xs.shape[0]
         if eps.shape[0] != k or len(lrs) != k or len(betas) != k:
             raise ValueError(f"xs, eps, lrs and betas must have one entry per step, got {k}, {eps.shape[0]}, "

@@ -438,6 +438,31 @@ def _static_step(run: _Run, x: torch.Tensor) -> None:
         _fold(run)
 
 
+def _block_fits(run: _Run, k: int) -> bool:
+    """Whether the ``k`` steps from the batch just drawn can run as one block: all of them
+    full batches, within the run's steps, with no step-count checkpoint inside."""
+    first = run.batches.position - 1  # the batch just yielded
+    ce = run.tc.checkpoint_every
+    return (first + k <= run.batches.full_batches and run.step + k <= run.total_steps
+            and (not ce or run.step // ce == (run.step + k - 1) // ce))
+
+
+def _static_block(run: _Run, xs: list) -> None:
+    """``len(xs)`` steps of the static path in one call (``StaticStep.run_block``): the
+    same learning rates, KL weights and noise as one step at a time."""
+    oc, k = run.config.objective, len(xs)
+    steps = range(run.step, run.step + k)
+    lrs = [lr_at(s, run.total_steps, run.tc) for s in steps]
+    betas = [beta_schedule(oc.beta_schedule, s, beta=oc.beta, warmup_steps=oc.warmup_steps,
+                           cycle_steps=oc.cycle_steps, ratio=oc.cycle_ratio) for s in steps]
+    shape = (xs[0].shape[0], run.config.model.latent_dim)
+    eps = torch.stack([run.objective.noise(s, shape) for s in steps])
+    run.static.run_block(torch.stack(xs), eps, lrs, betas)
+    run.lr, run.beta = lrs[-1], betas[-1]
+    if run.step // _FOLD_EVERY != (run.step + k) // _FOLD_EVERY:
+        _fold(run)
+
+
 def _eager_step(run: _Run, x: torch.Tensor, stop: _Stop, amp) -> None:
     """One eager step: any objective, any batch size, data-parallel. A non-finite loss or
     gradient norm skips it (all ranks alike)."""
@@ -486,22 +511,32 @@ def _train_epoch(run: _Run, stop: _Stop, progress, amp) -> bool:
     run.model.train()
     if batches.position == 0:
         batches.set_epoch(run.epoch)
+    k = tc.graph_steps if run.static is not None else 1
+    pending = []  # full batches gathered for one block of k static steps
     for x in batches:
-        run.lr = lr_at(run.step, run.total_steps, tc)
-        if run.static is not None and x.shape[0] == tc.batch_size:
-            _static_step(run, x)
+        if pending or (k > 1 and _block_fits(run, k)):
+            pending.append(x)
+            if len(pending) < k:
+                continue
+            _static_block(run, pending)
+            done, pending = k, []
         else:
-            _eager_step(run, x, stop, amp)
+            run.lr = lr_at(run.step, run.total_steps, tc)
+            if run.static is not None and x.shape[0] == tc.batch_size:
+                _static_step(run, x)
+            else:
+                _eager_step(run, x, stop, amp)
+            done = 1
         if run.bad_run >= tc.max_bad_steps:
             progress.close()
             raise TrainingDiverged(
                 f"{run.bad_run} non-finite steps in a row (at step {run.step}); stopped. The last good checkpoint "
                 f"is {run.ckpt_path if run.ckpt_path.exists() else 'not written yet'}"
             )
-        run.step += 1
-        progress.update(1)
+        run.step += done
+        progress.update(done)
         sums = run.sums
-        if run.step % _FOLD_EVERY == 0 and sums[3] > 0:
+        if (run.step - done) // _FOLD_EVERY != run.step // _FOLD_EVERY and sums[3] > 0:
             progress.set_postfix(loss=f"{float(sums[0] / sums[3]):.2f}", rec=f"{float(sums[1] / sums[3]):.2f}",
                                  kl=f"{float(sums[2] / sums[3]):.2f}", beta=f"{run.beta:.3g}")
         stopping = run.stop_all if run.distributed else bool(stop.signum)
