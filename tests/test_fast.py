@@ -284,3 +284,32 @@ def test_fit_in_blocks_of_steps_is_the_same_run(tmp_path, extra):
 def test_graph_steps_is_checked():
     with pytest.raises(ValueError, match="graph_steps"):
         _tiny("static", graph_steps=0)
+
+
+def test_fit_in_blocks_resumes_bit_for_bit(tmp_path, monkeypatch):
+    import vaekit.train
+
+    torch.set_num_threads(1)
+    blobs, save = [], vaekit.train.save_checkpoint
+
+    def keep(path, state):
+        save(path, state)
+        blobs.append((state["step"], path.read_bytes()))
+
+    monkeypatch.setattr(vaekit.train, "save_checkpoint", keep)
+    config = _tiny("static", epochs=2, graph_steps=4, checkpoint_every=4)
+    fit(config, tmp_path / "full")
+    monkeypatch.setattr(vaekit.train, "save_checkpoint", save)
+    final = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    spe = final["step"] // 2
+    middle = [(s, b) for s, b in blobs if s % spe not in (0,)][:3]  # mid-epoch checkpoints
+    assert len(middle) == 3
+    for step, blob in middle:
+        rd = tmp_path / f"from-{step}"
+        rd.mkdir()
+        (rd / "checkpoint.pt").write_bytes(blob)
+        fit(config, rd, resume=True)
+        got = load_checkpoint(rd / "checkpoint.pt")
+        assert got["step"] == final["step"]
+        for name, v in final["model"].items():
+            assert torch.equal(v, got["model"][name]), (step, name)
