@@ -1,5 +1,6 @@
 """Tests of vaekit.batching: coverage, reproducibility, resume and DDP sharding."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,11 +98,13 @@ def test_iterator_dynamic_binarization_mean_matches_grey_levels():
     assert ((draws.mean(0) - x[0]).abs() < 5 * se).all()
 
 
+@pytest.mark.parametrize("source", ["torch", "numpy"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_bernoulli_draw_frequencies_and_endpoints(dtype):
+def test_bernoulli_draw_frequencies_and_endpoints(dtype, source):
     levels = torch.tensor([0.0, 1 / 255, 0.1, 0.5, 0.9, 254 / 255, 1.0], dtype=dtype)
     n = 40000
-    draws = bernoulli_draw(levels.expand(n, len(levels)), torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0) if source == "torch" else np.random.Generator(np.random.PCG64(0))
+    draws = bernoulli_draw(levels.expand(n, len(levels)), gen)
     assert draws.dtype == dtype and set(draws.unique().tolist()) == {0.0, 1.0}
     p = levels.double()
     freq = draws.double().mean(0)
@@ -122,7 +125,7 @@ def test_iterator_binarizes_each_block_with_its_own_stream(monkeypatch, block_el
     perm = it.permutation(0)
     batches = list(it)
     for i in range(-(-4 // k)):
-        g = torch.Generator().manual_seed(mix_seed(4, 0, i))
+        g = np.random.Generator(np.random.PCG64(mix_seed(4, 0, i)))  # on a CPU; torch's on a GPU
         block = bernoulli_draw(x[perm[i * k * 6:(i + 1) * k * 6]], g)
         assert torch.equal(torch.cat(batches[i * k:(i + 1) * k]), block)
 

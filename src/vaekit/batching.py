@@ -64,18 +64,25 @@ def _cumsum(counts: list[int]) -> list[int]:
     return out
 
 
-def bernoulli_draw(p: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """One Bernoulli draw per element, ``1[u < p]`` with ``u = torch.rand(p.shape, generator)``
-    (float32, or float64 for float64 ``p``), in ``p``'s dtype: ``P(1) = p`` to within the
-    uniform's 2^-24 grid, and exactly 0 / 1 where ``p`` is 0 / 1. No value checks (the
-    iterator checks its data once).
+def bernoulli_draw(p: Tensor, generator: torch.Generator | np.random.Generator | None = None) -> Tensor:
+    """One Bernoulli draw per element, ``1[u < p]`` with ``u`` uniform on [0, 1) (float32,
+    or float64 for float64 ``p``), in ``p``'s dtype: ``P(1) = p`` to within the uniform's
+    2^-24 grid, and exactly 0 / 1 where ``p`` is 0 / 1. No value checks (the iterator
+    checks its data once).
 
-    What the iterator's dynamic binarization draws. ``torch.bernoulli`` gives the same
-    distribution but its CPU kernel is about 4x slower (1.25 ms against 0.30 ms for a batch
-    of 128 MNIST images on this project's CPU, ~0.45 s an epoch: docs/benchmarks.md).
+    ``u`` comes from ``generator``: a ``torch.Generator`` on ``p``'s device
+    (``torch.rand``), or, for ``p`` on the CPU, a NumPy generator (PCG64 draws floats about
+    twice as fast as PyTorch's CPU generator). What the iterator's dynamic binarization
+    draws: ``torch.bernoulli`` gives the same distribution but its CPU kernel is about 4x
+    slower than ``torch.rand`` and a comparison (docs/benchmarks.md).
     """
     dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-    u = torch.rand(p.shape, generator=generator, device=p.device, dtype=dtype)
+    if isinstance(generator, np.random.Generator):
+        if p.device.type != "cpu":
+            raise ValueError(f"a NumPy generator draws for CPU tensors, got p on {p.device}")
+        u = torch.from_numpy(generator.random(tuple(p.shape), dtype=np.float64 if dtype == torch.float64 else np.float32))
+    else:
+        u = torch.rand(p.shape, generator=generator, device=p.device, dtype=dtype)
     return u.lt_(p).to(p.dtype)
 
 
@@ -91,9 +98,9 @@ class BatchIterator:
     The combined batches are taken ``K = block_steps(W * b * event size)`` at a time: block
     ``i`` of epoch ``e`` holds combined batches ``i*K`` to ``i*K + K - 1`` (the last block
     fewer) and is gathered at once; ``dynamic_binarize`` replaces it by
-    :func:`bernoulli_draw` ``(block, g)`` with ``g`` on the data's device seeded from
-    ``(seed, e, i)``, before the split, so the draws too agree with one process. A batch
-    is a view of its block.
+    :func:`bernoulli_draw` ``(block, g)``, ``g`` seeded from ``(seed, e, i)`` (a
+    ``torch.Generator`` on a GPU, NumPy's PCG64 on a CPU), before the split, so the draws
+    too agree with one process. A batch is a view of its block.
 
     ``device``: where the batches go. The data are moved there whole when they fit
     (``keep_on_device=None``: :func:`fits_on_device`); otherwise they stay in host memory
@@ -191,7 +198,9 @@ class BatchIterator:
                 steps = range(current * k, min((current + 1) * k, len(self)))
                 spans = [(i * c, min((i + 1) * c, n)) for i in steps]
                 if self.dynamic_binarize:
-                    g = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, epoch, current))
+                    key = mix_seed(self.seed, epoch, current)
+                    g = (np.random.Generator(np.random.PCG64(key)) if self.device.type == "cpu"
+                         else torch.Generator(device=self.device).manual_seed(key))
                     block = bernoulli_draw(self.x[perm[spans[0][0]:spans[-1][1]]].to(self.device), g)
                     starts = [(a - spans[0][0], b - a) for a, b in spans]
                 else:  # only this rank's rows are gathered
