@@ -153,7 +153,7 @@ def vaekit_loop(x, device, static: bool, amp: bool = False, compiled: bool = Fal
     model = VAE(ModelConfig(arch="mlp", input_shape=(784,), hidden=(HIDDEN,), latent_dim=LATENT,
                             activation="relu", likelihood="bernoulli")).to(device)
     from vaekit.config import TrainConfig
-    from vaekit.train import _adam
+    from vaekit.steps import _adam
 
     if static and device.type == "cuda":
         if fused_adam:  # as fit builds it for a captured step

@@ -11,7 +11,7 @@ that calls ``vaekit.cli.main`` after wrapping a few functions of ``vaekit.train`
 
 The reference for a W-process run is one process with the combined batch W*b on the same
 data order, binarization draws and reparameterisation noise (see ``BatchIterator`` and
-``train._Objective``). Tiny model (hidden 16, latent 2) on the bundled 8x8 digits with
+``vaekit.steps._Objective``). Tiny model (hidden 16, latent 2) on the bundled 8x8 digits with
 dynamic binarization, 2 epochs of 11 steps. The uncommon training-set size 1283
 (``--val-size 217``) leaves a last combined batch of 3 examples, split 2 / 1 between
 the ranks; the first 10 batches of each epoch are full.

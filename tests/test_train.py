@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+import vaekit.steps as steps
 import vaekit.train as train
 from test_cli import snapshot, steps_per_epoch, tiny_config
 from vaekit.cli import build_config
@@ -232,7 +233,7 @@ def test_training_noise_comes_in_blocks_and_shards_like_one_process(iw_shape):
 
     def noises(batch_size, rank=0, world_size=1):
         it = BatchIterator(x, batch_size, seed=seed, rank=rank, world_size=world_size, shuffle=False)
-        obj = train._Objective(None, None, len(x), it, seed, torch.device("cpu"))
+        obj = steps._Objective(None, None, len(x), it, seed, torch.device("cpu"))
         out = []
         for epoch in range(7):  # 6 steps an epoch (the last of 10 examples): 42 steps, two blocks
             it.set_epoch(epoch)
@@ -245,6 +246,6 @@ def test_training_noise_comes_in_blocks_and_shards_like_one_process(iw_shape):
     assert len(single) == 42
     for s, ref in enumerate(single):
         assert torch.equal(torch.cat([r[s] for r in ranks], dim=-2), ref)
-        g = torch.Generator().manual_seed(mix_seed(seed, train._NOISE_STREAM, s // k))
+        g = torch.Generator().manual_seed(mix_seed(seed, steps._NOISE_STREAM, s // k))
         block = torch.randn(k, *iw_shape, world * b, d, generator=g)
         assert torch.equal(ref, block[s % k][..., : ref.shape[-2], :])

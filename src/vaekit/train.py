@@ -33,16 +33,18 @@ import torch
 from torch import nn
 
 from . import __version__
-from .batching import BatchIterator, block_steps, fits_on_device, mix_seed
+from .batching import BatchIterator, fits_on_device, mix_seed
 from .config import RunConfig, TrainConfig
 from .checks import check_int, check_number
 from .data import check_images, load_dataset
-from .fast import StaticStep, grad_norm, static_step_supported
+from .fast import StaticStep
 from .io import save_checkpoint, save_model, write_json
 from .models import VAE
 from .plots import save_run_pictures
 from .runs import read_for_resume, restore, rng_state, write_metrics
-from .objectives import ObjectiveConfig, beta_schedule, objective_loss
+from .steps import (
+    _FOLD_EVERY, _Objective, _adam, _block_fits, _eager_step, _fold, _static_block, _static_step, _use_static, lr_at,
+)
 
 __all__ = ["TrainConfig", "RunConfig", "fit", "FitResult", "TrainingDiverged", "lr_at", "resolve_device",
            "epochs_for_budget"]
@@ -71,87 +73,12 @@ def resolve_device(name: str, *, what: str = "TrainConfig.device") -> torch.devi
     return dev
 
 
-def _adam(model: nn.Module, tc: TrainConfig, *, captured_on: torch.device | None = None) -> torch.optim.Adam:
-    """Adam, fused where this PyTorch has the fused kernel for the device (on a CPU it
-    takes about a third of the unfused step's time: docs/benchmarks.md; in a captured
-    step the kernel itself skips a non-finite step, with no copies to undo it:
-    ``vaekit.fast``). ``captured_on``: the device of a CUDA-graph-captured step, which
-    reads the learning rate from a tensor there."""
-    kw = dict(lr=tc.lr, weight_decay=tc.weight_decay)
-    if captured_on is not None:
-        kw.update(lr=torch.tensor(tc.lr, device=captured_on), capturable=True)
-    try:
-        return torch.optim.Adam(model.parameters(), fused=True, **kw)
-    except (RuntimeError, ValueError, TypeError):
-        return torch.optim.Adam(model.parameters(), **kw)
-
-
-def _use_static(tc, oc, model, device, distributed: bool) -> bool:
-    if tc.fast == "off" or distributed or not static_step_supported(model, oc):
-        return False
-    return tc.fast in ("static", "compile") or device.type == "cuda"
-
-
 _SMALL_STEP = 2e7
-# Steps between reads of the device counters (progress bar, non-finite streaks).
-_FOLD_EVERY = 50
-
-
 def _work_per_step(model: nn.Module, batch_size: int) -> float:
     """Multiply-adds of one forward pass, roughly: parameters times batch size."""
     return sum(p.numel() for p in model.parameters()) * batch_size
 
 
-def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
-    """The learning rate at ``step``: a pure function of the step."""
-    if config.lr_schedule == "cosine" and total_steps > 0:
-        return 0.5 * config.lr * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    return config.lr
-
-
-class _Objective(nn.Module):
-    """The objective as a module, so that DistributedDataParallel sees every forward.
-
-    The reparameterisation noise is drawn for ``K`` steps at once (one kernel instead of one
-    per step, as the batches are; ``K = vaekit.batching.block_steps`` of one step's combined
-    draw, 32 but for big draws): steps ``i*K`` to
-    ``i*K + K - 1`` take their noise from one draw for full combined batches by a generator
-    seeded by ``(seed, i)``; step ``s`` takes its part ``s - i*K``, sliced to this process's
-    examples (a short last batch: to the first rows). A run on W processes then draws
-    exactly the noise of one process with the combined batch, and a resumed run the noise
-    of the uninterrupted one.
-    """
-
-    def __init__(self, model: VAE, config: ObjectiveConfig, dataset_size: int, batches: BatchIterator,
-                 seed: int, device: torch.device) -> None:
-        super().__init__()
-        self.model = model
-        self.config = config
-        self.dataset_size = dataset_size
-        self._batches = batches
-        self._seed = seed
-        self._gen = torch.Generator(device=device)
-        self._block_key, self._block = None, None
-
-    def noise(self, step: int, shape) -> torch.Tensor:
-        """Standard-normal noise of ``shape`` (batch in dim -2) for this process's slice of
-        the combined batch of ``step``."""
-        offset, size, _ = self._batches.last_span
-        full = self._batches.batch_size * self._batches.world_size
-        k = block_steps(math.prod(shape[:-2]) * full * shape[-1])
-        key = (step // k, k, tuple(shape[:-2]), shape[-1])
-        if key != self._block_key:
-            self._gen.manual_seed(mix_seed(self._seed, _NOISE_STREAM, step // k))
-            self._block = torch.randn(k, *shape[:-2], full, shape[-1], generator=self._gen, device=self._gen.device)
-            self._block_key = key
-        return self._block[step % k][..., offset : offset + size, :]
-
-    def forward(self, x, step: int):
-        return objective_loss(self.model, x, self.config, step, dataset_size=self.dataset_size,
-                              noise=lambda shape: self.noise(step, shape))
-
-
-_NOISE_STREAM = 0x6E6F6973  # keeps the noise seeds apart from the data-order seeds
 _VAL_STREAM = 0x76616C  # validation noise: a function of (seed, epoch), the same on every rank
 
 
@@ -271,7 +198,8 @@ def epochs_for_budget(config: RunConfig, seconds: float, *, calibration_epochs: 
 @dataclasses.dataclass(eq=False)
 class _Run:
     """What one training run wires together, and the loop's counters (with the weights,
-    what a checkpoint holds): the state that the loop's pieces below share."""
+    what a checkpoint holds): the state that the loop's pieces, below and in
+    :mod:`vaekit.steps` (the three kinds of step), share."""
 
     config: RunConfig
     run_dir: Path
@@ -394,18 +322,6 @@ def _prepare_run_dir(run: _Run, state: dict | None, extend_to: int | None) -> No
     write_json(run.run_dir / "config.json", {"vaekit_version": __version__, **run.config.to_dict()})
 
 
-def _fold(run: _Run) -> None:
-    """Move the static step's device counters into the loop's (one sync)."""
-    static = run.static
-    run.sums += static.sums
-    static.sums.zero_()
-    n_bad, in_a_row = int(static.skipped), int(static.bad_run)
-    static.skipped.zero_()
-    if n_bad:
-        run.bad_run = in_a_row
-    run.skipped += n_bad
-
-
 def _checkpoint(run: _Run) -> None:
     if run.static is not None:
         _fold(run)
@@ -424,84 +340,6 @@ def _checkpoint(run: _Run) -> None:
         })
     if run.distributed:
         torch.distributed.barrier()
-
-
-def _static_step(run: _Run, x: torch.Tensor) -> None:
-    """One step of the static (captured or compiled) path: no host sync but every
-    ``_FOLD_EVERY`` steps."""
-    oc = run.config.objective
-    run.beta = beta_schedule(oc.beta_schedule, run.step, beta=oc.beta, warmup_steps=oc.warmup_steps,
-                             cycle_steps=oc.cycle_steps, ratio=oc.cycle_ratio)
-    inner = run.objective.module if run.distributed else run.objective
-    run.static.run(x, inner.noise(run.step, (x.shape[0], run.config.model.latent_dim)), run.lr, run.beta)
-    if run.step % _FOLD_EVERY == _FOLD_EVERY - 1:
-        _fold(run)
-
-
-def _block_fits(run: _Run, k: int) -> bool:
-    """Whether the ``k`` steps from the batch just drawn can run as one block: all of them
-    full batches, within the run's steps, with no step-count checkpoint inside."""
-    first = run.batches.position - 1  # the batch just yielded
-    ce = run.tc.checkpoint_every
-    return (first + k <= run.batches.full_batches and run.step + k <= run.total_steps
-            and (not ce or run.step // ce == (run.step + k - 1) // ce))
-
-
-def _static_block(run: _Run, xs: list) -> None:
-    """``len(xs)`` steps of the static path in one call (``StaticStep.run_block``): the
-    same learning rates, KL weights and noise as one step at a time."""
-    oc, k = run.config.objective, len(xs)
-    steps = range(run.step, run.step + k)
-    lrs = [lr_at(s, run.total_steps, run.tc) for s in steps]
-    betas = [beta_schedule(oc.beta_schedule, s, beta=oc.beta, warmup_steps=oc.warmup_steps,
-                           cycle_steps=oc.cycle_steps, ratio=oc.cycle_ratio) for s in steps]
-    shape = (xs[0].shape[0], run.config.model.latent_dim)
-    eps = torch.stack([run.objective.noise(s, shape) for s in steps])
-    run.static.run_block(torch.stack(xs), eps, lrs, betas)
-    run.lr, run.beta = lrs[-1], betas[-1]
-    if run.step // _FOLD_EVERY != (run.step + k) // _FOLD_EVERY:
-        _fold(run)
-
-
-def _eager_step(run: _Run, x: torch.Tensor, stop: _Stop, amp) -> None:
-    """One eager step: any objective, any batch size, data-parallel. A non-finite loss or
-    gradient norm skips it (all ranks alike)."""
-    opt = run.opt
-    for g in opt.param_groups:
-        if isinstance(g["lr"], torch.Tensor):  # capturable Adam: keep the tensor
-            g["lr"].fill_(run.lr)
-        else:
-            g["lr"] = run.lr
-    with amp:
-        out = run.objective(x, run.step)
-    opt.zero_grad(set_to_none=True)
-    loss = out.loss
-    if run.distributed:
-        # DDP averages the ranks' gradients: scaled by its share of the combined batch,
-        # each rank's mean makes that average the combined batch's mean (ranks get
-        # unequal slices of a partial last batch).
-        _, size, combined = run.batches.last_span
-        loss = loss * (size * run.world / combined)
-    loss.backward()
-    gnorm = grad_norm(run.model.parameters(), run.tc.grad_clip)
-    run.beta = out.beta
-    ok = torch.isfinite(out.loss) & torch.isfinite(gnorm)
-    if run.distributed:  # every rank must take the same decisions: step, and stop
-        flags = torch.stack([ok.to(torch.int32), torch.tensor(int(not stop.signum), device=run.device,
-                                                              dtype=torch.int32)])
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
-        ok, run.stop_all = flags[0], not bool(flags[1])
-    if bool(ok):
-        opt.step()
-        run.bad_run = 0
-        b = x.shape[0]
-        run.sums[:3] += torch.stack([out.loss.detach(), out.reconstruction.detach(), out.kl.detach()]) * b
-        run.sums[3] += b
-    else:
-        run.skipped += 1
-        run.bad_run += 1
-    if run.static is not None:
-        run.static.resync()
 
 
 def _train_epoch(run: _Run, stop: _Stop, progress, amp) -> bool:
