@@ -210,7 +210,7 @@ def test_learning_rate_and_beta_are_written_when_they_change_and_after_resync():
     assert float(step.beta) == 2.0
 
 
-@pytest.mark.parametrize("lr_kind", ["number", "tensor"])
+@pytest.mark.parametrize("lr_kind", ["number", "tensor", "compiled"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_block_of_steps_equals_the_steps_one_by_one(device, lr_kind):
     """run_block(K batches) does what K calls of run() do (on CUDA: after the single step
@@ -226,7 +226,8 @@ def test_a_block_of_steps_equals_the_steps_one_by_one(device, lr_kind):
         lr = torch.tensor(1e-2) if lr_kind == "tensor" else 1e-2
         return torch.optim.Adam(m.parameters(), lr=lr)
 
-    blocked, single = StaticStep(model, adam(model), batch_size=8), StaticStep(twin, adam(twin), batch_size=8)
+    compiled = lr_kind == "compiled"  # fed through the single step's buffers
+    blocked, single = (StaticStep(m, adam(m), batch_size=8, compile=compiled) for m in (model, twin))
     k = 5
     for block in range(4):  # on CUDA: the first block warms up and captures the single step
         xs = torch.rand(k, 8, 1, 6, 6, device=device).bernoulli()

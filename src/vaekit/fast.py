@@ -294,9 +294,7 @@ class StaticStep:
             return
         if not self.capture:
             for i in range(k):
-                self._set_lr(lrs[i], blr[i])
-                self.opt.zero_grad(set_to_none=True)
-                self._body(bx[i], beps[i], bbeta[i])
+                self._block_step(i, lrs[i], bx, beps, blr, bbeta)
             return
         # The single step is captured (above), so the copies that undo a non-finite step
         # (unfused optimisers) exist: the block's graph must update the very same ones.
@@ -304,14 +302,26 @@ class StaticStep:
         try:
             with torch.cuda.graph(graph):
                 for i in range(k):
-                    self._set_lr(lrs[i], blr[i])
-                    self.opt.zero_grad(set_to_none=True)
-                    self._body(bx[i], beps[i], bbeta[i])
+                    self._block_step(i, lrs[i], bx, beps, blr, bbeta)
         except Exception as e:  # noqa: BLE001  (capture fails in many ways; the cause is chained)
             raise FastPathError(f"{k} training steps could not be captured in one CUDA graph "
                                 f"({type(e).__name__}: {_first_line(e)}); run them one by one") from e
         self._blocks[k] = ((bx, beps, blr, bbeta), graph)
         graph.replay()
+
+    def _block_step(self, i: int, lr: float, bx: Tensor, beps: Tensor, blr: Tensor, bbeta: Tensor) -> None:
+        """Step ``i`` of a block. A compiled forward is fed the single step's own buffers
+        (copied from the block on the device): views into the block would be new inputs to
+        its guards, and a recompilation inside a capture would fail."""
+        self._set_lr(lr, blr[i])
+        self.opt.zero_grad(set_to_none=True)
+        if self._compiled:
+            self.x.copy_(bx[i])
+            self.eps.copy_(beps[i])
+            self.beta.copy_(bbeta[i])
+            self._body()
+        else:
+            self._body(bx[i], beps[i], bbeta[i])
 
     def _set_lr(self, value: float, on_device: Tensor) -> None:
         """Step i's learning rate: copied on the device from its block entry (a node of a
