@@ -171,9 +171,10 @@ class StaticStep:
         res.loss.backward()
         gnorm = grad_norm(self.params, self.grad_clip)
         ok = torch.isfinite(res.loss) & torch.isfinite(gnorm)
-        # [loss*b, rec*b, kl*b, b] in few kernels: each one is a node of the captured graph.
-        parts = torch.stack([res.loss.detach(), res.reconstruction.detach(), res.kl.detach(), self._one]).double()
-        parts = parts * float(x.shape[0])
+        # [loss, rec, kl, 1], added to the float64 sums times b by one add_ (b * a float32
+        # is exact in float64): each kernel is a node of the captured graph.
+        parts = torch.stack([res.loss.detach(), res.reconstruction.detach(), res.kl.detach(), self._one])
+        b = float(x.shape[0])
         bad = ~ok
         self.skipped += bad
         self.bad_run.mul_(bad).add_(bad)
@@ -184,18 +185,18 @@ class StaticStep:
                 self.opt.step()
             finally:
                 del self.opt.found_inf
-            self.sums += torch.where(ok, parts, 0.0)
+            self.sums.add_(torch.where(ok, parts, 0.0), alpha=b)
             return
         if self._backups is None:  # uncaptured: a sync is cheap, a bad step is just not taken
             if bool(ok):
                 self.opt.step()
-                self.sums += parts
+                self.sums.add_(parts, alpha=b)
             return
         self.opt.step()
         for t, backup in self._backups:
             t.copy_(torch.where(ok, t, backup))
             backup.copy_(t)
-        self.sums += torch.where(ok, parts, torch.zeros_like(parts))
+        self.sums.add_(torch.where(ok, parts, 0.0), alpha=b)
 
     def _refresh_backups(self) -> None:
         if self._found_inf is None:  # a fused Adam skips a bad step itself: nothing to undo
