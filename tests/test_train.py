@@ -1,7 +1,6 @@
 """vaekit.train pieces not covered through the command line: the device choice, the
 TensorBoard hook, extending a run (``resume=True, epochs=N``) and the time budget."""
 
-import math
 import shutil
 
 import pytest
@@ -10,7 +9,6 @@ import torch
 import vaekit.train as train
 from test_cli import snapshot, steps_per_epoch, tiny_config
 from vaekit.cli import build_config
-from vaekit.config import TrainConfig
 from vaekit.io import load_checkpoint, read_json, save_checkpoint
 
 
