@@ -12,6 +12,10 @@ a CPU this is a floor for the host's share of a step; on CUDA (--device cuda, in
 benchmarks/gpu.sh) it is that share itself: kernel launches cost the host more than CPU
 dispatches do.
 
+--graph-steps (default 1,32): also fit with TrainConfig(graph_steps=K). On CUDA a block of
+K steps is one replay, so this is where the host's share should fall K-fold; on a CPU the
+K steps of a block still run one by one (uncaptured), and the figure is no smaller.
+
   python benchmarks/host_bench.py                 # 2 epochs timed after a first one
   python benchmarks/host_bench.py --epochs 4 --binarize none
   python benchmarks/host_bench.py --device cuda
@@ -20,6 +24,7 @@ dispatches do.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import tempfile
 from pathlib import Path
@@ -31,12 +36,12 @@ STEP_BUDGET_US = 60e3 / 469  # the 60 ms epoch goal at batch 128 on 60,000 image
 
 
 def host_time_per_step(binarize: str, epochs: int, device: str = "cpu", n: int = 60000,
-                       batch: int = 128) -> list[float]:
+                       batch: int = 128, graph_steps: int = 1) -> list[float]:
     """Microseconds per step of each timed epoch (the first epoch is left out)."""
     from vaekit import DataConfig, ModelConfig, RunConfig, TrainConfig, fast, fit
 
     body = fast.StaticStep._body
-    fast.StaticStep._body = lambda self: self.sums.add_(0.0)  # the graph's part: not what is measured
+    fast.StaticStep._body = lambda self, *args: self.sums.add_(0.0)  # the graph's part: not what is measured
     try:
         with tempfile.TemporaryDirectory() as work:
             x = (np.random.default_rng(0).random((n + 100, 2, 2)) * 255).astype(np.uint8)
@@ -46,7 +51,7 @@ def host_time_per_step(binarize: str, epochs: int, device: str = "cpu", n: int =
                 data=DataConfig(dataset="array", data_dir=str(Path(work) / "d.npz"), binarize=binarize,
                                 val_size=100, split="tail"),
                 train=TrainConfig(epochs=1 + epochs, batch_size=batch, num_threads=1, fast="static", progress=False,
-                                  device=device),
+                                  device=device, graph_steps=graph_steps),
             )
             history = fit(config, Path(work) / "run").history
     finally:
@@ -61,14 +66,16 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs (after one untimed)")
     parser.add_argument("--binarize", default="dynamic,none", help="comma list: dynamic, none")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--graph-steps", default="1,32",
+                        help="comma list of TrainConfig.graph_steps (steps a captured graph on CUDA)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(f"device {args.device}; torch {torch.__version__}; fit's static path with the step's body taken out, 60,000 examples "
           f"of 4 pixels, batch 128 (469 steps an epoch); validation on 100 examples included")
-    for binarize in args.binarize.split(","):
-        per = host_time_per_step(binarize, args.epochs, args.device)
+    for binarize, k in itertools.product(args.binarize.split(","), [int(v) for v in args.graph_steps.split(",")]):
+        per = host_time_per_step(binarize, args.epochs, args.device, graph_steps=k)
         med = statistics.median(per)
-        print(f"SUMMARY host_bench {args.device} binarize={binarize}: {med:.1f} us/step on the host "
+        print(f"SUMMARY host_bench {args.device} binarize={binarize} graph_steps={k}: {med:.1f} us/step on the host "
               f"({med / STEP_BUDGET_US:.0%} of the {STEP_BUDGET_US:.0f} us a step of a 60 ms epoch); "
               f"epochs: " + " ".join(f"{p:.1f}" for p in per))
 
