@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (H100/H200; Python + torch already there, nothing is
-# installed, no network): the loss, epoch and IW benchmarks (each checks its own
-# results against a reference), then the GPU tests, each under a timeout, then a summary.
-# Expected total: about 6 to 7 minutes on an H100 (the fourth session: loss 29 s, epoch
-# 34 s, IW about 30 s, tests about 120 s; the compiled epoch row and the reduced-precision
-# IW rows, added since, not yet timed there); the timeouts (120+80+60+90+150+200 s, and 150 s
-# for $RESCORE) bound it below 12 minutes: give DEADLINE in a device call of fixed length.
+# installed, no network): the loss, epoch, host and IW benchmarks (each checks its own
+# results against a reference), the GPU tests, then the compiled epoch and $RESCORE, each
+# under a timeout, then a summary. Expected total: about 7 to 9 minutes on an H100 (the
+# fourth session: loss 29 s, epoch 34 s, IW about 30 s, tests about 120 s; the rows added
+# since not yet timed there); the timeouts (120+80+60+90+200+150 s, and 150 s for
+# $RESCORE) bound it below 15 minutes: give DEADLINE in a device call of fixed length.
 #
 #   bash benchmarks/gpu.sh                      # timing only, on synthetic binary data
 #   MNIST=shared/mnist.npz bash benchmarks/gpu.sh   # real MNIST copied into the repo
@@ -77,6 +77,15 @@ step epoch_bench 80 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --s
 step host_bench 60 "$PY" benchmarks/host_bench.py --device cuda
 # The per-example loop and pythae run on the first 300 images (their time is also per image).
 step iw_bench 90 "$PY" benchmarks/iw_bench.py --device cuda --k 5000 --n 10000 --n-baseline 300 --reduced tf32,bf16 --data "$DATA"
+# The GPU tests before the slower extras: the Triton kernels in-process, the captured,
+# compiled and block steps for both optimisers, data left on the host.
+if "$PY" -c 'import pytest, hypothesis' 2>/dev/null; then
+    step tests 200 "$PY" -m pytest tests/test_kernels.py tests/test_losses.py tests/test_fast.py tests/test_batching.py tests/test_pixelcnn.py -q -o addopts="" -p no:cacheprovider
+else
+    say "tests: skipped (pytest or hypothesis missing on this machine)"
+    STATUS+=("tests        SKIPPED")
+fi
+
 # fast='compile' on CUDA: the compiled step, captured (row g), and fit with it, beside the
 # uncompiled captured step (row c) in the same run; each compile takes tens of seconds.
 step epoch_compiled 150 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp none \
@@ -86,14 +95,6 @@ step epoch_compiled 150 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3
 if [ -n "${RESCORE:-}" ]; then
     step precision_shift 150 "$PY" benchmarks/precision_shift.py "$RESCORE" --k 5000 --limit 1000
 fi
-# The Triton-path kernel tests run on the GPU in-process; the captured step for both optimisers.
-if "$PY" -c 'import pytest, hypothesis' 2>/dev/null; then
-    step tests 200 "$PY" -m pytest tests/test_kernels.py tests/test_losses.py tests/test_fast.py tests/test_batching.py tests/test_pixelcnn.py -q -o addopts="" -p no:cacheprovider
-else
-    say "tests: skipped (pytest or hypothesis missing on this machine)"
-    STATUS+=("tests        SKIPPED")
-fi
-
 say ""
 say "=== summary"
 for line in "${STATUS[@]}"; do say "$line"; done
