@@ -77,6 +77,14 @@ def test_check_int():
         c.check_int("n_bits", 0, low=1)
 
 
+def test_check_choice():
+    assert c.check_choice("split", "tail", ("random", "tail")) == "tail"
+    with pytest.raises(ValueError, match=r"split must be one of \('random', 'tail'\), got 'head'"):
+        c.check_choice("split", "head", ("random", "tail"))
+    with pytest.raises(TypeError, match="split must be a str, one of .*, got int"):
+        c.check_choice("split", 3, ("random", "tail"))
+
+
 def test_check_beta():
     for ok in (0, 1.5, torch.tensor(2.0), torch.tensor([0.5])):
         c.check_beta(ok)

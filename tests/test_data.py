@@ -1,22 +1,15 @@
-"""Tests of vaekit.data: every reader on tiny files written here, the download code with a
-fake opener (no network), the splits and binarization."""
+"""Tests of vaekit.data: every loader through load_dataset on tiny files written here, the
+splits and binarization (the IDX reader and the download: test_readers.py)."""
 
 import gzip
-import hashlib
-import io
 import struct
-import urllib.error
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from vaekit import data
-from vaekit.data import (
-    DataConfig, MNIST_FILES, binarize_dynamic, binarize_static, check_images,
-    download_mnist, load_dataset, read_idx,
-)
+from vaekit.data import DataConfig, MNIST_FILES, binarize_dynamic, binarize_static, check_images, load_dataset
 
 
 def idx_bytes(a: np.ndarray) -> bytes:
@@ -69,40 +62,6 @@ def test_config_accepts_paths(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# IDX
-
-
-@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.float32])
-@pytest.mark.parametrize("compress", [False, True])
-def test_read_idx_round_trip(tmp_path, dtype, compress):
-    a = (np.arange(2 * 3 * 4) * 7 - 20).reshape(2, 3, 4).astype(dtype)
-    raw = idx_bytes(a)
-    # a misleading suffix: compression is detected from the bytes
-    path = tmp_path / ("data.idx" if compress else "data.gz")
-    path.write_bytes(gzip.compress(raw) if compress else raw)
-    out = read_idx(path)
-    assert out.dtype == dtype and out.shape == a.shape
-    np.testing.assert_array_equal(out, a)
-
-
-@pytest.mark.parametrize("mutate, message", [
-    (lambda raw: raw[:-1], "payload has"),                     # truncated payload
-    (lambda raw: raw + b"\x00", "payload has"),                # trailing bytes
-    (lambda raw: raw[:6], "header truncated"),                 # truncated dims
-    (lambda raw: b"\x01\x02" + raw[2:], "not an IDX file"),    # wrong magic
-    (lambda raw: raw[:2] + b"\x07" + raw[3:], "dtype code"),   # unknown dtype
-    (lambda raw: b"", "not an IDX file"),
-    (lambda raw: gzip.compress(raw)[:-10], "gzip"),            # truncated gzip stream
-])
-def test_read_idx_rejects_corrupt_files(tmp_path, mutate, message):
-    path = tmp_path / "bad-idx3-ubyte"
-    path.write_bytes(mutate(idx_bytes(np.zeros((2, 3, 3), np.uint8))))
-    with pytest.raises(ValueError, match=message) as info:
-        read_idx(path)
-    assert "bad-idx3-ubyte" in str(info.value)
-
-
-# ---------------------------------------------------------------------------------------
 # MNIST-like loaders
 
 
@@ -144,55 +103,6 @@ def test_mnist_wrong_dims_named(tmp_path):
     write_mnist(tmp_path, (x, y, xt, yt.astype(np.int32)))
     with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte"):
         load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path)))
-
-
-# ---------------------------------------------------------------------------------------
-# Download, with urlopen replaced by a local server of bytes
-
-
-@pytest.fixture
-def fake_mirrors(monkeypatch, tmp_path):
-    """Two mirrors: the first always fails, the second serves gz files from disk."""
-    served = tmp_path / "served"
-    write_mnist(served, mnist_like(np.random.default_rng(5)), gz=(True,) * 4)
-    md5s = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in served.iterdir()}
-    monkeypatch.setitem(data._MNIST_SOURCES, "mnist", (("http://down.invalid/", "http://ok.invalid/"), md5s))
-    calls = []
-
-    def fake_urlopen(url, timeout=None):
-        calls.append(url)
-        if url.startswith("http://down.invalid/"):
-            raise urllib.error.URLError("mirror down")
-        return io.BytesIO((served / url.rsplit("/", 1)[1]).read_bytes())
-
-    monkeypatch.setattr(data, "urlopen", fake_urlopen)
-    return served, md5s, calls
-
-
-def test_download_mnist_tries_mirrors_and_checks_md5(tmp_path, fake_mirrors):
-    served, md5s, calls = fake_mirrors
-    root = tmp_path / "dl"
-    paths = download_mnist(root, "mnist")
-    assert sorted(p.name for p in root.iterdir()) == sorted(md5s)  # no temporary files left
-    for p in paths:
-        assert p.read_bytes() == (served / p.name).read_bytes()
-    assert len(calls) == 8 and calls[0].startswith("http://down.invalid/")
-    download_mnist(root, "mnist")  # files present with the right md5: nothing fetched
-    assert len(calls) == 8
-    d = load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path / "dl2"), download=True, val_size=0))
-    assert d.train.shape == (20, 1, 4, 5) and len(d.val) == 0
-
-
-def test_download_mnist_bad_checksum_leaves_nothing(tmp_path, fake_mirrors, monkeypatch):
-    _, md5s, _ = fake_mirrors
-    wrong = dict(md5s, **{"train-images-idx3-ubyte.gz": "0" * 32})
-    monkeypatch.setitem(data._MNIST_SOURCES, "mnist", (("http://ok.invalid/",), wrong))
-    root = tmp_path / "dl"
-    with pytest.raises(OSError, match="train-images-idx3-ubyte.gz.*md5"):
-        download_mnist(root, "mnist")
-    left = {p.name for p in root.iterdir()}  # files fetched before the bad one may stay
-    assert "train-images-idx3-ubyte.gz" not in left and not any(n.endswith(".part") for n in left)
-    assert all(hashlib.md5((root / n).read_bytes()).hexdigest() == md5s[n] for n in left)
 
 
 # ---------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ __all__ = [
     "check_unit_interval",
     "check_number",
     "check_int",
+    "check_choice",
     "check_beta",
     "upcast",
     "sum_event",
@@ -150,6 +151,15 @@ def check_int(name: str, value, *, low: int = 0) -> int:
     if value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value}")
     return int(value)
+
+
+def check_choice(name: str, value, choices: tuple) -> str:
+    """``value``, if it is one of the strings ``choices``. Otherwise raise."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {choices}, got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
 
 
 def check_beta(beta) -> None:

@@ -1,0 +1,275 @@
+"""File readers and the MNIST download: IDX (raw or gzip), ``.npy`` / ``.npz`` arrays,
+folders of images, scikit-learn's digits. Each returns float32 images scaled to [0, 1]
+(see :mod:`vaekit.data`, which picks the reader for a ``DataConfig``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import os
+import tempfile
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Optional
+from urllib.request import urlopen
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .checks import check_choice
+
+__all__ = ["read_idx", "download_mnist", "MNIST_FILES"]
+
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+# Mirrors in the order tried, and the published md5 sums of the gzipped files.
+_MNIST_SOURCES = {
+    "mnist": (
+        ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+        {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+         "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+         "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+         "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"}),
+    "fashion-mnist": (
+        ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+         "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"),
+        {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+         "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+         "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+         "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"}),
+}
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+# ---------------------------------------------------------------------------------------
+# Readers
+
+
+def read_idx(path) -> np.ndarray:
+    """Read an IDX file (raw or gzip, told apart by the gzip magic bytes, not the name).
+
+    Layout: two zero bytes, a dtype code, the number of dims ``k``, ``k`` big-endian
+    uint32 sizes, then the big-endian payload of exactly ``prod(sizes)`` items.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise ValueError(f"{path}: corrupt gzip stream ({e})") from None
+    if len(raw) < 4 or raw[:2] != b"\x00\x00":
+        raise ValueError(f"{path}: not an IDX file (magic bytes {raw[:4].hex() or 'missing'}, "
+                         "expected 0000 then a dtype code and a dim count)")
+    code, ndim = raw[2], raw[3]
+    if code not in _IDX_DTYPES:
+        raise ValueError(f"{path}: unknown IDX dtype code 0x{code:02x}, expected one of "
+                         f"{[hex(c) for c in _IDX_DTYPES]}")
+    if ndim == 0 or len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: header truncated or has {ndim} dims")
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, offset=4))
+    dtype = np.dtype(_IDX_DTYPES[code])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    got = len(raw) - 4 - 4 * ndim
+    if got != expected:
+        raise ValueError(f"{path}: payload has {got} bytes but dims {dims} of {dtype} need "
+                         f"{expected} (truncated or corrupt)")
+    return np.frombuffer(raw, dtype, offset=4 + 4 * ndim).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _as_images(a, source: str) -> Tensor:
+    """numpy array -> float32 ``[N, C, H, W]`` (``[N, D]`` kept flat); uint8 / 255."""
+    a = np.asarray(a)
+    if a.size == 0:
+        raise ValueError(f"{source}: the image array is empty, shape {a.shape}")
+    if a.dtype == np.uint8:
+        t = torch.from_numpy(a.astype(np.float32) / 255.0)
+    elif a.dtype == np.bool_ or np.issubdtype(a.dtype, np.floating):
+        t = torch.from_numpy(a.astype(np.float32))
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise ValueError(f"{source}: {bad} of {t.numel()} values are NaN or infinite (in float32)")
+    else:
+        raise TypeError(f"{source}: images must be uint8 (0..255) or floating point, got dtype {a.dtype}")
+    if t.dim() == 3:
+        t = t.unsqueeze(1)
+    elif t.dim() == 4 and t.shape[-1] in (1, 3):
+        t = t.permute(0, 3, 1, 2)
+    elif not (t.dim() == 2 or (t.dim() == 4 and t.shape[1] in (1, 3))):
+        raise ValueError(f"{source}: expected images [N, H, W], [N, H, W, C] or [N, C, H, W] "
+                         f"with C in (1, 3), or vectors [N, D]; got shape {tuple(a.shape)}")
+    return t.contiguous()
+
+
+def _as_labels(y, n: int, source: str) -> Optional[Tensor]:
+    if y is None:
+        return None
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{source}: labels must be {n} integers [N], got {y.dtype} of shape {y.shape}")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def _load_digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()  # bundled with scikit-learn: 1,797 images 8x8, grey levels 0..16
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)
+    return x, torch.from_numpy(d.target.astype(np.int64))
+
+
+def _find_idx(root: Path, stem: str) -> Optional[Path]:
+    return next((p for p in (root / stem, root / f"{stem}.gz") if p.is_file()), None)
+
+
+def _load_mnist(root: Path, kind: str, download: bool):
+    npz = root / f"{kind}.npz"
+    paths = [_find_idx(root, s) for s in MNIST_FILES]
+    if None in paths and not npz.is_file():
+        if not download:
+            missing = [s for s, p in zip(MNIST_FILES, paths) if p is None]
+            raise FileNotFoundError(
+                f"{kind} not found in data_dir {str(root)!r}: missing {missing}. Put the four files "
+                f"{', '.join(MNIST_FILES)} (raw or .gz) in {str(root)!r}, or {kind}.npz with "
+                "x_train, y_train, x_test, y_test, or set download=True to fetch them.")
+        download_mnist(root, kind)
+        paths = [_find_idx(root, s) for s in MNIST_FILES]
+    if None not in paths:
+        arrays, sources = [read_idx(p) for p in paths], [str(p) for p in paths]
+    else:
+        keys = ("x_train", "y_train", "x_test", "y_test")
+        try:
+            with np.load(npz, allow_pickle=False) as f:
+                found = list(f.files)
+                arrays = [f[k] for k in keys] if set(keys) <= set(found) else None
+        except _NP_READ_ERRORS as e:
+            raise ValueError(f"{npz}: not a readable .npz file ({e})") from None
+        if arrays is None:
+            raise ValueError(f"{npz}: expected keys {keys}, found {found}")
+        sources = [f"{npz}[{k}]" for k in keys]
+    x, y, xt, yt = arrays
+    for a, src, nd in zip(arrays, sources, (3, 1, 3, 1)):
+        if a.ndim != nd or a.dtype != np.uint8:
+            raise ValueError(f"{src}: expected uint8 with {nd} dims, got {a.dtype} of shape {a.shape}")
+    return (_as_images(x, sources[0]), _as_labels(y, len(x), sources[1]),
+            _as_images(xt, sources[2]), _as_labels(yt, len(xt), sources[3]))
+
+
+_NP_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def _load_array(path: Path):
+    try:
+        if path.suffix == ".npy":
+            return _as_images(np.load(path, allow_pickle=False), str(path)), None, None, None
+        with np.load(path, allow_pickle=False) as f:
+            d = {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise ValueError(f"data_dir {str(path)!r}: no such file") from None
+    except _NP_READ_ERRORS as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"{path}: not a readable {path.suffix} array file ({e})") from None
+    key = "x_train" if "x_train" in d else "x" if "x" in d else None
+    if key is None:
+        raise ValueError(f"{path}: expected keys x_train[, y_train, x_test, y_test] or x[, y], found {list(d)}")
+    x = _as_images(d[key], f"{path}[{key}]")
+    ykey = "y_train" if key == "x_train" else "y"
+    y = _as_labels(d.get(ykey), len(x), f"{path}[{ykey}]")
+    if "x_test" not in d:
+        return x, y, None, None
+    xt = _as_images(d["x_test"], f"{path}[x_test]")
+    return x, y, xt, _as_labels(d.get("y_test"), len(xt), f"{path}[y_test]")
+
+
+def _load_folder(root: Path):
+    from PIL import Image
+
+    if not root.is_dir():
+        raise ValueError(f"data_dir {str(root)!r} is not a folder")
+
+    def images_in(d: Path) -> list:
+        return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+
+    top = images_in(root)
+    classes = [d for d in sorted(root.iterdir()) if d.is_dir() and images_in(d)]
+    if top and classes:
+        raise ValueError(f"data_dir {str(root)!r} holds images both at the top ({top[0].name}) and "
+                         f"in class sub-folders ({classes[0].name}); use one layout")
+    files = top or [p for d in classes for p in images_in(d)]
+    labels = [i for i, d in enumerate(classes) for _ in images_in(d)] if classes else None
+    if not files:
+        raise ValueError(f"data_dir {str(root)!r} holds no PNG or JPEG images (at the top or in "
+                         "one sub-folder per class)")
+    arrays, size = [], None
+    for p in files:
+        with Image.open(p) as im:
+            size = size or im.size
+            if im.size != size:
+                raise ValueError(f"{p} is {im.size[0]}x{im.size[1]} but {files[0]} is "
+                                 f"{size[0]}x{size[1]}; all images must have the same size")
+            arrays.append(np.asarray(im.convert("L" if im.mode in ("1", "L", "LA") else "RGB")))
+    if any(a.ndim == 3 for a in arrays):  # one colour image makes the whole set RGB
+        arrays = [a if a.ndim == 3 else np.repeat(a[..., None], 3, axis=-1) for a in arrays]
+    y = None if labels is None else np.asarray(labels, dtype=np.int64)
+    return _as_images(np.stack(arrays), str(root)), _as_labels(y, len(files), str(root)), None, None
+
+
+# ---------------------------------------------------------------------------------------
+# Download
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fetch(url: str, target: Path, md5: str) -> None:
+    """Stream ``url`` into a temporary file beside ``target``; rename it only if the md5
+    matches, so an interrupted or corrupt download never looks like a finished one."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        digest = hashlib.md5(usedforsecurity=False)
+        with os.fdopen(fd, "wb") as out, urlopen(url, timeout=60) as response:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != md5:
+            raise ValueError(f"md5 {digest.hexdigest()} does not match the published {md5}")
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def download_mnist(root, kind: str = "mnist") -> list:
+    """Download the four gzipped IDX files of ``kind`` ("mnist" | "fashion-mnist") into
+    ``root``, trying the mirrors in order and checking each file's published md5.
+    Files already present with the right md5 are kept. Returns their paths."""
+    check_choice("kind", kind, tuple(_MNIST_SOURCES))
+    mirrors, md5s = _MNIST_SOURCES[kind]
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, md5 in md5s.items():
+        target = root / name
+        if not (target.is_file() and _md5(target) == md5):
+            errors = []
+            for mirror in mirrors:
+                try:
+                    _fetch(mirror + name, target, md5)
+                    break
+                except (OSError, ValueError) as e:
+                    errors.append(f"{mirror}{name}: {e}")
+            else:
+                raise OSError(f"could not download {name} into {root}: " + "; ".join(errors))
+        paths.append(target)
+    return paths

@@ -1,0 +1,101 @@
+"""Tests of vaekit.readers: IDX files (against an encoder written here) and the MNIST
+download (urlopen replaced by a local server of bytes). The loaders behind load_dataset
+are tested through it in test_data.py."""
+
+import gzip
+import hashlib
+import io
+import urllib.error
+
+import numpy as np
+import pytest
+
+from test_data import idx_bytes, mnist_like, write_mnist
+from vaekit import readers
+from vaekit.data import DataConfig, load_dataset
+from vaekit.readers import download_mnist, read_idx
+
+
+# ---------------------------------------------------------------------------------------
+# IDX
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.float32])
+@pytest.mark.parametrize("compress", [False, True])
+def test_read_idx_round_trip(tmp_path, dtype, compress):
+    a = (np.arange(2 * 3 * 4) * 7 - 20).reshape(2, 3, 4).astype(dtype)
+    raw = idx_bytes(a)
+    # a misleading suffix: compression is detected from the bytes
+    path = tmp_path / ("data.idx" if compress else "data.gz")
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+    out = read_idx(path)
+    assert out.dtype == dtype and out.shape == a.shape
+    np.testing.assert_array_equal(out, a)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda raw: raw[:-1], "payload has"),                     # truncated payload
+    (lambda raw: raw + b"\x00", "payload has"),                # trailing bytes
+    (lambda raw: raw[:6], "header truncated"),                 # truncated dims
+    (lambda raw: b"\x01\x02" + raw[2:], "not an IDX file"),    # wrong magic
+    (lambda raw: raw[:2] + b"\x07" + raw[3:], "dtype code"),   # unknown dtype
+    (lambda raw: b"", "not an IDX file"),
+    (lambda raw: gzip.compress(raw)[:-10], "gzip"),            # truncated gzip stream
+])
+def test_read_idx_rejects_corrupt_files(tmp_path, mutate, message):
+    path = tmp_path / "bad-idx3-ubyte"
+    path.write_bytes(mutate(idx_bytes(np.zeros((2, 3, 3), np.uint8))))
+    with pytest.raises(ValueError, match=message) as info:
+        read_idx(path)
+    assert "bad-idx3-ubyte" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------
+# Download, with urlopen replaced by a local server of bytes
+
+
+@pytest.fixture
+def fake_mirrors(monkeypatch, tmp_path):
+    """Two mirrors: the first always fails, the second serves gz files from disk."""
+    served = tmp_path / "served"
+    write_mnist(served, mnist_like(np.random.default_rng(5)), gz=(True,) * 4)
+    md5s = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in served.iterdir()}
+    monkeypatch.setitem(readers._MNIST_SOURCES, "mnist", (("http://down.invalid/", "http://ok.invalid/"), md5s))
+    calls = []
+
+    def fake_urlopen(url, timeout=None):
+        calls.append(url)
+        if url.startswith("http://down.invalid/"):
+            raise urllib.error.URLError("mirror down")
+        return io.BytesIO((served / url.rsplit("/", 1)[1]).read_bytes())
+
+    monkeypatch.setattr(readers, "urlopen", fake_urlopen)
+    return served, md5s, calls
+
+
+def test_download_mnist_tries_mirrors_and_checks_md5(tmp_path, fake_mirrors):
+    served, md5s, calls = fake_mirrors
+    root = tmp_path / "dl"
+    paths = download_mnist(root, "mnist")
+    assert sorted(p.name for p in root.iterdir()) == sorted(md5s)  # no temporary files left
+    for p in paths:
+        assert p.read_bytes() == (served / p.name).read_bytes()
+    assert len(calls) == 8 and calls[0].startswith("http://down.invalid/")
+    download_mnist(root, "mnist")  # files present with the right md5: nothing fetched
+    assert len(calls) == 8
+    d = load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path / "dl2"), download=True, val_size=0))
+    assert d.train.shape == (20, 1, 4, 5) and len(d.val) == 0
+
+
+def test_download_mnist_bad_checksum_leaves_nothing(tmp_path, fake_mirrors, monkeypatch):
+    _, md5s, _ = fake_mirrors
+    wrong = dict(md5s, **{"train-images-idx3-ubyte.gz": "0" * 32})
+    monkeypatch.setitem(readers._MNIST_SOURCES, "mnist", (("http://ok.invalid/",), wrong))
+    root = tmp_path / "dl"
+    with pytest.raises(OSError, match="train-images-idx3-ubyte.gz.*md5"):
+        download_mnist(root, "mnist")
+    left = {p.name for p in root.iterdir()}  # files fetched before the bad one may stay
+    assert "train-images-idx3-ubyte.gz" not in left and not any(n.endswith(".part") for n in left)
+    assert all(hashlib.md5((root / n).read_bytes()).hexdigest() == md5s[n] for n in left)
+
+
