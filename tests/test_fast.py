@@ -252,9 +252,10 @@ def test_a_block_of_steps_equals_the_steps_one_by_one(device, lr_kind):
 
 @pytest.mark.parametrize("extra", [{}, {"checkpoint_every": 5, "max_steps": 37}])
 def test_fit_in_blocks_of_steps_is_the_same_run(tmp_path, extra):
-    """TrainConfig(graph_steps=k): the static path k steps a call (a captured graph of k
-    steps on CUDA) trains exactly the same run, around checkpoints every few steps, a step
-    limit inside a block and the epoch's short last batch."""
+    """TrainConfig(graph_steps=k): the static path k steps a call trains exactly the same
+    run, around checkpoints every few steps, a step limit inside a block and the epoch's
+    short last batch. On the CPU, bit for bit (the loop's logic; the captured block on CUDA
+    is compared with single steps in test_a_block_of_steps_equals_the_steps_one_by_one)."""
     torch.set_num_threads(1)
     runs, blocks = {}, []
     real = StaticStep.run_block
@@ -264,7 +265,7 @@ def test_fit_in_blocks_of_steps_is_the_same_run(tmp_path, extra):
         return real(self, xs, *args)
 
     for k in (1, 4, 7):
-        config = _tiny("static", epochs=3, graph_steps=k, lr_schedule="cosine", **extra)
+        config = _tiny("static", epochs=3, graph_steps=k, lr_schedule="cosine", device="cpu", **extra)
         config.objective = dataclasses.replace(config.objective, beta_schedule="linear", warmup_steps=30)
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(StaticStep, "run_block", spy)
@@ -298,7 +299,7 @@ def test_fit_in_blocks_resumes_bit_for_bit(tmp_path, monkeypatch):
         blobs.append((state["step"], path.read_bytes()))
 
     monkeypatch.setattr(vaekit.train, "save_checkpoint", keep)
-    config = _tiny("static", epochs=2, graph_steps=4, checkpoint_every=4)
+    config = _tiny("static", epochs=2, graph_steps=4, checkpoint_every=4, device="cpu")  # bit for bit: on the CPU
     fit(config, tmp_path / "full")
     monkeypatch.setattr(vaekit.train, "save_checkpoint", save)
     final = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
