@@ -29,6 +29,7 @@ from .objectives import ObjectiveConfig, beta_schedule, objective_loss
 if TYPE_CHECKING:
     from .train import _Run, _Stop
 
+
 def _adam(model: nn.Module, tc: TrainConfig, *, captured_on: torch.device | None = None) -> torch.optim.Adam:
     """Adam, fused where this PyTorch has the fused kernel for the device (on a CPU it
     takes about a third of the unfused step's time: docs/benchmarks.md; in a captured
