@@ -14,6 +14,8 @@ over data-parallel processes draw exactly what one uninterrupted process draws.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -53,15 +55,6 @@ def block_steps(step_elements: int) -> int:
 def mix_seed(*values: int) -> int:
     """A well-spread 63-bit seed from a tuple of non-negative ints, e.g. (seed, epoch)."""
     return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, np.uint64)[0]) >> 1
-
-
-def _cumsum(counts: list[int]) -> list[int]:
-    """Start of each run of ``counts``: [0, c0, c0 + c1, ...] (as many as counts)."""
-    out, total = [], 0
-    for m in counts:
-        out.append(total)
-        total += m
-    return out
 
 
 def bernoulli_draw(p: Tensor, generator: torch.Generator | np.random.Generator | None = None) -> Tensor:
@@ -196,29 +189,24 @@ class BatchIterator:
             if j // k != current:  # a new block: one gather (and one draw) for its k steps
                 current = j // k
                 steps = range(current * k, min((current + 1) * k, len(self)))
-                spans = [(i * c, min((i + 1) * c, n)) for i in steps]
-                if self.dynamic_binarize:
+                own = [self._own(i * c, min((i + 1) * c, n)) for i in steps]  # this rank's rows
+                counts = [m for _, m in own]
+                if self.dynamic_binarize:  # the whole combined block, drawn as one process draws it
+                    first, last = current * k * c, min(steps[-1] * c + c, n)
                     key = mix_seed(self.seed, epoch, current)
                     g = (np.random.Generator(np.random.PCG64(key)) if self.device.type == "cpu"
                          else torch.Generator(device=self.device).manual_seed(key))
-                    block = bernoulli_draw(self.x[perm[spans[0][0]:spans[-1][1]]].to(self.device), g)
-                    starts = [(a - spans[0][0], b - a) for a, b in spans]
+                    block = bernoulli_draw(self.x[perm[first:last]].to(self.device), g)
+                    starts = [s - first for s, _ in own]
                 else:  # only this rank's rows are gathered
-                    own = [self._own(a, b) for a, b in spans]
-                    block = self.x[perm[torch.cat([torch.arange(a, a + m) for a, m in own]).to(perm.device)]]
-                    block = block.to(self.device)
-                    starts = [(o, m) for o, m in zip(_cumsum([m for _, m in own]), (m for _, m in own))]
+                    rows = torch.cat([torch.arange(s, s + m) for s, m in own]).to(perm.device)
+                    block = self.x[perm[rows]].to(self.device)
+                    starts = list(itertools.accumulate(counts, initial=0))
+            lo, size = starts[j - current * k], counts[j - current * k]
             # Where this rank's examples sit in the combined batch (tensor_split's layout),
             # so per-example randomness can be drawn for the combined batch and sliced.
-            lo, size = starts[j - current * k]
             combined = min(c, n - j * c)
-            base, extra = divmod(combined, self.world_size)
-            r = self.rank
-            offset = r * base + min(r, extra)
-            self.last_span = (offset, base + (r < extra), combined)
+            self.last_span = (self._own(0, combined)[0], size, combined)
             self.position = j + 1
-            if self.dynamic_binarize:
-                yield block[lo + offset: lo + offset + self.last_span[1]]
-            else:
-                yield block[lo: lo + size]
+            yield block[lo: lo + size]
         self.epoch, self.position = epoch + 1, 0

@@ -42,7 +42,7 @@ from torch import Tensor
 from .kernels import fused_available, fused_vae_loss
 from .losses import LossResult, gaussian_kl, reconstruction_nll
 
-__all__ = ["StaticStep", "FastPathError", "static_step_supported", "skips_on_device", "grad_norm"]
+__all__ = ["StaticStep", "FastPathError", "static_step_supported", "skips_on_device", "grad_norm", "set_lr"]
 
 
 class FastPathError(RuntimeError):
@@ -58,6 +58,19 @@ def grad_norm(params, clip: float = 0.0) -> Tensor:
     if (clip and math.isfinite(clip)) or not hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
         return torch.nn.utils.clip_grad_norm_(params, clip or math.inf)
     return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+def set_lr(optimizer, value: float, on_device: Tensor | None = None) -> None:
+    """Set every parameter group's learning rate to ``value``. A capturable optimiser keeps
+    its tensor (a captured graph reads it): it is filled with ``value``, or copied from
+    ``on_device`` when given (a copy on the device, which a graph can capture)."""
+    for g in optimizer.param_groups:
+        if not isinstance(g["lr"], Tensor):
+            g["lr"] = float(value)
+        elif on_device is not None:
+            g["lr"].copy_(on_device)
+        else:
+            g["lr"].fill_(value)
 
 
 def _first_line(e: Exception) -> str:
@@ -223,11 +236,7 @@ class StaticStep:
             self.beta.fill_(beta)
             self._beta_now = beta
         if lr != self._lr_now:
-            for g in self.opt.param_groups:
-                if isinstance(g["lr"], Tensor):
-                    g["lr"].fill_(lr)
-                else:
-                    g["lr"] = lr
+            set_lr(self.opt, lr)
             self._lr_now = lr
         if not self.capture:
             self.opt.zero_grad(set_to_none=True)
@@ -281,9 +290,8 @@ class StaticStep:
                 self.run(xs[i], eps[i], lrs[i], betas[i])
             return
         if k not in self._blocks:
-            self._blocks[k] = ((torch.zeros_like(self.x).expand(k, *self.x.shape).clone(),
-                                torch.zeros_like(self.eps).expand(k, *self.eps.shape).clone(),
-                                torch.zeros(k, device=self.device), torch.zeros(k, device=self.device)), None)
+            self._blocks[k] = ((self.x.new_zeros((k, *self.x.shape)), self.eps.new_zeros((k, *self.eps.shape)),
+                                self.beta.new_zeros(k), self.beta.new_zeros(k)), None)
         (bx, beps, blr, bbeta), graph = self._blocks[k]
         bx.copy_(xs)
         beps.copy_(eps)
@@ -314,7 +322,7 @@ class StaticStep:
         """Step ``i`` of a block. A compiled forward is fed the single step's own buffers
         (copied from the block on the device): views into the block would be new inputs to
         its guards, and a recompilation inside a capture would fail."""
-        self._set_lr(lr, blr[i])
+        set_lr(self.opt, lr, blr[i])
         self.opt.zero_grad(set_to_none=True)
         if self._compiled:
             self.x.copy_(bx[i])
@@ -323,12 +331,3 @@ class StaticStep:
             self._body()
         else:
             self._body(bx[i], beps[i], bbeta[i])
-
-    def _set_lr(self, value: float, on_device: Tensor) -> None:
-        """Step i's learning rate: copied on the device from its block entry (a node of a
-        captured block), or set as a number for an optimiser that takes one."""
-        for g in self.opt.param_groups:
-            if isinstance(g["lr"], Tensor):
-                g["lr"].copy_(on_device)
-            else:
-                g["lr"] = float(value)

@@ -22,7 +22,7 @@ from torch import nn
 
 from .batching import BatchIterator, block_steps, mix_seed
 from .config import TrainConfig
-from .fast import grad_norm, static_step_supported
+from .fast import grad_norm, set_lr, static_step_supported
 from .models import VAE
 from .objectives import ObjectiveConfig, beta_schedule, objective_loss
 
@@ -160,11 +160,7 @@ def _eager_step(run: _Run, x: torch.Tensor, stop: _Stop, amp) -> None:
     """One eager step: any objective, any batch size, data-parallel. A non-finite loss or
     gradient norm skips it (all ranks alike)."""
     opt = run.opt
-    for g in opt.param_groups:
-        if isinstance(g["lr"], torch.Tensor):  # capturable Adam: keep the tensor
-            g["lr"].fill_(run.lr)
-        else:
-            g["lr"] = run.lr
+    set_lr(opt, run.lr)
     with amp:
         out = run.objective(x, run.step)
     opt.zero_grad(set_to_none=True)
