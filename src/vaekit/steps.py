@@ -67,10 +67,10 @@ class _Objective(nn.Module):
 
     The reparameterisation noise is drawn for ``K`` steps at once (one kernel instead of one
     per step, as the batches are; ``K = vaekit.batching.block_steps`` of one step's combined
-    draw, 32 but for big draws): steps ``i*K`` to
-    ``i*K + K - 1`` take their noise from one draw for full combined batches by a generator
-    seeded by ``(seed, i)``; step ``s`` takes its part ``s - i*K``, sliced to this process's
-    examples (a short last batch: to the first rows). A run on W processes then draws
+    draw, 32 but for big draws): steps ``i*K`` to ``i*K + K - 1`` take their noise from one
+    draw for full combined batches by a generator seeded by ``(seed, i)``; step ``s`` takes
+    its part ``s - i*K``, sliced to this process's examples (a short last batch: to the
+    first rows). A run on W processes then draws
     exactly the noise of one process with the combined batch, and a resumed run the noise
     of the uninterrupted one.
     """
@@ -119,14 +119,16 @@ def _fold(run: _Run) -> None:
     run.skipped += n_bad
 
 
+def _beta_at(oc: ObjectiveConfig, step: int) -> float:
+    return beta_schedule(oc.beta_schedule, step, beta=oc.beta, warmup_steps=oc.warmup_steps,
+                         cycle_steps=oc.cycle_steps, ratio=oc.cycle_ratio)
+
+
 def _static_step(run: _Run, x: torch.Tensor) -> None:
-    """One step of the static (captured or compiled) path: no host sync but every
-    ``_FOLD_EVERY`` steps."""
-    oc = run.config.objective
-    run.beta = beta_schedule(oc.beta_schedule, run.step, beta=oc.beta, warmup_steps=oc.warmup_steps,
-                             cycle_steps=oc.cycle_steps, ratio=oc.cycle_ratio)
-    inner = run.objective.module if run.distributed else run.objective
-    run.static.run(x, inner.noise(run.step, (x.shape[0], run.config.model.latent_dim)), run.lr, run.beta)
+    """One step of the static (captured or compiled) path, never data-parallel: no host
+    sync but every ``_FOLD_EVERY`` steps."""
+    run.beta = _beta_at(run.config.objective, run.step)
+    run.static.run(x, run.objective.noise(run.step, (x.shape[0], run.config.model.latent_dim)), run.lr, run.beta)
     if run.step % _FOLD_EVERY == _FOLD_EVERY - 1:
         _fold(run)
 
@@ -143,11 +145,10 @@ def _block_fits(run: _Run, k: int) -> bool:
 def _static_block(run: _Run, xs: list) -> None:
     """``len(xs)`` steps of the static path in one call (``StaticStep.run_block``): the
     same learning rates, KL weights and noise as one step at a time."""
-    oc, k = run.config.objective, len(xs)
+    k = len(xs)
     steps = range(run.step, run.step + k)
     lrs = [lr_at(s, run.total_steps, run.tc) for s in steps]
-    betas = [beta_schedule(oc.beta_schedule, s, beta=oc.beta, warmup_steps=oc.warmup_steps,
-                           cycle_steps=oc.cycle_steps, ratio=oc.cycle_ratio) for s in steps]
+    betas = [_beta_at(run.config.objective, s) for s in steps]
     shape = (xs[0].shape[0], run.config.model.latent_dim)
     eps = torch.stack([run.objective.noise(s, shape) for s in steps])
     run.static.run_block(torch.stack(xs), eps, lrs, betas)
