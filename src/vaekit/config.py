@@ -63,9 +63,9 @@ class TrainConfig:
             ``compile`` (that step with its forward pass and loss compiled by
             ``torch.compile``: the fastest CPU step, after a compilation of some seconds,
             needs a C++ compiler; on CUDA the compiled step is captured as well, which
-            leaves fewer, fused kernels in the graph) or ``off`` (the eager step). See :mod:`vaekit.fast`; a
-            step that cannot be compiled or captured raises ``vaekit.fast.FastPathError``
-            naming the setting that runs it without.
+            leaves fewer, fused kernels in the graph) or ``off`` (the eager step). See
+            :mod:`vaekit.fast`; a step that cannot be compiled or captured raises
+            ``vaekit.fast.FastPathError`` naming the setting that runs it without.
         graph_steps: steps per call of the static step (``vaekit.fast.StaticStep.run_block``):
             on CUDA that many steps are captured in one graph, and the host issues one
             replay for them instead of one per step (for small models, whose steps take
