@@ -59,6 +59,27 @@ def test_a_checkpoint_missing_keys_is_named(finished, tmp_path):
         read_for_resume(tmp_path, progress=False, extend_to=None)
 
 
+@pytest.mark.parametrize("saved_as_tensor", [False, True])
+def test_restore_keeps_the_learning_rate_tensor_a_captured_step_reads(finished, saved_as_tensor):
+    # A CUDA-captured step's Adam reads its lr from a tensor on the device; a plain
+    # load_state_dict would put the saved value (a CPU tensor, or a number) in its place.
+    config, state = read_for_resume(finished, progress=False, extend_to=None)
+    saved = state["optimizer"]
+    saved_lr = 0.0123
+    saved = {**saved, "param_groups": [{**g, "lr": torch.tensor(saved_lr) if saved_as_tensor else saved_lr}
+                                       for g in saved["param_groups"]]}
+    model = VAE(ModelConfig(**{**config.model.__dict__, "input_shape": (64,)}))
+    batches = BatchIterator(torch.rand(100, 64).round(), config.train.batch_size, shuffle=True, seed=0)
+    lr = torch.tensor(0.5)
+    with_tensor = torch.optim.Adam(model.parameters(), lr=lr)
+    with_number = torch.optim.Adam(model.parameters(), lr=0.5)
+    for opt in (with_tensor, with_number):
+        restore({**state, "optimizer": saved}, finished / "checkpoint.pt", model=model, optimizer=opt,
+                batches=batches, device=torch.device("cpu"), rank=0, world=1)
+    assert with_tensor.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(saved_lr)
+    assert type(with_number.param_groups[0]["lr"]) is float and with_number.param_groups[0]["lr"] == pytest.approx(saved_lr)
+
+
 def test_restore_puts_everything_back_and_refuses_another_world_size(finished):
     config, state = read_for_resume(finished, progress=False, extend_to=None)
     model = VAE(ModelConfig(**{**config.model.__dict__, "input_shape": (64,)}))

@@ -94,6 +94,21 @@ def extended(tc: TrainConfig, state: dict, epochs, run_dir: Path) -> TrainConfig
     return dataclasses.replace(tc, epochs=epochs)
 
 
+def _load_optimizer(optimizer, saved: dict) -> None:
+    """``optimizer.load_state_dict(saved)``, each group's learning rate kept of the kind it
+    had: a tensor stays the same tensor (a captured step reads it on its device; the
+    loaded one is a new tensor on the CPU), now holding the saved value; a number stays a
+    number."""
+    before = [g["lr"] for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, lr in zip(optimizer.param_groups, before):
+        if isinstance(lr, torch.Tensor):
+            lr.fill_(float(group["lr"]))
+            group["lr"] = lr
+        else:
+            group["lr"] = float(group["lr"])
+
+
 def restore(state: dict, ckpt_path: Path, *, model, optimizer, batches, device: torch.device,
             rank: int, world: int) -> dict:
     """Load checkpoint ``state`` into the model, optimiser, batch iterator and this
@@ -102,7 +117,7 @@ def restore(state: dict, ckpt_path: Path, *, model, optimizer, batches, device: 
     partial epoch's, kept by rank 0)."""
     try:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        _load_optimizer(optimizer, state["optimizer"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{ckpt_path} does not match its own config: {str(e).strip().splitlines()[0]}") from None
     batches.load_state_dict(state["batches"])
