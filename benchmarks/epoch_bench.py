@@ -13,8 +13,8 @@ batch 128, the 60,000 training images statically binarized), in one run, for:
                     uncaptured on a CPU), counters read every 50 steps
   (c') CUDA only    the same with the capturable unfused Adam, a non-finite step undone
                     from copies inside the graph (fit's choice until the fourth session)
-  (c'') CUDA only   (c) with 32 steps captured in one graph (StaticStep.run_block, a
-                    prototype fit does not use yet): the host's work per step 32x smaller
+  (c'') CUDA only   (c) with 32 steps captured in one graph (StaticStep.run_block, what
+                    fit does with graph_steps=32): the host's work per step 32x smaller
   (d) pythae        pythae 0.1.2's VAE and BaseTrainer.train_step (if importable)
   (e) matmul floor  the same four Linear layers and ReLUs, loss = sum of the outputs,
                     backward and a fused Adam (Adam(fused=True)), on contiguous pre-sliced
@@ -367,15 +367,19 @@ def main(argv=None) -> None:
                    lambda amp=amp: vaekit_loop(x, device, static=True, amp=amp, compiled=True, dynamic=dyn))
                   for amp in amps],
             ]
-            runs = {(label, amp): make() for label, key, amp, make in makers
-                    if key not in skip and not (key == "pythae" and pythae is None)}
-            for run in runs.values():
-                run(max_steps=args.warmup)
+            runs = {}
+            for label, key, amp, make in makers:
+                if key not in skip and not (key == "pythae" and pythae is None):
+                    run = guarded(label, device, lambda: make())
+                    if run is not None and guarded(label, device, lambda: run(max_steps=args.warmup) or True):
+                        runs[(label, amp)] = run
             times = {row: [] for row in runs}
             for _ in range(args.epochs):
-                for row, run in runs.items():
+                for row, run in list(runs.items()):
                     t0 = time.perf_counter()
-                    run()
+                    if guarded(row[0], device, lambda: run() or True) is None:
+                        del runs[row], times[row]  # one failed row costs that row only
+                        continue
                     times[row].append(time.perf_counter() - t0)
             results += [(n_threads, label, amp, statistics.median(t), t) for (label, amp), t in times.items()]
             kinds = [("auto", 1, "fit"), ("compile", 1, "fit-compile")]
@@ -385,10 +389,27 @@ def main(argv=None) -> None:
             for fast, steps, amp in fits:
                 how = (", fast=compile" if fast == "compile" else "") + (f", graph_steps={steps}" if steps > 1 else "")
                 label = f"(f) vaekit fit, epoch incl. val+ckpt{how}{BF16 if amp else ''}"
-                first, rest = vaekit_fit(x_u8, val_u8, args.epochs, device, n_threads, work, amp, fast, dyn, steps)
-                results.append((n_threads, label, amp, statistics.median(rest), rest))
-                print(f"{label}, threads={n_threads}: first epoch (warm-up) {first:.2f} s")
+                got = guarded(label, device, lambda: vaekit_fit(x_u8, val_u8, args.epochs, device, n_threads, work,
+                                                                amp, fast, dyn, steps))
+                if got is not None:
+                    first, rest = got
+                    results.append((n_threads, label, amp, statistics.median(rest), rest))
+                    print(f"{label}, threads={n_threads}: first epoch (warm-up) {first:.2f} s")
     report(results, device, len(x))
+
+
+def guarded(label: str, device, work):
+    """``work()``, or None after printing why it failed (one line): a contender that fails
+    (a capture that does not go through, say) costs its own row, not the table. A failed
+    CUDA-graph capture can leave the process on the capture's stream: it is put back."""
+    try:
+        return work()
+    except Exception as e:  # noqa: BLE001  (a benchmark reports any failure and goes on)
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"{label}: FAILED: {type(e).__name__}: {first}", flush=True)
+        if device.type == "cuda":
+            torch.cuda.set_stream(torch.cuda.default_stream(device))
+        return None
 
 
 def report(results, device, n_examples: int) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vaekit.cli import build_config
-from vaekit.fast import StaticStep
+from vaekit.fast import StaticStep, _aligned_slots
 from vaekit.io import load_checkpoint
 from vaekit.losses import gaussian_kl
 from vaekit.models import VAE, ModelConfig
@@ -215,11 +215,12 @@ def test_learning_rate_and_beta_are_written_when_they_change_and_after_resync():
 def test_a_block_of_steps_equals_the_steps_one_by_one(device, lr_kind):
     """run_block(K batches) does what K calls of run() do (on CUDA: after the single step
     is captured, as one captured graph of K steps), a non-finite batch inside the block
-    included."""
+    included. A step's batch (7 x 25 floats) and noise (7 x 2) are not whole 16-byte units:
+    the block's slices are padded to start on 16-byte boundaries as the single step's do."""
     if device == "cuda" and lr_kind == "compiled":
         pytest.skip("a GPU compile takes a minute; the compiled captured step has its own CUDA test")
     torch.manual_seed(0)
-    model = VAE(ModelConfig(input_shape=(1, 6, 6), latent_dim=2, hidden=(16,))).to(device)
+    model = VAE(ModelConfig(input_shape=(1, 5, 5), latent_dim=2, hidden=(16,))).to(device)
     twin = copy.deepcopy(model)
 
     def adam(m):
@@ -229,13 +230,13 @@ def test_a_block_of_steps_equals_the_steps_one_by_one(device, lr_kind):
         return torch.optim.Adam(m.parameters(), lr=lr)
 
     compiled = lr_kind == "compiled"  # fed through the single step's buffers
-    blocked, single = (StaticStep(m, adam(m), batch_size=8, compile=compiled) for m in (model, twin))
+    blocked, single = (StaticStep(m, adam(m), batch_size=7, compile=compiled) for m in (model, twin))
     k = 5
     for block in range(4):  # on CUDA: the first block warms up and captures the single step
-        xs = torch.rand(k, 8, 1, 6, 6, device=device).bernoulli()
+        xs = torch.rand(k, 7, 1, 5, 5, device=device).bernoulli()
         if block == 2:
             xs[3, 0, 0, 0, 0] = float("nan")
-        eps = torch.randn(k, 8, 2, device=device)
+        eps = torch.randn(k, 7, 2, device=device)
         lrs = [1e-2 * (1 + 0.1 * (block * k + i)) for i in range(k)]
         betas = [0.5 + 0.25 * i for i in range(k)]
         blocked.run_block(xs, eps, lrs, betas)
@@ -244,12 +245,23 @@ def test_a_block_of_steps_equals_the_steps_one_by_one(device, lr_kind):
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(blocked.sums, single.sums)
-    assert float(blocked.sums[3]) == 8 * 19 and int(blocked.skipped) == int(single.skipped) == 1
+    assert float(blocked.sums[3]) == 7 * 19 and int(blocked.skipped) == int(single.skipped) == 1
     blocked.run(xs[0], eps[0], 0.5, 1.0)  # a single step after a block writes its own lr again
     lr = blocked.opt.param_groups[0]["lr"]
     assert float(lr) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="one entry per step"):
         blocked.run_block(xs, eps, lrs[:2], betas)
+
+
+def test_aligned_slots_start_each_slice_on_16_bytes():
+    for dtype, shape in [(torch.float32, (7, 2)), (torch.float32, (3, 5, 5)), (torch.bfloat16, (9,)), (torch.float64, (1,))]:
+        like = torch.zeros(shape, dtype=dtype)
+        slots = _aligned_slots(6, like)
+        assert slots.shape == (6, *shape) and slots.dtype == dtype
+        assert all(slots[i].data_ptr() % 16 == 0 and slots[i].is_contiguous() for i in range(6))
+        values = torch.randn(6, *shape).to(dtype)
+        slots.copy_(values)
+        assert torch.equal(slots, values)
 
 
 @pytest.mark.parametrize("extra", [{}, {"checkpoint_every": 5, "max_steps": 37}])
@@ -317,3 +329,42 @@ def test_fit_in_blocks_resumes_bit_for_bit(tmp_path, monkeypatch):
         assert got["step"] == final["step"]
         for name, v in final["model"].items():
             assert torch.equal(v, got["model"][name]), (step, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fit_in_blocks_and_resumed_mid_epoch_is_the_same_run(tmp_path, monkeypatch, device):
+    """The static path as fit runs it on ``device`` (on CUDA: captured, the fused Adam
+    reading its learning rate from a device tensor): 4 steps a block train the run one
+    step at a time trains, and a resume from a mid-epoch checkpoint of it continues it
+    (the restored optimiser keeps the learning-rate tensor the graphs read), under a
+    cosine learning rate and a KL warm-up."""
+    import vaekit.train
+
+    torch.set_num_threads(1)
+
+    def config(k):
+        c = _tiny("static", epochs=2, graph_steps=k, lr_schedule="cosine", checkpoint_every=8, device=device)
+        c.objective = dataclasses.replace(c.objective, beta_schedule="linear", warmup_steps=30)
+        return c
+
+    fit(config(1), tmp_path / "single")
+    blobs, save = [], vaekit.train.save_checkpoint
+
+    def keep(path, state):
+        save(path, state)
+        blobs.append((state["step"], path.read_bytes()))
+
+    monkeypatch.setattr(vaekit.train, "save_checkpoint", keep)
+    fit(config(4), tmp_path / "blocks")
+    monkeypatch.setattr(vaekit.train, "save_checkpoint", save)
+    single, blocks = (load_checkpoint(tmp_path / name / "checkpoint.pt") for name in ("single", "blocks"))
+    per_epoch = blocks["step"] // 2
+    step, blob = next((s, b) for s, b in blobs if per_epoch < s < 2 * per_epoch - 8)  # mid second epoch
+    (tmp_path / "resumed").mkdir()
+    (tmp_path / "resumed" / "checkpoint.pt").write_bytes(blob)
+    fit(config(4), tmp_path / "resumed", resume=True)
+    resumed = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")
+    assert single["step"] == blocks["step"] == resumed["step"] and step < resumed["step"]
+    for name, v in single["model"].items():
+        torch.testing.assert_close(blocks["model"][name], v, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(resumed["model"][name], v, rtol=1e-5, atol=1e-6)

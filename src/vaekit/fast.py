@@ -34,6 +34,7 @@ bits, capacity).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -93,6 +94,14 @@ def static_step_supported(model, objective) -> bool:
         and model.config.likelihood in ("bernoulli", "gaussian", "continuous_bernoulli", "mse")
         and model.config.decoder_variance != "optimal"
     )
+
+
+def _aligned_slots(k: int, like: Tensor) -> Tensor:
+    """A zeroed ``[k, *like.shape]`` buffer whose ``k`` slices each start on a 16-byte
+    boundary (the rows of a padded matrix)."""
+    n = like.numel()
+    per_16 = max(1, 16 // like.element_size())
+    return like.new_zeros(k, -(-n // per_16) * per_16)[:, :n].unflatten(1, like.shape)
 
 
 class StaticStep:
@@ -160,7 +169,9 @@ class StaticStep:
 
     def _forward_loss(self, x: Tensor, eps: Tensor, beta: Tensor) -> LossResult:
         model, cfg = self.model, self.model.config
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        # No cast cache: it would outlive a captured graph's memory (each weight is cast
+        # once a step anyway).
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
             mu, logvar = model.encode_params(x)
             z = mu + torch.exp(0.5 * logvar) * eps
             out = model.decode(z, x) if model.autoregressive else model.decode(z)
@@ -277,9 +288,10 @@ class StaticStep:
     def run_block(self, xs: Tensor, eps: Tensor, lrs, betas) -> None:
         """``K = len(xs)`` steps: batch ``xs[i]``, noise ``eps[i]``, learning rate ``lrs[i]``
         and KL weight ``betas[i]`` for step ``i`` (what ``K`` calls of :meth:`run` do). On
-        CUDA, once the single step is captured, the K steps are captured as one graph (one
-        per K) and each later block is four copies and one replay: the host's work per
-        step shrinks K-fold. Elsewhere the same code runs uncaptured.
+        CUDA, once the single step is captured, the first block of each K runs uncaptured
+        (a warm-up), the next is captured as one graph, and each later block is three
+        copies and one replay: the host's work per step shrinks K-fold. Elsewhere the same
+        code runs uncaptured.
         ``TrainConfig(graph_steps=K)`` makes ``fit`` call it."""
         k = xs.shape[0]
         if eps.shape[0] != k or len(lrs) != k or len(betas) != k:
@@ -290,20 +302,37 @@ class StaticStep:
                 self.run(xs[i], eps[i], lrs[i], betas[i])
             return
         if k not in self._blocks:
-            self._blocks[k] = ((self.x.new_zeros((k, *self.x.shape)), self.eps.new_zeros((k, *self.eps.shape)),
-                                self.beta.new_zeros(k), self.beta.new_zeros(k)), None)
-        (bx, beps, blr, bbeta), graph = self._blocks[k]
+            # Each step's slice starts on a 16-byte boundary, as the single step's buffers
+            # do: Triton compiles a kernel per pointer alignment, and a compilation inside
+            # a capture fails. Learning rates and KL weights: one slot of 4 floats a step.
+            self._blocks[k] = ((_aligned_slots(k, self.x), _aligned_slots(k, self.eps),
+                                self.beta.new_zeros(2, k, 4)), "cold")
+        (bx, beps, sched), graph = self._blocks[k]
         bx.copy_(xs)
         beps.copy_(eps)
-        blr.copy_(torch.tensor([float(v) for v in lrs]))
-        bbeta.copy_(torch.tensor([float(v) for v in betas]))
+        host = torch.tensor([[(float(v), 0.0, 0.0, 0.0) for v in vals] for vals in (lrs, betas)])
+        if self.device.type == "cuda":  # a copy from pageable memory would wait for the GPU
+            sched.copy_(host.pin_memory(), non_blocking=True)
+        else:
+            sched.copy_(host)
+        blr, bbeta = sched[0, :, 0], sched[1, :, 0]
         self._beta_now = self._lr_now = None  # the single step's buffers were not written
-        if graph is not None:
+        if not isinstance(graph, str):
             graph.replay()
             return
-        if not self.capture:
-            for i in range(k):
-                self._block_step(i, lrs[i], bx, beps, blr, bbeta)
+        if not self.capture or graph == "cold":
+            # Uncaptured; on CUDA the first block of each K is a warm-up on a side stream
+            # (anything run for the first time, such as a kernel compilation, must not
+            # happen inside the capture).
+            stream = torch.cuda.Stream() if self.capture else None
+            if stream is not None:
+                stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for i in range(k):
+                    self._block_step(i, lrs[i], bx, beps, blr, bbeta)
+            if stream is not None:
+                torch.cuda.current_stream().wait_stream(stream)
+                self._blocks[k] = ((bx, beps, sched), "warm")
             return
         # The single step is captured (above), so the copies that undo a non-finite step
         # (unfused optimisers) exist: the block's graph must update the very same ones.
@@ -315,7 +344,7 @@ class StaticStep:
         except Exception as e:  # noqa: BLE001  (capture fails in many ways; the cause is chained)
             raise FastPathError(f"{k} training steps could not be captured in one CUDA graph "
                                 f"({type(e).__name__}: {_first_line(e)}); run them one by one") from e
-        self._blocks[k] = ((bx, beps, blr, bbeta), graph)
+        self._blocks[k] = ((bx, beps, sched), graph)
         graph.replay()
 
     def _block_step(self, i: int, lr: float, bx: Tensor, beps: Tensor, blr: Tensor, bbeta: Tensor) -> None:
