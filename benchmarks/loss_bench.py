@@ -97,6 +97,8 @@ def graph_ms(fn, device: torch.device, warmup: int, repeats: int) -> float | Non
             fn()
     except Exception as e:  # noqa: BLE001  (a recipe that cannot be captured is reported, not timed)
         print(f"  (not captured: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:100]})")
+        # torch.cuda.graph does not leave its capture stream when ending the capture fails
+        torch.cuda.set_stream(torch.cuda.default_stream(device))
         return None
     return median_ms(graph.replay, device, warmup, repeats)
 
