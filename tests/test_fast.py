@@ -143,13 +143,18 @@ def test_a_compile_failure_names_the_option_and_the_way_out(monkeypatch):
 
 
 def test_a_capture_failure_names_the_way_out(monkeypatch):
-    """On CUDA a step that cannot be captured says which option runs it uncaptured (faked
-    here: the capture context raises as soon as it is entered)."""
+    """On CUDA a step that cannot be captured says which option runs it uncaptured, and
+    the process is back on the stream it was on (torch.cuda.graph leaves its capture
+    stream only when the capture ends cleanly). Faked here: the capture context moves to
+    its stream and raises."""
+    streams = {"now": "default"}
+
     class FailingCapture:
         def __init__(self, graph):
             pass
 
         def __enter__(self):
+            streams["now"] = "capture"
             raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
 
         def __exit__(self, *exc):
@@ -157,11 +162,14 @@ def test_a_capture_failure_names_the_way_out(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
     monkeypatch.setattr(torch.cuda, "graph", FailingCapture)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: streams["now"])
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: streams.update(now=stream))
     model = VAE(ModelConfig(input_shape=(1, 4, 4), latent_dim=2, hidden=(8,)))
     step = StaticStep(model, torch.optim.Adam(model.parameters(), fused=True), batch_size=2, capture=True, warmup=0)
     with pytest.raises(RuntimeError, match=r"could not be captured in a CUDA graph \(RuntimeError: operation not "
                                             r"permitted when stream is capturing\); train with fast='off'"):
         step.run(torch.rand(2, 1, 4, 4).bernoulli(), torch.randn(2, 2), 1e-3, 1.0)
+    assert streams["now"] == "default"
     compiled = StaticStep(model, torch.optim.Adam(model.parameters(), fused=True), batch_size=2, capture=True,
                           warmup=0, compile=True)
     with pytest.raises(RuntimeError, match=r"could not be captured .*train with fast='auto' .* or fast='off'"):

@@ -272,11 +272,12 @@ class StaticStep:
             return
         self._refresh_backups()
         self.opt.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
         try:
             with torch.cuda.graph(graph):
                 self._body()
         except Exception as e:  # noqa: BLE001  (capture fails in many ways; the cause is chained)
+            torch.cuda.set_stream(stream)  # torch.cuda.graph leaves its stream only on a clean end
             way_out = ("fast='auto' (vaekit train --fast auto) to capture it uncompiled, or fast='off'"
                        if self._compiled else "fast='off' (vaekit train --fast off) to run it uncaptured")
             raise FastPathError(f"the training step could not be captured in a CUDA graph "
@@ -336,12 +337,13 @@ class StaticStep:
             return
         # The single step is captured (above), so the copies that undo a non-finite step
         # (unfused optimisers) exist: the block's graph must update the very same ones.
-        graph = torch.cuda.CUDAGraph()
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
         try:
             with torch.cuda.graph(graph):
                 for i in range(k):
                     self._block_step(i, lrs[i], bx, beps, blr, bbeta)
         except Exception as e:  # noqa: BLE001  (capture fails in many ways; the cause is chained)
+            torch.cuda.set_stream(stream)
             raise FastPathError(f"{k} training steps could not be captured in one CUDA graph "
                                 f"({type(e).__name__}: {_first_line(e)}); run them one by one") from e
         self._blocks[k] = ((bx, beps, sched), graph)
