@@ -22,11 +22,13 @@ batch 128, the 60,000 training images statically binarized), in one run, for:
   (f) vaekit fit    vaekit.train.fit itself for 1 + --epochs epochs (validation on 1,000
                     images and a checkpoint after each): per-epoch times from its metrics;
                     "fast=compile": fit with TrainConfig(fast="compile"); on CUDA also
-                    "graph_steps=32": 32 steps a captured graph
+                    "graph_steps=32": 32 steps a captured graph, uncompiled and compiled
   (g) vaekit compiled  the static step with its forward pass and loss compiled by
                     torch.compile (StaticStep(compile=True): TrainConfig(fast="compile"),
                     vaekit's CPU fast path; on CUDA the compiled step is also captured);
                     the compilation happens in the warm-up
+  (g'') CUDA only   (g) with 32 steps captured in one graph: fewer kernels a step and the
+                    host's work per step 32x smaller, both
 
 --dynamic: the images stay grey and every contender but the floor and pythae binarizes
 each batch afresh (dynamic binarization, what vaekit's MNIST presets train on): the
@@ -315,7 +317,8 @@ def main(argv=None) -> None:
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="MNIST .npz or 'synthetic'")
     parser.add_argument("--n-train", type=int, default=60000, help="training images (fewer: a quick check)")
     parser.add_argument("--skip", default="", help="comma list of contenders to leave out: "
-                        "classic,eager,static,static-unfused,static-block,pythae,floor,compiled,fit,fit-compile,fit-block")
+                        "classic,eager,static,static-unfused,static-block,pythae,floor,compiled,compiled-block,fit,fit-compile,"
+                        "fit-block,fit-compile-block")
     parser.add_argument("--amp", choices=sorted(AMP_CHOICES), default=None,
                         help="precision of (b), (e) and (f): fp32 (none), bf16 autocast (bf16) or both; "
                         "default: both on a CPU, none on CUDA")
@@ -366,6 +369,9 @@ def main(argv=None) -> None:
                 *[(f"(g) vaekit compiled step{BF16 if amp else ''}", "compiled", amp,
                    lambda amp=amp: vaekit_loop(x, device, static=True, amp=amp, compiled=True, dynamic=dyn))
                   for amp in amps],
+                *([("(g'') compiled step, 32 steps a captured graph", "compiled-block", False,
+                    lambda: vaekit_loop(x, device, static=True, compiled=True, dynamic=dyn, block=32))]
+                  if device.type == "cuda" else []),
             ]
             runs = {}
             for label, key, amp, make in makers:
@@ -384,7 +390,7 @@ def main(argv=None) -> None:
             results += [(n_threads, label, amp, statistics.median(t), t) for (label, amp), t in times.items()]
             kinds = [("auto", 1, "fit"), ("compile", 1, "fit-compile")]
             if device.type == "cuda":
-                kinds.append(("auto", 32, "fit-block"))
+                kinds += [("auto", 32, "fit-block"), ("compile", 32, "fit-compile-block")]
             fits = [(fast, steps, amp) for fast, steps, key in kinds if key not in skip for amp in amps]
             for fast, steps, amp in fits:
                 how = (", fast=compile" if fast == "compile" else "") + (f", graph_steps={steps}" if steps > 1 else "")
