@@ -429,6 +429,9 @@ BAD_INPUT = [  # (id, argv with {run}/{empty}/{tmp} placeholders, regex the one-
                             "--data-dir", "{tmp}/no-mnist-here"], r"no-mnist-here"),
     ("negative-epochs", ["train", "--run-dir", "{empty}", *TINY, "--epochs", "-1"], r"epochs.*-1"),
     ("unknown-option", ["train", "--run-dir", "{empty}", *TINY, "--no-such-option"], r"--no-such-option"),
+    # a prefix is not a flag: argparse would have read --n 16 as --nrow 16
+    ("flag-prefix", ["sample", "{run}", "--n", "16", "-o", "{tmp}/prefix.png"], r"unrecognized arguments: --n 16"),
+    ("train-flag-prefix", ["train", "--run-dir", "{empty}", *TINY, "--epoch", "2"], r"unrecognized arguments: --epoch 2"),
     ("missing-config", ["train", "--run-dir", "{empty}", "--config", "{tmp}/missing.toml"], r"missing\.toml"),
     ("invalid-toml", ["train", "--run-dir", "{empty}", "--config", "{tmp}/bad.toml"], r"bad\.toml.*TOML"),
     ("invalid-json", ["train", "--run-dir", "{empty}", "--config", "{tmp}/bad.json"], r"bad\.json.*JSON"),

@@ -38,6 +38,11 @@ def _version_line() -> str:
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        # Whole flags only: argparse would take `sample --n 16` for `--nrow 16`.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # one line, status 2, no usage dump
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
