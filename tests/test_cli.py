@@ -439,6 +439,8 @@ BAD_INPUT = [  # (id, argv with {run}/{empty}/{tmp} placeholders, regex the one-
     ("run-dir-not-empty", ["train", "--run-dir", "{run}", *TINY], r"--run-dir.*not empty"),
     ("resume-without-checkpoint", ["train", "--resume", "{empty}"], r"--resume.*checkpoint"),
     ("negative-limit", ["evaluate", "{run}", "--limit", "-3"], r"--limit.*-3"),
+    ("tf32-on-the-cpu", ["evaluate", "{run}", "--device", "cpu", "--precision", "tf32"],
+     r"--precision tf32 is CUDA's arithmetic; on cpu"),
     ("resume-epochs-as-many", ["train", "--resume", "{run}", "--epochs", "2"],
      r"--epochs\).*greater than the 2 epochs \S+ has done, got 2$"),
     ("resume-epochs-fewer", ["train", "--resume", "{run}", "--epochs", "1", "--no-progress"],

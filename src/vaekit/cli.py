@@ -300,6 +300,9 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
 
     rd, config, model = _load_run(run)
     dev = resolve_device(device, what="--device")
+    if precision == "tf32" and dev.type != "cuda":  # the metrics would claim an arithmetic not used
+        raise UsageError(f"--precision tf32 is CUDA's arithmetic; on {dev} the evaluation is float32 "
+                         "(--precision fp32) or bfloat16 (--precision bf16)")
     model.to(dev)
     data = load_dataset(config.data)
     x = getattr(data, split)
