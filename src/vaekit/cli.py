@@ -235,7 +235,7 @@ def _budgeted(config, seconds: float, *, epochs_given: bool):
     if not (math.isfinite(seconds) and seconds > 0):
         raise UsageError(f"--time-budget must be a number of seconds > 0, got {seconds:g}")
     epochs, per_epoch = epochs_for_budget(config, seconds)
-    print(f"vaekit: calibration: {per_epoch:.3f} s an epoch -> {epochs} epochs for a {seconds:g} s budget", flush=True)
+    print(f"vaekit: calibration: {per_epoch:.3f} s an epoch -> {_epochs(epochs)} for a {seconds:g} s budget", flush=True)
     config.train = dataclasses.replace(config.train, epochs=epochs)
     return config
 
@@ -412,6 +412,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _epochs(n: int) -> str:
+    return f"{n} epoch" if n == 1 else f"{n} epochs"
+
+
 def _print_table(metrics: dict) -> None:
     rows = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     width = max(len(k) for k, _ in rows)
@@ -452,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 130
             val = [r for r in result.history if r["split"] == "val"]
             if val and int(os.environ.get("RANK", "0")) == 0:  # one summary line per job under torchrun
-                print(f"vaekit: trained {val[-1]['epoch']} epochs; best val ELBO "
+                print(f"vaekit: trained {_epochs(val[-1]['epoch'])}; best val ELBO "
                       f"{-min(r['loss'] for r in val):.3f} nats; run in {result.run_dir}")
             return 0
         if args.command == "evaluate":
