@@ -380,13 +380,16 @@ def main(argv=None) -> None:
                     if run is not None and guarded(label, device, lambda: run(max_steps=args.warmup) or True):
                         runs[(label, amp)] = run
             times = {row: [] for row in runs}
-            for _ in range(args.epochs):
+            for epoch in range(args.epochs):
                 for row, run in list(runs.items()):
                     t0 = time.perf_counter()
                     if guarded(row[0], device, lambda: run() or True) is None:
                         del runs[row], times[row]  # one failed row costs that row only
                         continue
                     times[row].append(time.perf_counter() - t0)
+                # as it goes: a run cut short by a time limit still tells what it measured
+                print(f"timed epoch {epoch + 1}, threads={n_threads}: "
+                      + ", ".join(f"{label} {t[-1]:.3f} s" for (label, _), t in times.items()), flush=True)
             results += [(n_threads, label, amp, statistics.median(t), t) for (label, amp), t in times.items()]
             kinds = [("auto", 1, "fit"), ("compile", 1, "fit-compile")]
             if device.type == "cuda":
