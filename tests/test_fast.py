@@ -50,7 +50,10 @@ def _fits_agree(tmp_path, fast: str, epochs: int, rtol: float, atol: float, devi
 
 
 def test_static_fit_equals_eager_fit(tmp_path):
-    _fits_agree(tmp_path, "static", 3, rtol=1e-5, atol=1e-6)
+    # On CUDA the static step's loss is the Triton kernel (other rounding than the eager
+    # functions), compounded over 3 epochs of Adam steps: a float32 tolerance, not 1e-5.
+    cuda = torch.cuda.is_available()
+    _fits_agree(tmp_path, "static", 3, rtol=1e-4 if cuda else 1e-5, atol=1e-5 if cuda else 1e-6)
 
 
 def test_compiled_fit_equals_eager_fit(tmp_path):
