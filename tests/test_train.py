@@ -206,3 +206,30 @@ def test_epochs_for_budget_refuses(kwargs, env, error, match, monkeypatch):
         monkeypatch.setenv(k, v)
     with pytest.raises(error, match=match):
         train.epochs_for_budget(tiny_config(), **kwargs)
+
+
+def test_without_a_validation_split_the_last_model_is_kept(tmp_path):
+    """data.val_size=0: no validation rows (not an ELBO of 0), the saved model is the last
+    epoch's (every epoch "improves"), and early stopping, which needs validation, is refused
+    before anything is written."""
+    from vaekit.io import load_model
+
+    result = train.fit(tiny_config(data__val_size=0, train__epochs=3), tmp_path / "run")
+    assert [r["split"] for r in result.history] == ["train"] * 3
+    saved = load_model(tmp_path / "run" / "model")
+    final = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["model"]
+    for name, value in saved.state_dict().items():
+        assert torch.equal(value, final[name]), name
+    with pytest.raises(ValueError, match=r"early_stopping=2 needs validation examples, and data.val_size=0"):
+        train.fit(tiny_config(data__val_size=0, train__early_stopping=2), tmp_path / "stops")
+    assert not (tmp_path / "stops").exists()
+
+
+def test_validation_rows_carry_the_beta_of_their_loss(tmp_path):
+    """The validation loss is the negative ELBO whatever the training objective: its row
+    says beta 1, so that loss = reconstruction + beta * kl holds on every row."""
+    result = train.fit(tiny_config(objective__beta=4.0), tmp_path / "run")
+    for r in result.history:
+        assert r["beta"] == (4.0 if r["split"] == "train" else 1.0)
+        if r["split"] == "val":
+            assert r["loss"] == pytest.approx(r["reconstruction"] + r["beta"] * r["kl"])

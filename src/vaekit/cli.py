@@ -455,9 +455,11 @@ def main(argv: list[str] | None = None) -> int:
             if result.interrupted:
                 return 130
             val = [r for r in result.history if r["split"] == "val"]
-            if val and int(os.environ.get("RANK", "0")) == 0:  # one summary line per job under torchrun
-                print(f"vaekit: trained {_epochs(val[-1]['epoch'])}; best val ELBO "
-                      f"{-min(r['loss'] for r in val):.3f} nats; run in {result.run_dir}")
+            train = [r for r in result.history if r["split"] == "train"]
+            if train and int(os.environ.get("RANK", "0")) == 0:  # one summary line per job under torchrun
+                score = (f"best val ELBO {-min(r['loss'] for r in val):.3f} nats" if val else
+                         f"no validation split, the last model kept (train ELBO {train[-1]['elbo']:.3f} nats)")
+                print(f"vaekit: trained {_epochs(train[-1]['epoch'])}; {score}; run in {result.run_dir}")
             return 0
         if args.command == "evaluate":
             metrics = evaluate_command(args.run, split=args.split, iw_samples=args.iw_samples,

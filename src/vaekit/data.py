@@ -51,7 +51,9 @@ class DataConfig:
             load time, with a generator seeded with ``seed + 1`` so every evaluation
             sees the same binary images.
         val_size: a count (int >= 0) or a fraction of the training set (float in [0, 1)).
-            The MNIST convention is ``val_size=10000, split="tail"``.
+            The MNIST convention is ``val_size=10000, split="tail"``. With no validation
+            examples training keeps its last model (not the best by validation ELBO)
+            and cannot stop early.
         split: "random" (a permutation seeded with ``seed``) or "tail" (the last
             ``val_size`` training examples).
         seed: seeds the validation split and the binarization of val/test.

@@ -267,6 +267,9 @@ def _build(config: RunConfig, run_dir: Path, state: dict | None) -> _Run:
 
     data = load_dataset(config.data)
     _check_training_data(data, config.model.likelihood)
+    if tc.early_stopping and data.val.shape[0] == 0:
+        raise ValueError(f"train.early_stopping={tc.early_stopping} needs validation examples, and "
+                         f"data.val_size={config.data.val_size!r} leaves none")
     config.model = dataclasses.replace(config.model, input_shape=tuple(data.train.shape[1:]))
     torch.manual_seed(tc.seed)
     model = VAE(config.model).to(device)
@@ -408,24 +411,27 @@ def _end_epoch(run: _Run, t0: float, writer) -> None:
            "reconstruction": float(sums[1]) / n, "kl": float(sums[2]) / n,
            "elbo": -(float(sums[1]) + float(sums[2])) / n, "beta": run.beta, "lr": run.lr,
            "skipped": run.skipped, "seconds": round(time.perf_counter() - t0, 3)}
-    val_gen = torch.Generator(device=run.device).manual_seed(mix_seed(tc.seed, _VAL_STREAM, run.epoch))
-    val = _validate(run.model, run.val_x, max(tc.batch_size, 500), val_gen)
-    vrow = {**row, "split": "val", **val}
-    run.history += [row, vrow]
+    run.history.append(row)
+    if run.val_x.shape[0]:
+        val_gen = torch.Generator(device=run.device).manual_seed(mix_seed(tc.seed, _VAL_STREAM, run.epoch))
+        val = _validate(run.model, run.val_x, max(tc.batch_size, 500), val_gen)
+        # the validation loss is the negative ELBO (beta = 1), whatever the training objective
+        run.history.append({**row, "split": "val", **val, "beta": 1.0})
+        improved = val["loss"] < run.best
+        run.best = min(run.best, val["loss"])
+    else:  # no validation split: the model kept is the last one
+        improved = True
+    run.since_best = 0 if improved else run.since_best + 1
     run.epoch += 1
     sums.zero_()
     run.batches.set_epoch(run.epoch)
-    improved = val["loss"] < run.best
-    if improved:
-        run.best, run.since_best = val["loss"], 0
-    else:
-        run.since_best += 1
     if run.is_main:
         if improved:
             save_model(run.model, run.run_dir / "model")
         write_metrics(run.run_dir / "metrics.csv", run.history)
         if writer is not None:
-            for split, r in (("train", row), ("val", vrow)):
+            for r in run.history[-2 if run.val_x.shape[0] else -1:]:  # this epoch's rows
+                split = r["split"]
                 for k in ("loss", "reconstruction", "kl"):
                     writer.add_scalar(f"{split}/{k}", r[k], run.epoch)
     _checkpoint(run)
