@@ -180,6 +180,19 @@ def test_sample_to_jpg_writes_a_jpeg(run, tmp_path, capsys):
         assert rc == 0 and im.format == "JPEG"
 
 
+def test_a_run_on_vectors_trains_to_the_end_and_sample_refuses_in_one_line(tmp_path, capsys):
+    """Vectors of 20 values are not images: training ends with status 0 (curves, no image
+    pictures), and `vaekit sample` says why it cannot draw a grid, with status 2."""
+    np.save(tmp_path / "flat.npy", np.random.default_rng(0).random((60, 20)).astype(np.float32))
+    run = tmp_path / "run"
+    rc, out, err = call(["train", "--run-dir", run, *TINY, "--dataset", "array", "--data-dir", tmp_path / "flat.npy",
+                         "--binarize", "none", "--likelihood", "gaussian"], capsys)
+    assert rc == 0 and "trained 2 epochs" in out, err
+    assert (run / "curves.png").exists() and not (run / "samples.png").exists()
+    rc, _, err = call(["sample", run, "-o", tmp_path / "s.png"], capsys)
+    assert rc == 2 and "models data of shape (20,), not images" in err and not (tmp_path / "s.png").exists()
+
+
 def _test_data(run):
     return load_dataset(RunConfig.from_dict(read_json(run / "config.json")).data).test
 

@@ -149,3 +149,18 @@ def test_decoder_mean_matches_distributions():
     torch.testing.assert_close(decoder_mean(m("mse"), mean), mean.clamp(0, 1))
     with pytest.raises(ValueError, match="likelihood"):
         decoder_mean(m("poisson"), mean)
+
+
+@pytest.mark.parametrize("input_shape, pictures", [((20,), {"curves.png"}),
+                                                    ((16,), {"curves.png", "reconstructions.png", "samples.png",
+                                                             "traversals.png"})])
+def test_run_pictures_of_data_that_are_not_images_are_the_curves_only(tmp_path, input_shape, pictures):
+    """A run on vectors that cannot be shown as a square image (20 values) ends with its
+    curves, not with an error after training; 16 values are a 4 x 4 image."""
+    from vaekit.models import VAE, ModelConfig
+    from vaekit.plots import save_run_pictures
+
+    model = VAE(ModelConfig(input_shape=input_shape, hidden=(8,), latent_dim=2, likelihood="gaussian"))
+    history = [{"epoch": 1, "split": "train", "loss": 3.0, "reconstruction": 2.0, "kl": 1.0}]
+    save_run_pictures(model, torch.rand(4, *input_shape), tmp_path, history)
+    assert {p.name for p in tmp_path.iterdir()} == pictures

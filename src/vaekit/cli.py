@@ -339,7 +339,7 @@ def sample_command(run: str, *, n: int = 64, output: str = "samples.png", seed: 
     """Draw ``n`` samples from a trained run and save them as an image grid."""
     import torch
 
-    from .plots import save_image_grid
+    from .plots import _image_shape, save_image_grid
 
     if n < 1:
         raise UsageError(f"-n must be a positive integer, got {n}")
@@ -349,10 +349,15 @@ def sample_command(run: str, *, n: int = 64, output: str = "samples.png", seed: 
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise UsageError(f"-o must name a .png or .jpg file, got {output!r}")
     _, _, model = _load_run(run)
+    shape = model.config.input_shape
+    try:
+        _image_shape(shape)
+    except ValueError:
+        raise UsageError(f"vaekit sample draws an image grid, and {run} models data of shape {tuple(shape)}, "
+                         f"not images; draw them in Python with VAE.sample") from None
     model.eval()
     g = torch.Generator().manual_seed(seed)
     images = model.sample(n, generator=g)
-    shape = model.config.input_shape
     scale = max(1, 112 // shape[-1]) if len(shape) == 3 else 1
     return save_image_grid(images, out, nrow=nrow, scale=scale)
 

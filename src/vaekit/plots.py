@@ -271,12 +271,18 @@ def save_run_pictures(model, x: Tensor, run_dir, history: list, *, seed: int = 0
     """The pictures of a training run, into ``run_dir``: ``reconstructions.png`` (up to 32
     examples of ``x``, each above its reconstruction), ``samples.png`` (64 draws),
     ``curves.png`` (from ``history``, the rows of ``metrics.csv``) and
-    ``traversals.png`` (the first example, the 10 latent dimensions of highest mean KL)."""
+    ``traversals.png`` (the first example, the 10 latent dimensions of highest mean KL).
+    Data that are not images (a vector whose length is not a square) get the curves only."""
     from .evaluate import kl_per_dimension
 
     run_dir = Path(run_dir)
+    if history:
+        plot_curves(history, run_dir / "curves.png")
+    try:
+        shape = _image_shape(model.config.input_shape)
+    except ValueError:
+        return
     model.eval()
-    shape = _image_shape(model.config.input_shape)
     scale = max(1, 112 // shape[-1])
     x = x[:32].to(next(model.parameters()).device)
     rec = model.reconstruct(x)
@@ -284,7 +290,5 @@ def save_run_pictures(model, x: Tensor, run_dir, history: list, *, seed: int = 0
     save_image_grid(pairs.cpu(), run_dir / "reconstructions.png", nrow=8, scale=scale, image_shape=shape)
     g = torch.Generator(device=x.device).manual_seed(seed)
     save_image_grid(model.sample(64, generator=g).cpu(), run_dir / "samples.png", nrow=8, scale=scale, image_shape=shape)
-    if history:
-        plot_curves(history, run_dir / "curves.png")
     save_traversals(model, x[:1], run_dir / "traversals.png", kl_per_dim=kl_per_dimension(model, x),
                     dims=min(10, model.config.latent_dim), scale=scale, image_shape=shape)
