@@ -126,12 +126,15 @@ def _flag_names() -> dict[tuple[str, str], list[str]]:
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag per config field; its help shows the value a plain ``vaekit train`` uses
+    (the default preset's, which overrides many of the dataclass defaults)."""
+    effective = build_config()
     for (group, name), flags in _flag_names().items():
         klass = _groups()[group]
         f = next(f for f in dataclasses.fields(klass) if f.name == name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         doc = _field_docs(klass).get(name, "")
-        help_ = f"({group}) {doc} [default: {default!r}]".replace("%", "%%")
+        help_ = f"({group}) {doc} [default: {getattr(getattr(effective, group), name)!r}]".replace("%", "%%")
         kw = dict(dest=f"{group}.{name}", default=argparse.SUPPRESS, help=help_)
         if isinstance(default, bool):
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
@@ -372,7 +375,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=_version_line())
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="train a VAE (default: the bundled 8x8 digits)",
-                       description="Train a VAE. With no arguments: the 'digits' preset.")
+                       description=f"Train a VAE. With no arguments: the '{DEFAULT_PRESET}' preset, whose values "
+                                   "are the defaults shown (another --preset starts from its own; --config FILE and flags change them).")
     t.add_argument("--preset", choices=list(PRESETS), help=f"named starting configuration [default: {DEFAULT_PRESET}]")
     t.add_argument("--config", metavar="FILE", help="TOML or JSON file with [model], [data], [train], [objective] sections")
     t.add_argument("--run-dir", metavar="DIR", help="where to write the run [default: runs/<preset>-<time>]")
