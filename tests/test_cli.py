@@ -455,6 +455,10 @@ BAD_INPUT = [  # (id, argv with {run}/{empty}/{tmp} placeholders, regex the one-
     ("run-dir-not-empty", ["train", "--run-dir", "{run}", *TINY], r"--run-dir.*not empty"),
     ("resume-without-checkpoint", ["train", "--resume", "{empty}"], r"--resume.*checkpoint"),
     ("negative-limit", ["evaluate", "{run}", "--limit", "-3"], r"--limit.*-3"),
+    # the default preset binarizes: real values say which setting refuses them
+    ("real-values-binarized", ["train", "--run-dir", "{empty}", *TINY, "--dataset", "array", "--data-dir",
+                               "{tmp}/real.npy", "--likelihood", "gaussian"],
+     r"binarize='dynamic'.*'none' keeps the values\) must lie in \[0, 1\], got values in \[-2, 2\]"),
     ("tf32-on-the-cpu", ["evaluate", "{run}", "--device", "cpu", "--precision", "tf32"],
      r"--precision tf32 is CUDA's arithmetic; on cpu"),
     ("resume-epochs-as-many", ["train", "--resume", "{run}", "--epochs", "2"],
@@ -476,6 +480,7 @@ def places(run, tmp_path):
     (tmp_path / "bad.toml").write_text("[train\nepochs = 2\n")
     (tmp_path / "bad.json").write_text('{"train": {"epochs": 2,}')
     (tmp_path / "typo.toml").write_text("[train]\nepoch = 3\n")
+    np.save(tmp_path / "real.npy", np.linspace(-2, 2, 40 * 6, dtype=np.float32).reshape(40, 6))
     return {"run": str(run), "empty": str(tmp_path / "empty"), "tmp": str(tmp_path)}
 
 

@@ -204,10 +204,10 @@ def load_dataset(config: DataConfig) -> SplitData:
     if config.binarize == "static":
         for label, t in (("train", train), ("val", val), ("test", xt)):
             if len(t):
-                check_images(t, f"{name} {label} (binarize='static')")
+                check_images(t, f"{name} {label} (binarize='static'; 'none' keeps the values)")
         train, val, xt = (binarize_static(t) if len(t) else t for t in (train, val, xt))
     elif config.binarize == "dynamic":
-        check_images(train, f"{name} train")
+        check_images(train, f"{name} train (binarize='dynamic': grey levels to draw from; 'none' keeps the values)")
         g = torch.Generator().manual_seed(config.seed + 1)
         val, xt = (binarize_dynamic(t, g) if len(t) else t for t in (val, xt))
     return SplitData(train, val, xt, ytr, yv, yt, name)
