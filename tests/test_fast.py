@@ -311,6 +311,22 @@ def test_fit_in_blocks_of_steps_is_the_same_run(tmp_path, extra):
 def test_graph_steps_is_checked():
     with pytest.raises(ValueError, match="graph_steps"):
         _tiny("static", graph_steps=0)
+    with pytest.raises(ValueError, match=r"graph_steps must be 1 with fast 'off'.*got 4"):
+        _tiny("off", graph_steps=4)
+
+
+@pytest.mark.parametrize("fast", ["static", "compile"])
+@pytest.mark.parametrize("objective", [{"name": "iwae", "iw_samples": 2}, {"free_bits": 0.5}])
+def test_a_static_step_asked_for_by_name_is_refused_where_it_cannot_serve(tmp_path, fast, objective):
+    """fast='static' or 'compile' for a run the static step does not compute is an error
+    before anything is written, not a quiet eager run; 'auto' takes the eager step."""
+    config = _tiny(fast, epochs=1)
+    config.objective = dataclasses.replace(config.objective, **objective)
+    with pytest.raises(ValueError, match=rf"train.fast='{fast}' cannot serve this run: .*use fast='auto' or 'off'"):
+        fit(config, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    config.train = dataclasses.replace(config.train, fast="auto", device="cpu")
+    assert fit(config, tmp_path / "auto").history
 
 
 def test_fit_in_blocks_resumes_bit_for_bit(tmp_path, monkeypatch):

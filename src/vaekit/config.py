@@ -65,7 +65,9 @@ class TrainConfig:
             needs a C++ compiler; on CUDA the compiled step is captured as well, which
             leaves fewer, fused kernels in the graph) or ``off`` (the eager step). See
             :mod:`vaekit.fast`; a step that cannot be compiled or captured raises
-            ``vaekit.fast.FastPathError`` naming the setting that runs it without.
+            ``vaekit.fast.FastPathError`` naming the setting that runs it without, and
+            ``static`` or ``compile`` for a run that the static step cannot serve (another
+            objective, free bits, capacity, data-parallel) is refused with a ``ValueError``.
         graph_steps: steps per call of the static step (``vaekit.fast.StaticStep.run_block``):
             on CUDA that many steps are captured in one graph, and the host issues one
             replay for them instead of one per step (for small models, whose steps take
@@ -108,6 +110,8 @@ class TrainConfig:
         _need(self.fast in FAST_MODES, "fast", f"one of {', '.join(FAST_MODES)}", self.fast)
         _need(_is_int(self.graph_steps) and 1 <= self.graph_steps <= 1024, "graph_steps", "an integer in [1, 1024]",
               self.graph_steps)
+        _need(self.graph_steps == 1 or self.fast != "off", "graph_steps",
+              "1 with fast 'off' (blocks of steps are the static step's)", self.graph_steps)
         _need(isinstance(self.progress, bool), "progress", "true or false", self.progress)
         _need(
             isinstance(self.device, str) and (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")),

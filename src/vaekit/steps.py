@@ -46,9 +46,21 @@ def _adam(model: nn.Module, tc: TrainConfig, *, captured_on: torch.device | None
 
 
 def _use_static(tc, oc, model, device, distributed: bool) -> bool:
-    if tc.fast == "off" or distributed or not static_step_supported(model, oc):
+    """Whether the run takes the static step. Asked for by name (``fast`` static or
+    compile) where it cannot serve, it is refused rather than quietly not taken."""
+    if tc.fast == "off":
         return False
-    return tc.fast in ("static", "compile") or device.type == "cuda"
+    if distributed:
+        why = "a data-parallel run (torchrun) takes the eager step"
+    elif not static_step_supported(model, oc):
+        why = (f"it serves the plain ELBO / beta-VAE (no free bits, no capacity) with a bernoulli, gaussian, "
+               f"continuous_bernoulli or mse likelihood of fixed or learned variance, and this run's objective "
+               f"{oc.name!r} with likelihood {model.config.likelihood!r} takes the eager step")
+    else:
+        return tc.fast in ("static", "compile") or device.type == "cuda"
+    if tc.fast in ("static", "compile"):
+        raise ValueError(f"train.fast={tc.fast!r} cannot serve this run: {why}; use fast='auto' or 'off'")
+    return False
 
 
 # Steps between reads of the device counters (progress bar, non-finite streaks).
