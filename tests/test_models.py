@@ -157,3 +157,22 @@ def test_discretized_logistic_refuses_data_off_the_8_bit_grid(tmp_path):
     rc = main(["train", "--likelihood", "discretized_logistic", "--binarize", "none", "--epochs", "1",
                "--no-progress", "--run-dir", str(tmp_path / "run")])
     assert rc == 2 and not (tmp_path / "run").exists()
+
+
+def test_an_mse_model_is_scored_as_the_gaussian_of_variance_one_half():
+    """likelihood='mse' trains on the squared error's gradients and reports the Gaussian
+    log-likelihood it stands for (variance 1/2): the squared error + (D/2) log(pi), the
+    density of torch.distributions.Normal(x_hat, sqrt(1/2)), in float64."""
+    from vaekit.losses import mse
+
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(6,), hidden=(8,), latent_dim=2, likelihood="mse")).double()
+    x_hat = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.rand(5, 6, dtype=torch.float64)
+    nll = model.nll(x_hat, x)
+    reference = -Independent(Normal(x_hat, math.sqrt(0.5)), 1).log_prob(x)
+    torch.testing.assert_close(nll, reference, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(nll, mse(x_hat, x) + 3 * math.log(math.pi), rtol=1e-12, atol=1e-12)
+    (g_model,) = torch.autograd.grad(nll.sum(), x_hat)
+    (g_mse,) = torch.autograd.grad(mse(x_hat, x).sum(), x_hat)
+    torch.testing.assert_close(g_model, g_mse, rtol=1e-12, atol=1e-12)

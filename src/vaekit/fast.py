@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .kernels import fused_available, fused_vae_loss
-from .losses import LossResult, gaussian_kl, reconstruction_nll
+from .losses import LossResult, gaussian_kl
 
 __all__ = ["StaticStep", "FastPathError", "static_step_supported", "skips_on_device", "grad_norm", "set_lr"]
 
@@ -178,7 +178,7 @@ class StaticStep:
         if self._fused:
             return fused_vae_loss(x, out, mu, logvar, beta=beta, reconstruction=cfg.likelihood,
                                   reduction="mean", gaussian_logvar=cfg.fixed_logvar, validate_args=False)
-        rec = reconstruction_nll(cfg.likelihood, out, x, logvar=cfg.fixed_logvar, validate_args=False).mean()
+        rec = model.nll(out, x, validate_args=False).mean()
         kl = gaussian_kl(mu, logvar, validate_args=False).mean()
         return LossResult(rec + beta * kl, rec, kl)
 

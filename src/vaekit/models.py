@@ -23,6 +23,9 @@ from .losses import RECONSTRUCTIONS, reconstruction_nll
 from .likelihoods import discretized_logistic_nll, optimal_sigma_nll
 from .pixelcnn import FUSIONS, PixelCNNHead, sample_pixels
 
+# Squared error is the Gaussian negative log-likelihood of variance 1/2 less (D/2) log(pi).
+_MSE_LOGVAR = math.log(0.5)
+
 __all__ = ["ModelConfig", "VAE", "VAEOutput", "likelihood_mean", "ARCHS", "ACTIVATIONS", "LIKELIHOODS", "DECODER_VARIANCES"]
 
 ARCHS = ("mlp", "conv")
@@ -47,7 +50,8 @@ class ModelConfig:
         activation: one of ``relu``, ``tanh``, ``elu``, ``gelu``, ``silu``.
         likelihood: the decoder's distribution: ``bernoulli`` (binary data, logits),
             ``continuous_bernoulli`` (grey levels, logits), ``gaussian`` (mean),
-            ``mse`` (squared error, a fixed-variance Gaussian in disguise) or
+            ``mse`` (squared error: the Gaussian of variance 1/2 in disguise, and scored
+            as that Gaussian, so that its ELBO is in nats) or
             ``discretized_logistic`` (8-bit images scaled to [0, 1]: a mean and a log-scale
             per subpixel; report it in bits per dimension).
         decoder_variance: for ``gaussian``: ``fixed`` (``fixed_logvar``), ``learned``
@@ -325,15 +329,20 @@ class VAE(nn.Module):
         finally:
             self._shared_pixels = None
 
-    def nll(self, decoder_out, x: Tensor) -> Tensor:
-        """Per-example reconstruction term ``-log p(x|z)`` under the configured likelihood, ``[B]``."""
+    def nll(self, decoder_out, x: Tensor, *, validate_args: bool | None = None) -> Tensor:
+        """Per-example reconstruction term ``-log p(x|z)`` under the configured likelihood,
+        ``[B]``, in nats. ``mse`` is scored as what it is, the Gaussian of variance 1/2:
+        the squared error plus ``(D/2) log(pi)`` (the same gradients; docs/objective.md),
+        so that its ELBO and likelihood estimates are log-likelihoods too."""
         cfg = self.config
         if cfg.likelihood == "discretized_logistic":
             mean, log_scale = decoder_out
             return discretized_logistic_nll(mean, log_scale, x)
         if cfg.decoder_variance == "optimal":
             return optimal_sigma_nll(decoder_out, x)
-        return reconstruction_nll(cfg.likelihood, decoder_out, x, logvar=cfg.fixed_logvar)
+        if cfg.likelihood == "mse":
+            return reconstruction_nll("gaussian", decoder_out, x, logvar=_MSE_LOGVAR, validate_args=validate_args)
+        return reconstruction_nll(cfg.likelihood, decoder_out, x, logvar=cfg.fixed_logvar, validate_args=validate_args)
 
     def forward(self, x: Tensor, *, noise=None) -> VAEOutput:
         """Encode, draw ``z = mu + sigma * eps`` and decode. ``noise(shape)``, when given,
