@@ -233,3 +233,20 @@ def test_validation_rows_carry_the_beta_of_their_loss(tmp_path):
         assert r["beta"] == (4.0 if r["split"] == "train" else 1.0)
         if r["split"] == "val":
             assert r["loss"] == pytest.approx(r["reconstruction"] + r["beta"] * r["kl"])
+
+
+def test_fit_does_not_train_a_new_run_into_a_directory_that_holds_one(tmp_path):
+    """A second fit into a run's directory would mix its files with the first run's (an
+    evaluation's metrics file of a model that no longer exists): refused, nothing touched.
+    An empty directory, or one with a config.json alone (a run stopped before its first
+    checkpoint), is taken."""
+    config = tiny_config(train__epochs=1)
+    train.fit(config, tmp_path / "run")
+    (tmp_path / "run" / "metrics-test.json").write_text("{}")
+    before = snapshot(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"already holds a run; choose another directory, or continue it with resume=True"):
+        train.fit(config, tmp_path / "run")
+    assert snapshot(tmp_path / "run") == before
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "config.json").write_text("{}")
+    assert train.fit(config, tmp_path / "fresh").history

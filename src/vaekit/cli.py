@@ -214,12 +214,10 @@ def train_command(config=None, run_dir=None, *, resume: str | None = None, prese
     if run_dir is None:
         stem = preset or config.data.dataset
         run_dir = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from .train import holds_a_run
+
     run_dir = Path(run_dir)
-    # A run killed before its first checkpoint leaves only config.json: nothing to lose.
-    started = run_dir.is_dir() and any(
-        p.name != "config.json" and not p.name.endswith(".tmp") for p in run_dir.iterdir()
-    )
-    if run_dir.exists() and (not run_dir.is_dir() or started):
+    if holds_a_run(run_dir):
         raise UsageError(
             f"--run-dir {run_dir} already exists and is not empty; choose another, or continue it with --resume {run_dir}"
         )

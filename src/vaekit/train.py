@@ -163,11 +163,25 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False, epochs: int | None 
     if epochs is not None and not resume:
         raise ValueError(f"epochs extends a resumed run (resume=True); a new run takes config.train.epochs, "
                          f"got epochs={epochs!r} with resume=False")
+    if not resume and holds_a_run(run_dir):
+        raise ValueError(f"run_dir {run_dir} already holds a run; choose another directory, or continue it "
+                         f"with resume=True")
     threads = torch.get_num_threads()
     try:
         return _fit(config, run_dir, resume, epochs)
     finally:
         torch.set_num_threads(threads)
+
+
+def holds_a_run(run_dir) -> bool:
+    """Whether ``run_dir`` is anything but a missing or empty directory, or one where a
+    run stopped before its first checkpoint (``config.json`` alone: nothing to lose): a
+    new run would mix its files with another's."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        return False
+    return not run_dir.is_dir() or any(p.name != "config.json" and not p.name.endswith(".tmp")
+                                       for p in run_dir.iterdir())
 
 
 def epochs_for_budget(config: RunConfig, seconds: float, *, calibration_epochs: int = 3) -> tuple[int, float]:
