@@ -244,6 +244,10 @@ def test_evaluate_limit_scores_the_first_examples_into_its_own_file(run, capsys)
         q = model.encode(x)
         prior = Independent(Normal(torch.zeros_like(q.mean), torch.ones_like(q.mean)), 1)
         assert m["kl"] == pytest.approx(float(kl_divergence(q, prior).mean()), rel=1e-5)
+    n = _test_data(run).shape[0]
+    rc, out, _ = call(["evaluate", run, "--limit", n + 1000], capsys)  # the whole split: its own name
+    assert rc == 0 and "metrics-test.json" in out and not (run / f"metrics-test-first{n + 1000}.json").exists()
+    assert read_json(run / "metrics-test.json")["n"] == n
 
 
 # -- help ------------------------------------------------------------------------------
@@ -459,6 +463,7 @@ BAD_INPUT = [  # (id, argv with {run}/{empty}/{tmp} placeholders, regex the one-
     ("real-values-binarized", ["train", "--run-dir", "{empty}", *TINY, "--dataset", "array", "--data-dir",
                                "{tmp}/real.npy", "--likelihood", "gaussian"],
      r"binarize='dynamic'.*'none' keeps the values\) must lie in \[0, 1\], got values in \[-2, 2\]"),
+    ("quick-without-disentanglement", ["evaluate", "{run}", "--quick"], r"--quick sizes the --disentanglement"),
     ("tf32-on-the-cpu", ["evaluate", "{run}", "--device", "cpu", "--precision", "tf32"],
      r"--precision tf32 is CUDA's arithmetic; on cpu"),
     ("resume-epochs-as-many", ["train", "--resume", "{run}", "--epochs", "2"],

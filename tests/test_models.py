@@ -83,8 +83,11 @@ def test_load_refuses_damaged_or_newer(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="format_version"):
         VAE.from_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="missing"):
+    with pytest.raises(CheckpointError, match="nowhere holds no saved model: no such directory"):
         VAE.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(CheckpointError, match="bare holds no saved model: config.json is missing"):
+        VAE.from_pretrained(tmp_path / "bare")
 
 
 @pytest.mark.parametrize(

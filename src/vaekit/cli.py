@@ -278,6 +278,8 @@ def evaluate_command(run: str, *, split: str = "test", iw_samples: int = 0, batc
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if limit < 0:
         raise UsageError(f"--limit must be >= 0 (0: the whole split), got {limit}")
+    if quick and not disentanglement:
+        raise UsageError("--quick sizes the --disentanglement metrics, and --disentanglement was not given")
     if num_threads < 0:
         raise UsageError(f"--num-threads must be >= 0 (0: PyTorch's default), got {num_threads}")
     threads = torch.get_num_threads()
@@ -307,6 +309,8 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
     model.to(dev)
     data = load_dataset(config.data)
     x = getattr(data, split)
+    if limit > x.shape[0]:  # more than the split holds: the split's metrics, not a "first N" file
+        limit = 0
     x = (x[:limit] if limit else x).to(dev)
     if x.shape[0] == 0:
         raise UsageError(f"--split {split}: the split is empty for dataset {config.data.dataset!r}")
@@ -475,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
                                        num_threads=args.num_threads, precision=args.precision,
                                        progress=not args.no_progress and sys.stderr.isatty())
             _print_table(metrics)
-            print(f"vaekit: metrics written to {Path(args.run) / metrics_name(args.split, args.limit)}")
+            limit = args.limit if metrics["n"] == args.limit else 0  # a limit beyond the split: the whole split
+            print(f"vaekit: metrics written to {Path(args.run) / metrics_name(args.split, limit)}")
             return 0
         if args.command == "sample":
             path = sample_command(args.run, n=args.n, output=args.output, seed=args.seed, nrow=args.nrow)

@@ -129,6 +129,8 @@ def load_model(directory, *, device=None):
     from .models import VAE, ModelConfig
 
     directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} holds no saved model: no such directory")
     cfg_path, weights = directory / "config.json", directory / "model.safetensors"
     for p in (cfg_path, weights):
         if not p.is_file():
