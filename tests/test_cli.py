@@ -384,7 +384,8 @@ def test_resume_with_epochs_extends_a_finished_run(run, tmp_path, capsys):
     # A later plain resume finds the run finished: it trains no more.
     ckpt = snapshot(rd)["checkpoint.pt"]
     rc, out, err = call(["train", "--resume", rd, "--no-progress"], capsys)
-    assert rc == 0 and "trained 4 epochs" in out, err
+    assert rc == 0 and f"vaekit: {rd} is finished (4 epochs); nothing to train (extend it with --epochs N)" in out
+    assert "trained 4 epochs" in out, err
     assert snapshot(rd)["checkpoint.pt"] == ckpt and _metrics(rd) == rows
 
 

@@ -464,6 +464,10 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None)
            else contextlib.nullcontext())
     progress = _progress(run.tc.progress and run.is_main, run.total_steps, run.step)
     interrupted = False
+    if state is not None and run.is_main and not (run.more_to_do() and not run.stopped_early()):
+        print(f"vaekit: {run_dir} is finished ({run.epoch} epochs"
+              f"{', stopped early' if run.stopped_early() else ''}); nothing to train"
+              f"{'' if run.stopped_early() else ' (extend it with --epochs N)'}", flush=True)
     t0 = time.perf_counter()
     with _Stop() as stop, _unvalidated():
         # A run resumed after it stopped early is finished: it does not train on.
