@@ -378,7 +378,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="train a VAE (default: the bundled 8x8 digits)",
                        description=f"Train a VAE. With no arguments: the '{DEFAULT_PRESET}' preset, whose values "
-                                   "are the defaults shown (another --preset starts from its own; --config FILE and flags change them).")
+                                   "are the defaults shown (another --preset starts from its own; --config FILE "
+                                   "and flags change them).")
     t.add_argument("--preset", choices=list(PRESETS), help=f"named starting configuration [default: {DEFAULT_PRESET}]")
     t.add_argument("--config", metavar="FILE", help="TOML or JSON file with [model], [data], [train], [objective] sections")
     t.add_argument("--run-dir", metavar="DIR", help="where to write the run [default: runs/<preset>-<time>]")
