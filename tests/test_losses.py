@@ -295,6 +295,18 @@ def test_continuous_bernoulli_gradient_finite_for_any_finite_logit(dtype, big):
     assert _finite_with_grad(lambda lg: continuous_bernoulli_nll(lg, x), logits)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_numeric_log_variance_is_not_rounded_to_half_inputs(dtype):
+    """Half inputs are computed in float32, and so is a log-variance given as a number
+    (log(0.1) in bfloat16 moved a 784-pixel Gaussian NLL by about 1.6 nats)."""
+    mean, x = torch.rand(2, 784).to(dtype), torch.rand(2, 784).to(dtype)
+    lv = math.log(0.1)
+    want = gaussian_nll(mean.double(), x.double(), lv).float()
+    assert_close(gaussian_nll(mean, x, lv), want, rtol=1e-5, atol=1e-3)
+    assert_close(VAELoss(reconstruction="gaussian", logvar=lv, reduction="none")(
+        x, mean, torch.zeros(2, 3), torch.zeros(2, 3)).loss, want, rtol=1e-5, atol=1e-3)
+
+
 @pytest.mark.parametrize("scale", [1.0, 1e3])
 def test_bf16_autocast_matches_float32_of_the_same_values(scale):
     layer = torch.nn.Linear(4, 12)

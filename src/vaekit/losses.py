@@ -142,8 +142,9 @@ def bernoulli_nll(logits: Tensor, x: Tensor, *, validate_args: bool | None = Non
 
 def _as_logvar(logvar, like: Tensor) -> Tensor:
     if isinstance(logvar, (int, float)) and not isinstance(logvar, bool):
-        # A fill on the device, not a copy from the host (which a CUDA graph cannot capture).
-        return torch.full((), float(logvar), dtype=like.dtype, device=like.device)
+        # A fill on the device, not a copy from the host (which a CUDA graph cannot capture);
+        # at least float32, as half inputs are computed (not rounded to their precision).
+        return torch.full((), float(logvar), dtype=torch.promote_types(like.dtype, torch.float32), device=like.device)
     if not isinstance(logvar, Tensor):
         raise TypeError(f"logvar must be a float or a torch.Tensor, got {type(logvar).__name__}")
     if not logvar.is_floating_point():
