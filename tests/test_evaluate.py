@@ -386,3 +386,20 @@ def test_bf16_moves_a_linear_gaussian_estimate_little():
     b = ev.iw_nll(model, x, 200, generator=torch.Generator().manual_seed(0), precision="bf16")
     assert not torch.equal(a, b)  # the autocast did take effect
     assert abs(float((b - a).mean())) < 0.05 * float(a.abs().mean()) + 0.1
+
+
+def test_summaries_of_bf16_posteriors_are_not_rounded_to_bf16():
+    """Under bf16 autocast the encoder's mu and logvar are bfloat16; the mutual information
+    (its samples drawn and summed as for float32 inputs of the same values) and the active
+    units' variances come back in float32, not rounded to bfloat16 (near 9 nats a
+    bfloat16 value is a multiple of 1/16 nat)."""
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(200, 4) * 3, torch.randn(200, 4) * 0.1 - 2
+    half_mu, half_logvar = mu.bfloat16(), logvar.bfloat16()
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    mi = ev._mutual_information_from_params(half_mu, half_logvar, 2, g())
+    same_values = ev._mutual_information_from_params(half_mu.float(), half_logvar.float(), 2, g())
+    assert mi.dtype == torch.float32 and torch.equal(mi, same_values)
+    count, variances = ev._active_units_from_mu(half_mu, 0.01)
+    assert variances.dtype == torch.float32
+    torch.testing.assert_close(variances, half_mu.double().var(0).float())

@@ -280,7 +280,7 @@ def continuous_to_discrete_nll(nll, num_dims: int, n_bits: int = 8):
 def _active_units_from_mu(mu: Tensor, threshold: float) -> tuple[int, Tensor]:
     if mu.shape[0] < 2:
         raise ValueError(f"x must hold at least 2 examples to measure active units, got {mu.shape[0]}")
-    variances = mu.double().var(dim=0).to(mu.dtype)
+    variances = mu.double().var(dim=0).to(torch.promote_types(mu.dtype, torch.float32))  # not rounded to bf16
     return int((variances > threshold).sum()), variances
 
 
@@ -325,6 +325,8 @@ def kl_per_dimension(model, x: Tensor, *, batch_size: int | None = 256) -> Tenso
 
 
 def _mutual_information_from_params(mu, logvar, n_samples, generator) -> Tensor:
+    # a bf16 encoder's parameters (precision="bf16") are summarised in float32 at least
+    mu, logvar = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (mu, logvar))
     n, d = mu.shape
     z = mu + torch.exp(0.5 * logvar) * randn_like_on((n_samples, n, d), generator, mu)  # [S, N, d]
     # log q(z_i | x_n) for all pairs as two matrix products: -0.5 sum_j (z_j - m_j)^2 / v_j
