@@ -69,6 +69,21 @@ def test_save_load_round_trip(tmp_path, cfg):
     assert torch.equal(model.reconstruct(x), loaded.reconstruct(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_model_comes_back_in_the_dtype_it_was_saved_in(tmp_path, dtype):
+    """A float64 (or bfloat16) model is loaded as such, its weights exactly as saved, still
+    trainable; it was cast into a float32 model (float64 weights rounded by up to 1e-7)."""
+    torch.manual_seed(1)
+    model = VAE(CONFIGS[0]).to(dtype)
+    model.save_pretrained(tmp_path / "m")
+    loaded = VAE.from_pretrained(tmp_path / "m")
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert b.dtype == dtype and torch.equal(a, b), name
+    assert all(p.requires_grad for p in loaded.parameters())
+    x = torch.rand(2, *CONFIGS[0].input_shape, dtype=dtype)
+    assert torch.equal(model.eval().encode_params(x)[0], loaded.eval().encode_params(x)[0])
+
+
 def test_load_refuses_damaged_or_newer(tmp_path):
     model = VAE(CONFIGS[0])
     model.save_pretrained(tmp_path)

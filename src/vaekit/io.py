@@ -124,7 +124,8 @@ def save_model(model, directory) -> Path:
 
 
 def load_model(directory, *, device=None):
-    """Rebuild a :class:`vaekit.models.VAE` from ``save_model``'s files."""
+    """Rebuild a :class:`vaekit.models.VAE` from ``save_model``'s files, with the weights
+    exactly as saved (their dtype included)."""
     from .config import section_from_dict
     from .models import VAE, ModelConfig
 
@@ -152,7 +153,9 @@ def load_model(directory, *, device=None):
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise CheckpointError(f"{weights} is not a readable safetensors file: {e}") from None
     try:
-        model.load_state_dict(state, strict=True)
+        # assign: the saved tensors themselves, in their dtype (a float64 or bfloat16 model
+        # comes back as it was saved, not cast into a float32 one)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"{weights} does not match {cfg_path}: {e}") from None
     if device is not None:
