@@ -193,6 +193,16 @@ def test_a_run_on_vectors_trains_to_the_end_and_sample_refuses_in_one_line(tmp_p
     assert rc == 2 and "models data of shape (20,), not images" in err and not (tmp_path / "s.png").exists()
 
 
+def test_quick_disentanglement_scores_say_so_in_the_metrics_file(tmp_path, capsys):
+    run = tmp_path / "sprites"
+    rc, _, err = call(["train", "--run-dir", run, "--dataset", "sprites", "--sprites-count", 300, "--hidden", 16,
+                       "--latent-dim", 4, "--epochs", 1, "--no-progress"], capsys)
+    assert rc == 0, err
+    rc, _, err = call(["evaluate", run, "--disentanglement", "--quick", "--no-progress"], capsys)
+    metrics = read_json(run / "metrics-test.json")
+    assert rc == 0 and metrics["disentanglement_quick"] is True and 0 <= metrics["beta_vae"] <= 1, err
+
+
 def _test_data(run):
     return load_dataset(RunConfig.from_dict(read_json(run / "config.json")).data).test
 

@@ -320,6 +320,7 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
     seconds = time.perf_counter() - t0
     if disentanglement:
         metrics.update(_disentanglement(model, config, seed, quick))
+        metrics["disentanglement_quick"] = quick  # rough scores say so in the file
     where = f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else str(dev)
     result = {"split": split, "n": int(x.shape[0]), "iw_samples": iw_samples, **metrics,
               "seconds": round(seconds, 3), "device": where, "torch": torch.__version__}
