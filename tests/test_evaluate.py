@@ -403,3 +403,16 @@ def test_summaries_of_bf16_posteriors_are_not_rounded_to_bf16():
     count, variances = ev._active_units_from_mu(half_mu, 0.01)
     assert variances.dtype == torch.float32
     torch.testing.assert_close(variances, half_mu.double().var(0).float())
+
+
+def test_data_of_another_dtype_than_the_model_get_a_clear_error():
+    from vaekit.models import VAE, ModelConfig
+
+    model = VAE(ModelConfig(input_shape=(6,), hidden=(8,), latent_dim=2))
+    x = torch.rand(4, 6).round().double()
+    for call in (lambda: ev.iw_nll(model, x, 2), lambda: ev.evaluate_model(model, x),
+                 lambda: ev.active_units(model, x)):
+        with pytest.raises(TypeError, match=r"x has dtype torch.float64 but the model's weights are torch.float32: "
+                                            r"pass x.to\(torch.float32\)"):
+            call()
+    assert ev.iw_nll(model.double(), x, 2).dtype == torch.float64

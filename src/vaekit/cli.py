@@ -311,7 +311,7 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
     x = getattr(data, split)
     if limit > x.shape[0]:  # more than the split holds: the split's metrics, not a "first N" file
         limit = 0
-    x = (x[:limit] if limit else x).to(dev)
+    x = (x[:limit] if limit else x).to(dev, next(model.parameters()).dtype)  # a float64 model: float64 data
     if x.shape[0] == 0:
         raise UsageError(f"--split {split}: the split is empty for dataset {config.data.dataset!r}")
     t0 = time.perf_counter()

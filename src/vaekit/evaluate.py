@@ -67,6 +67,10 @@ def _check_x(model, x) -> None:
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() < 2 or x.shape[0] < 1:
         raise ValueError(f"x must have shape [N, *event] with N >= 1, got shape {tuple(x.shape)}")
+    weights = next((p for p in getattr(model, "parameters", list)() if p.is_floating_point()), None)
+    if weights is not None and weights.dtype != x.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but the model's weights are {weights.dtype}: pass "
+                        f"x.to({weights.dtype}) (or convert the model)")
     expected = getattr(getattr(model, "config", None), "input_shape", None)
     if expected is not None and tuple(x.shape[1:]) != tuple(expected):
         raise ValueError(
