@@ -164,3 +164,18 @@ def test_run_pictures_of_data_that_are_not_images_are_the_curves_only(tmp_path, 
     history = [{"epoch": 1, "split": "train", "loss": 3.0, "reconstruction": 2.0, "kl": 1.0}]
     save_run_pictures(model, torch.rand(4, *input_shape), tmp_path, history)
     assert {p.name for p in tmp_path.iterdir()} == pictures
+
+
+def test_plot_arguments_are_taken_or_refused_by_what_they_mean(tmp_path):
+    images = torch.rand(5, 1, 4, 4)
+    assert image_grid(images, nrow=np.int64(2)).shape == image_grid(images, nrow=2).shape  # an integer is one
+    with pytest.raises(ValueError, match="nrow must be an int >= 1, got 0"):
+        image_grid(images, nrow=0)
+    with pytest.raises(ValueError, match="pad_value must be a finite number"):
+        image_grid(images, pad_value=float("nan"))
+    rows = [{"epoch": 1, "split": "train", "loss": 3.0}, {"epoch": 2, "split": "train", "loss": 2.0}]
+    with Image.open(plot_curves(rows, tmp_path / "one.png", keys="loss")) as im:  # one metric, not 4 letters
+        assert im.size == (400, 320)
+    model = FakeVAE([1.0, 0.1, 0.5, 0.99], "bernoulli")
+    with pytest.raises(ValueError, match="dims must be an int >= 1, got -1"):
+        save_traversals(model, torch.zeros(1, 1, 1, 4), tmp_path / "t.png", n_steps=3, dims=-1)

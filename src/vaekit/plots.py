@@ -12,12 +12,15 @@ Pixel values are expected in ``[0, 1]`` and are clipped to it; a grid is ``uint8
 from __future__ import annotations
 
 import math
+import numbers
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .checks import check_int, check_number
 
 __all__ = ["image_grid", "save_image_grid", "plot_curves", "save_traversals", "decoder_mean"]
 
@@ -58,10 +61,8 @@ def image_grid(images, nrow: int = 8, padding: int = 2, pad_value: float = 1.0, 
         )
     if arr.shape[0] == 0:
         raise ValueError("images must hold at least one image, got an empty batch")
-    if not isinstance(nrow, int) or nrow < 1:
-        raise ValueError(f"nrow must be a positive int, got {nrow!r}")
-    if not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"padding must be a non-negative int, got {padding!r}")
+    nrow, padding = check_int("nrow", nrow, low=1), check_int("padding", padding)
+    check_number("pad_value", pad_value, low=-math.inf)  # finite; clipped to [0, 1] below
     n, c, h, w = arr.shape
     cols = min(n, nrow)
     rows = math.ceil(n / cols)
@@ -133,7 +134,7 @@ def plot_curves(
     from matplotlib.figure import Figure
 
     rows = list(rows)
-    keys = list(keys)
+    keys = [keys] if isinstance(keys, str) else list(keys)  # one metric by its name, not its letters
     if not rows:
         raise ValueError("rows must hold at least one metrics row, got none")
     if not keys:
@@ -249,8 +250,8 @@ def save_traversals(
             order = torch.argsort(kl.cpu().double(), descending=True, stable=True).tolist()
             if dims is None:
                 chosen = order
-            elif isinstance(dims, int):
-                chosen = order[:dims]
+            elif isinstance(dims, numbers.Integral):
+                chosen = order[:check_int("dims", dims, low=1)]
             else:
                 chosen = [int(j) for j in dims]
             if not chosen or any(not 0 <= j < d for j in chosen):
