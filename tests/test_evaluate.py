@@ -416,3 +416,12 @@ def test_data_of_another_dtype_than_the_model_get_a_clear_error():
                                             r"pass x.to\(torch.float32\)"):
             call()
     assert ev.iw_nll(model.double(), x, 2).dtype == torch.float64
+
+
+def test_one_example_has_no_active_unit_count():
+    from vaekit.models import VAE, ModelConfig
+
+    model = VAE(ModelConfig(input_shape=(6,), hidden=(8,), latent_dim=2))
+    x = torch.rand(3, 6).round()
+    assert ev.evaluate_model(model, x[:1])["active_units"] is None  # not 0: a variance needs two examples
+    assert ev.evaluate_model(model, x)["active_units"] == ev.active_units(model, x)[0]

@@ -405,7 +405,8 @@ def evaluate_model(
 
     Returns a dict of Python numbers: ``num_examples``; the means over examples of
     ``elbo``, ``reconstruction`` and ``kl`` (nats, ``n_samples`` draws); with
-    ``iw_samples = k > 0``, ``iw_nll`` and ``iw_samples``; ``active_units``,
+    ``iw_samples = k > 0``, ``iw_nll`` and ``iw_samples``; ``active_units`` (None for one
+    example: a variance needs two),
     ``mutual_information`` (nats) and ``kl_per_dim`` (a list of ``d`` floats); and
     ``bits_per_dim`` of the best NLL at hand (``iw_nll``, else ``-elbo``) where it is a
     code length: a discretized logistic, a Bernoulli likelihood of binary data, or a Gaussian /
@@ -446,7 +447,7 @@ def evaluate_model(
             "elbo": means["elbo"],
             "reconstruction": means["reconstruction"],
             "kl": means["kl"],
-            "active_units": _active_units_from_mu(mu, threshold)[0] if n > 1 else 0,
+            "active_units": _active_units_from_mu(mu, threshold)[0] if n > 1 else None,  # no variance of 1
             "mutual_information": float(_mutual_information_from_params(mu, logvar, 1, g_mi)),
             "kl_per_dim": _kl_per_dim_from_params(mu, logvar).tolist(),
             "precision": precision,
