@@ -188,6 +188,23 @@ def test_folder_errors(tmp_path):
         load_dataset(DataConfig(dataset="folder", data_dir=str(tmp_path)))
 
 
+def test_folder_refuses_16_bit_and_damaged_images_by_name(tmp_path):
+    """A 16-bit grey PNG would be clipped to 8 bits (and read as colour); a truncated file
+    stopped the load with PIL's message alone. Both name the file now."""
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    Image.fromarray(np.array([[0, 1000, 65535]], np.uint16)).save(deep / "a.png")
+    with pytest.raises(ValueError, match=r"a\.png has mode 'I;16'.*8-bit images"):
+        load_dataset(DataConfig(dataset="folder", data_dir=str(deep)))
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    Image.fromarray((np.arange(64 * 64) % 251).astype(np.uint8).reshape(64, 64)).save(cut / "a.png")
+    raw = (cut / "a.png").read_bytes()
+    (cut / "b.png").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match=r"b\.png is not a readable image"):
+        load_dataset(DataConfig(dataset="folder", data_dir=str(cut)))
+
+
 # ---------------------------------------------------------------------------------------
 # Digits, splits and binarization
 

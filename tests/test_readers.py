@@ -41,6 +41,7 @@ def test_read_idx_round_trip(tmp_path, dtype, compress):
     (lambda raw: raw[:2] + b"\x07" + raw[3:], "dtype code"),   # unknown dtype
     (lambda raw: b"", "not an IDX file"),
     (lambda raw: gzip.compress(raw)[:-10], "gzip"),            # truncated gzip stream
+    (lambda raw: raw[:4] + b"\xff" * 12, r"need \d{20,} \(truncated"),  # absurd dims: no int64 overflow
 ])
 def test_read_idx_rejects_corrupt_files(tmp_path, mutate, message):
     path = tmp_path / "bad-idx3-ubyte"

@@ -154,7 +154,7 @@ def _read_config_file(path: str) -> dict:
             except ModuleNotFoundError:  # Python 3.10
                 import tomli as tomllib
             return tomllib.loads(text_bytes.decode("utf-8"))
-        data = json.loads(text_bytes.decode("utf-8"))
+        data = json.loads(text_bytes.decode("utf-8-sig"))  # a byte-order mark is not an error
     except Exception as e:
         raise UsageError(f"--config {path}: cannot be read as {'TOML' if p.suffix.lower() == '.toml' else 'JSON'}: {e}") from None
     if not isinstance(data, dict):

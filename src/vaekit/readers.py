@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import math
 import os
 import tempfile
 import zipfile
@@ -74,7 +75,7 @@ def read_idx(path) -> np.ndarray:
         raise ValueError(f"{path}: header truncated or has {ndim} dims")
     dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, offset=4))
     dtype = np.dtype(_IDX_DTYPES[code])
-    expected = int(np.prod(dims)) * dtype.itemsize
+    expected = math.prod(dims) * dtype.itemsize  # Python ints: no overflow for absurd headers
     got = len(raw) - 4 - 4 * ndim
     if got != expected:
         raise ValueError(f"{path}: payload has {got} bytes but dims {dims} of {dtype} need "
@@ -208,12 +209,18 @@ def _load_folder(root: Path):
                          "one sub-folder per class)")
     arrays, size = [], None
     for p in files:
-        with Image.open(p) as im:
-            size = size or im.size
-            if im.size != size:
-                raise ValueError(f"{p} is {im.size[0]}x{im.size[1]} but {files[0]} is "
-                                 f"{size[0]}x{size[1]}; all images must have the same size")
-            arrays.append(np.asarray(im.convert("L" if im.mode in ("1", "L", "LA") else "RGB")))
+        try:
+            with Image.open(p) as im:
+                size = size or im.size
+                if im.size != size:
+                    raise ValueError(f"{p} is {im.size[0]}x{im.size[1]} but {files[0]} is "
+                                     f"{size[0]}x{size[1]}; all images must have the same size")
+                if im.mode.startswith(("I", "F")):  # converting would clip 16-bit levels to 255
+                    raise ValueError(f"{p} has mode {im.mode!r} (more than 8 bits a channel); the folder "
+                                     "reader takes 8-bit images (convert them, or load an array)")
+                arrays.append(np.asarray(im.convert("L" if im.mode in ("1", "L", "LA") else "RGB")))
+        except (OSError, SyntaxError) as e:  # PIL's errors for damaged files (truncated, unknown)
+            raise ValueError(f"{p} is not a readable image: {e}") from None
     if any(a.ndim == 3 for a in arrays):  # one colour image makes the whole set RGB
         arrays = [a if a.ndim == 3 else np.repeat(a[..., None], 3, axis=-1) for a in arrays]
     y = None if labels is None else np.asarray(labels, dtype=np.int64)
