@@ -136,6 +136,14 @@ def test_array_npz_channels_last_and_flat(tmp_path):
     assert all(tuple(r) in rows for r in d.test.tolist())
 
 
+def test_a_test_split_of_another_shape_is_refused_at_load_time(tmp_path):
+    """It was found only after training, when the run's pictures scored the test images."""
+    np.savez(tmp_path / "m.npz", x_train=np.zeros((40, 6, 5), np.uint8), x_test=np.zeros((7, 5, 6), np.uint8))
+    with pytest.raises(ValueError, match=r"m: the test images have shape \(1, 5, 6\) but the training images "
+                                         r"\(1, 6, 5\)"):
+        load_dataset(DataConfig(dataset="array", data_dir=str(tmp_path / "m.npz")))
+
+
 @pytest.mark.parametrize("array, error, message", [
     (np.array([[0.5, np.nan, np.inf]] * 3), ValueError, "6 of 9 values"),
     (np.zeros((0, 4), np.uint8), ValueError, "empty"),

@@ -189,6 +189,9 @@ def load_dataset(config: DataConfig) -> SplitData:
             raise ValueError(f"data_dir for dataset='array' must be a .npy or .npz file, got {str(path)!r}")
         x, y, xt, yt = (_load_array if name == "array" else _load_folder)(path)
         name = path.stem if name == "array" else path.name
+    if xt is not None and len(xt) and tuple(xt.shape[1:]) != tuple(x.shape[1:]):  # not only after training
+        raise ValueError(f"{name}: the test images have shape {tuple(xt.shape[1:])} but the training images "
+                         f"{tuple(x.shape[1:])}")
     if xt is None:
         n_test = _DIGITS_TEST if config.dataset == "digits" else max(1, round(_CARVED_TEST_FRACTION * len(x)))
         if len(x) - n_test < 1:
