@@ -203,6 +203,24 @@ def test_quick_disentanglement_scores_say_so_in_the_metrics_file(tmp_path, capsy
     assert rc == 0 and metrics["disentanglement_quick"] is True and 0 <= metrics["beta_vae"] <= 1, err
 
 
+def test_evaluate_scores_a_dynamically_binarized_training_split_on_one_fixed_draw(run, monkeypatch, capsys):
+    """The training images of a dynamic-binarization run are grey; scored with a Bernoulli
+    likelihood they gave no log-likelihood. They are binarized once, the same draw each time."""
+    import vaekit.evaluate
+    from vaekit.data import binarize_dynamic
+
+    seen, real = [], vaekit.evaluate.evaluate_model
+    monkeypatch.setattr(vaekit.evaluate, "evaluate_model", lambda model, x, **kw: (seen.append(x), real(model, x, **kw))[1])
+    for _ in range(2):
+        rc, _, err = call(["evaluate", run, "--split", "train", "--limit", 50], capsys)
+        assert rc == 0, err
+    config = RunConfig.from_dict(read_json(run / "config.json"))
+    assert config.data.binarize == "dynamic"
+    grey = load_dataset(config.data).train[:50]
+    want = binarize_dynamic(grey, torch.Generator().manual_seed(config.data.seed + 2))
+    assert torch.equal(seen[0], want) and torch.equal(seen[1], want) and not torch.equal(want, grey)
+
+
 def _test_data(run):
     return load_dataset(RunConfig.from_dict(read_json(run / "config.json")).data).test
 
