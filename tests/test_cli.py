@@ -221,6 +221,20 @@ def test_evaluate_scores_a_dynamically_binarized_training_split_on_one_fixed_dra
     assert torch.equal(seen[0], want) and torch.equal(seen[1], want) and not torch.equal(want, grey)
 
 
+def test_a_run_records_where_its_data_are_so_it_evaluates_from_anywhere(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a" / "arr").mkdir(parents=True)
+    np.save(tmp_path / "a" / "arr" / "u8.npy", np.random.default_rng(0).integers(0, 256, (60, 4, 4), np.uint8))
+    monkeypatch.chdir(tmp_path / "a")
+    rc, _, err = call(["train", "--run-dir", tmp_path / "run", *TINY, "--dataset", "array", "--data-dir",
+                       "arr/u8.npy"], capsys)  # relative to this directory
+    assert rc == 0, err
+    recorded = read_json(tmp_path / "run" / "config.json")["data"]["data_dir"]
+    assert recorded == str((tmp_path / "a" / "arr" / "u8.npy").resolve())
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = call(["evaluate", tmp_path / "run"], capsys)
+    assert rc == 0, err
+
+
 def _test_data(run):
     return load_dataset(RunConfig.from_dict(read_json(run / "config.json")).data).test
 

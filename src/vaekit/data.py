@@ -44,7 +44,7 @@ class DataConfig:
         data_dir: for "mnist"/"fashion-mnist" the directory holding the four IDX files
             (raw or .gz) or ``<dataset>.npz`` (default ``data/<dataset>``); for "array"
             a .npy/.npz file; for "folder" a folder of images. Unused for "digits" and
-            "sprites".
+            "sprites". ``~`` is expanded; a trained run records the absolute path.
         binarize: "none"; "static" (``x > 0.5``, at load time); or "dynamic": training
             batches are fresh Bernoulli samples of the grey levels (drawn by
             :class:`vaekit.batching.BatchIterator`), while validation and test are binarized ONCE, at
@@ -176,7 +176,7 @@ def load_dataset(config: DataConfig) -> SplitData:
         x, y = _load_digits()
         xt = yt = None
     elif name in ("mnist", "fashion-mnist"):
-        root = Path(config.data_dir or os.path.join("data", name))
+        root = Path(config.data_dir or os.path.join("data", name)).expanduser()
         x, y, xt, yt = _load_mnist(root, name, config.download)
     elif name == "sprites":
         from .disentangle import make_sprites
@@ -184,7 +184,7 @@ def load_dataset(config: DataConfig) -> SplitData:
         x, y = make_sprites(config.sprites_count, seed=0)
         xt = yt = None
     else:
-        path = Path(config.data_dir)
+        path = Path(config.data_dir).expanduser()
         if name == "array" and path.suffix not in (".npy", ".npz"):
             raise ValueError(f"data_dir for dataset='array' must be a .npy or .npz file, got {str(path)!r}")
         x, y, xt, yt = (_load_array if name == "array" else _load_folder)(path)

@@ -281,6 +281,10 @@ def _build(config: RunConfig, run_dir: Path, state: dict | None) -> _Run:
 
     data = load_dataset(config.data)
     _check_training_data(data, config.model.likelihood)
+    if config.data.dataset in ("mnist", "fashion-mnist", "array", "folder"):
+        # the run records where its data are, whatever directory it is evaluated from later
+        where = Path(config.data.data_dir or Path("data") / config.data.dataset).expanduser().resolve()
+        config.data = dataclasses.replace(config.data, data_dir=str(where))
     if tc.early_stopping and data.val.shape[0] == 0:
         raise ValueError(f"train.early_stopping={tc.early_stopping} needs validation examples, and "
                          f"data.val_size={config.data.val_size!r} leaves none")
