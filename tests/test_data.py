@@ -273,3 +273,15 @@ def test_check_images(x, error, message):
     with pytest.raises(error, match=message):
         check_images(x, "images")
     assert check_images(torch.full((2, 3), -4.0), "images", support="real") is not None
+
+
+def test_config_errors_name_their_section():
+    """seed is a field of both DataConfig and TrainConfig: the message says which."""
+    from vaekit.objectives import ObjectiveConfig
+
+    with pytest.raises(ValueError, match=r"^DataConfig\.seed must be an int >= 0, got -1$"):
+        DataConfig(seed=-1)
+    with pytest.raises(TypeError, match=r"^DataConfig\.download must be a bool"):
+        DataConfig(download="yes")
+    with pytest.raises(ValueError, match=r"^ObjectiveConfig\.name must be one of"):
+        ObjectiveConfig(name="vae")

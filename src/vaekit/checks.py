@@ -34,6 +34,7 @@ __all__ = [
     "check_number",
     "check_int",
     "check_choice",
+    "in_section",
     "check_beta",
     "upcast",
     "sum_event",
@@ -160,6 +161,16 @@ def check_choice(name: str, value, choices: tuple) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
+
+
+@contextlib.contextmanager
+def in_section(section: str):
+    """Prefix the errors of a config dataclass's checks with its name, so that a field
+    that two sections share (``seed``) is named unambiguously: ``DataConfig.seed ...``."""
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{section}.{e}") from None
 
 
 def check_beta(beta) -> None:

@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from .checks import check_choice, check_int
+from .checks import check_choice, check_int, in_section
 from .readers import MNIST_FILES, _load_array, _load_digits, _load_folder, _load_mnist, download_mnist, read_idx
 
 __all__ = [
@@ -73,6 +73,10 @@ class DataConfig:
     sprites_count: int = 50000
 
     def __post_init__(self) -> None:
+        with in_section("DataConfig"):
+            self._check()
+
+    def _check(self) -> None:
         check_choice("dataset", self.dataset, DATASETS)
         if isinstance(self.data_dir, os.PathLike):
             self.data_dir = os.fspath(self.data_dir)  # keep the config JSON-serialisable

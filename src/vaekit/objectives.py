@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .checks import (
-    _LOG_2PI, check_finite, check_int, check_number, check_same_shape, check_tensor, upcast,
+    _LOG_2PI, check_finite, check_int, check_number, check_same_shape, check_tensor, in_section, upcast,
     validating,
 )
 from .likelihoods import discretized_logistic_nll, optimal_sigma_nll  # re-exported: public here first
@@ -356,6 +356,10 @@ class ObjectiveConfig:
     tc_estimator: str = "mws"
 
     def __post_init__(self) -> None:
+        with in_section("ObjectiveConfig"):
+            self._check()
+
+    def _check(self) -> None:
         if self.name not in OBJECTIVES:
             raise ValueError(f"name must be one of {', '.join(OBJECTIVES)}; got {self.name!r}")
         _check_schedule(self.beta_schedule, self.beta, self.warmup_steps, self.cycle_steps,
