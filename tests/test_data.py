@@ -87,6 +87,13 @@ def test_fashion_mnist_from_npz(tmp_path):
     # the random split is a partition of the training set: match images back to rows
     rows = torch.cat([d.train, d.val])[:, 0].mul(255).round().to(torch.uint8).numpy()
     assert sorted(map(bytes, rows)) == sorted(map(bytes, x))
+    # labels of any integer type (int64 is what most tools write); images must stay 8-bit
+    np.savez(tmp_path / "fashion-mnist.npz", x_train=x, y_train=y.astype(np.int64), x_test=xt, y_test=yt)
+    wide = load_dataset(DataConfig(dataset="fashion-mnist", data_dir=str(tmp_path), val_size=0.25, seed=3))
+    assert torch.equal(wide.train_labels, d.train_labels)
+    np.savez(tmp_path / "fashion-mnist.npz", x_train=x.astype(np.float32), y_train=y, x_test=xt, y_test=yt)
+    with pytest.raises(ValueError, match=r"x_train\]: expected uint8 with 3 dims, got float32"):
+        load_dataset(DataConfig(dataset="fashion-mnist", data_dir=str(tmp_path)))
 
 
 def test_missing_mnist_files_error_lists_files(tmp_path):

@@ -155,8 +155,10 @@ def _load_mnist(root: Path, kind: str, download: bool):
         sources = [f"{npz}[{k}]" for k in keys]
     x, y, xt, yt = arrays
     for a, src, nd in zip(arrays, sources, (3, 1, 3, 1)):
-        if a.ndim != nd or a.dtype != np.uint8:
-            raise ValueError(f"{src}: expected uint8 with {nd} dims, got {a.dtype} of shape {a.shape}")
+        # images 8-bit, as MNIST's own files; labels any integers (as the array reader takes)
+        if a.ndim != nd or not (a.dtype == np.uint8 if nd == 3 else a.dtype.kind in "iu"):
+            what = "uint8" if nd == 3 else "integers"
+            raise ValueError(f"{src}: expected {what} with {nd} dims, got {a.dtype} of shape {a.shape}")
     return (_as_images(x, sources[0]), _as_labels(y, len(x), sources[1]),
             _as_images(xt, sources[2]), _as_labels(yt, len(xt), sources[3]))
 
