@@ -514,6 +514,10 @@ BAD_INPUT = [  # (id, argv with {run}/{empty}/{tmp} placeholders, regex the one-
     ("real-values-binarized", ["train", "--run-dir", "{empty}", *TINY, "--dataset", "array", "--data-dir",
                                "{tmp}/real.npy", "--likelihood", "gaussian"],
      r"binarize='dynamic'.*'none' keeps the values\) must lie in \[0, 1\], got values in \[-2, 2\]"),
+    # a value the user never set says where it came from
+    ("preset-conflict", ["train", "--run-dir", "{empty}", "--preset", "mnist-large", "--objective", "elbo"],
+     r"iw_samples=5 applies only to name='iwae', got name='elbo'; the preset 'mnist-large' sets iw_samples=5 "
+     r"\(--iw-samples\): override it"),
     ("quick-without-disentanglement", ["evaluate", "{run}", "--quick"], r"--quick sizes the --disentanglement"),
     ("tf32-on-the-cpu", ["evaluate", "{run}", "--device", "cpu", "--precision", "tf32"],
      r"--precision tf32 is CUDA's arithmetic; on cpu"),

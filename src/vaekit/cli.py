@@ -182,13 +182,34 @@ def build_config(preset: str | None = None, config_file: str | None = None, over
     name = preset or DEFAULT_PRESET
     if name not in PRESETS:
         raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
-    d = PRESETS[name]
-    if config_file:
-        d = _merge(d, _read_config_file(config_file))
+    user = _read_config_file(config_file) if config_file else {}
     for key, value in (overrides or {}).items():
         group, field_ = key.split(".", 1)
-        d = _merge(d, {group: {field_: list(value) if isinstance(value, tuple) else value}})
-    return RunConfig.from_dict(d)
+        user = _merge(user, {group: {field_: list(value) if isinstance(value, tuple) else value}})
+    try:
+        return RunConfig.from_dict(_merge(PRESETS[name], user))
+    except (TypeError, ValueError) as e:
+        raise _blame_the_preset(e, name, user) from None
+
+
+_SECTIONS = {"ModelConfig": "model", "DataConfig": "data", "TrainConfig": "train", "ObjectiveConfig": "objective"}
+
+
+def _blame_the_preset(error: Exception, preset: str, user: dict) -> Exception:
+    """``error``, saying which of the fields it names the preset set and the user did not
+    (``--preset mnist-large --objective elbo`` meets the preset's ``iw_samples=5``)."""
+    msg = str(error)
+    section = re.match(r"(\w+Config)\.", msg)
+    group = _SECTIONS.get(section.group(1)) if section else None
+    if group is None:
+        return error
+    preset_fields = PRESETS[preset].get(group, {})
+    blamed = [k for k in preset_fields if k not in user.get(group, {}) and re.search(rf"\b{k}\b", msg)]
+    if not blamed:
+        return error
+    flags = _flag_names()
+    said = ", ".join(f"{k}={preset_fields[k]!r} ({flags[(group, k)][0]})" for k in blamed)
+    return type(error)(f"{msg}; the preset {preset!r} sets {said}: override it")
 
 
 # -- commands --------------------------------------------------------------------------
