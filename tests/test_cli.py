@@ -484,14 +484,6 @@ def test_config_file_then_flags(suffix, tmp_path, capsys):
     assert (model.config.latent_dim, model.config.activation) == (2, "tanh")
 
 
-def test_a_json_config_with_a_byte_order_mark_is_read(tmp_path):
-    from vaekit.cli import _read_config_file
-
-    path = tmp_path / "run.json"
-    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(FILE_CONFIG).encode())  # as some editors save it
-    assert _read_config_file(str(path)) == FILE_CONFIG
-
-
 # -- bad input: status 2, one line, nothing changed ------------------------------------
 
 BAD_INPUT = [  # (id, argv with {run}/{empty}/{tmp} placeholders, regex the one-line error must match)

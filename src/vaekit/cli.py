@@ -9,24 +9,15 @@ Bad input prints one line, ``vaekit: error: ...``, and exits with status 2
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
+from .flags import UsageError, _add_config_flags, _flag_names, build_config
 from .presets import DEFAULT_PRESET, PRESETS
 
-__all__ = ["main", "train_command", "evaluate_command", "sample_command", "PRESETS", "build_config"]
-
-# Set by the run itself (the data decide the input shape), so no flag offers them.
-_DERIVED = {("model", "input_shape")}
-
-
-class UsageError(ValueError):
-    """Bad command-line input: reported in one line with exit status 2."""
+__all__ = ["main", "train_command", "evaluate_command", "sample_command", "PRESETS", "build_config", "UsageError"]
 
 
 def _version_line() -> str:
@@ -45,171 +36,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # one line, status 2, no usage dump
         raise UsageError(f"{message} (see '{self.prog} --help')")
-
-
-# -- config <-> flags ------------------------------------------------------------------
-
-
-def _groups():
-    from .config import GROUPS
-
-    return GROUPS
-
-
-def _field_docs(klass) -> dict[str, str]:
-    """Field descriptions from the 'Attributes:' section of a dataclass docstring."""
-    doc = klass.__doc__ or ""
-    out: dict[str, str] = {}
-    cur = None
-    for line in doc.split("Attributes:", 1)[-1].splitlines():
-        m = re.match(r"\s{4,8}(\w+):\s*(.*)", line)
-        if m and m.group(1) in {f.name for f in dataclasses.fields(klass)}:
-            cur = m.group(1)
-            out[cur] = m.group(2).strip()
-        elif cur and line.strip():
-            out[cur] += " " + line.strip()
-        elif not line.strip():
-            cur = None
-    return out
-
-
-def _number(text: str):
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
-
-
-_number.__name__ = "number"  # argparse shows it: "invalid number value: 'abc'"
-
-
-def _int_tuple(text: str):
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 256,128, got {text!r}") from None
-
-
-def _flag_type(default):
-    if isinstance(default, bool):
-        return None
-    if isinstance(default, tuple):
-        return _int_tuple
-    if isinstance(default, int):
-        return int
-    if isinstance(default, float):
-        return _number
-    return str
-
-
-def _flag_names() -> dict[tuple[str, str], list[str]]:
-    """``(group, field) -> flags``: ``--group.field-name`` always, ``--field-name`` when unique."""
-    counts: dict[str, int] = {}
-    for klass in _groups().values():
-        for f in dataclasses.fields(klass):
-            counts[f.name] = counts.get(f.name, 0) + 1
-    names = {}
-    for group, klass in _groups().items():
-        for f in dataclasses.fields(klass):
-            if (group, f.name) in _DERIVED:
-                continue
-            dashed = f.name.replace("_", "-")
-            flags = [f"--{group}.{dashed}"]
-            if group == "objective" and f.name == "name":
-                flags.insert(0, "--objective")
-            elif group == "train" and f.name == "seed":
-                flags.insert(0, "--seed")
-            elif counts[f.name] == 1:
-                flags.insert(0, f"--{dashed}")
-            names[(group, f.name)] = flags
-    return names
-
-
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """A flag per config field; its help shows the value a plain ``vaekit train`` uses
-    (the default preset's, which overrides many of the dataclass defaults)."""
-    effective = build_config()
-    for (group, name), flags in _flag_names().items():
-        klass = _groups()[group]
-        f = next(f for f in dataclasses.fields(klass) if f.name == name)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        doc = _field_docs(klass).get(name, "")
-        help_ = f"({group}) {doc} [default: {getattr(getattr(effective, group), name)!r}]".replace("%", "%%")
-        kw = dict(dest=f"{group}.{name}", default=argparse.SUPPRESS, help=help_)
-        if isinstance(default, bool):
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
-        else:
-            parser.add_argument(*flags, type=_flag_type(default), metavar=name.upper(), **kw)
-
-
-def _read_config_file(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"--config {path}: no such file")
-    text_bytes = p.read_bytes()
-    try:
-        if p.suffix.lower() == ".toml":
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib
-            return tomllib.loads(text_bytes.decode("utf-8"))
-        data = json.loads(text_bytes.decode("utf-8-sig"))  # a byte-order mark is not an error
-    except Exception as e:
-        raise UsageError(f"--config {path}: cannot be read as {'TOML' if p.suffix.lower() == '.toml' else 'JSON'}: {e}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"--config {path}: must hold a table/object of sections, got {type(data).__name__}")
-    return data
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
-    for k, v in over.items():
-        if isinstance(v, dict) and k in out and not isinstance(out[k], dict):
-            raise UsageError(f"config section {k!r} must be a table of settings, got {type(out[k]).__name__}")
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = {**out[k], **v}
-        else:
-            out[k] = v
-    return out
-
-
-def build_config(preset: str | None = None, config_file: str | None = None, overrides: dict | None = None):
-    """The resolved :class:`vaekit.config.RunConfig`: preset, then file, then overrides
-    (``{"group.field": value}``)."""
-    from .config import RunConfig
-
-    name = preset or DEFAULT_PRESET
-    if name not in PRESETS:
-        raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
-    user = _read_config_file(config_file) if config_file else {}
-    for key, value in (overrides or {}).items():
-        group, field_ = key.split(".", 1)
-        user = _merge(user, {group: {field_: list(value) if isinstance(value, tuple) else value}})
-    try:
-        return RunConfig.from_dict(_merge(PRESETS[name], user))
-    except (TypeError, ValueError) as e:
-        raise _blame_the_preset(e, name, user) from None
-
-
-_SECTIONS = {"ModelConfig": "model", "DataConfig": "data", "TrainConfig": "train", "ObjectiveConfig": "objective"}
-
-
-def _blame_the_preset(error: Exception, preset: str, user: dict) -> Exception:
-    """``error``, saying which of the fields it names the preset set and the user did not
-    (``--preset mnist-large --objective elbo`` meets the preset's ``iw_samples=5``)."""
-    msg = str(error)
-    section = re.match(r"(\w+Config)\.", msg)
-    group = _SECTIONS.get(section.group(1)) if section else None
-    if group is None:
-        return error
-    preset_fields = PRESETS[preset].get(group, {})
-    blamed = [k for k in preset_fields if k not in user.get(group, {}) and re.search(rf"\b{k}\b", msg)]
-    if not blamed:
-        return error
-    flags = _flag_names()
-    said = ", ".join(f"{k}={preset_fields[k]!r} ({flags[(group, k)][0]})" for k in blamed)
-    return type(error)(f"{msg}; the preset {preset!r} sets {said}: override it")
 
 
 # -- commands --------------------------------------------------------------------------

@@ -1,0 +1,39 @@
+"""The config dataclasses as flags and files (vaekit.flags): what build_config resolves.
+The flags as the command line shows and parses them are tested in test_cli.py."""
+
+import json
+
+import pytest
+
+from vaekit.config import RunConfig
+from vaekit.flags import UsageError, _read_config_file, build_config
+from vaekit.presets import PRESETS
+
+
+def test_preset_then_file_then_overrides(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"model": {"latent_dim": 3, "hidden": [16]}, "train": {"epochs": 2}}))
+    config = build_config("mnist-burda", str(path), {"model.latent_dim": 4, "train.lr": 0.01})
+    assert isinstance(config, RunConfig)
+    assert config.model.latent_dim == 4 and config.train.lr == 0.01  # the flags win
+    assert config.model.hidden == (16,) and config.train.epochs == 2  # then the file
+    assert config.model.activation == PRESETS["mnist-burda"]["model"]["activation"]  # then the preset
+    with pytest.raises(UsageError, match="--preset must be one of"):
+        build_config("no-such-preset")
+
+
+def test_a_json_config_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "run.json"
+    content = {"train": {"epochs": 2}}
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(content).encode())  # as some editors save it
+    assert _read_config_file(str(path)) == content
+
+
+def test_an_error_over_a_preset_value_names_the_preset_and_the_flag():
+    with pytest.raises(ValueError, match=r"the preset 'mnist-large' sets iw_samples=5 \(--iw-samples\): "
+                                         r"override it$"):
+        build_config("mnist-large", overrides={"objective.name": "elbo"})
+    assert build_config("mnist-large", overrides={"objective.name": "elbo", "objective.iw_samples": 1})
+    with pytest.raises(ValueError) as info:  # the user's own value: nothing to blame on the preset
+        build_config("digits", overrides={"objective.name": "elbo", "objective.iw_samples": 5})
+    assert "preset" not in str(info.value)
