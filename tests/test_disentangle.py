@@ -1,3 +1,4 @@
+import copy
 import itertools
 import math
 
@@ -297,6 +298,10 @@ def test_evaluate_disentanglement_runs_on_a_vae_and_rewards_a_factor_encoder(tmp
     assert set(scores) >= {"mig", "dci_disentanglement", "dci_completeness", "dci_informativeness",
                            "factor_vae", "beta_vae"}
     assert all(0.0 <= v <= 1.0 for v in scores.values())
+    # a float64 (or bfloat16) model is fed sprites of its own dtype (they were float32)
+    for dtype in (torch.float64, torch.bfloat16):
+        other = dis.evaluate_disentanglement(copy.deepcopy(model).to(dtype), seed=0, n_codes=400, quick=True)
+        assert set(other) == set(scores) and all(0.0 <= v <= 1.0 for v in other.values())
 
     class Centroid(VAE):
         """Posterior mean = the sprite's pixel centroid (x, y) and its area: a near-oracle code."""

@@ -450,12 +450,13 @@ def evaluate_disentanglement(model, *, seed: int = 0, n_codes: int = 10000, quic
     20 % to score); the intervention metrics draw their own. ``quick`` shrinks every
     sample size about tenfold, for tests and smoke runs.
     """
-    device = next(model.parameters()).device
+    weights = next(model.parameters())
     was = model.training
     model.eval()
 
-    def representation(obs: Tensor) -> Tensor:
-        return model.encode_params(obs.to(device, torch.float32))[0].cpu()
+    def representation(obs: Tensor) -> Tensor:  # the sprites in the model's device and dtype
+        mu = model.encode_params(obs.to(weights.device, weights.dtype))[0]
+        return mu.to(torch.promote_types(mu.dtype, torch.float32)).cpu()  # NumPy has no bfloat16
 
     scale = 10 if quick else 1
     sampler = SpritesFactors()
