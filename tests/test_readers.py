@@ -95,8 +95,17 @@ def test_download_mnist_bad_checksum_leaves_nothing(tmp_path, fake_mirrors, monk
     root = tmp_path / "dl"
     with pytest.raises(OSError, match="train-images-idx3-ubyte.gz.*md5"):
         download_mnist(root, "mnist")
-    left = {p.name for p in root.iterdir()}  # files fetched before the bad one may stay
+    left = {p.name for p in root.iterdir()} if root.exists() else set()  # files fetched before may stay
     assert "train-images-idx3-ubyte.gz" not in left and not any(n.endswith(".part") for n in left)
     assert all(hashlib.md5((root / n).read_bytes()).hexdigest() == md5s[n] for n in left)
+
+
+def test_a_failed_download_leaves_no_folders_it_made(tmp_path, fake_mirrors, monkeypatch):
+    _, md5s, _ = fake_mirrors
+    monkeypatch.setitem(readers._MNIST_SOURCES, "mnist", (("http://ok.invalid/",), {n: "0" * 32 for n in md5s}))
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(OSError, match="md5"):
+        download_mnist(tmp_path / "kept" / "new" / "mnist", "mnist")
+    assert (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "new").exists()
 
 

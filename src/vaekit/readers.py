@@ -266,6 +266,7 @@ def download_mnist(root, kind: str = "mnist") -> list:
     check_choice("kind", kind, tuple(_MNIST_SOURCES))
     mirrors, md5s = _MNIST_SOURCES[kind]
     root = Path(root)
+    made = [d for d in (root, *root.parents) if not d.exists()]  # removed again if nothing lands
     root.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, md5 in md5s.items():
@@ -279,6 +280,9 @@ def download_mnist(root, kind: str = "mnist") -> list:
                 except (OSError, ValueError) as e:
                     errors.append(f"{mirror}{name}: {e}")
             else:
+                for d in made:  # innermost first; a folder that holds anything stays
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
                 raise OSError(f"could not download {name} into {root}: " + "; ".join(errors))
         paths.append(target)
     return paths
