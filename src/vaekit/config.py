@@ -13,6 +13,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from .checks import in_section
 from .data import DataConfig
 from .models import ModelConfig
 from .objectives import ObjectiveConfig
@@ -26,7 +27,7 @@ FAST_MODES = ("auto", "static", "compile", "off")
 
 def _need(cond: bool, name: str, expected: str, got) -> None:
     if not cond:
-        raise ValueError(f"TrainConfig.{name} must be {expected}, got {got!r}")
+        raise ValueError(f"{name} must be {expected}, got {got!r}")  # TrainConfig.: in_section
 
 
 def _is_int(v) -> bool:
@@ -95,6 +96,10 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        with in_section("TrainConfig"):
+            self._check()
+
+    def _check(self) -> None:
         for name in ("epochs", "max_steps", "early_stopping", "checkpoint_every", "num_threads", "seed"):
             v = getattr(self, name)
             _need(_is_int(v) and v >= 0, name, "an integer >= 0", v)

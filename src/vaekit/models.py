@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Independent, Normal
 
+from .checks import in_section
 from .losses import RECONSTRUCTIONS, reconstruction_nll
 from .likelihoods import discretized_logistic_nll, optimal_sigma_nll
 from .pixelcnn import FUSIONS, PixelCNNHead, sample_pixels
@@ -35,7 +36,7 @@ DECODER_VARIANCES = ("fixed", "learned", "optimal")
 
 
 def _fail(name: str, expected: str, got) -> None:
-    raise ValueError(f"ModelConfig.{name} must be {expected}, got {got!r}")
+    raise ValueError(f"{name} must be {expected}, got {got!r}")  # ModelConfig.: in_section
 
 
 @dataclass
@@ -85,6 +86,10 @@ class ModelConfig:
     pixelcnn_fusion: str = "early"
 
     def __post_init__(self) -> None:
+        with in_section("ModelConfig"):
+            self._check()
+
+    def _check(self) -> None:
         if self.arch not in ARCHS:
             _fail("arch", f"one of {', '.join(ARCHS)}", self.arch)
         if isinstance(self.input_shape, list):
