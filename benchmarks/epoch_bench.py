@@ -376,7 +376,7 @@ def main(argv=None) -> None:
             runs = {}
             for label, key, amp, make in makers:
                 if key not in skip and not (key == "pythae" and pythae is None):
-                    run = guarded(label, device, lambda: make())
+                    run = guarded(label, device, make)
                     if run is not None and guarded(label, device, lambda: run(max_steps=args.warmup) or True):
                         runs[(label, amp)] = run
             times = {row: [] for row in runs}

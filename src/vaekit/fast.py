@@ -155,7 +155,8 @@ class StaticStep:
         self._forward = torch.compile(self._forward_loss, dynamic=False) if compile else self._forward_loss
         self._untried = compile  # the first call compiles: its failure gets a clear message
         self._beta_now = self._lr_now = None  # what the tensors hold: unchanged values are not refilled
-        self._blocks: dict[int, tuple] = {}  # K -> (buffers, graph) of run_block
+        self._blocks: dict[int, tuple] = {}  # K -> (buffers, graph or None) of run_block
+        self._warm: set[int] = set()  # the K whose block ran once uncaptured on CUDA
 
     # -- the step, as captured ----------------------------------------------------------
 
@@ -307,7 +308,7 @@ class StaticStep:
             # do: Triton compiles a kernel per pointer alignment, and a compilation inside
             # a capture fails. Learning rates and KL weights: one slot of 4 floats a step.
             self._blocks[k] = ((_aligned_slots(k, self.x), _aligned_slots(k, self.eps),
-                                self.beta.new_zeros(2, k, 4)), "cold")
+                                self.beta.new_zeros(2, k, 4)), None)
         (bx, beps, sched), graph = self._blocks[k]
         bx.copy_(xs)
         beps.copy_(eps)
@@ -318,10 +319,10 @@ class StaticStep:
             sched.copy_(host)
         blr, bbeta = sched[0, :, 0], sched[1, :, 0]
         self._beta_now = self._lr_now = None  # the single step's buffers were not written
-        if not isinstance(graph, str):
+        if graph is not None:
             graph.replay()
             return
-        if not self.capture or graph == "cold":
+        if not self.capture or k not in self._warm:
             # Uncaptured; on CUDA the first block of each K is a warm-up on a side stream
             # (anything run for the first time, such as a kernel compilation, must not
             # happen inside the capture).
@@ -333,7 +334,7 @@ class StaticStep:
                     self._block_step(i, lrs[i], bx, beps, blr, bbeta)
             if stream is not None:
                 torch.cuda.current_stream().wait_stream(stream)
-                self._blocks[k] = ((bx, beps, sched), "warm")
+                self._warm.add(k)
             return
         # The single step is captured (above), so the copies that undo a non-finite step
         # (unfused optimisers) exist: the block's graph must update the very same ones.
