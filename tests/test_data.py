@@ -249,9 +249,17 @@ def test_binarization_in_load_dataset():
     dyn, dyn2 = load_dataset(DataConfig(binarize="dynamic")), load_dataset(DataConfig(binarize="dynamic"))
     assert torch.equal(dyn.train, grey.train)  # training batches are drawn by the iterator
     assert set(dyn.val.unique().tolist()) == {0.0, 1.0} and torch.equal(dyn.test, dyn2.test)
-    g = torch.Generator().manual_seed(1)  # documented: seed + 1, val first, then test
-    assert torch.equal(dyn.val, torch.bernoulli(grey.val, generator=g))
-    assert torch.equal(dyn.test, torch.bernoulli(grey.test, generator=g))
+    # documented: validation drawn with seed + 1, test with its own generator, seed + 3
+    assert torch.equal(dyn.val, torch.bernoulli(grey.val, generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(dyn.test, torch.bernoulli(grey.test, generator=torch.Generator().manual_seed(3)))
+
+
+def test_dynamic_test_draw_does_not_depend_on_the_validation_split():
+    runs = [load_dataset(DataConfig(binarize="dynamic", val_size=v, split=s)) for v, s in
+            ((0, "random"), (100, "random"), (300, "tail"))]
+    assert all(torch.equal(r.test, runs[0].test) for r in runs[1:])
+    other_seed = load_dataset(DataConfig(binarize="dynamic", seed=1))
+    assert not torch.equal(other_seed.test, runs[0].test)  # the data seed still picks the draw
 
 
 def test_binarize_helpers():

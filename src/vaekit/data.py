@@ -48,8 +48,9 @@ class DataConfig:
         binarize: "none"; "static" (``x > 0.5``, at load time); or "dynamic": training
             batches are fresh Bernoulli samples of the grey levels (drawn by
             :class:`vaekit.batching.BatchIterator`), while validation and test are binarized ONCE, at
-            load time, with a generator seeded with ``seed + 1`` so every evaluation
-            sees the same binary images.
+            load time, so every evaluation sees the same binary images: validation with a
+            generator seeded with ``seed + 1``, test with its own, seeded with ``seed + 3``
+            (so the test images do not depend on ``val_size`` or ``split``).
         val_size: a count (int >= 0) or a fraction of the training set (float in [0, 1)).
             The MNIST convention is ``val_size=10000, split="tail"``. With no validation
             examples training keeps its last model (not the best by validation ELBO)
@@ -215,6 +216,8 @@ def load_dataset(config: DataConfig) -> SplitData:
         train, val, xt = (binarize_static(t) if len(t) else t for t in (train, val, xt))
     elif config.binarize == "dynamic":
         check_images(train, f"{name} train (binarize='dynamic': grey levels to draw from; 'none' keeps the values)")
-        g = torch.Generator().manual_seed(config.seed + 1)
-        val, xt = (binarize_dynamic(t, g) if len(t) else t for t in (val, xt))
+        # One generator each: the test draw must not depend on how many validation images
+        # were drawn before it (seed + 2 is `vaekit evaluate --split train`'s draw).
+        val, xt = (binarize_dynamic(t, torch.Generator().manual_seed(config.seed + offset)) if len(t) else t
+                   for t, offset in ((val, 1), (xt, 3)))
     return SplitData(train, val, xt, ytr, yv, yt, name)
