@@ -54,6 +54,7 @@ ENTRY = '''
 import json, os, signal, sys
 from pathlib import Path
 
+import vaekit.steps as steps
 import vaekit.train as train
 from vaekit.cli import main
 
@@ -63,7 +64,7 @@ signal_step = int(os.environ.get("TEST_SIGNAL_STEP", "-1"))
 keep = Path(os.environ["TEST_KEEP"])
 (keep / f"pid-{rank}").write_text(str(os.getpid()))  # lets the test kill a hung worker
 writes = []
-forward, save_checkpoint, fit = train._Objective.forward, train.save_checkpoint, train.fit
+forward, save_checkpoint, fit = steps._Objective.forward, train.save_checkpoint, train.fit
 
 
 def patched_forward(self, x, step):
@@ -98,7 +99,7 @@ def patched_fit(*args, **kwargs):
     return result
 
 
-train._Objective.forward = patched_forward
+steps._Objective.forward = patched_forward
 train.save_checkpoint = patched_save_checkpoint
 for name in ("write_json", "save_model", "write_metrics", "save_run_pictures"):
     setattr(train, name, logged(name))

@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 import vaekit.config
 import vaekit.models
 import vaekit.train
+import vaekit.wiring
 from test_cli import (ENV, assert_usage_error, call, no_debug_tracebacks, run_cli, snapshot,  # noqa: F401
                       steps_per_epoch, tiny_config)
 from vaekit.io import CHECKPOINT_FORMAT, MODEL_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
@@ -314,11 +315,11 @@ def test_sigterm_during_an_epochs_last_batch_then_resume_matches(recorded, tmp_p
             os.kill(os.getpid(), signal.SIGTERM)  # handled by fit: it only sets a flag
         return out
 
-    monkeypatch.setattr(vaekit.train, "VAE", _hooked_vae(hook))
+    monkeypatch.setattr(vaekit.wiring, "VAE", _hooked_vae(hook))
     rd = tmp_path / "run"
     assert fit(tiny_config(), rd).interrupted
     assert f"checkpoint saved to {rd / 'checkpoint.pt'}" in capsys.readouterr().out
-    monkeypatch.setattr(vaekit.train, "VAE", vaekit.models.VAE)
+    monkeypatch.setattr(vaekit.wiring, "VAE", vaekit.models.VAE)
     assert not fit(tiny_config(), rd, resume=True).interrupted
     assert_same_run(rd, recorded)
 
@@ -428,7 +429,7 @@ def test_non_finite_steps_are_skipped_and_counted(amp, fast, tmp_path, monkeypat
         poisoned.append(n)
         return out * float("nan")
 
-    monkeypatch.setattr(vaekit.train, "VAE", _hooked_vae(every_fourth))
+    monkeypatch.setattr(vaekit.wiring, "VAE", _hooked_vae(every_fourth))
     extra = {"train__fast": fast} if _FAST else {}
     result = fit(tiny_config(train__amp=amp, train__max_bad_steps=2, **extra), tmp_path / "run")
     rows = _rows(tmp_path / "run")
@@ -448,7 +449,7 @@ def test_extreme_initialisation_skips_and_reports(amp, tmp_path, monkeypatch):
                 for p in self.parameters():
                     p.mul_(1e30)
 
-    monkeypatch.setattr(vaekit.train, "VAE", VAE)
+    monkeypatch.setattr(vaekit.wiring, "VAE", VAE)
     fit(tiny_config(train__epochs=1, train__amp=amp, train__max_bad_steps=1000), tmp_path / "run")
     (row,) = [r for r in _rows(tmp_path / "run") if r["split"] == "train"]
     skipped, steps = int(row["skipped"]), int(row["step"])
@@ -462,7 +463,7 @@ def test_extreme_initialisation_skips_and_reports(amp, tmp_path, monkeypatch):
 
 
 def test_a_run_of_nans_stops_with_training_diverged(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(vaekit.train, "VAE", _hooked_vae(lambda n, out: out if n <= 6 else out * float("nan")))
+    monkeypatch.setattr(vaekit.wiring, "VAE", _hooked_vae(lambda n, out: out if n <= 6 else out * float("nan")))
     rd = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=r"4 non-finite steps in a row") as e:
         fit(tiny_config(train__checkpoint_every=3, train__max_bad_steps=4), rd)

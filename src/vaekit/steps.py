@@ -8,7 +8,7 @@
 * a block of static steps (:func:`_static_block`, ``TrainConfig(graph_steps=K)``): K
   steps a call, one CUDA graph of K steps.
 
-Each takes the run (``vaekit.train._Run``) and updates its counters. The learning rate
+Each takes the run (``vaekit.wiring._Run``) and updates its counters. The learning rate
 is a pure function of the step (:func:`lr_at`), as are the KL weight and the noise.
 """
 
@@ -27,7 +27,8 @@ from .models import VAE
 from .objectives import ObjectiveConfig, beta_schedule, objective_loss
 
 if TYPE_CHECKING:
-    from .train import _Run, _Stop
+    from .train import _Stop
+    from .wiring import _Run
 
 
 def _adam(model: nn.Module, tc: TrainConfig, *, captured_on: torch.device | None = None) -> torch.optim.Adam:

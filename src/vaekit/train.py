@@ -22,7 +22,6 @@ import contextlib
 import copy
 import dataclasses
 import math
-import os
 import signal
 import tempfile
 import time
@@ -30,21 +29,17 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from torch import nn
 
 from . import __version__
-from .batching import BatchIterator, fits_on_device, mix_seed
+from .batching import mix_seed
 from .config import RunConfig, TrainConfig
 from .checks import check_int, check_number
-from .data import check_images, load_dataset
-from .fast import StaticStep
 from .io import save_checkpoint, save_model, write_json
 from .models import VAE
 from .plots import save_run_pictures
-from .runs import read_for_resume, restore, rng_state, write_metrics
-from .steps import (
-    _FOLD_EVERY, _Objective, _adam, _block_fits, _eager_step, _fold, _static_block, _static_step, _use_static, lr_at,
-)
+from .runs import read_for_resume, rng_state, write_metrics
+from .steps import _FOLD_EVERY, _block_fits, _eager_step, _fold, _static_block, _static_step, lr_at
+from .wiring import _Run, _build, _dist_info, resolve_device
 
 __all__ = ["TrainConfig", "RunConfig", "fit", "FitResult", "TrainingDiverged", "lr_at", "resolve_device",
            "epochs_for_budget"]
@@ -58,25 +53,6 @@ class FitResult(NamedTuple):
     history: list
     run_dir: Path
     interrupted: bool
-
-
-def resolve_device(name: str, *, what: str = "TrainConfig.device") -> torch.device:
-    """``auto`` -> CUDA when present, else the CPU; refuses CUDA where there is none."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"{what} must be auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{what} is {name!r} but no CUDA device is available")
-    return dev
-
-
-_SMALL_STEP = 2e7
-def _work_per_step(model: nn.Module, batch_size: int) -> float:
-    """Multiply-adds of one forward pass, roughly: parameters times batch size."""
-    return sum(p.numel() for p in model.parameters()) * batch_size
 
 
 _VAL_STREAM = 0x76616C  # validation noise: a function of (seed, epoch), the same on every rank
@@ -105,11 +81,6 @@ class _Stop:
             signal.signal(s, h)
 
 
-def _dist_info() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
-
-
 @torch.no_grad()
 def _validate(model: VAE, x: torch.Tensor, batch_size: int, generator: torch.Generator) -> dict:
     from .evaluate import elbo_terms
@@ -127,22 +98,6 @@ def _validate(model: VAE, x: torch.Tensor, batch_size: int, generator: torch.Gen
     out = {k: v / n for k, v in sums.items()}
     out["loss"] = -out["elbo"]
     return out
-
-
-def _check_training_data(data, likelihood: str) -> None:
-    """Refuse data the likelihood cannot score, before the run directory is touched: the
-    loop runs the losses without their value checks and would otherwise train on
-    impossible targets."""
-    for split in ("train", "val", "test"):
-        t = getattr(data, split)
-        if not len(t):
-            continue
-        if likelihood in ("bernoulli", "continuous_bernoulli"):
-            check_images(t, f"{data.name} {split} data (likelihood {likelihood!r})")
-        elif likelihood == "discretized_logistic" and not bool(
-                ((t * 255 - torch.round(t * 255)).abs() < 1e-3).all() & (t >= 0).all() & (t <= 1).all()):
-            raise ValueError(f"{data.name} {split} data must be 8-bit levels k/255 in [0, 1] for the "
-                             f"discretized_logistic likelihood (use binarize 'none' on uint8 images)")
 
 
 def fit(config: RunConfig, run_dir, *, resume: bool = False, epochs: int | None = None) -> FitResult:
@@ -207,130 +162,6 @@ def epochs_for_budget(config: RunConfig, seconds: float, *, calibration_epochs: 
     rows = [r for r in history if r["split"] == "train"]
     per_epoch = (rows[-1]["seconds"] - rows[0]["seconds"]) / (len(rows) - 1)
     return max(1, int(seconds / max(per_epoch, 1e-9))), per_epoch
-
-
-@dataclasses.dataclass(eq=False)
-class _Run:
-    """What one training run wires together, and the loop's counters (with the weights,
-    what a checkpoint holds): the state that the loop's pieces, below and in
-    :mod:`vaekit.steps` (the three kinds of step), share."""
-
-    config: RunConfig
-    run_dir: Path
-    device: torch.device
-    rank: int
-    world: int
-    data: object
-    val_x: torch.Tensor  # the validation images, on the device if they fit there
-    model: VAE
-    batches: BatchIterator
-    objective: nn.Module  # _Objective, or its DistributedDataParallel wrapper
-    opt: torch.optim.Optimizer
-    total_steps: int
-    epochs: int
-    sums: torch.Tensor  # loss, rec, kl, n over the epoch so far
-    static: StaticStep | None = None
-    step: int = 0
-    epoch: int = 0
-    history: list = dataclasses.field(default_factory=list)
-    best: float = math.inf
-    since_best: int = 0
-    skipped: int = 0
-    bad_run: int = 0  # non-finite steps in a row
-    lr: float = 0.0  # the last step's learning rate and KL weight, for the epoch's row
-    beta: float = 0.0
-    stop_all: bool = False  # under torchrun: some rank got a stop signal
-
-    @property
-    def tc(self) -> TrainConfig:
-        return self.config.train
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def ckpt_path(self) -> Path:
-        return self.run_dir / "checkpoint.pt"
-
-    def more_to_do(self) -> bool:
-        return self.epoch < self.epochs and self.step < self.total_steps
-
-    def stopped_early(self) -> bool:
-        return bool(self.tc.early_stopping) and self.since_best >= self.tc.early_stopping
-
-
-def _build(config: RunConfig, run_dir: Path, state: dict | None) -> _Run:
-    """Device, data, model, batches, objective, optimiser and fast step of a run, and its
-    counters from ``state`` (a checkpoint) when it resumes."""
-    rank, local_rank, world = _dist_info()
-    tc, oc = config.train, config.objective
-    device = resolve_device(tc.device)
-    if world > 1:
-        import torch.distributed as dist
-
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-    data = load_dataset(config.data)
-    _check_training_data(data, config.model.likelihood)
-    if config.data.dataset in ("mnist", "fashion-mnist", "array", "folder"):
-        # the run records where its data are, whatever directory it is evaluated from later
-        where = Path(config.data.data_dir or Path("data") / config.data.dataset).expanduser().resolve()
-        config.data = dataclasses.replace(config.data, data_dir=str(where))
-    if tc.early_stopping and data.val.shape[0] == 0:
-        raise ValueError(f"train.early_stopping={tc.early_stopping} needs validation examples, and "
-                         f"data.val_size={config.data.val_size!r} leaves none")
-    config.model = dataclasses.replace(config.model, input_shape=tuple(data.train.shape[1:]))
-    torch.manual_seed(tc.seed)
-    model = VAE(config.model).to(device)
-    if tc.num_threads:
-        torch.set_num_threads(tc.num_threads)
-    elif device.type == "cpu" and _work_per_step(model, tc.batch_size) < _SMALL_STEP:
-        # A tiny step is slower on several threads: they spin on the OpenMP barrier and
-        # fight other processes for the cores (measured: see docs/benchmarks.md).
-        torch.set_num_threads(1)
-    batches = BatchIterator(
-        # A last combined batch with fewer examples than ranks cannot be split between
-        # them: it is skipped (fewer than `world` examples an epoch).
-        data.train, tc.batch_size, shuffle=True, drop_last=0 < data.train.shape[0] % (tc.batch_size * world) < world,
-        dynamic_binarize=config.data.binarize == "dynamic", seed=tc.seed, device=device,
-        rank=rank, world_size=world,
-    )
-    objective = _Objective(model, oc, data.train.shape[0], batches, tc.seed, device)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
-    static = _use_static(tc, oc, model, device, world > 1)
-    opt = _adam(model, tc, captured_on=device if static and device.type == "cuda" else None)
-    steps_per_epoch = len(batches)
-    total_steps = tc.epochs * steps_per_epoch
-    if tc.max_steps:
-        total_steps = min(total_steps, tc.max_steps) if tc.epochs else tc.max_steps
-    val_x = data.val.to(device) if fits_on_device(data.val, device) else data.val  # else a batch at a time
-    run = _Run(config, run_dir, device, rank, world, data, val_x, model, batches, objective, opt, total_steps,
-               epochs=tc.epochs if tc.epochs else math.ceil(total_steps / steps_per_epoch),
-               sums=torch.zeros(4, dtype=torch.float64, device=device))
-
-    # Only draws outside the step- and epoch-keyed streams come from here (none in vaekit itself).
-    torch.manual_seed(tc.seed * 1000 + 17 + rank)
-    if state is not None:
-        for key, value in restore(state, run.ckpt_path, model=model, optimizer=opt, batches=batches, device=device,
-                                  rank=rank, world=world).items():
-            setattr(run, key, value)
-    if static:  # after the restore: the step's backups copy the optimiser's state
-        run.static = StaticStep(model, opt, batch_size=tc.batch_size, grad_clip=tc.grad_clip, amp=tc.amp == "bf16",
-                                compile=tc.fast == "compile")
-    run.lr, run.beta = lr_at(run.step, total_steps, tc), oc.beta
-    return run
 
 
 def _prepare_run_dir(run: _Run, state: dict | None, extend_to: int | None) -> None:
