@@ -167,6 +167,13 @@ def test_the_command_line_trains_the_other_likelihoods(tmp_path, flags):
     assert rc == 0
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     assert main(["evaluate", str(tmp_path / "run"), "--iw-samples", "4"]) == 0
+    if "optimal" in flags:  # the kept model's evaluation variance has seen every step up to its epoch
+        import csv
+
+        rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+        best = min((r for r in rows if r["split"] == "val"), key=lambda r: float(r["loss"]))
+        model = VAE.from_pretrained(tmp_path / "run" / "model")
+        assert int(model.decoder_mse_steps) == int(best["step"]) > 0
 
 
 def test_discretized_logistic_refuses_data_off_the_8_bit_grid(tmp_path):
@@ -194,3 +201,54 @@ def test_an_mse_model_is_scored_as_the_gaussian_of_variance_one_half():
     (g_model,) = torch.autograd.grad(nll.sum(), x_hat)
     (g_mse,) = torch.autograd.grad(mse(x_hat, x).sum(), x_hat)
     torch.testing.assert_close(g_model, g_mse, rtol=1e-12, atol=1e-12)
+
+
+def test_an_optimal_variance_model_is_evaluated_as_one_normalised_gaussian(tmp_path):
+    """decoder_variance='optimal': training scores each example under its own best variance
+    (not a density: the variance depends on the x scored); evaluation scores every example
+    under one variance, the running mean of the training batches' squared error, which is
+    torch.distributions.Normal's density (float64)."""
+    from vaekit.objectives import optimal_sigma_nll
+
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(6,), hidden=(8,), latent_dim=2, likelihood="gaussian",
+                            decoder_variance="optimal")).double()
+    mses = []
+    for i in range(150):  # the first 100 batches are averaged, then an exponential average (0.01)
+        mean, x = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64) * (1 + i / 50)
+        torch.testing.assert_close(model.nll(mean, x), optimal_sigma_nll(mean, x))
+        mses.append(float((x - mean).square().mean()))
+    expected = sum(mses[:100]) / 100
+    for m in mses[100:]:
+        expected += 0.01 * (m - expected)
+    assert float(model.decoder_mse) == pytest.approx(expected, rel=1e-12)
+    nan = torch.full((4, 6), float("nan"), dtype=torch.float64)
+    with pytest.raises(ValueError, match="x must be finite"):
+        model.nll(torch.zeros(4, 6, dtype=torch.float64), nan)
+    model.nll(torch.zeros(4, 6, dtype=torch.float64), nan, validate_args=False)  # as the training loop calls it
+    assert float(model.decoder_mse) == pytest.approx(expected, rel=1e-12)  # a non-finite batch is left out
+
+    model.eval()
+    mean, x = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
+    reference = -Independent(Normal(mean, math.sqrt(expected)), 1).log_prob(x)
+    torch.testing.assert_close(model.nll(mean, x), reference, rtol=1e-12, atol=1e-12)
+    before = float(model.decoder_mse)
+    model.nll(mean, x)
+    assert float(model.decoder_mse) == before  # evaluation does not move it
+    model.save_pretrained(tmp_path / "m")
+    back = VAE.from_pretrained(tmp_path / "m").eval()
+    torch.testing.assert_close(back.nll(mean, x), reference, rtol=1e-12, atol=1e-12)
+
+
+def test_bad_inputs_to_the_model_name_the_argument():
+    model = VAE(ModelConfig(input_shape=(1, 4, 4), latent_dim=3, hidden=(8,)))
+    with pytest.raises(TypeError, match=r"x has dtype torch.float64 but the model's weights are torch.float32"):
+        model.encode(torch.zeros(2, 1, 4, 4, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"x must be a floating tensor .* got torch.uint8"):
+        model(torch.zeros(2, 1, 4, 4, dtype=torch.uint8))
+    for call in (model.decode, model.generate):
+        with pytest.raises(ValueError, match=r"z must have shape \[N, 3\] \(latent_dim 3\), got \(2, 5\)"):
+            call(torch.zeros(2, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast computes in its own dtype
+        assert model.decode(torch.zeros(2, 3)).shape == (2, 1, 4, 4)
+    assert model.double().decode(torch.zeros(2, 3, dtype=torch.float64)).dtype == torch.float64

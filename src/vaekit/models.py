@@ -26,6 +26,10 @@ from .pixelcnn import FUSIONS, PixelCNNHead, sample_pixels
 
 # Squared error is the Gaussian negative log-likelihood of variance 1/2 less (D/2) log(pi).
 _MSE_LOGVAR = math.log(0.5)
+# decoder_variance="optimal": the evaluation variance is the mean of the training batches'
+# mean squared errors over the first 1/_MSE_MOMENTUM steps, then an exponential average.
+_MSE_MOMENTUM = 0.01
+_MIN_OPTIMAL_LOGVAR = -9.0  # optimal_sigma_nll's default floor, for the evaluation variance too
 
 __all__ = ["ModelConfig", "VAE", "VAEOutput", "likelihood_mean", "ARCHS", "ACTIVATIONS", "LIKELIHOODS", "DECODER_VARIANCES"]
 
@@ -57,8 +61,12 @@ class ModelConfig:
             per subpixel; report it in bits per dimension).
         decoder_variance: for ``gaussian``: ``fixed`` (``fixed_logvar``), ``learned``
             (one log-variance per data dimension, trained with the model) or ``optimal``
-            (each example's maximum-likelihood variance, the calibrated decoder of
-            Rybkin et al. 2021).
+            (in training, each example's maximum-likelihood variance, the calibrated
+            decoder of Rybkin et al. 2021; in evaluation (``model.eval()``) one variance
+            for all, the running mean of the training batches' squared error per
+            dimension, kept in the buffer ``decoder_mse``: a variance fitted to the
+            example being scored would not make a normalised density, and the ELBO and
+            likelihood estimates would not bound a log-likelihood).
         fixed_logvar: the decoder log-variance when it is fixed.
         logvar_limit: the encoder's log-variance is softly bounded to
             ``(-logvar_limit, logvar_limit)`` (``L * tanh(raw / L)``), so ``exp(logvar)``
@@ -249,6 +257,9 @@ class VAE(nn.Module):
             self.decoder_logvar = nn.Parameter(torch.full(shape, float(config.fixed_logvar)))
         else:
             self.decoder_logvar = None
+        if config.decoder_variance == "optimal":  # saved with the weights: the evaluation variance
+            self.register_buffer("decoder_mse", torch.ones(()))
+            self.register_buffer("decoder_mse_steps", torch.zeros(()))
 
     # -- the two halves -----------------------------------------------------------------
 
@@ -287,6 +298,7 @@ class VAE(nn.Module):
         An autoregressive decoder (``pixelcnn_layers > 0``) needs the pixels ``x``
         (``[N, *input_shape]``) too: the logit of each pixel depends on the pixels before it.
         To draw new images, use :meth:`generate`."""
+        self._check_latent(z)
         out = self.decoder(z)
         if self.pixelcnn is not None:
             if x is None:
@@ -344,10 +356,28 @@ class VAE(nn.Module):
             mean, log_scale = decoder_out
             return discretized_logistic_nll(mean, log_scale, x)
         if cfg.decoder_variance == "optimal":
-            return optimal_sigma_nll(decoder_out, x)
+            if self.training:
+                nll = optimal_sigma_nll(decoder_out, x, min_logvar=_MIN_OPTIMAL_LOGVAR, validate_args=validate_args)
+                self._track_mse(decoder_out, x)
+                return nll
+            mse = self.decoder_mse.to(torch.promote_types(self.decoder_mse.dtype, torch.float32))
+            logvar = mse.clamp(min=math.exp(_MIN_OPTIMAL_LOGVAR)).log()
+            return reconstruction_nll("gaussian", decoder_out, x, logvar=logvar, validate_args=validate_args)
         if cfg.likelihood == "mse":
             return reconstruction_nll("gaussian", decoder_out, x, logvar=_MSE_LOGVAR, validate_args=validate_args)
         return reconstruction_nll(cfg.likelihood, decoder_out, x, logvar=cfg.fixed_logvar, validate_args=validate_args)
+
+    @torch.no_grad()
+    def _track_mse(self, mean: Tensor, x: Tensor) -> None:
+        """Fold a training batch's mean squared error into ``decoder_mse`` (no host sync;
+        a non-finite batch leaves it as it was)."""
+        dtype = torch.promote_types(torch.promote_types(x.dtype, mean.dtype), torch.float32)  # bf16: in float32
+        mse = (x.to(dtype) - mean.to(dtype)).square().mean().to(self.decoder_mse.dtype)
+        steps = self.decoder_mse_steps
+        weight = torch.clamp(1.0 / (steps + 1.0), min=_MSE_MOMENTUM)
+        ok = torch.isfinite(mse)
+        self.decoder_mse.copy_(torch.where(ok, torch.lerp(self.decoder_mse, mse, weight), self.decoder_mse))
+        steps.add_(ok.to(steps.dtype))
 
     def forward(self, x: Tensor, *, noise=None) -> VAEOutput:
         """Encode, draw ``z = mu + sigma * eps`` and decode. ``noise(shape)``, when given,
@@ -373,6 +403,7 @@ class VAE(nn.Module):
         pixels drawn before it (:func:`vaekit.pixelcnn.sample_pixels`; ``generator`` seeds
         the draw)."""
         if self.pixelcnn is not None:
+            self._check_latent(z)
             return sample_pixels(self.pixelcnn, self.decoder(z), generator=generator)
         return self.decoder_mean(self.decode(z))
 
@@ -398,6 +429,24 @@ class VAE(nn.Module):
             raise ValueError(
                 f"x has shape {tuple(x.shape)} but the model expects [B, {', '.join(map(str, self.config.input_shape))}]"
             )
+        self._check_dtype("x", x)
+
+    def _check_latent(self, z) -> None:
+        if not isinstance(z, Tensor):
+            raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
+        if z.dim() != 2 or z.shape[1] != self.config.latent_dim:
+            raise ValueError(f"z must have shape [N, {self.config.latent_dim}] (latent_dim {self.config.latent_dim}), "
+                             f"got {tuple(z.shape)}")
+        self._check_dtype("z", z)
+
+    def _check_dtype(self, name: str, t: Tensor) -> None:
+        """Floating, and of the weights' dtype (autocast runs the layers in its own)."""
+        dtype = next(self.parameters()).dtype
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor of the model's dtype {dtype}, got {t.dtype}")
+        if t.dtype != dtype and not torch.is_autocast_enabled(t.device.type):
+            raise TypeError(f"{name} has dtype {t.dtype} but the model's weights are {dtype}: "
+                            f"convert one of them (x.to({dtype}) or model.to({t.dtype}))")
 
     # -- persistence --------------------------------------------------------------------
 
