@@ -1,9 +1,11 @@
 """Tests for vaekit.checks: each check passes a good value and names the argument and the
 value given when it rejects a bad one; the value-check switch; upcast and sum_event."""
 
+import doctest
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,6 +56,13 @@ def test_check_unit_interval():
         c.check_unit_interval("x", torch.tensor([0.0, 1.25]))
 
 
+def test_check_unit_interval_counts_nan_and_inf_instead_of_a_nan_range():
+    # min and max of a tensor holding a NaN are NaN: "values in [nan, nan]" said nothing.
+    with pytest.raises(ValueError, match=re.escape("x must lie in [0, 1], but it holds 2 NaN and 1 infinite "
+                                                   "value(s) (of 4)")):
+        c.check_unit_interval("x", torch.tensor([math.nan, 0.5, math.nan, math.inf]))
+
+
 def test_check_number():
     assert c.check_number("tau", 3) == 3.0 and isinstance(c.check_number("tau", 3), float)
     assert c.check_number("tau", 0.0) == 0.0 and c.check_number("tau", 2.0, high=2.0) == 2.0
@@ -86,12 +95,22 @@ def test_check_choice():
 
 
 def test_check_beta():
-    for ok in (0, 1.5, torch.tensor(2.0), torch.tensor([0.5])):
-        c.check_beta(ok)
-    with pytest.raises(ValueError, match=re.escape("beta must be a scalar, got a tensor of shape (2,)")):
-        c.check_beta(torch.ones(2))
-    with pytest.raises(TypeError, match="beta must be a number, got bool"):
+    for ok in (0, 1.5, np.float32(4.0), np.int64(2)):
+        value = c.check_beta(ok)
+        assert type(value) is float and value == float(ok)
+    t = torch.tensor(2.0, dtype=torch.float64)
+    assert c.check_beta(t) is t  # a tensor stays one: a schedule updates it in place
+    for shape in ((2,), (1,)):  # a [1] beta made a [1] loss beside 0-dim terms
+        with pytest.raises(ValueError, match=re.escape(f"beta must be a scalar (a 0-dim tensor), got a tensor "
+                                                       f"of shape {shape}")):
+            c.check_beta(torch.ones(shape))
+    with pytest.raises(TypeError, match="beta must be a number or a 0-dim floating-point tensor, got bool"):
         c.check_beta(False)
+    with pytest.raises(TypeError, match="beta must be a number or a 0-dim floating-point tensor, got str"):
+        c.check_beta("1")
+    for dtype in (torch.bool, torch.int64):  # Python True is refused, so is torch.tensor(True)
+        with pytest.raises(TypeError, match=f"beta must be a floating-point tensor, got dtype {dtype}"):
+            c.check_beta(torch.tensor(1, dtype=dtype))
     for bad in (-1.0, math.nan, torch.tensor(-0.5)):
         with pytest.raises(ValueError, match=f"beta must be a finite number >= 0, got {float(bad)}"):
             c.check_beta(bad)
@@ -116,19 +135,27 @@ def test_the_switch_turns_value_checks_off_and_back_on():
     assert torch.isfinite(discretized_logistic_nll(mean, log_scale, off_grid, validate_args=False)).all()
 
 
-def test_upcast():
-    ts = [torch.ones(2, dtype=d) for d in (torch.bfloat16, torch.float16, torch.float32, torch.float64)]
-    out = c.upcast(*ts)
-    assert isinstance(out, tuple) and [t.dtype for t in out] == [torch.float32, torch.float32,
-                                                                  torch.float32, torch.float64]
-    assert out[2] is ts[2] and out[3] is ts[3]
-    assert all(bool((o == 1).all()) for o in out)
+@pytest.mark.parametrize("dtypes, want", [
+    ((torch.bfloat16,), torch.float32),
+    ((torch.float16, torch.bfloat16), torch.float32),
+    ((torch.bfloat16, torch.float32), torch.float32),
+    ((torch.float32, torch.float32), torch.float32),
+    ((torch.float64, torch.float32), torch.float64),  # not rounded to the lower precision
+    ((torch.float32, torch.bfloat16, torch.float64), torch.float64),
+])
+def test_upcast_gives_one_common_dtype_at_least_float32(dtypes, want):
+    ts = [torch.ones(2, dtype=d) for d in dtypes]
+    out = c.upcast(*ts, 0.5)
+    assert isinstance(out, tuple) and len(out) == len(ts) + 1
+    assert [t.dtype for t in out[:-1]] == [want] * len(ts) and out[-1] == 0.5  # a number passes through
+    assert all(o is t for o, t in zip(out, ts) if t.dtype == want)
+    assert all(bool((o == 1).all()) for o in out[:-1])
 
 
-@pytest.mark.parametrize("shape", [(3, 5), (3, 1, 4, 2), (1, 7, 2)])
+@pytest.mark.parametrize("shape", [(3, 5), (3, 1, 4, 2), (1, 7, 2), (4,), (0, 5), (0, 1, 2, 2), (0,), (3, 0)])
 def test_sum_event_against_float64(shape):
     t = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    want = t.double().sum(dim=tuple(range(1, t.dim())))
+    want = t.double().unsqueeze(-1).flatten(1).sum(1)  # a trailing 1 gives a 1-D t an event dim to sum
     got = c.sum_event(t)
     assert got.shape == (shape[0],)
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
@@ -142,3 +169,8 @@ def test_value_checks_restores_both_switches_even_when_the_block_raises():
             assert not c.validate_args_enabled() and torch.distributions.Distribution._validate_args is False
             raise RuntimeError("inside")
     assert c.validate_args_enabled() and torch.distributions.Distribution._validate_args == before
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(c, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 1 and result.failed == 0

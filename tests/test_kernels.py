@@ -302,13 +302,13 @@ def test_half_precision_logits(dtype):
 
 
 @interpreted
-def test_beta_tensor_is_read_from_memory_and_promotes_like_eager():
+def test_beta_tensor_is_read_from_memory_and_keeps_the_dtype_like_eager():
     x, out, mu, logvar = _inputs(3, 30, 4)
     beta = torch.tensor(0.5, dtype=torch.float64)
     first = fused_vae_loss(x, out, mu, logvar, beta=beta).loss.detach()
     beta.fill_(4.0)  # an in-place schedule update
     fused, ref = _both(x, out, mu, logvar, beta=beta)
-    assert fused.loss.dtype == ref.loss.dtype == torch.float64
+    assert fused.loss.dtype == ref.loss.dtype == torch.float32  # the terms' dtype, not beta's
     _assert_same(fused, ref)
     assert not torch.allclose(first, fused.loss.detach())
     weights = (torch.tensor(0.7, dtype=torch.float64), None, torch.tensor(0.2))
@@ -361,11 +361,33 @@ def test_value_checks_follow_validate_args():
 
 
 @interpreted
+@pytest.mark.parametrize("beta, error, message", [
+    (torch.tensor([1.5]), ValueError, "beta must be a scalar"),
+    (torch.tensor(2), TypeError, "beta must be a floating-point tensor"),
+])
+def test_a_bad_beta_tensor_is_refused_as_eager_refuses_it(beta, error, message):
+    x, out, mu, logvar = _inputs(2, 6, 3)
+    for validate in (True, False):
+        with pytest.raises(error, match=message):
+            fused_vae_loss(x, out, mu, logvar, beta=beta.to(x.device), validate_args=validate)
+
+
+@interpreted
+def test_an_empty_batch_is_scored_as_eager_scores_it():
+    x, out, mu, logvar = _inputs(2, 6, 3)
+    empty = [t.detach()[:0] for t in (x, out, mu, logvar)]
+    for reduction in ("sum", "none"):
+        fused, ref = _both(*empty, reduction=reduction)
+        _assert_same(fused, ref)
+    with pytest.raises(ValueError, match="empty batch"):
+        fused_vae_loss(*empty, reduction="mean")
+
+
+@interpreted
 @pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
 @pytest.mark.parametrize(
     "case",
-    ["mse", "learned_logvar", "float64", "x_requires_grad", "beta_requires_grad", "beta_shape_1",
-     "latent_3d", "no_triton"],
+    ["mse", "learned_logvar", "float64", "x_requires_grad", "beta_requires_grad", "latent_3d", "no_triton"],
 )
 def test_fallback_conditions_run_the_reference(case, monkeypatch):
     x, out, mu, logvar = _inputs(2, 6, 3)
@@ -381,8 +403,6 @@ def test_fallback_conditions_run_the_reference(case, monkeypatch):
         args[0] = x.clone().requires_grad_()
     elif case == "beta_requires_grad":
         kw["beta"] = torch.tensor(1.5, requires_grad=True)
-    elif case == "beta_shape_1":
-        kw["beta"] = torch.tensor([1.5])
     elif case == "latent_3d":
         args[2], args[3] = mu.detach()[:, None], logvar.detach()[:, None]
     elif case == "no_triton":

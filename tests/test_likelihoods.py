@@ -100,3 +100,8 @@ def test_discretized_logistic_gradcheck_and_extremes():
             assert bool(torch.isfinite(out).all() and torch.isfinite(m.grad).all() and torch.isfinite(s.grad).all())
     with pytest.raises(ValueError, match="multiples"):
         discretized_logistic_nll(mean, log_scale, torch.full_like(mean, 0.5001))
+
+
+def test_optimal_sigma_nll_of_an_empty_batch_is_empty():
+    for per in ("example", "batch"):
+        assert optimal_sigma_nll(torch.zeros(0, 3, 4), torch.zeros(0, 3, 4), per=per).shape == (0,)

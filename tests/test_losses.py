@@ -6,7 +6,9 @@ the classic tutorial formulas. The last block has one test per tutorial mistake
 (docs/objective.md lists them).
 """
 
+import doctest
 import math
+import re
 import subprocess
 import sys
 from decimal import Decimal, localcontext
@@ -30,6 +32,7 @@ from vaekit.losses import (
     gaussian_kl,
     gaussian_nll,
     mse,
+    reconstruction_nll,
     set_validate_args,
     validate_args_enabled,
 )
@@ -110,6 +113,57 @@ def test_gaussian_kl_keeps_leading_dims():
     out = gaussian_kl(mu, logvar)
     assert out.shape == (2, 3)
     assert_close(out[1], gaussian_kl(mu[1], logvar[1]), rtol=0, atol=0)
+
+
+def test_gaussian_kl_refuses_a_1d_mu():
+    # A 1-D mu is one example to a KL that sums the last dim, but B examples to every
+    # likelihood: VAELoss added one KL to each of B reconstruction terms.
+    with pytest.raises(ValueError, match=re.escape("mu must have shape [B, d] (at least 2 dims), got shape (4,)")):
+        gaussian_kl(torch.zeros(4), torch.ones(4))
+    with pytest.raises(ValueError, match=re.escape("mu must have shape [B, d]")):
+        VAELoss(reduction="none")(torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.ones(4))
+    assert gaussian_kl(torch.zeros(1, 4), torch.ones(1, 4)).shape == (1,)
+
+
+@pytest.mark.parametrize("prior_shape", [(), (1,), (4,), (1, 4), (3, 4)])
+def test_gaussian_kl_prior_shapes_that_keep_the_result_per_example(prior_shape):
+    mu, logvar = _latent(3, 4)
+    pm, plv = torch.randn(prior_shape, dtype=F64), torch.randn(prior_shape, dtype=F64)
+    pm_t, plv_t = pm.expand(3, 4), plv.expand(3, 4)
+    got = gaussian_kl(mu, logvar, pm, plv)
+    assert got.shape == (3,)
+    assert_close(got, kl_divergence(_posterior(mu, logvar), _posterior(pm_t, plv_t)), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["prior_mu", "prior_logvar"])
+@pytest.mark.parametrize("prior_shape", [(4, 1, 5), (3, 4, 5), (3,), (4, 4)])
+def test_gaussian_kl_refuses_a_prior_that_changes_the_shape(name, prior_shape):
+    # [B, 1, d] broadcast the [B] result to [B, B]; (3,) gave torch's bare "size of tensor a" error.
+    mu, logvar = torch.zeros(4, 5), torch.zeros(4, 5)
+    want = f"{name} has shape {prior_shape}, which does not broadcast to mu's shape (4, 5) without changing it"
+    with pytest.raises(ValueError, match=re.escape(want)):
+        gaussian_kl(mu, logvar, **{name: torch.zeros(prior_shape)})
+
+
+@pytest.mark.parametrize("name", ["prior_mu", "prior_logvar"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_gaussian_kl_prior_values_are_checked_when_validating(name, bad):
+    mu, logvar = torch.zeros(4, 5), torch.zeros(4, 5)
+    with pytest.raises(ValueError, match=f"{name} must be finite, got {bad}"):
+        gaussian_kl(mu, logvar, validate_args=True, **{name: bad})
+    with pytest.raises(ValueError, match=f"{name} must be finite, but it holds NaN or infinite values"):
+        gaussian_kl(mu, logvar, validate_args=True, **{name: torch.full((5,), bad)})
+    assert gaussian_kl(mu, logvar, validate_args=False, **{name: bad}).shape == (4,)  # the fast path reads no value
+
+
+@pytest.mark.parametrize("name", ["prior_mu", "prior_logvar"])
+def test_gaussian_kl_prior_types(name):
+    mu, logvar = _latent(2, 3)
+    want = gaussian_kl(mu, logvar, **{name: 0.5})
+    assert_close(gaussian_kl(mu, logvar, **{name: np.float64(0.5)}), want, rtol=0, atol=0)
+    for bad, error in [([0.5], "got list"), (True, "got bool"), (torch.zeros(3, dtype=torch.long), "dtype torch.int64")]:
+        with pytest.raises(TypeError, match=f"{name} must be a .*{error}"):
+            gaussian_kl(mu, logvar, **{name: bad})
 
 
 def test_gaussian_kl_against_monte_carlo():
@@ -329,6 +383,82 @@ def test_bf16_autocast_matches_float32_of_the_same_values(scale):
     assert torch.isfinite(layer.weight.grad).all()
 
 
+_MIXED = {  # each loss with its arguments; one of them is made float32, the rest float64
+    "bernoulli_nll": (bernoulli_nll, lambda: (20 + 1e-3 * torch.randn(2, 784, dtype=F64), torch.zeros(2, 784, dtype=F64))),
+    "continuous_bernoulli_nll": (continuous_bernoulli_nll, lambda: (3 * torch.randn(2, 9, dtype=F64),
+                                                                    torch.rand(2, 9, dtype=F64))),
+    "gaussian_nll": (gaussian_nll, lambda: (torch.randn(2, 9, dtype=F64), torch.randn(2, 9, dtype=F64),
+                                            torch.randn(9, dtype=F64))),
+    "gaussian_nll_0dim_logvar": (gaussian_nll, lambda: (torch.randn(2, 9, dtype=F64), torch.randn(2, 9, dtype=F64),
+                                                        torch.tensor(-1.3, dtype=F64))),
+    "mse": (mse, lambda: (torch.randn(2, 9, dtype=F64), torch.randn(2, 9, dtype=F64))),
+    "gaussian_kl": (gaussian_kl, lambda: (*_latent(2, 5), torch.randn(5, dtype=F64), torch.tensor(0.7, dtype=F64))),
+}
+
+
+@pytest.mark.parametrize("name", list(_MIXED))
+@pytest.mark.parametrize("low", [torch.float32, torch.bfloat16])
+def test_mixed_dtypes_are_computed_in_the_common_dtype(name, low):
+    # bernoulli_nll(float64 logits, float32 x) was computed in float32 (~2e-3 nats off on 784
+    # pixels) while the others promoted: now every loss computes in the common dtype.
+    fn, make = _MIXED[name]
+    args = make()
+    for i in range(len(args)):
+        mixed = [a.to(low) if j == i else a for j, a in enumerate(args)]
+        reference = fn(*[a.double() for a in mixed])  # the same values, all float64
+        got = fn(*mixed)
+        assert got.dtype == F64, (name, i)
+        assert_close(got, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reconstruction", losses.RECONSTRUCTIONS)
+def test_vae_loss_with_mixed_dtypes_is_float64(reconstruction):
+    # Each term is computed in the common dtype of its own arguments: here float64 for both.
+    x, out, mu, logvar = _batch(reconstruction)
+    x32, logvar32 = x.float(), logvar.float()
+    got = VAELoss(2.0, reconstruction)(x32, out, mu, logvar32)
+    want = VAELoss(2.0, reconstruction)(x32.double(), out, mu, logvar32.double())
+    for g, w in zip(got, want):
+        assert g.dtype == F64
+        assert_close(g, w, rtol=0, atol=0)
+
+
+_EMPTY = {
+    "bernoulli_nll": lambda x: bernoulli_nll(x, x),
+    "continuous_bernoulli_nll": lambda x: continuous_bernoulli_nll(x, x),
+    "gaussian_nll": lambda x: gaussian_nll(x, x),
+    "gaussian_nll_per_dim_logvar": lambda x: gaussian_nll(x, x, torch.zeros(x.shape[1:])),
+    "mse": lambda x: mse(x, x),
+    "gaussian_kl": lambda x: gaussian_kl(x.flatten(1), x.flatten(1)),
+    **{f"reconstruction_nll_{k}": (lambda k: lambda x: reconstruction_nll(k, x, x))(k) for k in losses.RECONSTRUCTIONS},
+}
+
+
+@pytest.mark.parametrize("name", list(_EMPTY))
+@pytest.mark.parametrize("event", [(5,), (1, 3, 2)])
+def test_every_loss_takes_an_empty_batch(name, event):
+    # sum_event reshaped with -1, which torch refuses for 0 elements.
+    x = torch.zeros(0, *event, requires_grad=True)
+    out = _EMPTY[name](x)
+    assert out.shape == (0,) and out.dtype == torch.float32
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("reconstruction", losses.RECONSTRUCTIONS)
+def test_vae_loss_on_an_empty_batch(reconstruction):
+    x, out, mu, logvar = _batch(reconstruction)
+    empty = (x[:0], tuple(o[:0] for o in out) if isinstance(out, tuple) else out[:0], mu[:0], logvar[:0])
+    none = VAELoss(2.0, reconstruction, "none")(*empty)
+    assert all(t.shape == (0,) for t in none)
+    total = VAELoss(2.0, reconstruction, "sum")(*empty)
+    assert all(t.shape == () and float(t) == 0.0 for t in total)  # the sum of nothing
+    # torch's mean of nothing is NaN; a NaN loss would train on silently: refused, naming the batch.
+    with pytest.raises(ValueError, match=re.escape("reduction='mean' needs a batch of at least one example, "
+                                                   "got an empty batch (x has batch size 0)")):
+        VAELoss(2.0, reconstruction, "mean")(*empty)
+
+
 # ---------------------------------------------------------------------------------------
 # mse is a Gaussian with a fixed variance
 
@@ -396,12 +526,41 @@ def test_gaussian_learned_variance_reaches_logvar():
 
 @pytest.mark.parametrize("kwargs, name", [
     ({"beta": -0.1}, "beta"), ({"beta": float("nan")}, "beta"), ({"beta": float("inf")}, "beta"),
-    ({"beta": torch.tensor([1.0, 2.0])}, "beta"), ({"reconstruction": "l2"}, "reconstruction"),
-    ({"reduction": "avg"}, "reduction"),
+    ({"beta": torch.tensor([1.0, 2.0])}, "beta"), ({"beta": torch.tensor([2.0])}, "beta"),
+    ({"reconstruction": "l2"}, "reconstruction"), ({"reduction": "avg"}, "reduction"),
+    ({"reconstruction": "gaussian", "logvar": math.nan}, "logvar"),
+    ({"reconstruction": "gaussian", "logvar": math.nan, "validate_args": False}, "logvar"),  # a setting
+    ({"reconstruction": "gaussian", "logvar": torch.tensor([0.0, math.inf])}, "logvar"),
 ])
 def test_vae_loss_rejects_bad_settings_at_construction(kwargs, name):
     with pytest.raises(ValueError, match=name):
         VAELoss(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"beta": torch.tensor(True)}, "beta must be a floating-point tensor, got dtype torch.bool"),
+    ({"beta": True}, "beta must be a number or a 0-dim floating-point tensor, got bool"),
+    ({"reconstruction": "gaussian", "logvar": "0.1"}, "logvar must be a number, got str"),
+    ({"reconstruction": "gaussian", "logvar": torch.zeros(3, dtype=torch.long)},
+     "logvar must be a floating-point tensor, got dtype torch.int64"),
+    ({"validate_args": 1}, "validate_args must be a bool or None, got int"),
+])
+def test_vae_loss_rejects_bad_types_at_construction(kwargs, message):
+    with pytest.raises(TypeError, match=re.escape(message)):
+        VAELoss(**kwargs)
+
+
+def test_vae_loss_beta_forms_and_dtypes():
+    x, logits, mu, logvar = _batch("bernoulli", dtype=torch.float32)
+    want = VAELoss(4.0, reduction="none")(x, logits, mu, logvar)
+    # numpy scalars are numbers, as check_number has it elsewhere
+    for beta in (np.float32(4.0), np.int64(4), torch.tensor(4.0), torch.tensor(4.0, dtype=F64)):
+        for reduction in losses.REDUCTIONS:
+            got = VAELoss(beta, reduction=reduction)(x, logits, mu, logvar)
+            # a float64 0-dim beta made a float64 loss beside float32 terms
+            assert got.loss.dtype == got.reconstruction.dtype == got.kl.dtype == torch.float32, (beta, reduction)
+            assert got.loss.shape == got.kl.shape
+            assert_close(got.loss, losses._reduce(want.loss, reduction))
 
 
 @pytest.mark.parametrize("case", ["x_vs_logits", "mu_vs_logvar", "x_vs_mu_batch"])
@@ -575,3 +734,9 @@ def test_mistake8_beta_above_one_and_schedules():
     for out, b in zip(seen, (0.0, 0.5, 1.0)):
         assert_close(out.loss, out.reconstruction + b * out.kl)
     assert seen[0].loss < seen[1].loss < seen[2].loss
+
+
+def test_docstring_examples_run():
+    # The VAELoss example used names it never defined (docs/objective.md, mistake 3).
+    result = doctest.testmod(losses, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 8 and result.failed == 0

@@ -1,6 +1,8 @@
 """Tests for vaekit.objectives: every formula against a second computation."""
 
+import doctest
 import math
+import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -255,6 +257,16 @@ def test_log_weights_gradcheck_in_the_weights_and_errors():
         obj.log_importance_weights(wrapper.model, x, 0)
 
 
+def test_iwae_bound_names_log_w_for_no_samples_or_no_batch_dim():
+    # k = 0 gave "math domain error" from log(0); a 1-D log_w gave a 0-dim bound.
+    with pytest.raises(ValueError, match=re.escape("log_w must hold k >= 1 samples along its first dimension "
+                                                   "[k, B], got shape (0, 3)")):
+        obj.iwae_bound(torch.zeros(0, 3))
+    with pytest.raises(ValueError, match=re.escape("log_w must have at least 2 dimension(s) [B, ...], got shape (4,)")):
+        obj.iwae_bound(torch.zeros(4))
+    assert obj.iwae_bound(torch.zeros(4, 0)).shape == (0,)  # an empty batch is no error
+
+
 # ---------------------------------------------------------------------------------------
 # beta-TCVAE
 
@@ -370,10 +382,46 @@ def test_the_likelihoods_stay_importable_from_objectives():
     ({"name": "iwae", "iw_samples": 5, "beta": 4.0}, "beta"),
     ({"capacity_max": 25.0, "free_bits": 0.5}, "free_bits"),
     ({"tc_alpha": 2.0}, "tc_alpha"),
+    ({"tc_estimator": "stratified"}, "tc_estimator"),
 ])
 def test_config_rejects(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         obj.ObjectiveConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    # a forgotten beta_schedule="linear": the warm-up the user asked for would never happen
+    ({"beta": 4.0, "warmup_steps": 10_000},
+     "warmup_steps=10000 has no effect with beta_schedule='constant'; use beta_schedule='linear'"),
+    ({"beta_schedule": "cyclical", "cycle_steps": 10, "warmup_steps": 5},
+     "warmup_steps=5 has no effect with beta_schedule='cyclical'; use beta_schedule='linear'"),
+    ({"beta_schedule": "linear", "warmup_steps": 10, "cycle_steps": 5},
+     "cycle_steps=5 has no effect with beta_schedule='linear'; use beta_schedule='cyclical'"),
+    ({"beta_schedule": "linear", "warmup_steps": 10, "cycle_ratio": 0.2},
+     "cycle_ratio=0.2 has no effect with beta_schedule='linear'; use beta_schedule='cyclical'"),
+    ({"cycle_steps": 5}, "cycle_steps=5 has no effect with beta_schedule='constant'; use beta_schedule='cyclical'"),
+    ({"capacity_steps": 500}, "capacity_steps=500 has no effect with capacity_max=0.0; use capacity_max > 0"),
+    ({"capacity_gamma": 5.0}, "capacity_gamma=5.0 has no effect with capacity_max=0.0; use capacity_max > 0"),
+    ({"tc_estimator": "stratified"}, "tc_estimator='stratified' applies only to name='beta_tcvae', got name='elbo'"),
+    ({"name": "iwae", "iw_samples": 5, "tc_estimator": "stratified"},
+     "tc_estimator='stratified' applies only to name='beta_tcvae', got name='iwae'"),
+])
+def test_config_rejects_a_setting_that_has_no_effect(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(f"ObjectiveConfig.{message}")):
+        obj.ObjectiveConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"beta_schedule": "linear", "warmup_steps": 10},
+    {"beta_schedule": "cyclical", "cycle_steps": 10, "cycle_ratio": 0.2},
+    {"capacity_max": 5.0, "capacity_steps": 500, "capacity_gamma": 5.0},
+    {"capacity_max": 5.0},  # capacity_steps = 0: the full capacity from step 0
+    {"name": "beta_tcvae", "tc_estimator": "stratified", "beta_schedule": "linear", "warmup_steps": 3},
+    {"name": "iwae", "iw_samples": 5},
+])
+def test_config_accepts_the_same_settings_where_they_act(kwargs):
+    config = obj.ObjectiveConfig(**kwargs)
+    assert all(getattr(config, k) == v for k, v in kwargs.items())
 
 
 def run(model, x, config, step, seed=7, **kw):
@@ -432,3 +480,8 @@ def test_objective_loss_iwae():
         obj.objective_loss(model, x, obj.ObjectiveConfig(name="beta_tcvae"), 0)
     with pytest.raises(TypeError, match="config"):
         obj.objective_loss(model, x, {"name": "elbo"}, 0)
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(obj, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 1 and result.failed == 0

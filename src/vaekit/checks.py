@@ -9,8 +9,9 @@ Two kinds of check, as in ``torch.distributions``:
 
 Every error names the argument, what was expected and what was given.
 
-Also here, because every likelihood applies them: :func:`upcast` (half precision is computed
-in float32) and :func:`sum_event` (per-example values are sums over the event dims).
+Also here, because every likelihood applies them: :func:`upcast` (the inputs in one dtype,
+half precision computed in float32) and :func:`sum_event` (per-example values are sums over
+the event dims).
 """
 
 from __future__ import annotations
@@ -124,6 +125,11 @@ def check_finite(name: str, t: Tensor) -> None:
 def check_unit_interval(name: str, t: Tensor) -> None:
     """Raise unless every value of ``t`` lies in [0, 1]. A value check: it synchronises."""
     if not bool(((t >= 0) & (t <= 1)).all()):
+        # A NaN fails the range test too, but its min and max are NaN: count them instead.
+        n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        if n_nan or n_inf:
+            raise ValueError(f"{name} must lie in [0, 1], but it holds {n_nan} NaN and {n_inf} infinite "
+                             f"value(s) (of {t.numel()})")
         lo, hi = float(t.min()), float(t.max())
         raise ValueError(f"{name} must lie in [0, 1], got values in [{lo:g}, {hi:g}]")
 
@@ -173,30 +179,47 @@ def in_section(section: str):
         raise type(e)(f"{section}.{e}") from None
 
 
-def check_beta(beta) -> None:
-    """Reject a beta that is not a real number >= 0 (naming it); a one-element tensor counts
-    as a number (and is read, so it synchronises)."""
+def check_beta(beta):
+    """``beta``, if it is a KL weight: a real number >= 0 (a Python or numpy scalar, not a bool;
+    returned as a float) or a 0-dim floating-point tensor (returned as is, and read, so it
+    synchronises). Otherwise raise, naming it."""
     if isinstance(beta, Tensor):
-        if beta.numel() != 1:
-            raise ValueError(f"beta must be a scalar, got a tensor of shape {tuple(beta.shape)}")
+        if beta.dim() != 0:
+            raise ValueError(f"beta must be a scalar (a 0-dim tensor), got a tensor of shape {tuple(beta.shape)}")
+        if not beta.is_floating_point():
+            raise TypeError(f"beta must be a floating-point tensor, got dtype {beta.dtype}")
         value = float(beta)
-    elif isinstance(beta, (int, float)) and not isinstance(beta, bool):
+    elif isinstance(beta, numbers.Real) and not isinstance(beta, bool):
         value = float(beta)
     else:
-        raise TypeError(f"beta must be a number, got {type(beta).__name__}")
+        raise TypeError(f"beta must be a number or a 0-dim floating-point tensor, got {type(beta).__name__}")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"beta must be a finite number >= 0, got {value}")
+    return beta if isinstance(beta, Tensor) else value
 
 
 # ---------------------------------------------------------------------------------------
 # The two conventions every likelihood applies
 
 
-def upcast(*ts: Tensor) -> tuple[Tensor, ...]:
-    """float16/bfloat16 -> float32; float32/float64 unchanged. Returns a tuple, one per input."""
-    return tuple(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in ts)
+def upcast(*ts):
+    """The tensors among ``ts`` in one common dtype: ``torch.promote_types`` over them, at
+    least float32 (half precision is computed in float32; float32 with float64 gives
+    float64). Python numbers pass through unchanged (torch keeps them weak). Returns a
+    tuple, one per input; a tensor already in the common dtype is returned as is."""
+    dtype = torch.float32
+    for t in ts:
+        if isinstance(t, Tensor):
+            dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) else t for t in ts)
 
 
 def sum_event(t: Tensor) -> Tensor:
-    """Sum over every dimension but the first: ``[B, *event] -> [B]``."""
-    return t.reshape(t.shape[0], -1).sum(1)
+    """Sum over every dimension but the first: ``[B, *event] -> [B]`` (an empty batch too).
+
+    Example:
+        >>> sum_event(torch.ones(2, 3, 4)), sum_event(torch.ones(0, 3, 4)).shape
+        (tensor([12., 12.]), torch.Size([0]))
+    """
+    # No -1 in the reshape: with B = 0 it would be ambiguous, and torch refuses it.
+    return t.reshape(t.shape[0], math.prod(t.shape[1:])).sum(1)

@@ -367,7 +367,7 @@ def _fusable(x, out, mu, logvar, beta, reconstruction, reduction, gaussian_logva
         return False
     if x.shape[0] != mu.shape[0] or x.numel() == 0 or mu.numel() == 0:
         return False
-    if isinstance(beta, Tensor) and (beta.dim() != 0 or (grad_mode and beta.requires_grad)
+    if isinstance(beta, Tensor) and (beta.dim() != 0 or not beta.is_floating_point() or (grad_mode and beta.requires_grad)
                                      or beta.device not in (device, torch.device("cpu"))):
         return False
     return not (grad_mode and x.requires_grad)
@@ -401,8 +401,8 @@ def fused_vae_loss(
             :func:`vaekit.losses.set_validate_args`.
 
     Returns:
-        ``LossResult(loss, reconstruction, kl)``: fp32 (``loss`` promoted with a tensor
-        ``beta`` as ``rec + beta * kl`` would be), ``[B]`` each for ``"none"``.
+        ``LossResult(loss, reconstruction, kl)``: fp32 (``loss`` too, whatever the dtype
+        of a tensor ``beta``, as :class:`vaekit.losses.VAELoss`), ``[B]`` each for ``"none"``.
 
     The eager reference runs instead when Triton is missing, the tensors are not on a
     device :func:`fused_available` accepts, a dtype is not fp32/fp16/bf16, ``x`` or
@@ -426,10 +426,7 @@ def fused_vae_loss(
         beta_t = beta
     else:
         beta_value = float(beta)  # a number or a CPU scalar: no device sync
-    # Same promotion as `rec + beta * kl` on fp32 results (0-dim only when reduced).
-    loss_dtype = torch.float32
-    if reduction != "none" and isinstance(beta, Tensor) and beta.is_floating_point():
-        loss_dtype = torch.promote_types(torch.float32, beta.dtype)
+    loss_dtype = torch.float32  # as VAELoss: the loss has its terms' dtype, whatever beta's
     grad_mode = torch.is_grad_enabled()
     loss, rec, kl = _FusedVAELoss.apply(
         decoder_out.reshape(B, -1).contiguous(), x.reshape(B, -1).contiguous(),

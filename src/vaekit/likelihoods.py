@@ -51,7 +51,7 @@ def optimal_sigma_nll(mean: Tensor, x: Tensor, *, per: str = "example", min_logv
         check_finite("x", x)
         check_finite("mean", mean)
     mean, x = upcast(mean, x)
-    sq = (x - mean).square().reshape(x.shape[0], -1)
+    sq = (x - mean).square().reshape(x.shape[0], math.prod(x.shape[1:]))  # no -1: B may be 0
     dims = sq.shape[1]
     sse = sq.sum(1)
     mse = sse / dims if per == "example" else (sse.sum() / sq.numel()).expand_as(sse)

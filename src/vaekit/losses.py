@@ -12,12 +12,14 @@ Conventions (see ``docs/objective.md``):
 
 Half-precision inputs (e.g. under bf16 autocast) are computed in float32: the
 reductions over hundreds of pixels and the exponentials would otherwise lose the
-numbers this module exists to get right.
+numbers this module exists to get right. Inputs of mixed dtypes are computed in the
+common one (float32 logits with float64 data: float64), never rounded to the lower.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple, Union
 
 import torch
@@ -28,6 +30,7 @@ from .checks import (
     _LOG_2PI,
     check_beta,
     check_finite,
+    check_number,
     check_same_shape,
     check_tensor,
     check_unit_interval,
@@ -83,10 +86,12 @@ def gaussian_kl(
     and never negative through rounding.
 
     Args:
-        mu: posterior means, ``[B, d]``.
+        mu: posterior means, ``[B, d]`` (at least 2 dims: a 1-D ``mu`` could be one
+            example or ``B`` examples of one latent, so it is refused).
         logvar: posterior log-variances ``log sigma^2`` (not variances), ``[B, d]``.
-        prior_mu, prior_logvar: prior mean and log-variance, scalars or broadcastable to
-            ``[B, d]``.
+        prior_mu, prior_logvar: prior mean and log-variance: numbers, or floating tensors
+            whose shape broadcasts to ``mu``'s without changing it (``[d]``, ``[B, d]``, ...).
+            Finite, when validating.
 
     Shape:
         returns ``[B]`` (the last dimension is summed; leading dims are kept, so
@@ -96,7 +101,16 @@ def gaussian_kl(
         >>> gaussian_kl(torch.zeros(2, 3), torch.zeros(2, 3))
         tensor([0., 0.])
     """
-    mu, logvar = _checked("mu", mu, "logvar", logvar, validate_args)
+    check_tensor("mu", mu)
+    if mu.dim() < 2:
+        raise ValueError(
+            f"mu must have shape [B, d] (at least 2 dims), got shape {tuple(mu.shape)}: for one example "
+            f"of d latents pass mu[None], for B examples of one latent mu[:, None]"
+        )
+    _checked("mu", mu, "logvar", logvar, validate_args)
+    prior_mu = _checked_prior("prior_mu", prior_mu, mu, validate_args)
+    prior_logvar = _checked_prior("prior_logvar", prior_logvar, mu, validate_args)
+    mu, logvar, prior_mu, prior_logvar = upcast(mu, logvar, prior_mu, prior_logvar)
     r = logvar - prior_logvar
     diff = mu - prior_mu if not (isinstance(prior_mu, float) and prior_mu == 0.0) else mu
     if isinstance(prior_logvar, float) and prior_logvar == 0.0:
@@ -106,13 +120,42 @@ def gaussian_kl(
     return 0.5 * (torch.expm1(r) - r + quad).sum(-1)
 
 
+def _checked_prior(name: str, prior, mu: Tensor, validate_args):
+    """A prior parameter of :func:`gaussian_kl`: a real number (returned as a float) or a
+    floating tensor that broadcasts to ``mu``'s shape without changing it (a larger shape
+    would turn the ``[B]`` result into ``[B, B]``); finite when validating."""
+    if isinstance(prior, numbers.Real) and not isinstance(prior, bool):
+        prior = float(prior)
+        if validating(validate_args) and not math.isfinite(prior):
+            raise ValueError(f"{name} must be finite, got {prior}")
+        return prior
+    if not isinstance(prior, Tensor):
+        raise TypeError(f"{name} must be a number or a torch.Tensor, got {type(prior).__name__}")
+    if not prior.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {prior.dtype}")
+    try:
+        fits = torch.broadcast_shapes(prior.shape, mu.shape) == mu.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{name} has shape {tuple(prior.shape)}, which does not broadcast to mu's shape "
+            f"{tuple(mu.shape)} without changing it: give a number, one value per latent dimension, "
+            f"or one per element"
+        )
+    if validating(validate_args):
+        check_finite(name, prior)
+    return prior
+
+
 # ---------------------------------------------------------------------------------------
 # Reconstruction likelihoods
 
 
 def _checked(first_name: str, first, second_name: str, second, validate_args, *, unit_first: bool = False):
     """The common checks of a two-tensor loss: both floating tensors of one shape and, when
-    validating, finite (``first`` in [0, 1] when ``unit_first``). Returns both upcast."""
+    validating, finite (``first`` in [0, 1] when ``unit_first``). Returns both upcast to
+    their common dtype (:func:`vaekit.checks.upcast`)."""
     check_tensor(second_name, second)
     check_tensor(first_name, first)
     check_same_shape(first_name, first, second_name, second)
@@ -303,6 +346,11 @@ class LossResult(NamedTuple):
 
 def _reduce(t: Tensor, reduction: str) -> Tensor:
     if reduction == "mean":
+        if t.shape[0] == 0:  # torch's mean of nothing is NaN, which would go on to train a model
+            raise ValueError(
+                "reduction='mean' needs a batch of at least one example, got an empty batch (x has "
+                "batch size 0); use reduction='sum' (0 for no examples) or 'none'"
+            )
         return t.mean()
     if reduction == "sum":
         return t.sum()
@@ -316,23 +364,36 @@ class VAELoss(torch.nn.Module):
     beta-VAE; schedules change ``beta`` between steps (see :mod:`vaekit.objectives`).
 
     Args:
-        beta: KL weight, a number >= 0. May be reassigned between steps; a 0-dim tensor
-            can be updated in place by a graph-captured step.
+        beta: KL weight >= 0: a number (Python or numpy, not a bool) or a 0-dim
+            floating-point tensor. May be reassigned between steps; a 0-dim tensor can be
+            updated in place by a graph-captured step. The loss keeps the dtype of its
+            terms whatever the dtype of a tensor ``beta``.
         reconstruction: ``"bernoulli"`` (logits), ``"gaussian"`` (mean, or
             ``(mean, logvar)``), ``"mse"`` or ``"continuous_bernoulli"`` (logits).
         reduction: ``"mean"`` (nats per example, the scale of published numbers),
-            ``"sum"`` (the whole batch) or ``"none"`` (``[B]``).
+            ``"sum"`` (the whole batch; 0 for an empty batch) or ``"none"`` (``[B]``).
+            ``"mean"`` refuses an empty batch rather than return NaN.
         logvar: fixed decoder log-variance for ``"gaussian"`` when the decoder gives only
-            a mean.
+            a mean: a finite number, or a floating-point tensor (shapes as for
+            :func:`gaussian_nll`; finite, when validating).
         validate_args: value checks; ``None`` follows :func:`set_validate_args`.
 
     Call:
         ``loss_fn(x, decoder_out, mu, logvar) -> LossResult(loss, reconstruction, kl)``
 
     Example:
+        >>> import torch
+        >>> from vaekit.losses import VAELoss
         >>> loss_fn = VAELoss(beta=4.0)
+        >>> x = torch.rand(8, 784).bernoulli()                 # binary data, [B, *event]
+        >>> logits = torch.randn(8, 784, requires_grad=True)   # the decoder's output
+        >>> mu, logvar = torch.zeros(8, 16), torch.zeros(8, 16)  # the encoder's, [B, d]
         >>> out = loss_fn(x, logits, mu, logvar)
+        >>> out.kl  # the posterior is the prior
+        tensor(0.)
         >>> out.loss.backward()
+        >>> logits.grad.shape
+        torch.Size([8, 784])
     """
 
     def __init__(
@@ -341,11 +402,20 @@ class VAELoss(torch.nn.Module):
         reconstruction: str = "bernoulli",
         reduction: str = "mean",
         *,
-        logvar: float = 0.0,
+        logvar: Union[float, Tensor] = 0.0,
         validate_args: bool | None = None,
     ) -> None:
         super().__init__()
-        check_beta(beta)
+        beta = check_beta(beta)
+        if validate_args is not None and not isinstance(validate_args, bool):
+            raise TypeError(f"validate_args must be a bool or None, got {type(validate_args).__name__}")
+        if isinstance(logvar, Tensor):
+            if not logvar.is_floating_point():
+                raise TypeError(f"logvar must be a floating-point tensor, got dtype {logvar.dtype}")
+            if validating(validate_args):
+                check_finite("logvar", logvar)
+        else:
+            logvar = check_number("logvar", logvar, low=-math.inf)
         if reconstruction not in RECONSTRUCTIONS:
             raise ValueError(
                 f"reconstruction must be one of {', '.join(RECONSTRUCTIONS)}; got {reconstruction!r}"
@@ -370,7 +440,9 @@ class VAELoss(torch.nn.Module):
         kl = gaussian_kl(mu, logvar, validate_args=self.validate_args)
         rec = _reduce(rec, self.reduction)
         kl = _reduce(kl, self.reduction)
-        return LossResult(rec + self.beta * kl, rec, kl)
+        # A float64 0-dim beta would promote a float32 loss; the loss keeps its terms' dtype.
+        beta = self.beta.to(kl.dtype) if isinstance(self.beta, Tensor) else self.beta
+        return LossResult(rec + beta * kl, rec, kl)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, reconstruction={self.reconstruction!r}, reduction={self.reduction!r}"

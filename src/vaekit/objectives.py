@@ -86,6 +86,10 @@ def beta_schedule(name: str, step: int, *, beta: float, warmup_steps: int = 0,
 
     Every argument is checked whether or not the schedule uses it; ``"linear"`` needs
     ``warmup_steps >= 1`` and ``"cyclical"`` needs ``cycle_steps >= 1``.
+
+    Example:
+        >>> [beta_schedule("linear", step, beta=2.0, warmup_steps=4) for step in range(0, 7, 2)]
+        [0.0, 1.0, 2.0, 2.0]
     """
     _check_schedule(name, beta, warmup_steps, cycle_steps, ratio)
     if name == "constant":
@@ -222,7 +226,10 @@ def iwae_bound(log_w: Tensor) -> Tensor:
 
     ``L_1`` is the single-sample ELBO; ``E[L_k]`` rises with ``k`` towards ``log p(x)``.
     """
-    check_tensor("log_w", log_w)
+    check_tensor("log_w", log_w, min_dim=2)
+    if log_w.shape[0] == 0:
+        raise ValueError(f"log_w must hold k >= 1 samples along its first dimension [k, B], "
+                         f"got shape {tuple(log_w.shape)}")
     return torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
 
 
@@ -312,7 +319,18 @@ def beta_tcvae_kl(z: Tensor, mu: Tensor, logvar: Tensor, dataset_size: int, *, a
 
 # Fields that only act for one objective, with their "off" value.
 _ONLY_FOR = {"free_bits": ("elbo", 0.0), "capacity_max": ("elbo", 0.0), "iw_samples": ("iwae", 1),
-             "tc_alpha": ("beta_tcvae", 1.0), "tc_gamma": ("beta_tcvae", 1.0)}
+             "tc_alpha": ("beta_tcvae", 1.0), "tc_gamma": ("beta_tcvae", 1.0),
+             "tc_estimator": ("beta_tcvae", "mws")}
+# Fields that only act under another field's setting: their "off" value, that field, whether
+# its value lets them act, and what it needs. Set away from "off" where they cannot act,
+# they are refused: a warmup_steps with the constant schedule would warm nothing up.
+_ONLY_WITH = {
+    "warmup_steps": (0, "beta_schedule", lambda v: v == "linear", "beta_schedule='linear'"),
+    "cycle_steps": (0, "beta_schedule", lambda v: v == "cyclical", "beta_schedule='cyclical'"),
+    "cycle_ratio": (0.5, "beta_schedule", lambda v: v == "cyclical", "beta_schedule='cyclical'"),
+    "capacity_steps": (0, "capacity_max", lambda v: v > 0, "capacity_max > 0"),
+    "capacity_gamma": (1000.0, "capacity_max", lambda v: v > 0, "capacity_max > 0"),
+}
 
 
 @dataclass
@@ -323,21 +341,26 @@ class ObjectiveConfig:
         name: "elbo", "iwae" (importance-weighted bound) or "beta_tcvae".
         beta: KL weight (for "beta_tcvae": the total-correlation weight).
         beta_schedule: "constant", "linear" (warm-up from 0) or "cyclical" (Fu et al., 2019).
-        warmup_steps: steps of the linear warm-up.
-        cycle_steps: length of one cycle of the cyclical schedule.
-        cycle_ratio: fraction of each cycle spent rising from 0 to beta.
+        warmup_steps: steps of the linear warm-up ("linear" only).
+        cycle_steps: length of one cycle of the cyclical schedule ("cyclical" only).
+        cycle_ratio: fraction of each cycle spent rising from 0 to beta ("cyclical" only).
         free_bits: nats per latent dimension below which the KL is not penalised ("elbo" only).
         capacity_max: target KL in nats of the capacity penalty, 0 = off ("elbo" only); it
             replaces beta * KL by capacity_gamma * |KL - C|, so it takes no beta or schedule.
-        capacity_steps: steps over which the capacity C rises from 0 to capacity_max.
-        capacity_gamma: weight of the capacity penalty.
+        capacity_steps: steps over which the capacity C rises from 0 to capacity_max
+            (capacity_max > 0 only).
+        capacity_gamma: weight of the capacity penalty (capacity_max > 0 only).
         iw_samples: importance samples per example ("iwae" only; it takes no beta or schedule).
         tc_alpha: weight of the index-code mutual information ("beta_tcvae" only).
         tc_gamma: weight of the dimension-wise KL ("beta_tcvae" only).
         tc_estimator: "mws" (minibatch-weighted sampling) or "stratified" (minibatch
             stratified sampling), both from Chen et al. (2018). MWS overstates the total
             correlation by up to (d - 1) log N nats, a near-constant offset; the stratified
-            estimate is close to 0 for an independent posterior.
+            estimate is close to 0 for an independent posterior ("beta_tcvae" only).
+
+    A field set away from its default where it has no effect (``warmup_steps`` without the
+    "linear" schedule, ``tc_estimator`` without "beta_tcvae", ...) is refused, naming what
+    it needs.
     """
 
     name: str = "elbo"
@@ -373,7 +396,7 @@ class ObjectiveConfig:
             raise ValueError(f"tc_estimator must be one of {', '.join(TC_ESTIMATORS)}; got {self.tc_estimator!r}")
         for field, (objective, off) in _ONLY_FOR.items():
             if self.name != objective and getattr(self, field) != off:
-                raise ValueError(f"{field}={getattr(self, field)} applies only to name={objective!r}, "
+                raise ValueError(f"{field}={getattr(self, field)!r} applies only to name={objective!r}, "
                                  f"got name={self.name!r}")
         if self.free_bits > 0 and self.capacity_max > 0:
             raise ValueError("free_bits and capacity_max cannot both be > 0: the capacity penalty "
@@ -383,6 +406,10 @@ class ObjectiveConfig:
             who = "name='iwae'" if self.name == "iwae" else "capacity_max > 0"
             raise ValueError(f"beta and beta_schedule are unused with {who}; got beta={self.beta}, "
                              f"beta_schedule={self.beta_schedule!r} (leave 1.0 and 'constant')")
+        for field, (off, gate, acts, need) in _ONLY_WITH.items():
+            value, gate_value = getattr(self, field), getattr(self, gate)
+            if value != off and not acts(gate_value):
+                raise ValueError(f"{field}={value!r} has no effect with {gate}={gate_value!r}; use {need}")
 
 
 class ObjectiveResult(NamedTuple):
