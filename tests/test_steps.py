@@ -67,3 +67,72 @@ def test_a_block_runs_only_where_k_full_steps_fit(position, step, total, every, 
     run = type("Run", (), {"batches": batches, "step": step, "total_steps": total,
                            "tc": TrainConfig(checkpoint_every=every)})()
     assert steps._block_fits(run, k) == fits
+
+
+def _diverges(config, run_dir, bad_calls, monkeypatch):
+    """fit(config) with the training-mode decodes numbered ``bad_calls`` (1-based: one a
+    step) made NaN; the TrainingDiverged message, or None when the run trains on."""
+    import vaekit.models
+    import vaekit.wiring
+    from vaekit.train import TrainingDiverged, fit
+
+    class VAE(vaekit.models.VAE):
+        calls = 0
+
+        def decode(self, z, x=None):
+            out = super().decode(z)
+            if self.training:
+                type(self).calls += 1
+                if type(self).calls in bad_calls:
+                    out = out * float("nan")
+            return out
+
+    monkeypatch.setattr(vaekit.wiring, "VAE", VAE)
+    try:
+        fit(config, run_dir)
+    except TrainingDiverged as e:
+        return str(e).split(";")[0]
+    return None
+
+
+@pytest.mark.parametrize("case", ["apart", "across_the_short_batch", "from_the_start"])
+def test_static_step_counts_non_finite_steps_in_a_row_as_the_eager_step(case, tmp_path, monkeypatch):
+    """max_bad_steps counts non-finite steps in a row across the static steps and the eager
+    step of a short last batch, and stops at once on a CPU: the same verdict, at the same
+    step, with fast='static' as with fast='off'."""
+    from vaekit.cli import build_config
+    from vaekit.data import load_dataset
+
+    overrides = {"train.epochs": 3, "train.progress": False, "model.hidden": (16,), "model.latent_dim": 2,
+                 "train.batch_size": 64, "train.max_bad_steps": 4}
+    n = load_dataset(build_config(overrides=overrides).data).train.shape[0]
+    spe = math.ceil(n / 64)
+    assert n % 64, "the test needs a short last batch"
+    # Call spe is the first epoch's short batch (an eager step), call 2 spe the second's.
+    bad = {"apart": {spe - 3, spe - 2, spe - 1, 2 * spe},              # 3 in a row, later one: trains on
+           "across_the_short_batch": {spe, spe + 1, spe + 2, spe + 3},  # 4 in a row: stops
+           "from_the_start": set(range(3, 1000))}[case]
+    verdicts = [_diverges(build_config(overrides={**overrides, "train.fast": fast}), tmp_path / fast, bad,
+                          monkeypatch) for fast in ("off", "static")]
+    assert verdicts[0] == verdicts[1]
+    assert (verdicts[0] is None) == (case == "apart")
+    if case == "from_the_start":
+        assert verdicts[0] == "4 non-finite steps in a row (at step 5)"
+
+
+def test_stratified_tcvae_skips_a_last_batch_of_one(tmp_path):
+    """The stratified estimator needs two examples: a last batch of one is left out of the
+    epoch (it used to stop the run at the end of its first epoch, and again on resume)."""
+    from vaekit.cli import build_config
+    from vaekit.data import load_dataset
+    from vaekit.train import fit
+
+    overrides = {"train.epochs": 1, "train.progress": False, "model.hidden": (16,), "model.latent_dim": 2,
+                 "objective.name": "beta_tcvae", "objective.tc_estimator": "stratified"}
+    n = load_dataset(build_config(overrides=overrides).data).train.shape[0]
+    batch = next(b for b in range(40, 200) if n % b == 1)
+    result = fit(build_config(overrides={**overrides, "train.batch_size": batch}), tmp_path / "run")
+    assert result.history[-1]["step"] == n // batch
+    with pytest.raises(ValueError, match=r"train.batch_size must be at least 2 .* got 1"):
+        fit(build_config(overrides={**overrides, "train.batch_size": 1}), tmp_path / "one")
+    assert not (tmp_path / "one").exists()

@@ -121,15 +121,28 @@ _NOISE_STREAM = 0x6E6F6973  # keeps the noise seeds apart from the data-order se
 
 
 def _fold(run: _Run) -> None:
-    """Move the static step's device counters into the loop's (one sync)."""
+    """Move the static step's device counters into the loop's (one sync). The count of
+    non-finite steps in a row has one home while a static step serves: the device's
+    (``StaticStep.bad_run``), which the eager steps in between (a short last batch) read
+    and write back (:func:`_eager_step`)."""
     static = run.static
     run.sums += static.sums
     static.sums.zero_()
-    n_bad, in_a_row = int(static.skipped), int(static.bad_run)
+    n_bad = int(static.skipped)
     static.skipped.zero_()
-    if n_bad:
-        run.bad_run = in_a_row
     run.skipped += n_bad
+    run.bad_run = int(static.bad_run)
+
+
+def _after_static(run: _Run, first: int, k: int) -> None:
+    """After static steps ``first`` .. ``first + k - 1``: the fold every ``_FOLD_EVERY``
+    steps; off CUDA, where reading a counter waits for nothing, the count of non-finite
+    steps in a row at every step, so that ``max_bad_steps`` stops the run at once (on CUDA
+    at the next fold: the skipped steps change nothing meanwhile)."""
+    if first // _FOLD_EVERY != (first + k) // _FOLD_EVERY:
+        _fold(run)
+    elif run.device.type != "cuda":
+        run.bad_run = int(run.static.bad_run)
 
 
 def _beta_at(oc: ObjectiveConfig, step: int) -> float:
@@ -142,8 +155,7 @@ def _static_step(run: _Run, x: torch.Tensor) -> None:
     sync but every ``_FOLD_EVERY`` steps."""
     run.beta = _beta_at(run.config.objective, run.step)
     run.static.run(x, run.objective.noise(run.step, (x.shape[0], run.config.model.latent_dim)), run.lr, run.beta)
-    if run.step % _FOLD_EVERY == _FOLD_EVERY - 1:
-        _fold(run)
+    _after_static(run, run.step, 1)
 
 
 def _block_fits(run: _Run, k: int) -> bool:
@@ -166,13 +178,14 @@ def _static_block(run: _Run, xs: list) -> None:
     eps = torch.stack([run.objective.noise(s, shape) for s in steps])
     run.static.run_block(torch.stack(xs), eps, lrs, betas)
     run.lr, run.beta = lrs[-1], betas[-1]
-    if run.step // _FOLD_EVERY != (run.step + k) // _FOLD_EVERY:
-        _fold(run)
+    _after_static(run, run.step, k)
 
 
 def _eager_step(run: _Run, x: torch.Tensor, stop: _Stop, amp) -> None:
     """One eager step: any objective, any batch size, data-parallel. A non-finite loss or
     gradient norm skips it (all ranks alike)."""
+    if run.static is not None:  # the static steps' count of non-finite steps in a row goes on here
+        _fold(run)
     opt = run.opt
     set_lr(opt, run.lr)
     with amp:
@@ -204,4 +217,5 @@ def _eager_step(run: _Run, x: torch.Tensor, stop: _Stop, amp) -> None:
         run.skipped += 1
         run.bad_run += 1
     if run.static is not None:
+        run.static.bad_run.fill_(run.bad_run)
         run.static.resync()

@@ -158,10 +158,16 @@ def _build(config: RunConfig, run_dir: Path, state: dict | None) -> _Run:
         # A tiny step is slower on several threads: they spin on the OpenMP barrier and
         # fight other processes for the cores (measured: see docs/benchmarks.md).
         torch.set_num_threads(1)
+    # A batch of one has no total correlation to estimate with the stratified estimator.
+    least = 2 if oc.name == "beta_tcvae" and oc.tc_estimator == "stratified" else 1
+    if tc.batch_size < least:
+        raise ValueError(f"train.batch_size must be at least 2 for objective.tc_estimator='stratified', "
+                         f"got {tc.batch_size}")
     batches = BatchIterator(
-        # A last combined batch with fewer examples than ranks cannot be split between
-        # them: it is skipped (fewer than `world` examples an epoch).
-        data.train, tc.batch_size, shuffle=True, drop_last=0 < data.train.shape[0] % (tc.batch_size * world) < world,
+        # A last combined batch too small to give each rank `least` examples is skipped
+        # (fewer than `least * world` examples an epoch).
+        data.train, tc.batch_size, shuffle=True,
+        drop_last=0 < data.train.shape[0] % (tc.batch_size * world) < least * world,
         dynamic_binarize=config.data.binarize == "dynamic", seed=tc.seed, device=device,
         rank=rank, world_size=world,
     )
