@@ -45,15 +45,18 @@ ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 def load_mnist(path) -> tuple[np.ndarray, np.ndarray, str]:
     """``(x_train [60000, 784], x_test [10000, 784])`` as uint8 grey levels, and a label.
 
-    ``path == "synthetic"`` (or a missing default file) gives seeded random images of the
-    same shape whose pixels are 0 or 255 with MNIST's ink rate (~13 %): good for timing,
-    meaningless for likelihoods.
+    ``path == "synthetic"`` (or the default file, :data:`DEFAULT_DATA`, when missing) gives
+    seeded random images of the same shape whose pixels are 0 or 255 with MNIST's ink rate
+    (~13 %): good for timing, meaningless for likelihoods. Any other missing path is an
+    error (a mistyped ``--data`` would otherwise report likelihoods of noise).
     """
     if str(path) != "synthetic" and Path(path).is_file():
         with np.load(path) as f:
             x, xt = f["x_train"], f["x_test"]
         return x.reshape(len(x), -1), xt.reshape(len(xt), -1), f"MNIST ({path})"
     if str(path) != "synthetic":
+        if Path(path).resolve() != DEFAULT_DATA.resolve():
+            raise SystemExit(f"--data {path}: no such file (an MNIST .npz with x_train, x_test, or 'synthetic')")
         print(f"note: {path} not found; using synthetic binary data of MNIST's shape (timing only)")
     rng = np.random.default_rng(0)
     make = lambda n: (rng.random((n, 784)) < 0.13).astype(np.uint8) * 255  # noqa: E731

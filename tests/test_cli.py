@@ -193,6 +193,20 @@ def test_a_run_on_vectors_trains_to_the_end_and_sample_refuses_in_one_line(tmp_p
     assert rc == 2 and "models data of shape (20,), not images" in err and not (tmp_path / "s.png").exists()
 
 
+def test_sample_draws_a_run_on_flat_square_vectors_as_training_drew_it(tmp_path, capsys):
+    """[N, 16] vectors show as 4x4 images (training drew samples.png so): `vaekit sample`
+    draws them the same way, the same picture for the same seed."""
+    np.save(tmp_path / "flat.npy", np.random.default_rng(0).random((60, 16)).astype(np.float32))
+    run = tmp_path / "run"
+    rc, _, err = call(["train", "--run-dir", run, *TINY, "--dataset", "array", "--data-dir", tmp_path / "flat.npy"],
+                      capsys)
+    assert rc == 0, err
+    rc, _, err = call(["sample", run, "-o", tmp_path / "s.png"], capsys)
+    assert rc == 0, err
+    with Image.open(tmp_path / "s.png") as drawn, Image.open(run / "samples.png") as trained:
+        np.testing.assert_array_equal(np.asarray(drawn), np.asarray(trained))
+
+
 def test_quick_disentanglement_scores_say_so_in_the_metrics_file(tmp_path, capsys):
     run = tmp_path / "sprites"
     rc, _, err = call(["train", "--run-dir", run, "--dataset", "sprites", "--sprites-count", 300, "--hidden", 16,
@@ -351,7 +365,9 @@ def test_train_help_documents_every_config_field(monkeypatch, capsys):
             # the value a plain `vaekit train` uses (the default preset's), not the dataclass's
             used = getattr(getattr(build_config(), group), f.name)
             shown = re.sub(r"\s+", " ", block.split("[default: ", 1)[-1])
-            assert shown.startswith(f"{used!r}]"), f"{flag} says [default: {shown} but vaekit train uses {used!r}"
+            said = ",".join(map(str, used)) if isinstance(used, tuple) else repr(used)  # as the flag takes it
+            assert shown.startswith(f"{said}]"), f"{flag} says [default: {shown} but vaekit train uses {said}"
+            assert not re.search(r":\w+:`|``", block), f"{flag}: docstring markup in --help: {block}"
             for choice in CHOICES.get((group, f.name), ()):
                 assert re.search(rf"\b{re.escape(choice)}\b", block), f"{flag} does not list {choice!r}: {block}"
 
@@ -423,12 +439,12 @@ def test_resume_with_epochs_extends_a_finished_run(run, tmp_path, capsys):
     # is the one of its epoch's last step).
     for r in rows[len(before):]:
         assert float(r["lr"]) == lr_at(int(r["step"]) - 1, 4 * spe, config.train)
-    # A later plain resume finds the run finished: it trains no more.
-    ckpt = snapshot(rd)["checkpoint.pt"]
+    # A later plain resume finds the run finished: it trains no more, says only that and
+    # rewrites nothing (config.json, pictures).
+    before = snapshot(rd)
     rc, out, err = call(["train", "--resume", rd, "--no-progress"], capsys)
-    assert rc == 0 and f"vaekit: {rd} is finished (4 epochs); nothing to train (extend it with --epochs N)" in out
-    assert "trained 4 epochs" in out, err
-    assert snapshot(rd)["checkpoint.pt"] == ckpt and _metrics(rd) == rows
+    assert rc == 0 and out == f"vaekit: {rd} is finished (4 epochs); nothing to train (extend it with --epochs N)\n"
+    assert err == "" and snapshot(rd) == before
 
 
 def test_train_command_takes_epochs_only_with_resume(tmp_path):
@@ -523,6 +539,25 @@ BAD_INPUT = [  # (id, argv with {run}/{empty}/{tmp} placeholders, regex the one-
                                     "--seed", "1"], r"--resume.*not --preset, --run-dir, --seed$"),
     ("sample-n-0", ["sample", "{run}", "-n", "0", "-o", "{tmp}/never.png"], r"-n\b.*0"),
     ("evaluate-missing-run", ["evaluate", "{tmp}/no-such-run"], r"no-such-run"),
+    # a data folder the dataset would not read
+    ("data-dir-with-digits", ["train", "--run-dir", "{empty}", *TINY, "--data-dir", "{tmp}"],
+     r"data_dir is unused for dataset 'digits'; did you mean --dataset mnist"),
+    ("data-dir-with-sprites", ["train", "--run-dir", "{empty}", *TINY, "--dataset", "sprites", "--data-dir", "{tmp}"],
+     r"data_dir is unused for dataset 'sprites'"),
+    # where the output goes, named by its flag, before anything is loaded
+    ("run-dir-a-file", ["train", "--run-dir", "{tmp}/afile", *TINY], r"--run-dir \S+afile is a file, not a directory"),
+    ("run-dir-under-a-file", ["train", "--run-dir", "{tmp}/afile/run", *TINY],
+     r"--run-dir \S+afile/run: \S+afile is a file, not a directory"),
+    ("run-dir-not-writable", ["train", "--run-dir", "/proc/vaekit-run", *TINY],
+     r"--run-dir /proc/vaekit-run: cannot create files in /proc"),
+    ("sample-to-a-directory", ["sample", "{run}", "-o", "{tmp}/d.png"], r"-o/--output \S+d\.png is a directory"),
+    ("sample-under-a-file", ["sample", "{run}", "-o", "{tmp}/afile/never.png"],
+     r"-o/--output \S+never\.png: \S+afile is a file, not a directory"),
+    ("sample-not-writable", ["sample", "{run}", "-o", "/proc/never.png"],
+     r"-o/--output /proc/never\.png: cannot create files in /proc"),
+    # the data decide the input shape: a different one asked for is refused, not replaced
+    ("config-input-shape", ["train", "--run-dir", "{empty}", *TINY, "--config", "{tmp}/shape.toml"],
+     r"shape\.toml: \[model\] input_shape \[3, 32, 32\] is not the shape of the data, \[1, 8, 8\]"),
 ]
 
 
@@ -532,6 +567,9 @@ def places(run, tmp_path):
     (tmp_path / "bad.toml").write_text("[train\nepochs = 2\n")
     (tmp_path / "bad.json").write_text('{"train": {"epochs": 2,}')
     (tmp_path / "typo.toml").write_text("[train]\nepoch = 3\n")
+    (tmp_path / "shape.toml").write_text("[model]\ninput_shape = [3, 32, 32]\n")
+    (tmp_path / "afile").write_text("not a directory")
+    (tmp_path / "d.png").mkdir()
     np.save(tmp_path / "real.npy", np.linspace(-2, 2, 40 * 6, dtype=np.float32).reshape(40, 6))
     return {"run": str(run), "empty": str(tmp_path / "empty"), "tmp": str(tmp_path)}
 
@@ -627,3 +665,64 @@ def test_time_budget_refusals(argv, pattern, tmp_path, capsys):
     rc, _, err = call(["train", "--run-dir", tmp_path / "run", *argv], capsys)
     assert_usage_error(rc, err, pattern)
     assert not (tmp_path / "run").exists()
+
+
+# -- Ctrl-C, run names, checks before the work -----------------------------------------
+
+
+@pytest.mark.parametrize("argv, where", [
+    (["evaluate", "{run}"], "vaekit.cli.evaluate_command"),  # all of evaluate
+    (["sample", "{run}", "-o", "{tmp}/s.png"], "vaekit.cli.sample_command"),
+    (["train", "--run-dir", "{tmp}/new", *TINY], "vaekit.wiring.load_dataset"),  # start-up, before the loop
+    (["train", "--run-dir", "{tmp}/new", *TINY], "vaekit.train.save_run_pictures"),  # after it
+], ids=["evaluate", "sample", "train-data", "train-pictures"])
+def test_ctrl_c_outside_the_training_loop_is_one_line_and_status_130(argv, where, run, tmp_path, monkeypatch,
+                                                                     capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    module, name = where.rsplit(".", 1)
+    monkeypatch.setattr(f"{module}.{name}", interrupted)
+    rc, _, err = call([a.format(run=run, tmp=tmp_path) for a in argv], capsys)
+    assert rc == 130 and err == "vaekit: interrupted\n"
+
+
+def test_a_run_without_run_dir_is_named_after_its_dataset(tmp_path, monkeypatch, capsys):
+    np.save(tmp_path / "flat.npy", np.random.default_rng(0).random((60, 16)).astype(np.float32))
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = call(["train", *TINY, "--epochs", 1, "--dataset", "array", "--data-dir", "flat.npy"], capsys)
+    assert rc == 0, err
+    made = [p.name for p in (tmp_path / "runs").iterdir()]
+    assert len(made) == 1 and re.fullmatch(r"array-\d{8}-\d{6}", made[0]) and made[0] in out
+
+
+def test_disentanglement_on_a_run_not_trained_on_sprites_is_refused_before_evaluating(run, monkeypatch, capsys):
+    import vaekit.evaluate
+
+    def never(*args, **kwargs):
+        raise AssertionError("evaluated before refusing")
+
+    monkeypatch.setattr(vaekit.evaluate, "evaluate_model", never)
+    monkeypatch.setattr(vaekit.data, "load_dataset", never)
+    rc, _, err = call(["evaluate", run, "--disentanglement"], capsys)
+    assert_usage_error(rc, err, rf"--disentanglement needs a model trained on the sprites.*{re.escape(str(run))} "
+                                r"was trained on 'digits'")
+
+
+def test_evaluate_names_the_runs_config_file_and_where_its_data_were(run, tmp_path, capsys):
+    rd = tmp_path / "run"
+    shutil.copytree(run, rd, ignore=shutil.ignore_patterns("*.png", "checkpoint.pt"))
+    saved = read_json(rd / "config.json")
+    (rd / "config.json").write_text(json.dumps({**saved, "train": {**saved["train"], "epoch": 3}}))
+    rc, _, err = call(["evaluate", rd], capsys)
+    assert_usage_error(rc, err, rf"^vaekit: error: {re.escape(str(rd / 'config.json'))}: unknown key\(s\) in config "
+                                r"section 'train': epoch;")
+    missing = tmp_path / "no-mnist"
+    (rd / "config.json").write_text(json.dumps({**saved, "data": {**saved["data"], "dataset": "mnist",
+                                                                  "data_dir": str(missing)}}))
+    before = snapshot(rd)
+    rc, _, err = call(["evaluate", rd], capsys)
+    assert_usage_error(rc, err, rf"config\.json names data that are missing: mnist not found in data_dir .*fetch "
+                                rf"them there with vaekit train --dataset mnist --data-dir {re.escape(str(missing))} "
+                                r"--download")
+    assert "download=True" not in err and snapshot(rd) == before

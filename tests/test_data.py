@@ -50,6 +50,9 @@ def write_mnist(root, arrays, gz=(False, True, False, True)):
     (dict(download="yes"), TypeError, "download"),
     (dict(data_dir=5), TypeError, "data_dir"),
     (dict(dataset="array"), ValueError, "data_dir"),
+    # read by neither: a data_dir there is a mistake (--data-dir without --dataset mnist)
+    (dict(data_dir="data/mnist"), ValueError, r"data_dir is unused for dataset 'digits'; did you mean --dataset mnist"),
+    (dict(dataset="sprites", data_dir="x"), ValueError, r"data_dir is unused for dataset 'sprites'"),
 ])
 def test_config_rejects_bad_fields(kwargs, error, field):
     with pytest.raises(error, match=field):
@@ -300,3 +303,21 @@ def test_config_errors_name_their_section():
         DataConfig(download="yes")
     with pytest.raises(ValueError, match=r"^ObjectiveConfig\.name must be one of"):
         ObjectiveConfig(name="vae")
+
+
+def test_the_benchmarks_mnist_loader_falls_back_to_synthetic_data_only_for_its_default(tmp_path, monkeypatch):
+    """benchmarks/pythae_compare.load_mnist (also amp_quality's): a mistyped --data must not
+    give likelihoods of synthetic noise."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.delitem(sys.modules, "pythae_compare", raising=False)
+    import pythae_compare
+
+    with pytest.raises(SystemExit, match=r"--data \S+typo\.npz: no such file"):
+        pythae_compare.load_mnist(tmp_path / "typo.npz")
+    monkeypatch.setattr(pythae_compare, "DEFAULT_DATA", tmp_path / "mnist.npz")  # the default, missing
+    for path in ("synthetic", tmp_path / "mnist.npz"):
+        x, xt, source = pythae_compare.load_mnist(path)
+        assert x.shape == (60000, 784) and xt.shape == (10000, 784) and source.startswith("synthetic")

@@ -2,6 +2,7 @@
 The flags as the command line shows and parses them are tested in test_cli.py."""
 
 import json
+import re
 
 import pytest
 
@@ -37,3 +38,15 @@ def test_an_error_over_a_preset_value_names_the_preset_and_the_flag():
     with pytest.raises(ValueError) as info:  # the user's own value: nothing to blame on the preset
         build_config("digits", overrides={"objective.name": "elbo", "objective.iw_samples": 5})
     assert "preset" not in str(info.value)
+
+
+def test_field_docs_are_plain_text_for_help():
+    """--help shows the 'Attributes:' docs: no Sphinx roles, no double backticks."""
+    from vaekit.config import GROUPS
+    from vaekit.flags import _field_docs
+
+    docs = {f"{g}.{k}": v for g, klass in GROUPS.items() for k, v in _field_docs(klass).items()}
+    assert docs["data.download"] == "fetch missing MNIST-like files (see download_mnist)."
+    assert "(drawn by vaekit.batching.BatchIterator)" in docs["data.binarize"]
+    for name, doc in docs.items():
+        assert not re.search(r":\w+:`|``", doc), f"{name}: {doc}"

@@ -324,6 +324,26 @@ def test_sigterm_during_an_epochs_last_batch_then_resume_matches(recorded, tmp_p
     assert_same_run(rd, recorded)
 
 
+@pytest.mark.parametrize("epoch", [0, 2], ids=["first-epoch", "after-two-epochs"])
+def test_ctrl_c_in_the_time_budget_calibration_stops_the_command(epoch, tmp_path, monkeypatch, capsys):
+    """The calibration is thrown away: a stop there ends the command (status 130, one
+    line), without a resume hint for its temporary directory, a traceback, or the real
+    run starting."""
+    spe = steps_per_epoch(tiny_config())
+
+    def hook(n, out):
+        if n == epoch * spe + 2:
+            os.kill(os.getpid(), signal.SIGINT)  # handled by fit: it only sets a flag
+        return out
+
+    monkeypatch.setattr(vaekit.wiring, "VAE", _hooked_vae(hook))
+    tiny = ["--hidden", "16", "--latent-dim", "2", "--batch-size", "128", "--no-progress", "--num-threads", "1"]
+    rc, out, err = call(["train", "--run-dir", tmp_path / "run", *tiny, "--time-budget", 60], capsys)
+    assert rc == 130 and out == "" and err == ("vaekit: interrupted (the time-budget calibration run was stopped; "
+                                               "nothing was kept)\n")
+    assert not (tmp_path / "run").exists()
+
+
 # -- 3. planted pickles ----------------------------------------------------------------
 
 
@@ -553,18 +573,29 @@ BAD_INPUTS = [  # (id, argv with {empty} {run} {d} {tmp} placeholders, regex of 
     ("sample-gif", ["sample", "{run}", "-o", "{tmp}/out.gif"], r"-o.*out\.gif"),
     ("sample-nrow-0", ["sample", "{run}", "--nrow", "0", "-o", "{tmp}/out.png"], r"--nrow.*\b0\b"),
     # checkpoints and saved models
-    ("ckpt-pickle", ["train", "--resume", "{d}/ckpt-pickle"], r"checkpoint\.pt.*(run code|refus)"),
+    ("ckpt-pickle", ["train", "--resume", "{d}/ckpt-pickle"],
+     r"checkpoint\.pt holds objects that could run code when loaded; refusing it \(Unsupported global"),
+    # not a checkpoint at all: damaged, not dangerous, and the reason short
+    ("ckpt-text", ["train", "--resume", "{d}/ckpt-text"], r"checkpoint\.pt is not a readable vaekit checkpoint "
+                                                          r"\(truncated or damaged\? [^()]{1,60}\)$"),
     ("ckpt-truncated", ["train", "--resume", "{d}/ckpt-truncated"], r"checkpoint\.pt.*(truncated|damaged)"),
     ("ckpt-empty-file", ["train", "--resume", "{d}/ckpt-empty"], r"checkpoint\.pt.*(truncated|damaged)"),
     ("ckpt-newer", ["train", "--resume", "{d}/ckpt-newer"], rf"checkpoint\.pt.*format {CHECKPOINT_FORMAT + 1}"),
     ("ckpt-foreign", ["train", "--resume", "{d}/ckpt-foreign"], r"checkpoint\.pt.*not a vaekit checkpoint"),
     ("ckpt-missing-keys", ["train", "--resume", "{d}/ckpt-keys"], r"checkpoint\.pt"),
-    ("ckpt-wrong-shapes", ["train", "--resume", "{d}/ckpt-shapes"], r"checkpoint\.pt"),
+    ("ckpt-wrong-shapes", ["train", "--resume", "{d}/ckpt-shapes"],
+     r"checkpoint\.pt does not match its own config: shapes: \S+ \(\d+, \d+\) where the model has \(32, \d+\)"),
     ("ckpt-bad-config", ["train", "--resume", "{d}/ckpt-config"], r"\blr\b.*-1"),
     ("model-pickle", ["evaluate", "{d}/model-pickle"], r"model\.safetensors"),
     ("model-truncated", ["sample", "{d}/model-truncated", "-o", "{tmp}/out.png"], r"model\.safetensors"),
     ("model-newer", ["evaluate", "{d}/model-newer"], rf"format_version {MODEL_FORMAT + 1}"),
     ("model-missing", ["evaluate", "{d}/model-missing"], r"model\.safetensors.*missing"),
+    # weights of another model: which keys and shapes, in the one line
+    ("model-other-config", ["sample", "{d}/model-other-config", "-o", "{tmp}/out.png"],
+     r"model\.safetensors does not match \S+config\.json: shapes: \S+ \(\d+, \d+\) where the model has \(32, "),
+    ("model-other-keys", ["evaluate", "{d}/model-other-keys"],
+     r"model\.safetensors does not match \S+config\.json: missing encoder\.1\.2\.weight, encoder\.1\.2\.bias, "
+     r"decoder\.0\.2\.weight and 1 more$"),
 ]
 
 
@@ -625,8 +656,9 @@ def _make_bad_inputs(d: Path, reference, tmp: Path) -> None:
     newer = {**state, "format_version": CHECKPOINT_FORMAT + 1}
     shapes = {**state, "config": {**state["config"], "model": {**state["config"]["model"], "hidden": [32]}}}
     bad_config = {**state, "config": {**state["config"], "train": {**state["config"]["train"], "lr": -1}}}
-    for name in ("pickle", "truncated", "empty", "newer", "foreign", "keys", "shapes", "config"):
+    for name in ("pickle", "truncated", "empty", "newer", "foreign", "keys", "shapes", "config", "text"):
         (d / f"ckpt-{name}").mkdir()
+    (d / "ckpt-text" / "checkpoint.pt").write_text("garbage\n")
     (d / "ckpt-pickle" / "checkpoint.pt").write_bytes(_planted(tmp / "planted.txt", "zip"))
     (d / "ckpt-truncated" / "checkpoint.pt").write_bytes(ckpt[: len(ckpt) // 2])
     (d / "ckpt-empty" / "checkpoint.pt").write_bytes(b"")
@@ -636,8 +668,13 @@ def _make_bad_inputs(d: Path, reference, tmp: Path) -> None:
     save_checkpoint(d / "ckpt-shapes" / "checkpoint.pt", shapes)
     save_checkpoint(d / "ckpt-config" / "checkpoint.pt", bad_config)
 
-    for name in ("pickle", "truncated", "newer", "missing"):
+    for name in ("pickle", "truncated", "newer", "missing", "other-config", "other-keys"):
         shutil.copytree(reference.run, d / f"model-{name}", ignore=shutil.ignore_patterns("checkpoint.pt", "*.png"))
+    meta = d / "model-other-config" / "model" / "config.json"
+    saved = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**saved, "model": {**saved["model"], "hidden": [32]}}))
+    meta = d / "model-other-keys" / "model" / "config.json"
+    meta.write_text(json.dumps({**saved, "model": {**saved["model"], "hidden": saved["model"]["hidden"] * 2}}))
     weights = d / "model-truncated" / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     (d / "model-pickle" / "model" / "model.safetensors").write_bytes(_planted(tmp / "planted.txt", "pickle"))

@@ -4,14 +4,18 @@ test_reliability.py (damaged checkpoints)."""
 
 import csv
 
+import numpy as np
 import pytest
 import torch
 
 from vaekit.batching import BatchIterator
 from vaekit.cli import build_config
+from vaekit.config import RunConfig
+from vaekit.data import load_dataset
 from vaekit.io import CheckpointError, save_checkpoint
 from vaekit.models import VAE, ModelConfig
-from vaekit.runs import CHECKPOINT_KEYS, METRIC_FIELDS, read_for_resume, restore, rng_state, set_rng_state, write_metrics
+from vaekit.runs import (CHECKPOINT_KEYS, METRIC_FIELDS, read_for_resume, restore, rng_state, saved_config, set_rng_state,
+                         write_metrics)
 from vaekit.train import fit
 
 
@@ -69,7 +73,7 @@ def test_restore_keeps_the_learning_rate_tensor_a_captured_step_reads(finished, 
     saved = {**saved, "param_groups": [{**g, "lr": torch.tensor(saved_lr) if saved_as_tensor else saved_lr}
                                        for g in saved["param_groups"]]}
     model = VAE(ModelConfig(**{**config.model.__dict__, "input_shape": (64,)}))
-    batches = BatchIterator(torch.rand(100, 64).round(), config.train.batch_size, shuffle=True, seed=0)
+    batches = BatchIterator(load_dataset(config.data).train, config.train.batch_size, shuffle=True, seed=0)
     lr = torch.tensor(0.5)
     with_tensor = torch.optim.Adam(model.parameters(), lr=lr)
     with_number = torch.optim.Adam(model.parameters(), lr=0.5)
@@ -84,7 +88,7 @@ def test_restore_puts_everything_back_and_refuses_another_world_size(finished):
     config, state = read_for_resume(finished, progress=False, extend_to=None)
     model = VAE(ModelConfig(**{**config.model.__dict__, "input_shape": (64,)}))
     opt = torch.optim.Adam(model.parameters())
-    batches = BatchIterator(torch.rand(100, 64).round(), config.train.batch_size, shuffle=True, seed=0)
+    batches = BatchIterator(load_dataset(config.data).train, config.train.batch_size, shuffle=True, seed=0)
     counters = restore(state, finished / "checkpoint.pt", model=model, optimizer=opt, batches=batches,
                        device=torch.device("cpu"), rank=0, world=1)
     assert counters["step"] == state["step"] and counters["epoch"] == 2 and counters["history"] == state["history"]
@@ -94,3 +98,58 @@ def test_restore_puts_everything_back_and_refuses_another_world_size(finished):
     with pytest.raises(CheckpointError, match=r"written by a run on 1 process\(es\); resume it with the same number, not 2"):
         restore(state, finished / "checkpoint.pt", model=model, optimizer=opt, batches=batches,
                 device=torch.device("cpu"), rank=0, world=2)
+
+
+def test_restore_refuses_other_training_data_and_says_how_they_differ(finished):
+    config, state = read_for_resume(finished, progress=False, extend_to=None)
+    model = VAE(ModelConfig(**{**config.model.__dict__, "input_shape": (64,)}))
+    train = load_dataset(config.data).train
+    n = train.shape[0]
+
+    def restored(x, state=state):
+        batches = BatchIterator(x, config.train.batch_size, shuffle=True, seed=0)
+        return restore(state, finished / "checkpoint.pt", model=model, optimizer=torch.optim.Adam(model.parameters()),
+                       batches=batches, device=torch.device("cpu"), rank=0, world=1)
+
+    assert state["data"]["examples"] == n and state["data"]["shape"] == [1, 8, 8]
+    with pytest.raises(CheckpointError, match=rf"{finished} cannot be resumed on other training data: dataset "
+                                              rf"'digits' now gives 100 training examples of shape \(64,\), where "
+                                              rf"the run trained on {n} of shape \(1, 8, 8\); put back"):
+        restored(torch.rand(100, 64).round())
+    with pytest.raises(CheckpointError, match=r"now gives \d+ training examples of shape \(1, 8, 8\), where the run "
+                                              rf"trained on {n} of"):
+        restored(train[:-10])  # fewer: the saved position could lie beyond the end
+    with pytest.raises(CheckpointError, match=r"the same number and shape of training examples, but other values"):
+        restored(1 - train)
+    # a checkpoint from before the record: no check
+    old = {k: v for k, v in state.items() if k != "data"}
+    assert restored(torch.rand(100, 64).round(), old)["step"] == state["step"]
+
+
+def test_resume_refuses_an_array_file_that_changed_and_leaves_the_run_alone(tmp_path):
+    from test_cli import snapshot
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "x.npy"
+    np.save(data, rng.random((60, 16)).astype(np.float32))
+    rd = tmp_path / "run"
+    fit(build_config(overrides={"train.epochs": 1, "train.progress": False, "model.hidden": (8,),
+                                "model.latent_dim": 2, "data.dataset": "array", "data.data_dir": str(data)}), rd)
+    original = data.read_bytes()
+    before = snapshot(rd)
+    for rows in (90, 30):  # more rows (more steps an epoch), fewer rows
+        np.save(data, rng.random((rows, 16)).astype(np.float32))
+        with pytest.raises(CheckpointError, match=rf"cannot be resumed on other training data: dataset 'array' "
+                                                  rf"\({data}\) now gives"):
+            fit(build_config(), rd, resume=True, epochs=2)
+        assert snapshot(rd) == before
+    data.write_bytes(original)
+    assert not fit(build_config(), rd, resume=True, epochs=2).interrupted
+
+
+def test_a_saved_config_with_a_data_dir_its_dataset_never_read_still_loads():
+    # earlier versions took --data-dir with the digits and recorded it
+    config = saved_config({"data": {"dataset": "digits", "data_dir": "/data/mnist"}, "train": {"epochs": 3}})
+    assert config.data.data_dir is None and config.train.epochs == 3
+    with pytest.raises(ValueError, match="data_dir is unused"):
+        RunConfig.from_dict({"data": {"dataset": "digits", "data_dir": "/data/mnist"}})

@@ -1,6 +1,7 @@
 """vaekit.train pieces not covered through the command line: the device choice, the
 TensorBoard hook, extending a run (``resume=True, epochs=N``) and the time budget."""
 
+import dataclasses
 import shutil
 
 import pytest
@@ -193,6 +194,23 @@ def test_epochs_for_budget_times_the_step_and_divides(tmp_path, monkeypatch):
     assert calls[0][:2] == (3, False) and not calls[0][2].exists()  # the calibration run is thrown away
     assert config.train.epochs == 2  # the caller's config is left alone
     assert train.epochs_for_budget(config, 1e-9, calibration_epochs=2)[0] == 1
+
+
+def test_an_interrupted_calibration_stops_the_budget_and_hints_no_resume(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the calibration run: no number of epochs from a partial timing (nor a
+    division by zero after one epoch), no resume hint for its temporary directory."""
+    real_fit = train.fit
+
+    def stopped(cfg, run_dir, **kw):
+        result = real_fit(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1)), run_dir, **kw)
+        print(f"vaekit: interrupted by signal 2; continue with: vaekit train --resume {run_dir}")
+        return result._replace(interrupted=True)
+
+    monkeypatch.setattr(train, "fit", stopped)
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt, match="calibration"):
+        train.epochs_for_budget(tiny_config(), 100.0)
+    assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("kwargs, env, error, match", [

@@ -2,15 +2,18 @@
 
 Each command is a plain function over the config dataclasses; the flags are a view of
 those dataclasses. Precedence: preset < ``--config`` file (TOML or JSON) < flags.
-Bad input prints one line, ``vaekit: error: ...``, and exits with status 2
-(``VAEKIT_DEBUG=1`` shows the traceback instead).
+Bad input prints one line, ``vaekit: error: ...``, and exits with status 2; Ctrl-C
+outside the training loop (which checkpoints first) prints ``vaekit: interrupted`` and
+exits with status 130 (``VAEKIT_DEBUG=1`` shows the traceback instead).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,17 +61,58 @@ def train_command(config=None, run_dir=None, *, resume: str | None = None, prese
         from .train import RunConfig
 
         return fit(config or RunConfig(), rd, resume=True, epochs=epochs)
+    return fit(config, _new_run_dir(run_dir, config, preset))
+
+
+def _new_run_dir(run_dir, config, preset: str | None) -> Path:
+    """Where a new run goes (``runs/<preset, else dataset>-<time>`` unless given), checked
+    before any data are loaded: a new or empty directory that can be created."""
+    from .train import holds_a_run
+
     if run_dir is None:
         stem = preset or config.data.dataset
         run_dir = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    from .train import holds_a_run
-
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--run-dir {run_dir} is a file, not a directory; name a new or empty directory")
     if holds_a_run(run_dir):
         raise UsageError(
             f"--run-dir {run_dir} already exists and is not empty; choose another, or continue it with --resume {run_dir}"
         )
-    return fit(config, run_dir)
+    _check_writable("--run-dir", run_dir, run_dir)
+    return run_dir
+
+
+def _check_writable(flag: str, given, directory: Path) -> None:
+    """Refuse ``given`` (the value of ``flag``) unless files can be made in ``directory``,
+    or, where it does not exist yet, in the nearest folder above it that does."""
+    where = directory
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise UsageError(f"{flag} {given}: {where} is a file, not a directory")
+    try:
+        tempfile.TemporaryDirectory(dir=where).cleanup()
+    except OSError as e:
+        raise UsageError(f"{flag} {given}: cannot create files in {where} ({e.strerror or e})") from None
+
+
+def _check_input_shape(config, config_file: str | None) -> None:
+    """A ``[model] input_shape`` in ``--config`` must be the data's: the run takes its
+    input shape from the data, and replacing the one asked for would hide a mistake."""
+    from .data import load_dataset
+    from .flags import _read_config_file
+
+    model = _read_config_file(config_file).get("model") if config_file else None
+    if not isinstance(model, dict) or "input_shape" not in model:
+        return
+    # the shape only: two sprites render in no time where the whole set takes seconds
+    probe = dataclasses.replace(config.data, sprites_count=2, val_size=0, binarize="none")
+    shape = tuple(load_dataset(probe).train.shape[1:])
+    if tuple(config.model.input_shape) != shape:
+        raise UsageError(f"--config {config_file}: [model] input_shape {list(config.model.input_shape)} is not the "
+                         f"shape of the data, {list(shape)} (dataset {config.data.dataset!r}); the run takes it from "
+                         f"the data: remove the key")
 
 
 def _budgeted(config, seconds: float, *, epochs_given: bool):
@@ -91,7 +135,7 @@ def _budgeted(config, seconds: float, *, epochs_given: bool):
 def _load_run(run: str):
     from .io import read_json
     from .models import VAE
-    from .train import RunConfig
+    from .runs import saved_config
 
     rd = Path(run)
     if not rd.is_dir():
@@ -99,7 +143,10 @@ def _load_run(run: str):
     if not (rd / "config.json").is_file():
         raise UsageError(f"RUN {run}: no config.json; is this a vaekit run directory?")
     raw = read_json(rd / "config.json")
-    config = RunConfig.from_dict(raw)
+    try:
+        config = saved_config(raw)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{rd / 'config.json'}: {e}") from None
     model = VAE.from_pretrained(rd / "model")
     return rd, config, model
 
@@ -149,12 +196,21 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
     from .train import resolve_device
 
     rd, config, model = _load_run(run)
+    if disentanglement and config.data.dataset != "sprites":  # before minutes of evaluation, not after
+        raise UsageError(f"--disentanglement needs a model trained on the sprites factor dataset (dataset 'sprites'); "
+                         f"{run} was trained on {config.data.dataset!r}")
     dev = resolve_device(device, what="--device")
     if precision == "tf32" and dev.type != "cuda":  # the metrics would claim an arithmetic not used
         raise UsageError(f"--precision tf32 is CUDA's arithmetic; on {dev} the evaluation is float32 "
                          "(--precision fp32) or bfloat16 (--precision bf16)")
     model.to(dev)
-    data = load_dataset(config.data)
+    try:
+        data = load_dataset(config.data)
+    except FileNotFoundError as e:  # evaluate has no download flag: say where the data go
+        msg = str(e).replace("set download=True to fetch them",
+                             f"fetch them there with vaekit train --dataset {config.data.dataset} "
+                             f"--data-dir {config.data.data_dir} --download")
+        raise UsageError(f"{rd / 'config.json'} names data that are missing: {msg}") from None
     x = getattr(data, split)
     if limit > x.shape[0]:  # more than the split holds: the split's metrics, not a "first N" file
         limit = 0
@@ -174,7 +230,9 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
                              precision=precision)
     seconds = time.perf_counter() - t0
     if disentanglement:
-        metrics.update(_disentanglement(model, config, seed, quick))
+        from .disentangle import evaluate_disentanglement
+
+        metrics.update(evaluate_disentanglement(model, seed=seed, quick=quick))
         metrics["disentanglement_quick"] = quick  # rough scores say so in the file
     where = f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else str(dev)
     result = {"split": split, "n": int(x.shape[0]), "iw_samples": iw_samples, **metrics,
@@ -186,14 +244,6 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
 def metrics_name(split: str, limit: int = 0) -> str:
     """The file ``vaekit evaluate`` writes its metrics to, in the run directory."""
     return f"metrics-{split}-first{limit}.json" if limit else f"metrics-{split}.json"
-
-
-def _disentanglement(model, config, seed: int, quick: bool) -> dict:
-    from . import disentangle
-
-    if config.data.dataset != "sprites":
-        raise UsageError("--disentanglement needs a model trained on the sprites factor dataset (dataset 'sprites')")
-    return disentangle.evaluate_disentanglement(model, seed=seed, quick=quick)
 
 
 def sample_command(run: str, *, n: int = 64, output: str = "samples.png", seed: int = 0, nrow: int = 8) -> Path:
@@ -209,18 +259,24 @@ def sample_command(run: str, *, n: int = 64, output: str = "samples.png", seed: 
     out = Path(output)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise UsageError(f"-o must name a .png or .jpg file, got {output!r}")
+    if out.is_dir():
+        raise UsageError(f"-o/--output {output} is a directory; name an image file, e.g. {out / 'samples.png'}")
+    _check_writable("-o/--output", output, out.parent)
     _, _, model = _load_run(run)
     shape = model.config.input_shape
     try:
-        _image_shape(shape)
+        image_shape = _image_shape(shape)
     except ValueError:
         raise UsageError(f"vaekit sample draws an image grid, and {run} models data of shape {tuple(shape)}, "
                          f"not images; draw them in Python with VAE.sample") from None
     model.eval()
     g = torch.Generator().manual_seed(seed)
     images = model.sample(n, generator=g)
-    scale = max(1, 112 // shape[-1]) if len(shape) == 3 else 1
-    return save_image_grid(images, out, nrow=nrow, scale=scale)
+    scale = max(1, 112 // image_shape[-1])  # as the run's samples.png
+    try:
+        return save_image_grid(images, out, nrow=nrow, scale=scale, image_shape=image_shape)
+    except OSError as e:
+        raise UsageError(f"-o/--output {output}: cannot be written ({e.strerror or e})") from None
 
 
 # -- argument parsing ------------------------------------------------------------------
@@ -238,7 +294,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "and flags change them).")
     t.add_argument("--preset", choices=list(PRESETS), help=f"named starting configuration [default: {DEFAULT_PRESET}]")
     t.add_argument("--config", metavar="FILE", help="TOML or JSON file with [model], [data], [train], [objective] sections")
-    t.add_argument("--run-dir", metavar="DIR", help="where to write the run [default: runs/<preset>-<time>]")
+    t.add_argument("--run-dir", metavar="DIR", help="where to write the run [default: runs/<preset, else dataset>-<time>]")
     t.add_argument("--resume", metavar="RUN",
                    help="continue the run in RUN from its last checkpoint, with its saved configuration; "
                         "only --no-progress and --epochs N go with it. --epochs N extends the run to N "
@@ -292,6 +348,17 @@ def _print_table(metrics: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``vaekit ARGV``; returns the exit status (2: bad input, 130: interrupted)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as e:  # Ctrl-C outside the training loop (which checkpoints and returns 130)
+        if os.environ.get("VAEKIT_DEBUG"):
+            raise
+        print(f"vaekit: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     from .io import CheckpointError
     from .fast import FastPathError
     from .train import TrainingDiverged
@@ -317,11 +384,15 @@ def main(argv: list[str] | None = None) -> int:
                                        epochs=epochs)
             else:
                 config = build_config(args.preset, args.config, overrides)
+                _check_input_shape(config, args.config)
+                run_dir = _new_run_dir(args.run_dir, config, args.preset)  # before a calibration
                 if args.time_budget is not None:
                     config = _budgeted(config, args.time_budget, epochs_given="train.epochs" in overrides)
-                result = train_command(config, args.run_dir, preset=args.preset or DEFAULT_PRESET)
+                result = train_command(config, run_dir, preset=args.preset)
             if result.interrupted:
                 return 130
+            if not result.trained:  # a finished run resumed: it said so
+                return 0
             val = [r for r in result.history if r["split"] == "val"]
             train = [r for r in result.history if r["split"] == "train"]
             if train and int(os.environ.get("RANK", "0")) == 0:  # one summary line per job under torchrun

@@ -43,8 +43,9 @@ class DataConfig:
             "array" (a .npy/.npz file), "folder" (a folder of images) or "sprites".
         data_dir: for "mnist"/"fashion-mnist" the directory holding the four IDX files
             (raw or .gz) or ``<dataset>.npz`` (default ``data/<dataset>``); for "array"
-            a .npy/.npz file; for "folder" a folder of images. Unused for "digits" and
-            "sprites". ``~`` is expanded; a trained run records the absolute path.
+            a .npy/.npz file; for "folder" a folder of images. Refused for "digits" and
+            "sprites", which read none. ``~`` is expanded; a trained run records the
+            absolute path.
         binarize: "none"; "static" (``x > 0.5``, at load time); or "dynamic": training
             batches are fresh Bernoulli samples of the grey levels (drawn by
             :class:`vaekit.batching.BatchIterator`), while validation and test are binarized ONCE, at
@@ -85,6 +86,9 @@ class DataConfig:
             raise TypeError(f"data_dir must be a str or None, got {type(self.data_dir).__name__}")
         if self.data_dir is None and self.dataset in ("array", "folder"):
             raise ValueError(f"data_dir is required for dataset={self.dataset!r}, got None")
+        if self.data_dir is not None and self.dataset in ("digits", "sprites"):  # silently unused otherwise
+            raise ValueError(f"data_dir is unused for dataset {self.dataset!r}; did you mean --dataset mnist, "
+                             f"fashion-mnist, array or folder? got data_dir={self.data_dir!r}")
         check_choice("binarize", self.binarize, BINARIZATIONS)
         check_choice("split", self.split, SPLITS)
         v = self.val_size

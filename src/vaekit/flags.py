@@ -45,7 +45,18 @@ def _field_docs(klass) -> dict[str, str]:
             out[cur] += " " + line.strip()
         elif not line.strip():
             cur = None
-    return out
+    return {k: _plain(v) for k, v in out.items()}
+
+
+def _plain(doc: str) -> str:
+    """Docstring text as --help shows it: ``:func:`x``` and ````x```` become ``x``."""
+    doc = re.sub(r":\w+:`~?([^`]+)`", r"\1", doc)
+    return re.sub(r"``([^`]+)``", r"\1", doc)
+
+
+def _shown(value) -> str:
+    """A default as the flag takes it: a tuple as ``256,128``, anything else as its repr."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else repr(value)
 
 
 def _number(text: str):
@@ -109,7 +120,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         f = next(f for f in dataclasses.fields(klass) if f.name == name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         doc = _field_docs(klass).get(name, "")
-        help_ = f"({group}) {doc} [default: {getattr(getattr(effective, group), name)!r}]".replace("%", "%%")
+        help_ = f"({group}) {doc} [default: {_shown(getattr(getattr(effective, group), name))}]".replace("%", "%%")
         kw = dict(dest=f"{group}.{name}", default=argparse.SUPPRESS, help=help_)
         if isinstance(default, bool):
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)

@@ -157,10 +157,27 @@ def load_model(directory, *, device=None):
         # comes back as it was saved, not cast into a float32 one)
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{weights} does not match {cfg_path}: {e}") from None
+        why = _state_dict_mismatch(model.state_dict(), state) or str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{weights} does not match {cfg_path}: {why}") from None
     if device is not None:
         model.to(device)
     return model
+
+
+def _state_dict_mismatch(expected: dict, given: dict) -> str:
+    """Why state dict ``given`` does not load into a module whose state dict is
+    ``expected``, in one line (PyTorch's message spreads the keys over many lines): the
+    keys missing, the keys unexpected and the shapes that differ, the first few of each."""
+    def few(names: list) -> str:
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [f"{k} {tuple(given[k].shape)} where the model has {tuple(expected[k].shape)}" for k in expected
+              if k in given and getattr(given[k], "shape", None) is not None and given[k].shape != expected[k].shape]
+    parts = [f"{what} {few(names)}" for what, names in (("missing", missing), ("unexpected", unexpected),
+                                                        ("shapes:", shapes)) if names]
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,6 +191,19 @@ def save_checkpoint(path, state: dict) -> Path:
     return atomic_write(path, lambda f: torch.save(payload, f))
 
 
+def _load_failure(error: Exception, path: Path) -> str:
+    """The gist of ``torch.load``'s error, one sentence: its ``weights_only`` refusals
+    bury the reason ("Unsupported global: ...", "Unsupported operand 103") under
+    paragraphs of advice."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    line = next((t.strip() for t in text.splitlines() if t.strip()), "")
+    if not line:
+        return "an empty file" if path.stat().st_size == 0 else type(error).__name__
+    return line.split(". ", 1)[0].rstrip(".")
+
+
 def load_checkpoint(path, *, map_location="cpu") -> dict:
     """Read a checkpoint written by :func:`save_checkpoint`; never unpickles code.
 
@@ -185,12 +215,10 @@ def load_checkpoint(path, *, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise CheckpointError(
-                f"{path} holds objects that could run code when loaded; refusing it ({msg})"
-            ) from None
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or damaged?): {msg}") from None
+        reason = _load_failure(e, path)
+        if reason.startswith("Unsupported global"):  # weights_only refused a pickled object
+            raise CheckpointError(f"{path} holds objects that could run code when loaded; refusing it ({reason})") from None
+        raise CheckpointError(f"{path} is not a readable vaekit checkpoint (truncated or damaged? {reason})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_MAGIC:
         raise CheckpointError(f"{path} is not a vaekit checkpoint")
     version = state.get("format_version")

@@ -5,7 +5,8 @@ What a run leaves (``fit`` writes it, rank 0 only under ``torchrun``):
 * ``checkpoint.pt``: everything needed to go on exactly where the run stopped
   (:data:`CHECKPOINT_KEYS`): the resolved config, weights, optimiser state, step and
   epoch, history, best validation loss, the partial epoch sums, the position in the data
-  order and each process's random-number states;
+  order and each process's random-number states; and what the training data were
+  (:func:`data_record`, checked on resume; older checkpoints lack it);
 * ``metrics.csv``: one ``train`` and one ``val`` row per epoch (:data:`METRIC_FIELDS`);
 * ``config.json``, ``model/`` (the best model) and the pictures.
 
@@ -17,16 +18,17 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io as _io
 from pathlib import Path
 
 import torch
 
 from .config import RunConfig, TrainConfig
-from .io import CheckpointError, atomic_write, load_checkpoint
+from .io import CheckpointError, _state_dict_mismatch, atomic_write, load_checkpoint
 
 __all__ = ["CHECKPOINT_KEYS", "METRIC_FIELDS", "write_metrics", "rng_state", "set_rng_state",
-           "read_for_resume", "extended", "restore"]
+           "read_for_resume", "extended", "restore", "data_record", "saved_config"]
 
 CHECKPOINT_KEYS = ("config", "model", "optimizer", "step", "epoch", "history", "best", "since_best",
                    "skipped", "sums", "batches", "rng")
@@ -57,6 +59,44 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def data_record(x: torch.Tensor) -> dict:
+    """What a checkpoint records of the training data ``x`` (``[N, *event]``), for a
+    resume to check it trains on the same: the number of examples, the shape of one, and
+    a fingerprint (a hash of the first, middle and last examples: cheap; it tells
+    another data set of the same size, not an edit of a few examples)."""
+    n = int(x.shape[0])
+    rows = x[[0, n // 2, n - 1]].detach().float().cpu().contiguous()
+    return {"examples": n, "shape": list(x.shape[1:]),
+            "fingerprint": hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16]}
+
+
+def _check_same_data(saved: dict, x: torch.Tensor, state: dict, ckpt_path: Path) -> None:
+    now = data_record(x)
+    if saved == now:
+        return
+    d = state["config"].get("data", {}) if isinstance(state.get("config"), dict) else {}
+    what = f"dataset {d.get('dataset')!r}" + (f" ({d['data_dir']})" if d.get("data_dir") else "")
+    if (saved.get("examples"), saved.get("shape")) == (now["examples"], now["shape"]):
+        change = f"the same number and shape of training examples, but other values (fingerprint {now['fingerprint']}, " \
+                 f"was {saved.get('fingerprint')})"
+    else:
+        change = f"{now['examples']} training examples of shape {tuple(now['shape'])}, where the run trained on " \
+                 f"{saved.get('examples')} of shape {tuple(saved.get('shape') or ())}"
+    raise CheckpointError(f"{ckpt_path.parent} cannot be resumed on other training data: {what} now gives "
+                          f"{change}; put back the data it started with, or train a new run")
+
+
+def saved_config(d: dict) -> RunConfig:
+    """The :class:`RunConfig` a run saved (``config.json``, or a checkpoint's
+    ``config``). A ``data.data_dir`` saved for "digits" or "sprites", which read none
+    (earlier versions took one, unused, and recorded it), is dropped: such runs still
+    evaluate and resume."""
+    data = d.get("data") if isinstance(d, dict) else None
+    if isinstance(data, dict) and data.get("dataset", "digits") in ("digits", "sprites") and "data_dir" in data:
+        d = {**d, "data": {k: v for k, v in data.items() if k != "data_dir"}}
+    return RunConfig.from_dict(d)
+
+
 def read_for_resume(run_dir: Path, *, progress: bool, extend_to: int | None) -> tuple[RunConfig, dict]:
     """The configuration and checkpoint of the run in ``run_dir``, checked: the saved
     config with ``train.progress`` from the caller, and ``train.epochs`` raised to
@@ -67,7 +107,7 @@ def read_for_resume(run_dir: Path, *, progress: bool, extend_to: int | None) -> 
     if missing:
         raise CheckpointError(f"{ckpt_path} lacks {', '.join(missing)}: it was not written by vaekit train")
     try:
-        config = RunConfig.from_dict(state["config"])
+        config = saved_config(state["config"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{ckpt_path} holds an invalid config: {e}") from None
     config.train = dataclasses.replace(config.train, progress=progress)
@@ -115,11 +155,15 @@ def restore(state: dict, ckpt_path: Path, *, model, optimizer, batches, device: 
     process's random-number states; returns the loop's counters (``step``, ``epoch``,
     ``history``, ``best``, ``since_best``, ``skipped``, and ``sums`` on ``device``: the
     partial epoch's, kept by rank 0)."""
+    if state.get("data") is not None:  # older checkpoints did not record their data
+        _check_same_data(state["data"], batches.x, state, ckpt_path)
     try:
         model.load_state_dict(state["model"])
         _load_optimizer(optimizer, state["optimizer"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{ckpt_path} does not match its own config: {str(e).strip().splitlines()[0]}") from None
+        why = _state_dict_mismatch(model.state_dict(), state["model"]) if isinstance(state["model"], dict) else ""
+        raise CheckpointError(f"{ckpt_path} does not match its own config: "
+                              f"{why or str(e).strip().splitlines()[0]}") from None
     batches.load_state_dict(state["batches"])
     if state.get("world_size", 1) != world:
         raise CheckpointError(

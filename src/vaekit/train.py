@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import io
 import math
 import signal
 import tempfile
@@ -37,7 +38,7 @@ from .checks import check_int, check_number
 from .io import save_checkpoint, save_model, write_json
 from .models import VAE
 from .plots import save_run_pictures
-from .runs import read_for_resume, rng_state, write_metrics
+from .runs import data_record, read_for_resume, rng_state, write_metrics
 from .steps import _FOLD_EVERY, _block_fits, _eager_step, _fold, _static_block, _static_step, lr_at
 from .wiring import _Run, _build, _dist_info, resolve_device
 
@@ -53,6 +54,7 @@ class FitResult(NamedTuple):
     history: list
     run_dir: Path
     interrupted: bool
+    trained: bool = True  # False: a resumed run that was finished already (nothing written)
 
 
 _VAL_STREAM = 0x76616C  # validation noise: a function of (seed, epoch), the same on every rank
@@ -112,7 +114,8 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False, epochs: int | None 
     continues the extended run. With a cosine ``lr_schedule`` the learning rate from the
     resume point on follows the cosine over the new total (it goes back up, then decays
     to 0 at the new end), while a resume without ``epochs`` stays bit for bit the
-    uninterrupted run.
+    uninterrupted run. A plain resume of a finished run (or one that stopped early) trains
+    nothing and writes nothing: its result says ``trained=False``.
     PyTorch's CPU thread count, which a run may set, is restored on the way out.
     """
     if epochs is not None and not resume:
@@ -148,7 +151,8 @@ def epochs_for_budget(config: RunConfig, seconds: float, *, calibration_epochs: 
     so the run stays reproducible; its training loop takes the budget give or take the
     machine's noise, and the calibration run, the process's start and the end-of-run
     pictures come on top. Not under ``torchrun``
-    (the ranks could time differently)."""
+    (the ranks could time differently). A stop signal (Ctrl-C) during the calibration
+    raises ``KeyboardInterrupt``: there is no run to resume."""
     check_number("seconds", seconds, open_low=True)
     check_int("calibration_epochs", calibration_epochs, low=2)
     if _dist_info()[2] > 1:
@@ -157,9 +161,12 @@ def epochs_for_budget(config: RunConfig, seconds: float, *, calibration_epochs: 
     trial = copy.deepcopy(config)
     trial.train = dataclasses.replace(trial.train, epochs=calibration_epochs, max_steps=0, early_stopping=0,
                                       checkpoint_every=0, progress=False)
-    with tempfile.TemporaryDirectory(prefix="vaekit-calibrate-") as tmp:
-        history = fit(trial, Path(tmp) / "run").history
-    rows = [r for r in history if r["split"] == "train"]
+    # silent: its messages (a resume hint for a directory about to vanish) are not the user's
+    with tempfile.TemporaryDirectory(prefix="vaekit-calibrate-") as tmp, contextlib.redirect_stdout(io.StringIO()):
+        result = fit(trial, Path(tmp) / "run")
+    if result.interrupted:
+        raise KeyboardInterrupt("the time-budget calibration run was stopped; nothing was kept")
+    rows = [r for r in result.history if r["split"] == "train"]
     per_epoch = (rows[-1]["seconds"] - rows[0]["seconds"]) / (len(rows) - 1)
     return max(1, int(seconds / max(per_epoch, 1e-9))), per_epoch
 
@@ -189,6 +196,7 @@ def _checkpoint(run: _Run) -> None:
             "step": run.step, "epoch": run.epoch, "history": run.history, "best": run.best,
             "since_best": run.since_best, "skipped": run.skipped, "sums": all_sums.cpu(),
             "batches": run.batches.state_dict(), "rng": rngs, "world_size": run.world, "vaekit_version": __version__,
+            "data": data_record(run.batches.x),
         })
     if run.distributed:
         torch.distributed.barrier()
@@ -292,6 +300,14 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None)
     if resume:
         config, state = read_for_resume(run_dir, progress=config.train.progress, extend_to=extend_to)
     run = _build(config, run_dir, state)
+    if state is not None and not (run.more_to_do() and not run.stopped_early()):
+        # A run resumed after it finished (or stopped early) does not train on, and its
+        # files (config.json, the pictures) stay as they are.
+        if run.is_main:
+            print(f"vaekit: {run_dir} is finished ({run.epoch} epoch{'' if run.epoch == 1 else 's'}"
+                  f"{', stopped early' if run.stopped_early() else ''}); nothing to train"
+                  f"{'' if run.stopped_early() else ' (extend it with --epochs N)'}", flush=True)
+        return FitResult(run.model, run.history, run_dir, False, trained=False)
     if run.is_main:
         _prepare_run_dir(run, state, extend_to)
     writer = _tensorboard(run_dir) if run.is_main else None
@@ -299,13 +315,8 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None)
            else contextlib.nullcontext())
     progress = _progress(run.tc.progress and run.is_main, run.total_steps, run.step)
     interrupted = False
-    if state is not None and run.is_main and not (run.more_to_do() and not run.stopped_early()):
-        print(f"vaekit: {run_dir} is finished ({run.epoch} epochs"
-              f"{', stopped early' if run.stopped_early() else ''}); nothing to train"
-              f"{'' if run.stopped_early() else ' (extend it with --epochs N)'}", flush=True)
     t0 = time.perf_counter()
     with _Stop() as stop, _unvalidated():
-        # A run resumed after it stopped early is finished: it does not train on.
         while run.more_to_do() and not run.stopped_early():
             if _train_epoch(run, stop, progress, amp):
                 interrupted = True
