@@ -268,3 +268,21 @@ def test_fit_does_not_train_a_new_run_into_a_directory_that_holds_one(tmp_path):
     (tmp_path / "fresh").mkdir()
     (tmp_path / "fresh" / "config.json").write_text("{}")
     assert train.fit(config, tmp_path / "fresh").history
+
+
+def test_seconds_count_on_across_a_resume(finished, tmp_path):
+    """metrics' `seconds` is the training loop's time since the run began: a resumed run
+    goes on from the time its checkpoint kept (an older checkpoint: its last row's)."""
+    rd = _copy(finished, tmp_path, seconds=1000.0)
+    rows = train.fit(_small(), rd, resume=True, epochs=2).history
+    assert [r["epoch"] for r in rows if r["split"] == "train"] == [1, 2]
+    assert 1000.0 < rows[-1]["seconds"] < 1000.0 + 600
+    assert load_checkpoint(rd / "checkpoint.pt")["seconds"] > rows[-1]["seconds"] - 1e-3
+
+    old = tmp_path / "old"
+    shutil.copytree(finished, old)
+    state = load_checkpoint(old / "checkpoint.pt")
+    del state["seconds"]
+    state["history"] = [{**r, "seconds": 500.0} for r in state["history"]]
+    save_checkpoint(old / "checkpoint.pt", {k: v for k, v in state.items() if k not in ("format", "format_version")})
+    assert 500.0 < train.fit(_small(), old, resume=True, epochs=2).history[-1]["seconds"] < 500.0 + 600

@@ -196,7 +196,7 @@ def _checkpoint(run: _Run) -> None:
             "step": run.step, "epoch": run.epoch, "history": run.history, "best": run.best,
             "since_best": run.since_best, "skipped": run.skipped, "sums": all_sums.cpu(),
             "batches": run.batches.state_dict(), "rng": rngs, "world_size": run.world, "vaekit_version": __version__,
-            "data": data_record(run.batches.x),
+            "data": data_record(run.batches.x), "seconds": time.perf_counter() - run.t0,
         })
     if run.distributed:
         torch.distributed.barrier()
@@ -253,7 +253,7 @@ def _train_epoch(run: _Run, stop: _Stop, progress, amp) -> bool:
     return False
 
 
-def _end_epoch(run: _Run, t0: float, writer) -> None:
+def _end_epoch(run: _Run, writer) -> None:
     """The epoch's row, validation, best model, metrics and checkpoint."""
     tc = run.tc
     if run.static is not None:
@@ -267,7 +267,7 @@ def _end_epoch(run: _Run, t0: float, writer) -> None:
     row = {"epoch": run.epoch + 1, "step": run.step, "split": "train", "loss": float(sums[0]) / n,
            "reconstruction": float(sums[1]) / n, "kl": float(sums[2]) / n,
            "elbo": -(float(sums[1]) + float(sums[2])) / n, "beta": run.beta, "lr": run.lr,
-           "skipped": run.skipped, "seconds": round(time.perf_counter() - t0, 3)}
+           "skipped": run.skipped, "seconds": round(time.perf_counter() - run.t0, 3)}
     run.history.append(row)
     if run.val_x.shape[0]:
         val_gen = torch.Generator(device=run.device).manual_seed(mix_seed(tc.seed, _VAL_STREAM, run.epoch))
@@ -315,13 +315,16 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None)
            else contextlib.nullcontext())
     progress = _progress(run.tc.progress and run.is_main, run.total_steps, run.step)
     interrupted = False
-    t0 = time.perf_counter()
+    # `seconds` counts the training loop's time since the run began, across resumes (a
+    # checkpoint keeps it; older ones only their last epoch row's).
+    done = state.get("seconds", (state["history"] or [{}])[-1].get("seconds", 0.0)) if state else 0.0
+    run.t0 = time.perf_counter() - float(done)
     with _Stop() as stop, _unvalidated():
         while run.more_to_do() and not run.stopped_early():
             if _train_epoch(run, stop, progress, amp):
                 interrupted = True
                 break
-            _end_epoch(run, t0, writer)
+            _end_epoch(run, writer)
             if run.stopped_early():
                 break
             if (run.stop_all if run.distributed else stop.signum) and run.more_to_do():

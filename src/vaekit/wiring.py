@@ -101,6 +101,7 @@ class _Run:
     lr: float = 0.0  # the last step's learning rate and KL weight, for the epoch's row
     beta: float = 0.0
     stop_all: bool = False  # under torchrun: some rank got a stop signal
+    t0: float = 0.0  # time.perf_counter() when the run would have started, had it not stopped
 
     @property
     def tc(self) -> TrainConfig:
