@@ -188,7 +188,7 @@ def load_dataset(config: DataConfig) -> SplitData:
         root = Path(config.data_dir or os.path.join("data", name)).expanduser()
         x, y, xt, yt = _load_mnist(root, name, config.download)
     elif name == "sprites":
-        from .disentangle import make_sprites
+        from .sprites import make_sprites
 
         x, y = make_sprites(config.sprites_count, seed=0)
         xt = yt = None
