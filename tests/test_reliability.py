@@ -362,18 +362,18 @@ def _planted(marker, flavour: str) -> bytes:
     format, or a bare pickle."""
     payload = {"format": "vaekit-checkpoint", "format_version": CHECKPOINT_FORMAT, "config": _Plant(marker)}
     buf = io.BytesIO()
-    if flavour == "pickle":
-        pickle.dump(payload, buf, protocol=2)
+    if flavour.startswith("pickle"):
+        pickle.dump(payload, buf, protocol=0 if flavour == "pickle0" else 2)
     else:
         torch.save(payload, buf, _use_new_zipfile_serialization=flavour == "zip")
     return buf.getvalue()
 
 
 def _unsafe_load(blob: bytes, flavour: str) -> None:
-    pickle.loads(blob) if flavour == "pickle" else torch.load(io.BytesIO(blob), weights_only=False)
+    pickle.loads(blob) if flavour.startswith("pickle") else torch.load(io.BytesIO(blob), weights_only=False)
 
 
-@pytest.mark.parametrize("flavour", ["zip", "legacy", "pickle"])
+@pytest.mark.parametrize("flavour", ["zip", "legacy", "pickle", "pickle0"])
 def test_planted_pickles_are_refused_and_never_run(flavour, reference, tmp_path, capsys):
     marker = tmp_path / "planted.txt"
     blob = _planted(marker, flavour)
@@ -384,8 +384,9 @@ def test_planted_pickles_are_refused_and_never_run(flavour, reference, tmp_path,
     rd = tmp_path / "run"
     rd.mkdir()
     (rd / "checkpoint.pt").write_bytes(blob)
-    with pytest.raises(CheckpointError, match=r"checkpoint\.pt.*(run code|refus|not a readable)"):
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt.*(run code|refus|not a readable)") as refused:
         load_checkpoint(rd / "checkpoint.pt")
+    assert "damaged" not in str(refused.value)  # a plant is refused as such, never called damage
     before = snapshot(rd)
     rc, _, err = call(["train", "--resume", rd], capsys)
     assert_usage_error(rc, err, r"checkpoint\.pt")
