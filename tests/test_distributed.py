@@ -317,3 +317,15 @@ def test_stop_signal_on_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
     assert 4 < ckpt["step"] < STEPS_PER_EPOCH, ckpt["step"]  # taken on the signal, not a periodic one
     assert ckpt["batches"] == {"epoch": 0, "position": ckpt["step"], "seed": 3}
+
+
+def test_every_rank_validates_an_optimal_variance_model_alike(tmp_path):
+    """A decoder_variance='optimal' model updates its evaluation variance (a buffer) in each
+    rank's own forward pass: the ranks must validate with rank 0's, or their validation
+    numbers (and so early stopping and the best model) differ."""
+    args = [*TRAIN_ARGS, "--batch-size", str(B), "--likelihood", "gaussian", "--decoder-variance", "optimal",
+            "--binarize", "none", "--run-dir", str(tmp_path / "run")]
+    run = _ok(_launch(tmp_path, "optimal", args, nproc=2))
+    strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
+    h0, h1 = run.json("history-0.json"), run.json("history-1.json")
+    assert [r["split"] for r in h0].count("val") == EPOCHS and strip(h0) == strip(h1)

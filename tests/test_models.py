@@ -252,3 +252,29 @@ def test_bad_inputs_to_the_model_name_the_argument():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast computes in its own dtype
         assert model.decode(torch.zeros(2, 3)).shape == (2, 1, 4, 4)
     assert model.double().decode(torch.zeros(2, 3, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_an_optimal_variance_model_saved_before_decoder_mse_still_loads_and_warns(tmp_path):
+    """Models saved before the evaluation variance was kept lack the buffer: they load (with
+    a warning), score as they did then, and record the variance once they train again."""
+    from safetensors.torch import load_file, save_file
+
+    from vaekit.objectives import optimal_sigma_nll
+
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(6,), hidden=(8,), latent_dim=2, likelihood="gaussian",
+                            decoder_variance="optimal"))
+    model.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    old = {k: v for k, v in load_file(weights).items() if not k.startswith("decoder_mse")}
+    save_file(old, weights)
+    with pytest.warns(UserWarning, match="saved before vaekit kept an evaluation variance"):
+        back = VAE.from_pretrained(tmp_path / "m")
+    back.eval()
+    mean, x = torch.randn(5, 6), torch.randn(5, 6)
+    torch.testing.assert_close(back.nll(mean, x), optimal_sigma_nll(mean, x))  # as it was scored then
+    back.train()
+    back.nll(mean, x)
+    back.eval()
+    reference = -Independent(Normal(mean, float((x - mean).square().mean()) ** 0.5), 1).log_prob(x)
+    torch.testing.assert_close(back.nll(mean, x), reference)  # one step later: the tracked variance

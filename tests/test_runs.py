@@ -153,3 +153,25 @@ def test_a_saved_config_with_a_data_dir_its_dataset_never_read_still_loads():
     assert config.data.data_dir is None and config.train.epochs == 3
     with pytest.raises(ValueError, match="data_dir is unused"):
         RunConfig.from_dict({"data": {"dataset": "digits", "data_dir": "/data/mnist"}})
+
+
+@pytest.mark.parametrize("saved, inert", [
+    ({"warmup_steps": 100}, {"warmup_steps": 0}),  # the constant schedule warmed nothing up
+    ({"beta_schedule": "linear", "warmup_steps": 100, "cycle_steps": 50, "cycle_ratio": 0.3},
+     {"warmup_steps": 100, "cycle_steps": 0, "cycle_ratio": 0.5}),
+    ({"capacity_steps": 10, "capacity_gamma": 5.0}, {"capacity_steps": 0, "capacity_gamma": 1000.0}),
+    ({"tc_estimator": "stratified"}, {"tc_estimator": "mws"}),
+    ({"name": "beta_tcvae", "tc_estimator": "stratified"}, {"tc_estimator": "stratified"}),
+])
+def test_a_saved_config_with_settings_that_had_no_effect_still_loads(saved, inert):
+    """Earlier versions recorded such settings; ObjectiveConfig now refuses them, and a
+    saved run loads with them off (it trained so)."""
+    from vaekit.objectives import ObjectiveConfig
+
+    config = saved_config({"objective": saved, "train": {"epochs": 3}})
+    assert {k: getattr(config.objective, k) for k in inert} == inert
+    kept = {k: v for k, v in saved.items() if k not in inert}
+    assert all(getattr(config.objective, k) == v for k, v in kept.items())
+    if inert != {k: saved[k] for k in inert}:
+        with pytest.raises(ValueError, match="has no effect|applies only to"):
+            ObjectiveConfig(**saved)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple, Union
 
@@ -260,6 +261,7 @@ class VAE(nn.Module):
         if config.decoder_variance == "optimal":  # saved with the weights: the evaluation variance
             self.register_buffer("decoder_mse", torch.ones(()))
             self.register_buffer("decoder_mse_steps", torch.zeros(()))
+        self._mse_unknown = False  # loaded from a model saved before vaekit kept decoder_mse
 
     # -- the two halves -----------------------------------------------------------------
 
@@ -356,9 +358,11 @@ class VAE(nn.Module):
             mean, log_scale = decoder_out
             return discretized_logistic_nll(mean, log_scale, x)
         if cfg.decoder_variance == "optimal":
-            if self.training:
+            if self.training or self._mse_unknown:
                 nll = optimal_sigma_nll(decoder_out, x, min_logvar=_MIN_OPTIMAL_LOGVAR, validate_args=validate_args)
-                self._track_mse(decoder_out, x)
+                if self.training:
+                    self._track_mse(decoder_out, x)
+                    self._mse_unknown = False
                 return nll
             mse = self.decoder_mse.to(torch.promote_types(self.decoder_mse.dtype, torch.float32))
             logvar = mse.clamp(min=math.exp(_MIN_OPTIMAL_LOGVAR)).log()
@@ -366,6 +370,23 @@ class VAE(nn.Module):
         if cfg.likelihood == "mse":
             return reconstruction_nll("gaussian", decoder_out, x, logvar=_MSE_LOGVAR, validate_args=validate_args)
         return reconstruction_nll(cfg.likelihood, decoder_out, x, logvar=cfg.fixed_logvar, validate_args=validate_args)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """A decoder_variance="optimal" model saved before vaekit kept its evaluation
+        variance lacks ``decoder_mse``: it loads, is evaluated as it was then (each example
+        under its own best variance, which is no normalised density: warned), and tracks
+        the variance afresh once it trains again (a resumed run)."""
+        names = [prefix + "decoder_mse", prefix + "decoder_mse_steps"]
+        if self.config.decoder_variance == "optimal" and not any(n in state_dict for n in names):
+            warnings.warn("this decoder_variance='optimal' model was saved before vaekit kept an evaluation "
+                          "variance (decoder_mse): its ELBO and likelihood estimates use each example's own "
+                          "variance and are not log-likelihoods; train it further (vaekit train --resume RUN "
+                          "--epochs N) to record one", stacklevel=2)
+            state_dict[names[0]], state_dict[names[1]] = torch.ones(()), torch.zeros(())
+            self._mse_unknown = True
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @torch.no_grad()
     def _track_mse(self, mean: Tensor, x: Tensor) -> None:

@@ -412,6 +412,28 @@ class ObjectiveConfig:
                 raise ValueError(f"{field}={value!r} has no effect with {gate}={gate_value!r}; use {need}")
 
 
+def without_inert(section: dict) -> dict:
+    """A saved ``objective`` section with each field that could have no effect there (the
+    ``_ONLY_FOR`` / ``_ONLY_WITH`` cases, which earlier versions accepted: ``warmup_steps``
+    with the constant schedule, ...) set to its "off" value, so that runs saved then still
+    load: they trained exactly as the section now says."""
+    defaults = ObjectiveConfig.__dataclass_fields__
+    get = lambda k: section.get(k, defaults[k].default)  # noqa: E731
+    out = dict(section)
+    for field, (objective, off) in _ONLY_FOR.items():
+        if field in out and get("name") != objective:
+            out[field] = off
+    for field, (off, gate, acts, _) in _ONLY_WITH.items():
+        if field in out:
+            try:
+                inert = not acts(get(gate))
+            except TypeError:  # a malformed gate: ObjectiveConfig says so
+                continue
+            if inert:
+                out[field] = off
+    return out
+
+
 class ObjectiveResult(NamedTuple):
     """Scalars (batch means) for the step; ``beta`` is the KL weight used (``capacity_gamma``
     under the capacity penalty, 1.0 for IWAE)."""

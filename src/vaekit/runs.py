@@ -20,6 +20,7 @@ import csv
 import dataclasses
 import hashlib
 import io as _io
+import warnings
 from pathlib import Path
 
 import torch
@@ -88,12 +89,18 @@ def _check_same_data(saved: dict, x: torch.Tensor, state: dict, ckpt_path: Path)
 
 def saved_config(d: dict) -> RunConfig:
     """The :class:`RunConfig` a run saved (``config.json``, or a checkpoint's
-    ``config``). A ``data.data_dir`` saved for "digits" or "sprites", which read none
-    (earlier versions took one, unused, and recorded it), is dropped: such runs still
-    evaluate and resume."""
+    ``config``). Settings earlier versions recorded though they had no effect are
+    dropped, so such runs still evaluate and resume: a ``data.data_dir`` for "digits" or
+    "sprites", which read none, and the objective's fields its settings left inert
+    (:func:`vaekit.objectives.without_inert`)."""
+    from .objectives import without_inert
+
     data = d.get("data") if isinstance(d, dict) else None
     if isinstance(data, dict) and data.get("dataset", "digits") in ("digits", "sprites") and "data_dir" in data:
         d = {**d, "data": {k: v for k, v in data.items() if k != "data_dir"}}
+    objective = d.get("objective") if isinstance(d, dict) else None
+    if isinstance(objective, dict):
+        d = {**d, "objective": without_inert(objective)}
     return RunConfig.from_dict(d)
 
 
@@ -158,7 +165,9 @@ def restore(state: dict, ckpt_path: Path, *, model, optimizer, batches, device: 
     if state.get("data") is not None:  # older checkpoints did not record their data
         _check_same_data(state["data"], batches.x, state, ckpt_path)
     try:
-        model.load_state_dict(state["model"])
+        with warnings.catch_warnings():  # an old optimal-variance model: resuming is what its warning asks for
+            warnings.filterwarnings("ignore", message=".*saved before vaekit kept an evaluation variance")
+            model.load_state_dict(state["model"])
         _load_optimizer(optimizer, state["optimizer"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         why = _state_dict_mismatch(model.state_dict(), state["model"]) if isinstance(state["model"], dict) else ""

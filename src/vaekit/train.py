@@ -269,6 +269,9 @@ def _end_epoch(run: _Run, writer) -> None:
            "elbo": -(float(sums[1]) + float(sums[2])) / n, "beta": run.beta, "lr": run.lr,
            "skipped": run.skipped, "seconds": round(time.perf_counter() - run.t0, 3)}
     run.history.append(row)
+    if run.distributed:  # a buffer each rank updated in its own forward (decoder_mse): rank 0's, for all
+        for buffer in run.model.buffers():
+            torch.distributed.broadcast(buffer, 0)
     if run.val_x.shape[0]:
         val_gen = torch.Generator(device=run.device).manual_seed(mix_seed(tc.seed, _VAL_STREAM, run.epoch))
         val = _validate(run.model, run.val_x, max(tc.batch_size, 500), val_gen)
