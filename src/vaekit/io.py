@@ -218,9 +218,11 @@ def load_checkpoint(path, *, map_location="cpu") -> dict:
         reason = _load_failure(e, path)
         if reason.startswith("Unsupported global"):  # weights_only refused a pickled object
             raise CheckpointError(f"{path} holds objects that could run code when loaded; refusing it ({reason})") from None
-        if reason.startswith("Unsupported operand"):  # a pickle opcode outside weights_only (old protocols, REDUCE)
-            raise CheckpointError(f"{path} is a pickle the safe loader does not read (it could run code, or was "
-                                  f"not written by vaekit); refusing it ({reason})") from None
+        if reason.startswith("Unsupported operand"):
+            # A byte the safe unpickler does not take: a damaged file (text reads as opcodes)
+            # or an old-protocol pickle, which may hold code: it cannot tell which.
+            raise CheckpointError(f"{path} is not a readable vaekit checkpoint: damaged, or a pickle written by "
+                                  f"other code that could run code when loaded; refusing it ({reason})") from None
         raise CheckpointError(f"{path} is not a readable vaekit checkpoint (truncated or damaged? {reason})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_MAGIC:
         raise CheckpointError(f"{path} is not a vaekit checkpoint")
