@@ -27,7 +27,7 @@ from torch import Tensor
 from .checks import _LOG_2PI, check_int, check_number, validate_args_enabled, value_checks
 from .losses import gaussian_kl
 from .iw import MEMORY_BUDGET_BYTES, iw_from_params, randn_like_on
-from .objectives import decode_nll
+from .iw import decode_nll
 
 __all__ = [
     "PRECISIONS",

@@ -1,7 +1,8 @@
 """Objectives beyond the plain ELBO, and ``objective_loss``, the one call the training loop makes.
 
 Beta schedules (pure functions of the step), the capacity penalty, free bits, the IWAE bound
-and the beta-TCVAE decomposition of the KL. The calibrated Gaussian decoder (sigma-VAE) and the
+(its importance weights are computed in :mod:`vaekit.iw`, shared with the evaluation) and
+the beta-TCVAE decomposition of the KL. The calibrated Gaussian decoder (sigma-VAE) and the
 discretized logistic likelihood for 8-bit data live in :mod:`vaekit.likelihoods` and are
 importable from here too. Conventions as in :mod:`vaekit.losses`:
 per-example values ``[B]`` in nats, summed over event or latent dims; the batch is reduced
@@ -18,8 +19,11 @@ import torch
 from torch import Tensor
 
 from .checks import (
-    _LOG_2PI, check_finite, check_int, check_number, check_same_shape, check_tensor, in_section, upcast,
+    check_finite, check_int, check_number, check_same_shape, check_tensor, in_section, upcast,
     validating,
+)
+from .iw import (  # re-exported: the IWAE objective's pieces are public here too
+    _importance_terms, _log_normal, decode_nll, iwae_bound, iwae_loss, log_importance_weights, log_weights_from_noise,
 )
 from .likelihoods import discretized_logistic_nll, optimal_sigma_nll  # re-exported: public here first
 from .losses import gaussian_kl
@@ -145,97 +149,6 @@ def free_bits_kl(mu: Tensor, logvar: Tensor, free_bits: float, *, validate_args:
     kl = gaussian_kl(mu.unsqueeze(-1), logvar.unsqueeze(-1), validate_args=validate_args)  # [B, d]
     active = kl.mean(0) > threshold
     return torch.where(active, kl, kl.new_tensor(threshold)).sum(-1)
-
-
-# ---------------------------------------------------------------------------------------
-# Importance-weighted bound (Burda et al., 2015)
-
-
-def _log_normal(z: Tensor, mu: Tensor | None = None, logvar: Tensor | None = None) -> Tensor:
-    """Elementwise log N(z | mu, e^logvar); N(0, 1) when mu and logvar are None."""
-    if mu is None:
-        return -0.5 * (_LOG_2PI + z.square())
-    return -0.5 * (_LOG_2PI + logvar + (z - mu).square() * torch.exp(-logvar))
-
-
-def decode_nll(model, x: Tensor, z: Tensor) -> Tensor:
-    """``-log p(x | z)`` for ``z`` of shape ``[k, B, d]``: ``[k, B]`` from one decoder call."""
-    k, b, d = z.shape
-    # model.nll expects matching [k*B, *event] shapes, so x is repeated once per sample.
-    xs = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
-    if getattr(model, "autoregressive", False):  # p(x_i | x_<i, z): the decoder reads x too
-        # decode_samples (when the model has it) may share work across the k samples of an image.
-        decode_samples = getattr(model, "decode_samples", None)
-        out = decode_samples(z, x) if decode_samples is not None else model.decode(z.reshape(k * b, d), xs)
-    else:
-        out = model.decode(z.reshape(k * b, d))
-    nll = model.nll(out, xs)
-    if nll.shape != (k * b,):
-        raise ValueError(f"model.nll must return shape ({k * b},), got {tuple(nll.shape)}")
-    return nll.reshape(k, b)
-
-
-def log_weights_from_noise(model, x: Tensor, mu: Tensor, logvar: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
-    r"""Log importance weights ``log p(x, z) - log q(z | x)`` for ``z = mu + sigma * eps``,
-    and the reconstruction term ``-log p(x | z)``; each ``[k, B]``.
-
-    With ``z = mu + sigma * eps``, ``log q(z|x) = sum_j(-eps_j^2/2 - logvar_j/2 - log(2 pi)/2)``
-    exactly, so
-
-    .. math::
-        \log p(z) - \log q(z \mid x) = \tfrac12 \sum_j \big(\epsilon_j^2 - z_j^2 + \log\sigma_j^2\big)
-
-    (the ``log 2 pi`` terms cancel): no density is evaluated twice. Differentiable; the
-    IWAE objective and the chunked evaluation in :mod:`vaekit.evaluate` share it.
-
-    Shape: ``x`` ``[B, *event]``; ``mu``, ``logvar`` ``[B, d]``; ``eps`` ``[k, B, d]``.
-    """
-    z = mu + torch.exp(0.5 * logvar) * eps
-    nll = decode_nll(model, x, z)
-    return -nll + 0.5 * (eps.square() - z.square() + logvar).sum(-1), nll
-
-
-def _importance_terms(model, x: Tensor, k: int, noise=None):
-    """``(log_w [k, B], nll [k, B], (mu, logvar))`` from one encode and one decode of ``k * B`` latents."""
-    k = check_int("k", k, low=1)
-    check_tensor("x", x)
-    mu, logvar = model.encode_params(x)
-    if mu.dim() != 2 or mu.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"model.encode_params(x) must give [B, d] parameters with B = {x.shape[0]}, got {tuple(mu.shape)}"
-        )
-    eps = noise((k, *mu.shape)) if noise is not None else torch.randn((k, *mu.shape), dtype=mu.dtype, device=mu.device)
-    log_w, nll = log_weights_from_noise(model, x, mu, logvar, eps)
-    return log_w, nll, (mu, logvar)
-
-
-def log_importance_weights(model, x: Tensor, k: int) -> Tensor:
-    r"""``log w = log p(x|z) + log p(z) - log q(z|x)`` for ``k`` reparameterised ``z ~ q(z|x)``.
-
-    Uses ``model.encode_params``, ``model.decode`` on
-    all ``k * B`` latents at once (``[k*B, d]``, sample-major) and ``model.nll`` on ``x``
-    repeated to match. Memory grows with ``k * B``: chunk over ``k`` for large ``k``.
-
-    Shape: ``x`` is ``[B, *event]``; returns ``[k, B]``, differentiable.
-    """
-    return _importance_terms(model, x, k)[0]
-
-
-def iwae_bound(log_w: Tensor) -> Tensor:
-    r"""``L_k = logsumexp_k(log w) - log k`` over the first dimension: ``[k, B] -> [B]``.
-
-    ``L_1`` is the single-sample ELBO; ``E[L_k]`` rises with ``k`` towards ``log p(x)``.
-    """
-    check_tensor("log_w", log_w, min_dim=2)
-    if log_w.shape[0] == 0:
-        raise ValueError(f"log_w must hold k >= 1 samples along its first dimension [k, B], "
-                         f"got shape {tuple(log_w.shape)}")
-    return torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
-
-
-def iwae_loss(model, x: Tensor, k: int) -> Tensor:
-    """``-iwae_bound(log_importance_weights(model, x, k))``, ``[B]``."""
-    return -iwae_bound(log_importance_weights(model, x, k))
 
 
 # ---------------------------------------------------------------------------------------
