@@ -55,7 +55,9 @@ class TrainConfig:
         early_stopping: stop after this many epochs without a better validation ELBO
             (0: off).
         checkpoint_every: also checkpoint every this many steps (0: at epoch ends only).
-        max_bad_steps: stop after this many non-finite steps in a row.
+        max_bad_steps: stop after this many non-finite steps in a row (a non-finite step
+            is skipped: it changes no weight). The static step on CUDA counts them on the
+            device and is read every 50 steps, so it may stop up to 49 steps later.
         amp: ``none`` or ``bf16`` (autocast for the forward pass).
         num_threads: CPU threads for PyTorch (0: automatic: one thread for small
             models, whose steps run faster single-threaded, else PyTorch's default).
