@@ -125,7 +125,7 @@ def test_array_npy_carves_a_fixed_test_set(tmp_path):
     d1 = load_dataset(DataConfig(dataset="array", data_dir=str(tmp_path / "a.npy"), val_size=4, seed=1))
     d2 = load_dataset(DataConfig(dataset="array", data_dir=str(tmp_path / "a.npy"), val_size=4, seed=2))
     assert (len(d1.train), len(d1.val), len(d1.test)) == (30, 4, 6) and d1.train_labels is None
-    assert d1.name == "a" and d1.train.shape[1:] == (1, 3, 3)
+    assert d1.name == str(tmp_path / "a.npy") and d1.train.shape[1:] == (1, 3, 3)  # errors name the file
     assert torch.equal(d1.test, d2.test) and not torch.equal(d1.val, d2.val)
 
 
@@ -149,7 +149,7 @@ def test_array_npz_channels_last_and_flat(tmp_path):
 def test_a_test_split_of_another_shape_is_refused_at_load_time(tmp_path):
     """It was found only after training, when the run's pictures scored the test images."""
     np.savez(tmp_path / "m.npz", x_train=np.zeros((40, 6, 5), np.uint8), x_test=np.zeros((7, 5, 6), np.uint8))
-    with pytest.raises(ValueError, match=r"m: the test images have shape \(1, 5, 6\) but the training images "
+    with pytest.raises(ValueError, match=r"m\.npz: the test images have shape \(1, 5, 6\) but the training images "
                                          r"\(1, 6, 5\)"):
         load_dataset(DataConfig(dataset="array", data_dir=str(tmp_path / "m.npz")))
 
@@ -191,6 +191,11 @@ def test_folder_with_class_subfolders(tmp_path):
         written = np.stack(grey[("cat", "dog")[lab]])
         assert ((written / 255.0 - img[0].numpy()) ** 2).sum((1, 2)).min() < 1e-10
     assert sorted(labels.tolist()) == [0] * 5 + [1] * 5
+    # a grey image stored with a palette (as PNG optimisers write them) stays grey
+    Image.fromarray(grey["cat"][0], mode="L").convert("P").save(tmp_path / "cat" / "palette.png")
+    d = load_dataset(DataConfig(dataset="folder", data_dir=str(tmp_path), val_size=0))
+    assert d.train.shape[1:] == (1, 3, 4) and len(d.train) + len(d.test) == 11
+    (tmp_path / "cat" / "palette.png").unlink()
     # one colour JPEG makes the whole set RGB
     Image.fromarray(rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)).save(tmp_path / "dog" / "c.jpg")
     d = load_dataset(DataConfig(dataset="folder", data_dir=str(tmp_path), val_size=0))

@@ -109,3 +109,32 @@ def test_a_failed_download_leaves_no_folders_it_made(tmp_path, fake_mirrors, mon
     assert (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "new").exists()
 
 
+
+
+def test_a_broken_http_reply_is_a_failed_mirror(tmp_path, fake_mirrors, monkeypatch):
+    """A connection cut mid-reply or a server that does not speak HTTP raise http.client
+    errors (not OSError): the mirror counts as failed and the next one is tried."""
+    import http.client
+
+    served, md5s, _ = fake_mirrors
+    monkeypatch.setitem(readers._MNIST_SOURCES, "mnist", (("http://cut.invalid/", "http://ok.invalid/"), md5s))
+    good = readers.urlopen
+
+    def flaky(url, timeout=None):
+        if url.startswith("http://cut.invalid/"):
+            raise http.client.IncompleteRead(b"partial")
+        return good(url.replace("cut.invalid", "ok.invalid"), timeout)
+
+    monkeypatch.setattr(readers, "urlopen", flaky)
+    paths = download_mnist(tmp_path / "dl", "mnist")
+    assert all(p.read_bytes() == (served / p.name).read_bytes() for p in paths)
+    monkeypatch.setitem(readers._MNIST_SOURCES, "mnist", (("http://cut.invalid/",), md5s))
+    with pytest.raises(OSError, match=r"could not download .*IncompleteRead"):
+        download_mnist(tmp_path / "new" / "dl", "mnist")
+    assert not (tmp_path / "new").exists()
+
+
+def test_download_into_a_file_names_it(tmp_path, fake_mirrors):
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"data_dir '.*afile' is a file; expected a folder to download mnist into"):
+        download_mnist(tmp_path / "afile", "mnist")

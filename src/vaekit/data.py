@@ -106,7 +106,7 @@ class DataConfig:
 
 class SplitData(NamedTuple):
     """Float32 data ``[N, C, H, W]`` (C = 1 grey, 3 RGB) or ``[N, D]``, int64 labels ``[N]``
-    or None, and a name for logs (the dataset, or the stem of the array file / folder)."""
+    or None, and a name for messages (the dataset, or the path of the array file / folder)."""
 
     train: Tensor
     val: Tensor
@@ -197,7 +197,7 @@ def load_dataset(config: DataConfig) -> SplitData:
         if name == "array" and path.suffix not in (".npy", ".npz"):
             raise ValueError(f"data_dir for dataset='array' must be a .npy or .npz file, got {str(path)!r}")
         x, y, xt, yt = (_load_array if name == "array" else _load_folder)(path)
-        name = path.stem if name == "array" else path.name
+        name = str(path)  # the file or folder, as errors about its contents must name it
     if xt is not None and len(xt) and tuple(xt.shape[1:]) != tuple(x.shape[1:]):  # not only after training
         raise ValueError(f"{name}: the test images have shape {tuple(xt.shape[1:])} but the training images "
                          f"{tuple(x.shape[1:])}")

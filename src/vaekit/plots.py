@@ -270,7 +270,8 @@ def save_traversals(
 
 def save_run_pictures(model, x: Tensor, run_dir, history: list, *, seed: int = 0) -> None:
     """The pictures of a training run, into ``run_dir``: ``reconstructions.png`` (up to 32
-    examples of ``x``, each above its reconstruction), ``samples.png`` (64 draws),
+    examples of ``x``, each with its reconstruction to its right: four pairs a row),
+    ``samples.png`` (64 draws),
     ``curves.png`` (from ``history``, the rows of ``metrics.csv``) and
     ``traversals.png`` (the first example, the 10 latent dimensions of highest mean KL).
     Data that are not images (a vector whose length is not a square) get the curves only."""
@@ -287,7 +288,7 @@ def save_run_pictures(model, x: Tensor, run_dir, history: list, *, seed: int = 0
     scale = max(1, 112 // shape[-1])
     x = x[:32].to(next(model.parameters()).device)
     rec = model.reconstruct(x)
-    pairs = torch.stack([x, rec], 1).reshape(-1, *x.shape[1:])  # input above its reconstruction
+    pairs = torch.stack([x, rec], 1).reshape(-1, *x.shape[1:])  # input, then its reconstruction
     save_image_grid(pairs.cpu(), run_dir / "reconstructions.png", nrow=8, scale=scale, image_shape=shape)
     g = torch.Generator(device=x.device).manual_seed(seed)
     save_image_grid(model.sample(64, generator=g).cpu(), run_dir / "samples.png", nrow=8, scale=scale, image_shape=shape)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import http.client
 import math
 import os
 import tempfile
@@ -220,10 +221,13 @@ def _load_folder(root: Path):
                 if im.mode.startswith(("I", "F")):  # converting would clip 16-bit levels to 255
                     raise ValueError(f"{p} has mode {im.mode!r} (more than 8 bits a channel); the folder "
                                      "reader takes 8-bit images (convert them, or load an array)")
-                arrays.append(np.asarray(im.convert("L" if im.mode in ("1", "L", "LA") else "RGB")))
+                a = np.asarray(im.convert("L" if im.mode in ("1", "L", "LA") else "RGB"))
+                if a.ndim == 3 and (a == a[..., :1]).all():  # a grey palette (or grey RGB) image is grey
+                    a = a[..., 0]
+                arrays.append(a)
         except (OSError, SyntaxError) as e:  # PIL's errors for damaged files (truncated, unknown)
             raise ValueError(f"{p} is not a readable image: {e}") from None
-    if any(a.ndim == 3 for a in arrays):  # one colour image makes the whole set RGB
+    if any(a.ndim == 3 for a in arrays):  # one image with colour makes the whole set RGB
         arrays = [a if a.ndim == 3 else np.repeat(a[..., None], 3, axis=-1) for a in arrays]
     y = None if labels is None else np.asarray(labels, dtype=np.int64)
     return _as_images(np.stack(arrays), str(root)), _as_labels(y, len(files), str(root)), None, None
@@ -266,6 +270,8 @@ def download_mnist(root, kind: str = "mnist") -> list:
     check_choice("kind", kind, tuple(_MNIST_SOURCES))
     mirrors, md5s = _MNIST_SOURCES[kind]
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"data_dir {str(root)!r} is a file; expected a folder to download {kind} into")
     made = [d for d in (root, *root.parents) if not d.exists()]  # removed again if nothing lands
     root.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -277,8 +283,8 @@ def download_mnist(root, kind: str = "mnist") -> list:
                 try:
                     _fetch(mirror + name, target, md5)
                     break
-                except (OSError, ValueError) as e:
-                    errors.append(f"{mirror}{name}: {e}")
+                except (OSError, ValueError, http.client.HTTPException) as e:  # a cut-off or non-HTTP reply too
+                    errors.append(f"{mirror}{name}: {e or type(e).__name__}")
             else:
                 for d in made:  # innermost first; a folder that holds anything stays
                     with contextlib.suppress(OSError):
