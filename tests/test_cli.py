@@ -726,3 +726,25 @@ def test_evaluate_names_the_runs_config_file_and_where_its_data_were(run, tmp_pa
                                 rf"them there with vaekit train --dataset mnist --data-dir {re.escape(str(missing))} "
                                 r"--download")
     assert "download=True" not in err and snapshot(rd) == before
+
+
+def test_the_run_dir_probe_is_invisible_to_another_rank_checking_it(tmp_path, monkeypatch):
+    """Under torchrun every rank checks --run-dir: one rank's write probe inside an empty
+    run directory must not make it look taken to another rank checking at that moment."""
+    import tempfile
+
+    import vaekit.cli as cli
+    from vaekit.train import holds_a_run
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    seen, real = [], tempfile.TemporaryDirectory
+
+    def probing(*args, **kwargs):
+        probe = real(*args, **kwargs)
+        seen.append(holds_a_run(run_dir))  # what another rank would see now
+        return probe
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", probing)
+    cli._check_writable("--run-dir", run_dir, run_dir)
+    assert seen == [False] and list(run_dir.iterdir()) == []

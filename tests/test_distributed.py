@@ -319,13 +319,21 @@ def test_stop_signal_on_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
     assert ckpt["batches"] == {"epoch": 0, "position": ckpt["step"], "seed": 3}
 
 
-def test_every_rank_validates_an_optimal_variance_model_alike(tmp_path):
-    """A decoder_variance='optimal' model updates its evaluation variance (a buffer) in each
-    rank's own forward pass: the ranks must validate with rank 0's, or their validation
-    numbers (and so early stopping and the best model) differ."""
-    args = [*TRAIN_ARGS, "--batch-size", str(B), "--likelihood", "gaussian", "--decoder-variance", "optimal",
-            "--binarize", "none", "--run-dir", str(tmp_path / "run")]
-    run = _ok(_launch(tmp_path, "optimal", args, nproc=2))
+def test_an_optimal_variance_model_tracks_and_validates_as_one_process(tmp_path):
+    """A decoder_variance='optimal' model updates its evaluation variance (a buffer) in the
+    forward pass: from the combined batch, as one process with that batch does, and every
+    rank validates with the same one (else their validation numbers, and so early stopping
+    and the best model, could differ)."""
+    from vaekit.models import VAE
+
+    flags = ["--likelihood", "gaussian", "--decoder-variance", "optimal", "--binarize", "none"]
+    run = _ok(_launch(tmp_path, "optimal", [*TRAIN_ARGS, *flags, "--batch-size", str(B), "--run-dir",
+                                            str(tmp_path / "ddp")], nproc=2))
+    _ok(_launch(tmp_path, "optimal-single", [*TRAIN_ARGS, *flags, "--batch-size", str(2 * B), "--run-dir",
+                                             str(tmp_path / "single")], nproc=1))
     strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
     h0, h1 = run.json("history-0.json"), run.json("history-1.json")
     assert [r["split"] for r in h0].count("val") == EPOCHS and strip(h0) == strip(h1)
+    ddp, single = (VAE.from_pretrained(tmp_path / d / "model") for d in ("ddp", "single"))
+    assert int(ddp.decoder_mse_steps) == int(single.decoder_mse_steps) > 0
+    assert float(ddp.decoder_mse) == pytest.approx(float(single.decoder_mse), rel=1e-5)

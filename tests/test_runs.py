@@ -98,6 +98,13 @@ def test_restore_puts_everything_back_and_refuses_another_world_size(finished):
     with pytest.raises(CheckpointError, match=r"written by a run on 1 process\(es\); resume it with the same number, not 2"):
         restore(state, finished / "checkpoint.pt", model=model, optimizer=opt, batches=batches,
                 device=torch.device("cpu"), rank=0, world=2)
+    # late in an epoch the data position is past what two processes' epoch holds: the world
+    # size is the reason to name, not the position
+    late = {**state, "batches": {**state["batches"], "position": len(batches)}}
+    half = BatchIterator(batches.x, config.train.batch_size, shuffle=True, seed=0, rank=0, world_size=2)
+    with pytest.raises(CheckpointError, match=r"written by a run on 1 process\(es\)"):
+        restore(late, finished / "checkpoint.pt", model=model, optimizer=opt, batches=half,
+                device=torch.device("cpu"), rank=0, world=2)
 
 
 def test_restore_refuses_other_training_data_and_says_how_they_differ(finished):

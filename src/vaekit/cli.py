@@ -92,7 +92,8 @@ def _check_writable(flag: str, given, directory: Path) -> None:
     if not where.is_dir():
         raise UsageError(f"{flag} {given}: {where} is a file, not a directory")
     try:
-        tempfile.TemporaryDirectory(dir=where).cleanup()
+        # a name holds_a_run passes over: another rank may be checking the same folder now
+        tempfile.TemporaryDirectory(prefix=".vaekit-probe-", suffix=".tmp", dir=where).cleanup()
     except OSError as e:
         raise UsageError(f"{flag} {given}: cannot create files in {where} ({e.strerror or e})") from None
 

@@ -393,7 +393,14 @@ class VAE(nn.Module):
         """Fold a training batch's mean squared error into ``decoder_mse`` (no host sync;
         a non-finite batch leaves it as it was)."""
         dtype = torch.promote_types(torch.promote_types(x.dtype, mean.dtype), torch.float32)  # bf16: in float32
-        mse = (x.to(dtype) - mean.to(dtype)).square().mean().to(self.decoder_mse.dtype)
+        sq = (x.to(dtype) - mean.to(dtype)).square()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # data-parallel: the combined batch's mean, as one process with that batch
+            parts = torch.stack([sq.sum(), torch.tensor(float(sq.numel()), dtype=dtype, device=sq.device)])
+            torch.distributed.all_reduce(parts)
+            mse = (parts[0] / parts[1]).to(self.decoder_mse.dtype)
+        else:
+            mse = sq.mean().to(self.decoder_mse.dtype)
         steps = self.decoder_mse_steps
         weight = torch.clamp(1.0 / (steps + 1.0), min=_MSE_MOMENTUM)
         ok = torch.isfinite(mse)

@@ -173,12 +173,12 @@ def restore(state: dict, ckpt_path: Path, *, model, optimizer, batches, device: 
         why = _state_dict_mismatch(model.state_dict(), state["model"]) if isinstance(state["model"], dict) else ""
         raise CheckpointError(f"{ckpt_path} does not match its own config: "
                               f"{why or str(e).strip().splitlines()[0]}") from None
-    batches.load_state_dict(state["batches"])
-    if state.get("world_size", 1) != world:
+    if state.get("world_size", 1) != world:  # before the data position, which it would make look wrong
         raise CheckpointError(
             f"{ckpt_path} was written by a run on {state.get('world_size', 1)} process(es); resume it "
             f"with the same number, not {world} (the data position counts combined batches)"
         )
+    batches.load_state_dict(state["batches"])
     rngs = state["rng"]
     if len(rngs) == world:
         set_rng_state(rngs[rank], device)
