@@ -278,3 +278,12 @@ def test_an_optimal_variance_model_saved_before_decoder_mse_still_loads_and_warn
     back.eval()
     reference = -Independent(Normal(mean, float((x - mean).square().mean()) ** 0.5), 1).log_prob(x)
     torch.testing.assert_close(back.nll(mean, x), reference)  # one step later: the tracked variance
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import vaekit.models
+
+    result = doctest.testmod(vaekit.models, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 3 and result.failed == 0
