@@ -258,6 +258,7 @@ def test_evaluate_prints_a_table_and_writes_metrics_checked_by_hand(run, capsys)
     assert rc == 0
     m = read_json(run / "metrics-test.json")
     assert {"elbo", "reconstruction", "kl"} <= set(m) and "iw_nll" not in m
+    assert (m["seed"], m["batch_size"]) == (0, 500)  # the estimates depend on both: recorded
     for key in ("elbo", "reconstruction", "kl"):
         assert re.search(rf"^{key}\s+{re.escape(f'{m[key]:.4f}')}$", out, re.M), out
 
@@ -539,6 +540,8 @@ BAD_INPUT = [  # (id, argv with {run}/{empty}/{tmp} placeholders, regex the one-
                                     "--seed", "1"], r"--resume.*not --preset, --run-dir, --seed$"),
     ("sample-n-0", ["sample", "{run}", "-n", "0", "-o", "{tmp}/never.png"], r"-n\b.*0"),
     ("evaluate-missing-run", ["evaluate", "{tmp}/no-such-run"], r"no-such-run"),
+    ("evaluate-seed-too-large", ["evaluate", "{run}", "--seed", str(2**64 - 1)], r"--seed must be an integer in "
+                                                                                 r"\[0, 18446744073709551613\]"),
     # a data folder the dataset would not read
     ("data-dir-with-digits", ["train", "--run-dir", "{empty}", *TINY, "--data-dir", "{tmp}"],
      r"data_dir is unused for dataset 'digits'; did you mean --dataset mnist"),

@@ -351,6 +351,7 @@ def test_evaluation_sets_its_precision_for_the_call_only(precision, monkeypatch)
     TF32), TF32 flags for "tf32", bfloat16 autocast for "bf16"; the global flags are put
     back after the call, also after an error."""
     model, x, _ = make_problem(n=8)
+    model, x = model.float(), x.float()  # a reduced precision is refused for a float64 model
     seen = []
     decode = model.decode
     monkeypatch.setattr(model, "decode", lambda z: (seen.append((
@@ -425,3 +426,31 @@ def test_one_example_has_no_active_unit_count():
     x = torch.rand(3, 6).round()
     assert ev.evaluate_model(model, x[:1])["active_units"] is None  # not 0: a variance needs two examples
     assert ev.evaluate_model(model, x)["active_units"] == ev.active_units(model, x)[0]
+
+
+def test_an_mse_model_gets_bits_per_dim_as_the_gaussian_it_is_scored_as():
+    """likelihood='mse' is scored as the Gaussian of variance 1/2, a density on [0, 1]^D:
+    its bits per dimension on 8-bit data come from the same conversion as a Gaussian's."""
+    from vaekit.models import VAE, ModelConfig
+
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(6,), hidden=(8,), latent_dim=2, likelihood="mse"))
+    x = torch.randint(0, 256, (10, 6)) / 255.0
+    out = ev.evaluate_model(model, x, iw_samples=20, n_bits=8)
+    assert out["bits_per_dim"] == pytest.approx(out["iw_nll"] / (6 * math.log(2.0)) + 8)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "tf32"])
+def test_a_reduced_precision_is_refused_for_a_float64_model(precision):
+    """Autocast and TF32 leave float64 arithmetic alone: the result would record a precision
+    it was not computed in."""
+    from vaekit.models import VAE, ModelConfig
+
+    model = VAE(ModelConfig(input_shape=(6,), hidden=(8,), latent_dim=2)).double()
+    x = torch.rand(4, 6, dtype=torch.float64).round()
+    for call in (lambda: ev.evaluate_model(model, x, precision=precision),
+                 lambda: ev.iw_log_likelihood(model, x, k=2, precision=precision)):
+        with pytest.raises(ValueError, match=rf"precision='{precision}' reduces float32 arithmetic, and this model "
+                                             r"is float64"):
+            call()
+    assert "elbo" in ev.evaluate_model(model, x, precision="fp32")

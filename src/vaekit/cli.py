@@ -177,6 +177,8 @@ def evaluate_command(run: str, *, split: str = "test", iw_samples: int = 0, batc
         raise UsageError("--quick sizes the --disentanglement metrics, and --disentanglement was not given")
     if num_threads < 0:
         raise UsageError(f"--num-threads must be >= 0 (0: PyTorch's default), got {num_threads}")
+    if not 0 <= seed <= _MAX_SEED:  # the estimates draw with seed, seed + 1 and seed + 2
+        raise UsageError(f"--seed must be an integer in [0, {_MAX_SEED}], got {seed}")
     threads = torch.get_num_threads()
     if num_threads:
         torch.set_num_threads(num_threads)
@@ -237,9 +239,13 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
         metrics["disentanglement_quick"] = quick  # rough scores say so in the file
     where = f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else str(dev)
     result = {"split": split, "n": int(x.shape[0]), "iw_samples": iw_samples, **metrics,
+              "seed": seed, "batch_size": batch_size,  # the estimates depend on both
               "seconds": round(seconds, 3), "device": where, "torch": torch.__version__}
     write_json(rd / metrics_name(split, limit), result)
     return result
+
+
+_MAX_SEED = 2**64 - 3  # a generator takes seeds below 2**64, and evaluate also draws with seed + 2
 
 
 def metrics_name(split: str, limit: int = 0) -> str:

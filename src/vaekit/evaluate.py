@@ -55,9 +55,14 @@ def _check_positive_int(name: str, value, *, optional: bool = False) -> None:
         check_int(name, value, low=1)
 
 
-def _check_precision(precision) -> None:
+def _check_precision(precision, model) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    params = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+    if precision != "fp32" and params is not None and params.dtype == torch.float64:
+        # autocast and TF32 leave float64 alone: the result would claim an arithmetic not used
+        raise ValueError(f"precision={precision!r} reduces float32 arithmetic, and this model is float64; "
+                         f"use precision='fp32' (its own float64)")
 
 
 def _check_x(model, x) -> None:
@@ -213,7 +218,7 @@ def iw_log_likelihood(
     _check_positive_int("k", k)
     _check_positive_int("chunk_size", chunk_size, optional=True)
     _check_positive_int("batch_size", batch_size, optional=True)
-    _check_precision(precision)
+    _check_precision(precision, model)
     with _evaluating(model, precision):
         mu, logvar = _encode_all(model, x, batch_size)
         parts = [
@@ -422,7 +427,7 @@ def evaluate_model(
     _check_positive_int("n_samples", n_samples)
     _check_positive_int("n_bits", n_bits, optional=True)
     check_number("threshold", threshold)
-    _check_precision(precision)
+    _check_precision(precision, model)
     if isinstance(iw_samples, bool) or not isinstance(iw_samples, int) or iw_samples < 0:
         raise ValueError(f"iw_samples must be an int >= 0, got {iw_samples!r}")
     from tqdm.auto import tqdm
@@ -460,7 +465,7 @@ def evaluate_model(
     likelihood = getattr(getattr(model, "config", None), "likelihood", None)
     if likelihood == "discretized_logistic" or (likelihood == "bernoulli" and bool(((x == 0) | (x == 1)).all())):
         result["bits_per_dim"] = bits_per_dim(nll, num_dims)
-    elif likelihood in ("gaussian", "continuous_bernoulli") and n_bits is not None:
+    elif likelihood in ("gaussian", "mse", "continuous_bernoulli") and n_bits is not None:
         discrete_nll = continuous_to_discrete_nll(nll, num_dims, n_bits)
         result["bits_per_dim"] = bits_per_dim(discrete_nll, num_dims)
     return result
