@@ -6,8 +6,10 @@ the schedules, the loop's bookkeeping. At batch 128 an MNIST epoch is 469 steps,
 issue's 60 ms epoch leaves 128 us a step for all of it, graph included. This script runs
 `vaekit.train.fit` (fast="static") with the step's body (forward, backward, Adam) taken
 out, on data of MNIST's size but 4 pixels an image (so that the tensors' arithmetic costs
-nothing and what is left is dispatch and Python), and prints the time per step. The
-body left is one tiny kernel (so that on CUDA a graph is still captured and replayed). On
+nothing and what is left is dispatch and Python), and prints the time per step: the time
+between two epochs' rows of metrics.csv over the epoch's steps, so the epoch's end (the
+validation of 100 images, the checkpoint and the model's save) is spread over them too.
+The body left is one tiny kernel (so that on CUDA a graph is still captured and replayed). On
 a CPU this is a floor for the host's share of a step; on CUDA (--device cuda, in
 benchmarks/gpu.sh) it is that share itself: kernel launches cost the host more than CPU
 dispatches do.
