@@ -122,8 +122,9 @@ def make_inputs(args, device):
 
 
 # The fused kernel against the eager VAELoss, relative to the largest |eager| value: fp32
-# sums over 4096 x 12288 terms in another order differ by ~1e-6; a wrong kernel by far more.
-CHECK_RTOL = 1e-4
+# sums over 4096 x 12288 terms in another order differ by ~1e-6, half-precision gradients
+# by their rounding (~5e-3 for bf16); a wrong kernel by far more.
+CHECK_RTOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
 def check_correctness(x, logits, mu, logvar, beta, plan="rows") -> bool:
@@ -147,9 +148,10 @@ def check_correctness(x, logits, mu, logvar, beta, plan="rows") -> bool:
         rel = diff / max(float(b.abs().max()), 1e-30)
         worst = max(worst, rel if rel == rel else float("inf"))  # a NaN is a failure
         print(f"  {name:<15} {diff:.3e}  ({rel:.1e})")
-    ok = worst <= CHECK_RTOL
+    allowed = CHECK_RTOL[logits.dtype]
+    ok = worst <= allowed
     print(f"CHECK loss_bench plan {plan}: {'ok' if ok else 'FAILED'} (largest relative difference {worst:.1e}, "
-          f"allowed {CHECK_RTOL:.0e})")
+          f"allowed {allowed:.0e} in {logits.dtype})")
     return ok
 
 

@@ -196,6 +196,11 @@ def test_folder_with_class_subfolders(tmp_path):
     d = load_dataset(DataConfig(dataset="folder", data_dir=str(tmp_path), val_size=0))
     assert d.train.shape[1:] == (1, 3, 4) and len(d.train) + len(d.test) == 11
     (tmp_path / "cat" / "palette.png").unlink()
+    # an RGB file whose channels happen to be equal stays RGB, as it always loaded
+    Image.fromarray(np.repeat(grey["cat"][0][..., None], 3, axis=-1)).save(tmp_path / "cat" / "rgb.png")
+    d = load_dataset(DataConfig(dataset="folder", data_dir=str(tmp_path), val_size=0))
+    assert d.train.shape[1:] == (3, 3, 4)
+    (tmp_path / "cat" / "rgb.png").unlink()
     # one colour JPEG makes the whole set RGB
     Image.fromarray(rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)).save(tmp_path / "dog" / "c.jpg")
     d = load_dataset(DataConfig(dataset="folder", data_dir=str(tmp_path), val_size=0))

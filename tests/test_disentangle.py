@@ -318,3 +318,9 @@ def test_evaluate_disentanglement_runs_on_a_vae_and_rewards_a_factor_encoder(tmp
     oracle = Centroid(ModelConfig(arch="mlp", input_shape=(1, 64, 64), latent_dim=3, hidden=(8,)))
     good = dis.evaluate_disentanglement(oracle, seed=0, n_codes=2000, quick=True)
     assert good["mig"] > scores["mig"] + 0.1
+
+
+def test_dci_takes_any_seed_the_command_line_takes(codes):
+    # scikit-learn's random_state stops at 2**32 - 1; vaekit evaluate --seed goes further
+    perfect = codes["perfect"]
+    assert dci(*perfect, n_estimators=2, seed=2**32 - 1) == dci(*perfect, n_estimators=2, seed=2**32 - 1)

@@ -279,6 +279,19 @@ def test_an_optimal_variance_model_saved_before_decoder_mse_still_loads_and_warn
     reference = -Independent(Normal(mean, float((x - mean).square().mean()) ** 0.5), 1).log_prob(x)
     torch.testing.assert_close(back.nll(mean, x), reference)  # one step later: the tracked variance
 
+    # saved again untrained, it stays "no variance seen" (0 steps) and is scored as then
+    old_model = VAE(ModelConfig(input_shape=(6,), hidden=(8,), latent_dim=2, likelihood="gaussian",
+                                decoder_variance="optimal")).double()
+    with pytest.warns(UserWarning):
+        old_model.load_state_dict({k: v.double() for k, v in old.items()})
+    assert old_model.decoder_mse.dtype == torch.float64 and float(old_model.decoder_mse_steps) == 0
+    old_model.save_pretrained(tmp_path / "again")
+    again = VAE.from_pretrained(tmp_path / "again").eval()
+    torch.testing.assert_close(again.nll(mean.double(), x.double()), optimal_sigma_nll(mean.double(), x.double()))
+    # a partial load (strict=False) fills in nothing and reports the buffers missing
+    missing = back.load_state_dict({k: v for k, v in old.items() if k.startswith("encoder")}, strict=False).missing_keys
+    assert "decoder_mse" in missing and float(back.decoder_mse_steps) == 1
+
 
 def test_docstring_examples_run():
     import doctest

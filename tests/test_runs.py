@@ -168,6 +168,7 @@ def test_a_saved_config_with_a_data_dir_its_dataset_never_read_still_loads():
      {"warmup_steps": 100, "cycle_steps": 0, "cycle_ratio": 0.5}),
     ({"capacity_steps": 10, "capacity_gamma": 5.0}, {"capacity_steps": 0, "capacity_gamma": 1000.0}),
     ({"tc_estimator": "stratified"}, {"tc_estimator": "mws"}),
+    ({"name": "iwae", "capacity_max": 5.0, "capacity_steps": 100}, {"capacity_max": 0.0, "capacity_steps": 0}),
     ({"name": "beta_tcvae", "tc_estimator": "stratified"}, {"tc_estimator": "stratified"}),
 ])
 def test_a_saved_config_with_settings_that_had_no_effect_still_loads(saved, inert):
@@ -182,3 +183,31 @@ def test_a_saved_config_with_settings_that_had_no_effect_still_loads(saved, iner
     if inert != {k: saved[k] for k in inert}:
         with pytest.raises(ValueError, match="has no effect|applies only to"):
             ObjectiveConfig(**saved)
+
+
+def test_an_old_optimal_variance_run_resumed_saves_its_next_model(tmp_path):
+    """A run saved before vaekit kept decoder_mse scored its best validation loss under each
+    example's own variance, which no model evaluated under one variance reaches: resumed,
+    that best is forgotten, so the next epoch's model (with its variance) is saved."""
+    from safetensors.torch import load_file, save_file
+
+    from vaekit.io import load_checkpoint, save_checkpoint
+    from vaekit.train import fit
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (120, 6, 6), dtype=np.uint8))
+    config = RunConfig.from_dict({"data": {"dataset": "array", "data_dir": str(tmp_path / "x.npy"),
+                                           "binarize": "none"},
+                                  "model": {"hidden": [16], "latent_dim": 2, "likelihood": "gaussian",
+                                            "decoder_variance": "optimal"},
+                                  "train": {"epochs": 1, "batch_size": 32, "progress": False}})
+    rd = tmp_path / "run"
+    fit(config, rd)
+    state = load_checkpoint(rd / "checkpoint.pt")  # as the old code wrote them: no decoder_mse
+    state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("decoder_mse")}
+    state["best"] = -1e9  # a validation loss no shared variance reaches
+    save_checkpoint(rd / "checkpoint.pt", {k: v for k, v in state.items() if k not in ("format", "format_version")})
+    weights = rd / "model" / "model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if not k.startswith("decoder_mse")}, weights)
+    fit(config, rd, resume=True, epochs=2)  # (the load's warning is for evaluation: a resume is its remedy)
+    saved = load_file(weights)
+    assert float(saved["decoder_mse_steps"]) > 0

@@ -166,7 +166,7 @@ def dci(codes_train, factors_train, codes_test, factors_test, *, seed: int = 0, 
     importance = np.zeros((d, n_factors))
     accuracy = []
     for k in range(n_factors):
-        forest = RandomForestClassifier(n_estimators=n_estimators, max_depth=max_depth, max_features=None, random_state=seed + k)
+        forest = RandomForestClassifier(n_estimators=n_estimators, max_depth=max_depth, max_features=None, random_state=(seed + k) % 2**32)
         forest.fit(ctr, ftr[:, k])
         importance[:, k] = np.abs(forest.feature_importances_)
         accuracy.append(forest.score(cte, fte[:, k]))

@@ -261,7 +261,7 @@ class VAE(nn.Module):
         if config.decoder_variance == "optimal":  # saved with the weights: the evaluation variance
             self.register_buffer("decoder_mse", torch.ones(()))
             self.register_buffer("decoder_mse_steps", torch.zeros(()))
-        self._mse_unknown = False  # loaded from a model saved before vaekit kept decoder_mse
+        self._data_parallel = False  # set by vaekit.wiring under torchrun: decoder_mse from the combined batch
 
     # -- the two halves -----------------------------------------------------------------
 
@@ -358,11 +358,12 @@ class VAE(nn.Module):
             mean, log_scale = decoder_out
             return discretized_logistic_nll(mean, log_scale, x)
         if cfg.decoder_variance == "optimal":
-            if self.training or self._mse_unknown:
+            # No training step seen (a model saved before vaekit kept decoder_mse, or never
+            # trained): each example under its own variance, as such models were scored.
+            if self.training or float(self.decoder_mse_steps) == 0:
                 nll = optimal_sigma_nll(decoder_out, x, min_logvar=_MIN_OPTIMAL_LOGVAR, validate_args=validate_args)
                 if self.training:
                     self._track_mse(decoder_out, x)
-                    self._mse_unknown = False
                 return nll
             mse = self.decoder_mse.to(torch.promote_types(self.decoder_mse.dtype, torch.float32))
             logvar = mse.clamp(min=math.exp(_MIN_OPTIMAL_LOGVAR)).log()
@@ -378,13 +379,18 @@ class VAE(nn.Module):
         under its own best variance, which is no normalised density: warned), and tracks
         the variance afresh once it trains again (a resumed run)."""
         names = [prefix + "decoder_mse", prefix + "decoder_mse_steps"]
-        if self.config.decoder_variance == "optimal" and not any(n in state_dict for n in names):
+        # the whole of an old model, not a partial load (whose missing keys must show)
+        others = [prefix + k for k in self.state_dict() if prefix + k not in names]
+        weights = [state_dict[k] for k in others if k in state_dict and isinstance(state_dict[k], Tensor)]
+        if (self.config.decoder_variance == "optimal" and weights and len(weights) == len(others)
+                and not any(n in state_dict for n in names)):
             warnings.warn("this decoder_variance='optimal' model was saved before vaekit kept an evaluation "
                           "variance (decoder_mse): its ELBO and likelihood estimates use each example's own "
                           "variance and are not log-likelihoods; train it further (vaekit train --resume RUN "
                           "--epochs N) to record one", stacklevel=2)
-            state_dict[names[0]], state_dict[names[1]] = torch.ones(()), torch.zeros(())
-            self._mse_unknown = True
+            like = weights[0]  # the saved weights' dtype (assign=True keeps it)
+            state_dict[names[0]] = torch.ones((), dtype=like.dtype, device=like.device)
+            state_dict[names[1]] = torch.zeros((), dtype=like.dtype, device=like.device)  # 0 steps: unknown
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -394,9 +400,8 @@ class VAE(nn.Module):
         a non-finite batch leaves it as it was)."""
         dtype = torch.promote_types(torch.promote_types(x.dtype, mean.dtype), torch.float32)  # bf16: in float32
         sq = (x.to(dtype) - mean.to(dtype)).square()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # data-parallel: the combined batch's mean, as one process with that batch
-            parts = torch.stack([sq.sum(), torch.tensor(float(sq.numel()), dtype=dtype, device=sq.device)])
+        if self._data_parallel:  # under vaekit's torchrun: the combined batch's mean, as one process has it
+            parts = torch.stack([sq.sum(), torch.full((), sq.numel(), dtype=dtype, device=sq.device)])
             torch.distributed.all_reduce(parts)
             mse = (parts[0] / parts[1]).to(self.decoder_mse.dtype)
         else:

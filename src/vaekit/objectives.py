@@ -331,8 +331,8 @@ def without_inert(section: dict) -> dict:
     with the constant schedule, ...) set to its "off" value, so that runs saved then still
     load: they trained exactly as the section now says."""
     defaults = ObjectiveConfig.__dataclass_fields__
-    get = lambda k: section.get(k, defaults[k].default)  # noqa: E731
     out = dict(section)
+    get = lambda k: out.get(k, defaults[k].default)  # noqa: E731  (a gate the first loop set off counts as off)
     for field, (objective, off) in _ONLY_FOR.items():
         if field in out and get("name") != objective:
             out[field] = off

@@ -222,7 +222,7 @@ def _load_folder(root: Path):
                     raise ValueError(f"{p} has mode {im.mode!r} (more than 8 bits a channel); the folder "
                                      "reader takes 8-bit images (convert them, or load an array)")
                 a = np.asarray(im.convert("L" if im.mode in ("1", "L", "LA") else "RGB"))
-                if a.ndim == 3 and (a == a[..., :1]).all():  # a grey palette (or grey RGB) image is grey
+                if im.mode in ("P", "PA") and a.ndim == 3 and (a == a[..., :1]).all():  # a grey palette
                     a = a[..., 0]
                 arrays.append(a)
         except (OSError, SyntaxError) as e:  # PIL's errors for damaged files (truncated, unknown)
@@ -284,7 +284,7 @@ def download_mnist(root, kind: str = "mnist") -> list:
                     _fetch(mirror + name, target, md5)
                     break
                 except (OSError, ValueError, http.client.HTTPException) as e:  # a cut-off or non-HTTP reply too
-                    errors.append(f"{mirror}{name}: {e or type(e).__name__}")
+                    errors.append(f"{mirror}{name}: {str(e) or type(e).__name__}")
             else:
                 for d in made:  # innermost first; a folder that holds anything stays
                     with contextlib.suppress(OSError):

@@ -20,6 +20,7 @@ import csv
 import dataclasses
 import hashlib
 import io as _io
+import math
 import warnings
 from pathlib import Path
 
@@ -183,5 +184,11 @@ def restore(state: dict, ckpt_path: Path, *, model, optimizer, batches, device: 
     if len(rngs) == world:
         set_rng_state(rngs[rank], device)
     sums = state["sums"].to(device) if rank == 0 else torch.zeros_like(state["sums"], device=device)
+    # An optimal-variance model saved before vaekit kept decoder_mse: its best validation
+    # loss was scored under each example's own variance, which the shared variance cannot
+    # reach; kept, no later epoch would ever be saved as the better model.
+    rescored = any(k.endswith("decoder_mse") for k in model.state_dict()) and not any(
+        k.endswith("decoder_mse") for k in state["model"])
     return {"step": state["step"], "epoch": state["epoch"], "history": list(state["history"]),
-            "best": state["best"], "since_best": state["since_best"], "skipped": state["skipped"], "sums": sums}
+            "best": math.inf if rescored else state["best"], "since_best": 0 if rescored else state["since_best"],
+            "skipped": state["skipped"], "sums": sums}

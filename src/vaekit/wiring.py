@@ -153,6 +153,7 @@ def _build(config: RunConfig, run_dir: Path, state: dict | None) -> _Run:
     config.model = dataclasses.replace(config.model, input_shape=tuple(data.train.shape[1:]))
     torch.manual_seed(tc.seed)
     model = VAE(config.model).to(device)
+    model._data_parallel = world > 1  # every rank takes the same training forwards (decoder_mse's all_reduce)
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     elif device.type == "cpu" and _work_per_step(model, tc.batch_size) < _SMALL_STEP:
