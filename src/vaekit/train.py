@@ -38,7 +38,7 @@ from .checks import check_int, check_number
 from .io import save_checkpoint, save_model, write_json
 from .models import VAE
 from .plots import save_run_pictures
-from .runs import data_record, read_for_resume, rng_state, write_metrics
+from .runs import read_for_resume, rng_state, write_metrics
 from .steps import _FOLD_EVERY, _block_fits, _eager_step, _fold, _static_block, _static_step, lr_at
 from .wiring import _Run, _build, _dist_info, resolve_device
 
@@ -196,7 +196,7 @@ def _checkpoint(run: _Run) -> None:
             "step": run.step, "epoch": run.epoch, "history": run.history, "best": run.best,
             "since_best": run.since_best, "skipped": run.skipped, "sums": all_sums.cpu(),
             "batches": run.batches.state_dict(), "rng": rngs, "world_size": run.world, "vaekit_version": __version__,
-            "data": data_record(run.batches.x), "seconds": time.perf_counter() - run.t0,
+            "data": run.data_seen, "seconds": time.perf_counter() - run.t0,
         })
     if run.distributed:
         torch.distributed.barrier()
