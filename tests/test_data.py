@@ -146,6 +146,26 @@ def test_array_npz_channels_last_and_flat(tmp_path):
     assert all(tuple(r) in rows for r in d.test.tolist())
 
 
+def test_a_shape_that_fits_both_layouts_is_read_channels_last_with_a_warning(tmp_path, recwarn):
+    """[N, 3, 5, 3] is a 3 x 5 RGB image or a 3-channel 5 x 3 one: it was read the first way
+    without a word. A folder of 3 x 3 RGB files is known to be channels last: no warning."""
+    x = np.random.default_rng(1).integers(0, 256, (12, 3, 5, 3), dtype=np.uint8)
+    np.save(tmp_path / "amb.npy", x)
+    with pytest.warns(UserWarning, match=r"amb\.npy: shape \(12, 3, 5, 3\) reads as \[N, H, W, C\] and as "
+                                         r"\[N, C, H, W\]; taken as \[N, H, W, C\]"):
+        d = load_dataset(DataConfig(dataset="array", data_dir=str(tmp_path / "amb.npy"), val_size=0))
+    assert d.train.shape[1:] == (3, 3, 5)
+    np.save(tmp_path / "plain.npy", x[:, :, :4, :].transpose(0, 2, 1, 3))  # [N, 4, 3, 3]: channels last only
+    recwarn.clear()
+    load_dataset(DataConfig(dataset="array", data_dir=str(tmp_path / "plain.npy"), val_size=0))
+    (tmp_path / "imgs").mkdir()
+    for i in range(6):
+        Image.fromarray(x[i, :, :3, :]).save(tmp_path / "imgs" / f"{i}.png")
+    d = load_dataset(DataConfig(dataset="folder", data_dir=str(tmp_path / "imgs"), val_size=0))
+    assert d.train.shape[1:] == (3, 3, 3)
+    assert not [w for w in recwarn if "reads as" in str(w.message)]
+
+
 def test_a_test_split_of_another_shape_is_refused_at_load_time(tmp_path):
     """It was found only after training, when the run's pictures scored the test images."""
     np.savez(tmp_path / "m.npz", x_train=np.zeros((40, 6, 5), np.uint8), x_test=np.zeros((7, 5, 6), np.uint8))

@@ -12,6 +12,7 @@ import http.client
 import math
 import os
 import tempfile
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -84,8 +85,12 @@ def read_idx(path) -> np.ndarray:
     return np.frombuffer(raw, dtype, offset=4 + 4 * ndim).reshape(dims).astype(dtype.newbyteorder("="))
 
 
-def _as_images(a, source: str) -> Tensor:
-    """numpy array -> float32 ``[N, C, H, W]`` (``[N, D]`` kept flat); uint8 / 255."""
+def _as_images(a, source: str, *, stacked_hwc: bool = False) -> Tensor:
+    """numpy array -> float32 ``[N, C, H, W]`` (``[N, D]`` kept flat); uint8 / 255.
+
+    A 4-D shape that fits both layouts (1 or 3 in both places) is read channels last,
+    with a warning, unless ``stacked_hwc`` says the array is known to be ``[N, H, W, C]``.
+    """
     a = np.asarray(a)
     if a.size == 0:
         raise ValueError(f"{source}: the image array is empty, shape {a.shape}")
@@ -101,6 +106,10 @@ def _as_images(a, source: str) -> Tensor:
     if t.dim() == 3:
         t = t.unsqueeze(1)
     elif t.dim() == 4 and t.shape[-1] in (1, 3):
+        if t.shape[1] in (1, 3) and not stacked_hwc:
+            warnings.warn(f"{source}: shape {tuple(a.shape)} reads as [N, H, W, C] and as [N, C, H, W]; "
+                          f"taken as [N, H, W, C] (channels last). For channels first, store the array "
+                          f"channels last ([N, H, W, C]), which is unambiguous")
         t = t.permute(0, 3, 1, 2)
     elif not (t.dim() == 2 or (t.dim() == 4 and t.shape[1] in (1, 3))):
         raise ValueError(f"{source}: expected images [N, H, W], [N, H, W, C] or [N, C, H, W] "
@@ -230,7 +239,7 @@ def _load_folder(root: Path):
     if any(a.ndim == 3 for a in arrays):  # one image with colour makes the whole set RGB
         arrays = [a if a.ndim == 3 else np.repeat(a[..., None], 3, axis=-1) for a in arrays]
     y = None if labels is None else np.asarray(labels, dtype=np.int64)
-    return _as_images(np.stack(arrays), str(root)), _as_labels(y, len(files), str(root)), None, None
+    return _as_images(np.stack(arrays), str(root), stacked_hwc=True), _as_labels(y, len(files), str(root)), None, None
 
 
 # ---------------------------------------------------------------------------------------
