@@ -1,0 +1,147 @@
+"""What a VAE is made of, as data: :class:`ModelConfig` and the values its fields accept.
+
+The config names an architecture (``arch``, ``hidden``, ``activation``), a latent size and
+the decoder's likelihood with its variance; :class:`vaekit.models.VAE` builds the networks
+from it. Every field is checked in ``__post_init__`` and an error names the field it is
+about (``ModelConfig.latent_dim must be a positive integer, got 0``). ``to_dict`` gives the
+JSON that :func:`vaekit.io.save_model` writes beside the weights, and the command line's
+``--help`` takes each field's description from the class docstring (:mod:`vaekit.flags`).
+
+``ARCHS``, ``ACTIVATIONS``, ``LIKELIHOODS`` and ``DECODER_VARIANCES`` are the choices
+those fields accept. :mod:`vaekit.models` re-exports everything listed in ``__all__``, so
+``from vaekit.models import ModelConfig`` keeps working and remains the import to write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from .checks import in_section
+from .losses import RECONSTRUCTIONS
+from .pixelcnn import FUSIONS
+
+__all__ = ["ModelConfig", "ARCHS", "ACTIVATIONS", "LIKELIHOODS", "DECODER_VARIANCES"]
+
+ARCHS = ("mlp", "conv")
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU, "silu": nn.SiLU}
+LIKELIHOODS = RECONSTRUCTIONS + ("discretized_logistic",)
+DECODER_VARIANCES = ("fixed", "learned", "optimal")
+
+
+def _fail(name: str, expected: str, got) -> None:
+    raise ValueError(f"{name} must be {expected}, got {got!r}")  # ModelConfig.: in_section
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and likelihood of a VAE. Saved as JSON beside the weights.
+
+    Attributes:
+        arch: ``"mlp"`` (fully connected) or ``"conv"`` (stride-2 convolutions).
+        input_shape: shape of one example, ``(C, H, W)`` or ``(D,)``.
+        latent_dim: size ``d`` of the latent code.
+        hidden: MLP layer widths, or the channels of each stride-2 convolution.
+        activation: one of ``relu``, ``tanh``, ``elu``, ``gelu``, ``silu``.
+        likelihood: the decoder's distribution: ``bernoulli`` (binary data, logits),
+            ``continuous_bernoulli`` (grey levels, logits), ``gaussian`` (mean),
+            ``mse`` (squared error: the Gaussian of variance 1/2 in disguise, and scored
+            as that Gaussian, so that its ELBO is in nats) or
+            ``discretized_logistic`` (8-bit images scaled to [0, 1]: a mean and a log-scale
+            per subpixel; report it in bits per dimension).
+        decoder_variance: for ``gaussian``: ``fixed`` (``fixed_logvar``), ``learned``
+            (one log-variance per data dimension, trained with the model) or ``optimal``
+            (in training, each example's maximum-likelihood variance, the calibrated
+            decoder of Rybkin et al. 2021; in evaluation (``model.eval()``) one variance
+            for all, the running mean of the training batches' squared error per
+            dimension, kept in the buffer ``decoder_mse``: a variance fitted to the
+            example being scored would not make a normalised density, and the ELBO and
+            likelihood estimates would not bound a log-likelihood).
+        fixed_logvar: the decoder log-variance when it is fixed.
+        logvar_limit: the encoder's log-variance is softly bounded to
+            ``(-logvar_limit, logvar_limit)`` (``L * tanh(raw / L)``), so ``exp(logvar)``
+            can neither overflow nor underflow to an exact zero.
+        pixelcnn_layers: masked convolution layers of an autoregressive head on the
+            decoder (``p(x|z) = prod_i p(x_i | x_<i, z)``; :mod:`vaekit.pixelcnn`); 0: none,
+            pixels independent given ``z``. Needs ``(C, H, W)`` images and ``bernoulli``.
+        pixelcnn_width: feature maps of those layers.
+        pixelcnn_fusion: where ``z`` enters the head: ``"early"`` (every masked layer) or
+            ``"late"`` (one layer after them, so the masked layers read the pixels only and
+            an importance-weighted estimate runs them once per image, not once per sample).
+    """
+
+    arch: str = "mlp"
+    input_shape: tuple = (1, 28, 28)
+    latent_dim: int = 16
+    hidden: tuple = (512, 256)
+    activation: str = "relu"
+    likelihood: str = "bernoulli"
+    decoder_variance: str = "fixed"
+    fixed_logvar: float = 0.0
+    logvar_limit: float = 12.0
+    pixelcnn_layers: int = 0
+    pixelcnn_width: int = 64
+    pixelcnn_fusion: str = "early"
+
+    def __post_init__(self) -> None:
+        with in_section("ModelConfig"):
+            self._check()
+
+    def _check(self) -> None:
+        if self.arch not in ARCHS:
+            _fail("arch", f"one of {', '.join(ARCHS)}", self.arch)
+        if isinstance(self.input_shape, list):
+            self.input_shape = tuple(self.input_shape)
+        if isinstance(self.hidden, list):
+            self.hidden = tuple(self.hidden)
+        if (
+            not isinstance(self.input_shape, tuple)
+            or not self.input_shape
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in self.input_shape)
+        ):
+            _fail("input_shape", "a non-empty tuple of positive integers", self.input_shape)
+        if not isinstance(self.latent_dim, int) or isinstance(self.latent_dim, bool) or self.latent_dim < 1:
+            _fail("latent_dim", "a positive integer", self.latent_dim)
+        if not isinstance(self.hidden, tuple) or not all(
+            isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in self.hidden
+        ):
+            _fail("hidden", "a tuple of positive integers", self.hidden)
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
+            _fail("activation", f"one of {', '.join(ACTIVATIONS)}", self.activation)
+        if not isinstance(self.likelihood, str) or self.likelihood not in LIKELIHOODS:
+            _fail("likelihood", f"one of {', '.join(LIKELIHOODS)}", self.likelihood)
+        if not isinstance(self.decoder_variance, str) or self.decoder_variance not in DECODER_VARIANCES:
+            _fail("decoder_variance", f"one of {', '.join(DECODER_VARIANCES)}", self.decoder_variance)
+        if self.decoder_variance != "fixed" and self.likelihood != "gaussian":
+            _fail("decoder_variance", "'fixed' unless likelihood is 'gaussian'", self.decoder_variance)
+        for name in ("fixed_logvar", "logvar_limit"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                _fail(name, "a finite number", v)
+        if self.logvar_limit <= 0:
+            _fail("logvar_limit", "> 0", self.logvar_limit)
+        for name in ("pixelcnn_layers", "pixelcnn_width"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "pixelcnn_layers" else 1):
+                _fail(name, "a non-negative integer" if name == "pixelcnn_layers" else "a positive integer", v)
+        if not isinstance(self.pixelcnn_fusion, str) or self.pixelcnn_fusion not in FUSIONS:
+            _fail("pixelcnn_fusion", f"one of {', '.join(FUSIONS)}", self.pixelcnn_fusion)
+        if self.pixelcnn_layers:
+            if len(self.input_shape) != 3:
+                _fail("input_shape", "(C, H, W) images when pixelcnn_layers > 0", self.input_shape)
+            if self.likelihood != "bernoulli":
+                _fail("likelihood", "'bernoulli' when pixelcnn_layers > 0", self.likelihood)
+        if self.arch == "conv":
+            if len(self.input_shape) != 3:
+                _fail("input_shape", "(C, H, W) for arch 'conv'", self.input_shape)
+            if not self.hidden:
+                _fail("hidden", "at least one channel count for arch 'conv'", self.hidden)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        d["hidden"] = list(self.hidden)
+        return d
