@@ -2,6 +2,7 @@
 
 Commands run in-process through :func:`vaekit.cli.main`, which returns the exit status;
 a real process (``python -m vaekit``) only where the test is about the process itself.
+The commands called as Python functions, not through ``main``, are in test_commands.py.
 Every training run is tiny: the bundled 8x8 digits, one hidden layer of 16, two epochs.
 """
 
@@ -448,14 +449,6 @@ def test_resume_with_epochs_extends_a_finished_run(run, tmp_path, capsys):
     assert err == "" and snapshot(rd) == before
 
 
-def test_train_command_takes_epochs_only_with_resume(tmp_path):
-    from vaekit.cli import UsageError, train_command
-
-    with pytest.raises(UsageError, match=r"epochs extends the run given by resume.*got epochs=3 without resume"):
-        train_command(tiny_config(), tmp_path / "new", epochs=3)
-    assert not (tmp_path / "new").exists()
-
-
 def test_from_pretrained_reconstructs_like_the_model_fit_returned(tmp_path):
     config = tiny_config(train__epochs=1)  # one epoch: model/ holds the final weights
     result = fit(config, tmp_path / "run")
@@ -674,6 +667,7 @@ def test_time_budget_refusals(argv, pattern, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, where", [
+    # main calls the commands by their names in vaekit.cli, so they are replaced there
     (["evaluate", "{run}"], "vaekit.cli.evaluate_command"),  # all of evaluate
     (["sample", "{run}", "-o", "{tmp}/s.png"], "vaekit.cli.sample_command"),
     (["train", "--run-dir", "{tmp}/new", *TINY], "vaekit.wiring.load_dataset"),  # start-up, before the loop
@@ -729,25 +723,3 @@ def test_evaluate_names_the_runs_config_file_and_where_its_data_were(run, tmp_pa
                                 rf"them there with vaekit train --dataset mnist --data-dir {re.escape(str(missing))} "
                                 r"--download")
     assert "download=True" not in err and snapshot(rd) == before
-
-
-def test_the_run_dir_probe_is_invisible_to_another_rank_checking_it(tmp_path, monkeypatch):
-    """Under torchrun every rank checks --run-dir: one rank's write probe inside an empty
-    run directory must not make it look taken to another rank checking at that moment."""
-    import tempfile
-
-    import vaekit.cli as cli
-    from vaekit.train import holds_a_run
-
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    seen, real = [], tempfile.TemporaryDirectory
-
-    def probing(*args, **kwargs):
-        probe = real(*args, **kwargs)
-        seen.append(holds_a_run(run_dir))  # what another rank would see now
-        return probe
-
-    monkeypatch.setattr(tempfile, "TemporaryDirectory", probing)
-    cli._check_writable("--run-dir", run_dir, run_dir)
-    assert seen == [False] and list(run_dir.iterdir()) == []

@@ -1,10 +1,23 @@
 """The command line: ``vaekit train | evaluate | sample`` (also ``python -m vaekit``).
 
-Each command is a plain function over the config dataclasses; the flags are a view of
-those dataclasses. Precedence: preset < ``--config`` file (TOML or JSON) < flags.
-Bad input prints one line, ``vaekit: error: ...``, and exits with status 2; Ctrl-C
-outside the training loop (which checkpoints first) prints ``vaekit: interrupted`` and
-exits with status 130 (``VAEKIT_DEBUG=1`` shows the traceback instead).
+The commands themselves are plain Python functions over the config dataclasses, in
+:mod:`vaekit.commands` (re-exported here); this module is the view of them: it turns flags
+into their arguments, prints what they return, and maps what they raise to an exit
+status. For ``train`` the precedence is preset < ``--config`` file (TOML or JSON) < flags.
+
+Exit statuses, the contract scripts rely on:
+
+* 0: done, a finished run resumed without ``--epochs`` included (it says there is
+  nothing to train);
+* 1: training diverged, or the fast step asked for could not be built; one line,
+  ``vaekit: error: ...``;
+* 2: bad input (a flag, a config file, a run directory, missing data) or a file that
+  cannot be read or written; one line, ``vaekit: error: ...``, and no usage dump;
+* 130: interrupted. A signal inside the training loop saves a checkpoint first and says
+  how to resume; Ctrl-C anywhere else prints ``vaekit: interrupted``.
+
+With ``VAEKIT_DEBUG=1`` the errors and the Ctrl-C outside the loop raise instead, to
+show their traceback.
 """
 
 from __future__ import annotations
@@ -13,10 +26,12 @@ import argparse
 import dataclasses
 import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 
+from .commands import _new_run_dir, evaluate_command, metrics_name, sample_command, train_command
+# importable from here as before the commands had a module of their own
+# (benchmarks/precision_shift.py reads runs with _load_run)
+from .commands import _MAX_SEED, _check_writable, _evaluate, _load_run  # noqa: F401
 from .flags import UsageError, _add_config_flags, _flag_names, build_config
 from .presets import DEFAULT_PRESET, PRESETS
 
@@ -41,61 +56,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
-# -- commands --------------------------------------------------------------------------
-
-
-def train_command(config=None, run_dir=None, *, resume: str | None = None, preset: str | None = None,
-                  epochs: int | None = None):
-    """Train and return the :class:`vaekit.train.FitResult`. ``resume`` continues a run;
-    with ``epochs`` too, it extends the run to that many epochs in all (see
-    :func:`vaekit.train.fit`)."""
-    from .train import fit
-
-    if epochs is not None and not resume:
-        raise UsageError(f"epochs extends the run given by resume; a new run takes config.train.epochs, "
-                         f"got epochs={epochs!r} without resume")
-    if resume:
-        rd = Path(resume)
-        if not (rd / "checkpoint.pt").is_file():
-            raise UsageError(f"--resume {resume}: no checkpoint.pt there to resume from")
-        from .train import RunConfig
-
-        return fit(config or RunConfig(), rd, resume=True, epochs=epochs)
-    return fit(config, _new_run_dir(run_dir, config, preset))
-
-
-def _new_run_dir(run_dir, config, preset: str | None) -> Path:
-    """Where a new run goes (``runs/<preset, else dataset>-<time>`` unless given), checked
-    before any data are loaded: a new or empty directory that can be created."""
-    from .train import holds_a_run
-
-    if run_dir is None:
-        stem = preset or config.data.dataset
-        run_dir = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--run-dir {run_dir} is a file, not a directory; name a new or empty directory")
-    if holds_a_run(run_dir):
-        raise UsageError(
-            f"--run-dir {run_dir} already exists and is not empty; choose another, or continue it with --resume {run_dir}"
-        )
-    _check_writable("--run-dir", run_dir, run_dir)
-    return run_dir
-
-
-def _check_writable(flag: str, given, directory: Path) -> None:
-    """Refuse ``given`` (the value of ``flag``) unless files can be made in ``directory``,
-    or, where it does not exist yet, in the nearest folder above it that does."""
-    where = directory
-    while not where.exists() and where != where.parent:
-        where = where.parent
-    if not where.is_dir():
-        raise UsageError(f"{flag} {given}: {where} is a file, not a directory")
-    try:
-        # a name holds_a_run passes over: another rank may be checking the same folder now
-        tempfile.TemporaryDirectory(prefix=".vaekit-probe-", suffix=".tmp", dir=where).cleanup()
-    except OSError as e:
-        raise UsageError(f"{flag} {given}: cannot create files in {where} ({e.strerror or e})") from None
+# -- train's --config and --time-budget, checked before the run ------------------------
 
 
 def _check_input_shape(config, config_file: str | None) -> None:
@@ -131,159 +92,6 @@ def _budgeted(config, seconds: float, *, epochs_given: bool):
     print(f"vaekit: calibration: {per_epoch:.3f} s an epoch -> {_epochs(epochs)} for a {seconds:g} s budget", flush=True)
     config.train = dataclasses.replace(config.train, epochs=epochs)
     return config
-
-
-def _load_run(run: str):
-    from .io import read_json
-    from .models import VAE
-    from .runs import saved_config
-
-    rd = Path(run)
-    if not rd.is_dir():
-        raise UsageError(f"RUN {run}: no such run directory")
-    if not (rd / "config.json").is_file():
-        raise UsageError(f"RUN {run}: no config.json; is this a vaekit run directory?")
-    raw = read_json(rd / "config.json")
-    try:
-        config = saved_config(raw)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"{rd / 'config.json'}: {e}") from None
-    model = VAE.from_pretrained(rd / "model")
-    return rd, config, model
-
-
-def evaluate_command(run: str, *, split: str = "test", iw_samples: int = 0, batch_size: int = 500,
-                     seed: int = 0, device: str = "auto", disentanglement: bool = False,
-                     quick: bool = False, limit: int = 0, num_threads: int = 0, progress: bool = False,
-                     precision: str = "fp32") -> dict:
-    """ELBO, reconstruction, KL (and the importance-weighted log-likelihood when
-    ``iw_samples > 0``) on a split; writes ``RUN/metrics-<split>.json``. ``limit > 0``
-    scores only the split's first ``limit`` examples (a quick estimate for an expensive
-    model) and writes ``RUN/metrics-<split>-first<limit>.json`` instead. ``num_threads > 0``
-    sets PyTorch's CPU threads for the call (restored after); ``progress`` shows a bar over
-    the batches; ``precision``: the arithmetic, ``fp32`` (default), ``tf32`` (CUDA) or
-    ``bf16`` (see :func:`vaekit.evaluate.iw_log_likelihood`; the metrics record which)."""
-    import torch
-
-    if split not in ("test", "val", "train"):
-        raise UsageError(f"--split must be test, val or train, got {split!r}")
-    if iw_samples < 0:
-        raise UsageError(f"--iw-samples must be >= 0, got {iw_samples}")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    if limit < 0:
-        raise UsageError(f"--limit must be >= 0 (0: the whole split), got {limit}")
-    if quick and not disentanglement:
-        raise UsageError("--quick sizes the --disentanglement metrics, and --disentanglement was not given")
-    if num_threads < 0:
-        raise UsageError(f"--num-threads must be >= 0 (0: PyTorch's default), got {num_threads}")
-    if not 0 <= seed <= _MAX_SEED:  # the estimates draw with seed, seed + 1 and seed + 2
-        raise UsageError(f"--seed must be an integer in [0, {_MAX_SEED}], got {seed}")
-    threads = torch.get_num_threads()
-    if num_threads:
-        torch.set_num_threads(num_threads)
-    try:
-        return _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement, quick, limit, progress,
-                         precision)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement, quick, limit, progress,
-              precision) -> dict:
-    import torch
-
-    from .data import load_dataset
-    from .evaluate import evaluate_model
-    from .io import write_json
-    from .train import resolve_device
-
-    rd, config, model = _load_run(run)
-    if disentanglement and config.data.dataset != "sprites":  # before minutes of evaluation, not after
-        raise UsageError(f"--disentanglement needs a model trained on the sprites factor dataset (dataset 'sprites'); "
-                         f"{run} was trained on {config.data.dataset!r}")
-    dev = resolve_device(device, what="--device")
-    if precision == "tf32" and dev.type != "cuda":  # the metrics would claim an arithmetic not used
-        raise UsageError(f"--precision tf32 is CUDA's arithmetic; on {dev} the evaluation is float32 "
-                         "(--precision fp32) or bfloat16 (--precision bf16)")
-    model.to(dev)
-    try:
-        data = load_dataset(config.data)
-    except FileNotFoundError as e:  # evaluate has no download flag: say where the data go
-        msg = str(e).replace("set download=True to fetch them",
-                             f"fetch them there with vaekit train --dataset {config.data.dataset} "
-                             f"--data-dir {config.data.data_dir} --download")
-        raise UsageError(f"{rd / 'config.json'} names data that are missing: {msg}") from None
-    x = getattr(data, split)
-    if limit > x.shape[0]:  # more than the split holds: the split's metrics, not a "first N" file
-        limit = 0
-    x = x[:limit] if limit else x
-    if split == "train" and config.data.binarize == "dynamic" and x.shape[0]:
-        # training drew a fresh binarization of these grey levels each epoch; they are scored,
-        # as the validation and test images are, on one fixed draw (grey levels under a
-        # Bernoulli likelihood would not be a log-likelihood)
-        from .data import binarize_dynamic
-
-        x = binarize_dynamic(x, torch.Generator().manual_seed(config.data.seed + 2))
-    x = x.to(dev, next(model.parameters()).dtype)  # a float64 model: float64 data
-    if x.shape[0] == 0:
-        raise UsageError(f"--split {split}: the split is empty for dataset {config.data.dataset!r}")
-    t0 = time.perf_counter()
-    metrics = evaluate_model(model, x, iw_samples=iw_samples, batch_size=batch_size, seed=seed, progress=progress,
-                             precision=precision)
-    seconds = time.perf_counter() - t0
-    if disentanglement:
-        from .disentangle import evaluate_disentanglement
-
-        metrics.update(evaluate_disentanglement(model, seed=seed, quick=quick))
-        metrics["disentanglement_quick"] = quick  # rough scores say so in the file
-    where = f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else str(dev)
-    result = {"split": split, "n": int(x.shape[0]), "iw_samples": iw_samples, **metrics,
-              "seed": seed, "batch_size": batch_size,  # the estimates depend on both
-              "seconds": round(seconds, 3), "device": where, "torch": torch.__version__}
-    write_json(rd / metrics_name(split, limit), result)
-    return result
-
-
-_MAX_SEED = 2**64 - 3  # a generator takes seeds below 2**64, and evaluate also draws with seed + 2
-
-
-def metrics_name(split: str, limit: int = 0) -> str:
-    """The file ``vaekit evaluate`` writes its metrics to, in the run directory."""
-    return f"metrics-{split}-first{limit}.json" if limit else f"metrics-{split}.json"
-
-
-def sample_command(run: str, *, n: int = 64, output: str = "samples.png", seed: int = 0, nrow: int = 8) -> Path:
-    """Draw ``n`` samples from a trained run and save them as an image grid."""
-    import torch
-
-    from .plots import _image_shape, save_image_grid
-
-    if n < 1:
-        raise UsageError(f"-n must be a positive integer, got {n}")
-    if nrow < 1:
-        raise UsageError(f"--nrow must be a positive integer, got {nrow}")
-    out = Path(output)
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
-        raise UsageError(f"-o must name a .png or .jpg file, got {output!r}")
-    if out.is_dir():
-        raise UsageError(f"-o/--output {output} is a directory; name an image file, e.g. {out / 'samples.png'}")
-    _check_writable("-o/--output", output, out.parent)
-    _, _, model = _load_run(run)
-    shape = model.config.input_shape
-    try:
-        image_shape = _image_shape(shape)
-    except ValueError:
-        raise UsageError(f"vaekit sample draws an image grid, and {run} models data of shape {tuple(shape)}, "
-                         f"not images; draw them in Python with VAE.sample") from None
-    model.eval()
-    g = torch.Generator().manual_seed(seed)
-    images = model.sample(n, generator=g)
-    scale = max(1, 112 // image_shape[-1])  # as the run's samples.png
-    try:
-        return save_image_grid(images, out, nrow=nrow, scale=scale, image_shape=image_shape)
-    except OSError as e:
-        raise UsageError(f"-o/--output {output}: cannot be written ({e.strerror or e})") from None
 
 
 # -- argument parsing ------------------------------------------------------------------

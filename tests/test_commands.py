@@ -1,0 +1,46 @@
+"""The commands as Python functions (:mod:`vaekit.commands`), called directly.
+
+What they do end to end is tested through the command line in test_cli.py; here, what a
+Python caller meets that ``main`` never shows, and the names :mod:`vaekit.cli` keeps
+importable for the code written against it.
+"""
+
+import tempfile
+
+import pytest
+
+import vaekit.cli
+import vaekit.commands
+from test_cli import tiny_config
+from vaekit.commands import _check_writable, train_command
+from vaekit.flags import UsageError
+from vaekit.train import holds_a_run
+
+
+def test_train_command_takes_epochs_only_with_resume(tmp_path):
+    with pytest.raises(UsageError, match=r"epochs extends the run given by resume.*got epochs=3 without resume"):
+        train_command(tiny_config(), tmp_path / "new", epochs=3)
+    assert not (tmp_path / "new").exists()
+
+
+def test_the_run_dir_probe_is_invisible_to_another_rank_checking_it(tmp_path, monkeypatch):
+    """Under torchrun every rank checks --run-dir: one rank's write probe inside an empty
+    run directory must not make it look taken to another rank checking at that moment."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    seen, real = [], tempfile.TemporaryDirectory
+
+    def probing(*args, **kwargs):
+        probe = real(*args, **kwargs)
+        seen.append(holds_a_run(run_dir))  # what another rank would see now
+        return probe
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", probing)
+    _check_writable("--run-dir", run_dir, run_dir)
+    assert seen == [False] and list(run_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["train_command", "evaluate_command", "sample_command", "metrics_name",
+                                  "_load_run", "_check_writable", "_new_run_dir", "_evaluate", "_MAX_SEED"])
+def test_vaekit_cli_still_gives_the_commands_it_used_to_define(name):
+    assert getattr(vaekit.cli, name) is getattr(vaekit.commands, name)
