@@ -191,9 +191,9 @@ def test_epochs_for_budget_times_the_step_and_divides(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "fit", spy)
     epochs, per_epoch = train.epochs_for_budget(config, 100.0)
     assert per_epoch > 0 and epochs == max(1, int(100.0 / per_epoch))
-    assert calls[0][:2] == (3, False) and not calls[0][2].exists()  # the calibration run is thrown away
+    assert calls[0][:2] == (2, False) and not calls[0][2].exists()  # the calibration run is thrown away
     assert config.train.epochs == 2  # the caller's config is left alone
-    assert train.epochs_for_budget(config, 1e-9, calibration_epochs=2)[0] == 1
+    assert train.epochs_for_budget(config, 1e-9, calibration_epochs=3)[0] == 1
 
 
 def test_an_interrupted_calibration_stops_the_budget_and_hints_no_resume(tmp_path, monkeypatch, capsys):

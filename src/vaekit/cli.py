@@ -78,7 +78,8 @@ def _check_input_shape(config, config_file: str | None) -> None:
 
 
 def _budgeted(config, seconds: float, *, epochs_given: bool):
-    """``config`` with the epochs that fit in ``seconds`` (--time-budget), said in one line."""
+    """``config`` with the epochs that fit in ``seconds`` (--time-budget), said before and after
+    the calibration."""
     import dataclasses
     import math
 
@@ -88,7 +89,9 @@ def _budgeted(config, seconds: float, *, epochs_given: bool):
         raise UsageError("--time-budget sets the number of epochs; give --epochs or --time-budget, not both")
     if not (math.isfinite(seconds) and seconds > 0):
         raise UsageError(f"--time-budget must be a number of seconds > 0, got {seconds:g}")
-    epochs, per_epoch = epochs_for_budget(config, seconds)
+    # said first: on a slow machine or for a large model the two epochs take minutes
+    print("vaekit: calibration: training 2 epochs, thrown away, to time one", flush=True)
+    epochs, per_epoch = epochs_for_budget(config, seconds, calibration_epochs=2)
     print(f"vaekit: calibration: {per_epoch:.3f} s an epoch -> {_epochs(epochs)} for a {seconds:g} s budget", flush=True)
     config.train = dataclasses.replace(config.train, epochs=epochs)
     return config
@@ -116,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
                         "epochs in all (more than it has done) and saves N in RUN/config.json; a cosine "
                         "learning rate then follows the cosine over N epochs from the resume point on")
     t.add_argument("--time-budget", type=float, metavar="SECONDS",
-                   help="train as many epochs as fit in SECONDS of training loop, timed by a 3-epoch "
+                   help="train as many epochs as fit in SECONDS of training loop, timed by a 2-epoch "
                         "calibration run first (thrown away); sets --epochs, so the cosine schedule ends "
                         "with the budget")
     _add_config_flags(t)

@@ -142,11 +142,12 @@ def holds_a_run(run_dir) -> bool:
                                        for p in run_dir.iterdir())
 
 
-def epochs_for_budget(config: RunConfig, seconds: float, *, calibration_epochs: int = 3) -> tuple[int, float]:
+def epochs_for_budget(config: RunConfig, seconds: float, *, calibration_epochs: int = 2) -> tuple[int, float]:
     """How many epochs of ``config``'s training fit in ``seconds`` of training loop:
     ``(epochs, seconds per epoch)``, the latter timed by a short run of
     ``calibration_epochs`` epochs (in a temporary directory, thrown away; its first epoch,
-    which compiles or captures the step, is left out of the timing). Training that many
+    which compiles or captures the step, is left out of the timing: the default 2 times one
+    epoch, which costs two epochs' time before the run starts). Training that many
     epochs keeps every schedule a function of the step (the cosine ends with the budget),
     so the run stays reproducible; its training loop takes the budget give or take the
     machine's noise, and the calibration run, the process's start and the end-of-run
