@@ -4,7 +4,7 @@ Model: z ~ N(0, I_d), x | z ~ N(W z + b, sigma^2 I_D), so x ~ N(b, W W^T + sigma
 W has orthogonal columns, which makes the exact posterior diagonal:
 q*(z|x) = N(A x + c, S) with S = (I + W^T W / sigma^2)^-1, A = S W^T / sigma^2, c = -A b.
 An encoder equal to q* has log w = log p(x) for every z; a perturbed one has a positive gap.
-Everything is float64.
+Everything is float64. test_latents.py checks the encoder-only diagnostics on the same model.
 """
 
 import math
@@ -17,7 +17,7 @@ from torch.distributions import Bernoulli, MultivariateNormal, Normal, kl_diverg
 
 import vaekit.evaluate as ev
 import vaekit.iw
-from vaekit.losses import gaussian_kl, gaussian_nll
+from vaekit.losses import gaussian_nll
 
 DTYPE = torch.float64
 D, d = 5, 3
@@ -193,56 +193,6 @@ def test_chunk_size_does_not_change_the_estimate(monkeypatch):
     assert batched.shape == (6,) and bool(torch.isfinite(batched).all())
 
 
-def test_active_units_count_ignored_dimensions_inactive():
-    model, x, _ = make_problem(n=200, ignore=(1,))
-    count, variances = ev.active_units(model, x, batch_size=64)
-    mu = x @ model.A.T + model.c
-    torch.testing.assert_close(variances, mu.var(0), rtol=1e-12, atol=1e-14)
-    assert count == d - 1 and float(variances[1]) < 1e-20 and bool((variances[[0, 2]] > 0.01).all())
-    assert ev.active_units(model, x, threshold=1e6)[0] == 0
-
-
-def test_kl_per_dimension_sums_to_the_mean_kl():
-    model, x, _ = make_problem(perturb=0.3, n=50)
-    per_dim = ev.kl_per_dimension(model, x, batch_size=16)
-    mu, logvar = model.encode_params(x)
-    assert per_dim.shape == (d,)
-    torch.testing.assert_close(per_dim.sum(), gaussian_kl(mu, logvar).mean())
-    ref = kl_divergence(Normal(mu, (0.5 * logvar).exp()), Normal(0.0, 1.0)).mean(0)
-    torch.testing.assert_close(per_dim, ref, rtol=1e-12, atol=1e-14)
-
-
-def test_mutual_information():
-    model, x, _ = make_problem(n=1500)
-    mi = ev.mutual_information(model, x, generator=gen(7), batch_size=500)
-    # Population value for Gaussians: z ~ N(A b + c, A C A^T + S).
-    W = model.W.detach()
-    cov_x = W @ W.T + SIGMA2 * torch.eye(D, dtype=DTYPE)
-    cov_z = model.A @ cov_x @ model.A.T + torch.diag(model.enc_logvar.exp())
-    exact = 0.5 * (torch.logdet(cov_z) - model.enc_logvar.sum())
-    assert 0 < float(mi) < math.log(1500)
-    assert abs(float(mi) - float(exact)) < 0.1, (float(mi), float(exact))
-    # Against the direct pairwise computation, with posteriors that overlap partly.
-    model2, xs, _ = make_problem(n=300, perturb=0.5)
-    model2.enc_logvar.fill_(-2.0)
-    got = ev.mutual_information(model2, xs, n_samples=2, generator=gen(8))
-    mu, logvar = model2.encode_params(xs)
-    z = mu + (0.5 * logvar).exp() * torch.randn(2, 300, d, generator=gen(8), dtype=DTYPE)
-    log_q = Normal(mu, (0.5 * logvar).exp()).log_prob(z.unsqueeze(-2)).sum(-1)  # [2, 300, 300]
-    own = torch.diagonal(log_q, dim1=-2, dim2=-1)
-    expected = (own - log_q.logsumexp(-1) + math.log(300)).mean()
-    assert 1.0 < float(expected) < math.log(300) - 1.0  # neither saturated nor trivial
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
-    # A posterior that ignores x carries no information.
-    model.A.zero_()
-    assert abs(float(ev.mutual_information(model, x, generator=gen(7)))) < 1e-12
-    # A nearly deterministic encoder saturates at log N and never exceeds it.
-    small, xs, _ = make_problem(n=4)
-    small.enc_logvar.fill_(-20.0)
-    mi4 = float(ev.mutual_information(small, xs, n_samples=3, generator=gen(8)))
-    assert math.log(4) - 1e-6 < mi4 <= math.log(4) + 1e-12
-
-
 def test_bits_per_dim_and_dequantisation_offset():
     assert ev.bits_per_dim(784 * math.log(2.0), 784) == pytest.approx(1.0)
     # A density constant on [0, 1]^D is the uniform distribution over 256^D values.
@@ -335,10 +285,6 @@ def test_argument_errors_name_the_argument():
         ev.iw_log_likelihood(model, x, 3, chunk_size=1.5)
     with pytest.raises(ValueError, match=r"x has event shape \(4,\)"):
         ev.elbo_terms(model, x[:, :4])
-    with pytest.raises(TypeError, match="x must be a floating-point"):
-        ev.active_units(model, x.long())
-    with pytest.raises(ValueError, match="threshold must be a finite number >= 0, got -0.5"):
-        ev.active_units(model, x, threshold=-0.5)
     with pytest.raises(TypeError, match="threshold must be a number, got str"):
         ev.evaluate_model(model, x, threshold="0.01")
     with pytest.raises(ValueError, match="iw_samples"):
@@ -387,23 +333,6 @@ def test_bf16_moves_a_linear_gaussian_estimate_little():
     b = ev.iw_nll(model, x, 200, generator=torch.Generator().manual_seed(0), precision="bf16")
     assert not torch.equal(a, b)  # the autocast did take effect
     assert abs(float((b - a).mean())) < 0.05 * float(a.abs().mean()) + 0.1
-
-
-def test_summaries_of_bf16_posteriors_are_not_rounded_to_bf16():
-    """Under bf16 autocast the encoder's mu and logvar are bfloat16; the mutual information
-    (its samples drawn and summed as for float32 inputs of the same values) and the active
-    units' variances come back in float32, not rounded to bfloat16 (near 9 nats a
-    bfloat16 value is a multiple of 1/16 nat)."""
-    torch.manual_seed(0)
-    mu, logvar = torch.randn(200, 4) * 3, torch.randn(200, 4) * 0.1 - 2
-    half_mu, half_logvar = mu.bfloat16(), logvar.bfloat16()
-    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
-    mi = ev._mutual_information_from_params(half_mu, half_logvar, 2, g())
-    same_values = ev._mutual_information_from_params(half_mu.float(), half_logvar.float(), 2, g())
-    assert mi.dtype == torch.float32 and torch.equal(mi, same_values)
-    count, variances = ev._active_units_from_mu(half_mu, 0.01)
-    assert variances.dtype == torch.float32
-    torch.testing.assert_close(variances, half_mu.double().var(0).float())
 
 
 def test_data_of_another_dtype_than_the_model_get_a_clear_error():

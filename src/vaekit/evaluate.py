@@ -1,4 +1,5 @@
-r"""Evaluation: the ELBO, the importance-weighted log-likelihood, and latent-space metrics.
+r"""Evaluation: the ELBO, the importance-weighted log-likelihood, bits per dimension, and
+:func:`evaluate_model`, which reports them together with the latent-space diagnostics.
 
 Every function here evaluates: it runs under ``torch.no_grad`` with the model in eval
 mode, and puts each submodule's training flag back afterwards. Data ``x`` is
@@ -14,20 +15,28 @@ The importance-weighted estimate (Burda et al., 2015) is
 a lower bound on ``log p(x)`` in expectation that rises to it as ``k`` grows. It is
 vectorised over examples and samples, and chunked over ``k`` so that memory stays near
 ``chunk_size * batch_size * D`` whatever ``k`` is.
+
+The diagnostics that need only the encoder (active units, KL per dimension, mutual
+information) live in :mod:`vaekit.latents`, with the encoder pass and the checks on ``x``
+that both modules use; they are importable from here as well.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 from torch import Tensor
 
-from .checks import _LOG_2PI, check_int, check_number, validate_args_enabled, value_checks
+from .checks import check_number
 from .losses import gaussian_kl
-from .iw import MEMORY_BUDGET_BYTES, iw_from_params, randn_like_on
+from .iw import iw_from_params, randn_like_on
 from .iw import decode_nll
+from .latents import _batches, _check_positive_int, _check_x, _encode_all, _evaluating
+from .latents import (  # re-exported: the diagnostics were public here first
+    _active_units_from_mu, _kl_per_dim_from_params, _mutual_information_from_params, active_units, kl_per_dimension,
+    mutual_information,
+)
 
 __all__ = [
     "PRECISIONS",
@@ -47,12 +56,7 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 # ---------------------------------------------------------------------------------------
-# Checks and plumbing
-
-
-def _check_positive_int(name: str, value, *, optional: bool = False) -> None:
-    if not (optional and value is None):
-        check_int(name, value, low=1)
+# Precision
 
 
 def _check_precision(precision, model) -> None:
@@ -63,76 +67,6 @@ def _check_precision(precision, model) -> None:
         # autocast and TF32 leave float64 alone: the result would claim an arithmetic not used
         raise ValueError(f"precision={precision!r} reduces float32 arithmetic, and this model is float64; "
                          f"use precision='fp32' (its own float64)")
-
-
-def _check_x(model, x) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-    if x.dim() < 2 or x.shape[0] < 1:
-        raise ValueError(f"x must have shape [N, *event] with N >= 1, got shape {tuple(x.shape)}")
-    weights = next((p for p in getattr(model, "parameters", list)() if p.is_floating_point()), None)
-    if weights is not None and weights.dtype != x.dtype:
-        raise TypeError(f"x has dtype {x.dtype} but the model's weights are {weights.dtype}: pass "
-                        f"x.to({weights.dtype}) (or convert the model)")
-    expected = getattr(getattr(model, "config", None), "input_shape", None)
-    if expected is not None and tuple(x.shape[1:]) != tuple(expected):
-        raise ValueError(
-            f"x has event shape {tuple(x.shape[1:])} but model.config.input_shape is {tuple(expected)}"
-        )
-    if validate_args_enabled():
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("x must be finite, but it holds NaN or infinite values")
-        kind = getattr(getattr(model, "config", None), "likelihood", None)
-        if kind in ("bernoulli", "continuous_bernoulli") and not bool(((x >= 0) & (x <= 1)).all()):
-            raise ValueError(f"x must lie in [0, 1] for a {kind} likelihood, got values in "
-                             f"[{float(x.min()):g}, {float(x.max()):g}]")
-
-
-def _device_of(model, fallback: torch.device) -> torch.device:
-    params = getattr(model, "parameters", None)
-    if params is not None:
-        for p in params():
-            return p.device
-    return fallback
-
-
-@contextlib.contextmanager
-def _evaluating(model, precision: str = "fp32"):
-    """no_grad + eval mode + the losses' value checks off (the entry points check ``x``
-    once, not every chunk) + the arithmetic of ``precision`` (:data:`PRECISIONS`): float32
-    matrix products and convolutions on CUDA in full precision for ``"fp32"`` (PyTorch's
-    own default lets cuDNN convolutions use TF32), TF32 for ``"tf32"``, and bfloat16
-    autocast for ``"bf16"``; each submodule's training flag, the checks and the precision
-    flags are restored."""
-    modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
-    flags = [m.training for m in modules]
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    device = _device_of(model, torch.device("cpu"))
-    if modules:
-        model.eval()
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
-        with torch.no_grad(), value_checks(False), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                                   enabled=precision == "bf16"):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-        for m, flag in zip(modules, flags):
-            m.training = flag
-
-
-def _batches(n: int, batch_size: int | None) -> list[slice]:
-    step = n if batch_size is None else batch_size
-    return [slice(start, start + step) for start in range(0, n, step)]
-
-
-def _encode_all(model, x: Tensor, batch_size: int | None) -> tuple[Tensor, Tensor]:
-    """Posterior parameters of every example: ``(mu, logvar)``, each ``[N, d]``."""
-    device = _device_of(model, x.device)
-    params = [model.encode_params(x[sl].to(device)) for sl in _batches(x.shape[0], batch_size)]
-    return torch.cat([p[0] for p in params]), torch.cat([p[1] for p in params])
 
 
 # ---------------------------------------------------------------------------------------
@@ -281,111 +215,6 @@ def continuous_to_discrete_nll(nll, num_dims: int, n_bits: int = 8):
     _check_positive_int("num_dims", num_dims)
     _check_positive_int("n_bits", n_bits)
     return nll + num_dims * n_bits * math.log(2.0)
-
-
-# ---------------------------------------------------------------------------------------
-# Latent-space diagnostics
-
-
-def _active_units_from_mu(mu: Tensor, threshold: float) -> tuple[int, Tensor]:
-    if mu.shape[0] < 2:
-        raise ValueError(f"x must hold at least 2 examples to measure active units, got {mu.shape[0]}")
-    variances = mu.double().var(dim=0).to(torch.promote_types(mu.dtype, torch.float32))  # not rounded to bf16
-    return int((variances > threshold).sum()), variances
-
-
-def active_units(
-    model, x: Tensor, *, threshold: float = 0.01, batch_size: int | None = 256
-) -> tuple[int, Tensor]:
-    r"""Active latent units (Burda et al., 2015): ``A_j = Cov_x(E_{q(z|x)}[z_j]) > threshold``.
-
-    The variance over the examples of the posterior mean of each latent dimension (the
-    sample variance, ``N - 1`` in the denominator). A unit whose posterior mean does not
-    move with ``x`` carries no information about it.
-
-    Returns:
-        ``(count, variances)``: the number of active units and the variances ``[d]``.
-    """
-    _check_x(model, x)
-    _check_positive_int("batch_size", batch_size, optional=True)
-    check_number("threshold", threshold)
-    with _evaluating(model):
-        mu, _ = _encode_all(model, x, batch_size)
-    return _active_units_from_mu(mu, float(threshold))
-
-
-def _kl_per_dim_from_params(mu: Tensor, logvar: Tensor) -> Tensor:
-    # gaussian_kl sums the last dim; a trailing singleton keeps each latent dim apart.
-    return gaussian_kl(mu.unsqueeze(-1), logvar.unsqueeze(-1)).mean(0)
-
-
-def kl_per_dimension(model, x: Tensor, *, batch_size: int | None = 256) -> Tensor:
-    r"""Mean over examples of the analytic ``KL(q(z_j|x) || N(0, 1))`` of each latent dim.
-
-    Sums to the mean of :func:`vaekit.losses.gaussian_kl`. Dimensions near zero have
-    collapsed to the prior.
-
-    Shape: returns ``[d]``.
-    """
-    _check_x(model, x)
-    _check_positive_int("batch_size", batch_size, optional=True)
-    with _evaluating(model):
-        mu, logvar = _encode_all(model, x, batch_size)
-    return _kl_per_dim_from_params(mu, logvar)
-
-
-def _mutual_information_from_params(mu, logvar, n_samples, generator) -> Tensor:
-    # a bf16 encoder's parameters (precision="bf16") are summarised in float32 at least
-    mu, logvar = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (mu, logvar))
-    n, d = mu.shape
-    z = mu + torch.exp(0.5 * logvar) * randn_like_on((n_samples, n, d), generator, mu)  # [S, N, d]
-    # log q(z_i | x_n) for all pairs as two matrix products: -0.5 sum_j (z_j - m_j)^2 / v_j
-    # = -0.5 z^2 . (1/v) + z . (m/v) - 0.5 m^2 . (1/v). In float64 and centred on the mean
-    # of mu, the cancellation between the terms costs nothing measurable; the direct
-    # broadcast over [N, N, d] is the same number and ~50 times slower on a CPU.
-    center = mu.double().mean(0)
-    m, inv_var = mu.double() - center, torch.exp(-logvar.double())  # [N, d]
-    const = -0.5 * (logvar.double().sum(-1) + d * _LOG_2PI + (m.square() * inv_var).sum(-1))
-    m_over_v = m * inv_var
-    rows = max(1, MEMORY_BUDGET_BYTES // (2 * 8 * n_samples * n))
-    total = mu.new_zeros((), dtype=torch.float64)
-    for start in range(0, n, rows):
-        zc = z[:, start : start + rows].double() - center  # [S, b, d]
-        log_q = const - 0.5 * zc.square() @ inv_var.T + zc @ m_over_v.T  # [S, b, N]
-        index = torch.arange(start, start + zc.shape[1], device=mu.device)
-        # The own term from the same matrix, so that an x-independent encoder gives 0.
-        own = log_q.gather(-1, index.expand(n_samples, -1).unsqueeze(-1)).squeeze(-1)
-        log_aggregate = torch.logsumexp(log_q, dim=-1) - math.log(n)
-        total = total + (own - log_aggregate).sum()
-    return (total / (n_samples * n)).to(mu.dtype)
-
-
-def mutual_information(
-    model, x: Tensor, *, n_samples: int = 1, batch_size: int | None = 256, generator=None
-) -> Tensor:
-    r"""Estimate of ``I(x; z)`` under the encoder's joint ``p_data(x) q(z|x)``.
-
-    .. math::
-        I = \mathbb{E}_{x}\,\mathbb{E}_{q(z|x)}\big[\log q(z \mid x) - \log q(z)\big],
-        \qquad \log q(z) \approx \operatorname{logsumexp}_{n=1}^{N} \log q(z \mid x_n) - \log N,
-
-    with the aggregate posterior ``q(z)`` taken over the ``N`` examples in ``x`` and
-    ``n_samples`` draws of ``z`` per example. This is the mutual information of the
-    *empirical* distribution of ``x``: since the mixture contains ``q(z|x_i)/N``, every
-    term is at most ``log N``, so the estimate never exceeds ``log N`` and is biased low
-    for the population value whenever that value is not small next to ``log N``. Use
-    as many examples as you can afford (the cost is ``N^2 d``). The noise is one
-    ``torch.randn(n_samples, N, d, generator=generator)`` draw.
-
-    Returns:
-        a 0-dim tensor, in nats.
-    """
-    _check_x(model, x)
-    _check_positive_int("n_samples", n_samples)
-    _check_positive_int("batch_size", batch_size, optional=True)
-    with _evaluating(model):
-        mu, logvar = _encode_all(model, x, batch_size)
-        return _mutual_information_from_params(mu, logvar, n_samples, generator)
 
 
 # ---------------------------------------------------------------------------------------

@@ -275,7 +275,7 @@ def save_run_pictures(model, x: Tensor, run_dir, history: list, *, seed: int = 0
     ``curves.png`` (from ``history``, the rows of ``metrics.csv``) and
     ``traversals.png`` (the first example, the 10 latent dimensions of highest mean KL).
     Data that are not images (a vector whose length is not a square) get the curves only."""
-    from .evaluate import kl_per_dimension
+    from .latents import kl_per_dimension
 
     run_dir = Path(run_dir)
     if history:
