@@ -157,6 +157,26 @@ def test_iterator_argument_errors():
     assert torch.equal(next(iter(it)), x[it.permutation(3)[:2]])
 
 
+def test_data_already_on_the_gpu_fit_there_however_the_device_is_named(monkeypatch):
+    """Tensors on the GPU say "cuda:0"; a device given as "cuda" (as fit resolves it) is
+    the same one. They compared unequal, and data already there were weighed against the
+    memory they themselves take."""
+
+    class OnGPU:  # what fits_on_device reads of a tensor, as a CUDA tensor would give it
+        device = torch.device("cuda", 1)
+
+        def numel(self):
+            return 10**9
+
+        def element_size(self):
+            return 4
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 8_000_000))  # nothing free
+    assert fits_on_device(OnGPU(), "cuda") and fits_on_device(OnGPU(), torch.device("cuda:1"))
+    assert not fits_on_device(OnGPU(), "cuda:0")  # another GPU: weighed against its free memory
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_iterator_on_cuda_is_reproducible_and_resumable():
     x = torch.rand(50, 1, 4, 4, generator=torch.Generator().manual_seed(3))
@@ -174,6 +194,7 @@ def test_iterator_on_cuda_is_reproducible_and_resumable():
 def test_fits_on_device_keeps_data_on_a_gpu_only_while_it_is_small(monkeypatch):
     x = torch.zeros(1000, 250)  # 1,000,000 bytes
     assert fits_on_device(x, "cpu")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2_000_000, 8_000_000))
     assert fits_on_device(x, torch.device("cuda"))  # half of 2 MB free
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1_999_999, 8_000_000))

@@ -44,8 +44,8 @@ def _fits_agree(tmp_path, fast: str, epochs: int, rtol: float, atol: float, devi
     b = load_checkpoint(tmp_path / fast / "checkpoint.pt")["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol)
-    for ra, rb in zip(eager.history, other.history):
-        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+    for ra, rb in zip(eager.history, other.history):  # the losses drift as the weights do
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=max(rtol, 1e-5))
     return eager.history
 
 
@@ -253,9 +253,12 @@ def test_a_block_of_steps_equals_the_steps_one_by_one(device, lr_kind):
         blocked.run_block(xs, eps, lrs, betas)
         for i in range(k):
             single.run(xs[i], eps[i], lrs[i], betas[i])
+    # On CUDA a block's batch is a slice of its stacked batches, the single step's its own
+    # buffer: other pointer alignments, so cuBLAS may pick another algorithm (other rounding).
+    cuda = device == "cuda"
     for p, q in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(blocked.sums, single.sums)
+        torch.testing.assert_close(p, q, rtol=1e-5 if cuda else 1e-6, atol=1e-6 if cuda else 1e-7)
+    torch.testing.assert_close(blocked.sums, single.sums, **({"rtol": 1e-5, "atol": 1e-6} if cuda else {}))
     assert float(blocked.sums[3]) == 7 * 19 and int(blocked.skipped) == int(single.skipped) == 1
     blocked.run(xs[0], eps[0], 0.5, 1.0)  # a single step after a block writes its own lr again
     lr = blocked.opt.param_groups[0]["lr"]

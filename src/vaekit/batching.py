@@ -40,7 +40,11 @@ def fits_on_device(x: Tensor, device) -> bool:
     takes at most ``DEVICE_DATA_FRACTION`` of the memory free there (the rest is the
     model's, the optimiser's and the activations')."""
     device = torch.device(device)
-    if device.type != "cuda" or x.device == device:
+    if device.type != "cuda":
+        return True
+    if device.index is None:  # "cuda": the current device, as tensors name it ("cuda:0")
+        device = torch.device("cuda", torch.cuda.current_device())
+    if x.device == device:  # already there: nothing to fit
         return True
     free, _ = torch.cuda.mem_get_info(device)
     return x.numel() * x.element_size() <= DEVICE_DATA_FRACTION * free
