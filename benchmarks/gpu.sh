@@ -53,7 +53,9 @@ step() {
     say ""
     say "=== $name (timeout ${limit}s): $*"
     local t0=$SECONDS
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG" | tee "$TMP/$name.out"
+    # SIGINT first: pytest then prints its summary of what failed so far, a benchmark its
+    # traceback (what a plain kill would lose); a hard kill 10 s later
+    timeout -s INT --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG" | tee "$TMP/$name.out"
     local rc=${PIPESTATUS[0]}
     local how="ok"
     [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && how="TIMED OUT"
@@ -82,7 +84,7 @@ step iw_bench 90 "$PY" benchmarks/iw_bench.py --device cuda --k 5000 --n 10000 -
 # compiled and block steps for both optimisers, fit in blocks and resumed, data left on the
 # host. The CPU compile tests (the CPU's fast path, run by CI) are left out: minutes here.
 if "$PY" -c 'import pytest, hypothesis' 2>/dev/null; then
-    step tests 200 "$PY" -m pytest tests/test_kernels.py tests/test_losses.py tests/test_fast.py tests/test_batching.py tests/test_pixelcnn.py -q -o addopts="" -p no:cacheprovider -k "not compiled_fit_equals_eager_fit and not cpu-compiled"
+    step tests 200 "$PY" -m pytest tests/test_kernels.py tests/test_losses.py tests/test_fast.py tests/test_batching.py tests/test_pixelcnn.py -q -o addopts="" -p no:cacheprovider -rfE --durations=10 -k "not compiled_fit_equals_eager_fit and not cpu-compiled"
 else
     say "tests: skipped (pytest or hypothesis missing on this machine)"
     STATUS+=("tests        SKIPPED")
@@ -96,9 +98,12 @@ step host_bench 60 "$PY" benchmarks/host_bench.py --device cuda
 step epoch_compiled 200 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp none \
     --skip classic,eager,static-unfused,static-block,pythae,floor,fit,fit-block --data "$DATA"
 # $RESCORE (a run directory inside the repo): how far TF32 and bf16 move its k = 5000 NLL
-# on the first 1,000 test images (the fourth session's PixelCNN run: .gpudata/pixelcnn-h100).
+# on the first 1,000 test images (benchmarks/prepare_gpu.sh trains one: .gpudata/rescore).
 if [ -n "${RESCORE:-}" ]; then
-    step precision_shift 150 "$PY" benchmarks/precision_shift.py "$RESCORE" --k 5000 --limit 1000
+    # a run records its data folder as an absolute path of the machine it trained on
+    WHERE=()
+    [ "$DATA" != synthetic ] && WHERE=(--data-dir "$(dirname "$DATA")")
+    step precision_shift 150 "$PY" benchmarks/precision_shift.py "$RESCORE" --k 5000 --limit 1000 "${WHERE[@]}"
 fi
 say ""
 say "=== summary"
