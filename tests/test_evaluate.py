@@ -335,6 +335,33 @@ def test_bf16_moves_a_linear_gaussian_estimate_little():
     assert abs(float((b - a).mean())) < 0.05 * float(a.abs().mean()) + 0.1
 
 
+@pytest.mark.parametrize("estimate", ["iw", "evaluate_model"])
+def test_bf16_rounds_the_networks_not_the_latent_side(estimate, monkeypatch):
+    """Under bf16 autocast the encoder's mu and logvar come out in bfloat16; the noise, z
+    and the latent log-densities were then drawn and summed in bfloat16 too (about 1/256
+    of ~50 nats per sample), which the precision check blamed on the matrix products.
+    The noise is now drawn in float32, as for precision="fp32"."""
+    from vaekit.models import VAE, ModelConfig
+
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(20,), latent_dim=3, hidden=(16,)))  # nn.Linear: autocast applies
+    x = torch.rand(16, 20).bernoulli()
+    seen = []
+    real = vaekit.iw.randn_like_on
+
+    def spy(shape, generator, like):
+        seen.append(like.dtype)
+        return real(shape, generator, like)
+
+    monkeypatch.setattr(vaekit.iw, "randn_like_on", spy)
+    monkeypatch.setattr(ev, "randn_like_on", spy, raising=False)
+    if estimate == "iw":
+        ev.iw_nll(model, x, 8, generator=gen(0), precision="bf16")
+    else:  # evaluate_model: the ELBO, and the mutual information's draws, under bf16
+        ev.evaluate_model(model, x, batch_size=8, precision="bf16")
+    assert seen and set(seen) == {torch.float32}
+
+
 def test_data_of_another_dtype_than_the_model_get_a_clear_error():
     from vaekit.models import VAE, ModelConfig
 

@@ -104,10 +104,19 @@ def _batches(n: int, batch_size: int | None) -> list[slice]:
 
 
 def _encode_all(model, x: Tensor, batch_size: int | None) -> tuple[Tensor, Tensor]:
-    """Posterior parameters of every example: ``(mu, logvar)``, each ``[N, d]``."""
+    """Posterior parameters of every example: ``(mu, logvar)``, each ``[N, d]``.
+
+    An encoder that ran in half precision (bf16 autocast) hands back float32 tensors of
+    its values: the latent side of every estimate (the noise, ``z``, ``log q(z|x)``,
+    ``log p(z)``, their sums over ``d``) is then computed as in full precision, and a
+    reduced ``precision`` rounds only the networks' arithmetic, which is what it is for.
+    """
     device = _device_of(model, x.device)
     params = [model.encode_params(x[sl].to(device)) for sl in _batches(x.shape[0], batch_size)]
-    return torch.cat([p[0] for p in params]), torch.cat([p[1] for p in params])
+    mu, logvar = torch.cat([p[0] for p in params]), torch.cat([p[1] for p in params])
+    if mu.dtype in (torch.float16, torch.bfloat16):
+        mu, logvar = mu.float(), logvar.float()
+    return mu, logvar
 
 
 # ---------------------------------------------------------------------------------------
