@@ -208,6 +208,40 @@ def test_sample_draws_a_run_on_flat_square_vectors_as_training_drew_it(tmp_path,
         np.testing.assert_array_equal(np.asarray(drawn), np.asarray(trained))
 
 
+def test_evaluate_finds_moved_data_with_data_dir_and_checks_they_are_the_runs(tmp_path, run, capsys):
+    """A run records its data as an absolute path; on another machine (or after a move)
+    --data-dir says where they are now. Other data are refused while the checkpoint can
+    tell; a digits run has no files to point at."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "a").mkdir()
+    np.save(tmp_path / "a" / "flat.npy", rng.random((60, 16)).astype(np.float32))
+    rd = tmp_path / "run-a"
+    rc, _, err = call(["train", "--run-dir", rd, *TINY, "--dataset", "array", "--data-dir", tmp_path / "a" / "flat.npy"],
+                      capsys)
+    assert rc == 0, err
+    rc, _, err = call(["evaluate", rd], capsys)
+    assert rc == 0, err
+    before = read_json(rd / "metrics-test.json")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "flat.npy").rename(tmp_path / "b" / "flat.npy")
+    rc, _, err = call(["evaluate", rd], capsys)
+    assert_usage_error(rc, err, r"names data that are missing: .*\(or give --data-dir where they are now\)")
+    rc, _, err = call(["evaluate", rd, "--data-dir", tmp_path / "b" / "flat.npy"], capsys)
+    assert rc == 0, err
+    after = read_json(rd / "metrics-test.json")
+    assert (after["elbo"], after["kl"]) == (before["elbo"], before["kl"])
+    np.save(tmp_path / "other.npy", rng.random((60, 16)).astype(np.float32))
+    rc, _, err = call(["evaluate", rd, "--data-dir", tmp_path / "other.npy"], capsys)
+    assert_usage_error(rc, err, r"--data-dir .*other\.npy: these are not the data .*run-a trained on \(46 training "
+                                r"examples of shape \(16,\), fingerprint [0-9a-f]{16}; its checkpoint records 46 of "
+                                r"shape \(16,\), fingerprint [0-9a-f]{16}\)")
+    assert read_json(rd / "metrics-test.json") == after  # nothing written
+    rc, _, err = call(["evaluate", rd, "--data-dir", tmp_path / "none.npy"], capsys)
+    assert_usage_error(rc, err, r"--data-dir .*none\.npy: ")
+    rc, _, err = call(["evaluate", run, "--data-dir", tmp_path], capsys)
+    assert_usage_error(rc, err, r"--data-dir: .* was trained on 'digits', which is made in memory")
+
+
 def test_quick_disentanglement_scores_say_so_in_the_metrics_file(tmp_path, capsys):
     run = tmp_path / "sprites"
     rc, _, err = call(["train", "--run-dir", run, "--dataset", "sprites", "--sprites-count", 300, "--hidden", 16,

@@ -142,6 +142,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="arithmetic: full float32, TF32 matrix products and convolutions (CUDA), or bfloat16 "
                         "autocast; the reduced ones are faster [default: fp32]")
+    e.add_argument("--data-dir", metavar="DIR",
+                   help="where the run's data are, if not where training recorded them (mnist, "
+                        "fashion-mnist, array and folder runs; checked against the run's checkpoint)")
     e.add_argument("--no-progress", action="store_true",
                    help="no progress bar over the batches (shown only on a terminal anyway)")
 
@@ -222,7 +225,7 @@ def _main(argv: list[str] | None) -> int:
             metrics = evaluate_command(args.run, split=args.split, iw_samples=args.iw_samples,
                                        batch_size=args.batch_size, seed=args.seed, device=args.device,
                                        disentanglement=args.disentanglement, quick=args.quick, limit=args.limit,
-                                       num_threads=args.num_threads, precision=args.precision,
+                                       num_threads=args.num_threads, precision=args.precision, data_dir=args.data_dir,
                                        progress=not args.no_progress and sys.stderr.isatty())
             _print_table(metrics)
             limit = args.limit if metrics["n"] == args.limit else 0  # a limit beyond the split: the whole split

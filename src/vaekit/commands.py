@@ -15,6 +15,7 @@ torch version the estimates depend on.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -101,17 +102,42 @@ def _load_run(run: str):
     return rd, config, model
 
 
+# the datasets read from files, whose place a run records (the others are made in memory)
+_READ_FROM_DISK = ("mnist", "fashion-mnist", "array", "folder")
+
+
+def _check_trained_on(rd: Path, x, data_dir) -> None:
+    """Data found elsewhere (``--data-dir``) must be the run's: its checkpoint, when it has
+    one, records its training data (:func:`vaekit.runs.data_record`)."""
+    from .io import CheckpointError, load_checkpoint
+    from .runs import data_record
+
+    try:
+        saved = load_checkpoint(rd / "checkpoint.pt").get("data")
+    except (CheckpointError, FileNotFoundError):  # no (readable) checkpoint: nothing to check against
+        return
+    now = data_record(x)
+    if isinstance(saved, dict) and saved != now:
+        raise UsageError(f"--data-dir {data_dir}: these are not the data {rd} trained on ({now['examples']} "
+                         f"training examples of shape {tuple(now['shape'])}, fingerprint {now['fingerprint']}; "
+                         f"its checkpoint records {saved.get('examples')} of shape "
+                         f"{tuple(saved.get('shape') or ())}, fingerprint {saved.get('fingerprint')})")
+
+
 def evaluate_command(run: str, *, split: str = "test", iw_samples: int = 0, batch_size: int = 500,
                      seed: int = 0, device: str = "auto", disentanglement: bool = False,
                      quick: bool = False, limit: int = 0, num_threads: int = 0, progress: bool = False,
-                     precision: str = "fp32") -> dict:
+                     precision: str = "fp32", data_dir: str | None = None) -> dict:
     """ELBO, reconstruction, KL (and the importance-weighted log-likelihood when
     ``iw_samples > 0``) on a split; writes ``RUN/metrics-<split>.json``. ``limit > 0``
     scores only the split's first ``limit`` examples (a quick estimate for an expensive
     model) and writes ``RUN/metrics-<split>-first<limit>.json`` instead. ``num_threads > 0``
     sets PyTorch's CPU threads for the call (restored after); ``progress`` shows a bar over
     the batches; ``precision``: the arithmetic, ``fp32`` (default), ``tf32`` (CUDA) or
-    ``bf16`` (see :func:`vaekit.evaluate.iw_log_likelihood`; the metrics record which)."""
+    ``bf16`` (see :func:`vaekit.evaluate.iw_log_likelihood`; the metrics record which).
+    ``data_dir``: where the run's data are now, if not where training recorded them (a run
+    records an absolute path, which another machine may lack); for a run that still has
+    its checkpoint, they must be the data it trained on."""
     import torch
 
     if split not in ("test", "val", "train"):
@@ -133,13 +159,13 @@ def evaluate_command(run: str, *, split: str = "test", iw_samples: int = 0, batc
         torch.set_num_threads(num_threads)
     try:
         return _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement, quick, limit, progress,
-                         precision)
+                         precision, data_dir)
     finally:
         torch.set_num_threads(threads)
 
 
 def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement, quick, limit, progress,
-              precision) -> dict:
+              precision, data_dir=None) -> dict:
     import torch
 
     from .data import load_dataset
@@ -151,6 +177,11 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
     if disentanglement and config.data.dataset != "sprites":  # before minutes of evaluation, not after
         raise UsageError(f"--disentanglement needs a model trained on the sprites factor dataset (dataset 'sprites'); "
                          f"{run} was trained on {config.data.dataset!r}")
+    if data_dir is not None:
+        if config.data.dataset not in _READ_FROM_DISK:
+            raise UsageError(f"--data-dir: {run} was trained on {config.data.dataset!r}, which is made in "
+                             f"memory, not read from files; leave --data-dir out")
+        config.data = dataclasses.replace(config.data, data_dir=str(Path(data_dir).expanduser()))
     dev = resolve_device(device, what="--device")
     if precision == "tf32" and dev.type != "cuda":  # the metrics would claim an arithmetic not used
         raise UsageError(f"--precision tf32 is CUDA's arithmetic; on {dev} the evaluation is float32 "
@@ -162,7 +193,12 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
         msg = str(e).replace("set download=True to fetch them",
                              f"fetch them there with vaekit train --dataset {config.data.dataset} "
                              f"--data-dir {config.data.data_dir} --download")
-        raise UsageError(f"{rd / 'config.json'} names data that are missing: {msg}") from None
+        if data_dir is not None:
+            raise UsageError(f"--data-dir {data_dir}: {msg}") from None
+        raise UsageError(f"{rd / 'config.json'} names data that are missing: {msg} (or give --data-dir where "
+                         f"they are now)") from None
+    if data_dir is not None:
+        _check_trained_on(rd, data.train, data_dir)
     x = getattr(data, split)
     if limit > x.shape[0]:  # more than the split holds: the split's metrics, not a "first N" file
         limit = 0

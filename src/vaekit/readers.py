@@ -183,7 +183,7 @@ def _load_array(path: Path):
         with np.load(path, allow_pickle=False) as f:
             d = {k: f[k] for k in f.files}
     except FileNotFoundError:
-        raise ValueError(f"data_dir {str(path)!r}: no such file") from None
+        raise FileNotFoundError(f"data_dir {str(path)!r}: no such file") from None
     except _NP_READ_ERRORS as e:
         if str(path) in str(e):
             raise
@@ -203,6 +203,8 @@ def _load_array(path: Path):
 def _load_folder(root: Path):
     from PIL import Image
 
+    if not root.exists():
+        raise FileNotFoundError(f"data_dir {str(root)!r}: no such folder")
     if not root.is_dir():
         raise ValueError(f"data_dir {str(root)!r} is not a folder")
 
