@@ -242,6 +242,32 @@ def test_evaluate_finds_moved_data_with_data_dir_and_checks_they_are_the_runs(tm
     assert_usage_error(rc, err, r"--data-dir: .* was trained on 'digits', which is made in memory")
 
 
+def test_resume_finds_moved_data_with_data_dir_and_records_where(tmp_path, run, capsys):
+    """--resume RUN --data-dir DIR: the run goes on with its data where they are now (the
+    same data, checked), and records the new place for a later plain resume or evaluate."""
+    rng = np.random.default_rng(1)
+    (tmp_path / "a").mkdir()
+    np.save(tmp_path / "a" / "flat.npy", rng.random((60, 16)).astype(np.float32))
+    rd = tmp_path / "run-a"
+    rc, _, err = call(["train", "--run-dir", rd, *TINY, "--dataset", "array", "--data-dir", tmp_path / "a" / "flat.npy"],
+                      capsys)
+    assert rc == 0, err
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "flat.npy").rename(tmp_path / "b" / "flat.npy")
+    np.save(tmp_path / "other.npy", rng.random((60, 16)).astype(np.float32))
+    rc, _, err = call(["train", "--resume", rd, "--epochs", "3", "--data-dir", tmp_path / "other.npy"], capsys)
+    assert_usage_error(rc, err, r"cannot be resumed on other training data")
+    rc, out, err = call(["train", "--resume", rd, "--epochs", "3", "--data-dir", tmp_path / "b" / "flat.npy"], capsys)
+    assert rc == 0 and "trained 3 epochs" in out, err
+    where = str((tmp_path / "b" / "flat.npy").resolve())
+    assert read_json(rd / "config.json")["data"]["data_dir"] == where
+    assert load_checkpoint(rd / "checkpoint.pt")["config"]["data"]["data_dir"] == where
+    rc, _, err = call(["evaluate", rd], capsys)  # the new place, recorded
+    assert rc == 0, err
+    rc, _, err = call(["train", "--resume", run, "--data-dir", tmp_path], capsys)
+    assert_usage_error(rc, err, r"data_dir: .* trains on 'digits', which is made in memory")
+
+
 def test_quick_disentanglement_scores_say_so_in_the_metrics_file(tmp_path, capsys):
     run = tmp_path / "sprites"
     rc, _, err = call(["train", "--run-dir", run, "--dataset", "sprites", "--sprites-count", 300, "--hidden", 16,
@@ -562,7 +588,7 @@ BAD_INPUT = [  # (id, argv with {run}/{empty}/{tmp} placeholders, regex the one-
     ("resume-epochs-fewer", ["train", "--resume", "{run}", "--epochs", "1", "--no-progress"],
      r"--epochs\).*greater than the 2 epochs \S+ has done, got 1$"),
     ("resume-epochs-and-lr", ["train", "--resume", "{run}", "--epochs", "4", "--lr", "0.1"],
-     r"--resume.*takes only --epochs and --no-progress, not --lr$"),
+     r"--resume.*takes only --epochs, --data-dir and --no-progress, not --lr$"),
     ("resume-run-dir-preset-seed", ["train", "--resume", "{run}", "--run-dir", "{tmp}/x", "--preset", "digits",
                                     "--seed", "1"], r"--resume.*not --preset, --run-dir, --seed$"),
     ("sample-n-0", ["sample", "{run}", "-n", "0", "-o", "{tmp}/never.png"], r"-n\b.*0"),

@@ -168,6 +168,8 @@ def test_an_extension_that_cannot_train_on_is_refused_and_changes_nothing(finish
 def test_epochs_without_resume_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"epochs extends a resumed run.*config\.train\.epochs.*epochs=2"):
         train.fit(_small(), tmp_path / "new", epochs=2)
+    with pytest.raises(ValueError, match=r"data_dir moves a resumed run's data.*config\.data\.data_dir.*data_dir='x'"):
+        train.fit(_small(), tmp_path / "new", data_dir="x")
     assert not (tmp_path / "new").exists()
 
 

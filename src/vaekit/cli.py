@@ -115,9 +115,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", metavar="DIR", help="where to write the run [default: runs/<preset, else dataset>-<time>]")
     t.add_argument("--resume", metavar="RUN",
                    help="continue the run in RUN from its last checkpoint, with its saved configuration; "
-                        "only --no-progress and --epochs N go with it. --epochs N extends the run to N "
-                        "epochs in all (more than it has done) and saves N in RUN/config.json; a cosine "
-                        "learning rate then follows the cosine over N epochs from the resume point on")
+                        "only --no-progress, --epochs N and --data-dir DIR go with it. --epochs N extends the "
+                        "run to N epochs in all (more than it has done) and saves N in RUN/config.json; a "
+                        "cosine learning rate then follows the cosine over N epochs from the resume point on. "
+                        "--data-dir DIR: the run's data are there now (they must be the same data)")
     t.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="train as many epochs as fit in SECONDS of training loop, timed by a 2-epoch "
                         "calibration run first (thrown away); sets --epochs, so the cosine schedule ends "
@@ -191,6 +192,7 @@ def _main(argv: list[str] | None) -> int:
             if args.resume:
                 progress = overrides.pop("train.progress", True)
                 epochs = overrides.pop("train.epochs", None)
+                data_dir = overrides.pop("data.data_dir", None)
                 names = _flag_names()
                 refused = [flag for flag, given in (("--preset", args.preset), ("--config", args.config),
                                                     ("--run-dir", args.run_dir),
@@ -198,11 +200,11 @@ def _main(argv: list[str] | None) -> int:
                 refused += [names[tuple(k.split(".", 1))][0] for k in overrides]
                 if refused:
                     raise UsageError("--resume continues a run with its saved configuration; it takes only "
-                                     f"--epochs and --no-progress, not {', '.join(refused)}")
+                                     f"--epochs, --data-dir and --no-progress, not {', '.join(refused)}")
                 from .config import RunConfig, TrainConfig
 
                 result = train_command(RunConfig(train=TrainConfig(progress=progress)), resume=args.resume,
-                                       epochs=epochs)
+                                       epochs=epochs, data_dir=data_dir)
             else:
                 config = build_config(args.preset, args.config, overrides)
                 _check_input_shape(config, args.config)

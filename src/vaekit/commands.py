@@ -28,22 +28,25 @@ _MAX_SEED = 2**64 - 3  # a generator takes seeds below 2**64, and evaluate also 
 
 
 def train_command(config=None, run_dir=None, *, resume: str | None = None, preset: str | None = None,
-                  epochs: int | None = None):
+                  epochs: int | None = None, data_dir: str | None = None):
     """Train and return the :class:`vaekit.train.FitResult`. ``resume`` continues a run;
-    with ``epochs`` too, it extends the run to that many epochs in all (see
-    :func:`vaekit.train.fit`)."""
+    with ``epochs`` too, it extends the run to that many epochs in all; with ``data_dir``,
+    it finds the run's data there (see :func:`vaekit.train.fit`)."""
     from .train import fit
 
     if epochs is not None and not resume:
         raise UsageError(f"epochs extends the run given by resume; a new run takes config.train.epochs, "
                          f"got epochs={epochs!r} without resume")
+    if data_dir is not None and not resume:
+        raise UsageError(f"data_dir says where the data of the run given by resume are now; a new run takes "
+                         f"config.data.data_dir, got data_dir={data_dir!r} without resume")
     if resume:
         rd = Path(resume)
         if not (rd / "checkpoint.pt").is_file():
             raise UsageError(f"--resume {resume}: no checkpoint.pt there to resume from")
         from .train import RunConfig
 
-        return fit(config or RunConfig(), rd, resume=True, epochs=epochs)
+        return fit(config or RunConfig(), rd, resume=True, epochs=epochs, data_dir=data_dir)
     return fit(config, _new_run_dir(run_dir, config, preset))
 
 
@@ -100,10 +103,6 @@ def _load_run(run: str):
         raise UsageError(f"{rd / 'config.json'}: {e}") from None
     model = VAE.from_pretrained(rd / "model")
     return rd, config, model
-
-
-# the datasets read from files, whose place a run records (the others are made in memory)
-_READ_FROM_DISK = ("mnist", "fashion-mnist", "array", "folder")
 
 
 def _check_trained_on(rd: Path, x, data_dir) -> None:
@@ -178,7 +177,9 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
         raise UsageError(f"--disentanglement needs a model trained on the sprites factor dataset (dataset 'sprites'); "
                          f"{run} was trained on {config.data.dataset!r}")
     if data_dir is not None:
-        if config.data.dataset not in _READ_FROM_DISK:
+        from .data import FILE_DATASETS
+
+        if config.data.dataset not in FILE_DATASETS:
             raise UsageError(f"--data-dir: {run} was trained on {config.data.dataset!r}, which is made in "
                              f"memory, not read from files; leave --data-dir out")
         config.data = dataclasses.replace(config.data, data_dir=str(Path(data_dir).expanduser()))

@@ -29,6 +29,8 @@ __all__ = [
 ]
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "array", "folder", "sprites")
+# the datasets read from files, whose place (data_dir) a run records; the others are made in memory
+FILE_DATASETS = ("mnist", "fashion-mnist", "array", "folder")
 BINARIZATIONS = ("none", "static", "dynamic")
 SPLITS = ("random", "tail")
 _DIGITS_TEST, _CARVED_TEST_FRACTION = 297, 0.15

@@ -105,10 +105,13 @@ def saved_config(d: dict) -> RunConfig:
     return RunConfig.from_dict(d)
 
 
-def read_for_resume(run_dir: Path, *, progress: bool, extend_to: int | None) -> tuple[RunConfig, dict]:
+def read_for_resume(run_dir: Path, *, progress: bool, extend_to: int | None,
+                    data_dir: str | None = None) -> tuple[RunConfig, dict]:
     """The configuration and checkpoint of the run in ``run_dir``, checked: the saved
-    config with ``train.progress`` from the caller, and ``train.epochs`` raised to
-    ``extend_to`` when given (:func:`extended`). Nothing is written here."""
+    config with ``train.progress`` from the caller, ``train.epochs`` raised to
+    ``extend_to`` when given (:func:`extended`), and ``data.data_dir`` moved to
+    ``data_dir`` when given (the run's data are elsewhere now; that they are the same data
+    is checked once they are loaded). Nothing is written here."""
     ckpt_path = run_dir / "checkpoint.pt"
     state = load_checkpoint(ckpt_path)
     missing = sorted(set(CHECKPOINT_KEYS) - set(state))
@@ -119,6 +122,13 @@ def read_for_resume(run_dir: Path, *, progress: bool, extend_to: int | None) -> 
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{ckpt_path} holds an invalid config: {e}") from None
     config.train = dataclasses.replace(config.train, progress=progress)
+    if data_dir is not None:
+        from .data import FILE_DATASETS
+
+        if config.data.dataset not in FILE_DATASETS:
+            raise ValueError(f"data_dir: {run_dir} trains on {config.data.dataset!r}, which is made in memory, "
+                             f"not read from files; got data_dir={data_dir!r}")
+        config.data = dataclasses.replace(config.data, data_dir=str(Path(data_dir).expanduser().resolve()))
     if extend_to is not None:
         config.train = extended(config.train, state, extend_to, run_dir)
     return config, state

@@ -102,7 +102,8 @@ def _validate(model: VAE, x: torch.Tensor, batch_size: int, generator: torch.Gen
     return out
 
 
-def fit(config: RunConfig, run_dir, *, resume: bool = False, epochs: int | None = None) -> FitResult:
+def fit(config: RunConfig, run_dir, *, resume: bool = False, epochs: int | None = None,
+        data_dir: str | None = None) -> FitResult:
     """Train a VAE as ``config`` says; write everything into ``run_dir``.
 
     With ``resume=True`` the run continues from ``run_dir/checkpoint.pt`` with the
@@ -111,7 +112,10 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False, epochs: int | None 
     that many epochs in all: more than it has done, and not a run that stopped early or
     reached ``train.max_steps``; the checkpoint and ``config.json`` are rewritten
     (atomically) with the new count before training goes on, so a later plain resume
-    continues the extended run. With a cosine ``lr_schedule`` the learning rate from the
+    continues the extended run. ``data_dir`` (with ``resume=True`` only; ``--resume RUN
+    --data-dir DIR``) says where the run's data are now, if not where it recorded them (an
+    absolute path, which another machine may lack); they must be the data it trained on,
+    and the run records the new place. With a cosine ``lr_schedule`` the learning rate from the
     resume point on follows the cosine over the new total (it goes back up, then decays
     to 0 at the new end), while a resume without ``epochs`` stays bit for bit the
     uninterrupted run. A plain resume of a finished run (or one that stopped early) trains
@@ -121,12 +125,15 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False, epochs: int | None 
     if epochs is not None and not resume:
         raise ValueError(f"epochs extends a resumed run (resume=True); a new run takes config.train.epochs, "
                          f"got epochs={epochs!r} with resume=False")
+    if data_dir is not None and not resume:
+        raise ValueError(f"data_dir moves a resumed run's data (resume=True); a new run takes "
+                         f"config.data.data_dir, got data_dir={data_dir!r} with resume=False")
     if not resume and holds_a_run(run_dir):
         raise ValueError(f"run_dir {run_dir} already holds a run; choose another directory, or continue it "
                          f"with resume=True")
     threads = torch.get_num_threads()
     try:
-        return _fit(config, run_dir, resume, epochs)
+        return _fit(config, run_dir, resume, epochs, data_dir)
     finally:
         torch.set_num_threads(threads)
 
@@ -172,11 +179,13 @@ def epochs_for_budget(config: RunConfig, seconds: float, *, calibration_epochs: 
     return max(1, int(seconds / max(per_epoch, 1e-9))), per_epoch
 
 
-def _prepare_run_dir(run: _Run, state: dict | None, extend_to: int | None) -> None:
+def _prepare_run_dir(run: _Run, state: dict | None, changed: bool) -> None:
+    """The run directory made; with ``changed`` (a resume that extends the run or moves its
+    data) the checkpoint's config rewritten first, so a later plain resume reads it."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
     for stale in run.run_dir.glob(".*.tmp"):  # left by a process killed mid-write
         stale.unlink(missing_ok=True)
-    if extend_to is not None:  # first the checkpoint: a plain resume reads its config
+    if changed:  # first the checkpoint: a plain resume reads its config
         save_checkpoint(run.ckpt_path, {**{k: v for k, v in state.items() if k not in ("format", "format_version")},
                                         "config": run.config.to_dict()})
     write_json(run.run_dir / "config.json", {"vaekit_version": __version__, **run.config.to_dict()})
@@ -298,11 +307,13 @@ def _end_epoch(run: _Run, writer) -> None:
     _checkpoint(run)
 
 
-def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None) -> FitResult:
+def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None,
+         data_dir: str | None = None) -> FitResult:
     run_dir = Path(run_dir)
     state = None
     if resume:
-        config, state = read_for_resume(run_dir, progress=config.train.progress, extend_to=extend_to)
+        config, state = read_for_resume(run_dir, progress=config.train.progress, extend_to=extend_to,
+                                        data_dir=data_dir)
     run = _build(config, run_dir, state)
     if state is not None and not (run.more_to_do() and not run.stopped_early()):
         # A run resumed after it finished (or stopped early) does not train on, and its
@@ -313,7 +324,7 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None)
                   f"{'' if run.stopped_early() else ' (extend it with --epochs N)'}", flush=True)
         return FitResult(run.model, run.history, run_dir, False, trained=False)
     if run.is_main:
-        _prepare_run_dir(run, state, extend_to)
+        _prepare_run_dir(run, state, extend_to is not None or data_dir is not None)
     writer = _tensorboard(run_dir) if run.is_main else None
     amp = (torch.autocast(run.device.type, dtype=torch.bfloat16) if run.tc.amp == "bf16"
            else contextlib.nullcontext())

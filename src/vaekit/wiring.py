@@ -21,7 +21,7 @@ from torch import nn
 
 from .batching import BatchIterator, fits_on_device
 from .config import RunConfig, TrainConfig
-from .data import check_images, load_dataset
+from .data import FILE_DATASETS, check_images, load_dataset
 from .fast import StaticStep
 from .models import VAE
 from .runs import data_record, restore
@@ -144,7 +144,7 @@ def _build(config: RunConfig, run_dir: Path, state: dict | None) -> _Run:
 
     data = load_dataset(config.data)
     _check_training_data(data, config.model.likelihood)
-    if config.data.dataset in ("mnist", "fashion-mnist", "array", "folder"):
+    if config.data.dataset in FILE_DATASETS:
         # the run records where its data are, whatever directory it is evaluated from later
         where = Path(config.data.data_dir or Path("data") / config.data.dataset).expanduser().resolve()
         config.data = dataclasses.replace(config.data, data_dir=str(where))
