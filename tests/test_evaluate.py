@@ -17,6 +17,7 @@ from torch.distributions import Bernoulli, MultivariateNormal, Normal, kl_diverg
 
 import vaekit.evaluate as ev
 import vaekit.iw
+import vaekit.latents
 from vaekit.losses import gaussian_nll
 
 DTYPE = torch.float64
@@ -353,13 +354,31 @@ def test_bf16_rounds_the_networks_not_the_latent_side(estimate, monkeypatch):
         seen.append(like.dtype)
         return real(shape, generator, like)
 
-    monkeypatch.setattr(vaekit.iw, "randn_like_on", spy)
-    monkeypatch.setattr(ev, "randn_like_on", spy, raising=False)
+    for module in (vaekit.iw, ev, vaekit.latents):  # each draws through its own name
+        monkeypatch.setattr(module, "randn_like_on", spy)
+    sizes = []
+    real_size = vaekit.iw.auto_chunk_size
+    monkeypatch.setattr(vaekit.iw, "auto_chunk_size", lambda *a: sizes.append(a[2]) or real_size(*a))
     if estimate == "iw":
         ev.iw_nll(model, x, 8, generator=gen(0), precision="bf16")
-    else:  # evaluate_model: the ELBO, and the mutual information's draws, under bf16
-        ev.evaluate_model(model, x, batch_size=8, precision="bf16")
+    else:  # evaluate_model: the ELBO, the IW estimate and the mutual information's draws, under bf16
+        ev.evaluate_model(model, x, batch_size=8, precision="bf16", iw_samples=4)
     assert seen and set(seen) == {torch.float32}
+    assert sizes and set(sizes) == {torch.bfloat16}  # chunks sized for the decoder's bf16 output, as before
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_model_of_half_precision_weights_is_evaluated_in_its_dtype(dtype):
+    """Its posterior parameters stay in the weights' dtype (they were taken to float32, and
+    the decoder refused a float32 z)."""
+    from vaekit.models import VAE, ModelConfig
+
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(20,), latent_dim=3, hidden=(16,))).to(dtype)
+    x = torch.rand(16, 20).bernoulli().to(dtype)
+    out = ev.evaluate_model(model, x, batch_size=8, iw_samples=4)
+    assert math.isfinite(out["elbo"]) and math.isfinite(out["iw_nll"])
+    assert torch.isfinite(ev.iw_nll(model, x, 4, generator=gen(0))).all()
 
 
 def test_data_of_another_dtype_than_the_model_get_a_clear_error():

@@ -157,10 +157,17 @@ def iw_log_likelihood(
     with _evaluating(model, precision):
         mu, logvar = _encode_all(model, x, batch_size)
         parts = [
-            iw_from_params(model, x[sl].to(mu.device), mu[sl], logvar[sl], k, chunk_size, generator)
+            iw_from_params(model, x[sl].to(mu.device), mu[sl], logvar[sl], k, chunk_size, generator,
+                           _out_dtype(precision))
             for sl in _batches(x.shape[0], batch_size)
         ]
     return torch.cat(parts)
+
+
+def _out_dtype(precision: str):
+    """What the decoder's output is in under ``precision`` (chunks are sized by it);
+    ``None``: the posterior parameters' dtype."""
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 def iw_nll(model, x: Tensor, k: int, **kwargs) -> Tensor:
@@ -274,7 +281,7 @@ def evaluate_model(
             for key, value in terms.items():
                 sums[key] = sums[key] + value.double().sum()  # stays on the device: no sync
             if iw_samples:
-                iw = iw_from_params(model, xb, mu[sl], logvar[sl], iw_samples, chunk_size, g_iw)
+                iw = iw_from_params(model, xb, mu[sl], logvar[sl], iw_samples, chunk_size, g_iw, _out_dtype(precision))
                 sums["iw"] = sums["iw"] + iw.double().sum()
         means = {key: float(value) / n for key, value in sums.items()}
         result = {

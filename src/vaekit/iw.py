@@ -159,10 +159,14 @@ def auto_chunk_size(batch: int, num_dims: int, dtype: torch.dtype, k: int, devic
     return max(1, min(k, budget // max(1, batch * num_dims * itemsize)))
 
 
-def iw_from_params(model, x, mu, logvar, k, chunk_size, generator) -> Tensor:
+def iw_from_params(model, x, mu, logvar, k, chunk_size, generator, out_dtype=None) -> Tensor:
+    """The k-sample estimate of ``log p(x)`` from posterior parameters; chunks of
+    ``chunk_size`` samples (``None``: sized for the decoder output's memory, in
+    ``out_dtype``, by default ``mu``'s: bfloat16 under bf16 autocast)."""
     if chunk_size is None:
         # decode_numel: what one decoded example holds (an autoregressive head holds feature maps).
-        chunk_size = auto_chunk_size(x.shape[0], getattr(model, "decode_numel", x[0].numel()), mu.dtype, k, mu.device)
+        chunk_size = auto_chunk_size(x.shape[0], getattr(model, "decode_numel", x[0].numel()), out_dtype or mu.dtype,
+                                     k, mu.device)
     total = None
     # A model may share work on x across the chunks (the late-fusion PixelCNN head's pixel features).
     sharing = getattr(model, "sharing_pixels", None)

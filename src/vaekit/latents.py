@@ -106,17 +106,30 @@ def _batches(n: int, batch_size: int | None) -> list[slice]:
 def _encode_all(model, x: Tensor, batch_size: int | None) -> tuple[Tensor, Tensor]:
     """Posterior parameters of every example: ``(mu, logvar)``, each ``[N, d]``.
 
-    An encoder that ran in half precision (bf16 autocast) hands back float32 tensors of
-    its values: the latent side of every estimate (the noise, ``z``, ``log q(z|x)``,
-    ``log p(z)``, their sums over ``d``) is then computed as in full precision, and a
-    reduced ``precision`` rounds only the networks' arithmetic, which is what it is for.
+    An encoder of wider weights that ran in half precision (bf16 autocast) hands back
+    tensors of its values in the weights' dtype: the latent side of every estimate (the
+    noise, ``z``, ``log q(z|x)``, ``log p(z)``, their sums over ``d``) is then computed as in
+    full precision, and a reduced ``precision`` rounds only the networks' arithmetic, which
+    is what it is for. A model whose weights are half precision keeps its dtype throughout.
     """
     device = _device_of(model, x.device)
     params = [model.encode_params(x[sl].to(device)) for sl in _batches(x.shape[0], batch_size)]
     mu, logvar = torch.cat([p[0] for p in params]), torch.cat([p[1] for p in params])
-    if mu.dtype in (torch.float16, torch.bfloat16):
-        mu, logvar = mu.float(), logvar.float()
+    weights = _weights_dtype(model)
+    if mu.dtype in _HALF and weights is not None and weights not in _HALF:
+        mu, logvar = mu.to(weights), logvar.to(weights)
     return mu, logvar
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _weights_dtype(model) -> torch.dtype | None:
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return None
 
 
 # ---------------------------------------------------------------------------------------
