@@ -100,10 +100,11 @@ step epoch_compiled 200 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3
 # $RESCORE (a run directory inside the repo): how far TF32 and bf16 move its k = 5000 NLL
 # on the first 1,000 test images (benchmarks/prepare_gpu.sh trains one: .gpudata/rescore).
 if [ -n "${RESCORE:-}" ]; then
-    # a run records its data folder as an absolute path of the machine it trained on
+    # a run records its data folder as an absolute path of the machine it trained on: the
+    # folder of $MNIST instead (the file must be named mnist.npz there, as the run expects)
     WHERE=()
     [ "$DATA" != synthetic ] && WHERE=(--data-dir "$(dirname "$DATA")")
-    step precision_shift 150 "$PY" benchmarks/precision_shift.py "$RESCORE" --k 5000 --limit 1000 "${WHERE[@]}"
+    step precision_shift 150 "$PY" benchmarks/precision_shift.py "$RESCORE" --k 5000 --limit 1000 ${WHERE[@]+"${WHERE[@]}"}
 fi
 say ""
 say "=== summary"

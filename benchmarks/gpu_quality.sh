@@ -8,7 +8,7 @@
 #
 # MNIST_DIR: a folder inside the repo holding mnist.npz (copy it there before the call:
 # the device machine sees only the repo). EPOCHS: epochs to train. BUDGET_S instead: a
-# training-time budget in seconds (`vaekit train --time-budget`: a 3-epoch calibration
+# training-time budget in seconds (`vaekit train --time-budget`: a 2-epoch calibration
 # run times an epoch, leaving out the first, which captures the CUDA graph, and the
 # epochs become the budget divided by that, so the cosine schedule ends when the budget
 # does). FAST: the training step (default auto: captured on CUDA); if training fails
@@ -32,7 +32,7 @@ RUN=$WORK/run
 
 nvidia-smi -L || true
 if [ -n "${BUDGET_S:-}" ]; then
-    SIZE=(--time-budget "$BUDGET_S")  # vaekit's own 3-epoch calibration sets the epochs
+    SIZE=(--time-budget "$BUDGET_S")  # vaekit's own 2-epoch calibration sets the epochs
 else
     SIZE=(--epochs "${EPOCHS:-200}")
 fi

@@ -51,13 +51,16 @@ if ! ls .whl/pythae-*.whl >/dev/null 2>&1; then
         "${PLATFORMS[@]}" -d .whl pythae==0.1.2
 fi
 
-if [ "$RESCORE_EPOCHS" -gt 0 ] && [ ! -f .gpudata/rescore/config.json ]; then
+# trained into a side folder, moved into place only when whole: a stopped or failed
+# training leaves no half run for the next call (nor a later rerun) to take
+if [ "$RESCORE_EPOCHS" -gt 0 ] && [ ! -d .gpudata/rescore ]; then
     [ -x "$VAEKIT" ] || { echo "prepare_gpu: $VAEKIT not found (run make test first, or set VAEKIT)" >&2; exit 2; }
-    rm -rf .gpudata/rescore
+    rm -rf .gpudata/rescore.partial
     "$VAEKIT" train --preset mnist-pixelcnn-late --data-dir .gpudata --epochs "$RESCORE_EPOCHS" \
-        --no-progress --run-dir .gpudata/rescore
+        --no-progress --run-dir .gpudata/rescore.partial
     # precision_shift.py reads the model and config only: the optimiser's state stays here.
-    rm -f .gpudata/rescore/checkpoint.pt
+    rm -f .gpudata/rescore.partial/checkpoint.pt
+    mv .gpudata/rescore.partial .gpudata/rescore
 fi
 
 ls -l .whl

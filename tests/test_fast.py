@@ -34,9 +34,10 @@ def _tiny(fast: str, **train):
     })
 
 
-def _fits_agree(tmp_path, fast: str, epochs: int, rtol: float, atol: float, device: str = "auto"):
-    """Train the tiny config eagerly and with ``fast``; weights and losses agree. Returns
-    the eager run's history."""
+def _fits_agree(tmp_path, fast: str, epochs: int, rtol: float, atol: float, device: str = "auto",
+                loss_rel: float = 1e-5):
+    """Train the tiny config eagerly and with ``fast``; weights (``rtol``, ``atol``) and
+    losses (``loss_rel``) agree. Returns the eager run's history."""
     torch.set_num_threads(1)
     eager = fit(_tiny("off", epochs=epochs, device=device), tmp_path / "eager")
     other = fit(_tiny(fast, epochs=epochs, device=device), tmp_path / fast)
@@ -44,16 +45,18 @@ def _fits_agree(tmp_path, fast: str, epochs: int, rtol: float, atol: float, devi
     b = load_checkpoint(tmp_path / fast / "checkpoint.pt")["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol)
-    for ra, rb in zip(eager.history, other.history):  # the losses drift as the weights do
-        assert ra["loss"] == pytest.approx(rb["loss"], rel=max(rtol, 1e-5))
+    for ra, rb in zip(eager.history, other.history):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=loss_rel)
     return eager.history
 
 
 def test_static_fit_equals_eager_fit(tmp_path):
     # On CUDA the static step's loss is the Triton kernel (other rounding than the eager
-    # functions), compounded over 3 epochs of Adam steps: a float32 tolerance, not 1e-5.
+    # functions), compounded over 3 epochs of Adam steps: a float32 tolerance, not 1e-5
+    # (the losses drift as the weights do).
     cuda = torch.cuda.is_available()
-    _fits_agree(tmp_path, "static", 3, rtol=1e-4 if cuda else 1e-5, atol=1e-5 if cuda else 1e-6)
+    _fits_agree(tmp_path, "static", 3, rtol=1e-4 if cuda else 1e-5, atol=1e-5 if cuda else 1e-6,
+                loss_rel=1e-4 if cuda else 1e-5)
 
 
 def test_compiled_fit_equals_eager_fit(tmp_path):
