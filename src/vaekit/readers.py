@@ -108,8 +108,8 @@ def _as_images(a, source: str, *, stacked_hwc: bool = False) -> Tensor:
     elif t.dim() == 4 and t.shape[-1] in (1, 3):
         if t.shape[1] in (1, 3) and not stacked_hwc:
             warnings.warn(f"{source}: shape {tuple(a.shape)} reads as [N, H, W, C] and as [N, C, H, W]; "
-                          f"taken as [N, H, W, C] (channels last). For channels first, store the array "
-                          f"channels last ([N, H, W, C]), which is unambiguous")
+                          f"taken as [N, H, W, C] (channels last): an array that is channels first must be "
+                          f"transposed to [N, H, W, C] first")
         t = t.permute(0, 3, 1, 2)
     elif not (t.dim() == 2 or (t.dim() == 4 and t.shape[1] in (1, 3))):
         raise ValueError(f"{source}: expected images [N, H, W], [N, H, W, C] or [N, C, H, W] "
