@@ -324,22 +324,20 @@ def test_sigterm_during_an_epochs_last_batch_then_resume_matches(recorded, tmp_p
     assert_same_run(rd, recorded)
 
 
-@pytest.mark.parametrize("epoch", [0, 1], ids=["first-epoch", "second-epoch"])
-def test_ctrl_c_in_the_time_budget_calibration_stops_the_command(epoch, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("at", [2, 7], ids=["in-the-warm-up", "in-the-timed-steps"])
+def test_ctrl_c_in_the_time_budget_calibration_stops_the_command(at, tmp_path, monkeypatch, capsys):
     """The calibration is thrown away: a stop there ends the command (status 130, one
     line), without a resume hint for its temporary directory, a traceback, or the real
     run starting."""
-    spe = steps_per_epoch(tiny_config())
-
     def hook(n, out):
-        if n == epoch * spe + 2:
+        if n == at:
             os.kill(os.getpid(), signal.SIGINT)  # handled by fit: it only sets a flag
         return out
 
     monkeypatch.setattr(vaekit.wiring, "VAE", _hooked_vae(hook))
     tiny = ["--hidden", "16", "--latent-dim", "2", "--batch-size", "128", "--no-progress", "--num-threads", "1"]
     rc, out, err = call(["train", "--run-dir", tmp_path / "run", *tiny, "--time-budget", 60], capsys)
-    assert out == "vaekit: calibration: training 2 epochs, thrown away, to time one\n"
+    assert out == "vaekit: calibration: timing this run's steps and one end of epoch (thrown away)\n"
     assert rc == 130 and err == ("vaekit: interrupted (the time-budget calibration run was stopped; "
                                                "nothing was kept)\n")
     assert not (tmp_path / "run").exists()

@@ -181,53 +181,6 @@ def test_a_plain_resume_of_a_run_that_stopped_early_trains_no_more(finished, tmp
     assert snapshot(rd)["checkpoint.pt"] == before
 
 
-def test_epochs_for_budget_times_the_step_and_divides(tmp_path, monkeypatch):
-    config = tiny_config()
-    calls = []
-    real_fit = train.fit
-
-    def spy(cfg, run_dir, **kw):
-        calls.append((cfg.train.epochs, cfg.train.progress, run_dir))
-        return real_fit(cfg, run_dir, **kw)
-
-    monkeypatch.setattr(train, "fit", spy)
-    epochs, per_epoch = train.epochs_for_budget(config, 100.0)
-    assert per_epoch > 0 and epochs == max(1, int(100.0 / per_epoch))
-    assert calls[0][:2] == (2, False) and not calls[0][2].exists()  # the calibration run is thrown away
-    assert config.train.epochs == 2  # the caller's config is left alone
-    assert train.epochs_for_budget(config, 1e-9, calibration_epochs=3)[0] == 1
-
-
-def test_an_interrupted_calibration_stops_the_budget_and_hints_no_resume(tmp_path, monkeypatch, capsys):
-    """Ctrl-C in the calibration run: no number of epochs from a partial timing (nor a
-    division by zero after one epoch), no resume hint for its temporary directory."""
-    real_fit = train.fit
-
-    def stopped(cfg, run_dir, **kw):
-        result = real_fit(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1)), run_dir, **kw)
-        print(f"vaekit: interrupted by signal 2; continue with: vaekit train --resume {run_dir}")
-        return result._replace(interrupted=True)
-
-    monkeypatch.setattr(train, "fit", stopped)
-    capsys.readouterr()
-    with pytest.raises(KeyboardInterrupt, match="calibration"):
-        train.epochs_for_budget(tiny_config(), 100.0)
-    assert capsys.readouterr().out == ""
-
-
-@pytest.mark.parametrize("kwargs, env, error, match", [
-    (dict(seconds=0), {}, ValueError, "seconds must be a finite number > 0, got 0"),
-    (dict(seconds=float("inf")), {}, ValueError, "seconds must be a finite number > 0, got inf"),
-    (dict(seconds=10, calibration_epochs=1), {}, ValueError, "calibration_epochs must be an int >= 2, got 1"),
-    (dict(seconds=10), {"WORLD_SIZE": "2"}, ValueError, "not supported under torchrun"),
-])
-def test_epochs_for_budget_refuses(kwargs, env, error, match, monkeypatch):
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    with pytest.raises(error, match=match):
-        train.epochs_for_budget(tiny_config(), **kwargs)
-
-
 def test_without_a_validation_split_the_last_model_is_kept(tmp_path):
     """data.val_size=0: no validation rows (not an ELBO of 0), the saved model is the last
     epoch's (every epoch "improves"), and early stopping, which needs validation, is refused

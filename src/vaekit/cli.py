@@ -83,15 +83,15 @@ def _budgeted(config, seconds: float, *, epochs_given: bool):
     import dataclasses
     import math
 
-    from .train import epochs_for_budget
+    from .budget import epochs_for_budget
 
     if epochs_given:
         raise UsageError("--time-budget sets the number of epochs; give --epochs or --time-budget, not both")
     if not (math.isfinite(seconds) and seconds > 0):
         raise UsageError(f"--time-budget must be a number of seconds > 0, got {seconds:g}")
-    # said first: on a slow machine or for a large model the two epochs take minutes
-    print("vaekit: calibration: training 2 epochs, thrown away, to time one", flush=True)
-    epochs, per_epoch = epochs_for_budget(config, seconds, calibration_epochs=2)
+    # said first: for a large model its validation alone can take tens of seconds
+    print("vaekit: calibration: timing this run's steps and one end of epoch (thrown away)", flush=True)
+    epochs, per_epoch = epochs_for_budget(config, seconds)
     print(f"vaekit: calibration: {per_epoch:.3f} s an epoch -> {_epochs(epochs)} for a {seconds:g} s budget", flush=True)
     config.train = dataclasses.replace(config.train, epochs=epochs)
     return config
@@ -120,8 +120,8 @@ def _parser() -> argparse.ArgumentParser:
                         "cosine learning rate then follows the cosine over N epochs from the resume point on. "
                         "--data-dir DIR: the run's data are there now (they must be the same data)")
     t.add_argument("--time-budget", type=float, metavar="SECONDS",
-                   help="train as many epochs as fit in SECONDS of training loop, timed by a 2-epoch "
-                        "calibration run first (thrown away); sets --epochs, so the cosine schedule ends "
+                   help="train as many epochs as fit in SECONDS of training loop, timed by a calibration "
+                        "of a few seconds first (thrown away); sets --epochs, so the cosine schedule ends "
                         "with the budget")
     _add_config_flags(t)
 

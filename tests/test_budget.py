@@ -1,0 +1,102 @@
+"""Tests of vaekit.budget: the epoch's time that --time-budget divides by, estimated from
+seconds of steps and one end of epoch, on a model whose training steps are slowed by a
+known sleep (the estimate is compared with epochs of a real run, not with a constant)."""
+
+import os
+import signal
+import time
+
+import pytest
+
+import vaekit.models
+import vaekit.train
+import vaekit.wiring
+from test_cli import steps_per_epoch, tiny_config
+from vaekit.budget import epochs_for_budget
+
+SLEEP = 0.01  # seconds added to each training step
+
+
+def _slow_vae(calls: list, on_call=None):
+    """A VAE whose training-mode ``decode`` sleeps ``SLEEP`` and counts its calls."""
+
+    class VAE(vaekit.models.VAE):  # same name: save_model records the class name
+        def decode(self, z):
+            if self.training:
+                calls.append(1)
+                time.sleep(SLEEP)
+                if on_call is not None:
+                    on_call(len(calls))
+            return super().decode(z)
+
+    return VAE
+
+
+def test_the_estimate_is_an_epoch_of_the_real_run(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(vaekit.wiring, "VAE", _slow_vae(calls))
+    config = tiny_config(train__epochs=3)
+    epochs, per_epoch = epochs_for_budget(config, 100.0)
+    assert epochs == max(1, int(100.0 / per_epoch))
+    assert config.train.epochs == 3  # the caller's config is left alone
+    spe = steps_per_epoch(config)
+    assert spe > 5 and len(calls) <= spe  # the calibration stayed within its first epoch
+    history = vaekit.train.fit(config, tmp_path / "run").history
+    rows = [r for r in history if r["split"] == "train"]
+    real = (rows[-1]["seconds"] - rows[0]["seconds"]) / (len(rows) - 1)  # epochs 2 and 3, each with an end
+    assert real > spe * SLEEP
+    assert 0.6 < per_epoch / real < 1.6, (per_epoch, real)
+
+
+def test_the_calibration_costs_steps_not_epochs(monkeypatch):
+    """An epoch of 162 steps (batch 8): a 0.1 s calibration times a few dozen of them."""
+    calls = []
+    monkeypatch.setattr(vaekit.wiring, "VAE", _slow_vae(calls))
+    config = tiny_config(train__batch_size=8)
+    spe = steps_per_epoch(config)
+    _, per_epoch = epochs_for_budget(config, 100.0, calibration_seconds=0.1)
+    assert len(calls) <= 5 + 31 < spe / 4  # warm-up, then chunks of 1, 2, 4, ... steps until 0.1 s
+    assert per_epoch > spe * SLEEP
+
+
+def test_a_small_epoch_is_timed_whole(monkeypatch):
+    """Steps per epoch within the warm-up (batch 512: 3 steps): the next epoch is timed whole."""
+    calls = []
+    monkeypatch.setattr(vaekit.wiring, "VAE", _slow_vae(calls))
+    config = tiny_config(train__batch_size=512)
+    spe = steps_per_epoch(config)
+    assert spe <= 5
+    _, per_epoch = epochs_for_budget(config, 100.0)
+    assert len(calls) == 2 * spe and per_epoch > spe * SLEEP
+
+
+@pytest.mark.parametrize("at", [2, 7], ids=["in-the-warm-up", "in-the-timed-steps"])
+def test_an_interrupted_calibration_stops_the_budget_and_hints_no_resume(at, monkeypatch, capsys):
+    """Ctrl-C in the calibration: no number of epochs from a partial timing, no resume hint
+    for its temporary directory."""
+    def interrupt(n):
+        if n == at:
+            os.kill(os.getpid(), signal.SIGINT)  # the loop's handler only sets a flag
+
+    monkeypatch.setattr(vaekit.wiring, "VAE", _slow_vae([], interrupt))
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt, match="the time-budget calibration run was stopped; nothing was kept"):
+        epochs_for_budget(tiny_config(), 100.0)
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("kwargs, env, match", [
+    (dict(seconds=0), {}, "seconds must be a finite number > 0, got 0"),
+    (dict(seconds=float("inf")), {}, "seconds must be a finite number > 0, got inf"),
+    (dict(seconds=10, calibration_seconds=0), {}, "calibration_seconds must be a finite number > 0, got 0"),
+    (dict(seconds=10), {"WORLD_SIZE": "2"}, "not supported under torchrun"),
+])
+def test_epochs_for_budget_refuses(kwargs, env, match, monkeypatch):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=match):
+        epochs_for_budget(tiny_config(), **kwargs)
+
+
+def test_still_importable_from_train():
+    assert vaekit.train.epochs_for_budget is epochs_for_budget
