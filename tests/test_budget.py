@@ -40,7 +40,7 @@ def test_the_estimate_is_an_epoch_of_the_real_run(tmp_path, monkeypatch):
     assert epochs == max(1, int(100.0 / per_epoch))
     assert config.train.epochs == 3  # the caller's config is left alone
     spe = steps_per_epoch(config)
-    assert spe > 5 and len(calls) <= spe  # the calibration stayed within its first epoch
+    assert 5 < spe < 15 and len(calls) == 2 * spe  # a small epoch: one to warm up, one timed whole
     history = vaekit.train.fit(config, tmp_path / "run").history
     rows = [r for r in history if r["split"] == "train"]
     real = (rows[-1]["seconds"] - rows[0]["seconds"]) / (len(rows) - 1)  # epochs 2 and 3, each with an end
@@ -59,18 +59,28 @@ def test_the_calibration_costs_steps_not_epochs(monkeypatch):
     assert per_epoch > spe * SLEEP
 
 
-def test_a_small_epoch_is_timed_whole(monkeypatch):
-    """Steps per epoch within the warm-up (batch 512: 3 steps): the next epoch is timed whole."""
+@pytest.mark.parametrize("fast", ["off", "static"])
+def test_a_small_epoch_warms_up_on_whole_epochs_then_is_timed_whole(fast, monkeypatch):
+    """Batch 512: 3 steps an epoch, the last partial (eager). The warm-up's 5 steps take 3
+    epochs of 2 full batches (the static step captures after 3 on CUDA: that must not be
+    timed), then an epoch is timed whole, its eager step included."""
     calls = []
     monkeypatch.setattr(vaekit.wiring, "VAE", _slow_vae(calls))
-    config = tiny_config(train__batch_size=512)
+    config = tiny_config(train__batch_size=512, train__fast=fast)
     spe = steps_per_epoch(config)
-    assert spe <= 5
+    assert spe == 3
     _, per_epoch = epochs_for_budget(config, 100.0)
-    assert len(calls) == 2 * spe and per_epoch > spe * SLEEP
+    assert len(calls) == 4 * spe and per_epoch > spe * SLEEP
 
 
-@pytest.mark.parametrize("at", [2, 7], ids=["in-the-warm-up", "in-the-timed-steps"])
+def test_a_config_of_max_steps_alone_is_calibrated(monkeypatch):
+    """epochs 0 with max_steps is a valid config; its trial must still build."""
+    monkeypatch.setattr(vaekit.wiring, "VAE", _slow_vae([]))
+    epochs, _ = epochs_for_budget(tiny_config(train__epochs=0, train__max_steps=30), 100.0)
+    assert epochs >= 1
+
+
+@pytest.mark.parametrize("at", [2, 7, 30], ids=["early", "later", "in-the-timed-steps"])
 def test_an_interrupted_calibration_stops_the_budget_and_hints_no_resume(at, monkeypatch, capsys):
     """Ctrl-C in the calibration: no number of epochs from a partial timing, no resume hint
     for its temporary directory."""
@@ -81,7 +91,7 @@ def test_an_interrupted_calibration_stops_the_budget_and_hints_no_resume(at, mon
     monkeypatch.setattr(vaekit.wiring, "VAE", _slow_vae([], interrupt))
     capsys.readouterr()
     with pytest.raises(KeyboardInterrupt, match="the time-budget calibration run was stopped; nothing was kept"):
-        epochs_for_budget(tiny_config(), 100.0)
+        epochs_for_budget(tiny_config(train__batch_size=8), 100.0, calibration_seconds=5.0)
     assert capsys.readouterr().out == ""
 
 

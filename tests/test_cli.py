@@ -256,7 +256,7 @@ def test_resume_finds_moved_data_with_data_dir_and_records_where(tmp_path, run, 
     (tmp_path / "a" / "flat.npy").rename(tmp_path / "b" / "flat.npy")
     np.save(tmp_path / "other.npy", rng.random((60, 16)).astype(np.float32))
     rc, _, err = call(["train", "--resume", rd, "--epochs", "3", "--data-dir", tmp_path / "other.npy"], capsys)
-    assert_usage_error(rc, err, r"cannot be resumed on other training data")
+    assert_usage_error(rc, err, r"cannot be resumed on other training data: dataset 'array' \(\S*other\.npy\) now")
     rc, out, err = call(["train", "--resume", rd, "--epochs", "3", "--data-dir", tmp_path / "b" / "flat.npy"], capsys)
     assert rc == 0 and "trained 3 epochs" in out, err
     where = str((tmp_path / "b" / "flat.npy").resolve())
@@ -264,6 +264,15 @@ def test_resume_finds_moved_data_with_data_dir_and_records_where(tmp_path, run, 
     assert load_checkpoint(rd / "checkpoint.pt")["config"]["data"]["data_dir"] == where
     rc, _, err = call(["evaluate", rd], capsys)  # the new place, recorded
     assert rc == 0, err
+    (tmp_path / "c").mkdir()  # moved again: a finished run records the move and trains nothing
+    (tmp_path / "b" / "flat.npy").rename(tmp_path / "c" / "flat.npy")
+    before = load_checkpoint(rd / "checkpoint.pt")
+    rc, out, err = call(["train", "--resume", rd, "--data-dir", tmp_path / "c" / "flat.npy"], capsys)
+    assert rc == 0 and "is finished (3 epochs); nothing to train" in out and "new place of its data" in out, err
+    after = load_checkpoint(rd / "checkpoint.pt")
+    where = str((tmp_path / "c" / "flat.npy").resolve())
+    assert after["config"]["data"]["data_dir"] == read_json(rd / "config.json")["data"]["data_dir"] == where
+    assert after["step"] == before["step"] and after["history"] == before["history"]
     rc, _, err = call(["train", "--resume", run, "--data-dir", tmp_path], capsys)
     assert_usage_error(rc, err, r"data_dir: .* trains on 'digits', which is made in memory")
 

@@ -11,10 +11,11 @@ costs seconds, not epochs, however long an epoch is (it used to train whole epoc
 ``mnist-pixelcnn-late`` on 2 CPU cores, about 80 s each; now the whole command's start,
 calibration included, takes about 40 s there, and it estimated 81.8 s an epoch).
 
-Where an epoch is a few dozen steps, its bookkeeping is a large part of it and grows with
-the run (the metrics file and the checkpoint hold the whole history): the bundled digits
-at 15 s timed 0.057 s an epoch, the epochs took 0.056 s at first and 0.073 s after 200,
-and the 260 epochs took 18.5 s.
+Where an epoch is a few dozen steps, its bookkeeping is a large part of it and the
+estimate is rougher: the bundled digits with a 15 s budget (11 steps an epoch) timed
+0.059 s an epoch and trained 256 epochs in 16.0 s; an earlier version of this
+calibration, with the cores shared, 0.057 s and 260 epochs in 18.5 s (whole-epoch timing
+before: 168 epochs in 9.2 s).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import contextlib
 import copy
 import dataclasses
 import io
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -56,8 +58,9 @@ def epochs_for_budget(config: RunConfig, seconds: float, *,
         raise ValueError("a time budget is not supported under torchrun (the ranks could time differently); "
                          "give the epochs instead")
     trial = copy.deepcopy(config)
-    trial.train = dataclasses.replace(trial.train, max_steps=0, early_stopping=0, checkpoint_every=0,
-                                      progress=False)
+    # epochs: a config may give max_steps alone (epochs 0), which the trial does not keep
+    trial.train = dataclasses.replace(trial.train, epochs=max(1, trial.train.epochs), max_steps=0,
+                                      early_stopping=0, checkpoint_every=0, progress=False)
     threads = torch.get_num_threads()
     # silent: its messages (a resume hint for a directory about to vanish) are not the user's
     with tempfile.TemporaryDirectory(prefix="vaekit-calibrate-") as tmp, \
@@ -92,13 +95,28 @@ def _time_an_epoch(config: RunConfig, run_dir: Path, stop: _Stop, target: float)
         run.total_steps = step  # _train_epoch stops there
         return timed(lambda: _train_epoch(run, stop, quiet, amp))
 
-    train_to(min(steps, _WARMUP_STEPS * block))  # warm-up, not timed
-    if run.step == steps:  # the warm-up was the whole epoch (a small one): time the next, whole
-        end = timed(lambda: _end_epoch(run, None))
-        return train_to(2 * steps) + end
+    if stop.signum:  # a stop signal during the build
+        raise KeyboardInterrupt("the time-budget calibration run was stopped; nothing was kept")
+    # The steps that run as the static step or its blocks (an epoch's last, partial batch
+    # runs eagerly; steps short of a whole block run one at a time).
+    fast = (run.batches.full_batches // block) * block or run.batches.full_batches
+    warm = _WARMUP_STEPS * block
+    if steps < 3 * warm:
+        # A small epoch: warm up on whole epochs until the warm-up's static steps are done
+        # (the capture or compile must not fall in the timing), then time an epoch whole.
+        end = 0.0
+        for _ in range(math.ceil(warm / max(1, fast))):
+            train_to(run.step + steps)
+            end = timed(lambda: _end_epoch(run, None))
+        return train_to(run.step + steps) + end
+    # A long epoch: the warm-up's steps, then chunks of whole blocks (1, 2, 4, ... of them)
+    # until about ``target`` seconds, short of the epoch's tail (its last partial batch and
+    # any steps that do not make a block), then its end.
+    train_to(warm)
+    limit = (fast // block - 1) * block
     done, took, chunk = 0, 0.0, block
-    while run.step < steps and (took < target or not done):
-        chunk = min(chunk, steps - run.step)
+    while run.step < limit and (took < target or not done):
+        chunk = min(chunk, limit - run.step)
         took += train_to(run.step + chunk)
         done += chunk
         chunk *= 2

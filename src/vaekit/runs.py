@@ -72,12 +72,13 @@ def data_record(x: torch.Tensor) -> dict:
             "fingerprint": hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16]}
 
 
-def _check_same_data(saved: dict, x: torch.Tensor, state: dict, ckpt_path: Path) -> None:
+def _check_same_data(saved: dict, x: torch.Tensor, state: dict, ckpt_path: Path, where: str | None) -> None:
     now = data_record(x)
     if saved == now:
         return
     d = state["config"].get("data", {}) if isinstance(state.get("config"), dict) else {}
-    what = f"dataset {d.get('dataset')!r}" + (f" ({d['data_dir']})" if d.get("data_dir") else "")
+    where = where or d.get("data_dir")  # where the data now checked came from
+    what = f"dataset {d.get('dataset')!r}" + (f" ({where})" if where else "")
     if (saved.get("examples"), saved.get("shape")) == (now["examples"], now["shape"]):
         change = f"the same number and shape of training examples, but other values (fingerprint {now['fingerprint']}, " \
                  f"was {saved.get('fingerprint')})"
@@ -85,7 +86,8 @@ def _check_same_data(saved: dict, x: torch.Tensor, state: dict, ckpt_path: Path)
         change = f"{now['examples']} training examples of shape {tuple(now['shape'])}, where the run trained on " \
                  f"{saved.get('examples')} of shape {tuple(saved.get('shape') or ())}"
     raise CheckpointError(f"{ckpt_path.parent} cannot be resumed on other training data: {what} now gives "
-                          f"{change}; put back the data it started with, or train a new run")
+                          f"{change}; put back the data it started with (or give --data-dir where they are), "
+                          f"or train a new run")
 
 
 def saved_config(d: dict) -> RunConfig:
@@ -168,13 +170,14 @@ def _load_optimizer(optimizer, saved: dict) -> None:
 
 
 def restore(state: dict, ckpt_path: Path, *, model, optimizer, batches, device: torch.device,
-            rank: int, world: int) -> dict:
+            rank: int, world: int, data_dir: str | None = None) -> dict:
     """Load checkpoint ``state`` into the model, optimiser, batch iterator and this
     process's random-number states; returns the loop's counters (``step``, ``epoch``,
     ``history``, ``best``, ``since_best``, ``skipped``, and ``sums`` on ``device``: the
-    partial epoch's, kept by rank 0)."""
+    partial epoch's, kept by rank 0). ``data_dir``: where the data in ``batches`` were
+    read (named if they are not the run's)."""
     if state.get("data") is not None:  # older checkpoints did not record their data
-        _check_same_data(state["data"], batches.x, state, ckpt_path)
+        _check_same_data(state["data"], batches.x, state, ckpt_path, data_dir)
     try:
         with warnings.catch_warnings():  # an old optimal-variance model: resuming is what its warning asks for
             warnings.filterwarnings("ignore", message=".*saved before vaekit kept an evaluation variance")

@@ -110,11 +110,12 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False, epochs: int | None 
     continues the extended run. ``data_dir`` (with ``resume=True`` only; ``--resume RUN
     --data-dir DIR``) says where the run's data are now, if not where it recorded them (an
     absolute path, which another machine may lack); they must be the data it trained on,
-    and the run records the new place. With a cosine ``lr_schedule`` the learning rate from the
-    resume point on follows the cosine over the new total (it goes back up, then decays
-    to 0 at the new end), while a resume without ``epochs`` stays bit for bit the
+    and the run records the new place. With a cosine ``lr_schedule`` the learning rate
+    from the resume point on follows the cosine over the new total (it goes back up, then
+    decays to 0 at the new end), while a resume without ``epochs`` stays bit for bit the
     uninterrupted run. A plain resume of a finished run (or one that stopped early) trains
-    nothing and writes nothing: its result says ``trained=False``.
+    nothing and writes nothing (but, with ``data_dir``, the new place of its data): its
+    result says ``trained=False``.
     PyTorch's CPU thread count, which a run may set, is restored on the way out.
     """
     if epochs is not None and not resume:
@@ -282,11 +283,15 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None,
     run = _build(config, run_dir, state)
     if state is not None and not (run.more_to_do() and not run.stopped_early()):
         # A run resumed after it finished (or stopped early) does not train on, and its
-        # files (config.json, the pictures) stay as they are.
+        # files (config.json, the pictures) stay as they are, but for the new place of its
+        # data when it was given (they were loaded and checked above).
         if run.is_main:
+            if data_dir is not None:
+                _prepare_run_dir(run, state, True)
             print(f"vaekit: {run_dir} is finished ({run.epoch} epoch{'' if run.epoch == 1 else 's'}"
                   f"{', stopped early' if run.stopped_early() else ''}); nothing to train"
-                  f"{'' if run.stopped_early() else ' (extend it with --epochs N)'}", flush=True)
+                  f"{'' if run.stopped_early() else ' (extend it with --epochs N)'}"
+                  f"{'; the new place of its data is recorded' if data_dir is not None else ''}", flush=True)
         return FitResult(run.model, run.history, run_dir, False, trained=False)
     if run.is_main:
         _prepare_run_dir(run, state, extend_to is not None or data_dir is not None)

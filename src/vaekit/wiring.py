@@ -194,7 +194,7 @@ def _build(config: RunConfig, run_dir: Path, state: dict | None) -> _Run:
     torch.manual_seed(tc.seed * 1000 + 17 + rank)
     if state is not None:
         for key, value in restore(state, run.ckpt_path, model=model, optimizer=opt, batches=batches, device=device,
-                                  rank=rank, world=world).items():
+                                  rank=rank, world=world, data_dir=config.data.data_dir).items():
             setattr(run, key, value)
     if static:  # after the restore: the step's backups copy the optimiser's state
         run.static = StaticStep(model, opt, batch_size=tc.batch_size, grad_clip=tc.grad_clip, amp=tc.amp == "bf16",
