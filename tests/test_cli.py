@@ -208,17 +208,23 @@ def test_sample_draws_a_run_on_flat_square_vectors_as_training_drew_it(tmp_path,
         np.testing.assert_array_equal(np.asarray(drawn), np.asarray(trained))
 
 
-def test_evaluate_finds_moved_data_with_data_dir_and_checks_they_are_the_runs(tmp_path, run, capsys):
-    """A run records its data as an absolute path; on another machine (or after a move)
-    --data-dir says where they are now. Other data are refused while the checkpoint can
-    tell; a digits run has no files to point at."""
-    rng = np.random.default_rng(0)
+def _array_run(tmp_path, rng, capsys):
+    """A TINY run trained on 60 random 16-vectors in ``tmp_path/a/flat.npy``."""
     (tmp_path / "a").mkdir()
     np.save(tmp_path / "a" / "flat.npy", rng.random((60, 16)).astype(np.float32))
     rd = tmp_path / "run-a"
     rc, _, err = call(["train", "--run-dir", rd, *TINY, "--dataset", "array", "--data-dir", tmp_path / "a" / "flat.npy"],
                       capsys)
     assert rc == 0, err
+    return rd
+
+
+def test_evaluate_finds_moved_data_with_data_dir_and_checks_they_are_the_runs(tmp_path, run, capsys):
+    """A run records its data as an absolute path; on another machine (or after a move)
+    --data-dir says where they are now. Other data are refused while the checkpoint can
+    tell; a digits run has no files to point at."""
+    rng = np.random.default_rng(0)
+    rd = _array_run(tmp_path, rng, capsys)
     rc, _, err = call(["evaluate", rd], capsys)
     assert rc == 0, err
     before = read_json(rd / "metrics-test.json")
@@ -246,12 +252,7 @@ def test_resume_finds_moved_data_with_data_dir_and_records_where(tmp_path, run, 
     """--resume RUN --data-dir DIR: the run goes on with its data where they are now (the
     same data, checked), and records the new place for a later plain resume or evaluate."""
     rng = np.random.default_rng(1)
-    (tmp_path / "a").mkdir()
-    np.save(tmp_path / "a" / "flat.npy", rng.random((60, 16)).astype(np.float32))
-    rd = tmp_path / "run-a"
-    rc, _, err = call(["train", "--run-dir", rd, *TINY, "--dataset", "array", "--data-dir", tmp_path / "a" / "flat.npy"],
-                      capsys)
-    assert rc == 0, err
+    rd = _array_run(tmp_path, rng, capsys)
     (tmp_path / "b").mkdir()
     (tmp_path / "a" / "flat.npy").rename(tmp_path / "b" / "flat.npy")
     np.save(tmp_path / "other.npy", rng.random((60, 16)).astype(np.float32))
