@@ -8,10 +8,10 @@
 #
 # MNIST_DIR: a folder inside the repo holding mnist.npz (copy it there before the call:
 # the device machine sees only the repo). EPOCHS: epochs to train. BUDGET_S instead: a
-# training-time budget in seconds (`vaekit train --time-budget`: a 2-epoch calibration
-# run times an epoch, leaving out the first, which captures the CUDA graph, and the
-# epochs become the budget divided by that, so the cosine schedule ends when the budget
-# does). FAST: the training step (default auto: captured on CUDA); if training fails
+# training-time budget in seconds (`vaekit train --time-budget`: a throwaway copy of the
+# run warms up, which captures the CUDA graph, then times a few seconds of steps and one
+# end of epoch, and the epochs become the budget divided by that, so the cosine schedule
+# ends when the budget does). FAST: the training step (default auto: captured on CUDA); if training fails
 # with it, the script says so and trains again with FAST=off. IW_K: importance samples
 # (default 5000; smaller only to try the script). EVAL_PRECISION: `vaekit evaluate
 # --precision` (fp32, the default; tf32 or bf16 are faster: full float32 is slower for the
@@ -32,7 +32,7 @@ RUN=$WORK/run
 
 nvidia-smi -L || true
 if [ -n "${BUDGET_S:-}" ]; then
-    SIZE=(--time-budget "$BUDGET_S")  # vaekit's own 2-epoch calibration sets the epochs
+    SIZE=(--time-budget "$BUDGET_S")  # vaekit's own calibration sets the epochs
 else
     SIZE=(--epochs "${EPOCHS:-200}")
 fi
