@@ -236,6 +236,8 @@ def test_evaluate_finds_moved_data_with_data_dir_and_checks_they_are_the_runs(tm
     assert rc == 0, err
     after = read_json(rd / "metrics-test.json")
     assert (after["elbo"], after["kl"]) == (before["elbo"], before["kl"])
+    assert before["data_dir"] == str((tmp_path / "a" / "flat.npy").resolve())  # the files scored, recorded
+    assert after["data_dir"] == str(tmp_path / "b" / "flat.npy")
     np.save(tmp_path / "other.npy", rng.random((60, 16)).astype(np.float32))
     rc, _, err = call(["evaluate", rd, "--data-dir", tmp_path / "other.npy"], capsys)
     assert_usage_error(rc, err, r"--data-dir .*other\.npy: these are not the data .*run-a trained on \(46 training "

@@ -224,9 +224,12 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
         metrics.update(evaluate_disentanglement(model, seed=seed, quick=quick))
         metrics["disentanglement_quick"] = quick  # rough scores say so in the file
     where = f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else str(dev)
+    from .data import FILE_DATASETS
+
+    read = {"data_dir": config.data.data_dir} if config.data.dataset in FILE_DATASETS else {}  # which files
     result = {"split": split, "n": int(x.shape[0]), "iw_samples": iw_samples, **metrics,
               "seed": seed, "batch_size": batch_size,  # the estimates depend on both
-              "seconds": round(seconds, 3), "device": where, "torch": torch.__version__}
+              **read, "seconds": round(seconds, 3), "device": where, "torch": torch.__version__}
     write_json(rd / metrics_name(split, limit), result)
     return result
 
