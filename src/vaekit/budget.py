@@ -4,9 +4,10 @@
 so that every schedule stays a function of the step and the run stays reproducible (a
 cosine learning rate ends with the budget). The epoch is timed on a throwaway copy of the
 run, in a temporary directory: a few warm-up steps (which compile or capture the step),
-then steps timed for about ``calibration_seconds`` (at most to the end of the first
-epoch), then one end of epoch (validation, the model saved, metrics, checkpoint). An epoch
-is estimated as its steps at the measured pace plus that end. The calibration therefore
+then steps timed for about ``calibration_seconds`` (at most to just before the end of the
+first epoch), then one end of epoch (validation, the model saved, metrics, checkpoint). An
+epoch is estimated as its steps at the measured pace plus that end. An epoch shorter than
+three warm-ups is timed whole instead, after whole epochs of warm-up. The calibration therefore
 costs seconds, not epochs, however long an epoch is (it used to train whole epochs: for
 ``mnist-pixelcnn-late`` on 2 CPU cores, about 80 s each; now the whole command's start,
 calibration included, takes about 40 s there, and it estimated 81.8 s an epoch).
@@ -33,7 +34,7 @@ import torch
 
 from .checks import check_number
 from .config import RunConfig
-from .train import _end_epoch, _prepare_run_dir, _progress, _Stop, _train_epoch, _unvalidated
+from .train import _autocast, _end_epoch, _prepare_run_dir, _progress, _Stop, _train_epoch, _unvalidated
 from .wiring import _build, _dist_info
 
 __all__ = ["epochs_for_budget"]
@@ -41,6 +42,7 @@ __all__ = ["epochs_for_budget"]
 # Steps (or blocks of graph_steps) before the timing: the first ones compile or capture
 # the step and allocate (a static step warms up 3 steps uncaptured, a block once).
 _WARMUP_STEPS = 5
+_STOPPED = "the time-budget calibration run was stopped; nothing was kept"
 
 
 def epochs_for_budget(config: RunConfig, seconds: float, *,
@@ -75,8 +77,7 @@ def epochs_for_budget(config: RunConfig, seconds: float, *,
 def _time_an_epoch(config: RunConfig, run_dir: Path, stop: _Stop, target: float) -> float:
     run = _build(config, run_dir, None)
     _prepare_run_dir(run, None, False)
-    amp = (torch.autocast(run.device.type, dtype=torch.bfloat16) if run.tc.amp == "bf16"
-           else contextlib.nullcontext())
+    amp = _autocast(run)
     quiet = _progress(False, 0, 0)
     steps = len(run.batches)  # an epoch's steps
     block = run.tc.graph_steps if run.static is not None else 1
@@ -88,7 +89,7 @@ def _time_an_epoch(config: RunConfig, run_dir: Path, stop: _Stop, target: float)
         work()
         _sync(run.device)
         if stop.signum:  # a stop signal came (the training loop stopped at the next step)
-            raise KeyboardInterrupt("the time-budget calibration run was stopped; nothing was kept")
+            raise KeyboardInterrupt(_STOPPED)
         return time.perf_counter() - t
 
     def train_to(step: int) -> float:
@@ -96,7 +97,7 @@ def _time_an_epoch(config: RunConfig, run_dir: Path, stop: _Stop, target: float)
         return timed(lambda: _train_epoch(run, stop, quiet, amp))
 
     if stop.signum:  # a stop signal during the build
-        raise KeyboardInterrupt("the time-budget calibration run was stopped; nothing was kept")
+        raise KeyboardInterrupt(_STOPPED)
     # The steps that run as the static step or its blocks (an epoch's last, partial batch
     # runs eagerly; steps short of a whole block run one at a time).
     fast = (run.batches.full_batches // block) * block or run.batches.full_batches

@@ -296,8 +296,7 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None,
     if run.is_main:
         _prepare_run_dir(run, state, extend_to is not None or data_dir is not None)
     writer = _tensorboard(run_dir) if run.is_main else None
-    amp = (torch.autocast(run.device.type, dtype=torch.bfloat16) if run.tc.amp == "bf16"
-           else contextlib.nullcontext())
+    amp = _autocast(run)
     progress = _progress(run.tc.progress and run.is_main, run.total_steps, run.step)
     interrupted = False
     # `seconds` counts the training loop's time since the run began, across resumes (a
@@ -335,6 +334,13 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None,
     if run.distributed:
         torch.distributed.barrier()
     return FitResult(run.model, run.history, run_dir, False)
+
+
+def _autocast(run: _Run):
+    """The context the training steps run in: bf16 autocast for ``train.amp="bf16"``."""
+    if run.tc.amp == "bf16":
+        return torch.autocast(run.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _tensorboard(run_dir: Path):
