@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from vaekit.likelihoods import discretized_logistic_nll, optimal_sigma_nll
-from vaekit.losses import gaussian_nll
+from vaekit.likelihoods import bernoulli_nll_samples, discretized_logistic_nll, optimal_sigma_nll
+from vaekit.losses import bernoulli_nll, gaussian_nll
 
 D64 = torch.float64
 
@@ -105,3 +105,60 @@ def test_discretized_logistic_gradcheck_and_extremes():
 def test_optimal_sigma_nll_of_an_empty_batch_is_empty():
     for per in ("example", "batch"):
         assert optimal_sigma_nll(torch.zeros(0, 3, 4), torch.zeros(0, 3, 4), per=per).shape == (0,)
+
+
+# -- the Bernoulli term of k samples per example ------------------------------------------
+
+
+def _samples_case(k=6, b=4, event=(3, 5), dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(k * b, *event, generator=g, dtype=dtype) * 8
+    flat = logits.view(-1)
+    flat[0], flat[7], flat[9] = 60.0, -60.0, 0.0  # softplus's extremes (and its threshold)
+    x = torch.rand(b, *event, generator=g, dtype=dtype)
+    x.view(-1)[0], x.view(-1)[7] = 1.0, 0.0
+    return logits, x
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_bernoulli_nll_samples_is_bernoulli_nll_of_repeated_x(grad):
+    logits, x = _samples_case()
+    k, b = logits.shape[0] // x.shape[0], x.shape[0]
+    reference = bernoulli_nll(logits, x.repeat(k, 1, 1)).reshape(k, b)
+    with torch.set_grad_enabled(grad):
+        for given in (logits, logits.reshape(k, b, 3, 5)):  # both layouts
+            got = bernoulli_nll_samples(given.requires_grad_(grad) if grad else given, x)
+            assert got.shape == (k, b)
+            torch.testing.assert_close(got, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_bernoulli_nll_samples_gradients():
+    logits, x = _samples_case(k=3, b=2, event=(4,))
+    logits.requires_grad_(True)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda l, t: bernoulli_nll_samples(l, t, validate_args=False), (logits, x))
+    weights = torch.randn(3, 2, dtype=torch.float64)
+    mine = torch.autograd.grad((bernoulli_nll_samples(logits, x) * weights).sum(), logits)[0]
+    ref = torch.autograd.grad((bernoulli_nll(logits, x.repeat(3, 1)).reshape(3, 2) * weights).sum(), logits)[0]
+    torch.testing.assert_close(mine, ref)
+
+
+def test_bernoulli_nll_samples_computes_half_precision_in_float32():
+    logits, x = _samples_case(dtype=torch.float32)
+    half = logits.to(torch.bfloat16)
+    got = bernoulli_nll_samples(half, x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, bernoulli_nll_samples(half.float(), x))
+
+
+def test_bernoulli_nll_samples_refuses_bad_shapes_and_values():
+    logits, x = _samples_case()
+    with pytest.raises(ValueError, match=r"logits must be \[k, B, \*event\].*got \(22, 3, 5\)"):
+        bernoulli_nll_samples(logits[:22], x)
+    with pytest.raises(ValueError, match="logits must be"):
+        bernoulli_nll_samples(logits.reshape(6, 4, 15), x)
+    with pytest.raises(ValueError, match="x"):
+        bernoulli_nll_samples(logits, x + 1.0)
+    with pytest.raises(TypeError, match="logits"):
+        bernoulli_nll_samples(logits.long(), x)
+    bernoulli_nll_samples(logits, x + 1.0, validate_args=False)  # the evaluation's own setting

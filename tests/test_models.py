@@ -281,3 +281,25 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(vaekit.models, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 3 and result.failed == 0
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "continuous_bernoulli"])
+def test_nll_samples_is_nll_of_x_repeated(likelihood):
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(arch="mlp", input_shape=(6,), hidden=(8,), latent_dim=3, likelihood=likelihood)).double()
+    x, z = torch.rand(4, 6, dtype=torch.float64), torch.randn(5, 4, 3, dtype=torch.float64)
+    out = model.decode(z.reshape(20, 3))
+    reference = model.nll(out, x.repeat(5, 1)).reshape(5, 4)
+    torch.testing.assert_close(model.nll_samples(out, x), reference)
+
+
+def test_nll_samples_follows_a_subclass_nll():
+    class Scaled(VAE):
+        def nll(self, decoder_out, x, *, validate_args=None):
+            return 2 * super().nll(decoder_out, x, validate_args=validate_args)
+
+    torch.manual_seed(0)
+    model = Scaled(ModelConfig(arch="mlp", input_shape=(6,), hidden=(8,), latent_dim=3)).double()
+    x, z = torch.rand(4, 6, dtype=torch.float64), torch.randn(5, 4, 3, dtype=torch.float64)
+    out = model.decode(z.reshape(20, 3))
+    torch.testing.assert_close(model.nll_samples(out, x), 2 * VAE.nll(model, out, x.repeat(5, 1)).reshape(5, 4))

@@ -34,15 +34,23 @@ def _log_normal(z: Tensor, mu: Tensor | None = None, logvar: Tensor | None = Non
 def decode_nll(model, x: Tensor, z: Tensor) -> Tensor:
     """``-log p(x | z)`` for ``z`` of shape ``[k, B, d]``: ``[k, B]`` from one decoder call."""
     k, b, d = z.shape
-    # model.nll expects matching [k*B, *event] shapes, so x is repeated once per sample.
-    xs = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
+
+    def repeated():  # model.nll expects matching [k*B, *event] shapes: x once per sample
+        return x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
+
     if getattr(model, "autoregressive", False):  # p(x_i | x_<i, z): the decoder reads x too
         # decode_samples (when the model has it) may share work across the k samples of an image.
         decode_samples = getattr(model, "decode_samples", None)
-        out = decode_samples(z, x) if decode_samples is not None else model.decode(z.reshape(k * b, d), xs)
+        out = decode_samples(z, x) if decode_samples is not None else model.decode(z.reshape(k * b, d), repeated())
     else:
         out = model.decode(z.reshape(k * b, d))
-    nll = model.nll(out, xs)
+    nll_samples = getattr(model, "nll_samples", None)
+    if nll_samples is not None:  # the model scores k samples of each example itself
+        nll = nll_samples(out, x)
+        if nll.shape != (k, b):
+            raise ValueError(f"model.nll_samples must return shape ({k}, {b}), got {tuple(nll.shape)}")
+        return nll
+    nll = model.nll(out, repeated())
     if nll.shape != (k * b,):
         raise ValueError(f"model.nll must return shape ({k * b},), got {tuple(nll.shape)}")
     return nll.reshape(k, b)

@@ -1,8 +1,9 @@
 """Likelihoods with their own parameterisation, beyond those of :mod:`vaekit.losses`.
 
 The calibrated Gaussian decoder (sigma-VAE), whose variance is set to its maximum-likelihood
-value instead of being learned or fixed, and the discretized logistic for data on an 8-bit
-(or ``n_bits``) grid. Conventions as in :mod:`vaekit.losses`: per-example values ``[B]`` in
+value instead of being learned or fixed, the discretized logistic for data on an 8-bit
+(or ``n_bits``) grid, and the Bernoulli term of many latent samples per example (what the
+importance-weighted estimates score). Conventions as in :mod:`vaekit.losses`: per-example values ``[B]`` in
 nats, summed over the event dims; half precision is computed in float32.
 """
 
@@ -19,7 +20,7 @@ from .checks import (
     check_unit_interval, sum_event, upcast, validating,
 )
 
-__all__ = ["optimal_sigma_nll", "discretized_logistic_nll"]
+__all__ = ["optimal_sigma_nll", "discretized_logistic_nll", "bernoulli_nll_samples"]
 
 
 def optimal_sigma_nll(mean: Tensor, x: Tensor, *, per: str = "example", min_logvar: float = -9.0,
@@ -111,3 +112,45 @@ def discretized_logistic_nll(mean: Tensor, log_scale: Tensor, x: Tensor, *, n_bi
     interior = log_cdf_upper + log_sf_lower + torch.where(small, series, exact)
     log_p = torch.where(x < half, log_cdf_upper, torch.where(x > 1 - half, log_sf_lower, interior))
     return -sum_event(log_p)
+
+
+def bernoulli_nll_samples(logits: Tensor, x: Tensor, *, validate_args: bool | None = None) -> Tensor:
+    r""":func:`vaekit.losses.bernoulli_nll` of ``k`` decoded samples of each example, without
+    repeating ``x`` ``k`` times.
+
+    ``logits`` holds the decoder's output for ``k`` latent samples of each of the ``B``
+    examples, sample-major (``[k, B, *event]``, or ``[k * B, *event]`` as one decoder call
+    returns it); ``x`` is ``[B, *event]``. Each element is ``softplus(l) - x l`` (the softplus
+    as ``logaddexp(l, 0)``), which is
+    ``max(l, 0) - l x + log(1 + e^{-|l|})`` (the binary cross-entropy from logits), with
+    ``x`` broadcast over the samples. Without gradients the product is subtracted in place:
+    about six passes over the ``k * B * D`` logits where the binary cross-entropy of a
+    repeated ``x`` takes about twice as many (the importance-weighted estimate's largest
+    cost after the decoder's matrix products). When validating, ``x`` must lie in [0, 1] and
+    the logits be finite (the evaluation turns the checks off and checks ``x`` once). Half
+    precision is computed in float32.
+
+    Shape: returns ``[k, B]``.
+    """
+    check_tensor("logits", logits)
+    check_tensor("x", x)
+    b, event = x.shape[0], tuple(x.shape[1:])
+    if b >= 1 and tuple(logits.shape[1:]) == event and logits.shape[0] % b == 0:
+        k = logits.shape[0] // b
+    elif logits.dim() == x.dim() + 1 and logits.shape[1] == b and tuple(logits.shape[2:]) == event:
+        k = logits.shape[0]
+    else:
+        raise ValueError(f"logits must be [k, B, *event] or [k * B, *event] for x of shape {tuple(x.shape)} "
+                         f"(B >= 1), got {tuple(logits.shape)}")
+    if validating(validate_args):
+        check_unit_interval("x", x)
+        check_finite("logits", logits)
+    dims = math.prod(event)
+    logits, x = upcast(logits.reshape(k, b, dims), x.reshape(b, dims))
+    # softplus(l) = log(e^0 + e^l), exactly (F.softplus returns l itself above l = 20)
+    zero = logits.new_zeros(())
+    if torch.is_grad_enabled() and (logits.requires_grad or x.requires_grad):
+        return (torch.logaddexp(logits, zero) - logits * x).sum(-1)
+    terms = torch.logaddexp(logits, zero)
+    terms.addcmul_(logits, x, value=-1.0)
+    return terms.sum(-1)

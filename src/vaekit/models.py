@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.distributions import Independent, Normal
 
 from .losses import reconstruction_nll
-from .likelihoods import discretized_logistic_nll, optimal_sigma_nll
+from .likelihoods import bernoulli_nll_samples, discretized_logistic_nll, optimal_sigma_nll
 from .model_config import ACTIVATIONS, ARCHS, DECODER_VARIANCES, LIKELIHOODS, ModelConfig
 from .pixelcnn import PixelCNNHead, sample_pixels
 
@@ -253,6 +253,20 @@ class VAE(nn.Module):
         if cfg.likelihood == "mse":
             return reconstruction_nll("gaussian", decoder_out, x, logvar=_MSE_LOGVAR, validate_args=validate_args)
         return reconstruction_nll(cfg.likelihood, decoder_out, x, logvar=cfg.fixed_logvar, validate_args=validate_args)
+
+    def nll_samples(self, decoder_out, x: Tensor, *, validate_args: bool | None = None) -> Tensor:
+        """:meth:`nll` of ``k`` decoded latent samples of each example: ``decoder_out`` from
+        one decoder call on ``[k * B, d]`` latents (sample-major), ``x`` ``[B, *event]``;
+        returns ``[k, B]``. A Bernoulli model scores them without repeating ``x``
+        (:func:`vaekit.likelihoods.bernoulli_nll_samples`); otherwise, or when a subclass
+        overrides :meth:`nll`, ``nll`` is called on ``x`` repeated ``k`` times."""
+        b = x.shape[0]
+        if self.config.likelihood == "bernoulli" and type(self).nll is VAE.nll and isinstance(decoder_out, Tensor):
+            return bernoulli_nll_samples(decoder_out, x, validate_args=validate_args)
+        first = decoder_out[0] if isinstance(decoder_out, (tuple, list)) else decoder_out
+        k = first.shape[0] // max(b, 1)
+        xs = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
+        return self.nll(decoder_out, xs, validate_args=validate_args).reshape(k, b)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
