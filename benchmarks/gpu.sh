@@ -3,11 +3,10 @@
 # installed, no network): the three benchmarks of issue #6's goals first (loss, epoch, IW;
 # the loss and IW benchmarks check their results against a reference and print CHECK
 # lines), then the GPU tests, the host's share, the compiled epoch and $RESCORE, each under
-# a timeout, then a summary. Expected total: about 7 to 9 minutes on an H100 (the fourth
-# session: loss 29 s, epoch 34 s, IW about 30 s, tests about 120 s; the rows added since
-# not yet timed there); the timeouts (120+120+90+200+60+200 s, and 150 s for $RESCORE:
-# 940 s) add up to more than a device call: give DEADLINE (below), and what it cuts is
-# the end of that list.
+# a timeout, then a summary. Measured on an H100 (2026-11-27): loss 33 s, epoch 38 s, IW
+# 24 s, tests 72 s, host 17 s, compiled epoch 30 s, $RESCORE 95 s: 5 min 20 s in all, the
+# step profile (added after) not included. The timeouts add up to more than a device call
+# should take: give DEADLINE (below), and what it cuts is the end of the list.
 #
 #   bash benchmarks/gpu.sh                      # timing only, on synthetic binary data
 #   MNIST=shared/mnist.npz bash benchmarks/gpu.sh   # real MNIST copied into the repo
@@ -18,6 +17,9 @@
 # $DEADLINE (seconds since the epoch, optional): no step runs past it (each step's
 # timeout shrinks to what is left; a step with under 20 s left is skipped), so that the
 # script can follow another in one device call of fixed length.
+# $STEPS (optional): a comma list of the steps to run (loss_bench, epoch_bench, iw_bench,
+# step_profile, tests, host_bench, epoch_compiled, precision_shift); default: all.
+# $EPOCH_AMP: epoch_bench.py --amp for the epoch_bench step (none, bf16, both; default none).
 set -u
 
 cd "$(dirname "$0")/.."
@@ -40,6 +42,9 @@ STATUS=()
 step() {
     local name=$1 limit=$2
     shift 2
+    if [ -n "${STEPS:-}" ] && [[ ",$STEPS," != *",$name,"* ]]; then
+        return
+    fi
     if [ -n "${DEADLINE:-}" ]; then
         local left=$((DEADLINE - $(date +%s)))
         if [ "$left" -lt 20 ]; then
@@ -76,14 +81,18 @@ else
 fi
 
 step loss_bench 120 "$PY" benchmarks/loss_bench.py --device cuda --sweep
-step epoch_bench 120 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --skip compiled,compiled-block,fit-compile,fit-compile-block --data "$DATA"
+step epoch_bench 120 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp "${EPOCH_AMP:-none}" --skip compiled,compiled-block,fit-compile,fit-compile-block --data "$DATA"
 # The per-example loop and pythae run on the first 300 images (their time is also per
 # image); the plain chunked baseline on all of them, like vaekit.
 step iw_bench 90 "$PY" benchmarks/iw_bench.py --device cuda --k 5000 --n 10000 --n-baseline 300 --reduced tf32,bf16 --data "$DATA"
+# Where one training step's GPU time goes: its kernels, their time, the graph's overhead.
+step step_profile 90 "$PY" benchmarks/step_profile.py --device cuda
 # The GPU tests before the slower extras: the Triton kernels in-process, the captured,
 # compiled and block steps for both optimisers, fit in blocks and resumed, data left on the
 # host. The CPU compile tests (the CPU's fast path, run by CI) are left out: minutes here.
-if "$PY" -c 'import pytest, hypothesis' 2>/dev/null; then
+if [ -n "${STEPS:-}" ] && [[ ",$STEPS," != *",tests,"* ]]; then
+    :
+elif "$PY" -c 'import pytest, hypothesis' 2>/dev/null; then
     step tests 200 "$PY" -m pytest tests/test_kernels.py tests/test_losses.py tests/test_fast.py tests/test_batching.py tests/test_pixelcnn.py -q -o addopts="" -p no:cacheprovider -rfE --durations=10 -k "not compiled_fit_equals_eager_fit and not cpu-compiled"
 else
     say "tests: skipped (pytest or hypothesis missing on this machine)"
@@ -119,5 +128,5 @@ say "         epoch at batch 128 <= 60 ms; k=5000 IW on 10,000 images <= 1 s (H2
     sed -n '/^recipe/,/^$/p' "$TMP/loss_bench.out" 2>/dev/null
     grep -h "^SUMMARY loss_bench" "$TMP/loss_bench.out" 2>/dev/null | sed 's/^SUMMARY //'
     grep -h -E "^SUMMARY|^agreement|^matrix products|^PRECISION" "$TMP/epoch_bench.out" "$TMP/host_bench.out" "$TMP/iw_bench.out" \
-        "$TMP/epoch_compiled.out" "$TMP/precision_shift.out" 2>/dev/null | sed 's/^SUMMARY //'
+        "$TMP/step_profile.out" "$TMP/epoch_compiled.out" "$TMP/precision_shift.out" 2>/dev/null | sed 's/^SUMMARY //'
 } | tee -a "$LOG"
