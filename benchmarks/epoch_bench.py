@@ -22,7 +22,8 @@ batch 128, the 60,000 training images statically binarized), in one run, for:
   (f) vaekit fit    vaekit.train.fit itself for 1 + --epochs epochs (validation on 1,000
                     images and a checkpoint after each): per-epoch times from its metrics;
                     "fast=compile": fit with TrainConfig(fast="compile"); on CUDA also
-                    "graph_steps=32": 32 steps a captured graph, uncompiled and compiled
+                    "graph_steps=32": 32 steps a captured graph, uncompiled and compiled,
+                    and "TF32": fit with TrainConfig(amp="tf32")
   (g) vaekit compiled  the static step with its forward pass and loss compiled by
                     torch.compile (StaticStep(compile=True): TrainConfig(fast="compile"),
                     vaekit's CPU fast path; on CUDA the compiled step is also captured);
@@ -288,9 +289,10 @@ def matmul_floor(x, device, amp: bool = False):
     return run
 
 
-def vaekit_fit(x_u8, x_val_u8, epochs, device, threads, workdir, amp: bool = False, fast: str = "auto",
+def vaekit_fit(x_u8, x_val_u8, epochs, device, threads, workdir, amp: bool | str = False, fast: str = "auto",
                dynamic: bool = False, graph_steps: int = 1):
-    """Per-epoch seconds of vaekit.train.fit: the first, and those of the rest."""
+    """Per-epoch seconds of vaekit.train.fit: the first, and those of the rest. ``amp``:
+    True for bf16 autocast, or TrainConfig.amp itself ("tf32")."""
     from vaekit import DataConfig, ModelConfig, RunConfig, TrainConfig, fit
 
     npz = Path(workdir) / "fit-data.npz"
@@ -301,9 +303,10 @@ def vaekit_fit(x_u8, x_val_u8, epochs, device, threads, workdir, amp: bool = Fal
         data=DataConfig(dataset="array", data_dir=str(npz), binarize="dynamic" if dynamic else "none",
                         val_size=len(x_val_u8), split="tail"),
         train=TrainConfig(epochs=1 + epochs, batch_size=BATCH, lr=LR, device=str(device), num_threads=threads,
-                          amp="bf16" if amp else "none", fast=fast, graph_steps=graph_steps, progress=False),
+                          amp=amp if isinstance(amp, str) else "bf16" if amp else "none", fast=fast,
+                          graph_steps=graph_steps, progress=False),
     )
-    name = f"fit-run-{threads}-{'bf16' if amp else 'fp32'}-{fast}-{dynamic}-{graph_steps}"
+    name = f"fit-run-{threads}-{amp if isinstance(amp, str) else 'bf16' if amp else 'fp32'}-{fast}-{dynamic}-{graph_steps}"
     history = fit(config, Path(workdir) / name).history
     ends = [row["seconds"] for row in history if row["split"] == "train"]
     return ends[0], [b - a for a, b in zip(ends, ends[1:])]
@@ -319,7 +322,7 @@ def main(argv=None) -> None:
     parser.add_argument("--n-train", type=int, default=60000, help="training images (fewer: a quick check)")
     parser.add_argument("--skip", default="", help="comma list of contenders to leave out: "
                         "classic,eager,static,static-unfused,static-block,pythae,floor,compiled,compiled-block,fit,fit-compile,"
-                        "fit-block,fit-compile-block")
+                        "fit-block,fit-compile-block,fit-tf32 (CUDA: fit with TrainConfig(amp='tf32'))")
     parser.add_argument("--amp", choices=sorted(AMP_CHOICES), default=None,
                         help="precision of (b), (e) and (f): fp32 (none), bf16 autocast (bf16) or both; "
                         "default: both on a CPU, none on CUDA")
@@ -399,14 +402,16 @@ def main(argv=None) -> None:
             if device.type == "cuda":
                 kinds += [("auto", 32, "fit-block"), ("compile", 32, "fit-compile-block")]
             fits = [(fast, steps, amp) for fast, steps, key in kinds if key not in skip for amp in amps]
+            if device.type == "cuda" and "fit-tf32" not in skip:
+                fits.append(("auto", 1, "tf32"))  # TrainConfig(amp="tf32"): against the fp32 floor
             for fast, steps, amp in fits:
                 how = (", fast=compile" if fast == "compile" else "") + (f", graph_steps={steps}" if steps > 1 else "")
-                label = f"(f) vaekit fit, epoch incl. val+ckpt{how}{BF16 if amp else ''}"
+                label = f"(f) vaekit fit, epoch incl. val+ckpt{how}{', TF32' if amp == 'tf32' else BF16 if amp else ''}"
                 got = guarded(label, device, lambda: vaekit_fit(x_u8, val_u8, args.epochs, device, n_threads, work,
                                                                 amp, fast, dyn, steps))
                 if got is not None:
                     first, rest = got
-                    results.append((n_threads, label, amp, statistics.median(rest), rest))
+                    results.append((n_threads, label, amp is True, statistics.median(rest), rest))
                     print(f"{label}, threads={n_threads}: first epoch (warm-up) {first:.2f} s")
     report(results, device, len(x))
 

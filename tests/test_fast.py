@@ -401,3 +401,47 @@ def test_fit_in_blocks_and_resumed_mid_epoch_is_the_same_run(tmp_path, monkeypat
     for name, v in single["model"].items():
         torch.testing.assert_close(blocks["model"][name], v, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(resumed["model"][name], v, rtol=1e-5, atol=1e-6)
+
+
+def test_tf32_is_cuda_only_and_its_flags_hold_only_while_training(tmp_path, monkeypatch):
+    """train.amp="tf32": refused off CUDA (the run would record an arithmetic it did not
+    use); the flags are set while the training loop runs and restored after, also on an
+    error; on CUDA a run agrees with float32 training within TF32's rounding."""
+    with pytest.raises(ValueError, match=r"train.amp='tf32' is CUDA's arithmetic .* on cpu"):
+        fit(_tiny("auto", epochs=1, amp="tf32", device="cpu"), tmp_path / "cpu")
+    assert not (tmp_path / "cpu" / "checkpoint.pt").exists()
+    import vaekit.train as train_module
+
+    class Run:  # what _tf32 reads of a run
+        class tc:
+            amp = "tf32"
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with pytest.raises(RuntimeError, match="inside"):
+            with train_module._tf32(Run):
+                assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+                raise RuntimeError("inside")
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        Run.tc.amp = "none"
+        with train_module._tf32(Run):
+            assert not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    if not torch.cuda.is_available():
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    fp32 = fit(_tiny("auto", epochs=2, device="cuda"), tmp_path / "fp32")
+    seen = []
+    real_validate = train_module._validate
+
+    def watching(*a, **k):  # the loop's flag when an epoch ends (validation itself runs in fp32)
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return real_validate(*a, **k)
+
+    monkeypatch.setattr(train_module, "_validate", watching)
+    tf32 = fit(_tiny("auto", epochs=2, amp="tf32", device="cuda"), tmp_path / "tf32")
+    assert seen == [True, True] and torch.backends.cuda.matmul.allow_tf32 == before
+    for a, b in zip(fp32.history, tf32.history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-2)

@@ -34,7 +34,7 @@ import torch
 
 from .checks import check_number
 from .config import RunConfig
-from .train import _autocast, _end_epoch, _prepare_run_dir, _progress, _Stop, _train_epoch, _unvalidated
+from .train import _autocast, _end_epoch, _prepare_run_dir, _progress, _Stop, _tf32, _train_epoch, _unvalidated
 from .wiring import _build, _dist_info
 
 __all__ = ["epochs_for_budget"]
@@ -77,6 +77,11 @@ def epochs_for_budget(config: RunConfig, seconds: float, *,
 def _time_an_epoch(config: RunConfig, run_dir: Path, stop: _Stop, target: float) -> float:
     run = _build(config, run_dir, None)
     _prepare_run_dir(run, None, False)
+    with _tf32(run):  # the arithmetic the training will use
+        return _time_steps(run, stop, target)
+
+
+def _time_steps(run, stop: _Stop, target: float) -> float:
     amp = _autocast(run)
     quiet = _progress(False, 0, 0)
     steps = len(run.batches)  # an epoch's steps

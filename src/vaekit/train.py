@@ -303,7 +303,7 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None,
     # checkpoint keeps it; older ones only their last epoch row's).
     done = state.get("seconds", (state["history"] or [{}])[-1].get("seconds", 0.0)) if state else 0.0
     run.t0 = time.perf_counter() - float(done)
-    with _Stop() as stop, _unvalidated():
+    with _Stop() as stop, _unvalidated(), _tf32(run):
         while run.more_to_do() and not run.stopped_early():
             if _train_epoch(run, stop, progress, amp):
                 interrupted = True
@@ -341,6 +341,22 @@ def _autocast(run: _Run):
     if run.tc.amp == "bf16":
         return torch.autocast(run.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _tf32(run):
+    """CUDA's float32 matrix products and convolutions on TF32 tensor cores while the
+    training loop runs, for ``train.amp="tf32"`` (the flags are restored after; the
+    validation inside the loop runs in float32 regardless: vaekit.latents._evaluating)."""
+    if run.tc.amp != "tf32":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _tensorboard(run_dir: Path):
