@@ -3,8 +3,8 @@
 The calibrated Gaussian decoder (sigma-VAE), whose variance is set to its maximum-likelihood
 value instead of being learned or fixed, the discretized logistic for data on an 8-bit
 (or ``n_bits``) grid, and the Bernoulli term of many latent samples per example (what the
-importance-weighted estimates score). Conventions as in :mod:`vaekit.losses`: per-example values ``[B]`` in
-nats, summed over the event dims; half precision is computed in float32.
+importance-weighted estimates score). Conventions as in :mod:`vaekit.losses`: per-example
+values in nats, summed over the event dims; half precision is computed in float32.
 """
 
 from __future__ import annotations
@@ -120,10 +120,9 @@ def bernoulli_nll_samples(logits: Tensor, x: Tensor, *, validate_args: bool | No
 
     ``logits`` holds the decoder's output for ``k`` latent samples of each of the ``B``
     examples, sample-major (``[k, B, *event]``, or ``[k * B, *event]`` as one decoder call
-    returns it); ``x`` is ``[B, *event]``. Each element is ``softplus(l) - x l`` (the softplus
-    as ``logaddexp(l, 0)``), which is
-    ``max(l, 0) - l x + log(1 + e^{-|l|})`` (the binary cross-entropy from logits), with
-    ``x`` broadcast over the samples. Without gradients the product is subtracted in place:
+    returns it); ``x`` is ``[B, *event]``. Each element is ``softplus(l) - x l``, the
+    softplus as ``logaddexp(l, 0)``: that is ``max(l, 0) - l x + log(1 + e^{-|l|})``, the
+    binary cross-entropy from logits, with ``x`` broadcast over the samples. Without gradients the product is subtracted in place:
     about six passes over the ``k * B * D`` logits where the binary cross-entropy of a
     repeated ``x`` takes about twice as many (the importance-weighted estimate's largest
     cost after the decoder's matrix products). When validating, ``x`` must lie in [0, 1] and
