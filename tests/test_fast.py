@@ -3,6 +3,7 @@
 On a CPU the step runs uncaptured; on CUDA (benchmarks/gpu.sh) the same tests capture it.
 """
 
+import contextlib
 import copy
 import dataclasses
 
@@ -445,3 +446,43 @@ def test_tf32_is_cuda_only_and_its_flags_hold_only_while_training(tmp_path, monk
     assert seen == [True, True] and torch.backends.cuda.matmul.allow_tf32 == before
     for a, b in zip(fp32.history, tf32.history):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-2)
+
+
+def test_the_training_loop_and_the_budget_trial_run_inside_the_precision_context(tmp_path, monkeypatch):
+    """Where fit and the time-budget calibration enter train._tf32 (what makes
+    amp="tf32" reach the steps): the training steps and the validation run inside it."""
+    import vaekit.budget as budget
+    import vaekit.train as train_module
+    from test_cli import tiny_config
+
+    inside, seen = [], []
+
+    @contextlib.contextmanager
+    def recorder(run):
+        inside.append(run.tc.amp)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    real_validate, real_epoch = train_module._validate, train_module._train_epoch
+
+    def validate(*a, **k):
+        seen.append(("validate", bool(inside)))
+        return real_validate(*a, **k)
+
+    def epoch(*a, **k):
+        seen.append(("train", bool(inside)))
+        return real_epoch(*a, **k)
+
+    monkeypatch.setattr(train_module, "_tf32", recorder)
+    monkeypatch.setattr(budget, "_tf32", recorder)
+    monkeypatch.setattr(train_module, "_validate", validate)
+    monkeypatch.setattr(train_module, "_train_epoch", epoch)
+    monkeypatch.setattr(budget, "_train_epoch", epoch)
+    fit(tiny_config(train__epochs=2), tmp_path / "run")
+    assert seen and all(flag for _, flag in seen) and {kind for kind, _ in seen} == {"train", "validate"}
+    seen.clear()
+    budget.epochs_for_budget(tiny_config(train__epochs=2), 10.0)
+    assert seen and all(flag for _, flag in seen)
+    assert not inside

@@ -148,7 +148,16 @@ def test_bernoulli_nll_samples_computes_half_precision_in_float32():
     half = logits.to(torch.bfloat16)
     got = bernoulli_nll_samples(half, x)
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got, bernoulli_nll_samples(half.float(), x))
+    reference = bernoulli_nll(half.double(), x.double().repeat(6, 1, 1)).reshape(6, 4)
+    torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-4)
+
+
+def test_bernoulli_nll_samples_leaves_its_inputs_alone():
+    logits, x = _samples_case(dtype=torch.float32)
+    before, x_before = logits.clone(), x.clone()
+    with torch.no_grad():
+        bernoulli_nll_samples(logits, x)
+    assert torch.equal(logits, before) and torch.equal(x, x_before)
 
 
 def test_bernoulli_nll_samples_refuses_bad_shapes_and_values():

@@ -303,3 +303,44 @@ def test_nll_samples_follows_a_subclass_nll():
     x, z = torch.rand(4, 6, dtype=torch.float64), torch.randn(5, 4, 3, dtype=torch.float64)
     out = model.decode(z.reshape(20, 3))
     torch.testing.assert_close(model.nll_samples(out, x), 2 * VAE.nll(model, out, x.repeat(5, 1)).reshape(5, 4))
+
+
+def test_nll_samples_takes_the_bernoulli_path_unless_nll_is_replaced(monkeypatch):
+    import vaekit.models as models
+
+    calls = []
+    real = models.bernoulli_nll_samples
+    monkeypatch.setattr(models, "bernoulli_nll_samples", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = VAE(ModelConfig(arch="mlp", input_shape=(6,), hidden=(8,), latent_dim=3))
+    x, out = torch.rand(4, 6), torch.randn(20, 6)
+    model.nll_samples(out, x)
+    assert calls == [1]
+    model.nll = lambda decoder_out, x, **k: VAE.nll(model, decoder_out, x, **k) + 1.0  # patched on the instance
+    torch.testing.assert_close(model.nll_samples(out, x), VAE.nll(model, out, x.repeat(5, 1)).reshape(5, 4) + 1.0)
+    assert calls == [1]
+
+
+def test_nll_samples_refuses_a_sample_count_that_does_not_divide():
+    model = VAE(ModelConfig(arch="mlp", input_shape=(6,), hidden=(8,), latent_dim=3, likelihood="gaussian"))
+    with pytest.raises(ValueError, match=r"decoder_out must hold k samples of each of the 4 examples.*\(18, 6\)"):
+        model.nll_samples(torch.randn(18, 6), torch.rand(4, 6))
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_decode_nll_of_an_empty_batch_is_empty(likelihood):
+    from vaekit.iw import decode_nll
+
+    model = VAE(ModelConfig(arch="mlp", input_shape=(6,), hidden=(8,), latent_dim=3, likelihood=likelihood))
+    assert decode_nll(model, torch.rand(0, 6), torch.randn(5, 0, 3)).shape == (5, 0)
+
+
+def test_decode_nll_checks_what_nll_samples_returns():
+    from vaekit.iw import decode_nll
+
+    class Odd(VAE):
+        def nll_samples(self, decoder_out, x, *, validate_args=None):
+            return torch.zeros(3)
+
+    model = Odd(ModelConfig(arch="mlp", input_shape=(6,), hidden=(8,), latent_dim=3))
+    with pytest.raises(ValueError, match=r"model.nll_samples must return shape \(5, 4\), got \(3,\)"):
+        decode_nll(model, torch.rand(4, 6), torch.randn(5, 4, 3))

@@ -58,9 +58,10 @@ class TrainConfig:
         max_bad_steps: stop after this many non-finite steps in a row (a non-finite step
             is skipped: it changes no weight). The static step on CUDA counts them on the
             device and is read every 50 steps, so it may stop up to 49 steps later.
-        amp: the training steps' arithmetic: ``none`` (float32), ``bf16`` (bfloat16
-            autocast for the forward pass) or ``tf32`` (CUDA only: float32 matrix products
-            and convolutions on TF32 tensor cores; validation stays in float32).
+        amp: the training steps' arithmetic: ``none`` (float32 as PyTorch's flags have it:
+            by default strict float32 matrix products, TF32 cuDNN convolutions), ``bf16``
+            (bfloat16 autocast for the forward pass) or ``tf32`` (CUDA only: matrix
+            products and convolutions on TF32 tensor cores; validation stays in float32).
         num_threads: CPU threads for PyTorch (0: automatic: one thread for small
             models, whose steps run faster single-threaded, else PyTorch's default).
         fast: ``auto`` (the static step on CUDA, captured in a CUDA graph, where the

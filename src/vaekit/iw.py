@@ -32,7 +32,8 @@ def _log_normal(z: Tensor, mu: Tensor | None = None, logvar: Tensor | None = Non
 
 
 def decode_nll(model, x: Tensor, z: Tensor) -> Tensor:
-    """``-log p(x | z)`` for ``z`` of shape ``[k, B, d]``: ``[k, B]`` from one decoder call."""
+    """``-log p(x | z)`` for ``z`` of shape ``[k, B, d]``: ``[k, B]`` from one decoder call
+    (``model.nll_samples`` when the model has one, else ``model.nll`` on ``x`` repeated)."""
     k, b, d = z.shape
 
     def repeated():  # model.nll expects matching [k*B, *event] shapes: x once per sample
@@ -44,7 +45,7 @@ def decode_nll(model, x: Tensor, z: Tensor) -> Tensor:
         out = decode_samples(z, x) if decode_samples is not None else model.decode(z.reshape(k * b, d), repeated())
     else:
         out = model.decode(z.reshape(k * b, d))
-    nll_samples = getattr(model, "nll_samples", None)
+    nll_samples = getattr(model, "nll_samples", None) if b else None
     if nll_samples is not None:  # the model scores k samples of each example itself
         nll = nll_samples(out, x)
         if nll.shape != (k, b):
@@ -93,9 +94,9 @@ def _importance_terms(model, x: Tensor, k: int, noise=None):
 def log_importance_weights(model, x: Tensor, k: int) -> Tensor:
     r"""``log w = log p(x|z) + log p(z) - log q(z|x)`` for ``k`` reparameterised ``z ~ q(z|x)``.
 
-    Uses ``model.encode_params``, ``model.decode`` on
-    all ``k * B`` latents at once (``[k*B, d]``, sample-major) and ``model.nll`` on ``x``
-    repeated to match. Memory grows with ``k * B``: chunk over ``k`` for large ``k``.
+    Uses ``model.encode_params``, ``model.decode`` on all ``k * B`` latents at once
+    (``[k*B, d]``, sample-major) and ``model.nll_samples`` on them and ``x`` when the model
+    has it (a vaekit VAE), else ``model.nll`` on ``x`` repeated to match. Memory grows with ``k * B``: chunk over ``k`` for large ``k``.
 
     Shape: ``x`` is ``[B, *event]``; returns ``[k, B]``, differentiable.
     """

@@ -226,10 +226,10 @@ _MIN_CHUNK = 64 if _INTERPRETED else 4096
 # How the [B, D] work is cut into programs: "rows" (above: one program per row, looping
 # over its columns, split only to fill the device) or "tiles" (one program per block of
 # TILE columns of a row, no loop: many more, shorter programs with no loop-carried wait
-# between a load and the next). NUM_WARPS: warps per program (None: 16 for the largest
-# BLOCK, else BLOCK / 256, 1 to 8; the sweep at B=4096, D=12288 timed the rows plan's
-# 2048-wide block at 0.220 / 0.228 / 0.225 ms with 16 / 8 / 4 warps on an H100 and
-# 0.159 / 0.168 / 0.174 ms on an H200, 2026-11-27: docs/benchmarks.md).
+# between a load and the next). NUM_WARPS: warps per program (None: 16 for the rows
+# plan's largest BLOCK, else BLOCK / 256, 1 to 8; one shape's sweep, B=4096, D=12288,
+# timed that 2048-wide block at 0.220 / 0.228 / 0.225 ms with 16 / 8 / 4 warps on an
+# H100 and 0.159 / 0.168 / 0.174 ms on an H200, 2026-11-27: docs/benchmarks.md).
 # Knobs for benchmarks/loss_bench.py, which times them (--sweep); every setting computes
 # the same values up to float rounding (the tests run both plans).
 PLAN = "rows"
@@ -268,7 +268,8 @@ def _plan(B: int, D: int, device: torch.device) -> tuple[int, int, int, int]:
         split = max(1, min(_cdiv(_target_programs(device), B), _cdiv(D, _MIN_CHUNK), 512))
         chunk = _cdiv(_cdiv(D, split), 16) * 16  # 16-element aligned chunks keep vector loads
         block = min(_MAX_BLOCK, max(16, _next_pow2(chunk)))
-    return _cdiv(D, chunk), chunk, block, NUM_WARPS or (16 if block >= _MAX_BLOCK else max(1, min(8, block // 256)))
+    warps = 16 if PLAN == "rows" and block == _MAX_BLOCK else max(1, min(8, block // 256))
+    return _cdiv(D, chunk), chunk, block, NUM_WARPS or warps
 
 
 def fused_available(device) -> bool:

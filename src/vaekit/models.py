@@ -261,10 +261,14 @@ class VAE(nn.Module):
         (:func:`vaekit.likelihoods.bernoulli_nll_samples`); otherwise, or when a subclass
         overrides :meth:`nll`, ``nll`` is called on ``x`` repeated ``k`` times."""
         b = x.shape[0]
-        if self.config.likelihood == "bernoulli" and type(self).nll is VAE.nll and isinstance(decoder_out, Tensor):
+        own = getattr(self.nll, "__func__", None) is VAE.nll  # not overridden, nor patched on
+        if self.config.likelihood == "bernoulli" and own and isinstance(decoder_out, Tensor):
             return bernoulli_nll_samples(decoder_out, x, validate_args=validate_args)
         first = decoder_out[0] if isinstance(decoder_out, (tuple, list)) else decoder_out
-        k = first.shape[0] // max(b, 1)
+        if b == 0 or first.shape[0] % b:
+            raise ValueError(f"decoder_out must hold k samples of each of the {b} examples of x "
+                             f"([k * B, *event]), got {tuple(first.shape)}")
+        k = first.shape[0] // b
         xs = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
         return self.nll(decoder_out, xs, validate_args=validate_args).reshape(k, b)
 

@@ -133,6 +133,9 @@ def _build(config: RunConfig, run_dir: Path, state: dict | None) -> _Run:
     rank, local_rank, world = _dist_info()
     tc, oc = config.train, config.objective
     device = resolve_device(tc.device)
+    if tc.amp == "tf32" and device.type != "cuda":  # the metrics would name an arithmetic not used
+        raise ValueError(f"train.amp='tf32' is CUDA's arithmetic (TF32 tensor cores); on {device.type} the steps "
+                         f"would run in float32: use amp='none' there, or 'bf16'")
     if world > 1:
         import torch.distributed as dist
 
@@ -142,9 +145,6 @@ def _build(config: RunConfig, run_dir: Path, state: dict | None) -> _Run:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
-    if tc.amp == "tf32" and device.type != "cuda":  # the metrics would name an arithmetic not used
-        raise ValueError(f"train.amp='tf32' is CUDA's arithmetic (TF32 tensor cores); on {device} the steps "
-                         f"would run in float32: use amp='none' there, or 'bf16'")
     data = load_dataset(config.data)
     _check_training_data(data, config.model.likelihood)
     if config.data.dataset in FILE_DATASETS:
