@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .checks import _LOG_2PI, check_int, check_tensor
 
-__all__ = ["decode_nll", "log_weights_from_noise", "log_importance_weights", "iwae_bound", "iwae_loss",
+__all__ = ["decode_nll", "repeat_for_samples", "log_weights_from_noise", "log_importance_weights", "iwae_bound", "iwae_loss",
            "iw_from_params", "normal_chunks", "auto_chunk_size", "randn_like_on", "MEMORY_BUDGET_BYTES",
            "CPU_BUDGET_BYTES", "NOISE_BLOCK"]
 
@@ -31,13 +31,18 @@ def _log_normal(z: Tensor, mu: Tensor | None = None, logvar: Tensor | None = Non
     return -0.5 * (_LOG_2PI + logvar + (z - mu).square() * torch.exp(-logvar))
 
 
+def repeat_for_samples(x: Tensor, k: int) -> Tensor:
+    """``x`` ``[B, *event]`` once per sample, sample-major: ``[k * B, *event]`` (a copy)."""
+    return x.unsqueeze(0).expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
+
+
 def decode_nll(model, x: Tensor, z: Tensor) -> Tensor:
     """``-log p(x | z)`` for ``z`` of shape ``[k, B, d]``: ``[k, B]`` from one decoder call
     (``model.nll_samples`` when the model has one, else ``model.nll`` on ``x`` repeated)."""
     k, b, d = z.shape
 
-    def repeated():  # model.nll expects matching [k*B, *event] shapes: x once per sample
-        return x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
+    def repeated():  # model.nll expects matching [k*B, *event] shapes
+        return repeat_for_samples(x, k)
 
     if getattr(model, "autoregressive", False):  # p(x_i | x_<i, z): the decoder reads x too
         # decode_samples (when the model has it) may share work across the k samples of an image.
@@ -96,7 +101,8 @@ def log_importance_weights(model, x: Tensor, k: int) -> Tensor:
 
     Uses ``model.encode_params``, ``model.decode`` on all ``k * B`` latents at once
     (``[k*B, d]``, sample-major) and ``model.nll_samples`` on them and ``x`` when the model
-    has it (a vaekit VAE), else ``model.nll`` on ``x`` repeated to match. Memory grows with ``k * B``: chunk over ``k`` for large ``k``.
+    has it (a vaekit VAE), else ``model.nll`` on ``x`` repeated to match. Memory grows with
+    ``k * B``: chunk over ``k`` for large ``k``.
 
     Shape: ``x`` is ``[B, *event]``; returns ``[k, B]``, differentiable.
     """

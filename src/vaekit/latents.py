@@ -28,7 +28,7 @@ from .checks import _LOG_2PI, check_int, check_number, validate_args_enabled, va
 from .iw import MEMORY_BUDGET_BYTES, randn_like_on
 from .losses import gaussian_kl
 
-__all__ = ["active_units", "kl_per_dimension", "mutual_information"]
+__all__ = ["active_units", "kl_per_dimension", "mutual_information", "tf32_flags"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -74,6 +74,18 @@ def _device_of(model, fallback: torch.device) -> torch.device:
 
 
 @contextlib.contextmanager
+def tf32_flags(on: bool):
+    """CUDA's float32 matrix products and convolutions on TF32 tensor cores (``on``) or in
+    full float32 (not ``on``) within the block; PyTorch's two flags are restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@contextlib.contextmanager
 def _evaluating(model, precision: str = "fp32"):
     """no_grad + eval mode + the losses' value checks off (the entry points check ``x``
     once, not every chunk) + the arithmetic of ``precision``
@@ -83,17 +95,14 @@ def _evaluating(model, precision: str = "fp32"):
     training flag, the checks and the precision flags are restored."""
     modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
     flags = [m.training for m in modules]
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     device = _device_of(model, torch.device("cpu"))
     if modules:
         model.eval()
     try:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
-        with torch.no_grad(), value_checks(False), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                                   enabled=precision == "bf16"):
+        with tf32_flags(precision == "tf32"), torch.no_grad(), value_checks(False), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
         for m, flag in zip(modules, flags):
             m.training = flag
 

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Independent, Normal
 
+from .iw import repeat_for_samples
 from .losses import reconstruction_nll
 from .likelihoods import bernoulli_nll_samples, discretized_logistic_nll, optimal_sigma_nll
 from .model_config import ACTIVATIONS, ARCHS, DECODER_VARIANCES, LIKELIHOODS, ModelConfig
@@ -269,8 +270,7 @@ class VAE(nn.Module):
             raise ValueError(f"decoder_out must hold k samples of each of the {b} examples of x "
                              f"([k * B, *event]), got {tuple(first.shape)}")
         k = first.shape[0] // b
-        xs = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
-        return self.nll(decoder_out, xs, validate_args=validate_args).reshape(k, b)
+        return self.nll(decoder_out, repeat_for_samples(x, k), validate_args=validate_args).reshape(k, b)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .iw import repeat_for_samples
+
 __all__ = ["FUSIONS", "MaskedConv2d", "PixelCNNHead", "sample_pixels"]
 
 FUSIONS = ("early", "late")
@@ -146,8 +148,7 @@ class PixelCNNHead(nn.Module):
         k, b, c, hh, ww = cond.shape
         flat = cond.reshape(k * b, c, hh, ww)
         if self.fusion == "early":
-            xs = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
-            return self.run(xs, flat).unflatten(0, (k, b))
+            return self.run(repeat_for_samples(x, k), flat).unflatten(0, (k, b))
         windows = self.condition(flat)[0].reshape(k, b, c, _TAPS, hh, ww)
         return _mix(self.mixing(x) if mixing is None else mixing, windows, cond)
 

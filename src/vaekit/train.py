@@ -31,6 +31,7 @@ from . import __version__
 from .batching import mix_seed
 from .config import RunConfig, TrainConfig
 from .io import save_checkpoint, save_model, write_json
+from .latents import tf32_flags
 from .models import VAE
 from .plots import save_run_pictures
 from .runs import read_for_resume, rng_state, write_metrics
@@ -343,20 +344,11 @@ def _autocast(run: _Run):
     return contextlib.nullcontext()
 
 
-@contextlib.contextmanager
 def _tf32(run):
     """CUDA's float32 matrix products and convolutions on TF32 tensor cores while the
     training loop runs, for ``train.amp="tf32"`` (the flags are restored after; the
     validation inside the loop runs in float32 regardless: vaekit.latents._evaluating)."""
-    if run.tc.amp != "tf32":
-        yield
-        return
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    return tf32_flags(True) if run.tc.amp == "tf32" else contextlib.nullcontext()
 
 
 def _tensorboard(run_dir: Path):
