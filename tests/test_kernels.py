@@ -1,54 +1,19 @@
 """fused_vae_loss against the eager reference vaekit.losses.VAELoss.
 
-The Triton-path tests (marked ``triton_path``) run wherever the real kernels can run:
-
-* on a machine with CUDA, in this process, on the GPU (every tensor a test makes is
-  created there: the tests run under ``torch.device("cuda")``);
-* elsewhere under Triton's interpreter on CPU tensors. The interpreter has to be switched
-  on (TRITON_INTERPRET=1) before the kernels are decorated, i.e. before vaekit.kernels is
-  first imported. Inside a pytest run some other module may already have imported it, and
-  setting the variable here would leak into every later test module; so there they run in
-  a fresh subprocess that re-runs this file with the variable set
-  (test_triton_interpreter), and are skipped in this process.
-
+The Triton-path tests (marked ``triton_path`` by ``interpreted``) run on the GPU where
+there is CUDA, elsewhere under Triton's interpreter in a subprocess (tests/triton_harness.py).
 The fallback tests run in both.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from triton_harness import CHILD, NATIVE, interpreted, run_file_interpreted, triton_path_device  # noqa: F401
 
 from vaekit import kernels
 from vaekit.kernels import fused_available, fused_vae_loss
 from vaekit.losses import REDUCTIONS, VAELoss
-
-CHILD = os.environ.get("VAEKIT_TRITON_CHILD") == "1"
-# The real kernels on a GPU, in this process (the interpreter's child never uses the GPU).
-NATIVE = not CHILD and kernels.triton is not None and torch.cuda.is_available()
-
-
-def interpreted(test):
-    """A Triton-path test: natively on CUDA, else only in the interpreter's child process."""
-    skip = pytest.mark.skipif(
-        not (CHILD or NATIVE), reason="Triton path: run by test_triton_interpreter in a TRITON_INTERPRET=1 subprocess"
-    )
-    return skip(pytest.mark.triton_path(test))
-
-
-@pytest.fixture(autouse=True)
-def _triton_path_device(request):
-    """Natively, a Triton-path test makes its tensors on the GPU."""
-    if NATIVE and request.node.get_closest_marker("triton_path"):
-        with torch.device("cuda"):
-            yield
-    else:
-        yield
 
 
 def _cpu_rand(shape, generator):
@@ -138,18 +103,7 @@ def test_errors_are_the_eager_errors(kwargs, shapes, match):
 @pytest.mark.skipif(CHILD, reason="this is the child process")
 @pytest.mark.skipif(NATIVE, reason="CUDA is here: the Triton-path tests ran on the GPU in this process")
 def test_triton_interpreter():
-    if kernels.triton is None:
-        pytest.skip("triton is not installed: the Triton path is not tested (the eager fallback is)")
-    env = dict(os.environ, TRITON_INTERPRET="1", VAEKIT_TRITON_CHILD="1")
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-x", "-p", "no:cacheprovider",
-         str(Path(__file__).resolve())],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
-    )
-    report = proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert proc.returncode == 0, report
-    assert " passed" in proc.stdout and " failed" not in proc.stdout, report
+    run_file_interpreted(__file__)
 
 
 # ------------------------------------------------------------------ Triton path (child only)

@@ -1,0 +1,64 @@
+"""Where the tests of the Triton kernels run (shared by test_kernels.py and test_adam_tail.py).
+
+A test marked with :func:`interpreted` runs wherever the real kernels can run:
+
+* on a machine with CUDA, in the test process, on the GPU (every tensor such a test makes
+  is created there: :func:`triton_path_device` runs it under ``torch.device("cuda")``);
+* elsewhere under Triton's interpreter on CPU tensors. The interpreter has to be switched
+  on (TRITON_INTERPRET=1) before the kernels are decorated, i.e. before vaekit.kernels is
+  first imported. Inside a pytest run some other module may already have imported it, and
+  setting the variable there would leak into every later test module; so these tests run
+  in a fresh subprocess that re-runs their file with the variable set
+  (:func:`run_file_interpreted`), and are skipped in the parent process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vaekit import kernels
+
+CHILD = os.environ.get("VAEKIT_TRITON_CHILD") == "1"
+# The real kernels on a GPU, in this process (the interpreter's child never uses the GPU).
+NATIVE = not CHILD and kernels.triton is not None and torch.cuda.is_available()
+
+
+def interpreted(test):
+    """A Triton-path test: natively on CUDA, else only in the interpreter's child process."""
+    skip = pytest.mark.skipif(
+        not (CHILD or NATIVE), reason="Triton path: run by the TRITON_INTERPRET=1 subprocess of its file"
+    )
+    return skip(pytest.mark.triton_path(test))
+
+
+@pytest.fixture(autouse=True)
+def triton_path_device(request):
+    """Natively, a Triton-path test makes its tensors on the GPU (import this fixture into
+    the test module)."""
+    if NATIVE and request.node.get_closest_marker("triton_path"):
+        with torch.device("cuda"):
+            yield
+    else:
+        yield
+
+
+def run_file_interpreted(test_file: str) -> None:
+    """Run the tests of ``test_file`` in a TRITON_INTERPRET=1 subprocess; assert they pass."""
+    if kernels.triton is None:
+        pytest.skip("triton is not installed: the Triton path is not tested (the eager fallback is)")
+    env = dict(os.environ, TRITON_INTERPRET="1", VAEKIT_TRITON_CHILD="1")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-x", "-p", "no:cacheprovider",
+         str(Path(test_file).resolve())],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )
+    report = proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, report
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, report
