@@ -40,6 +40,7 @@ import math
 import torch
 from torch import Tensor
 
+from .adam_tail import AdamTail
 from .kernels import fused_available, fused_vae_loss
 from .losses import LossResult, gaussian_kl
 
@@ -118,6 +119,11 @@ class StaticStep:
         compile: compile the forward pass and the loss with ``torch.compile`` (needs a C++
             compiler on a CPU, Triton on a GPU); compiled in the first call (on CUDA in
             the first warm-up step, before capture).
+        adam_kernel: run everything after the backward pass (gradient norm, clipping, the
+            non-finite rule, Adam, the counters) as :class:`vaekit.adam_tail.AdamTail`'s
+            three Triton kernels instead of about 20 PyTorch kernels; needs CUDA with
+            Triton (or Triton's interpreter on a CPU) and an Adam of one parameter group.
+            The tests compare it with the default, PyTorch's Adam.
 
     Call ``run(x, eps, lr, beta)`` per step; ``sums`` holds ``[loss*b, rec*b, kl*b, b]``
     over the accepted steps, ``skipped`` and ``bad_run`` count non-finite steps (all on
@@ -125,7 +131,8 @@ class StaticStep:
     """
 
     def __init__(self, model, optimizer, *, batch_size: int, grad_clip: float = 0.0, amp: bool = False,
-                 capture: bool | None = None, warmup: int = 3, compile: bool = False) -> None:
+                 capture: bool | None = None, warmup: int = 3, compile: bool = False,
+                 adam_kernel: bool = False) -> None:
         p = next(model.parameters())
         self.device = p.device
         self.model, self.opt = model, optimizer
@@ -142,9 +149,12 @@ class StaticStep:
         self.bad_run = torch.zeros((), dtype=torch.int64, device=self.device)
         self.capture = (self.device.type == "cuda") if capture is None else capture
         self._graph = None
-        # A fused Adam skips a non-finite step itself when this flag is 1; otherwise a
-        # captured step undoes it from backups, and an uncaptured one checks on the host.
-        self._found_inf = torch.zeros((), device=self.device) if skips_on_device(optimizer) else None
+        # The Triton tail, or a fused Adam, skips a non-finite step itself (the latter when
+        # this flag is 1); otherwise a captured step undoes it from backups, and an
+        # uncaptured one checks on the host.
+        self._tail = AdamTail(optimizer, self.params, grad_clip=grad_clip) if adam_kernel else None
+        self._found_inf = (torch.zeros((), device=self.device)
+                           if self._tail is None and skips_on_device(optimizer) else None)
         self._backups: list[tuple[Tensor, Tensor]] | None = None
         self._warmup_left = warmup if self.capture else 0
         # Compiled, inductor fuses the eager loss itself (and would have to trace around the
@@ -194,6 +204,10 @@ class StaticStep:
                                 f"({type(e).__name__}: {_first_line(e)}); train with fast='auto' or 'off'") from e
         self._untried = False
         res.loss.backward()
+        if self._tail is not None:
+            self._tail(res.loss.detach(), res.reconstruction.detach(), res.kl.detach(), self.sums, self.skipped,
+                       self.bad_run, x.shape[0])
+            return
         gnorm = grad_norm(self.params, self.grad_clip)
         ok = torch.isfinite(res.loss) & torch.isfinite(gnorm)
         # [loss, rec, kl, 1], added to the float64 sums times b by one add_ (b * a float32
@@ -224,7 +238,7 @@ class StaticStep:
         self.sums.add_(torch.where(ok, parts, 0.0), alpha=b)
 
     def _refresh_backups(self) -> None:
-        if self._found_inf is None:  # a fused Adam skips a bad step itself: nothing to undo
+        if self._found_inf is None and self._tail is None:  # these skip a bad step themselves: nothing to undo
             self._backups = [(t, t.detach().clone()) for t in self._state_tensors()]
 
     # -- driving it ---------------------------------------------------------------------
@@ -284,6 +298,8 @@ class StaticStep:
             raise FastPathError(f"the training step could not be captured in a CUDA graph "
                                 f"({type(e).__name__}: {_first_line(e)}); train with {way_out}") from e
         self._graph = graph
+        if self._tail is not None:
+            self._tail.bind()  # the addresses of the gradients the capture allocated
         # Capture records the step without running it: run it now.
         graph.replay()
 
@@ -348,6 +364,8 @@ class StaticStep:
             raise FastPathError(f"{k} training steps could not be captured in one CUDA graph "
                                 f"({type(e).__name__}: {_first_line(e)}); run them one by one") from e
         self._blocks[k] = ((bx, beps, sched), graph)
+        if self._tail is not None:
+            self._tail.bind()
         graph.replay()
 
     def _block_step(self, i: int, lr: float, bx: Tensor, beps: Tensor, blr: Tensor, bbeta: Tensor) -> None:

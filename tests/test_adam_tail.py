@@ -1,0 +1,278 @@
+"""AdamTail (norm, clip, non-finite rule, Adam, counters in three Triton kernels) against
+PyTorch's Adam and clip_grad_norm_, and against Adam in float64.
+
+The Triton-path tests run on the GPU where there is CUDA (there the static step is
+captured in a CUDA graph), elsewhere under Triton's interpreter in a subprocess
+(tests/triton_harness.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from triton_harness import CHILD, NATIVE, interpreted, run_file_interpreted, triton_path_device  # noqa: F401
+
+from vaekit import adam_tail
+from vaekit.adam_tail import AdamTail, adam_tail_unsupported
+from vaekit.fast import StaticStep
+from vaekit.models import VAE, ModelConfig
+
+
+def _device() -> str:
+    return torch.empty(0).device.type
+
+
+def _adam(params, *, lr=1e-2, fused=None, **kw):
+    """The Adam a static step is built with: capturable with a tensor lr on CUDA."""
+    if _device() == "cuda":
+        kw.update(capturable=True, lr=torch.tensor(lr, device="cuda"))
+        return torch.optim.Adam(params, fused=fused, **kw)
+    return torch.optim.Adam(params, lr=lr, **kw)
+
+
+def _counters():
+    return (torch.zeros(4, dtype=torch.float64), torch.zeros((), dtype=torch.int64),
+            torch.zeros((), dtype=torch.int64))
+
+
+# ------------------------------------------------------------------ always run
+
+
+@pytest.mark.skipif(CHILD or NATIVE, reason="here the kernels can run")
+def test_refused_where_the_kernels_cannot_run():
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    assert "cannot run on cpu" in adam_tail_unsupported(opt, model.parameters())
+    with pytest.raises(ValueError, match="AdamTail cannot serve this optimiser: the Triton kernels cannot run on cpu"):
+        AdamTail(opt, list(model.parameters()))
+    vae = VAE(ModelConfig(input_shape=(4,), latent_dim=2, hidden=(8,)))
+    with pytest.raises(ValueError, match="cannot run on cpu"):
+        StaticStep(vae, torch.optim.Adam(vae.parameters()), batch_size=2, adam_kernel=True)
+
+
+@pytest.mark.skipif(CHILD, reason="this is the child process")
+@pytest.mark.skipif(NATIVE, reason="CUDA is here: the Triton-path tests ran on the GPU in this process")
+def test_triton_interpreter():
+    run_file_interpreted(__file__)
+
+
+# ------------------------------------------------------------------ Triton path
+
+
+@interpreted
+@pytest.mark.parametrize("make, match", [
+    (lambda ps: torch.optim.SGD(ps, lr=0.1), "is a SGD, not a torch.optim.Adam or AdamW"),
+    (lambda ps: _adam(ps, amsgrad=True), "amsgrad=True"),
+    (lambda ps: _adam(ps, maximize=True), "maximize=True"),
+    (lambda ps: _adam([{"params": ps[:1]}, {"params": ps[1:]}]), "2 parameter groups, not one"),
+    (lambda ps: _adam(ps, betas=(torch.tensor(0.9), torch.tensor(0.999))),
+     "betas, eps and weight_decay must be numbers"),
+])
+def test_unsupported_optimisers_are_named(make, match):
+    params = list(torch.nn.Linear(3, 2).parameters())
+    with pytest.raises(ValueError, match=match):
+        AdamTail(make(params), params)
+
+
+@interpreted
+def test_unsupported_parameters_are_named():
+    lin = torch.nn.Linear(3, 2).double()
+    with pytest.raises(ValueError, match="dense contiguous float32 tensor.*torch.float64"):
+        AdamTail(_adam(lin.parameters()), list(lin.parameters()))
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="not the step's"):
+        AdamTail(_adam(a.parameters()), list(b.parameters()))
+    with pytest.raises(ValueError, match="block must be a power of 2 >= 16, got 24"):
+        AdamTail(_adam(a.parameters()), list(a.parameters()), block=24)
+
+
+@interpreted
+def test_a_missing_gradient_is_an_error():
+    lin = torch.nn.Linear(3, 2)
+    tail = AdamTail(_adam(lin.parameters()), list(lin.parameters()))
+    lin(torch.randn(4, 3)).sum().backward()
+    lin.bias.grad = None
+    loss = torch.zeros(())
+    with pytest.raises(RuntimeError, match="a parameter has no gradient"):
+        tail(loss, loss, loss, *_counters(), 4)
+
+
+def _adam_float64(p, grads, *, lr, betas, eps, wd, decoupled, clip):
+    """Adam after clip_grad_norm_, step by step in float64 (``grads``: one list of tensors
+    per step, all parameters); returns the parameters, moments and step count."""
+    p = [t.double().clone() for t in p]
+    m = [torch.zeros_like(t) for t in p]
+    v = [torch.zeros_like(t) for t in p]
+    b1, b2 = betas
+    for step, gs in enumerate(grads, start=1):
+        gs = [g.double() for g in gs]
+        norm = math.sqrt(sum(float((g * g).sum()) for g in gs))
+        scale = min(clip / (norm + 1e-6), 1.0)
+        for i, g in enumerate(gs):
+            g = g * scale
+            if decoupled:
+                p[i] = p[i] * (1 - lr * wd)
+            else:
+                g = g + wd * p[i]
+            m[i] = b1 * m[i] + (1 - b1) * g
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            denom = v[i].sqrt() / math.sqrt(1 - b2**step) + eps
+            p[i] = p[i] - lr / (1 - b1**step) * m[i] / denom
+    return p, m, v
+
+
+@interpreted
+@pytest.mark.parametrize("wd, decoupled, clip, betas", [
+    (0.0, False, math.inf, (0.9, 0.999)),
+    (0.05, False, 0.3, (0.9, 0.999)),
+    (0.05, True, 0.3, (0.5, 0.9)),
+    (0.0, False, 1e9, (0.0, 0.99)),  # beta1 = 0: no momentum; a clip that never bites
+])
+def test_steps_match_adam_in_float64(wd, decoupled, clip, betas):
+    # Shapes that span several programs, end mid-block, and a single element.
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7, 33), (33,), (1,), (3, 5, 2)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(_device())) for s in shapes]
+    start = [p.detach().clone() for p in params]
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    kw = dict(lr=torch.tensor(0.05, device="cuda"), capturable=True) if _device() == "cuda" else dict(lr=0.05)
+    opt = cls(params, betas=betas, eps=1e-6, weight_decay=wd, **kw)
+    tail = AdamTail(opt, params, grad_clip=0.0 if math.isinf(clip) else clip, block=16)
+    sums, skipped, bad_run = _counters()
+    history = []
+    for i in range(5):
+        grads = [torch.randn(s, generator=g).to(_device()) * (1 + i) for s in shapes]
+        for p, gr in zip(params, grads):
+            p.grad = gr.clone()
+        history.append(grads)
+        loss = torch.tensor(1.0 + i)
+        tail(loss, 2 * loss, 3 * loss, sums, skipped, bad_run, 8)
+    ref_p, ref_m, ref_v = _adam_float64(start, history, lr=0.05, betas=betas, eps=1e-6, wd=wd,
+                                        decoupled=decoupled, clip=clip)
+    for p, rp, rm, rv in zip(params, ref_p, ref_m, ref_v):
+        st = opt.state[p]
+        torch.testing.assert_close(p.detach().double(), rp, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(st["exp_avg"].double(), rm, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(st["exp_avg_sq"].double(), rv, rtol=1e-5, atol=1e-6)
+        assert float(st["step"]) == 5.0
+    # sums of [loss, rec, kl, 1] * b over the five steps: 8 * (1+2+3+4+5) = 120
+    assert sums.tolist() == [120.0, 240.0, 360.0, 40.0]
+    assert int(skipped) == 0 and int(bad_run) == 0
+
+
+@interpreted
+@pytest.mark.parametrize("where", ["grad_nan", "grad_inf", "loss_inf", "loss_nan"])
+def test_a_non_finite_step_changes_nothing_but_the_counters(where):
+    lin = torch.nn.Linear(5, 3)
+    opt = _adam(lin.parameters())
+    tail = AdamTail(opt, list(lin.parameters()), block=16)
+    sums, skipped, bad_run = _counters()
+    x = torch.randn(4, 5)
+
+    def step(bad: bool):
+        opt.zero_grad(set_to_none=True)
+        loss = lin(x).pow(2).mean()
+        loss.backward()
+        loss = loss.detach().clone()
+        if bad and where.startswith("grad"):
+            lin.weight.grad[1, 2] = float("nan") if where == "grad_nan" else float("inf")
+        if bad and where.startswith("loss"):
+            loss.fill_(float("nan") if where == "loss_nan" else float("inf"))
+        tail(loss, loss, loss, sums, skipped, bad_run, 4)
+
+    step(False)
+    before = [t.clone() for p in lin.parameters() for t in (p.detach(), *opt.state[p].values())]
+    sums_before = sums.clone()
+    step(True)
+    step(True)
+    after = [t for p in lin.parameters() for t in (p.detach(), *opt.state[p].values())]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert torch.equal(sums, sums_before)
+    assert int(skipped) == 2 and int(bad_run) == 2
+    step(False)
+    assert int(skipped) == 2 and int(bad_run) == 0
+    assert float(opt.state[lin.weight]["step"]) == 2.0 and float(sums[3]) == 8.0
+
+
+@interpreted
+def test_eager_adam_steps_in_between_share_the_state():
+    # A short last batch takes PyTorch's Adam on the same optimiser: five steps, two of
+    # them PyTorch's, equal five of PyTorch's.
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(6, 40), torch.nn.Tanh(), torch.nn.Linear(40, 2))
+    b = copy.deepcopy(a)
+    oa, ob = _adam(a.parameters()), _adam(b.parameters())
+    tail = AdamTail(ob, list(b.parameters()))
+    counters = _counters()
+    for i in range(5):
+        x = torch.randn(8, 6)
+        for model, opt in ((a, oa), (b, ob)):
+            opt.zero_grad(set_to_none=True)
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            if model is a or i in (1, 3):
+                opt.step()
+            else:
+                tail(loss.detach(), loss.detach(), loss.detach(), *counters, 8)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(oa.state[p]["exp_avg_sq"], ob.state[q]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+        assert float(ob.state[q]["step"]) == 5.0
+
+
+def _vae():
+    torch.manual_seed(0)
+    return VAE(ModelConfig(input_shape=(1, 6, 6), latent_dim=3, hidden=(20,)))
+
+
+@interpreted
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_static_step_with_the_kernel_tail_equals_the_default(clip):
+    # On CUDA both steps are captured in a CUDA graph after three warm-up steps; a NaN
+    # batch at step 5 is skipped by both.
+    models = [_vae(), _vae()]
+    opts = [_adam(m.parameters(), weight_decay=1e-3) for m in models]
+    steps = [StaticStep(m, o, batch_size=8, grad_clip=clip, adam_kernel=k)
+             for m, o, k in zip(models, opts, (False, True))]
+    g = torch.Generator().manual_seed(1)
+    for i in range(8):
+        x = torch.rand((8, 1, 6, 6), generator=g).bernoulli().to(_device())
+        if i == 5:
+            x[0, 0, 0, 0] = float("nan")
+        eps = torch.randn((8, 3), generator=g).to(_device())
+        for s in steps:
+            s.run(x, eps, 1e-2 * (1 + i % 3), 0.5 + i)
+    ref, tail = steps
+    assert tail._tail is not None and ref._tail is None
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(opts[1].state[q][key], opts[0].state[p][key], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(tail.sums, ref.sums, rtol=1e-5, atol=0)
+    assert int(tail.skipped) == int(ref.skipped) == 1 and float(tail.sums[3]) == 56.0
+    assert int(tail.bad_run) == int(ref.bad_run) == 0
+
+
+@interpreted
+def test_a_block_of_steps_equals_single_steps():
+    # run_block (on CUDA: K steps captured in one graph, each with its own address table)
+    models = [_vae(), _vae()]
+    steps = [StaticStep(m, _adam(m.parameters()), batch_size=4, adam_kernel=True) for m in models]
+    g = torch.Generator().manual_seed(2)
+    for _ in range(4):  # on CUDA: warm-up and capture of the single step, a warm-up block, a captured block
+        xs = torch.rand((3, 4, 1, 6, 6), generator=g).bernoulli().to(_device())
+        eps = torch.randn((3, 4, 3), generator=g).to(_device())
+        lrs, betas = [1e-2, 2e-2, 1e-2], [1.0, 0.5, 2.0]
+        steps[0].run_block(xs, eps, lrs, betas)
+        for i in range(3):
+            steps[1].run(xs[i], eps[i], lrs[i], betas[i])
+    for p, q in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(steps[0].sums, steps[1].sums, rtol=1e-6, atol=0)
+
+
+def test_block_default_is_a_power_of_two():
+    assert adam_tail.BLOCK >= 16 and adam_tail.BLOCK & (adam_tail.BLOCK - 1) == 0
