@@ -30,6 +30,9 @@ batch 128, the 60,000 training images statically binarized), in one run, for:
                     the compilation happens in the warm-up
   (g'') CUDA only   (g) with 32 steps captured in one graph: fewer kernels a step and the
                     host's work per step 32x smaller, both
+  (c+), (g+) CUDA   (c) and (g) with the step's tail (gradient norm, non-finite rule, Adam,
+                    counters) as vaekit.adam_tail's three Triton kernels
+                    (StaticStep(adam_kernel=True)); each also with TF32 matrix products
 
 --dynamic: the images stay grey and every contender but the floor and pythae binarizes
 each batch afresh (dynamic binarization, what vaekit's MNIST presets train on): the
@@ -134,6 +137,7 @@ def classic(x, device, dynamic: bool = False):
 
 
 def vaekit_loop(x, device, static: bool, amp: bool = False, compiled: bool = False, fused_adam: bool = True,
+                adam_kernel: bool = False, tf32: bool = False,
                 dynamic: bool = False, block: int = 1):
     """The loop vaekit.train.fit runs, from vaekit's public pieces: data on the device in a
     BatchIterator, noise from a generator re-seeded from the step, the losses' value checks
@@ -147,10 +151,14 @@ def vaekit_loop(x, device, static: bool, amp: bool = False, compiled: bool = Fal
     fused: the kernel skips a non-finite step); ``fused_adam=False`` gives the capturable
     unfused Adam, whose non-finite steps the captured graph undoes from copies. ``block``
     > 1 (static only): ``block`` steps a call of ``StaticStep.run_block`` (on CUDA one
-    captured graph of that many steps), the noise drawn once a block."""
+    captured graph of that many steps), the noise drawn once a block. ``adam_kernel``: the
+    static step's tail as vaekit.adam_tail's Triton kernels (StaticStep(adam_kernel=True));
+    ``tf32``: every step (warm-up and capture too) with TF32 matrix products, as
+    TrainConfig(amp="tf32") trains."""
     from vaekit import VAE, ModelConfig, ObjectiveConfig
     from vaekit.batching import BatchIterator, mix_seed
     from vaekit.fast import StaticStep
+    from vaekit.latents import tf32_flags
     from vaekit.losses import set_validate_args
     from vaekit.objectives import objective_loss
 
@@ -169,7 +177,8 @@ def vaekit_loop(x, device, static: bool, amp: bool = False, compiled: bool = Fal
     batches = BatchIterator(x, BATCH, shuffle=True, seed=0, device=device, dynamic_binarize=dynamic)
     step_fn = None
     if static:
-        step_fn = StaticStep(model, opt, batch_size=BATCH, amp=amp and compiled, compile=compiled)
+        step_fn = StaticStep(model, opt, batch_size=BATCH, amp=amp and compiled, compile=compiled,
+                             adam_kernel=adam_kernel)
     config, n = ObjectiveConfig(), x.shape[0]
     gen = torch.Generator(device=device)
     state = {"step": 0, "epoch": 0}
@@ -198,6 +207,12 @@ def vaekit_loop(x, device, static: bool, amp: bool = False, compiled: bool = Fal
             step_fn.resync()
 
     def run(max_steps=None):
+        if tf32:
+            with tf32_flags(True):
+                return run_epoch(max_steps)
+        return run_epoch(max_steps)
+
+    def run_epoch(max_steps=None):
         set_validate_args(False)
         torch.distributions.Distribution.set_default_validate_args(False)
         model.train()
@@ -322,7 +337,8 @@ def main(argv=None) -> None:
     parser.add_argument("--n-train", type=int, default=60000, help="training images (fewer: a quick check)")
     parser.add_argument("--skip", default="", help="comma list of contenders to leave out: "
                         "classic,eager,static,static-unfused,static-block,pythae,floor,compiled,compiled-block,fit,fit-compile,"
-                        "fit-block,fit-compile-block,fit-tf32 (CUDA: fit with TrainConfig(amp='tf32'))")
+                        "fit-block,fit-compile-block,fit-tf32 (CUDA: fit with TrainConfig(amp='tf32')),"
+                        "static-tail,static-tail-tf32,compiled-tail,compiled-tail-tf32 (CUDA: the Triton Adam tail)")
     parser.add_argument("--amp", choices=sorted(AMP_CHOICES), default=None,
                         help="precision of (b), (e) and (f): fp32 (none), bf16 autocast (bf16) or both; "
                         "default: both on a CPU, none on CUDA")
@@ -365,7 +381,11 @@ def main(argv=None) -> None:
                 *([("(c') static step, unfused Adam + undo copies", "static-unfused", False,
                     lambda: vaekit_loop(x, device, static=True, fused_adam=False, dynamic=dyn)),
                    ("(c'') static step, 32 steps a captured graph", "static-block", False,
-                    lambda: vaekit_loop(x, device, static=True, dynamic=dyn, block=32))]
+                    lambda: vaekit_loop(x, device, static=True, dynamic=dyn, block=32)),
+                   ("(c+) static step, Triton Adam tail", "static-tail", False,
+                    lambda: vaekit_loop(x, device, static=True, adam_kernel=True, dynamic=dyn)),
+                   ("(c+) static step, Triton Adam tail, TF32", "static-tail-tf32", False,
+                    lambda: vaekit_loop(x, device, static=True, adam_kernel=True, tf32=True, dynamic=dyn))]
                   if device.type == "cuda" else []),
                 ("(d) pythae 0.1.2", "pythae", False, lambda: pythae_contender(x, device, pythae, work)),
                 *[(f"(e) matmul floor{BF16 if amp else ''}", "floor", amp,
@@ -374,7 +394,12 @@ def main(argv=None) -> None:
                    lambda amp=amp: vaekit_loop(x, device, static=True, amp=amp, compiled=True, dynamic=dyn))
                   for amp in amps],
                 *([("(g'') compiled step, 32 steps a captured graph", "compiled-block", False,
-                    lambda: vaekit_loop(x, device, static=True, compiled=True, dynamic=dyn, block=32))]
+                    lambda: vaekit_loop(x, device, static=True, compiled=True, dynamic=dyn, block=32)),
+                   ("(g+) compiled step, Triton Adam tail", "compiled-tail", False,
+                    lambda: vaekit_loop(x, device, static=True, compiled=True, adam_kernel=True, dynamic=dyn)),
+                   ("(g+) compiled step, Triton Adam tail, TF32", "compiled-tail-tf32", False,
+                    lambda: vaekit_loop(x, device, static=True, compiled=True, adam_kernel=True, tf32=True,
+                                        dynamic=dyn))]
                   if device.type == "cuda" else []),
             ]
             runs = {}

@@ -17,8 +17,9 @@
 # $DEADLINE (seconds since the epoch, optional): no step runs past it (each step's
 # timeout shrinks to what is left; a step with under 20 s left is skipped), so that the
 # script can follow another in one device call of fixed length.
-# $STEPS (optional): a comma list of the steps to run (loss_bench, epoch_bench, iw_bench,
-# step_profile, tests, host_bench, epoch_compiled, precision_shift); default: all.
+# $STEPS (optional): a comma list of the steps to run (tail_tests, tail_epoch, loss_bench,
+# epoch_bench, iw_bench, step_profile, tests, host_bench, epoch_compiled, precision_shift);
+# default: all.
 # $EPOCH_AMP: epoch_bench.py --amp for the epoch_bench step (none, bf16, both; default none).
 set -u
 
@@ -80,8 +81,14 @@ else
     say "data: \$MNIST not set or not a file: synthetic random binary images of MNIST's shape (timing only)"
 fi
 
+# The Triton Adam tail (vaekit.adam_tail, StaticStep(adam_kernel=True), built without a
+# GPU in the eleventh session): its tests natively (the captured step, a captured block of
+# steps), then the epoch with it, uncompiled and compiled, fp32 and TF32, beside the
+# default static and compiled steps and the classic recipe in the same run.
+step tail_tests 90 "$PY" -m pytest tests/test_adam_tail.py -q -o addopts="" -p no:cacheprovider -rfE
+step tail_epoch 240 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp none --skip eager,static-unfused,static-block,pythae,floor,compiled-block,fit,fit-compile,fit-block,fit-compile-block,fit-tf32 --data "$DATA"
 step loss_bench 120 "$PY" benchmarks/loss_bench.py --device cuda --sweep
-step epoch_bench 120 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp "${EPOCH_AMP:-none}" --skip compiled,compiled-block,fit-compile,fit-compile-block --data "$DATA"
+step epoch_bench 120 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp "${EPOCH_AMP:-none}" --skip compiled,compiled-block,fit-compile,fit-compile-block,static-tail,static-tail-tf32,compiled-tail,compiled-tail-tf32 --data "$DATA"
 # The per-example loop and pythae run on the first 300 images (their time is also per
 # image); the plain chunked baseline on all of them, like vaekit.
 step iw_bench 90 "$PY" benchmarks/iw_bench.py --device cuda --k 5000 --n 10000 --n-baseline 300 --reduced tf32,bf16 --data "$DATA"
@@ -93,7 +100,7 @@ step step_profile 90 "$PY" benchmarks/step_profile.py --device cuda
 if [ -n "${STEPS:-}" ] && [[ ",$STEPS," != *",tests,"* ]]; then
     :
 elif "$PY" -c 'import pytest, hypothesis' 2>/dev/null; then
-    step tests 200 "$PY" -m pytest tests/test_kernels.py tests/test_losses.py tests/test_fast.py tests/test_batching.py tests/test_pixelcnn.py -q -o addopts="" -p no:cacheprovider -rfE --durations=10 -k "not compiled_fit_equals_eager_fit and not cpu-compiled"
+    step tests 200 "$PY" -m pytest tests/test_kernels.py tests/test_adam_tail.py tests/test_losses.py tests/test_fast.py tests/test_batching.py tests/test_pixelcnn.py -q -o addopts="" -p no:cacheprovider -rfE --durations=10 -k "not compiled_fit_equals_eager_fit and not cpu-compiled"
 else
     say "tests: skipped (pytest or hypothesis missing on this machine)"
     STATUS+=("tests        SKIPPED")
@@ -105,7 +112,7 @@ step host_bench 60 "$PY" benchmarks/host_bench.py --device cuda
 # with each, beside the uncompiled captured step (row c) in the same run; each compile
 # takes tens of seconds (the later ones hit inductor's cache).
 step epoch_compiled 200 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp none \
-    --skip classic,eager,static-unfused,static-block,pythae,floor,fit,fit-block --data "$DATA"
+    --skip classic,eager,static-unfused,static-block,pythae,floor,fit,fit-block,static-tail,static-tail-tf32,compiled-tail,compiled-tail-tf32 --data "$DATA"
 # $RESCORE (a run directory inside the repo): how far TF32 and bf16 move its k = 5000 NLL
 # on the first 1,000 test images (benchmarks/prepare_gpu.sh trains one: .gpudata/rescore).
 if [ -n "${RESCORE:-}" ]; then
@@ -122,11 +129,12 @@ say ""
 say "targets: loss fwd+bwd B=4096 D=12288 d=128 <= 0.25 ms (H200), >= 60% copy BW, >= 4x classic;"
 say "         epoch at batch 128 <= 60 ms; k=5000 IW on 10,000 images <= 1 s (H200, 784-512-512-50)"
 {
+    grep -h -E "passed|failed|error" "$TMP/tail_tests.out" 2>/dev/null | tail -n 1 | sed 's/^/tail tests: /'
     grep -h -E "passed|failed|error" "$TMP/tests.out" 2>/dev/null | tail -n 1
     grep -h "^CHECK" "$TMP/loss_bench.out" "$TMP/iw_bench.out" 2>/dev/null
     grep -h -E "^device|^copy bandwidth" "$TMP/loss_bench.out" 2>/dev/null
     sed -n '/^recipe/,/^$/p' "$TMP/loss_bench.out" 2>/dev/null
     grep -h "^SUMMARY loss_bench" "$TMP/loss_bench.out" 2>/dev/null | sed 's/^SUMMARY //'
-    grep -h -E "^SUMMARY|^agreement|^matrix products|^PRECISION" "$TMP/epoch_bench.out" "$TMP/host_bench.out" "$TMP/iw_bench.out" \
+    grep -h -E "^SUMMARY|^agreement|^matrix products|^PRECISION" "$TMP/tail_epoch.out" "$TMP/epoch_bench.out" "$TMP/host_bench.out" "$TMP/iw_bench.out" \
         "$TMP/step_profile.out" "$TMP/epoch_compiled.out" "$TMP/precision_shift.out" 2>/dev/null | sed 's/^SUMMARY //'
 } | tee -a "$LOG"

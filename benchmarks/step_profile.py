@@ -5,7 +5,8 @@ on the 784-400-20 ReLU MLP VAE (Bernoulli likelihood, batch 128, fit's Adam: fus
 CUDA capturable with a tensor learning rate), on random binary data [4096, 784] and noise
 drawn up front on the device (timing only: the values do not matter). For each variant
 (--variants; static: fp32 as fit runs it; static-bf16: amp=True; static-tf32: fp32 with
-torch.backends.cuda.matmul.allow_tf32 on; compiled: compile=True) it
+torch.backends.cuda.matmul.allow_tf32 on; compiled: compile=True; "-tail": the step's tail
+as vaekit.adam_tail's Triton kernels, adam_kernel=True) it
 
   1. profiles --steps uncaptured steps (StaticStep(capture=False), after 5 warm-up steps)
      with torch.profiler: on CUDA the device-side events (kernels, memcpy, memset) a step
@@ -22,7 +23,7 @@ minus the summed kernel time is the graph's overhead, spread over its nodes. A v
 fails prints `SUMMARY step_profile <variant>: FAILED (...)` and the others still run.
 
   python benchmarks/step_profile.py --device cpu --variants static --steps 5 --timed 20
-  python benchmarks/step_profile.py                   # on a GPU: all four variants
+  python benchmarks/step_profile.py                   # on a GPU: all seven variants
   python benchmarks/step_profile.py --variants static,compiled --steps 20 --timed 200
 """
 
@@ -43,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from epoch_bench import HIDDEN, LATENT, LR  # noqa: E402  (the benchmarked model's sizes)
 from pythae_compare import sync, warm_up_torch  # noqa: E402
 
-VARIANTS = ("static", "static-bf16", "static-tf32", "compiled")
+VARIANTS = ("static", "static-bf16", "static-tf32", "compiled", "static-tail", "static-tail-tf32",
+            "compiled-tail-tf32")
 TOP = 15
 
 
@@ -57,8 +59,8 @@ def build(device, variant: str, batch: int, capture: bool | None):
     model = VAE(ModelConfig(arch="mlp", input_shape=(784,), hidden=(HIDDEN,), latent_dim=LATENT,
                             activation="relu", likelihood="bernoulli")).to(device)
     opt = _adam(model, TrainConfig(lr=LR), captured_on=device if device.type == "cuda" else None)
-    return StaticStep(model, opt, batch_size=batch, amp=variant == "static-bf16", compile=variant == "compiled",
-                      capture=capture)
+    return StaticStep(model, opt, batch_size=batch, amp=variant == "static-bf16",
+                      compile=variant.startswith("compiled"), capture=capture, adam_kernel="-tail" in variant)
 
 
 def dev_us(e) -> float:
@@ -226,7 +228,7 @@ def main() -> None:
         print(f"\n== {v}")
         t0 = time.perf_counter()
         try:
-            with tf32(v == "static-tf32"):
+            with tf32(v.endswith("-tf32")):
                 line = run_variant(v, device, args, xs, eps)
         except Exception as e:  # noqa: BLE001  (one variant's failure must not lose the others)
             cause = e.__cause__ if e.__cause__ is not None and v == "compiled" else None
