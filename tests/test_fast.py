@@ -183,6 +183,57 @@ def test_a_capture_failure_names_the_way_out(monkeypatch):
         compiled.run(torch.rand(2, 1, 4, 4).bernoulli(), torch.randn(2, 2), 1e-3, 1.0)
 
 
+def _failing_third_step(monkeypatch):
+    """StaticStep.run raising FastPathError (what a failed capture raises) at its third call."""
+    from vaekit import fast
+
+    calls = {"n": 0}
+    real = StaticStep.run
+
+    def run(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise fast.FastPathError("the training step could not be captured in a CUDA graph (RuntimeError: "
+                                     "faked); train with fast='off' (vaekit train --fast off) to run it uncaptured")
+        return real(self, *args)
+
+    monkeypatch.setattr(StaticStep, "run", run)
+    return calls
+
+
+def test_a_failed_capture_falls_back_to_the_eager_step_when_not_asked_for(tmp_path, monkeypatch, capsys):
+    """fast='auto' (the static step was not asked for by name): a step that cannot be
+    captured is said once on stderr, and the run goes on eagerly from that batch, training
+    what a fast='off' run trains (the two static steps before it compute the same). Faked on
+    the CPU: 'auto' takes the static step there, and its third call fails."""
+    from vaekit import wiring
+
+    torch.set_num_threads(1)
+    eager = fit(_tiny("off", epochs=2, device="cpu"), tmp_path / "eager")
+    monkeypatch.setattr(wiring, "_use_static", lambda *args: True)
+    calls = _failing_third_step(monkeypatch)
+    capsys.readouterr()
+    fell_back = fit(_tiny("auto", epochs=2, device="cpu"), tmp_path / "auto")
+    err = capsys.readouterr().err
+    assert calls["n"] == 3  # never called again
+    assert err.count("this run goes on with the eager step") == 1 and "(RuntimeError: faked)" in err
+    a = load_checkpoint(tmp_path / "eager" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "auto" / "checkpoint.pt")["model"]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    for ra, rb in zip(eager.history, fell_back.history):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
+        assert rb.get("skipped", 0) == ra.get("skipped", 0)
+
+
+def test_a_failed_capture_asked_for_by_name_stops_the_run(tmp_path, monkeypatch):
+    from vaekit.fast import FastPathError
+
+    _failing_third_step(monkeypatch)
+    with pytest.raises(FastPathError, match="faked"):
+        fit(_tiny("static", epochs=1, device="cpu"), tmp_path / "static")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by benchmarks/gpu.sh)")
 def test_compiled_and_captured_step_matches_a_hand_written_step():
     """fast='compile' on CUDA: compiled in the first warm-up step, then captured."""

@@ -15,6 +15,7 @@ is a pure function of the step (:func:`lr_at`), as are the KL weight and the noi
 from __future__ import annotations
 
 import math
+import sys
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 
 from .batching import BatchIterator, block_steps, mix_seed
 from .config import TrainConfig
-from .fast import grad_norm, set_lr, static_step_supported
+from .fast import FastPathError, grad_norm, set_lr, static_step_supported
 from .models import VAE
 from .objectives import ObjectiveConfig, beta_schedule, objective_loss
 
@@ -150,12 +151,28 @@ def _beta_at(oc: ObjectiveConfig, step: int) -> float:
                          cycle_steps=oc.cycle_steps, ratio=oc.cycle_ratio)
 
 
-def _static_step(run: _Run, x: torch.Tensor) -> None:
+def _static_step(run: _Run, x: torch.Tensor) -> bool:
     """One step of the static (captured or compiled) path, never data-parallel: no host
-    sync but every ``_FOLD_EVERY`` steps."""
+    sync but every ``_FOLD_EVERY`` steps. False when the step could not be built (a CUDA
+    graph that cannot be captured, a compilation that fails) in a run that did not ask for
+    it by name (``fast="auto"``, one step a call): the run says so on stderr and goes on
+    with the eager step, which then takes this batch. Asked for by name, the error stops
+    the run (it names the setting that avoids it)."""
     run.beta = _beta_at(run.config.objective, run.step)
-    run.static.run(x, run.objective.noise(run.step, (x.shape[0], run.config.model.latent_dim)), run.lr, run.beta)
+    try:
+        run.static.run(x, run.objective.noise(run.step, (x.shape[0], run.config.model.latent_dim)), run.lr, run.beta)
+    except FastPathError as e:
+        if run.tc.fast != "auto" or run.tc.graph_steps != 1:
+            raise
+        # The step was not taken (capture records without running); the steps before it were.
+        _fold(run)
+        run.static = None
+        if run.is_main:
+            print(f"vaekit: {str(e).splitlines()[0]}; this run goes on with the eager step", file=sys.stderr,
+                  flush=True)
+        return False
     _after_static(run, run.step, 1)
+    return True
 
 
 def _block_fits(run: _Run, k: int) -> bool:
