@@ -17,8 +17,12 @@ from triton_harness import CHILD, NATIVE, interpreted, run_file_interpreted, tri
 
 from vaekit import adam_tail
 from vaekit.adam_tail import AdamTail, adam_tail_unsupported
+from vaekit.cli import build_config
+from vaekit.config import TrainConfig
 from vaekit.fast import StaticStep
+from vaekit.io import load_checkpoint
 from vaekit.models import VAE, ModelConfig
+from vaekit.train import fit
 
 
 def _device() -> str:
@@ -51,6 +55,28 @@ def test_refused_where_the_kernels_cannot_run():
     vae = VAE(ModelConfig(input_shape=(4,), latent_dim=2, hidden=(8,)))
     with pytest.raises(ValueError, match="cannot run on cpu"):
         StaticStep(vae, torch.optim.Adam(vae.parameters()), batch_size=2, adam_kernel=True)
+
+
+def _tiny(**train):
+    return build_config(overrides={
+        "train.epochs": 1, "train.progress": False, "model.hidden": (32,), "model.latent_dim": 3,
+        **{f"train.{k}": v for k, v in train.items()},
+    })
+
+
+def test_train_config_refuses_the_kernel_tail_without_the_static_step():
+    with pytest.raises(ValueError, match="adam_kernel must be false with fast 'off'"):
+        TrainConfig(fast="off", adam_kernel=True)
+    with pytest.raises(ValueError, match="adam_kernel must be true or false, got 'yes'"):
+        TrainConfig(adam_kernel="yes")
+
+
+@pytest.mark.skipif(CHILD or NATIVE, reason="here the kernels can run")
+def test_fit_refuses_the_kernel_tail_where_it_cannot_run(tmp_path):
+    for fast, why in (("auto", "this run takes the eager step"), ("static", "the Triton kernels cannot run on cpu")):
+        with pytest.raises(ValueError, match=f"train.adam_kernel=True .* cannot serve this run: {why}"):
+            fit(_tiny(fast=fast, adam_kernel=True, device="cpu"), tmp_path / fast)
+        assert not (tmp_path / fast).exists()  # refused before the run directory is made
 
 
 @pytest.mark.skipif(CHILD, reason="this is the child process")
@@ -276,3 +302,22 @@ def test_a_block_of_steps_equals_single_steps():
 
 def test_block_default_is_a_power_of_two():
     assert adam_tail.BLOCK >= 16 and adam_tail.BLOCK & (adam_tail.BLOCK - 1) == 0
+
+
+@interpreted
+def test_fit_with_the_kernel_tail_equals_fit_without(tmp_path):
+    """TrainConfig(adam_kernel=True): an epoch of fit (its short last batch takes PyTorch's
+    Adam, eagerly, on the same state), clipped, with weight decay, a cosine schedule. (The
+    interpreter runs the loss kernel too: one epoch takes it about 10 s.)"""
+    torch.set_num_threads(1)
+    kw = dict(fast="static", grad_clip=5.0, weight_decay=1e-3, lr_schedule="cosine", epochs=1)
+    ref = fit(_tiny(**kw), tmp_path / "torch")
+    tail = fit(_tiny(adam_kernel=True, **kw), tmp_path / "triton")
+    a = load_checkpoint(tmp_path / "torch" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "triton" / "checkpoint.pt")
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-5)
+    steps = {float(s["step"]) for s in b["optimizer"]["state"].values()}
+    assert steps == {float(s["step"]) for s in a["optimizer"]["state"].values()} and len(steps) == 1
+    for ra, rb in zip(ref.history, tail.history):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4)

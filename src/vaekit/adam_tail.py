@@ -51,7 +51,7 @@ __all__ = ["AdamTail", "adam_tail_unsupported"]
 
 # Elements per program. 2048 makes ~330 programs for 650,000 parameters (an H200 has 132
 # SMs); the interpreter's tests use small blocks so that a tensor spans several.
-BLOCK = 64 if _INTERPRETED else 2048
+BLOCK = 256 if _INTERPRETED else 2048
 
 if triton is not None:
 

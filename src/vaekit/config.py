@@ -70,15 +70,22 @@ class TrainConfig:
             ``torch.compile``: the fastest CPU step, after a compilation of some seconds,
             needs a C++ compiler; on CUDA the compiled step is captured as well, which
             leaves fewer, fused kernels in the graph) or ``off`` (the eager step). See
-            :mod:`vaekit.fast`; a step that cannot be compiled or captured raises
-            ``vaekit.fast.FastPathError`` naming the setting that runs it without, and
-            ``static`` or ``compile`` for a run that the static step cannot serve (another
-            objective, free bits, capacity, data-parallel) is refused with a ``ValueError``.
+            :mod:`vaekit.fast`. Under ``auto`` a step that cannot be captured is said on
+            stderr and the run goes on with the eager step; under ``static`` or
+            ``compile`` (or ``graph_steps`` > 1) a step that cannot be compiled or
+            captured raises ``vaekit.fast.FastPathError`` naming the setting that runs it
+            without, and ``static`` or ``compile`` for a run that the static step cannot
+            serve (another objective, free bits, capacity, data-parallel) is refused with
+            a ``ValueError``.
         graph_steps: steps per call of the static step (``vaekit.fast.StaticStep.run_block``):
             on CUDA that many steps are captured in one graph, and the host issues one
             replay for them instead of one per step (for small models, whose steps take
             the GPU less time than the host's work for a step); elsewhere the same steps
             run uncaptured. The same run either way; 1: a step at a time.
+        adam_kernel: the static step's tail (gradient norm, clipping, the non-finite
+            rule, Adam, the loss sums) as three Triton kernels (:mod:`vaekit.adam_tail`)
+            instead of about 20 PyTorch kernels, for CUDA with Triton; the same values up to
+            float rounding (tested). Not measured on a GPU yet, so off by default.
         progress: show a tqdm progress bar.
     """
 
@@ -98,6 +105,7 @@ class TrainConfig:
     num_threads: int = 0
     fast: str = "auto"
     graph_steps: int = 1
+    adam_kernel: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -123,6 +131,9 @@ class TrainConfig:
         _need(self.graph_steps == 1 or self.fast != "off", "graph_steps",
               "1 with fast 'off' (blocks of steps are the static step's)", self.graph_steps)
         _need(isinstance(self.progress, bool), "progress", "true or false", self.progress)
+        _need(isinstance(self.adam_kernel, bool), "adam_kernel", "true or false", self.adam_kernel)
+        _need(not self.adam_kernel or self.fast != "off", "adam_kernel",
+              "false with fast 'off' (the Triton tail is the static step's)", self.adam_kernel)
         _need(
             isinstance(self.device, str) and (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")),
             "device", "auto, cpu, cuda or cuda:N", self.device,

@@ -22,6 +22,7 @@ from torch import nn
 from .batching import BatchIterator, fits_on_device
 from .config import RunConfig, TrainConfig
 from .data import FILE_DATASETS, check_images, load_dataset
+from .adam_tail import adam_tail_unsupported
 from .fast import StaticStep
 from .models import VAE
 from .runs import data_record, restore
@@ -184,6 +185,12 @@ def _build(config: RunConfig, run_dir: Path, state: dict | None) -> _Run:
         objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
     static = _use_static(tc, oc, model, device, world > 1)
     opt = _adam(model, tc, captured_on=device if static and device.type == "cuda" else None)
+    if tc.adam_kernel:
+        why = ("this run takes the eager step (data-parallel, fast='auto' off CUDA, or an objective the static "
+               "step does not serve)") if not static else adam_tail_unsupported(opt, model.parameters())
+        if why:
+            raise ValueError(f"train.adam_kernel=True (the static step's tail as Triton kernels) cannot serve this "
+                             f"run: {why}; use adam_kernel=False")
     steps_per_epoch = len(batches)
     total_steps = tc.epochs * steps_per_epoch
     if tc.max_steps:
@@ -201,6 +208,6 @@ def _build(config: RunConfig, run_dir: Path, state: dict | None) -> _Run:
             setattr(run, key, value)
     if static:  # after the restore: the step's backups copy the optimiser's state
         run.static = StaticStep(model, opt, batch_size=tc.batch_size, grad_clip=tc.grad_clip, amp=tc.amp == "bf16",
-                                compile=tc.fast == "compile")
+                                compile=tc.fast == "compile", adam_kernel=tc.adam_kernel)
     run.lr, run.beta = lr_at(run.step, total_steps, tc), oc.beta
     return run
