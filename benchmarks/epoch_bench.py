@@ -32,7 +32,9 @@ batch 128, the 60,000 training images statically binarized), in one run, for:
                     host's work per step 32x smaller, both
   (c+), (g+) CUDA   (c) and (g) with the step's tail (gradient norm, non-finite rule, Adam,
                     counters) as vaekit.adam_tail's three Triton kernels
-                    (StaticStep(adam_kernel=True)); each also with TF32 matrix products
+                    (StaticStep(adam_kernel=True)); each also with TF32 matrix products;
+                    and (f) with it and TF32 (TrainConfig(adam_kernel=True, amp="tf32")),
+                    uncompiled and compiled
 
 --dynamic: the images stay grey and every contender but the floor and pythae binarizes
 each batch afresh (dynamic binarization, what vaekit's MNIST presets train on): the
@@ -305,9 +307,10 @@ def matmul_floor(x, device, amp: bool = False):
 
 
 def vaekit_fit(x_u8, x_val_u8, epochs, device, threads, workdir, amp: bool | str = False, fast: str = "auto",
-               dynamic: bool = False, graph_steps: int = 1):
+               dynamic: bool = False, graph_steps: int = 1, adam_kernel: bool = False):
     """Per-epoch seconds of vaekit.train.fit: the first, and those of the rest. ``amp``:
-    True for bf16 autocast, or TrainConfig.amp itself ("tf32")."""
+    True for bf16 autocast, or TrainConfig.amp itself ("tf32"); ``adam_kernel``:
+    TrainConfig(adam_kernel=True), the Triton Adam tail."""
     from vaekit import DataConfig, ModelConfig, RunConfig, TrainConfig, fit
 
     npz = Path(workdir) / "fit-data.npz"
@@ -319,9 +322,10 @@ def vaekit_fit(x_u8, x_val_u8, epochs, device, threads, workdir, amp: bool | str
                         val_size=len(x_val_u8), split="tail"),
         train=TrainConfig(epochs=1 + epochs, batch_size=BATCH, lr=LR, device=str(device), num_threads=threads,
                           amp=amp if isinstance(amp, str) else "bf16" if amp else "none", fast=fast,
-                          graph_steps=graph_steps, progress=False),
+                          graph_steps=graph_steps, progress=False, adam_kernel=adam_kernel),
     )
-    name = f"fit-run-{threads}-{amp if isinstance(amp, str) else 'bf16' if amp else 'fp32'}-{fast}-{dynamic}-{graph_steps}"
+    name = (f"fit-run-{threads}-{amp if isinstance(amp, str) else 'bf16' if amp else 'fp32'}-{fast}-{dynamic}-"
+            f"{graph_steps}-{adam_kernel}")
     history = fit(config, Path(workdir) / name).history
     ends = [row["seconds"] for row in history if row["split"] == "train"]
     return ends[0], [b - a for a, b in zip(ends, ends[1:])]
@@ -338,7 +342,8 @@ def main(argv=None) -> None:
     parser.add_argument("--skip", default="", help="comma list of contenders to leave out: "
                         "classic,eager,static,static-unfused,static-block,pythae,floor,compiled,compiled-block,fit,fit-compile,"
                         "fit-block,fit-compile-block,fit-tf32 (CUDA: fit with TrainConfig(amp='tf32')),"
-                        "static-tail,static-tail-tf32,compiled-tail,compiled-tail-tf32 (CUDA: the Triton Adam tail)")
+                        "static-tail,static-tail-tf32,compiled-tail,compiled-tail-tf32,fit-tail (CUDA: the Triton "
+                        "Adam tail; fit-tail: fit with it and TF32, uncompiled and compiled)")
     parser.add_argument("--amp", choices=sorted(AMP_CHOICES), default=None,
                         help="precision of (b), (e) and (f): fp32 (none), bf16 autocast (bf16) or both; "
                         "default: both on a CPU, none on CUDA")
@@ -426,14 +431,17 @@ def main(argv=None) -> None:
             kinds = [("auto", 1, "fit"), ("compile", 1, "fit-compile")]
             if device.type == "cuda":
                 kinds += [("auto", 32, "fit-block"), ("compile", 32, "fit-compile-block")]
-            fits = [(fast, steps, amp) for fast, steps, key in kinds if key not in skip for amp in amps]
+            fits = [(fast, steps, amp, False) for fast, steps, key in kinds if key not in skip for amp in amps]
             if device.type == "cuda" and "fit-tf32" not in skip:
-                fits.append(("auto", 1, "tf32"))  # TrainConfig(amp="tf32"): against the fp32 floor
-            for fast, steps, amp in fits:
-                how = (", fast=compile" if fast == "compile" else "") + (f", graph_steps={steps}" if steps > 1 else "")
+                fits.append(("auto", 1, "tf32", False))  # TrainConfig(amp="tf32"): against the fp32 floor
+            if device.type == "cuda" and "fit-tail" not in skip:  # the Triton Adam tail, uncompiled and compiled
+                fits += [("auto", 1, "tf32", True), ("compile", 1, "tf32", True)]
+            for fast, steps, amp, tail in fits:
+                how = ((", fast=compile" if fast == "compile" else "") + (f", graph_steps={steps}" if steps > 1 else "")
+                       + (", Triton Adam tail" if tail else ""))
                 label = f"(f) vaekit fit, epoch incl. val+ckpt{how}{', TF32' if amp == 'tf32' else BF16 if amp else ''}"
                 got = guarded(label, device, lambda: vaekit_fit(x_u8, val_u8, args.epochs, device, n_threads, work,
-                                                                amp, fast, dyn, steps))
+                                                                amp, fast, dyn, steps, tail))
                 if got is not None:
                     first, rest = got
                     results.append((n_threads, label, amp is True, statistics.median(rest), rest))

@@ -84,16 +84,17 @@ fi
 # The Triton Adam tail (vaekit.adam_tail, StaticStep(adam_kernel=True), built without a
 # GPU in the eleventh session): its tests natively (the captured step, a captured block of
 # steps), then the epoch with it, uncompiled and compiled, fp32 and TF32, beside the
-# default static and compiled steps and the classic recipe in the same run.
+# default static and compiled steps and the classic recipe in the same run, and fit with
+# TF32 without and with it (uncompiled and compiled).
 step tail_tests 90 "$PY" -m pytest tests/test_adam_tail.py -q -o addopts="" -p no:cacheprovider -rfE
-step tail_epoch 240 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp none --skip eager,static-unfused,static-block,pythae,floor,compiled-block,fit,fit-compile,fit-block,fit-compile-block,fit-tf32 --data "$DATA"
+step tail_epoch 240 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp none --skip eager,static-unfused,static-block,pythae,floor,compiled-block,fit,fit-compile,fit-block,fit-compile-block --data "$DATA"
 step loss_bench 120 "$PY" benchmarks/loss_bench.py --device cuda --sweep
-step epoch_bench 120 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp "${EPOCH_AMP:-none}" --skip compiled,compiled-block,fit-compile,fit-compile-block,static-tail,static-tail-tf32,compiled-tail,compiled-tail-tf32 --data "$DATA"
+step epoch_bench 120 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp "${EPOCH_AMP:-none}" --skip compiled,compiled-block,fit-compile,fit-compile-block,static-tail,static-tail-tf32,compiled-tail,compiled-tail-tf32,fit-tail --data "$DATA"
 # The per-example loop and pythae run on the first 300 images (their time is also per
 # image); the plain chunked baseline on all of them, like vaekit.
 step iw_bench 90 "$PY" benchmarks/iw_bench.py --device cuda --k 5000 --n 10000 --n-baseline 300 --reduced tf32,bf16 --data "$DATA"
 # Where one training step's GPU time goes: its kernels, their time, the graph's overhead.
-step step_profile 90 "$PY" benchmarks/step_profile.py --device cuda
+step step_profile 150 "$PY" benchmarks/step_profile.py --device cuda
 # The GPU tests before the slower extras: the Triton kernels in-process, the captured,
 # compiled and block steps for both optimisers, fit in blocks and resumed, data left on the
 # host. The CPU compile tests (the CPU's fast path, run by CI) are left out: minutes here.
@@ -112,7 +113,7 @@ step host_bench 60 "$PY" benchmarks/host_bench.py --device cuda
 # with each, beside the uncompiled captured step (row c) in the same run; each compile
 # takes tens of seconds (the later ones hit inductor's cache).
 step epoch_compiled 200 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp none \
-    --skip classic,eager,static-unfused,static-block,pythae,floor,fit,fit-block,static-tail,static-tail-tf32,compiled-tail,compiled-tail-tf32 --data "$DATA"
+    --skip classic,eager,static-unfused,static-block,pythae,floor,fit,fit-block,static-tail,static-tail-tf32,compiled-tail,compiled-tail-tf32,fit-tail --data "$DATA"
 # $RESCORE (a run directory inside the repo): how far TF32 and bf16 move its k = 5000 NLL
 # on the first 1,000 test images (benchmarks/prepare_gpu.sh trains one: .gpudata/rescore).
 if [ -n "${RESCORE:-}" ]; then
