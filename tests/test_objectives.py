@@ -482,6 +482,32 @@ def test_objective_loss_iwae():
         obj.objective_loss(model, x, {"name": "elbo"}, 0)
 
 
+@pytest.mark.parametrize("name", ["elbo", "iwae"])
+def test_noise_drawn_under_bf16_autocast_is_float32_like_the_loops(name):
+    """Under bfloat16 autocast mu comes out in bfloat16. Noise objective_loss (or the model)
+    draws itself is float32 all the same, the noise the training loop passes in: the two
+    give the same loss from the same generator state (bfloat16 noise would be other numbers)."""
+    from vaekit.models import VAE, ModelConfig
+
+    model = VAE(ModelConfig(input_shape=(6,), latent_dim=3, hidden=(8,)))
+    x = torch.rand(4, 6).round()
+    config = obj.ObjectiveConfig(name=name, **({"iw_samples": 4} if name == "iwae" else {}))
+    drawn = []
+
+    def loops_noise(shape):
+        drawn.append(torch.randn(shape))
+        return drawn[-1]
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.encode_params(x)[0].dtype == torch.bfloat16
+        torch.manual_seed(3)
+        own = obj.objective_loss(model, x, config, 0)
+        torch.manual_seed(3)
+        given = obj.objective_loss(model, x, config, 0, noise=loops_noise)
+    assert drawn[0].dtype == torch.float32
+    assert torch.equal(own.loss, given.loss) and torch.equal(own.reconstruction, given.reconstruction)
+
+
 def test_docstring_examples_run():
     result = doctest.testmod(obj, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 1 and result.failed == 0

@@ -20,7 +20,7 @@ from torch import Tensor
 from .checks import _LOG_2PI, check_int, check_tensor
 
 __all__ = ["decode_nll", "repeat_for_samples", "log_weights_from_noise", "log_importance_weights", "iwae_bound", "iwae_loss",
-           "iw_from_params", "normal_chunks", "auto_chunk_size", "randn_like_on", "MEMORY_BUDGET_BYTES",
+           "iw_from_params", "normal_chunks", "auto_chunk_size", "randn_like_on", "noise_dtype", "MEMORY_BUDGET_BYTES",
            "CPU_BUDGET_BYTES", "NOISE_BLOCK"]
 
 
@@ -91,7 +91,8 @@ def _importance_terms(model, x: Tensor, k: int, noise=None):
         raise ValueError(
             f"model.encode_params(x) must give [B, d] parameters with B = {x.shape[0]}, got {tuple(mu.shape)}"
         )
-    eps = noise((k, *mu.shape)) if noise is not None else torch.randn((k, *mu.shape), dtype=mu.dtype, device=mu.device)
+    eps = (noise((k, *mu.shape)) if noise is not None
+           else torch.randn((k, *mu.shape), dtype=noise_dtype(mu), device=mu.device))
     log_w, nll = log_weights_from_noise(model, x, mu, logvar, eps)
     return log_w, nll, (mu, logvar)
 
@@ -134,6 +135,14 @@ CPU_BUDGET_BYTES = 8 * 2**20
 # Noise for the k samples is drawn in blocks of this many samples, whatever the chunk
 # size, so that the draws (and hence the estimate) do not depend on chunk_size.
 NOISE_BLOCK = 64
+
+
+def noise_dtype(mu: Tensor) -> torch.dtype:
+    """The dtype of reparameterisation noise drawn for ``mu`` during training: at least
+    float32. Under bfloat16 or float16 autocast ``mu`` comes out in half precision, and noise
+    drawn in it would be rounded to 8 (or 11) bits, unlike the float32 noise the training
+    loop passes in; ``z = mu + sigma * eps`` then promotes to float32."""
+    return torch.promote_types(mu.dtype, torch.float32)
 
 
 def randn_like_on(shape, generator, like: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Independent, Normal
 
-from .iw import repeat_for_samples
+from .iw import noise_dtype, repeat_for_samples
 from .losses import reconstruction_nll
 from .likelihoods import bernoulli_nll_samples, discretized_logistic_nll, optimal_sigma_nll
 from .model_config import ACTIVATIONS, ARCHS, DECODER_VARIANCES, LIKELIHOODS, ModelConfig
@@ -314,9 +314,11 @@ class VAE(nn.Module):
 
     def forward(self, x: Tensor, *, noise=None) -> VAEOutput:
         """Encode, draw ``z = mu + sigma * eps`` and decode. ``noise(shape)``, when given,
-        supplies ``eps`` (the training loop uses it for step-keyed, rank-consistent noise)."""
+        supplies ``eps`` (the training loop uses it for step-keyed, rank-consistent noise);
+        drawn here it is at least float32 (``noise_dtype``), as the training loop's is."""
         mu, logvar = self.encode_params(x)
-        eps = torch.randn_like(mu) if noise is None else noise(tuple(mu.shape))
+        eps = (torch.randn(mu.shape, dtype=noise_dtype(mu), device=mu.device) if noise is None
+               else noise(tuple(mu.shape)))
         z = mu + torch.exp(0.5 * logvar) * eps
         # Only an autoregressive decoder reads x (subclasses may override decode(z)).
         return VAEOutput(self.decode(z, x) if self.autoregressive else self.decode(z), mu, logvar, z)
