@@ -73,6 +73,32 @@ def test_a_small_epoch_warms_up_on_whole_epochs_then_is_timed_whole(fast, monkey
     assert len(calls) == 4 * spe and per_epoch > spe * SLEEP
 
 
+@pytest.mark.parametrize("batch_size", [64, 8])  # a small epoch timed whole; a long one timed in part
+def test_checkpoints_within_an_epoch_are_counted(batch_size, monkeypatch):
+    """train.checkpoint_every: the trial times one checkpoint (here slowed by a known sleep)
+    and counts the (n - 1) / checkpoint_every of them in an epoch of n steps."""
+    import vaekit.budget
+
+    monkeypatch.setattr(vaekit.wiring, "VAE", _slow_vae([]))
+    real, calls = vaekit.budget._checkpoint, []
+
+    def slow_checkpoint(run):
+        calls.append(run.step)
+        time.sleep(0.2)
+        real(run)
+
+    monkeypatch.setattr(vaekit.budget, "_checkpoint", slow_checkpoint)
+    plain = tiny_config(train__batch_size=batch_size)
+    every = tiny_config(train__batch_size=batch_size, train__checkpoint_every=3)
+    spe = steps_per_epoch(plain)
+    _, without = epochs_for_budget(plain, 100.0, calibration_seconds=0.2)
+    assert calls == []
+    _, with_checkpoints = epochs_for_budget(every, 100.0, calibration_seconds=0.2)
+    assert len(calls) == 1
+    expected = (spe - 1) / 3 * 0.2
+    assert 0.75 < (with_checkpoints - without) / expected < 1.35, (with_checkpoints, without, expected)
+
+
 def test_a_config_of_max_steps_alone_is_calibrated(monkeypatch):
     """epochs 0 with max_steps is a valid config; its trial must still build."""
     monkeypatch.setattr(vaekit.wiring, "VAE", _slow_vae([]))

@@ -6,7 +6,8 @@ cosine learning rate ends with the budget). The epoch is timed on a throwaway co
 run, in a temporary directory: a few warm-up steps (which compile or capture the step),
 then steps timed for about ``calibration_seconds`` (at most to just before the end of the
 first epoch), then one end of epoch (validation, the model saved, metrics, checkpoint). An
-epoch is estimated as its steps at the measured pace plus that end. An epoch shorter than
+epoch is estimated as its steps at the measured pace plus that end, plus, with
+``train.checkpoint_every``, the checkpoints inside it (one timed). An epoch shorter than
 three warm-ups is timed whole instead, after whole epochs of warm-up. The calibration therefore
 costs seconds, not epochs, however long an epoch is (it used to train whole epochs: for
 ``mnist-pixelcnn-late`` on 2 CPU cores, about 80 s each; now the whole command's start,
@@ -34,7 +35,8 @@ import torch
 
 from .checks import check_number
 from .config import RunConfig
-from .train import _autocast, _end_epoch, _prepare_run_dir, _progress, _Stop, _tf32, _train_epoch, _unvalidated
+from .train import (_autocast, _checkpoint, _end_epoch, _prepare_run_dir, _progress, _Stop, _tf32, _train_epoch,
+                    _unvalidated)
 from .wiring import _build, _dist_info
 
 __all__ = ["epochs_for_budget"]
@@ -68,20 +70,25 @@ def epochs_for_budget(config: RunConfig, seconds: float, *,
     with tempfile.TemporaryDirectory(prefix="vaekit-calibrate-") as tmp, \
             contextlib.redirect_stdout(io.StringIO()), _Stop() as stop, _unvalidated():
         try:
-            per_epoch = _time_an_epoch(trial, Path(tmp) / "run", stop, calibration_seconds)
+            per_epoch = _time_an_epoch(trial, Path(tmp) / "run", stop, calibration_seconds,
+                                       config.train.checkpoint_every)
         finally:
             torch.set_num_threads(threads)
     return max(1, int(seconds / max(per_epoch, 1e-9))), per_epoch
 
 
-def _time_an_epoch(config: RunConfig, run_dir: Path, stop: _Stop, target: float) -> float:
+def _time_an_epoch(config: RunConfig, run_dir: Path, stop: _Stop, target: float,
+                   checkpoint_every: int = 0) -> float:
     run = _build(config, run_dir, None)
     _prepare_run_dir(run, None, False)
     with _tf32(run):  # the arithmetic the training will use
-        return _time_steps(run, stop, target)
+        return _time_steps(run, stop, target, checkpoint_every)
 
 
-def _time_steps(run, stop: _Stop, target: float) -> float:
+def _time_steps(run, stop: _Stop, target: float, checkpoint_every: int = 0) -> float:
+    """An epoch's estimated seconds: its steps, its end, and with ``checkpoint_every`` the
+    checkpoints within it (one of them timed; an epoch of n steps holds about
+    (n - 1) / checkpoint_every of them: the end of an epoch checkpoints anyway)."""
     amp = _autocast(run)
     quiet = _progress(False, 0, 0)
     steps = len(run.batches)  # an epoch's steps
@@ -101,6 +108,11 @@ def _time_steps(run, stop: _Stop, target: float) -> float:
         run.total_steps = step  # _train_epoch stops there
         return timed(lambda: _train_epoch(run, stop, quiet, amp))
 
+    def checkpoints() -> float:
+        if not checkpoint_every:
+            return 0.0
+        return max(0, steps - 1) / checkpoint_every * timed(lambda: _checkpoint(run))
+
     if stop.signum:  # a stop signal during the build
         raise KeyboardInterrupt(_STOPPED)
     # The steps that run as the static step or its blocks (an epoch's last, partial batch
@@ -114,7 +126,7 @@ def _time_steps(run, stop: _Stop, target: float) -> float:
         for _ in range(math.ceil(warm / max(1, fast))):
             train_to(run.step + steps)
             end = timed(lambda: _end_epoch(run, None))
-        return train_to(run.step + steps) + end
+        return train_to(run.step + steps) + end + checkpoints()
     # A long epoch: the warm-up's steps, then chunks of whole blocks (1, 2, 4, ... of them)
     # until about ``target`` seconds, short of the epoch's tail (its last partial batch and
     # any steps that do not make a block), then its end.
@@ -127,7 +139,7 @@ def _time_steps(run, stop: _Stop, target: float) -> float:
         done += chunk
         chunk *= 2
     end = timed(lambda: _end_epoch(run, None))
-    return steps * took / done + end
+    return steps * took / done + end + checkpoints()
 
 
 def _sync(device: torch.device) -> None:
