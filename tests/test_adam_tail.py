@@ -305,6 +305,16 @@ def test_block_default_is_a_power_of_two():
 
 
 @interpreted
+def test_a_big_model_gets_bigger_blocks(monkeypatch):
+    # at most _MAX_PROGRAMS programs (each re-adds all partial sums), the block doubling
+    monkeypatch.setattr(adam_tail, "_MAX_PROGRAMS", 2)
+    params = [torch.nn.Parameter(torch.zeros(1000)), torch.nn.Parameter(torch.zeros(3))]
+    tail = AdamTail(_adam(params), params)
+    assert tail.block == 1024 and tail._tids.numel() == 2  # 256 -> 512 -> 1024: 1 + 1 programs
+    assert tail._tids.tolist() == [0, 1] and tail._starts.tolist() == [0, 0]
+
+
+@interpreted
 def test_fit_with_the_kernel_tail_equals_fit_without(tmp_path):
     """TrainConfig(adam_kernel=True): an epoch of fit (its short last batch takes PyTorch's
     Adam, eagerly, on the same state), clipped, with weight decay, a cosine schedule. (The

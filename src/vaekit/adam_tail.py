@@ -52,6 +52,10 @@ __all__ = ["AdamTail", "adam_tail_unsupported"]
 # Elements per program. 2048 makes ~330 programs for 650,000 parameters (an H200 has 132
 # SMs); the interpreter's tests use small blocks so that a tensor spans several.
 BLOCK = 256 if _INTERPRETED else 2048
+# Every program of the Adam kernel adds up all the partial sums of squares, so for big
+# models the block grows (up to _MAX_BLOCK) to keep the programs at most _MAX_PROGRAMS.
+_MAX_PROGRAMS = 1024
+_MAX_BLOCK = 16384
 
 if triton is not None:
 
@@ -169,7 +173,8 @@ def adam_tail_unsupported(optimizer, params) -> str:
         return "the optimiser's parameters are not the step's"
     for p in params:
         if p.dtype != torch.float32 or p.device != device or p.is_sparse or not p.is_contiguous():
-            return f"every parameter must be a dense contiguous float32 tensor on {device}, one is {p.dtype} on {p.device}"
+            return (f"every parameter must be a dense contiguous float32 tensor on {device}, "
+                    f"one is {p.dtype} on {p.device}")
         if p.numel() >= 2**31:
             return "a parameter has 2**31 elements or more"
         step = optimizer.state.get(p, {}).get("step")
@@ -203,10 +208,14 @@ class AdamTail:
         why = adam_tail_unsupported(optimizer, params)
         if why:
             raise ValueError(f"AdamTail cannot serve this optimiser: {why}")
-        block = BLOCK if block is None else block
+        if block is None:  # every program re-adds all partial sums: keep them few for big models
+            block = BLOCK
+            while sum(-(-p.numel() // block) for p in params) > _MAX_PROGRAMS and block < _MAX_BLOCK:
+                block *= 2
         if not (isinstance(block, int) and block >= 16 and block & (block - 1) == 0):
             raise ValueError(f"block must be a power of 2 >= 16, got {block!r}")
         self.opt, self.params, self.block = optimizer, params, block
+        self._warps = min(16, max(4, block // 512))
         self.device = device = params[0].device
         self.clip = float(grad_clip) if grad_clip and math.isfinite(grad_clip) else math.inf
         for p in params:  # what Adam's first step would create (capturable / fused: counts on the device)
@@ -278,9 +287,11 @@ class AdamTail:
         beta1, beta2 = group["betas"]
         wd = float(group["weight_decay"])
         _sumsq_kernel[(n,)](table, self._tids, self._starts, self._numels, self._partials, nt,
-                            BLOCK=self.block)
+                            BLOCK=self.block, num_warps=self._warps)
         _adam_kernel[(n,)](table, self._tids, self._starts, self._numels, self._partials, n, nt, loss, lr,
-                           float(beta2), 1.0 - beta1, 1.0 - beta2, _log(beta1), _log(beta2), float(group["eps"]), wd, self.clip, DECAY=wd != 0,
-                           DECOUPLED=bool(group.get("decoupled_weight_decay")), BLOCK=self.block, NP=np2)
+                           float(beta2), 1.0 - beta1, 1.0 - beta2, _log(beta1), _log(beta2), float(group["eps"]), wd,
+                           self.clip, DECAY=wd != 0,
+                           DECOUPLED=bool(group.get("decoupled_weight_decay")), BLOCK=self.block, NP=np2,
+                           num_warps=self._warps)
         _finish_kernel[(1,)](table, nt, self._partials, n, loss, rec, kl, sums, skipped, bad_run,
                              float(batch_size), self.clip, NP=np2, NT=_next_pow2(nt))
