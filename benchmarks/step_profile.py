@@ -16,7 +16,10 @@ as vaekit.adam_tail's Triton kernels, adam_kernel=True) it
      (outside the graph) are not counted;
   2. times the real step (captured on CUDA): --timed run() calls with new data each, and
      on CUDA --timed bare graph replays back to back (the GPU's time for the graph alone),
-     and profiles 20 replays to see whether the profiler reports kernels inside the graph.
+     and profiles 20 replays to see whether the profiler reports kernels inside the graph;
+  3. on CUDA, times --timed steps fed as fit feeds them (batches gathered on the device by
+     a BatchIterator, noise drawn 32 steps at a time), and the share of 64 such steps'
+     span in which the device is busy (below 100 %: the host or a sync leaves it idle).
 
 The last line per variant is `SUMMARY step_profile <variant>: ...`; the graph replay time
 minus the summed kernel time is the graph's overhead, spread over its nodes. A variant that
@@ -147,6 +150,45 @@ def profiled(device, fn, n: int):
     return prof
 
 
+def fed_steps(device, data, batch: int):
+    """``fn(i)``: step ``i`` fed as fit feeds it: a batch formed on the device by a
+    BatchIterator (an index gather; epochs roll over), noise drawn 32 steps at a time and
+    sliced. Call ``fn.bind(step)`` first."""
+    from vaekit.batching import BatchIterator
+
+    batches = BatchIterator(data, batch, shuffle=True, drop_last=True, seed=0, device=device)
+    state = {"it": iter(()), "epoch": 0, "noise": None, "step": None}
+
+    def fn(i):
+        x = next(state["it"], None)
+        if x is None:
+            batches.set_epoch(state["epoch"])
+            state["epoch"] += 1
+            state["it"] = iter(batches)
+            x = next(state["it"])
+        if i % 32 == 0:
+            state["noise"] = torch.randn(32, batch, LATENT, device=device)
+        state["step"].run(x, state["noise"][i % 32], LR, 1.0)
+
+    fn.bind = lambda step: state.update(step=step)
+    return fn
+
+
+def busy_share(prof) -> tuple[float, float]:
+    """(device-busy us, span us) of the profiled device work: the union of the kernels',
+    copies' and sets' intervals against the span from the first start to the last end."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if is_kernel(e))
+    if not spans:
+        return 0.0, 0.0
+    busy, (lo, hi) = 0.0, spans[0]
+    for a, b in spans[1:]:
+        if a > hi:
+            busy, lo = busy + hi - lo, a
+        hi = max(hi, b)
+    busy += hi - lo
+    return float(busy), float(spans[-1][1] - spans[0][0])
+
+
 def run_variant(variant: str, device, args, xs, eps) -> str:
     nb, ne = xs.shape[0], len(eps)
     # 1. uncaptured: every kernel launched on its own, where the profiler sees it.
@@ -177,9 +219,17 @@ def run_variant(variant: str, device, args, xs, eps) -> str:
         report(seen, 20, "device events seen in 20 profiled graph replays")
     except Exception as e:  # noqa: BLE001
         print(f"  (profiling graph replays failed: {type(e).__name__}: {first_line(e)})")
+    # 3. fed as fit feeds it (a BatchIterator's gather, noise in blocks): what an epoch adds.
+    fed = fed_steps(device, xs.reshape(-1, 784), args.batch)
+    fed.bind(step)
+    fed_us = timed(device, fed, args.timed)
+    busy, span = busy_share(profiled(device, fed, 64))
+    share = f"device busy {100 * busy / span:.0f} % of the span" if span else "no device events seen"
+    print(f"  fed like fit (BatchIterator, noise 32 steps a draw): {fed_us:.1f} us per step; {share}")
     over = replay_us - kern
     return (f"{count:g} kernels/step, kernel time {kern:.1f} us/step, graph replay {replay_us:.1f} us/step, "
-            f"run() {run_us:.1f} us/step ({over:.1f} us of graph overhead, {over / max(count, 1):.2f} us a node)")
+            f"run() {run_us:.1f} us/step, fed like fit {fed_us:.1f} us/step ({share}) "
+            f"({over:.1f} us of graph overhead, {over / max(count, 1):.2f} us a node)")
 
 
 def first_line(e: Exception) -> str:
