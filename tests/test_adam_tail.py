@@ -79,6 +79,43 @@ def test_fit_refuses_the_kernel_tail_where_it_cannot_run(tmp_path):
         assert not (tmp_path / fast).exists()  # refused before the run directory is made
 
 
+@pytest.mark.skipif(CHILD, reason="the interpreter's kernels are not compiled")
+@pytest.mark.parametrize("ptr", ["fp32", "bf16"])
+def test_the_kernels_compile_for_a_hopper_gpu(ptr):
+    """Compiled ahead of time for sm_90 (H100, H200) by the ptxas that Triton ships, on any
+    machine: what the interpreter cannot show (types, pointer casts, the float64 sums)."""
+    pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as triton_compile
+
+    tables = {"table": "*i64", "tids": "*i32", "starts": "*i32", "numels": "*i32", "partials": "*fp32"}
+    scalars = {"beta2": "fp32", "one_minus_beta1": "fp32", "one_minus_beta2": "fp32", "log_beta1": "fp32",
+               "log_beta2": "fp32", "eps": "fp32", "weight_decay": "fp32", "clip": "fp32"}
+    losses = {"loss_ptr": f"*{ptr}", "rec_ptr": f"*{ptr}", "kl_ptr": f"*{ptr}"}
+    cases = [
+        (adam_tail._sumsq_kernel, {**tables, "n_tensors": "i32"}, {"BLOCK": 2048}),
+        *[(adam_tail._adam_kernel, {**tables, "n_partials": "i32", "n_tensors": "i32", "loss_ptr": f"*{ptr}",
+                                    "lr_ptr": "*fp32", **scalars},
+           {"DECAY": decay, "DECOUPLED": decoupled, "BLOCK": 2048, "NP": 512})
+          for decay, decoupled in ((False, False), (True, False), (True, True))],
+        *[(adam_tail._finish_kernel, {"table": "*i64", "n_tensors": "i32", "partials": "*fp32", "n_partials": "i32",
+                                      **losses, "sums_ptr": "*fp64", "skipped_ptr": "*i64", "bad_run_ptr": "*i64",
+                                      "b": "fp32", "clip": "fp32"}, {"NP": np2, "NT": nt})
+          for np2, nt in ((512, 16), (1, 1))],
+    ]
+    for fn, signature, constexprs in cases:
+        signature = {**signature, **dict.fromkeys(constexprs, "constexpr")}
+        assert list(signature) == fn.arg_names, (fn.arg_names, list(signature))
+        try:
+            compiled = triton_compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                      target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        except (FileNotFoundError, RuntimeError) as e:
+            if "ptxas" in str(e):
+                pytest.skip(f"no ptxas here: {e}")
+            raise
+        assert compiled.asm.get("cubin")
+
+
 @pytest.mark.skipif(CHILD, reason="this is the child process")
 @pytest.mark.skipif(NATIVE, reason="CUDA is here: the Triton-path tests ran on the GPU in this process")
 def test_triton_interpreter():

@@ -287,11 +287,11 @@ class AdamTail:
         beta1, beta2 = group["betas"]
         wd = float(group["weight_decay"])
         _sumsq_kernel[(n,)](table, self._tids, self._starts, self._numels, self._partials, nt,
-                            BLOCK=self.block, num_warps=self._warps)
+                            BLOCK=self.block, num_warps=self._warps, enable_fp_fusion=True)
         _adam_kernel[(n,)](table, self._tids, self._starts, self._numels, self._partials, n, nt, loss, lr,
                            float(beta2), 1.0 - beta1, 1.0 - beta2, _log(beta1), _log(beta2), float(group["eps"]), wd,
                            self.clip, DECAY=wd != 0,
                            DECOUPLED=bool(group.get("decoupled_weight_decay")), BLOCK=self.block, NP=np2,
-                           num_warps=self._warps)
+                           num_warps=self._warps, enable_fp_fusion=True)
         _finish_kernel[(1,)](table, nt, self._partials, n, loss, rec, kl, sums, skipped, bad_run,
-                             float(batch_size), self.clip, NP=np2, NT=_next_pow2(nt))
+                             float(batch_size), self.clip, NP=np2, NT=_next_pow2(nt), enable_fp_fusion=True)
