@@ -18,9 +18,9 @@ from vaekit.train import holds_a_run
 
 
 def test_train_command_takes_epochs_and_data_dir_only_with_resume(tmp_path):
-    with pytest.raises(UsageError, match=r"epochs extends the run given by resume.*got epochs=3 without resume"):
+    with pytest.raises(UsageError, match=r"epochs extends a resumed run.*got epochs=3 without resume"):
         train_command(tiny_config(), tmp_path / "new", epochs=3)
-    with pytest.raises(UsageError, match=r"data_dir says where the data of the run given by resume are now.*"
+    with pytest.raises(UsageError, match=r"data_dir moves a resumed run's data.*"
                                          r"got data_dir='elsewhere' without resume"):
         train_command(tiny_config(), tmp_path / "new", data_dir="elsewhere")
     assert not (tmp_path / "new").exists()

@@ -32,14 +32,9 @@ def train_command(config=None, run_dir=None, *, resume: str | None = None, prese
     """Train and return the :class:`vaekit.train.FitResult`. ``resume`` continues a run;
     with ``epochs`` too, it extends the run to that many epochs in all; with ``data_dir``,
     it finds the run's data there (see :func:`vaekit.train.fit`)."""
-    from .train import fit
+    from .train import check_resume_only, fit
 
-    if epochs is not None and not resume:
-        raise UsageError(f"epochs extends the run given by resume; a new run takes config.train.epochs, "
-                         f"got epochs={epochs!r} without resume")
-    if data_dir is not None and not resume:
-        raise UsageError(f"data_dir says where the data of the run given by resume are now; a new run takes "
-                         f"config.data.data_dir, got data_dir={data_dir!r} without resume")
+    check_resume_only(bool(resume), epochs, data_dir, UsageError)
     if resume:
         rd = Path(resume)
         if not (rd / "checkpoint.pt").is_file():

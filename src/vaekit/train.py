@@ -98,6 +98,17 @@ def _validate(model: VAE, x: torch.Tensor, batch_size: int, generator: torch.Gen
     return out
 
 
+def check_resume_only(resume: bool, epochs, data_dir, error: type[Exception] = ValueError) -> None:
+    """``epochs`` and ``data_dir`` belong to a resumed run: refused (as ``error``) without
+    ``resume``. Shared by :func:`fit` and ``vaekit.commands.train_command``."""
+    if epochs is not None and not resume:
+        raise error(f"epochs extends a resumed run (resume); a new run takes config.train.epochs, "
+                    f"got epochs={epochs!r} without resume")
+    if data_dir is not None and not resume:
+        raise error(f"data_dir moves a resumed run's data (resume); a new run takes config.data.data_dir, "
+                    f"got data_dir={data_dir!r} without resume")
+
+
 def fit(config: RunConfig, run_dir, *, resume: bool = False, epochs: int | None = None,
         data_dir: str | None = None) -> FitResult:
     """Train a VAE as ``config`` says; write everything into ``run_dir``.
@@ -119,12 +130,7 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False, epochs: int | None 
     result says ``trained=False``.
     PyTorch's CPU thread count, which a run may set, is restored on the way out.
     """
-    if epochs is not None and not resume:
-        raise ValueError(f"epochs extends a resumed run (resume=True); a new run takes config.train.epochs, "
-                         f"got epochs={epochs!r} with resume=False")
-    if data_dir is not None and not resume:
-        raise ValueError(f"data_dir moves a resumed run's data (resume=True); a new run takes "
-                         f"config.data.data_dir, got data_dir={data_dir!r} with resume=False")
+    check_resume_only(bool(resume), epochs, data_dir)
     if not resume and holds_a_run(run_dir):
         raise ValueError(f"run_dir {run_dir} already holds a run; choose another directory, or continue it "
                          f"with resume=True")
