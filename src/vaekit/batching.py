@@ -203,7 +203,10 @@ class BatchIterator:
                     block = bernoulli_draw(self.x[perm[first:last]].to(self.device), g)
                     starts = [s - first for s, _ in own]
                 else:  # only this rank's rows are gathered
-                    rows = torch.cat([torch.arange(s, s + m) for s, m in own]).to(perm.device)
+                    if self.world_size == 1:  # one slice of the permutation
+                        rows = slice(own[0][0], own[-1][0] + own[-1][1])
+                    else:  # positions made on the device: a copy from the host would wait for the GPU
+                        rows = torch.cat([torch.arange(s, s + m, device=perm.device) for s, m in own])
                     block = self.x[perm[rows]].to(self.device)
                     starts = list(itertools.accumulate(counts, initial=0))
             lo, size = starts[j - current * k], counts[j - current * k]

@@ -129,10 +129,9 @@ def _fold(run: _Run) -> None:
     static = run.static
     run.sums += static.sums
     static.sums.zero_()
-    n_bad = int(static.skipped)
+    n_bad, run.bad_run = torch.stack([static.skipped, static.bad_run]).tolist()  # one sync
     static.skipped.zero_()
     run.skipped += n_bad
-    run.bad_run = int(static.bad_run)
 
 
 def _after_static(run: _Run, first: int, k: int) -> None:

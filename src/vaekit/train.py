@@ -214,10 +214,11 @@ def _train_epoch(run: _Run, stop: _Stop, progress, amp) -> bool:
             )
         run.step += done
         progress.update(done)
-        sums = run.sums
-        if (run.step - done) // _FOLD_EVERY != run.step // _FOLD_EVERY and sums[3] > 0:
-            progress.set_postfix(loss=f"{float(sums[0] / sums[3]):.2f}", rec=f"{float(sums[1] / sums[3]):.2f}",
-                                 kl=f"{float(sums[2] / sums[3]):.2f}", beta=f"{run.beta:.3g}")
+        if not progress.disable and (run.step - done) // _FOLD_EVERY != run.step // _FOLD_EVERY:
+            loss, rec, kl, n = run.sums.tolist()  # one sync, and none without a bar to show them on
+            if n > 0:
+                progress.set_postfix(loss=f"{loss / n:.2f}", rec=f"{rec / n:.2f}", kl=f"{kl / n:.2f}",
+                                     beta=f"{run.beta:.3g}")
         stopping = run.stop_all if run.distributed else bool(stop.signum)
         if run.step >= run.total_steps:
             break
