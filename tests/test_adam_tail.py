@@ -79,7 +79,7 @@ def test_fit_refuses_the_kernel_tail_where_it_cannot_run(tmp_path):
         assert not (tmp_path / fast).exists()  # refused before the run directory is made
 
 
-@pytest.mark.skipif(CHILD, reason="the interpreter's kernels are not compiled")
+@pytest.mark.skipif(CHILD or NATIVE, reason="the interpreter's kernels are not compiled; a GPU runs them for real")
 @pytest.mark.parametrize("ptr", ["fp32", "bf16"])
 def test_the_kernels_compile_for_a_hopper_gpu(ptr):
     """Compiled ahead of time for sm_90 (H100, H200) by the ptxas that Triton ships, on any
