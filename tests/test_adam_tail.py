@@ -192,13 +192,14 @@ def _adam_float64(p, grads, *, lr, betas, eps, wd, decoupled, clip):
     (0.0, False, math.inf, (0.9, 0.999)),
     (0.05, False, 0.3, (0.9, 0.999)),
     (0.05, True, 0.3, (0.5, 0.9)),
+    (0.0, False, 0.3, (0.3, 0.9)),  # 1 - beta1 > 1/2: torch's lerp takes its other form
     (0.0, False, 1e9, (0.0, 0.99)),  # beta1 = 0: no momentum; a clip that never bites
 ])
 def test_steps_match_adam_in_float64(wd, decoupled, clip, betas):
     # Shapes that span several programs, end mid-block, and a single element.
     g = torch.Generator().manual_seed(0)
     shapes = [(7, 33), (33,), (1,), (3, 5, 2)]
-    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(_device())) for s in shapes]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g, device="cpu").to(_device())) for s in shapes]
     start = [p.detach().clone() for p in params]
     cls = torch.optim.AdamW if decoupled else torch.optim.Adam
     kw = dict(lr=torch.tensor(0.05, device="cuda"), capturable=True) if _device() == "cuda" else dict(lr=0.05)
@@ -207,7 +208,7 @@ def test_steps_match_adam_in_float64(wd, decoupled, clip, betas):
     sums, skipped, bad_run = _counters()
     history = []
     for i in range(5):
-        grads = [torch.randn(s, generator=g).to(_device()) * (1 + i) for s in shapes]
+        grads = [torch.randn(s, generator=g, device="cpu").to(_device()) * (1 + i) for s in shapes]
         for p, gr in zip(params, grads):
             p.grad = gr.clone()
         history.append(grads)
@@ -261,6 +262,27 @@ def test_a_non_finite_step_changes_nothing_but_the_counters(where):
 
 
 @interpreted
+@pytest.mark.parametrize("beta1", [0.0, 0.3, 0.9])
+def test_the_first_moment_is_torch_lerp_exactly(beta1):
+    # exp_avg.lerp_(grad, 1 - beta1): from weight 1/2 on torch computes it another way, so
+    # with beta1 = 0 exp_avg is the gradient itself, whatever came before (3e7 here).
+    params = [torch.nn.Parameter(torch.zeros(5))]
+    ref = [torch.nn.Parameter(torch.zeros(5))]
+    opt, opt_ref = _adam(params, betas=(beta1, 0.999)), _adam(ref, betas=(beta1, 0.999), foreach=False)
+    tail = AdamTail(opt, params)
+    loss = torch.zeros(())
+    for g in (torch.tensor([3e7, -2.5, 1e-3, 7.0, 0.1]), torch.tensor([1.0, 1.0, -1e-3, 3.0, 0.2])):
+        params[0].grad, ref[0].grad = g.clone(), g.clone()
+        tail(loss, loss, loss, *_counters(), 1)
+        opt_ref.step()
+    got, want = opt.state[params[0]]["exp_avg"], opt_ref.state[ref[0]]["exp_avg"]
+    if beta1 == 0:
+        assert torch.equal(got, want)  # the weight-1 form: exactly the last gradient
+    else:  # torch's lerp is one fused multiply-add (the interpreter rounds twice)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+@interpreted
 def test_eager_adam_steps_in_between_share_the_state():
     # A short last batch takes PyTorch's Adam on the same optimiser: five steps, two of
     # them PyTorch's, equal five of PyTorch's.
@@ -302,10 +324,10 @@ def test_static_step_with_the_kernel_tail_equals_the_default(clip):
              for m, o, k in zip(models, opts, (False, True))]
     g = torch.Generator().manual_seed(1)
     for i in range(8):
-        x = torch.rand((8, 1, 6, 6), generator=g).bernoulli().to(_device())
+        x = torch.rand((8, 1, 6, 6), generator=g, device="cpu").bernoulli().to(_device())
         if i == 5:
             x[0, 0, 0, 0] = float("nan")
-        eps = torch.randn((8, 3), generator=g).to(_device())
+        eps = torch.randn((8, 3), generator=g, device="cpu").to(_device())
         for s in steps:
             s.run(x, eps, 1e-2 * (1 + i % 3), 0.5 + i)
     ref, tail = steps
@@ -326,8 +348,8 @@ def test_a_block_of_steps_equals_single_steps():
     steps = [StaticStep(m, _adam(m.parameters()), batch_size=4, adam_kernel=True) for m in models]
     g = torch.Generator().manual_seed(2)
     for _ in range(4):  # on CUDA: warm-up and capture of the single step, a warm-up block, a captured block
-        xs = torch.rand((3, 4, 1, 6, 6), generator=g).bernoulli().to(_device())
-        eps = torch.randn((3, 4, 3), generator=g).to(_device())
+        xs = torch.rand((3, 4, 1, 6, 6), generator=g, device="cpu").bernoulli().to(_device())
+        eps = torch.randn((3, 4, 3), generator=g, device="cpu").to(_device())
         lrs, betas = [1e-2, 2e-2, 1e-2], [1.0, 0.5, 2.0]
         steps[0].run_block(xs, eps, lrs, betas)
         for i in range(3):
@@ -345,14 +367,15 @@ def test_block_default_is_a_power_of_two():
 def test_a_big_model_gets_bigger_blocks(monkeypatch):
     # at most _MAX_PROGRAMS programs (each re-adds all partial sums), the block doubling
     monkeypatch.setattr(adam_tail, "_MAX_PROGRAMS", 2)
+    monkeypatch.setattr(adam_tail, "BLOCK", 256)
     params = [torch.nn.Parameter(torch.zeros(1000)), torch.nn.Parameter(torch.zeros(3))]
     tail = AdamTail(_adam(params), params)
     assert tail.block == 1024 and tail._tids.numel() == 2  # 256 -> 512 -> 1024: 1 + 1 programs
     assert tail._tids.tolist() == [0, 1] and tail._starts.tolist() == [0, 0]
 
 
-@interpreted
-def test_fit_with_the_kernel_tail_equals_fit_without(tmp_path):
+@pytest.mark.skipif(not (CHILD or NATIVE), reason="Triton path: run by the TRITON_INTERPRET=1 subprocess of its file")
+def test_fit_with_the_kernel_tail_equals_fit_without(tmp_path):  # fit picks its device: no device context
     """TrainConfig(adam_kernel=True): an epoch of fit (its short last batch takes PyTorch's
     Adam, eagerly, on the same state), clipped, with weight decay, a cosine schedule. (The
     interpreter runs the loss kernel too: one epoch takes it about 10 s.)"""

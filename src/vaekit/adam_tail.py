@@ -29,7 +29,9 @@ capture has fixed the addresses (:meth:`AdamTail.bind`; ``StaticStep`` does).
 
 It computes what the reference computes: ``torch.nn.utils.clip_grad_norm_`` (its
 ``max_norm / (norm + 1e-6)`` factor, capped at 1), then ``torch.optim.Adam`` (L2 weight
-decay, or decoupled as AdamW), in float32 with the same formulas; the sum of squares is
+decay, or decoupled as AdamW), in float32 with the same formulas (the moment's lerp as
+torch computes it, IEEE square roots and divisions; the bias corrections from
+``log(beta)`` taken in float64, more exact than float32 powers); the sum of squares is
 taken in another order, so the norm and what follows from it agree to float rounding.
 The tests compare it with a ``StaticStep`` on PyTorch's Adam over many steps, clipped,
 with a non-finite step, under Triton's interpreter on the CPU and natively on a GPU.
@@ -70,10 +72,10 @@ if triton is not None:
         # ok: loss and gradient norm finite (NaN fails both comparisons); the clip factor of
         # clip_grad_norm_, 1 when clip is inf.
         i = tl.arange(0, NP)
-        norm = tl.sqrt(tl.sum(tl.load(partials + i, mask=i < n_partials, other=0.0), 0))
+        norm = tl.sqrt_rn(tl.sum(tl.load(partials + i, mask=i < n_partials, other=0.0), 0))
         loss = tl.load(loss_ptr).to(tl.float32)
         ok = (tl.abs(loss) <= 3.4028234663852886e38) & (norm <= 3.4028234663852886e38)
-        return ok, tl.minimum(clip / (norm + 1e-6), 1.0)
+        return ok, tl.minimum(tl.div_rn(clip, norm + 1e-6), 1.0)
 
     @triton.jit
     def _one_minus_power(log_beta, step):
@@ -90,7 +92,7 @@ if triton is not None:
     def _sumsq_kernel(table, tids, starts, numels, partials, n_tensors, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         t = tl.load(tids + pid)
-        offs = tl.load(starts + pid) + tl.arange(0, BLOCK)
+        offs = tl.load(starts + pid).to(tl.int64) + tl.arange(0, BLOCK)
         g = tl.load(_entry(table, 1, n_tensors, t) + offs, mask=offs < tl.load(numels + t), other=0.0)
         tl.store(partials + pid, tl.sum(g * g, 0))
 
@@ -101,8 +103,8 @@ if triton is not None:
         pid = tl.program_id(0)
         ok, scale = _ok_and_scale(partials, n_partials, loss_ptr, clip, NP)
         t = tl.load(tids + pid)
-        offs = tl.load(starts + pid) + tl.arange(0, BLOCK)
-        mask = offs < tl.where(ok, tl.load(numels + t), 0)  # nothing to update when not ok
+        offs = tl.load(starts + pid).to(tl.int64) + tl.arange(0, BLOCK)
+        mask = offs < tl.where(ok, tl.load(numels + t).to(tl.int64), 0)  # nothing to update when not ok
         p_ptr = _entry(table, 0, n_tensors, t) + offs
         m_ptr = _entry(table, 2, n_tensors, t) + offs
         v_ptr = _entry(table, 3, n_tensors, t) + offs
@@ -117,11 +119,14 @@ if triton is not None:
                 p = p * (1.0 - lr * weight_decay)
             else:
                 g = g + weight_decay * p
-        m = m + one_minus_beta1 * (g - m)  # exp_avg.lerp_(grad, 1 - beta1)
+        # exp_avg.lerp_(grad, w = 1 - beta1), as torch's lerp computes it on either side of 1/2
+        m = tl.where(one_minus_beta1 < 0.5, m + one_minus_beta1 * (g - m), g - (g - m) * (1.0 - one_minus_beta1))
         v = v * beta2 + one_minus_beta2 * g * g
         bias1 = _one_minus_power(log_beta1, step)
         bias2 = _one_minus_power(log_beta2, step)
-        p = p - (lr / bias1) * (m / (tl.sqrt(v) / tl.sqrt(bias2) + eps))
+        # IEEE square roots and divisions (Triton's defaults are approximate), as PyTorch's
+        denom = tl.div_rn(tl.sqrt_rn(v), tl.sqrt_rn(bias2)) + eps
+        p = p - tl.div_rn(lr, bias1) * tl.div_rn(m, denom)
         tl.store(p_ptr, p, mask=mask)
         tl.store(m_ptr, m, mask=mask)
         tl.store(v_ptr, v, mask=mask)
@@ -166,6 +171,10 @@ def adam_tail_unsupported(optimizer, params) -> str:
     for key in ("amsgrad", "maximize", "differentiable"):
         if group.get(key):
             return f"the optimiser has {key}=True"
+    lr = group["lr"]
+    if isinstance(lr, Tensor) and (lr.device != device or lr.numel() != 1):
+        return (f"the optimiser's learning rate must be a number or a one-element tensor on {device}, "
+                f"got one on {lr.device}")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                for v in (*group["betas"], group["eps"], group["weight_decay"])):
         return "the optimiser's betas, eps and weight_decay must be numbers"
@@ -258,8 +267,12 @@ class AdamTail:
         (the addresses of the gradients the capture allocated). Nothing can be copied from
         the host during a capture."""
         for table, addresses in self._pending:
-            table.copy_(torch.tensor(addresses, dtype=torch.int64))
+            table.copy_(torch.tensor(addresses, dtype=torch.int64, device="cpu"))
             self._captured.append(table)
+        self._pending.clear()
+
+    def discard_pending(self) -> None:
+        """Forget the tables of a capture that failed."""
         self._pending.clear()
 
     def __call__(self, loss: Tensor, rec: Tensor, kl: Tensor, sums: Tensor, skipped: Tensor, bad_run: Tensor,
@@ -272,7 +285,7 @@ class AdamTail:
         else:
             table = self._table
             if addresses != self._bound:  # new gradients (or state): one copy from the host
-                table.copy_(torch.tensor(addresses, dtype=torch.int64))
+                table.copy_(torch.tensor(addresses, dtype=torch.int64, device="cpu"))
                 self._bound = addresses
         group = self.opt.param_groups[0]
         lr = group["lr"]
@@ -289,9 +302,11 @@ class AdamTail:
         _sumsq_kernel[(n,)](table, self._tids, self._starts, self._numels, self._partials, nt,
                             BLOCK=self.block, num_warps=self._warps, enable_fp_fusion=True)
         _adam_kernel[(n,)](table, self._tids, self._starts, self._numels, self._partials, n, nt, loss, lr,
-                           float(beta2), 1.0 - beta1, 1.0 - beta2, _log(beta1), _log(beta2), float(group["eps"]), wd,
+                           float(beta2), 1.0 - beta1, 1.0 - beta2, _log(beta1), _log(beta2),
+                           float(group["eps"]), wd,
                            self.clip, DECAY=wd != 0,
                            DECOUPLED=bool(group.get("decoupled_weight_decay")), BLOCK=self.block, NP=np2,
                            num_warps=self._warps, enable_fp_fusion=True)
         _finish_kernel[(1,)](table, nt, self._partials, n, loss, rec, kl, sums, skipped, bad_run,
-                             float(batch_size), self.clip, NP=np2, NT=_next_pow2(nt), enable_fp_fusion=True)
+                             float(batch_size), self.clip, NP=np2, NT=_next_pow2(nt), num_warps=self._warps,
+                             enable_fp_fusion=True)  # the Adam kernel's warps: its very sum, so its very ok

@@ -180,7 +180,7 @@ class BatchIterator:
         if not self.shuffle:
             return torch.arange(len(self.x), device=self.x.device)
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
-        return torch.randperm(len(self.x), generator=g).to(self.x.device)
+        return torch.randperm(len(self.x), generator=g, device="cpu").to(self.x.device)
 
     def __iter__(self):
         if self.position >= len(self):  # resumed right after an epoch's last batch

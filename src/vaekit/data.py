@@ -166,7 +166,7 @@ def _split(n: int, count: int, seed: int, tail: bool) -> tuple:
     """Indices (kept, held out), each in increasing order; ``count`` examples held out."""
     if tail:
         return torch.arange(n - count), torch.arange(n - count, n)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed), device="cpu")
     return perm[count:].sort().values, perm[:count].sort().values
 
 

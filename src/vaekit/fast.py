@@ -293,6 +293,8 @@ class StaticStep:
                 self._body()
         except Exception as e:  # noqa: BLE001  (capture fails in many ways; the cause is chained)
             torch.cuda.set_stream(stream)  # torch.cuda.graph leaves its stream only on a clean end
+            if self._tail is not None:
+                self._tail.discard_pending()
             way_out = ("fast='auto' (vaekit train --fast auto) to capture it uncompiled, or fast='off'"
                        if self._compiled else "fast='off' (vaekit train --fast off) to run it uncaptured")
             raise FastPathError(f"the training step could not be captured in a CUDA graph "
@@ -328,7 +330,7 @@ class StaticStep:
         (bx, beps, sched), graph = self._blocks[k]
         bx.copy_(xs)
         beps.copy_(eps)
-        host = torch.tensor([[(float(v), 0.0, 0.0, 0.0) for v in vals] for vals in (lrs, betas)])
+        host = torch.tensor([[(float(v), 0.0, 0.0, 0.0) for v in vals] for vals in (lrs, betas)], device="cpu")
         if self.device.type == "cuda":  # a copy from pageable memory would wait for the GPU
             sched.copy_(host.pin_memory(), non_blocking=True)
         else:
@@ -361,6 +363,8 @@ class StaticStep:
                     self._block_step(i, lrs[i], bx, beps, blr, bbeta)
         except Exception as e:  # noqa: BLE001  (capture fails in many ways; the cause is chained)
             torch.cuda.set_stream(stream)
+            if self._tail is not None:
+                self._tail.discard_pending()
             raise FastPathError(f"{k} training steps could not be captured in one CUDA graph "
                                 f"({type(e).__name__}: {_first_line(e)}); run them one by one") from e
         self._blocks[k] = ((bx, beps, sched), graph)
