@@ -308,6 +308,15 @@ def test_eager_adam_steps_in_between_share_the_state():
         assert float(ob.state[q]["step"]) == 5.0
 
 
+def _eager_loss_in_the_interpreter(monkeypatch):
+    """Under the interpreter the static step's loss runs eagerly (the fused loss kernel, one
+    interpreted program per row, has its own tests): the tail is what these fits test."""
+    if CHILD:
+        from vaekit import fast
+
+        monkeypatch.setattr(fast, "fused_available", lambda device: False)
+
+
 def _vae():
     torch.manual_seed(0)
     return VAE(ModelConfig(input_shape=(1, 6, 6), latent_dim=3, hidden=(20,)))
@@ -375,10 +384,10 @@ def test_a_big_model_gets_bigger_blocks(monkeypatch):
 
 
 @pytest.mark.skipif(not (CHILD or NATIVE), reason="Triton path: run by the TRITON_INTERPRET=1 subprocess of its file")
-def test_fit_with_the_kernel_tail_equals_fit_without(tmp_path):  # fit picks its device: no device context
+def test_fit_with_the_kernel_tail_equals_fit_without(tmp_path, monkeypatch):  # fit picks its device
     """TrainConfig(adam_kernel=True): an epoch of fit (its short last batch takes PyTorch's
-    Adam, eagerly, on the same state), clipped, with weight decay, a cosine schedule. (The
-    interpreter runs the loss kernel too: one epoch takes it about 10 s.)"""
+    Adam, eagerly, on the same state), clipped, with weight decay, a cosine schedule."""
+    _eager_loss_in_the_interpreter(monkeypatch)
     torch.set_num_threads(1)
     kw = dict(fast="static", grad_clip=5.0, weight_decay=1e-3, lr_schedule="cosine", epochs=1)
     ref = fit(_tiny(**kw), tmp_path / "torch")
@@ -391,3 +400,22 @@ def test_fit_with_the_kernel_tail_equals_fit_without(tmp_path):  # fit picks its
     assert steps == {float(s["step"]) for s in a["optimizer"]["state"].values()} and len(steps) == 1
     for ra, rb in zip(ref.history, tail.history):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4)
+
+
+@pytest.mark.skipif(not (CHILD or NATIVE), reason="Triton path: run by the TRITON_INTERPRET=1 subprocess of its file")
+def test_a_resumed_fit_with_the_kernel_tail_is_the_uninterrupted_one(tmp_path, monkeypatch):
+    """The checkpoint's optimiser state is loaded into new tensors before the tail is built
+    (its tables point at them): one epoch and a resume to two equal two epochs, bit for bit."""
+    _eager_loss_in_the_interpreter(monkeypatch)
+    torch.set_num_threads(1)
+    kw = dict(fast="static", adam_kernel=True, grad_clip=5.0, lr_schedule="constant")  # cosine follows the new end
+    fit(_tiny(epochs=2, **kw), tmp_path / "straight")
+    fit(_tiny(epochs=1, **kw), tmp_path / "resumed")
+    fit(_tiny(**kw), tmp_path / "resumed", resume=True, epochs=2)
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")
+    assert a["step"] == b["step"] > 0
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[key], sb[key]) for key in sa)
