@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from triton_harness import CHILD, NATIVE, interpreted, run_file_interpreted, triton_path_device  # noqa: F401
+from triton_harness import (CHILD, NATIVE, compile_for_hopper, interpreted, run_file_interpreted,  # noqa: F401
+                            triton_path_device)
 
 from vaekit import kernels
 from vaekit.kernels import fused_available, fused_vae_loss
@@ -98,6 +99,35 @@ def test_errors_are_the_eager_errors(kwargs, shapes, match):
     x = torch.rand(shapes[0])
     with pytest.raises(ValueError, match=match):
         fused_vae_loss(x, torch.zeros(shapes[1]), torch.zeros(shapes[2]), torch.zeros(shapes[2]), **kwargs)
+
+
+@pytest.mark.skipif(CHILD or NATIVE, reason="the interpreter's kernels are not compiled; a GPU runs them for real")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_kernels_compile_for_a_hopper_gpu(dtype):
+    """The three loss kernels, compiled ahead of time for sm_90 on any machine (a change
+    that only a GPU compile would refuse shows here), for each constexpr branch."""
+    if kernels.triton is None:
+        pytest.skip("triton is not installed")
+    data = f"*{dtype}"
+    fwd = {"dec_ptr": data, "x_ptr": "*fp32", "grad_ptr": data, "part_ptr": "*fp32", "mu_ptr": data, "lv_ptr": data,
+           "gmu_ptr": data, "glv_ptr": data, "kl_ptr": "*fp32", "D": "i32", "d": "i32", "chunk": "i32", "split": "i32",
+           "gauss_logvar": "fp32", "inv_n": "fp32"}
+    fin = {"part_ptr": "*fp32", "kl_ptr": "*fp32", "beta_ptr": "*fp32", "beta_value": "fp32", "loss_ptr": "*fp32",
+           "rec_ptr": "*fp32", "kl_out_ptr": "*fp32", "B": "i32", "split": "i32", "denom": "fp32"}
+    bwd = {"grad_ptr": data, "gmu_ptr": data, "glv_ptr": data, "gl_ptr": "*fp32", "gr_ptr": "*fp32", "gk_ptr": "*fp32",
+           "gl_stride": "i32", "gr_stride": "i32", "gk_stride": "i32", "beta_ptr": "*fp32", "beta_value": "fp32",
+           "D": "i32", "d": "i32", "chunk": "i32"}
+    for gaussian in (False, True):
+        assert compile_for_hopper(kernels._fwd_kernel, fwd, dict(GAUSSIAN=gaussian, WRITE_GRAD=True, WRITE_KL_GRAD=True,
+                                                                 BLOCK=2048, BLOCK_D=32))
+    assert compile_for_hopper(kernels._fwd_kernel, fwd, dict(GAUSSIAN=False, WRITE_GRAD=False, WRITE_KL_GRAD=False,
+                                                             BLOCK=1024, BLOCK_D=16))
+    for reduce, beta_ptr in ((True, True), (False, False)):
+        assert compile_for_hopper(kernels._finalize_kernel, fin, dict(REDUCE=reduce, BETA_PTR=beta_ptr, BLOCK_B=1,
+                                                                      BLOCK_S=4))
+    for flags in ((True, True, True, True, True, True), (True, False, False, False, True, False)):
+        names = ("HAS_GL", "HAS_GR", "HAS_GK", "BETA_PTR", "SCALE_REC", "SCALE_KL")
+        assert compile_for_hopper(kernels._bwd_kernel, bwd, dict(zip(names, flags), BLOCK=2048, BLOCK_D=32))
 
 
 @pytest.mark.skipif(CHILD, reason="this is the child process")

@@ -62,3 +62,26 @@ def run_file_interpreted(test_file: str) -> None:
     report = proc.stdout[-6000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, report
     assert " passed" in proc.stdout and " failed" not in proc.stdout, report
+
+
+def compile_for_hopper(fn, signature: dict, constexprs: dict) -> bytes:
+    """Compile the Triton kernel ``fn`` ahead of time for sm_90 (H100, H200) with the ptxas
+    that Triton ships, on any machine; returns the cubin (skips where ptxas is missing).
+    ``signature``: argument name -> Triton type ("*fp32", "i32", "fp32", ...) for the
+    arguments that are not in ``constexprs``. Catches what the interpreter lets through
+    (types, pointer casts) without a GPU."""
+    pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as triton_compile
+
+    signature = {**signature, **dict.fromkeys(constexprs, "constexpr")}
+    assert sorted(signature) == sorted(fn.arg_names), (fn.arg_names, list(signature))
+    signature = {name: signature[name] for name in fn.arg_names}
+    try:
+        compiled = triton_compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    except (FileNotFoundError, RuntimeError) as e:
+        if "ptxas" in str(e):
+            pytest.skip(f"no ptxas here: {e}")
+        raise
+    return compiled.asm.get("cubin")
