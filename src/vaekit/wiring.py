@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .adam_tail import adam_tail_unsupported
 from .batching import BatchIterator, fits_on_device
 from .config import RunConfig, TrainConfig
 from .data import FILE_DATASETS, check_images, load_dataset
-from .adam_tail import adam_tail_unsupported
 from .fast import StaticStep
 from .models import VAE
 from .runs import data_record, restore
