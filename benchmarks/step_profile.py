@@ -236,19 +236,6 @@ def first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [""])[0][:200]
 
 
-@contextlib.contextmanager
-def tf32(on: bool):
-    if not on:
-        yield
-        return
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -278,7 +265,9 @@ def main() -> None:
         print(f"\n== {v}")
         t0 = time.perf_counter()
         try:
-            with tf32(v.endswith("-tf32")):
+            from vaekit.latents import tf32_flags
+
+            with tf32_flags(True) if v.endswith("-tf32") else contextlib.nullcontext():
                 line = run_variant(v, device, args, xs, eps)
         except Exception as e:  # noqa: BLE001  (one variant's failure must not lose the others)
             cause = e.__cause__ if e.__cause__ is not None and v == "compiled" else None
