@@ -18,7 +18,7 @@
 # timeout shrinks to what is left; a step with under 20 s left is skipped), so that the
 # script can follow another in one device call of fixed length.
 # $STEPS (optional): a comma list of the steps to run (tail_tests, tail_epoch, loss_bench,
-# epoch_bench, iw_bench, step_profile, tests, host_bench, epoch_compiled, precision_shift);
+# epoch_bench, iw_bench, step_profile, write_bench, tests, host_bench, epoch_compiled, precision_shift);
 # default: all.
 # $EPOCH_AMP: epoch_bench.py --amp for the epoch_bench step (none, bf16, both; default none).
 set -u
@@ -95,6 +95,8 @@ step epoch_bench 120 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --
 step iw_bench 90 "$PY" benchmarks/iw_bench.py --device cuda --k 5000 --n 10000 --n-baseline 300 --reduced tf32,bf16 --data "$DATA"
 # Where one training step's GPU time goes: its kernels, their time, the graph's overhead.
 step step_profile 150 "$PY" benchmarks/step_profile.py --device cuda
+# What fit's files cost an epoch: written in the loop, or by a thread of their own.
+step write_bench 60 "$PY" benchmarks/write_bench.py --device cuda --epochs 3 --repeats 1 --data "$DATA"
 # The GPU tests before the slower extras: the Triton kernels in-process, the captured,
 # compiled and block steps for both optimisers, fit in blocks and resumed, data left on the
 # host. The CPU compile tests (the CPU's fast path, run by CI) are left out: minutes here.
@@ -137,5 +139,5 @@ say "         epoch at batch 128 <= 60 ms; k=5000 IW on 10,000 images <= 1 s (H2
     sed -n '/^recipe/,/^$/p' "$TMP/loss_bench.out" 2>/dev/null
     grep -h "^SUMMARY loss_bench" "$TMP/loss_bench.out" 2>/dev/null | sed 's/^SUMMARY //'
     grep -h -E "^SUMMARY|^agreement|^matrix products|^PRECISION" "$TMP/tail_epoch.out" "$TMP/epoch_bench.out" "$TMP/host_bench.out" "$TMP/iw_bench.out" \
-        "$TMP/step_profile.out" "$TMP/epoch_compiled.out" "$TMP/precision_shift.out" 2>/dev/null | sed 's/^SUMMARY //'
+        "$TMP/step_profile.out" "$TMP/write_bench.out" "$TMP/epoch_compiled.out" "$TMP/precision_shift.out" 2>/dev/null | sed 's/^SUMMARY //'
 } | tee -a "$LOG"

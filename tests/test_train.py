@@ -3,6 +3,7 @@ TensorBoard hook, extending a run (``resume=True, epochs=N``) and the time budge
 
 import dataclasses
 import shutil
+import threading
 
 import pytest
 import torch
@@ -241,3 +242,68 @@ def test_seconds_count_on_across_a_resume(finished, tmp_path):
     state["history"] = [{**r, "seconds": 500.0} for r in state["history"]]
     save_checkpoint(old / "checkpoint.pt", {k: v for k, v in state.items() if k not in ("format", "format_version")})
     assert 500.0 < train.fit(_small(), old, resume=True, epochs=2).history[-1]["seconds"] < 500.0 + 600
+
+
+def _recorded_fit(rd, monkeypatch, background: bool, delay: float = 0.0):
+    """fit of ``_small(train__epochs=2)`` into ``rd``, with or without background writes:
+    (step, model tensors, optimiser state, thread name) of each checkpoint as written,
+    each write after ``delay`` seconds (training goes on meanwhile)."""
+    import time
+
+    seen, save = [], train.save_checkpoint
+
+    def record(path, state):
+        time.sleep(delay)
+        seen.append((state["step"], {k: v.clone() for k, v in state["model"].items()},
+                     {i: {k: v.clone() for k, v in s.items()} for i, s in state["optimizer"]["state"].items()},
+                     threading.current_thread().name))
+        return save(path, state)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(train, "save_checkpoint", record)
+        mp.setattr(train, "BACKGROUND_WRITES", background)
+        result = train.fit(_small(train__epochs=2), rd)
+    return result, seen
+
+
+def test_background_writes_save_what_the_loop_saves_while_training_goes_on(tmp_path, monkeypatch):
+    # Each background write waits 0.1 s before it serialises: the steps after the
+    # checkpoint have changed the weights by then, so only a copy taken at the checkpoint
+    # gives the state the loop itself writes.
+    ref, ref_seen = _recorded_fit(tmp_path / "loop", monkeypatch, background=False)
+    got, got_seen = _recorded_fit(tmp_path / "background", monkeypatch, background=True, delay=0.1)
+    main = threading.current_thread().name
+    assert {name for *_, name in ref_seen} == {main}
+    assert all(name.startswith("vaekit-writer") for *_, name in got_seen)
+    assert [s for s, *_ in got_seen] == [s for s, *_ in ref_seen] and len(ref_seen) >= 3
+    for (_, m1, o1, _), (_, m2, o2, _) in zip(ref_seen, got_seen):
+        assert m1.keys() == m2.keys() and all(torch.equal(m1[k], m2[k]) for k in m1)
+        assert all(torch.equal(o1[i][k], o2[i][k]) for i in o1 for k in o1[i])
+    assert _no_seconds(got.history) == _no_seconds(ref.history)
+    for name in ("model/model.safetensors", "model/config.json"):
+        assert (tmp_path / "background" / name).read_bytes() == (tmp_path / "loop" / name).read_bytes()
+    strip = lambda text: [",".join(r.split(",")[:-1]) for r in text.splitlines()]  # noqa: E731
+    header = (tmp_path / "loop" / "metrics.csv").read_text().splitlines()[0]
+    assert header.endswith("seconds")  # the column strip() leaves out
+    assert strip((tmp_path / "background" / "metrics.csv").read_text()) == strip(
+        (tmp_path / "loop" / "metrics.csv").read_text())
+    final = load_checkpoint(tmp_path / "background" / "checkpoint.pt")
+    assert final["step"] == ref_seen[-1][0] and all(torch.equal(final["model"][k], ref_seen[-1][1][k])
+                                                    for k in final["model"])
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_leaves_the_one_before(tmp_path, monkeypatch):
+    error, written, save = OSError(28, "No space left on device"), [], train.save_checkpoint
+
+    def disk_full_at_the_second(path, state):
+        if written:
+            raise error
+        written.append(state["step"])
+        return save(path, state)
+
+    monkeypatch.setattr(train, "save_checkpoint", disk_full_at_the_second)
+    with pytest.raises(OSError) as got:
+        train.fit(_small(train__epochs=2), tmp_path / "run")
+    assert got.value is error
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["step"] == written[0] == 3  # checkpoint_every=3: the first one, intact

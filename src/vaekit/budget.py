@@ -7,7 +7,10 @@ run, in a temporary directory: a few warm-up steps (which compile or capture the
 then steps timed for about ``calibration_seconds`` (at most to just before the end of the
 first epoch), then one end of epoch (validation, the model saved, metrics, checkpoint). An
 epoch is estimated as its steps at the measured pace plus that end, plus, with
-``train.checkpoint_every``, the checkpoints inside it (one timed). An epoch shorter than
+``train.checkpoint_every``, the checkpoints inside it (one timed). The throwaway run
+writes its files in the loop, where fit writes them in the background
+(``vaekit.train.BACKGROUND_WRITES``): the estimate counts the writes whole, on the safe
+side of the budget. An epoch shorter than
 three warm-ups is timed whole instead, after whole epochs of warm-up. The calibration therefore
 costs seconds, not epochs, however long an epoch is (it used to train whole epochs: for
 ``mnist-pixelcnn-late`` on 2 CPU cores, about 80 s each; now the whole command's start,

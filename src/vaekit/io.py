@@ -5,6 +5,9 @@
 * Training checkpoints: one file written atomically (temporary file, flush, fsync,
   rename, fsync of the directory), read back with ``torch.load(weights_only=True)``,
   which refuses pickled objects other than tensors and plain containers.
+* :class:`BackgroundWriter`: the training loop's files written on a thread of their own
+  from copies taken in host memory (:func:`host_copy`), so that training goes on while
+  they are serialised and synced to disk.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -21,6 +25,8 @@ from . import __version__
 
 __all__ = [
     "atomic_write",
+    "BackgroundWriter",
+    "host_copy",
     "write_json",
     "read_json",
     "save_model",
@@ -101,15 +107,82 @@ def read_json(path) -> dict:
     return obj
 
 
+def host_copy(obj):
+    """``obj`` (tensors in dicts, lists and tuples, and plain values) with every tensor
+    copied into host memory: a snapshot that later in-place updates of the originals (the
+    optimiser's) do not reach. Plain values are shared, not copied."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, host_copy(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(v) for v in obj)
+    return obj
+
+
+class BackgroundWriter:
+    """Runs writing jobs on one thread of their own, in the order they are given, while
+    the caller goes on. At most one job is outstanding: :meth:`submit` first waits for the
+    one before, so the copies a job holds never pile up behind a slow disk. A job's error
+    is raised in the caller's thread by the next :meth:`submit`, :meth:`wait` or
+    :meth:`check` (the same exception object). A job must only read what nobody changes
+    after it was submitted (:func:`host_copy` the rest).
+
+    ``enabled=False``: each job runs at once in the caller's thread (what the training loop
+    did before, and what ``vaekit.train.BACKGROUND_WRITES = False`` restores).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = bool(enabled)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
+
+    def submit(self, job) -> None:
+        """Run ``job()`` after the jobs before it (in the background when enabled)."""
+        self.wait()
+        if not self.enabled:
+            job()
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaekit-writer")
+        self._pending = self._pool.submit(job)
+
+    def wait(self) -> None:
+        """Until every job given so far has finished; raises the error of one that failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def check(self) -> None:
+        """Raise the error of a job that has failed already; never waits."""
+        if self._pending is not None and self._pending.done():
+            self.wait()
+
+    def close(self, *, raise_error: bool = True) -> None:
+        """Wait for the jobs and end the thread. ``raise_error=False`` (on the way out of
+        another error): a failed job's error is dropped rather than raised over it."""
+        try:
+            self.wait()
+        except Exception:  # noqa: BLE001  (whatever the job raised)
+            if raise_error:
+                raise
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+
 # ---------------------------------------------------------------------------------------
 # Models
 
 
-def save_model(model, directory) -> Path:
-    """``directory/model.safetensors`` + ``directory/config.json``."""
+def save_model(model, directory, *, state: dict | None = None) -> Path:
+    """``directory/model.safetensors`` + ``directory/config.json``. ``state``: the weights
+    to write instead of the model's own now (a :func:`host_copy` of its state dict taken
+    earlier; its config and class are the model's)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in (model.state_dict() if state is None else state).items()}
     atomic_write(directory / "model.safetensors", lambda f: f.write(_safetensors_bytes(state)))
     write_json(
         directory / "config.json",

@@ -30,7 +30,7 @@ import torch
 from . import __version__
 from .batching import mix_seed
 from .config import RunConfig, TrainConfig
-from .io import save_checkpoint, save_model, write_json
+from .io import BackgroundWriter, host_copy, save_checkpoint, save_model, write_json
 from .latents import tf32_flags
 from .models import VAE
 from .plots import save_run_pictures
@@ -52,6 +52,11 @@ class FitResult(NamedTuple):
     interrupted: bool
     trained: bool = True  # False: a resumed run that was finished already (nothing written)
 
+
+# Whether fit writes its model, metrics and checkpoints on a thread of its own while
+# training goes on (io.BackgroundWriter); False writes them in the loop, as the benchmarks
+# compare (docs/benchmarks.md).
+BACKGROUND_WRITES = True
 
 _VAL_STREAM = 0x76616C  # validation noise: a function of (seed, epoch), the same on every rank
 
@@ -164,7 +169,11 @@ def _prepare_run_dir(run: _Run, state: dict | None, changed: bool) -> None:
     write_json(run.run_dir / "config.json", {"vaekit_version": __version__, **run.config.to_dict()})
 
 
-def _checkpoint(run: _Run) -> None:
+def _checkpoint(run: _Run, before=()) -> None:
+    """The training state written to ``checkpoint.pt`` (by rank 0), after the writing jobs
+    ``before`` (the end of an epoch's model and metrics). The state is copied into host
+    memory now; the files are written by ``run.writes``, in the background while training
+    goes on (``BACKGROUND_WRITES``)."""
     if run.static is not None:
         _fold(run)
     rng = rng_state(run.device)
@@ -174,13 +183,21 @@ def _checkpoint(run: _Run) -> None:
         rngs = [None] * run.world
         torch.distributed.all_gather_object(rngs, {k: v.cpu() for k, v in rng.items()})
     if run.is_main:
-        save_checkpoint(run.ckpt_path, {
+        state = host_copy({
             "config": run.config.to_dict(), "model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
-            "step": run.step, "epoch": run.epoch, "history": run.history, "best": run.best,
-            "since_best": run.since_best, "skipped": run.skipped, "sums": all_sums.cpu(),
+            "step": run.step, "epoch": run.epoch, "history": [dict(r) for r in run.history], "best": run.best,
+            "since_best": run.since_best, "skipped": run.skipped, "sums": all_sums,
             "batches": run.batches.state_dict(), "rng": rngs, "world_size": run.world, "vaekit_version": __version__,
             "data": run.data_seen, "seconds": time.perf_counter() - run.t0,
         })
+        path, jobs = run.ckpt_path, list(before)
+
+        def write() -> None:
+            for job in jobs:
+                job(state)
+            save_checkpoint(path, state)
+
+        run.writes.submit(write)
     if run.distributed:
         torch.distributed.barrier()
 
@@ -208,12 +225,15 @@ def _train_epoch(run: _Run, stop: _Stop, progress, amp) -> bool:
             done = 1
         if run.bad_run >= tc.max_bad_steps:
             progress.close()
+            run.writes.wait()  # the checkpoint named below is on disk
             raise TrainingDiverged(
                 f"{run.bad_run} non-finite steps in a row (at step {run.step}); stopped. The last good checkpoint "
                 f"is {run.ckpt_path if run.ckpt_path.exists() else 'not written yet'}"
             )
         run.step += done
         progress.update(done)
+        if (run.step - done) // _FOLD_EVERY != run.step // _FOLD_EVERY:
+            run.writes.check()  # a checkpoint that could not be written stops the run now
         if not progress.disable and (run.step - done) // _FOLD_EVERY != run.step // _FOLD_EVERY:
             loss, rec, kl, n = run.sums.tolist()  # one sync, and none without a bar to show them on
             if n > 0:
@@ -267,16 +287,18 @@ def _end_epoch(run: _Run, writer) -> None:
     run.epoch += 1
     sums.zero_()
     run.batches.set_epoch(run.epoch)
+    before = []  # written with the checkpoint, from its copies of the weights and the history
     if run.is_main:
+        model, model_dir, metrics = run.model, run.run_dir / "model", run.run_dir / "metrics.csv"
         if improved:
-            save_model(run.model, run.run_dir / "model")
-        write_metrics(run.run_dir / "metrics.csv", run.history)
+            before.append(lambda state: save_model(model, model_dir, state=state["model"]))
+        before.append(lambda state: write_metrics(metrics, state["history"]))
         if writer is not None:
             for r in run.history[-2 if run.val_x.shape[0] else -1:]:  # this epoch's rows
                 split = r["split"]
                 for k in ("loss", "reconstruction", "kl"):
                     writer.add_scalar(f"{split}/{k}", r[k], run.epoch)
-    _checkpoint(run)
+    _checkpoint(run, before)
 
 
 def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None,
@@ -309,17 +331,23 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None,
     # checkpoint keeps it; older ones only their last epoch row's).
     done = state.get("seconds", (state["history"] or [{}])[-1].get("seconds", 0.0)) if state else 0.0
     run.t0 = time.perf_counter() - float(done)
-    with _Stop() as stop, _unvalidated(), _tf32(run):
-        while run.more_to_do() and not run.stopped_early():
-            if _train_epoch(run, stop, progress, amp):
-                interrupted = True
-                break
-            _end_epoch(run, writer)
-            if run.stopped_early():
-                break
-            if (run.stop_all if run.distributed else stop.signum) and run.more_to_do():
-                interrupted = True
-                break
+    run.writes = BackgroundWriter(BACKGROUND_WRITES and run.is_main)
+    try:
+        with _Stop() as stop, _unvalidated(), _tf32(run):
+            while run.more_to_do() and not run.stopped_early():
+                if _train_epoch(run, stop, progress, amp):
+                    interrupted = True
+                    break
+                _end_epoch(run, writer)
+                if run.stopped_early():
+                    break
+                if (run.stop_all if run.distributed else stop.signum) and run.more_to_do():
+                    interrupted = True
+                    break
+    except BaseException:
+        run.writes.close(raise_error=False)  # what was handed to it is on disk; the first error is the news
+        raise
+    run.writes.close()
     progress.close()
     if interrupted:
         if run.is_main:

@@ -24,6 +24,7 @@ from .batching import BatchIterator, fits_on_device
 from .config import RunConfig, TrainConfig
 from .data import FILE_DATASETS, check_images, load_dataset
 from .fast import StaticStep
+from .io import BackgroundWriter
 from .models import VAE
 from .runs import data_record, restore
 from .steps import _Objective, _adam, _use_static, lr_at
@@ -104,6 +105,8 @@ class _Run:
     stop_all: bool = False  # under torchrun: some rank got a stop signal
     t0: float = 0.0  # time.perf_counter() when the run would have started, had it not stopped
     data_seen: dict = dataclasses.field(default_factory=dict)  # runs.data_record of the training data, once
+    # Where the checkpoints are written: in the loop unless fit hands them to a thread
+    writes: BackgroundWriter = dataclasses.field(default_factory=lambda: BackgroundWriter(False))
 
     @property
     def tc(self) -> TrainConfig:

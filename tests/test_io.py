@@ -1,0 +1,111 @@
+"""vaekit.io's background writer and host copies: the pieces that let fit write its files
+while it trains (fit itself: tests/test_train.py)."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from vaekit.io import BackgroundWriter, host_copy
+
+
+def test_jobs_run_in_order_on_another_thread_one_at_a_time():
+    writer, log, lock = BackgroundWriter(), [], threading.Lock()
+    running = []
+
+    def job(i):
+        def run():
+            with lock:
+                running.append(i)
+                assert len(running) == 1, "two jobs ran at once"
+            time.sleep(0.01)
+            log.append((i, threading.current_thread().name))
+            with lock:
+                running.remove(i)
+        return run
+
+    for i in range(5):
+        writer.submit(job(i))
+    writer.close()
+    assert [i for i, _ in log] == list(range(5))
+    assert all(name.startswith("vaekit-writer") for _, name in log)
+
+
+def test_submit_waits_for_the_job_before():
+    writer, gate, done = BackgroundWriter(), threading.Event(), []
+    writer.submit(lambda: (gate.wait(5), done.append(1)))
+    t = threading.Timer(0.2, gate.set)
+    t.start()
+    start = time.perf_counter()
+    writer.submit(lambda: done.append(2))  # returns only once job 1 is over
+    assert done[:1] == [1] and time.perf_counter() - start >= 0.15
+    writer.close()
+    assert done == [1, 2]
+
+
+@pytest.mark.parametrize("how", ["submit", "wait", "check", "close"])
+def test_a_failed_job_raises_its_own_error_in_the_callers_thread(how):
+    writer, error = BackgroundWriter(), OSError(28, "No space left on device")
+
+    def fail():
+        raise error
+
+    writer.submit(fail)
+    time.sleep(0.05)
+    later = []
+    with pytest.raises(OSError) as got:
+        if how == "check":
+            for _ in range(100):  # check never waits: poll until the job has failed
+                writer.check()
+                time.sleep(0.01)
+        elif how == "submit":
+            writer.submit(lambda: later.append(1))
+        else:
+            getattr(writer, how)()
+    assert got.value is error
+    writer.close()  # reported once: nothing left to raise
+    assert later == []  # a job after a failed one is not run
+
+
+def test_check_never_waits_and_close_can_drop_the_error():
+    writer, gate = BackgroundWriter(), threading.Event()
+
+    def slow_failure():
+        gate.wait(5)
+        raise RuntimeError("disk gone")
+
+    writer.submit(slow_failure)
+    start = time.perf_counter()
+    writer.check()  # still running: returns at once
+    assert time.perf_counter() - start < 0.5
+    gate.set()
+    writer.close(raise_error=False)  # on the way out of another error
+
+
+def test_disabled_writer_runs_each_job_at_once_in_the_caller():
+    writer, names = BackgroundWriter(enabled=False), []
+    writer.submit(lambda: names.append(threading.current_thread().name))
+    assert names == [threading.current_thread().name]
+    with pytest.raises(ValueError, match="at once"):
+        writer.submit(lambda: (_ for _ in ()).throw(ValueError("at once")))
+    writer.close()
+
+
+def test_host_copy_is_a_snapshot_that_later_updates_do_not_reach():
+    w = torch.arange(6.0).reshape(2, 3)
+    opt_like = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(3)}},
+                "param_groups": [{"lr": torch.tensor(0.1), "params": [0]}]}
+    obj = {"model": {"w": w, "w_t": w.t()}, "optimizer": opt_like, "step": 7, "rows": [{"a": 1.0}],
+           "pair": (torch.zeros(2), "x")}
+    snap = host_copy(obj)
+    w.add_(100)
+    opt_like["state"][0]["exp_avg"].mul_(0)
+    opt_like["param_groups"][0]["lr"].fill_(0.5)
+    assert torch.equal(snap["model"]["w"], torch.arange(6.0).reshape(2, 3))
+    assert torch.equal(snap["model"]["w_t"], torch.arange(6.0).reshape(2, 3).t())
+    assert torch.equal(snap["optimizer"]["state"][0]["exp_avg"], torch.ones(3))
+    assert float(snap["optimizer"]["param_groups"][0]["lr"]) == pytest.approx(0.1)
+    assert snap["step"] == 7 and snap["rows"] == [{"a": 1.0}] and isinstance(snap["pair"], tuple)
+    assert snap["model"]["w"].data_ptr() != w.data_ptr()
+    assert all(t.device.type == "cpu" for t in (snap["model"]["w"], snap["pair"][0]))
