@@ -147,7 +147,8 @@ def vaekit_loop(x, device, static: bool, amp: bool = False, compiled: bool = Fal
     with ``amp``, as fit runs it), backward, clip_grad_norm_, finiteness check (a sync),
     Adam, epoch sums. Static: vaekit.fast.
     StaticStep (one CUDA graph replay per step on CUDA, uncaptured elsewhere) with its
-    counters read every 50 steps; the short last batch takes the eager step, as in fit.
+    counters read every 50 steps; the short last batch takes the eager step off CUDA and a
+    captured step of its own on CUDA, as in fit.
     Compiled: the static step with ``compile=True`` (its forward and loss under bf16
     autocast with ``amp``; captured on CUDA, as fit runs it). On CUDA the static step's Adam is fit's (capturable,
     fused: the kernel skips a non-finite step); ``fused_adam=False`` gives the capturable
@@ -232,8 +233,8 @@ def vaekit_loop(x, device, static: bool, amp: bool = False, compiled: bool = Fal
                                                                         device=device), [LR] * block, [1.0] * block)
                     pending = []
                     int(step_fn.skipped)  # fit reads the device counters every 50 steps
-            elif step_fn is not None and xb.shape[0] == BATCH:
-                step_fn.run(xb, noise((BATCH, LATENT)), LR, 1.0)
+            elif step_fn is not None and step_fn.serves(xb.shape[0]):  # on CUDA the short last batch too
+                step_fn.run(xb, noise((xb.shape[0], LATENT)), LR, 1.0)
                 if state["step"] % 50 == 49:
                     int(step_fn.skipped)  # fit reads the device counters this often
             else:

@@ -537,3 +537,99 @@ def test_the_training_loop_and_the_budget_trial_run_inside_the_precision_context
     budget.epochs_for_budget(tiny_config(train__epochs=2), 10.0)
     assert seen and all(flag for _, flag in seen)
     assert not inside
+
+
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_short_batch_takes_a_static_step_of_its_own(device, kind):
+    """other_sizes: a batch of another size (an epoch's short last one) gets buffers of its
+    own (on CUDA: warm-up steps, then a graph of its own), between steps of the main size,
+    and computes the hand-written step."""
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(1, 6, 6), latent_dim=2, hidden=(16,))).to(device)
+    twin = copy.deepcopy(model)
+    opt = _adam(model.parameters(), device, kind)
+    opt_twin = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    step = StaticStep(model, opt, batch_size=8, other_sizes=True)
+    sizes = [8, 8, 8, 8, 5, 8, 5, 8, 5, 3, 5, 8, 5, 3, 3]  # crosses both sizes' warm-ups and captures
+    for i, b in enumerate(sizes):
+        x = torch.rand(b, 1, 6, 6, device=device).bernoulli()
+        eps = torch.randn(b, 2, device=device)
+        step.run(x, eps, 1e-2, 0.5 + i)
+        _manual_step(twin, opt_twin, x, eps, 0.5 + i)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    assert int(step.skipped) == 0 and float(step.sums[3]) == sum(sizes)
+    if device == "cuda":
+        assert all(step._others[b].graph is not None for b in (5, 3))
+
+
+def test_other_batch_sizes_are_served_when_capturing_by_default():
+    model = VAE(ModelConfig(input_shape=(4,), latent_dim=2, hidden=(8,)))
+    step = StaticStep(model, torch.optim.Adam(model.parameters(), lr=1e-2), batch_size=4)
+    assert not step.capture and not step.other_sizes
+    assert step.serves(4) and not step.serves(3)
+    with pytest.raises(ValueError, match=r"takes batches of 4 examples \(and other sizes: other_sizes=True\), got 3"):
+        step.run(torch.rand(3, 4), torch.randn(3, 2), 1e-2, 1.0)
+    assert StaticStep(model, torch.optim.Adam(model.parameters(), lr=1e-2), batch_size=4,
+                      capture=True).other_sizes  # never run: capturing needs CUDA
+
+
+def _short_batch_static(monkeypatch):
+    """fit's static step serving the short last batch on the CPU too (on CUDA it does by
+    default); the eager steps counted."""
+    import functools
+
+    import vaekit.train
+    from vaekit import wiring
+
+    monkeypatch.setattr(wiring, "StaticStep", functools.partial(StaticStep, other_sizes=True))
+    eager, real = [], vaekit.train._eager_step
+
+    def counted(run, x, *args):
+        eager.append(x.shape[0])
+        return real(run, x, *args)
+
+    monkeypatch.setattr(vaekit.train, "_eager_step", counted)
+    return eager
+
+
+def test_fit_takes_the_short_last_batch_in_the_static_step(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    config = _tiny("static", epochs=2, device="cpu")
+    ref = fit(config, tmp_path / "eager-short")
+    eager = _short_batch_static(monkeypatch)
+    got = fit(config, tmp_path / "static-short")
+    assert eager == []  # no eager step: the short batches went to the static step
+    a = load_checkpoint(tmp_path / "eager-short" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "static-short" / "checkpoint.pt")
+    assert ref.history[-1]["step"] == b["step"] and a["step"] == b["step"]
+    from vaekit.data import load_dataset
+    assert 0 < len(load_dataset(config.data).train) % config.train.batch_size  # the tiny data end short
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-5, atol=1e-6)
+    for ra, rb in zip(ref.history, got.history):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
+
+
+def test_a_short_batch_that_cannot_be_captured_goes_back_to_the_eager_step_alone(tmp_path, monkeypatch, capsys):
+    from vaekit.fast import FastPathError
+
+    torch.set_num_threads(1)
+    config = _tiny("static", epochs=2, device="cpu")
+    ref = fit(config, tmp_path / "ref")
+    eager = _short_batch_static(monkeypatch)
+
+    def failing(self, x, *args):
+        self._others[x.shape[0]] = None  # what a failed capture leaves
+        raise FastPathError(f"the training step on a batch of {x.shape[0]} could not be captured in a CUDA "
+                            f"graph (RuntimeError: faked); batches of {x.shape[0]} take the eager step")
+
+    monkeypatch.setattr(StaticStep, "_run_other", failing)
+    capsys.readouterr()
+    got = fit(config, tmp_path / "fell-back")  # fast='static' by name: still no stop
+    err = capsys.readouterr().err
+    assert err.count("could not be captured") == 1 and "faked" in err
+    assert len(eager) == 2 and all(b < config.train.batch_size for b in eager)  # one short batch an epoch
+    for ra, rb in zip(ref.history, got.history):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)

@@ -21,7 +21,7 @@ wait. :class:`AdamTail` does the same work in three launches:
 The tensors are reached through tables of their addresses, so parameters of any shapes
 and number share one launch of as many programs as the device can use. Parameters,
 moments and step counts are the optimiser's own (``optimizer.state``): an eager step of
-the same :class:`torch.optim.Adam` in between (a short last batch) and a checkpoint see
+the same :class:`torch.optim.Adam` in between (a short last batch off CUDA) and a checkpoint see
 one state. Gradients are new tensors after each uncaptured backward: their table is
 rewritten when their addresses change; inside a CUDA-graph capture nothing can be copied
 from the host, so each captured call gets its own table, which the caller fills once the

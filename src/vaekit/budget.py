@@ -119,7 +119,8 @@ def _time_steps(run, stop: _Stop, target: float, checkpoint_every: int = 0) -> f
     if stop.signum:  # a stop signal during the build
         raise KeyboardInterrupt(_STOPPED)
     # The steps that run as the static step or its blocks (an epoch's last, partial batch
-    # runs eagerly; steps short of a whole block run one at a time).
+    # runs eagerly, or on CUDA in a graph of its own; steps short of a whole block run one
+    # at a time).
     fast = (run.batches.full_batches // block) * block or run.batches.full_batches
     warm = _WARMUP_STEPS * block
     if steps < 3 * warm:

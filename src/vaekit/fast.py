@@ -27,9 +27,10 @@ are compiled by ``torch.compile`` (``TrainConfig(fast="compile")``): on a CPU in
 fuses the element-wise work into C++ loops; on CUDA it writes fused Triton kernels (the
 loss among them: the hand-written kernel is not used there) and the compiled step is
 then captured like the eager one, with fewer kernels in the graph. Only the plain
-ELBO/beta-VAE objective with a constant batch size takes this path; the training loop
-runs the eager step for anything else (a partial last batch, IWAE, beta-TCVAE, free
-bits, capacity).
+ELBO/beta-VAE objective takes this path; the training loop runs the eager step for
+anything else (IWAE, beta-TCVAE, free bits, capacity). A batch of another size than the
+step's (an epoch's short last batch) gets, when capturing, buffers and a graph of its
+own (its forward uncompiled); uncaptured it takes the eager step.
 """
 
 from __future__ import annotations
@@ -105,6 +106,19 @@ def _aligned_slots(k: int, like: Tensor) -> Tensor:
     return like.new_zeros(k, -(-n // per_16) * per_16)[:, :n].unflatten(1, like.shape)
 
 
+# Warm-up steps (on a side stream) of a batch size other than the step's before it is
+# captured: the optimiser's state exists by then; the autograd buffers of that shape do not.
+OTHER_WARMUP = 2
+
+
+class _Other:
+    """The buffers and graph of one other batch size of a :class:`StaticStep`."""
+
+    def __init__(self, x: Tensor, eps: Tensor, warmup: int) -> None:
+        self.x, self.eps, self.warmup_left = x, eps, warmup
+        self.graph = None
+
+
 class StaticStep:
     """One optimiser step of ``model`` on a batch of a fixed size, over static buffers.
 
@@ -124,6 +138,11 @@ class StaticStep:
             three Triton kernels instead of about 20 PyTorch kernels; needs CUDA with
             Triton (or Triton's interpreter on a CPU) and an Adam of one parameter group.
             The tests compare it with the default, PyTorch's Adam.
+        other_sizes: whether :meth:`run` also takes batches of other sizes (an epoch's
+            short last batch), each size captured in a graph of its own after
+            ``OTHER_WARMUP`` warm-up steps, its forward pass and loss uncompiled (a
+            compilation for one batch an epoch would cost more than it saves). Default:
+            when capturing (on a CPU an uncaptured step gains nothing over the eager one).
 
     Call ``run(x, eps, lr, beta)`` per step; ``sums`` holds ``[loss*b, rec*b, kl*b, b]``
     over the accepted steps, ``skipped`` and ``bad_run`` count non-finite steps (all on
@@ -132,7 +151,7 @@ class StaticStep:
 
     def __init__(self, model, optimizer, *, batch_size: int, grad_clip: float = 0.0, amp: bool = False,
                  capture: bool | None = None, warmup: int = 3, compile: bool = False,
-                 adam_kernel: bool = False) -> None:
+                 adam_kernel: bool = False, other_sizes: bool | None = None) -> None:
         p = next(model.parameters())
         self.device = p.device
         self.model, self.opt = model, optimizer
@@ -140,6 +159,7 @@ class StaticStep:
         self.grad_clip = grad_clip or math.inf
         self.amp = amp
         cfg = model.config
+        self.batch_size = batch_size
         self.x = torch.zeros(batch_size, *cfg.input_shape, device=self.device)
         self.eps = torch.zeros(batch_size, cfg.latent_dim, device=self.device)
         self.beta = torch.zeros((), device=self.device)
@@ -167,6 +187,8 @@ class StaticStep:
         self._beta_now = self._lr_now = None  # what the tensors hold: unchanged values are not refilled
         self._blocks: dict[int, tuple] = {}  # K -> (buffers, graph or None) of run_block
         self._warm: set[int] = set()  # the K whose block ran once uncaptured on CUDA
+        self.other_sizes = self.capture if other_sizes is None else bool(other_sizes)
+        self._others: dict[int, _Other] = {}  # batch size -> its buffers and graph
 
     # -- the step, as captured ----------------------------------------------------------
 
@@ -193,10 +215,11 @@ class StaticStep:
         kl = gaussian_kl(mu, logvar, validate_args=False).mean()
         return LossResult(rec + beta * kl, rec, kl)
 
-    def _body(self, x: Tensor | None = None, eps: Tensor | None = None, beta: Tensor | None = None) -> None:
+    def _body(self, x: Tensor | None = None, eps: Tensor | None = None, beta: Tensor | None = None,
+              forward=None) -> None:
         x = self.x if x is None else x
         try:
-            res = self._forward(x, self.eps if eps is None else eps, self.beta if beta is None else beta)
+            res = (forward or self._forward)(x, self.eps if eps is None else eps, self.beta if beta is None else beta)
         except Exception as e:  # noqa: BLE001  (inductor raises many kinds; the cause is chained)
             if not self._untried:
                 raise
@@ -253,10 +276,13 @@ class StaticStep:
             for t, backup in self._backups:
                 backup.copy_(t)
 
-    def run(self, x: Tensor, eps: Tensor, lr: float, beta: float) -> None:
-        """One step on batch ``x`` with noise ``eps``, learning rate ``lr`` and KL weight ``beta``."""
-        self.x.copy_(x)
-        self.eps.copy_(eps)
+    def serves(self, batch_size: int) -> bool:
+        """Whether :meth:`run` takes a batch of ``batch_size`` examples: the size the step
+        was built for, and with ``other_sizes`` any other that has not failed to capture."""
+        return batch_size == self.batch_size or (self.other_sizes and batch_size > 0
+                                                 and self._others.get(batch_size, True) is not None)
+
+    def _schedule(self, lr: float, beta: float) -> None:
         # Each fill is a kernel launch on CUDA: schedules that hold still cost none.
         if beta != self._beta_now:
             self.beta.fill_(beta)
@@ -264,6 +290,15 @@ class StaticStep:
         if lr != self._lr_now:
             set_lr(self.opt, lr)
             self._lr_now = lr
+
+    def run(self, x: Tensor, eps: Tensor, lr: float, beta: float) -> None:
+        """One step on batch ``x`` with noise ``eps``, learning rate ``lr`` and KL weight ``beta``."""
+        if x.shape[0] != self.batch_size:
+            self._run_other(x, eps, lr, beta)
+            return
+        self.x.copy_(x)
+        self.eps.copy_(eps)
+        self._schedule(lr, beta)
         if not self.capture:
             self.opt.zero_grad(set_to_none=True)
             self._body()
@@ -303,6 +338,55 @@ class StaticStep:
         if self._tail is not None:
             self._tail.bind()  # the addresses of the gradients the capture allocated
         # Capture records the step without running it: run it now.
+        graph.replay()
+
+    def _run_other(self, x: Tensor, eps: Tensor, lr: float, beta: float) -> None:
+        """A step on a batch of another size (:meth:`serves`): its own buffers and graph,
+        the forward pass uncompiled. Captured once the main step is and after
+        ``OTHER_WARMUP`` warm-up steps on a side stream; a capture that fails leaves that
+        size to the caller's eager step from then on (:class:`FastPathError`)."""
+        b = x.shape[0]
+        if not self.serves(b):
+            raise ValueError(f"this StaticStep takes batches of {self.batch_size} examples"
+                             f"{' (and other sizes: other_sizes=True)' if not self.other_sizes else ''}, got {b}")
+        slot = self._others.get(b)
+        if slot is None:
+            slot = self._others[b] = _Other(torch.zeros(b, *self.x.shape[1:], device=self.device),
+                                            torch.zeros(b, *self.eps.shape[1:], device=self.device), OTHER_WARMUP)
+        slot.x.copy_(x)
+        slot.eps.copy_(eps)
+        self._schedule(lr, beta)
+        if not self.capture:
+            self.opt.zero_grad(set_to_none=True)
+            self._body(slot.x, slot.eps, forward=self._forward_loss)
+            return
+        if slot.graph is not None:
+            slot.graph.replay()
+            return
+        if slot.warmup_left > 0 or self._graph is None:  # the main step captures first (it makes the backups)
+            slot.warmup_left -= 1
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                self.opt.zero_grad(set_to_none=True)
+                self._body(slot.x, slot.eps, forward=self._forward_loss)
+            torch.cuda.current_stream().wait_stream(s)
+            return
+        self.opt.zero_grad(set_to_none=True)
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
+        try:
+            with torch.cuda.graph(graph):
+                self._body(slot.x, slot.eps, forward=self._forward_loss)
+        except Exception as e:  # noqa: BLE001  (capture fails in many ways; the cause is chained)
+            torch.cuda.set_stream(stream)
+            if self._tail is not None:
+                self._tail.discard_pending()
+            self._others[b] = None  # not served again
+            raise FastPathError(f"the training step on a batch of {b} could not be captured in a CUDA graph "
+                                f"({type(e).__name__}: {_first_line(e)}); batches of {b} take the eager step") from e
+        slot.graph = graph
+        if self._tail is not None:
+            self._tail.bind()
         graph.replay()
 
     def run_block(self, xs: Tensor, eps: Tensor, lrs, betas) -> None:

@@ -156,11 +156,17 @@ def _static_step(run: _Run, x: torch.Tensor) -> bool:
     graph that cannot be captured, a compilation that fails) in a run that did not ask for
     it by name (``fast="auto"``, one step a call): the run says so on stderr and goes on
     with the eager step, which then takes this batch. Asked for by name, the error stops
-    the run (it names the setting that avoids it)."""
+    the run (it names the setting that avoids it). A batch of another size (an epoch's
+    short last batch, which a capturing step serves in a graph of its own) that cannot be
+    captured goes back to the eager step alone, said once on stderr, whatever ``fast``."""
     run.beta = _beta_at(run.config.objective, run.step)
     try:
         run.static.run(x, run.objective.noise(run.step, (x.shape[0], run.config.model.latent_dim)), run.lr, run.beta)
     except FastPathError as e:
+        if x.shape[0] != run.static.batch_size:  # a short batch: that size alone goes back to the eager step
+            if run.is_main:
+                print(f"vaekit: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+            return False
         if run.tc.fast != "auto" or run.tc.graph_steps != 1:
             raise
         # The step was not taken (capture records without running); the steps before it were.

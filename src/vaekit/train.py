@@ -220,7 +220,7 @@ def _train_epoch(run: _Run, stop: _Stop, progress, amp) -> bool:
             done, pending = k, []
         else:
             run.lr = lr_at(run.step, run.total_steps, tc)
-            if not (run.static is not None and x.shape[0] == tc.batch_size and _static_step(run, x)):
+            if not (run.static is not None and run.static.serves(x.shape[0]) and _static_step(run, x)):
                 _eager_step(run, x, stop, amp)
             done = 1
         if run.bad_run >= tc.max_bad_steps:
