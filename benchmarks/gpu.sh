@@ -86,7 +86,7 @@ fi
 # steps), then the epoch with it, uncompiled and compiled, fp32 and TF32, beside the
 # default static and compiled steps and the classic recipe in the same run, and fit with
 # TF32 without and with it (uncompiled and compiled).
-step tail_tests 150 "$PY" -m pytest tests/test_adam_tail.py -q -o addopts="" -p no:cacheprovider -rfE
+step tail_tests 150 "$PY" -m pytest tests/test_adam_tail.py tests/test_fast.py::test_a_short_batch_takes_a_static_step_of_its_own -q -o addopts="" -p no:cacheprovider -rfE
 step tail_epoch 240 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp none --skip eager,static-unfused,static-block,pythae,floor,compiled-block,fit,fit-compile,fit-block,fit-compile-block --data "$DATA"
 step loss_bench 120 "$PY" benchmarks/loss_bench.py --device cuda --sweep
 step epoch_bench 120 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp "${EPOCH_AMP:-none}" --skip compiled,compiled-block,fit-compile,fit-compile-block,static-tail,static-tail-tf32,compiled-tail,compiled-tail-tf32,fit-tail --data "$DATA"

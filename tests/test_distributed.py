@@ -75,10 +75,10 @@ def patched_forward(self, x, step):
     return forward(self, x, step)
 
 
-def patched_save_checkpoint(path, state):
+def patched_save_checkpoint(path, state, **kw):
     save_checkpoint(keep / f"checkpoint-{state['step']}.pt", state)
     writes.append("save_checkpoint")
-    return save_checkpoint(path, state)
+    return save_checkpoint(path, state, **kw)
 
 
 def logged(name):

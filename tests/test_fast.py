@@ -393,8 +393,8 @@ def test_fit_in_blocks_resumes_bit_for_bit(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     blobs, save = [], vaekit.train.save_checkpoint
 
-    def keep(path, state):
-        save(path, state)
+    def keep(path, state, **kw):
+        save(path, state, **kw)
         blobs.append((state["step"], path.read_bytes()))
 
     monkeypatch.setattr(vaekit.train, "save_checkpoint", keep)
@@ -435,8 +435,8 @@ def test_fit_in_blocks_and_resumed_mid_epoch_is_the_same_run(tmp_path, monkeypat
     fit(config(1), tmp_path / "single")
     blobs, save = [], vaekit.train.save_checkpoint
 
-    def keep(path, state):
-        save(path, state)
+    def keep(path, state, **kw):
+        save(path, state, **kw)
         blobs.append((state["step"], path.read_bytes()))
 
     monkeypatch.setattr(vaekit.train, "save_checkpoint", keep)

@@ -109,3 +109,16 @@ def test_host_copy_is_a_snapshot_that_later_updates_do_not_reach():
     assert snap["step"] == 7 and snap["rows"] == [{"a": 1.0}] and isinstance(snap["pair"], tuple)
     assert snap["model"]["w"].data_ptr() != w.data_ptr()
     assert all(t.device.type == "cpu" for t in (snap["model"]["w"], snap["pair"][0]))
+
+
+def test_a_checkpoint_serialised_earlier_is_the_file_save_checkpoint_writes(tmp_path):
+    from vaekit.io import checkpoint_bytes, load_checkpoint, save_checkpoint
+
+    state = {"model": {"w": torch.randn(3, 2)}, "step": 5, "history": [{"loss": 1.5}]}
+    data = checkpoint_bytes(state)
+    state["model"]["w"].zero_()  # after serialising: not in the file
+    save_checkpoint(tmp_path / "early.pt", state, data=data)
+    save_checkpoint(tmp_path / "now.pt", state)
+    early, now = load_checkpoint(tmp_path / "early.pt"), load_checkpoint(tmp_path / "now.pt")
+    assert early["step"] == now["step"] == 5 and early["format"] == now["format"]
+    assert torch.count_nonzero(early["model"]["w"]) == 6 and torch.count_nonzero(now["model"]["w"]) == 0

@@ -282,8 +282,8 @@ def recorded(tmp_path_factory):
     rd = tmp_path_factory.mktemp("recorded") / "run"
     blobs, save = [], vaekit.train.save_checkpoint
 
-    def keep(path, state):
-        out = save(path, state)
+    def keep(path, state, **kw):
+        out = save(path, state, **kw)
         blobs.append(Path(path).read_bytes())
         return out
 

@@ -122,8 +122,8 @@ def test_an_extended_run_equals_the_longer_run_even_through_a_crash_and_a_plain_
     rd = _copy(finished, tmp_path)
     saved, save = [], train.save_checkpoint
 
-    def save_then_crash(path, state):
-        save(path, state)
+    def save_then_crash(path, state, **kw):
+        save(path, state, **kw)
         saved.append(state["step"])
         if len(saved) == 2:
             raise _Crash
@@ -252,12 +252,12 @@ def _recorded_fit(rd, monkeypatch, background: bool, delay: float = 0.0):
 
     seen, save = [], train.save_checkpoint
 
-    def record(path, state):
+    def record(path, state, **kw):
         time.sleep(delay)
         seen.append((state["step"], {k: v.clone() for k, v in state["model"].items()},
                      {i: {k: v.clone() for k, v in s.items()} for i, s in state["optimizer"]["state"].items()},
                      threading.current_thread().name))
-        return save(path, state)
+        return save(path, state, **kw)
 
     with monkeypatch.context() as mp:
         mp.setattr(train, "save_checkpoint", record)
@@ -295,11 +295,11 @@ def test_background_writes_save_what_the_loop_saves_while_training_goes_on(tmp_p
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_leaves_the_one_before(tmp_path, monkeypatch):
     error, written, save = OSError(28, "No space left on device"), [], train.save_checkpoint
 
-    def disk_full_at_the_second(path, state):
+    def disk_full_at_the_second(path, state, **kw):
         if written:
             raise error
         written.append(state["step"])
-        return save(path, state)
+        return save(path, state, **kw)
 
     monkeypatch.setattr(train, "save_checkpoint", disk_full_at_the_second)
     with pytest.raises(OSError) as got:

@@ -16,6 +16,7 @@ import json
 import os
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
+from io import BytesIO
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ __all__ = [
     "save_model",
     "load_model",
     "save_checkpoint",
+    "checkpoint_bytes",
     "load_checkpoint",
     "CheckpointError",
     "MODEL_FORMAT",
@@ -257,11 +259,22 @@ def _state_dict_mismatch(expected: dict, given: dict) -> str:
 # Training checkpoints
 
 
-def save_checkpoint(path, state: dict) -> Path:
+def checkpoint_bytes(state: dict) -> bytes:
+    """``state`` serialised as :func:`save_checkpoint` writes it."""
+    buffer = BytesIO()
+    torch.save({"format": CHECKPOINT_MAGIC, "format_version": CHECKPOINT_FORMAT, **state}, buffer)
+    return buffer.getvalue()
+
+
+def save_checkpoint(path, state: dict, *, data: bytes | None = None) -> Path:
     """Atomically write a training checkpoint (a dict of tensors, numbers, strings,
-    lists and dicts: everything ``torch.load(weights_only=True)`` accepts)."""
-    payload = {"format": CHECKPOINT_MAGIC, "format_version": CHECKPOINT_FORMAT, **state}
-    return atomic_write(path, lambda f: torch.save(payload, f))
+    lists and dicts: everything ``torch.load(weights_only=True)`` accepts). ``data``:
+    ``checkpoint_bytes(state)``, made earlier. Serialising holds Python's lock (the GIL)
+    for milliseconds; writing and syncing do not: a :class:`BackgroundWriter` job is
+    given the bytes, so that it never holds up the training steps."""
+    if data is None:
+        data = checkpoint_bytes(state)
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def _load_failure(error: Exception, path: Path) -> str:

@@ -30,7 +30,7 @@ import torch
 from . import __version__
 from .batching import mix_seed
 from .config import RunConfig, TrainConfig
-from .io import BackgroundWriter, host_copy, save_checkpoint, save_model, write_json
+from .io import BackgroundWriter, checkpoint_bytes, host_copy, save_checkpoint, save_model, write_json
 from .latents import tf32_flags
 from .models import VAE
 from .plots import save_run_pictures
@@ -172,8 +172,8 @@ def _prepare_run_dir(run: _Run, state: dict | None, changed: bool) -> None:
 def _checkpoint(run: _Run, before=()) -> None:
     """The training state written to ``checkpoint.pt`` (by rank 0), after the writing jobs
     ``before`` (the end of an epoch's model and metrics). The state is copied into host
-    memory now; the files are written by ``run.writes``, in the background while training
-    goes on (``BACKGROUND_WRITES``)."""
+    memory and serialised now; the files are written and synced by ``run.writes``, in the
+    background while training goes on (``BACKGROUND_WRITES``)."""
     if run.static is not None:
         _fold(run)
     rng = rng_state(run.device)
@@ -190,12 +190,13 @@ def _checkpoint(run: _Run, before=()) -> None:
             "batches": run.batches.state_dict(), "rng": rngs, "world_size": run.world, "vaekit_version": __version__,
             "data": run.data_seen, "seconds": time.perf_counter() - run.t0,
         })
-        path, jobs = run.ckpt_path, list(before)
+        # Serialised here: in the writing thread it would hold the GIL that the steps need.
+        path, jobs, data = run.ckpt_path, list(before), checkpoint_bytes(state)
 
         def write() -> None:
             for job in jobs:
                 job(state)
-            save_checkpoint(path, state)
+            save_checkpoint(path, state, data=data)
 
         run.writes.submit(write)
     if run.distributed:
