@@ -64,8 +64,34 @@ if triton is not None:
     @triton.jit
     def _entry(table, row, n_tensors, t):
         # Address of tensor t's buffer of kind row (0 params, 1 grads, 2 exp_avg,
-        # 3 exp_avg_sq, 4 step counts), as a float32 pointer.
+        # 3 exp_avg_sq, 4 step counts, 5 bfloat16 copies), as a float32 pointer.
         return tl.load(table + row * n_tensors + t).to(tl.pointer_type(tl.float32))
+
+    @triton.jit
+    def _entry16(table, row, n_tensors, t):
+        # The same as a pointer to 16-bit words: the bfloat16 copies, and with them the
+        # gradients, handled as their bits (exact either way, and the same in Triton's
+        # interpreter, whose conversion to bfloat16 truncates).
+        return tl.load(table + row * n_tensors + t).to(tl.pointer_type(tl.uint16))
+
+    @triton.jit
+    def _from_bf16(bits):
+        return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _to_bf16(x):
+        # Round to nearest, ties to even, as torch's .to(torch.bfloat16); NaN stays NaN.
+        bits = x.to(tl.uint32, bitcast=True)
+        up = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return tl.where(x != x, 0x7FC0, up).to(tl.uint16)
+
+    @triton.jit
+    def _grads(table, n_tensors, t, offs, mask, SHADOW: tl.constexpr):
+        if SHADOW:  # the copies' gradients, bfloat16
+            g = _from_bf16(tl.load(_entry16(table, 1, n_tensors, t) + offs, mask=mask, other=0))
+        else:
+            g = tl.load(_entry(table, 1, n_tensors, t) + offs, mask=mask, other=0.0)
+        return g
 
     @triton.jit
     def _ok_and_scale(partials, n_partials, loss_ptr, clip, NP: tl.constexpr):
@@ -89,17 +115,18 @@ if triton is not None:
         return -tl.where(tl.abs(u) < 0.5, u + u * u * q, tl.exp(u) - 1.0)
 
     @triton.jit
-    def _sumsq_kernel(table, tids, starts, numels, partials, n_tensors, BLOCK: tl.constexpr):
+    def _sumsq_kernel(table, tids, starts, numels, partials, n_tensors, BLOCK: tl.constexpr, SHADOW: tl.constexpr):
         pid = tl.program_id(0)
         t = tl.load(tids + pid)
         offs = tl.load(starts + pid).to(tl.int64) + tl.arange(0, BLOCK)
-        g = tl.load(_entry(table, 1, n_tensors, t) + offs, mask=offs < tl.load(numels + t), other=0.0)
+        g = _grads(table, n_tensors, t, offs, offs < tl.load(numels + t), SHADOW)
         tl.store(partials + pid, tl.sum(g * g, 0))
 
     @triton.jit
     def _adam_kernel(table, tids, starts, numels, partials, n_partials, n_tensors, loss_ptr, lr_ptr,
                      beta2, one_minus_beta1, one_minus_beta2, log_beta1, log_beta2, eps, weight_decay, clip,
-                     DECAY: tl.constexpr, DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr):
+                     DECAY: tl.constexpr, DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr,
+                     SHADOW: tl.constexpr):
         pid = tl.program_id(0)
         ok, scale = _ok_and_scale(partials, n_partials, loss_ptr, clip, NP)
         t = tl.load(tids + pid)
@@ -109,7 +136,7 @@ if triton is not None:
         m_ptr = _entry(table, 2, n_tensors, t) + offs
         v_ptr = _entry(table, 3, n_tensors, t) + offs
         p = tl.load(p_ptr, mask=mask, other=0.0)
-        g = tl.load(_entry(table, 1, n_tensors, t) + offs, mask=mask, other=0.0) * scale
+        g = _grads(table, n_tensors, t, offs, mask, SHADOW) * scale
         m = tl.load(m_ptr, mask=mask, other=0.0)
         v = tl.load(v_ptr, mask=mask, other=0.0)
         lr = tl.load(lr_ptr).to(tl.float32)
@@ -130,6 +157,8 @@ if triton is not None:
         tl.store(p_ptr, p, mask=mask)
         tl.store(m_ptr, m, mask=mask)
         tl.store(v_ptr, v, mask=mask)
+        if SHADOW:  # the bfloat16 copy the next forward pass reads
+            tl.store(_entry16(table, 5, n_tensors, t) + offs, _to_bf16(p), mask=mask)
 
     @triton.jit
     def _finish_kernel(table, n_tensors, partials, n_partials, loss_ptr, rec_ptr, kl_ptr, sums_ptr,
@@ -204,6 +233,12 @@ class AdamTail:
         params: the parameters, in the optimiser's order.
         grad_clip: clip the global gradient norm to this (0 or inf: no clipping).
         block: elements per program (default :data:`BLOCK`).
+        shadows: bfloat16 copies of ``params`` (same shapes, contiguous, requiring grad) that
+            the forward pass uses in their place (bf16 autocast without a cast of each
+            weight a step: ``StaticStep(amp=True, adam_kernel=True)``). The gradients are
+            then theirs, read as float32 (what autocast's cast back would give), and each
+            update writes the new float32 parameter and its bfloat16 copy (rounded to
+            nearest even, as ``.to(torch.bfloat16)``).
 
     Call ``tail(loss, rec, kl, sums, skipped, bad_run, batch_size)`` once the gradients
     are in ``p.grad``: when ``loss`` and the gradient norm are finite the parameters,
@@ -212,11 +247,20 @@ class AdamTail:
     ``bad_run += 1``. No host synchronisation: it can be captured in a CUDA graph.
     """
 
-    def __init__(self, optimizer, params, *, grad_clip: float = 0.0, block: int | None = None) -> None:
+    def __init__(self, optimizer, params, *, grad_clip: float = 0.0, block: int | None = None,
+                 shadows=None) -> None:
         params = list(params)
         why = adam_tail_unsupported(optimizer, params)
         if why:
             raise ValueError(f"AdamTail cannot serve this optimiser: {why}")
+        if shadows is not None:
+            shadows = list(shadows)
+            if len(shadows) != len(params) or not all(
+                    c.dtype == torch.bfloat16 and c.shape == q.shape and c.device == q.device and c.is_contiguous()
+                    and c.requires_grad for c, q in zip(shadows, params)):
+                raise ValueError(f"shadows must be one contiguous bfloat16 tensor requiring grad per parameter, of "
+                                 f"its shape and device: got {len(shadows)} for {len(params)} parameters")
+        self.shadows = shadows
         if block is None:  # every program re-adds all partial sums: keep them few for big models
             block = BLOCK
             while sum(-(-p.numel() // block) for p in params) > _MAX_PROGRAMS and block < _MAX_BLOCK:
@@ -242,7 +286,7 @@ class AdamTail:
         self._starts = torch.tensor(starts, dtype=torch.int32, device=device)
         self._numels = torch.tensor([p.numel() for p in params], dtype=torch.int32, device=device)
         self._partials = torch.zeros(len(tids), dtype=torch.float32, device=device)
-        self._table = torch.zeros(5 * len(params), dtype=torch.int64, device=device)
+        self._table = torch.zeros((5 if shadows is None else 6) * len(params), dtype=torch.int64, device=device)
         self._bound: list[int] | None = None
         # Calls inside a CUDA-graph capture: each reads its own table (a block of K captured
         # steps may put each step's gradients elsewhere), filled by bind() after the capture.
@@ -251,14 +295,18 @@ class AdamTail:
         self._lr = torch.zeros((), dtype=torch.float32, device=device)  # for a number lr, uncaptured
 
     def _addresses(self) -> list[int]:
-        rows: list[list[int]] = [[], [], [], [], []]
-        for p in self.params:
-            g, state = p.grad, self.opt.state[p]
+        shadows = self.shadows or [None] * len(self.params)
+        rows: list[list[int]] = [[] for _ in range(5 if self.shadows is None else 6)]
+        dtype = torch.float32 if self.shadows is None else torch.bfloat16
+        for p, c in zip(self.params, shadows):
+            g, state = (p if c is None else c).grad, self.opt.state[p]
             if g is None:
                 raise RuntimeError("AdamTail: a parameter has no gradient (every parameter must take part in the loss)")
-            if g.dtype != torch.float32 or g.device != self.device or g.is_sparse or not g.is_contiguous():
-                raise RuntimeError(f"AdamTail: a gradient is not a dense contiguous float32 tensor on {self.device}")
-            for row, t in enumerate((p, g, state["exp_avg"], state["exp_avg_sq"], state["step"])):
+            if g.dtype != dtype or g.device != self.device or g.is_sparse or not g.is_contiguous():
+                raise RuntimeError(f"AdamTail: a gradient is not a dense contiguous {str(dtype).removeprefix('torch.')} "
+                                   f"tensor on {self.device}")
+            kept = (p, g, state["exp_avg"], state["exp_avg_sq"], state["step"]) + (() if c is None else (c,))
+            for row, t in enumerate(kept):
                 rows[row].append(t.data_ptr())
         return [a for row in rows for a in row]
 
@@ -300,13 +348,14 @@ class AdamTail:
         beta1, beta2 = group["betas"]
         wd = float(group["weight_decay"])
         _sumsq_kernel[(n,)](table, self._tids, self._starts, self._numels, self._partials, nt,
-                            BLOCK=self.block, num_warps=self._warps, enable_fp_fusion=True)
+                            BLOCK=self.block, SHADOW=self.shadows is not None, num_warps=self._warps,
+                            enable_fp_fusion=True)
         _adam_kernel[(n,)](table, self._tids, self._starts, self._numels, self._partials, n, nt, loss, lr,
                            float(beta2), 1.0 - beta1, 1.0 - beta2, _log(beta1), _log(beta2),
                            float(group["eps"]), wd,
                            self.clip, DECAY=wd != 0,
                            DECOUPLED=bool(group.get("decoupled_weight_decay")), BLOCK=self.block, NP=np2,
-                           num_warps=self._warps, enable_fp_fusion=True)
+                           SHADOW=self.shadows is not None, num_warps=self._warps, enable_fp_fusion=True)
         _finish_kernel[(1,)](table, nt, self._partials, n, loss, rec, kl, sums, skipped, bad_run,
                              float(batch_size), self.clip, NP=np2, NT=_next_pow2(nt), num_warps=self._warps,
                              enable_fp_fusion=True)  # the Adam kernel's warps: its very sum, so its very ok

@@ -85,7 +85,9 @@ class TrainConfig:
         adam_kernel: the static step's tail (gradient norm, clipping, the non-finite
             rule, Adam, the loss sums) as three Triton kernels (:mod:`vaekit.adam_tail`)
             instead of about 20 PyTorch kernels, for CUDA with Triton; the same values up to
-            float rounding (tested). Not measured on a GPU yet, so off by default.
+            float rounding (tested). With ``amp="bf16"`` the tail also keeps bfloat16
+            copies of the weights, which the forward pass reads instead of casting each
+            weight in each step. Not measured on a GPU yet, so off by default.
         progress: show a tqdm progress bar.
     """
 

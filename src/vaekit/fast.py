@@ -137,7 +137,10 @@ class StaticStep:
             non-finite rule, Adam, the counters) as :class:`vaekit.adam_tail.AdamTail`'s
             three Triton kernels instead of about 20 PyTorch kernels; needs CUDA with
             Triton (or Triton's interpreter on a CPU) and an Adam of one parameter group.
-            The tests compare it with the default, PyTorch's Adam.
+            The tests compare it with the default, PyTorch's Adam. With ``amp`` the
+            forward pass reads bfloat16 copies of the weights that the tail writes with
+            each update (no cast of each weight a step, forward and backward), which
+            computes what autocast's casts compute.
         other_sizes: whether :meth:`run` also takes batches of other sizes (an epoch's
             short last batch), each size captured in a graph of its own after
             ``OTHER_WARMUP`` warm-up steps, its forward pass and loss uncompiled (a
@@ -172,7 +175,14 @@ class StaticStep:
         # The Triton tail, or a fused Adam, skips a non-finite step itself (the latter when
         # this flag is 1); otherwise a captured step undoes it from backups, and an
         # uncaptured one checks on the host.
-        self._tail = AdamTail(optimizer, self.params, grad_clip=grad_clip) if adam_kernel else None
+        # bf16 autocast with the Triton tail: the forward pass reads bfloat16 copies of the
+        # weights that the tail writes with each update, instead of casting every weight
+        # in every step (two kernels each, forward and backward, in a captured graph).
+        self._shadows = ([q.detach().to(torch.bfloat16).requires_grad_() for q in self.params]
+                         if adam_kernel and amp else None)
+        self._places = self._parameter_places(model) if self._shadows is not None else []
+        self._tail = (AdamTail(optimizer, self.params, grad_clip=grad_clip, shadows=self._shadows)
+                      if adam_kernel else None)
         self._found_inf = (torch.zeros((), device=self.device)
                            if self._tail is None and skips_on_device(optimizer) else None)
         self._backups: list[tuple[Tensor, Tensor]] | None = None
@@ -191,6 +201,39 @@ class StaticStep:
         self._others: dict[int, _Other] = {}  # batch size -> its buffers and graph
 
     # -- the step, as captured ----------------------------------------------------------
+
+    def _parameter_places(self, model) -> list[list[tuple]]:
+        """For each of ``self.params``, the (module, attribute name) pairs that hold it
+        (more than one for a shared weight)."""
+        index = {id(q): i for i, q in enumerate(self.params)}
+        places: list[list[tuple]] = [[] for _ in self.params]
+        for name, q in model.named_parameters(remove_duplicate=False):
+            if id(q) in index:
+                owner, _, leaf = name.rpartition(".")
+                places[index[id(q)]].append((model.get_submodule(owner), leaf))
+        return places
+
+    @contextlib.contextmanager
+    def _bf16_weights(self):
+        """The model's parameters replaced by their bfloat16 copies while the forward pass
+        runs (when the step keeps copies: autocast then casts no weight)."""
+        if self._shadows is None:
+            yield
+            return
+        for where, c in zip(self._places, self._shadows):
+            for module, leaf in where:
+                module._parameters[leaf] = c
+        try:
+            yield
+        finally:
+            for where, q in zip(self._places, self.params):
+                for module, leaf in where:
+                    module._parameters[leaf] = q
+
+    def _zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        for c in self._shadows or ():
+            c.grad = None
 
     def _state_tensors(self) -> list[Tensor]:
         out = [q.data for q in self.params]
@@ -219,7 +262,9 @@ class StaticStep:
               forward=None) -> None:
         x = self.x if x is None else x
         try:
-            res = (forward or self._forward)(x, self.eps if eps is None else eps, self.beta if beta is None else beta)
+            with self._bf16_weights():
+                res = (forward or self._forward)(x, self.eps if eps is None else eps,
+                                                 self.beta if beta is None else beta)
         except Exception as e:  # noqa: BLE001  (inductor raises many kinds; the cause is chained)
             if not self._untried:
                 raise
@@ -269,9 +314,13 @@ class StaticStep:
     def resync(self) -> None:
         """Call after an eager step changed the weights, the optimiser state or its
         learning rate in place: the copies that undo a non-finite step follow (the captured
-        graph reads the same tensors, so it stays valid), and the next step writes the
-        learning rate again."""
+        graph reads the same tensors, so it stays valid), so do the weights' bfloat16
+        copies, and the next step writes the learning rate again."""
         self._lr_now = None
+        if self._shadows is not None:  # the weights moved without their copies
+            with torch.no_grad():
+                for c, q in zip(self._shadows, self.params):
+                    c.copy_(q)
         if self._backups is not None:
             for t, backup in self._backups:
                 backup.copy_(t)
@@ -300,7 +349,7 @@ class StaticStep:
         self.eps.copy_(eps)
         self._schedule(lr, beta)
         if not self.capture:
-            self.opt.zero_grad(set_to_none=True)
+            self._zero_grad()
             self._body()
             return
         if self._graph is not None:
@@ -315,13 +364,13 @@ class StaticStep:
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
-                self.opt.zero_grad(set_to_none=True)
+                self._zero_grad()
                 self._body()
             torch.cuda.current_stream().wait_stream(s)
             self._refresh_backups()
             return
         self._refresh_backups()
-        self.opt.zero_grad(set_to_none=True)
+        self._zero_grad()
         graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
         try:
             with torch.cuda.graph(graph):
@@ -357,7 +406,7 @@ class StaticStep:
         slot.eps.copy_(eps)
         self._schedule(lr, beta)
         if not self.capture:
-            self.opt.zero_grad(set_to_none=True)
+            self._zero_grad()
             self._body(slot.x, slot.eps, forward=self._forward_loss)
             return
         if slot.graph is not None:
@@ -368,11 +417,11 @@ class StaticStep:
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
-                self.opt.zero_grad(set_to_none=True)
+                self._zero_grad()
                 self._body(slot.x, slot.eps, forward=self._forward_loss)
             torch.cuda.current_stream().wait_stream(s)
             return
-        self.opt.zero_grad(set_to_none=True)
+        self._zero_grad()
         graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
         try:
             with torch.cuda.graph(graph):
@@ -461,7 +510,7 @@ class StaticStep:
         (copied from the block on the device): views into the block would be new inputs to
         its guards, and a recompilation inside a capture would fail."""
         set_lr(self.opt, lr, blr[i])
-        self.opt.zero_grad(set_to_none=True)
+        self._zero_grad()
         if self._compiled:
             self.x.copy_(bx[i])
             self.eps.copy_(beps[i])
