@@ -32,9 +32,10 @@ batch 128, the 60,000 training images statically binarized), in one run, for:
                     host's work per step 32x smaller, both
   (c+), (g+) CUDA   (c) and (g) with the step's tail (gradient norm, non-finite rule, Adam,
                     counters) as vaekit.adam_tail's three Triton kernels
-                    (StaticStep(adam_kernel=True)); each also with TF32 matrix products;
-                    and (f) with it and TF32 (TrainConfig(adam_kernel=True, amp="tf32")),
-                    uncompiled and compiled
+                    (StaticStep(adam_kernel=True)); each also with TF32 matrix products,
+                    and under bf16 autocast, where the tail keeps bfloat16 copies of the
+                    weights (no casts); and (f) with it and TF32 (TrainConfig(adam_kernel=
+                    True, amp="tf32")) and with it under bf16, uncompiled and compiled
 
 --dynamic: the images stay grey and every contender but the floor and pythae binarizes
 each batch afresh (dynamic binarization, what vaekit's MNIST presets train on): the
@@ -180,7 +181,7 @@ def vaekit_loop(x, device, static: bool, amp: bool = False, compiled: bool = Fal
     batches = BatchIterator(x, BATCH, shuffle=True, seed=0, device=device, dynamic_binarize=dynamic)
     step_fn = None
     if static:
-        step_fn = StaticStep(model, opt, batch_size=BATCH, amp=amp and compiled, compile=compiled,
+        step_fn = StaticStep(model, opt, batch_size=BATCH, amp=amp and (compiled or adam_kernel), compile=compiled,
                              adam_kernel=adam_kernel)
     config, n = ObjectiveConfig(), x.shape[0]
     gen = torch.Generator(device=device)
@@ -343,8 +344,9 @@ def main(argv=None) -> None:
     parser.add_argument("--skip", default="", help="comma list of contenders to leave out: "
                         "classic,eager,static,static-unfused,static-block,pythae,floor,compiled,compiled-block,fit,fit-compile,"
                         "fit-block,fit-compile-block,fit-tf32 (CUDA: fit with TrainConfig(amp='tf32')),"
-                        "static-tail,static-tail-tf32,compiled-tail,compiled-tail-tf32,fit-tail (CUDA: the Triton "
-                        "Adam tail; fit-tail: fit with it and TF32, uncompiled and compiled)")
+                        "static-tail,static-tail-tf32,static-tail-bf16,compiled-tail,compiled-tail-tf32,compiled-tail-bf16,"
+                        "fit-tail,fit-tail-bf16 (CUDA: the Triton Adam tail; fit-tail: fit with it and TF32, "
+                        "fit-tail-bf16: with it under bf16 autocast, its weight copies; uncompiled and compiled)")
     parser.add_argument("--amp", choices=sorted(AMP_CHOICES), default=None,
                         help="precision of (b), (e) and (f): fp32 (none), bf16 autocast (bf16) or both; "
                         "default: both on a CPU, none on CUDA")
@@ -391,7 +393,9 @@ def main(argv=None) -> None:
                    ("(c+) static step, Triton Adam tail", "static-tail", False,
                     lambda: vaekit_loop(x, device, static=True, adam_kernel=True, dynamic=dyn)),
                    ("(c+) static step, Triton Adam tail, TF32", "static-tail-tf32", False,
-                    lambda: vaekit_loop(x, device, static=True, adam_kernel=True, tf32=True, dynamic=dyn))]
+                    lambda: vaekit_loop(x, device, static=True, adam_kernel=True, tf32=True, dynamic=dyn)),
+                   (f"(c+) static step, Triton Adam tail + bf16 weight copies{BF16}", "static-tail-bf16", True,
+                    lambda: vaekit_loop(x, device, static=True, amp=True, adam_kernel=True, dynamic=dyn))]
                   if device.type == "cuda" else []),
                 ("(d) pythae 0.1.2", "pythae", False, lambda: pythae_contender(x, device, pythae, work)),
                 *[(f"(e) matmul floor{BF16 if amp else ''}", "floor", amp,
@@ -405,6 +409,9 @@ def main(argv=None) -> None:
                     lambda: vaekit_loop(x, device, static=True, compiled=True, adam_kernel=True, dynamic=dyn)),
                    ("(g+) compiled step, Triton Adam tail, TF32", "compiled-tail-tf32", False,
                     lambda: vaekit_loop(x, device, static=True, compiled=True, adam_kernel=True, tf32=True,
+                                        dynamic=dyn)),
+                   (f"(g+) compiled step, Triton Adam tail + bf16 weight copies{BF16}", "compiled-tail-bf16", True,
+                    lambda: vaekit_loop(x, device, static=True, compiled=True, amp=True, adam_kernel=True,
                                         dynamic=dyn))]
                   if device.type == "cuda" else []),
             ]
@@ -437,6 +444,8 @@ def main(argv=None) -> None:
                 fits.append(("auto", 1, "tf32", False))  # TrainConfig(amp="tf32"): against the fp32 floor
             if device.type == "cuda" and "fit-tail" not in skip:  # the Triton Adam tail, uncompiled and compiled
                 fits += [("auto", 1, "tf32", True), ("compile", 1, "tf32", True)]
+            if device.type == "cuda" and "fit-tail-bf16" not in skip:  # with it the bfloat16 weight copies
+                fits += [("auto", 1, True, True), ("compile", 1, True, True)]
             for fast, steps, amp, tail in fits:
                 how = ((", fast=compile" if fast == "compile" else "") + (f", graph_steps={steps}" if steps > 1 else "")
                        + (", Triton Adam tail" if tail else ""))

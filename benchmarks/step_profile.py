@@ -6,7 +6,8 @@ CUDA capturable with a tensor learning rate), on random binary data [4096, 784] 
 drawn up front on the device (timing only: the values do not matter). For each variant
 (--variants; static: fp32 as fit runs it; static-bf16: amp=True; static-tf32: fp32 with
 torch.backends.cuda.matmul.allow_tf32 on; compiled: compile=True; "-tail": the step's tail
-as vaekit.adam_tail's Triton kernels, adam_kernel=True) it
+as vaekit.adam_tail's Triton kernels, adam_kernel=True; "-tail-bf16": with amp=True, so
+the tail keeps bfloat16 copies of the weights and nothing casts them) it
 
   1. profiles --steps uncaptured steps (StaticStep(capture=False), after 5 warm-up steps)
      with torch.profiler: on CUDA the device-side events (kernels, memcpy, memset) a step
@@ -26,7 +27,7 @@ minus the summed kernel time is the graph's overhead, spread over its nodes. A v
 fails prints `SUMMARY step_profile <variant>: FAILED (...)` and the others still run.
 
   python benchmarks/step_profile.py --device cpu --variants static --steps 5 --timed 20
-  python benchmarks/step_profile.py                   # on a GPU: all seven variants
+  python benchmarks/step_profile.py                   # on a GPU: all nine variants
   python benchmarks/step_profile.py --variants static,compiled --steps 20 --timed 200
 """
 
@@ -47,8 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from epoch_bench import HIDDEN, LATENT, LR  # noqa: E402  (the benchmarked model's sizes)
 from pythae_compare import sync, warm_up_torch  # noqa: E402
 
-VARIANTS = ("static", "static-bf16", "static-tf32", "compiled", "static-tail", "static-tail-tf32",
-            "compiled-tail-tf32")
+# The Triton tail's first (the ones not yet measured on a GPU), then the tenth session's.
+VARIANTS = ("static", "static-tail", "static-tail-tf32", "static-tail-bf16", "compiled-tail-tf32",
+            "compiled-tail-bf16", "static-bf16", "static-tf32", "compiled")
 TOP = 15
 
 
@@ -62,7 +64,7 @@ def build(device, variant: str, batch: int, capture: bool | None):
     model = VAE(ModelConfig(arch="mlp", input_shape=(784,), hidden=(HIDDEN,), latent_dim=LATENT,
                             activation="relu", likelihood="bernoulli")).to(device)
     opt = _adam(model, TrainConfig(lr=LR), captured_on=device if device.type == "cuda" else None)
-    return StaticStep(model, opt, batch_size=batch, amp=variant == "static-bf16",
+    return StaticStep(model, opt, batch_size=batch, amp="-bf16" in variant,
                       compile=variant.startswith("compiled"), capture=capture, adam_kernel="-tail" in variant)
 
 
