@@ -795,3 +795,20 @@ def test_evaluate_names_the_runs_config_file_and_where_its_data_were(run, tmp_pa
                                 rf"them there with vaekit train --dataset mnist --data-dir {re.escape(str(missing))} "
                                 r"--download")
     assert "download=True" not in err and snapshot(rd) == before
+
+
+@pytest.mark.parametrize("local_rank, says", [(None, True), ("0", True), ("1", False)])
+def test_under_torchrun_each_machine_says_an_error_once(local_rank, says, capsys, monkeypatch):
+    """Every process of a torchrun job meets the same bad input: the first process of each
+    machine prints the line, the others exit with the same status silently."""
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.delenv("VAEKIT_DEBUG", raising=False)
+    rc, out, err = call(["train", "--epochs", "0"], capsys)
+    assert rc == 2 and out == ""
+    if says:
+        assert_usage_error(rc, err, "epochs")
+    else:
+        assert err == ""

@@ -240,12 +240,20 @@ def _main(argv: list[str] | None) -> int:
     except (TrainingDiverged, FastPathError) as e:
         if os.environ.get("VAEKIT_DEBUG"):
             raise
-        print(f"vaekit: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        _say_error(str(e).splitlines()[0])
         return 1
     except (UsageError, ValueError, TypeError, FileNotFoundError, CheckpointError, OSError) as e:
         if os.environ.get("VAEKIT_DEBUG"):
             raise
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"vaekit: error: {msg}", file=sys.stderr)
+        _say_error(str(e).splitlines()[0] if str(e) else type(e).__name__)
         return 2
     return 2
+
+
+def _say_error(message: str) -> None:
+    """``vaekit: error: MESSAGE`` on stderr. Under torchrun every process meets the same bad
+    input (or, for a file rank 0 writes, rank 0 alone meets it): the first process of each
+    machine (``LOCAL_RANK`` 0) says it, once per machine rather than once per process; the
+    others exit with the same status, silently."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"vaekit: error: {message}", file=sys.stderr)
