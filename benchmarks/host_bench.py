@@ -43,7 +43,7 @@ def host_time_per_step(binarize: str, epochs: int, device: str = "cpu", n: int =
     from vaekit import DataConfig, ModelConfig, RunConfig, TrainConfig, fast, fit
 
     body = fast.StaticStep._body
-    fast.StaticStep._body = lambda self, *args: self.sums.add_(0.0)  # the graph's part: not what is measured
+    fast.StaticStep._body = lambda self, *args, **kwargs: self.sums.add_(0.0)  # the graph's part: not what is measured
     try:
         with tempfile.TemporaryDirectory() as work:
             x = (np.random.default_rng(0).random((n + 100, 2, 2)) * 255).astype(np.uint8)
