@@ -13,7 +13,7 @@ from triton_harness import (CHILD, NATIVE, compile_for_hopper, interpreted, run_
                             triton_path_device)
 
 from vaekit import kernels
-from vaekit.kernels import fused_available, fused_vae_loss
+from vaekit.kernels import fused_available, fused_posterior_sample, fused_vae_loss, posterior_sample
 from vaekit.losses import REDUCTIONS, VAELoss
 
 
@@ -128,6 +128,99 @@ def test_the_kernels_compile_for_a_hopper_gpu(dtype):
     for flags in ((True, True, True, True, True, True), (True, False, False, False, True, False)):
         names = ("HAS_GL", "HAS_GR", "HAS_GK", "BETA_PTR", "SCALE_REC", "SCALE_KL")
         assert compile_for_hopper(kernels._bwd_kernel, bwd, dict(zip(names, flags), BLOCK=2048, BLOCK_D=32))
+
+
+@pytest.mark.skipif(CHILD or NATIVE, reason="the interpreter's kernels are not compiled; a GPU runs them for real")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_sample_kernels_compile_for_a_hopper_gpu(dtype):
+    if kernels.triton is None:
+        pytest.skip("triton is not installed")
+    data = f"*{dtype}"
+    fwd = {"head_ptr": data, "eps_ptr": "*fp32", "mu_ptr": data, "lv_ptr": data, "z_ptr": "*fp32", "n": "i32",
+           "d": "i32", "limit": "fp32"}
+    bwd = {"head_ptr": data, "eps_ptr": "*fp32", "gz_ptr": "*fp32", "gmu_ptr": data, "glv_ptr": data,
+           "ghead_ptr": data, "n": "i32", "d": "i32", "limit": "fp32"}
+    assert compile_for_hopper(kernels._sample_fwd_kernel, fwd, dict(BLOCK=1024))
+    for flags in ((True, True, True), (True, False, False), (False, True, True)):
+        assert compile_for_hopper(kernels._sample_bwd_kernel, bwd, dict(zip(("GZ", "GMU", "GLV"), flags), BLOCK=1024))
+
+
+def test_the_posterior_sample_is_encode_params_and_the_reparameterisation():
+    """The eager reference: VAE.encode_params's (mu, logvar) from its head, and
+    z = mu + sigma * eps, as torch.distributions' Normal.rsample computes it."""
+    from vaekit.models import VAE, ModelConfig
+
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(6,), latent_dim=3, hidden=(8,), logvar_limit=2.0))
+    x, eps = torch.rand(5, 6), torch.randn(5, 3)
+    mu, logvar, z = posterior_sample(model.encoder_head(x), eps, 2.0)
+    mu_ref, logvar_ref = model.encode_params(x)
+    assert torch.equal(mu, mu_ref) and torch.equal(logvar, logvar_ref)
+    assert float(logvar.abs().max()) < 2.0
+    normal = torch.distributions.Normal(mu_ref, torch.exp(0.5 * logvar_ref))
+    torch.testing.assert_close(z, normal.loc + normal.scale * eps)
+
+
+def _posterior_inputs(B, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    head = (8 * _cpu_randn((B, 2 * d), generator=g)).to(dtype)
+    special = torch.tensor([0.0, 1e-6, -200.0, 200.0, 3.0], dtype=dtype)[:d]  # 0, tiny, saturated
+    head[0, d: d + len(special)] = special
+    return head.requires_grad_(), _cpu_randn((B, d), generator=g)
+
+
+@interpreted
+@pytest.mark.parametrize("B, d", [(1, 1), (37, 5), (130, 20)])
+@pytest.mark.parametrize("used", [(1, 1, 1), (0, 0, 1), (1, 0, 0), (0, 1, 1)])
+def test_fused_posterior_sample_matches_float64(B, d, used):
+    """Values and the head's gradient (through any of mu, logvar, z) against the eager
+    formulas in float64: float32 rounding, also where tanh saturates and near 0."""
+    head, eps = _posterior_inputs(B, d, torch.float32)
+    fused = fused_posterior_sample(head, eps, 12.0)
+    assert "_FusedPosteriorSample" in type(fused[2].grad_fn).__name__
+    head64 = head.detach().double().requires_grad_()
+    ref = posterior_sample(head64, eps.double(), 12.0)
+    # z = mu + sigma eps sums terms up to ~1e3 (sigma up to e^6) that may cancel: each
+    # output within float32 rounding of the size of what it sums
+    sizes = (ref[0].abs(), ref[1].abs(), ref[0].abs() + (ref[2] - ref[0]).abs())
+    for a, b, size in zip(fused, ref, sizes):
+        assert a.dtype == torch.float32 and a.shape == (B, d)
+        err = (a.double() - b).abs()
+        assert bool((err <= 1e-6 * size + 1e-7).all()), float((err / (size + 1e-7)).max())
+    g = torch.Generator().manual_seed(1)
+    weights = [_cpu_randn((B, d), generator=g) if u else None for u in used]
+    (got,) = _grads(fused, [head], weights)
+    (want,) = _grads(ref, [head64], [w.double() if w is not None else None for w in weights])
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-5)
+
+
+@interpreted
+def test_fused_posterior_sample_in_bfloat16_is_the_float32_formula_rounded():
+    """A bf16 head (bf16 autocast): mu and logvar come out in bf16, z in float32 (as the
+    eager formulas' dtypes); each is the float32 computation from the same bf16 inputs,
+    rounded once (to 1 bf16 unit here: Triton's interpreter truncates where a GPU rounds
+    to nearest), not the eager chain of bf16 roundings."""
+    head, eps = _posterior_inputs(33, 4, torch.bfloat16)
+    mu, logvar, z = fused_posterior_sample(head, eps, 12.0)
+    eager = posterior_sample(head, eps, 12.0)
+    assert [t.dtype for t in (mu, logvar, z)] == [t.dtype for t in eager] == [torch.bfloat16, torch.bfloat16,
+                                                                              torch.float32]
+    ref = posterior_sample(head.detach().double(), eps.double(), 12.0)
+    assert torch.equal(mu, head.detach()[:, :4])
+    torch.testing.assert_close(logvar.double(), ref[1], rtol=2**-7, atol=1e-6)
+    torch.testing.assert_close(z.double(), ref[2], rtol=2e-6, atol=1e-5)
+
+
+@interpreted
+def test_fused_posterior_sample_falls_back_where_it_cannot_serve():
+    head, eps = _posterior_inputs(4, 3, torch.float32)
+    for h, e in ((head.detach().double().requires_grad_(), eps.double()),  # float64
+                 (head.detach().unsqueeze(0).requires_grad_(), eps),  # not [B, 2d]
+                 (head, eps.clone().requires_grad_())):  # noise that wants a gradient
+        out = fused_posterior_sample(h, e, 12.0)
+        assert "_FusedPosteriorSample" not in type(out[2].grad_fn).__name__
+        ref = posterior_sample(h, e, 12.0)
+        assert all(torch.equal(a, b) for a, b in zip(out, ref))
 
 
 @pytest.mark.skipif(CHILD, reason="this is the child process")
@@ -396,3 +489,41 @@ def test_fallback_conditions_run_the_reference(case, monkeypatch):
     ref = VAELoss(kw["beta"], kw["reconstruction"])(*args)
     for a, b in zip(result, ref):
         assert torch.equal(a, b)
+
+
+@interpreted
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_the_static_step_with_the_fused_sample_and_loss_is_the_eager_step(likelihood):
+    """StaticStep where Triton runs: the posterior's sample and the loss each fused (on
+    CUDA captured after its warm-up), against the eager formulas step by step."""
+    import copy
+
+    from vaekit.fast import StaticStep
+    from vaekit.losses import gaussian_kl
+    from vaekit.models import VAE, ModelConfig
+
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(12,), latent_dim=3, hidden=(16,), likelihood=likelihood,
+                            logvar_limit=3.0))
+    twin = copy.deepcopy(model)
+    device = torch.empty(0).device
+    kw = {"capturable": True, "lr": torch.tensor(1e-2)} if device.type == "cuda" else {"lr": 1e-2}
+    opt, opt_twin = torch.optim.Adam(model.parameters(), **kw), torch.optim.Adam(twin.parameters(), lr=1e-2)
+    step = StaticStep(model, opt, batch_size=8)
+    assert step._fused_sample and step._fused
+    g = torch.Generator().manual_seed(4)
+    for i in range(6):
+        x = _cpu_rand((8, 12), generator=g)
+        if likelihood == "bernoulli":
+            x = x.round()
+        eps = _cpu_randn((8, 3), generator=g)
+        step.run(x, eps, 1e-2, 0.5 + i)
+        mu, logvar = twin.encode_params(x)
+        out = twin.decode(mu + torch.exp(0.5 * logvar) * eps)
+        loss = (twin.nll(out, x) + (0.5 + i) * gaussian_kl(mu, logvar)).mean()
+        opt_twin.zero_grad()
+        loss.backward()
+        opt_twin.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    assert float(step.sums[3]) == 48.0 and int(step.skipped) == 0

@@ -1,4 +1,5 @@
-"""A fused GPU loss: reconstruction + beta * KL, forward and backward, in Triton.
+"""A fused GPU loss: reconstruction + beta * KL, forward and backward, in Triton; and the
+posterior's sample (:func:`fused_posterior_sample`), fused the same way.
 
 :func:`fused_vae_loss` computes exactly what ``vaekit.losses.VAELoss`` computes (that module
 is the reference and the fallback) for the two likelihoods whose gradient is a cheap
@@ -59,7 +60,7 @@ try:
 except ImportError:  # the eager VAELoss serves every call
     triton = None
 
-__all__ = ["fused_vae_loss", "fused_available"]
+__all__ = ["fused_vae_loss", "fused_available", "fused_posterior_sample", "posterior_sample"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_BLOCK = 2048
@@ -217,6 +218,55 @@ if triton is not None:
     _INTERPRETED = not isinstance(_fwd_kernel, triton.runtime.JITFunction)
 else:
     _INTERPRETED = False
+
+if triton is not None:
+
+    @triton.jit
+    def _tanh_of(u):
+        # tanh(u) = -expm1(-2|u|) / (2 + expm1(-2|u|)), signed: no cancellation near 0 (the
+        # Taylor branch of _expm1_terms), no overflow for large |u|; no libdevice.
+        _, em1 = _expm1_terms(-2.0 * tl.abs(u))
+        t = -em1 / (2.0 + em1)
+        return tl.where(u < 0, -t, t)
+
+    @triton.jit
+    def _sample_fwd_kernel(head_ptr, eps_ptr, mu_ptr, lv_ptr, z_ptr, n, d, limit, BLOCK: tl.constexpr):
+        # One element (row b, latent j) of [B, d] per lane: head row b holds mu | raw.
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        at = (offs // d) * (2 * d) + offs % d
+        m = tl.load(head_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        raw = tl.load(head_ptr + at + d, mask=mask, other=0.0).to(tl.float32)
+        e = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        lv = limit * _tanh_of(raw / limit)
+        z = m + tl.exp(0.5 * lv) * e
+        tl.store(mu_ptr + offs, m.to(mu_ptr.dtype.element_ty), mask=mask)
+        tl.store(lv_ptr + offs, lv.to(lv_ptr.dtype.element_ty), mask=mask)
+        tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _sample_bwd_kernel(head_ptr, eps_ptr, gz_ptr, gmu_ptr, glv_ptr, ghead_ptr, n, d, limit,
+                           GZ: tl.constexpr, GMU: tl.constexpr, GLV: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        at = (offs // d) * (2 * d) + offs % d
+        raw = tl.load(head_ptr + at + d, mask=mask, other=0.0).to(tl.float32)
+        t = _tanh_of(raw / limit)
+        g_mu = tl.zeros([BLOCK], tl.float32)
+        g_lv = tl.zeros([BLOCK], tl.float32)
+        if GMU:
+            g_mu += tl.load(gmu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if GLV:
+            g_lv += tl.load(glv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if GZ:  # z = mu + exp(lv / 2) eps: dz/dmu = 1, dz/dlv = exp(lv / 2) eps / 2
+            gz = tl.load(gz_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            e = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            g_mu += gz
+            g_lv += gz * (0.5 * tl.exp(0.5 * limit * t) * e)
+        # lv = limit tanh(raw / limit): dlv/draw = 1 - tanh^2
+        tl.store(ghead_ptr + at, g_mu.to(ghead_ptr.dtype.element_ty), mask=mask)
+        tl.store(ghead_ptr + at + d, (g_lv * (1.0 - t * t)).to(ghead_ptr.dtype.element_ty), mask=mask)
+
 
 # Splitting a row's columns pays only when the rows alone cannot fill the device; a chunk
 # is at least _MIN_CHUNK elements. The interpreter uses tiny values so that small test
@@ -439,3 +489,66 @@ def fused_vae_loss(
         grad_mode and decoder_out.requires_grad, grad_mode and (mu.requires_grad or logvar.requires_grad),
     )
     return LossResult(loss, rec, kl)
+
+
+# ---------------------------------------------------------------------------------------
+# The posterior's sample: the encoder head's output to (mu, logvar, z), fused
+
+_SAMPLE_BLOCK = 64 if _INTERPRETED else 1024
+
+
+def posterior_sample(head: Tensor, eps: Tensor, limit: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(mu, logvar, z)`` from an encoder head's output ``[B, 2d]`` (``mu``, then the
+    unbounded log-variance ``raw``): ``logvar = limit * tanh(raw / limit)`` (what
+    :meth:`vaekit.models.VAE.encode_params` returns) and the reparameterised sample
+    ``z = mu + exp(logvar / 2) * eps``. The eager reference of
+    :func:`fused_posterior_sample`."""
+    mu, raw = head.chunk(2, dim=-1)
+    logvar = limit * torch.tanh(raw / limit)
+    return mu, logvar, mu + torch.exp(0.5 * logvar) * eps
+
+
+class _FusedPosteriorSample(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, head, eps, limit):
+        B, two_d = head.shape
+        d = two_d // 2
+        mu = head.new_empty(B, d)
+        logvar = head.new_empty(B, d)
+        z = torch.empty(B, d, dtype=torch.promote_types(head.dtype, eps.dtype), device=head.device)
+        n = B * d
+        _sample_fwd_kernel[(_cdiv(n, _SAMPLE_BLOCK),)](head, eps, mu, logvar, z, n, d, float(limit),
+                                                       BLOCK=_SAMPLE_BLOCK, num_warps=4, enable_fp_fusion=True)
+        ctx.save_for_backward(head, eps)
+        ctx.limit = float(limit)
+        return mu, logvar, z
+
+    @staticmethod
+    def backward(ctx, g_mu, g_logvar, g_z):
+        head, eps = ctx.saved_tensors
+        B, two_d = head.shape
+        d, n = two_d // 2, head.shape[0] * (two_d // 2)
+        g_head = torch.empty_like(head)
+        dummy = head  # a pointer for an absent gradient (not read)
+        _sample_bwd_kernel[(_cdiv(n, _SAMPLE_BLOCK),)](
+            head, eps, dummy if g_z is None else g_z.contiguous(), dummy if g_mu is None else g_mu.contiguous(),
+            dummy if g_logvar is None else g_logvar.contiguous(), g_head, n, d, ctx.limit,
+            GZ=g_z is not None, GMU=g_mu is not None, GLV=g_logvar is not None, BLOCK=_SAMPLE_BLOCK,
+            num_warps=4, enable_fp_fusion=True)
+        return g_head, None, None
+
+
+def fused_posterior_sample(head: Tensor, eps: Tensor, limit: float) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`posterior_sample` in one Triton kernel forward and one backward (about 20
+    elementwise kernels eagerly: the chunk, the limit, the sample and their gradients,
+    with the cat of the two halves' gradients). Elementwise in float32 from the inputs'
+    dtypes; ``mu`` and ``logvar`` come out in ``head``'s dtype, ``z`` in the promoted
+    dtype of ``head`` and ``eps`` (as the eager formulas give them); the gradient of
+    ``eps`` is not computed (the noise needs none). The eager reference runs where
+    :func:`fused_available` says no, or for shapes other than ``head [B, 2d]``, ``eps [B, d]``.
+    """
+    if (not fused_available(head.device) or head.dim() != 2 or head.shape[1] % 2 or eps.device != head.device
+            or eps.shape != (head.shape[0], head.shape[1] // 2) or head.dtype not in _DTYPES
+            or eps.dtype not in _DTYPES or eps.requires_grad):
+        return posterior_sample(head, eps, limit)
+    return _FusedPosteriorSample.apply(head.contiguous(), eps.contiguous(), float(limit))

@@ -148,10 +148,16 @@ class VAE(nn.Module):
 
     # -- the two halves -----------------------------------------------------------------
 
+    def encoder_head(self, x: Tensor) -> Tensor:
+        """The encoder's output layer, ``[B, 2d]``: ``mu``, then the unbounded log-variance
+        that :meth:`encode_params` bounds (:func:`vaekit.kernels.posterior_sample` takes it
+        from here in one fused step)."""
+        self._check_input(x)
+        return self.head(self.encoder(x))
+
     def encode_params(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Posterior parameters ``(mu, logvar)``, each ``[B, d]``."""
-        self._check_input(x)
-        mu, raw = self.head(self.encoder(x)).chunk(2, dim=-1)
+        mu, raw = self.encoder_head(x).chunk(2, dim=-1)
         lim = self.config.logvar_limit
         return mu, lim * torch.tanh(raw / lim)
 
