@@ -32,7 +32,8 @@ batch 128, the 60,000 training images statically binarized), in one run, for:
                     host's work per step 32x smaller, both
   (c+), (g+) CUDA   (c) and (g) with the step's tail (gradient norm, non-finite rule, Adam,
                     counters) as vaekit.adam_tail's three Triton kernels
-                    (StaticStep(adam_kernel=True)); each also with TF32 matrix products,
+                    (StaticStep(adam_kernel=True)), uncompiled also with the fused posterior
+                    sample (fused_sample=True); each also with TF32 matrix products,
                     and under bf16 autocast, where the tail keeps bfloat16 copies of the
                     weights (no casts); and (f) with it and TF32 (TrainConfig(adam_kernel=
                     True, amp="tf32")) and with it under bf16, uncompiled and compiled
@@ -182,7 +183,7 @@ def vaekit_loop(x, device, static: bool, amp: bool = False, compiled: bool = Fal
     step_fn = None
     if static:
         step_fn = StaticStep(model, opt, batch_size=BATCH, amp=amp and (compiled or adam_kernel), compile=compiled,
-                             adam_kernel=adam_kernel)
+                             adam_kernel=adam_kernel, fused_sample=adam_kernel)  # the (c+) rows: both new kernels
     config, n = ObjectiveConfig(), x.shape[0]
     gen = torch.Generator(device=device)
     state = {"step": 0, "epoch": 0}
@@ -328,7 +329,14 @@ def vaekit_fit(x_u8, x_val_u8, epochs, device, threads, workdir, amp: bool | str
     )
     name = (f"fit-run-{threads}-{amp if isinstance(amp, str) else 'bf16' if amp else 'fp32'}-{fast}-{dynamic}-"
             f"{graph_steps}-{adam_kernel}")
-    history = fit(config, Path(workdir) / name).history
+    from vaekit import fast
+
+    kept = fast.FUSED_SAMPLE
+    fast.FUSED_SAMPLE = adam_kernel  # the rows with the Triton tail also take the fused sample (uncompiled)
+    try:
+        history = fit(config, Path(workdir) / name).history
+    finally:
+        fast.FUSED_SAMPLE = kept
     ends = [row["seconds"] for row in history if row["split"] == "train"]
     return ends[0], [b - a for a, b in zip(ends, ends[1:])]
 

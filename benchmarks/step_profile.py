@@ -6,7 +6,8 @@ CUDA capturable with a tensor learning rate), on random binary data [4096, 784] 
 drawn up front on the device (timing only: the values do not matter). For each variant
 (--variants; static: fp32 as fit runs it; static-bf16: amp=True; static-tf32: fp32 with
 torch.backends.cuda.matmul.allow_tf32 on; compiled: compile=True; "-tail": the step's tail
-as vaekit.adam_tail's Triton kernels, adam_kernel=True; "-tail-bf16": with amp=True, so
+as vaekit.adam_tail's Triton kernels, adam_kernel=True, and uncompiled the posterior's
+sample as vaekit.kernels.fused_posterior_sample, fused_sample=True; "-tail-bf16": amp=True, so
 the tail keeps bfloat16 copies of the weights and nothing casts them) it
 
   1. profiles --steps uncaptured steps (StaticStep(capture=False), after 5 warm-up steps)
@@ -65,7 +66,8 @@ def build(device, variant: str, batch: int, capture: bool | None):
                             activation="relu", likelihood="bernoulli")).to(device)
     opt = _adam(model, TrainConfig(lr=LR), captured_on=device if device.type == "cuda" else None)
     return StaticStep(model, opt, batch_size=batch, amp="-bf16" in variant,
-                      compile=variant.startswith("compiled"), capture=capture, adam_kernel="-tail" in variant)
+                      compile=variant.startswith("compiled"), capture=capture, adam_kernel="-tail" in variant,
+                      fused_sample="-tail" in variant)
 
 
 def dev_us(e) -> float:

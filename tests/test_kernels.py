@@ -509,8 +509,9 @@ def test_the_static_step_with_the_fused_sample_and_loss_is_the_eager_step(likeli
     device = torch.empty(0).device
     kw = {"capturable": True, "lr": torch.tensor(1e-2)} if device.type == "cuda" else {"lr": 1e-2}
     opt, opt_twin = torch.optim.Adam(model.parameters(), **kw), torch.optim.Adam(twin.parameters(), lr=1e-2)
-    step = StaticStep(model, opt, batch_size=8)
+    step = StaticStep(model, opt, batch_size=8, fused_sample=True)
     assert step._fused_sample and step._fused
+    assert not StaticStep(copy.deepcopy(model), opt, batch_size=8)._fused_sample  # off by default, for now
     g = torch.Generator().manual_seed(4)
     for i in range(6):
         x = _cpu_rand((8, 12), generator=g)

@@ -106,6 +106,11 @@ def _aligned_slots(k: int, like: Tensor) -> Tensor:
     return like.new_zeros(k, -(-n // per_16) * per_16)[:, :n].unflatten(1, like.shape)
 
 
+# StaticStep's default for fused_sample: off until the kernels have run on a GPU (built
+# and tested under Triton's interpreter, compiled for sm_90; benchmarks/gpu.sh runs their
+# tests natively and times the steps with them). Read when a StaticStep is built.
+FUSED_SAMPLE = False
+
 # Warm-up steps (on a side stream) of a batch size other than the step's before it is
 # captured: the optimiser's state exists by then; the autograd buffers of that shape do not.
 OTHER_WARMUP = 2
@@ -141,6 +146,10 @@ class StaticStep:
             forward pass reads bfloat16 copies of the weights that the tail writes with
             each update (no cast of each weight a step, forward and backward), which
             computes what autocast's casts compute.
+        fused_sample: the posterior's sample (the log-variance's bound and the
+            reparameterisation, forward and backward) as
+            :func:`vaekit.kernels.fused_posterior_sample`'s two Triton kernels, where
+            Triton runs and the step is not compiled. Default: :data:`FUSED_SAMPLE`.
         other_sizes: whether :meth:`run` also takes batches of other sizes (an epoch's
             short last batch), each size captured in a graph of its own after
             ``OTHER_WARMUP`` warm-up steps, its forward pass and loss uncompiled (a
@@ -154,7 +163,8 @@ class StaticStep:
 
     def __init__(self, model, optimizer, *, batch_size: int, grad_clip: float = 0.0, amp: bool = False,
                  capture: bool | None = None, warmup: int = 3, compile: bool = False,
-                 adam_kernel: bool = False, other_sizes: bool | None = None) -> None:
+                 adam_kernel: bool = False, other_sizes: bool | None = None,
+                 fused_sample: bool | None = None) -> None:
         p = next(model.parameters())
         self.device = p.device
         self.model, self.opt = model, optimizer
@@ -196,8 +206,8 @@ class StaticStep:
         # forward and one backward instead of about 20 (compiled, inductor fuses them).
         from .models import VAE
 
-        self._fused_sample = (not compile and fused_available(self.device)
-                              and type(model).encode_params is VAE.encode_params
+        self._fused_sample = (bool(FUSED_SAMPLE if fused_sample is None else fused_sample) and not compile
+                              and fused_available(self.device) and type(model).encode_params is VAE.encode_params
                               and type(model).encoder_head is VAE.encoder_head)
         self._forward = torch.compile(self._forward_loss, dynamic=False) if compile else self._forward_loss
         self._untried = compile  # the first call compiles: its failure gets a clear message

@@ -544,7 +544,8 @@ def fused_posterior_sample(head: Tensor, eps: Tensor, limit: float) -> tuple[Ten
     with the cat of the two halves' gradients). Elementwise in float32 from the inputs'
     dtypes; ``mu`` and ``logvar`` come out in ``head``'s dtype, ``z`` in the promoted
     dtype of ``head`` and ``eps`` (as the eager formulas give them); the gradient of
-    ``eps`` is not computed (the noise needs none). The eager reference runs where
+    ``eps`` is not computed (the noise needs none). ``StaticStep(fused_sample=True)``
+    uses it (off by default until timed on a GPU). The eager reference runs where
     :func:`fused_available` says no, or for shapes other than ``head [B, 2d]``, ``eps [B, d]``.
     """
     if (not fused_available(head.device) or head.dim() != 2 or head.shape[1] % 2 or eps.device != head.device
