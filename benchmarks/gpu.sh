@@ -89,7 +89,7 @@ fi
 # recipe in the same run, and fit with TF32 without and with it and with it under bf16
 # (uncompiled and compiled). Rows print as they finish: a timeout costs the last ones.
 step tail_tests 150 "$PY" -m pytest tests/test_adam_tail.py tests/test_fast.py::test_a_short_batch_takes_a_static_step_of_its_own tests/test_kernels.py -k "not hopper" -q -o addopts="" -p no:cacheprovider -rfE
-step tail_epoch 240 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp none --skip eager,static-unfused,static-block,pythae,floor,compiled-block,compiled-tail,fit,fit-compile,fit-block,fit-compile-block --data "$DATA"
+step tail_epoch 240 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp none --skip eager,static-unfused,static-block,pythae,floor,compiled,compiled-block,compiled-tail,fit,fit-compile,fit-block,fit-compile-block,fit-tf32 --data "$DATA"
 step loss_bench 120 "$PY" benchmarks/loss_bench.py --device cuda --sweep
 step epoch_bench 120 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp "${EPOCH_AMP:-none}" --skip compiled,compiled-block,fit-compile,fit-compile-block,static-tail,static-tail-tf32,static-tail-bf16,compiled-tail,compiled-tail-tf32,compiled-tail-bf16,fit-tail,fit-tail-bf16 --data "$DATA"
 # The per-example loop and pythae run on the first 300 images (their time is also per

@@ -419,6 +419,43 @@ def test_the_bfloat16_rounding_is_torchs():
 
 
 @interpreted
+@pytest.mark.parametrize("amp", [False, True])
+def test_a_short_batch_gets_a_step_of_its_own_with_the_kernel_tail(amp):
+    """other_sizes with the Triton tail (on CUDA: a second captured graph, its own address
+    table) and, under bf16, the weight copies: the same steps as with PyTorch's Adam."""
+    models = [_vae(), _vae()]
+    opts = [_adam(m.parameters()) for m in models]
+    steps = [StaticStep(m, o, batch_size=8, amp=amp, adam_kernel=k, other_sizes=True)
+             for m, o, k in zip(models, opts, (False, True))]
+    assert (steps[1]._shadows is not None) == amp
+    g = torch.Generator().manual_seed(5)
+    for b in (8, 8, 8, 8, 5, 8, 5, 8, 5, 8):  # crosses both sizes' warm-ups and captures
+        x = torch.rand((b, 1, 6, 6), generator=g, device="cpu").bernoulli().to(_device())
+        eps = torch.randn((b, 3), generator=g, device="cpu").to(_device())
+        for s in steps:
+            s.run(x, eps, 1e-2, 1.0)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-3 if amp else 1e-4, atol=1e-4 if amp else 1e-5)
+    assert float(steps[1].sums[3]) == float(steps[0].sums[3]) == 71.0
+    if amp:
+        for c, q in zip(steps[1]._shadows, models[1].parameters()):
+            assert torch.equal(c, q.detach().to(torch.bfloat16))
+
+
+@interpreted
+def test_no_weight_copies_where_autocast_would_not_cast_every_parameter():
+    """A learned decoder log-variance is read in float32 by the likelihood: with it the
+    step keeps autocast's casts (and the tail serves as without bf16)."""
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(6,), latent_dim=2, hidden=(8,), likelihood="gaussian",
+                            decoder_variance="learned"))
+    step = StaticStep(model, _adam(model.parameters()), batch_size=4, amp=True, adam_kernel=True)
+    assert step._tail is not None and step._shadows is None
+    plain = _vae()
+    assert StaticStep(plain, _adam(plain.parameters()), batch_size=4, amp=True, adam_kernel=True)._shadows is not None
+
+
+@interpreted
 def test_bfloat16_copies_are_checked():
     params = [torch.nn.Parameter(torch.zeros(4, 3))]
     with pytest.raises(ValueError, match="shadows must be one contiguous bfloat16 tensor requiring grad per "

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vaekit.cli import build_config
-from vaekit.fast import StaticStep, _aligned_slots
+from vaekit.fast import FastPathError, StaticStep, _aligned_slots
 from vaekit.io import load_checkpoint
 from vaekit.losses import gaussian_kl
 from vaekit.models import VAE, ModelConfig
@@ -146,6 +146,13 @@ def test_a_compile_failure_names_the_option_and_the_way_out(monkeypatch):
     model = VAE(ModelConfig(input_shape=(1, 4, 4), latent_dim=2, hidden=(8,)))
     step = StaticStep(model, torch.optim.Adam(model.parameters()), batch_size=2, compile=True, capture=False)
     with pytest.raises(RuntimeError, match=r"fast='compile'.*OSError: no C\+\+ compiler found\).*'auto' or 'off'"):
+        step.run(torch.rand(2, 1, 4, 4).bernoulli(), torch.randn(2, 2), 1e-3, 1.0)
+    # A short batch first (its own step runs uncompiled) does not count as the compiled
+    # forward's first call: the failure still comes as FastPathError.
+    step = StaticStep(model, torch.optim.Adam(model.parameters()), batch_size=2, compile=True, capture=False,
+                      other_sizes=True)
+    step.run(torch.rand(1, 1, 4, 4).bernoulli(), torch.randn(1, 2), 1e-3, 1.0)
+    with pytest.raises(FastPathError, match=r"fast='compile'.*no C\+\+ compiler found"):
         step.run(torch.rand(2, 1, 4, 4).bernoulli(), torch.randn(2, 2), 1e-3, 1.0)
 
 

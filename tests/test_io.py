@@ -111,6 +111,16 @@ def test_host_copy_is_a_snapshot_that_later_updates_do_not_reach():
     assert all(t.device.type == "cpu" for t in (snap["model"]["w"], snap["pair"][0]))
 
 
+def test_host_copy_keeps_a_state_dicts_versions_and_named_tuples():
+    from collections import namedtuple
+
+    state = torch.nn.BatchNorm1d(3).state_dict()
+    Pair = namedtuple("Pair", "a b")
+    snap = host_copy({"bn": state, "pair": Pair(torch.ones(2), 3)})
+    assert snap["bn"]._metadata == state._metadata and list(snap["bn"]) == list(state)
+    assert isinstance(snap["pair"], Pair) and snap["pair"].b == 3 and torch.equal(snap["pair"].a, torch.ones(2))
+
+
 def test_a_checkpoint_serialised_earlier_is_the_file_save_checkpoint_writes(tmp_path):
     from vaekit.io import checkpoint_bytes, load_checkpoint, save_checkpoint
 

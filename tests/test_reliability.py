@@ -482,14 +482,26 @@ def test_extreme_initialisation_skips_and_reports(amp, tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-def test_a_run_of_nans_stops_with_training_diverged(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("slow_writes", [False, True])
+def test_a_run_of_nans_stops_with_training_diverged(tmp_path, monkeypatch, capsys, slow_writes):
+    # slow_writes: each checkpoint is written a while after the loop hands it over, and the
+    # only one before the divergence (step 5) is still being written when it comes; the
+    # message still names it (the loop waits for it before saying so)
     monkeypatch.setattr(vaekit.wiring, "VAE", _hooked_vae(lambda n, out: out if n <= 6 else out * float("nan")))
+    if slow_writes:
+        save = vaekit.train.save_checkpoint
+
+        def slow(path, state, **kw):
+            time.sleep(0.5)
+            return save(path, state, **kw)
+
+        monkeypatch.setattr(vaekit.train, "save_checkpoint", slow)
     rd = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=r"4 non-finite steps in a row") as e:
-        fit(tiny_config(train__checkpoint_every=3, train__max_bad_steps=4), rd)
+        fit(tiny_config(train__checkpoint_every=5 if slow_writes else 3, train__max_bad_steps=4), rd)
     assert str(rd / "checkpoint.pt") in str(e.value)
     state = load_checkpoint(rd / "checkpoint.pt")  # the earlier checkpoint is intact
-    assert 6 <= state["step"] <= 9
+    assert state["step"] == 5 if slow_writes else 6 <= state["step"] <= 9
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
     rc, _, err = call(["train", "--run-dir", tmp_path / "cli", "--epochs", 2, "--hidden", 16, "--latent-dim", 2,

@@ -307,3 +307,48 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_leaves_the_one_be
     assert got.value is error
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert state["step"] == written[0] == 3  # checkpoint_every=3: the first one, intact
+
+
+def test_a_failed_write_stops_the_run_within_the_reads_of_the_counters(tmp_path, monkeypatch):
+    """The epoch's checkpoint fails in the background: the run stops at the next check
+    (every 50 steps), not at the end of the next epoch."""
+    error, steps, failed_at = OSError(5, "Input/output error"), [], []
+    save, step = train.save_checkpoint, train._eager_step
+
+    def failing(path, state, **kw):
+        failed_at.append(len(steps))
+        raise error
+
+    def counted(*args):
+        steps.append(1)
+        return step(*args)
+
+    monkeypatch.setattr(train, "save_checkpoint", failing)
+    monkeypatch.setattr(train, "_eager_step", counted)
+    config = tiny_config(train__batch_size=8, train__epochs=3, model__hidden=(8,))
+    spe = steps_per_epoch(config)
+    assert spe > 100
+    with pytest.raises(OSError) as got:
+        train.fit(config, tmp_path / "run")
+    assert got.value is error and len(failed_at) == 1 and failed_at[0] >= spe  # written while training went on
+    assert len(steps) - spe <= 50 + 1  # the first read of the counters after the failure
+
+
+def test_the_loops_own_error_is_the_one_raised_when_a_write_failed_too(tmp_path, monkeypatch):
+    write_error, boom, step = OSError(28, "No space left on device"), RuntimeError("boom"), train._eager_step
+    calls = []
+
+    def failing(path, state, **kw):
+        raise write_error
+
+    def boom_after_the_first_epoch(run, *args):
+        calls.append(1)
+        if run.epoch == 1:
+            raise boom
+        return step(run, *args)
+
+    monkeypatch.setattr(train, "save_checkpoint", failing)
+    monkeypatch.setattr(train, "_eager_step", boom_after_the_first_epoch)
+    with pytest.raises(RuntimeError) as got:
+        train.fit(tiny_config(train__epochs=2, model__hidden=(8,)), tmp_path / "run")
+    assert got.value is boom

@@ -235,7 +235,8 @@ class AdamTail:
         block: elements per program (default :data:`BLOCK`).
         shadows: bfloat16 copies of ``params`` (same shapes, contiguous, requiring grad) that
             the forward pass uses in their place (bf16 autocast without a cast of each
-            weight a step: ``StaticStep(amp=True, adam_kernel=True)``). The gradients are
+            weight a step: ``StaticStep(amp=True, adam_kernel=True)`` for a model made of
+            linear and convolution layers). The gradients are
             then theirs, read as float32 (what autocast's cast back would give), and each
             update writes the new float32 parameter and its bfloat16 copy (rounded to
             nearest even, as ``.to(torch.bfloat16)``).

@@ -86,7 +86,8 @@ class TrainConfig:
             rule, Adam, the loss sums) as three Triton kernels (:mod:`vaekit.adam_tail`)
             instead of about 20 PyTorch kernels, for CUDA with Triton; the same values up to
             float rounding (tested). With ``amp="bf16"`` the tail also keeps bfloat16
-            copies of the weights, which the forward pass reads instead of casting each
+            copies of the weights (those of linear and convolution layers, when they are
+            all the model has), which the forward pass reads instead of casting each
             weight in each step. Not measured on a GPU yet, so off by default.
         progress: show a tqdm progress bar.
     """

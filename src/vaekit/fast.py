@@ -112,8 +112,9 @@ def _aligned_slots(k: int, like: Tensor) -> Tensor:
 FUSED_SAMPLE = False
 
 # Warm-up steps (on a side stream) of a batch size other than the step's before it is
-# captured: the optimiser's state exists by then; the autograd buffers of that shape do not.
-OTHER_WARMUP = 2
+# captured: the optimiser's state exists by then; what the new shape needs first (Triton's
+# kernels for it, cuBLAS's choices) comes in one step.
+OTHER_WARMUP = 1
 
 
 class _Other:
@@ -142,10 +143,11 @@ class StaticStep:
             non-finite rule, Adam, the counters) as :class:`vaekit.adam_tail.AdamTail`'s
             three Triton kernels instead of about 20 PyTorch kernels; needs CUDA with
             Triton (or Triton's interpreter on a CPU) and an Adam of one parameter group.
-            The tests compare it with the default, PyTorch's Adam. With ``amp`` the
-            forward pass reads bfloat16 copies of the weights that the tail writes with
-            each update (no cast of each weight a step, forward and backward), which
-            computes what autocast's casts compute.
+            The tests compare it with the default, PyTorch's Adam. With ``amp``, when
+            every parameter is a weight or bias of a linear or convolution layer (what
+            autocast casts), the forward pass reads bfloat16 copies of them that the
+            tail writes with each update (no cast of each weight a step, forward and
+            backward), which computes what autocast's casts compute.
         fused_sample: the posterior's sample (the log-variance's bound and the
             reparameterisation, forward and backward) as
             :func:`vaekit.kernels.fused_posterior_sample`'s two Triton kernels, where
@@ -188,9 +190,9 @@ class StaticStep:
         # bf16 autocast with the Triton tail: the forward pass reads bfloat16 copies of the
         # weights that the tail writes with each update, instead of casting every weight
         # in every step (two kernels each, forward and backward, in a captured graph).
+        self._places = self._parameter_places(model) if adam_kernel and amp else []
         self._shadows = ([q.detach().to(torch.bfloat16).requires_grad_() for q in self.params]
-                         if adam_kernel and amp else None)
-        self._places = self._parameter_places(model) if self._shadows is not None else []
+                         if self._places and self._autocast_casts_them() else None)
         self._tail = (AdamTail(optimizer, self.params, grad_clip=grad_clip, shadows=self._shadows)
                       if adam_kernel else None)
         self._found_inf = (torch.zeros((), device=self.device)
@@ -229,6 +231,15 @@ class StaticStep:
                 owner, _, leaf = name.rpartition(".")
                 places[index[id(q)]].append((model.get_submodule(owner), leaf))
         return places
+
+    def _autocast_casts_them(self) -> bool:
+        """Whether every parameter is what autocast casts to bfloat16 in each step (a weight
+        or bias of a linear or convolution layer) and nothing else: held in one place (a
+        tied weight's gradients add up, which in a bfloat16 copy would round), not read
+        in float32 elsewhere (a learned decoder log-variance)."""
+        conv = torch.nn.modules.conv._ConvNd
+        return all(len(where) == 1 and leaf in ("weight", "bias") and isinstance(module, (torch.nn.Linear, conv))
+                   for where in self._places for module, leaf in where)
 
     @contextlib.contextmanager
     def _bf16_weights(self):
@@ -286,11 +297,12 @@ class StaticStep:
                 res = (forward or self._forward)(x, self.eps if eps is None else eps,
                                                  self.beta if beta is None else beta)
         except Exception as e:  # noqa: BLE001  (inductor raises many kinds; the cause is chained)
-            if not self._untried:
+            if not (self._untried and forward is None):  # the compiled forward's first call
                 raise
             raise FastPathError(f"TrainConfig.fast='compile': torch.compile could not compile the step "
                                 f"({type(e).__name__}: {_first_line(e)}); train with fast='auto' or 'off'") from e
-        self._untried = False
+        if forward is None:
+            self._untried = False
         res.loss.backward()
         if self._tail is not None:
             self._tail(res.loss.detach(), res.reconstruction.detach(), res.kl.detach(), self.sums, self.skipped,

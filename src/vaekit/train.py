@@ -226,11 +226,16 @@ def _train_epoch(run: _Run, stop: _Stop, progress, amp) -> bool:
             done = 1
         if run.bad_run >= tc.max_bad_steps:
             progress.close()
-            run.writes.wait()  # the checkpoint named below is on disk
+            try:
+                run.writes.wait()  # the checkpoint named below is on disk
+            except Exception as e:  # noqa: BLE001  (its failure is told with the divergence)
+                failed = e
+            else:
+                failed = None
             raise TrainingDiverged(
                 f"{run.bad_run} non-finite steps in a row (at step {run.step}); stopped. The last good checkpoint "
                 f"is {run.ckpt_path if run.ckpt_path.exists() else 'not written yet'}"
-            )
+            ) from failed
         run.step += done
         progress.update(done)
         if (run.step - done) // _FOLD_EVERY != run.step // _FOLD_EVERY:
@@ -332,9 +337,11 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None,
     # checkpoint keeps it; older ones only their last epoch row's).
     done = state.get("seconds", (state["history"] or [{}])[-1].get("seconds", 0.0)) if state else 0.0
     run.t0 = time.perf_counter() - float(done)
-    run.writes = BackgroundWriter(BACKGROUND_WRITES and run.is_main)
-    try:
-        with _Stop() as stop, _unvalidated(), _tf32(run):
+    # Under torchrun rank 0 writes in the loop: torchrun kills it if another rank fails,
+    # and a write behind the barrier would be lost with it.
+    run.writes = BackgroundWriter(BACKGROUND_WRITES and run.is_main and not run.distributed)
+    with _Stop() as stop, _unvalidated(), _tf32(run):  # a signal must not cut the last writes either
+        try:
             while run.more_to_do() and not run.stopped_early():
                 if _train_epoch(run, stop, progress, amp):
                     interrupted = True
@@ -345,10 +352,10 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None,
                 if (run.stop_all if run.distributed else stop.signum) and run.more_to_do():
                     interrupted = True
                     break
-    except BaseException:
-        run.writes.close(raise_error=False)  # what was handed to it is on disk; the first error is the news
-        raise
-    run.writes.close()
+        except BaseException:
+            run.writes.close(raise_error=False)  # what was handed to it is on disk; the first error is the news
+            raise
+        run.writes.close()
     progress.close()
     if interrupted:
         if run.is_main:
