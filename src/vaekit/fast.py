@@ -393,33 +393,45 @@ class StaticStep:
             # Warm-up steps on a side stream create the optimiser state and the autograd
             # buffers before capture, as CUDA graphs require.
             self._warmup_left -= 1
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                self._zero_grad()
-                self._body()
-            torch.cuda.current_stream().wait_stream(s)
+            self._on_side_stream(self._body)
             self._refresh_backups()
             return
         self._refresh_backups()
+        way_out = ("fast='auto' (vaekit train --fast auto) to capture it uncompiled, or fast='off'"
+                   if self._compiled else "fast='off' (vaekit train --fast off) to run it uncaptured")
+        self._graph = self._capture(self._body, "the training step could not be captured in a CUDA graph",
+                                    f"train with {way_out}")
+
+    def _on_side_stream(self, body) -> None:
+        """``body()`` after zeroing the gradients, on a side stream: a warm-up before a
+        capture (the optimiser's state, the autograd buffers and anything else that runs
+        for the first time, such as a kernel's compilation, must not happen inside it)."""
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            self._zero_grad()
+            body()
+        torch.cuda.current_stream().wait_stream(s)
+
+    def _capture(self, body, failure: str, way_out: str):
+        """``body()`` after zeroing the gradients, captured in a new CUDA graph, then run
+        once (capture records without running); the Triton tail's tables are bound to the
+        gradients the capture allocated. A capture that fails raises
+        :class:`FastPathError` ``"{failure} (cause); {way_out}"``."""
         self._zero_grad()
         graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
         try:
             with torch.cuda.graph(graph):
-                self._body()
+                body()
         except Exception as e:  # noqa: BLE001  (capture fails in many ways; the cause is chained)
             torch.cuda.set_stream(stream)  # torch.cuda.graph leaves its stream only on a clean end
             if self._tail is not None:
                 self._tail.discard_pending()
-            way_out = ("fast='auto' (vaekit train --fast auto) to capture it uncompiled, or fast='off'"
-                       if self._compiled else "fast='off' (vaekit train --fast off) to run it uncaptured")
-            raise FastPathError(f"the training step could not be captured in a CUDA graph "
-                                f"({type(e).__name__}: {_first_line(e)}); train with {way_out}") from e
-        self._graph = graph
+            raise FastPathError(f"{failure} ({type(e).__name__}: {_first_line(e)}); {way_out}") from e
         if self._tail is not None:
-            self._tail.bind()  # the addresses of the gradients the capture allocated
-        # Capture records the step without running it: run it now.
+            self._tail.bind()
         graph.replay()
+        return graph
 
     def _run_other(self, x: Tensor, eps: Tensor, lr: float, beta: float) -> None:
         """A step on a batch of another size (:meth:`serves`): its own buffers and graph,
@@ -437,38 +449,27 @@ class StaticStep:
         slot.x.copy_(x)
         slot.eps.copy_(eps)
         self._schedule(lr, beta)
+
+        def body():
+            self._body(slot.x, slot.eps, forward=self._forward_loss)
+
         if not self.capture:
             self._zero_grad()
-            self._body(slot.x, slot.eps, forward=self._forward_loss)
+            body()
             return
         if slot.graph is not None:
             slot.graph.replay()
             return
         if slot.warmup_left > 0 or self._graph is None:  # the main step captures first (it makes the backups)
             slot.warmup_left -= 1
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                self._zero_grad()
-                self._body(slot.x, slot.eps, forward=self._forward_loss)
-            torch.cuda.current_stream().wait_stream(s)
+            self._on_side_stream(body)
             return
-        self._zero_grad()
-        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
         try:
-            with torch.cuda.graph(graph):
-                self._body(slot.x, slot.eps, forward=self._forward_loss)
-        except Exception as e:  # noqa: BLE001  (capture fails in many ways; the cause is chained)
-            torch.cuda.set_stream(stream)
-            if self._tail is not None:
-                self._tail.discard_pending()
+            slot.graph = self._capture(body, f"the training step on a batch of {b} could not be captured in a "
+                                             f"CUDA graph", f"batches of {b} take the eager step")
+        except FastPathError:
             self._others[b] = None  # not served again
-            raise FastPathError(f"the training step on a batch of {b} could not be captured in a CUDA graph "
-                                f"({type(e).__name__}: {_first_line(e)}); batches of {b} take the eager step") from e
-        slot.graph = graph
-        if self._tail is not None:
-            self._tail.bind()
-        graph.replay()
+            raise
 
     def run_block(self, xs: Tensor, eps: Tensor, lrs, betas) -> None:
         """``K = len(xs)`` steps: batch ``xs[i]``, noise ``eps[i]``, learning rate ``lrs[i]``
@@ -505,37 +506,22 @@ class StaticStep:
         if graph is not None:
             graph.replay()
             return
-        if not self.capture or k not in self._warm:
-            # Uncaptured; on CUDA the first block of each K is a warm-up on a side stream
-            # (anything run for the first time, such as a kernel compilation, must not
-            # happen inside the capture).
-            stream = torch.cuda.Stream() if self.capture else None
-            if stream is not None:
-                stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                for i in range(k):
-                    self._block_step(i, lrs[i], bx, beps, blr, bbeta)
-            if stream is not None:
-                torch.cuda.current_stream().wait_stream(stream)
-                self._warm.add(k)
+        def steps():
+            for i in range(k):
+                self._block_step(i, lrs[i], bx, beps, blr, bbeta)
+
+        if not self.capture:
+            steps()
+            return
+        if k not in self._warm:  # on CUDA the first block of each K is a warm-up on a side stream
+            self._on_side_stream(steps)
+            self._warm.add(k)
             return
         # The single step is captured (above), so the copies that undo a non-finite step
         # (unfused optimisers) exist: the block's graph must update the very same ones.
-        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
-        try:
-            with torch.cuda.graph(graph):
-                for i in range(k):
-                    self._block_step(i, lrs[i], bx, beps, blr, bbeta)
-        except Exception as e:  # noqa: BLE001  (capture fails in many ways; the cause is chained)
-            torch.cuda.set_stream(stream)
-            if self._tail is not None:
-                self._tail.discard_pending()
-            raise FastPathError(f"{k} training steps could not be captured in one CUDA graph "
-                                f"({type(e).__name__}: {_first_line(e)}); run them one by one") from e
+        graph = self._capture(steps, f"{k} training steps could not be captured in one CUDA graph",
+                              "run them one by one")
         self._blocks[k] = ((bx, beps, sched), graph)
-        if self._tail is not None:
-            self._tail.bind()
-        graph.replay()
 
     def _block_step(self, i: int, lr: float, bx: Tensor, beps: Tensor, blr: Tensor, bbeta: Tensor) -> None:
         """Step ``i`` of a block. A compiled forward is fed the single step's own buffers

@@ -5,9 +5,9 @@
 * Training checkpoints: one file written atomically (temporary file, flush, fsync,
   rename, fsync of the directory), read back with ``torch.load(weights_only=True)``,
   which refuses pickled objects other than tensors and plain containers.
-* :class:`BackgroundWriter`: the training loop's files written on a thread of their own
-  from copies taken in host memory (:func:`host_copy`), so that training goes on while
-  they are serialised and synced to disk.
+* :class:`BackgroundWriter`: the training loop's files, copied into host memory
+  (:func:`host_copy`) and serialised in the loop, written and synced to disk on a thread
+  of their own while training goes on.
 """
 
 from __future__ import annotations

@@ -185,7 +185,7 @@ def _checkpoint(run: _Run, before=()) -> None:
     if run.is_main:
         state = host_copy({
             "config": run.config.to_dict(), "model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
-            "step": run.step, "epoch": run.epoch, "history": [dict(r) for r in run.history], "best": run.best,
+            "step": run.step, "epoch": run.epoch, "history": run.history, "best": run.best,
             "since_best": run.since_best, "skipped": run.skipped, "sums": all_sums,
             "batches": run.batches.state_dict(), "rng": rngs, "world_size": run.world, "vaekit_version": __version__,
             "data": run.data_seen, "seconds": time.perf_counter() - run.t0,
@@ -240,11 +240,11 @@ def _train_epoch(run: _Run, stop: _Stop, progress, amp) -> bool:
         progress.update(done)
         if (run.step - done) // _FOLD_EVERY != run.step // _FOLD_EVERY:
             run.writes.check()  # a checkpoint that could not be written stops the run now
-        if not progress.disable and (run.step - done) // _FOLD_EVERY != run.step // _FOLD_EVERY:
-            loss, rec, kl, n = run.sums.tolist()  # one sync, and none without a bar to show them on
-            if n > 0:
-                progress.set_postfix(loss=f"{loss / n:.2f}", rec=f"{rec / n:.2f}", kl=f"{kl / n:.2f}",
-                                     beta=f"{run.beta:.3g}")
+            if not progress.disable:
+                loss, rec, kl, n = run.sums.tolist()  # one sync, and none without a bar to show them on
+                if n > 0:
+                    progress.set_postfix(loss=f"{loss / n:.2f}", rec=f"{rec / n:.2f}", kl=f"{kl / n:.2f}",
+                                         beta=f"{run.beta:.3g}")
         stopping = run.stop_all if run.distributed else bool(stop.signum)
         if run.step >= run.total_steps:
             break
