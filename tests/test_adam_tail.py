@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -103,7 +104,34 @@ def test_the_kernels_compile_for_a_hopper_gpu(ptr):
           for np2, nt in ((512, 16), (1, 1))],
     ]
     for fn, signature, constexprs in cases:
-        assert compile_for_hopper(fn, signature, constexprs)
+        for aligned in (False, True):
+            assert compile_for_hopper(fn, signature, {**constexprs, "ALIGNED": aligned}
+                                      if "ALIGNED" in fn.arg_names else constexprs)
+
+
+@pytest.mark.skipif(CHILD or NATIVE, reason="the interpreter's kernels are not compiled; a GPU runs them for real")
+@pytest.mark.parametrize("shadow", [False, True])
+def test_aligned_tensors_move_16_bytes_an_instruction(shadow):
+    """The address tables hide the tensors' alignment from the compiler; with ALIGNED (all
+    sizes multiples of 8, all buffers on 16-byte boundaries) the sum of squares and Adam
+    load and store 16-byte vectors, read off the PTX; without, one element at a time."""
+    tables = {"table": "*i64", "tids": "*i32", "starts": "*i32", "numels": "*i32", "partials": "*fp32"}
+    scalars = dict.fromkeys(("beta2", "one_minus_beta1", "one_minus_beta2", "log_beta1", "log_beta2", "eps",
+                             "weight_decay", "clip"), "fp32")
+    adam = {**tables, "n_partials": "i32", "n_tensors": "i32", "loss_ptr": "*fp32", "lr_ptr": "*fp32", **scalars}
+    for aligned in (False, True):
+        kw = {"BLOCK": 2048, "SHADOW": shadow, "ALIGNED": aligned}
+        sumsq = compile_for_hopper(adam_tail._sumsq_kernel, {**tables, "n_tensors": "i32"}, kw, asm="ptx")
+        step = compile_for_hopper(adam_tail._adam_kernel, adam,
+                                  {**kw, "DECAY": True, "DECOUPLED": False, "NP": 512}, asm="ptx")
+        widths = {(name, op): set(re.findall(rf"{op}\.global\.(?:v4\.)?b\d+", text))
+                  for name, text in (("sumsq", sumsq), ("adam", step)) for op in ("ld", "st")}
+        if aligned:  # every gradient, parameter and moment access is a vector of four words
+            assert "ld.global.v4.b32" in widths["sumsq", "ld"], widths
+            assert "ld.global.v4.b32" in widths["adam", "ld"] and "st.global.v4.b32" in widths["adam", "st"], widths
+            assert "st.global.b32" not in widths["adam", "st"] and "st.global.b16" not in widths["adam", "st"], widths
+        else:
+            assert not any("v4" in w for ws in widths.values() for w in ws), widths
 
 
 @pytest.mark.skipif(CHILD, reason="this is the child process")
@@ -185,10 +213,12 @@ def _adam_float64(p, grads, *, lr, betas, eps, wd, decoupled, clip):
     (0.0, False, 0.3, (0.3, 0.9)),  # 1 - beta1 > 1/2: torch's lerp takes its other form
     (0.0, False, 1e9, (0.0, 0.99)),  # beta1 = 0: no momentum; a clip that never bites
 ])
-def test_steps_match_adam_in_float64(wd, decoupled, clip, betas):
-    # Shapes that span several programs, end mid-block, and a single element.
+@pytest.mark.parametrize("shapes, aligned", [
+    ([(7, 33), (33,), (1,), (3, 5, 2)], False),  # span several programs, end mid-block, a single element
+    ([(8, 32), (40,), (8,), (3, 8, 2)], True),  # the same with sizes by 8: the kernels' vector loads
+])
+def test_steps_match_adam_in_float64(wd, decoupled, clip, betas, shapes, aligned):
     g = torch.Generator().manual_seed(0)
-    shapes = [(7, 33), (33,), (1,), (3, 5, 2)]
     params = [torch.nn.Parameter(torch.randn(s, generator=g, device="cpu").to(_device())) for s in shapes]
     start = [p.detach().clone() for p in params]
     cls = torch.optim.AdamW if decoupled else torch.optim.Adam
@@ -201,6 +231,7 @@ def test_steps_match_adam_in_float64(wd, decoupled, clip, betas):
         grads = [torch.randn(s, generator=g, device="cpu").to(_device()) * (1 + i) for s in shapes]
         for p, gr in zip(params, grads):
             p.grad = gr.clone()
+        assert tail._aligned(tail._addresses()) is aligned
         history.append(grads)
         loss = torch.tensor(1.0 + i)
         tail(loss, 2 * loss, 3 * loss, sums, skipped, bad_run, 8)
@@ -215,6 +246,28 @@ def test_steps_match_adam_in_float64(wd, decoupled, clip, betas):
     # sums of [loss, rec, kl, 1] * b over the five steps: 8 * (1+2+3+4+5) = 120
     assert sums.tolist() == [120.0, 240.0, 360.0, 40.0]
     assert int(skipped) == 0 and int(bad_run) == 0
+
+
+@interpreted
+def test_vectors_only_where_every_buffer_is_aligned():
+    """Sizes by 8 are not enough: a parameter or gradient that starts off a 16-byte
+    boundary (a view into a larger tensor) sends the step to the kernels' element-wise
+    loads; so does a size that is not a multiple of 8."""
+    base = torch.zeros(80)
+
+    def aligned(params, grads):
+        tail = AdamTail(_adam(params), params)
+        for p, gr in zip(params, grads):
+            p.grad = gr
+        return tail._aligned(tail._addresses())
+
+    assert aligned([torch.nn.Parameter(base[:40]), torch.nn.Parameter(torch.zeros(16))],
+                   [torch.ones(40), torch.ones(16)])
+    assert not aligned([torch.nn.Parameter(base[:40]), torch.nn.Parameter(torch.zeros(16))],
+                       [torch.ones(40), torch.ones(18)[2:]])  # a gradient 8 bytes past a boundary
+    assert not aligned([torch.nn.Parameter(base[2:42]), torch.nn.Parameter(torch.zeros(16))],
+                       [torch.ones(40), torch.ones(16)])  # a parameter 8 bytes past one
+    assert not aligned([torch.nn.Parameter(torch.zeros(12))], [torch.ones(12)])  # 12 is not a multiple of 8
 
 
 @interpreted

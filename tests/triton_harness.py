@@ -86,9 +86,10 @@ def interpreter_clash() -> str:
     return ""
 
 
-def compile_for_hopper(fn, signature: dict, constexprs: dict) -> bytes:
+def compile_for_hopper(fn, signature: dict, constexprs: dict, asm: str = "cubin"):
     """Compile the Triton kernel ``fn`` ahead of time for sm_90 (H100, H200) with the ptxas
-    that Triton ships, on any machine; returns the cubin (skips where ptxas is missing).
+    that Triton ships, on any machine; returns the cubin, or the ``asm`` named ("ptx": the
+    text, where the width of each load can be read) (skips where ptxas is missing).
     ``signature``: argument name -> Triton type ("*fp32", "i32", "fp32", ...) for the
     arguments that are not in ``constexprs``. Catches what the interpreter lets through
     (types, pointer casts) without a GPU."""
@@ -106,4 +107,4 @@ def compile_for_hopper(fn, signature: dict, constexprs: dict) -> bytes:
         if "ptxas" in str(e):
             pytest.skip(f"no ptxas here: {e}")
         raise
-    return compiled.asm.get("cubin")
+    return compiled.asm.get(asm)

@@ -25,7 +25,11 @@ the same :class:`torch.optim.Adam` in between (a short last batch off CUDA) and 
 one state. Gradients are new tensors after each uncaptured backward: their table is
 rewritten when their addresses change; inside a CUDA-graph capture nothing can be copied
 from the host, so each captured call gets its own table, which the caller fills once the
-capture has fixed the addresses (:meth:`AdamTail.bind`; ``StaticStep`` does).
+capture has fixed the addresses (:meth:`AdamTail.bind`; ``StaticStep`` does). A table
+hides the tensors' alignment from the compiler: where every size is a multiple of 8 and
+every buffer starts on a 16-byte boundary (the 784-400-20 model, PyTorch's allocator), the
+kernels are told so and move 16 bytes an instruction (``ld.global.v4`` in the PTX, a test
+reads it); elsewhere one element at a time.
 
 It computes what the reference computes: ``torch.nn.utils.clip_grad_norm_`` (its
 ``max_norm / (norm + 1e-6)`` factor, capped at 1), then ``torch.optim.Adam`` (L2 weight
@@ -62,17 +66,38 @@ _MAX_BLOCK = 16384
 if triton is not None:
 
     @triton.jit
-    def _entry(table, row, n_tensors, t):
+    def _entry(table, row, n_tensors, t, ALIGNED: tl.constexpr):
         # Address of tensor t's buffer of kind row (0 params, 1 grads, 2 exp_avg,
-        # 3 exp_avg_sq, 4 step counts, 5 bfloat16 copies), as a float32 pointer.
-        return tl.load(table + row * n_tensors + t).to(tl.pointer_type(tl.float32))
+        # 3 exp_avg_sq, 4 step counts, 5 bfloat16 copies), as a float32 pointer. ALIGNED:
+        # every buffer starts on a 16-byte boundary (checked on the host), which a table
+        # hides from the compiler (the hint holds on the pointer, not on the integer).
+        p = tl.load(table + row * n_tensors + t).to(tl.pointer_type(tl.float32))
+        if ALIGNED:
+            p = tl.multiple_of(p, 16)
+        return p
 
     @triton.jit
-    def _entry16(table, row, n_tensors, t):
+    def _entry16(table, row, n_tensors, t, ALIGNED: tl.constexpr):
         # The same as a pointer to 16-bit words: the bfloat16 copies, and with them the
         # gradients, handled as their bits (exact either way, and the same in Triton's
         # interpreter, whose conversion to bfloat16 truncates).
-        return tl.load(table + row * n_tensors + t).to(tl.pointer_type(tl.uint16))
+        p = tl.load(table + row * n_tensors + t).to(tl.pointer_type(tl.uint16))
+        if ALIGNED:
+            p = tl.multiple_of(p, 16)
+        return p
+
+    @triton.jit
+    def _span(starts, numels, pid, t, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+        # Program pid's element offsets in tensor t, and that tensor's size. ALIGNED: the
+        # sizes are multiples of 8 (checked on the host), so that with aligned buffers the
+        # loads and stores are 16-byte vectors (8 bytes for the bfloat16 words) instead
+        # of one element per instruction.
+        start = tl.load(starts + pid).to(tl.int64)
+        n = tl.load(numels + t).to(tl.int64)
+        if ALIGNED:
+            start = tl.multiple_of(start, 16)
+            n = tl.multiple_of(n, 8)
+        return start + tl.arange(0, BLOCK), n
 
     @triton.jit
     def _from_bf16(bits):
@@ -86,11 +111,11 @@ if triton is not None:
         return tl.where(x != x, 0x7FC0, up).to(tl.uint16)
 
     @triton.jit
-    def _grads(table, n_tensors, t, offs, mask, SHADOW: tl.constexpr):
+    def _grads(table, n_tensors, t, offs, mask, SHADOW: tl.constexpr, ALIGNED: tl.constexpr):
         if SHADOW:  # the copies' gradients, bfloat16
-            g = _from_bf16(tl.load(_entry16(table, 1, n_tensors, t) + offs, mask=mask, other=0))
+            g = _from_bf16(tl.load(_entry16(table, 1, n_tensors, t, ALIGNED) + offs, mask=mask, other=0))
         else:
-            g = tl.load(_entry(table, 1, n_tensors, t) + offs, mask=mask, other=0.0)
+            g = tl.load(_entry(table, 1, n_tensors, t, ALIGNED) + offs, mask=mask, other=0.0)
         return g
 
     @triton.jit
@@ -115,32 +140,33 @@ if triton is not None:
         return -tl.where(tl.abs(u) < 0.5, u + u * u * q, tl.exp(u) - 1.0)
 
     @triton.jit
-    def _sumsq_kernel(table, tids, starts, numels, partials, n_tensors, BLOCK: tl.constexpr, SHADOW: tl.constexpr):
+    def _sumsq_kernel(table, tids, starts, numels, partials, n_tensors, BLOCK: tl.constexpr, SHADOW: tl.constexpr,
+                      ALIGNED: tl.constexpr):
         pid = tl.program_id(0)
         t = tl.load(tids + pid)
-        offs = tl.load(starts + pid).to(tl.int64) + tl.arange(0, BLOCK)
-        g = _grads(table, n_tensors, t, offs, offs < tl.load(numels + t), SHADOW)
+        offs, n = _span(starts, numels, pid, t, BLOCK, ALIGNED)
+        g = _grads(table, n_tensors, t, offs, offs < n, SHADOW, ALIGNED)
         tl.store(partials + pid, tl.sum(g * g, 0))
 
     @triton.jit
     def _adam_kernel(table, tids, starts, numels, partials, n_partials, n_tensors, loss_ptr, lr_ptr,
                      beta2, one_minus_beta1, one_minus_beta2, log_beta1, log_beta2, eps, weight_decay, clip,
                      DECAY: tl.constexpr, DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr,
-                     SHADOW: tl.constexpr):
+                     SHADOW: tl.constexpr, ALIGNED: tl.constexpr):
         pid = tl.program_id(0)
         ok, scale = _ok_and_scale(partials, n_partials, loss_ptr, clip, NP)
         t = tl.load(tids + pid)
-        offs = tl.load(starts + pid).to(tl.int64) + tl.arange(0, BLOCK)
-        mask = offs < tl.where(ok, tl.load(numels + t).to(tl.int64), 0)  # nothing to update when not ok
-        p_ptr = _entry(table, 0, n_tensors, t) + offs
-        m_ptr = _entry(table, 2, n_tensors, t) + offs
-        v_ptr = _entry(table, 3, n_tensors, t) + offs
+        offs, n = _span(starts, numels, pid, t, BLOCK, ALIGNED)
+        mask = offs < tl.where(ok, n, 0)  # nothing to update when not ok
+        p_ptr = _entry(table, 0, n_tensors, t, ALIGNED) + offs
+        m_ptr = _entry(table, 2, n_tensors, t, ALIGNED) + offs
+        v_ptr = _entry(table, 3, n_tensors, t, ALIGNED) + offs
         p = tl.load(p_ptr, mask=mask, other=0.0)
-        g = _grads(table, n_tensors, t, offs, mask, SHADOW) * scale
+        g = _grads(table, n_tensors, t, offs, mask, SHADOW, ALIGNED) * scale
         m = tl.load(m_ptr, mask=mask, other=0.0)
         v = tl.load(v_ptr, mask=mask, other=0.0)
         lr = tl.load(lr_ptr).to(tl.float32)
-        step = tl.load(_entry(table, 4, n_tensors, t)) + 1.0
+        step = tl.load(_entry(table, 4, n_tensors, t, False)) + 1.0
         if DECAY:
             if DECOUPLED:
                 p = p * (1.0 - lr * weight_decay)
@@ -158,7 +184,7 @@ if triton is not None:
         tl.store(m_ptr, m, mask=mask)
         tl.store(v_ptr, v, mask=mask)
         if SHADOW:  # the bfloat16 copy the next forward pass reads
-            tl.store(_entry16(table, 5, n_tensors, t) + offs, _to_bf16(p), mask=mask)
+            tl.store(_entry16(table, 5, n_tensors, t, ALIGNED) + offs, _to_bf16(p), mask=mask)
 
     @triton.jit
     def _finish_kernel(table, n_tensors, partials, n_partials, loss_ptr, rec_ptr, kl_ptr, sums_ptr,
@@ -286,6 +312,7 @@ class AdamTail:
         self._tids = torch.tensor(tids, dtype=torch.int32, device=device)
         self._starts = torch.tensor(starts, dtype=torch.int32, device=device)
         self._numels = torch.tensor([p.numel() for p in params], dtype=torch.int32, device=device)
+        self._sizes_by_8 = all(p.numel() % 8 == 0 for p in params)
         self._partials = torch.zeros(len(tids), dtype=torch.float32, device=device)
         self._table = torch.zeros((5 if shadows is None else 6) * len(params), dtype=torch.int64, device=device)
         self._bound: list[int] | None = None
@@ -311,6 +338,13 @@ class AdamTail:
                 rows[row].append(t.data_ptr())
         return [a for row in rows for a in row]
 
+    def _aligned(self, addresses: list[int]) -> bool:
+        """Whether the kernels may move 16 bytes an instruction: every size a multiple of 8
+        elements and every buffer but the step counts on a 16-byte boundary (PyTorch's
+        allocator gives 512; a view into a larger tensor may not be)."""
+        nt = len(self.params)
+        return self._sizes_by_8 and all(a % 16 == 0 for i, a in enumerate(addresses) if i // nt != 4)
+
     def bind(self) -> None:
         """After a CUDA-graph capture: fill the address tables that the captured calls read
         (the addresses of the gradients the capture allocated). Nothing can be copied from
@@ -328,6 +362,7 @@ class AdamTail:
                  batch_size: int) -> None:
         capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         addresses = self._addresses()
+        aligned = self._aligned(addresses)
         if capturing:
             table = torch.empty(len(addresses), dtype=torch.int64, device=self.device)
             self._pending.append((table, addresses))
@@ -349,14 +384,15 @@ class AdamTail:
         beta1, beta2 = group["betas"]
         wd = float(group["weight_decay"])
         _sumsq_kernel[(n,)](table, self._tids, self._starts, self._numels, self._partials, nt,
-                            BLOCK=self.block, SHADOW=self.shadows is not None, num_warps=self._warps,
+                            BLOCK=self.block, SHADOW=self.shadows is not None, ALIGNED=aligned, num_warps=self._warps,
                             enable_fp_fusion=True)
         _adam_kernel[(n,)](table, self._tids, self._starts, self._numels, self._partials, n, nt, loss, lr,
                            float(beta2), 1.0 - beta1, 1.0 - beta2, _log(beta1), _log(beta2),
                            float(group["eps"]), wd,
                            self.clip, DECAY=wd != 0,
                            DECOUPLED=bool(group.get("decoupled_weight_decay")), BLOCK=self.block, NP=np2,
-                           SHADOW=self.shadows is not None, num_warps=self._warps, enable_fp_fusion=True)
+                           SHADOW=self.shadows is not None, ALIGNED=aligned, num_warps=self._warps,
+                           enable_fp_fusion=True)
         _finish_kernel[(1,)](table, nt, self._partials, n, loss, rec, kl, sums, skipped, bad_run,
                              float(batch_size), self.clip, NP=np2, NT=_next_pow2(nt), num_warps=self._warps,
                              enable_fp_fusion=True)  # the Adam kernel's warps: its very sum, so its very ok
