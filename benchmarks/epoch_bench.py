@@ -37,6 +37,9 @@ batch 128, the 60,000 training images statically binarized), in one run, for:
                     and under bf16 autocast, where the tail keeps bfloat16 copies of the
                     weights (no casts); and (f) with it and TF32 (TrainConfig(adam_kernel=
                     True, amp="tf32")) and with it under bf16, uncompiled and compiled
+  (c++) CUDA        (c+) with the linear layers as vaekit.kernels.fused_linear (bias and
+                    ReLU in the product's epilogue, the bias gradient and ReLU's mask in
+                    one Triton kernel: StaticStep(fused_linear=True)), fp32 and TF32
 
 --dynamic: the images stay grey and every contender but the floor and pythae binarizes
 each batch afresh (dynamic binarization, what vaekit's MNIST presets train on): the
@@ -142,7 +145,7 @@ def classic(x, device, dynamic: bool = False):
 
 def vaekit_loop(x, device, static: bool, amp: bool = False, compiled: bool = False, fused_adam: bool = True,
                 adam_kernel: bool = False, tf32: bool = False,
-                dynamic: bool = False, block: int = 1):
+                dynamic: bool = False, block: int = 1, fused_linear: bool = False):
     """The loop vaekit.train.fit runs, from vaekit's public pieces: data on the device in a
     BatchIterator, noise from a generator re-seeded from the step, the losses' value checks
     off (fit checks the data once, up front). Eager: objective_loss (under bf16 autocast
@@ -159,7 +162,8 @@ def vaekit_loop(x, device, static: bool, amp: bool = False, compiled: bool = Fal
     captured graph of that many steps), the noise drawn once a block. ``adam_kernel``: the
     static step's tail as vaekit.adam_tail's Triton kernels (StaticStep(adam_kernel=True));
     ``tf32``: every step (warm-up and capture too) with TF32 matrix products, as
-    TrainConfig(amp="tf32") trains."""
+    TrainConfig(amp="tf32") trains. ``fused_linear``: the linear layers as
+    vaekit.kernels.fused_linear (StaticStep(fused_linear=True))."""
     from vaekit import VAE, ModelConfig, ObjectiveConfig
     from vaekit.batching import BatchIterator, mix_seed
     from vaekit.fast import OTHER_WARMUP, StaticStep
@@ -183,7 +187,8 @@ def vaekit_loop(x, device, static: bool, amp: bool = False, compiled: bool = Fal
     step_fn = None
     if static:
         step_fn = StaticStep(model, opt, batch_size=BATCH, amp=amp and (compiled or adam_kernel), compile=compiled,
-                             adam_kernel=adam_kernel, fused_sample=adam_kernel)  # the (c+) rows: both new kernels
+                             adam_kernel=adam_kernel, fused_sample=adam_kernel,  # the (c+) rows: both new kernels
+                             fused_linear=fused_linear)
     config, n = ObjectiveConfig(), x.shape[0]
     gen = torch.Generator(device=device)
     state = {"step": 0, "epoch": 0}
@@ -360,7 +365,8 @@ def main(argv=None) -> None:
                         "fit-block,fit-compile-block,fit-tf32 (CUDA: fit with TrainConfig(amp='tf32')),"
                         "static-tail,static-tail-tf32,static-tail-bf16,compiled-tail,compiled-tail-tf32,compiled-tail-bf16,"
                         "fit-tail,fit-tail-bf16 (CUDA: the Triton Adam tail; fit-tail: fit with it and TF32, "
-                        "fit-tail-bf16: with it under bf16 autocast, its weight copies; uncompiled and compiled)")
+                        "fit-tail-bf16: with it under bf16 autocast, its weight copies; uncompiled and compiled),"
+                        "static-linear,static-linear-tf32 (CUDA: (c+) with the fused linear layers)")
     parser.add_argument("--amp", choices=sorted(AMP_CHOICES), default=None,
                         help="precision of (b), (e) and (f): fp32 (none), bf16 autocast (bf16) or both; "
                         "default: both on a CPU, none on CUDA")
@@ -409,7 +415,13 @@ def main(argv=None) -> None:
                    ("(c+) static step, Triton Adam tail + fused sample, TF32", "static-tail-tf32", False,
                     lambda: vaekit_loop(x, device, static=True, adam_kernel=True, tf32=True, dynamic=dyn)),
                    (f"(c+) static step, Triton Adam tail + fused sample + bf16 weight copies{BF16}", "static-tail-bf16", True,
-                    lambda: vaekit_loop(x, device, static=True, amp=True, adam_kernel=True, dynamic=dyn))]
+                    lambda: vaekit_loop(x, device, static=True, amp=True, adam_kernel=True, dynamic=dyn)),
+                   ("(c++) static step, Triton Adam tail + fused sample + fused linear layers", "static-linear", False,
+                    lambda: vaekit_loop(x, device, static=True, adam_kernel=True, fused_linear=True, dynamic=dyn)),
+                   ("(c++) static step, Triton Adam tail + fused sample + fused linear layers, TF32",
+                    "static-linear-tf32", False,
+                    lambda: vaekit_loop(x, device, static=True, adam_kernel=True, fused_linear=True, tf32=True,
+                                        dynamic=dyn))]
                   if device.type == "cuda" else []),
                 ("(d) pythae 0.1.2", "pythae", False, lambda: pythae_contender(x, device, pythae, work)),
                 *[(f"(e) matmul floor{BF16 if amp else ''}", "floor", amp,

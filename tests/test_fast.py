@@ -60,6 +60,20 @@ def test_static_fit_equals_eager_fit(tmp_path):
                 loss_rel=1e-4 if cuda else 1e-5)
 
 
+def test_static_fit_with_fused_linear_layers_equals_eager_fit(tmp_path, monkeypatch):
+    """fit reads vaekit.fast.FUSED_LINEAR when it builds its static step."""
+    from vaekit import fast
+
+    monkeypatch.setattr(fast, "FUSED_LINEAR", True)
+    built = []
+    monkeypatch.setattr(fast.StaticStep, "_forward_loss", lambda self, *a, _f=fast.StaticStep._forward_loss:
+                        built.append(self._plan is not None) or _f(self, *a))
+    cuda = torch.cuda.is_available()
+    _fits_agree(tmp_path, "static", 2, rtol=1e-4 if cuda else 1e-5, atol=1e-5 if cuda else 1e-6,
+                loss_rel=1e-4 if cuda else 1e-5)
+    assert built and all(built)
+
+
 def test_compiled_fit_equals_eager_fit(tmp_path):
     """fast="compile": the same step with its forward pass and loss compiled (inductor's
     C++ on a CPU), within float tolerance of the eager step; bf16 autocast compiles too.
@@ -79,15 +93,17 @@ def _manual_step(model, opt, x, eps, beta):
     return loss
 
 
+@pytest.mark.parametrize("fused_linear", [False, True])
 @pytest.mark.parametrize("kind", OPTIMIZERS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_static_step_matches_a_hand_written_step(device, kind):
+def test_static_step_matches_a_hand_written_step(device, kind, fused_linear):
     torch.manual_seed(0)
     model = VAE(ModelConfig(input_shape=(1, 6, 6), latent_dim=2, hidden=(16,))).to(device)
     twin = copy.deepcopy(model)
     opt = _adam(model.parameters(), device, kind)
     opt_twin = torch.optim.Adam(twin.parameters(), lr=1e-2)
-    step = StaticStep(model, opt, batch_size=8)
+    step = StaticStep(model, opt, batch_size=8, fused_linear=fused_linear)
+    assert (step._plan is not None) == fused_linear
     for i in range(6):  # crosses warm-up and capture on CUDA
         x = torch.rand(8, 1, 6, 6, device=device).bernoulli()
         eps = torch.randn(8, 2, device=device)
@@ -98,6 +114,34 @@ def test_static_step_matches_a_hand_written_step(device, kind):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
     assert int(step.skipped) == 0 and float(step.sums[3]) == 48.0
     assert torch.isfinite(ref)
+
+
+def test_fused_linear_layers_only_where_the_forward_is_the_vae_mlps():
+    """StaticStep(fused_linear=True) runs the layers itself only for VAE's own MLP (any of
+    its activations; a ReLU goes with its layer), uncompiled and without autocast."""
+    from vaekit.fast import _linear_plan
+
+    def plan(step_kw=None, **model_kw):
+        model = VAE(ModelConfig(**{"input_shape": (1, 6, 6), "latent_dim": 2, "hidden": (16, 8), **model_kw}))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        return StaticStep(model, opt, batch_size=4, fused_linear=True, **(step_kw or {}))._plan
+
+    encoder, decoder = plan()
+    assert [type(m).__name__ for m in encoder] == ["Flatten", "Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    assert [type(m).__name__ for m in decoder] == ["Linear", "ReLU", "Linear", "ReLU", "Linear", "Unflatten"]
+    assert plan(activation="tanh") is not None
+    for kw in ({"arch": "conv", "hidden": (4,)}, {"pixelcnn_layers": 1}, {"likelihood": "gaussian",
+               "decoder_variance": "learned"}, {"likelihood": "discretized_logistic"}):
+        assert plan(**kw) is None, kw
+    assert plan({"amp": True}) is None and plan({"compile": True}) is None
+    assert StaticStep(VAE(ModelConfig(input_shape=(4,), latent_dim=2, hidden=(8,))), torch.optim.Adam(
+        [torch.nn.Parameter(torch.zeros(1))]), batch_size=2)._plan is None  # off by default, for now
+
+    class Other(VAE):
+        def decode(self, z, x=None):
+            return super().decode(z, x) * 2
+
+    assert _linear_plan(Other(ModelConfig(input_shape=(4,), latent_dim=2, hidden=(8,)))) is None
 
 
 @pytest.mark.parametrize("kind", OPTIMIZERS)

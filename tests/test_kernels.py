@@ -13,7 +13,8 @@ from triton_harness import (CHILD, NATIVE, compile_for_hopper, interpreted, run_
                             triton_path_device)
 
 from vaekit import kernels
-from vaekit.kernels import fused_available, fused_posterior_sample, fused_vae_loss, posterior_sample
+from vaekit.kernels import (bias_grad, fused_available, fused_bias_grad, fused_linear, fused_posterior_sample,
+                            fused_vae_loss, posterior_sample)
 from vaekit.losses import REDUCTIONS, VAELoss
 
 
@@ -221,6 +222,134 @@ def test_fused_posterior_sample_falls_back_where_it_cannot_serve():
         assert "_FusedPosteriorSample" not in type(out[2].grad_fn).__name__
         ref = posterior_sample(h, e, 12.0)
         assert all(torch.equal(a, b) for a, b in zip(out, ref))
+
+
+@pytest.mark.skipif(CHILD or NATIVE, reason="the interpreter's kernels are not compiled; a GPU runs them for real")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_bias_gradient_kernel_compiles_for_a_hopper_gpu(dtype):
+    if kernels.triton is None:
+        pytest.skip("triton is not installed")
+    data = f"*{dtype}"
+    sig = {"gy_ptr": data, "y_ptr": data, "g_ptr": data, "gb_ptr": data, "B": "i32", "N": "i32"}
+    for relu in (False, True):
+        assert compile_for_hopper(kernels._bias_grad_kernel, sig, dict(RELU=relu, BLOCK_B=128, BLOCK_N=32))
+
+
+def _layer_inputs(B, n_in, n_out, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = _cpu_randn((B, n_in), generator=g).to(dtype)
+    w = (_cpu_randn((n_out, n_in), generator=g) / n_in**0.5).to(dtype)
+    b = _cpu_randn((n_out,), generator=g).to(dtype)
+    return x, w, b
+
+
+def test_fused_linear_backward_passes_gradcheck():
+    """The layer's backward formulas (the masked gradient, the bias gradient as its column
+    sums, the two products) against finite differences in float64, where the bias
+    gradient is the eager reference; ReLU's kink kept away from the test points."""
+    x, w, b = (t.double().requires_grad_() for t in _layer_inputs(6, 5, 7))
+    with torch.no_grad():
+        y = torch.addmm(b, x, w.t())
+        b += torch.where(y.abs().min(0).values < 0.05, 0.1, 0.0)  # no output within 0.05 of the kink
+    for relu in (False, True):
+        assert torch.autograd.gradcheck(lambda x, w, b: fused_linear(x, w, b, relu), (x, w, b))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_fused_linear_is_linear_and_relu(relu):
+    """Values and gradients as nn.Linear (+ nn.ReLU): the same products, so equal where
+    the bias gradient is the eager column sum (here: no Triton path on a CPU process)."""
+    x, w, b = _layer_inputs(9, 6, 5)
+    lin = torch.nn.Linear(6, 5)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(b)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = fused_linear(xa, lin.weight, lin.bias, relu)
+    want = torch.relu(lin(xb)) if relu else lin(xb)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    gy = torch.randn(9, 5)
+    ga = torch.autograd.grad(got, [xa, lin.weight, lin.bias], gy)
+    gb = torch.autograd.grad(want, [xb, lin.weight, lin.bias], gy)
+    for a, c in zip(ga, gb):
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_linear_leaves_autocast_and_odd_inputs_to_f_linear():
+    x, w, b = _layer_inputs(4, 3, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fused_linear(x, w.requires_grad_(), b, True)
+    assert y.dtype == torch.bfloat16 and "FusedLinear" not in type(y.grad_fn).__name__
+    for args in ((x.unsqueeze(0), w, b), (x, w, None)):
+        y = fused_linear(*args, relu=True)
+        assert "FusedLinear" not in type(y.grad_fn).__name__
+    with pytest.raises(RuntimeError, match="dtype"):  # F.linear's own error
+        fused_linear(x.double(), w, b)
+
+
+@interpreted
+@pytest.mark.parametrize("B, N", [(1, 1), (37, 45), (128, 40), (130, 17)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_fused_bias_grad_matches_float64(B, N, relu):
+    """The masked gradient exactly, its column sums within float32 rounding of float64,
+    over row and column counts that do and do not fill the kernel's blocks; ReLU outputs
+    of exactly 0 mask (as ReLU's own backward, which masks y <= 0)."""
+    g = torch.Generator().manual_seed(B + N)
+    gy = _cpu_randn((B, N), generator=g) * 3
+    y = torch.relu(_cpu_randn((B, N), generator=g)) if relu else None
+    masked, gb = fused_bias_grad(gy, y)
+    want = gy if y is None else torch.where(y > 0, gy, torch.zeros_like(gy))
+    assert torch.equal(masked, want)
+    ref = want.double().sum(0)
+    size = want.double().abs().sum(0)
+    assert gb.dtype == gy.dtype and gb.shape == (N,)
+    assert bool(((gb.double() - ref).abs() <= 2e-7 * size + 1e-12).all())
+    eager = bias_grad(gy, y)
+    torch.testing.assert_close(gb, eager[1], rtol=1e-5, atol=1e-5)
+
+
+@interpreted
+def test_fused_bias_grad_in_bfloat16_sums_in_float32():
+    g = torch.Generator().manual_seed(3)
+    gy = _cpu_randn((64, 24), generator=g).to(torch.bfloat16)
+    y = torch.relu(_cpu_randn((64, 24), generator=g)).to(torch.bfloat16)
+    masked, gb = fused_bias_grad(gy, y)
+    assert masked.dtype == gb.dtype == torch.bfloat16
+    assert torch.equal(masked, torch.where(y > 0, gy, torch.zeros_like(gy)))
+    ref = masked.double().sum(0)
+    torch.testing.assert_close(gb.double(), ref, rtol=2**-7, atol=1e-6)  # one bf16 rounding of the float32 sum
+
+
+@interpreted
+@pytest.mark.parametrize("relu", [False, True])
+def test_fused_linear_matches_float64(relu):
+    """The whole layer where Triton runs: values and the three gradients against the
+    layer in float64."""
+    x, w, b = _layer_inputs(37, 20, 45, seed=1)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = fused_linear(*leaves, relu)
+    assert "FusedLinear" in type(y.grad_fn).__name__
+    leaves64 = [t.double().requires_grad_() for t in (x, w, b)]
+    y64 = torch.nn.functional.linear(*leaves64)
+    y64 = torch.relu(y64) if relu else y64
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    gy = _cpu_randn(tuple(y.shape), generator=torch.Generator().manual_seed(2))
+    got = torch.autograd.grad(y, leaves, gy)
+    want = torch.autograd.grad(y64, leaves64, gy.double())
+    for a, c in zip(got, want):
+        torch.testing.assert_close(a.double(), c, rtol=1e-5, atol=1e-5)
+
+
+@interpreted
+def test_fused_bias_grad_falls_back_where_it_cannot_serve():
+    gy = _cpu_randn((5, 4), generator=torch.Generator().manual_seed(0))
+    for args in ((gy.double(), None), (gy.unsqueeze(0), None), (gy, gy[:4])):
+        if args[0].dim() == 2 and args[1] is not None:
+            with pytest.raises(RuntimeError):  # the reference's own error for mismatched shapes
+                fused_bias_grad(*args)
+            continue
+        got, want = fused_bias_grad(*args), bias_grad(*args)
+        assert all(torch.equal(a, c) for a, c in zip(got, want))
 
 
 @pytest.mark.skipif(CHILD, reason="this is the child process")
@@ -492,10 +621,11 @@ def test_fallback_conditions_run_the_reference(case, monkeypatch):
 
 
 @interpreted
-@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
-def test_the_static_step_with_the_fused_sample_and_loss_is_the_eager_step(likelihood):
+@pytest.mark.parametrize("likelihood, fused_linear", [("bernoulli", False), ("gaussian", False), ("bernoulli", True)])
+def test_the_static_step_with_the_fused_sample_and_loss_is_the_eager_step(likelihood, fused_linear):
     """StaticStep where Triton runs: the posterior's sample and the loss each fused (on
-    CUDA captured after its warm-up), against the eager formulas step by step."""
+    CUDA captured after its warm-up), and the linear layers too, against the eager
+    formulas step by step."""
     import copy
 
     from vaekit.fast import StaticStep
@@ -509,8 +639,8 @@ def test_the_static_step_with_the_fused_sample_and_loss_is_the_eager_step(likeli
     device = torch.empty(0).device
     kw = {"capturable": True, "lr": torch.tensor(1e-2)} if device.type == "cuda" else {"lr": 1e-2}
     opt, opt_twin = torch.optim.Adam(model.parameters(), **kw), torch.optim.Adam(twin.parameters(), lr=1e-2)
-    step = StaticStep(model, opt, batch_size=8, fused_sample=True)
-    assert step._fused_sample and step._fused
+    step = StaticStep(model, opt, batch_size=8, fused_sample=True, fused_linear=fused_linear)
+    assert step._fused_sample and step._fused and (step._plan is not None) == fused_linear
     assert not StaticStep(copy.deepcopy(model), opt, batch_size=8)._fused_sample  # off by default, for now
     g = torch.Generator().manual_seed(4)
     for i in range(6):

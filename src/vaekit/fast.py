@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from .adam_tail import AdamTail
-from .kernels import fused_available, fused_posterior_sample, fused_vae_loss
+from .kernels import fused_available, fused_linear, fused_posterior_sample, fused_vae_loss, posterior_sample
 from .losses import LossResult, gaussian_kl
 
 __all__ = ["StaticStep", "FastPathError", "static_step_supported", "skips_on_device", "grad_norm", "set_lr"]
@@ -110,11 +110,56 @@ def _aligned_slots(k: int, like: Tensor) -> Tensor:
 # and tested under Triton's interpreter, compiled for sm_90; benchmarks/gpu.sh runs their
 # tests natively and times the steps with them). Read when a StaticStep is built.
 FUSED_SAMPLE = False
+# StaticStep's default for fused_linear, off for the same reason.
+FUSED_LINEAR = False
 
 # Warm-up steps (on a side stream) of a batch size other than the step's before it is
 # captured: the optimiser's state exists by then; what the new shape needs first (Triton's
 # kernels for it, cuBLAS's choices) comes in one step.
 OTHER_WARMUP = 1
+
+
+def _layers(module) -> list:
+    """``module``'s layers in order, nested ``nn.Sequential`` opened."""
+    if isinstance(module, torch.nn.Sequential):
+        return [m for child in module for m in _layers(child)]
+    return [module]
+
+
+def _linear_plan(model) -> tuple[list, list] | None:
+    """The encoder (with its head) and the decoder of ``model`` as flat lists of layers, for
+    :func:`_through`; None where the step's forward is not that: a model other than
+    :class:`vaekit.models.VAE`'s own MLP (its forward pass overridden, convolutions, an
+    autoregressive head, a decoder returning two tensors)."""
+    from .models import ACTIVATIONS, VAE
+
+    cfg = model.config
+    overridden = any(getattr(type(model), name) is not getattr(VAE, name)
+                     for name in ("encoder_head", "encode_params", "decode"))
+    if (overridden or cfg.arch != "mlp" or model.pixelcnn is not None or model.decoder_logvar is not None
+            or cfg.likelihood == "discretized_logistic"):
+        return None
+    encoder, decoder = _layers(model.encoder) + [model.head], _layers(model.decoder)
+    kinds = (torch.nn.Linear, torch.nn.Flatten, torch.nn.Unflatten, *ACTIVATIONS.values())
+    if not all(type(m) in kinds for m in encoder + decoder):
+        return None
+    return encoder, decoder
+
+
+def _through(layers: list, x: Tensor) -> Tensor:
+    """``x`` through ``layers`` (:func:`_linear_plan`): each linear layer by
+    :func:`vaekit.kernels.fused_linear`, with the ReLU that follows it."""
+    i = 0
+    while i < len(layers):
+        m = layers[i]
+        if type(m) is torch.nn.Linear:
+            relu = i + 1 < len(layers) and type(layers[i + 1]) is torch.nn.ReLU
+            x = fused_linear(x, m.weight, m.bias, relu)
+            i += 2 if relu else 1
+        else:
+            x = m(x)
+            i += 1
+    return x
 
 
 class _Other:
@@ -152,6 +197,11 @@ class StaticStep:
             reparameterisation, forward and backward) as
             :func:`vaekit.kernels.fused_posterior_sample`'s two Triton kernels, where
             Triton runs and the step is not compiled. Default: :data:`FUSED_SAMPLE`.
+        fused_linear: an MLP VAE's linear layers as :func:`vaekit.kernels.fused_linear`
+            (bias and ReLU in the product's epilogue; backward, the bias gradient and the
+            ReLU's mask in one Triton kernel: two kernels fewer per layer with a ReLU, one
+            without), where the step is neither compiled nor autocast and the model is
+            :class:`vaekit.models.VAE`'s own MLP. Default: :data:`FUSED_LINEAR`.
         other_sizes: whether :meth:`run` also takes batches of other sizes (an epoch's
             short last batch), each size captured in a graph of its own after
             ``OTHER_WARMUP`` warm-up steps, its forward pass and loss uncompiled (a
@@ -166,7 +216,7 @@ class StaticStep:
     def __init__(self, model, optimizer, *, batch_size: int, grad_clip: float = 0.0, amp: bool = False,
                  capture: bool | None = None, warmup: int = 3, compile: bool = False,
                  adam_kernel: bool = False, other_sizes: bool | None = None,
-                 fused_sample: bool | None = None) -> None:
+                 fused_sample: bool | None = None, fused_linear: bool | None = None) -> None:
         p = next(model.parameters())
         self.device = p.device
         self.model, self.opt = model, optimizer
@@ -211,6 +261,8 @@ class StaticStep:
         self._fused_sample = (bool(FUSED_SAMPLE if fused_sample is None else fused_sample) and not compile
                               and fused_available(self.device) and type(model).encode_params is VAE.encode_params
                               and type(model).encoder_head is VAE.encoder_head)
+        want = FUSED_LINEAR if fused_linear is None else fused_linear
+        self._plan = _linear_plan(model) if want and not compile and not amp else None
         self._forward = torch.compile(self._forward_loss, dynamic=False) if compile else self._forward_loss
         self._untried = compile  # the first call compiles: its failure gets a clear message
         self._beta_now = self._lr_now = None  # what the tensors hold: unchanged values are not refilled
@@ -276,7 +328,15 @@ class StaticStep:
         # No cast cache: it would outlive a captured graph's memory (each weight is cast
         # once a step anyway).
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
-            if self._fused_sample:
+            if self._plan is not None:  # the same layers, each linear one through fused_linear
+                encoder, decoder = self._plan
+                model._check_input(x)
+                head = _through(encoder, x)
+                mu, logvar, z = (fused_posterior_sample if self._fused_sample else posterior_sample)(
+                    head, eps, cfg.logvar_limit)
+                model._check_latent(z)
+                out = _through(decoder, z)
+            elif self._fused_sample:
                 mu, logvar, z = fused_posterior_sample(model.encoder_head(x), eps, cfg.logvar_limit)
             else:
                 mu, logvar = model.encode_params(x)

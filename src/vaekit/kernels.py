@@ -1,5 +1,7 @@
-"""A fused GPU loss: reconstruction + beta * KL, forward and backward, in Triton; and the
-posterior's sample (:func:`fused_posterior_sample`), fused the same way.
+"""A fused GPU loss: reconstruction + beta * KL, forward and backward, in Triton; the
+posterior's sample (:func:`fused_posterior_sample`), fused the same way; and a linear
+layer with its ReLU whose backward takes the bias gradient and the ReLU's mask in one
+pass (:func:`fused_linear`).
 
 :func:`fused_vae_loss` computes exactly what ``vaekit.losses.VAELoss`` computes (that module
 is the reference and the fallback) for the two likelihoods whose gradient is a cheap
@@ -553,3 +555,92 @@ def fused_posterior_sample(head: Tensor, eps: Tensor, limit: float) -> tuple[Ten
             or eps.dtype not in _DTYPES or eps.requires_grad):
         return posterior_sample(head, eps, limit)
     return _FusedPosteriorSample.apply(head.contiguous(), eps.contiguous(), float(limit))
+
+
+# ---------------------------------------------------------------------------------------
+# A linear layer (with its ReLU): the bias gradient fused with ReLU's backward
+
+if triton is not None:
+
+    @triton.jit
+    def _bias_grad_kernel(gy_ptr, y_ptr, g_ptr, gb_ptr, B, N, RELU: tl.constexpr, BLOCK_B: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+        # One program per block of BLOCK_N columns, over every row: the bias gradient is the
+        # column sums of the output's gradient (zeroed where the ReLU's output is 0), added
+        # in a fixed order (no atomics); with RELU the masked gradient is also written.
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        live = cols < N
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, B, BLOCK_B):
+            rows = start + tl.arange(0, BLOCK_B)
+            mask = (rows[:, None] < B) & live[None, :]
+            offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+            g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if RELU:
+                g = tl.where(tl.load(y_ptr + offs, mask=mask, other=0.0) > 0, g, 0.0)
+                tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+            acc += tl.sum(g, 0)
+        tl.store(gb_ptr + cols, acc.to(gb_ptr.dtype.element_ty), mask=live)
+
+
+_BIAS_BLOCK_N = 16 if _INTERPRETED else 32
+_BIAS_BLOCK_B = 16 if _INTERPRETED else 128
+
+
+def bias_grad(gy: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(g, gb)`` for a linear layer's output gradient ``gy`` ``[B, N]``: ``g`` is ``gy``
+    zeroed where the layer's ReLU output ``y`` is 0 (``gy`` itself without ``y``), ``gb``
+    its column sums (the bias gradient). The eager reference of :func:`fused_bias_grad`."""
+    g = gy if y is None else torch.where(y > 0, gy, 0.0)
+    return g, g.sum(0)
+
+
+def fused_bias_grad(gy: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`bias_grad` in one Triton kernel where :func:`fused_available` says yes (two
+    kernels eagerly with a ReLU, whose column sums over few rows spread over few blocks).
+    The column sums are taken in float32 in a fixed order, so they agree with PyTorch's
+    ``sum`` to float rounding."""
+    if (not fused_available(gy.device) or gy.dim() != 2 or gy.dtype not in _DTYPES or gy.numel() == 0
+            or (y is not None and (y.shape != gy.shape or y.device != gy.device or y.dtype not in _DTYPES))):
+        return bias_grad(gy, y)
+    gy = gy.contiguous()
+    B, N = gy.shape
+    g = gy if y is None else torch.empty_like(gy)
+    gb = torch.empty(N, dtype=gy.dtype, device=gy.device)
+    _bias_grad_kernel[(_cdiv(N, _BIAS_BLOCK_N),)](gy, gy if y is None else y.contiguous(), g, gb, B, N,
+                                                   RELU=y is not None, BLOCK_B=_BIAS_BLOCK_B, BLOCK_N=_BIAS_BLOCK_N,
+                                                   num_warps=4)
+    return g, gb
+
+
+class _FusedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, relu):
+        # bias + ReLU in the matrix product's epilogue where the backend has one (cuBLASLt)
+        y = torch._addmm_activation(bias, x, weight.t()) if relu else torch.addmm(bias, x, weight.t())
+        ctx.save_for_backward(x, weight, y if relu else None)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x, weight, y = ctx.saved_tensors
+        g, gb = fused_bias_grad(gy, y)
+        gx = g @ weight if ctx.needs_input_grad[0] else None
+        gw = g.t() @ x if ctx.needs_input_grad[1] else None
+        return gx, gw, gb if ctx.needs_input_grad[2] else None, None
+
+
+def fused_linear(x: Tensor, weight: Tensor, bias: Tensor, relu: bool = False) -> Tensor:
+    """``F.linear(x, weight, bias)``, then ``relu`` when asked, for ``x`` ``[B, in]``: the
+    bias and the ReLU in the product's epilogue forward (``torch._addmm_activation``), and
+    backward the bias gradient and ReLU's mask in one pass (:func:`fused_bias_grad`)
+    beside the two products: per layer with a ReLU two kernels fewer than
+    ``nn.Linear`` + ``nn.ReLU``, one fewer without. ``StaticStep(fused_linear=True)``
+    runs an MLP's layers through it. Anything but a 2-D float ``x`` with a 1-D bias goes
+    to ``F.linear`` (+ ``relu``)."""
+    if (x.dim() != 2 or bias is None or bias.dim() != 1 or x.dtype != weight.dtype or bias.dtype != weight.dtype
+            or torch.is_autocast_enabled(x.device.type)):  # autocast would cast inside the function
+        y = torch.nn.functional.linear(x, weight, bias)
+        return torch.relu(y) if relu else y
+    return _FusedLinear.apply(x, weight, bias, bool(relu))
