@@ -9,7 +9,9 @@ torch.backends.cuda.matmul.allow_tf32 on; compiled: compile=True; "-tail": the s
 as vaekit.adam_tail's Triton kernels, adam_kernel=True, and uncompiled the posterior's
 sample as vaekit.kernels.fused_posterior_sample, fused_sample=True ("static-sample": that
 alone); "static-linear-tf32": "static-tail-tf32" with the linear layers as
-vaekit.kernels.fused_linear, fused_linear=True; "-tail-bf16": amp=True, so
+vaekit.kernels.fused_linear, fused_linear=True, their weight gradients on a stream of their
+own ("static-linear-serial-tf32": on the step's stream, fast.WEIGHT_GRADS_ASIDE off);
+"-tail-bf16": amp=True, so
 the tail keeps bfloat16 copies of the weights and nothing casts them) it
 
   1. profiles --steps uncaptured steps (StaticStep(capture=False), after 5 warm-up steps)
@@ -30,7 +32,7 @@ minus the summed kernel time is the graph's overhead, spread over its nodes. A v
 fails prints `SUMMARY step_profile <variant>: FAILED (...)` and the others still run.
 
   python benchmarks/step_profile.py --device cpu --variants static --steps 5 --timed 20
-  python benchmarks/step_profile.py                   # on a GPU: all eleven variants
+  python benchmarks/step_profile.py                   # on a GPU: all twelve variants
   python benchmarks/step_profile.py --variants static,compiled --steps 20 --timed 200
 """
 
@@ -51,15 +53,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from epoch_bench import HIDDEN, LATENT, LR  # noqa: E402  (the benchmarked model's sizes)
 from pythae_compare import sync, warm_up_torch  # noqa: E402
 
-# The Triton tail's first (the ones not yet measured on a GPU), then the tenth session's.
-VARIANTS = ("static", "static-sample", "static-tail", "static-tail-tf32", "static-linear-tf32", "static-tail-bf16",
-            "compiled-tail-tf32", "compiled-tail-bf16", "static-bf16", "static-tf32", "compiled")
+# The newest unmeasured ones first, with the default step (the baseline) third; then the rest.
+VARIANTS = ("static-linear-tf32", "static-tail-tf32", "static", "static-linear-serial-tf32", "static-tail",
+            "static-sample", "static-tail-bf16", "compiled-tail-tf32", "compiled-tail-bf16", "static-bf16", "static-tf32",
+            "compiled")
 TOP = 15
 
 
 def build(device, variant: str, batch: int, capture: bool | None):
     """A fresh model, fit's Adam for it and a StaticStep of ``variant``."""
     from vaekit import VAE, ModelConfig
+    from vaekit import fast
     from vaekit.config import TrainConfig
     from vaekit.fast import StaticStep
     from vaekit.steps import _adam
@@ -68,9 +72,14 @@ def build(device, variant: str, batch: int, capture: bool | None):
                             activation="relu", likelihood="bernoulli")).to(device)
     opt = _adam(model, TrainConfig(lr=LR), captured_on=device if device.type == "cuda" else None)
     linear = variant.startswith("static-linear")  # the tail and the sample fused too
-    return StaticStep(model, opt, batch_size=batch, amp="-bf16" in variant,
-                      compile=variant.startswith("compiled"), capture=capture, adam_kernel="-tail" in variant or linear,
-                      fused_sample="-tail" in variant or variant == "static-sample" or linear, fused_linear=linear)
+    kept = fast.WEIGHT_GRADS_ASIDE
+    fast.WEIGHT_GRADS_ASIDE = "-serial" not in variant
+    try:
+        return StaticStep(model, opt, batch_size=batch, amp="-bf16" in variant, compile=variant.startswith("compiled"),
+                          capture=capture, adam_kernel="-tail" in variant or linear,
+                          fused_sample="-tail" in variant or variant == "static-sample" or linear, fused_linear=linear)
+    finally:
+        fast.WEIGHT_GRADS_ASIDE = kept
 
 
 def dev_us(e) -> float:

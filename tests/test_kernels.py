@@ -7,6 +7,8 @@ The fallback tests run in both.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from triton_harness import (CHILD, NATIVE, compile_for_hopper, interpreted, run_file_interpreted,  # noqa: F401
@@ -285,6 +287,61 @@ def test_fused_linear_leaves_autocast_and_odd_inputs_to_f_linear():
         assert "FusedLinear" not in type(y.grad_fn).__name__
     with pytest.raises(RuntimeError, match="dtype"):  # F.linear's own error
         fused_linear(x.double(), w, b)
+
+
+class _LoggedStream:
+    """Stands for a CUDA stream on a CPU: logs the fork and the join."""
+
+    def __init__(self, log, name, device="cpu"):
+        self.log, self.name, self.device = log, name, torch.device(device)
+
+    def wait_stream(self, other):
+        self.log.append((self.name, "waits for", other.name))
+
+
+def _mlp_grads(aside_stream=None, accumulate=False):
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(5, 7), torch.nn.Linear(7, 3)]
+    x = torch.randn(4, 5)
+    if accumulate:
+        for lin in layers:
+            lin.weight.grad = torch.ones_like(lin.weight)
+    with kernels.weight_grads_aside(aside_stream):
+        y = fused_linear(fused_linear(x, layers[0].weight, layers[0].bias, True), layers[1].weight, layers[1].bias)
+        (y * torch.arange(3.0)).sum().backward()
+    return [(lin.weight.grad, lin.bias.grad) for lin in layers]
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_weight_gradients_aside_are_the_same_gradients(monkeypatch, accumulate):
+    """Inside weight_grads_aside each layer writes its weight's gradient itself (on the
+    aside stream, after it has waited for the current one) and returns none, so autograd
+    adds nothing twice; the streams join on leaving. CUDA streams are stood in for on a
+    CPU (the GPU tests run the real ones, captured)."""
+    log = []
+    current = _LoggedStream(log, "current")
+    monkeypatch.setattr(kernels, "_current_stream", lambda device: current)
+    monkeypatch.setattr(kernels, "_on_stream", lambda stream: (log.append(("on", stream.name)), contextlib.nullcontext())[1])
+    want = _mlp_grads(accumulate=accumulate)
+    assert log == []  # no stream: the plain backward
+    got = _mlp_grads(_LoggedStream(log, "aside"), accumulate=accumulate)
+    for (gw, gb), (ww, wb) in zip(got, want):
+        torch.testing.assert_close(gw, ww, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(gb, wb, rtol=1e-6, atol=1e-7)
+    fork, product = ("aside", "waits for", "current"), ("on", "aside")
+    assert log == [fork, product, fork, product, ("current", "waits for", "aside")]
+    assert kernels._ASIDE is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA streams (run by benchmarks/gpu.sh)")
+def test_weight_gradients_aside_on_a_cuda_stream():
+    torch.cuda.synchronize()
+    with torch.device("cuda"):
+        want = _mlp_grads()
+        got = _mlp_grads(torch.cuda.Stream())
+    for a, b in zip(got, want):
+        for u, v in zip(a, b):
+            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
 
 
 @interpreted

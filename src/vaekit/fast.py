@@ -42,7 +42,8 @@ import torch
 from torch import Tensor
 
 from .adam_tail import AdamTail
-from .kernels import fused_available, fused_linear, fused_posterior_sample, fused_vae_loss, posterior_sample
+from .kernels import (fused_available, fused_linear, fused_posterior_sample, fused_vae_loss, posterior_sample,
+                      weight_grads_aside)
 from .losses import LossResult, gaussian_kl
 
 __all__ = ["StaticStep", "FastPathError", "static_step_supported", "skips_on_device", "grad_norm", "set_lr"]
@@ -112,6 +113,10 @@ def _aligned_slots(k: int, like: Tensor) -> Tensor:
 FUSED_SAMPLE = False
 # StaticStep's default for fused_linear, off for the same reason.
 FUSED_LINEAR = False
+# With fused_linear on CUDA: the weights' gradient products on a stream of their own,
+# beside the chain of input gradients that the backward pass waits for
+# (vaekit.kernels.weight_grads_aside). Read when a StaticStep is built.
+WEIGHT_GRADS_ASIDE = True
 
 # Warm-up steps (on a side stream) of a batch size other than the step's before it is
 # captured: the optimiser's state exists by then; what the new shape needs first (Triton's
@@ -201,7 +206,9 @@ class StaticStep:
             (bias and ReLU in the product's epilogue; backward, the bias gradient and the
             ReLU's mask in one Triton kernel: two kernels fewer per layer with a ReLU, one
             without), where the step is neither compiled nor autocast and the model is
-            :class:`vaekit.models.VAE`'s own MLP. Default: :data:`FUSED_LINEAR`.
+            :class:`vaekit.models.VAE`'s own MLP. Default: :data:`FUSED_LINEAR`. On CUDA
+            the weights' gradient products then run on a stream of their own, beside the
+            rest of the backward pass (:data:`WEIGHT_GRADS_ASIDE`).
         other_sizes: whether :meth:`run` also takes batches of other sizes (an epoch's
             short last batch), each size captured in a graph of its own after
             ``OTHER_WARMUP`` warm-up steps, its forward pass and loss uncompiled (a
@@ -263,6 +270,8 @@ class StaticStep:
                               and type(model).encoder_head is VAE.encoder_head)
         want = FUSED_LINEAR if fused_linear is None else fused_linear
         self._plan = _linear_plan(model) if want and not compile and not amp else None
+        self._aside = (torch.cuda.Stream(self.device) if self._plan is not None and WEIGHT_GRADS_ASIDE
+                       and self.device.type == "cuda" else None)
         self._forward = torch.compile(self._forward_loss, dynamic=False) if compile else self._forward_loss
         self._untried = compile  # the first call compiles: its failure gets a clear message
         self._beta_now = self._lr_now = None  # what the tensors hold: unchanged values are not refilled
@@ -363,7 +372,8 @@ class StaticStep:
                                 f"({type(e).__name__}: {_first_line(e)}); train with fast='auto' or 'off'") from e
         if forward is None:
             self._untried = False
-        res.loss.backward()
+        with weight_grads_aside(self._aside):
+            res.loss.backward()
         if self._tail is not None:
             self._tail(res.loss.detach(), res.reconstruction.detach(), res.kl.detach(), self.sums, self.skipped,
                        self.bad_run, x.shape[0])

@@ -48,6 +48,7 @@ kernels run on CPU tensors; :func:`fused_available` tells. The tests use a subpr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -613,6 +614,49 @@ def fused_bias_grad(gy: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor
     return g, gb
 
 
+class _Aside:
+    """Where :func:`weight_grads_aside` sends the weights' gradient products."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.keep: list[Tensor] = []  # what the stream reads, alive until it has joined
+
+
+_ASIDE: _Aside | None = None  # a global, not a thread-local: CUDA backward runs on autograd's own thread
+
+
+@contextlib.contextmanager
+def weight_grads_aside(stream):
+    """While a backward pass runs inside this context, each :func:`fused_linear` layer on
+    CUDA computes its weight's gradient (``g.t() @ x``, which nothing in the backward pass
+    waits for) on ``stream`` and writes it into ``weight.grad`` itself (added to it when
+    there is one) instead of returning it; the input's gradient goes on at once, so the
+    products overlap. On leaving, the current stream waits for ``stream``: the gradients
+    are then complete (a CUDA graph captures the fork and the join). A ``None`` stream
+    changes nothing."""
+    global _ASIDE
+    if stream is None:
+        yield
+        return
+    if _ASIDE is not None:
+        raise RuntimeError("weight_grads_aside: already inside one")
+    aside = _ASIDE = _Aside(stream)
+    try:
+        yield
+    finally:
+        _ASIDE = None
+        _current_stream(stream.device).wait_stream(stream)
+        aside.keep.clear()  # freed after the join: their memory is reused only after the stream's reads
+
+
+def _current_stream(device):
+    return torch.cuda.current_stream(device)
+
+
+def _on_stream(stream):
+    return torch.cuda.stream(stream)
+
+
 class _FusedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, relu):
@@ -626,9 +670,31 @@ class _FusedLinear(torch.autograd.Function):
     def backward(ctx, gy):
         x, weight, y = ctx.saved_tensors
         g, gb = fused_bias_grad(gy, y)
+        gw = None
+        aside = _ASIDE
+        if ctx.needs_input_grad[1] and aside is not None and g.device.type == aside.stream.device.type:
+            _weight_grad_aside(aside, weight, g, x)
+        elif ctx.needs_input_grad[1]:
+            gw = g.t() @ x
         gx = g @ weight if ctx.needs_input_grad[0] else None
-        gw = g.t() @ x if ctx.needs_input_grad[1] else None
         return gx, gw, gb if ctx.needs_input_grad[2] else None, None
+
+
+def _weight_grad_aside(aside: _Aside, weight: Tensor, g: Tensor, x: Tensor) -> None:
+    """``weight.grad (+)= g.t() @ x`` on the aside stream, after what the current stream has
+    queued (``g``, ``x``); the tensors it touches are kept until the streams join."""
+    stream = aside.stream
+    stream.wait_stream(_current_stream(g.device))
+    grad = weight.grad
+    if grad is None:
+        grad = torch.empty_like(weight)  # allocated on the current stream, freed (if ever) after the join
+        with _on_stream(stream):
+            torch.mm(g.t(), x, out=grad)
+        weight.grad = grad
+    else:
+        with _on_stream(stream):
+            grad.addmm_(g.t(), x)
+    aside.keep += [g, x, grad]
 
 
 def fused_linear(x: Tensor, weight: Tensor, bias: Tensor, relu: bool = False) -> Tensor:
