@@ -39,7 +39,8 @@ batch 128, the 60,000 training images statically binarized), in one run, for:
                     True, amp="tf32")) and with it under bf16, uncompiled and compiled
   (c++) CUDA        (c+) with the linear layers as vaekit.kernels.fused_linear (bias and
                     ReLU in the product's epilogue, the bias gradient and ReLU's mask in
-                    one Triton kernel: StaticStep(fused_linear=True)), fp32 and TF32
+                    one Triton kernel: StaticStep(fused_linear=True)), fp32, TF32 and bf16
+                    with the tail's weight copies
 
 --dynamic: the images stay grey and every contender but the floor and pythae binarizes
 each batch afresh (dynamic binarization, what vaekit's MNIST presets train on): the
@@ -366,7 +367,8 @@ def main(argv=None) -> None:
                         "static-tail,static-tail-tf32,static-tail-bf16,compiled-tail,compiled-tail-tf32,compiled-tail-bf16,"
                         "fit-tail,fit-tail-bf16 (CUDA: the Triton Adam tail; fit-tail: fit with it and TF32, "
                         "fit-tail-bf16: with it under bf16 autocast, its weight copies; uncompiled and compiled),"
-                        "static-linear,static-linear-tf32 (CUDA: (c+) with the fused linear layers)")
+                        "static-linear,static-linear-tf32,static-linear-bf16 (CUDA: (c+) with the fused linear "
+                        "layers)")
     parser.add_argument("--amp", choices=sorted(AMP_CHOICES), default=None,
                         help="precision of (b), (e) and (f): fp32 (none), bf16 autocast (bf16) or both; "
                         "default: both on a CPU, none on CUDA")
@@ -421,6 +423,10 @@ def main(argv=None) -> None:
                    ("(c++) static step, Triton Adam tail + fused sample + fused linear layers, TF32",
                     "static-linear-tf32", False,
                     lambda: vaekit_loop(x, device, static=True, adam_kernel=True, fused_linear=True, tf32=True,
+                                        dynamic=dyn)),
+                   (f"(c++) static step, Triton Adam tail + fused sample + fused linear layers + bf16 weight "
+                    f"copies{BF16}", "static-linear-bf16", True,
+                    lambda: vaekit_loop(x, device, static=True, amp=True, adam_kernel=True, fused_linear=True,
                                         dynamic=dyn))]
                   if device.type == "cuda" else []),
                 ("(d) pythae 0.1.2", "pythae", False, lambda: pythae_contender(x, device, pythae, work)),

@@ -93,7 +93,7 @@ fi
 step tail_tests 150 "$PY" -m pytest tests/test_adam_tail.py tests/test_fast.py::test_a_short_batch_takes_a_static_step_of_its_own tests/test_fast.py::test_static_step_matches_a_hand_written_step tests/test_kernels.py -k "not hopper" -q -o addopts="" -p no:cacheprovider -rfE
 step tail_epoch 240 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp none --skip eager,static-unfused,static-block,pythae,floor,compiled,compiled-block,compiled-tail,fit,fit-compile,fit-block,fit-compile-block,fit-tf32 --data "$DATA"
 step loss_bench 120 "$PY" benchmarks/loss_bench.py --device cuda --sweep
-step epoch_bench 120 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp "${EPOCH_AMP:-none}" --skip compiled,compiled-block,fit-compile,fit-compile-block,static-tail,static-tail-tf32,static-tail-bf16,compiled-tail,compiled-tail-tf32,compiled-tail-bf16,fit-tail,fit-tail-bf16,static-linear,static-linear-tf32 --data "$DATA"
+step epoch_bench 120 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp "${EPOCH_AMP:-none}" --skip compiled,compiled-block,fit-compile,fit-compile-block,static-tail,static-tail-tf32,static-tail-bf16,compiled-tail,compiled-tail-tf32,compiled-tail-bf16,fit-tail,fit-tail-bf16,static-linear,static-linear-tf32,static-linear-bf16 --data "$DATA"
 # The per-example loop and pythae run on the first 300 images (their time is also per
 # image); the plain chunked baseline on all of them, like vaekit.
 step iw_bench 90 "$PY" benchmarks/iw_bench.py --device cuda --k 5000 --n 10000 --n-baseline 300 --reduced tf32,bf16 --data "$DATA"
@@ -119,7 +119,7 @@ step host_bench 60 "$PY" benchmarks/host_bench.py --device cuda
 # with each, beside the uncompiled captured step (row c) in the same run; each compile
 # takes tens of seconds (the later ones hit inductor's cache).
 step epoch_compiled 200 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp none \
-    --skip classic,eager,static-unfused,static-block,pythae,floor,fit,fit-block,static-tail,static-tail-tf32,static-tail-bf16,compiled-tail,compiled-tail-tf32,compiled-tail-bf16,fit-tail,fit-tail-bf16,static-linear,static-linear-tf32 --data "$DATA"
+    --skip classic,eager,static-unfused,static-block,pythae,floor,fit,fit-block,static-tail,static-tail-tf32,static-tail-bf16,compiled-tail,compiled-tail-tf32,compiled-tail-bf16,fit-tail,fit-tail-bf16,static-linear,static-linear-tf32,static-linear-bf16 --data "$DATA"
 # $RESCORE (a run directory inside the repo): how far TF32 and bf16 move its k = 5000 NLL
 # on the first 1,000 test images (benchmarks/prepare_gpu.sh trains one: .gpudata/rescore).
 if [ -n "${RESCORE:-}" ]; then

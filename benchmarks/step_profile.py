@@ -10,7 +10,8 @@ as vaekit.adam_tail's Triton kernels, adam_kernel=True, and uncompiled the poste
 sample as vaekit.kernels.fused_posterior_sample, fused_sample=True ("static-sample": that
 alone); "static-linear-tf32": "static-tail-tf32" with the linear layers as
 vaekit.kernels.fused_linear, fused_linear=True, their weight gradients on a stream of their
-own ("static-linear-serial-tf32": on the step's stream, fast.WEIGHT_GRADS_ASIDE off);
+own ("static-linear-serial-tf32": on the step's stream, fast.WEIGHT_GRADS_ASIDE off;
+"static-linear-bf16": under bf16 autocast with the tail's bfloat16 weight copies);
 "-tail-bf16": amp=True, so
 the tail keeps bfloat16 copies of the weights and nothing casts them) it
 
@@ -32,7 +33,7 @@ minus the summed kernel time is the graph's overhead, spread over its nodes. A v
 fails prints `SUMMARY step_profile <variant>: FAILED (...)` and the others still run.
 
   python benchmarks/step_profile.py --device cpu --variants static --steps 5 --timed 20
-  python benchmarks/step_profile.py                   # on a GPU: all twelve variants
+  python benchmarks/step_profile.py                   # on a GPU: all thirteen variants
   python benchmarks/step_profile.py --variants static,compiled --steps 20 --timed 200
 """
 
@@ -54,7 +55,8 @@ from epoch_bench import HIDDEN, LATENT, LR  # noqa: E402  (the benchmarked model
 from pythae_compare import sync, warm_up_torch  # noqa: E402
 
 # The newest unmeasured ones first, with the default step (the baseline) third; then the rest.
-VARIANTS = ("static-linear-tf32", "static-tail-tf32", "static", "static-linear-serial-tf32", "static-tail",
+VARIANTS = ("static-linear-tf32", "static-linear-bf16", "static-tail-tf32", "static", "static-linear-serial-tf32",
+            "static-tail",
             "static-sample", "static-tail-bf16", "compiled-tail-tf32", "compiled-tail-bf16", "static-bf16", "static-tf32",
             "compiled")
 TOP = 15

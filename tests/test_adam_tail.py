@@ -414,15 +414,18 @@ def _casts_in_a_step(step, x, eps) -> list:
 
 
 @interpreted
-def test_under_bf16_autocast_the_tail_keeps_bfloat16_copies_of_the_weights():
+@pytest.mark.parametrize("fused_linear", [False, True])
+def test_under_bf16_autocast_the_tail_keeps_bfloat16_copies_of_the_weights(fused_linear):
     """StaticStep(amp=True, adam_kernel=True): the forward pass reads bfloat16 copies that
     the tail writes with each update (rounded as .to(torch.bfloat16) rounds), so no weight
     is cast in a step, and it trains what bf16 autocast with PyTorch's Adam trains; an
-    eager step in between moves the weights, and resync() the copies with them."""
+    eager step in between moves the weights, and resync() the copies with them. With the
+    fused linear layers too (which then take the copies as they are)."""
     models = [_vae(), _vae()]
     opts = [_adam(m.parameters()) for m in models]
-    ref, kept = (StaticStep(m, o, batch_size=8, amp=True, adam_kernel=k) for m, o, k in zip(models, opts, (False, True)))
-    assert kept._shadows is not None and ref._shadows is None
+    ref, kept = (StaticStep(m, o, batch_size=8, amp=True, adam_kernel=k, fused_linear=k and fused_linear)
+                 for m, o, k in zip(models, opts, (False, True)))
+    assert kept._shadows is not None and ref._shadows is None and (kept._plan is not None) == fused_linear
     weights = {tuple(p.shape) for p in models[0].parameters()}
     g = torch.Generator().manual_seed(3)
     for i in range(7):

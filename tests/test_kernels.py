@@ -277,11 +277,30 @@ def test_fused_linear_is_linear_and_relu(relu):
         torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
 
 
-def test_fused_linear_leaves_autocast_and_odd_inputs_to_f_linear():
-    x, w, b = _layer_inputs(4, 3, 2)
+@pytest.mark.parametrize("weights", ["float32", "bfloat16 copies"])
+def test_fused_linear_under_autocast_is_what_autocast_computes(weights):
+    """Under bf16 autocast: the layer's values and all three gradients (float32 leaves
+    through the casts, or bfloat16 leaves as the static step's weight copies) equal
+    autocast's nn.Linear + ReLU."""
+    x, w, b = _layer_inputs(6, 5, 4)
+    if weights != "float32":
+        w, b = w.to(torch.bfloat16), b.to(torch.bfloat16)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    twins = [t.clone().requires_grad_() for t in (x, w, b)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = fused_linear(x, w.requires_grad_(), b, True)
-    assert y.dtype == torch.bfloat16 and "FusedLinear" not in type(y.grad_fn).__name__
+        got = fused_linear(*leaves, True)
+        want = torch.relu(torch.nn.functional.linear(*twins))
+    assert "FusedLinear" in type(got.grad_fn).__name__
+    assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
+    gy = torch.randn(6, 4).to(torch.bfloat16)
+    for a, c in zip(torch.autograd.grad(got, leaves, gy), torch.autograd.grad(want, twins, gy)):
+        assert a.dtype == c.dtype
+        torch.testing.assert_close(a, c, rtol=2**-7, atol=1e-6)  # the bias gradient: one bf16 sum order
+
+
+def test_fused_linear_leaves_odd_inputs_to_f_linear():
+    x, w, b = _layer_inputs(4, 3, 2)
+    w.requires_grad_()
     for args in ((x.unsqueeze(0), w, b), (x, w, None)):
         y = fused_linear(*args, relu=True)
         assert "FusedLinear" not in type(y.grad_fn).__name__

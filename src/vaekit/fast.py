@@ -205,8 +205,9 @@ class StaticStep:
         fused_linear: an MLP VAE's linear layers as :func:`vaekit.kernels.fused_linear`
             (bias and ReLU in the product's epilogue; backward, the bias gradient and the
             ReLU's mask in one Triton kernel: two kernels fewer per layer with a ReLU, one
-            without), where the step is neither compiled nor autocast and the model is
-            :class:`vaekit.models.VAE`'s own MLP. Default: :data:`FUSED_LINEAR`. On CUDA
+            without), where the step is not compiled (under ``amp`` only with the weights'
+            bfloat16 copies) and the model is :class:`vaekit.models.VAE`'s own MLP.
+            Default: :data:`FUSED_LINEAR`. On CUDA
             the weights' gradient products then run on a stream of their own, beside the
             rest of the backward pass (:data:`WEIGHT_GRADS_ASIDE`).
         other_sizes: whether :meth:`run` also takes batches of other sizes (an epoch's
@@ -269,7 +270,10 @@ class StaticStep:
                               and fused_available(self.device) and type(model).encode_params is VAE.encode_params
                               and type(model).encoder_head is VAE.encoder_head)
         want = FUSED_LINEAR if fused_linear is None else fused_linear
-        self._plan = _linear_plan(model) if want and not compile and not amp else None
+        # Under bf16 autocast only with the weights' bfloat16 copies (else each layer would
+        # cast its weight, as autocast does, for nothing gained).
+        self._plan = (_linear_plan(model) if want and not compile and (not amp or self._shadows is not None)
+                      else None)
         self._aside = (torch.cuda.Stream(self.device) if self._plan is not None and WEIGHT_GRADS_ASIDE
                        and self.device.type == "cuda" else None)
         self._forward = torch.compile(self._forward_loss, dynamic=False) if compile else self._forward_loss

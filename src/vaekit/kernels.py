@@ -672,7 +672,8 @@ class _FusedLinear(torch.autograd.Function):
         g, gb = fused_bias_grad(gy, y)
         gw = None
         aside = _ASIDE
-        if ctx.needs_input_grad[1] and aside is not None and g.device.type == aside.stream.device.type:
+        if (ctx.needs_input_grad[1] and aside is not None and weight.is_leaf
+                and g.device.type == aside.stream.device.type):  # a leaf: its .grad is the parameter's
             _weight_grad_aside(aside, weight, g, x)
         elif ctx.needs_input_grad[1]:
             gw = g.t() @ x
@@ -697,16 +698,32 @@ def _weight_grad_aside(aside: _Aside, weight: Tensor, g: Tensor, x: Tensor) -> N
     aside.keep += [g, x, grad]
 
 
+def _autocast_dtype(device_type: str):
+    """The dtype autocast runs a linear layer in on ``device_type`` (None: autocast off)."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.get_autocast_dtype(device_type)
+    return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
+
+
 def fused_linear(x: Tensor, weight: Tensor, bias: Tensor, relu: bool = False) -> Tensor:
     """``F.linear(x, weight, bias)``, then ``relu`` when asked, for ``x`` ``[B, in]``: the
     bias and the ReLU in the product's epilogue forward (``torch._addmm_activation``), and
     backward the bias gradient and ReLU's mask in one pass (:func:`fused_bias_grad`)
     beside the two products: per layer with a ReLU two kernels fewer than
     ``nn.Linear`` + ``nn.ReLU``, one fewer without. ``StaticStep(fused_linear=True)``
-    runs an MLP's layers through it. Anything but a 2-D float ``x`` with a 1-D bias goes
-    to ``F.linear`` (+ ``relu``)."""
-    if (x.dim() != 2 or bias is None or bias.dim() != 1 or x.dtype != weight.dtype or bias.dtype != weight.dtype
-            or torch.is_autocast_enabled(x.device.type)):  # autocast would cast inside the function
+    runs an MLP's layers through it. Under autocast it computes what autocast would: the
+    three tensors cast to autocast's dtype (a differentiable cast, none for a weight
+    already in it, such as the static step's bfloat16 copies), the layer in that dtype.
+    Anything but a 2-D float ``x`` with a 1-D bias goes to ``F.linear`` (+ ``relu``)."""
+    if x.dim() != 2 or bias is None or bias.dim() != 1 or not x.is_floating_point():
         y = torch.nn.functional.linear(x, weight, bias)
         return torch.relu(y) if relu else y
+    dtype = _autocast_dtype(x.device.type)
+    if dtype is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return _FusedLinear.apply(x.to(dtype), weight.to(dtype), bias.to(dtype), bool(relu))
+    if x.dtype != weight.dtype or bias.dtype != weight.dtype:
+        return torch.nn.functional.linear(x, weight, bias)  # its own error
     return _FusedLinear.apply(x, weight, bias, bool(relu))
