@@ -16,7 +16,7 @@ from triton_harness import (CHILD, NATIVE, compile_for_hopper, interpreted, run_
 
 from vaekit import kernels
 from vaekit.kernels import (bias_grad, fused_available, fused_bias_grad, fused_linear, fused_posterior_sample,
-                            fused_vae_loss, posterior_sample)
+                            fused_vae_loss, fused_vae_loss_grads, posterior_sample)
 from vaekit.losses import REDUCTIONS, VAELoss
 
 
@@ -114,17 +114,19 @@ def test_the_kernels_compile_for_a_hopper_gpu(dtype):
     data = f"*{dtype}"
     fwd = {"dec_ptr": data, "x_ptr": "*fp32", "grad_ptr": data, "part_ptr": "*fp32", "mu_ptr": data, "lv_ptr": data,
            "gmu_ptr": data, "glv_ptr": data, "kl_ptr": "*fp32", "D": "i32", "d": "i32", "chunk": "i32", "split": "i32",
-           "gauss_logvar": "fp32", "inv_n": "fp32"}
+           "gauss_logvar": "fp32", "inv_n": "fp32", "beta_ptr": "*fp32", "beta_value": "fp32"}
     fin = {"part_ptr": "*fp32", "kl_ptr": "*fp32", "beta_ptr": "*fp32", "beta_value": "fp32", "loss_ptr": "*fp32",
            "rec_ptr": "*fp32", "kl_out_ptr": "*fp32", "B": "i32", "split": "i32", "denom": "fp32"}
     bwd = {"grad_ptr": data, "gmu_ptr": data, "glv_ptr": data, "gl_ptr": "*fp32", "gr_ptr": "*fp32", "gk_ptr": "*fp32",
            "gl_stride": "i32", "gr_stride": "i32", "gk_stride": "i32", "beta_ptr": "*fp32", "beta_value": "fp32",
            "D": "i32", "d": "i32", "chunk": "i32"}
-    for gaussian in (False, True):
+    for gaussian, kl_beta, beta_ptr in ((False, False, False), (True, False, True), (False, True, True),
+                                        (True, True, False)):
         assert compile_for_hopper(kernels._fwd_kernel, fwd, dict(GAUSSIAN=gaussian, WRITE_GRAD=True, WRITE_KL_GRAD=True,
-                                                                 BLOCK=2048, BLOCK_D=32))
+                                                                 KL_BETA=kl_beta, BETA_PTR=beta_ptr, BLOCK=2048,
+                                                                 BLOCK_D=32))
     assert compile_for_hopper(kernels._fwd_kernel, fwd, dict(GAUSSIAN=False, WRITE_GRAD=False, WRITE_KL_GRAD=False,
-                                                             BLOCK=1024, BLOCK_D=16))
+                                                             KL_BETA=False, BETA_PTR=False, BLOCK=1024, BLOCK_D=16))
     for reduce, beta_ptr in ((True, True), (False, False)):
         assert compile_for_hopper(kernels._finalize_kernel, fin, dict(REDUCE=reduce, BETA_PTR=beta_ptr, BLOCK_B=1,
                                                                       BLOCK_S=4))
@@ -462,6 +464,44 @@ def test_values_and_grads_match_eager(reconstruction, B, D, d):
         _assert_grads_same(_grads(fused, inputs, weights), _grads(ref, inputs, weights))
 
 
+def _loss_and_grads(fn, x, out, mu, logvar, **kw):
+    leaves = [t.detach().clone().requires_grad_() for t in (out, mu, logvar)]
+    res = fn(x, *leaves, **kw)
+    return res, torch.autograd.grad(res.loss, leaves)
+
+
+@interpreted
+@pytest.mark.parametrize("reconstruction", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("beta", [0.25, "tensor"])
+def test_loss_grads_from_the_forward_are_the_backward_gradients(reconstruction, reduction, beta):
+    """fused_vae_loss_grads: the same values as fused_vae_loss (the same kernels), and
+    the gradients its autograd backward gives, the KL's already times beta."""
+    x, out, mu, logvar = _inputs(5, 70, 4)
+    beta = torch.tensor(3.5) if beta == "tensor" else beta
+    kw = dict(beta=beta, reconstruction=reconstruction, reduction=reduction, gaussian_logvar=GAUSS_LOGVAR)
+    res, grads = fused_vae_loss_grads(x, out.detach(), mu.detach(), logvar.detach(), **kw)
+    ref, want = _loss_and_grads(fused_vae_loss, x, out, mu, logvar, **kw)
+    for a, b in zip(res, ref):
+        assert torch.equal(a, b.detach()) and not a.requires_grad
+    for a, b in zip(grads, want):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_loss_grads_fall_back_to_autograd_of_the_reference():
+    """Where no kernel runs (here: a CPU process without the interpreter, or float64),
+    the eager VAELoss and autograd; a vector loss is refused."""
+    x, out, mu, logvar = (t.double() for t in _inputs(4, 12, 3))
+    kw = dict(beta=2.0, reconstruction="bernoulli", reduction="mean")
+    res, grads = fused_vae_loss_grads(x, out.detach(), mu.detach(), logvar.detach(), **kw)
+    ref, want = _loss_and_grads(VAELoss(2.0, "bernoulli", "mean"), x, out, mu, logvar)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(res, ref))
+    assert all(torch.equal(a, b) for a, b in zip(grads, want))
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
+        fused_vae_loss_grads(x, out, mu, logvar, reduction="none")
+
+
 @interpreted
 @pytest.mark.parametrize("reconstruction, B, D, d", [("bernoulli", 3, 784, 5), ("gaussian", 2, 1000, 3),
                                                      ("bernoulli", 1, 17, 2), ("gaussian", 1, 2100, 3)])
@@ -698,10 +738,12 @@ def test_fallback_conditions_run_the_reference(case, monkeypatch):
 
 @interpreted
 @pytest.mark.parametrize("likelihood, fused_linear", [("bernoulli", False), ("gaussian", False), ("bernoulli", True)])
-def test_the_static_step_with_the_fused_sample_and_loss_is_the_eager_step(likelihood, fused_linear):
+def test_the_static_step_with_the_fused_sample_and_loss_is_the_eager_step(likelihood, fused_linear, monkeypatch):
     """StaticStep where Triton runs: the posterior's sample and the loss each fused (on
     CUDA captured after its warm-up), and the linear layers too, against the eager
-    formulas step by step."""
+    formulas step by step. The loss's gradients come from its forward kernels: its
+    backward kernel never runs."""
+    monkeypatch.setattr(kernels, "_bwd_kernel", None)  # a call would fail
     import copy
 
     from vaekit.fast import StaticStep

@@ -7,8 +7,9 @@ later step is one ``replay``: no Python per kernel, no host synchronisation insi
 epoch. It computes what the eager loop computes:
 
 * the same objective (``reconstruction + beta * KL``, batch mean) through
-  :func:`vaekit.kernels.fused_vae_loss`, whose reference is :class:`vaekit.losses.VAELoss`
-  (the Triton kernel on CUDA, the eager functions elsewhere);
+  :func:`vaekit.kernels.fused_vae_loss_grads`, whose reference is :class:`vaekit.losses.VAELoss`
+  (the Triton kernels on CUDA, which write the loss's gradients in the forward pass, so
+  the backward pass starts from them; the eager functions elsewhere);
 * the same noise (drawn by the caller: in :func:`vaekit.train.fit`, the step's part of a
   block of noise keyed by the run seed and the step);
 * the same non-finite rule without a sync: when the loss or the gradient norm is not
@@ -42,7 +43,7 @@ import torch
 from torch import Tensor
 
 from .adam_tail import AdamTail
-from .kernels import (fused_available, fused_linear, fused_posterior_sample, fused_vae_loss, posterior_sample,
+from .kernels import (fused_available, fused_linear, fused_posterior_sample, fused_vae_loss_grads, posterior_sample,
                       weight_grads_aside)
 from .losses import LossResult, gaussian_kl
 
@@ -336,7 +337,11 @@ class StaticStep:
                     out.append(v)
         return out
 
-    def _forward_loss(self, x: Tensor, eps: Tensor, beta: Tensor) -> LossResult:
+    def _forward_loss(self, x: Tensor, eps: Tensor, beta: Tensor) -> tuple[LossResult, tuple | None]:
+        """The losses, and where the fused loss serves, what the backward pass starts from:
+        ``((decoder output, mu, logvar), their gradients)``, which the loss's kernels wrote
+        in the forward pass (no seed and no backward kernel of the loss); otherwise None
+        (``loss.backward()``)."""
         model, cfg = self.model, self.model.config
         # No cast cache: it would outlive a captured graph's memory (each weight is cast
         # once a step anyway).
@@ -356,19 +361,20 @@ class StaticStep:
                 z = mu + torch.exp(0.5 * logvar) * eps
             out = model.decode(z, x) if model.autoregressive else model.decode(z)
         if self._fused:
-            return fused_vae_loss(x, out, mu, logvar, beta=beta, reconstruction=cfg.likelihood,
-                                  reduction="mean", gaussian_logvar=cfg.fixed_logvar, validate_args=False)
+            res, grads = fused_vae_loss_grads(x, out, mu, logvar, beta=beta, reconstruction=cfg.likelihood,
+                                              reduction="mean", gaussian_logvar=cfg.fixed_logvar, validate_args=False)
+            return res, ((out, mu, logvar), grads)
         rec = model.nll(out, x, validate_args=False).mean()
         kl = gaussian_kl(mu, logvar, validate_args=False).mean()
-        return LossResult(rec + beta * kl, rec, kl)
+        return LossResult(rec + beta * kl, rec, kl), None
 
     def _body(self, x: Tensor | None = None, eps: Tensor | None = None, beta: Tensor | None = None,
               forward=None) -> None:
         x = self.x if x is None else x
         try:
             with self._bf16_weights():
-                res = (forward or self._forward)(x, self.eps if eps is None else eps,
-                                                 self.beta if beta is None else beta)
+                res, roots = (forward or self._forward)(x, self.eps if eps is None else eps,
+                                                        self.beta if beta is None else beta)
         except Exception as e:  # noqa: BLE001  (inductor raises many kinds; the cause is chained)
             if not (self._untried and forward is None):  # the compiled forward's first call
                 raise
@@ -377,7 +383,10 @@ class StaticStep:
         if forward is None:
             self._untried = False
         with weight_grads_aside(self._aside):
-            res.loss.backward()
+            if roots is None:
+                res.loss.backward(self._one)  # a seed that exists: no kernel to make one
+            else:
+                torch.autograd.backward(*roots)
         if self._tail is not None:
             self._tail(res.loss.detach(), res.reconstruction.detach(), res.kl.detach(), self.sums, self.skipped,
                        self.bad_run, x.shape[0])

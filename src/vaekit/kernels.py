@@ -63,7 +63,8 @@ try:
 except ImportError:  # the eager VAELoss serves every call
     triton = None
 
-__all__ = ["fused_vae_loss", "fused_available", "fused_posterior_sample", "posterior_sample"]
+__all__ = ["fused_vae_loss", "fused_vae_loss_grads", "fused_available", "fused_posterior_sample",
+           "posterior_sample", "fused_linear", "fused_bias_grad", "bias_grad", "weight_grads_aside"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_BLOCK = 2048
@@ -91,12 +92,20 @@ if triton is not None:
         return tl.where(small, v * v * q, em1 - v), tl.where(small, v + v * v * q, em1)
 
     @triton.jit
+    def _beta(beta_ptr, beta_value, BETA_PTR: tl.constexpr):
+        if BETA_PTR:
+            return tl.load(beta_ptr).to(tl.float32)
+        return beta_value
+
+    @triton.jit
     def _fwd_kernel(
         dec_ptr, x_ptr, grad_ptr, part_ptr, mu_ptr, lv_ptr, gmu_ptr, glv_ptr, kl_ptr,
-        D, d, chunk, split, gauss_logvar, inv_n,
+        D, d, chunk, split, gauss_logvar, inv_n, beta_ptr, beta_value,
         GAUSSIAN: tl.constexpr, WRITE_GRAD: tl.constexpr, WRITE_KL_GRAD: tl.constexpr,
-        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+        KL_BETA: tl.constexpr, BETA_PTR: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
+        # KL_BETA: the KL's gradients are written times beta, the loss's own (what
+        # fused_vae_loss_grads returns); otherwise the backward multiplies them.
         row = tl.program_id(0)
         part = tl.program_id(1)
         base = row.to(tl.int64) * D
@@ -123,6 +132,9 @@ if triton is not None:
                 tl.store(grad_ptr + base + offs, (grad * inv_n).to(grad_ptr.dtype.element_ty), mask=mask)
         tl.store(part_ptr + row * split + part, tl.sum(acc, 0))
         if part == 0:  # the KL row rides along with the first chunk of its data row
+            kl_scale = inv_n
+            if KL_BETA:
+                kl_scale = inv_n * _beta(beta_ptr, beta_value, BETA_PTR)
             kbase = row.to(tl.int64) * d
             kcols = tl.arange(0, BLOCK_D)
             kacc = tl.zeros([BLOCK_D], tl.float32)
@@ -134,16 +146,10 @@ if triton is not None:
                 em1_minus_v, em1 = _expm1_terms(lv)
                 kacc += tl.where(mask, 0.5 * (em1_minus_v + mu * mu), 0.0)
                 if WRITE_KL_GRAD:
-                    tl.store(gmu_ptr + kbase + offs, (mu * inv_n).to(gmu_ptr.dtype.element_ty), mask=mask)
-                    tl.store(glv_ptr + kbase + offs, (0.5 * em1 * inv_n).to(glv_ptr.dtype.element_ty),
+                    tl.store(gmu_ptr + kbase + offs, (mu * kl_scale).to(gmu_ptr.dtype.element_ty), mask=mask)
+                    tl.store(glv_ptr + kbase + offs, (0.5 * em1 * kl_scale).to(glv_ptr.dtype.element_ty),
                              mask=mask)
             tl.store(kl_ptr + row, tl.sum(kacc, 0))
-
-    @triton.jit
-    def _beta(beta_ptr, beta_value, BETA_PTR: tl.constexpr):
-        if BETA_PTR:
-            return tl.load(beta_ptr).to(tl.float32)
-        return beta_value
 
     @triton.jit
     def _row_terms(part_ptr, kl_ptr, rows, B, split, BLOCK_S: tl.constexpr):
@@ -339,45 +345,56 @@ def _stride0(t: Tensor | None) -> int:
     return 0 if t is None or t.dim() == 0 else t.stride(0)  # 0: one value for every row
 
 
+def _forward_launch(dec, x, mu, logvar, beta_t, beta_value, gaussian, gauss_logvar, reduction, loss_dtype,
+                    want_grad, want_kl_grad, kl_beta=False):
+    """The forward's two launches: ``(loss, rec, kl)``, the gradient buffers ``(grad, gmu,
+    glv)`` (None where not wanted; the KL's times beta with ``kl_beta``) and the geometry
+    the backward needs."""
+    B, D = dec.shape
+    d = mu.shape[1]
+    split, chunk, block, warps = _plan(B, D, dec.device)
+    block_d = min(1024, max(16, _next_pow2(d)))
+    inv_n = 1.0 / B if reduction == "mean" else 1.0
+    grad = torch.empty_like(dec) if want_grad else None
+    gmu = torch.empty_like(mu) if want_kl_grad else None
+    glv = torch.empty_like(logvar) if want_kl_grad else None
+    f32 = dict(dtype=torch.float32, device=dec.device)
+    parts = torch.empty(B, split, **f32)
+    kl_rows = torch.empty(B, **f32)
+    _fwd_kernel[(B, split)](
+        dec, x, dec if grad is None else grad, parts, mu, logvar,
+        mu if gmu is None else gmu, logvar if glv is None else glv, kl_rows,
+        D, d, chunk, split, float(gauss_logvar), inv_n, kl_rows if beta_t is None else beta_t, beta_value,
+        GAUSSIAN=gaussian, WRITE_GRAD=want_grad, WRITE_KL_GRAD=want_kl_grad, KL_BETA=kl_beta,
+        BETA_PTR=beta_t is not None, BLOCK=block, BLOCK_D=block_d, num_warps=warps, enable_fp_fusion=True,
+    )
+    reduce = reduction != "none"
+    shape = () if reduce else (B,)
+    loss = torch.empty(shape, dtype=loss_dtype, device=dec.device)
+    rec, kl = torch.empty(shape, **f32), torch.empty(shape, **f32)
+    block_s = _next_pow2(split)
+    block_b = max(1, min(_next_pow2(B), 4096 // block_s))
+    _finalize_kernel[(1 if reduce else _cdiv(B, block_b),)](
+        parts, kl_rows, kl_rows if beta_t is None else beta_t, beta_value, loss, rec, kl,
+        B, split, float(B) if reduction == "mean" else 1.0,
+        REDUCE=reduce, BETA_PTR=beta_t is not None, BLOCK_B=block_b, BLOCK_S=block_s,
+        enable_fp_fusion=True,
+    )
+    return (loss, rec, kl), (grad, gmu, glv), (B, D, d, split, chunk, block, block_d, warps)
+
+
 class _FusedVAELoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dec, x, mu, logvar, beta_t, beta_value, gaussian, gauss_logvar, reduction,
                 loss_dtype, want_grad, want_kl_grad):
-        B, D = dec.shape
-        d = mu.shape[1]
-        split, chunk, block, warps = _plan(B, D, dec.device)
-        block_d = min(1024, max(16, _next_pow2(d)))
-        inv_n = 1.0 / B if reduction == "mean" else 1.0
-        grad = torch.empty_like(dec) if want_grad else None
-        gmu = torch.empty_like(mu) if want_kl_grad else None
-        glv = torch.empty_like(logvar) if want_kl_grad else None
-        f32 = dict(dtype=torch.float32, device=dec.device)
-        parts = torch.empty(B, split, **f32)
-        kl_rows = torch.empty(B, **f32)
-        _fwd_kernel[(B, split)](
-            dec, x, dec if grad is None else grad, parts, mu, logvar,
-            mu if gmu is None else gmu, logvar if glv is None else glv, kl_rows,
-            D, d, chunk, split, float(gauss_logvar), inv_n,
-            GAUSSIAN=gaussian, WRITE_GRAD=want_grad, WRITE_KL_GRAD=want_kl_grad,
-            BLOCK=block, BLOCK_D=block_d, num_warps=warps, enable_fp_fusion=True,
-        )
-        reduce = reduction != "none"
-        shape = () if reduce else (B,)
-        loss = torch.empty(shape, dtype=loss_dtype, device=dec.device)
-        rec, kl = torch.empty(shape, **f32), torch.empty(shape, **f32)
-        block_s = _next_pow2(split)
-        block_b = max(1, min(_next_pow2(B), 4096 // block_s))
-        _finalize_kernel[(1 if reduce else _cdiv(B, block_b),)](
-            parts, kl_rows, kl_rows if beta_t is None else beta_t, beta_value, loss, rec, kl,
-            B, split, float(B) if reduction == "mean" else 1.0,
-            REDUCE=reduce, BETA_PTR=beta_t is not None, BLOCK_B=block_b, BLOCK_S=block_s,
-            enable_fp_fusion=True,
-        )
+        (loss, rec, kl), (grad, gmu, glv), geometry = _forward_launch(
+            dec, x, mu, logvar, beta_t, beta_value, gaussian, gauss_logvar, reduction, loss_dtype, want_grad,
+            want_kl_grad)
         # Plain attributes, not save_for_backward: the buffers are the gradients to return,
         # scaled in place, and are dropped on the first backward.
         ctx.bufs = (grad, gmu, glv)
         ctx.beta_t, ctx.beta_value = beta_t, beta_value
-        ctx.geometry = (B, D, d, split, chunk, block, block_d, warps)
+        ctx.geometry = geometry
         ctx.set_materialize_grads(False)
         return loss, rec, kl
 
@@ -468,6 +485,17 @@ def fused_vae_loss(
     if not _fusable(x, decoder_out, mu, logvar, beta, reconstruction, reduction, gaussian_logvar):
         loss_fn = VAELoss(beta, reconstruction, reduction, logvar=gaussian_logvar, validate_args=validate_args)
         return loss_fn(x, decoder_out, mu, logvar)
+    grad_mode = torch.is_grad_enabled()
+    loss, rec, kl = _FusedVAELoss.apply(
+        *_launch_args(x, decoder_out, mu, logvar, beta, reconstruction, reduction, gaussian_logvar, validate_args),
+        grad_mode and decoder_out.requires_grad, grad_mode and (mu.requires_grad or logvar.requires_grad),
+    )
+    return LossResult(loss, rec, kl)
+
+
+def _launch_args(x, decoder_out, mu, logvar, beta, reconstruction, reduction, gaussian_logvar, validate_args):
+    """The value checks (as the eager loss makes them), then the forward launch's arguments
+    up to its two gradient flags."""
     gaussian = reconstruction == "gaussian"
     if validating(validate_args):  # the eager checks, in the eager order
         check_beta(beta)
@@ -484,14 +512,42 @@ def fused_vae_loss(
     else:
         beta_value = float(beta)  # a number or a CPU scalar: no device sync
     loss_dtype = torch.float32  # as VAELoss: the loss has its terms' dtype, whatever beta's
-    grad_mode = torch.is_grad_enabled()
-    loss, rec, kl = _FusedVAELoss.apply(
-        decoder_out.reshape(B, -1).contiguous(), x.reshape(B, -1).contiguous(),
-        mu.contiguous(), logvar.contiguous(), beta_t, beta_value, gaussian,
-        float(gaussian_logvar), reduction, loss_dtype,
-        grad_mode and decoder_out.requires_grad, grad_mode and (mu.requires_grad or logvar.requires_grad),
-    )
-    return LossResult(loss, rec, kl)
+    return (decoder_out.reshape(B, -1).contiguous(), x.reshape(B, -1).contiguous(), mu.contiguous(),
+            logvar.contiguous(), beta_t, beta_value, gaussian, float(gaussian_logvar), reduction, loss_dtype)
+
+
+def fused_vae_loss_grads(
+    x: Tensor,
+    decoder_out: Tensor,
+    mu: Tensor,
+    logvar: Tensor,
+    *,
+    beta=1.0,
+    reconstruction: str = "bernoulli",
+    reduction: str = "mean",
+    gaussian_logvar: float = 0.0,
+    validate_args: bool | None = None,
+) -> tuple[LossResult, tuple[Tensor, Tensor, Tensor]]:
+    """:func:`fused_vae_loss`'s values (detached) and the loss's gradients with respect to
+    ``decoder_out``, ``mu`` and ``logvar``, from the forward's two launches alone (the
+    KL's gradients written times ``beta`` there). ``torch.autograd.backward((decoder_out,
+    mu, logvar), grads)`` then does what ``loss.backward()`` does, without its seed and the
+    loss's backward kernel (two kernels of a captured training step:
+    :class:`vaekit.fast.StaticStep` runs it this way). ``reduction``: ``"mean"`` or
+    ``"sum"``. Where the fused path does not apply, the eager reference and
+    ``torch.autograd.grad`` (the gradient of a tensor that needs none is zeros)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum' (a scalar loss to differentiate), got {reduction!r}")
+    if not _fusable(x, decoder_out, mu, logvar, beta, reconstruction, reduction, gaussian_logvar):
+        with torch.enable_grad():
+            leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in (decoder_out, mu, logvar)]
+            res = VAELoss(beta, reconstruction, reduction, logvar=gaussian_logvar, validate_args=validate_args)(
+                x, *leaves)
+            grads = torch.autograd.grad(res.loss, leaves)
+        return LossResult(res.loss.detach(), res.reconstruction.detach(), res.kl.detach()), grads
+    args = _launch_args(x, decoder_out, mu, logvar, beta, reconstruction, reduction, gaussian_logvar, validate_args)
+    (loss, rec, kl), (grad, gmu, glv), _ = _forward_launch(*args, True, True, kl_beta=True)
+    return LossResult(loss, rec, kl), (grad.view(decoder_out.shape), gmu, glv)
 
 
 # ---------------------------------------------------------------------------------------
