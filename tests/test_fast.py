@@ -96,7 +96,7 @@ def _manual_step(model, opt, x, eps, beta):
 @pytest.mark.parametrize("fused_linear", [False, True])
 @pytest.mark.parametrize("kind", OPTIMIZERS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_static_step_matches_a_hand_written_step(device, kind, fused_linear):
+def test_static_step_matches_a_hand_written_step(device, kind, fused_linear, monkeypatch):
     torch.manual_seed(0)
     model = VAE(ModelConfig(input_shape=(1, 6, 6), latent_dim=2, hidden=(16,))).to(device)
     twin = copy.deepcopy(model)
@@ -104,11 +104,20 @@ def test_static_step_matches_a_hand_written_step(device, kind, fused_linear):
     opt_twin = torch.optim.Adam(twin.parameters(), lr=1e-2)
     step = StaticStep(model, opt, batch_size=8, fused_linear=fused_linear)
     assert (step._plan is not None) == fused_linear
+    if fused_linear:  # no layer runs as nn.Linear: each one goes through fused_linear, once
+        calls = []
+        monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, x: calls.append(self) or x @ 0)
+        from vaekit import fast
+
+        monkeypatch.setattr(fast, "fused_linear", lambda *a, _f=fast.fused_linear: calls.append(a) or _f(*a))
     for i in range(6):  # crosses warm-up and capture on CUDA
         x = torch.rand(8, 1, 6, 6, device=device).bernoulli()
         eps = torch.randn(8, 2, device=device)
         beta = 0.5 + i
         step.run(x, eps, 1e-2, beta)
+        if fused_linear and i == 0:
+            assert [type(c).__name__ for c in calls] == ["tuple"] * 4  # 2 encoder layers (with the head), 2 decoder
+            monkeypatch.undo()
         ref = _manual_step(twin, opt_twin, x, eps, beta)
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)

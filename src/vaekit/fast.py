@@ -354,12 +354,13 @@ class StaticStep:
                     head, eps, cfg.logvar_limit)
                 model._check_latent(z)
                 out = _through(decoder, z)
-            elif self._fused_sample:
-                mu, logvar, z = fused_posterior_sample(model.encoder_head(x), eps, cfg.logvar_limit)
             else:
-                mu, logvar = model.encode_params(x)
-                z = mu + torch.exp(0.5 * logvar) * eps
-            out = model.decode(z, x) if model.autoregressive else model.decode(z)
+                if self._fused_sample:
+                    mu, logvar, z = fused_posterior_sample(model.encoder_head(x), eps, cfg.logvar_limit)
+                else:
+                    mu, logvar = model.encode_params(x)
+                    z = mu + torch.exp(0.5 * logvar) * eps
+                out = model.decode(z, x) if model.autoregressive else model.decode(z)
         if self._fused:
             res, grads = fused_vae_loss_grads(x, out, mu, logvar, beta=beta, reconstruction=cfg.likelihood,
                                               reduction="mean", gaussian_logvar=cfg.fixed_logvar, validate_args=False)
