@@ -81,10 +81,7 @@ if triton is not None:
         # The same as a pointer to 16-bit words: the bfloat16 copies, and with them the
         # gradients, handled as their bits (exact either way, and the same in Triton's
         # interpreter, whose conversion to bfloat16 truncates).
-        p = tl.load(table + row * n_tensors + t).to(tl.pointer_type(tl.uint16))
-        if ALIGNED:
-            p = tl.multiple_of(p, 16)
-        return p
+        return _entry(table, row, n_tensors, t, ALIGNED).to(tl.pointer_type(tl.uint16))
 
     @triton.jit
     def _span(starts, numels, pid, t, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
