@@ -325,7 +325,8 @@ def vaekit_fit(x_u8, x_val_u8, epochs, device, threads, workdir, amp: bool | str
                dynamic: bool = False, graph_steps: int = 1, adam_kernel: bool = False):
     """Per-epoch seconds of vaekit.train.fit: the first, and those of the rest. ``amp``:
     True for bf16 autocast, or TrainConfig.amp itself ("tf32"); ``adam_kernel``:
-    TrainConfig(adam_kernel=True), the Triton Adam tail."""
+    TrainConfig(adam_kernel=True), the Triton Adam tail (uncompiled with the fused sample and
+    linear layers: vaekit.fast.FUSED_SAMPLE and FUSED_LINEAR)."""
     from vaekit import DataConfig, ModelConfig, RunConfig, TrainConfig, fit
 
     npz = Path(workdir) / "fit-data.npz"
@@ -343,12 +344,13 @@ def vaekit_fit(x_u8, x_val_u8, epochs, device, threads, workdir, amp: bool | str
             f"{graph_steps}-{adam_kernel}")
     import vaekit.fast as vaekit_fast
 
-    kept = vaekit_fast.FUSED_SAMPLE
-    vaekit_fast.FUSED_SAMPLE = adam_kernel  # the rows with the Triton tail also take the fused sample (uncompiled)
+    kept = vaekit_fast.FUSED_SAMPLE, vaekit_fast.FUSED_LINEAR
+    # the rows with the Triton tail also take the fused sample and linear layers (uncompiled)
+    vaekit_fast.FUSED_SAMPLE = vaekit_fast.FUSED_LINEAR = adam_kernel
     try:
         history = fit(config, Path(workdir) / name).history
     finally:
-        vaekit_fast.FUSED_SAMPLE = kept
+        vaekit_fast.FUSED_SAMPLE, vaekit_fast.FUSED_LINEAR = kept
     ends = [row["seconds"] for row in history if row["split"] == "train"]
     return ends[0], [b - a for a, b in zip(ends, ends[1:])]
 
@@ -480,7 +482,8 @@ def main(argv=None) -> None:
                 fits += [("auto", 1, True, True), ("compile", 1, True, True)]
             for fast, steps, amp, tail in fits:
                 how = ((", fast=compile" if fast == "compile" else "") + (f", graph_steps={steps}" if steps > 1 else "")
-                       + ((", Triton Adam tail" + (" + fused sample" if fast != "compile" else "")) if tail else ""))
+                       + ((", Triton Adam tail" + (" + fused sample + fused linear layers" if fast != "compile"
+                                                   else "")) if tail else ""))
                 label = f"(f) vaekit fit, epoch incl. val+ckpt{how}{', TF32' if amp == 'tf32' else BF16 if amp else ''}"
                 got = guarded(label, device, lambda: vaekit_fit(x_u8, val_u8, args.epochs, device, n_threads, work,
                                                                 amp, fast, dyn, steps, tail))

@@ -17,7 +17,7 @@
 # $DEADLINE (seconds since the epoch, optional): no step runs past it (each step's
 # timeout shrinks to what is left; a step with under 20 s left is skipped), so that the
 # script can follow another in one device call of fixed length.
-# $STEPS (optional): a comma list of the steps to run (tail_tests, tail_epoch, loss_bench,
+# $STEPS (optional): a comma list of the steps to run (tail_tests, tail_epoch, tail_fit, loss_bench,
 # epoch_bench, iw_bench, step_profile, write_bench, tests, host_bench, epoch_compiled, precision_shift);
 # default: all.
 # $EPOCH_AMP: epoch_bench.py --amp for the epoch_bench step (none, bf16, both; default none).
@@ -83,15 +83,15 @@ fi
 
 # The Triton Adam tail (vaekit.adam_tail, StaticStep(adam_kernel=True), built without a
 # GPU in the eleventh session; its bfloat16 weight copies and the short batch's own graph
-# in the twelfth, with the fused posterior sample; the fused linear layers in the
-# thirteenth): their tests natively (the captured step, a captured block of steps, the
-# short batch, the kernels), then the epoch with it (uncompiled: fp32, TF32, bf16 with
-# weight copies, and with the fused linear layers in fp32 and TF32; compiled: TF32, bf16),
-# beside the default static and compiled steps and the classic
-# recipe in the same run, and fit with TF32 without and with it and with it under bf16
-# (uncompiled and compiled). Rows print as they finish: a timeout costs the last ones.
+# in the twelfth, with the fused posterior sample; the fused linear layers, their weight
+# gradients on a stream of their own and the loss's gradients from its forward pass in the
+# thirteenth): their tests natively (the captured step against a hand-written one, a
+# captured block of steps, the short batch, the kernels, the streams), then the epoch with
+# them, uncompiled: (c+) TF32 and bf16 with the weight copies, (c++) with the fused linear
+# layers too in fp32, TF32 and bf16, beside the default static step (c) and the classic
+# recipe in the same run. The compiled rows and fit come later (tail_fit).
 step tail_tests 150 "$PY" -m pytest tests/test_adam_tail.py tests/test_fast.py::test_a_short_batch_takes_a_static_step_of_its_own tests/test_fast.py::test_static_step_matches_a_hand_written_step tests/test_kernels.py -k "not hopper" -q -o addopts="" -p no:cacheprovider -rfE
-step tail_epoch 240 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp none --skip eager,static-unfused,static-block,pythae,floor,compiled,compiled-block,compiled-tail,fit,fit-compile,fit-block,fit-compile-block,fit-tf32 --data "$DATA"
+step tail_epoch 150 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp none --skip eager,static-unfused,static-block,pythae,floor,compiled,compiled-block,static-tail,compiled-tail,compiled-tail-tf32,compiled-tail-bf16,fit,fit-compile,fit-block,fit-compile-block,fit-tf32,fit-tail,fit-tail-bf16 --data "$DATA"
 step loss_bench 120 "$PY" benchmarks/loss_bench.py --device cuda --sweep
 step epoch_bench 120 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp "${EPOCH_AMP:-none}" --skip compiled,compiled-block,fit-compile,fit-compile-block,static-tail,static-tail-tf32,static-tail-bf16,compiled-tail,compiled-tail-tf32,compiled-tail-bf16,fit-tail,fit-tail-bf16,static-linear,static-linear-tf32,static-linear-bf16 --data "$DATA"
 # The per-example loop and pythae run on the first 300 images (their time is also per
@@ -99,6 +99,10 @@ step epoch_bench 120 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --
 step iw_bench 90 "$PY" benchmarks/iw_bench.py --device cuda --k 5000 --n 10000 --n-baseline 300 --reduced tf32,bf16 --data "$DATA"
 # Where one training step's GPU time goes: its kernels, their time, the graph's overhead.
 step step_profile 150 "$PY" benchmarks/step_profile.py --device cuda
+# The same tail compiled, and fit with it (TF32; bf16 with the weight copies), apart: their
+# compilations take tens of seconds each, and epoch_bench prints nothing before every row
+# has warmed up, so the uncompiled rows above come first, in a run of their own.
+step tail_fit 200 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp none --skip classic,eager,static,static-unfused,static-block,pythae,floor,compiled,compiled-block,static-tail,static-tail-tf32,static-tail-bf16,compiled-tail,static-linear,static-linear-tf32,static-linear-bf16,fit,fit-compile,fit-block,fit-compile-block,fit-tf32 --data "$DATA"
 # What fit's files cost an epoch: written in the loop, or by a thread of their own.
 step write_bench 60 "$PY" benchmarks/write_bench.py --device cuda --epochs 3 --repeats 1 --data "$DATA"
 # The GPU tests before the slower extras: the Triton kernels in-process, the captured,
@@ -142,6 +146,6 @@ say "         epoch at batch 128 <= 60 ms; k=5000 IW on 10,000 images <= 1 s (H2
     grep -h -E "^device|^copy bandwidth" "$TMP/loss_bench.out" 2>/dev/null
     sed -n '/^recipe/,/^$/p' "$TMP/loss_bench.out" 2>/dev/null
     grep -h "^SUMMARY loss_bench" "$TMP/loss_bench.out" 2>/dev/null | sed 's/^SUMMARY //'
-    grep -h -E "^SUMMARY|^agreement|^matrix products|^PRECISION" "$TMP/tail_epoch.out" "$TMP/epoch_bench.out" "$TMP/host_bench.out" "$TMP/iw_bench.out" \
+    grep -h -E "^SUMMARY|^agreement|^matrix products|^PRECISION" "$TMP/tail_epoch.out" "$TMP/tail_fit.out" "$TMP/epoch_bench.out" "$TMP/host_bench.out" "$TMP/iw_bench.out" \
         "$TMP/step_profile.out" "$TMP/write_bench.out" "$TMP/epoch_compiled.out" "$TMP/precision_shift.out" 2>/dev/null | sed 's/^SUMMARY //'
 } | tee -a "$LOG"

@@ -306,6 +306,11 @@ def test_fused_linear_leaves_odd_inputs_to_f_linear():
     for args in ((x.unsqueeze(0), w, b), (x, w, None)):
         y = fused_linear(*args, relu=True)
         assert "FusedLinear" not in type(y.grad_fn).__name__
+        assert torch.equal(y, torch.relu(torch.nn.functional.linear(*args)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64: autocast casts none of it, nor do we
+        args = (x.double(), w.double(), b.double())
+        y = fused_linear(*args, relu=True)
+        assert y.dtype == torch.float64 and torch.equal(y, torch.relu(torch.nn.functional.linear(*args)))
     with pytest.raises(RuntimeError, match="dtype"):  # F.linear's own error
         fused_linear(x.double(), w, b)
 
@@ -351,15 +356,63 @@ def test_weight_gradients_aside_are_the_same_gradients(monkeypatch, accumulate):
         torch.testing.assert_close(gb, wb, rtol=1e-6, atol=1e-7)
     fork, product = ("aside", "waits for", "current"), ("on", "aside")
     assert log == [fork, product, fork, product, ("current", "waits for", "aside")]
-    assert kernels._ASIDE is None
+    assert getattr(kernels._local, "aside", None) is None
+
+
+def test_only_layers_made_inside_send_their_weight_gradients_aside(monkeypatch):
+    """A layer whose forward pass ran outside the context returns its weight's gradient to
+    autograd as usual, even when its backward pass runs inside; an error inside the
+    context still joins the streams and is the one raised."""
+    log = []
+    monkeypatch.setattr(kernels, "_current_stream", lambda device: _LoggedStream(log, "current"))
+    monkeypatch.setattr(kernels, "_on_stream", lambda stream: (log.append(("on", stream.name)), contextlib.nullcontext())[1])
+    lin = torch.nn.Linear(3, 2)
+    y = fused_linear(torch.randn(4, 3), lin.weight, lin.bias, True)
+    with kernels.weight_grads_aside(_LoggedStream(log, "aside")):
+        y.sum().backward()
+    assert ("on", "aside") not in log and lin.weight.grad is not None
+    log.clear()
+    with pytest.raises(KeyError, match="raised inside"):
+        with kernels.weight_grads_aside(_LoggedStream(log, "aside")):
+            raise KeyError("raised inside")
+    assert log == [("current", "waits for", "aside")] and getattr(kernels._local, "aside", None) is None
+
+
+def test_the_relu_mask_is_relus_own_where_outputs_are_nan():
+    """ReLU's backward zeroes the gradient where the output is <= 0 and passes it where
+    the output is NaN; so does the fused layer's (eagerly here; the kernel in the
+    interpreter's test below)."""
+    x, w, b = _layer_inputs(5, 3, 4)
+    x[1, 0] = float("nan")
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    twins = [t.clone().requires_grad_() for t in (x, w, b)]
+    got = fused_linear(*leaves, True)
+    want = torch.relu(torch.nn.functional.linear(*twins))
+    assert bool(got[1].isnan().all()) and torch.equal(got.isnan(), want.isnan())
+    gy = torch.randn(5, 4)
+    for a, c in zip(torch.autograd.grad(got, leaves, gy), torch.autograd.grad(want, twins, gy)):
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-7, equal_nan=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA streams (run by benchmarks/gpu.sh)")
-def test_weight_gradients_aside_on_a_cuda_stream():
+def test_weight_gradients_aside_on_a_cuda_stream(monkeypatch):
+    """The real streams, with the aside stream held back (a sleep before each product):
+    without the join, or with the tensors it reads freed early, the gradients read after
+    the context would be wrong or incomplete."""
+    on_stream = kernels._on_stream
+
+    @contextlib.contextmanager
+    def late(stream):
+        with on_stream(stream):
+            torch.cuda._sleep(20_000_000)  # ~10 ms of the aside stream before the product
+            yield
+
+    monkeypatch.setattr(kernels, "_on_stream", late)
     torch.cuda.synchronize()
     with torch.device("cuda"):
         want = _mlp_grads()
         got = _mlp_grads(torch.cuda.Stream())
+        torch.randn(1 << 20).mul_(2)  # new allocations on the current stream after the context
     for a, b in zip(got, want):
         for u, v in zip(a, b):
             torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
@@ -384,6 +437,54 @@ def test_fused_bias_grad_matches_float64(B, N, relu):
     assert bool(((gb.double() - ref).abs() <= 2e-7 * size + 1e-12).all())
     eager = bias_grad(gy, y)
     torch.testing.assert_close(gb, eager[1], rtol=1e-5, atol=1e-5)
+
+
+@interpreted
+def test_fused_bias_grad_masks_as_relus_backward():
+    """Zero where the ReLU output is <= 0 (an exact 0 included), the gradient kept where it
+    is NaN, as ReLU's own backward."""
+    gy = _cpu_randn((6, 5), generator=torch.Generator().manual_seed(7))
+    y = torch.relu(_cpu_randn((6, 5), generator=torch.Generator().manual_seed(8)))
+    y[0, :3] = float("nan")
+    masked, gb = fused_bias_grad(gy, y)
+    want = torch.ops.aten.threshold_backward(gy, y, 0.0)
+    assert torch.equal(masked, want)
+    torch.testing.assert_close(gb, want.sum(0), rtol=1e-6, atol=1e-6)
+
+
+@interpreted
+def test_a_loss_the_kernels_cannot_take_falls_back_in_the_static_step():
+    """A Gaussian decoder whose fixed log-variance is a NumPy float: the step's loss goes to
+    the eager reference (the kernels take Python numbers), and the step still trains what
+    the eager step trains."""
+    import copy
+
+    import numpy as np
+
+    from vaekit.fast import StaticStep
+    from vaekit.losses import gaussian_kl
+    from vaekit.models import VAE, ModelConfig
+
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(6,), latent_dim=2, hidden=(8,), likelihood="gaussian",
+                            fixed_logvar=np.log(0.5)))
+    twin = copy.deepcopy(model)
+    device = torch.empty(0).device
+    kw = {"capturable": True, "lr": torch.tensor(1e-2)} if device.type == "cuda" else {"lr": 1e-2}
+    opt, opt_twin = torch.optim.Adam(model.parameters(), **kw), torch.optim.Adam(twin.parameters(), lr=1e-2)
+    step = StaticStep(model, opt, batch_size=4)
+    assert step._fused
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x, eps = _cpu_rand((4, 6), generator=g), _cpu_randn((4, 2), generator=g)
+        step.run(x, eps, 1e-2, 1.0)
+        mu, logvar = twin.encode_params(x)
+        loss = (twin.nll(twin.decode(mu + torch.exp(0.5 * logvar) * eps), x) + gaussian_kl(mu, logvar)).mean()
+        opt_twin.zero_grad()
+        loss.backward()
+        opt_twin.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
 @interpreted
@@ -487,6 +588,30 @@ def test_loss_grads_from_the_forward_are_the_backward_gradients(reconstruction, 
     for a, b in zip(grads, want):
         assert a.shape == b.shape and a.dtype == b.dtype
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_loss_grads_fall_back_without_touching_the_graph_above():
+    """In the fallback the gradients are taken with respect to copies: the graph that made
+    decoder_out, mu and logvar (here out depends on mu, as in a VAE through z) is neither
+    run nor freed, and one backward from the three with these gradients gives what
+    loss.backward() gives."""
+    torch.manual_seed(0)
+    h = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 12, dtype=torch.float64)
+
+    def graph():
+        mu, logvar = h[:, :3] * 1.5, h[:, 3:] * 0.5
+        out = (torch.cat([mu, logvar], 1) @ w)
+        return out, mu, logvar
+
+    x = torch.rand(4, 12, dtype=torch.float64).round()
+    out, mu, logvar = graph()
+    res, grads = fused_vae_loss_grads(x, out, mu, logvar, beta=2.0)
+    torch.autograd.backward((out, mu, logvar), grads)
+    got, h.grad = h.grad, None
+    out, mu, logvar = graph()
+    VAELoss(2.0, "bernoulli", "mean")(x, out, mu, logvar).loss.backward()
+    torch.testing.assert_close(got, h.grad, rtol=1e-12, atol=1e-12)
 
 
 def test_loss_grads_fall_back_to_autograd_of_the_reference():

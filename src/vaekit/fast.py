@@ -372,18 +372,20 @@ class StaticStep:
     def _body(self, x: Tensor | None = None, eps: Tensor | None = None, beta: Tensor | None = None,
               forward=None) -> None:
         x = self.x if x is None else x
-        try:
-            with self._bf16_weights():
-                res, roots = (forward or self._forward)(x, self.eps if eps is None else eps,
-                                                        self.beta if beta is None else beta)
-        except Exception as e:  # noqa: BLE001  (inductor raises many kinds; the cause is chained)
-            if not (self._untried and forward is None):  # the compiled forward's first call
-                raise
-            raise FastPathError(f"TrainConfig.fast='compile': torch.compile could not compile the step "
-                                f"({type(e).__name__}: {_first_line(e)}); train with fast='auto' or 'off'") from e
-        if forward is None:
-            self._untried = False
+        # the fused linear layers made in the forward pass send their weight gradients to
+        # the aside stream in the backward pass; both streams have joined on leaving
         with weight_grads_aside(self._aside):
+            try:
+                with self._bf16_weights():
+                    res, roots = (forward or self._forward)(x, self.eps if eps is None else eps,
+                                                            self.beta if beta is None else beta)
+            except Exception as e:  # noqa: BLE001  (inductor raises many kinds; the cause is chained)
+                if not (self._untried and forward is None):  # the compiled forward's first call
+                    raise
+                raise FastPathError(f"TrainConfig.fast='compile': torch.compile could not compile the step "
+                                    f"({type(e).__name__}: {_first_line(e)}); train with fast='auto' or 'off'") from e
+            if forward is None:
+                self._untried = False
             if roots is None:
                 res.loss.backward(self._one)  # a seed that exists: no kernel to make one
             else:

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 
 import torch
 from torch import Tensor
@@ -535,12 +536,13 @@ def fused_vae_loss_grads(
     loss's backward kernel (two kernels of a captured training step:
     :class:`vaekit.fast.StaticStep` runs it this way). ``reduction``: ``"mean"`` or
     ``"sum"``. Where the fused path does not apply, the eager reference and
-    ``torch.autograd.grad`` (the gradient of a tensor that needs none is zeros)."""
+    ``torch.autograd.grad`` with respect to detached copies of the three (so nothing
+    upstream of them is run or freed)."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum' (a scalar loss to differentiate), got {reduction!r}")
     if not _fusable(x, decoder_out, mu, logvar, beta, reconstruction, reduction, gaussian_logvar):
-        with torch.enable_grad():
-            leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in (decoder_out, mu, logvar)]
+        with torch.enable_grad():  # leaves of their own: the caller's graph above them is left alone
+            leaves = [t.detach().requires_grad_() for t in (decoder_out, mu, logvar)]
             res = VAELoss(beta, reconstruction, reduction, logvar=gaussian_logvar, validate_args=validate_args)(
                 x, *leaves)
             grads = torch.autograd.grad(res.loss, leaves)
@@ -633,8 +635,8 @@ if triton is not None:
             mask = (rows[:, None] < B) & live[None, :]
             offs = rows[:, None].to(tl.int64) * N + cols[None, :]
             g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if RELU:
-                g = tl.where(tl.load(y_ptr + offs, mask=mask, other=0.0) > 0, g, 0.0)
+            if RELU:  # as ReLU's own backward: zero where y <= 0 (a NaN output passes its gradient)
+                g = tl.where(tl.load(y_ptr + offs, mask=mask, other=0.0) <= 0, 0.0, g)
                 tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
             acc += tl.sum(g, 0)
         tl.store(gb_ptr + cols, acc.to(gb_ptr.dtype.element_ty), mask=live)
@@ -646,9 +648,10 @@ _BIAS_BLOCK_B = 16 if _INTERPRETED else 128
 
 def bias_grad(gy: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(g, gb)`` for a linear layer's output gradient ``gy`` ``[B, N]``: ``g`` is ``gy``
-    zeroed where the layer's ReLU output ``y`` is 0 (``gy`` itself without ``y``), ``gb``
+    zeroed where the layer's ReLU output ``y`` is 0 or less, as ReLU's backward does
+    (``gy`` itself without ``y``), ``gb``
     its column sums (the bias gradient). The eager reference of :func:`fused_bias_grad`."""
-    g = gy if y is None else torch.where(y > 0, gy, 0.0)
+    g = gy if y is None else torch.where(y <= 0, 0.0, gy)  # ReLU's backward: a NaN output passes
     return g, g.sum(0)
 
 
@@ -675,34 +678,49 @@ class _Aside:
 
     def __init__(self, stream) -> None:
         self.stream = stream
+        self.open = True  # until the streams have joined
         self.keep: list[Tensor] = []  # what the stream reads, alive until it has joined
 
 
-_ASIDE: _Aside | None = None  # a global, not a thread-local: CUDA backward runs on autograd's own thread
+# The context of the thread that runs the forward pass; each layer made inside it keeps it
+# for its backward pass (which on CUDA runs on autograd's own thread).
+_local = threading.local()
 
 
 @contextlib.contextmanager
 def weight_grads_aside(stream):
-    """While a backward pass runs inside this context, each :func:`fused_linear` layer on
-    CUDA computes its weight's gradient (``g.t() @ x``, which nothing in the backward pass
-    waits for) on ``stream`` and writes it into ``weight.grad`` itself (added to it when
-    there is one) instead of returning it; the input's gradient goes on at once, so the
-    products overlap. On leaving, the current stream waits for ``stream``: the gradients
-    are then complete (a CUDA graph captures the fork and the join). A ``None`` stream
-    changes nothing."""
-    global _ASIDE
+    """Around a forward and backward pass: each :func:`fused_linear` layer on CUDA made in
+    this context (by this thread) computes, in its backward pass, its weight's gradient
+    (``g.t() @ x``, which nothing else in the backward pass waits for) on ``stream``, and
+    writes it into ``weight.grad`` itself (added to it when there is one) instead of
+    returning it; the input's gradient goes on at once, so the products overlap. So the
+    weight's gradient hooks do not see it, and a weight used by another operation too
+    must not be one of these (the static step's MLP shares none). On leaving, the current
+    stream waits for ``stream``: the gradients are then complete (a CUDA graph captures
+    the fork and the join). A ``None`` stream changes nothing."""
     if stream is None:
         yield
         return
-    if _ASIDE is not None:
+    if getattr(_local, "aside", None) is not None:
         raise RuntimeError("weight_grads_aside: already inside one")
-    aside = _ASIDE = _Aside(stream)
-    try:
-        yield
-    finally:
-        _ASIDE = None
+    aside = _local.aside = _Aside(stream)
+
+    def join():
+        aside.open = False
         _current_stream(stream.device).wait_stream(stream)
         aside.keep.clear()  # freed after the join: their memory is reused only after the stream's reads
+
+    try:
+        yield
+    except BaseException:
+        _local.aside = None
+        try:  # the work already queued must not outlive its tensors; a failed capture may refuse the wait
+            join()
+        except Exception:  # noqa: BLE001  (the error that brought us here is the one to raise)
+            pass
+        raise
+    _local.aside = None
+    join()
 
 
 def _current_stream(device):
@@ -719,6 +737,7 @@ class _FusedLinear(torch.autograd.Function):
         # bias + ReLU in the matrix product's epilogue where the backend has one (cuBLASLt)
         y = torch._addmm_activation(bias, x, weight.t()) if relu else torch.addmm(bias, x, weight.t())
         ctx.save_for_backward(x, weight, y if relu else None)
+        ctx.aside = getattr(_local, "aside", None)
         return y
 
     @staticmethod
@@ -727,8 +746,8 @@ class _FusedLinear(torch.autograd.Function):
         x, weight, y = ctx.saved_tensors
         g, gb = fused_bias_grad(gy, y)
         gw = None
-        aside = _ASIDE
-        if (ctx.needs_input_grad[1] and aside is not None and weight.is_leaf
+        aside = ctx.aside
+        if (ctx.needs_input_grad[1] and aside is not None and aside.open and weight.is_leaf
                 and g.device.type == aside.stream.device.type):  # a leaf: its .grad is the parameter's
             _weight_grad_aside(aside, weight, g, x)
         elif ctx.needs_input_grad[1]:
@@ -772,14 +791,21 @@ def fused_linear(x: Tensor, weight: Tensor, bias: Tensor, relu: bool = False) ->
     runs an MLP's layers through it. Under autocast it computes what autocast would: the
     three tensors cast to autocast's dtype (a differentiable cast, none for a weight
     already in it, such as the static step's bfloat16 copies), the layer in that dtype.
-    Anything but a 2-D float ``x`` with a 1-D bias goes to ``F.linear`` (+ ``relu``)."""
+    Anything but a 2-D float ``x`` with a 1-D bias goes to ``F.linear`` (+ ``relu``).
+
+    One difference from ``nn.ReLU``: a fused epilogue may turn a NaN before the ReLU into 0
+    (``torch.relu`` keeps NaN). A NaN from the layer's input still reaches the weight's
+    gradient (0 times NaN is NaN), so a training step with one is still skipped as
+    non-finite; the backward pass masks as ReLU's own (zero where the output is 0 or
+    less, a NaN output passing its gradient)."""
     if x.dim() != 2 or bias is None or bias.dim() != 1 or not x.is_floating_point():
         y = torch.nn.functional.linear(x, weight, bias)
         return torch.relu(y) if relu else y
     dtype = _autocast_dtype(x.device.type)
-    if dtype is not None:
+    if dtype is not None and all(t.dtype in _DTYPES for t in (x, weight, bias)):  # what autocast casts
         with torch.autocast(x.device.type, enabled=False):
             return _FusedLinear.apply(x.to(dtype), weight.to(dtype), bias.to(dtype), bool(relu))
-    if x.dtype != weight.dtype or bias.dtype != weight.dtype:
-        return torch.nn.functional.linear(x, weight, bias)  # its own error
+    if dtype is not None or x.dtype != weight.dtype or bias.dtype != weight.dtype:
+        y = torch.nn.functional.linear(x, weight, bias)  # autocast's own way, or its own error
+        return torch.relu(y) if relu else y
     return _FusedLinear.apply(x, weight, bias, bool(relu))
