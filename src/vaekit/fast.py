@@ -208,9 +208,9 @@ class StaticStep:
             ReLU's mask in one Triton kernel: two kernels fewer per layer with a ReLU, one
             without), where the step is not compiled (under ``amp`` only with the weights'
             bfloat16 copies) and the model is :class:`vaekit.models.VAE`'s own MLP.
-            Default: :data:`FUSED_LINEAR`. On CUDA
-            the weights' gradient products then run on a stream of their own, beside the
-            rest of the backward pass (:data:`WEIGHT_GRADS_ASIDE`).
+            Default: :data:`FUSED_LINEAR`. On CUDA the weights' gradient products then
+            run on a stream of their own, beside the rest of the backward pass
+            (:data:`WEIGHT_GRADS_ASIDE`).
         other_sizes: whether :meth:`run` also takes batches of other sizes (an epoch's
             short last batch), each size captured in a graph of its own after
             ``OTHER_WARMUP`` warm-up steps, its forward pass and loss uncompiled (a
