@@ -83,6 +83,14 @@ def test_compiled_fit_equals_eager_fit(tmp_path):
     assert bf16.history[0]["loss"] == pytest.approx(history[0]["loss"], rel=2e-2)
 
 
+def _model_and_twin(device, kind):
+    """A small MLP VAE with fit's Adam of ``kind``, and its copy with a plain Adam (for
+    :func:`_manual_step`)."""
+    model = VAE(ModelConfig(input_shape=(1, 6, 6), latent_dim=2, hidden=(16,))).to(device)
+    twin = copy.deepcopy(model)
+    return model, twin, _adam(model.parameters(), device, kind), torch.optim.Adam(twin.parameters(), lr=1e-2)
+
+
 def _manual_step(model, opt, x, eps, beta):
     mu, logvar = model.encode_params(x)
     z = mu + torch.exp(0.5 * logvar) * eps
@@ -98,10 +106,7 @@ def _manual_step(model, opt, x, eps, beta):
 @pytest.mark.parametrize("device", DEVICES)
 def test_static_step_matches_a_hand_written_step(device, kind, fused_linear, monkeypatch):
     torch.manual_seed(0)
-    model = VAE(ModelConfig(input_shape=(1, 6, 6), latent_dim=2, hidden=(16,))).to(device)
-    twin = copy.deepcopy(model)
-    opt = _adam(model.parameters(), device, kind)
-    opt_twin = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    model, twin, opt, opt_twin = _model_and_twin(device, kind)
     step = StaticStep(model, opt, batch_size=8, fused_linear=fused_linear)
     assert (step._plan is not None) == fused_linear
     if fused_linear:  # no layer runs as nn.Linear: each one goes through fused_linear, once
@@ -606,10 +611,7 @@ def test_a_short_batch_takes_a_static_step_of_its_own(device, kind):
     own (on CUDA: warm-up steps, then a graph of its own), between steps of the main size,
     and computes the hand-written step."""
     torch.manual_seed(0)
-    model = VAE(ModelConfig(input_shape=(1, 6, 6), latent_dim=2, hidden=(16,))).to(device)
-    twin = copy.deepcopy(model)
-    opt = _adam(model.parameters(), device, kind)
-    opt_twin = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    model, twin, opt, opt_twin = _model_and_twin(device, kind)
     step = StaticStep(model, opt, batch_size=8, other_sizes=True)
     sizes = [8, 8, 8, 8, 5, 8, 5, 8, 5, 3, 5, 8, 5, 3, 3]  # crosses both sizes' warm-ups and captures
     for i, b in enumerate(sizes):
