@@ -775,11 +775,7 @@ def _weight_grad_aside(aside: _Aside, weight: Tensor, g: Tensor, x: Tensor) -> N
 
 def _autocast_dtype(device_type: str):
     """The dtype autocast runs a linear layer in on ``device_type`` (None: autocast off)."""
-    if not torch.is_autocast_enabled(device_type):
-        return None
-    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
-        return torch.get_autocast_dtype(device_type)
-    return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def fused_linear(x: Tensor, weight: Tensor, bias: Tensor, relu: bool = False) -> Tensor:
