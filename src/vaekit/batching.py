@@ -200,14 +200,14 @@ class BatchIterator:
                     key = mix_seed(self.seed, epoch, current)
                     g = (np.random.Generator(np.random.PCG64(key)) if self.device.type == "cpu"
                          else torch.Generator(device=self.device).manual_seed(key))
-                    block = bernoulli_draw(self.x[perm[first:last]].to(self.device), g)
+                    block = bernoulli_draw(self.x.index_select(0, perm[first:last]).to(self.device), g)
                     starts = [s - first for s, _ in own]
                 else:  # only this rank's rows are gathered
                     if self.world_size == 1:  # one slice of the permutation
                         rows = slice(own[0][0], own[-1][0] + own[-1][1])
                     else:  # positions made on the device: a copy from the host would wait for the GPU
                         rows = torch.cat([torch.arange(s, s + m, device=perm.device) for s, m in own])
-                    block = self.x[perm[rows]].to(self.device)
+                    block = self.x.index_select(0, perm[rows]).to(self.device)
                     starts = list(itertools.accumulate(counts, initial=0))
             lo, size = starts[j - current * k], counts[j - current * k]
             # Where this rank's examples sit in the combined batch (tensor_split's layout),
