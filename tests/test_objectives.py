@@ -121,6 +121,30 @@ def test_schedules_against_interpolation():
     assert obj.cyclical_beta(7, beta=4.0, cycle_steps=8, ratio=1.0) == pytest.approx(3.5)
 
 
+@pytest.mark.parametrize("fields", [
+    dict(beta=3),  # an int beta: a float back, as from beta_schedule
+    dict(beta=2.5, beta_schedule="linear", warmup_steps=7),
+    dict(beta=4.0, beta_schedule="cyclical", cycle_steps=6, cycle_ratio=0.3),
+])
+def test_config_beta_at_is_the_checked_schedule(fields):
+    """The training loop's per-step beta (checked once, in the config) is exactly the
+    public, checked schedule: the same float at every step, cycles and the end of the
+    warm-up included."""
+    oc = obj.ObjectiveConfig(**fields)
+    for step in range(0, 30):
+        got = oc.beta_at(step)
+        want = obj.beta_schedule(oc.beta_schedule, step, beta=oc.beta, warmup_steps=oc.warmup_steps,
+                                 cycle_steps=oc.cycle_steps, ratio=oc.cycle_ratio)
+        assert type(got) is float and got == want, step
+        if oc.beta_schedule == "linear":
+            assert got == pytest.approx(np.interp(step, [0, oc.warmup_steps], [0.0, oc.beta]))
+        elif oc.beta_schedule == "cyclical":
+            assert got == pytest.approx(np.interp(step % oc.cycle_steps, [0, oc.cycle_ratio * oc.cycle_steps],
+                                                  [0.0, oc.beta]))
+        else:
+            assert got == oc.beta
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(name="cosine"), "beta_schedule"),
     (dict(name="linear"), "warmup_steps"),

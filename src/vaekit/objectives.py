@@ -57,7 +57,10 @@ def linear_warmup(step: int, *, beta: float, warmup_steps: int, start: float = 0
     ``warmup_steps = 0`` means no warm-up (``beta`` from step 0).
     """
     step, warmup_steps = check_int("step", step), check_int("warmup_steps", warmup_steps)
-    beta, start = check_number("beta", beta), check_number("start", start)
+    return _linear(step, check_number("beta", beta), warmup_steps, check_number("start", start))
+
+
+def _linear(step: int, beta: float, warmup_steps: int, start: float = 0.0) -> float:
     if step >= warmup_steps:
         return beta
     return start + (beta - start) * step / warmup_steps
@@ -68,9 +71,22 @@ def cyclical_beta(step: int, *, beta: float, cycle_steps: int, ratio: float = 0.
     ``beta * min(1, tau / ratio)``: 0 at the start of each cycle, ``beta`` from ``tau = ratio`` on.
     """
     step, cycle_steps = check_int("step", step), check_int("cycle_steps", cycle_steps, low=1)
-    beta, ratio = check_number("beta", beta), check_number("ratio", ratio, open_low=True, high=1.0)
+    return _cyclical(step, check_number("beta", beta), cycle_steps,
+                     check_number("ratio", ratio, open_low=True, high=1.0))
+
+
+def _cyclical(step: int, beta: float, cycle_steps: int, ratio: float) -> float:
     tau = (step % cycle_steps) / cycle_steps
     return beta * min(1.0, tau / ratio)
+
+
+def _schedule_value(name: str, step: int, beta: float, warmup_steps: int, cycle_steps: int, ratio: float) -> float:
+    """The schedule's value from arguments already checked (:func:`_check_schedule`)."""
+    if name == "constant":
+        return beta
+    if name == "linear":
+        return _linear(step, beta, warmup_steps)
+    return _cyclical(step, beta, cycle_steps, ratio)
 
 
 def _check_schedule(name, beta, warmup_steps, cycle_steps, ratio, *, ratio_name="ratio") -> None:
@@ -96,11 +112,8 @@ def beta_schedule(name: str, step: int, *, beta: float, warmup_steps: int = 0,
         [0.0, 1.0, 2.0, 2.0]
     """
     _check_schedule(name, beta, warmup_steps, cycle_steps, ratio)
-    if name == "constant":
-        return constant_beta(step, beta)
-    if name == "linear":
-        return linear_warmup(step, beta=beta, warmup_steps=warmup_steps)
-    return cyclical_beta(step, beta=beta, cycle_steps=cycle_steps, ratio=ratio)
+    return _schedule_value(name, check_int("step", step), float(beta), int(warmup_steps), int(cycle_steps),
+                           float(ratio))
 
 
 # ---------------------------------------------------------------------------------------
@@ -295,6 +308,13 @@ class ObjectiveConfig:
         with in_section("ObjectiveConfig"):
             self._check()
 
+    def beta_at(self, step: int) -> float:
+        """The KL weight at ``step``: :func:`beta_schedule` of this config's schedule, its
+        arguments checked once, when the config was made (the training loop asks at every
+        step, where the checks cost more than the schedule)."""
+        return _schedule_value(self.beta_schedule, step, float(self.beta), self.warmup_steps, self.cycle_steps,
+                               float(self.cycle_ratio))
+
     def _check(self) -> None:
         if self.name not in OBJECTIVES:
             raise ValueError(f"name must be one of {', '.join(OBJECTIVES)}; got {self.name!r}")
@@ -384,8 +404,7 @@ def objective_loss(model, x: Tensor, config: ObjectiveConfig, step: int, *,
         return ObjectiveResult(-iwae_bound(log_w).mean(), nll.mean(), kl.mean(), 1.0)
     if config.name == "beta_tcvae" and dataset_size is None:
         raise ValueError("dataset_size is required for name='beta_tcvae', got None")
-    beta = beta_schedule(config.beta_schedule, step, beta=config.beta, warmup_steps=config.warmup_steps,
-                         cycle_steps=config.cycle_steps, ratio=config.cycle_ratio)
+    beta = config.beta_at(step)
     out = model(x) if noise is None else model(x, noise=noise)
     nll = model.nll(out.decoder_out, x)
     kl = gaussian_kl(out.mu, out.logvar)

@@ -25,7 +25,7 @@ from .batching import BatchIterator, block_steps, mix_seed
 from .config import TrainConfig
 from .fast import FastPathError, grad_norm, set_lr, static_step_supported
 from .models import VAE
-from .objectives import ObjectiveConfig, beta_schedule, objective_loss
+from .objectives import ObjectiveConfig, objective_loss
 
 if TYPE_CHECKING:
     from .train import _Stop
@@ -145,11 +145,6 @@ def _after_static(run: _Run, first: int, k: int) -> None:
         run.bad_run = int(run.static.bad_run)
 
 
-def _beta_at(oc: ObjectiveConfig, step: int) -> float:
-    return beta_schedule(oc.beta_schedule, step, beta=oc.beta, warmup_steps=oc.warmup_steps,
-                         cycle_steps=oc.cycle_steps, ratio=oc.cycle_ratio)
-
-
 def _static_step(run: _Run, x: torch.Tensor) -> bool:
     """One step of the static (captured or compiled) path, never data-parallel: no host
     sync but every ``_FOLD_EVERY`` steps. False when the step could not be built (a CUDA
@@ -159,7 +154,7 @@ def _static_step(run: _Run, x: torch.Tensor) -> bool:
     the run (it names the setting that avoids it). A batch of another size (an epoch's
     short last batch, which a capturing step serves in a graph of its own) that cannot be
     captured goes back to the eager step alone, said once on stderr, whatever ``fast``."""
-    run.beta = _beta_at(run.config.objective, run.step)
+    run.beta = run.config.objective.beta_at(run.step)
     try:
         run.static.run(x, run.objective.noise(run.step, (x.shape[0], run.config.model.latent_dim)), run.lr, run.beta)
     except FastPathError as e:
@@ -195,7 +190,7 @@ def _static_block(run: _Run, xs: list) -> None:
     k = len(xs)
     steps = range(run.step, run.step + k)
     lrs = [lr_at(s, run.total_steps, run.tc) for s in steps]
-    betas = [_beta_at(run.config.objective, s) for s in steps]
+    betas = [run.config.objective.beta_at(s) for s in steps]
     shape = (xs[0].shape[0], run.config.model.latent_dim)
     eps = torch.stack([run.objective.noise(s, shape) for s in steps])
     run.static.run_block(torch.stack(xs), eps, lrs, betas)
