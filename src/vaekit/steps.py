@@ -105,13 +105,16 @@ class _Objective(nn.Module):
         the combined batch of ``step``."""
         offset, size, _ = self._batches.last_span
         full = self._batches.batch_size * self._batches.world_size
-        k = block_steps(math.prod(shape[:-2]) * full * shape[-1])
-        key = (step // k, k, tuple(shape[:-2]), shape[-1])
+        lead, d = tuple(shape[:-2]), shape[-1]
+        k = block_steps(math.prod(lead) * full * d)
+        i, j = divmod(step, k)
+        key = (i, k, lead, d)
         if key != self._block_key:
-            self._gen.manual_seed(mix_seed(self._seed, _NOISE_STREAM, step // k))
-            self._block = torch.randn(k, *shape[:-2], full, shape[-1], generator=self._gen, device=self._gen.device)
+            self._gen.manual_seed(mix_seed(self._seed, _NOISE_STREAM, i))
+            self._block = torch.randn(k, *lead, full, d, generator=self._gen, device=self._gen.device).unbind(0)
             self._block_key = key
-        return self._block[step % k][..., offset : offset + size, :]
+        eps = self._block[j]  # a tuple's item: no indexing op a step
+        return eps if size == full else eps[..., offset : offset + size, :]
 
     def forward(self, x, step: int):
         return objective_loss(self.model, x, self.config, step, dataset_size=self.dataset_size,
