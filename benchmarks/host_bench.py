@@ -42,10 +42,12 @@ STEP_BUDGET_US = 60e3 / STEPS  # the 60 ms epoch goal
 
 
 def host_time_per_step(binarize: str, epochs: int, device: str = "cpu", n: int = 60000,
-                       batch: int = 128, graph_steps: int = 1, ends: list | None = None) -> list[float]:
+                       batch: int = 128, graph_steps: int = 1, ends: list | None = None,
+                       hidden: tuple = (2,)) -> list[float]:
     """Microseconds per step of each timed epoch (the first epoch is left out). ``ends``:
     a list that gets the milliseconds of each epoch's end (``vaekit.train._end_epoch``:
-    the row, the validation, the checkpoint's copy and serialisation), the first one's too."""
+    the row, the validation, the checkpoint's copy and serialisation), the first one's too.
+    ``hidden``: the MLP's hidden widths (what the checkpoint and the model's file weigh)."""
     from vaekit import DataConfig, ModelConfig, RunConfig, TrainConfig, fast, fit, train
 
     body, end_epoch = fast.StaticStep._body, train._end_epoch
@@ -65,7 +67,7 @@ def host_time_per_step(binarize: str, epochs: int, device: str = "cpu", n: int =
             x = (np.random.default_rng(0).random((n + 100, 2, 2)) * 255).astype(np.uint8)
             np.savez(Path(work) / "d.npz", x_train=x, x_test=x[:100])
             config = RunConfig(
-                model=ModelConfig(arch="mlp", input_shape=(1, 2, 2), hidden=(2,), latent_dim=20),
+                model=ModelConfig(arch="mlp", input_shape=(1, 2, 2), hidden=tuple(hidden), latent_dim=20),
                 data=DataConfig(dataset="array", data_dir=str(Path(work) / "d.npz"), binarize=binarize,
                                 val_size=100, split="tail"),
                 train=TrainConfig(epochs=1 + epochs, batch_size=batch, num_threads=1, fast="static", progress=False,
@@ -84,17 +86,21 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs (after one untimed)")
     parser.add_argument("--binarize", default="dynamic,none", help="comma list: dynamic, none")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--hidden", default="2",
+                        help="the MLP's hidden widths, comma-separated: 800,400 weighs what 784-400-20 does "
+                             "(670,000 parameters against 653,000: a checkpoint of its size)")
     parser.add_argument("--graph-steps", default="1,32",
                         help="comma list of TrainConfig.graph_steps (steps a captured graph on CUDA)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    hidden = tuple(int(v) for v in args.hidden.split(","))
     print(f"device {args.device}; torch {torch.__version__}; fit's static path with the step's body taken out, 60,000 examples "
-          f"of 4 pixels, batch 128 (469 steps an epoch); validation on 100 examples included")
+          f"of 4 pixels, hidden widths {hidden}, batch 128 (469 steps an epoch); validation on 100 examples included")
     for binarize, k in itertools.product(args.binarize.split(","), [int(v) for v in args.graph_steps.split(",")]):
         ends = []
-        per = host_time_per_step(binarize, args.epochs, args.device, graph_steps=k, ends=ends)
+        per = host_time_per_step(binarize, args.epochs, args.device, graph_steps=k, ends=ends, hidden=hidden)
         med, end = statistics.median(per), statistics.median(ends[1:])
-        print(f"SUMMARY host_bench {args.device} binarize={binarize} graph_steps={k}: {med:.1f} us/step on the host "
+        print(f"SUMMARY host_bench {args.device} binarize={binarize} graph_steps={k} hidden={args.hidden}: {med:.1f} us/step on the host "
               f"({med / STEP_BUDGET_US:.0%} of the {STEP_BUDGET_US:.0f} us a step of a 60 ms epoch), of which the "
               f"epoch's end {end:.1f} ms ({end * 1e3 / STEPS:.1f} us a step); epochs: " + " ".join(f"{p:.1f}" for p in per))
 
