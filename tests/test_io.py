@@ -121,6 +121,48 @@ def test_host_copy_keeps_a_state_dicts_versions_and_named_tuples():
     assert isinstance(snap["pair"], Pair) and snap["pair"].b == 3 and torch.equal(snap["pair"].a, torch.ones(2))
 
 
+def test_host_copy_into_an_earlier_snapshot_writes_over_its_tensors():
+    w, m = torch.arange(6.0).reshape(2, 3), torch.ones(4)
+    obj = {"model": {"w": w}, "optimizer": {"state": {0: {"exp_avg": m}}}, "rows": [(w[0], 1)], "step": 1}
+    first = host_copy(obj)
+    w.add_(10)
+    m.mul_(3)
+    obj["step"], obj["extra"] = 2, torch.zeros(2)
+    again = host_copy(obj, into=first)
+    fresh = host_copy(obj)
+    # the same values a fresh copy has, in the earlier snapshot's memory where shapes agree
+    assert again["step"] == 2 and torch.equal(again["extra"], torch.zeros(2))
+    for got, want, old in [(again["model"]["w"], fresh["model"]["w"], first["model"]["w"]),
+                           (again["optimizer"]["state"][0]["exp_avg"], fresh["optimizer"]["state"][0]["exp_avg"],
+                            first["optimizer"]["state"][0]["exp_avg"]),
+                           (again["rows"][0][0], fresh["rows"][0][0], first["rows"][0][0])]:
+        assert torch.equal(got, want) and got.data_ptr() == old.data_ptr()
+    assert torch.equal(again["model"]["w"], torch.arange(10.0, 16.0).reshape(2, 3))
+    # still a snapshot: later updates of the originals do not reach it
+    w.zero_()
+    assert torch.equal(again["model"]["w"], torch.arange(10.0, 16.0).reshape(2, 3))
+    # another shape or dtype: new memory; the source itself is never written into
+    obj["model"]["w"] = torch.ones(3, 2)
+    obj["optimizer"]["state"][0]["exp_avg"] = m.double()
+    third = host_copy(obj, into=again)
+    assert third["model"]["w"].shape == (3, 2) and third["model"]["w"].data_ptr() != again["model"]["w"].data_ptr()
+    assert third["optimizer"]["state"][0]["exp_avg"].dtype == torch.float64
+    own = host_copy(obj, into=obj)
+    assert own["model"]["w"].data_ptr() != obj["model"]["w"].data_ptr()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_host_copy_of_gpu_tensors_is_pinned_and_complete():
+    big = torch.randn(1 << 22, device="cuda")  # 16 MB: a copy that takes a while
+    obj = {"a": big, "b": [big[:5] * 2]}
+    first = host_copy(obj)
+    assert first["a"].is_pinned() and torch.equal(first["a"], big.cpu())
+    big.mul_(-1)
+    again = host_copy(obj, into=first)  # read at once: the copies must have finished
+    assert again["a"].data_ptr() == first["a"].data_ptr() and torch.equal(again["a"], big.cpu())
+    assert torch.equal(again["b"][0], (big[:5] * 2).cpu())
+
+
 def test_a_checkpoint_serialised_earlier_is_the_file_save_checkpoint_writes(tmp_path):
     from vaekit.io import checkpoint_bytes, load_checkpoint, save_checkpoint
 

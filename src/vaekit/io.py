@@ -109,21 +109,49 @@ def read_json(path) -> dict:
     return obj
 
 
-def host_copy(obj):
+def host_copy(obj, into=None):
     """``obj`` (tensors in dicts, lists and tuples, and plain values) with every tensor
     copied into host memory: a snapshot that later in-place updates of the originals (the
-    optimiser's) do not reach. Plain values are shared, not copied."""
+    optimiser's) do not reach. Plain values are shared, not copied.
+
+    ``into``: an earlier snapshot of the same structure that nothing reads any more; its
+    tensors of the same shape and dtype are written over instead of new ones made (a
+    checkpoint a epoch then costs no new memory, whose pages the first writes fault in).
+    A tensor on a GPU is copied into pinned memory, all of them without waiting, then the
+    copying streams are waited for once (not once a tensor)."""
+    streams: dict = {}
+    out = _host_copy(obj, into, streams)
+    for stream in streams.values():
+        stream.synchronize()
+    return out
+
+
+def _host_copy(obj, into, streams: dict):
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        src = obj.detach()
+        dst = into
+        if not (isinstance(dst, torch.Tensor) and dst.device.type == "cpu" and dst.shape == src.shape
+                and dst.dtype == src.dtype and dst.is_pinned() == src.is_cuda
+                and dst.untyped_storage().data_ptr() != src.untyped_storage().data_ptr()):
+            dst = torch.empty_like(src, device="cpu", pin_memory=src.is_cuda)
+        if src.is_cuda:
+            dst.copy_(src, non_blocking=True)
+            streams.setdefault(src.device, torch.cuda.current_stream(src.device))
+        else:
+            dst.copy_(src)
+        return dst
     if isinstance(obj, dict):
-        out = type(obj)((k, host_copy(v)) for k, v in obj.items())
+        old = into if isinstance(into, dict) else {}
+        out = type(obj)((k, _host_copy(v, old.get(k), streams)) for k, v in obj.items())
         if hasattr(obj, "_metadata"):  # a state dict's module versions
             out._metadata = obj._metadata
         return out
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a named tuple
-        return type(obj)(*(host_copy(v) for v in obj))
     if isinstance(obj, (list, tuple)):
-        return type(obj)(host_copy(v) for v in obj)
+        old = into if isinstance(into, (list, tuple)) and len(into) == len(obj) else [None] * len(obj)
+        items = (_host_copy(v, o, streams) for v, o in zip(obj, old))
+        if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a named tuple
+            return type(obj)(*items)
+        return type(obj)(items)
     return obj
 
 

@@ -183,13 +183,14 @@ def _checkpoint(run: _Run, before=()) -> None:
         rngs = [None] * run.world
         torch.distributed.all_gather_object(rngs, {k: v.cpu() for k, v in rng.items()})
     if run.is_main:
-        state = host_copy({
+        run.writes.wait()  # the last checkpoint's jobs are done with its copy: it is written over
+        state = run.snapshot = host_copy({
             "config": run.config.to_dict(), "model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
             "step": run.step, "epoch": run.epoch, "history": run.history, "best": run.best,
             "since_best": run.since_best, "skipped": run.skipped, "sums": all_sums,
             "batches": run.batches.state_dict(), "rng": rngs, "world_size": run.world, "vaekit_version": __version__,
             "data": run.data_seen, "seconds": time.perf_counter() - run.t0,
-        })
+        }, into=run.snapshot)
         # Serialised here: in the writing thread it would hold the GIL that the steps need.
         path, jobs, data = run.ckpt_path, list(before), checkpoint_bytes(state)
 

@@ -107,6 +107,7 @@ class _Run:
     data_seen: dict = dataclasses.field(default_factory=dict)  # runs.data_record of the training data, once
     # Where the checkpoints are written: in the loop unless fit hands them to a thread
     writes: BackgroundWriter = dataclasses.field(default_factory=lambda: BackgroundWriter(False))
+    snapshot: dict | None = None  # the last checkpoint's host copy, written over by the next
 
     @property
     def tc(self) -> TrainConfig:
