@@ -352,3 +352,23 @@ def test_the_loops_own_error_is_the_one_raised_when_a_write_failed_too(tmp_path,
     with pytest.raises(RuntimeError) as got:
         train.fit(tiny_config(train__epochs=2, model__hidden=(8,)), tmp_path / "run")
     assert got.value is boom
+
+
+def test_validation_means_each_example_once_over_its_batches():
+    """The epoch's validation (one sync in all, its sums kept on the device): the KL is the
+    analytic one of every example, each counted once whatever the batch size (23 examples
+    in batches of 5: a short last one), computed again here in float64; the loss is the
+    negative ELBO."""
+    from vaekit.models import VAE, ModelConfig
+
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(1, 4, 4), hidden=(8,), latent_dim=3))
+    x = torch.rand(23, 1, 4, 4).bernoulli()
+    got = train._validate(model, x, 5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mu, logvar = (t.double() for t in model.encode_params(x))
+    kl = (0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(1)).mean()
+    assert got["kl"] == pytest.approx(float(kl), rel=1e-5)
+    assert got["loss"] == -got["elbo"] and got["elbo"] == pytest.approx(-(got["reconstruction"] + got["kl"]))
+    assert train._validate(model, x, 23, torch.Generator().manual_seed(1))["kl"] == pytest.approx(got["kl"], rel=1e-6)
+    assert model.training  # left as it was

@@ -90,15 +90,15 @@ def _validate(model: VAE, x: torch.Tensor, batch_size: int, generator: torch.Gen
 
     was = model.training
     model.eval()
-    sums = {"elbo": 0.0, "reconstruction": 0.0, "kl": 0.0}
+    keys = ("elbo", "reconstruction", "kl")
     device = next(model.parameters()).device
+    sums = torch.zeros(len(keys), dtype=torch.float64, device=device)  # on the device: one sync in all
     for i in range(0, x.shape[0], batch_size):
         t = elbo_terms(model, x[i : i + batch_size].to(device), generator=generator)
-        for k in sums:
-            sums[k] += float(t[k].sum())
+        sums += torch.stack([t[k].sum() for k in keys])
     model.train(was)
     n = max(1, x.shape[0])
-    out = {k: v / n for k, v in sums.items()}
+    out = {k: v / n for k, v in zip(keys, sums.tolist())}
     out["loss"] = -out["elbo"]
     return out
 
