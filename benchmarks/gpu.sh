@@ -117,8 +117,9 @@ else
     STATUS+=("tests        SKIPPED")
 fi
 
-# The host's time per step outside the captured graph (the 60 ms epoch leaves 128 us a step).
-step host_bench 60 "$PY" benchmarks/host_bench.py --device cuda
+# The host's time per step outside the captured graph (the 60 ms epoch leaves 128 us a step),
+# with a checkpoint of the 784-400-20 model's size at each epoch's end (timed apart).
+step host_bench 60 "$PY" benchmarks/host_bench.py --device cuda --hidden 800,400
 # fast='compile' on CUDA: the compiled step, captured (row g), 32 a graph (g''), and fit
 # with each, beside the uncompiled captured step (row c) in the same run; each compile
 # takes tens of seconds (the later ones hit inductor's cache).
