@@ -83,6 +83,26 @@ def test_check_never_waits_and_close_can_drop_the_error():
     writer.close(raise_error=False)  # on the way out of another error
 
 
+def test_idle_says_whether_the_jobs_are_over_without_waiting():
+    writer, gate = BackgroundWriter(), threading.Event()
+    assert writer.idle()  # nothing given yet
+    writer.submit(lambda: gate.wait(5))
+    start = time.perf_counter()
+    assert not writer.idle() and time.perf_counter() - start < 0.5
+    gate.set()
+    writer.wait()
+    assert writer.idle()
+    writer.submit(lambda: 1 / 0)  # a failed job is over too; its error is kept for wait
+    for _ in range(100):
+        if writer.idle():
+            break
+        time.sleep(0.01)
+    assert writer.idle()
+    with pytest.raises(ZeroDivisionError):
+        writer.wait()
+    writer.close()
+
+
 def test_disabled_writer_runs_each_job_at_once_in_the_caller():
     writer, names = BackgroundWriter(enabled=False), []
     writer.submit(lambda: names.append(threading.current_thread().name))

@@ -188,6 +188,10 @@ class BackgroundWriter:
         if pending is not None:
             pending.result()
 
+    def idle(self) -> bool:
+        """Whether every job given so far has finished (well or not); never waits."""
+        return self._pending is None or self._pending.done()
+
     def check(self) -> None:
         """Raise the error of a job that has failed already; never waits."""
         if self._pending is not None and self._pending.done():

@@ -183,14 +183,16 @@ def _checkpoint(run: _Run, before=()) -> None:
         rngs = [None] * run.world
         torch.distributed.all_gather_object(rngs, {k: v.cpu() for k, v in rng.items()})
     if run.is_main:
-        run.writes.wait()  # the last checkpoint's jobs are done with its copy: it is written over
+        # The last checkpoint's copy is written over once its jobs are done with it (a slow
+        # disk still writing it: a new copy, made while the writing goes on).
+        reuse = run.snapshot if run.writes.idle() else None
         state = run.snapshot = host_copy({
             "config": run.config.to_dict(), "model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
             "step": run.step, "epoch": run.epoch, "history": run.history, "best": run.best,
             "since_best": run.since_best, "skipped": run.skipped, "sums": all_sums,
             "batches": run.batches.state_dict(), "rng": rngs, "world_size": run.world, "vaekit_version": __version__,
             "data": run.data_seen, "seconds": time.perf_counter() - run.t0,
-        }, into=run.snapshot)
+        }, into=reuse)
         # Serialised here: in the writing thread it would hold the GIL that the steps need.
         path, jobs, data = run.ckpt_path, list(before), checkpoint_bytes(state)
 
