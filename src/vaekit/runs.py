@@ -107,6 +107,94 @@ def saved_config(d: dict) -> RunConfig:
     return RunConfig.from_dict(d)
 
 
+def _shown(value) -> str:
+    """``value`` as an error message names what it got: a tensor by its kind, a container
+    by its type and size, anything else by its (shortened) repr."""
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}"
+    if isinstance(value, dict):
+        keys = ", ".join(map(str, value))
+        return f"a dict with keys {keys if len(keys) <= 60 else keys[:57] + '...'}" if value else "an empty dict"
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of {len(value)} item{'' if len(value) == 1 else 's'}" if value \
+            else f"an empty {type(value).__name__}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_fields(state: dict, ckpt_path: Path) -> None:
+    """Every field of checkpoint ``state`` that a resume reads (but ``config``, which
+    :func:`saved_config` checks, and what only the model and optimiser themselves can
+    tell), of the type and in the range :func:`vaekit.train._checkpoint` writes; else a
+    :class:`CheckpointError` naming the file, the field, what it must be and what it is.
+    Run before anything is written, so a checkpoint another version wrote (or an edit)
+    is refused with the run left as it was. ``world_size``, ``data`` and ``seconds``
+    may be missing (older checkpoints), ``data`` also None."""
+
+    def bad(field: str, expected: str, value) -> CheckpointError:
+        return CheckpointError(f"{ckpt_path} cannot be resumed: {field} must be {expected}, got {_shown(value)}")
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def byte_tensor(field: str, v) -> None:
+        if not (isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and v.dim() == 1 and v.device.type == "cpu"):
+            raise bad(field, "a 1-D torch.uint8 tensor on the CPU (a random-number state)", v)
+
+    for key in ("step", "epoch", "since_best", "skipped"):
+        if not (is_int(state[key]) and state[key] >= 0):
+            raise bad(key, "an int >= 0", state[key])
+    if "world_size" in state and not (is_int(state["world_size"]) and state["world_size"] >= 1):
+        raise bad("world_size", "an int >= 1", state["world_size"])
+    best = state["best"]
+    if not (is_number(best) and not math.isnan(best)):  # inf until the first validation
+        raise bad("best", "a number (the best validation loss; inf before the first)", best)
+    if "seconds" in state and not (is_number(state["seconds"]) and math.isfinite(state["seconds"])
+                                   and state["seconds"] >= 0):
+        raise bad("seconds", "a finite number >= 0", state["seconds"])
+    history = state["history"]
+    if not isinstance(history, list):
+        raise bad("history", "a list of metric rows (dicts)", history)
+    for i, row in enumerate(history):
+        if not isinstance(row, dict):
+            raise bad(f"history[{i}]", "a metric row (a dict)", row)
+    sums = state["sums"]
+    if not (isinstance(sums, torch.Tensor) and sums.is_floating_point() and tuple(sums.shape) == (4,)):
+        raise bad("sums", "a 1-D floating-point tensor of 4 elements (the partial epoch's sums)", sums)
+    batches = state["batches"]
+    if not (isinstance(batches, dict) and set(batches) == {"epoch", "position", "seed"}):
+        raise bad("batches", "a dict with keys epoch, position, seed (the position in the data order)", batches)
+    for key in ("epoch", "position", "seed"):
+        if not (is_int(batches[key]) and batches[key] >= 0):
+            raise bad(f"batches[{key!r}]", "an int >= 0", batches[key])
+    rngs = state["rng"]
+    if not (isinstance(rngs, list) and rngs):
+        raise bad("rng", "a non-empty list of random-number states (dicts), one a process", rngs)
+    for i, rng in enumerate(rngs):
+        if not (isinstance(rng, dict) and "cpu" in rng):
+            raise bad(f"rng[{i}]", "a dict of random-number states with a 'cpu' key", rng)
+        for device in ("cpu", "cuda"):
+            if device in rng:
+                byte_tensor(f"rng[{i}][{device!r}]", rng[device])
+        try:  # a generator of its own: the global one is set by restore alone
+            torch.Generator().set_state(rng["cpu"])
+        except RuntimeError as e:
+            raise bad(f"rng[{i}]['cpu']", f"a CPU random-number state ({str(e).strip().splitlines()[0]})",
+                      rng["cpu"]) from None
+    data = state.get("data")
+    if data is not None:
+        if not (isinstance(data, dict) and is_int(data.get("examples")) and isinstance(data.get("shape"), list)
+                and all(is_int(n) for n in data["shape"]) and isinstance(data.get("fingerprint"), str)):
+            raise bad("data", "a record of the training data (a dict: examples, an int; shape, a list of ints; "
+                      "fingerprint, a str)", data)
+    for key, keys in (("model", ()), ("optimizer", ("state", "param_groups"))):
+        if not (isinstance(state[key], dict) and all(k in state[key] for k in keys)):
+            raise bad(key, "a state dict" + (f" with keys {', '.join(keys)}" if keys else ""), state[key])
+
+
 def read_for_resume(run_dir: Path, *, progress: bool, extend_to: int | None,
                     data_dir: str | None = None) -> tuple[RunConfig, dict]:
     """The configuration and checkpoint of the run in ``run_dir``, checked: the saved
@@ -119,6 +207,7 @@ def read_for_resume(run_dir: Path, *, progress: bool, extend_to: int | None,
     missing = sorted(set(CHECKPOINT_KEYS) - set(state))
     if missing:
         raise CheckpointError(f"{ckpt_path} lacks {', '.join(missing)}: it was not written by vaekit train")
+    _check_fields(state, ckpt_path)
     try:
         config = saved_config(state["config"])
     except (TypeError, ValueError) as e:
@@ -192,10 +281,19 @@ def restore(state: dict, ckpt_path: Path, *, model, optimizer, batches, device: 
             f"{ckpt_path} was written by a run on {state.get('world_size', 1)} process(es); resume it "
             f"with the same number, not {world} (the data position counts combined batches)"
         )
-    batches.load_state_dict(state["batches"])
+    try:
+        batches.load_state_dict(state["batches"])
+    except (TypeError, ValueError) as e:  # read_for_resume checked its form; this checks it against these data
+        why = str(e).strip().splitlines()[0]
+        why = "batches" + why[len("state"):] if why.startswith("state") else f"batches: {why}"
+        raise CheckpointError(f"{ckpt_path} cannot be resumed: {why}") from None
     rngs = state["rng"]
     if len(rngs) == world:
-        set_rng_state(rngs[rank], device)
+        try:
+            set_rng_state(rngs[rank], device)
+        except (RuntimeError, TypeError) as e:  # a device's state (read_for_resume checked the CPU's)
+            raise CheckpointError(f"{ckpt_path} cannot be resumed: rng[{rank}] is not a random-number state this "
+                                  f"process can take ({str(e).strip().splitlines()[0]})") from None
     sums = state["sums"].to(device) if rank == 0 else torch.zeros_like(state["sums"], device=device)
     # An optimal-variance model saved before vaekit kept decoder_mse: its best validation
     # loss was scored under each example's own variance, which the shared variance cannot

@@ -1,0 +1,137 @@
+"""A checkpoint that loads but holds values vaekit never writes (another version's, or an
+edit) is refused before anything is written: a CheckpointError naming the file and the
+field (exit status 2 and one line from the CLI), the run directory byte for byte as it
+was, extension (``epochs``) or not."""
+
+import math
+import re
+import shutil
+
+import pytest
+import torch
+
+from test_cli import assert_usage_error, call, snapshot, tiny_config
+from vaekit.io import CheckpointError, load_checkpoint, save_checkpoint
+from vaekit.runs import read_for_resume, restore
+from vaekit.train import fit
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One tiny finished run (1 epoch), copied by each test that changes it."""
+    rd = tmp_path_factory.mktemp("resume_checks") / "run"
+    fit(tiny_config(train__epochs=1), rd)
+    return rd
+
+
+def edited(finished, tmp_path, **fields):
+    """A copy of the finished run whose checkpoint has ``fields`` replaced (a value of
+    ``...``: the field removed); returns (run_dir, checkpoint path)."""
+    rd = tmp_path / "run"
+    shutil.copytree(finished, rd)
+    ckpt = rd / "checkpoint.pt"
+    state = {k: v for k, v in load_checkpoint(ckpt).items() if k not in ("format", "format_version")}
+    for key, value in fields.items():
+        if value is ...:
+            del state[key]
+        else:
+            state[key] = value
+    save_checkpoint(ckpt, state)
+    return rd, ckpt
+
+
+def refused(ckpt, field) -> str:
+    """The pattern of the error that names ``ckpt`` and ``field``."""
+    return rf"^{re.escape(str(ckpt))} cannot be resumed: {re.escape(field)} must be .*, got "
+
+
+BAD = [  # (field written, value, field named in the error)
+    ("epoch", -1, "epoch"),
+    ("step", "5", "step"),
+    ("since_best", True, "since_best"),
+    ("skipped", 1.5, "skipped"),
+    ("world_size", 0, "world_size"),
+    ("best", "x", "best"),
+    ("best", math.nan, "best"),
+    ("seconds", math.nan, "seconds"),
+    ("history", None, "history"),
+    ("history", [1], "history[0]"),
+    ("sums", "abc", "sums"),
+    ("sums", torch.zeros(3, dtype=torch.float64), "sums"),
+    ("sums", torch.zeros(4, dtype=torch.int64), "sums"),
+    ("batches", {}, "batches"),
+    ("batches", {"epoch": 1, "position": -1, "seed": 0}, "batches['position']"),
+    ("batches", {"epoch": 1, "position": 0, "seed": "0"}, "batches['seed']"),
+    ("rng", None, "rng"),
+    ("rng", [], "rng"),
+    ("rng", [{"cuda": torch.zeros(16, dtype=torch.uint8)}], "rng[0]"),
+    ("rng", [{"cpu": torch.zeros(3, dtype=torch.uint8)}], "rng[0]['cpu']"),  # the wrong size
+    ("rng", [{"cpu": torch.zeros(torch.get_rng_state().numel(), dtype=torch.uint8)}], "rng[0]['cpu']"),  # no state
+    ("rng", [{"cpu": torch.get_rng_state().float()}], "rng[0]['cpu']"),
+    ("data", "x", "data"),
+    ("data", {"examples": 5}, "data"),
+    ("model", "x", "model"),
+    ("optimizer", {}, "optimizer"),
+]
+
+
+@pytest.mark.parametrize("key, value, field", BAD, ids=[f"{i:02d}-{field}" for i, (_, _, field) in enumerate(BAD)])
+def test_a_bad_field_is_named_and_the_run_is_left_alone(finished, tmp_path, key, value, field):
+    rd, ckpt = edited(finished, tmp_path, **{key: value})
+    before = snapshot(rd)
+    with pytest.raises(CheckpointError, match=refused(ckpt, field)):
+        read_for_resume(rd, progress=False, extend_to=None)
+    with pytest.raises(CheckpointError, match=refused(ckpt, field)):
+        fit(tiny_config(), rd, resume=True)
+    with pytest.raises(CheckpointError, match=refused(ckpt, field)):
+        fit(tiny_config(), rd, resume=True, epochs=2)  # an extension rewrites the run: not before the check
+    assert snapshot(rd) == before
+
+
+def test_a_valid_checkpoint_still_resumes_and_older_ones_lack_some_fields(finished, tmp_path):
+    # written before vaekit recorded these: still read
+    rd, _ = edited(finished, tmp_path, world_size=..., data=..., seconds=..., best=math.inf)
+    config, state = read_for_resume(rd, progress=False, extend_to=2)
+    assert config.train.epochs == 2 and state["epoch"] == 1
+    rd, _ = edited(finished, tmp_path / "none", data=None)
+    read_for_resume(rd, progress=False, extend_to=None)
+    rd, _ = edited(finished, tmp_path / "as_written")
+    result = fit(tiny_config(), rd, resume=True, epochs=2)
+    assert result.trained and not result.interrupted and len(result.history) == 4
+
+
+def test_a_data_position_past_the_epoch_is_named_before_anything_is_written(finished, tmp_path):
+    # the form is read_for_resume's to check; the place, against the data loaded, restore's
+    rd, ckpt = edited(finished, tmp_path, batches={"epoch": 0, "position": 10**6, "seed": 0})
+    before = snapshot(rd)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(ckpt))} cannot be resumed: batches\['position'\] "
+                                              rf"must be <= \d+ batches, got 1000000"):
+        fit(tiny_config(), rd, resume=True, epochs=2)
+    assert snapshot(rd) == before
+
+
+def test_restore_names_a_random_number_state_the_process_cannot_take(finished, tmp_path):
+    # read_for_resume refuses a bad CPU state; a device's (CUDA's) is known only to restore,
+    # whose refusal this is (shown with the CPU's, which read_for_resume would have caught)
+    from vaekit.batching import BatchIterator
+    from vaekit.data import load_dataset
+    from vaekit.models import VAE, ModelConfig
+
+    config, state = read_for_resume(finished, progress=False, extend_to=None)
+    model = VAE(ModelConfig(**{**config.model.__dict__, "input_shape": (1, 8, 8)}))
+    batches = BatchIterator(load_dataset(config.data).train, config.train.batch_size, shuffle=True, seed=0)
+    bad = {**state, "rng": [{"cpu": torch.zeros_like(state["rng"][0]["cpu"])}]}
+    rng = torch.get_rng_state()
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(tmp_path / 'checkpoint.pt'))} cannot be resumed: "
+                                              rf"rng\[0\] is not a random-number state this process can take"):
+        restore(bad, tmp_path / "checkpoint.pt", model=model, optimizer=torch.optim.Adam(model.parameters()),
+                batches=batches, device=torch.device("cpu"), rank=0, world=1)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_the_cli_says_it_in_one_line_and_exits_2(finished, tmp_path, capsys):
+    rd, ckpt = edited(finished, tmp_path, epoch=-1)
+    before = snapshot(rd)
+    rc, _, err = call(["train", "--resume", rd, "--epochs", 2, "--no-progress"], capsys)
+    assert_usage_error(rc, err, rf"{re.escape(str(ckpt))} cannot be resumed: epoch must be an int >= 0, got -1$")
+    assert snapshot(rd) == before
