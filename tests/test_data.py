@@ -327,8 +327,11 @@ def test_config_errors_name_their_section():
     """seed is a field of both DataConfig and TrainConfig: the message says which."""
     from vaekit.objectives import ObjectiveConfig
 
-    with pytest.raises(ValueError, match=r"^DataConfig\.seed must be an int >= 0, got -1$"):
+    with pytest.raises(ValueError, match=r"^DataConfig\.seed must be an int in \[0, 9223372036854775807\], got -1$"):
         DataConfig(seed=-1)
+    with pytest.raises(ValueError, match=r"^DataConfig\.seed must be an int in \[0, 9223372036854775807\], "
+                                         r"got 9223372036854775808$"):
+        DataConfig(seed=2**63)
     with pytest.raises(TypeError, match=r"^DataConfig\.download must be a bool"):
         DataConfig(download="yes")
     with pytest.raises(ValueError, match=r"^ObjectiveConfig\.name must be one of"):

@@ -55,6 +55,24 @@ def test_save_image_grid_png_size(tmp_path, channels, mode):
     np.testing.assert_array_equal(arr[3::4, 3::4], grid)
 
 
+def test_save_image_grid_replaces_the_file_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = save_image_grid(torch.rand(4, 1, 8, 8), tmp_path / "grid.jpg", nrow=2)
+    before = path.read_bytes()
+    # a JPEG beyond the format's 65,500 pixels a side: refused before anything is written
+    with pytest.raises(ValueError, match=r"grid\.jpg: a JPEG image is at most 65500 pixels a side, and this grid is "
+                                         r"65602x12; write a \.png"):
+        save_image_grid(torch.rand(6560, 1, 8, 8), path, nrow=1)
+    # an encoder that fails midway: the image there stays as it was, and no temporary file is left
+    def broken(self, fp, *args, **kwargs):
+        fp.write(b"half an image")
+        raise OSError("encoder error -2")
+
+    monkeypatch.setattr(Image.Image, "save", broken)
+    with pytest.raises(OSError, match="encoder error"):
+        save_image_grid(torch.rand(4, 1, 8, 8), path, nrow=2)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["grid.jpg"]
+
+
 def test_plot_curves_draws_each_split(tmp_path):
     rows = []
     for epoch in range(1, 6):

@@ -151,10 +151,18 @@ def check_number(name: str, value, *, low: float = 0.0, open_low: bool = False,
     return v
 
 
-def check_int(name: str, value, *, low: int = 0) -> int:
-    """``value`` as an int, if it is an integer ``>= low``; a bool is not one. Otherwise raise."""
+# The largest seed a config takes: PyTorch's generators take 64-bit seeds, and vaekit
+# seeds some streams with small offsets from it.
+MAX_SEED = 2**63 - 1
+
+
+def check_int(name: str, value, *, low: int = 0, high: int | None = None) -> int:
+    """``value`` as an int, if it is an integer ``>= low`` (and ``<= high`` when given); a
+    bool is not one. Otherwise raise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if high is not None and not low <= value <= high:
+        raise ValueError(f"{name} must be an int in [{low}, {high}], got {value}")
     if value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value}")
     return int(value)

@@ -58,6 +58,8 @@ class _Parser(argparse.ArgumentParser):
 
 # -- train's --config and --time-budget, checked before the run ------------------------
 
+MAX_TIME_BUDGET = 365 * 24 * 3600  # seconds: a budget beyond it is a typo, not a plan
+
 
 def _check_input_shape(config, config_file: str | None) -> None:
     """A ``[model] input_shape`` in ``--config`` must be the data's: the run takes its
@@ -87,8 +89,9 @@ def _budgeted(config, seconds: float, *, epochs_given: bool):
 
     if epochs_given:
         raise UsageError("--time-budget sets the number of epochs; give --epochs or --time-budget, not both")
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise UsageError(f"--time-budget must be a number of seconds > 0, got {seconds:g}")
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIME_BUDGET):
+        raise UsageError(f"--time-budget must be a number of seconds in (0, {MAX_TIME_BUDGET}] (a year), "
+                         f"got {seconds:g}")
     # said first: for a large model its validation alone can take tens of seconds
     print("vaekit: calibration: timing this run's steps and one end of epoch (thrown away)", flush=True)
     epochs, per_epoch = epochs_for_budget(config, seconds)
@@ -189,7 +192,11 @@ def _main(argv: list[str] | None) -> int:
         args = _parser().parse_args(argv)
         if args.command == "train":
             overrides = {k: v for k, v in vars(args).items() if "." in k}
-            if args.resume:
+            for flag, value in (("--resume", args.resume), ("--config", args.config), ("--run-dir", args.run_dir),
+                                ("--data-dir", overrides.get("data.data_dir"))):
+                if isinstance(value, str) and not value.strip():  # "" would mean the current folder, or nothing
+                    raise UsageError(f"{flag} needs a path, got an empty one")
+            if args.resume is not None:
                 progress = overrides.pop("train.progress", True)
                 epochs = overrides.pop("train.epochs", None)
                 data_dir = overrides.pop("data.data_dir", None)
@@ -247,7 +254,26 @@ def _main(argv: list[str] | None) -> int:
             raise
         _say_error(str(e).splitlines()[0] if str(e) else type(e).__name__)
         return 2
+    except (MemoryError, RuntimeError) as e:
+        if os.environ.get("VAEKIT_DEBUG") or not _out_of_memory(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _say_error(f"out of memory ({first}); ask for less: a smaller model, batch, data set or sample count")
+        return 2
     return 2
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation that failed (host or GPU memory), which a setting too
+    large for the machine causes: NumPy's and Python's MemoryError, PyTorch's
+    OutOfMemoryError and its CPU allocator's RuntimeError."""
+    if isinstance(e, MemoryError):
+        return True
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    text = str(e)
+    return isinstance(e, oom) or "DefaultCPUAllocator" in text or "can't allocate memory" in text
 
 
 def _say_error(message: str) -> None:

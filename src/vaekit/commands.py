@@ -16,6 +16,7 @@ torch version the estimates depend on.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +26,8 @@ from .flags import UsageError
 __all__ = ["train_command", "evaluate_command", "sample_command", "metrics_name"]
 
 _MAX_SEED = 2**64 - 3  # a generator takes seeds below 2**64, and evaluate also draws with seed + 2
+MAX_SAMPLES = 10_000  # vaekit sample -n: images in one grid
+MAX_IW_SAMPLES = 1_000_000  # vaekit evaluate --iw-samples (the published estimates take 5,000)
 
 
 def train_command(config=None, run_dir=None, *, resume: str | None = None, preset: str | None = None,
@@ -54,12 +57,15 @@ def _new_run_dir(run_dir, config, preset: str | None) -> Path:
         stem = preset or config.data.dataset
         run_dir = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--run-dir {run_dir} is a file, not a directory; name a new or empty directory")
-    if holds_a_run(run_dir):
-        raise UsageError(
-            f"--run-dir {run_dir} already exists and is not empty; choose another, or continue it with --resume {run_dir}"
-        )
+    try:
+        if os.path.lexists(run_dir) and not run_dir.is_dir():
+            what = "a file, not a directory" if run_dir.exists() else "a link that leads to no directory"
+            raise UsageError(f"--run-dir {run_dir} is {what}; name a new or empty directory")
+        if holds_a_run(run_dir):
+            raise UsageError(f"--run-dir {run_dir} already exists and is not empty; choose another, or continue it "
+                             f"with --resume {run_dir}")
+    except OSError as e:  # a name too long for the file system, a folder that cannot be read
+        raise UsageError(f"--run-dir {run_dir}: {e.strerror or e}") from None
     _check_writable("--run-dir", run_dir, run_dir)
     return run_dir
 
@@ -68,8 +74,11 @@ def _check_writable(flag: str, given, directory: Path) -> None:
     """Refuse ``given`` (the value of ``flag``) unless files can be made in ``directory``,
     or, where it does not exist yet, in the nearest folder above it that does."""
     where = directory
-    while not where.exists() and where != where.parent:
-        where = where.parent
+    try:
+        while not where.exists() and where != where.parent:
+            where = where.parent
+    except OSError as e:  # a name too long for the file system
+        raise UsageError(f"{flag} {given}: {e.strerror or e}") from None
     if not where.is_dir():
         raise UsageError(f"{flag} {given}: {where} is a file, not a directory")
     try:
@@ -134,18 +143,21 @@ def evaluate_command(run: str, *, split: str = "test", iw_samples: int = 0, batc
     its checkpoint, they must be the data it trained on."""
     import torch
 
+    from .config import MAX_THREADS
+
     if split not in ("test", "val", "train"):
         raise UsageError(f"--split must be test, val or train, got {split!r}")
-    if iw_samples < 0:
-        raise UsageError(f"--iw-samples must be >= 0, got {iw_samples}")
+    if not 0 <= iw_samples <= MAX_IW_SAMPLES:
+        raise UsageError(f"--iw-samples must be an integer in [0, {MAX_IW_SAMPLES}], got {iw_samples}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if limit < 0:
         raise UsageError(f"--limit must be >= 0 (0: the whole split), got {limit}")
     if quick and not disentanglement:
         raise UsageError("--quick sizes the --disentanglement metrics, and --disentanglement was not given")
-    if num_threads < 0:
-        raise UsageError(f"--num-threads must be >= 0 (0: PyTorch's default), got {num_threads}")
+    if not 0 <= num_threads <= MAX_THREADS:
+        raise UsageError(f"--num-threads must be an integer in [0, {MAX_THREADS}] (0: PyTorch's default), "
+                         f"got {num_threads}")
     if not 0 <= seed <= _MAX_SEED:  # the estimates draw with seed, seed + 1 and seed + 2
         raise UsageError(f"--seed must be an integer in [0, {_MAX_SEED}], got {seed}")
     threads = torch.get_num_threads()
@@ -240,15 +252,21 @@ def sample_command(run: str, *, n: int = 64, output: str = "samples.png", seed: 
 
     from .plots import _image_shape, save_image_grid
 
-    if n < 1:
-        raise UsageError(f"-n must be a positive integer, got {n}")
+    if not 1 <= n <= MAX_SAMPLES:
+        raise UsageError(f"-n must be an integer in [1, {MAX_SAMPLES}] (one image grid; draw more in Python with "
+                         f"VAE.sample), got {n}")
+    if not 0 <= seed <= _MAX_SEED:
+        raise UsageError(f"--seed must be an integer in [0, {_MAX_SEED}], got {seed}")
     if nrow < 1:
         raise UsageError(f"--nrow must be a positive integer, got {nrow}")
     out = Path(output)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise UsageError(f"-o must name a .png or .jpg file, got {output!r}")
-    if out.is_dir():
-        raise UsageError(f"-o/--output {output} is a directory; name an image file, e.g. {out / 'samples.png'}")
+    try:
+        if out.is_dir():
+            raise UsageError(f"-o/--output {output} is a directory; name an image file, e.g. {out / 'samples.png'}")
+    except OSError as e:  # a name too long for the file system
+        raise UsageError(f"-o/--output {output}: {e.strerror or e}") from None
     _check_writable("-o/--output", output, out.parent)
     _, _, model = _load_run(run)
     shape = model.config.input_shape
@@ -265,3 +283,5 @@ def sample_command(run: str, *, n: int = 64, output: str = "samples.png", seed: 
         return save_image_grid(images, out, nrow=nrow, scale=scale, image_shape=image_shape)
     except OSError as e:
         raise UsageError(f"-o/--output {output}: cannot be written ({e.strerror or e})") from None
+    except ValueError as e:  # a JPEG too large for the format
+        raise UsageError(f"-o/--output {output}: {str(e).split(': ', 1)[-1].replace('(nrow)', '(--nrow)')}") from None

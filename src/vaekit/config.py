@@ -13,7 +13,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from .checks import in_section
+from .checks import MAX_SEED, in_section
 from .data import DataConfig
 from .models import ModelConfig
 from .objectives import ObjectiveConfig
@@ -23,6 +23,7 @@ __all__ = ["TrainConfig", "RunConfig", "section_from_dict", "GROUPS", "LR_SCHEDU
 LR_SCHEDULES = ("constant", "cosine")
 AMP_MODES = ("none", "bf16", "tf32")
 FAST_MODES = ("auto", "static", "compile", "off")
+MAX_THREADS = 1024  # more CPU threads than any machine vaekit runs on has; OpenMP fails on far more
 
 
 def _need(cond: bool, name: str, expected: str, got) -> None:
@@ -119,6 +120,8 @@ class TrainConfig:
         for name in ("epochs", "max_steps", "early_stopping", "checkpoint_every", "num_threads", "seed"):
             v = getattr(self, name)
             _need(_is_int(v) and v >= 0, name, "an integer >= 0", v)
+        _need(self.seed <= MAX_SEED, "seed", f"an integer in [0, {MAX_SEED}]", self.seed)
+        _need(self.num_threads <= MAX_THREADS, "num_threads", f"an integer in [0, {MAX_THREADS}]", self.num_threads)
         _need(self.epochs > 0 or self.max_steps > 0, "epochs", "> 0 (or max_steps > 0)", self.epochs)
         _need(_is_int(self.batch_size) and self.batch_size > 0, "batch_size", "a positive integer", self.batch_size)
         _need(_is_int(self.max_bad_steps) and self.max_bad_steps > 0, "max_bad_steps", "a positive integer", self.max_bad_steps)

@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from .checks import check_choice, check_int, in_section
+from .checks import MAX_SEED, check_choice, check_int, in_section
 from .readers import MNIST_FILES, _load_array, _load_digits, _load_folder, _load_mnist, download_mnist, read_idx
 
 __all__ = [
@@ -100,7 +100,7 @@ class DataConfig:
             raise ValueError(f"val_size as a fraction must lie in [0, 1), got {v}")
         if isinstance(v, int) and v < 0:
             raise ValueError(f"val_size must be >= 0, got {v}")
-        check_int("seed", self.seed)
+        check_int("seed", self.seed, high=MAX_SEED)
         check_int("sprites_count", self.sprites_count, low=2)
         if not isinstance(self.download, bool):
             raise TypeError(f"download must be a bool, got {type(self.download).__name__}")

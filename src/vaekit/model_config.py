@@ -15,7 +15,6 @@ those fields accept. :mod:`vaekit.models` re-exports everything listed in ``__al
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 from torch import nn
@@ -30,6 +29,14 @@ ARCHS = ("mlp", "conv")
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU, "silu": nn.SiLU}
 LIKELIHOODS = RECONSTRUCTIONS + ("discretized_logistic",)
 DECODER_VARIANCES = ("fixed", "learned", "optimal")
+MAX_SIZE = 2**31 - 1  # a layer's width, the latent size, a side of the input
+# |fixed_logvar| and logvar_limit at most: exp of the log-variance (and of its negative)
+# stays a normal float32 (float32 overflows past 88.7)
+MAX_LOGVAR = 80.0
+
+
+def _size(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIZE
 
 
 def _fail(name: str, expected: str, got) -> None:
@@ -100,15 +107,13 @@ class ModelConfig:
         if (
             not isinstance(self.input_shape, tuple)
             or not self.input_shape
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in self.input_shape)
+            or not all(_size(s) for s in self.input_shape)
         ):
-            _fail("input_shape", "a non-empty tuple of positive integers", self.input_shape)
-        if not isinstance(self.latent_dim, int) or isinstance(self.latent_dim, bool) or self.latent_dim < 1:
-            _fail("latent_dim", "a positive integer", self.latent_dim)
-        if not isinstance(self.hidden, tuple) or not all(
-            isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in self.hidden
-        ):
-            _fail("hidden", "a tuple of positive integers", self.hidden)
+            _fail("input_shape", f"a non-empty tuple of integers in [1, {MAX_SIZE}]", self.input_shape)
+        if not _size(self.latent_dim):
+            _fail("latent_dim", f"an integer in [1, {MAX_SIZE}]", self.latent_dim)
+        if not isinstance(self.hidden, tuple) or not all(_size(h) for h in self.hidden):
+            _fail("hidden", f"a tuple of integers in [1, {MAX_SIZE}]", self.hidden)
         if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
             _fail("activation", f"one of {', '.join(ACTIVATIONS)}", self.activation)
         if not isinstance(self.likelihood, str) or self.likelihood not in LIKELIHOODS:
@@ -119,8 +124,8 @@ class ModelConfig:
             _fail("decoder_variance", "'fixed' unless likelihood is 'gaussian'", self.decoder_variance)
         for name in ("fixed_logvar", "logvar_limit"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                _fail(name, "a finite number", v)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not -MAX_LOGVAR <= v <= MAX_LOGVAR:
+                _fail(name, f"a number in [-{MAX_LOGVAR:g}, {MAX_LOGVAR:g}] (its exp a normal float32)", v)
         if self.logvar_limit <= 0:
             _fail("logvar_limit", "> 0", self.logvar_limit)
         for name in ("pixelcnn_layers", "pixelcnn_width"):

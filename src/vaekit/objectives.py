@@ -95,9 +95,9 @@ def _check_schedule(name, beta, warmup_steps, cycle_steps, ratio, *, ratio_name=
     check_number("beta", beta)
     check_number(ratio_name, ratio, open_low=True, high=1.0)
     if check_int("warmup_steps", warmup_steps) == 0 and name == "linear":
-        raise ValueError("the 'linear' beta schedule needs warmup_steps >= 1, got 0")
+        raise ValueError("warmup_steps must be >= 1 with the 'linear' beta schedule, got 0")
     if check_int("cycle_steps", cycle_steps) == 0 and name == "cyclical":
-        raise ValueError("the 'cyclical' beta schedule needs cycle_steps >= 1, got 0")
+        raise ValueError("cycle_steps must be >= 1 with the 'cyclical' beta schedule, got 0")
 
 
 def beta_schedule(name: str, step: int, *, beta: float, warmup_steps: int = 0,

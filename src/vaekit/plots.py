@@ -84,13 +84,19 @@ def image_grid(images, nrow: int = 8, padding: int = 2, pad_value: float = 1.0, 
 def save_image_grid(
     images, path, nrow: int = 8, scale: int = 1, image_shape=None, *, padding: int = 2, pad_value: float = 1.0
 ) -> Path:
-    """Write ``image_grid(images, ...)`` as a PNG, enlarged ``scale`` times.
+    """Write ``image_grid(images, ...)`` as a PNG (a JPEG for a ``.jpg``/``.jpeg`` path),
+    enlarged ``scale`` times.
 
     The enlargement repeats each pixel ``scale x scale`` times (nearest neighbour), so
     8x8 digits stay sharp and the file's size is exactly ``scale`` times the grid's.
-    Parent directories are created. Returns the path written.
+    Parent directories are created. The file is replaced whole or not at all (an image
+    that cannot be encoded leaves the one there as it was). Returns the path written.
     """
+    import io
+
     from PIL import Image
+
+    from .io import atomic_write
 
     if not isinstance(scale, int) or scale < 1:
         raise ValueError(f"scale must be a positive int, got {scale!r}")
@@ -98,10 +104,17 @@ def save_image_grid(
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
-    Image.fromarray(grid, mode="L" if grid.ndim == 2 else "RGB").save(path, format=fmt)
+    if fmt == "JPEG" and max(grid.shape[:2]) > JPEG_MAX_SIDE:
+        raise ValueError(f"path {path}: a JPEG image is at most {JPEG_MAX_SIDE} pixels a side, and this grid is "
+                         f"{grid.shape[0]}x{grid.shape[1]}; write a .png, or put more images in a row (nrow)")
+    data = io.BytesIO()
+    Image.fromarray(grid, mode="L" if grid.ndim == 2 else "RGB").save(data, format=fmt)
+    atomic_write(path, lambda f: f.write(data.getbuffer()))
     return path
+
+
+JPEG_MAX_SIDE = 65500  # the JPEG format's (and libjpeg's) limit on each side
 
 
 def _number(value) -> float | None:

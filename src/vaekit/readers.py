@@ -97,7 +97,8 @@ def _as_images(a, source: str, *, stacked_hwc: bool = False) -> Tensor:
     if a.dtype == np.uint8:
         t = torch.from_numpy(a.astype(np.float32) / 255.0)
     elif a.dtype == np.bool_ or np.issubdtype(a.dtype, np.floating):
-        t = torch.from_numpy(a.astype(np.float32))
+        with np.errstate(over="ignore", invalid="ignore"):  # values beyond float32: refused just below
+            t = torch.from_numpy(a.astype(np.float32))
         bad = int((~torch.isfinite(t)).sum())
         if bad:
             raise ValueError(f"{source}: {bad} of {t.numel()} values are NaN or infinite (in float32)")
@@ -184,6 +185,10 @@ def _load_array(path: Path):
             d = {k: f[k] for k in f.files}
     except FileNotFoundError:
         raise FileNotFoundError(f"data_dir {str(path)!r}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"data_dir {str(path)!r} is a folder; expected an .npy or .npz file") from None
+    except OSError as e:  # a loop of links, no permission
+        raise ValueError(f"data_dir {str(path)!r}: cannot be read ({e.strerror or e})") from None
     except _NP_READ_ERRORS as e:
         if str(path) in str(e):
             raise
@@ -284,7 +289,11 @@ def download_mnist(root, kind: str = "mnist") -> list:
     if root.exists() and not root.is_dir():
         raise ValueError(f"data_dir {str(root)!r} is a file; expected a folder to download {kind} into")
     made = [d for d in (root, *root.parents) if not d.exists()]  # removed again if nothing lands
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"data_dir {str(root)!r}: cannot be created to download {kind} into "
+                         f"({e.strerror or e})") from None
     paths = []
     for name, md5 in md5s.items():
         target = root / name

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .adam_tail import adam_tail_unsupported
-from .batching import BatchIterator, fits_on_device
+from .batching import BatchIterator, fits_on_device, mix_seed
 from .config import RunConfig, TrainConfig
 from .data import FILE_DATASETS, check_images, load_dataset
 from .fast import StaticStep
@@ -205,7 +205,7 @@ def _build(config: RunConfig, run_dir: Path, state: dict | None) -> _Run:
                sums=torch.zeros(4, dtype=torch.float64, device=device), data_seen=data_record(data.train))
 
     # Only draws outside the step- and epoch-keyed streams come from here (none in vaekit itself).
-    torch.manual_seed(tc.seed * 1000 + 17 + rank)
+    torch.manual_seed(mix_seed(tc.seed, 17, rank))
     if state is not None:
         for key, value in restore(state, run.ckpt_path, model=model, optimizer=opt, batches=batches, device=device,
                                   rank=rank, world=world, data_dir=config.data.data_dir).items():
