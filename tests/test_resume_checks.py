@@ -7,6 +7,7 @@ import math
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -134,4 +135,18 @@ def test_the_cli_says_it_in_one_line_and_exits_2(finished, tmp_path, capsys):
     before = snapshot(rd)
     rc, _, err = call(["train", "--resume", rd, "--epochs", 2, "--no-progress"], capsys)
     assert_usage_error(rc, err, rf"{re.escape(str(ckpt))} cannot be resumed: epoch must be an int >= 0, got -1$")
+    assert snapshot(rd) == before
+
+
+def test_a_data_dir_that_cannot_be_resolved_is_named(tmp_path):
+    """A run's data moved to a link that leads to itself: refused naming data_dir, before
+    anything is written (Path.resolve raises RuntimeError for a loop before Python 3.13)."""
+    x = (np.random.default_rng(0).random((300, 8, 8)) * 255).astype(np.uint8)
+    np.savez(tmp_path / "a.npz", x_train=x, x_test=x[:50])
+    rd = tmp_path / "run"
+    fit(tiny_config(train__epochs=1, data__dataset="array", data__data_dir=str(tmp_path / "a.npz")), rd)
+    (tmp_path / "loop.npz").symlink_to(tmp_path / "loop.npz")
+    before = snapshot(rd)
+    with pytest.raises(ValueError, match=r"^data_dir '\S+loop\.npz': cannot be resolved \("):
+        read_for_resume(rd, progress=False, extend_to=2, data_dir=str(tmp_path / "loop.npz"))
     assert snapshot(rd) == before

@@ -123,7 +123,8 @@ class TrainConfig:
         _need(self.seed <= MAX_SEED, "seed", f"an integer in [0, {MAX_SEED}]", self.seed)
         _need(self.num_threads <= MAX_THREADS, "num_threads", f"an integer in [0, {MAX_THREADS}]", self.num_threads)
         _need(self.epochs > 0 or self.max_steps > 0, "epochs", "> 0 (or max_steps > 0)", self.epochs)
-        _need(_is_int(self.batch_size) and self.batch_size > 0, "batch_size", "a positive integer", self.batch_size)
+        _need(_is_int(self.batch_size) and 0 < self.batch_size <= 2**31 - 1, "batch_size",
+              f"an integer in [1, {2**31 - 1}]", self.batch_size)
         _need(_is_int(self.max_bad_steps) and self.max_bad_steps > 0, "max_bad_steps", "a positive integer", self.max_bad_steps)
         _need(_is_num(self.lr) and self.lr > 0, "lr", "a finite number > 0", self.lr)
         for name in ("weight_decay", "grad_clip"):

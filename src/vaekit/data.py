@@ -12,6 +12,7 @@ device, reproducibly and resumably, with the same batches split over DDP ranks.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from .checks import MAX_SEED, check_choice, check_int, in_section
 from .readers import MNIST_FILES, _load_array, _load_digits, _load_folder, _load_mnist, download_mnist, read_idx
+from .sprites import sprite_factor_sizes
 
 __all__ = [
     "DataConfig", "SplitData", "load_dataset", "read_idx", "download_mnist",
@@ -34,6 +36,9 @@ FILE_DATASETS = ("mnist", "fashion-mnist", "array", "folder")
 BINARIZATIONS = ("none", "static", "dynamic")
 SPLITS = ("random", "tail")
 _DIGITS_TEST, _CARVED_TEST_FRACTION = 297, 0.15
+
+# sprites_count at most: as many sprites as there are distinct ones (11.3 GiB in float32)
+MAX_SPRITES = math.prod(sprite_factor_sizes)
 
 
 @dataclass
@@ -101,7 +106,7 @@ class DataConfig:
         if isinstance(v, int) and v < 0:
             raise ValueError(f"val_size must be >= 0, got {v}")
         check_int("seed", self.seed, high=MAX_SEED)
-        check_int("sprites_count", self.sprites_count, low=2)
+        check_int("sprites_count", self.sprites_count, low=2, high=MAX_SPRITES)
         if not isinstance(self.download, bool):
             raise TypeError(f"download must be a bool, got {type(self.download).__name__}")
 

@@ -130,9 +130,12 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def _read_config_file(path: str) -> dict:
     p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"--config {path}: no such file")
-    text_bytes = p.read_bytes()
+    try:
+        if not p.is_file():
+            raise UsageError(f"--config {path}: {'a folder, not a file' if p.is_dir() else 'no such file'}")
+        text_bytes = p.read_bytes()
+    except OSError as e:  # a name too long, no permission
+        raise UsageError(f"--config {path}: cannot be read ({e.strerror or e})") from None
     try:
         if p.suffix.lower() == ".toml":
             try:

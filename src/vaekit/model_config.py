@@ -33,6 +33,7 @@ MAX_SIZE = 2**31 - 1  # a layer's width, the latent size, a side of the input
 # |fixed_logvar| and logvar_limit at most: exp of the log-variance (and of its negative)
 # stays a normal float32 (float32 overflows past 88.7)
 MAX_LOGVAR = 80.0
+MAX_PIXELCNN_LAYERS = 1000  # PixelCNNs are published with up to about 20
 
 
 def _size(v) -> bool:
@@ -128,10 +129,11 @@ class ModelConfig:
                 _fail(name, f"a number in [-{MAX_LOGVAR:g}, {MAX_LOGVAR:g}] (its exp a normal float32)", v)
         if self.logvar_limit <= 0:
             _fail("logvar_limit", "> 0", self.logvar_limit)
-        for name in ("pixelcnn_layers", "pixelcnn_width"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "pixelcnn_layers" else 1):
-                _fail(name, "a non-negative integer" if name == "pixelcnn_layers" else "a positive integer", v)
+        v = self.pixelcnn_layers
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_PIXELCNN_LAYERS:
+            _fail("pixelcnn_layers", f"an integer in [0, {MAX_PIXELCNN_LAYERS}]", v)
+        if not _size(self.pixelcnn_width):
+            _fail("pixelcnn_width", f"an integer in [1, {MAX_SIZE}]", self.pixelcnn_width)
         if not isinstance(self.pixelcnn_fusion, str) or self.pixelcnn_fusion not in FUSIONS:
             _fail("pixelcnn_fusion", f"one of {', '.join(FUSIONS)}", self.pixelcnn_fusion)
         if self.pixelcnn_layers:

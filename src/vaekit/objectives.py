@@ -324,7 +324,7 @@ class ObjectiveConfig:
             check_number(field, getattr(self, field))
         check_number("capacity_gamma", self.capacity_gamma, open_low=True)
         check_int("capacity_steps", self.capacity_steps)
-        check_int("iw_samples", self.iw_samples, low=1)
+        check_int("iw_samples", self.iw_samples, low=1, high=1_000_000)
         if self.tc_estimator not in TC_ESTIMATORS:
             raise ValueError(f"tc_estimator must be one of {', '.join(TC_ESTIMATORS)}; got {self.tc_estimator!r}")
         for field, (objective, off) in _ONLY_FOR.items():

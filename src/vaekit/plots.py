@@ -106,8 +106,9 @@ def save_image_grid(
     path = Path(path)
     fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
     if fmt == "JPEG" and max(grid.shape[:2]) > JPEG_MAX_SIDE:
+        fewer = "fewer" if grid.shape[1] > JPEG_MAX_SIDE else "more"
         raise ValueError(f"path {path}: a JPEG image is at most {JPEG_MAX_SIDE} pixels a side, and this grid is "
-                         f"{grid.shape[0]}x{grid.shape[1]}; write a .png, or put more images in a row (nrow)")
+                         f"{grid.shape[0]}x{grid.shape[1]}; write a .png, or put {fewer} images in a row (nrow)")
     data = io.BytesIO()
     Image.fromarray(grid, mode="L" if grid.ndim == 2 else "RGB").save(data, format=fmt)
     atomic_write(path, lambda f: f.write(data.getbuffer()))

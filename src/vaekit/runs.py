@@ -219,7 +219,11 @@ def read_for_resume(run_dir: Path, *, progress: bool, extend_to: int | None,
         if config.data.dataset not in FILE_DATASETS:
             raise ValueError(f"data_dir: {run_dir} trains on {config.data.dataset!r}, which is made in memory, "
                              f"not read from files; got data_dir={data_dir!r}")
-        config.data = dataclasses.replace(config.data, data_dir=str(Path(data_dir).expanduser().resolve()))
+        try:
+            where = Path(data_dir).expanduser().resolve()
+        except (OSError, RuntimeError) as e:  # a loop of links (RuntimeError before Python 3.13)
+            raise ValueError(f"data_dir {data_dir!r}: cannot be resolved ({e})") from None
+        config.data = dataclasses.replace(config.data, data_dir=str(where))
     if extend_to is not None:
         config.train = extended(config.train, state, extend_to, run_dir)
     return config, state
