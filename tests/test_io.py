@@ -180,7 +180,7 @@ def test_host_copy_of_gpu_tensors_is_pinned_and_complete():
     big.mul_(-1)
     again = host_copy(obj, into=first)  # read at once: the copies must have finished
     assert again["a"].data_ptr() == first["a"].data_ptr() and torch.equal(again["a"], big.cpu())
-    assert torch.equal(again["b"][0], (big[:5] * 2).cpu())
+    assert torch.equal(again["b"][0], obj["b"][0].cpu())
 
 
 def test_a_checkpoint_serialised_earlier_is_the_file_save_checkpoint_writes(tmp_path):
