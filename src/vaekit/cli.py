@@ -192,10 +192,8 @@ def _main(argv: list[str] | None) -> int:
         args = _parser().parse_args(argv)
         if args.command == "train":
             overrides = {k: v for k, v in vars(args).items() if "." in k}
-            for flag, value in (("--resume", args.resume), ("--config", args.config), ("--run-dir", args.run_dir),
-                                ("--data-dir", overrides.get("data.data_dir"))):
-                if isinstance(value, str) and not value.strip():  # "" would mean the current folder, or nothing
-                    raise UsageError(f"{flag} needs a path, got an empty one")
+            _no_empty_paths(("--resume", args.resume), ("--config", args.config), ("--run-dir", args.run_dir),
+                            ("--data-dir", overrides.get("data.data_dir")))
             if args.resume is not None:
                 progress = overrides.pop("train.progress", True)
                 epochs = overrides.pop("train.epochs", None)
@@ -230,6 +228,9 @@ def _main(argv: list[str] | None) -> int:
                          f"no validation split, the last model kept (train ELBO {train[-1]['elbo']:.3f} nats)")
                 print(f"vaekit: trained {_epochs(train[-1]['epoch'])}; {score}; run in {result.run_dir}")
             return 0
+        if args.command in ("evaluate", "sample"):
+            _no_empty_paths(("RUN", args.run), ("--data-dir", getattr(args, "data_dir", None)),
+                            ("-o/--output", getattr(args, "output", None)))
         if args.command == "evaluate":
             metrics = evaluate_command(args.run, split=args.split, iw_samples=args.iw_samples,
                                        batch_size=args.batch_size, seed=args.seed, device=args.device,
@@ -261,6 +262,13 @@ def _main(argv: list[str] | None) -> int:
         _say_error(f"out of memory ({first}); ask for less: a smaller model, batch, data set or sample count")
         return 2
     return 2
+
+
+def _no_empty_paths(*given: tuple) -> None:
+    """Refuse a path given as an empty string: it would mean the current folder, or nothing."""
+    for flag, value in given:
+        if isinstance(value, str) and not value.strip():
+            raise UsageError(f"{flag} needs a path, got an empty one")
 
 
 def _out_of_memory(e: BaseException) -> bool:

@@ -284,4 +284,5 @@ def sample_command(run: str, *, n: int = 64, output: str = "samples.png", seed: 
     except OSError as e:
         raise UsageError(f"-o/--output {output}: cannot be written ({e.strerror or e})") from None
     except ValueError as e:  # a JPEG too large for the format
-        raise UsageError(f"-o/--output {output}: {str(e).split(': ', 1)[-1].replace('(nrow)', '(--nrow)')}") from None
+        raise UsageError(f"-o/--output {output}: {str(e).removeprefix(f'path {out}: ').replace('(nrow)', '(--nrow)')}"
+                         ) from None

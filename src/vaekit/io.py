@@ -115,8 +115,9 @@ def host_copy(obj, into=None):
     optimiser's) do not reach. Plain values are shared, not copied.
 
     ``into``: an earlier snapshot of the same structure that nothing reads any more; its
-    tensors of the same shape and dtype are written over instead of new ones made (a
-    checkpoint a epoch then costs no new memory, whose pages the first writes fault in).
+    tensors of the same shape and dtype are written over instead of new ones made (each
+    checkpoint then copies into memory already faulted in; the training loop keeps its
+    last snapshot for the run, pinned where the state is on a GPU).
     A tensor on a GPU is copied into pinned memory, all of them without waiting, then the
     copying streams are waited for once (not once a tensor)."""
     streams: dict = {}
@@ -131,7 +132,7 @@ def _host_copy(obj, into, streams: dict):
         src = obj.detach()
         dst = into
         if not (isinstance(dst, torch.Tensor) and dst.device.type == "cpu" and dst.shape == src.shape
-                and dst.dtype == src.dtype and dst.is_pinned() == src.is_cuda
+                and dst.dtype == src.dtype and (not src.is_cuda or dst.is_pinned())  # no CUDA call for a CPU run
                 and dst.untyped_storage().data_ptr() != src.untyped_storage().data_ptr()):
             dst = torch.empty_like(src, device="cpu", pin_memory=src.is_cuda)
         if src.is_cuda:

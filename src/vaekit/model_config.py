@@ -123,12 +123,12 @@ class ModelConfig:
             _fail("decoder_variance", f"one of {', '.join(DECODER_VARIANCES)}", self.decoder_variance)
         if self.decoder_variance != "fixed" and self.likelihood != "gaussian":
             _fail("decoder_variance", "'fixed' unless likelihood is 'gaussian'", self.decoder_variance)
-        for name in ("fixed_logvar", "logvar_limit"):
+        for name, low in (("fixed_logvar", -MAX_LOGVAR), ("logvar_limit", 0.0)):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not -MAX_LOGVAR <= v <= MAX_LOGVAR:
-                _fail(name, f"a number in [-{MAX_LOGVAR:g}, {MAX_LOGVAR:g}] (its exp a normal float32)", v)
-        if self.logvar_limit <= 0:
-            _fail("logvar_limit", "> 0", self.logvar_limit)
+            if (not isinstance(v, (int, float)) or isinstance(v, bool) or not low <= v <= MAX_LOGVAR
+                    or (name == "logvar_limit" and v == 0)):
+                span = f"[{low:g}, {MAX_LOGVAR:g}]" if low else f"(0, {MAX_LOGVAR:g}]"
+                _fail(name, f"a number in {span} (its exp a normal float32)", v)
         v = self.pixelcnn_layers
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_PIXELCNN_LAYERS:
             _fail("pixelcnn_layers", f"an integer in [0, {MAX_PIXELCNN_LAYERS}]", v)

@@ -312,8 +312,8 @@ class ObjectiveConfig:
         """The KL weight at ``step``: :func:`beta_schedule` of this config's schedule, its
         arguments checked once, when the config was made (the training loop asks at every
         step, where the checks cost more than the schedule)."""
-        return _schedule_value(self.beta_schedule, step, float(self.beta), self.warmup_steps, self.cycle_steps,
-                               float(self.cycle_ratio))
+        return _schedule_value(self.beta_schedule, step, float(self.beta), int(self.warmup_steps),
+                               int(self.cycle_steps), float(self.cycle_ratio))
 
     def _check(self) -> None:
         if self.name not in OBJECTIVES:
