@@ -686,6 +686,16 @@ BAD_INPUT = [  # (id, argv with {run}/{empty}/{tmp} placeholders, regex the one-
     ("download-where-no-folder-can-be", ["train", "--run-dir", "{empty}", *TINY, "--dataset", "mnist", "--data-dir",
                                          "/proc/vaekit-mnist", "--download"],
      r"data_dir '/proc/vaekit-mnist': cannot be created to download mnist into"),
+    # the fifteenth session: a named pipe blocked the reader forever; a loop of links was "no such file"
+    ("array-data-a-pipe", ["train", "--run-dir", "{empty}", *TINY, "--dataset", "array", "--data-dir",
+                           "{tmp}/pipe.npy"],
+     r"data_dir '\S+pipe\.npy': not a regular file \(a pipe, socket or device\); expected an \.npy or \.npz file$"),
+    ("config-a-pipe", ["train", "--run-dir", "{empty}", *TINY, "--config", "{tmp}/pipe.npy"],
+     r"--config \S+pipe\.npy: not a regular file \(a pipe, socket or device\)$"),
+    ("config-a-link-loop", ["train", "--run-dir", "{empty}", *TINY, "--config", "{tmp}/loop"],
+     r"--config \S+loop: a link that leads nowhere \(or a loop of links\)$"),
+    ("array-data-a-link-loop", ["train", "--run-dir", "{empty}", *TINY, "--dataset", "array", "--data-dir",
+                                "{tmp}/loop.npy"], r"data_dir '\S+loop\.npy': a link that leads nowhere \(or a loop of links\)"),
     # the data decide the input shape: a different one asked for is refused, not replaced
     ("config-input-shape", ["train", "--run-dir", "{empty}", *TINY, "--config", "{tmp}/shape.toml"],
      r"shape\.toml: \[model\] input_shape \[3, 32, 32\] is not the shape of the data, \[1, 8, 8\]"),
@@ -705,6 +715,8 @@ def places(run, tmp_path):
     np.save(tmp_path / "huge.npy", np.full((40, 6), 1e300))
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     (tmp_path / "dir.npz").mkdir()
+    os.mkfifo(tmp_path / "pipe.npy")
+    (tmp_path / "loop.npy").symlink_to(tmp_path / "loop.npy")
     return {"run": str(run), "empty": str(tmp_path / "empty"), "tmp": str(tmp_path)}
 
 

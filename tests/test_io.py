@@ -1,13 +1,14 @@
 """vaekit.io's background writer and host copies: the pieces that let fit write its files
 while it trains (fit itself: tests/test_train.py)."""
 
+import os
 import threading
 import time
 
 import pytest
 import torch
 
-from vaekit.io import BackgroundWriter, host_copy
+from vaekit.io import BackgroundWriter, atomic_write, file_problem, host_copy, read_json
 
 
 def test_jobs_run_in_order_on_another_thread_one_at_a_time():
@@ -194,3 +195,37 @@ def test_a_checkpoint_serialised_earlier_is_the_file_save_checkpoint_writes(tmp_
     early, now = load_checkpoint(tmp_path / "early.pt"), load_checkpoint(tmp_path / "now.pt")
     assert early["step"] == now["step"] == 5 and early["format"] == now["format"]
     assert torch.count_nonzero(early["model"]["w"]) == 6 and torch.count_nonzero(now["model"]["w"]) == 0
+
+
+def test_atomic_write_through_a_link_keeps_the_link_and_replaces_its_targets_content(tmp_path):
+    target = tmp_path / "kept" / "grid.png"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    link = tmp_path / "latest.png"
+    link.symlink_to(target)
+    atomic_write(link, lambda f: f.write(b"new"))
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["grid.png"]  # no temporary file left
+    plain = tmp_path / "plain.bin"
+    atomic_write(plain, lambda f: f.write(b"x"))
+    assert not plain.is_symlink() and plain.read_bytes() == b"x"
+
+
+def test_file_problem_names_what_stands_in_the_way_of_reading(tmp_path):
+    (tmp_path / "f").write_text("{}")
+    (tmp_path / "d").mkdir()
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "to-f").symlink_to(tmp_path / "f")
+    got = {name: file_problem(tmp_path / name) for name in ("f", "to-f", "d", "pipe", "loop", "dangling", "absent")}
+    assert got == {"f": None, "to-f": None, "d": "a folder, not a file",
+                   "pipe": "not a regular file (a pipe, socket or device)",
+                   "loop": "a link that leads nowhere (or a loop of links)",
+                   "dangling": "a link that leads nowhere (or a loop of links)", "absent": "no such file"}
+    with pytest.raises(ValueError, match=r"pipe: not a regular file"):
+        read_json(tmp_path / "pipe")  # before: open() waited for a writer forever
+    with pytest.raises(FileNotFoundError, match=r"absent: no such file"):
+        read_json(tmp_path / "absent")
+    assert read_json(tmp_path / "to-f") == {}

@@ -129,10 +129,13 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _read_config_file(path: str) -> dict:
+    from .io import file_problem
+
     p = Path(path)
+    problem = file_problem(p)
+    if problem is not None:
+        raise UsageError(f"--config {path}: {problem}")
     try:
-        if not p.is_file():
-            raise UsageError(f"--config {path}: {'a folder, not a file' if p.is_dir() else 'no such file'}")
         text_bytes = p.read_bytes()
     except OSError as e:  # a name too long, no permission
         raise UsageError(f"--config {path}: cannot be read ({e.strerror or e})") from None

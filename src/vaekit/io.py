@@ -26,6 +26,7 @@ from . import __version__
 
 __all__ = [
     "atomic_write",
+    "file_problem",
     "BackgroundWriter",
     "host_copy",
     "write_json",
@@ -66,11 +67,33 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def file_problem(path) -> str | None:
+    """Why ``path`` cannot be read as a file, in a few words, or None when it is a regular
+    file (or a link to one). Asked before opening: a named pipe would block the reader
+    forever, and a loop of links is otherwise reported as a missing file."""
+    path = Path(path)
+    try:
+        if path.is_file():
+            return None
+        if path.is_dir():
+            return "a folder, not a file"
+        if path.exists():
+            return "not a regular file (a pipe, socket or device)"
+        if path.is_symlink():
+            return "a link that leads nowhere (or a loop of links)"
+    except OSError as e:  # a name too long, no permission on a parent
+        return f"cannot be read ({e.strerror or e})"
+    return "no such file"
+
+
 def atomic_write(path, write) -> Path:
     """Write ``path`` through ``write(file_object)`` so that readers see the old or the
     new content, never a partial one: temporary file in the same directory, flush,
-    fsync, ``os.replace``, fsync of the directory."""
+    fsync, ``os.replace``, fsync of the directory. A link is written through: its target
+    gets the new content and the link stays."""
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -97,6 +120,11 @@ def write_json(path, obj) -> Path:
 
 def read_json(path) -> dict:
     path = Path(path)
+    problem = file_problem(path)
+    if problem == "no such file":
+        raise FileNotFoundError(f"{path}: no such file")
+    if problem is not None:
+        raise ValueError(f"{path}: {problem}")
     try:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)

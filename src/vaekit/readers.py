@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .checks import check_choice
+from .io import file_problem
 
 __all__ = ["read_idx", "download_mnist", "MNIST_FILES"]
 
@@ -178,6 +179,13 @@ _NP_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error
 
 
 def _load_array(path: Path):
+    problem = file_problem(path)
+    if problem == "no such file":
+        raise FileNotFoundError(f"data_dir {str(path)!r}: no such file")
+    if problem == "a folder, not a file":
+        raise ValueError(f"data_dir {str(path)!r} is a folder; expected an .npy or .npz file")
+    if problem is not None:
+        raise ValueError(f"data_dir {str(path)!r}: {problem}; expected an .npy or .npz file")
     try:
         if path.suffix == ".npy":
             return _as_images(np.load(path, allow_pickle=False), str(path)), None, None, None
