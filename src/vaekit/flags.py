@@ -181,7 +181,7 @@ def build_config(preset: str | None = None, config_file: str | None = None, over
     try:
         return RunConfig.from_dict(_merge(PRESETS[name], user))
     except (TypeError, ValueError) as e:
-        raise _blame_the_preset(e, name, user) from None
+        raise _name_the_flag(_blame_the_preset(e, name, user)) from None
 
 
 _SECTIONS = {"ModelConfig": "model", "DataConfig": "data", "TrainConfig": "train", "ObjectiveConfig": "objective"}
@@ -202,3 +202,13 @@ def _blame_the_preset(error: Exception, preset: str, user: dict) -> Exception:
     flags = _flag_names()
     said = ", ".join(f"{k}={preset_fields[k]!r} ({flags[(group, k)][0]})" for k in blamed)
     return type(error)(f"{msg}; the preset {preset!r} sets {said}: override it")
+
+
+def _name_the_flag(error: Exception) -> Exception:
+    """``error`` led by the flag that sets the field it opens with: ``--seed: TrainConfig.seed
+    must be ...`` (the field stays, for a value that came from a ``--config`` file)."""
+    msg = str(error)
+    found = re.match(r"(\w+Config)\.(\w+)", msg)
+    group = _SECTIONS.get(found.group(1)) if found else None
+    flags = _flag_names().get((group, found.group(2))) if group else None
+    return type(error)(f"{flags[0]}: {msg}") if flags else error
