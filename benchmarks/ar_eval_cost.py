@@ -26,9 +26,9 @@ def main() -> None:
     for name, layers, fusion, k in [("plain decoder", 0, "early", 200), ("PixelCNN head, late fusion", 4, "late", 200),
                                     ("PixelCNN head, early fusion", 4, "early", 10)]:
         torch.manual_seed(0)
+        head = dict(pixelcnn_layers=layers, pixelcnn_width=32, pixelcnn_fusion=fusion) if layers else {}
         model = VAE(ModelConfig(arch="mlp", input_shape=(1, 28, 28), latent_dim=50, hidden=(512, 512),
-                                activation="elu", pixelcnn_layers=layers, pixelcnn_width=32,
-                                pixelcnn_fusion=fusion)).eval()
+                                activation="elu", **head)).eval()
         with torch.no_grad():
             iw_nll(model, x[:10], 5)  # warm-up
             t = time.perf_counter()

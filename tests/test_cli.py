@@ -696,6 +696,14 @@ BAD_INPUT = [  # (id, argv with {run}/{empty}/{tmp} placeholders, regex the one-
      r"--config \S+loop: a link that leads nowhere \(or a loop of links\)$"),
     ("array-data-a-link-loop", ["train", "--run-dir", "{empty}", *TINY, "--dataset", "array", "--data-dir",
                                 "{tmp}/loop.npy"], r"data_dir '\S+loop\.npy': a link that leads nowhere \(or a loop of links\)"),
+    # settings that would change nothing (the fifteenth session)
+    ("pixelcnn-width-without-a-head", ["train", "--run-dir", "{empty}", *TINY, "--pixelcnn-width", "32"],
+     r"error: --pixelcnn-width: ModelConfig\.pixelcnn_width=32 has no effect with pixelcnn_layers=0; "
+     r"use pixelcnn_layers > 0$"),
+    ("fixed-logvar-with-bernoulli", ["train", "--run-dir", "{empty}", *TINY, "--fixed-logvar", "-2"],
+     r"error: --fixed-logvar: ModelConfig\.fixed_logvar=-2 has no effect with likelihood='bernoulli'"),
+    ("download-with-digits", ["train", "--run-dir", "{empty}", *TINY, "--download"],
+     r"error: --download: DataConfig\.download=True has no effect with dataset='digits'"),
     # the data decide the input shape: a different one asked for is refused, not replaced
     ("config-input-shape", ["train", "--run-dir", "{empty}", *TINY, "--config", "{tmp}/shape.toml"],
      r"shape\.toml: \[model\] input_shape \[3, 32, 32\] is not the shape of the data, \[1, 8, 8\]"),

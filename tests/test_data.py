@@ -53,10 +53,22 @@ def write_mnist(root, arrays, gz=(False, True, False, True)):
     # read by neither: a data_dir there is a mistake (--data-dir without --dataset mnist)
     (dict(data_dir="data/mnist"), ValueError, r"data_dir is unused for dataset 'digits'; did you mean --dataset mnist"),
     (dict(dataset="sprites", data_dir="x"), ValueError, r"data_dir is unused for dataset 'sprites'"),
+    # settings the dataset would not use
+    (dict(download=True), ValueError, r"download=True has no effect with dataset='digits'; use dataset 'mnist' or "
+                                      r"'fashion-mnist'$"),
+    (dict(dataset="array", data_dir="x.npy", download=True), ValueError, r"download=True has no effect"),
+    (dict(sprites_count=100), ValueError, r"sprites_count=100 has no effect with dataset='digits'; "
+                                          r"use dataset='sprites'$"),
 ])
 def test_config_rejects_bad_fields(kwargs, error, field):
     with pytest.raises(error, match=field):
         DataConfig(**kwargs)
+
+
+def test_the_same_settings_where_they_act_are_taken():
+    assert DataConfig(dataset="mnist", download=True).download
+    assert DataConfig(dataset="fashion-mnist", download=True).download
+    assert DataConfig(dataset="sprites", sprites_count=100).sprites_count == 100
 
 
 def test_config_accepts_paths(tmp_path):

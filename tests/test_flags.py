@@ -46,7 +46,7 @@ def test_field_docs_are_plain_text_for_help():
     from vaekit.flags import _field_docs
 
     docs = {f"{g}.{k}": v for g, klass in GROUPS.items() for k, v in _field_docs(klass).items()}
-    assert docs["data.download"] == "fetch missing MNIST-like files (see download_mnist)."
+    assert docs["data.download"] == "fetch missing MNIST-like files (see download_mnist); for \"mnist\" and \"fashion-mnist\" only."
     assert "(drawn by vaekit.batching.BatchIterator)" in docs["data.binarize"]
     for name, doc in docs.items():
         assert not re.search(r":\w+:`|``", doc), f"{name}: {doc}"

@@ -45,3 +45,52 @@ def test_a_config_pickled_under_its_old_home_still_loads():
     old = blob.replace(b"cvaekit.model_config\nModelConfig\n", b"cvaekit.models\nModelConfig\n")
     assert old != blob
     assert pickle.loads(old) == cfg
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"pixelcnn_width": 32}, r"ModelConfig\.pixelcnn_width=32 has no effect with pixelcnn_layers=0; use pixelcnn_layers > 0$"),
+    ({"pixelcnn_fusion": "late"}, r"pixelcnn_fusion='late' has no effect with pixelcnn_layers=0"),
+    ({"fixed_logvar": -1.0}, r"fixed_logvar=-1\.0 has no effect with likelihood='bernoulli', decoder_variance='fixed'"),
+    ({"fixed_logvar": 0.5, "likelihood": "mse"}, r"fixed_logvar=0\.5 has no effect with likelihood='mse'"),
+    ({"fixed_logvar": 0.5, "likelihood": "gaussian", "decoder_variance": "optimal"},
+     r"with likelihood='gaussian', decoder_variance='optimal'; use likelihood='gaussian' with decoder_variance "
+     r"'fixed' or 'learned'$"),
+])
+def test_a_setting_that_would_change_nothing_is_refused(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        ModelConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"pixelcnn_layers": 2, "pixelcnn_width": 32, "pixelcnn_fusion": "late"},
+    {"likelihood": "gaussian", "fixed_logvar": -1.0},
+    {"likelihood": "gaussian", "decoder_variance": "learned", "fixed_logvar": -1.0},  # the learned one's start
+    {"pixelcnn_width": 64, "pixelcnn_fusion": "early", "fixed_logvar": 0.0},  # the defaults, as a saved config has them
+])
+def test_the_same_settings_where_they_act_are_taken(kwargs):
+    config = ModelConfig(**kwargs)
+    assert all(getattr(config, k) == v for k, v in kwargs.items())
+
+
+def test_a_model_saved_with_a_setting_that_had_no_effect_still_loads(tmp_path):
+    """Earlier versions accepted a pixelcnn_width without a head (and wrote it into the
+    model's config.json); the model loads with the field at its default, and gives the
+    same outputs as the model saved."""
+    import json
+
+    import torch
+
+    from vaekit.io import load_model, save_model
+
+    torch.manual_seed(0)
+    model = vaekit.models.VAE(ModelConfig(input_shape=(6,), latent_dim=2, hidden=(8,)))
+    save_model(model, tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    meta["model"].update(pixelcnn_width=32, pixelcnn_fusion="late", fixed_logvar=3.0)
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="pixelcnn_width=32 has no effect"):
+        ModelConfig(**{k: v for k, v in meta["model"].items() if k not in ("input_shape", "hidden")})
+    loaded = load_model(tmp_path)
+    assert (loaded.config.pixelcnn_width, loaded.config.pixelcnn_fusion, loaded.config.fixed_logvar) == (64, "early", 0.0)
+    x = torch.rand(5, 6)
+    assert torch.equal(loaded.encode_params(x)[0], model.encode_params(x)[0])

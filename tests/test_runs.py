@@ -162,6 +162,29 @@ def test_a_saved_config_with_a_data_dir_its_dataset_never_read_still_loads():
         RunConfig.from_dict({"data": {"dataset": "digits", "data_dir": "/data/mnist"}})
 
 
+@pytest.mark.parametrize("section, saved, inert", [
+    ("data", {"download": True}, {"download": False}),
+    ("data", {"dataset": "mnist", "data_dir": "/data", "download": True, "sprites_count": 7},
+     {"download": True, "sprites_count": 50000}),
+    ("data", {"dataset": "sprites", "sprites_count": 7, "download": True}, {"sprites_count": 7, "download": False}),
+    ("model", {"pixelcnn_width": 32, "pixelcnn_fusion": "late"}, {"pixelcnn_width": 64, "pixelcnn_fusion": "early"}),
+    ("model", {"pixelcnn_layers": 2, "pixelcnn_width": 32, "fixed_logvar": 2.0},
+     {"pixelcnn_width": 32, "fixed_logvar": 0.0}),
+    ("model", {"likelihood": "gaussian", "decoder_variance": "learned", "fixed_logvar": 2.0}, {"fixed_logvar": 2.0}),
+])
+def test_a_saved_data_or_model_section_with_settings_that_had_no_effect_still_loads(section, saved, inert):
+    """As the objective's below: refused in a new config, reset in a saved one."""
+    from vaekit.config import GROUPS
+
+    config = saved_config({section: saved, "train": {"epochs": 3}})
+    assert {k: getattr(getattr(config, section), k) for k in inert} == inert
+    kept = {k: v for k, v in saved.items() if k not in inert and k != "data_dir"}
+    assert all(getattr(getattr(config, section), k) == v for k, v in kept.items())
+    if inert != {k: saved[k] for k in inert}:
+        with pytest.raises(ValueError, match="has no effect"):
+            GROUPS[section](**saved)
+
+
 @pytest.mark.parametrize("saved, inert", [
     ({"warmup_steps": 100}, {"warmup_steps": 0}),  # the constant schedule warmed nothing up
     ({"beta_schedule": "linear", "warmup_steps": 100, "cycle_steps": 50, "cycle_ratio": 0.3},

@@ -37,6 +37,8 @@ __all__ = [
     "check_choice",
     "in_section",
     "check_beta",
+    "refuse_inert",
+    "reset_inert",
     "upcast",
     "sum_event",
 ]
@@ -185,6 +187,38 @@ def in_section(section: str):
         yield
     except (TypeError, ValueError) as e:
         raise type(e)(f"{section}.{e}") from None
+
+
+def refuse_inert(config, table: dict) -> None:
+    """Refuse a field of ``config`` set away from its "off" value where it cannot act.
+
+    ``table`` maps a field to ``(off, gates, acts, need)``: the fields it depends on, whether
+    their values (in that order) let it act, and what it needs, in words. A
+    ``pixelcnn_width`` with no PixelCNN head would change nothing: the user meant
+    something else, so the config says so rather than train what was not asked for."""
+    for field, (off, gates, acts, need) in table.items():
+        value = getattr(config, field)
+        if value != off and not acts(*(getattr(config, g) for g in gates)):
+            now = ", ".join(f"{g}={getattr(config, g)!r}" for g in gates)
+            raise ValueError(f"{field}={value!r} has no effect with {now}; use {need}")
+
+
+def reset_inert(section: dict, defaults: dict, table: dict) -> dict:
+    """A saved config ``section`` (a mapping) with each field of ``table`` (as
+    :func:`refuse_inert` takes it) that could not act there set to its "off" value: earlier
+    versions accepted such fields, and the runs they saved trained exactly as the section
+    then says. ``defaults`` gives the gates the section leaves out; a gate of the wrong
+    type is left for the config's own check to name."""
+    out = dict(section)
+    for field, (off, gates, acts, _) in table.items():
+        if field in out:
+            try:
+                inert = not acts(*(out.get(g, defaults[g]) for g in gates))
+            except TypeError:
+                continue
+            if inert:
+                out[field] = off
+    return out
 
 
 def check_beta(beta):

@@ -71,7 +71,8 @@ def _check_input_shape(config, config_file: str | None) -> None:
     if not isinstance(model, dict) or "input_shape" not in model:
         return
     # the shape only: two sprites render in no time where the whole set takes seconds
-    probe = dataclasses.replace(config.data, sprites_count=2, val_size=0, binarize="none")
+    probe = dataclasses.replace(config.data, val_size=0, binarize="none",
+                                sprites_count=2 if config.data.dataset == "sprites" else config.data.sprites_count)
     shape = tuple(load_dataset(probe).train.shape[1:])
     if tuple(config.model.input_shape) != shape:
         raise UsageError(f"--config {config_file}: [model] input_shape {list(config.model.input_shape)} is not the "

@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from .checks import MAX_SEED, check_choice, check_int, in_section
+from .checks import MAX_SEED, check_choice, check_int, in_section, refuse_inert, reset_inert
 from .readers import MNIST_FILES, _load_array, _load_digits, _load_folder, _load_mnist, download_mnist, read_idx
 from .sprites import sprite_factor_sizes
 
@@ -39,6 +39,23 @@ _DIGITS_TEST, _CARVED_TEST_FRACTION = 297, 0.15
 
 # sprites_count at most: as many sprites as there are distinct ones (11.3 GiB in float32)
 MAX_SPRITES = math.prod(sprite_factor_sizes)
+
+
+# Fields that act only for some datasets (:func:`vaekit.checks.refuse_inert`).
+_ONLY_WITH = {
+    "download": (False, ("dataset",), lambda d: d in ("mnist", "fashion-mnist"), "dataset 'mnist' or 'fashion-mnist'"),
+    "sprites_count": (50000, ("dataset",), lambda d: d == "sprites", "dataset='sprites'"),
+}
+
+
+def data_without_inert(section: dict) -> dict:
+    """A saved ``data`` section with the fields earlier versions accepted where they had no
+    effect set to their defaults, so the runs saved then still load: a ``data_dir`` for
+    "digits" or "sprites" (which read none) dropped, a ``download`` or ``sprites_count``
+    the dataset does not use reset."""
+    if section.get("dataset", "digits") in ("digits", "sprites") and "data_dir" in section:
+        section = {k: v for k, v in section.items() if k != "data_dir"}
+    return reset_inert(section, {"dataset": "digits"}, _ONLY_WITH)
 
 
 @dataclass
@@ -66,7 +83,8 @@ class DataConfig:
         split: "random" (a permutation seeded with ``seed``) or "tail" (the last
             ``val_size`` training examples).
         seed: seeds the validation split and the binarization of val/test.
-        download: fetch missing MNIST-like files (see :func:`download_mnist`).
+        download: fetch missing MNIST-like files (see :func:`download_mnist`); for "mnist"
+            and "fashion-mnist" only.
         sprites_count: how many images of the "sprites" factor data set
             (:mod:`vaekit.disentangle`) to render, factors drawn with seed 0; the
             labels are the five factors.
@@ -109,6 +127,7 @@ class DataConfig:
         check_int("sprites_count", self.sprites_count, low=2, high=MAX_SPRITES)
         if not isinstance(self.download, bool):
             raise TypeError(f"download must be a bool, got {type(self.download).__name__}")
+        refuse_inert(self, _ONLY_WITH)
 
 
 class SplitData(NamedTuple):

@@ -268,6 +268,7 @@ def load_model(directory, *, device=None):
     """Rebuild a :class:`vaekit.models.VAE` from ``save_model``'s files, with the weights
     exactly as saved (their dtype included)."""
     from .config import section_from_dict
+    from .model_config import model_without_inert
     from .models import VAE, ModelConfig
 
     directory = Path(directory)
@@ -286,7 +287,9 @@ def load_model(directory, *, device=None):
     if meta.get("class") != "VAE":
         raise CheckpointError(f"{cfg_path} describes class {meta.get('class')!r}, expected 'VAE'")
     try:
-        model = VAE(section_from_dict(ModelConfig, meta.get("model", {}), "model"))
+        section = meta.get("model", {})
+        model = VAE(section_from_dict(ModelConfig, model_without_inert(section) if isinstance(section, dict) else section,
+                                      "model"))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{cfg_path} holds an invalid model config: {e}") from None
     try:

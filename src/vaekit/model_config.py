@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .checks import in_section
+from .checks import in_section, refuse_inert, reset_inert
 from .losses import RECONSTRUCTIONS
 from .pixelcnn import FUSIONS
 
@@ -34,6 +34,25 @@ MAX_SIZE = 2**31 - 1  # a layer's width, the latent size, a side of the input
 # stays a normal float32 (float32 overflows past 88.7)
 MAX_LOGVAR = 80.0
 MAX_PIXELCNN_LAYERS = 1000  # PixelCNNs are published with up to about 20
+
+
+# Fields that act only under other fields' settings (:func:`vaekit.checks.refuse_inert`):
+# their default, those fields, whether their values let them act, what they need.
+_ONLY_WITH = {
+    "pixelcnn_width": (64, ("pixelcnn_layers",), lambda n: n > 0, "pixelcnn_layers > 0"),
+    "pixelcnn_fusion": ("early", ("pixelcnn_layers",), lambda n: n > 0, "pixelcnn_layers > 0"),
+    # the fixed decoder log-variance, or the learned one's starting value
+    "fixed_logvar": (0.0, ("likelihood", "decoder_variance"), lambda lik, var: lik == "gaussian" and var != "optimal",
+                     "likelihood='gaussian' with decoder_variance 'fixed' or 'learned'"),
+}
+
+
+def model_without_inert(section: dict) -> dict:
+    """A saved ``model`` section with the fields earlier versions accepted where they had no
+    effect (a ``pixelcnn_width`` without a PixelCNN head, ...) set to their defaults, so
+    the runs and models saved then still load."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    return reset_inert(section, defaults, _ONLY_WITH)
 
 
 def _size(v) -> bool:
@@ -68,7 +87,8 @@ class ModelConfig:
             dimension, kept in the buffer ``decoder_mse``: a variance fitted to the
             example being scored would not make a normalised density, and the ELBO and
             likelihood estimates would not bound a log-likelihood).
-        fixed_logvar: the decoder log-variance when it is fixed.
+        fixed_logvar: the decoder log-variance when it is fixed (``gaussian``); with
+            ``learned``, its starting value.
         logvar_limit: the encoder's log-variance is softly bounded to
             ``(-logvar_limit, logvar_limit)`` (``L * tanh(raw / L)``), so ``exp(logvar)``
             can neither overflow nor underflow to an exact zero.
@@ -136,6 +156,7 @@ class ModelConfig:
             _fail("pixelcnn_width", f"an integer in [1, {MAX_SIZE}]", self.pixelcnn_width)
         if not isinstance(self.pixelcnn_fusion, str) or self.pixelcnn_fusion not in FUSIONS:
             _fail("pixelcnn_fusion", f"one of {', '.join(FUSIONS)}", self.pixelcnn_fusion)
+        refuse_inert(self, _ONLY_WITH)
         if self.pixelcnn_layers:
             if len(self.input_shape) != 3:
                 _fail("input_shape", "(C, H, W) images when pixelcnn_layers > 0", self.input_shape)

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from .checks import (
-    check_finite, check_int, check_number, check_same_shape, check_tensor, in_section, upcast,
-    validating,
+    check_finite, check_int, check_number, check_same_shape, check_tensor, in_section, refuse_inert, reset_inert,
+    upcast, validating,
 )
 from .iw import (  # re-exported: the IWAE objective's pieces are public here too
     _importance_terms, _log_normal, decode_nll, iwae_bound, iwae_loss, log_importance_weights, log_weights_from_noise,
@@ -251,11 +251,11 @@ _ONLY_FOR = {"free_bits": ("elbo", 0.0), "capacity_max": ("elbo", 0.0), "iw_samp
 # its value lets them act, and what it needs. Set away from "off" where they cannot act,
 # they are refused: a warmup_steps with the constant schedule would warm nothing up.
 _ONLY_WITH = {
-    "warmup_steps": (0, "beta_schedule", lambda v: v == "linear", "beta_schedule='linear'"),
-    "cycle_steps": (0, "beta_schedule", lambda v: v == "cyclical", "beta_schedule='cyclical'"),
-    "cycle_ratio": (0.5, "beta_schedule", lambda v: v == "cyclical", "beta_schedule='cyclical'"),
-    "capacity_steps": (0, "capacity_max", lambda v: v > 0, "capacity_max > 0"),
-    "capacity_gamma": (1000.0, "capacity_max", lambda v: v > 0, "capacity_max > 0"),
+    "warmup_steps": (0, ("beta_schedule",), lambda v: v == "linear", "beta_schedule='linear'"),
+    "cycle_steps": (0, ("beta_schedule",), lambda v: v == "cyclical", "beta_schedule='cyclical'"),
+    "cycle_ratio": (0.5, ("beta_schedule",), lambda v: v == "cyclical", "beta_schedule='cyclical'"),
+    "capacity_steps": (0, ("capacity_max",), lambda v: v > 0, "capacity_max > 0"),
+    "capacity_gamma": (1000.0, ("capacity_max",), lambda v: v > 0, "capacity_max > 0"),
 }
 
 
@@ -339,10 +339,7 @@ class ObjectiveConfig:
             who = "name='iwae'" if self.name == "iwae" else "capacity_max > 0"
             raise ValueError(f"beta and beta_schedule are unused with {who}; got beta={self.beta}, "
                              f"beta_schedule={self.beta_schedule!r} (leave 1.0 and 'constant')")
-        for field, (off, gate, acts, need) in _ONLY_WITH.items():
-            value, gate_value = getattr(self, field), getattr(self, gate)
-            if value != off and not acts(gate_value):
-                raise ValueError(f"{field}={value!r} has no effect with {gate}={gate_value!r}; use {need}")
+        refuse_inert(self, _ONLY_WITH)
 
 
 def without_inert(section: dict) -> dict:
@@ -350,21 +347,12 @@ def without_inert(section: dict) -> dict:
     ``_ONLY_FOR`` / ``_ONLY_WITH`` cases, which earlier versions accepted: ``warmup_steps``
     with the constant schedule, ...) set to its "off" value, so that runs saved then still
     load: they trained exactly as the section now says."""
-    defaults = ObjectiveConfig.__dataclass_fields__
+    defaults = {name: f.default for name, f in ObjectiveConfig.__dataclass_fields__.items()}
     out = dict(section)
-    get = lambda k: out.get(k, defaults[k].default)  # noqa: E731  (a gate the first loop set off counts as off)
     for field, (objective, off) in _ONLY_FOR.items():
-        if field in out and get("name") != objective:
+        if field in out and out.get("name", defaults["name"]) != objective:
             out[field] = off
-    for field, (off, gate, acts, _) in _ONLY_WITH.items():
-        if field in out:
-            try:
-                inert = not acts(get(gate))
-            except TypeError:  # a malformed gate: ObjectiveConfig says so
-                continue
-            if inert:
-                out[field] = off
-    return out
+    return reset_inert(out, defaults, _ONLY_WITH)  # a gate the loop above set off counts as off
 
 
 class ObjectiveResult(NamedTuple):

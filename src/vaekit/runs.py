@@ -92,18 +92,19 @@ def _check_same_data(saved: dict, x: torch.Tensor, state: dict, ckpt_path: Path,
 
 def saved_config(d: dict) -> RunConfig:
     """The :class:`RunConfig` a run saved (``config.json``, or a checkpoint's
-    ``config``). Settings earlier versions recorded though they had no effect are
-    dropped, so such runs still evaluate and resume: a ``data.data_dir`` for "digits" or
-    "sprites", which read none, and the objective's fields its settings left inert
-    (:func:`vaekit.objectives.without_inert`)."""
+    ``config``). Settings earlier versions recorded though they had no effect are reset,
+    so such runs still evaluate and resume: a ``data.data_dir`` for "digits" or
+    "sprites", which read none, and the fields of each section its settings left inert
+    (:func:`vaekit.objectives.without_inert` and its kin for the model and data)."""
+    from .data import data_without_inert
+    from .model_config import model_without_inert
     from .objectives import without_inert
 
-    data = d.get("data") if isinstance(d, dict) else None
-    if isinstance(data, dict) and data.get("dataset", "digits") in ("digits", "sprites") and "data_dir" in data:
-        d = {**d, "data": {k: v for k, v in data.items() if k != "data_dir"}}
-    objective = d.get("objective") if isinstance(d, dict) else None
-    if isinstance(objective, dict):
-        d = {**d, "objective": without_inert(objective)}
+    if isinstance(d, dict):
+        for section, reset in (("data", data_without_inert), ("model", model_without_inert),
+                               ("objective", without_inert)):
+            if isinstance(d.get(section), dict):
+                d = {**d, section: reset(d[section])}
     return RunConfig.from_dict(d)
 
 
