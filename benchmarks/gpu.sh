@@ -90,7 +90,7 @@ fi
 # them, uncompiled: (c+) TF32 and bf16 with the weight copies, (c++) with the fused linear
 # layers too in fp32, TF32 and bf16, beside the default static step (c) and the classic
 # recipe in the same run. The compiled rows and fit come later (tail_fit).
-step tail_tests 150 "$PY" -m pytest tests/test_adam_tail.py tests/test_fast.py::test_a_short_batch_takes_a_static_step_of_its_own tests/test_fast.py::test_static_step_matches_a_hand_written_step tests/test_kernels.py -k "not hopper" -q -o addopts="" -p no:cacheprovider -rfE
+step tail_tests 150 "$PY" -m pytest tests/test_adam_tail.py tests/test_io.py tests/test_fast.py::test_a_short_batch_takes_a_static_step_of_its_own tests/test_fast.py::test_static_step_matches_a_hand_written_step tests/test_kernels.py -k "not hopper" -q -o addopts="" -p no:cacheprovider -rfE
 step tail_epoch 150 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp none --skip eager,static-unfused,static-block,pythae,floor,compiled,compiled-block,static-tail,compiled-tail,compiled-tail-tf32,compiled-tail-bf16,fit,fit-compile,fit-block,fit-compile-block,fit-tf32,fit-tail,fit-tail-bf16 --data "$DATA"
 step loss_bench 120 "$PY" benchmarks/loss_bench.py --device cuda --sweep
 step epoch_bench 120 "$PY" benchmarks/epoch_bench.py --device cuda --epochs 3 --amp "${EPOCH_AMP:-none}" --skip compiled,compiled-block,fit-compile,fit-compile-block,static-tail,static-tail-tf32,static-tail-bf16,compiled-tail,compiled-tail-tf32,compiled-tail-bf16,fit-tail,fit-tail-bf16,static-linear,static-linear-tf32,static-linear-bf16 --data "$DATA"

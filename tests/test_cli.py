@@ -589,9 +589,9 @@ BAD_INPUT = [  # (id, argv with {run}/{empty}/{tmp} placeholders, regex the one-
                                "{tmp}/real.npy", "--likelihood", "gaussian"],
      r"binarize='dynamic'.*'none' keeps the values\) must lie in \[0, 1\], got values in \[-2, 2\]"),
     # a value the user never set says where it came from
-    ("preset-conflict", ["train", "--run-dir", "{empty}", "--preset", "mnist-large", "--objective", "elbo"],
-     r"iw_samples=5 applies only to name='iwae', got name='elbo'; the preset 'mnist-large' sets iw_samples=5 "
-     r"\(--iw-samples\): override it"),
+    ("preset-conflict", ["train", "--run-dir", "{empty}", "--preset", "mnist-pixelcnn", "--objective", "iwae"],
+     r"beta and beta_schedule are unused with name='iwae'.*; the preset 'mnist-pixelcnn' sets beta_schedule='linear' "
+     r"\(--beta-schedule\): override it$"),
     ("quick-without-disentanglement", ["evaluate", "{run}", "--quick"], r"--quick sizes the --disentanglement"),
     ("tf32-on-the-cpu", ["evaluate", "{run}", "--device", "cpu", "--precision", "tf32"],
      r"--precision tf32 is CUDA's arithmetic; on cpu"),
@@ -751,9 +751,15 @@ def test_a_failed_allocation_is_one_line_that_asks_for_less(error, pattern, plac
     def allocate(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(vaekit.cli, "sample_command", allocate)
+    for command in ("sample", "evaluate", "train"):
+        monkeypatch.setattr(vaekit.cli, f"{command}_command", allocate)
     rc, _, err = call(["sample", places["run"], "-o", f"{places['tmp']}/never.png"], capsys)
-    assert_usage_error(rc, err, pattern + r".*; ask for less: a smaller model, batch, data set or sample count$")
+    assert_usage_error(rc, err, pattern + r".*; ask for less: fewer images \(-n\)$")
+    rc, _, err = call(["evaluate", places["run"]], capsys)  # each command names its own settings
+    assert_usage_error(rc, err, pattern + r".*; ask for less: a smaller --batch-size or --iw-samples$")
+    rc, _, err = call(["train", "--run-dir", places["empty"] + "/oom", *TINY], capsys)
+    assert_usage_error(rc, err, pattern + r".*; ask for less: a smaller --batch-size, model \(--hidden, --latent-dim, "
+                                          r"--pixelcnn-width\) or --iw-samples$")
 
 
 def test_a_runtime_error_that_is_not_about_memory_is_not_hidden(places, monkeypatch):

@@ -31,13 +31,33 @@ def test_a_json_config_with_a_byte_order_mark_is_read(tmp_path):
 
 
 def test_an_error_over_a_preset_value_names_the_preset_and_the_flag():
-    with pytest.raises(ValueError, match=r"the preset 'mnist-large' sets iw_samples=5 \(--iw-samples\): "
-                                         r"override it$"):
-        build_config("mnist-large", overrides={"objective.name": "elbo"})
-    assert build_config("mnist-large", overrides={"objective.name": "elbo", "objective.iw_samples": 1})
+    with pytest.raises(ValueError, match=r"the preset 'mnist-pixelcnn' sets beta_schedule='linear' "
+                                         r"\(--beta-schedule\): override it$"):
+        build_config("mnist-pixelcnn", overrides={"objective.name": "iwae"})
+    assert build_config("mnist-pixelcnn", overrides={"objective.name": "iwae", "objective.beta_schedule": "constant"})
     with pytest.raises(ValueError) as info:  # the user's own value: nothing to blame on the preset
         build_config("digits", overrides={"objective.name": "elbo", "objective.iw_samples": 5})
     assert "preset" not in str(info.value)
+
+
+@pytest.mark.parametrize("preset, overrides, dropped", [
+    ("mnist-large", {"objective.name": "elbo"}, ("objective", "iw_samples", 1)),
+    ("mnist-pixelcnn", {"model.pixelcnn_layers": 0}, ("model", "pixelcnn_width", 64)),
+    ("mnist-pixelcnn-late", {"model.pixelcnn_layers": 0}, ("model", "pixelcnn_fusion", "early")),
+    ("mnist-pixelcnn", {"objective.beta_schedule": "constant"}, ("objective", "warmup_steps", 0)),
+])
+def test_a_preset_setting_that_the_users_choice_leaves_inert_is_dropped(preset, overrides, dropped):
+    """The user turned off what the preset's setting served (the head, the IWAE bound, the
+    schedule): the setting goes back to its default, where before it was refused, and the
+    rest of the preset stays."""
+    section, field, default = dropped
+    config = build_config(preset, overrides=overrides)
+    assert getattr(getattr(config, section), field) == default
+    assert config.model.hidden == tuple(PRESETS[preset]["model"]["hidden"])
+    own = {**overrides, f"{section}.{field}": PRESETS[preset][section][field]}  # given by the user: refused
+    with pytest.raises(ValueError, match=rf"{field}=.* (has no effect|applies only to)") as info:
+        build_config(preset, overrides=own)
+    assert "the preset" not in str(info.value)
 
 
 def test_field_docs_are_plain_text_for_help():

@@ -229,3 +229,27 @@ def test_file_problem_names_what_stands_in_the_way_of_reading(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"absent: no such file"):
         read_json(tmp_path / "absent")
     assert read_json(tmp_path / "to-f") == {}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the question is whether a CPU run touches it")
+def test_a_cpu_fit_with_checkpoints_on_a_gpu_machine_makes_no_cuda_context(tmp_path):
+    """host_copy asks whether memory is pinned only for a GPU's tensors: asked of a CPU
+    tensor, that question alone creates a CUDA context (hundreds of MB of GPU memory, and
+    seconds) in a run that never uses the GPU. A fresh process, so no other test's use of
+    CUDA counts."""
+    import subprocess
+    import sys
+
+    code = f"""
+import torch
+from vaekit.cli import build_config
+from vaekit.train import fit
+fit(build_config(overrides={{"train.epochs": 2, "train.progress": False, "train.device": "cpu",
+                             "train.checkpoint_every": 3, "model.hidden": (8,), "model.latent_dim": 2}}),
+    {str(tmp_path / "run")!r})
+print("cuda initialized:", torch.cuda.is_initialized())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "cuda initialized: False" in out.stdout
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()

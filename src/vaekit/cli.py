@@ -260,7 +260,7 @@ def _main(argv: list[str] | None) -> int:
         if os.environ.get("VAEKIT_DEBUG") or not _out_of_memory(e):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        _say_error(f"out of memory ({first}); ask for less: a smaller model, batch, data set or sample count")
+        _say_error(f"out of memory ({first}); ask for less: {_LESS.get(getattr(args, 'command', None), _LESS[None])}")
         return 2
     return 2
 
@@ -270,6 +270,15 @@ def _no_empty_paths(*given: tuple) -> None:
     for flag, value in given:
         if isinstance(value, str) and not value.strip():
             raise UsageError(f"{flag} needs a path, got an empty one")
+
+
+# What each command's out-of-memory line asks the user to make smaller, by its flags.
+_LESS = {
+    "train": "a smaller --batch-size, model (--hidden, --latent-dim, --pixelcnn-width) or --iw-samples",
+    "evaluate": "a smaller --batch-size or --iw-samples",
+    "sample": "fewer images (-n)",
+    None: "a smaller model, batch, data set or sample count",
+}
 
 
 def _out_of_memory(e: BaseException) -> bool:

@@ -179,9 +179,26 @@ def build_config(preset: str | None = None, config_file: str | None = None, over
         group, field_ = key.split(".", 1)
         user = _merge(user, {group: {field_: list(value) if isinstance(value, tuple) else value}})
     try:
-        return RunConfig.from_dict(_merge(PRESETS[name], user))
+        return RunConfig.from_dict(_without_the_presets_inert(_merge(PRESETS[name], user), user))
     except (TypeError, ValueError) as e:
         raise _name_the_flag(_blame_the_preset(e, name, user)) from None
+
+
+def _without_the_presets_inert(merged: dict, user: dict) -> dict:
+    """``merged`` with each field the preset set (and the user did not) that the user's own
+    settings leave with no effect back at its default: ``--preset mnist-pixelcnn
+    --pixelcnn-layers 0`` drops the preset's head width, ``--preset mnist-large --objective
+    elbo`` its ``iw_samples``. A user's own setting with no effect stays, to be refused."""
+    from .data import data_without_inert
+    from .model_config import model_without_inert
+    from .objectives import without_inert
+
+    out = dict(merged)
+    for section, reset in (("data", data_without_inert), ("model", model_without_inert), ("objective", without_inert)):
+        mine = user.get(section, {})
+        if isinstance(out.get(section), dict) and isinstance(mine, dict):
+            out[section] = {**reset(out[section]), **mine}
+    return out
 
 
 _SECTIONS = {"ModelConfig": "model", "DataConfig": "data", "TrainConfig": "train", "ObjectiveConfig": "objective"}
