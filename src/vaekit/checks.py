@@ -153,6 +153,10 @@ def check_number(name: str, value, *, low: float = 0.0, open_low: bool = False,
     return v
 
 
+# The most importance samples per example any estimate or objective takes (the published
+# estimates take 5,000): beyond it a call would run for days, where it should be refused.
+MAX_IW_SAMPLES = 1_000_000
+
 # The largest seed a config takes: PyTorch's generators take 64-bit seeds, and vaekit
 # seeds some streams with small offsets from it.
 MAX_SEED = 2**63 - 1

@@ -21,13 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from .checks import MAX_IW_SAMPLES
 from .flags import UsageError
 
 __all__ = ["train_command", "evaluate_command", "sample_command", "metrics_name"]
 
 _MAX_SEED = 2**64 - 3  # a generator takes seeds below 2**64, and evaluate also draws with seed + 2
 MAX_SAMPLES = 10_000  # vaekit sample -n: images in one grid
-MAX_IW_SAMPLES = 1_000_000  # vaekit evaluate --iw-samples (the published estimates take 5,000)
 
 
 def train_command(config=None, run_dir=None, *, resume: str | None = None, preset: str | None = None,

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .checks import (
-    check_finite, check_int, check_number, check_same_shape, check_tensor, in_section, refuse_inert, reset_inert,
+    MAX_IW_SAMPLES, check_finite, check_int, check_number, check_same_shape, check_tensor, in_section, refuse_inert, reset_inert,
     upcast, validating,
 )
 from .iw import (  # re-exported: the IWAE objective's pieces are public here too
@@ -324,7 +324,7 @@ class ObjectiveConfig:
             check_number(field, getattr(self, field))
         check_number("capacity_gamma", self.capacity_gamma, open_low=True)
         check_int("capacity_steps", self.capacity_steps)
-        check_int("iw_samples", self.iw_samples, low=1, high=1_000_000)
+        check_int("iw_samples", self.iw_samples, low=1, high=MAX_IW_SAMPLES)
         if self.tc_estimator not in TC_ESTIMATORS:
             raise ValueError(f"tc_estimator must be one of {', '.join(TC_ESTIMATORS)}; got {self.tc_estimator!r}")
         for field, (objective, off) in _ONLY_FOR.items():
