@@ -171,3 +171,23 @@ def test_bernoulli_nll_samples_refuses_bad_shapes_and_values():
     with pytest.raises(TypeError, match="logits"):
         bernoulli_nll_samples(logits.long(), x)
     bernoulli_nll_samples(logits, x + 1.0, validate_args=False)  # the evaluation's own setting
+
+
+def test_an_empty_batch_of_grey_levels_gives_no_values_not_an_error():
+    """The value checks have nothing to read in an empty batch (max() of nothing failed)."""
+    empty = torch.zeros(0, 3)
+    assert discretized_logistic_nll(empty, empty, empty, validate_args=True).shape == (0,)
+    assert optimal_sigma_nll(empty, empty).shape == (0,)
+
+
+@pytest.mark.parametrize("call, pattern", [
+    (lambda: discretized_logistic_nll(*[torch.zeros(2, 3)] * 3, n_bits=100), r"n_bits must be an int in \[1, 16\], got 100"),
+    (lambda: discretized_logistic_nll(*[torch.zeros(2, 3)] * 3, n_bits=0), r"n_bits must be an int in \[1, 16\], got 0"),
+    (lambda: optimal_sigma_nll(torch.rand(4, 10), torch.rand(4, 10), min_logvar=1000.0),
+     r"min_logvar must be a finite number >= -inf and <= 80, got 1000\.0"),
+    (lambda: optimal_sigma_nll(torch.zeros(4, 0), torch.zeros(4, 0)),
+     r"x must hold at least one value per example, got shape \(4, 0\)"),  # was NaN
+])
+def test_settings_that_overflowed_or_gave_nan_are_refused_by_name(call, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        call()

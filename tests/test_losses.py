@@ -740,3 +740,24 @@ def test_docstring_examples_run():
     # The VAELoss example used names it never defined (docs/objective.md, mistake 3).
     result = doctest.testmod(losses, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 8 and result.failed == 0
+
+
+@pytest.mark.parametrize("field, value, error, pattern", [
+    ("beta", -1.0, ValueError, r"beta must be a finite number >= 0, got -1\.0"),
+    ("beta", "2", TypeError, r"beta must be a number or a 0-dim floating-point tensor, got str"),
+    ("beta", torch.ones(2), ValueError, r"beta must be a scalar \(a 0-dim tensor\), got a tensor of shape \(2,\)"),
+    ("reduction", "avg", ValueError, r"reduction must be one of mean, sum, none; got 'avg'"),
+    ("reconstruction", "poisson", ValueError, r"reconstruction must be one of .*; got 'poisson'"),
+])
+def test_a_reassigned_setting_is_checked_as_the_constructors_is(field, value, error, pattern):
+    """beta "may be reassigned between steps": a negative one gave a loss with a negative KL
+    weight, and reduction="avg" a per-example vector, silently."""
+    loss_fn = VAELoss(beta=2.0)
+    with pytest.raises(error, match=pattern):
+        setattr(loss_fn, field, value)
+    assert (loss_fn.beta, loss_fn.reduction, loss_fn.reconstruction) == (2.0, "mean", "bernoulli")  # unchanged
+    x, logits = torch.rand(3, 5).bernoulli(), torch.randn(3, 5)
+    mu, logvar = torch.randn(3, 2), torch.randn(3, 2)
+    loss_fn.beta = torch.tensor(0.5)  # a good one is taken, a tensor kept as it is
+    out = loss_fn(x, logits, mu, logvar)
+    torch.testing.assert_close(out.loss, out.reconstruction + 0.5 * out.kl)

@@ -47,7 +47,10 @@ def optimal_sigma_nll(mean: Tensor, x: Tensor, *, per: str = "example", min_logv
     check_same_shape("x", x, "mean", mean)
     if per not in ("example", "batch"):
         raise ValueError(f"per must be 'example' or 'batch', got {per!r}")
-    min_logvar = check_number("min_logvar", min_logvar, low=-math.inf)
+    if x.dim() > 1 and math.prod(x.shape[1:]) == 0:  # a variance fitted to no values: NaN
+        raise ValueError(f"x must hold at least one value per example, got shape {tuple(x.shape)}")
+    # its exp is the variance's floor: kept a finite float (math.exp overflows past 709)
+    min_logvar = check_number("min_logvar", min_logvar, low=-math.inf, high=80.0)
     if validating(validate_args):
         check_finite("x", x)
         check_finite("mean", mean)
@@ -88,8 +91,9 @@ def discretized_logistic_nll(mean: Tensor, log_scale: Tensor, x: Tensor, *, n_bi
         check_tensor(name, t)
     check_same_shape("x", x, "mean", mean)
     check_same_shape("x", x, "log_scale", log_scale)
-    levels = 2 ** check_int("n_bits", n_bits, low=1) - 1
-    if validating(validate_args):
+    # 16 bits at most: finer grids are not told apart in float32 (and 2**n_bits overflows a float)
+    levels = 2 ** check_int("n_bits", n_bits, low=1, high=16) - 1
+    if validating(validate_args) and x.numel():  # (an empty batch has no values to check)
         check_finite("mean", mean)
         check_finite("log_scale", log_scale)
         check_unit_interval("x", x)

@@ -406,7 +406,6 @@ class VAELoss(torch.nn.Module):
         validate_args: bool | None = None,
     ) -> None:
         super().__init__()
-        beta = check_beta(beta)
         if validate_args is not None and not isinstance(validate_args, bool):
             raise TypeError(f"validate_args must be a bool or None, got {type(validate_args).__name__}")
         if isinstance(logvar, Tensor):
@@ -416,17 +415,42 @@ class VAELoss(torch.nn.Module):
                 check_finite("logvar", logvar)
         else:
             logvar = check_number("logvar", logvar, low=-math.inf)
-        if reconstruction not in RECONSTRUCTIONS:
-            raise ValueError(
-                f"reconstruction must be one of {', '.join(RECONSTRUCTIONS)}; got {reconstruction!r}"
-            )
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
-        self.beta = beta
+        self.beta = beta  # the three are checked by their setters (below), at every assignment
         self.reconstruction = reconstruction
         self.reduction = reduction
         self.logvar = logvar
         self.validate_args = validate_args
+
+    # "May be reassigned between steps": a reassigned beta, reduction or reconstruction is
+    # checked as the constructor's is (a negative beta, or reduction="avg" read as "none",
+    # would otherwise give a wrong loss silently).
+    @property
+    def beta(self):
+        return self._beta
+
+    @beta.setter
+    def beta(self, value) -> None:
+        self._beta = check_beta(value)
+
+    @property
+    def reconstruction(self) -> str:
+        return self._reconstruction
+
+    @reconstruction.setter
+    def reconstruction(self, value) -> None:
+        if value not in RECONSTRUCTIONS:
+            raise ValueError(f"reconstruction must be one of {', '.join(RECONSTRUCTIONS)}; got {value!r}")
+        self._reconstruction = value
+
+    @property
+    def reduction(self) -> str:
+        return self._reduction
+
+    @reduction.setter
+    def reduction(self, value) -> None:
+        if value not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {value!r}")
+        self._reduction = value
 
     def forward(self, x: Tensor, decoder_out, mu: Tensor, logvar: Tensor) -> LossResult:
         if isinstance(x, Tensor) and isinstance(mu, Tensor) and x.dim() >= 1 and mu.dim() >= 1:
