@@ -901,3 +901,22 @@ def test_the_static_step_with_the_fused_sample_and_loss_is_the_eager_step(likeli
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
     assert float(step.sums[3]) == 48.0 and int(step.skipped) == 0
+
+
+@pytest.mark.parametrize("call, error, pattern", [
+    (lambda: posterior_sample(torch.randn(4, 5), torch.randn(4, 2), 12.0), ValueError,
+     r"head must be \[B, 2d\] .* got head of shape \(4, 5\) and eps of shape \(4, 2\)"),
+    (lambda: posterior_sample(torch.randn(4, 6), torch.randn(4, 2), 12.0), ValueError, r"eps of shape \(4, 2\)"),
+    (lambda: posterior_sample(torch.randn(4, 6), torch.randn(4, 3), 0.0), ValueError,  # was NaN
+     r"limit must be a finite number > 0, got 0\.0"),
+    (lambda: posterior_sample(torch.randn(4, 6), torch.randn(4, 3), -1.0), ValueError,  # was a sign-flipped logvar
+     r"limit must be a finite number > 0, got -1\.0"),
+    (lambda: fused_posterior_sample([1.0, 2.0], torch.randn(1, 1), 1.0), TypeError, r"head must be a torch\.Tensor"),
+    (lambda: fused_vae_loss_grads(torch.rand(4, 10), [1.0], torch.zeros(4, 3), torch.zeros(4, 3)), TypeError,
+     r"decoder_out must be a torch\.Tensor .* got list"),
+    (lambda: fused_vae_loss_grads(torch.rand(4, 10), torch.rand(4, 10), None, torch.zeros(4, 3)), TypeError,
+     r"mu must be a torch\.Tensor, got NoneType"),
+])
+def test_the_fused_pieces_name_a_bad_argument(call, error, pattern):
+    with pytest.raises(error, match=pattern):
+        call()

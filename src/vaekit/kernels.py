@@ -55,7 +55,7 @@ import threading
 import torch
 from torch import Tensor
 
-from .checks import check_beta, check_finite, check_unit_interval, validating
+from .checks import check_beta, check_finite, check_number, check_tensor, check_unit_interval, validating
 from .losses import REDUCTIONS, LossResult, VAELoss
 
 try:
@@ -540,6 +540,11 @@ def fused_vae_loss_grads(
     upstream of them is run or freed)."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum' (a scalar loss to differentiate), got {reduction!r}")
+    if not isinstance(decoder_out, Tensor):  # the gradients are of one tensor: no (mean, logvar) pair
+        raise TypeError(f"decoder_out must be a torch.Tensor (a learned decoder variance is not taken here; "
+                        f"gaussian_logvar fixes it), got {type(decoder_out).__name__}")
+    for name, t in (("x", x), ("mu", mu), ("logvar", logvar)):
+        check_tensor(name, t)
     if not _fusable(x, decoder_out, mu, logvar, beta, reconstruction, reduction, gaussian_logvar):
         with torch.enable_grad():  # leaves of their own: the caller's graph above them is left alone
             leaves = [t.detach().requires_grad_() for t in (decoder_out, mu, logvar)]
@@ -558,12 +563,29 @@ def fused_vae_loss_grads(
 _SAMPLE_BLOCK = 64 if _INTERPRETED else 1024
 
 
+def _check_sample_args(head, eps, limit) -> None:
+    """Metadata only (a step calls it): ``head [..., 2d]``, ``eps [..., d]`` with leading
+    dims that broadcast (the eager formulas broadcast), ``limit > 0``."""
+    check_tensor("head", head)
+    check_tensor("eps", eps)
+    try:
+        fits = not head.shape[-1] % 2 and eps.shape[-1] == head.shape[-1] // 2
+        fits = fits and torch.broadcast_shapes(head.shape[:-1], eps.shape[:-1]) is not None
+    except RuntimeError:  # leading dims that do not broadcast
+        fits = False
+    if not fits:
+        raise ValueError(f"head must be [B, 2d] (mu, then the raw log-variance) and eps [B, d], got head of shape "
+                         f"{tuple(head.shape)} and eps of shape {tuple(eps.shape)}")
+    check_number("limit", limit, open_low=True)
+
+
 def posterior_sample(head: Tensor, eps: Tensor, limit: float) -> tuple[Tensor, Tensor, Tensor]:
     """``(mu, logvar, z)`` from an encoder head's output ``[B, 2d]`` (``mu``, then the
     unbounded log-variance ``raw``): ``logvar = limit * tanh(raw / limit)`` (what
     :meth:`vaekit.models.VAE.encode_params` returns) and the reparameterised sample
     ``z = mu + exp(logvar / 2) * eps``. The eager reference of
     :func:`fused_posterior_sample`."""
+    _check_sample_args(head, eps, limit)
     mu, raw = head.chunk(2, dim=-1)
     logvar = limit * torch.tanh(raw / limit)
     return mu, logvar, mu + torch.exp(0.5 * logvar) * eps
@@ -609,8 +631,8 @@ def fused_posterior_sample(head: Tensor, eps: Tensor, limit: float) -> tuple[Ten
     uses it (off by default until timed on a GPU). The eager reference runs where
     :func:`fused_available` says no, or for shapes other than ``head [B, 2d]``, ``eps [B, d]``.
     """
-    if (not fused_available(head.device) or head.dim() != 2 or head.shape[1] % 2 or eps.device != head.device
-            or eps.shape != (head.shape[0], head.shape[1] // 2) or head.dtype not in _DTYPES
+    _check_sample_args(head, eps, limit)
+    if (not fused_available(head.device) or head.dim() != 2 or eps.device != head.device or head.dtype not in _DTYPES
             or eps.dtype not in _DTYPES or eps.requires_grad):
         return posterior_sample(head, eps, limit)
     return _FusedPosteriorSample.apply(head.contiguous(), eps.contiguous(), float(limit))
