@@ -136,3 +136,12 @@ def test_epochs_for_budget_refuses(kwargs, env, match, monkeypatch):
 
 def test_still_importable_from_train():
     assert vaekit.train.epochs_for_budget is epochs_for_budget
+
+
+def test_the_budget_names_a_config_it_cannot_use():
+    with pytest.raises(TypeError, match=r"config must be a vaekit RunConfig, got NoneType"):
+        epochs_for_budget(None, 10)
+    config = tiny_config()
+    config.train.batch_size = 0  # assigned later: named as the constructor names it
+    with pytest.raises(ValueError, match=r"TrainConfig\.batch_size must be an integer in \[1, "):
+        epochs_for_budget(config, 10)

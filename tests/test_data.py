@@ -366,3 +366,20 @@ def test_the_benchmarks_mnist_loader_falls_back_to_synthetic_data_only_for_its_d
     for path in ("synthetic", tmp_path / "mnist.npz"):
         x, xt, source = pythae_compare.load_mnist(path)
         assert x.shape == (60000, 784) and xt.shape == (10000, 784) and source.startswith("synthetic")
+
+
+def test_load_dataset_checks_a_field_assigned_after_the_config_was_made():
+    config = DataConfig()
+    config.val_size = -5  # before: train and val swapped, 5 training images
+    with pytest.raises(ValueError, match=r"DataConfig\.val_size must be >= 0, got -5"):
+        load_dataset(config)
+
+
+@pytest.mark.parametrize("threshold, error, pattern", [
+    ("a", TypeError, r"threshold must be a number, got str"),
+    (float("nan"), ValueError, r"threshold must be a finite number >= 0 and <= 1, got nan"),  # was all zeros
+    (5.0, ValueError, r"threshold must be a finite number >= 0 and <= 1, got 5\.0"),
+])
+def test_binarize_static_names_a_threshold_outside_the_images_range(threshold, error, pattern):
+    with pytest.raises(error, match=pattern):
+        binarize_static(torch.rand(2, 3), threshold=threshold)

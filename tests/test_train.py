@@ -372,3 +372,30 @@ def test_validation_means_each_example_once_over_its_batches():
     assert got["loss"] == -got["elbo"] and got["elbo"] == pytest.approx(-(got["reconstruction"] + got["kl"]))
     assert train._validate(model, x, 23, torch.Generator().manual_seed(1))["kl"] == pytest.approx(got["kl"], rel=1e-6)
     assert model.training  # left as it was
+
+
+def _lr_set_later(config):
+    config.train.lr = -1.0
+    return config
+
+
+@pytest.mark.parametrize("make, kwargs, error, pattern", [
+    # a field assigned after the config was made: PyTorch's "Invalid learning rate" deep inside, before
+    (lambda c: _lr_set_later(c), {}, ValueError, r"TrainConfig\.lr must be a finite number > 0, got -1\.0"),
+    (lambda c: None, {}, TypeError, r"config must be a vaekit RunConfig, got NoneType"),
+    (lambda c: c, {"resume": "no"}, TypeError, r"resume must be a bool, got str"),  # was taken as True
+])
+def test_fit_names_a_config_or_resume_it_cannot_use_before_writing_anything(make, kwargs, error, pattern, tmp_path):
+    config = make(tiny_config())
+    with pytest.raises(error, match=pattern):
+        train.fit(config, tmp_path / "run", **kwargs)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_config_holds_config_sections_not_mappings():
+    from vaekit.config import RunConfig
+
+    with pytest.raises(TypeError, match=r"RunConfig\.model must be a ModelConfig \(RunConfig\.from_dict takes plain "
+                                         r"mappings\), got dict"):
+        RunConfig(model={"latent_dim": 2})
+    assert RunConfig.from_dict({"model": {"latent_dim": 2}}).model.latent_dim == 2

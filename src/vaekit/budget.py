@@ -59,6 +59,9 @@ def epochs_for_budget(config: RunConfig, seconds: float, *,
     end-of-run pictures come on top. Not under ``torchrun`` (the ranks could time
     differently). A stop signal (Ctrl-C) during the calibration raises
     ``KeyboardInterrupt``: there is no run to resume."""
+    if not isinstance(config, RunConfig):
+        raise TypeError(f"config must be a vaekit RunConfig, got {type(config).__name__}")
+    config.check()
     check_number("seconds", seconds, open_low=True)
     check_number("calibration_seconds", calibration_seconds, open_low=True)
     if _dist_info()[2] > 1:

@@ -159,6 +159,22 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
+    def __post_init__(self) -> None:
+        for name, klass in GROUPS.items():
+            section = getattr(self, name)
+            if not isinstance(section, klass):  # RunConfig(model={...}) failed only deep inside fit
+                raise TypeError(f"RunConfig.{name} must be a {klass.__name__} (RunConfig.from_dict takes plain "
+                                f"mappings), got {type(section).__name__}")
+
+    def check(self) -> "RunConfig":
+        """Check every section again, as its constructor did, and return the config: a field
+        assigned after the config was made (``config.train.lr = -1.0``) is refused by name
+        here, where it would otherwise fail deep inside a run or change its results."""
+        self.__post_init__()
+        for name in GROUPS:
+            getattr(self, name).__post_init__()
+        return self
+
     def to_dict(self) -> dict:
         out = {}
         for name in GROUPS:

@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from .checks import MAX_SEED, check_choice, check_int, in_section, refuse_inert, reset_inert
+from .checks import MAX_SEED, check_choice, check_int, check_number, in_section, refuse_inert, reset_inert
 from .readers import MNIST_FILES, _load_array, _load_digits, _load_folder, _load_mnist, download_mnist, read_idx
 from .sprites import sprite_factor_sizes
 
@@ -168,8 +168,9 @@ def check_images(x, name: str = "x", support: str = "unit") -> Tensor:
 
 
 def binarize_static(x: Tensor, threshold: float = 0.5) -> Tensor:
-    """``1[x > threshold]`` in the dtype of ``x``; ``x`` must lie in [0, 1]."""
+    """``1[x > threshold]`` in the dtype of ``x``; ``x`` and ``threshold`` must lie in [0, 1]."""
     check_images(x, "x")
+    check_number("threshold", threshold, high=1.0)
     return (x > threshold).to(x.dtype)
 
 
@@ -206,6 +207,7 @@ def load_dataset(config: DataConfig) -> SplitData:
     """
     if not isinstance(config, DataConfig):
         raise TypeError(f"config must be a DataConfig, got {type(config).__name__}")
+    config.__post_init__()  # again: a field assigned since (val_size = -5 swapped train and val)
     name = config.dataset
     if name == "digits":
         x, y = _load_digits()

@@ -135,7 +135,13 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False, epochs: int | None 
     result says ``trained=False``.
     PyTorch's CPU thread count, which a run may set, is restored on the way out.
     """
-    check_resume_only(bool(resume), epochs, data_dir)
+    if not isinstance(resume, bool):  # resume="no" resumed
+        raise TypeError(f"resume must be a bool, got {type(resume).__name__}")
+    if not isinstance(config, RunConfig):
+        raise TypeError(f"config must be a vaekit RunConfig, got {type(config).__name__}")
+    if not resume:  # (a resumed run takes the config it saved)
+        config.check()
+    check_resume_only(resume, epochs, data_dir)
     if not resume and holds_a_run(run_dir):
         raise ValueError(f"run_dir {run_dir} already holds a run; choose another directory, or continue it "
                          f"with resume=True")
