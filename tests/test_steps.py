@@ -136,3 +136,11 @@ def test_stratified_tcvae_skips_a_last_batch_of_one(tmp_path):
     with pytest.raises(ValueError, match=r"train.batch_size must be at least 2 .* got 1"):
         fit(build_config(overrides={**overrides, "train.batch_size": 1}), tmp_path / "one")
     assert not (tmp_path / "one").exists()
+
+
+@pytest.mark.parametrize("device", ["cuda:x", "cuda:-1", "cuda:", "gpu"])
+def test_a_device_torch_cannot_parse_is_refused_when_the_config_is_made(device):
+    """'cuda:x' was accepted and refused only when the run started."""
+    with pytest.raises(ValueError, match=rf"TrainConfig\.device must be auto, cpu, cuda or cuda:N, got '{device}'"):
+        TrainConfig(device=device)
+    assert TrainConfig(device="cuda:1").device == "cuda:1"

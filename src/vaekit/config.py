@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 from .checks import MAX_SEED, in_section
@@ -142,7 +143,8 @@ class TrainConfig:
         _need(not self.adam_kernel or self.fast != "off", "adam_kernel",
               "false with fast 'off' (the Triton tail is the static step's)", self.adam_kernel)
         _need(
-            isinstance(self.device, str) and (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")),
+            isinstance(self.device, str) and (self.device in ("auto", "cpu", "cuda")
+                                              or re.fullmatch(r"cuda:\d+", self.device) is not None),
             "device", "auto, cpu, cuda or cuda:N", self.device,
         )
 
