@@ -4,11 +4,14 @@ while it trains (fit itself: tests/test_train.py)."""
 import os
 import threading
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from vaekit.io import BackgroundWriter, atomic_write, file_problem, host_copy, read_json
+from vaekit.io import (BackgroundWriter, CheckpointError, atomic_write, checkpoint_bytes, file_problem, host_copy,
+                       load_checkpoint, load_model, read_json, save_checkpoint, save_model, write_json)
 
 
 def test_jobs_run_in_order_on_another_thread_one_at_a_time():
@@ -253,3 +256,215 @@ print("cuda initialized:", torch.cuda.is_initialized())
     assert out.returncode == 0, out.stderr
     assert "cuda initialized: False" in out.stdout
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
+
+
+# ---------------------------------------------------------------------------------------
+# Bad arguments: refused before any file is touched
+
+
+def _tiny_vae(latent_dim=2):
+    from vaekit.models import VAE, ModelConfig
+
+    return VAE(ModelConfig(input_shape=(1, 4, 4), latent_dim=latent_dim, hidden=(8,)))
+
+
+def _unsaveable(case):
+    """(model, state) of a save_model call that must be refused, and the pattern of its error."""
+    m = _tiny_vae()
+    if case == "not a VAE":
+        return torch.nn.Linear(2, 2), None, r"model must be a vaekit\.models\.VAE, got Linear"
+    if case == "numpy config":
+        m.config.fixed_logvar = np.float32(0)  # accepted by the dataclass, not by JSON
+        return m, None, r"model\.config cannot be saved as JSON: .*float32"
+    if case == "other model's state":
+        other = _tiny_vae(latent_dim=3).state_dict()
+        return m, other, r"state must be the model's own state dict .*shapes: head\.weight"
+    if case == "state missing keys":
+        return m, {"head.weight": m.head.weight}, r"state must be the model's own state dict .*missing"
+    if case == "state not tensors":
+        return m, {k: 1.0 for k in m.state_dict()}, r"state\['.*'\] must be a tensor, got float"
+    return m, [1], r"state must be a state dict .*got list"
+
+
+@pytest.mark.parametrize("case", ["not a VAE", "numpy config", "other model's state", "state missing keys",
+                                  "state not tensors", "state not a mapping"])
+def test_save_model_refuses_before_writing_so_the_saved_model_stays(tmp_path, case):
+    good = _tiny_vae()
+    save_model(good, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    model, state, message = _unsaveable(case)
+    with pytest.raises((TypeError, ValueError), match=message):
+        save_model(model, tmp_path, state=state)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary file left either
+    loaded = load_model(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), good.state_dict().values()))
+
+
+def test_save_model_with_a_state_taken_earlier_writes_that_state(tmp_path):
+    model = _tiny_vae()
+    state = host_copy(model.state_dict())
+    with torch.no_grad():
+        model.head.weight.add_(1)
+    save_model(model, tmp_path, state=state)
+    assert torch.equal(load_model(tmp_path).head.weight, state["head.weight"])
+
+
+@pytest.mark.parametrize("value, where, what", [
+    (np.zeros(3), r"state\['x'\]", r"numpy\.ndarray"),
+    (Path("a"), r"state\['x'\]", r"pathlib\.\w*Path"),
+    (lambda: 1, r"state\['x'\]", "function"),
+    ({"rows": [1, (2.0, np.float32(1))]}, r"state\['x'\]\['rows'\]\[1\]\[1\]", r"numpy\.float32"),
+    ({"a": {1, 2}}, r"state\['x'\]\['a'\]", "set"),
+])
+def test_checkpoint_bytes_refuses_what_load_checkpoint_would_not_read(tmp_path, value, where, what):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"step": 1})
+    with pytest.raises(TypeError, match=rf"^{where} is a {what}; a checkpoint holds tensors, numbers, strings"):
+        save_checkpoint(path, {"step": 2, "x": value})
+    with pytest.raises(TypeError, match=r"^state\['x'\]"):
+        checkpoint_bytes({"x": value})
+    assert load_checkpoint(path)["step"] == 1  # the good checkpoint is still there
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+@pytest.mark.parametrize("state, error, message", [
+    ([("step", 1)], TypeError, r"state must be a dict, got list"),
+    ({1: 2}, TypeError, r"state's keys must be strings, got 1"),
+    ({"d": {(1, 2): 3}}, TypeError, r"state\['d'\] has a key \(1, 2\) of type tuple"),
+    ({"format": "other"}, ValueError, r"state\['format'\] is 'other'; leave it out"),
+    ({"format_version": 2}, ValueError, r"state\['format_version'\] is 2; leave it out"),
+])
+def test_checkpoint_bytes_refuses_a_state_that_is_no_checkpoint(state, error, message):
+    with pytest.raises(error, match=message):
+        checkpoint_bytes(state)
+
+
+def test_a_checkpoint_of_every_kind_of_value_the_safe_loader_reads_round_trips(tmp_path):
+    from collections import OrderedDict
+
+
+    model = torch.nn.Linear(2, 3)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "p": torch.nn.Parameter(torch.ones(2)),
+             "meta": OrderedDict(a=None, b=(1, 2.5, True, "s", 1j, b"x")), "size": torch.Size([2, 3]),
+             "dtype": torch.bfloat16, "device": torch.device("cpu"), "rows": [{"loss": float("nan")}, {2: -1}]}
+    save_checkpoint(tmp_path / "c.pt", state)
+    back = load_checkpoint(tmp_path / "c.pt")
+    assert back["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    assert back["meta"] == state["meta"] and back["size"] == state["size"] and back["dtype"] == torch.bfloat16
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda p: load_checkpoint(p / "c.pt", map_location="gpu3"), ValueError,
+     r"map_location must name a device \(cpu, cuda, cuda:N, \.\.\.\), got 'gpu3'"),
+    (lambda p: load_checkpoint(p / "c.pt", map_location=3.5), TypeError,
+     r"map_location must be a str or torch\.device, got float"),
+    (lambda p: load_model(p / "m", device="gpu7"), ValueError,
+     r"device must name a device .*got 'gpu7'"),
+    (lambda p: load_model(p / "m", device=[0]), TypeError,
+     r"device must be a str or torch\.device, got list"),
+], ids=["map_location name", "map_location type", "device name", "device type"])
+def test_a_bad_device_is_named_not_blamed_on_the_file(tmp_path, call, error, message):
+    save_checkpoint(tmp_path / "c.pt", {"step": 1})
+    save_model(_tiny_vae(), tmp_path / "m")
+    with pytest.raises(error, match=message):
+        call(tmp_path)
+    # what torch.load takes besides a device: a dict, a callable, None
+    for where in ({"cpu": "cpu"}, lambda storage, loc: storage, None, torch.device("cpu")):
+        assert load_checkpoint(tmp_path / "c.pt", map_location=where)["step"] == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the question is a machine without CUDA")
+def test_a_cuda_device_without_cuda_is_named(tmp_path):
+    save_checkpoint(tmp_path / "c.pt", {"step": 1})
+    save_model(_tiny_vae(), tmp_path / "m")
+    with pytest.raises(ValueError, match=r"map_location is 'cuda:1' but no CUDA device is available"):
+        load_checkpoint(tmp_path / "c.pt", map_location="cuda:1")
+    with pytest.raises(ValueError, match=r"device is 'cuda' but no CUDA device is available"):
+        load_model(tmp_path / "m", device=torch.device("cuda"))
+
+
+def _edit_saved(directory, case):
+    import json
+
+    cfg = directory / "config.json"
+    meta = json.loads(cfg.read_text())
+    if case == "format_version true":
+        meta["format_version"] = True
+    elif case == "config a pipe":
+        cfg.unlink()
+        os.mkfifo(cfg)
+        return
+    elif case == "weights a folder":
+        (directory / "model.safetensors").unlink()
+        (directory / "model.safetensors").mkdir()
+        return
+    cfg.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("format_version true", r"config\.json has format_version True; this vaekit .* reads 1\.\.1"),
+    ("config a pipe", r"holds no saved model: config\.json is not a regular file \(a pipe"),
+    ("weights a folder", r"holds no saved model: model\.safetensors is a folder, not a file"),
+])
+def test_load_model_refuses_a_bad_saved_model_with_a_checkpoint_error(tmp_path, case, message):
+    save_model(_tiny_vae(), tmp_path)
+    _edit_saved(tmp_path, case)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("Storage size calculation overflowed with sizes=[2, 4]"),
+                                   MemoryError()])
+def test_a_saved_model_too_large_to_build_is_a_checkpoint_error(tmp_path, monkeypatch, error):
+    """What the allocator raises for sizes that pass the config's checks but no memory
+    holds: said of the config file, not raised raw."""
+    import vaekit.models
+
+    save_model(_tiny_vae(), tmp_path)
+
+    def build(config):
+        raise error
+
+    monkeypatch.setattr(vaekit.models, "VAE", build)
+    with pytest.raises(CheckpointError, match=r"config\.json describes a model too large to build \((Stor|Mem)"):
+        load_model(tmp_path)
+
+
+def test_a_folder_or_a_file_where_the_other_is_needed_is_named(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "afile").write_text("kept")
+    with pytest.raises(ValueError, match=r"^path '.*folder' is a folder; expected a file to write"):
+        write_json(tmp_path / "folder", {})
+    with pytest.raises(ValueError, match=r"^path '.*folder' is a folder"):
+        save_checkpoint(tmp_path / "folder", {"step": 1})
+    with pytest.raises(ValueError, match=r"^directory '.*afile' is a file; expected a folder"):
+        save_model(_tiny_vae(), tmp_path / "afile")
+    with pytest.raises(ValueError, match=r"^path '.*afile.x\.json': its folder '.*afile' cannot be made, a file"):
+        write_json(tmp_path / "afile" / "x.json", {})
+    with pytest.raises(ValueError, match=r"^directory '.*afile.m' cannot be made, a file is in the way"):
+        save_model(_tiny_vae(), tmp_path / "afile" / "m")
+    (tmp_path / "m" / "config.json").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"holds a folder config\.json; expected a file there"):
+        save_model(_tiny_vae(), tmp_path / "m")
+    assert not (tmp_path / "m" / "model.safetensors").exists()  # refused before writing the weights
+    assert (tmp_path / "afile").read_text() == "kept" and list((tmp_path / "folder").iterdir()) == []
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda p: atomic_write(p / "x", b"data"), r"write must be a callable that writes into a binary file, got bytes"),
+    (lambda p: BackgroundWriter(enabled="no"), r"enabled must be a bool, got str"),
+    (lambda p: BackgroundWriter(enabled=False).submit(5), r"job must be a callable taking no arguments, got int"),
+    (lambda p: read_json(None), r"path must be a str or os\.PathLike, got NoneType"),
+    (lambda p: file_problem(None), r"path must be a str or os\.PathLike, got NoneType"),
+    (lambda p: load_checkpoint(None), r"path must be a str or os\.PathLike, got NoneType"),
+    (lambda p: load_model(None), r"directory must be a str or os\.PathLike, got NoneType"),
+    (lambda p: save_checkpoint(p / "c.pt", {}, data="x"), r"data must be bytes"),
+], ids=["atomic_write", "enabled", "submit", "read_json", "file_problem", "load_checkpoint", "load_model",
+        "save_checkpoint"])
+def test_bad_arguments_are_named(tmp_path, call, message):
+    with pytest.raises(TypeError, match=message):
+        call(tmp_path)
+    assert list(tmp_path.iterdir()) == []

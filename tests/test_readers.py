@@ -51,6 +51,37 @@ def test_read_idx_rejects_corrupt_files(tmp_path, mutate, message):
     assert "bad-idx3-ubyte" in str(info.value)
 
 
+@pytest.mark.parametrize("make, error, message", [
+    (lambda p: p.mkdir(), ValueError, r"idx: a folder, not a file; expected an IDX file"),
+    (lambda p: __import__("os").mkfifo(p), ValueError, r"idx: not a regular file \(a pipe"),  # before: hung
+    (lambda p: p.symlink_to(p), ValueError, r"idx: a link that leads nowhere"),
+    (lambda p: None, FileNotFoundError, r"idx: no such file"),
+], ids=["folder", "pipe", "loop", "absent"])
+def test_read_idx_names_a_path_that_is_no_file(tmp_path, make, error, message):
+    make(tmp_path / "idx")
+    with pytest.raises(error, match=message):
+        read_idx(tmp_path / "idx")
+
+
+def test_read_idx_names_a_path_that_is_not_a_path():
+    with pytest.raises(TypeError, match=r"path must be a str or os\.PathLike, got NoneType"):
+        read_idx(None)
+
+
+def test_mnist_files_that_are_no_files_are_named_not_just_missing(tmp_path):
+    import os
+
+    write_mnist(tmp_path, mnist_like(np.random.default_rng(0)), gz=(False,) * 4)
+    (tmp_path / "train-images-idx3-ubyte").unlink()
+    (tmp_path / "train-images-idx3-ubyte").mkdir()
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+    os.mkfifo(tmp_path / "t10k-labels-idx1-ubyte.gz")
+    with pytest.raises(FileNotFoundError, match=r"missing \['train-images-idx3-ubyte', 't10k-labels-idx1-ubyte'\]; "
+                       r"train-images-idx3-ubyte: a folder, not a file; t10k-labels-idx1-ubyte\.gz: not a regular "
+                       r"file \(a pipe"):
+        load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path), val_size=0))
+
+
 # ---------------------------------------------------------------------------------------
 # Download, with urlopen replaced by a local server of bytes
 
@@ -138,3 +169,11 @@ def test_download_into_a_file_names_it(tmp_path, fake_mirrors):
     (tmp_path / "afile").write_text("not a folder")
     with pytest.raises(ValueError, match=r"data_dir '.*afile' is a file; expected a folder to download mnist into"):
         download_mnist(tmp_path / "afile", "mnist")
+
+
+def test_download_onto_a_folder_names_it_before_any_mirror(tmp_path, fake_mirrors):
+    _, _, calls = fake_mirrors
+    (tmp_path / "dl" / "train-labels-idx1-ubyte.gz").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte\.gz is a folder; expected the downloaded file"):
+        download_mnist(tmp_path / "dl", "mnist")
+    assert not any("train-labels" in url for url in calls)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import OrderedDict
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
@@ -67,11 +69,34 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _as_path(name: str, value) -> Path:
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a str or os.PathLike, got {type(value).__name__}")
+    return Path(value)
+
+
+def _device(name: str, value):
+    """``value`` as a device (a str or torch.device), refused where it names no device or
+    a CUDA device where there is none: said before anything is read, not blamed on the file."""
+    if isinstance(value, str):
+        try:
+            dev = torch.device(value)
+        except RuntimeError:
+            raise ValueError(f"{name} must name a device (cpu, cuda, cuda:N, ...), got {value!r}") from None
+    elif isinstance(value, torch.device):
+        dev = value
+    else:
+        raise TypeError(f"{name} must be a str or torch.device, got {type(value).__name__}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name} is {str(value)!r} but no CUDA device is available")
+    return dev
+
+
 def file_problem(path) -> str | None:
     """Why ``path`` cannot be read as a file, in a few words, or None when it is a regular
     file (or a link to one). Asked before opening: a named pipe would block the reader
     forever, and a loop of links is otherwise reported as a missing file."""
-    path = Path(path)
+    path = _as_path("path", path)
     try:
         if path.is_file():
             return None
@@ -91,10 +116,14 @@ def atomic_write(path, write) -> Path:
     new content, never a partial one: temporary file in the same directory, flush,
     fsync, ``os.replace``, fsync of the directory. A link is written through: its target
     gets the new content and the link stays."""
-    path = Path(path)
+    given = path = _as_path("path", path)
+    if not callable(write):
+        raise TypeError(f"write must be a callable that writes into a binary file, got {type(write).__name__}")
     if path.is_symlink():
         path = Path(os.path.realpath(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise ValueError(f"path {str(given)!r} is a folder; expected a file to write")
+    _make_dir("path", path.parent, given)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the run the umask's permissions
@@ -113,13 +142,26 @@ def atomic_write(path, write) -> Path:
     return path
 
 
+def _make_dir(name: str, directory: Path, given: Path) -> None:
+    """``directory`` made, with its parents; one that cannot be (a file in the way) named."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        where = "" if given == directory else f": its folder {str(directory)!r}"
+        raise ValueError(f"{name} {str(given)!r}{where} cannot be made, a file is in the way") from None
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
 def write_json(path, obj) -> Path:
-    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    data = _json_bytes(obj)
     return atomic_write(path, lambda f: f.write(data))
 
 
 def read_json(path) -> dict:
-    path = Path(path)
+    path = _as_path("path", path)
     problem = file_problem(path)
     if problem == "no such file":
         raise FileNotFoundError(f"{path}: no such file")
@@ -197,12 +239,16 @@ class BackgroundWriter:
     """
 
     def __init__(self, enabled: bool = True) -> None:
-        self.enabled = bool(enabled)
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        self.enabled = enabled
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
 
     def submit(self, job) -> None:
         """Run ``job()`` after the jobs before it (in the background when enabled)."""
+        if not callable(job):
+            raise TypeError(f"job must be a callable taking no arguments, got {type(job).__name__}")
         self.wait()
         if not self.enabled:
             job()
@@ -247,21 +293,50 @@ class BackgroundWriter:
 def save_model(model, directory, *, state: dict | None = None) -> Path:
     """``directory/model.safetensors`` + ``directory/config.json``. ``state``: the weights
     to write instead of the model's own now (a :func:`host_copy` of its state dict taken
-    earlier; its config and class are the model's)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in (model.state_dict() if state is None else state).items()}
-    atomic_write(directory / "model.safetensors", lambda f: f.write(_safetensors_bytes(state)))
-    write_json(
-        directory / "config.json",
-        {
+    earlier; its config and class are the model's).
+
+    Everything is checked and serialised before the first file is written: a model that
+    cannot be saved leaves the files already there as they were."""
+    from .models import VAE
+
+    if not isinstance(model, VAE):
+        raise TypeError(f"model must be a vaekit.models.VAE, got {type(model).__name__}")
+    directory = _as_path("directory", directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"directory {str(directory)!r} is a file; expected a folder")
+    if state is None:
+        state = model.state_dict()
+    else:  # keep_vars: the tensors themselves, no new ones (this may run on a writing thread)
+        _check_model_state(state, model.state_dict(keep_vars=True))
+    try:
+        meta = _json_bytes({
             "class": type(model).__name__,
             "vaekit_version": __version__,
             "format_version": MODEL_FORMAT,
             "model": model.config.to_dict(),
-        },
-    )
+        })
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"model.config cannot be saved as JSON: {e}") from None
+    weights = _safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in state.items()})
+    for name in ("model.safetensors", "config.json"):
+        if (directory / name).is_dir():
+            raise ValueError(f"directory {str(directory)!r} holds a folder {name}; expected a file there")
+    _make_dir("directory", directory, directory)
+    atomic_write(directory / "model.safetensors", lambda f: f.write(weights))
+    atomic_write(directory / "config.json", lambda f: f.write(meta))
     return directory
+
+
+def _check_model_state(state, own: dict) -> None:
+    """Refuse a ``state`` for :func:`save_model` that would not load back into the model."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a state dict (a mapping of names to tensors), got {type(state).__name__}")
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"state[{k!r}] must be a tensor, got {type(v).__name__}")
+    why = _state_dict_mismatch(own, state)
+    if why:
+        raise ValueError(f"state must be the model's own state dict (its keys and shapes), but it has {why}")
 
 
 def load_model(directory, *, device=None):
@@ -271,16 +346,21 @@ def load_model(directory, *, device=None):
     from .model_config import model_without_inert
     from .models import VAE, ModelConfig
 
-    directory = Path(directory)
+    directory = _as_path("directory", directory)
+    if device is not None:
+        _device("device", device)
     if not directory.is_dir():
         raise CheckpointError(f"{directory} holds no saved model: no such directory")
     cfg_path, weights = directory / "config.json", directory / "model.safetensors"
     for p in (cfg_path, weights):
-        if not p.is_file():
+        problem = file_problem(p)
+        if problem == "no such file":
             raise CheckpointError(f"{directory} holds no saved model: {p.name} is missing")
+        if problem is not None:
+            raise CheckpointError(f"{directory} holds no saved model: {p.name} is {problem}")
     meta = read_json(cfg_path)
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > MODEL_FORMAT or version < 1:
+    if isinstance(version, bool) or not isinstance(version, int) or version > MODEL_FORMAT or version < 1:
         raise CheckpointError(
             f"{cfg_path} has format_version {version!r}; this vaekit ({__version__}) reads 1..{MODEL_FORMAT}"
         )
@@ -292,6 +372,9 @@ def load_model(directory, *, device=None):
                                       "model"))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{cfg_path} holds an invalid model config: {e}") from None
+    except (RuntimeError, MemoryError) as e:  # sizes that pass the config's checks but no memory holds
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{cfg_path} describes a model too large to build ({why})") from None
     try:
         state = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types for damaged files
@@ -328,8 +411,72 @@ def _state_dict_mismatch(expected: dict, given: dict) -> str:
 # Training checkpoints
 
 
+# What torch.load(weights_only=True) reads back: exact types, since a subclass (a named
+# tuple, a str enum, a numpy scalar) is pickled by its class, which the safe loader refuses.
+_LEAVES = frozenset({torch.Tensor, torch.nn.Parameter, str, int, float, bool, type(None), complex, bytes,
+                     bytearray, torch.Size, torch.dtype, torch.device, torch.layout})
+_KEYS = frozenset({str, int, float, bool, type(None)})
+
+
+class _NotPlain(Exception):
+    """The first value a checkpoint cannot hold, and its place (filled in on the way out)."""
+
+    def __init__(self, value, is_key: bool = False) -> None:
+        self.value, self.is_key, self.where = value, is_key, []
+
+
+def _check_plain(value) -> None:
+    """Raise :class:`_NotPlain` unless ``value`` holds only what a checkpoint is read back
+    with: a walk over the containers (tens of microseconds for a training state), reading
+    no tensor; the place of a bad value is put together only when there is one."""
+    t = type(value)
+    if t is dict or t is OrderedDict:
+        for k, v in value.items():
+            if type(k) not in _KEYS:
+                raise _NotPlain(k, is_key=True)
+            if type(v) not in _LEAVES:
+                try:
+                    _check_plain(v)
+                except _NotPlain as e:
+                    e.where.append(f"[{k!r}]")
+                    raise
+    elif t is list or t is tuple:
+        for i, v in enumerate(value):
+            if type(v) not in _LEAVES:
+                try:
+                    _check_plain(v)
+                except _NotPlain as e:
+                    e.where.append(f"[{i}]")
+                    raise
+    elif t not in _LEAVES:
+        raise _NotPlain(value)
+
+
+def _type_name(value) -> str:
+    t = type(value)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__.split('.')[0]}.{t.__qualname__}"
+
+
 def checkpoint_bytes(state: dict) -> bytes:
-    """``state`` serialised as :func:`save_checkpoint` writes it."""
+    """``state`` serialised as :func:`save_checkpoint` writes it. Refuses a state that
+    :func:`load_checkpoint` would not read back (a numpy array, a path, a function)."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a dict, got {type(state).__name__}")
+    for k in state:
+        if type(k) is not str:
+            raise TypeError(f"state's keys must be strings, got {k!r} ({_type_name(k)})")
+    try:
+        _check_plain(dict(state))
+    except _NotPlain as e:
+        where = "state" + "".join(reversed(e.where))
+        if e.is_key:
+            raise TypeError(f"{where} has a key {e.value!r} of type {_type_name(e.value)}; a checkpoint's keys "
+                            "are strings or numbers") from None
+        raise TypeError(f"{where} is a {_type_name(e.value)}; a checkpoint holds tensors, numbers, strings "
+                        "and containers of them") from None
+    for k, v in (("format", CHECKPOINT_MAGIC), ("format_version", CHECKPOINT_FORMAT)):
+        if k in state and not (type(state[k]) is type(v) and state[k] == v):  # it would replace the file's own
+            raise ValueError(f"state[{k!r}] is {state[k]!r}; leave it out (the file's own is {v!r})")
     buffer = BytesIO()
     torch.save({"format": CHECKPOINT_MAGIC, "format_version": CHECKPOINT_FORMAT, **state}, buffer)
     return buffer.getvalue()
@@ -343,6 +490,8 @@ def save_checkpoint(path, state: dict, *, data: bytes | None = None) -> Path:
     given the bytes, so that it never holds up the training steps."""
     if data is None:
         data = checkpoint_bytes(state)
+    elif not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes (checkpoint_bytes(state)), got {type(data).__name__}")
     return atomic_write(path, lambda f: f.write(data))
 
 
@@ -364,7 +513,9 @@ def load_checkpoint(path, *, map_location="cpu") -> dict:
 
     Raises :class:`CheckpointError` for a missing, truncated, foreign, unsafe or newer file.
     """
-    path = Path(path)
+    path = _as_path("path", path)
+    if map_location is not None and not isinstance(map_location, dict) and not callable(map_location):
+        _device("map_location", map_location)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:

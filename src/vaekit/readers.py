@@ -60,8 +60,16 @@ def read_idx(path) -> np.ndarray:
     Layout: two zero bytes, a dtype code, the number of dims ``k``, ``k`` big-endian
     uint32 sizes, then the big-endian payload of exactly ``prod(sizes)`` items.
     """
+    problem = file_problem(path)  # before opening: a named pipe would block forever
     path = Path(path)
-    raw = path.read_bytes()
+    if problem == "no such file":
+        raise FileNotFoundError(f"{path}: no such file")
+    if problem is not None:
+        raise ValueError(f"{path}: {problem}; expected an IDX file")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:  # no permission
+        raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
@@ -146,8 +154,11 @@ def _load_mnist(root: Path, kind: str, download: bool):
     if None in paths and not npz.is_file():
         if not download:
             missing = [s for s, p in zip(MNIST_FILES, paths) if p is None]
+            # a name that is there but is no file (a folder, a pipe) would otherwise read as missing
+            odd = [f"; {p.name}: {problem}" for p in (*(root / f"{s}{gz}" for s in missing for gz in ("", ".gz")), npz)
+                   if os.path.lexists(p) and (problem := file_problem(p)) is not None]
             raise FileNotFoundError(
-                f"{kind} not found in data_dir {str(root)!r}: missing {missing}. Put the four files "
+                f"{kind} not found in data_dir {str(root)!r}: missing {missing}{''.join(odd)}. Put the four files "
                 f"{', '.join(MNIST_FILES)} (raw or .gz) in {str(root)!r}, or {kind}.npz with "
                 "x_train, y_train, x_test, y_test, or set download=True to fetch them.")
         download_mnist(root, kind)
@@ -305,6 +316,8 @@ def download_mnist(root, kind: str = "mnist") -> list:
     paths = []
     for name, md5 in md5s.items():
         target = root / name
+        if target.is_dir():  # before the mirrors: renaming the download onto it would fail at each
+            raise ValueError(f"{target} is a folder; expected the downloaded file {name} there (or nothing)")
         if not (target.is_file() and _md5(target) == md5):
             errors = []
             for mirror in mirrors:
