@@ -6,7 +6,7 @@ from torch.distributions import Independent, Normal, kl_divergence
 
 from vaekit.io import CheckpointError
 from vaekit.losses import gaussian_kl
-from vaekit.models import VAE, ModelConfig
+from vaekit.models import VAE, ModelConfig, likelihood_mean
 
 CONFIGS = [
     ModelConfig(arch="mlp", input_shape=(1, 8, 8), latent_dim=4, hidden=(32, 16)),
@@ -344,3 +344,71 @@ def test_decode_nll_checks_what_nll_samples_returns():
     model = Odd(ModelConfig(arch="mlp", input_shape=(6,), hidden=(8,), latent_dim=3))
     with pytest.raises(ValueError, match=r"model.nll_samples must return shape \(5, 4\), got \(3,\)"):
         decode_nll(model, torch.rand(4, 6), torch.randn(5, 4, 3))
+
+
+def _small(**kw):
+    return VAE(ModelConfig(input_shape=(1, 4, 4), latent_dim=2, hidden=(8,), **kw))
+
+
+def _mutated():
+    config = ModelConfig(input_shape=(4,), hidden=())
+    config.latent_dim = 0
+    return VAE(config)
+
+
+def _saved_over_a_file(tmp_path):
+    (tmp_path / "afile").write_text("")
+    _small().save_pretrained(tmp_path / "afile")
+
+
+_XB = torch.rand(3, 1, 4, 4).bernoulli()
+
+
+@pytest.mark.parametrize("call, error, match", [
+    pytest.param(lambda p: _small().sample(10**12), ValueError,
+                 r"n must be at most 134217728 \(draws of 16 elements each .*\), got 1000000000000", id="sample-n"),
+    pytest.param(lambda p: _small().sample(2, generator=0), TypeError, "generator must be a torch.Generator or None",
+                 id="sample-generator"),
+    pytest.param(lambda p: VAE(ModelConfig(input_shape=(2**31 - 1,), hidden=(2**31 - 1,))), ValueError,
+                 r"config \(input_shape=\(2147483647,\), hidden=\(2147483647,\), .*parameters, over the 2147483648",
+                 id="config-huge-input"),
+    pytest.param(lambda p: VAE(ModelConfig(hidden=(200000, 200000))), ValueError,
+                 r"hidden=\(200000, 200000\).* makes a model of 80324000816 parameters", id="config-huge-hidden"),
+    pytest.param(lambda p: _mutated(), ValueError, "ModelConfig.latent_dim must be an integer in", id="config-mutated"),
+    pytest.param(lambda p: _small(likelihood="discretized_logistic").nll(torch.randn(3, 1, 4, 4), _XB), TypeError,
+                 r"decoder_out must be a \(mean, log_scale\) pair for likelihood 'discretized_logistic', got Tensor",
+                 id="nll-logistic-tensor"),
+    pytest.param(lambda p: _small().decode_samples(torch.randn(3, 2), _XB), ValueError,
+                 r"z must be \[k, B, d\], got shape \(3, 2\)", id="decode-samples-2d"),
+    pytest.param(lambda p: _small().decode_samples([1.0], _XB), TypeError, r"z must be a torch.Tensor \[k, B, d\]",
+                 id="decode-samples-list"),
+    pytest.param(lambda p: _small(pixelcnn_layers=1, pixelcnn_width=4).decode(torch.randn(3, 2), [1.0]), TypeError,
+                 "x must be a torch.Tensor, got list", id="pixelcnn-decode-x"),
+    pytest.param(lambda p: _small(pixelcnn_layers=1, pixelcnn_width=4).decode_samples(torch.randn(2, 3, 2), [1.0]),
+                 TypeError, r"x must be a torch.Tensor \[B, \*input_shape\], got list", id="pixelcnn-decode-samples-x"),
+    pytest.param(lambda p: _small()(_XB, noise=lambda s: torch.randn(9)), ValueError,
+                 r"noise\(shape\) must return a tensor of shape \(3, 2\), got shape \(9,\)", id="forward-noise"),
+    pytest.param(lambda p: _small().nll_samples(torch.randn(6, 1, 4, 4), [1.0]), TypeError,
+                 r"x must be a torch.Tensor \[B, \*event\], got list", id="nll-samples-x"),
+    pytest.param(lambda p: _small().encode(torch.full((3, 1, 4, 4), float("nan"))), ValueError, "x must be finite",
+                 id="encode-nan"),
+    pytest.param(lambda p: likelihood_mean("gaussian", "abc"), TypeError,
+                 r"decoder_out must be a mean tensor or a \(mean, \.\.\.\) pair, got str", id="likelihood-mean-str"),
+    pytest.param(_saved_over_a_file, ValueError, "directory .*afile.* is a file", id="save-over-a-file"),
+])
+def test_bad_arguments_to_the_model_are_refused_by_name(tmp_path, call, error, match):
+    with pytest.raises(error, match=match):
+        call(tmp_path)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS + [
+    ModelConfig(arch="conv", input_shape=(3, 17, 9), hidden=(4, 8, 5), likelihood="discretized_logistic"),
+    ModelConfig(input_shape=(2, 8, 8), hidden=(7,), pixelcnn_layers=3, pixelcnn_width=5),
+    ModelConfig(arch="conv", input_shape=(2, 8, 8), hidden=(7, 3), pixelcnn_layers=2, pixelcnn_width=5,
+                pixelcnn_fusion="late"),
+], ids=lambda c: f"{c.arch}-{'x'.join(map(str, c.input_shape))}-{c.likelihood}-pixelcnn{c.pixelcnn_layers}")
+def test_the_parameters_are_counted_before_building(cfg):
+    """VAE refuses a config over MAX_PARAMETERS from this count, made before anything is allocated."""
+    from vaekit.models import _n_parameters
+
+    assert _n_parameters(cfg) == sum(p.numel() for p in VAE(cfg).parameters())

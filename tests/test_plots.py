@@ -197,3 +197,103 @@ def test_plot_arguments_are_taken_or_refused_by_what_they_mean(tmp_path):
     model = FakeVAE([1.0, 0.1, 0.5, 0.99], "bernoulli")
     with pytest.raises(ValueError, match="dims must be an int >= 1, got -1"):
         save_traversals(model, torch.zeros(1, 1, 1, 4), tmp_path / "t.png", n_steps=3, dims=-1)
+
+
+def _vae(input_shape=(1, 4, 4)):
+    from vaekit.models import VAE, ModelConfig
+
+    return VAE(ModelConfig(input_shape=input_shape, latent_dim=2, hidden=(8,)))
+
+
+_ROWS = [{"epoch": 1, "split": "train", "loss": 3.0, "reconstruction": 2.0, "kl": 1.0}]
+_X = torch.rand(3, 1, 4, 4)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    pytest.param(lambda p: image_grid(_X, padding=10**5), ValueError,
+                 r"3 images of 4x4 with nrow=8 and padding=100000 make a grid of 200004x400012 pixels, more than the "
+                 r"178956970 that Pillow opens", id="grid-padding"),
+    pytest.param(lambda p: image_grid("abc"), TypeError, "images must be a tensor or an array of numbers, got str",
+                 id="grid-str"),
+    pytest.param(lambda p: image_grid([[1, 2], [3]]), ValueError, "images must be .* rectangular", id="grid-ragged"),
+    pytest.param(lambda p: image_grid(torch.rand(2, 1, 0, 4)), ValueError, r"images must be at least 1x1 pixels",
+                 id="grid-empty-image"),
+    pytest.param(lambda p: image_grid(_X.to(torch.complex64)), TypeError, "images must be real, got dtype .*complex",
+                 id="grid-complex"),
+    pytest.param(lambda p: image_grid(_X.reshape(3, 16), image_shape=(1, -4, -4)), ValueError,
+                 r"image_shape must be \(C, H, W\) or \(H, W\), ints >= 1, got \(1, -4, -4\)", id="shape-negative"),
+    pytest.param(lambda p: image_grid(_X.reshape(3, 16), image_shape="1x4x4"), ValueError, "image_shape must be",
+                 id="shape-str"),
+    pytest.param(lambda p: image_grid(_X.reshape(3, 16), image_shape=16), ValueError, "image_shape must be",
+                 id="shape-int"),
+    pytest.param(lambda p: image_grid(torch.rand(3, 0), image_shape=(1, 0, 4)), ValueError, "image_shape must be",
+                 id="shape-zero"),
+    pytest.param(lambda p: save_image_grid(_X[:2], p / "big.png", scale=10**4), ValueError,
+                 r"big\.png: the grid of 8x14 pixels \(nrow=8, padding=2\) enlarged scale=10000 times is 80000x140000",
+                 id="save-scale-huge"),
+    pytest.param(lambda p: save_image_grid(_X, p / "a.png", scale=True), ValueError, "scale must be a positive int",
+                 id="save-scale-bool"),
+    pytest.param(lambda p: save_image_grid(_X, p / "a.gif"), ValueError,
+                 r"a\.gif: the suffix '\.gif' names no format written here; use \.png, \.jpg, \.jpeg", id="save-gif"),
+    pytest.param(lambda p: save_image_grid(_X, p / "folder"), ValueError, r"path .*folder is a folder",
+                 id="save-folder"),
+    pytest.param(lambda p: save_image_grid(_X, p / "pipe"), ValueError, r"path .*pipe is not a regular file",
+                 id="save-pipe"),
+    pytest.param(lambda p: plot_curves(_ROWS, p / "c.pdf"), ValueError, r"c\.pdf: the suffix '\.pdf' .*; use \.png",
+                 id="curves-pdf"),
+    pytest.param(lambda p: plot_curves(_ROWS, p / "folder"), ValueError, r"path .*folder is a folder",
+                 id="curves-folder"),
+    pytest.param(lambda p: plot_curves(_ROWS, p / "pipe"), ValueError, r"path .*pipe is not a regular file",
+                 id="curves-pipe"),
+    pytest.param(lambda p: plot_curves(None, p / "c.png"), TypeError, "rows must be a sequence of dicts .* NoneType",
+                 id="curves-rows-none"),
+    pytest.param(lambda p: plot_curves([1, 2], p / "c.png"), TypeError, "rows must be .* a row of type int",
+                 id="curves-rows-ints"),
+    pytest.param(lambda p: plot_curves({"epoch": 1}, p / "c.png"), TypeError, "rows must be .* got dict",
+                 id="curves-rows-dict"),
+    pytest.param(lambda p: plot_curves(_ROWS, p / "c.png", keys=None), TypeError, "keys must be .* got NoneType",
+                 id="curves-keys-none"),
+    pytest.param(lambda p: save_traversals(_vae((10,)), torch.rand(1, 10), p / "t.png", image_shape=(1, 3, 3)),
+                 ValueError, r"image_shape \(1, 3, 3\) must hold the 10 values of the model's input_shape \(10,\)",
+                 id="traversals-image-shape"),
+    pytest.param(lambda p: save_traversals(_vae(), _X[:1], p / "t.png", span=float("nan")), ValueError,
+                 "span must be a finite number > 0, got nan", id="traversals-span-nan"),
+    pytest.param(lambda p: save_traversals(_vae(), _X[:1], p / "t.png", span="3"), TypeError,
+                 "span must be a number, got str", id="traversals-span-str"),
+    pytest.param(lambda p: save_traversals(_vae(), _X[:1], p / "t.png", dims=[0.7]), ValueError,
+                 r"dims must select latent dimensions \(ints in \[0, 2\)\), got \[0.7\]", id="traversals-dims-float"),
+    pytest.param(lambda p: save_traversals(_vae(), _X[:1], p / "t.png", dims="ab"), TypeError,
+                 "dims must be an int or a sequence of latent dimensions, got str", id="traversals-dims-str"),
+    pytest.param(lambda p: save_traversals(_vae(), _X[:1], p / "t.png", dims=1.5), TypeError,
+                 "dims must be an int or a sequence of latent dimensions, got float", id="traversals-dims-number"),
+    pytest.param(lambda p: save_traversals(_vae(), _X[:1], p / "t.png", kl_per_dim="ab"), TypeError,
+                 "kl_per_dim must be latent_dim=2 numbers, got str", id="traversals-kl-str"),
+    pytest.param(lambda p: save_traversals(_vae(), [1.0], p / "t.png"), TypeError, "x must be a torch.Tensor, got list",
+                 id="traversals-x-list"),
+    pytest.param(lambda p: save_traversals(None, _X[:1], p / "t.png"), TypeError, "model must be a VAE .* NoneType",
+                 id="traversals-model-none"),
+    pytest.param(lambda p: decoder_mean(None, torch.zeros(2)), TypeError, "model must be a VAE .* NoneType",
+                 id="decoder-mean-model-none"),
+])
+def test_bad_plot_arguments_are_refused_by_name_before_anything_is_written(tmp_path, call, error, match):
+    import os
+
+    (tmp_path / "folder").mkdir()
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(error, match=match):
+        call(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "pipe"]
+
+
+def test_the_grid_bound_is_what_pillow_opens_and_valid_input_is_taken_as_before(tmp_path):
+    from vaekit.plots import MAX_GRID_PIXELS
+
+    assert MAX_GRID_PIXELS == 2 * Image.MAX_IMAGE_PIXELS  # beyond it Image.open raises DecompressionBombError
+    # valid input is taken as before: a path without a suffix is a PNG, a list of lists an image
+    path = save_image_grid([[[0.0, 1.0]]], tmp_path / "grid", padding=0)
+    with Image.open(path) as im:
+        assert im.format == "PNG" and np.asarray(im).tolist() == [[0, 255]]
+    model = _vae()
+    a = save_traversals(model, _X[:1], tmp_path / "a.png", dims=torch.tensor([1, 0]), n_steps=3)
+    b = save_traversals(model, _X[:1], tmp_path / "b.png", dims=[1, 0], n_steps=3)
+    assert a.read_bytes() == b.read_bytes()

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Independent, Normal
 
+from .checks import check_finite, validating
 from .iw import noise_dtype, repeat_for_samples
 from .losses import reconstruction_nll
 from .likelihoods import bernoulli_nll_samples, discretized_logistic_nll, optimal_sigma_nll
@@ -34,6 +35,11 @@ _MSE_LOGVAR = math.log(0.5)
 # mean squared errors over the first 1/_MSE_MOMENTUM steps, then an exponential average.
 _MSE_MOMENTUM = 0.01
 _MIN_OPTIMAL_LOGVAR = -9.0  # optimal_sigma_nll's default floor, for the evaluation variance too
+# The most parameters a VAE is built with (8 GiB in float32), and the most elements one
+# call of sample() decodes at its peak (8 GiB in float32): larger sizes are typing
+# mistakes, refused at once where they would take minutes and then fail in the allocator.
+MAX_PARAMETERS = 2**31
+MAX_SAMPLE_NUMEL = 2**31
 
 __all__ = ["ModelConfig", "VAE", "VAEOutput", "likelihood_mean", "ARCHS", "ACTIVATIONS", "LIKELIHOODS", "DECODER_VARIANCES"]
 
@@ -51,16 +57,26 @@ def likelihood_mean(kind: str, decoder_out) -> Tensor:
       take the mass beyond).
     """
     if kind in ("gaussian", "mse", "discretized_logistic"):
-        mean = decoder_out[0] if isinstance(decoder_out, (tuple, list)) else decoder_out
+        mean = decoder_out[0] if isinstance(decoder_out, (tuple, list)) and decoder_out else decoder_out
+        if not isinstance(mean, Tensor):
+            raise TypeError(f"decoder_out must be a mean tensor or a (mean, ...) pair, "
+                            f"got {type(decoder_out).__name__}")
         return mean.clamp(0.0, 1.0) if kind == "discretized_logistic" else mean
     if isinstance(decoder_out, (tuple, list)):
         raise TypeError(f"a {kind} decoder returns a logits tensor, got a {type(decoder_out).__name__}")
+    if kind in ("bernoulli", "continuous_bernoulli") and not isinstance(decoder_out, Tensor):
+        raise TypeError(f"decoder_out must be a logits tensor, got {type(decoder_out).__name__}")
     if kind == "bernoulli":
         return torch.sigmoid(decoder_out)
     if kind == "continuous_bernoulli":
         dist = torch.distributions.ContinuousBernoulli(logits=decoder_out.double(), validate_args=False)
         return dist.mean.to(decoder_out.dtype)
     raise ValueError(f"likelihood must be one of {', '.join(LIKELIHOODS)}; got {kind!r}")
+
+
+def _check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
 class VAEOutput(NamedTuple):
@@ -77,6 +93,36 @@ def _mlp(sizes: list[int], act: type[nn.Module]) -> nn.Sequential:
     for a, b in zip(sizes[:-1], sizes[1:]):
         layers += [nn.Linear(a, b), act()]
     return nn.Sequential(*layers)
+
+
+def _n_parameters(config: ModelConfig) -> int:
+    """The parameters :class:`VAE` builds for ``config``, counted before building it."""
+    shape, d, hidden = config.input_shape, config.latent_dim, config.hidden
+    n_out = 2 if config.likelihood == "discretized_logistic" else 1
+
+    def layers(sizes, k=1):  # weights and biases of a chain of layers (k x k kernels)
+        return sum(a * b * k * k + b for a, b in zip(sizes[:-1], sizes[1:]))
+
+    if config.arch == "mlp":
+        n_in = math.prod(shape)
+        feat = hidden[-1] if hidden else n_in
+        widths = [d, *reversed(hidden)]
+        n = layers([n_in, *hidden]) + layers([feat, 2 * d]) + layers(widths) + layers([widths[-1], n_out * n_in])
+    else:
+        c = shape[0]
+        chans = [c, *hidden]
+        feat = chans[-1] * _conv_sizes(shape[1], len(hidden))[-1] * _conv_sizes(shape[2], len(hidden))[-1]
+        n = layers(chans, 3) + layers([feat, 2 * d]) + layers([d, feat])
+        n += layers([*reversed(chans[1:]), chans[1]], 3) + layers([chans[1], n_out * c], 3)
+    if config.pixelcnn_layers:
+        c, width, k = shape[0], config.pixelcnn_width, config.pixelcnn_layers
+        n += layers([c, width], 7) + (k - 1) * layers([width, width], 3)
+        n += layers([width, c * (1 if config.pixelcnn_fusion == "early" else 10)])
+        if config.pixelcnn_fusion == "early":
+            n += k * layers([c, width], 3)
+    if config.decoder_variance == "learned":
+        n += math.prod(shape)
+    return n
 
 
 def _conv_sizes(size: int, n: int) -> list[int]:
@@ -101,6 +147,14 @@ class VAE(nn.Module):
         super().__init__()
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+        config.__post_init__()  # again: its fields may have been set since it was made
+        n_params = _n_parameters(config)
+        if n_params > MAX_PARAMETERS:
+            head = f", pixelcnn_width={config.pixelcnn_width}" if config.pixelcnn_layers else ""
+            raise ValueError(f"config (input_shape={config.input_shape}, hidden={config.hidden}, latent_dim="
+                             f"{config.latent_dim}{head}) makes a model of {n_params} parameters, over the "
+                             f"{MAX_PARAMETERS} (8 GiB in float32) a VAE is built with; use narrower layers or a "
+                             f"smaller input")
         self.config = config
         act = ACTIVATIONS[config.activation]
         shape = config.input_shape
@@ -163,6 +217,9 @@ class VAE(nn.Module):
 
     def encode(self, x: Tensor) -> Independent:
         """q(z|x) as ``Independent(Normal(mu, sigma), 1)``: batch shape ``[B]``, event ``[d]``."""
+        self._check_input(x)
+        if validating(None):  # a value check (encode is for evaluation; the training step calls encode_params)
+            check_finite("x", x)
         mu, logvar = self.encode_params(x)
         return Independent(Normal(mu, torch.exp(0.5 * logvar)), 1)
 
@@ -195,6 +252,8 @@ class VAE(nn.Module):
             if x is None:
                 raise ValueError("decode(z, x): x is required by an autoregressive decoder (pixelcnn_layers > 0), "
                                  "got None; use generate(z) to draw images")
+            if not isinstance(x, Tensor):
+                raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
             if tuple(x.shape) != tuple(out.shape):
                 raise ValueError(f"x has shape {tuple(x.shape)} but z decodes to {tuple(out.shape)}")
             return self.pixelcnn(x.to(out.dtype), out)
@@ -210,9 +269,15 @@ class VAE(nn.Module):
         :meth:`decode` would give them with ``x`` repeated ``k`` times. An autoregressive head
         with late fusion reads the pixels once per example here
         (:meth:`vaekit.pixelcnn.PixelCNNHead.run_samples`)."""
+        if not isinstance(z, Tensor):
+            raise TypeError(f"z must be a torch.Tensor [k, B, d], got {type(z).__name__}")
+        if z.dim() != 3:
+            raise ValueError(f"z must be [k, B, d], got shape {tuple(z.shape)}")
         k, b, d = z.shape
         if self.pixelcnn is None:
             return self.decode(z.reshape(k * b, d))
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor [B, *input_shape], got {type(x).__name__}")
         out = self.decoder(z.reshape(k * b, d))
         want = (b,) + tuple(out.shape[1:])
         if tuple(x.shape) != want:
@@ -244,6 +309,11 @@ class VAE(nn.Module):
         so that its ELBO and likelihood estimates are log-likelihoods too."""
         cfg = self.config
         if cfg.likelihood == "discretized_logistic":
+            if not isinstance(decoder_out, (tuple, list)) or len(decoder_out) != 2:
+                got = (f"a {type(decoder_out).__name__} of {len(decoder_out)}" if isinstance(decoder_out, (tuple, list))
+                       else type(decoder_out).__name__)
+                raise TypeError(f"decoder_out must be a (mean, log_scale) pair for likelihood 'discretized_logistic', "
+                                f"got {got}")
             mean, log_scale = decoder_out
             return discretized_logistic_nll(mean, log_scale, x)
         if cfg.decoder_variance == "optimal":
@@ -267,6 +337,9 @@ class VAE(nn.Module):
         returns ``[k, B]``. A Bernoulli model scores them without repeating ``x``
         (:func:`vaekit.likelihoods.bernoulli_nll_samples`); otherwise, or when a subclass
         overrides :meth:`nll`, ``nll`` is called on ``x`` repeated ``k`` times."""
+        if not isinstance(x, Tensor) or x.dim() < 1:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            raise TypeError(f"x must be a torch.Tensor [B, *event], got {got}")
         b = x.shape[0]
         own = getattr(self.nll, "__func__", None) is VAE.nll  # not overridden, nor patched on
         if self.config.likelihood == "bernoulli" and own and isinstance(decoder_out, Tensor):
@@ -323,8 +396,13 @@ class VAE(nn.Module):
         supplies ``eps`` (the training loop uses it for step-keyed, rank-consistent noise);
         drawn here it is at least float32 (``noise_dtype``), as the training loop's is."""
         mu, logvar = self.encode_params(x)
-        eps = (torch.randn(mu.shape, dtype=noise_dtype(mu), device=mu.device) if noise is None
-               else noise(tuple(mu.shape)))
+        if noise is None:
+            eps = torch.randn(mu.shape, dtype=noise_dtype(mu), device=mu.device)
+        else:
+            eps = noise(tuple(mu.shape))
+            if not isinstance(eps, Tensor) or eps.shape != mu.shape:
+                got = f"shape {tuple(eps.shape)}" if isinstance(eps, Tensor) else f"a {type(eps).__name__}"
+                raise ValueError(f"noise(shape) must return a tensor of shape {tuple(mu.shape)}, got {got}")
         z = mu + torch.exp(0.5 * logvar) * eps
         # Only an autoregressive decoder reads x (subclasses may override decode(z)).
         return VAEOutput(self.decode(z, x) if self.autoregressive else self.decode(z), mu, logvar, z)
@@ -343,6 +421,7 @@ class VAE(nn.Module):
         from p(x|z), pixel by pixel, shown as each pixel's probability of being 1 given the
         pixels drawn before it (:func:`vaekit.pixelcnn.sample_pixels`; ``generator`` seeds
         the draw)."""
+        _check_generator(generator)
         if self.pixelcnn is not None:
             self._check_latent(z)
             return sample_pixels(self.pixelcnn, self.decoder(z), generator=generator)
@@ -353,6 +432,11 @@ class VAE(nn.Module):
         """``n`` draws z ~ N(0, I), each made an image by :meth:`generate`: ``[n, *input_shape]``."""
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
+        most = max(1, MAX_SAMPLE_NUMEL // self.decode_numel)
+        if n > most:
+            raise ValueError(f"n must be at most {most} (draws of {self.decode_numel} elements each at the decoder's "
+                             f"peak, {MAX_SAMPLE_NUMEL} in all), got {n}; draw them in batches")
+        _check_generator(generator)
         p = next(self.parameters())
         z = torch.randn(n, self.config.latent_dim, generator=generator, device=p.device, dtype=p.dtype)
         return self.generate(z, generator=generator)

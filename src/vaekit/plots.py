@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import stat
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -25,10 +27,61 @@ from .checks import check_int, check_number
 __all__ = ["image_grid", "save_image_grid", "plot_curves", "save_traversals", "decoder_mean"]
 
 
+# The most pixels a grid may have: what Pillow, vaekit's reader of images, still opens
+# (Image.MAX_IMAGE_PIXELS's default, doubled: beyond it Image.open raises
+# DecompressionBombError). A larger grid would take minutes and gigabytes to make.
+MAX_GRID_PIXELS = 2 * 89_478_485
+
+
 def _to_numpy(images) -> np.ndarray:
     if isinstance(images, Tensor):
+        if images.is_complex():
+            raise TypeError(f"images must be real, got dtype {images.dtype}")
         return images.detach().to("cpu", torch.float32).numpy()
-    return np.asarray(images, dtype=np.float32)
+    if images is None or isinstance(images, (str, bytes)):
+        raise TypeError(f"images must be a tensor or an array of numbers, got {type(images).__name__}")
+    try:
+        arr = np.asarray(images)
+    except ValueError:  # a ragged nesting of lists
+        raise ValueError("images must be a tensor or a rectangular array of numbers, got a ragged "
+                         f"{type(images).__name__}") from None
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"images must be a tensor or an array of real numbers, got an array of dtype {arr.dtype}")
+    return np.asarray(arr, dtype=np.float32)
+
+
+def _check_image_shape(image_shape) -> tuple[int, ...]:
+    """``image_shape`` as a tuple, if it is ``(C, H, W)`` or ``(H, W)`` of ints >= 1."""
+    shape = tuple(image_shape) if isinstance(image_shape, (tuple, list)) else None
+    if (shape is None or len(shape) not in (2, 3)
+            or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in shape)):
+        raise ValueError(f"image_shape must be (C, H, W) or (H, W), ints >= 1, got {image_shape!r}")
+    return tuple(int(s) for s in shape)
+
+
+def _check_grid_size(h: int, w: int, what: str) -> None:
+    if h * w > MAX_GRID_PIXELS:
+        raise ValueError(f"{what} make a grid of {h}x{w} pixels, more than the {MAX_GRID_PIXELS} that Pillow opens; "
+                         f"use a smaller padding or fewer images")
+
+
+def _output_path(path, suffixes: tuple[str, ...]) -> Path:
+    """``path`` as a Path, if it can name a new image file with one of ``suffixes`` (or none:
+    the first format): not a folder, nor a pipe or device that the write would block on."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    path = Path(path)
+    if path.suffix.lower() not in ("", *suffixes):
+        raise ValueError(f"path {path}: the suffix {path.suffix!r} names no format written here; "
+                         f"use {', '.join(suffixes)}")
+    try:
+        mode = path.stat().st_mode
+    except OSError:  # nothing there yet (or out of reach: the write says why)
+        return path
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a pipe, socket or device)"
+        raise ValueError(f"path {path} is {kind}; name an image file to write")
+    return path
 
 
 def image_grid(images, nrow: int = 8, padding: int = 2, pad_value: float = 1.0, *, image_shape=None) -> np.ndarray:
@@ -48,7 +101,7 @@ def image_grid(images, nrow: int = 8, padding: int = 2, pad_value: float = 1.0, 
     """
     arr = _to_numpy(images)
     if image_shape is not None:
-        shape = tuple(int(s) for s in image_shape)
+        shape = _check_image_shape(image_shape)
         if arr.ndim < 1 or math.prod(arr.shape[1:]) != math.prod(shape):
             raise ValueError(f"images of shape {arr.shape} cannot be reshaped to image_shape {shape}")
         arr = arr.reshape(arr.shape[0], *shape)
@@ -61,13 +114,17 @@ def image_grid(images, nrow: int = 8, padding: int = 2, pad_value: float = 1.0, 
         )
     if arr.shape[0] == 0:
         raise ValueError("images must hold at least one image, got an empty batch")
+    if arr.shape[2] == 0 or arr.shape[3] == 0:
+        raise ValueError(f"images must be at least 1x1 pixels, got shape {arr.shape}")
     nrow, padding = check_int("nrow", nrow, low=1), check_int("padding", padding)
     check_number("pad_value", pad_value, low=-math.inf)  # finite; clipped to [0, 1] below
     n, c, h, w = arr.shape
     cols = min(n, nrow)
     rows = math.ceil(n / cols)
+    size = (rows * (h + padding) + padding, cols * (w + padding) + padding)
+    _check_grid_size(*size, f"{n} images of {h}x{w} with nrow={nrow} and padding={padding}")
     grid = np.full(
-        (c, rows * (h + padding) + padding, cols * (w + padding) + padding),
+        (c, *size),
         np.clip(pad_value, 0.0, 1.0),
         dtype=np.float32,
     )
@@ -98,12 +155,17 @@ def save_image_grid(
 
     from .io import atomic_write
 
-    if not isinstance(scale, int) or scale < 1:
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
         raise ValueError(f"scale must be a positive int, got {scale!r}")
+    path = _output_path(path, (".png", ".jpg", ".jpeg"))
     grid = image_grid(images, nrow=nrow, padding=padding, pad_value=pad_value, image_shape=image_shape)
+    h, w = grid.shape[0] * scale, grid.shape[1] * scale
+    if h * w > MAX_GRID_PIXELS:  # asked before the enlargement is made
+        raise ValueError(f"path {path}: the grid of {grid.shape[0]}x{grid.shape[1]} pixels (nrow={nrow}, "
+                         f"padding={padding}) enlarged scale={scale} times is {h}x{w}, more than the {MAX_GRID_PIXELS} "
+                         f"pixels that Pillow opens; use a smaller scale or padding, or fewer images")
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    path = Path(path)
     fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
     if fmt == "JPEG" and max(grid.shape[:2]) > JPEG_MAX_SIDE:
         fewer = "fewer" if grid.shape[1] > JPEG_MAX_SIDE else "more"
@@ -139,7 +201,8 @@ def plot_curves(
             ``{"epoch": "3", "split": "val", "loss": "98.1", ...}``; rows without a
             ``split`` column form a single line. Cells that are empty or not numbers are
             skipped, so a split that logs fewer metrics still plots the ones it has.
-        path: the PNG to write (parent directories are created).
+        path: the PNG to write (parent directories are created); a ``.png`` name, or one
+            without a suffix.
         keys: the metrics to plot, each a column of at least one row.
         x: the column on the horizontal axis.
     Returns the path written.
@@ -147,8 +210,23 @@ def plot_curves(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    if isinstance(rows, (Mapping, str, bytes)) or not isinstance(rows, Iterable):
+        raise TypeError(f"rows must be a sequence of dicts (metrics rows), got {type(rows).__name__}")
     rows = list(rows)
-    keys = [keys] if isinstance(keys, str) else list(keys)  # one metric by its name, not its letters
+    bad = next((r for r in rows if not isinstance(r, Mapping)), None)
+    if bad is not None:
+        raise TypeError(f"rows must be a sequence of dicts (metrics rows), got a row of type {type(bad).__name__}")
+    if isinstance(keys, str):
+        keys = [keys]  # one metric by its name, not its letters
+    elif isinstance(keys, Iterable) and not isinstance(keys, (Mapping, bytes)):
+        keys = list(keys)
+    else:
+        raise TypeError(f"keys must be a metric's name or a sequence of them, got {type(keys).__name__}")
+    if not all(isinstance(k, str) for k in keys):
+        raise TypeError(f"keys must be metric names (str), got {keys!r}")
+    if not isinstance(x, str):
+        raise TypeError(f"x must be a column name (str), got {type(x).__name__}")
+    path = _output_path(path, (".png",))
     if not rows:
         raise ValueError("rows must hold at least one metrics row, got none")
     if not keys:
@@ -178,7 +256,6 @@ def plot_curves(
         if any(splits) and ax.lines:
             ax.legend()
     fig.tight_layout()
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path
@@ -189,7 +266,10 @@ def decoder_mean(model, decoder_out) -> Tensor:
     :func:`vaekit.models.likelihood_mean`), for a model with ``config.likelihood``."""
     from .models import likelihood_mean
 
-    return likelihood_mean(model.config.likelihood, decoder_out).clamp(0.0, 1.0)
+    likelihood = getattr(getattr(model, "config", None), "likelihood", None)
+    if likelihood is None:
+        raise TypeError(f"model must be a VAE (a model with config.likelihood), got {type(model).__name__}")
+    return likelihood_mean(likelihood, decoder_out).clamp(0.0, 1.0)
 
 
 def _images_of(model, z: Tensor) -> Tensor:
@@ -237,15 +317,34 @@ def save_traversals(
     dimensions in the order given. ``image_shape`` is needed only for a flat input whose
     size is not a square. ``scale`` enlarges the PNG (nearest neighbour). Returns the path.
     """
+    if not hasattr(model, "config") or not callable(getattr(model, "encode", None)):
+        raise TypeError(f"model must be a VAE (a model with config and encode), got {type(model).__name__}")
     d = int(model.config.latent_dim)
-    shape = _image_shape(image_shape if image_shape is not None else model.config.input_shape)
     input_shape = tuple(model.config.input_shape)
+    if image_shape is None:
+        shape = _image_shape(input_shape)
+    else:
+        shape = _image_shape(_check_image_shape(image_shape))
+        if math.prod(shape) != math.prod(input_shape):
+            raise ValueError(f"image_shape {tuple(image_shape)} must hold the {math.prod(input_shape)} values of the "
+                             f"model's input_shape {input_shape}, got {math.prod(shape)}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if tuple(x.shape) == input_shape:
         x = x.unsqueeze(0)
     if tuple(x.shape) != (1, *input_shape):
         raise ValueError(f"x must be one example of shape {(1, *input_shape)}, got {tuple(x.shape)}")
     if not isinstance(n_steps, int) or n_steps < 2:
         raise ValueError(f"n_steps must be an int >= 2, got {n_steps!r}")
+    span = check_number("span", span, low=0.0, open_low=True)
+    if dims is not None and (isinstance(dims, (str, bytes, Mapping))
+                             or not isinstance(dims, (numbers.Integral, Iterable))):
+        raise TypeError(f"dims must be an int or a sequence of latent dimensions, got {type(dims).__name__}")
+    if kl_per_dim is not None:
+        try:
+            kl_per_dim = torch.as_tensor(kl_per_dim, dtype=torch.float64).flatten()
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"kl_per_dim must be latent_dim={d} numbers, got {type(kl_per_dim).__name__}") from None
 
     was_training = isinstance(model, torch.nn.Module) and model.training
     if was_training:
@@ -258,7 +357,7 @@ def save_traversals(
                 prior = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(std))
                 kl = torch.distributions.kl_divergence(torch.distributions.Normal(mu, std), prior)
             else:
-                kl = torch.as_tensor(kl_per_dim, dtype=torch.float64).flatten()
+                kl = kl_per_dim
                 if kl.numel() != d:
                     raise ValueError(f"kl_per_dim must have latent_dim={d} entries, got {kl.numel()}")
             order = torch.argsort(kl.cpu().double(), descending=True, stable=True).tolist()
@@ -267,9 +366,11 @@ def save_traversals(
             elif isinstance(dims, numbers.Integral):
                 chosen = order[:check_int("dims", dims, low=1)]
             else:
-                chosen = [int(j) for j in dims]
-            if not chosen or any(not 0 <= j < d for j in chosen):
-                raise ValueError(f"dims must select latent dimensions in [0, {d}), got {dims!r}")
+                chosen = dims.tolist() if isinstance(dims, (Tensor, np.ndarray)) else list(dims)
+            if not chosen or any(isinstance(j, bool) or not isinstance(j, numbers.Integral) or not 0 <= j < d
+                                 for j in chosen):
+                raise ValueError(f"dims must select latent dimensions (ints in [0, {d})), got {dims!r}")
+            chosen = [int(j) for j in chosen]
 
             values = torch.linspace(-span, span, n_steps, dtype=mu.dtype, device=mu.device)
             z = mu.repeat(len(chosen) * n_steps, 1)
