@@ -429,3 +429,42 @@ def test_a_reduced_precision_is_refused_for_a_float64_model(precision):
                                              r"is float64"):
             call()
     assert "elbo" in ev.evaluate_model(model, x, precision="fp32")
+
+
+@pytest.mark.parametrize("call, error, match", [
+    # beyond MAX_IW_SAMPLES the estimates ran for hours, or were killed for a 24 GB randn
+    (lambda m, x: ev.iw_log_likelihood(m, x, 10**9), ValueError, r"k must be an int in \[1, 1000000\], got 10+$"),
+    (lambda m, x: ev.iw_nll(m, x, 10**9), ValueError, r"k must be an int in \[1, 1000000\]"),
+    (lambda m, x: ev.evaluate_model(m, x, iw_samples=10**12), ValueError,
+     r"iw_samples must be an int in \[0, 1000000\]"),
+    (lambda m, x: ev.evaluate_model(m, x, iw_samples="5"), TypeError, "iw_samples must be an int, got str"),
+    (lambda m, x: ev.elbo_terms(m, x, n_samples=10**9), ValueError, r"n_samples must be an int in \[1, 1000000\]"),
+    (lambda m, x: ev.evaluate_model(m, x, n_samples=10**9), ValueError, r"n_samples must be an int in \[1, 1000000\]"),
+    # evaluate_model seeds three generators with seed, seed + 1 and seed + 2
+    (lambda m, x: ev.evaluate_model(m, x, seed=2**64), ValueError,
+     r"seed must be an int in \[0, 18446744073709551613\], got 18446744073709551616"),
+    (lambda m, x: ev.evaluate_model(m, x, seed=-1), ValueError, r"seed must be an int in \[0, \d+\], got -1"),
+    (lambda m, x: ev.evaluate_model(m, x, seed=1.5), TypeError, "seed must be an int, got float"),
+    (lambda m, x: ev.evaluate_model(m, x, seed="0"), TypeError, "seed must be an int, got str"),
+    (lambda m, x: ev.evaluate_model(m, x, progress="no"), TypeError, "progress must be a bool, got str"),
+    (lambda m, x: ev.elbo_terms(m, x, generator=5), TypeError, "generator must be a torch.Generator or None, got int"),
+    (lambda m, x: ev.iw_nll(m, x, 2, generator="cpu"), TypeError,
+     "generator must be a torch.Generator or None, got str"),
+    (lambda m, x: ev.elbo_terms(None, x), TypeError, r"model must be a vaekit VAE \(a model with encode_params\), "
+                                                     r"got NoneType"),
+    (lambda m, x: ev.bits_per_dim("1", 784), TypeError, "nll must be a number or a tensor of NLLs in nats, got str"),
+    (lambda m, x: ev.continuous_to_discrete_nll([1.0], 784), TypeError, "nll must be a number or a tensor.*got list"),
+])
+def test_bad_arguments_are_named(call, error, match):
+    model, x, _ = make_problem(n=4)
+    with pytest.raises(error, match=match):
+        call(model, x)
+
+
+def test_the_largest_seed_and_array_nlls_are_accepted():
+    model, x, _ = make_problem(n=4)
+    assert ev.evaluate_model(model, x, iw_samples=2, seed=2**64 - 3)["num_examples"] == 4
+    import numpy as np
+
+    assert ev.bits_per_dim(np.float64(784 * math.log(2.0)), 784) == pytest.approx(1.0)
+    assert ev.continuous_to_discrete_nll(np.zeros(2), 1, n_bits=1) == pytest.approx([math.log(2.0)] * 2)

@@ -1,9 +1,13 @@
 """The importance-weighted estimate's machinery (vaekit.iw); the estimator itself is tested
 against closed forms in test_evaluate.py."""
 
+import math
+import re
+
 import pytest
 import torch
 
+import vaekit.iw as iw
 from vaekit.iw import CPU_BUDGET_BYTES, MEMORY_BUDGET_BYTES, NOISE_BLOCK, auto_chunk_size, normal_chunks
 
 
@@ -24,3 +28,54 @@ def test_chunks_fit_the_budget_of_their_device():
     assert auto_chunk_size(100, 784, torch.float32, 5000, "cuda") == MEMORY_BUDGET_BYTES // (100 * 784 * 4)
     assert auto_chunk_size(100, 784, torch.float64, 3, "cuda") == 3
     assert auto_chunk_size(10**6, 10**4, torch.float32, 5000) == 1
+
+
+def _small():
+    from vaekit.models import VAE, ModelConfig
+
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(1, 4, 4), latent_dim=2, hidden=(8,)))
+    x = torch.rand(3, 1, 4, 4).bernoulli()
+    return model, x, *model.encode_params(x)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    # k beyond MAX_IW_SAMPLES ran for hours (or a 24 GB randn); none or a negative k gave raw errors
+    (lambda m, x, mu, lv: iw.log_importance_weights(m, x, 10**12), ValueError, r"k must be an int in \[1, 1000000\]"),
+    (lambda m, x, mu, lv: iw.iwae_loss(m, x, 10**7), ValueError, r"k must be an int in \[1, 1000000\]"),
+    (lambda m, x, mu, lv: iw.repeat_for_samples(x, -1), ValueError, "k must be an int >= 1, got -1"),
+    (lambda m, x, mu, lv: normal_chunks(4, 0, mu, None), ValueError, "chunk_size must be an int >= 1, got 0"),
+    (lambda m, x, mu, lv: normal_chunks(10**9, 64, mu, None), ValueError, r"k must be an int in \[1, 1000000\]"),
+    (lambda m, x, mu, lv: iw.iw_from_params(m, x, mu, lv, 0, None, None), ValueError, "k must be an int >= 1, got 0"),
+    (lambda m, x, mu, lv: iw.iw_from_params(m, x, mu, lv, 4, 0, None), ValueError, "chunk_size must be an int >= 1"),
+    (lambda m, x, mu, lv: auto_chunk_size(0, 16, torch.float32, 10), ValueError, "batch must be an int >= 1, got 0"),
+    (lambda m, x, mu, lv: auto_chunk_size(4, 16, torch.float32, 2.5), TypeError, "k must be an int, got float"),
+    (lambda m, x, mu, lv: iw.log_importance_weights(None, x, 2), TypeError, "model must be a vaekit VAE.*got NoneType"),
+    (lambda m, x, mu, lv: iw.decode_nll(m, x, torch.randn(3, 2)), ValueError,
+     re.escape("z must be [k, B, d] with k >= 1, got shape (3, 2)")),
+    (lambda m, x, mu, lv: iw.decode_nll(m, x, torch.randn(2, 5, 2)), ValueError,
+     re.escape("z must be [k, B, d] with B = 3, the examples of x, got shape (2, 5, 2)")),
+    (lambda m, x, mu, lv: iw.log_weights_from_noise(m, x, mu, lv, torch.randn(2, 4, 2)), ValueError,
+     re.escape("eps must be [k, 3, 2] (k draws of mu's shape), got shape (2, 4, 2)")),
+    (lambda m, x, mu, lv: iw.log_weights_from_noise(m, x, mu, lv, torch.randn(1, 2)), ValueError,
+     re.escape("eps must be [k, 3, 2]")),  # it broadcast to every example
+    (lambda m, x, mu, lv: iw.log_weights_from_noise(m, x, mu.tolist(), lv, torch.randn(2, 3, 2)), TypeError,
+     "mu must be a torch.Tensor, got list"),
+    (lambda m, x, mu, lv: iw.log_weights_from_noise(m, x, mu, lv[:, :1], torch.randn(2, 3, 2)), ValueError,
+     re.escape("mu has shape (3, 2) but logvar has shape (3, 1)")),
+])
+def test_the_helpers_name_a_bad_argument(call, error, match):
+    model, x, mu, logvar = _small()
+    with torch.no_grad(), pytest.raises(error, match=match):
+        call(model, x, mu, logvar)
+
+
+def test_iwae_bound_refuses_nan_and_plus_inf_when_validating():
+    log_w = torch.zeros(2, 3)
+    for bad in (math.nan, math.inf):
+        log_w[1, 2] = bad
+        with pytest.raises(ValueError, match=r"log_w must hold no NaN or \+inf values"):
+            iw.iwae_bound(log_w)
+        assert not torch.isfinite(iw.iwae_bound(log_w, validate_args=False)[2])  # the check is the switch's
+    log_w[1, 2] = -math.inf  # a zero weight is a weight
+    torch.testing.assert_close(iw.iwae_bound(log_w), torch.tensor([0.0, 0.0, -math.log(2.0)]))

@@ -86,3 +86,16 @@ def test_argument_errors_name_the_argument():
         lat.active_units(model, x.long())
     with pytest.raises(ValueError, match="threshold must be a finite number >= 0, got -0.5"):
         lat.active_units(model, x, threshold=-0.5)
+
+
+def test_sample_counts_generators_models_and_flags_are_checked():
+    model, x, _ = make_problem(n=4)
+    with pytest.raises(ValueError, match=r"n_samples must be an int in \[1, 1000000\], got 1000000000"):
+        lat.mutual_information(model, x, n_samples=10**9)  # a [n_samples, N, d] draw: killed for memory
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        lat.mutual_information(model, x, generator=5)
+    with pytest.raises(TypeError, match="model must be a vaekit VAE"):
+        lat.kl_per_dimension(None, x)
+    with pytest.raises(TypeError, match="on must be a bool, got str"):
+        with lat.tf32_flags("yes"):
+            pass

@@ -535,3 +535,61 @@ def test_noise_drawn_under_bf16_autocast_is_float32_like_the_loops(name):
 def test_docstring_examples_run():
     result = doctest.testmod(obj, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 1 and result.failed == 0
+
+
+def test_a_field_set_after_the_fact_is_checked_as_the_constructor_checks_it():
+    """config.beta = -5.0 trained with a negative KL weight, name = 'foo' as the ELBO: each
+    field is checked when set (alone: two fields can still be changed one after the other)."""
+    config = obj.ObjectiveConfig()
+    for field, value, error, match in [
+        ("beta", -5.0, ValueError, "ObjectiveConfig.beta must be a finite number >= 0, got -5.0"),
+        ("name", "foo", ValueError, "ObjectiveConfig.name must be one of elbo, iwae, beta_tcvae; got 'foo'"),
+        ("iw_samples", 10**7, ValueError, r"ObjectiveConfig.iw_samples must be an int in \[1, 1000000\]"),
+        ("cycle_ratio", 0.0, ValueError, "ObjectiveConfig.cycle_ratio must be a finite number > 0"),
+        ("warmup_steps", 1.5, TypeError, "ObjectiveConfig.warmup_steps must be an int, got float"),
+        ("tc_estimator", "mss", ValueError, "ObjectiveConfig.tc_estimator must be one of mws, stratified"),
+    ]:
+        before = getattr(config, field)
+        with pytest.raises(error, match=match):
+            setattr(config, field, value)
+        assert getattr(config, field) == before
+    config.beta_schedule, config.warmup_steps, config.beta = "linear", 10, 2.0
+    assert config.beta_at(5) == 1.0
+    import copy
+    import dataclasses
+    import pickle
+
+    for same in (copy.deepcopy(config), pickle.loads(pickle.dumps(config)), dataclasses.replace(config)):
+        assert same == config
+
+
+@pytest.mark.parametrize("name", ["elbo", "iwae"])
+def test_objective_loss_refuses_an_empty_batch_and_bad_noise(name):
+    from vaekit.models import VAE, ModelConfig
+
+    torch.manual_seed(0)
+    model, x = VAE(ModelConfig(input_shape=(1, 2, 3), latent_dim=2, hidden=(8,))), binary_batch(3).float()
+    config = obj.ObjectiveConfig(name=name, **({"iw_samples": 2} if name == "iwae" else {}))
+    asked = (2, 3, 2) if name == "iwae" else (3, 2)
+    empty = re.escape("x must be a batch [B, *event] with B >= 1, got shape (0, 1, 2, 3)")
+    with pytest.raises(ValueError, match=empty):
+        obj.objective_loss(model, x[:0], config, 0)  # the mean of no losses: NaN
+    with pytest.raises(TypeError, match="noise must be a callable noise.*got Tensor"):
+        obj.objective_loss(model, x, config, 0, noise=torch.randn(asked))
+    for wrong in ((7, 7), (*asked[:-2], 1, 2)):  # [1, d] broadcast to every example
+        with pytest.raises(ValueError, match=re.escape(f"noise(shape) must return a tensor of the shape asked for, "
+                                                       f"{asked}, got {wrong}")):
+            obj.objective_loss(model, x, config, 0, noise=lambda shape: torch.randn(wrong))
+
+
+def test_kl_penalties_and_the_tc_decomposition_check_their_shapes():
+    with pytest.raises(ValueError, match=re.escape("kl must be [B] (one KL per example), got shape (4, 3)")):
+        obj.capacity_kl_penalty(torch.rand(4, 3), 0, gamma=1.0, capacity_max=1.0, capacity_steps=10)
+    with pytest.raises(ValueError, match=re.escape("mu has shape (4, 3) but logvar has shape (4, 2)")):
+        obj.free_bits_kl(torch.zeros(4, 3), torch.zeros(4, 2), 0.1)
+    z, mu, logvar = tc_inputs(b=4, d=3)
+    with pytest.raises(ValueError, match="dataset_size must be >= the batch size B = 4, got 2"):
+        obj.tc_decomposition(z, mu, logvar, 2)
+    with pytest.raises(ValueError, match=re.escape("z must hold at least 1 example [B, d], got shape (0, 3)")):
+        obj.tc_decomposition(z[:0], mu[:0], logvar[:0], 2)
+    assert obj.tc_decomposition(z, mu, logvar, 4).mutual_info.shape == (4,)  # the whole data set: fine

@@ -24,15 +24,17 @@ that both modules use; they are importable from here as well.
 from __future__ import annotations
 
 import math
+import numbers
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .checks import check_number
+from .checks import MAX_IW_SAMPLES, check_int, check_number
 from .losses import gaussian_kl
-from .iw import iw_from_params, randn_like_on
+from .iw import _check_samples, iw_from_params, randn_like_on
 from .iw import decode_nll
-from .latents import _batches, _check_positive_int, _check_x, _encode_all, _evaluating
+from .latents import _batches, _check_generator, _check_positive_int, _check_x, _encode_all, _evaluating
 from .latents import (  # re-exported: the diagnostics were public here first
     _active_units_from_mu, _kl_per_dim_from_params, _mutual_information_from_params, active_units, kl_per_dimension,
     mutual_information,
@@ -53,6 +55,10 @@ __all__ = [
 
 # The arithmetic an evaluation may run in (see iw_log_likelihood).
 PRECISIONS = ("fp32", "tf32", "bf16")
+
+# The largest seed evaluate_model takes: a generator takes seeds below 2**64, and it also
+# draws with seed + 1 and seed + 2 (the CLI's --seed has the same bound).
+_MAX_SEED = 2**64 - 3
 
 
 # ---------------------------------------------------------------------------------------
@@ -97,8 +103,9 @@ def elbo_terms(
         ``{"elbo", "reconstruction", "kl"}``, each ``[N]`` in nats.
     """
     _check_x(model, x)
-    _check_positive_int("n_samples", n_samples)
+    _check_samples("n_samples", n_samples)
     _check_positive_int("batch_size", batch_size, optional=True)
+    _check_generator(generator)
     with _evaluating(model):
         mu, logvar = _encode_all(model, x, batch_size)
         parts = [
@@ -132,7 +139,7 @@ def iw_log_likelihood(
     Args:
         model: the vaekit model interface.
         x: data ``[N, *event]``.
-        k: importance samples per example.
+        k: importance samples per example, at most :data:`vaekit.checks.MAX_IW_SAMPLES`.
         chunk_size: samples decoded at once; ``None`` picks it so that one chunk's
             decoder output is about 256 MB on a GPU, 8 MB on a CPU (where cache-sized
             chunks are faster; ``vaekit.iw``). Memory is about
@@ -150,9 +157,10 @@ def iw_log_likelihood(
     Shape: returns ``[N]``, in nats.
     """
     _check_x(model, x)
-    _check_positive_int("k", k)
+    _check_samples("k", k)
     _check_positive_int("chunk_size", chunk_size, optional=True)
     _check_positive_int("batch_size", batch_size, optional=True)
+    _check_generator(generator)
     _check_precision(precision, model)
     with _evaluating(model, precision):
         mu, logvar = _encode_all(model, x, batch_size)
@@ -179,6 +187,11 @@ def iw_nll(model, x: Tensor, k: int, **kwargs) -> Tensor:
 # Units
 
 
+def _check_nll(nll) -> None:
+    if isinstance(nll, bool) or not isinstance(nll, (numbers.Real, Tensor, np.ndarray)):
+        raise TypeError(f"nll must be a number or a tensor of NLLs in nats, got {type(nll).__name__}")
+
+
 def bits_per_dim(nll, num_dims: int):
     r"""Convert an NLL in nats (per example) to bits per dimension: ``nll / (D ln 2)``.
 
@@ -191,6 +204,7 @@ def bits_per_dim(nll, num_dims: int):
         nll: a float or tensor of NLLs in nats, each over ``num_dims`` dimensions.
         num_dims: ``D``, the number of data dimensions per example (e.g. 784).
     """
+    _check_nll(nll)
     _check_positive_int("num_dims", num_dims)
     return nll / (num_dims * math.log(2.0))
 
@@ -220,6 +234,7 @@ def continuous_to_discrete_nll(nll, num_dims: int, n_bits: int = 8):
         num_dims: ``D``.
         n_bits: bit depth of the original data (8 for ordinary images).
     """
+    _check_nll(nll)
     _check_positive_int("num_dims", num_dims)
     _check_positive_int("n_bits", n_bits)
     return nll + num_dims * n_bits * math.log(2.0)
@@ -261,12 +276,14 @@ def evaluate_model(
     _check_x(model, x)
     _check_positive_int("batch_size", batch_size)
     _check_positive_int("chunk_size", chunk_size, optional=True)
-    _check_positive_int("n_samples", n_samples)
+    _check_samples("n_samples", n_samples)
     _check_positive_int("n_bits", n_bits, optional=True)
     check_number("threshold", threshold)
     _check_precision(precision, model)
-    if isinstance(iw_samples, bool) or not isinstance(iw_samples, int) or iw_samples < 0:
-        raise ValueError(f"iw_samples must be an int >= 0, got {iw_samples!r}")
+    check_int("iw_samples", iw_samples, high=MAX_IW_SAMPLES)  # 0: no importance-weighted estimate
+    check_int("seed", seed, high=_MAX_SEED)
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
     from tqdm.auto import tqdm
 
     n = x.shape[0]

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from .checks import _LOG_2PI, check_int, check_tensor
+from .checks import _LOG_2PI, MAX_IW_SAMPLES, check_int, check_same_shape, check_tensor, validating
 
 __all__ = ["decode_nll", "repeat_for_samples", "log_weights_from_noise", "log_importance_weights", "iwae_bound", "iwae_loss",
            "iw_from_params", "normal_chunks", "auto_chunk_size", "randn_like_on", "noise_dtype", "MEMORY_BUDGET_BYTES",
@@ -31,15 +31,40 @@ def _log_normal(z: Tensor, mu: Tensor | None = None, logvar: Tensor | None = Non
     return -0.5 * (_LOG_2PI + logvar + (z - mu).square() * torch.exp(-logvar))
 
 
+def _check_samples(name: str, value) -> int:
+    """``value`` as an int in [1, MAX_IW_SAMPLES]: samples per example, each decoded (beyond
+    the cap a call runs for days or runs out of memory, where it should be refused)."""
+    check_int(name, value, low=1)  # "an int >= 1" below the range, as before the cap
+    return check_int(name, value, low=1, high=MAX_IW_SAMPLES)
+
+
+def _check_model(model) -> None:
+    """Refuse what is not a model (``None``, a tensor): its first use would raise an
+    AttributeError far from the call. Only the interface is asked for, not a vaekit class."""
+    if not hasattr(model, "encode_params"):
+        raise TypeError(f"model must be a vaekit VAE (a model with encode_params), got {type(model).__name__}")
+
+
 def repeat_for_samples(x: Tensor, k: int) -> Tensor:
     """``x`` ``[B, *event]`` once per sample, sample-major: ``[k * B, *event]`` (a copy)."""
+    check_int("k", k, low=1)
     return x.unsqueeze(0).expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
 
 
 def decode_nll(model, x: Tensor, z: Tensor) -> Tensor:
     """``-log p(x | z)`` for ``z`` of shape ``[k, B, d]``: ``[k, B]`` from one decoder call
     (``model.nll_samples`` when the model has one, else ``model.nll`` on ``x`` repeated)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor [B, *event], got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError(f"x must be [B, *event], got shape {tuple(x.shape)}")
+    if not isinstance(z, Tensor):
+        raise TypeError(f"z must be a torch.Tensor [k, B, d], got {type(z).__name__}")
+    if z.dim() != 3 or z.shape[0] < 1:
+        raise ValueError(f"z must be [k, B, d] with k >= 1, got shape {tuple(z.shape)}")
     k, b, d = z.shape
+    if b != x.shape[0]:
+        raise ValueError(f"z must be [k, B, d] with B = {x.shape[0]}, the examples of x, got shape {tuple(z.shape)}")
 
     def repeated():  # model.nll expects matching [k*B, *event] shapes
         return repeat_for_samples(x, k)
@@ -77,21 +102,48 @@ def log_weights_from_noise(model, x: Tensor, mu: Tensor, logvar: Tensor, eps: Te
 
     Shape: ``x`` ``[B, *event]``; ``mu``, ``logvar`` ``[B, d]``; ``eps`` ``[k, B, d]``.
     """
+    for name, t in (("mu", mu), ("logvar", logvar), ("eps", eps)):
+        check_tensor(name, t)
+    if mu.dim() != 2:
+        raise ValueError(f"mu must be [B, d], got shape {tuple(mu.shape)}")
+    check_same_shape("mu", mu, "logvar", logvar)
+    if eps.dim() != 3 or eps.shape[1:] != mu.shape:  # else it would broadcast against mu
+        raise ValueError(f"eps must be [k, {', '.join(map(str, mu.shape))}] (k draws of mu's shape), "
+                         f"got shape {tuple(eps.shape)}")
     z = mu + torch.exp(0.5 * logvar) * eps
     nll = decode_nll(model, x, z)
     return -nll + 0.5 * (eps.square() - z.square() + logvar).sum(-1), nll
 
 
+def _check_noise_callable(noise) -> None:
+    if noise is not None and not callable(noise):
+        raise TypeError(f"noise must be a callable noise(shape) -> Tensor, or None, got {type(noise).__name__}")
+
+
+def _drawn(noise, shape: tuple) -> Tensor:
+    """``noise(shape)``, refused unless a tensor of that shape: a wrong one would broadcast
+    against ``mu`` or fail far inside. Metadata only: cheap at every step."""
+    eps = noise(shape)
+    if not isinstance(eps, Tensor):
+        raise TypeError(f"noise(shape) must return a torch.Tensor, got {type(eps).__name__}")
+    if eps.shape != shape:
+        raise ValueError(f"noise(shape) must return a tensor of the shape asked for, {tuple(shape)}, "
+                         f"got {tuple(eps.shape)}")
+    return eps
+
+
 def _importance_terms(model, x: Tensor, k: int, noise=None):
     """``(log_w [k, B], nll [k, B], (mu, logvar))`` from one encode and one decode of ``k * B`` latents."""
-    k = check_int("k", k, low=1)
+    _check_model(model)
+    k = _check_samples("k", k)
     check_tensor("x", x)
+    _check_noise_callable(noise)
     mu, logvar = model.encode_params(x)
     if mu.dim() != 2 or mu.shape[0] != x.shape[0]:
         raise ValueError(
             f"model.encode_params(x) must give [B, d] parameters with B = {x.shape[0]}, got {tuple(mu.shape)}"
         )
-    eps = (noise((k, *mu.shape)) if noise is not None
+    eps = (_drawn(noise, (k, *mu.shape)) if noise is not None
            else torch.randn((k, *mu.shape), dtype=noise_dtype(mu), device=mu.device))
     log_w, nll = log_weights_from_noise(model, x, mu, logvar, eps)
     return log_w, nll, (mu, logvar)
@@ -103,22 +155,27 @@ def log_importance_weights(model, x: Tensor, k: int) -> Tensor:
     Uses ``model.encode_params``, ``model.decode`` on all ``k * B`` latents at once
     (``[k*B, d]``, sample-major) and ``model.nll_samples`` on them and ``x`` when the model
     has it (a vaekit VAE), else ``model.nll`` on ``x`` repeated to match. Memory grows with
-    ``k * B``: chunk over ``k`` for large ``k``.
+    ``k * B``: chunk over ``k`` for large ``k``. ``k`` is at most
+    :data:`vaekit.checks.MAX_IW_SAMPLES`.
 
     Shape: ``x`` is ``[B, *event]``; returns ``[k, B]``, differentiable.
     """
     return _importance_terms(model, x, k)[0]
 
 
-def iwae_bound(log_w: Tensor) -> Tensor:
+def iwae_bound(log_w: Tensor, *, validate_args: bool | None = None) -> Tensor:
     r"""``L_k = logsumexp_k(log w) - log k`` over the first dimension: ``[k, B] -> [B]``.
 
     ``L_1`` is the single-sample ELBO; ``E[L_k]`` rises with ``k`` towards ``log p(x)``.
+    A log-weight of ``-inf`` (a zero weight) is allowed; NaN and ``+inf`` are refused when
+    validating (:func:`vaekit.checks.validating`).
     """
     check_tensor("log_w", log_w, min_dim=2)
     if log_w.shape[0] == 0:
         raise ValueError(f"log_w must hold k >= 1 samples along its first dimension [k, B], "
                          f"got shape {tuple(log_w.shape)}")
+    if validating(validate_args) and bool((torch.isnan(log_w) | (log_w == math.inf)).any()):
+        raise ValueError("log_w must hold no NaN or +inf values (-inf, a zero weight, is allowed), but it does")
     return torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
 
 
@@ -159,6 +216,11 @@ def normal_chunks(k: int, chunk_size: int, like: Tensor, generator):
     generator's state. (Drawing per chunk would not do: a CPU ``randn`` of n values is
     not the first n values of a larger ``randn``.)
     """
+    k, chunk_size = _check_samples("k", k), check_int("chunk_size", chunk_size, low=1)
+    return _normal_chunks(k, chunk_size, like, generator)
+
+
+def _normal_chunks(k: int, chunk_size: int, like: Tensor, generator):
     left = like.new_empty(0, *like.shape)
     drawn = 0
     for start in range(0, k, chunk_size):
@@ -178,6 +240,8 @@ def auto_chunk_size(batch: int, num_dims: int, dtype: torch.dtype, k: int, devic
     """Samples per chunk so that the decoder output is about ``MEMORY_BUDGET_BYTES`` on
     an accelerator, ``CPU_BUDGET_BYTES`` on a CPU (where a chunk that stays in the caches
     runs about twice as fast: see docs/benchmarks.md)."""
+    for name, value in (("batch", batch), ("num_dims", num_dims), ("k", k)):
+        check_int(name, value, low=1)
     itemsize = torch.empty(0, dtype=dtype).element_size()
     budget = CPU_BUDGET_BYTES if device is None or torch.device(device).type == "cpu" else MEMORY_BUDGET_BYTES
     return max(1, min(k, budget // max(1, batch * num_dims * itemsize)))
@@ -187,6 +251,9 @@ def iw_from_params(model, x, mu, logvar, k, chunk_size, generator, out_dtype=Non
     """The k-sample estimate of ``log p(x)`` from posterior parameters; chunks of
     ``chunk_size`` samples (``None``: sized for the decoder output's memory, in
     ``out_dtype``, by default ``mu``'s: bfloat16 under bf16 autocast)."""
+    k = _check_samples("k", k)
+    if chunk_size is not None:
+        check_int("chunk_size", chunk_size, low=1)
     if chunk_size is None:
         # decode_numel: what one decoded example holds (an autoregressive head holds feature maps).
         chunk_size = auto_chunk_size(x.shape[0], getattr(model, "decode_numel", x[0].numel()), out_dtype or mu.dtype,

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .checks import _LOG_2PI, check_int, check_number, validate_args_enabled, value_checks
-from .iw import MEMORY_BUDGET_BYTES, randn_like_on
+from .iw import MEMORY_BUDGET_BYTES, _check_model, _check_samples, randn_like_on
 from .losses import gaussian_kl
 
 __all__ = ["active_units", "kl_per_dimension", "mutual_information", "tf32_flags"]
@@ -40,7 +40,13 @@ def _check_positive_int(name: str, value, *, optional: bool = False) -> None:
         check_int(name, value, low=1)
 
 
+def _check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
 def _check_x(model, x) -> None:
+    _check_model(model)
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -77,6 +83,8 @@ def _device_of(model, fallback: torch.device) -> torch.device:
 def tf32_flags(on: bool):
     """CUDA's float32 matrix products and convolutions on TF32 tensor cores (``on``) or in
     full float32 (not ``on``) within the block; PyTorch's two flags are restored after."""
+    if not isinstance(on, bool):
+        raise TypeError(f"on must be a bool, got {type(on).__name__}")
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
     try:
@@ -239,8 +247,9 @@ def mutual_information(
         a 0-dim tensor, in nats.
     """
     _check_x(model, x)
-    _check_positive_int("n_samples", n_samples)
+    _check_samples("n_samples", n_samples)
     _check_positive_int("batch_size", batch_size, optional=True)
+    _check_generator(generator)
     with _evaluating(model):
         mu, logvar = _encode_all(model, x, batch_size)
         return _mutual_information_from_params(mu, logvar, n_samples, generator)

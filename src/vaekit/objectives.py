@@ -25,6 +25,7 @@ from .checks import (
 from .iw import (  # re-exported: the IWAE objective's pieces are public here too
     _importance_terms, _log_normal, decode_nll, iwae_bound, iwae_loss, log_importance_weights, log_weights_from_noise,
 )
+from .iw import _check_noise_callable, _drawn
 from .likelihoods import discretized_logistic_nll, optimal_sigma_nll  # re-exported: public here first
 from .losses import gaussian_kl
 
@@ -131,6 +132,8 @@ def capacity_kl_penalty(kl: Tensor, step: int, *, gamma: float, capacity_max: fl
     Shape: ``kl`` is ``[B]``; returns ``[B]``.
     """
     check_tensor("kl", kl)
+    if kl.dim() != 1:  # a [B, d] KL per dimension would give a [B, d] penalty
+        raise ValueError(f"kl must be [B] (one KL per example), got shape {tuple(kl.shape)}")
     gamma = check_number("gamma", gamma, open_low=True)
     check_number("capacity_max", capacity_max)
     check_int("capacity_steps", capacity_steps)
@@ -159,6 +162,7 @@ def free_bits_kl(mu: Tensor, logvar: Tensor, free_bits: float, *, validate_args:
     check_tensor("logvar", logvar)
     if mu.dim() != 2:
         raise ValueError(f"mu must have shape [B, d], got shape {tuple(mu.shape)}")
+    check_same_shape("mu", mu, "logvar", logvar)
     kl = gaussian_kl(mu.unsqueeze(-1), logvar.unsqueeze(-1), validate_args=validate_args)  # [B, d]
     active = kl.mean(0) > threshold
     return torch.where(active, kl, kl.new_tensor(threshold)).sum(-1)
@@ -216,6 +220,10 @@ def tc_decomposition(z: Tensor, mu: Tensor, logvar: Tensor, dataset_size: int, *
     if z.dim() != 2:
         raise ValueError(f"z must have shape [B, d], got shape {tuple(z.shape)}")
     dataset_size = check_int("dataset_size", dataset_size, low=1)
+    if z.shape[0] == 0:
+        raise ValueError(f"z must hold at least 1 example [B, d], got shape {tuple(z.shape)}")
+    if dataset_size < z.shape[0]:  # the batch is drawn from the data set
+        raise ValueError(f"dataset_size must be >= the batch size B = {z.shape[0]}, got {dataset_size}")
     if estimator not in TC_ESTIMATORS:
         raise ValueError(f"estimator must be one of {', '.join(TC_ESTIMATORS)}; got {estimator!r}")
     if validating(validate_args):
@@ -286,7 +294,8 @@ class ObjectiveConfig:
 
     A field set away from its default where it has no effect (``warmup_steps`` without the
     "linear" schedule, ``tc_estimator`` without "beta_tcvae", ...) is refused, naming what
-    it needs.
+    it needs. A field set later (``config.beta = 2.0``) is checked as the constructor checks
+    it, on its own: the settings with no effect are not looked for again.
     """
 
     name: str = "elbo"
@@ -307,6 +316,15 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         with in_section("ObjectiveConfig"):
             self._check()
+
+    def __setattr__(self, name: str, value) -> None:
+        # A field set after the config was made (config.beta = -5.0) is checked on its own, as
+        # the constructor checks it; the checks across fields (settings with no effect) are
+        # not rerun, so that two fields can be changed one after the other.
+        if name in self.__dict__ and name in _FIELD_CHECKS:
+            with in_section("ObjectiveConfig"):
+                _FIELD_CHECKS[name](name, value)
+        super().__setattr__(name, value)
 
     def beta_at(self, step: int) -> float:
         """The KL weight at ``step``: :func:`beta_schedule` of this config's schedule, its
@@ -340,6 +358,25 @@ class ObjectiveConfig:
             raise ValueError(f"beta and beta_schedule are unused with {who}; got beta={self.beta}, "
                              f"beta_schedule={self.beta_schedule!r} (leave 1.0 and 'constant')")
         refuse_inert(self, _ONLY_WITH)
+
+
+def _one_of(choices: tuple):
+    def check(name, value):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return check
+
+
+# Each field's own check, as ObjectiveConfig._check makes it (for a field set after the fact).
+_FIELD_CHECKS = {
+    "name": _one_of(OBJECTIVES), "beta_schedule": _one_of(SCHEDULES), "tc_estimator": _one_of(TC_ESTIMATORS),
+    "beta": check_number, "free_bits": check_number, "capacity_max": check_number, "tc_alpha": check_number,
+    "tc_gamma": check_number,
+    "cycle_ratio": lambda name, value: check_number(name, value, open_low=True, high=1.0),
+    "capacity_gamma": lambda name, value: check_number(name, value, open_low=True),
+    "warmup_steps": check_int, "cycle_steps": check_int, "capacity_steps": check_int,
+    "iw_samples": lambda name, value: check_int(name, value, low=1, high=MAX_IW_SAMPLES),
+}
 
 
 def without_inert(section: dict) -> dict:
@@ -386,6 +423,11 @@ def objective_loss(model, x: Tensor, config: ObjectiveConfig, step: int, *,
     if not isinstance(config, ObjectiveConfig):
         raise TypeError(f"config must be an ObjectiveConfig, got {type(config).__name__}")
     check_int("step", step)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[0] == 0:  # the loss is a mean over the batch: NaN for none
+        raise ValueError(f"x must be a batch [B, *event] with B >= 1, got shape {tuple(x.shape)}")
+    _check_noise_callable(noise)
     if config.name == "iwae":
         log_w, nll, (mu, logvar) = _importance_terms(model, x, config.iw_samples, noise)
         kl = gaussian_kl(mu, logvar)
@@ -393,7 +435,7 @@ def objective_loss(model, x: Tensor, config: ObjectiveConfig, step: int, *,
     if config.name == "beta_tcvae" and dataset_size is None:
         raise ValueError("dataset_size is required for name='beta_tcvae', got None")
     beta = config.beta_at(step)
-    out = model(x) if noise is None else model(x, noise=noise)
+    out = model(x) if noise is None else model(x, noise=lambda shape: _drawn(noise, shape))
     nll = model.nll(out.decoder_out, x)
     kl = gaussian_kl(out.mu, out.logvar)
     if config.name == "beta_tcvae":
