@@ -324,3 +324,106 @@ def test_dci_takes_any_seed_the_command_line_takes(codes):
     # scikit-learn's random_state stops at 2**32 - 1; vaekit evaluate --seed goes further
     perfect = codes["perfect"]
     assert dci(*perfect, n_estimators=2, seed=2**32 - 1) == dci(*perfect, n_estimators=2, seed=2**32 - 1)
+
+
+# ---------------------------------------------------------------- bad arguments
+
+_FS = FactorSampler((3, 4))
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: make_sprites(10**8), ValueError, r"n must be an int in \[0, 737280\], got 100000000"),
+    (lambda: make_sprites(2, seed="a"), TypeError, "seed must be an int, got str"),
+    (lambda: make_sprites(2, seed=1.5), TypeError, "seed must be an int, got float"),
+    (lambda: make_sprites(2, seed=2**70), ValueError, r"seed must be an int in \[0, 18446744073709551615\]"),
+    (lambda: sample_factors(10**9), ValueError, r"n must be an int in \[0, 10000000\], got 1000000000"),
+    (lambda: sample_factors(3, factor_sizes=(3, 0)), ValueError, r"factor_sizes\[1\] must be an int >= 1, got 0"),
+    (lambda: sample_factors(3, factor_sizes=(-2,)), ValueError, r"factor_sizes\[0\] must be an int >= 1, got -2"),
+    (lambda: sample_factors(3, factor_sizes=5), TypeError, "factor_sizes must be a sequence of ints >= 1, got int"),
+    (lambda: render_sprites(torch.zeros(2, 5, dtype=torch.long), dtype="float32"), TypeError,
+     "dtype must be a torch.dtype, got str"),
+    (lambda: next(iter_all(2, dtype="uint8")), TypeError, "dtype must be a torch.dtype, got str"),
+    (lambda: FactorSampler(5), TypeError, "factor_sizes must be a sequence"),
+    (lambda: FactorSampler(()), ValueError, "factor_sizes must hold at least one"),
+    (lambda: FactorSampler((3, True)), TypeError, r"factor_sizes\[1\] must be an int, got bool"),
+    (lambda: FactorSampler((3,), render=5), TypeError, "render must be callable"),
+    (lambda: _FS.sample_with_fixed(3, 1.5, 0), TypeError, "factor_index must be an int, got float"),
+    (lambda: _FS.sample_with_fixed(3, "0", 0), TypeError, "factor_index must be an int, got str"),
+    (lambda: _FS.sample_with_fixed(3, 2, 0), ValueError, r"factor_index must be an int in \[0, 1\], got 2"),
+    (lambda: _FS.sample_with_fixed(3, 0, [0, 1]), TypeError, "value must be an int or an integer tensor"),
+    (lambda: _FS.sample_with_fixed(3, 0, 1.7), TypeError, "value must be an int or an integer tensor"),
+    (lambda: _FS.sample_with_fixed(3, 0, 3), ValueError, r"value must be an int in \[0, 2\], got 3"),
+    (lambda: _FS.sample_with_fixed(3, 0, torch.zeros(3)), TypeError, "value must be .* integer tensor, got dtype"),
+    (lambda: _FS.sample_with_fixed(3, 0, torch.zeros(2, dtype=torch.long)), ValueError,
+     r"value must be .* shape \[3\], got shape \(2,\)"),
+])
+def test_sprites_refuse_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def _sprite_model():
+    from vaekit.models import VAE, ModelConfig
+
+    return VAE(ModelConfig(arch="mlp", input_shape=(1, 64, 64), latent_dim=2, hidden=(4,)))
+
+
+_ID = lambda obs: obs  # noqa: E731
+_F = np.tile(np.arange(5), 10)[:, None]
+_C = np.random.default_rng(0).normal(size=(50, 3))
+
+
+@pytest.mark.parametrize("call, error, match", [
+    *[(lambda kw=kw: factor_vae_score(_ID, _FS, **{**dict(n_reference=50, n_train=5, n_eval=5), **kw}), error, match)
+      for kw, error, match in [
+          (dict(n_train=-5), ValueError, r"n_train must be an int in \[1, "),
+          (dict(n_eval=0), ValueError, r"n_eval must be an int in \[1, "),
+          (dict(n_reference=1), ValueError, r"n_reference must be an int in \[2, "),
+          (dict(batch_size=0), ValueError, r"batch_size must be an int in \[2, "),
+          (dict(batch_size=1), ValueError, r"batch_size must be an int in \[2, "),
+          (dict(prune_fraction=float("nan")), ValueError, "prune_fraction must be a finite number"),
+          (dict(prune_fraction=2.0), ValueError, r"prune_fraction must be a number in \[0, 1\), got 2.0"),
+          (dict(prune_fraction=1), ValueError, r"prune_fraction must be a number in \[0, 1\), got 1"),
+          (dict(chunk_size=0), ValueError, "chunk_size must be an int >= 1, got 0"),
+          (dict(seed="a"), TypeError, "seed must be an int, got str"),
+      ]],
+    (lambda: factor_vae_score(5, _FS), TypeError, "representation must be callable"),
+    (lambda: factor_vae_score(_ID, None), TypeError, "sampler must be a FactorSampler"),
+    (lambda: factor_vae_score(_ID, lambda n, g: None), TypeError, "sampler must be a FactorSampler"),
+    (lambda: beta_vae_score(_ID, _FS, n_train=20, n_eval=0), ValueError, r"n_eval must be an int in \[1, "),
+    (lambda: beta_vae_score(_ID, _FS, n_train=2.5, n_eval=2), TypeError, "n_train must be an int, got float"),
+    (lambda: beta_vae_score(_ID, _FS, batch_size=0), ValueError, r"batch_size must be an int in \[1, "),
+    (lambda: sample_codes(_ID, _FS, 0), ValueError, r"n must be an int in \[1, "),
+    (lambda: sample_codes(_ID, _FS, 3, chunk_size=0), ValueError, "chunk_size must be an int >= 1"),
+    (lambda: sample_codes(5, _FS, 3), TypeError, "representation must be callable"),
+    (lambda: sample_codes(_ID, None, 3), TypeError, "sampler must be a FactorSampler"),
+    (lambda: sample_codes(_ID, _FS, 3, seed=2**70), ValueError, r"seed must be an int in \[0, "),
+    (lambda: mig(np.full((50, 3), np.nan), _F), ValueError, "codes must be finite"),
+    (lambda: mig(np.full((50, 3), np.inf), _F), ValueError, "codes must be finite"),
+    (lambda: mig(_C, np.full((50, 1), np.nan)), ValueError, "factors must be finite"),
+    (lambda: mig(np.zeros((0, 3)), np.zeros((0, 2), int)), ValueError, r"codes must be .* n, d >= 1, got shape \(0, 3\)"),
+    (lambda: mig(np.zeros((50, 0)), _F), ValueError, r"codes must be .* n, d >= 1, got shape \(50, 0\)"),
+    (lambda: mig(_C, np.zeros((50, 0), int)), ValueError, r"factors must be .* got shape \(50, 0\)"),
+    (lambda: mig([["a", "b"]], [[1]]), TypeError, "codes must be a numeric array, got dtype <U1"),
+    (lambda: mig(_C, _F, n_bins=10**9), ValueError, r"n_bins must be an int in \[2, 10000\], got 1000000000"),
+    (lambda: mig(_C, _F, n_bins=1), ValueError, r"n_bins must be an int in \[2, "),
+    (lambda: dci(np.full((50, 3), np.nan), _F, _C, _F), ValueError, "codes_train must be finite"),
+    (lambda: dci(_C, _F, _C, np.full((50, 1), np.inf)), ValueError, "factors_test must be finite"),
+    (lambda: dci(_C, _F, _C[:, 0], _F), ValueError, r"codes_test must be a 2-d array .* got shape \(50,\)"),
+    (lambda: dci(_C, _F, _C, _F, seed="a"), TypeError, "seed must be an int, got str"),
+    (lambda: dci(_C, _F, _C, _F, n_estimators=0), ValueError, "n_estimators must be an int >= 1, got 0"),
+    (lambda: dis.evaluate_disentanglement(None), TypeError, "model must be a vaekit VAE, got NoneType"),
+    (lambda: dis.evaluate_disentanglement(_sprite_model(), n_codes="a"), TypeError, "n_codes must be an int, got str"),
+    (lambda: dis.evaluate_disentanglement(_sprite_model(), seed=-1), ValueError, r"seed must be an int in \[0, "),
+])
+def test_metrics_refuse_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_seeds_reach_the_command_line_range():
+    # vaekit evaluate --seed takes up to 2**64 - 3, beyond checks.MAX_SEED: a generator takes them
+    codes, factors = sample_codes(lambda obs: obs, FactorSampler(SIZES), 5, seed=2**64 - 3)
+    assert codes.shape == (5, 4) and factors.shape == (5, 4)
+    assert make_sprites(1, seed=2**64 - 1)[0].shape == (1, 1, 64, 64)
+    assert make_sprites(0)[0].shape == (0, 1, 64, 64)

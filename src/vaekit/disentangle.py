@@ -30,10 +30,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .checks import check_int, check_number
 from .sprites import (  # re-exported: the disentanglement API names them
     FactorSampler, SpritesFactors, iter_all, make_sprites, render_sprites, sample_factors, sprite_factor_names,
     sprite_factor_sizes,
 )
+from .sprites import _MAX_DRAWS, _MAX_GENERATOR_SEED
 
 __all__ = [
     "sprite_factor_sizes",
@@ -53,6 +55,18 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------- codes
+
+
+def _check_encoding(representation, sampler, seed, chunk_size, fixed: bool = True) -> None:
+    """Refuse a representation, sampler, seed or chunk size the metrics cannot use."""
+    if not callable(representation):
+        raise TypeError(f"representation must be callable (observations -> codes [n, d]), got {type(representation).__name__}")
+    needs = ("factor_sizes", "sample_with_fixed") if fixed else ("factor_sizes",)
+    if not callable(sampler) or not all(hasattr(sampler, a) for a in needs):
+        raise TypeError(f"sampler must be a FactorSampler (callable, with {' and '.join(needs)}), "
+                        f"got {type(sampler).__name__}")
+    check_int("seed", seed, high=_MAX_GENERATOR_SEED)
+    check_int("chunk_size", chunk_size, low=1)
 
 
 def _encode(representation, obs: Tensor, chunk_size: int) -> np.ndarray:
@@ -80,18 +94,28 @@ def _encode_groups(representation, groups: Iterator[Tensor], chunk_size: int) ->
 
 def sample_codes(representation, sampler, n: int, *, seed: int = 0, chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Codes ``[n, d]`` (float64) and factors ``[n, K]`` (int64) of ``n`` random observations."""
+    _check_encoding(representation, sampler, seed, chunk_size, fixed=False)
+    check_int("n", n, low=1, high=_MAX_DRAWS)
     obs, factors = sampler(n, torch.Generator().manual_seed(seed))
     return _encode(representation, obs, chunk_size), factors.numpy()
 
 
-def _as_array(name: str, a, ndim: int = 2) -> np.ndarray:
+def _as_array(name: str, a) -> np.ndarray:
+    """``a`` as a finite, numeric 2-d array with at least one row and one column."""
     a = a.detach().cpu().numpy() if isinstance(a, Tensor) else np.asarray(a)
-    if a.ndim != ndim:
-        raise ValueError(f"{name} must be a {ndim}-d array [n, ...], got shape {a.shape}")
+    if a.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be a numeric array, got dtype {a.dtype}")
+    if a.ndim != 2 or 0 in a.shape:
+        raise ValueError(f"{name} must be a 2-d array [n, d] with n, d >= 1, got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} must be finite, but it holds NaN or infinite values")
     return a
 
 
 # ---------------------------------------------------------------- MIG
+
+# The most bins MIG cuts a code into: 10**9 would allocate gigabytes and hang.
+_MAX_BINS = 10_000
 
 
 def mig(codes, factors, n_bins: int = 20) -> float:
@@ -110,8 +134,7 @@ def mig(codes, factors, n_bins: int = 20) -> float:
     codes, factors = _as_array("codes", codes), _as_array("factors", factors)
     if len(codes) != len(factors):
         raise ValueError(f"codes has {len(codes)} rows but factors has {len(factors)}")
-    if not isinstance(n_bins, int) or n_bins < 2:
-        raise ValueError(f"n_bins must be an int >= 2, got {n_bins!r}")
+    check_int("n_bins", n_bins, low=2, high=_MAX_BINS)
     binned = [np.digitize(c, np.histogram_bin_edges(c, bins=n_bins)[1:-1]) for c in codes.T.astype(np.float64)]
     gaps = []
     for f in factors.T:
@@ -156,6 +179,10 @@ def dci(codes_train, factors_train, codes_test, factors_test, *, seed: int = 0, 
     """
     from sklearn.ensemble import RandomForestClassifier
 
+    check_int("seed", seed, high=_MAX_GENERATOR_SEED)
+    check_int("n_estimators", n_estimators, low=1)
+    if max_depth is not None:
+        check_int("max_depth", max_depth, low=1)
     ctr, ftr = _as_array("codes_train", codes_train), _as_array("factors_train", factors_train)
     cte, fte = _as_array("codes_test", codes_test), _as_array("factors_test", factors_test)
     if len(ctr) != len(ftr) or len(cte) != len(fte):
@@ -217,6 +244,14 @@ def factor_vae_score(
     training votes for; the score is the accuracy on ``n_eval`` further votes.
     Chance is about ``1 / K``.
     """
+    _check_encoding(representation, sampler, seed, chunk_size)
+    check_int("n_reference", n_reference, low=2, high=_MAX_DRAWS)  # one observation has no spread
+    check_int("n_train", n_train, low=1, high=_MAX_DRAWS)
+    check_int("n_eval", n_eval, low=1, high=_MAX_DRAWS)
+    check_int("batch_size", batch_size, low=2, high=_MAX_DRAWS)  # a variance needs two codes
+    check_number("prune_fraction", prune_fraction)
+    if not prune_fraction < 1:  # 1 would prune every code
+        raise ValueError(f"prune_fraction must be a number in [0, 1), got {prune_fraction}")
     gen = torch.Generator().manual_seed(seed)
     obs, _ = sampler(n_reference, gen)
     std = _encode(representation, obs, chunk_size).std(0)
@@ -261,6 +296,10 @@ def beta_vae_score(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    _check_encoding(representation, sampler, seed, chunk_size)
+    check_int("n_train", n_train, low=1, high=_MAX_DRAWS)
+    check_int("n_eval", n_eval, low=1, high=_MAX_DRAWS)
+    check_int("batch_size", batch_size, low=1, high=_MAX_DRAWS)
     gen = torch.Generator().manual_seed(seed)
     n_points = n_train + n_eval
     labels = torch.randint(len(sampler.factor_sizes), (n_points,), generator=gen)
@@ -288,6 +327,14 @@ def evaluate_disentanglement(model, *, seed: int = 0, n_codes: int = 10000, quic
     20 % to score); the intervention metrics draw their own. ``quick`` shrinks every
     sample size about tenfold, for tests and smoke runs.
     """
+    from .models import VAE
+
+    if not isinstance(model, VAE):
+        raise TypeError(f"model must be a vaekit VAE, got {type(model).__name__}")
+    check_int("seed", seed, high=_MAX_GENERATOR_SEED)
+    check_int("n_codes", n_codes, low=1, high=_MAX_DRAWS)
+    if not isinstance(quick, bool):
+        raise TypeError(f"quick must be a bool, got {type(quick).__name__}")
     weights = next(model.parameters())
     was = model.training
     model.eval()

@@ -38,16 +38,25 @@ Rendering costs about 0.15 ms an image on one CPU thread.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
+
+from .checks import check_int
 
 __all__ = ["sprite_factor_sizes", "sprite_factor_names", "render_sprites", "sample_factors", "make_sprites",
            "iter_all", "FactorSampler", "SpritesFactors"]
 
 sprite_factor_sizes = (3, 6, 40, 32, 32)
 sprite_factor_names = ("shape", "scale", "orientation", "pos_x", "pos_y")
+# The number of distinct sprites (vaekit.data imports this module, so it defines its own).
+MAX_SPRITES = math.prod(sprite_factor_sizes)
+# The most factor rows one call draws: 80 MB a factor (the metrics draw thousands).
+_MAX_DRAWS = 10_000_000
+# The largest seed a torch.Generator takes: vaekit evaluate --seed goes past checks.MAX_SEED.
+_MAX_GENERATOR_SEED = 2**64 - 1
 
 _SIZE = 64
 _HALF = 10.0  # pixels from the centre to a square's side at scale 1
@@ -58,6 +67,21 @@ _ANGLES = torch.arange(40) * (2 * math.pi / 40)
 _POSITIONS = torch.arange(32, dtype=torch.float32) + 16.0
 _HEART_WIDTH = 1.139  # half-width of (x^2+y^2-1)^3 = x^2 y^3; it spans y in [-1, 1.236]
 _HEART_MIDDLE = 0.118
+
+
+def _check_sizes(factor_sizes) -> tuple[int, ...]:
+    """``factor_sizes`` as a tuple of ints, if it is a non-empty sequence of ints >= 1."""
+    if isinstance(factor_sizes, (str, bytes)) or not hasattr(factor_sizes, "__iter__"):
+        raise TypeError(f"factor_sizes must be a sequence of ints >= 1, got {type(factor_sizes).__name__}")
+    sizes = tuple(factor_sizes)
+    if not sizes:
+        raise ValueError("factor_sizes must hold at least one factor size, got ()")
+    return tuple(check_int(f"factor_sizes[{k}]", s, low=1) for k, s in enumerate(sizes))
+
+
+def _check_dtype(dtype) -> None:
+    if not isinstance(dtype, torch.dtype):  # .to() would read a str as a device
+        raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__} {dtype!r}")
 
 
 def _check_factors(factors: Tensor, sizes: Sequence[int]) -> None:
@@ -81,6 +105,7 @@ def render_sprites(factors: Tensor, *, dtype: torch.dtype = torch.float32) -> Te
     (heart, tip down at angle 0). Vectorised over N and the pixels; deterministic.
     """
     _check_factors(factors, sprite_factor_sizes)
+    _check_dtype(dtype)
     inside = torch.empty(len(factors), _SIZE, _SIZE, dtype=torch.bool, device=factors.device)
     # Each shape's test runs only on its own sprites: the heart's cubic costs the most.
     for shape in range(3):
@@ -115,10 +140,9 @@ def _inside_shape(shape: int, qx: Tensor, qy: Tensor) -> Tensor:
 
 def sample_factors(n: int, generator: torch.Generator | None = None, factor_sizes: Sequence[int] = sprite_factor_sizes) -> Tensor:
     """Factor indices ``[n, K]`` (long), each factor uniform and independent of the others."""
-    if not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
-    cols = [torch.randint(int(s), (n,), generator=generator) for s in factor_sizes]
-    return torch.stack(cols, 1) if cols else torch.zeros(n, 0, dtype=torch.long)
+    n = check_int("n", n, high=_MAX_DRAWS)
+    cols = [torch.randint(s, (n,), generator=generator) for s in _check_sizes(factor_sizes)]
+    return torch.stack(cols, 1)
 
 
 def _render_chunked(factors: Tensor, dtype: torch.dtype, chunk: int = 1024) -> Tensor:
@@ -129,7 +153,12 @@ def _render_chunked(factors: Tensor, dtype: torch.dtype, chunk: int = 1024) -> T
 
 
 def make_sprites(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """``n`` random sprites: images ``[n, 1, 64, 64]`` float32 in {0, 1} and factors ``[n, 5]`` long."""
+    """``n`` random sprites: images ``[n, 1, 64, 64]`` float32 in {0, 1} and factors ``[n, 5]`` long.
+
+    ``n`` is at most ``MAX_SPRITES``, the number of distinct sprites (3 GB of images).
+    """
+    check_int("n", n, high=MAX_SPRITES)
+    check_int("seed", seed, high=_MAX_GENERATOR_SEED)
     factors = sample_factors(n, torch.Generator().manual_seed(seed))
     return _render_chunked(factors, torch.float32), factors
 
@@ -138,6 +167,7 @@ def iter_all(batch_size: int = 4096, *, dtype: torch.dtype = torch.uint8) -> Ite
     """Every sprite once, in lexicographic factor order (pos_y fastest), as ``(images, factors)`` batches."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    _check_dtype(dtype)
     total = math.prod(sprite_factor_sizes)
     strides = [math.prod(sprite_factor_sizes[k + 1 :]) for k in range(len(sprite_factor_sizes))]
     for start in range(0, total, batch_size):
@@ -154,10 +184,9 @@ class FactorSampler:
     """
 
     def __init__(self, factor_sizes: Sequence[int], render: Callable[[Tensor], Tensor] | None = None) -> None:
-        sizes = tuple(factor_sizes)
-        if not sizes or any(not isinstance(s, int) or s < 1 for s in sizes):
-            raise ValueError(f"factor_sizes must be positive ints, got {factor_sizes!r}")
-        self.factor_sizes = sizes
+        if render is not None and not callable(render):
+            raise TypeError(f"render must be callable (factors -> observations) or None, got {type(render).__name__}")
+        self.factor_sizes = _check_sizes(factor_sizes)
         self.render = render
 
     def _observe(self, factors: Tensor) -> Tensor:
@@ -171,8 +200,17 @@ class FactorSampler:
         self, n: int, factor_index: int, value, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
         """``n`` draws with factor ``factor_index`` set to ``value`` (an int, or ``[n]`` values)."""
-        if not 0 <= factor_index < len(self.factor_sizes):
-            raise ValueError(f"factor_index must be in [0, {len(self.factor_sizes)}), got {factor_index}")
+        n = check_int("n", n, high=_MAX_DRAWS)
+        check_int("factor_index", factor_index, high=len(self.factor_sizes) - 1)
+        if isinstance(value, Tensor):
+            if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+                raise TypeError(f"value must be an int or an integer tensor, got dtype {value.dtype}")
+            if value.dim() > 1 or (value.dim() == 1 and len(value) != n):
+                raise ValueError(f"value must be an int or a tensor of shape [{n}], got shape {tuple(value.shape)}")
+        elif isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"value must be an int or an integer tensor of shape [{n}], got {type(value).__name__}")
+        else:
+            check_int("value", value, high=self.factor_sizes[factor_index] - 1)
         factors = sample_factors(n, generator, self.factor_sizes)
         factors[:, factor_index] = torch.as_tensor(value, dtype=torch.long)
         _check_factors(factors, self.factor_sizes)
