@@ -431,25 +431,23 @@ def _check_plain(value) -> None:
     no tensor; the place of a bad value is put together only when there is one."""
     t = type(value)
     if t is dict or t is OrderedDict:
-        for k, v in value.items():
+        for k in value:
             if type(k) not in _KEYS:
                 raise _NotPlain(k, is_key=True)
-            if type(v) not in _LEAVES:
-                try:
-                    _check_plain(v)
-                except _NotPlain as e:
-                    e.where.append(f"[{k!r}]")
-                    raise
+        items = value.items()
     elif t is list or t is tuple:
-        for i, v in enumerate(value):
-            if type(v) not in _LEAVES:
-                try:
-                    _check_plain(v)
-                except _NotPlain as e:
-                    e.where.append(f"[{i}]")
-                    raise
-    elif t not in _LEAVES:
+        items = enumerate(value)
+    elif t in _LEAVES:
+        return
+    else:
         raise _NotPlain(value)
+    for k, v in items:
+        if type(v) not in _LEAVES:
+            try:
+                _check_plain(v)
+            except _NotPlain as e:
+                e.where.append(f"[{k!r}]")
+                raise
 
 
 def _type_name(value) -> str:

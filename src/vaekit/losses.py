@@ -357,6 +357,20 @@ def _reduce(t: Tensor, reduction: str) -> Tensor:
     return t
 
 
+def _choice(name: str, choices: tuple) -> property:
+    """A setting that must be one of ``choices``, checked at every assignment."""
+
+    def get(self):
+        return getattr(self, "_" + name)
+
+    def set_(self, value) -> None:
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        setattr(self, "_" + name, value)
+
+    return property(get, set_)
+
+
 class VAELoss(torch.nn.Module):
     r"""The negative ELBO with a KL weight: ``reconstruction + beta * KL(q(z|x) || N(0, I))``.
 
@@ -432,25 +446,8 @@ class VAELoss(torch.nn.Module):
     def beta(self, value) -> None:
         self._beta = check_beta(value)
 
-    @property
-    def reconstruction(self) -> str:
-        return self._reconstruction
-
-    @reconstruction.setter
-    def reconstruction(self, value) -> None:
-        if value not in RECONSTRUCTIONS:
-            raise ValueError(f"reconstruction must be one of {', '.join(RECONSTRUCTIONS)}; got {value!r}")
-        self._reconstruction = value
-
-    @property
-    def reduction(self) -> str:
-        return self._reduction
-
-    @reduction.setter
-    def reduction(self, value) -> None:
-        if value not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {value!r}")
-        self._reduction = value
+    reconstruction = _choice("reconstruction", RECONSTRUCTIONS)
+    reduction = _choice("reduction", REDUCTIONS)
 
     def forward(self, x: Tensor, decoder_out, mu: Tensor, logvar: Tensor) -> LossResult:
         if isinstance(x, Tensor) and isinstance(mu, Tensor) and x.dim() >= 1 and mu.dim() >= 1:
