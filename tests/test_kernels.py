@@ -221,6 +221,8 @@ def test_fused_posterior_sample_falls_back_where_it_cannot_serve():
     head, eps = _posterior_inputs(4, 3, torch.float32)
     for h, e in ((head.detach().double().requires_grad_(), eps.double()),  # float64
                  (head.detach().unsqueeze(0).requires_grad_(), eps),  # not [B, 2d]
+                 (head, eps[:1]),  # noise that broadcasts over the batch
+                 (head, eps.expand(2, *eps.shape)),  # noise of two samples an example
                  (head, eps.clone().requires_grad_())):  # noise that wants a gradient
         out = fused_posterior_sample(h, e, 12.0)
         assert "_FusedPosteriorSample" not in type(out[2].grad_fn).__name__

@@ -751,13 +751,32 @@ def test_docstring_examples_run():
 ])
 def test_a_reassigned_setting_is_checked_as_the_constructors_is(field, value, error, pattern):
     """beta "may be reassigned between steps": a negative one gave a loss with a negative KL
-    weight, and reduction="avg" a per-example vector, silently."""
+    weight, and reduction="avg" a per-example vector, silently. Checked at the call."""
     loss_fn = VAELoss(beta=2.0)
-    with pytest.raises(error, match=pattern):
-        setattr(loss_fn, field, value)
-    assert (loss_fn.beta, loss_fn.reduction, loss_fn.reconstruction) == (2.0, "mean", "bernoulli")  # unchanged
     x, logits = torch.rand(3, 5).bernoulli(), torch.randn(3, 5)
     mu, logvar = torch.randn(3, 2), torch.randn(3, 2)
-    loss_fn.beta = torch.tensor(0.5)  # a good one is taken, a tensor kept as it is
-    out = loss_fn(x, logits, mu, logvar)
-    torch.testing.assert_close(out.loss, out.reconstruction + 0.5 * out.kl)
+    setattr(loss_fn, field, value)
+    with pytest.raises(error, match=pattern):
+        loss_fn(x, logits, mu, logvar)
+    setattr(loss_fn, field, {"beta": torch.tensor(0.5), "reduction": "mean", "reconstruction": "bernoulli"}[field])
+    out = loss_fn(x, logits, mu, logvar)  # a good one is taken, a tensor beta kept as it is
+    torch.testing.assert_close(out.loss, out.reconstruction + (0.5 if field == "beta" else 2.0) * out.kl)
+
+
+def test_a_tensor_beta_is_read_only_when_validating():
+    """Reassigned each step on a GPU, a tensor beta read at every call would be a device sync
+    a step: with value checks off only its shape and dtype are checked."""
+    loss_fn = VAELoss(beta=1.0, validate_args=False)
+    x, logits, mu, logvar = torch.rand(3, 5).bernoulli(), torch.randn(3, 5), torch.randn(3, 2), torch.randn(3, 2)
+    loss_fn.beta = torch.tensor(-1.0)  # a value no check reads: taken
+    torch.testing.assert_close(loss_fn(x, logits, mu, logvar).loss, loss_fn.__class__(0.0)(x, logits, mu, logvar).loss
+                               - VAELoss(1.0)(x, logits, mu, logvar).kl)
+    loss_fn.validate_args = True
+    with pytest.raises(ValueError, match=r"beta must be a finite number >= 0, got -1\.0"):
+        loss_fn(x, logits, mu, logvar)
+    loss_fn.beta = torch.ones(2)  # a shape is metadata: refused either way
+    loss_fn.validate_args = False
+    with pytest.raises(ValueError, match=r"beta must be a scalar"):
+        loss_fn(x, logits, mu, logvar)
+    with pytest.raises(ValueError, match=r"beta must be a finite number >= 0, got -3\.0"):
+        VAELoss(beta=torch.nn.Parameter(torch.tensor(-3.0)))  # a Parameter is checked too

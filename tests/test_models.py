@@ -366,7 +366,7 @@ _XB = torch.rand(3, 1, 4, 4).bernoulli()
 
 @pytest.mark.parametrize("call, error, match", [
     pytest.param(lambda p: _small().sample(10**12), ValueError,
-                 r"n must be at most 134217728 \(draws of 16 elements each .*\), got 1000000000000", id="sample-n"),
+                 r"n must be at most 134217728 \(images of 16 values, .*\), got 1000000000000", id="sample-n"),
     pytest.param(lambda p: _small().sample(2, generator=0), TypeError, "generator must be a torch.Generator or None",
                  id="sample-generator"),
     pytest.param(lambda p: VAE(ModelConfig(input_shape=(2**31 - 1,), hidden=(2**31 - 1,))), ValueError,
@@ -412,3 +412,21 @@ def test_the_parameters_are_counted_before_building(cfg):
     from vaekit.models import _n_parameters
 
     assert _n_parameters(cfg) == sum(p.numel() for p in VAE(cfg).parameters())
+
+
+def test_sample_decodes_in_chunks_where_one_pass_would_hold_too_much(monkeypatch):
+    """A PixelCNN head holds many maps an image: n is refused only where the images alone
+    would be too many, and decoded in chunks whose peak stays under the bound (the CLI's
+    -n 3000 on a 64 x 64 PixelCNN was refused before)."""
+    import vaekit.models
+
+    torch.manual_seed(0)
+    model = _small(pixelcnn_layers=1, pixelcnn_width=6).eval()
+    monkeypatch.setattr(vaekit.models, "MAX_SAMPLE_NUMEL", 3 * model.decode_numel)  # chunks of 3 images
+    out = model.sample(10, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(10, 2, generator=g)
+    by_hand = torch.cat([model.generate(part, generator=g) for part in z.split(3)])
+    assert out.shape == (10, 1, 4, 4) and torch.equal(out, by_hand)
+    with pytest.raises(ValueError, match=rf"n must be at most {3 * model.decode_numel // 16} \(images of 16 values"):
+        model.sample(3 * model.decode_numel // 16 + 1)

@@ -297,3 +297,30 @@ def test_the_grid_bound_is_what_pillow_opens_and_valid_input_is_taken_as_before(
     a = save_traversals(model, _X[:1], tmp_path / "a.png", dims=torch.tensor([1, 0]), n_steps=3)
     b = save_traversals(model, _X[:1], tmp_path / "b.png", dims=[1, 0], n_steps=3)
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_a_run_on_large_images_keeps_pictures_that_pillow_opens(tmp_path, monkeypatch):
+    """The end of a run draws 64 images a grid; where that grid would pass the bound (large
+    images), fewer are drawn rather than fail the run after its training."""
+    import vaekit.plots
+    from vaekit.models import VAE, ModelConfig
+    from vaekit.plots import _pictures_that_fit, save_run_pictures
+
+    assert _pictures_that_fit((1, 28, 28), 4) == 64
+    one_row = (8 * 30 + 2) * (28 + 4) * 16  # 8 images of 28 x 28 in a row, enlarged 4 times
+    monkeypatch.setattr(vaekit.plots, "MAX_GRID_PIXELS", one_row)
+    assert _pictures_that_fit((1, 28, 28), 4) == 8
+    assert _pictures_that_fit((1, 2000, 2000), 1) == 0
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(1, 28, 28), latent_dim=2, hidden=(8,)))
+    save_run_pictures(model, torch.rand(40, 1, 28, 28), tmp_path, [])
+    from PIL import Image
+
+    with Image.open(tmp_path / "samples.png") as im:
+        assert im.size == ((8 * 30 + 2) * 4, (30 + 2) * 4)  # one row of 8
+    assert (tmp_path / "reconstructions.png").is_file()
+    assert not (tmp_path / "traversals.png").exists()  # a row of 9 does not fit under this bound
+    monkeypatch.setattr(vaekit.plots, "MAX_GRID_PIXELS", 2 * (9 * 30 + 2) * (2 * 30 + 2) * 16)
+    save_run_pictures(model, torch.rand(40, 1, 28, 28), tmp_path, [])
+    with Image.open(tmp_path / "traversals.png") as im:  # both dimensions now
+        assert im.size == ((9 * 30 + 2) * 4, (2 * 30 + 2) * 4)

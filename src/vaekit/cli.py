@@ -189,6 +189,7 @@ def _main(argv: list[str] | None) -> int:
     from .fast import FastPathError
     from .train import TrainingDiverged
 
+    args = None  # (an error while parsing has no command to name)
     try:
         args = _parser().parse_args(argv)
         if args.command == "train":
@@ -274,7 +275,7 @@ def _no_empty_paths(*given: tuple) -> None:
 
 # What each command's out-of-memory line asks the user to make smaller, by its flags.
 _LESS = {
-    "train": "a smaller --batch-size, model (--hidden, --latent-dim, --pixelcnn-width) or --iw-samples",
+    "train": "a smaller --batch-size, model (--hidden, --latent-dim) or --iw-samples",
     "evaluate": "a smaller --batch-size or --iw-samples",
     "sample": "fewer images (-n)",
     None: "a smaller model, batch, data set or sample count",

@@ -144,7 +144,7 @@ class TrainConfig:
               "false with fast 'off' (the Triton tail is the static step's)", self.adam_kernel)
         _need(
             isinstance(self.device, str) and (self.device in ("auto", "cpu", "cuda")
-                                              or re.fullmatch(r"cuda:\d+", self.device) is not None),
+                                              or re.fullmatch(r"cuda:[0-9]+", self.device) is not None),
             "device", "auto, cpu, cuda or cuda:N", self.device,
         )
 

@@ -181,7 +181,7 @@ def build_config(preset: str | None = None, config_file: str | None = None, over
     try:
         return RunConfig.from_dict(_without_the_presets_inert(_merge(PRESETS[name], user), user))
     except (TypeError, ValueError) as e:
-        raise _name_the_flag(_blame_the_preset(e, name, user)) from None
+        raise _name_the_flag(_blame_the_preset(e, name, user), user) from None
 
 
 def _without_the_presets_inert(merged: dict, user: dict) -> dict:
@@ -221,11 +221,14 @@ def _blame_the_preset(error: Exception, preset: str, user: dict) -> Exception:
     return type(error)(f"{msg}; the preset {preset!r} sets {said}: override it")
 
 
-def _name_the_flag(error: Exception) -> Exception:
-    """``error`` led by the flag that sets the field it opens with: ``--seed: TrainConfig.seed
-    must be ...`` (the field stays, for a value that came from a ``--config`` file)."""
+def _name_the_flag(error: Exception, user: dict) -> Exception:
+    """``error`` led by the flag of the field it opens with, when the user set that field
+    (by the flag or a ``--config`` file): ``--seed: TrainConfig.seed must be ...``. A field
+    the user did not set is not blamed on its flag (a message may open with one field of
+    several: "beta and beta_schedule are unused ...")."""
     msg = str(error)
     found = re.match(r"(\w+Config)\.(\w+)", msg)
     group = _SECTIONS.get(found.group(1)) if found else None
-    flags = _flag_names().get((group, found.group(2))) if group else None
+    given = group is not None and found.group(2) in (user.get(group) or {})
+    flags = _flag_names().get((group, found.group(2))) if given else None
     return type(error)(f"{flags[0]}: {msg}") if flags else error

@@ -139,7 +139,7 @@ def atomic_write(path, write) -> Path:
             pass
         raise
     _fsync_dir(path.parent)
-    return path
+    return given
 
 
 def _make_dir(name: str, directory: Path, given: Path) -> None:
@@ -435,7 +435,7 @@ def _check_plain(value) -> None:
             if type(k) not in _KEYS:
                 raise _NotPlain(k, is_key=True)
         items = value.items()
-    elif t is list or t is tuple:
+    elif t is list or t is tuple or t is set:
         items = enumerate(value)
     elif t in _LEAVES:
         return

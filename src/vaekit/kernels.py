@@ -632,8 +632,9 @@ def fused_posterior_sample(head: Tensor, eps: Tensor, limit: float) -> tuple[Ten
     :func:`fused_available` says no, or for shapes other than ``head [B, 2d]``, ``eps [B, d]``.
     """
     _check_sample_args(head, eps, limit)
-    if (not fused_available(head.device) or head.dim() != 2 or eps.device != head.device or head.dtype not in _DTYPES
-            or eps.dtype not in _DTYPES or eps.requires_grad):
+    if (not fused_available(head.device) or head.dim() != 2 or eps.shape != (head.shape[0], head.shape[1] // 2)
+            or eps.device != head.device or head.dtype not in _DTYPES or eps.dtype not in _DTYPES
+            or eps.requires_grad):
         return posterior_sample(head, eps, limit)
     return _FusedPosteriorSample.apply(head.contiguous(), eps.contiguous(), float(limit))
 

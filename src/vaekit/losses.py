@@ -357,20 +357,6 @@ def _reduce(t: Tensor, reduction: str) -> Tensor:
     return t
 
 
-def _choice(name: str, choices: tuple) -> property:
-    """A setting that must be one of ``choices``, checked at every assignment."""
-
-    def get(self):
-        return getattr(self, "_" + name)
-
-    def set_(self, value) -> None:
-        if value not in choices:
-            raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-        setattr(self, "_" + name, value)
-
-    return property(get, set_)
-
-
 class VAELoss(torch.nn.Module):
     r"""The negative ELBO with a KL weight: ``reconstruction + beta * KL(q(z|x) || N(0, I))``.
 
@@ -429,27 +415,27 @@ class VAELoss(torch.nn.Module):
                 check_finite("logvar", logvar)
         else:
             logvar = check_number("logvar", logvar, low=-math.inf)
-        self.beta = beta  # the three are checked by their setters (below), at every assignment
+        self.beta = check_beta(beta)
         self.reconstruction = reconstruction
         self.reduction = reduction
+        self._check_choices()
         self.logvar = logvar
         self.validate_args = validate_args
 
-    # "May be reassigned between steps": a reassigned beta, reduction or reconstruction is
-    # checked as the constructor's is (a negative beta, or reduction="avg" read as "none",
-    # would otherwise give a wrong loss silently).
-    @property
-    def beta(self):
-        return self._beta
-
-    @beta.setter
-    def beta(self, value) -> None:
-        self._beta = check_beta(value)
-
-    reconstruction = _choice("reconstruction", RECONSTRUCTIONS)
-    reduction = _choice("reduction", REDUCTIONS)
+    def _check_choices(self) -> None:
+        if self.reconstruction not in RECONSTRUCTIONS:
+            raise ValueError(f"reconstruction must be one of {', '.join(RECONSTRUCTIONS)}; got {self.reconstruction!r}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {self.reduction!r}")
 
     def forward(self, x: Tensor, decoder_out, mu: Tensor, logvar: Tensor) -> LossResult:
+        # The settings "may be reassigned between steps": checked here as the constructor
+        # checks them (a negative beta, or reduction="avg" read as "none", gave wrong losses
+        # silently). A tensor beta's value is read only when validating (a device sync).
+        beta = self.beta
+        if not isinstance(beta, Tensor) or beta.dim() or not beta.is_floating_point() or validating(self.validate_args):
+            check_beta(beta)
+        self._check_choices()
         if isinstance(x, Tensor) and isinstance(mu, Tensor) and x.dim() >= 1 and mu.dim() >= 1:
             if x.shape[0] != mu.shape[0]:
                 raise ValueError(

@@ -429,17 +429,22 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` draws z ~ N(0, I), each made an image by :meth:`generate`: ``[n, *input_shape]``."""
+        """``n`` draws z ~ N(0, I), each made an image by :meth:`generate`: ``[n, *input_shape]``.
+        Decoded in chunks whose peak stays under ``MAX_SAMPLE_NUMEL`` elements (a PixelCNN
+        head holds many maps an image); ``n`` is refused where the images alone would not."""
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
-        most = max(1, MAX_SAMPLE_NUMEL // self.decode_numel)
-        if n > most:
-            raise ValueError(f"n must be at most {most} (draws of {self.decode_numel} elements each at the decoder's "
-                             f"peak, {MAX_SAMPLE_NUMEL} in all), got {n}; draw them in batches")
+        size = math.prod(self.config.input_shape)
+        if n > MAX_SAMPLE_NUMEL // size:
+            raise ValueError(f"n must be at most {MAX_SAMPLE_NUMEL // size} (images of {size} values, "
+                             f"{MAX_SAMPLE_NUMEL} values in all), got {n}; draw them in batches")
         _check_generator(generator)
         p = next(self.parameters())
         z = torch.randn(n, self.config.latent_dim, generator=generator, device=p.device, dtype=p.dtype)
-        return self.generate(z, generator=generator)
+        chunk = max(1, MAX_SAMPLE_NUMEL // self.decode_numel)
+        if n <= chunk:
+            return self.generate(z, generator=generator)
+        return torch.cat([self.generate(part, generator=generator) for part in z.split(chunk)])
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:

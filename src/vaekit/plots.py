@@ -383,13 +383,27 @@ def save_traversals(
     return save_image_grid(images.reshape(-1, *shape), path, nrow=n_steps, scale=scale)
 
 
+def _fits(shape: tuple, scale: int, rows: int, cols: int, padding: int = 2) -> bool:
+    """Whether a grid of ``rows x cols`` images of ``shape`` is one Pillow opens."""
+    h, w = shape[-2:]
+    return (rows * (h + padding) + padding) * (cols * (w + padding) + padding) * scale * scale <= MAX_GRID_PIXELS
+
+
+def _pictures_that_fit(shape: tuple, scale: int, nrow: int = 8) -> int:
+    """64 images a run's grid, or the most (an even count) whose grid Pillow still opens:
+    a run on large images keeps its pictures rather than fail after its training."""
+    return next((n for n in (64, 56, 48, 40, 32, 24, 16, 8, 6, 4, 2)
+                 if _fits(shape, scale, -(-n // nrow), min(n, nrow))), 0)
+
+
 def save_run_pictures(model, x: Tensor, run_dir, history: list, *, seed: int = 0) -> None:
     """The pictures of a training run, into ``run_dir``: ``reconstructions.png`` (up to 32
     examples of ``x``, each with its reconstruction to its right: four pairs a row),
     ``samples.png`` (64 draws),
     ``curves.png`` (from ``history``, the rows of ``metrics.csv``) and
     ``traversals.png`` (the first example, the 10 latent dimensions of highest mean KL).
-    Data that are not images (a vector whose length is not a square) get the curves only."""
+    Data that are not images (a vector whose length is not a square) get the curves only;
+    images so large that these grids would pass what Pillow opens get fewer of them."""
     from .latents import kl_per_dimension
 
     run_dir = Path(run_dir)
@@ -401,11 +415,17 @@ def save_run_pictures(model, x: Tensor, run_dir, history: list, *, seed: int = 0
         return
     model.eval()
     scale = max(1, 112 // shape[-1])
-    x = x[:32].to(next(model.parameters()).device)
+    count = _pictures_that_fit(shape, scale)
+    if not count:  # images too large for one picture Pillow opens
+        return
+    x = x[:count // 2].to(next(model.parameters()).device)
     rec = model.reconstruct(x)
     pairs = torch.stack([x, rec], 1).reshape(-1, *x.shape[1:])  # input, then its reconstruction
     save_image_grid(pairs.cpu(), run_dir / "reconstructions.png", nrow=8, scale=scale, image_shape=shape)
     g = torch.Generator(device=x.device).manual_seed(seed)
-    save_image_grid(model.sample(64, generator=g).cpu(), run_dir / "samples.png", nrow=8, scale=scale, image_shape=shape)
-    save_traversals(model, x[:1], run_dir / "traversals.png", kl_per_dim=kl_per_dimension(model, x),
-                    dims=min(10, model.config.latent_dim), scale=scale, image_shape=shape)
+    save_image_grid(model.sample(count, generator=g).cpu(), run_dir / "samples.png", nrow=8, scale=scale,
+                    image_shape=shape)
+    dims = next((d for d in range(min(10, model.config.latent_dim), 0, -1) if _fits(shape, scale, d, 9)), 0)
+    if dims:  # a row of 9 values for each of the dimensions of highest KL that fit
+        save_traversals(model, x[:1], run_dir / "traversals.png", kl_per_dim=kl_per_dimension(model, x),
+                        dims=dims, scale=scale, image_shape=shape)
