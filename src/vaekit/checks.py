@@ -35,6 +35,7 @@ __all__ = [
     "check_number",
     "check_int",
     "check_choice",
+    "check_generator",
     "in_section",
     "check_beta",
     "refuse_inert",
@@ -172,6 +173,12 @@ def check_int(name: str, value, *, low: int = 0, high: int | None = None) -> int
     if value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value}")
     return int(value)
+
+
+def check_generator(generator) -> None:
+    """Raise unless ``generator`` is a ``torch.Generator`` or None."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
 def check_choice(name: str, value, choices: tuple) -> str:

@@ -12,7 +12,6 @@ device, reproducibly and resumably, with the same batches split over DDP ranks.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from torch import Tensor
 
 from .checks import MAX_SEED, check_choice, check_int, check_number, in_section, refuse_inert, reset_inert
 from .readers import MNIST_FILES, _load_array, _load_digits, _load_folder, _load_mnist, download_mnist, read_idx
-from .sprites import sprite_factor_sizes
+from .sprites import MAX_SPRITES  # sprites_count at most (11.3 GiB in float32)
 
 __all__ = [
     "DataConfig", "SplitData", "load_dataset", "read_idx", "download_mnist",
@@ -37,8 +36,6 @@ BINARIZATIONS = ("none", "static", "dynamic")
 SPLITS = ("random", "tail")
 _DIGITS_TEST, _CARVED_TEST_FRACTION = 297, 0.15
 
-# sprites_count at most: as many sprites as there are distinct ones (11.3 GiB in float32)
-MAX_SPRITES = math.prod(sprite_factor_sizes)
 
 
 # Fields that act only for some datasets (:func:`vaekit.checks.refuse_inert`).

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checks import MAX_IW_SAMPLES, check_int, check_number
+from .checks import MAX_IW_SAMPLES, check_generator, check_int, check_number
 from .losses import gaussian_kl
 from .iw import _check_samples, iw_from_params, randn_like_on
 from .iw import decode_nll
-from .latents import _batches, _check_generator, _check_positive_int, _check_x, _encode_all, _evaluating
+from .latents import _batches, _check_positive_int, _check_x, _encode_all, _evaluating
 from .latents import (  # re-exported: the diagnostics were public here first
     _active_units_from_mu, _kl_per_dim_from_params, _mutual_information_from_params, active_units, kl_per_dimension,
     mutual_information,
@@ -105,7 +105,7 @@ def elbo_terms(
     _check_x(model, x)
     _check_samples("n_samples", n_samples)
     _check_positive_int("batch_size", batch_size, optional=True)
-    _check_generator(generator)
+    check_generator(generator)
     with _evaluating(model):
         mu, logvar = _encode_all(model, x, batch_size)
         parts = [
@@ -160,7 +160,7 @@ def iw_log_likelihood(
     _check_samples("k", k)
     _check_positive_int("chunk_size", chunk_size, optional=True)
     _check_positive_int("batch_size", batch_size, optional=True)
-    _check_generator(generator)
+    check_generator(generator)
     _check_precision(precision, model)
     with _evaluating(model, precision):
         mu, logvar = _encode_all(model, x, batch_size)

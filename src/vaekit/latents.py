@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor
 
-from .checks import _LOG_2PI, check_int, check_number, validate_args_enabled, value_checks
+from .checks import _LOG_2PI, check_generator, check_int, check_number, validate_args_enabled, value_checks
 from .iw import MEMORY_BUDGET_BYTES, _check_model, _check_samples, randn_like_on
 from .losses import gaussian_kl
 
@@ -38,11 +38,6 @@ __all__ = ["active_units", "kl_per_dimension", "mutual_information", "tf32_flags
 def _check_positive_int(name: str, value, *, optional: bool = False) -> None:
     if not (optional and value is None):
         check_int(name, value, low=1)
-
-
-def _check_generator(generator) -> None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
 def _check_x(model, x) -> None:
@@ -249,7 +244,7 @@ def mutual_information(
     _check_x(model, x)
     _check_samples("n_samples", n_samples)
     _check_positive_int("batch_size", batch_size, optional=True)
-    _check_generator(generator)
+    check_generator(generator)
     with _evaluating(model):
         mu, logvar = _encode_all(model, x, batch_size)
         return _mutual_information_from_params(mu, logvar, n_samples, generator)

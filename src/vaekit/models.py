@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Independent, Normal
 
-from .checks import check_finite, validating
+from .checks import check_finite, check_generator, validating
 from .iw import noise_dtype, repeat_for_samples
 from .losses import reconstruction_nll
 from .likelihoods import bernoulli_nll_samples, discretized_logistic_nll, optimal_sigma_nll
@@ -72,11 +72,6 @@ def likelihood_mean(kind: str, decoder_out) -> Tensor:
         dist = torch.distributions.ContinuousBernoulli(logits=decoder_out.double(), validate_args=False)
         return dist.mean.to(decoder_out.dtype)
     raise ValueError(f"likelihood must be one of {', '.join(LIKELIHOODS)}; got {kind!r}")
-
-
-def _check_generator(generator) -> None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
 class VAEOutput(NamedTuple):
@@ -421,7 +416,7 @@ class VAE(nn.Module):
         from p(x|z), pixel by pixel, shown as each pixel's probability of being 1 given the
         pixels drawn before it (:func:`vaekit.pixelcnn.sample_pixels`; ``generator`` seeds
         the draw)."""
-        _check_generator(generator)
+        check_generator(generator)
         if self.pixelcnn is not None:
             self._check_latent(z)
             return sample_pixels(self.pixelcnn, self.decoder(z), generator=generator)
@@ -438,7 +433,7 @@ class VAE(nn.Module):
         if n > MAX_SAMPLE_NUMEL // size:
             raise ValueError(f"n must be at most {MAX_SAMPLE_NUMEL // size} (images of {size} values, "
                              f"{MAX_SAMPLE_NUMEL} values in all), got {n}; draw them in batches")
-        _check_generator(generator)
+        check_generator(generator)
         p = next(self.parameters())
         z = torch.randn(n, self.config.latent_dim, generator=generator, device=p.device, dtype=p.dtype)
         chunk = max(1, MAX_SAMPLE_NUMEL // self.decode_numel)
