@@ -161,6 +161,9 @@ MAX_IW_SAMPLES = 1_000_000
 # The largest seed a config takes: PyTorch's generators take 64-bit seeds, and vaekit
 # seeds some streams with small offsets from it.
 MAX_SEED = 2**63 - 1
+# The largest seed a torch.Generator takes; evaluate and sample, which also draw with
+# seed + 1 and seed + 2, take seeds up to MAX_GENERATOR_SEED - 2.
+MAX_GENERATOR_SEED = 2**64 - 1
 
 
 def check_int(name: str, value, *, low: int = 0, high: int | None = None) -> int:
@@ -241,7 +244,7 @@ def check_beta(beta):
             raise ValueError(f"beta must be a scalar (a 0-dim tensor), got a tensor of shape {tuple(beta.shape)}")
         if not beta.is_floating_point():
             raise TypeError(f"beta must be a floating-point tensor, got dtype {beta.dtype}")
-        value = float(beta)
+        value = float(beta.detach())  # (a Parameter: read, not differentiated)
     elif isinstance(beta, numbers.Real) and not isinstance(beta, bool):
         value = float(beta)
     else:

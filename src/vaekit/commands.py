@@ -21,12 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from .checks import MAX_IW_SAMPLES
+from .checks import MAX_GENERATOR_SEED, MAX_IW_SAMPLES
 from .flags import UsageError
 
 __all__ = ["train_command", "evaluate_command", "sample_command", "metrics_name"]
 
-_MAX_SEED = 2**64 - 3  # a generator takes seeds below 2**64, and evaluate also draws with seed + 2
+_MAX_SEED = MAX_GENERATOR_SEED - 2  # evaluate also draws with seed + 1 and seed + 2
 MAX_SAMPLES = 10_000  # vaekit sample -n: images in one grid
 
 

@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checks import check_int, check_number
+from .checks import MAX_GENERATOR_SEED, check_int, check_number
 from .sprites import (  # re-exported: the disentanglement API names them
     FactorSampler, SpritesFactors, iter_all, make_sprites, render_sprites, sample_factors, sprite_factor_names,
     sprite_factor_sizes,
 )
-from .sprites import _MAX_DRAWS, _MAX_GENERATOR_SEED
+from .sprites import _MAX_DRAWS
 
 __all__ = [
     "sprite_factor_sizes",
@@ -65,7 +65,7 @@ def _check_encoding(representation, sampler, seed, chunk_size, fixed: bool = Tru
     if not callable(sampler) or not all(hasattr(sampler, a) for a in needs):
         raise TypeError(f"sampler must be a FactorSampler (callable, with {' and '.join(needs)}), "
                         f"got {type(sampler).__name__}")
-    check_int("seed", seed, high=_MAX_GENERATOR_SEED)
+    check_int("seed", seed, high=MAX_GENERATOR_SEED)
     check_int("chunk_size", chunk_size, low=1)
 
 
@@ -179,7 +179,7 @@ def dci(codes_train, factors_train, codes_test, factors_test, *, seed: int = 0, 
     """
     from sklearn.ensemble import RandomForestClassifier
 
-    check_int("seed", seed, high=_MAX_GENERATOR_SEED)
+    check_int("seed", seed, high=MAX_GENERATOR_SEED)
     check_int("n_estimators", n_estimators, low=1)
     if max_depth is not None:
         check_int("max_depth", max_depth, low=1)
@@ -331,7 +331,7 @@ def evaluate_disentanglement(model, *, seed: int = 0, n_codes: int = 10000, quic
 
     if not isinstance(model, VAE):
         raise TypeError(f"model must be a vaekit VAE, got {type(model).__name__}")
-    check_int("seed", seed, high=_MAX_GENERATOR_SEED)
+    check_int("seed", seed, high=MAX_GENERATOR_SEED)
     check_int("n_codes", n_codes, low=1, high=_MAX_DRAWS)
     if not isinstance(quick, bool):
         raise TypeError(f"quick must be a bool, got {type(quick).__name__}")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checks import MAX_IW_SAMPLES, check_generator, check_int, check_number
+from .checks import MAX_GENERATOR_SEED, MAX_IW_SAMPLES, check_generator, check_int, check_number
 from .losses import gaussian_kl
 from .iw import _check_samples, iw_from_params, randn_like_on
 from .iw import decode_nll
@@ -56,9 +56,9 @@ __all__ = [
 # The arithmetic an evaluation may run in (see iw_log_likelihood).
 PRECISIONS = ("fp32", "tf32", "bf16")
 
-# The largest seed evaluate_model takes: a generator takes seeds below 2**64, and it also
-# draws with seed + 1 and seed + 2 (the CLI's --seed has the same bound).
-_MAX_SEED = 2**64 - 3
+# The largest seed evaluate_model takes: it also draws with seed + 1 and seed + 2 (the
+# CLI's --seed has the same bound).
+_MAX_SEED = MAX_GENERATOR_SEED - 2
 
 
 # ---------------------------------------------------------------------------------------

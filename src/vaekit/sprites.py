@@ -44,7 +44,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .checks import check_int
+from .checks import MAX_GENERATOR_SEED, check_int
 
 __all__ = ["sprite_factor_sizes", "sprite_factor_names", "render_sprites", "sample_factors", "make_sprites",
            "iter_all", "FactorSampler", "SpritesFactors"]
@@ -55,8 +55,6 @@ sprite_factor_names = ("shape", "scale", "orientation", "pos_x", "pos_y")
 MAX_SPRITES = math.prod(sprite_factor_sizes)
 # The most factor rows one call draws: 80 MB a factor (the metrics draw thousands).
 _MAX_DRAWS = 10_000_000
-# The largest seed a torch.Generator takes: vaekit evaluate --seed goes past checks.MAX_SEED.
-_MAX_GENERATOR_SEED = 2**64 - 1
 
 _SIZE = 64
 _HALF = 10.0  # pixels from the centre to a square's side at scale 1
@@ -158,7 +156,7 @@ def make_sprites(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     ``n`` is at most ``MAX_SPRITES``, the number of distinct sprites (3 GB of images).
     """
     check_int("n", n, high=MAX_SPRITES)
-    check_int("seed", seed, high=_MAX_GENERATOR_SEED)
+    check_int("seed", seed, high=MAX_GENERATOR_SEED)
     factors = sample_factors(n, torch.Generator().manual_seed(seed))
     return _render_chunked(factors, torch.float32), factors
 
