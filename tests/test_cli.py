@@ -589,10 +589,10 @@ BAD_INPUT = [  # (id, argv with {run}/{empty}/{tmp} placeholders, regex the one-
                                "{tmp}/real.npy", "--likelihood", "gaussian"],
      r"binarize='dynamic'.*'none' keeps the values\) must lie in \[0, 1\], got values in \[-2, 2\]"),
     # a value the user never set says where it came from
-    ("preset-conflict", ["train", "--run-dir", "{empty}", "--preset", "mnist-pixelcnn", "--objective", "iwae"],
-     r"error: ObjectiveConfig\.beta and beta_schedule are unused with name='iwae'.*; the preset 'mnist-pixelcnn' "
-     r"sets beta_schedule='linear' "
-     r"\(--beta-schedule\): override it$"),
+    ("preset-conflict", ["train", "--run-dir", "{empty}", "--preset", "mnist-pixelcnn", "--likelihood", "gaussian",
+                         "--binarize", "none"],
+     r"error: --likelihood: ModelConfig\.likelihood must be 'bernoulli' when pixelcnn_layers > 0, got 'gaussian'; "
+     r"the preset 'mnist-pixelcnn' sets pixelcnn_layers=4 \(--pixelcnn-layers\): override it$"),
     ("quick-without-disentanglement", ["evaluate", "{run}", "--quick"], r"--quick sizes the --disentanglement"),
     ("tf32-on-the-cpu", ["evaluate", "{run}", "--device", "cpu", "--precision", "tf32"],
      r"--precision tf32 is CUDA's arithmetic; on cpu"),

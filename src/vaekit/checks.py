@@ -217,15 +217,16 @@ def refuse_inert(config, table: dict) -> None:
             raise ValueError(f"{field}={value!r} has no effect with {now}; use {need}")
 
 
-def reset_inert(section: dict, defaults: dict, table: dict) -> dict:
+def reset_inert(section: dict, defaults: dict, table: dict, keep=()) -> dict:
     """A saved config ``section`` (a mapping) with each field of ``table`` (as
     :func:`refuse_inert` takes it) that could not act there set to its "off" value: earlier
     versions accepted such fields, and the runs they saved trained exactly as the section
     then says. ``defaults`` gives the gates the section leaves out; a gate of the wrong
-    type is left for the config's own check to name."""
+    type is left for the config's own check to name. Fields in ``keep`` (the user's own
+    settings, which are refused instead) stay as they are."""
     out = dict(section)
     for field, (off, gates, acts, _) in table.items():
-        if field in out:
+        if field in out and field not in keep:
             try:
                 inert = not acts(*(out.get(g, defaults[g]) for g in gates))
             except TypeError:

@@ -45,14 +45,14 @@ _ONLY_WITH = {
 }
 
 
-def data_without_inert(section: dict) -> dict:
+def data_without_inert(section: dict, keep=()) -> dict:
     """A saved ``data`` section with the fields earlier versions accepted where they had no
     effect set to their defaults, so the runs saved then still load: a ``data_dir`` for
     "digits" or "sprites" (which read none) dropped, a ``download`` or ``sprites_count``
     the dataset does not use reset."""
-    if section.get("dataset", "digits") in ("digits", "sprites") and "data_dir" in section:
+    if section.get("dataset", "digits") in ("digits", "sprites") and "data_dir" in section and "data_dir" not in keep:
         section = {k: v for k, v in section.items() if k != "data_dir"}
-    return reset_inert(section, {"dataset": "digits"}, _ONLY_WITH)
+    return reset_inert(section, {"dataset": "digits"}, _ONLY_WITH, keep)
 
 
 @dataclass

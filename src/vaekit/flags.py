@@ -197,7 +197,7 @@ def _without_the_presets_inert(merged: dict, user: dict) -> dict:
     for section, reset in (("data", data_without_inert), ("model", model_without_inert), ("objective", without_inert)):
         mine = user.get(section, {})
         if isinstance(out.get(section), dict) and isinstance(mine, dict):
-            out[section] = {**reset(out[section]), **mine}
+            out[section] = reset(out[section], keep=frozenset(mine))
     return out
 
 

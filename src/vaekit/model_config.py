@@ -47,12 +47,12 @@ _ONLY_WITH = {
 }
 
 
-def model_without_inert(section: dict) -> dict:
+def model_without_inert(section: dict, keep=()) -> dict:
     """A saved ``model`` section with the fields earlier versions accepted where they had no
     effect (a ``pixelcnn_width`` without a PixelCNN head, ...) set to their defaults, so
     the runs and models saved then still load."""
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-    return reset_inert(section, defaults, _ONLY_WITH)
+    return reset_inert(section, defaults, _ONLY_WITH, keep)
 
 
 def _size(v) -> bool:

@@ -353,7 +353,7 @@ class ObjectiveConfig:
             raise ValueError("free_bits and capacity_max cannot both be > 0: the capacity penalty "
                              "replaces the KL term that free bits modifies")
         beta_set = self.beta != 1.0 or self.beta_schedule != "constant"
-        if (self.name == "iwae" or self.capacity_max > 0) and beta_set:
+        if _kl_weight_unused(self.name, self.capacity_max) and beta_set:
             who = "name='iwae'" if self.name == "iwae" else "capacity_max > 0"
             raise ValueError(f"beta and beta_schedule are unused with {who}; got beta={self.beta}, "
                              f"beta_schedule={self.beta_schedule!r} (leave 1.0 and 'constant')")
@@ -379,17 +379,30 @@ _FIELD_CHECKS = {
 }
 
 
-def without_inert(section: dict) -> dict:
+def _kl_weight_unused(name, capacity_max) -> bool:
+    """The IWAE bound and the capacity penalty have no KL weight: beta and its schedule do
+    nothing there."""
+    return name == "iwae" or capacity_max > 0
+
+
+def without_inert(section: dict, keep=()) -> dict:
     """A saved ``objective`` section with each field that could have no effect there (the
     ``_ONLY_FOR`` / ``_ONLY_WITH`` cases, which earlier versions accepted: ``warmup_steps``
     with the constant schedule, ...) set to its "off" value, so that runs saved then still
-    load: they trained exactly as the section now says."""
+    load: they trained exactly as the section now says. Fields in ``keep`` stay as they
+    are (:func:`vaekit.flags.build_config` keeps the user's own, to be refused)."""
     defaults = {name: f.default for name, f in ObjectiveConfig.__dataclass_fields__.items()}
     out = dict(section)
     for field, (objective, off) in _ONLY_FOR.items():
-        if field in out and out.get("name", defaults["name"]) != objective:
+        if field in out and field not in keep and out.get("name", defaults["name"]) != objective:
             out[field] = off
-    return reset_inert(out, defaults, _ONLY_WITH)  # a gate the loop above set off counts as off
+    try:
+        unused = _kl_weight_unused(out.get("name", defaults["name"]), out.get("capacity_max", defaults["capacity_max"]))
+    except TypeError:  # a malformed field: ObjectiveConfig names it
+        unused = False
+    if unused:  # (and with the constant schedule, the warm-up and cycle fields are inert below)
+        out.update({k: defaults[k] for k in ("beta", "beta_schedule") if k in out and k not in keep})
+    return reset_inert(out, defaults, _ONLY_WITH, keep)  # a gate the loops above set off counts as off
 
 
 class ObjectiveResult(NamedTuple):
