@@ -29,6 +29,7 @@ from . import __version__
 __all__ = [
     "atomic_write",
     "file_problem",
+    "check_file",
     "BackgroundWriter",
     "host_copy",
     "write_json",
@@ -111,6 +112,16 @@ def file_problem(path) -> str | None:
     return "no such file"
 
 
+def check_file(path, label: str, expected: str = "") -> None:
+    """Raise unless ``path`` is a file to read: ``FileNotFoundError`` when nothing is there,
+    else ``ValueError`` saying what is (:func:`file_problem`); ``label`` names it."""
+    problem = file_problem(path)
+    if problem == "no such file":
+        raise FileNotFoundError(f"{label}: no such file")
+    if problem is not None:
+        raise ValueError(f"{label}: {problem}{f'; expected {expected}' if expected else ''}")
+
+
 def atomic_write(path, write) -> Path:
     """Write ``path`` through ``write(file_object)`` so that readers see the old or the
     new content, never a partial one: temporary file in the same directory, flush,
@@ -162,11 +173,7 @@ def write_json(path, obj) -> Path:
 
 def read_json(path) -> dict:
     path = _as_path("path", path)
-    problem = file_problem(path)
-    if problem == "no such file":
-        raise FileNotFoundError(f"{path}: no such file")
-    if problem is not None:
-        raise ValueError(f"{path}: {problem}")
+    check_file(path, str(path))
     try:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)

@@ -334,17 +334,10 @@ class ObjectiveConfig:
                                int(self.cycle_steps), float(self.cycle_ratio))
 
     def _check(self) -> None:
-        if self.name not in OBJECTIVES:
-            raise ValueError(f"name must be one of {', '.join(OBJECTIVES)}; got {self.name!r}")
+        for field, check in _FIELD_CHECKS.items():  # each field on its own, then across fields
+            check(field, getattr(self, field))
         _check_schedule(self.beta_schedule, self.beta, self.warmup_steps, self.cycle_steps,
-                        self.cycle_ratio, ratio_name="cycle_ratio")
-        for field in ("free_bits", "capacity_max", "tc_alpha", "tc_gamma"):
-            check_number(field, getattr(self, field))
-        check_number("capacity_gamma", self.capacity_gamma, open_low=True)
-        check_int("capacity_steps", self.capacity_steps)
-        check_int("iw_samples", self.iw_samples, low=1, high=MAX_IW_SAMPLES)
-        if self.tc_estimator not in TC_ESTIMATORS:
-            raise ValueError(f"tc_estimator must be one of {', '.join(TC_ESTIMATORS)}; got {self.tc_estimator!r}")
+                        self.cycle_ratio, ratio_name="cycle_ratio")  # (the warm-up or cycle a schedule needs)
         for field, (objective, off) in _ONLY_FOR.items():
             if self.name != objective and getattr(self, field) != off:
                 raise ValueError(f"{field}={getattr(self, field)!r} applies only to name={objective!r}, "
@@ -367,15 +360,17 @@ def _one_of(choices: tuple):
     return check
 
 
-# Each field's own check, as ObjectiveConfig._check makes it (for a field set after the fact).
+# Each field's own check, in the order ObjectiveConfig._check makes them (also for a field
+# set after the config was made); _check then checks the fields against each other.
 _FIELD_CHECKS = {
-    "name": _one_of(OBJECTIVES), "beta_schedule": _one_of(SCHEDULES), "tc_estimator": _one_of(TC_ESTIMATORS),
-    "beta": check_number, "free_bits": check_number, "capacity_max": check_number, "tc_alpha": check_number,
-    "tc_gamma": check_number,
+    "name": _one_of(OBJECTIVES), "beta_schedule": _one_of(SCHEDULES), "beta": check_number,
     "cycle_ratio": lambda name, value: check_number(name, value, open_low=True, high=1.0),
+    "warmup_steps": check_int, "cycle_steps": check_int,
+    "free_bits": check_number, "capacity_max": check_number, "tc_alpha": check_number, "tc_gamma": check_number,
     "capacity_gamma": lambda name, value: check_number(name, value, open_low=True),
-    "warmup_steps": check_int, "cycle_steps": check_int, "capacity_steps": check_int,
+    "capacity_steps": check_int,
     "iw_samples": lambda name, value: check_int(name, value, low=1, high=MAX_IW_SAMPLES),
+    "tc_estimator": _one_of(TC_ESTIMATORS),
 }
 
 

@@ -59,6 +59,12 @@ def _check_image_shape(image_shape) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)
 
 
+def _grid_size(n: int, h: int, w: int, nrow: int, padding: int) -> tuple[int, int]:
+    """The pixels of a grid of ``n`` images ``h x w``, ``nrow`` a row, ``padding`` around each."""
+    cols = min(n, nrow)
+    return -(-n // cols) * (h + padding) + padding, cols * (w + padding) + padding
+
+
 def _check_grid_size(h: int, w: int, what: str) -> None:
     if h * w > MAX_GRID_PIXELS:
         raise ValueError(f"{what} make a grid of {h}x{w} pixels, more than the {MAX_GRID_PIXELS} that Pillow opens; "
@@ -120,8 +126,7 @@ def image_grid(images, nrow: int = 8, padding: int = 2, pad_value: float = 1.0, 
     check_number("pad_value", pad_value, low=-math.inf)  # finite; clipped to [0, 1] below
     n, c, h, w = arr.shape
     cols = min(n, nrow)
-    rows = math.ceil(n / cols)
-    size = (rows * (h + padding) + padding, cols * (w + padding) + padding)
+    size = _grid_size(n, h, w, nrow, padding)
     _check_grid_size(*size, f"{n} images of {h}x{w} with nrow={nrow} and padding={padding}")
     grid = np.full(
         (c, *size),
@@ -383,17 +388,17 @@ def save_traversals(
     return save_image_grid(images.reshape(-1, *shape), path, nrow=n_steps, scale=scale)
 
 
-def _fits(shape: tuple, scale: int, rows: int, cols: int, padding: int = 2) -> bool:
-    """Whether a grid of ``rows x cols`` images of ``shape`` is one Pillow opens."""
-    h, w = shape[-2:]
-    return (rows * (h + padding) + padding) * (cols * (w + padding) + padding) * scale * scale <= MAX_GRID_PIXELS
+def _fits(shape: tuple, scale: int, n: int, nrow: int) -> bool:
+    """Whether a grid of ``n`` images of ``shape``, ``nrow`` a row (save_image_grid's default
+    padding), enlarged ``scale`` times, is one Pillow opens."""
+    h, w = _grid_size(n, *shape[-2:], nrow, 2)
+    return h * w * scale * scale <= MAX_GRID_PIXELS
 
 
 def _pictures_that_fit(shape: tuple, scale: int, nrow: int = 8) -> int:
     """64 images a run's grid, or the most (an even count) whose grid Pillow still opens:
     a run on large images keeps its pictures rather than fail after its training."""
-    return next((n for n in (64, 56, 48, 40, 32, 24, 16, 8, 6, 4, 2)
-                 if _fits(shape, scale, -(-n // nrow), min(n, nrow))), 0)
+    return next((n for n in (64, 56, 48, 40, 32, 24, 16, 8, 6, 4, 2) if _fits(shape, scale, n, nrow)), 0)
 
 
 def save_run_pictures(model, x: Tensor, run_dir, history: list, *, seed: int = 0) -> None:
@@ -425,7 +430,7 @@ def save_run_pictures(model, x: Tensor, run_dir, history: list, *, seed: int = 0
     g = torch.Generator(device=x.device).manual_seed(seed)
     save_image_grid(model.sample(count, generator=g).cpu(), run_dir / "samples.png", nrow=8, scale=scale,
                     image_shape=shape)
-    dims = next((d for d in range(min(10, model.config.latent_dim), 0, -1) if _fits(shape, scale, d, 9)), 0)
+    dims = next((d for d in range(min(10, model.config.latent_dim), 0, -1) if _fits(shape, scale, 9 * d, 9)), 0)
     if dims:  # a row of 9 values for each of the dimensions of highest KL that fit
         save_traversals(model, x[:1], run_dir / "traversals.png", kl_per_dim=kl_per_dimension(model, x),
                         dims=dims, scale=scale, image_shape=shape)

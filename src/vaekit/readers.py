@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .checks import check_choice
-from .io import file_problem
+from .io import check_file, file_problem
 
 __all__ = ["read_idx", "download_mnist", "MNIST_FILES"]
 
@@ -60,12 +60,8 @@ def read_idx(path) -> np.ndarray:
     Layout: two zero bytes, a dtype code, the number of dims ``k``, ``k`` big-endian
     uint32 sizes, then the big-endian payload of exactly ``prod(sizes)`` items.
     """
-    problem = file_problem(path)  # before opening: a named pipe would block forever
+    check_file(path, str(path), "an IDX file")  # before opening: a named pipe would block forever
     path = Path(path)
-    if problem == "no such file":
-        raise FileNotFoundError(f"{path}: no such file")
-    if problem is not None:
-        raise ValueError(f"{path}: {problem}; expected an IDX file")
     try:
         raw = path.read_bytes()
     except OSError as e:  # no permission
@@ -190,13 +186,9 @@ _NP_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error
 
 
 def _load_array(path: Path):
-    problem = file_problem(path)
-    if problem == "no such file":
-        raise FileNotFoundError(f"data_dir {str(path)!r}: no such file")
-    if problem == "a folder, not a file":
+    if file_problem(path) == "a folder, not a file":
         raise ValueError(f"data_dir {str(path)!r} is a folder; expected an .npy or .npz file")
-    if problem is not None:
-        raise ValueError(f"data_dir {str(path)!r}: {problem}; expected an .npy or .npz file")
+    check_file(path, f"data_dir {str(path)!r}", "an .npy or .npz file")
     try:
         if path.suffix == ".npy":
             return _as_images(np.load(path, allow_pickle=False), str(path)), None, None, None
