@@ -563,6 +563,23 @@ def test_a_field_set_after_the_fact_is_checked_as_the_constructor_checks_it():
         assert same == config
 
 
+def test_a_schedule_left_without_what_it_needs_by_an_assignment_is_named_at_beta_at():
+    """Fields set one by one are checked alone; the schedule's needs of the others (a
+    cycle for "cyclical", a warm-up for "linear") are checked when beta_at next runs,
+    where the unchecked schedule divided by zero."""
+    config = obj.ObjectiveConfig(beta_schedule="cyclical", cycle_steps=10)
+    config.cycle_steps = 0
+    with pytest.raises(ValueError, match=r"^ObjectiveConfig\.cycle_steps must be >= 1 with the 'cyclical' beta "):
+        config.beta_at(3)
+    config.cycle_steps = 4  # mended: the next call is checked again, and passes
+    assert config.beta_at(1) == obj.beta_schedule("cyclical", 1, beta=1.0, cycle_steps=4)
+    config.beta_schedule = "linear"  # its warm-up is still 0
+    with pytest.raises(ValueError, match=r"warmup_steps must be >= 1 with the 'linear' beta schedule, got 0"):
+        config.beta_at(3)
+    config.warmup_steps = 8
+    assert config.beta_at(2) == 0.25
+
+
 @pytest.mark.parametrize("name", ["elbo", "iwae"])
 def test_objective_loss_refuses_an_empty_batch_and_bad_noise(name):
     from vaekit.models import VAE, ModelConfig

@@ -295,7 +295,10 @@ class ObjectiveConfig:
     A field set away from its default where it has no effect (``warmup_steps`` without the
     "linear" schedule, ``tc_estimator`` without "beta_tcvae", ...) is refused, naming what
     it needs. A field set later (``config.beta = 2.0``) is checked as the constructor checks
-    it, on its own: the settings with no effect are not looked for again.
+    it, on its own, so that two fields can be changed one after the other: the settings
+    with no effect are not looked for again, and what the schedule needs of the other
+    fields (a warm-up for "linear", a cycle for "cyclical") is checked at the next
+    :meth:`beta_at`. ``fit`` checks the whole config again.
     """
 
     name: str = "elbo"
@@ -324,12 +327,19 @@ class ObjectiveConfig:
         if name in self.__dict__ and name in _FIELD_CHECKS:
             with in_section("ObjectiveConfig"):
                 _FIELD_CHECKS[name](name, value)
+            if name in _SCHEDULE_FIELDS:  # what the schedule needs of the others: at the next beta_at
+                self.__dict__["_schedule_unchecked"] = True
         super().__setattr__(name, value)
 
     def beta_at(self, step: int) -> float:
         """The KL weight at ``step``: :func:`beta_schedule` of this config's schedule, its
         arguments checked once, when the config was made (the training loop asks at every
         step, where the checks cost more than the schedule)."""
+        if "_schedule_unchecked" in self.__dict__:  # a schedule field was set since
+            with in_section("ObjectiveConfig"):
+                _check_schedule(self.beta_schedule, self.beta, self.warmup_steps, self.cycle_steps,
+                                self.cycle_ratio, ratio_name="cycle_ratio")
+            del self.__dict__["_schedule_unchecked"]
         return _schedule_value(self.beta_schedule, step, float(self.beta), int(self.warmup_steps),
                                int(self.cycle_steps), float(self.cycle_ratio))
 
@@ -362,6 +372,7 @@ def _one_of(choices: tuple):
 
 # Each field's own check, in the order ObjectiveConfig._check makes them (also for a field
 # set after the config was made); _check then checks the fields against each other.
+_SCHEDULE_FIELDS = frozenset({"beta_schedule", "beta", "warmup_steps", "cycle_steps", "cycle_ratio"})
 _FIELD_CHECKS = {
     "name": _one_of(OBJECTIVES), "beta_schedule": _one_of(SCHEDULES), "beta": check_number,
     "cycle_ratio": lambda name, value: check_number(name, value, open_low=True, high=1.0),
