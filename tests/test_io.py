@@ -435,6 +435,23 @@ def test_a_saved_model_too_large_to_build_is_a_checkpoint_error(tmp_path, monkey
         load_model(tmp_path)
 
 
+def test_write_json_writes_standard_json_with_null_for_non_finite_numbers(tmp_path):
+    """The metrics of a model that diverged: Python's NaN / Infinity are not JSON, and a
+    strict reader (here json.loads refusing those constants) must read the file."""
+    import json
+    import math
+
+    path = write_json(tmp_path / "m.json", {"nll": math.nan, "kl": [1.5, -math.inf], "n": 3,
+                                            "deep": {"x": math.inf, "y": 0.25}, "ok": True, "s": "nan"})
+
+    def strict(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    assert json.loads(path.read_text(), parse_constant=strict) == {
+        "nll": None, "kl": [1.5, None], "n": 3, "deep": {"x": None, "y": 0.25}, "ok": True, "s": "nan"}
+    assert read_json(path)["nll"] is None
+
+
 def test_a_folder_or_a_file_where_the_other_is_needed_is_named(tmp_path):
     (tmp_path / "folder").mkdir()
     (tmp_path / "afile").write_text("kept")

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections import OrderedDict
@@ -162,11 +163,26 @@ def _make_dir(name: str, directory: Path, given: Path) -> None:
         raise ValueError(f"{name} {str(given)!r}{where} cannot be made, a file is in the way") from None
 
 
+def _finite_or_null(obj):
+    """``obj`` with each NaN or infinite float as ``None``: JSON (RFC 8259) has no such
+    numbers, and Python's ``NaN`` / ``Infinity`` are refused by strict readers (browsers,
+    jq, most languages' parsers)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
+
+
 def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    return (json.dumps(_finite_or_null(obj), indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
 
 
 def write_json(path, obj) -> Path:
+    """``obj`` as standard JSON, written atomically; a NaN or infinite float (the metrics
+    of a model that diverged) is written as ``null``."""
     data = _json_bytes(obj)
     return atomic_write(path, lambda f: f.write(data))
 
