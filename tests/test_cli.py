@@ -816,7 +816,9 @@ def test_a_failed_fast_path_is_one_line_naming_the_way_out(tmp_path, capsys, mon
         "(OSError: no C++ compiler found); train with fast='auto' or 'off'"]
 
 
-def test_evaluate_precision_is_asked_for_and_recorded_with_the_machine(run, capsys):
+def test_evaluate_precision_is_asked_for_and_recorded_with_the_machine(run, capsys, monkeypatch):
+    import vaekit.checks as c
+
     rc, _, err = call(["evaluate", run], capsys)
     assert rc == 0, err
     m = read_json(Path(run) / "metrics-test.json")
@@ -824,6 +826,12 @@ def test_evaluate_precision_is_asked_for_and_recorded_with_the_machine(run, caps
     rc, _, err = call(["evaluate", run, "--precision", "bf16"], capsys)
     assert rc == 0, err
     assert read_json(Path(run) / "metrics-test.json")["precision"] == "bf16"
+    # a CPU whose bfloat16 would be many times slower than float32 is told so, on one line
+    slow = bool(c.slow_bf16_note("cpu", "--precision bf16"))
+    assert ("vaekit: --precision bf16: this CPU has no bfloat16 instructions" in err) == slow
+    monkeypatch.setattr(c, "_cpu_bf16_fast", lambda: False)
+    rc, _, err = call(["evaluate", run, "--precision", "bf16"], capsys)
+    assert rc == 0 and err.startswith("vaekit: --precision bf16: this CPU has no bfloat16 instructions"), err
     rc, _, err = call(["evaluate", run, "--precision", "fp16"], capsys)
     assert_usage_error(rc, err, r"--precision: invalid choice: 'fp16'")
 

@@ -399,3 +399,13 @@ def test_a_run_config_holds_config_sections_not_mappings():
                                          r"mappings\), got dict"):
         RunConfig(model={"latent_dim": 2})
     assert RunConfig.from_dict({"model": {"latent_dim": 2}}).model.latent_dim == 2
+
+
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_fit_says_when_bf16_autocast_will_be_slow_on_this_cpu(tmp_path, monkeypatch, capsys, fast_bf16):
+    import vaekit.checks
+
+    monkeypatch.setattr(vaekit.checks, "_cpu_bf16_fast", lambda: fast_bf16)
+    train.fit(_small(train__epochs=1, train__amp="bf16", train__device="cpu"), tmp_path / "run")
+    said = "vaekit: train.amp='bf16': this CPU has no bfloat16 instructions that PyTorch uses" in capsys.readouterr().err
+    assert said != fast_bf16

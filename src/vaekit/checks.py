@@ -236,6 +236,25 @@ def reset_inert(section: dict, defaults: dict, table: dict, keep=()) -> dict:
     return out
 
 
+def _cpu_bf16_fast() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without the check: nothing to say
+        return True
+
+
+def slow_bf16_note(device, setting: str) -> str | None:
+    """A line saying that ``setting`` (bfloat16 autocast) will run slower than float32 on
+    ``device``, or None. On a CPU without the instructions PyTorch's oneDNN builds its
+    bfloat16 matrix products on (AVX-512, or Arm's BF16), they fall back to a slow path:
+    the 784-400-20 model's products ran 17x slower than float32 on an AVX2-only EPYC
+    (docs/benchmarks.md, sixteenth session)."""
+    if torch.device(device).type != "cpu" or _cpu_bf16_fast():
+        return None
+    return (f"{setting}: this CPU has no bfloat16 instructions that PyTorch uses (AVX-512 or Arm BF16), so "
+            f"bfloat16 runs many times slower than float32 here (17x on an AVX2 CPU); float32 is faster")
+
+
 def check_beta(beta):
     """``beta``, if it is a KL weight: a real number >= 0 (a Python or numpy scalar, not a bool;
     returned as a float) or a 0-dim floating-point tensor (returned as is, and read, so it

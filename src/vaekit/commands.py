@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from .checks import MAX_GENERATOR_SEED, MAX_IW_SAMPLES
+from .checks import MAX_GENERATOR_SEED, MAX_IW_SAMPLES, slow_bf16_note
 from .flags import UsageError
 
 __all__ = ["train_command", "evaluate_command", "sample_command", "metrics_name"]
@@ -194,6 +195,9 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
     if precision == "tf32" and dev.type != "cuda":  # the metrics would claim an arithmetic not used
         raise UsageError(f"--precision tf32 is CUDA's arithmetic; on {dev} the evaluation is float32 "
                          "(--precision fp32) or bfloat16 (--precision bf16)")
+    slow = slow_bf16_note(dev, "--precision bf16") if precision == "bf16" else None
+    if slow:
+        print(f"vaekit: {slow}", file=sys.stderr, flush=True)
     model.to(dev)
     try:
         data = load_dataset(config.data)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 
 from .adam_tail import adam_tail_unsupported
 from .batching import BatchIterator, fits_on_device, mix_seed
+from .checks import slow_bf16_note
 from .config import RunConfig, TrainConfig
 from .data import FILE_DATASETS, check_images, load_dataset
 from .fast import StaticStep
@@ -141,6 +143,9 @@ def _build(config: RunConfig, run_dir: Path, state: dict | None) -> _Run:
     if tc.amp == "tf32" and device.type != "cuda":  # the metrics would name an arithmetic not used
         raise ValueError(f"train.amp='tf32' is CUDA's arithmetic (TF32 tensor cores); on {device.type} the steps "
                          f"would run in float32: use amp='none' there, or 'bf16'")
+    slow = slow_bf16_note(device, "train.amp='bf16'") if tc.amp == "bf16" else None
+    if slow and rank == 0:
+        print(f"vaekit: {slow}", file=sys.stderr, flush=True)
     if world > 1:
         import torch.distributed as dist
 
