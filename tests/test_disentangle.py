@@ -342,7 +342,8 @@ _FS = FactorSampler((3, 4))
     (lambda: sample_factors(3, factor_sizes=5), TypeError, "factor_sizes must be a sequence of ints >= 1, got int"),
     (lambda: render_sprites(torch.zeros(2, 5, dtype=torch.long), dtype="float32"), TypeError,
      "dtype must be a torch.dtype, got str"),
-    (lambda: next(iter_all(2, dtype="uint8")), TypeError, "dtype must be a torch.dtype, got str"),
+    (lambda: iter_all(2, dtype="uint8"), TypeError, "dtype must be a torch.dtype, got str"),  # at the call
+    (lambda: iter_all(0), ValueError, "batch_size must be a positive int, got 0"),
     (lambda: FactorSampler(5), TypeError, "factor_sizes must be a sequence"),
     (lambda: FactorSampler(()), ValueError, "factor_sizes must hold at least one"),
     (lambda: FactorSampler((3, True)), TypeError, r"factor_sizes\[1\] must be an int, got bool"),

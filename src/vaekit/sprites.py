@@ -162,10 +162,15 @@ def make_sprites(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
 
 
 def iter_all(batch_size: int = 4096, *, dtype: torch.dtype = torch.uint8) -> Iterator[tuple[Tensor, Tensor]]:
-    """Every sprite once, in lexicographic factor order (pos_y fastest), as ``(images, factors)`` batches."""
+    """Every sprite once, in lexicographic factor order (pos_y fastest), as ``(images, factors)``
+    batches. The arguments are checked at the call, not at the first batch."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     _check_dtype(dtype)
+    return _iter_all(batch_size, dtype)
+
+
+def _iter_all(batch_size: int, dtype: torch.dtype) -> Iterator[tuple[Tensor, Tensor]]:
     total = math.prod(sprite_factor_sizes)
     strides = [math.prod(sprite_factor_sizes[k + 1 :]) for k in range(len(sprite_factor_sizes))]
     for start in range(0, total, batch_size):
