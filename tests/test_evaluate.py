@@ -194,6 +194,48 @@ def test_chunk_size_does_not_change_the_estimate(monkeypatch):
     assert batched.shape == (6,) and bool(torch.isfinite(batched).all())
 
 
+@pytest.mark.parametrize("n_samples, batch_size", [(7, 4), (9, None), (3, 4), (13, 3), (1, None)])
+def test_elbo_decodes_its_samples_in_chunks_within_the_memory_budget(n_samples, batch_size, monkeypatch):
+    """Where S samples of a batch would decode to more than MEMORY_BUDGET_BYTES, they are
+    decoded in chunks of as many as fit (at least one), each drawn as its own randn(c, B, d):
+    the ELBO of that noise, computed here in float64 by hand, with no pass over the budget."""
+    model, x, _ = make_problem(perturb=0.3, n=10)
+    budget = 3 * 4 * D * 8  # 3 samples of 4 examples (12 rows of D float64 values)
+    monkeypatch.setattr(ev, "MEMORY_BUDGET_BYTES", budget)
+    rows = []
+    decode = model.decode
+    monkeypatch.setattr(model, "decode", lambda z: rows.append(z.shape[0]) or decode(z))
+    terms = ev.elbo_terms(model, x, n_samples=n_samples, batch_size=batch_size, generator=gen(9))
+    # 10 examples at once: one sample (10 rows) per pass; batches of 4 and 2: 3 and 6 samples.
+    assert max(rows) <= 12 and sum(rows) == n_samples * 10
+    g, expected = gen(9), []
+    for start in range(0, 10, batch_size or 10):
+        xb = x[start : start + (batch_size or 10)]
+        q, chunk = model.encode(xb), max(1, budget // (len(xb) * D * 8))
+        eps = torch.cat([torch.randn(min(chunk, n_samples - i), len(xb), d, generator=g, dtype=DTYPE)
+                         for i in range(0, n_samples, chunk)])
+        z = q.mean + q.stddev * eps
+        expected.append(-Normal(z @ model.W.T + model.b, math.sqrt(SIGMA2)).log_prob(xb).sum(-1).mean(0))
+    torch.testing.assert_close(terms["reconstruction"], torch.cat(expected), rtol=0, atol=1e-10)
+    torch.testing.assert_close(terms["elbo"], -(terms["reconstruction"] + terms["kl"]))
+
+
+@pytest.mark.parametrize("n_samples, batch_size", [(1, None), (30, 16), (1000, None)])
+def test_elbo_within_the_memory_budget_is_one_draw_as_before(n_samples, batch_size):
+    """Below the budget (every size here) the ELBO is, bit for bit, the formula of the
+    unchunked version: one randn(S, B, d) per batch, one decoder pass, a mean over S."""
+    model, x, _ = make_problem(perturb=0.3, n=50)
+    terms = ev.elbo_terms(model, x, n_samples=n_samples, batch_size=batch_size, generator=gen(10))
+    g, expected = gen(10), []
+    for start in range(0, 50, batch_size or 50):
+        xb = x[start : start + (batch_size or 50)]
+        mu, logvar = model.encode_params(xb)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn((n_samples, *mu.shape), generator=g, dtype=DTYPE)
+        nll = model.nll(model.decode(z.reshape(-1, d)), xb.repeat(n_samples, 1))
+        expected.append(nll.reshape(n_samples, len(xb)).mean(0))
+    assert torch.equal(terms["reconstruction"], torch.cat(expected))
+
+
 def test_bits_per_dim_and_dequantisation_offset():
     assert ev.bits_per_dim(784 * math.log(2.0), 784) == pytest.approx(1.0)
     # A density constant on [0, 1]^D is the uniform distribution over 256^D values.

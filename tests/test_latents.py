@@ -63,6 +63,44 @@ def test_mutual_information():
     assert math.log(4) - 1e-6 < mi4 <= math.log(4) + 1e-12
 
 
+@pytest.mark.parametrize("n_samples, n", [(5, 30), (4, 30), (2, 30), (7, 17), (1, 17)])
+def test_mutual_information_draws_its_samples_in_chunks_within_the_memory_budget(n_samples, n, monkeypatch):
+    """Where z [S, N, d] or a row of log q [S, 1, N] would pass MEMORY_BUDGET_BYTES, the
+    samples are drawn in chunks of as many as fit, each its own randn(s, N, d): the mutual
+    information of that noise, computed here directly, with no draw or block over the budget."""
+    model, x, _ = make_problem(n=n, perturb=0.5)
+    model.enc_logvar.fill_(-2.0)
+    budget = 2 * n * d * 8 + 5  # z of 2 samples (d float64 values each), one row of log q for 2 samples
+    monkeypatch.setattr(lat, "MEMORY_BUDGET_BYTES", budget)
+    draws, blocks = [], []
+    randn_like_on, logsumexp = lat.randn_like_on, torch.logsumexp
+    monkeypatch.setattr(lat, "randn_like_on", lambda shape, *a: draws.append(shape) or randn_like_on(shape, *a))
+    monkeypatch.setattr(torch, "logsumexp", lambda t, **kw: blocks.append(t.numel()) or logsumexp(t, **kw))
+    got = lat.mutual_information(model, x, n_samples=n_samples, generator=gen(11))
+    assert [s for s, _, _ in draws] == [min(2, n_samples - i) for i in range(0, n_samples, 2)]
+    assert max(math.prod(shape) * 8 for shape in draws) <= budget and max(blocks) * 2 * 8 <= budget
+    g = gen(11)
+    mu, logvar = model.encode_params(x)
+    z = torch.cat([mu + (0.5 * logvar).exp() * torch.randn(shape, generator=g, dtype=DTYPE) for shape in draws])
+    log_q = Normal(mu, (0.5 * logvar).exp()).log_prob(z.unsqueeze(-2)).sum(-1)  # [S, N, N]
+    own = torch.diagonal(log_q, dim1=-2, dim2=-1)
+    expected = (own - log_q.logsumexp(-1) + math.log(n)).mean()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+
+
+def test_mutual_information_within_the_memory_budget_is_one_draw_as_before(monkeypatch):
+    """Below the budget (the sizes users run) the noise is one randn(S, N, d) draw, as
+    before the chunking, so the estimate is unchanged (test_mutual_information checks it
+    against the direct computation with that draw)."""
+    model, x, _ = make_problem(n=300)
+    draws = []
+    randn_like_on = lat.randn_like_on
+    monkeypatch.setattr(lat, "randn_like_on", lambda shape, *a: draws.append(shape) or randn_like_on(shape, *a))
+    for n_samples in (1, 50, 1000):
+        lat.mutual_information(model, x, n_samples=n_samples, generator=gen(12))
+    assert draws == [(1, 300, d), (50, 300, d), (1000, 300, d)]
+
+
 def test_summaries_of_bf16_posteriors_are_not_rounded_to_bf16():
     """Under bf16 autocast the encoder's mu and logvar are bfloat16; the mutual information
     (its samples drawn and summed as for float32 inputs of the same values) and the active

@@ -23,6 +23,7 @@ that both modules use; they are importable from here as well.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -32,7 +33,7 @@ from torch import Tensor
 
 from .checks import MAX_GENERATOR_SEED, MAX_IW_SAMPLES, check_generator, check_int, check_number
 from .losses import gaussian_kl
-from .iw import _check_samples, iw_from_params, randn_like_on
+from .iw import MEMORY_BUDGET_BYTES, _check_samples, iw_from_params, randn_like_on
 from .iw import decode_nll
 from .latents import _batches, _check_positive_int, _check_x, _encode_all, _evaluating
 from .latents import (  # re-exported: the diagnostics were public here first
@@ -79,9 +80,29 @@ def _check_precision(precision, model) -> None:
 # ELBO and the importance-weighted likelihood
 
 
-def _elbo_from_params(model, x, mu, logvar, n_samples, generator) -> dict[str, Tensor]:
-    z = mu + torch.exp(0.5 * logvar) * randn_like_on((n_samples, *mu.shape), generator, mu)
-    reconstruction = decode_nll(model, x, z).mean(0)
+def _elbo_from_params(model, x, mu, logvar, n_samples, generator, out_dtype=None) -> dict[str, Tensor]:
+    # Samples per decoder pass, so that its output ([S, B, decode_numel] in out_dtype, by
+    # default mu's) stays within MEMORY_BUDGET_BYTES whatever S is.
+    numel = getattr(model, "decode_numel", x[0].numel())
+    itemsize = torch.empty(0, dtype=out_dtype or mu.dtype).element_size()
+    chunk = max(1, MEMORY_BUDGET_BYTES // max(1, x.shape[0] * numel * itemsize))
+    if n_samples <= chunk:
+        # One draw, as before the chunking: a CPU randn in pieces is not the same numbers as
+        # one randn of them all (pieces of fewer than 16 values, or not a multiple of 16, differ).
+        z = mu + torch.exp(0.5 * logvar) * randn_like_on((n_samples, *mu.shape), generator, mu)
+        reconstruction = decode_nll(model, x, z).mean(0)
+    else:
+        # Beyond the budget: one randn(c, B, d) and one decoder pass per chunk of c samples.
+        # The sum in float64: up to a million chunks of float32 terms.
+        sharing = getattr(model, "sharing_pixels", None)
+        total = 0
+        with sharing(x) if sharing is not None else contextlib.nullcontext():
+            for start in range(0, n_samples, chunk):
+                z = mu + torch.exp(0.5 * logvar) * randn_like_on((min(chunk, n_samples - start), *mu.shape),
+                                                                 generator, mu)
+                nll = decode_nll(model, x, z)
+                total = total + nll.double().sum(0)
+        reconstruction = (total / n_samples).to(nll.dtype)
     kl = gaussian_kl(mu, logvar)
     return {"elbo": -(reconstruction + kl), "reconstruction": reconstruction, "kl": kl}
 
@@ -98,6 +119,10 @@ def elbo_terms(
     with ``S = n_samples`` reparameterised draws for the reconstruction term and the
     exact KL. ``batch_size``: examples per pass (``None``: all at once); ``generator``:
     a ``torch.Generator`` for the noise (``None``: the global one).
+
+    Memory: the ``S`` samples of a batch are decoded together when their decoder output
+    fits in :data:`vaekit.iw.MEMORY_BUDGET_BYTES` (the noise one ``torch.randn(S, B, d)``
+    draw), else in chunks of as many samples as fit (the noise drawn chunk by chunk).
 
     Returns:
         ``{"elbo", "reconstruction", "kl"}``, each ``[N]`` in nats.
@@ -294,7 +319,7 @@ def evaluate_model(
         sums = dict.fromkeys(("elbo", "reconstruction", "kl", "iw"), 0.0)
         for sl in tqdm(_batches(n, batch_size), desc="evaluate", disable=not progress):
             xb = x[sl].to(mu.device)
-            terms = _elbo_from_params(model, xb, mu[sl], logvar[sl], n_samples, g_elbo)
+            terms = _elbo_from_params(model, xb, mu[sl], logvar[sl], n_samples, g_elbo, _out_dtype(precision))
             for key, value in terms.items():
                 sums[key] = sums[key] + value.double().sum()  # stays on the device: no sync
             if iw_samples:

@@ -199,7 +199,6 @@ def _mutual_information_from_params(mu, logvar, n_samples, generator) -> Tensor:
     # a bf16 encoder's parameters (precision="bf16") are summarised in float32 at least
     mu, logvar = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (mu, logvar))
     n, d = mu.shape
-    z = mu + torch.exp(0.5 * logvar) * randn_like_on((n_samples, n, d), generator, mu)  # [S, N, d]
     # log q(z_i | x_n) for all pairs as two matrix products: -0.5 sum_j (z_j - m_j)^2 / v_j
     # = -0.5 z^2 . (1/v) + z . (m/v) - 0.5 m^2 . (1/v). In float64 and centred on the mean
     # of mu, the cancellation between the terms costs nothing measurable; the direct
@@ -208,16 +207,23 @@ def _mutual_information_from_params(mu, logvar, n_samples, generator) -> Tensor:
     m, inv_var = mu.double() - center, torch.exp(-logvar.double())  # [N, d]
     const = -0.5 * (logvar.double().sum(-1) + d * _LOG_2PI + (m.square() * inv_var).sum(-1))
     m_over_v = m * inv_var
-    rows = max(1, MEMORY_BUDGET_BYTES // (2 * 8 * n_samples * n))
+    # Samples drawn at once: as many as keep z [s, N, d] and one row of log q [s, 1, N] (and
+    # its float64 temporary) within the budget. Usually all of them, in one randn as before
+    # the chunking: a CPU randn in pieces is not the same numbers as one randn of them all.
+    chunk = max(1, MEMORY_BUDGET_BYTES // (n * max(d * mu.element_size(), 2 * 8)))
     total = mu.new_zeros((), dtype=torch.float64)
-    for start in range(0, n, rows):
-        zc = z[:, start : start + rows].double() - center  # [S, b, d]
-        log_q = const - 0.5 * zc.square() @ inv_var.T + zc @ m_over_v.T  # [S, b, N]
-        index = torch.arange(start, start + zc.shape[1], device=mu.device)
-        # The own term from the same matrix, so that an x-independent encoder gives 0.
-        own = log_q.gather(-1, index.expand(n_samples, -1).unsqueeze(-1)).squeeze(-1)
-        log_aggregate = torch.logsumexp(log_q, dim=-1) - math.log(n)
-        total = total + (own - log_aggregate).sum()
+    for first in range(0, n_samples, chunk):
+        s = min(chunk, n_samples - first)
+        z = mu + torch.exp(0.5 * logvar) * randn_like_on((s, n, d), generator, mu)  # [s, N, d]
+        rows = max(1, MEMORY_BUDGET_BYTES // (2 * 8 * s * n))
+        for start in range(0, n, rows):
+            zc = z[:, start : start + rows].double() - center  # [s, b, d]
+            log_q = const - 0.5 * zc.square() @ inv_var.T + zc @ m_over_v.T  # [s, b, N]
+            index = torch.arange(start, start + zc.shape[1], device=mu.device)
+            # The own term from the same matrix, so that an x-independent encoder gives 0.
+            own = log_q.gather(-1, index.expand(s, -1).unsqueeze(-1)).squeeze(-1)
+            log_aggregate = torch.logsumexp(log_q, dim=-1) - math.log(n)
+            total = total + (own - log_aggregate).sum()
     return (total / (n_samples * n)).to(mu.dtype)
 
 
@@ -236,7 +242,8 @@ def mutual_information(
     term is at most ``log N``, so the estimate never exceeds ``log N`` and is biased low
     for the population value whenever that value is not small next to ``log N``. Use
     as many examples as you can afford (the cost is ``N^2 d``). The noise is one
-    ``torch.randn(n_samples, N, d, generator=generator)`` draw.
+    ``torch.randn(n_samples, N, d, generator=generator)`` draw when it fits in
+    :data:`vaekit.iw.MEMORY_BUDGET_BYTES`, else one draw per chunk of as many samples as fit.
 
     Returns:
         a 0-dim tensor, in nats.
