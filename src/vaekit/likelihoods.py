@@ -74,7 +74,9 @@ def discretized_logistic_nll(mean: Tensor, log_scale: Tensor, x: Tensor, *, n_bi
     r"""-log P(x) for x on the grid ``k / (2^n_bits - 1)`` under one logistic per subpixel.
 
     Each value owns the bin ``[x - h, x + h]``, ``h = 1 / (2 (2^n_bits - 1))``; the first bin
-    extends to ``-inf`` and the last to ``+inf``, so the masses of all values sum to 1. With
+    extends to ``-inf`` and the last to ``+inf``, so the masses of all values sum to 1 (the
+    edges are computed from the level ``v = round(x (2^n_bits - 1))``, so that neighbouring
+    bins share each edge exactly, whatever the scale). With
     ``a = (x + h - mean) / s`` and ``b = (x - h - mean) / s``, ``s = e^log_scale``,
 
     .. math::
@@ -103,18 +105,23 @@ def discretized_logistic_nll(mean: Tensor, log_scale: Tensor, x: Tensor, *, n_bi
                              f"{off_grid:.3g} of a level away from the grid")
     mean, log_scale, x = upcast(mean, log_scale, x)
     log_scale = log_scale.clamp(min=_MIN_LOG_SCALE)
-    half = 0.5 / levels
+    # The bins' edges from the level's index: the edge two neighbouring bins share is one
+    # float, (v + 0.5) / levels, so their masses meet exactly. Formed as x + h and x' - h
+    # instead, it rounded two ways, and under a sharp logistic (the error grows as 1/s) the
+    # masses overlapped or left a gap: they summed to 0.9988 at log_scale -12 in float32.
+    v = (x * levels).round()
+    upper, lower = (v + 0.5) / levels, (v - 0.5) / levels
     inv_scale = torch.exp(-log_scale)
-    log_cdf_upper = F.logsigmoid((x + half - mean) * inv_scale)
-    log_sf_lower = F.logsigmoid((mean - x + half) * inv_scale)
-    log_delta = math.log(2.0 * half) - log_scale
+    log_cdf_upper = F.logsigmoid((upper - mean) * inv_scale)
+    log_sf_lower = F.logsigmoid((mean - lower) * inv_scale)
+    log_delta = math.log(1.0 / levels) - log_scale
     small = log_delta < _SERIES_BELOW
     delta = torch.exp(log_delta.clamp(max=30.0))  # beyond, 1 - e^-delta is 1 in every dtype
     d_small = torch.where(small, delta, torch.zeros_like(delta))
     series = log_delta - d_small / 2 + d_small.square() / 24
     exact = torch.log(-torch.expm1(-torch.where(small, torch.ones_like(delta), delta)))
     interior = log_cdf_upper + log_sf_lower + torch.where(small, series, exact)
-    log_p = torch.where(x < half, log_cdf_upper, torch.where(x > 1 - half, log_sf_lower, interior))
+    log_p = torch.where(v < 0.5, log_cdf_upper, torch.where(v > levels - 0.5, log_sf_lower, interior))
     return -sum_event(log_p)
 
 
