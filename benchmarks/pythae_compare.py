@@ -315,12 +315,13 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     x, xt, source = load_mnist(args.data)
-    x_train, x_val = x[:59000], x[59000:]
+    n_val = min(1000, x.shape[0] // 2)  # MNIST: the last 1,000 of its 60,000
+    x_train, x_val = x[:-n_val], x[-n_val:]
     # The same binary val/test images for both (dynamic: one seeded draw, as vaekit does).
     x_val_bin = binarize(x_val, args.binarize, seed=args.seed + 1)
     x_test_bin = binarize(xt[: args.n_test], args.binarize, seed=args.seed + 2)
     arch = "-".join(map(str, [784, *args.hidden, args.latent]))
-    print(f"data: {source}; {args.binarize} binarization; 59,000 train / 1,000 val; "
+    print(f"data: {source}; {args.binarize} binarization; {x_train.shape[0]:,} train / {x_val.shape[0]:,} val; "
           f"{args.n_test} test images scored")
     print(f"model: {arch} {args.activation}, Bernoulli decoder; Adam lr {args.lr}, batch {args.batch}, "
           f"{args.epochs} epoch(s); device {device}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
