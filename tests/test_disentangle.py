@@ -270,6 +270,19 @@ def test_factor_vae_prunes_collapsed_codes():
     assert factor_vae_score(rep, sampler, prune_fraction=0.0, **kwargs) > 0.95
 
 
+def test_factor_vae_pruning_depends_on_the_codes_relative_scales_as_documented():
+    """An informative dimension 25 times narrower than the widest falls under the default
+    prune_fraction (0.05) and the score of a perfectly disentangled code drops; with
+    prune_fraction=0 (only constant codes dropped) the score is scale-free again."""
+    sampler, rep = FactorSampler(SIZES), perfect()
+    scale = torch.ones(rep(sampler(1, torch.Generator().manual_seed(0))[0]).shape[1])
+    scale[0] = 25.0
+    wide = lambda obs: rep(obs) * scale  # noqa: E731
+    kwargs = dict(n_reference=2000, n_train=200, n_eval=200, batch_size=32)
+    assert factor_vae_score(wide, sampler, **kwargs) < 0.8
+    assert factor_vae_score(wide, sampler, prune_fraction=0.0, **kwargs) > 0.95
+
+
 def test_metrics_on_sprites_with_image_moments():
     # a hand-made representation of images: the centroid and the area of the sprite
     def moments(images):

@@ -366,8 +366,28 @@ def test_tc_near_zero_for_independent_q_and_positive_for_correlated():
     assert abs(means["stratified", "independent"]) < 0.08
     assert abs(means["stratified", "correlated"] - true_tc) < 0.1
     # MWS: the same ordering, on top of an offset between (d-1) log B and (d-1) log N
+    # (every posterior overlaps the others here)
     assert math.log(b) < means["mws", "independent"] < math.log(n) + 0.1
     assert means["mws", "correlated"] > means["mws", "independent"] + 0.5
+
+
+def test_mws_offset_reaches_beyond_d_minus_1_log_n_when_joints_stand_apart_and_marginals_overlap():
+    """A factorised q(z) (TC 0) whose joint posteriors stand apart while each dimension's
+    marginal is shared by 20 items: the MWS offset is sum_d o_d - o_joint, above the
+    (d-1) log N that its docstring once called its maximum, below d log N - log B."""
+    torch.manual_seed(0)
+    g = torch.linspace(-2, 2, 20, dtype=D64)
+    mu = torch.cartesian_prod(g, g)
+    (n, d), b = mu.shape, 20
+    logvar = torch.full_like(mu, math.log(1e-4))
+    tcs = []
+    for _ in range(300):
+        rows = torch.randperm(n)[:b]
+        z = mu[rows] + 0.01 * torch.randn(b, d, dtype=D64)
+        tcs.append(obj.tc_decomposition(z, mu[rows], logvar[rows], n, estimator="mws").total_correlation.mean())
+    tcs = torch.stack(tcs)
+    mean, se = float(tcs.mean()), float(tcs.std() / 300**0.5)
+    assert (d - 1) * math.log(n) + 10 * se < mean < d * math.log(n) - math.log(b), (mean, se)
 
 
 def test_tc_gradcheck_and_errors():

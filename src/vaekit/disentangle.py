@@ -234,11 +234,16 @@ def factor_vae_score(
 
     Codes are divided by their standard deviation ``s_j`` over ``n_reference`` random
     observations. Dimensions with ``s_j <= prune_fraction * max_j s_j`` count as collapsed
-    and are dropped: a constant code would divide by zero, and a nearly dead one is often
-    constant within a vote's batch, so it would win the argmin whatever factor is fixed.
-    The paper prunes by an absolute threshold on codes on the prior's unit scale;
-    relative to the largest spread the rule is the same there and does not depend on
-    the units of other representations. Each vote fixes a random factor ``k``
+    and are dropped: a constant code would divide by zero, and a nearly dead one can be
+    constant within a vote's batch (a saturated or quantised code), so it would win the
+    argmin whatever factor is fixed. The paper prunes by an absolute threshold on codes on
+    the prior's unit scale; relative to the largest spread the rule is the same for a
+    VAE's posterior means (their active dimensions share that scale) and does not depend
+    on a representation's units. It does depend on the dimensions' relative scales: an
+    informative dimension more than ``1 / prune_fraction`` times (20 times, by default)
+    narrower than the widest is dropped too, and the score falls (a perfectly disentangled
+    code with one dimension scaled 25 times scored 0.54). Standardise such codes first, or
+    pass ``prune_fraction=0``, which drops only constant dimensions. Each vote fixes a random factor ``k``
     at a random value, encodes ``batch_size`` observations and records
     ``(argmin_j Var[z_j / s_j], k)``. Each dimension predicts the factor it got most
     training votes for; the score is the accuracy on ``n_eval`` further votes.
