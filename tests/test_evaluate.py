@@ -555,4 +555,4 @@ def test_iw_estimate_of_vaekits_own_model_is_the_exact_log_likelihood_under_the_
         torch.testing.assert_close(got, exact, rtol=0, atol=1e-9)
     # the ELBO's KL is analytic and its reconstruction a Monte Carlo mean; here ELBO = log p(x)
     terms = ev.elbo_terms(model, x, n_samples=20000, generator=torch.Generator().manual_seed(0))
-    assert (terms["elbo"] - exact).abs().max() < 0.05  # about 4 standard errors of the 20,000-sample mean
+    assert (terms["elbo"] - exact).abs().max() < 0.05  # several standard errors of the 20,000-sample mean (0.007-0.016 seen)
