@@ -252,6 +252,30 @@ def test_intervention_scores(score):
     assert chance < 1 / len(SIZES) + 0.15
 
 
+def test_sample_codes_draws_many_observations_in_bounded_sampler_calls(monkeypatch):
+    """Past _SAMPLE_CHUNK observations the sampler is called chunk by chunk with one
+    generator (bounded memory: 10**7 sprites at once would be 164 GB); up to it, one call
+    as before."""
+    import vaekit.disentangle as dis
+
+    sampler, calls = FactorSampler(SIZES), []
+
+    def counting(n, gen):
+        calls.append(n)
+        return sampler(n, gen)
+
+    counting.factor_sizes = sampler.factor_sizes
+    rep = perfect()
+    one_codes, one_factors = sample_codes(rep, counting, 700, seed=3)
+    assert calls == [700]
+    monkeypatch.setattr(dis, "_SAMPLE_CHUNK", 300)
+    calls.clear()
+    codes, factors = sample_codes(rep, counting, 700, seed=3)
+    assert calls == [300, 300, 100] and codes.shape == one_codes.shape and factors.shape == one_factors.shape
+    assert ((factors >= 0) & (factors < np.array(SIZES))).all()
+    assert not np.array_equal(factors[:300], factors[300:600])  # each chunk a fresh draw of the one generator
+
+
 def test_factor_vae_prunes_collapsed_codes():
     sampler = FactorSampler(SIZES)
     rep = perfect()

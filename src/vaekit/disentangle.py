@@ -92,12 +92,27 @@ def _encode_groups(representation, groups: Iterator[Tensor], chunk_size: int) ->
         yield from np.split(codes, np.cumsum([len(p) for p in pending])[:-1])
 
 
+# Observations one sampler call makes in sample_codes: about 1 GB of 64 x 64 float32
+# sprites, where the 10,000,000 draws allowed at once would be 164 GB.
+_SAMPLE_CHUNK = 65_536
+
+
 def sample_codes(representation, sampler, n: int, *, seed: int = 0, chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Codes ``[n, d]`` (float64) and factors ``[n, K]`` (int64) of ``n`` random observations."""
+    """Codes ``[n, d]`` (float64) and factors ``[n, K]`` (int64) of ``n`` random observations.
+
+    Up to 65,536 observations come from one ``sampler`` call; more, from one call per
+    65,536 with the same generator (so the memory of the observations stays bounded)."""
     _check_encoding(representation, sampler, seed, chunk_size, fixed=False)
     check_int("n", n, low=1, high=_MAX_DRAWS)
-    obs, factors = sampler(n, torch.Generator().manual_seed(seed))
-    return _encode(representation, obs, chunk_size), factors.numpy()
+    gen = torch.Generator().manual_seed(seed)
+    codes, factors = [], []
+    for start in range(0, n, _SAMPLE_CHUNK):
+        obs, f = sampler(min(_SAMPLE_CHUNK, n - start), gen)
+        codes.append(_encode(representation, obs, chunk_size))
+        factors.append(f.numpy())
+    if len(codes) == 1:
+        return codes[0], factors[0]
+    return np.concatenate(codes), np.concatenate(factors)
 
 
 def _as_array(name: str, a) -> np.ndarray:
