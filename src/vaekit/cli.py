@@ -153,7 +153,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true",
                    help="no progress bar over the batches (shown only on a terminal anyway)")
 
-    s = sub.add_parser("sample", help="draw samples from a trained run", description="Save a grid of samples.")
+    s = sub.add_parser("sample", help="draw samples from a trained run",
+                       description="Save a grid of samples: z ~ N(0, I), each shown as the mean of p(x|z) "
+                                   "(a Bernoulli decoder's probabilities, not 0/1 draws; a PixelCNN head "
+                                   "draws its pixels one by one and shows each pixel's probability).")
     s.add_argument("run", metavar="RUN", help="run directory written by 'vaekit train'")
     s.add_argument("-n", type=int, default=64, help="number of samples [default: 64]")
     s.add_argument("-o", "--output", default="samples.png", help="output image file [default: samples.png]")

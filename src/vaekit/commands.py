@@ -214,14 +214,15 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
     x = getattr(data, split)
     if limit > x.shape[0]:  # more than the split holds: the split's metrics, not a "first N" file
         limit = 0
-    x = x[:limit] if limit else x
     if split == "train" and config.data.binarize == "dynamic" and x.shape[0]:
         # training drew a fresh binarization of these grey levels each epoch; they are scored,
         # as the validation and test images are, on one fixed draw (grey levels under a
-        # Bernoulli likelihood would not be a log-likelihood)
+        # Bernoulli likelihood would not be a log-likelihood). The whole split's draw, then
+        # the first --limit of it: the same images whatever the limit.
         from .data import binarize_dynamic
 
         x = binarize_dynamic(x, torch.Generator().manual_seed(config.data.seed + 2))
+    x = x[:limit] if limit else x
     x = x.to(dev, next(model.parameters()).dtype)  # a float64 model: float64 data
     if x.shape[0] == 0:
         raise UsageError(f"--split {split}: the split is empty for dataset {config.data.dataset!r}")
