@@ -409,9 +409,25 @@ def load_model(directory, *, device=None):
     except RuntimeError as e:
         why = _state_dict_mismatch(model.state_dict(), state) or str(e).strip().splitlines()[0]
         raise CheckpointError(f"{weights} does not match {cfg_path}: {why}") from None
+    _buffers_like_weights(model)
     if device is not None:
         model.to(device)
     return model
+
+
+def _buffers_like_weights(model) -> None:
+    """The buffers a model does not save (a PixelCNN's masks) were made in float32 by its
+    constructor: into the dtype of the weights loaded, as ``model.to(dtype)`` casts them
+    (a bfloat16 PixelCNN's masked convolutions failed on float32 masks)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) != 1:
+        return
+    (dtype,) = dtypes
+    for module in model.modules():
+        for name in module._non_persistent_buffers_set:
+            buffer = getattr(module, name, None)
+            if isinstance(buffer, torch.Tensor) and buffer.is_floating_point() and buffer.dtype != dtype:
+                setattr(module, name, buffer.to(dtype))
 
 
 def _state_dict_mismatch(expected: dict, given: dict) -> str:

@@ -399,6 +399,8 @@ class VAE(nn.Module):
                 got = f"shape {tuple(eps.shape)}" if isinstance(eps, Tensor) else f"a {type(eps).__name__}"
                 raise ValueError(f"noise(shape) must return a tensor of shape {tuple(mu.shape)}, got {got}")
         z = mu + torch.exp(0.5 * logvar) * eps
+        if z.dtype != mu.dtype and not torch.is_autocast_enabled(mu.device.type):
+            z = z.to(mu.dtype)  # a bfloat16 model's z, from float32 noise (autocast casts on its own)
         # Only an autoregressive decoder reads x (subclasses may override decode(z)).
         return VAEOutput(self.decode(z, x) if self.autoregressive else self.decode(z), mu, logvar, z)
 
