@@ -512,3 +512,21 @@ def test_a_loaded_model_in_another_dtype_runs_as_the_saved_one(tmp_path, dtype, 
     assert out.z.dtype == dtype and torch.equal(out.decoder_out, again.decoder_out)
     same = [m.sample(2, generator=torch.Generator().manual_seed(2)) for m in (model, back)]
     assert same[0].dtype == dtype and torch.equal(same[0], same[1])
+
+
+def test_a_loaded_model_is_in_evaluation_mode_and_scoring_it_changes_nothing(tmp_path):
+    """In training mode a model with the optimal decoder variance scores each batch under
+    its own mean squared error and moves its saved variance: a loaded model is for use."""
+    from vaekit.models import VAE, ModelConfig
+
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(6,), latent_dim=2, hidden=(8,), likelihood="gaussian",
+                            decoder_variance="optimal"))
+    x = torch.randn(4, 6)
+    model.nll(model(x).decoder_out, x)  # one training batch: the variance is set from it
+    save_model(model, tmp_path / "m")
+    back = load_model(tmp_path / "m")
+    assert not any(m.training for m in back.modules())
+    saved = {k: v.clone() for k, v in back.state_dict().items()}
+    back.nll(back(torch.randn(4, 6)).decoder_out, torch.randn(4, 6))
+    assert all(torch.equal(saved[k], v) for k, v in back.state_dict().items())

@@ -364,7 +364,9 @@ def _check_model_state(state, own: dict) -> None:
 
 def load_model(directory, *, device=None):
     """Rebuild a :class:`vaekit.models.VAE` from ``save_model``'s files, with the weights
-    exactly as saved (their dtype included)."""
+    exactly as saved (their dtype included), in evaluation mode (``.train()`` to train it
+    on): in training mode a model with the optimal decoder variance scores each batch
+    under its own variance and updates the saved one."""
     from .config import section_from_dict
     from .model_config import model_without_inert
     from .models import VAE, ModelConfig
@@ -412,7 +414,7 @@ def load_model(directory, *, device=None):
     _buffers_like_weights(model)
     if device is not None:
         model.to(device)
-    return model
+    return model.eval()
 
 
 def _buffers_like_weights(model) -> None:

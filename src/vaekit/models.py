@@ -485,7 +485,8 @@ class VAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory, *, device=None) -> "VAE":
-        """Load a model written by :meth:`save_pretrained` (safetensors + JSON only)."""
+        """Load a model written by :meth:`save_pretrained` (safetensors + JSON only), in
+        evaluation mode (:func:`vaekit.io.load_model`)."""
         from .io import load_model
 
         return load_model(directory, device=device)
