@@ -236,7 +236,8 @@ class VAE(nn.Module):
 
     def decode(self, z: Tensor, x: Tensor | None = None):
         """Likelihood parameters for ``z`` (``[N, d]``): a ``[N, *input_shape]`` tensor of
-        logits (Bernoulli kinds) or means, or ``(mean, logvar)`` for a learned variance.
+        logits (Bernoulli kinds) or means, ``(mean, logvar)`` for a learned variance, or
+        ``(mean, log_scale)`` for the discretized logistic.
 
         An autoregressive decoder (``pixelcnn_layers > 0``) needs the pixels ``x``
         (``[N, *input_shape]``) too: the logit of each pixel depends on the pixels before it.
@@ -428,7 +429,9 @@ class VAE(nn.Module):
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """``n`` draws z ~ N(0, I), each made an image by :meth:`generate`: ``[n, *input_shape]``.
         Decoded in chunks whose peak stays under ``MAX_SAMPLE_NUMEL`` elements (a PixelCNN
-        head holds many maps an image); ``n`` is refused where the images alone would not."""
+        head holds many maps an image); ``n`` is refused where the images alone would not.
+        With a PixelCNN head each chunk draws its pixels from ``generator`` in turn, so the
+        images of one seed depend on the chunk size (which only ``MAX_SAMPLE_NUMEL`` sets)."""
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         size = math.prod(self.config.input_shape)
