@@ -362,6 +362,38 @@ def test_evaluate_prints_a_table_and_writes_metrics_checked_by_hand(run, capsys)
     assert abs(m10["iw_nll"] - float(iw.mean())) < 6 * se + 1e-4
 
 
+def test_evaluate_iw_nll_is_the_documented_estimate_recomputed_by_hand(run, tmp_path, capsys):
+    """metrics-test.json's iw_nll, recomputed exactly: per batch of --batch-size examples the
+    noise of its k samples is drawn in blocks randn(min(64, left), B, d)
+    (vaekit.evaluate.iw_log_likelihood) by one generator seeded with --seed + 1 (the ELBO's
+    draws take --seed itself); log w = log p(x|z) + log N(z; 0, I) - log q(z|x), by
+    torch.distributions. bits_per_dim is iw_nll / (D ln 2)."""
+    rd = tmp_path / "run"
+    shutil.copytree(run, rd)  # the shared run's metrics files stay as other tests left them
+    k, batch, seed = 100, 128, 5
+    rc, _, err = call(["evaluate", rd, "--iw-samples", k, "--batch-size", batch, "--seed", seed, "--device", "cpu"],
+                      capsys)
+    assert rc == 0, err
+    m = read_json(rd / "metrics-test.json")
+    model, x = VAE.from_pretrained(rd / "model").eval(), _test_data(rd)
+    assert x.shape[0] > 2 * batch and set(x.unique().tolist()) == {0.0, 1.0}  # a short last batch; binary data
+    g, log_px = torch.Generator().manual_seed(seed + 1), []
+    with torch.no_grad():
+        for xb in x.split(batch):
+            mu, logvar = model.encode_params(xb)
+            eps = torch.cat([torch.randn(64, *mu.shape, generator=g), torch.randn(k - 64, *mu.shape, generator=g)])
+            q = Normal(mu, torch.exp(0.5 * logvar))
+            z = q.mean + q.stddev * eps  # [k, B, d]
+            logits = model.decode(z.flatten(0, 1)).view(k, len(xb), -1)
+            log_w = (-torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, xb.flatten(1).expand(k, -1, -1), reduction="none").sum(-1)
+                + Normal(0.0, 1.0).log_prob(z).sum(-1) - q.log_prob(z).sum(-1))
+            log_px.append(torch.logsumexp(log_w.double(), 0) - math.log(k))
+    assert (m["iw_samples"], m["seed"], m["batch_size"]) == (k, seed, batch)
+    assert m["iw_nll"] == pytest.approx(-float(torch.cat(log_px).mean()), rel=1e-6)
+    assert m["bits_per_dim"] == pytest.approx(m["iw_nll"] / (x[0].numel() * math.log(2)), rel=1e-12)
+
+
 def test_evaluate_limit_scores_the_first_examples_into_its_own_file(run, capsys):
     rc, _, _ = call(["evaluate", run], capsys)
     whole = (run / "metrics-test.json").read_bytes()

@@ -414,6 +414,18 @@ def test_the_parameters_are_counted_before_building(cfg):
     assert _n_parameters(cfg) == sum(p.numel() for p in VAE(cfg).parameters())
 
 
+def test_sample_is_the_bernoulli_mean_of_a_decoded_prior_draw():
+    """VAE.sample(n, generator): z = randn(n, d, generator), the images sigmoid(decoder(z)),
+    the Bernoulli means (grey levels), not draws from them."""
+    torch.manual_seed(0)
+    model = _small()
+    got = model.sample(6, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = torch.sigmoid(model.decoder(torch.randn(6, 2, generator=torch.Generator().manual_seed(7))))
+    assert got.shape == (6, 1, 4, 4) and torch.equal(got, want)
+    assert ((got > 0) & (got < 1)).all()
+
+
 def test_sample_decodes_in_chunks_where_one_pass_would_hold_too_much(monkeypatch):
     """A PixelCNN head holds many maps an image: n is refused only where the images alone
     would be too many, and decoded in chunks whose peak stays under the bound (the CLI's

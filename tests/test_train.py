@@ -1,17 +1,31 @@
 """vaekit.train pieces not covered through the command line: the device choice, the
-TensorBoard hook, extending a run (``resume=True, epochs=N``) and the time budget."""
+TensorBoard hook, extending a run (``resume=True, epochs=N``) and the time budget; and fit
+against a plain PyTorch loop written out by hand (weights, metrics, skipped steps, the
+best model)."""
 
+import csv
 import dataclasses
+import math
 import shutil
 import threading
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
 
 import vaekit.train as train
+import vaekit.wiring
 from test_cli import snapshot, steps_per_epoch, tiny_config
+from test_reliability import _hooked_vae
+from vaekit.batching import mix_seed
 from vaekit.cli import build_config
+from vaekit.data import load_dataset
 from vaekit.io import load_checkpoint, read_json, save_checkpoint
+from vaekit.models import VAE
+from vaekit.objectives import ObjectiveConfig
+from vaekit.steps import _NOISE_STREAM
 
 
 def test_resolve_device():
@@ -409,3 +423,181 @@ def test_fit_says_when_bf16_autocast_will_be_slow_on_this_cpu(tmp_path, monkeypa
     train.fit(_small(train__epochs=1, train__amp="bf16", train__device="cpu"), tmp_path / "run")
     said = "vaekit: train.amp='bf16': this CPU has no bfloat16 instructions that PyTorch uses" in capsys.readouterr().err
     assert said != fast_bf16
+
+
+# -- fit against a plain PyTorch loop ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grey(tmp_path_factory):
+    """An .npz of 60 training and 15 test 4x4 grey images."""
+    path = tmp_path_factory.mktemp("grey") / "grey.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x_train=rng.integers(0, 256, (60, 4, 4), dtype=np.uint8),
+             x_test=rng.integers(0, 256, (15, 4, 4), dtype=np.uint8))
+    return path
+
+
+def _warmed(grey, **overrides):
+    """48 training images (12 more for validation) in 5 steps an epoch, the last of 8, for
+    4 epochs: a cosine learning rate, the gradient clipped to norm 1 and beta warmed up
+    linearly to 2 over 7 steps; the eager step, on the CPU."""
+    fields = {"data__dataset": "array", "data__data_dir": str(grey), "data__val_size": 12, "data__split": "tail",
+              "data__binarize": "static", "model__hidden": (8,), "train__batch_size": 10, "train__epochs": 4,
+              "train__lr": 3e-2, "train__lr_schedule": "cosine", "train__grad_clip": 1.0, "train__seed": 3,
+              "train__device": "cpu", "train__fast": "off", "objective__beta": 2.0,
+              "objective__beta_schedule": "linear", "objective__warmup_steps": 7}
+    return tiny_config(**{**fields, **overrides})
+
+
+def _by_hand(config, skip=()):
+    """fit(config) written out in plain PyTorch from what vaekit documents: the weights
+    drawn after torch.manual_seed(seed); epoch e's order randperm(N) by a generator seeded
+    with mix_seed(seed, e), batch j its j-th slice; dynamic binarization 1[u < x] over the
+    epoch's permuted images (one block), u from PCG64(mix_seed(seed, e, 0)); step s's noise
+    row s of randn(32, b, d) by a generator seeded with mix_seed(seed, noise stream, 0) (one
+    block of 32 steps), its first rows for a short batch; lr 0.5 lr (1 + cos(pi s / T));
+    the warmed-up beta; mean(BCE + beta KL) by their own formulas; the norm clipped; Adam.
+    Steps in ``skip`` take no optimiser step and are left out of the epoch's means.
+    Returns the model, the optimiser, the training rows and every step's beta."""
+    tc, oc = config.train, config.objective
+    x = load_dataset(config.data).train
+    n, b, d = x.shape[0], tc.batch_size, config.model.latent_dim
+    per_epoch = -(-n // b)
+    total = tc.epochs * per_epoch
+    assert total <= 32 and b * d * 32 <= 2**24 and b * x[0].numel() * per_epoch <= 2**24  # one block each
+    torch.manual_seed(tc.seed)
+    model = VAE(dataclasses.replace(config.model, input_shape=tuple(x.shape[1:])))
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
+    noise = torch.randn(32, b, d, generator=torch.Generator().manual_seed(mix_seed(tc.seed, _NOISE_STREAM, 0)))
+    rows, betas, step, skipped = [], [], 0, 0
+    for epoch in range(tc.epochs):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(tc.seed, epoch)))
+        xe = x[perm]
+        if config.data.binarize == "dynamic":
+            u = np.random.Generator(np.random.PCG64(mix_seed(tc.seed, epoch, 0))).random(tuple(xe.shape), np.float32)
+            xe = (torch.from_numpy(u) < xe).float()
+        sums = np.zeros(4)
+        for j in range(per_epoch):
+            xb = xe[j * b:(j + 1) * b]
+            lr = 0.5 * tc.lr * (1 + math.cos(math.pi * step / total)) if tc.lr_schedule == "cosine" else tc.lr
+            beta = oc.beta * step / oc.warmup_steps if step < oc.warmup_steps else oc.beta
+            betas.append(beta)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            mu, logvar = model.encode_params(xb)
+            logits = model.decode(mu + torch.exp(0.5 * logvar) * noise[step, :len(xb)])
+            rec = F.binary_cross_entropy_with_logits(logits, xb, reduction="none").flatten(1).sum(1)
+            kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(1)
+            loss = (rec + beta * kl).mean()
+            opt.zero_grad()
+            loss.backward()
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            if step in skip:
+                skipped += 1
+            else:
+                opt.step()
+                sums += len(xb) * np.array([loss.item(), rec.mean().item(), kl.mean().item(), 1.0])
+            step += 1
+        rows.append({"step": step, "loss": sums[0] / sums[3], "reconstruction": sums[1] / sums[3],
+                     "kl": sums[2] / sums[3], "elbo": -(sums[1] + sums[2]) / sums[3], "beta": beta, "lr": lr,
+                     "skipped": skipped})
+    return model, opt, rows, betas
+
+
+def _assert_close(got: dict, want: dict) -> None:
+    """Tensors equal to float32 rounding (the hand loop's formulas and Adam are not fit's):
+    within a millionth of each tensor's largest value."""
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-6 * float(v.abs().max()), msg=lambda m: f"{k}: {m}")
+
+
+def _metrics_rows(run_dir, split: str) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [r for r in csv.DictReader(f) if r["split"] == split]
+
+
+def _assert_train_rows(run_dir, want: list[dict]) -> None:
+    """metrics.csv's training rows are ``want``'s: the per-example means of the epoch's
+    steps, the beta and learning rate of its last step, the steps skipped so far."""
+    got = _metrics_rows(run_dir, "train")
+    assert [(int(r["step"]), int(r["skipped"])) for r in got] == [(r["step"], r["skipped"]) for r in want]
+    for g, w in zip(got, want):
+        for k in ("loss", "reconstruction", "kl", "elbo"):
+            assert float(g[k]) == pytest.approx(w[k], rel=1e-6), (g["epoch"], k)
+        for k in ("beta", "lr"):
+            assert float(g[k]) == pytest.approx(w[k], rel=1e-12, abs=0), (g["epoch"], k)
+
+
+@pytest.mark.parametrize("fast, binarize", [("off", "static"), ("off", "dynamic"), ("static", "dynamic")])
+def test_fit_is_the_plain_pytorch_loop_it_documents(fast, binarize, grey, tmp_path, monkeypatch):
+    """fit against _by_hand, whose loss formulas are its own (so to float tolerance, not bit
+    for bit): the weights after 20 steps, the beta the loop asks for at each step (0 at step
+    0 of the warm-up) and metrics.csv's training rows. fast='static' is the static step,
+    uncaptured on the CPU (each epoch's short last batch takes the eager step)."""
+    model, _, rows, betas = _by_hand(_warmed(grey, data__binarize=binarize))
+    asked, beta_at = [], ObjectiveConfig.beta_at
+
+    def recorded(self, step):
+        asked.append((step, beta_at(self, step)))
+        return asked[-1][1]
+
+    monkeypatch.setattr(ObjectiveConfig, "beta_at", recorded)
+    result = train.fit(_warmed(grey, train__fast=fast, data__binarize=binarize), tmp_path / "run")
+    _assert_close(result.model.state_dict(), model.state_dict())
+    assert asked[0] == (0, 0.0) and [s for s, _ in asked] == list(range(20))
+    assert [b for _, b in asked] == pytest.approx(betas, rel=1e-12, abs=0)
+    _assert_train_rows(tmp_path / "run", rows)
+
+
+@pytest.mark.parametrize("fast", ["off", "static"])
+def test_a_non_finite_step_changes_nothing_and_is_left_out_of_the_means(fast, grey, tmp_path, monkeypatch):
+    """Step 6 (epoch 2's second) made NaN: the run ends with the weights and the Adam state
+    (moments and step count) of the hand loop that leaves that step out, counts it as
+    skipped from epoch 2 on, and epoch 2's means are those of its other steps."""
+    monkeypatch.setattr(vaekit.wiring, "VAE", _hooked_vae(lambda n, out: out * float("nan") if n == 7 else out))
+    train.fit(_warmed(grey, train__fast=fast), tmp_path / "run")
+    model, opt, rows, _ = _by_hand(_warmed(grey), skip={6})
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    _assert_close(state["model"], model.state_dict())
+    got, want = state["optimizer"]["state"], opt.state_dict()["state"]
+    assert got.keys() == want.keys()
+    for i in want:
+        assert float(got[i]["step"]) == float(want[i]["step"]) == 19
+        _assert_close({k: got[i][k] for k in ("exp_avg", "exp_avg_sq")},
+                      {k: want[i][k] for k in ("exp_avg", "exp_avg_sq")})
+    assert [r["skipped"] for r in rows] == [0, 1, 1, 1]
+    _assert_train_rows(tmp_path / "run", rows)
+
+
+@pytest.mark.parametrize("early_stopping, epochs", [(0, 6), (2, 10)], ids=["all-epochs", "early-stopping"])
+def test_the_saved_model_is_the_epoch_of_lowest_validation_loss(early_stopping, epochs, grey, tmp_path,
+                                                                  monkeypatch):
+    """model/ holds, bit for bit, the weights the loop had at the end of the epoch of lowest
+    validation loss in metrics.csv, not the last epoch's; with early stopping the run ends
+    ``early_stopping`` epochs after that one. (A large constant learning rate makes the
+    validation loss go up and down.)"""
+    ends, save = {}, train.save_checkpoint
+
+    def record(path, state, **kw):
+        ends[state["epoch"]] = {k: v.clone() for k, v in state["model"].items()}
+        return save(path, state, **kw)
+
+    monkeypatch.setattr(train, "save_checkpoint", record)
+    config = _warmed(grey, train__epochs=epochs, train__early_stopping=early_stopping, train__lr=0.2,
+                     train__lr_schedule="constant", train__grad_clip=0.0, train__seed=0, objective__beta=1.0,
+                     objective__beta_schedule="constant", objective__warmup_steps=0)
+    train.fit(config, tmp_path / "run")
+    val = [float(r["loss"]) for r in _metrics_rows(tmp_path / "run", "val")]
+    best = val.index(min(val)) + 1
+    assert best < len(val), f"the best epoch is the last: nothing to tell them apart ({val})"
+    if early_stopping:  # stopped that many epochs after the best, before its last
+        assert len(val) == best + early_stopping < epochs
+    else:
+        assert len(val) == epochs
+    assert sorted(ends) == list(range(1, len(val) + 1))
+    saved = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    assert saved.keys() == ends[best].keys() and all(torch.equal(saved[k], ends[best][k]) for k in saved)
+    assert not all(torch.equal(saved[k], ends[len(val)][k]) for k in saved)
