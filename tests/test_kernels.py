@@ -455,6 +455,38 @@ def test_fused_bias_grad_masks_as_relus_backward():
 
 
 @interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_bias_grad_masks_negative_outputs_and_minus_zero_in_every_dtype(dtype):
+    """y <= 0 compared as a number in every dtype (the interpreter compared bfloat16 by its
+    bits: a negative output, or -0.0, passed its gradient)."""
+    gy = _cpu_randn((5, 4), generator=torch.Generator().manual_seed(3)).to(dtype)
+    y = _cpu_randn((5, 4), generator=torch.Generator().manual_seed(4)).to(dtype)
+    y[0, 0], y[1, 1] = -0.0, 0.0
+    masked, gb = fused_bias_grad(gy, y)
+    want = torch.ops.aten.threshold_backward(gy, y, 0.0)
+    assert torch.equal(masked, want)
+    torch.testing.assert_close(gb.float(), want.float().sum(0), rtol=1e-2, atol=1e-2)
+
+
+@interpreted
+def test_fp16_gradients_survive_a_loss_scale_as_in_eager():
+    """fp16 logits under a GradScaler-like factor: the forward's saved gradients stay in
+    float32 until the factor reaches them (stored in fp16 and times 1/B first, the small
+    ones were flushed to 0: sigmoid(-14) / 128 is below fp16's smallest subnormal)."""
+    x = torch.zeros(128, 1, dtype=torch.float16)
+    mu, logvar = torch.zeros(128, 1), torch.zeros(128, 1)
+    grads = []
+    for loss_fn in (fused_vae_loss, lambda *a: VAELoss()(*a)):
+        out = torch.full((128, 1), -14.0, dtype=torch.float16).requires_grad_()
+        (loss_fn(x, out, mu, logvar).loss * 65536).backward()
+        grads.append(out.grad)
+    assert grads[0].dtype == torch.float16 and torch.equal(grads[0], grads[1])
+    want = torch.sigmoid(torch.tensor(-14.0, dtype=torch.float64)) / 128 * 65536
+    torch.testing.assert_close(grads[0].double(), torch.full((128, 1), float(want), dtype=torch.float64), rtol=1e-3,
+                               atol=0)
+
+
+@interpreted
 def test_a_loss_the_kernels_cannot_take_falls_back_in_the_static_step():
     """A Gaussian decoder whose fixed log-variance is a NumPy float: the step's loss goes to
     the eager reference (the kernels take Python numbers), and the step still trains what

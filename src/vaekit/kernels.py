@@ -39,7 +39,9 @@ Design (why it is shaped this way):
   and its backward (the eager graph would raise there; this one would use the new value).
 
 fp16/bf16 inputs are read as they are and accumulated in fp32; gradients are stored in
-the inputs' dtypes. Non-contiguous inputs are made contiguous first.
+the inputs' dtypes, but for fp16 under autograd, whose gradients stay float32 until the
+backward has multiplied them by the incoming gradient (a GradScaler's factor) and
+autograd casts them. Non-contiguous inputs are made contiguous first.
 
 Interpreter mode: with ``TRITON_INTERPRET=1`` set *before this module is imported*
 (Triton decides at decoration time whether a kernel is compiled or interpreted), the same
@@ -347,18 +349,25 @@ def _stride0(t: Tensor | None) -> int:
 
 
 def _forward_launch(dec, x, mu, logvar, beta_t, beta_value, gaussian, gauss_logvar, reduction, loss_dtype,
-                    want_grad, want_kl_grad, kl_beta=False):
+                    want_grad, want_kl_grad, kl_beta=False, scaled_later=False):
     """The forward's two launches: ``(loss, rec, kl)``, the gradient buffers ``(grad, gmu,
     glv)`` (None where not wanted; the KL's times beta with ``kl_beta``) and the geometry
-    the backward needs."""
+    the backward needs. ``scaled_later``: the backward multiplies the buffers by the
+    incoming gradient, so fp16 ones are kept in float32 until then (a GradScaler's factor
+    must reach a gradient before fp16's range cuts it: stored in fp16, times 1/B, the
+    small ones were flushed to 0)."""
     B, D = dec.shape
     d = mu.shape[1]
     split, chunk, block, warps = _plan(B, D, dec.device)
     block_d = min(1024, max(16, _next_pow2(d)))
     inv_n = 1.0 / B if reduction == "mean" else 1.0
-    grad = torch.empty_like(dec) if want_grad else None
-    gmu = torch.empty_like(mu) if want_kl_grad else None
-    glv = torch.empty_like(logvar) if want_kl_grad else None
+
+    def buffer(t):
+        return torch.empty_like(t, dtype=torch.float32 if scaled_later and t.dtype == torch.float16 else t.dtype)
+
+    grad = buffer(dec) if want_grad else None
+    gmu = buffer(mu) if want_kl_grad else None
+    glv = buffer(logvar) if want_kl_grad else None
     f32 = dict(dtype=torch.float32, device=dec.device)
     parts = torch.empty(B, split, **f32)
     kl_rows = torch.empty(B, **f32)
@@ -390,7 +399,7 @@ class _FusedVAELoss(torch.autograd.Function):
                 loss_dtype, want_grad, want_kl_grad):
         (loss, rec, kl), (grad, gmu, glv), geometry = _forward_launch(
             dec, x, mu, logvar, beta_t, beta_value, gaussian, gauss_logvar, reduction, loss_dtype, want_grad,
-            want_kl_grad)
+            want_kl_grad, scaled_later=True)
         # Plain attributes, not save_for_backward: the buffers are the gradients to return,
         # scaled in place, and are dropped on the first backward.
         ctx.bufs = (grad, gmu, glv)
@@ -659,7 +668,9 @@ if triton is not None:
             offs = rows[:, None].to(tl.int64) * N + cols[None, :]
             g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             if RELU:  # as ReLU's own backward: zero where y <= 0 (a NaN output passes its gradient)
-                g = tl.where(tl.load(y_ptr + offs, mask=mask, other=0.0) <= 0, 0.0, g)
+                # compared as float32: Triton's interpreter compares bfloat16 by its bits,
+                # which let negative outputs (and -0.0) pass their gradient
+                g = tl.where(tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32) <= 0, 0.0, g)
                 tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
             acc += tl.sum(g, 0)
         tl.store(gb_ptr + cols, acc.to(gb_ptr.dtype.element_ty), mask=live)
