@@ -46,8 +46,9 @@ PRESETS: dict[str, dict] = {
     # The same with the head's late fusion: z enters after the masked layers, through a
     # context-weighted 3 x 3 mix of the decoder's logits. About 1.3 nats of validation
     # ELBO worse than mnist-pixelcnn after 30 epochs, but each importance sample costs the
-    # plain decoder plus a few operations per pixel: k = 5000 on the test set takes about
-    # 20 minutes on 2 CPU cores instead of about 8 hours.
+    # plain decoder plus a few operations per pixel: k = 5000 on the test set was estimated
+    # at about 22 minutes on 2 CPU cores instead of about 8 hours, and took 32 minutes on a
+    # partly shared machine (docs/benchmarks.md).
     "mnist-pixelcnn-late": {
         "data": {"dataset": "mnist", "binarize": "dynamic", "val_size": 10000, "split": "tail"},
         "model": {"arch": "mlp", "hidden": [512, 512], "latent_dim": 50, "activation": "elu",
