@@ -47,7 +47,7 @@ def test_an_error_over_a_preset_value_names_the_preset_and_the_flag():
     ("mnist-pixelcnn-late", {"model.pixelcnn_layers": 0}, ("model", "pixelcnn_fusion", "early")),
     ("mnist-pixelcnn", {"objective.beta_schedule": "constant"}, ("objective", "warmup_steps", 0)),
     # no KL weight under the IWAE bound or the capacity penalty: the preset's schedule goes
-    ("mnist-pixelcnn", {"objective.name": "iwae"}, ("objective", "beta_schedule", "constant")),
+    ("mnist-pixelcnn", {"objective.name": "iwae", "objective.iw_samples": 5}, ("objective", "beta_schedule", "constant")),
     ("mnist-pixelcnn", {"objective.capacity_max": 25.0}, ("objective", "beta_schedule", "constant")),
 ])
 def test_a_preset_setting_that_the_users_choice_leaves_inert_is_dropped(preset, overrides, dropped):
@@ -74,3 +74,15 @@ def test_field_docs_are_plain_text_for_help():
     assert "(drawn by vaekit.batching.BatchIterator)" in docs["data.binarize"]
     for name, doc in docs.items():
         assert not re.search(r":\w+:`|``", doc), f"{name}: {doc}"
+
+
+def test_the_iwae_objective_asked_for_with_one_sample_is_refused_on_the_command_line():
+    """--objective iwae without --iw-samples trained the ELBO (k = 1): a forgotten flag."""
+    from vaekit.flags import UsageError, build_config
+
+    for preset in (None, "mnist-burda", "mnist-pixelcnn"):
+        with pytest.raises(UsageError, match=r"^--objective iwae: with iw_samples=1 .* is the ELBO; give --iw-samples"):
+            build_config(preset, overrides={"objective.name": "iwae"})
+    assert build_config(overrides={"objective.name": "iwae", "objective.iw_samples": 2}).objective.iw_samples == 2
+    assert build_config("mnist-large", overrides={"objective.name": "iwae"}).objective.iw_samples == 5  # the preset's k
+    assert build_config("mnist-large").objective.name == "iwae"  # the preset's own choice

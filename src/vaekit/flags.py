@@ -179,9 +179,16 @@ def build_config(preset: str | None = None, config_file: str | None = None, over
         group, field_ = key.split(".", 1)
         user = _merge(user, {group: {field_: list(value) if isinstance(value, tuple) else value}})
     try:
-        return RunConfig.from_dict(_without_the_presets_inert(_merge(PRESETS[name], user), user))
+        config = RunConfig.from_dict(_without_the_presets_inert(_merge(PRESETS[name], user), user))
     except (TypeError, ValueError) as e:
         raise _name_the_flag(_blame_the_preset(e, name, user), user) from None
+    asked = user.get("objective") if isinstance(user.get("objective"), dict) else {}
+    if asked.get("name") == "iwae" and config.objective.iw_samples == 1:
+        # one importance sample: the bound is the ELBO (estimated with its KL sampled), which
+        # a user asking for the IWAE bound did not mean (a forgotten --iw-samples)
+        raise UsageError("--objective iwae: with iw_samples=1 (--iw-samples, default 1) the IWAE bound is the "
+                         "ELBO; give --iw-samples K with K >= 2 (Burda et al. use 5 or 50), or --objective elbo")
+    return config
 
 
 def _without_the_presets_inert(merged: dict, user: dict) -> dict:
