@@ -314,6 +314,8 @@ def test_stop_signal_on_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
     assert not re.search(r"^\[rank\d\]:.*Error", stopped.output, re.M), stopped.output[-3000:]
     root = stopped.output.split("Root Cause", 1)[-1]
     assert re.search(r"exitcode\s*:\s*130\b", root), stopped.output[-3000:]
+    # the way back names torchrun and the world size (plain vaekit train --resume is refused)
+    assert f"continue with: torchrun --nproc_per_node=2 -m vaekit train --resume {run_dir}" in stopped.output
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
     assert 4 < ckpt["step"] < STEPS_PER_EPOCH, ckpt["step"]  # taken on the signal, not a periodic one
     assert ckpt["batches"] == {"epoch": 0, "position": ckpt["step"], "seed": 3}

@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import time
 from pathlib import Path
 
 from .commands import _new_run_dir, evaluate_command, metrics_name, sample_command, train_command
@@ -298,10 +299,20 @@ def _out_of_memory(e: BaseException) -> bool:
     return isinstance(e, oom) or "DefaultCPUAllocator" in text or "can't allocate memory" in text
 
 
+# Under torchrun, how long a process other than a machine's first waits before it says an
+# error itself: torchrun stops the job's processes once one of them has exited, and it
+# looks every 0.1 s by default, so the first process's line comes alone.
+_PEER_GRACE_S = 5.0
+
+
 def _say_error(message: str) -> None:
     """``vaekit: error: MESSAGE`` on stderr. Under torchrun every process meets the same bad
     input (or, for a file rank 0 writes, rank 0 alone meets it): the first process of each
-    machine (``LOCAL_RANK`` 0) says it, once per machine rather than once per process; the
-    others exit with the same status, silently."""
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"vaekit: error: {message}", file=sys.stderr)
+    machine (``LOCAL_RANK`` 0) says it at once, once per machine rather than once per
+    process. Another process that met it first exits only after saying it too, after
+    ``_PEER_GRACE_S``: by then torchrun has stopped it if the first process said the line
+    (torchrun stops every process when one exits, and a process that exited first could
+    stop the first one before it spoke)."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        time.sleep(_PEER_GRACE_S)
+    print(f"vaekit: error: {message}", file=sys.stderr)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -370,7 +371,7 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None,
         if run.is_main:
             why = f"signal {stop.signum}" if stop.signum else "a signal to another rank"
             print(f"vaekit: interrupted by {why}; checkpoint saved to {run.ckpt_path}; "
-                  f"continue with: vaekit train --resume {run_dir}", flush=True)
+                  f"continue with: {_resume_command(run)}", flush=True)
         return FitResult(run.model, run.history, run_dir, True)
     if run.is_main:
         if not (run_dir / "model" / "model.safetensors").exists():
@@ -385,6 +386,16 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None,
     if run.distributed:
         torch.distributed.barrier()
     return FitResult(run.model, run.history, run_dir, False)
+
+
+def _resume_command(run: _Run) -> str:
+    """The command that continues ``run``: under torchrun, with as many processes (a
+    checkpoint resumes on the world size that wrote it)."""
+    if run.world == 1:
+        return f"vaekit train --resume {run.run_dir}"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", run.world))
+    nodes = f" --nnodes={run.world // local}" if local < run.world else ""
+    return f"torchrun --nproc_per_node={local}{nodes} -m vaekit train --resume {run.run_dir}"
 
 
 def _autocast(run: _Run):
