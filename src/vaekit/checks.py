@@ -247,12 +247,13 @@ def slow_bf16_note(device, setting: str) -> str | None:
     """A line saying that ``setting`` (bfloat16 autocast) will run slower than float32 on
     ``device``, or None. On a CPU without the instructions PyTorch's oneDNN builds its
     bfloat16 matrix products on (AVX-512, or Arm's BF16), they fall back to a slow path:
-    the 784-400-20 model's products ran 17x slower than float32 on an AVX2-only EPYC
-    (docs/benchmarks.md, sixteenth session)."""
+    the 784-400-20 model's products ran 17x slower than float32 on an AVX2-only EPYC, its
+    training epoch 8x (docs/benchmarks.md, sixteenth session)."""
     if torch.device(device).type != "cpu" or _cpu_bf16_fast():
         return None
     return (f"{setting}: this CPU has no bfloat16 instructions that PyTorch uses (AVX-512 or Arm BF16), so "
-            f"bfloat16 runs many times slower than float32 here (17x on an AVX2 CPU); float32 is faster")
+            f"bfloat16 runs many times slower than float32 here (8 to 17 times for an MLP on an AVX2 EPYC); "
+            f"float32 is faster")
 
 
 def check_beta(beta):
