@@ -5,7 +5,9 @@ are tested through it in test_data.py."""
 import gzip
 import hashlib
 import io
+import os
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,6 +171,17 @@ def test_download_into_a_file_names_it(tmp_path, fake_mirrors):
     (tmp_path / "afile").write_text("not a folder")
     with pytest.raises(ValueError, match=r"data_dir '.*afile' is a file; expected a folder to download mnist into"):
         download_mnist(tmp_path / "afile", "mnist")
+
+
+def test_download_into_a_folder_that_cannot_be_written_says_so_before_any_mirror(tmp_path, fake_mirrors, monkeypatch):
+    """Each mirror's failure to write the .part file read as a network failure."""
+    _, _, calls = fake_mirrors
+    (tmp_path / "ro").mkdir()
+    real = os.access
+    monkeypatch.setattr(readers.os, "access", lambda p, mode: False if Path(p) == tmp_path / "ro" else real(p, mode))
+    with pytest.raises(ValueError, match=r"^data_dir '.*ro' is not writable; cannot download mnist into it$"):
+        download_mnist(tmp_path / "ro", "mnist")
+    assert calls == []
 
 
 def test_download_onto_a_folder_names_it_before_any_mirror(tmp_path, fake_mirrors):

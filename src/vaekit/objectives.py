@@ -287,7 +287,9 @@ class ObjectiveConfig:
         cycle_ratio: fraction of each cycle spent rising from 0 to beta ("cyclical" only).
         free_bits: nats per latent dimension below which the KL is not penalised ("elbo" only).
         capacity_max: target KL in nats of the capacity penalty, 0 = off ("elbo" only); it
-            replaces beta * KL by capacity_gamma * |KL - C|, so it takes no beta or schedule.
+            replaces beta * KL by capacity_gamma * |KL - C|, each example's KL (the penalty
+            is then averaged over the batch with the other terms, so its gradient does not
+            flip where the batch's mean KL meets C), so it takes no beta or schedule.
         capacity_steps: steps over which the capacity C rises from 0 to capacity_max
             (capacity_max > 0 only).
         capacity_gamma: weight of the capacity penalty (capacity_max > 0 only).

@@ -293,7 +293,10 @@ def _fetch(url: str, target: Path, md5: str) -> None:
 def download_mnist(root, kind: str = "mnist") -> list:
     """Download the four gzipped IDX files of ``kind`` ("mnist" | "fashion-mnist") into
     ``root``, trying the mirrors in order and checking each file's published md5.
-    Files already present with the right md5 are kept. Returns their paths."""
+    Files already present with the right md5 are kept; one with another md5 is replaced by
+    the download (kept if no mirror delivers). Returns their paths. (``DataConfig(download
+    =True)`` calls this only when the data are missing: files already there, raw or
+    gzipped, are read without an md5 check.)"""
     check_choice("kind", kind, tuple(_MNIST_SOURCES))
     mirrors, md5s = _MNIST_SOURCES[kind]
     root = Path(root)
@@ -305,6 +308,8 @@ def download_mnist(root, kind: str = "mnist") -> list:
     except OSError as e:
         raise ValueError(f"data_dir {str(root)!r}: cannot be created to download {kind} into "
                          f"({e.strerror or e})") from None
+    if not os.access(root, os.W_OK | os.X_OK):  # else each mirror's failure would read as the network's
+        raise ValueError(f"data_dir {str(root)!r} is not writable; cannot download {kind} into it")
     paths = []
     for name, md5 in md5s.items():
         target = root / name
