@@ -241,8 +241,8 @@ def test_evaluate_finds_moved_data_with_data_dir_and_checks_they_are_the_runs(tm
     np.save(tmp_path / "other.npy", rng.random((60, 16)).astype(np.float32))
     rc, _, err = call(["evaluate", rd, "--data-dir", tmp_path / "other.npy"], capsys)
     assert_usage_error(rc, err, r"--data-dir .*other\.npy: these are not the data .*run-a trained on \(46 training "
-                                r"examples of shape \(16,\), fingerprint [0-9a-f]{16}; its checkpoint records 46 of "
-                                r"shape \(16,\), fingerprint [0-9a-f]{16}\)")
+                                r"examples of shape \(16,\), hash [0-9a-f]{16}; its checkpoint records 46 of "
+                                r"shape \(16,\), hash [0-9a-f]{16}\)")
     assert read_json(rd / "metrics-test.json") == after  # nothing written
     rc, _, err = call(["evaluate", rd, "--data-dir", tmp_path / "none.npy"], capsys)
     assert_usage_error(rc, err, r"--data-dir .*none\.npy: ")

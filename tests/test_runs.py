@@ -14,8 +14,8 @@ from vaekit.config import RunConfig
 from vaekit.data import load_dataset
 from vaekit.io import CheckpointError, save_checkpoint
 from vaekit.models import VAE, ModelConfig
-from vaekit.runs import (CHECKPOINT_KEYS, METRIC_FIELDS, read_for_resume, restore, rng_state, saved_config, set_rng_state,
-                         write_metrics)
+from vaekit.runs import (CHECKPOINT_KEYS, METRIC_FIELDS, data_record, read_for_resume, restore, rng_state,
+                         saved_config, set_rng_state, write_metrics)
 from vaekit.train import fit
 
 
@@ -128,6 +128,21 @@ def test_restore_refuses_other_training_data_and_says_how_they_differ(finished):
         restored(train[:-10])  # fewer: the saved position could lie beyond the end
     with pytest.raises(CheckpointError, match=r"the same number and shape of training examples, but other values"):
         restored(1 - train)
+    # every example but the first, middle and last replaced: the whole set's hash tells (the
+    # three examples' fingerprint alone, all earlier versions recorded, did not)
+    edited = 1 - train
+    for i in (0, n // 2, n - 1):
+        edited[i] = train[i]
+    assert data_record(edited)["fingerprint"] == state["data"]["fingerprint"]
+    with pytest.raises(CheckpointError, match=r"but other values \(hash [0-9a-f]{16}, was [0-9a-f]{16}\)"):
+        restored(edited)
+    one = train.clone()
+    one[5, 0, 3, 3] += 1e-6  # one value of one example
+    with pytest.raises(CheckpointError, match=r"but other values \(hash "):
+        restored(one)
+    # a record from before the hash checks what it has: the three examples
+    before_hash = {**state, "data": {k: v for k, v in state["data"].items() if k != "hash"}}
+    assert restored(edited, before_hash)["step"] == state["step"]
     # a checkpoint from before the record: no check
     old = {k: v for k, v in state.items() if k != "data"}
     assert restored(torch.rand(100, 64).round(), old)["step"] == state["step"]

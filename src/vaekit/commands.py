@@ -114,18 +114,19 @@ def _check_trained_on(rd: Path, x, data_dir) -> None:
     """Data found elsewhere (``--data-dir``) must be the run's: its checkpoint, when it has
     one, records its training data (:func:`vaekit.runs.data_record`)."""
     from .io import CheckpointError, load_checkpoint
-    from .runs import data_record
+    from .runs import data_record, same_data
 
     try:
         saved = load_checkpoint(rd / "checkpoint.pt").get("data")
     except (CheckpointError, FileNotFoundError):  # no (readable) checkpoint: nothing to check against
         return
     now = data_record(x)
-    if isinstance(saved, dict) and saved != now:
+    if isinstance(saved, dict) and not same_data(saved, now):
+        key = "hash" if "hash" in saved else "fingerprint"
         raise UsageError(f"--data-dir {data_dir}: these are not the data {rd} trained on ({now['examples']} "
-                         f"training examples of shape {tuple(now['shape'])}, fingerprint {now['fingerprint']}; "
+                         f"training examples of shape {tuple(now['shape'])}, {key} {now[key]}; "
                          f"its checkpoint records {saved.get('examples')} of shape "
-                         f"{tuple(saved.get('shape') or ())}, fingerprint {saved.get('fingerprint')})")
+                         f"{tuple(saved.get('shape') or ())}, {key} {saved.get(key)})")
 
 
 def evaluate_command(run: str, *, split: str = "test", iw_samples: int = 0, batch_size: int = 500,

@@ -30,7 +30,7 @@ from .config import RunConfig, TrainConfig
 from .io import CheckpointError, _state_dict_mismatch, atomic_write, load_checkpoint
 
 __all__ = ["CHECKPOINT_KEYS", "METRIC_FIELDS", "write_metrics", "rng_state", "set_rng_state",
-           "read_for_resume", "extended", "restore", "data_record", "saved_config"]
+           "read_for_resume", "extended", "restore", "data_record", "same_data", "saved_config"]
 
 CHECKPOINT_KEYS = ("config", "model", "optimizer", "step", "epoch", "history", "best", "since_best",
                    "skipped", "sums", "batches", "rng")
@@ -63,25 +63,36 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 def data_record(x: torch.Tensor) -> dict:
     """What a checkpoint records of the training data ``x`` (``[N, *event]``), for a
-    resume to check it trains on the same: the number of examples, the shape of one, and
-    a fingerprint (a hash of the first, middle and last examples: cheap; it tells
-    another data set of the same size, not an edit of a few examples)."""
+    resume to check it trains on the same: the number of examples, the shape of one, a
+    fingerprint (a hash of the first, middle and last examples, which earlier versions
+    recorded alone) and ``hash``, a SHA-256 of every example's float32 values (about 0.13 s
+    for MNIST's 60,000 images on the project's CPU), which tells any edit."""
     n = int(x.shape[0])
-    rows = x[[0, n // 2, n - 1]].detach().float().cpu().contiguous()
+    x = x.detach().float().cpu().contiguous()
+    rows = x[[0, n // 2, n - 1]].contiguous()
     return {"examples": n, "shape": list(x.shape[1:]),
-            "fingerprint": hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16]}
+            "fingerprint": hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16],
+            "hash": hashlib.sha256(memoryview(x.numpy()).cast("B")).hexdigest()[:16]}
+
+
+def same_data(saved: dict, now: dict) -> bool:
+    """Whether the record ``now`` (:func:`data_record`) matches ``saved``, a checkpoint's:
+    every entry the saved record has (an older one has no ``hash``: its three examples'
+    fingerprint is all it can tell)."""
+    return all(now.get(k) == v for k, v in saved.items())
 
 
 def _check_same_data(saved: dict, x: torch.Tensor, state: dict, ckpt_path: Path, where: str | None) -> None:
     now = data_record(x)
-    if saved == now:
+    if same_data(saved, now):
         return
     d = state["config"].get("data", {}) if isinstance(state.get("config"), dict) else {}
     where = where or d.get("data_dir")  # where the data now checked came from
     what = f"dataset {d.get('dataset')!r}" + (f" ({where})" if where else "")
     if (saved.get("examples"), saved.get("shape")) == (now["examples"], now["shape"]):
-        change = f"the same number and shape of training examples, but other values (fingerprint {now['fingerprint']}, " \
-                 f"was {saved.get('fingerprint')})"
+        key = "hash" if "hash" in saved else "fingerprint"
+        change = f"the same number and shape of training examples, but other values ({key} {now[key]}, " \
+                 f"was {saved.get(key)})"
     else:
         change = f"{now['examples']} training examples of shape {tuple(now['shape'])}, where the run trained on " \
                  f"{saved.get('examples')} of shape {tuple(saved.get('shape') or ())}"
