@@ -65,10 +65,10 @@ class TinyVAE(nn.Module):
     def nll(self, decoder_out, x):
         return reconstruction_nll(self.config.likelihood, decoder_out, x)
 
-    def forward(self, x):
+    def forward(self, x, noise=None):
         self.calls += 1
         mu, logvar = self.encode_params(x)
-        z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
+        z = mu + (0.5 * logvar).exp() * (torch.randn_like(mu) if noise is None else noise(mu.shape))
         return VAEOutput(self.decode(z), mu, logvar, z)
 
 
@@ -630,3 +630,151 @@ def test_kl_penalties_and_the_tc_decomposition_check_their_shapes():
     with pytest.raises(ValueError, match=re.escape("z must hold at least 1 example [B, d], got shape (0, 3)")):
         obj.tc_decomposition(z[:0], mu[:0], logvar[:0], 2)
     assert obj.tc_decomposition(z, mu, logvar, 4).mutual_info.shape == (4,)  # the whole data set: fine
+
+
+# ---------------------------------------------------------------------------------------
+# Values and gradients through objective_loss, against the TinyVAE's terms written out here
+
+
+def by_hand(model, x, eps):
+    """The Bernoulli TinyVAE's terms at ``z = mu + sigma * eps`` (``eps`` ``[B, d]`` or
+    ``[k, B, d]``), written out: -log p(x|z), the KL to N(0, I) per dimension ``[B, d]``,
+    z, mu, logvar."""
+    d = model.config.latent_dim
+    h = x.flatten(1) @ model.enc.weight.T + model.enc.bias
+    mu, logvar = h[:, :d], h[:, d:]
+    z = mu + torch.exp(0.5 * logvar) * eps
+    logits = z @ model.dec.weight.T + model.dec.bias
+    nll = (torch.logaddexp(torch.zeros_like(logits), logits) - x.flatten(1) * logits).sum(-1)
+    kl = 0.5 * (mu.square() + logvar.exp() - 1 - logvar)
+    return nll, kl, z, mu, logvar
+
+
+def grad_of(loss, model):
+    """d loss / d (encoder and decoder weights), flat (zeros where loss does not use them)."""
+    params = (model.enc.weight, model.enc.bias, model.dec.weight, model.dec.bias)
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)])
+
+
+def with_noise(model, x, config, step, eps, **kw):
+    return obj.objective_loss(model, x, config, step, noise=lambda shape: eps, **kw)
+
+
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@pytest.mark.parametrize("alpha, beta, gamma, schedule, step, beta_t", [
+    (0.3, 5.0, 2.0, {}, 0, 5.0),
+    (2.0, 0.5, 3.0, {}, 0, 0.5),
+    (0.5, 6.0, 3.0, dict(beta_schedule="linear", warmup_steps=10), 5, 3.0),  # beta_t weighs the TC alone
+])
+def test_beta_tcvae_value_and_gradient_by_hand(alpha, beta, gamma, schedule, step, beta_t):
+    """nll + alpha MI + beta_t TC + gamma DWKL, the MWS estimates written out (Chen et al.,
+    2018), with the three weights apart: a swap of alpha and gamma fails here."""
+    torch.manual_seed(0)
+    (b, d, n), model, x = (6, 3, 1000), TinyVAE(latent_dim=3), binary_batch(6)
+    eps = torch.randn(b, d, dtype=D64)
+    config = obj.ObjectiveConfig(name="beta_tcvae", beta=beta, tc_alpha=alpha, tc_gamma=gamma, **schedule)
+    res = with_noise(model, x, config, step, eps, dataset_size=n)
+    nll, _, z, mu, logvar = by_hand(model, x, eps)
+    log_q = -HALF_LOG_2PI - 0.5 * (logvar + (z[:, None] - mu[None]).square() / logvar.exp())  # [i, j, d]
+    log_qz_x = (-HALF_LOG_2PI - 0.5 * (logvar + eps.square())).sum(-1)
+    log_qz = torch.logsumexp(log_q.sum(-1), 1) - math.log(b * n)
+    log_prod = (torch.logsumexp(log_q, 1) - math.log(b * n)).sum(-1)
+    log_pz = (-HALF_LOG_2PI - 0.5 * z.square()).sum(-1)
+    want = (nll + alpha * (log_qz_x - log_qz) + beta_t * (log_qz - log_prod) + gamma * (log_prod - log_pz)).mean()
+    assert res.beta == beta_t
+    torch.testing.assert_close(res.loss, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad_of(res.loss, model), grad_of(want, model), rtol=1e-10, atol=1e-12)
+
+
+def test_iwae_gradient_is_the_self_normalised_average_of_grad_log_w():
+    """Burda et al. (2015), eq. 7-8: grad L_k = sum_i w~_i grad log w_i, w~_i = w_i / sum_j w_j,
+    each log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x) written out (k = 5, fixed noise)."""
+    torch.manual_seed(1)
+    (k, b), model, x = (5, 3), TinyVAE(), binary_batch(3)
+    eps = torch.randn(k, b, 2, dtype=D64)
+    res = with_noise(model, x, obj.ObjectiveConfig(name="iwae", iw_samples=k), 0, eps)
+    nll, _, z, mu, logvar = by_hand(model, x, eps)
+    log_pz = (-HALF_LOG_2PI - 0.5 * z.square()).sum(-1)
+    log_qz_x = (-HALF_LOG_2PI - 0.5 * (logvar + (z - mu).square() / logvar.exp())).sum(-1)
+    log_w = -nll + log_pz - log_qz_x  # [k, B]
+    torch.testing.assert_close(res.loss, -(torch.logsumexp(log_w, 0) - math.log(k)).mean(), rtol=1e-12, atol=0)
+    w_tilde = torch.softmax(log_w.detach(), 0)
+    grads = [[grad_of(log_w[i, j], model) for j in range(b)] for i in range(k)]
+    want = -sum(w_tilde[i, j] * grads[i][j] for i in range(k) for j in range(b)) / b
+    got = grad_of(res.loss, model)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # the weights matter: the plain average over the k samples (the ELBO's gradient) is another
+    plain = -sum(grads[i][j] for i in range(k) for j in range(b)) / (k * b)
+    assert float((plain - want).abs().max()) > 0.01 * float(want.abs().max())
+
+
+@pytest.mark.parametrize("schedule, steps", [
+    (dict(beta_schedule="linear", warmup_steps=8), (0, 1, 7, 8, 100)),
+    (dict(beta_schedule="cyclical", cycle_steps=10, cycle_ratio=0.4), (0, 3, 4, 9, 10, 13, 24)),
+])
+def test_a_schedule_as_the_gradient_sees_it(schedule, steps):
+    """grad loss = grad nll + beta_t grad KL, beta_t written out here (Fu et al., 2019 for the
+    cycles), at the warm-up's start and end and a cycle's edges (start, top, last step, next start)."""
+    torch.manual_seed(2)
+    model, x = TinyVAE(), binary_batch(5)
+    eps = torch.randn(5, 2, dtype=D64)
+    nll, kl, *_ = by_hand(model, x, eps)
+    kl = kl.sum(-1)
+    g_nll, g_kl = grad_of(nll.mean(), model), grad_of(kl.mean(), model)
+    config = obj.ObjectiveConfig(beta=3.0, **schedule)
+    for step in steps:
+        if schedule["beta_schedule"] == "linear":
+            beta_t = 3.0 * min(1.0, step / 8)
+        else:
+            beta_t = 3.0 * min(1.0, (step % 10) / 10 / 0.4)
+        res = with_noise(model, x, config, step, eps)
+        assert res.beta == pytest.approx(beta_t, rel=1e-12, abs=0), step
+        torch.testing.assert_close(res.loss, (nll + beta_t * kl).mean(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(grad_of(res.loss, model), g_nll + beta_t * g_kl, rtol=1e-10, atol=1e-12)
+
+
+def test_free_bits_under_a_schedule_and_a_dimension_at_the_threshold_by_hand():
+    """beta_t * sum_j max(lambda, kl_j), kl_j the batch-mean KL of dimension j; a dimension
+    exactly at lambda gets no KL gradient (free_bits_kl's docstring: the threshold counts as below)."""
+    torch.manual_seed(3)
+    model, x = TinyVAE(latent_dim=3), binary_batch(4)
+    eps = torch.randn(4, 3, dtype=D64)
+    with torch.no_grad():  # dimension 0: mu = 1, logvar = 0 for every example, a KL of 0.5 nats exactly
+        model.enc.weight[[0, 3]] = 0.0
+        model.enc.bias[[0, 3]] = torch.tensor([1.0, 0.0], dtype=D64)
+        model.enc.bias[1] += 2.0  # dimension 1 well above the threshold
+    nll, kl, *_ = by_hand(model, x, eps)
+    kl_j = kl.mean(0)
+    assert kl_j[0].item() == 0.5 and kl_j[1].item() > 0.5 > kl_j[2].item()  # at, above, below
+    assert float(grad_of(kl_j[0], model).abs().max()) > 0.5  # what the threshold takes away
+    g_nll, g_kl1 = grad_of(nll.mean(), model), grad_of(kl_j[1], model)
+    config = obj.ObjectiveConfig(beta=2.0, beta_schedule="linear", warmup_steps=4, free_bits=0.5)
+    for step, beta_t in ((0, 0.0), (1, 0.5), (4, 2.0)):
+        res = with_noise(model, x, config, step, eps)
+        assert res.beta == beta_t
+        torch.testing.assert_close(res.loss, nll.mean() + beta_t * (0.5 + kl_j[1] + 0.5), rtol=1e-12, atol=0)
+        torch.testing.assert_close(grad_of(res.loss, model), g_nll + beta_t * g_kl1, rtol=1e-10, atol=1e-12)
+
+
+def test_capacity_with_kls_on_both_sides_of_c_is_per_example_by_hand():
+    """mean(nll + gamma |KL_i - C|), each example's KL (as ObjectiveConfig documents), with
+    half the batch below C and half above, where |mean KL - C| would give another gradient."""
+    torch.manual_seed(4)
+    model, x = TinyVAE(), binary_batch(6)
+    eps = torch.randn(6, 2, dtype=D64)
+    nll, kl, *_ = by_hand(model, x, eps)
+    kl = kl.sum(-1)
+    s = kl.detach().sort().values
+    c = float(s[2] + s[3]) / 2
+    config = obj.ObjectiveConfig(capacity_max=2 * c, capacity_steps=10, capacity_gamma=7.0)
+    res = with_noise(model, x, config, 5, eps)  # halfway up: C = capacity_max / 2
+    want = (nll + 7.0 * (kl - c).abs()).mean()
+    assert res.beta == 7.0
+    torch.testing.assert_close(res.loss, want, rtol=1e-12, atol=0)
+    got = grad_of(res.loss, model)
+    torch.testing.assert_close(got, grad_of(want, model), rtol=1e-10, atol=1e-12)
+    batch_form = nll.mean() + 7.0 * (kl.mean() - c).abs()
+    assert float((got - grad_of(batch_form, model)).abs().max()) > 0.1 * float(got.abs().max())

@@ -4,6 +4,7 @@ are tested through it in test_data.py."""
 
 import gzip
 import hashlib
+import http.client
 import io
 import os
 import urllib.error
@@ -190,3 +191,71 @@ def test_download_onto_a_folder_names_it_before_any_mirror(tmp_path, fake_mirror
     with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte\.gz is a folder; expected the downloaded file"):
         download_mnist(tmp_path / "dl", "mnist")
     assert not any("train-labels" in url for url in calls)
+
+
+class CutBody(io.BytesIO):
+    """A reply whose connection is cut after the first chunk: http.client raises
+    IncompleteRead from read()."""
+
+    def __init__(self, data):
+        super().__init__(data)
+        self.reads = 0
+
+    def read(self, n=-1):
+        self.reads += 1
+        if self.reads > 1:
+            raise http.client.IncompleteRead(b"", 1234)
+        return super().read(16)
+
+
+@pytest.mark.parametrize("reply, error", [
+    (CutBody, r"IncompleteRead\(0 bytes read, 1234 more expected\)"),
+    (lambda data: io.BytesIO(data[:len(data) // 2]), r"md5 [0-9a-f]{32} does not match the published [0-9a-f]{32}"),
+], ids=["cut-mid-read", "short-without-length"])
+def test_a_reply_cut_short_is_a_failed_mirror_and_leaves_nothing(tmp_path, fake_mirrors, monkeypatch, reply, error):
+    """Some bytes reach the .part file, then the reply ends early (cut, or short with no
+    length to tell): the next mirror is tried, and no partial file is left."""
+    served, md5s, calls = fake_mirrors
+    monkeypatch.setitem(readers._MNIST_SOURCES, "mnist", (("http://cut.invalid/", "http://ok.invalid/"), md5s))
+    good = readers.urlopen
+
+    def flaky(url, timeout=None):
+        if not url.startswith("http://cut.invalid/"):
+            return good(url, timeout)
+        calls.append(url)
+        return reply((served / url.rsplit("/", 1)[1]).read_bytes())
+
+    monkeypatch.setattr(readers, "urlopen", flaky)
+    root = tmp_path / "dl"
+    paths = download_mnist(root, "mnist")
+    assert all(p.read_bytes() == (served / p.name).read_bytes() for p in paths)
+    assert sorted(p.name for p in root.iterdir()) == sorted(md5s)
+    assert [url.split("/")[2] for url in calls] == ["cut.invalid", "ok.invalid"] * 4
+    monkeypatch.setitem(readers._MNIST_SOURCES, "mnist", (("http://cut.invalid/",), md5s))
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(OSError, match=r"could not download \S+ into .*kept: http://cut\.invalid/\S+\.gz: " + error):
+        download_mnist(tmp_path / "kept", "mnist")
+    assert list((tmp_path / "kept").iterdir()) == []
+
+
+def test_a_file_present_with_another_md5_is_replaced_and_one_with_the_right_md5_kept(tmp_path, fake_mirrors,
+                                                                                       monkeypatch):
+    """As download_mnist documents: another md5 is replaced by the download (and kept when
+    no mirror delivers); the right md5 is neither fetched again nor rewritten."""
+    served, md5s, calls = fake_mirrors
+    root = tmp_path / "dl"
+    root.mkdir()
+    (root / "train-images-idx3-ubyte.gz").write_bytes(b"another version")
+    right = root / "train-labels-idx1-ubyte.gz"
+    right.write_bytes((served / right.name).read_bytes())
+    before = right.stat()
+    download_mnist(root, "mnist")
+    assert (root / "train-images-idx3-ubyte.gz").read_bytes() == (served / "train-images-idx3-ubyte.gz").read_bytes()
+    assert {url.rsplit("/", 1)[1] for url in calls} == set(md5s) - {right.name}
+    assert (right.stat().st_ino, right.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert sorted(p.name for p in root.iterdir()) == sorted(md5s)
+    (root / "t10k-images-idx3-ubyte.gz").write_bytes(b"another version")
+    monkeypatch.setitem(readers._MNIST_SOURCES, "mnist", (("http://down.invalid/",), md5s))
+    with pytest.raises(OSError, match=r"could not download t10k-images-idx3-ubyte\.gz .*mirror down"):
+        download_mnist(root, "mnist")
+    assert (root / "t10k-images-idx3-ubyte.gz").read_bytes() == b"another version"
