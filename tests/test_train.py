@@ -601,3 +601,21 @@ def test_the_saved_model_is_the_epoch_of_lowest_validation_loss(early_stopping, 
     saved = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
     assert saved.keys() == ends[best].keys() and all(torch.equal(saved[k], ends[best][k]) for k in saved)
     assert not all(torch.equal(saved[k], ends[len(val)][k]) for k in saved)
+
+
+def test_a_finished_run_killed_before_its_pictures_gets_them_on_resume(finished, tmp_path, capsys):
+    """A process killed after its last checkpoint, while drawing the pictures: resuming
+    the finished run draws them (the curves come last, so their file says all are there);
+    a finished run with its pictures keeps them as they are."""
+    rd = _copy(finished, tmp_path)
+    pictures = ("curves.png", "reconstructions.png", "samples.png", "traversals.png")
+    kept = {name: (rd / name).read_bytes() for name in pictures}
+    for name in ("curves.png", "traversals.png"):
+        (rd / name).unlink()
+    capsys.readouterr()
+    result = train.fit(_small(train__epochs=1), rd, resume=True)
+    assert not result.trained and "is finished (1 epoch); nothing to train" in capsys.readouterr().out
+    assert {name: (rd / name).read_bytes() for name in pictures} == kept  # the same pictures, drawn again
+    stamps = {name: (rd / name).stat().st_mtime_ns for name in pictures}
+    train.fit(_small(train__epochs=1), rd, resume=True)
+    assert {name: (rd / name).stat().st_mtime_ns for name in pictures} == stamps

@@ -408,12 +408,18 @@ def save_run_pictures(model, x: Tensor, run_dir, history: list, *, seed: int = 0
     ``curves.png`` (from ``history``, the rows of ``metrics.csv``) and
     ``traversals.png`` (the first example, the 10 latent dimensions of highest mean KL).
     Data that are not images (a vector whose length is not a square) get the curves only;
-    images so large that these grids would pass what Pillow opens get fewer of them."""
-    from .latents import kl_per_dimension
-
+    images so large that these grids would pass what Pillow opens get fewer of them. The
+    curves come last: their file says the pictures are all there (a resume of a finished
+    run makes them again without it)."""
     run_dir = Path(run_dir)
+    _save_image_pictures(model, x, run_dir, seed)
     if history:
         plot_curves(history, run_dir / "curves.png")
+
+
+def _save_image_pictures(model, x: Tensor, run_dir: Path, seed: int) -> None:
+    from .latents import kl_per_dimension
+
     try:
         shape = _image_shape(model.config.input_shape)
     except ValueError:

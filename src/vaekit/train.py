@@ -332,6 +332,8 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None,
         if run.is_main:
             if data_dir is not None:
                 _prepare_run_dir(run, state, True)
+            if not (run_dir / "curves.png").exists():  # stopped (killed) after its last checkpoint
+                _finish(run)
             print(f"vaekit: {run_dir} is finished ({run.epoch} epoch{'' if run.epoch == 1 else 's'}"
                   f"{', stopped early' if run.stopped_early() else ''}); nothing to train"
                   f"{'' if run.stopped_early() else ' (extend it with --epochs N)'}"
@@ -374,18 +376,25 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None,
                   f"continue with: {_resume_command(run)}", flush=True)
         return FitResult(run.model, run.history, run_dir, True)
     if run.is_main:
-        if not (run_dir / "model" / "model.safetensors").exists():
-            save_model(run.model, run_dir / "model")
-        best_model = VAE.from_pretrained(run_dir / "model", device=run.device)
-        data = run.data
-        with _unvalidated():  # a model made of NaNs still gets its (blank) pictures
-            save_run_pictures(best_model, data.test if data.test.shape[0] else data.val, run_dir, run.history,
-                              seed=run.tc.seed)
+        _finish(run)
         if writer is not None:
             writer.close()
     if run.distributed:
         torch.distributed.barrier()
     return FitResult(run.model, run.history, run_dir, False)
+
+
+def _finish(run: _Run) -> None:
+    """A finished run's last files: the model (when no epoch saved one) and the pictures
+    of the model kept. Also made by a resume of a finished run that lacks them (a process
+    killed after its last checkpoint)."""
+    if not (run.run_dir / "model" / "model.safetensors").exists():
+        save_model(run.model, run.run_dir / "model")
+    best_model = VAE.from_pretrained(run.run_dir / "model", device=run.device)
+    data = run.data
+    with _unvalidated():  # a model made of NaNs still gets its (blank) pictures
+        save_run_pictures(best_model, data.test if data.test.shape[0] else data.val, run.run_dir, run.history,
+                          seed=run.tc.seed)
 
 
 def _resume_command(run: _Run) -> str:
