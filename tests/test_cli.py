@@ -886,6 +886,18 @@ def test_time_budget_sets_the_epochs_it_says(tmp_path, capsys):
     assert max(1, int(0.5 / (per_epoch + 5e-4))) <= epochs <= max(1, int(0.5 / max(per_epoch - 5e-4, 1e-9)))
     assert read_json(tmp_path / "run" / "config.json")["train"]["epochs"] == epochs
     assert f"trained {epochs} epoch{'' if epochs == 1 else 's'};" in out
+    assert ("one epoch takes longer than the budget" in out) == (per_epoch > 0.5)
+
+
+def test_a_time_budget_below_one_epoch_says_the_epoch_overruns_it(tmp_path, capsys, monkeypatch):
+    import vaekit.budget
+
+    monkeypatch.setattr(vaekit.budget, "epochs_for_budget", lambda config, seconds: (1, 80.0))
+    tiny = [a for i, a in enumerate(TINY) if a != "--epochs" and (i == 0 or TINY[i - 1] != "--epochs")]
+    rc, out, err = call(["train", "--run-dir", tmp_path / "run", *tiny, "--time-budget", 5], capsys)
+    assert rc == 0, err
+    assert ("vaekit: --time-budget 5: one epoch takes longer than the budget; this run trains one epoch (about 80 s); "
+            "--max-steps N trains fewer steps") in out
 
 
 @pytest.mark.parametrize("argv, pattern", [

@@ -17,7 +17,8 @@ costs seconds, not epochs, however long an epoch is (it used to train whole epoc
 calibration included, takes about 40 s there, and it estimated 81.8 s an epoch).
 
 Where an epoch is a few dozen steps, its bookkeeping is a large part of it and the
-estimate is rougher: the bundled digits with a 15 s budget (11 steps an epoch) timed
+estimate is rougher: the bundled digits with a 15 s budget (11 steps an epoch at the time;
+the digits preset now takes 22) timed
 0.059 s an epoch and trained 256 epochs in 16.0 s; an earlier version of this
 calibration, with the cores shared, 0.057 s and 260 epochs in 18.5 s (whole-epoch timing
 before: 168 epochs in 9.2 s).

@@ -98,6 +98,9 @@ def _budgeted(config, seconds: float, *, epochs_given: bool):
     print("vaekit: calibration: timing this run's steps and one end of epoch (thrown away)", flush=True)
     epochs, per_epoch = epochs_for_budget(config, seconds)
     print(f"vaekit: calibration: {per_epoch:.3f} s an epoch -> {_epochs(epochs)} for a {seconds:g} s budget", flush=True)
+    if per_epoch > seconds:  # the one epoch trained overruns the budget: said, not silent
+        print(f"vaekit: --time-budget {seconds:g}: one epoch takes longer than the budget; this run trains one "
+              f"epoch (about {per_epoch:.3g} s); --max-steps N trains fewer steps", flush=True)
     config.train = dataclasses.replace(config.train, epochs=epochs)
     return config
 
