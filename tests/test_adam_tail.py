@@ -211,6 +211,8 @@ def _adam_float64(p, grads, *, lr, betas, eps, wd, decoupled, clip):
     (0.05, False, 0.3, (0.9, 0.999)),
     (0.05, True, 0.3, (0.5, 0.9)),
     (0.0, False, 0.3, (0.3, 0.9)),  # 1 - beta1 > 1/2: torch's lerp takes its other form
+    (0.05, False, 0.3, (0.3, 0.99)),  # the same with L2 decay, which enters the moment
+    (0.05, True, math.inf, (0.2, 0.99)),  # and with decoupled decay, unclipped
     (0.0, False, 1e9, (0.0, 0.99)),  # beta1 = 0: no momentum; a clip that never bites
 ])
 @pytest.mark.parametrize("shapes, aligned", [
@@ -246,6 +248,44 @@ def test_steps_match_adam_in_float64(wd, decoupled, clip, betas, shapes, aligned
     # sums of [loss, rec, kl, 1] * b over the five steps: 8 * (1+2+3+4+5) = 120
     assert sums.tolist() == [120.0, 240.0, 360.0, 40.0]
     assert int(skipped) == 0 and int(bad_run) == 0
+
+
+@interpreted
+@pytest.mark.parametrize("bad", [(0, 1), (4, 5)], ids=["first", "last"])
+def test_non_finite_first_or_last_steps_match_adam_in_float64(bad):
+    """The non-finite steps (a NaN gradient, an infinite loss) are the very first ones,
+    before any step is taken (the first one taken has step 1's bias corrections), or the
+    last ones (bad_run ends at 2): the rest is Adam in float64 over the finite steps
+    alone, and the sums count only them."""
+    shapes = [(7, 33), (33,), (1,)]
+    g = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g, device="cpu").to(_device())) for s in shapes]
+    start = [p.detach().clone() for p in params]
+    opt = _adam(params, lr=0.05, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.05)
+    tail = AdamTail(opt, params, grad_clip=0.3, block=16)
+    sums, skipped, bad_run = _counters()
+    history, want = [], [0.0] * 4
+    for i in range(6):
+        grads = [torch.randn(s, generator=g, device="cpu").to(_device()) * (1 + i) for s in shapes]
+        for p, gr in zip(params, grads):
+            p.grad = gr.clone()
+        if i == bad[0]:
+            params[0].grad[3, 5] = float("nan")
+        loss = torch.tensor(float("inf") if i == bad[1] else 1.0 + i)
+        tail(loss, 2 * loss, 3 * loss, sums, skipped, bad_run, 8)
+        if i not in bad:
+            history.append(grads)
+            want = [a + 8 * b for a, b in zip(want, (1.0 + i, 2.0 + 2 * i, 3.0 + 3 * i, 1.0))]
+    ref_p, ref_m, ref_v = _adam_float64(start, history, lr=0.05, betas=(0.9, 0.999), eps=1e-6, wd=0.05,
+                                        decoupled=False, clip=0.3)
+    for p, rp, rm, rv in zip(params, ref_p, ref_m, ref_v):
+        st = opt.state[p]
+        torch.testing.assert_close(p.detach().double(), rp, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(st["exp_avg"].double(), rm, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(st["exp_avg_sq"].double(), rv, rtol=1e-5, atol=1e-6)
+        assert float(st["step"]) == 4.0
+    assert sums.tolist() == want
+    assert (int(skipped), int(bad_run)) == (2, 2 if bad[0] == 4 else 0)
 
 
 @interpreted
@@ -453,22 +493,29 @@ def test_under_bf16_autocast_the_tail_keeps_bfloat16_copies_of_the_weights(fused
 @interpreted
 def test_the_bfloat16_rounding_is_torchs():
     """The copies' rounding (by bits: Triton's interpreter truncates) against
-    .to(torch.bfloat16): ties to even both ways, the largest float32 rounding to inf,
-    infinities, NaN, subnormals, signed zeros, and random values."""
+    .to(torch.bfloat16), bit for bit: ties to even both ways, the largest float32 rounding
+    to inf, infinities, NaN, subnormals, signed zeros, random values, and 200,000 random
+    bit patterns (every exponent), 5,000 of them with low halves at or next to a tie. A
+    NaN may come out as another NaN: torch keeps its sign and top payload bits, the copy
+    is 0x7FC0 (a NaN weight is a NaN either way)."""
     import triton
     import triton.language as tl
 
     @triton.jit
     def round_kernel(x, y, n, BLOCK: tl.constexpr):
-        o = tl.arange(0, BLOCK)
+        o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         tl.store(y + o, adam_tail._to_bf16(tl.load(x + o, mask=o < n)), mask=o < n)
 
     special = torch.tensor([0x3F808000, 0x3F818000, 0x3F808001, 0x7F7FFFFF, 0x7F800000, 0xFF800000, 0x7FC00000,
                             0x00000001, 0x00018000, 0x80000000, 0x00000000, 0xBF808000], dtype=torch.int64)
-    x = torch.cat([special.to(torch.int32).view(torch.float32),
-                   torch.randn(500, generator=torch.Generator().manual_seed(0), device="cpu")]).to(_device())
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31, (200_000,), generator=g, dtype=torch.int64, device="cpu").to(torch.int32)
+    low = torch.tensor([0x8000, 0x7FFF, 0x8001, 0x0000, 0xFFFF], dtype=torch.int32, device="cpu").repeat(1000)
+    bits[:5000] = (bits[:5000] & ~0xFFFF) | low
+    x = torch.cat([special.to(torch.int32).view(torch.float32), torch.randn(500, generator=g, device="cpu"),
+                   bits.view(torch.float32)]).to(_device())
     y = torch.empty(x.numel(), dtype=torch.int16, device=x.device)
-    round_kernel[(1,)](x, y, x.numel(), BLOCK=1024)
+    round_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
     got, want = y.view(torch.bfloat16), x.to(torch.bfloat16)
     same = (got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan())
     assert bool(same.all()), (x[~same], got[~same], want[~same])

@@ -1,14 +1,19 @@
 """The static (graph-capturable) training step computes what the eager step computes.
 
 On a CPU the step runs uncaptured; on CUDA (benchmarks/gpu.sh) the same tests capture it.
+The Triton-path tests (every fast option at once) run on the GPU where there is CUDA,
+elsewhere under Triton's interpreter in a subprocess that runs only them
+(tests/triton_harness.py).
 """
 
 import contextlib
 import copy
 import dataclasses
+import math
 
 import pytest
 import torch
+from triton_harness import CHILD, NATIVE, interpreted, run_file_interpreted, triton_path_device  # noqa: F401
 
 from vaekit.cli import build_config
 from vaekit.fast import FastPathError, StaticStep, _aligned_slots
@@ -21,6 +26,14 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # A fused Adam skips a non-finite step itself (found_inf); any other optimiser is undone
 # from backups (captured) or checked on the host (uncaptured).
 OPTIMIZERS = ["fused", "unfused"]
+
+
+@pytest.fixture(autouse=True)
+def _triton_path_only_in_the_child(request):
+    """The interpreter's child process runs this file's Triton-path tests only: the others
+    ran in the parent (under the interpreter each fit would take minutes)."""
+    if CHILD and not request.node.get_closest_marker("triton_path"):
+        pytest.skip("run by the parent process")
 
 
 def _adam(params, device, kind, lr=1e-2):
@@ -695,3 +708,94 @@ def test_a_short_batch_that_cannot_be_captured_goes_back_to_the_eager_step_alone
     assert len(eager) == 2 and all(b < config.train.batch_size for b in eager)  # one short batch an epoch
     for ra, rb in zip(ref.history, got.history):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
+
+
+@pytest.mark.skipif(CHILD, reason="this is the child process")
+@pytest.mark.skipif(NATIVE, reason="CUDA is here: the Triton-path tests ran on the GPU in this process")
+def test_triton_interpreter():
+    run_file_interpreted(__file__)
+
+
+# ------------------------------------------------------------------ Triton path
+
+
+def _float64_step(weights, x, eps, beta, cfg):
+    """One step's (loss, reconstruction, KL), batch means, and the weights' gradients for an
+    MLP VAE with ReLUs, in float64, written out: the layers in the order of
+    ``model.parameters()`` (encoder, head, decoder), the log-variance bounded by
+    ``L tanh(raw / L)``, the reparameterised sample, the likelihood and the KL."""
+    w = [t.detach().double().requires_grad_() for t in weights]
+    layers = list(zip(w[0::2], w[1::2]))
+    h = x.double().flatten(1)
+    for i, (weight, bias) in enumerate(layers):
+        h = h @ weight.T + bias
+        if i == len(cfg.hidden):  # the head
+            mu, raw = h.chunk(2, 1)
+            logvar = cfg.logvar_limit * torch.tanh(raw / cfg.logvar_limit)
+            h = mu + torch.exp(logvar / 2) * eps.double()
+        elif i < len(layers) - 1:
+            h = torch.relu(h)
+    xf = x.double().flatten(1)
+    if cfg.likelihood == "bernoulli":
+        rec = h.clamp(min=0) - h * xf + torch.log1p(torch.exp(-h.abs()))
+    else:
+        rec = 0.5 * (math.log(2 * math.pi) + cfg.fixed_logvar + (xf - h) ** 2 * math.exp(-cfg.fixed_logvar))
+    rec = rec.sum(1).mean()
+    kl = (0.5 * (torch.exp(logvar) - 1 - logvar + mu**2)).sum(1).mean()
+    loss = rec + beta * kl
+    grads = torch.autograd.grad(loss, w)
+    return [float(t.detach()) for t in (loss, rec, kl)], grads
+
+
+@interpreted
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_static_step_with_every_fast_option_matches_a_float64_step(likelihood):
+    """The fused loss, sample and linear layers and the Triton Adam tail at once (on CUDA
+    captured after the warm-up) against a float64 step written out here: the forward pass
+    and loss (:func:`_float64_step`), then clip_grad_norm_ and Adam with L2 weight decay.
+    Two NaN batches are skipped and counted, the last one left in bad_run; the sums keep
+    the accepted steps' loss, reconstruction and KL times the batch size."""
+    device = torch.empty(0).device
+    torch.manual_seed(0)
+    cfg = ModelConfig(input_shape=(13,), latent_dim=3, hidden=(11, 7), likelihood=likelihood, logvar_limit=4.0,
+                      **({"fixed_logvar": -0.7} if likelihood == "gaussian" else {}))
+    model = VAE(cfg)
+    clip, wd, (b1, b2), adam_eps, B = 0.5, 0.1, (0.9, 0.999), 1e-8, 6
+    kw = {"capturable": True, "lr": torch.tensor(1e-2, device=device)} if device.type == "cuda" else {"lr": 1e-2}
+    opt = torch.optim.Adam(model.parameters(), weight_decay=wd, **kw)
+    step = StaticStep(model, opt, batch_size=B, grad_clip=clip, adam_kernel=True, fused_sample=True,
+                      fused_linear=True)
+    assert step._fused and step._fused_sample and step._plan is not None and step._tail is not None
+    weights = [p.detach().cpu().double() for p in model.parameters()]
+    m = [torch.zeros_like(w) for w in weights]
+    v = [torch.zeros_like(w) for w in weights]
+    taken, skipped, bad_run, sums = 0, 0, 0, torch.zeros(4, dtype=torch.float64, device="cpu")
+    g = torch.Generator().manual_seed(1)
+    lrs, betas = [1e-2, 5e-3, 2e-2, 1e-2, 3e-2, 1e-2, 1e-2], [0.0, 0.5, 1.0, 2.0, 1.0, 0.3, 1.0]
+    for i, (lr, beta) in enumerate(zip(lrs, betas)):
+        x = torch.rand((B, 13), generator=g, device="cpu")
+        x = x.round() if likelihood == "bernoulli" else 4 * x - 2
+        eps = torch.randn((B, 3), generator=g, device="cpu")
+        if i in (2, 6):
+            x[1, 2] = float("nan")
+        step.run(x.to(device), eps.to(device), lr, beta)
+        terms, grads = _float64_step(weights, x, eps, beta, cfg)
+        norm = math.sqrt(sum(float((gr * gr).sum()) for gr in grads))
+        if not (math.isfinite(terms[0]) and math.isfinite(norm)):
+            skipped, bad_run = skipped + 1, bad_run + 1
+            continue
+        taken, bad_run = taken + 1, 0
+        scale = min(clip / (norm + 1e-6), 1.0)
+        for j, gr in enumerate(grads):
+            gr = gr * scale + wd * weights[j]
+            m[j] = b1 * m[j] + (1 - b1) * gr
+            v[j] = b2 * v[j] + (1 - b2) * gr * gr
+            denom = v[j].sqrt() / math.sqrt(1 - b2**taken) + adam_eps
+            weights[j] = weights[j] - lr / (1 - b1**taken) * m[j] / denom
+        sums += torch.tensor([*terms, 1.0], dtype=torch.float64, device="cpu") * B
+    for p, w in zip(model.parameters(), weights):
+        torch.testing.assert_close(p.detach().cpu().double(), w, rtol=1e-5, atol=1e-6)
+        assert float(opt.state[p]["step"]) == taken == 5
+    torch.testing.assert_close(step.sums.cpu(), sums, rtol=2e-6, atol=0)
+    assert float(step.sums[3]) == 5 * B
+    assert (int(step.skipped), int(step.bad_run)) == (skipped, bad_run) == (2, 1)

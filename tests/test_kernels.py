@@ -8,6 +8,7 @@ The fallback tests run in both.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -765,6 +766,45 @@ def test_kl_near_the_prior_matches_float64():
         ref = 0.5 * (torch.expm1(value.double()) - value.double())
         assert float(one) >= 0
         assert abs(float(one) - float(ref)) <= 2e-6 * float(ref) + 1e-15
+
+
+@interpreted
+@pytest.mark.parametrize("reconstruction", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_extreme_and_tiny_logvars_match_float64(reconstruction, reduction):
+    """logvar +-80 (exp(80) = 5.5e34, near float32's top; exp(-80) below its epsilon) and
+    +-1e-7 (exp(v) - 1 - v cancels; the gradient expm1(v) / 2 too, in float32's exp(v) - 1)
+    against the formulas in float64: losses and every gradient, element by element. Row 1
+    has only tiny log-variances and mu = 0, so its KL (about v^2 / 4) is theirs alone."""
+    x, out, mu, _ = _inputs(3, 67, 6, seed=5)
+    g = torch.Generator().manual_seed(6)
+    tiny = 1e-7 * _cpu_randn((3, 6), generator=g)
+    logvar = torch.stack([torch.tensor([80.0, -80.0, 80.0, -80.0, 0.0, 0.0], device=tiny.device) + tiny[0],
+                          tiny[1], torch.full((6,), -80.0, device=tiny.device)]).requires_grad_()
+    mu = mu.detach().clone()
+    mu[1] = 0.0
+    mu.requires_grad_()
+    fused = fused_vae_loss(x, out, mu, logvar, beta=1.5, reconstruction=reconstruction, reduction=reduction,
+                           gaussian_logvar=GAUSS_LOGVAR)
+    assert _is_fused(fused)
+    x64 = x.double()
+    o64, m64, v64 = (t.detach().double().requires_grad_() for t in (out, mu, logvar))
+    if reconstruction == "bernoulli":
+        rec = o64.clamp(min=0) - o64 * x64 + torch.log1p(torch.exp(-o64.abs()))
+    else:
+        rec = 0.5 * (math.log(2 * math.pi) + GAUSS_LOGVAR + (x64 - o64) ** 2 * math.exp(-GAUSS_LOGVAR))
+    rec, kl = rec.sum(1), (0.5 * (torch.expm1(v64) - v64 + m64**2)).sum(1)
+    if reduction == "mean":
+        rec, kl = rec.mean(), kl.mean()
+    ref = (rec + 1.5 * kl, rec, kl)
+    for a, b in zip(fused, ref):  # (a GPU's exp(80) is a few float32 ulps off)
+        torch.testing.assert_close(a.double(), b.detach(), rtol=1e-5, atol=0)
+    weights = [_cpu_rand(ref[0].shape, generator=g) + 0.5 for _ in range(3)]
+    gout, gmu, glv = _grads(fused, (out, mu, logvar), weights)
+    want = _grads(ref, (o64, m64, v64), [w.double() for w in weights])
+    torch.testing.assert_close(gout.double(), want[0], rtol=1e-5, atol=1e-7)
+    for a, b in zip((gmu, glv), want[1:]):  # each element to its own size, the tiny ones too
+        assert bool(((a.double() - b).abs() <= 1e-5 * b.abs()).all()), ((a.double() - b) / b).abs().max()
 
 
 @interpreted
