@@ -237,17 +237,22 @@ def test_steps_match_adam_in_float64(wd, decoupled, clip, betas, shapes, aligned
         history.append(grads)
         loss = torch.tensor(1.0 + i)
         tail(loss, 2 * loss, 3 * loss, sums, skipped, bad_run, 8)
-    ref_p, ref_m, ref_v = _adam_float64(start, history, lr=0.05, betas=betas, eps=1e-6, wd=wd,
-                                        decoupled=decoupled, clip=clip)
-    for p, rp, rm, rv in zip(params, ref_p, ref_m, ref_v):
+    _assert_adam_as_float64(opt, params, _adam_float64(start, history, lr=0.05, betas=betas, eps=1e-6, wd=wd,
+                                                      decoupled=decoupled, clip=clip), steps=5)
+    # sums of [loss, rec, kl, 1] * b over the five steps: 8 * (1+2+3+4+5) = 120
+    assert sums.tolist() == [120.0, 240.0, 360.0, 40.0]
+    assert int(skipped) == 0 and int(bad_run) == 0
+
+
+def _assert_adam_as_float64(opt, params, reference, steps: int) -> None:
+    """The parameters and Adam's moments as ``reference`` (:func:`_adam_float64`) has
+    them, and ``steps`` steps taken."""
+    for p, rp, rm, rv in zip(params, *reference):
         st = opt.state[p]
         torch.testing.assert_close(p.detach().double(), rp, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(st["exp_avg"].double(), rm, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(st["exp_avg_sq"].double(), rv, rtol=1e-5, atol=1e-6)
-        assert float(st["step"]) == 5.0
-    # sums of [loss, rec, kl, 1] * b over the five steps: 8 * (1+2+3+4+5) = 120
-    assert sums.tolist() == [120.0, 240.0, 360.0, 40.0]
-    assert int(skipped) == 0 and int(bad_run) == 0
+        assert float(st["step"]) == steps
 
 
 @interpreted
@@ -276,14 +281,8 @@ def test_non_finite_first_or_last_steps_match_adam_in_float64(bad):
         if i not in bad:
             history.append(grads)
             want = [a + 8 * b for a, b in zip(want, (1.0 + i, 2.0 + 2 * i, 3.0 + 3 * i, 1.0))]
-    ref_p, ref_m, ref_v = _adam_float64(start, history, lr=0.05, betas=(0.9, 0.999), eps=1e-6, wd=0.05,
-                                        decoupled=False, clip=0.3)
-    for p, rp, rm, rv in zip(params, ref_p, ref_m, ref_v):
-        st = opt.state[p]
-        torch.testing.assert_close(p.detach().double(), rp, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(st["exp_avg"].double(), rm, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(st["exp_avg_sq"].double(), rv, rtol=1e-5, atol=1e-6)
-        assert float(st["step"]) == 4.0
+    _assert_adam_as_float64(opt, params, _adam_float64(start, history, lr=0.05, betas=(0.9, 0.999), eps=1e-6,
+                                                      wd=0.05, decoupled=False, clip=0.3), steps=4)
     assert sums.tolist() == want
     assert (int(skipped), int(bad_run)) == (2, 2 if bad[0] == 4 else 0)
 
