@@ -889,6 +889,15 @@ def test_time_budget_sets_the_epochs_it_says(tmp_path, capsys):
     assert ("one epoch takes longer than the budget" in out) == (per_epoch > 0.5)
 
 
+def test_a_time_budget_under_torchrun_is_refused_before_any_calibration_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    tiny = [a for i, a in enumerate(TINY) if a != "--epochs" and (i == 0 or TINY[i - 1] != "--epochs")]
+    rc, out, err = call(["train", "--run-dir", tmp_path / "run", *tiny, "--time-budget", 5], capsys)
+    assert_usage_error(rc, err, r"--time-budget is not supported under torchrun")
+    assert out == "" and not (tmp_path / "run").exists()
+
+
 def test_a_time_budget_below_one_epoch_says_the_epoch_overruns_it(tmp_path, capsys, monkeypatch):
     import vaekit.budget
 

@@ -94,6 +94,9 @@ def _budgeted(config, seconds: float, *, epochs_given: bool):
     if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIME_BUDGET):
         raise UsageError(f"--time-budget must be a number of seconds in (0, {MAX_TIME_BUDGET}] (a year), "
                          f"got {seconds:g}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # before the line below, which every rank would print
+        raise UsageError("--time-budget is not supported under torchrun (the ranks could time differently); "
+                         "give --epochs instead")
     # said first: for a large model its validation alone can take tens of seconds
     print("vaekit: calibration: timing this run's steps and one end of epoch (thrown away)", flush=True)
     epochs, per_epoch = epochs_for_budget(config, seconds)
