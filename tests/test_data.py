@@ -307,6 +307,28 @@ def test_dynamic_test_draw_does_not_depend_on_the_validation_split():
     assert not torch.equal(other_seed.test, runs[0].test)  # the data seed still picks the draw
 
 
+def test_sprites_split_labels_and_the_documented_first_test_sprite():
+    """docs/disentanglement.md: --sprites-count 20000 gives 15,300 training, 1,700 validation
+    and 3,000 test images, labelled with their five factors; the first test sprite is 'an
+    ellipse at the largest scale, turned 72 deg, centred at pixel (23, 25)'."""
+    from vaekit.sprites import make_sprites, render_sprites
+
+    d = load_dataset(DataConfig(dataset="sprites", sprites_count=20000))
+    assert (len(d.train), len(d.val), len(d.test)) == (15300, 1700, 3000)
+    labels = (d.train_labels, d.val_labels, d.test_labels)
+    for x, y in zip((d.train, d.val, d.test), labels):
+        assert y.dtype == torch.long and y.shape == (len(x), 5)
+        rows = torch.tensor([0, 1, len(x) // 2, len(x) - 1])
+        assert torch.equal(render_sprites(y[rows]), x[rows])
+    # the three splits partition the 20,000 sprites drawn with seed 0
+    strides = torch.tensor([6 * 40 * 32 * 32, 40 * 32 * 32, 32 * 32, 32, 1])
+    assert torch.equal((torch.cat(labels) * strides).sum(1).sort().values,
+                       (make_sprites(20000, seed=0)[1] * strides).sum(1).sort().values)
+    # shape 1 of (square, ellipse, heart), scale 5 of linspace(0.5, 1, 6), 72 deg = 8 steps of
+    # 360 / 40 deg, centre 16 + i pixels
+    assert d.test_labels[0].tolist() == [1, 5, 72 // 9, 23 - 16, 25 - 16]
+
+
 def test_binarize_helpers():
     x = torch.tensor([[0.0, 0.3, 0.5, 0.51, 1.0]])
     assert binarize_static(x).tolist() == [[0, 0, 0, 1, 1]]
