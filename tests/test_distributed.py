@@ -7,7 +7,9 @@ that calls ``vaekit.cli.main`` after wrapping a few functions of ``vaekit.train`
   folder, so one run gives the parameters after several steps;
 * it logs, per rank, every file-writing call of the loop and the history ``fit`` returns
   (the pictures are logged but not drawn, to save time);
-* on request, rank 1 dies (``os._exit(1)``) or receives SIGINT at a given step.
+* on request, rank 1 dies (``os._exit(1)``) or receives SIGINT at a given step, or one
+  rank's loss is NaN (its gradients left finite) at the steps of a range;
+* it saves each rank's final parameters, and the exception that ended ``fit``.
 
 The reference for a W-process run is one process with the combined batch W*b on the same
 data order, binarization draws and reparameterisation noise (see ``BatchIterator`` and
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
@@ -54,6 +57,7 @@ ENTRY = '''
 import json, os, signal, sys
 from pathlib import Path
 
+import torch
 import vaekit.steps as steps
 import vaekit.train as train
 from vaekit.cli import main
@@ -61,6 +65,8 @@ from vaekit.cli import main
 rank = int(os.environ.get("RANK", "0"))
 fail_step = int(os.environ.get("TEST_FAIL_STEP", "-1"))
 signal_step = int(os.environ.get("TEST_SIGNAL_STEP", "-1"))
+nan_from, nan_to = map(int, os.environ.get("TEST_NAN_STEPS", "-1,-1").split(","))
+nan_rank = int(os.environ.get("TEST_NAN_RANK", "1"))
 keep = Path(os.environ["TEST_KEEP"])
 (keep / f"pid-{rank}").write_text(str(os.getpid()))  # lets the test kill a hung worker
 writes = []
@@ -72,7 +78,12 @@ def patched_forward(self, x, step):
         os._exit(1)
     if rank == 1 and step == signal_step:
         os.kill(os.getpid(), signal.SIGINT)
-    return forward(self, x, step)
+    out = forward(self, x, step)
+    if rank == nan_rank and nan_from <= step <= nan_to:
+        # a NaN loss whose gradients stay finite: DDP's average cannot carry it to the
+        # other ranks, only the ranks' agreement on skipping the step can
+        out = out._replace(loss=out.loss + out.loss.detach() * float("nan"))
+    return out
 
 
 def patched_save_checkpoint(path, state, **kw):
@@ -93,7 +104,12 @@ def logged(name):
 
 
 def patched_fit(*args, **kwargs):
-    result = fit(*args, **kwargs)
+    try:
+        result = fit(*args, **kwargs)
+    except Exception as e:
+        (keep / f"error-{rank}.txt").write_text(f"{type(e).__name__}: {e}")
+        raise
+    torch.save(result.model.state_dict(), keep / f"model-{rank}.pt")
     (keep / f"history-{rank}.json").write_text(json.dumps(result.history))
     (keep / f"writes-{rank}.json").write_text(json.dumps(writes))
     return result
@@ -128,6 +144,10 @@ class Launch:
 
     def json(self, name: str):
         return json.loads((self.keep / name).read_text())
+
+    def final(self, rank: int) -> dict:
+        """Rank ``rank``'s parameters when ``fit`` returned."""
+        return torch.load(self.keep / f"model-{rank}.pt")
 
 
 def _launch(tmp: Path, name: str, args: list, *, nproc: int, env: dict | None = None) -> Launch:
@@ -339,3 +359,49 @@ def test_an_optimal_variance_model_tracks_and_validates_as_one_process(tmp_path)
     ddp, single = (VAE.from_pretrained(tmp_path / d / "model") for d in ("ddp", "single"))
     assert int(ddp.decoder_mse_steps) == int(single.decoder_mse_steps) > 0
     assert float(ddp.decoder_mse) == pytest.approx(float(single.decoder_mse), rel=1e-5)
+
+
+def test_three_ranks_with_iwae_equal_one_process_with_combined_batch(tmp_path):
+    """IWAE (k = 3) on 3 ranks: the noise of each of the k samples is the combined batch's,
+    sliced per rank. The combined batch of 192 leaves a last one of 131 examples, split
+    44 / 44 / 43. Rank 1 alone has a NaN loss (with finite gradients) at steps 3 and 4:
+    every rank must skip them, as the one process does (else the ranks' parameters part).
+    (Both in one test: a launch of 3 ranks takes 10-15 s here.)"""
+    n = load_dataset(DataConfig(dataset="digits", binarize="dynamic", val_size=217)).train.shape[0]
+    assert n % (3 * B) == 131  # the premise: 6 full combined batches, then an uneven one
+    args = [*TRAIN_ARGS, "--objective", "iwae", "--iw-samples", "3"]
+    ddp = _ok(_launch(tmp_path, "iwae", [*args, "--batch-size", str(B), "--run-dir", str(tmp_path / "ddp")],
+                      nproc=3, env={"TEST_NAN_STEPS": "3,4"}))
+    single = _ok(_launch(tmp_path, "iwae-single", [*args, "--batch-size", str(3 * B), "--run-dir",
+                                                   str(tmp_path / "single")],
+                         nproc=1, env={"TEST_NAN_STEPS": "3,4", "TEST_NAN_RANK": "0"}))
+    for step in (6, 7, 14):  # before the uneven batch, after it, at the end
+        assert _max_diff(ddp.model(step), single.model(step)) < 1e-6, step
+    assert _max_diff(ddp.model(14), ddp.model(3)) > 1e-3
+    final = [ddp.final(rank) for rank in range(3)]
+    assert all(torch.equal(w[k], final[0][k]) for w in final[1:] for k in final[0])
+    assert all(bool(v.isfinite().all()) for v in final[0].values())
+    a, b = _metrics(tmp_path / "ddp" / "metrics.csv"), _metrics(tmp_path / "single" / "metrics.csv")
+    assert [(r["epoch"], r["split"], r["step"], r["skipped"]) for r in a] == [
+        (r["epoch"], r["split"], r["step"], r["skipped"]) for r in b] == [
+        ("1", "train", "7", "2"), ("1", "val", "7", "2"), ("2", "train", "14", "2"), ("2", "val", "14", "2")]
+    for ra, rb in zip(a, b):
+        for k in ("loss", "reconstruction", "kl", "elbo"):
+            assert float(ra[k]) == pytest.approx(float(rb[k]), rel=1e-6, abs=1e-6), (ra["epoch"], ra["split"], k)
+
+
+def test_non_finite_loss_on_one_rank_to_the_limit_stops_every_rank(tmp_path):
+    """Rank 1 alone has a NaN loss from step 3 on: with ``--max-bad-steps 3`` every rank
+    must stop at step 5 with one error line, not leave the others waiting in a collective."""
+    run_dir = tmp_path / "run"
+    args = [*TRAIN_ARGS, "--max-bad-steps", "3", "--batch-size", str(B), "--run-dir", str(run_dir)]
+    run = _launch(tmp_path, "nan", args, nproc=2, env={"TEST_NAN_STEPS": f"3,{TOTAL}"})
+    assert not run.hung, f"the job hung after rank 1 diverged:\n{run.output[-3000:]}"
+    assert run.rc != 0
+    message = (f"3 non-finite steps in a row (at step 5); stopped. The last good checkpoint is "
+               f"{run_dir / 'checkpoint.pt'}")
+    assert re.findall(r"^vaekit: error: .*", run.output, re.M) == [f"vaekit: error: {message}"], run.output[-3000:]
+    # each rank stopped on its own (rank 1 before torchrun ended it)
+    for rank in (0, 1):
+        assert (run.keep / f"error-{rank}.txt").read_text() == f"TrainingDiverged: {message}"
+    assert load_checkpoint(run_dir / "checkpoint.pt")["step"] == 3
