@@ -324,3 +324,51 @@ def test_a_run_on_large_images_keeps_pictures_that_pillow_opens(tmp_path, monkey
     save_run_pictures(model, torch.rand(40, 1, 28, 28), tmp_path, [])
     with Image.open(tmp_path / "traversals.png") as im:  # both dimensions now
         assert im.size == ((9 * 30 + 2) * 4, (2 * 30 + 2) * 4)
+
+
+def _tiles(images, nrow, pad=2):
+    """The grid a run's picture shows, built here tile by tile: ``uint8``, white borders."""
+    n, _, h, w = images.shape
+    rows = -(-n // nrow)
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=np.uint8)
+    pixels = np.rint(np.clip(images[:, 0].numpy(), 0, 1) * 255).astype(np.uint8)
+    for i in range(n):
+        top, left = pad + (i // nrow) * (h + pad), pad + (i % nrow) * (w + pad)
+        grid[top : top + h, left : left + w] = pixels[i]
+    return grid
+
+
+def test_run_pictures_show_the_documented_pixels(tmp_path):
+    """reconstructions.png: the first 32 examples, each input just left of its reconstruction,
+    four pairs a row; traversals.png: row r varies z_j over linspace(-3, 3, 9) for the
+    dimensions by decreasing mean KL, the others at the posterior mean; both enlarged
+    112 // 8 = 14 times (nearest neighbour)."""
+    from vaekit.models import VAE, ModelConfig
+    from vaekit.plots import save_run_pictures
+
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(1, 8, 8), latent_dim=3, hidden=(16,)))
+    x = torch.rand(40, 1, 8, 8)
+    save_run_pictures(model, x, tmp_path, [])
+    scale = 14
+
+    def read(name):
+        with Image.open(tmp_path / name) as im:
+            return np.asarray(im)
+
+    with torch.no_grad():
+        shown = x[:32]
+        rec = model.reconstruct(shown)
+        pairs = torch.stack([shown, rec], 1).reshape(64, 1, 8, 8)  # x_0, rec_0, x_1, rec_1, ...
+        expected = _tiles(pairs, nrow=8)
+        np.testing.assert_array_equal(read("reconstructions.png"), expected.repeat(scale, 0).repeat(scale, 1))
+
+        mu, logvar = model.encode_params(shown)
+        kl = 0.5 * (mu.square() + logvar.exp() - 1 - logvar).mean(0)  # mean KL per dimension, of the examples shown
+        order = torch.argsort(kl, descending=True, stable=True).tolist()
+        z = model.encode_params(shown[:1])[0].repeat(3 * 9, 1)
+        for r, j in enumerate(order):
+            z[r * 9 : (r + 1) * 9, j] = torch.linspace(-3.0, 3.0, 9)
+        expected = _tiles(model.generate(z), nrow=9)
+    assert expected[2:10].std() > 0 and (expected[2:10, 2:10] != expected[2:10, -10:-2]).any()  # the rows vary
+    np.testing.assert_array_equal(read("traversals.png"), expected.repeat(scale, 0).repeat(scale, 1))

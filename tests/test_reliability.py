@@ -235,6 +235,8 @@ def test_sigkill_at_random_moments_then_resume_ends_bitwise_equal(server, refere
     assert kills >= KILLS, f"the run ended after {kills} kills: {log.read_text()}"
     assert steps == sorted(steps), "a resumed run went back in time"
     assert_same_run(rd, reference)
+    # metrics.csv too, row for row but for the wall-clock seconds
+    assert _history({"history": _rows(rd)}) == _history({"history": _rows(reference.run)})
 
 
 # -- 2. SIGTERM and SIGINT --------------------------------------------------------------
