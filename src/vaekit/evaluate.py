@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .checks import MAX_GENERATOR_SEED, MAX_IW_SAMPLES, check_generator, check_int, check_number
 from .losses import gaussian_kl
-from .iw import MEMORY_BUDGET_BYTES, _check_samples, iw_from_params, randn_like_on
+from .iw import MEMORY_BUDGET_BYTES, _check_samples, auto_chunk_size, iw_from_params, randn_like_on
 from .iw import decode_nll
 from .latents import _batches, _check_positive_int, _check_x, _encode_all, _evaluating
 from .latents import (  # re-exported: the diagnostics were public here first
@@ -82,11 +82,11 @@ def _check_precision(precision, model) -> None:
 
 def _elbo_from_params(model, x, mu, logvar, n_samples, generator, out_dtype=None) -> dict[str, Tensor]:
     # Samples per decoder pass, so that its output ([S, B, decode_numel] in out_dtype, by
-    # default mu's) stays within MEMORY_BUDGET_BYTES whatever S is.
-    numel = getattr(model, "decode_numel", x[0].numel())
-    itemsize = torch.empty(0, dtype=out_dtype or mu.dtype).element_size()
-    chunk = max(1, MEMORY_BUDGET_BYTES // max(1, x.shape[0] * numel * itemsize))
-    if n_samples <= chunk:
+    # default mu's) stays within MEMORY_BUDGET_BYTES whatever S is (on every device: a CPU
+    # budget as iw's would chunk, and so change, draws that were one before).
+    chunk = auto_chunk_size(x.shape[0], getattr(model, "decode_numel", x[0].numel()), out_dtype or mu.dtype,
+                            n_samples, budget=MEMORY_BUDGET_BYTES)
+    if n_samples == chunk:
         # One draw, as before the chunking: a CPU randn in pieces is not the same numbers as
         # one randn of them all (pieces of fewer than 16 values, or not a multiple of 16, differ).
         z = mu + torch.exp(0.5 * logvar) * randn_like_on((n_samples, *mu.shape), generator, mu)

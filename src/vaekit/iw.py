@@ -236,15 +236,16 @@ def _normal_chunks(k: int, chunk_size: int, like: Tensor, generator):
         left = buffer[need:]
 
 
-def auto_chunk_size(batch: int, num_dims: int, dtype: torch.dtype, k: int, device=None) -> int:
-    """Samples per chunk so that the decoder output is about ``MEMORY_BUDGET_BYTES`` on
-    an accelerator, ``CPU_BUDGET_BYTES`` on a CPU (where a chunk that stays in the caches
-    runs about twice as fast: see docs/benchmarks.md)."""
+def auto_chunk_size(batch: int, num_dims: int, dtype: torch.dtype, k: int, device=None, *,
+                    budget: int | None = None) -> int:
+    """Samples per chunk so that the decoder output is about ``budget`` bytes: by default
+    ``MEMORY_BUDGET_BYTES`` on an accelerator, ``CPU_BUDGET_BYTES`` on a CPU (where a
+    chunk that stays in the caches runs about twice as fast: see docs/benchmarks.md)."""
     for name, value in (("batch", batch), ("num_dims", num_dims), ("k", k)):
         check_int(name, value, low=1)
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    budget = CPU_BUDGET_BYTES if device is None or torch.device(device).type == "cpu" else MEMORY_BUDGET_BYTES
-    return max(1, min(k, budget // max(1, batch * num_dims * itemsize)))
+    if budget is None:
+        budget = CPU_BUDGET_BYTES if device is None or torch.device(device).type == "cpu" else MEMORY_BUDGET_BYTES
+    return max(1, min(k, budget // max(1, batch * num_dims * dtype.itemsize)))
 
 
 def iw_from_params(model, x, mu, logvar, k, chunk_size, generator, out_dtype=None) -> Tensor:
