@@ -82,8 +82,7 @@ def same_data(saved: dict, now: dict) -> bool:
     return all(now.get(k) == v for k, v in saved.items())
 
 
-def _check_same_data(saved: dict, x: torch.Tensor, state: dict, ckpt_path: Path, where: str | None) -> None:
-    now = data_record(x)
+def _check_same_data(saved: dict, now: dict, state: dict, ckpt_path: Path, where: str | None) -> None:
     if same_data(saved, now):
         return
     d = state["config"].get("data", {}) if isinstance(state.get("config"), dict) else {}
@@ -275,14 +274,15 @@ def _load_optimizer(optimizer, saved: dict) -> None:
 
 
 def restore(state: dict, ckpt_path: Path, *, model, optimizer, batches, device: torch.device,
-            rank: int, world: int, data_dir: str | None = None) -> dict:
+            rank: int, world: int, data_dir: str | None = None, record: dict | None = None) -> dict:
     """Load checkpoint ``state`` into the model, optimiser, batch iterator and this
     process's random-number states; returns the loop's counters (``step``, ``epoch``,
     ``history``, ``best``, ``since_best``, ``skipped``, and ``sums`` on ``device``: the
     partial epoch's, kept by rank 0). ``data_dir``: where the data in ``batches`` were
-    read (named if they are not the run's)."""
+    read (named if they are not the run's); ``record``: their :func:`data_record`, when
+    the caller has it (a hash of the whole set is not taken twice)."""
     if state.get("data") is not None:  # older checkpoints did not record their data
-        _check_same_data(state["data"], batches.x, state, ckpt_path, data_dir)
+        _check_same_data(state["data"], record or data_record(batches.x), state, ckpt_path, data_dir)
     try:
         with warnings.catch_warnings():  # an old optimal-variance model: resuming is what its warning asks for
             warnings.filterwarnings("ignore", message=".*saved before vaekit kept an evaluation variance")

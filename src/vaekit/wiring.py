@@ -213,7 +213,8 @@ def _build(config: RunConfig, run_dir: Path, state: dict | None) -> _Run:
     torch.manual_seed(mix_seed(tc.seed, 17, rank))
     if state is not None:
         for key, value in restore(state, run.ckpt_path, model=model, optimizer=opt, batches=batches, device=device,
-                                  rank=rank, world=world, data_dir=config.data.data_dir).items():
+                                  rank=rank, world=world, data_dir=config.data.data_dir,
+                                  record=run.data_seen).items():
             setattr(run, key, value)
     if static:  # after the restore: the step's backups copy the optimiser's state
         run.static = StaticStep(model, opt, batch_size=tc.batch_size, grad_clip=tc.grad_clip, amp=tc.amp == "bf16",
