@@ -12,7 +12,7 @@ from vaekit.batching import BatchIterator
 from vaekit.cli import build_config
 from vaekit.config import RunConfig
 from vaekit.data import load_dataset
-from vaekit.io import CheckpointError, save_checkpoint
+from vaekit.io import CheckpointError, load_checkpoint, save_checkpoint
 from vaekit.models import VAE, ModelConfig
 from vaekit.runs import (CHECKPOINT_KEYS, METRIC_FIELDS, data_record, read_for_resume, restore, rng_state,
                          saved_config, set_rng_state, write_metrics)
@@ -166,6 +166,44 @@ def test_resume_refuses_an_array_file_that_changed_and_leaves_the_run_alone(tmp_
             fit(build_config(), rd, resume=True, epochs=2)
         assert snapshot(rd) == before
     data.write_bytes(original)
+    assert not fit(build_config(), rd, resume=True, epochs=2).interrupted
+
+
+def test_resume_refuses_other_validation_examples_and_leaves_the_run_alone(tmp_path):
+    """The validation split picks the saved model and stops a run early: a resume whose
+    training examples are the same but whose validation examples changed is refused too."""
+    from test_cli import snapshot
+
+    rng = np.random.default_rng(1)
+    data = tmp_path / "x.npz"
+    values, test = rng.random((48, 16)).astype(np.float32), rng.random((8, 16)).astype(np.float32)
+    np.savez(data, x_train=values, x_test=test)
+    overrides = {"train.epochs": 1, "train.progress": False, "model.hidden": (8,), "model.latent_dim": 2,
+                 "data.dataset": "array", "data.data_dir": str(data), "data.val_size": 12, "data.split": "tail"}
+    rd = tmp_path / "run"
+    fit(build_config(overrides=overrides), rd)
+    state = load_checkpoint(rd / "checkpoint.pt")
+    assert state["data"]["val_examples"] == 12
+    before = snapshot(rd)
+    edited = values.copy()
+    edited[-1] = 1 - edited[-1]  # the last row is a validation example: the training rows are unchanged
+    np.savez(data, x_train=edited, x_test=test)
+    with pytest.raises(CheckpointError, match=rf"{rd} cannot be resumed on other validation data: dataset 'array' "
+                                              rf"\({data}\) now gives the same training examples, but 12 validation "
+                                              rf"examples \(val_hash [0-9a-f]{{16}}\), where the run validated on 12"):
+        fit(build_config(), rd, resume=True, epochs=2)
+    assert snapshot(rd) == before
+    # a record from before the validation hash checks the training examples only
+    config, state = read_for_resume(rd, progress=False, extend_to=None)
+    model = VAE(config.model)
+    batches = BatchIterator(load_dataset(config.data).train, config.train.batch_size, shuffle=True, seed=0)
+    now = data_record(batches.x, load_dataset(config.data).val)
+    assert now["hash"] == state["data"]["hash"] and now["val_hash"] != state["data"]["val_hash"]
+    old = {**state, "data": {k: v for k, v in state["data"].items() if not k.startswith("val_")}}
+    restored = restore(old, rd / "checkpoint.pt", model=model, optimizer=torch.optim.Adam(model.parameters()),
+                       batches=batches, device=torch.device("cpu"), rank=0, world=1, record=now)
+    assert restored["step"] == state["step"]
+    np.savez(data, x_train=values, x_test=test)
     assert not fit(build_config(), rd, resume=True, epochs=2).interrupted
 
 

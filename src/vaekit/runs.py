@@ -61,25 +61,34 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def data_record(x: torch.Tensor) -> dict:
+def _sha256(x: torch.Tensor) -> str:
+    return hashlib.sha256(memoryview(x.numpy()).cast("B")).hexdigest()[:16]
+
+
+def data_record(x: torch.Tensor, val: torch.Tensor | None = None) -> dict:
     """What a checkpoint records of the training data ``x`` (``[N, *event]``), for a
     resume to check it trains on the same: the number of examples, the shape of one, a
     fingerprint (a hash of the first, middle and last examples, which earlier versions
     recorded alone) and ``hash``, a SHA-256 of every example's float32 values (about 0.13 s
-    for MNIST's 60,000 images on the project's CPU), which tells any edit."""
+    for MNIST's 60,000 images on the project's CPU), which tells any edit. With ``val``,
+    the validation examples (which pick the saved model and stop a run early) get
+    ``val_examples`` and ``val_hash`` of their own."""
     n = int(x.shape[0])
     x = x.detach().float().cpu().contiguous()
     rows = x[[0, n // 2, n - 1]].contiguous()
-    return {"examples": n, "shape": list(x.shape[1:]),
-            "fingerprint": hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16],
-            "hash": hashlib.sha256(memoryview(x.numpy()).cast("B")).hexdigest()[:16]}
+    record = {"examples": n, "shape": list(x.shape[1:]),
+              "fingerprint": hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16], "hash": _sha256(x)}
+    if val is not None:
+        record.update(val_examples=int(val.shape[0]), val_hash=_sha256(val.detach().float().cpu().contiguous()))
+    return record
 
 
 def same_data(saved: dict, now: dict) -> bool:
-    """Whether the record ``now`` (:func:`data_record`) matches ``saved``, a checkpoint's:
-    every entry the saved record has (an older one has no ``hash``: its three examples'
-    fingerprint is all it can tell)."""
-    return all(now.get(k) == v for k, v in saved.items())
+    """Whether the record ``now`` (:func:`data_record`) matches ``saved``, a checkpoint's,
+    in every entry both have: an older record has no ``hash`` (its three examples'
+    fingerprint is all it can tell) nor ``val_hash``, and a record made without the
+    validation examples does not compare them."""
+    return all(now[k] == v for k, v in saved.items() if k in now)
 
 
 def _check_same_data(saved: dict, now: dict, state: dict, ckpt_path: Path, where: str | None) -> None:
@@ -88,14 +97,20 @@ def _check_same_data(saved: dict, now: dict, state: dict, ckpt_path: Path, where
     d = state["config"].get("data", {}) if isinstance(state.get("config"), dict) else {}
     where = where or d.get("data_dir")  # where the data now checked came from
     what = f"dataset {d.get('dataset')!r}" + (f" ({where})" if where else "")
-    if (saved.get("examples"), saved.get("shape")) == (now["examples"], now["shape"]):
+    split = "training"
+    if all(now[k] == saved[k] for k in ("examples", "shape", "fingerprint", "hash") if k in saved):
+        split = "validation"
+        change = (f"the same training examples, but {now.get('val_examples')} validation examples (val_hash "
+                  f"{now.get('val_hash')}), where the run validated on {saved.get('val_examples')} (val_hash "
+                  f"{saved.get('val_hash')}): they pick the saved model and stop a run early")
+    elif (saved.get("examples"), saved.get("shape")) == (now["examples"], now["shape"]):
         key = "hash" if "hash" in saved else "fingerprint"
         change = f"the same number and shape of training examples, but other values ({key} {now[key]}, " \
                  f"was {saved.get(key)})"
     else:
         change = f"{now['examples']} training examples of shape {tuple(now['shape'])}, where the run trained on " \
                  f"{saved.get('examples')} of shape {tuple(saved.get('shape') or ())}"
-    raise CheckpointError(f"{ckpt_path.parent} cannot be resumed on other training data: {what} now gives "
+    raise CheckpointError(f"{ckpt_path.parent} cannot be resumed on other {split} data: {what} now gives "
                           f"{change}; put back the data it started with (or give --data-dir where they are), "
                           f"or train a new run")
 
