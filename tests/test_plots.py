@@ -372,3 +372,31 @@ def test_run_pictures_show_the_documented_pixels(tmp_path):
         expected = _tiles(model.generate(z), nrow=9)
     assert expected[2:10].std() > 0 and (expected[2:10, 2:10] != expected[2:10, -10:-2]).any()  # the rows vary
     np.testing.assert_array_equal(read("traversals.png"), expected.repeat(scale, 0).repeat(scale, 1))
+
+
+def test_a_runs_traversals_pick_their_rows_by_the_kl_over_the_data_not_the_examples_shown(tmp_path, monkeypatch):
+    """The rows of a run's traversals are the dimensions of highest mean KL over the data
+    given (up to KL_EXAMPLES of them), not over the 32 examples the reconstructions show."""
+    import vaekit.plots
+    from vaekit.models import VAE, ModelConfig
+    from vaekit.plots import save_run_pictures
+
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(1, 8, 8), latent_dim=6, hidden=(16,)))
+    x = torch.rand(300, 1, 8, 8)
+    x[32:] = (x[32:] > 0.8).float()  # the examples not shown differ from those shown
+    seen = {}
+    real = vaekit.plots.save_traversals
+    monkeypatch.setattr(vaekit.plots, "save_traversals", lambda *a, **kw: seen.update(kw) or real(*a, **kw))
+    monkeypatch.setattr(vaekit.plots, "KL_EXAMPLES", 250)
+    save_run_pictures(model, x, tmp_path, [])
+
+    def mean_kl(xs):  # the closed form KL(N(mu, s^2) || N(0, 1)) per dimension, in float64
+        with torch.no_grad():
+            mu, logvar = (t.double() for t in model.encode_params(xs))
+        return (0.5 * (mu ** 2 + logvar.exp() - 1 - logvar)).mean(0)
+
+    kl = torch.as_tensor(seen["kl_per_dim"]).double()
+    torch.testing.assert_close(kl, mean_kl(x[:250]), rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(kl, mean_kl(x[:32]), rtol=1e-3)  # the test tells the two apart
+    assert (tmp_path / "traversals.png").is_file()

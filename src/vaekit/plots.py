@@ -401,12 +401,16 @@ def _pictures_that_fit(shape: tuple, scale: int, nrow: int = 8) -> int:
     return next((n for n in (64, 56, 48, 40, 32, 24, 16, 8, 6, 4, 2) if _fits(shape, scale, n, nrow)), 0)
 
 
+KL_EXAMPLES = 10_000  # the examples whose mean KL per dimension orders a run's traversals
+
+
 def save_run_pictures(model, x: Tensor, run_dir, history: list, *, seed: int = 0) -> None:
     """The pictures of a training run, into ``run_dir``: ``reconstructions.png`` (up to 32
     examples of ``x``, each with its reconstruction to its right: four pairs a row),
     ``samples.png`` (64 draws),
     ``curves.png`` (from ``history``, the rows of ``metrics.csv``) and
-    ``traversals.png`` (the first example, the 10 latent dimensions of highest mean KL).
+    ``traversals.png`` (the first example, the 10 latent dimensions of highest mean KL over
+    the first ``KL_EXAMPLES`` examples of ``x``).
     Data that are not images (a vector whose length is not a square) get the curves only;
     images so large that these grids would pass what Pillow opens get fewer of them. The
     curves come last: their file says the pictures are all there (a resume of a finished
@@ -429,6 +433,7 @@ def _save_image_pictures(model, x: Tensor, run_dir: Path, seed: int) -> None:
     count = _pictures_that_fit(shape, scale)
     if not count:  # images too large for one picture Pillow opens
         return
+    kl = kl_per_dimension(model, x[:KL_EXAMPLES])  # which rows the traversals show: over the data, not those shown
     x = x[:count // 2].to(next(model.parameters()).device)
     rec = model.reconstruct(x)
     pairs = torch.stack([x, rec], 1).reshape(-1, *x.shape[1:])  # input, then its reconstruction
@@ -438,5 +443,5 @@ def _save_image_pictures(model, x: Tensor, run_dir: Path, seed: int) -> None:
                     image_shape=shape)
     dims = next((d for d in range(min(10, model.config.latent_dim), 0, -1) if _fits(shape, scale, 9 * d, 9)), 0)
     if dims:  # a row of 9 values for each of the dimensions of highest KL that fit
-        save_traversals(model, x[:1], run_dir / "traversals.png", kl_per_dim=kl_per_dimension(model, x),
+        save_traversals(model, x[:1], run_dir / "traversals.png", kl_per_dim=kl,
                         dims=dims, scale=scale, image_shape=shape)
