@@ -99,6 +99,38 @@ def test_sampling_probabilities_equal_the_teacher_forced_logits(fusion):
     torch.testing.assert_close(probs, torch.sigmoid(model.pixelcnn(draw, cond)), rtol=1e-5, atol=1e-6)
 
 
+def test_sampled_images_do_not_depend_on_the_chunk_size(monkeypatch):
+    """VAE.sample decodes in chunks bounded by MAX_SAMPLE_NUMEL: with a PixelCNN head the
+    images of one seed are the same whatever the chunk size, and are generate()'s images
+    of the same z with the pixels' uniform numbers drawn next (and the pixels are the
+    uniforms below the teacher-forced probabilities)."""
+    import vaekit.models
+
+    model = _model((1, 4, 4), layers=2)
+    n = 5
+    whole = model.sample(n, generator=torch.Generator().manual_seed(3))
+    assert n * model.decode_numel <= vaekit.models.MAX_SAMPLE_NUMEL  # one chunk above
+    for chunk in (1, 2):
+        monkeypatch.setattr(vaekit.models, "MAX_SAMPLE_NUMEL", chunk * model.decode_numel)
+        assert max(1, vaekit.models.MAX_SAMPLE_NUMEL // model.decode_numel) == chunk < n
+        # the same draws: the probabilities differ only by the rounding of smaller batches
+        torch.testing.assert_close(model.sample(n, generator=torch.Generator().manual_seed(3)), whole,
+                                   rtol=1e-5, atol=1e-6)
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(n, 3, generator=g)
+    u = torch.rand(n, 1, 4, 4, generator=g)
+    g2 = torch.Generator().manual_seed(3)
+    torch.testing.assert_close(model.generate(torch.randn(n, 3, generator=g2), generator=g2), whole, rtol=0, atol=0)
+    cond = model.decoder(z)
+    draw = sample_pixels(model.pixelcnn, cond, uniforms=u, probabilities=False)
+    with torch.no_grad():
+        p = torch.sigmoid(model.pixelcnn(draw, cond))
+    assert torch.equal(draw, (u < p).to(draw.dtype))
+    torch.testing.assert_close(whole, p, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"uniforms must have cond's shape \(5, 1, 4, 4\), got \(5, 16\)"):
+        sample_pixels(model.pixelcnn, cond, uniforms=u.reshape(n, 16))
+
+
 @FUSIONS
 def test_untrained_head_is_the_plain_decoder(fusion):
     ar = _model((1, 6, 6), trained_head=False, fusion=fusion)

@@ -430,8 +430,9 @@ class VAE(nn.Module):
         """``n`` draws z ~ N(0, I), each made an image by :meth:`generate`: ``[n, *input_shape]``.
         Decoded in chunks whose peak stays under ``MAX_SAMPLE_NUMEL`` elements (a PixelCNN
         head holds many maps an image); ``n`` is refused where the images alone would not.
-        With a PixelCNN head each chunk draws its pixels from ``generator`` in turn, so the
-        images of one seed depend on the chunk size (which only ``MAX_SAMPLE_NUMEL`` sets)."""
+        With a PixelCNN head the uniform numbers of every pixel's draw are drawn from
+        ``generator`` after ``z`` and before the first chunk: the images of one seed are those
+        of :meth:`generate` on the same ``z``, whatever the chunk size."""
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         size = math.prod(self.config.input_shape)
@@ -444,7 +445,11 @@ class VAE(nn.Module):
         chunk = max(1, MAX_SAMPLE_NUMEL // self.decode_numel)
         if n <= chunk:
             return self.generate(z, generator=generator)
-        return torch.cat([self.generate(part, generator=generator) for part in z.split(chunk)])
+        if self.pixelcnn is None:
+            return torch.cat([self.generate(part) for part in z.split(chunk)])
+        u = torch.rand((n, *self.config.input_shape), generator=generator, device=p.device, dtype=p.dtype)
+        return torch.cat([sample_pixels(self.pixelcnn, self.decoder(part), uniforms=v)
+                          for part, v in zip(z.split(chunk), u.split(chunk))])
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:

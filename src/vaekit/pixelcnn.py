@@ -168,17 +168,25 @@ def _mix(mixing: Tensor, windows: Tensor, cond: Tensor) -> Tensor:
 
 @torch.no_grad()
 def sample_pixels(head: PixelCNNHead, cond: Tensor, *, generator: torch.Generator | None = None,
-                  probabilities: bool = True) -> Tensor:
+                  probabilities: bool = True, uniforms: Tensor | None = None) -> Tensor:
     """Draw ``x ~ p(x | z)`` pixel by pixel (``H * W`` passes of ``head`` over a band of rows).
 
     Args:
         head: the autoregressive head.
         cond: the plain decoder's maps for ``z``, ``[B, C, H, W]``.
-        generator: for the Bernoulli draws.
+        generator: for the Bernoulli draws: one uniform number a pixel, all drawn before
+            the first pixel (``[B, C, H, W]``, so an image's draw does not depend on how
+            many images are drawn with it).
         probabilities: return, for each pixel, its probability of being 1 given the pixels
             drawn before it (a grey-level picture of the sample, smoother than the 0/1
             draw); ``False`` returns the 0/1 draw itself.
+        uniforms: those numbers, given (``cond``'s shape) instead of drawn: pixel ``x_i``
+            is 1 where ``uniforms_i < p(x_i = 1 | x_<i, z)``.
     """
+    if uniforms is None:
+        uniforms = torch.rand(cond.shape, generator=generator, device=cond.device, dtype=cond.dtype)
+    elif tuple(uniforms.shape) != tuple(cond.shape):
+        raise ValueError(f"uniforms must have cond's shape {tuple(cond.shape)}, got {tuple(uniforms.shape)}")
     _, _, h, w = cond.shape
     features = head.condition(cond)
     x = torch.zeros_like(cond)
@@ -193,7 +201,6 @@ def sample_pixels(head: PixelCNNHead, cond: Tensor, *, generator: torch.Generato
         for j in range(w):
             logits = head.run(x[:, :, rows], cond[:, :, rows], feats)[:, :, i - top, j]
             p = torch.sigmoid(logits)
-            u = torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype)
-            x[:, :, i, j] = (u < p).to(x.dtype)
+            x[:, :, i, j] = (uniforms[:, :, i, j] < p).to(x.dtype)
             probs[:, :, i, j] = p
     return probs if probabilities else x
