@@ -7,6 +7,7 @@ import hashlib
 import http.client
 import io
 import os
+import re
 import urllib.error
 from pathlib import Path
 
@@ -94,8 +95,8 @@ def fake_mirrors(monkeypatch, tmp_path):
     """Two mirrors: the first always fails, the second serves gz files from disk."""
     served = tmp_path / "served"
     write_mnist(served, mnist_like(np.random.default_rng(5)), gz=(True,) * 4)
-    md5s = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in served.iterdir()}
-    monkeypatch.setitem(readers._MNIST_SOURCES, "mnist", (("http://down.invalid/", "http://ok.invalid/"), md5s))
+    sums = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in served.iterdir()}
+    monkeypatch.setitem(readers._MNIST_SOURCES, "mnist", (("http://down.invalid/", "http://ok.invalid/"), sums))
     calls = []
 
     def fake_urlopen(url, timeout=None):
@@ -105,40 +106,40 @@ def fake_mirrors(monkeypatch, tmp_path):
         return io.BytesIO((served / url.rsplit("/", 1)[1]).read_bytes())
 
     monkeypatch.setattr(readers, "urlopen", fake_urlopen)
-    return served, md5s, calls
+    return served, sums, calls
 
 
-def test_download_mnist_tries_mirrors_and_checks_md5(tmp_path, fake_mirrors):
-    served, md5s, calls = fake_mirrors
+def test_download_mnist_tries_mirrors_and_checks_sha256(tmp_path, fake_mirrors):
+    served, sums, calls = fake_mirrors
     root = tmp_path / "dl"
     paths = download_mnist(root, "mnist")
-    assert sorted(p.name for p in root.iterdir()) == sorted(md5s)  # no temporary files left
+    assert sorted(p.name for p in root.iterdir()) == sorted(sums)  # no temporary files left
     for p in paths:
         assert p.read_bytes() == (served / p.name).read_bytes()
     assert len(calls) == 8 and calls[0].startswith("http://down.invalid/")
-    download_mnist(root, "mnist")  # files present with the right md5: nothing fetched
+    download_mnist(root, "mnist")  # files present with the right sum: nothing fetched
     assert len(calls) == 8
     d = load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path / "dl2"), download=True, val_size=0))
     assert d.train.shape == (20, 1, 4, 5) and len(d.val) == 0
 
 
 def test_download_mnist_bad_checksum_leaves_nothing(tmp_path, fake_mirrors, monkeypatch):
-    _, md5s, _ = fake_mirrors
-    wrong = dict(md5s, **{"train-images-idx3-ubyte.gz": "0" * 32})
+    _, sums, _ = fake_mirrors
+    wrong = dict(sums, **{"train-images-idx3-ubyte.gz": "0" * 64})
     monkeypatch.setitem(readers._MNIST_SOURCES, "mnist", (("http://ok.invalid/",), wrong))
     root = tmp_path / "dl"
-    with pytest.raises(OSError, match="train-images-idx3-ubyte.gz.*md5"):
+    with pytest.raises(OSError, match="train-images-idx3-ubyte.gz.*sha256"):
         download_mnist(root, "mnist")
     left = {p.name for p in root.iterdir()} if root.exists() else set()  # files fetched before may stay
     assert "train-images-idx3-ubyte.gz" not in left and not any(n.endswith(".part") for n in left)
-    assert all(hashlib.md5((root / n).read_bytes()).hexdigest() == md5s[n] for n in left)
+    assert all(hashlib.sha256((root / n).read_bytes()).hexdigest() == sums[n] for n in left)
 
 
 def test_a_failed_download_leaves_no_folders_it_made(tmp_path, fake_mirrors, monkeypatch):
-    _, md5s, _ = fake_mirrors
-    monkeypatch.setitem(readers._MNIST_SOURCES, "mnist", (("http://ok.invalid/",), {n: "0" * 32 for n in md5s}))
+    _, sums, _ = fake_mirrors
+    monkeypatch.setitem(readers._MNIST_SOURCES, "mnist", (("http://ok.invalid/",), {n: "0" * 64 for n in sums}))
     (tmp_path / "kept").mkdir()
-    with pytest.raises(OSError, match="md5"):
+    with pytest.raises(OSError, match="sha256"):
         download_mnist(tmp_path / "kept" / "new" / "mnist", "mnist")
     assert (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "new").exists()
 
@@ -150,8 +151,8 @@ def test_a_broken_http_reply_is_a_failed_mirror(tmp_path, fake_mirrors, monkeypa
     errors (not OSError): the mirror counts as failed and the next one is tried."""
     import http.client
 
-    served, md5s, _ = fake_mirrors
-    monkeypatch.setitem(readers._MNIST_SOURCES, "mnist", (("http://cut.invalid/", "http://ok.invalid/"), md5s))
+    served, sums, _ = fake_mirrors
+    monkeypatch.setitem(readers._MNIST_SOURCES, "mnist", (("http://cut.invalid/", "http://ok.invalid/"), sums))
     good = readers.urlopen
 
     def flaky(url, timeout=None):
@@ -162,7 +163,7 @@ def test_a_broken_http_reply_is_a_failed_mirror(tmp_path, fake_mirrors, monkeypa
     monkeypatch.setattr(readers, "urlopen", flaky)
     paths = download_mnist(tmp_path / "dl", "mnist")
     assert all(p.read_bytes() == (served / p.name).read_bytes() for p in paths)
-    monkeypatch.setitem(readers._MNIST_SOURCES, "mnist", (("http://cut.invalid/",), md5s))
+    monkeypatch.setitem(readers._MNIST_SOURCES, "mnist", (("http://cut.invalid/",), sums))
     with pytest.raises(OSError, match=r"could not download .*IncompleteRead"):
         download_mnist(tmp_path / "new" / "dl", "mnist")
     assert not (tmp_path / "new").exists()
@@ -210,13 +211,13 @@ class CutBody(io.BytesIO):
 
 @pytest.mark.parametrize("reply, error", [
     (CutBody, r"IncompleteRead\(0 bytes read, 1234 more expected\)"),
-    (lambda data: io.BytesIO(data[:len(data) // 2]), r"md5 [0-9a-f]{32} does not match the published [0-9a-f]{32}"),
+    (lambda data: io.BytesIO(data[:len(data) // 2]), r"sha256 [0-9a-f]{64} does not match the published [0-9a-f]{64}"),
 ], ids=["cut-mid-read", "short-without-length"])
 def test_a_reply_cut_short_is_a_failed_mirror_and_leaves_nothing(tmp_path, fake_mirrors, monkeypatch, reply, error):
     """Some bytes reach the .part file, then the reply ends early (cut, or short with no
     length to tell): the next mirror is tried, and no partial file is left."""
-    served, md5s, calls = fake_mirrors
-    monkeypatch.setitem(readers._MNIST_SOURCES, "mnist", (("http://cut.invalid/", "http://ok.invalid/"), md5s))
+    served, sums, calls = fake_mirrors
+    monkeypatch.setitem(readers._MNIST_SOURCES, "mnist", (("http://cut.invalid/", "http://ok.invalid/"), sums))
     good = readers.urlopen
 
     def flaky(url, timeout=None):
@@ -229,20 +230,20 @@ def test_a_reply_cut_short_is_a_failed_mirror_and_leaves_nothing(tmp_path, fake_
     root = tmp_path / "dl"
     paths = download_mnist(root, "mnist")
     assert all(p.read_bytes() == (served / p.name).read_bytes() for p in paths)
-    assert sorted(p.name for p in root.iterdir()) == sorted(md5s)
+    assert sorted(p.name for p in root.iterdir()) == sorted(sums)
     assert [url.split("/")[2] for url in calls] == ["cut.invalid", "ok.invalid"] * 4
-    monkeypatch.setitem(readers._MNIST_SOURCES, "mnist", (("http://cut.invalid/",), md5s))
+    monkeypatch.setitem(readers._MNIST_SOURCES, "mnist", (("http://cut.invalid/",), sums))
     (tmp_path / "kept").mkdir()
     with pytest.raises(OSError, match=r"could not download \S+ into .*kept: http://cut\.invalid/\S+\.gz: " + error):
         download_mnist(tmp_path / "kept", "mnist")
     assert list((tmp_path / "kept").iterdir()) == []
 
 
-def test_a_file_present_with_another_md5_is_replaced_and_one_with_the_right_md5_kept(tmp_path, fake_mirrors,
+def test_a_file_present_with_another_sum_is_replaced_and_one_with_the_right_sum_kept(tmp_path, fake_mirrors,
                                                                                        monkeypatch):
-    """As download_mnist documents: another md5 is replaced by the download (and kept when
-    no mirror delivers); the right md5 is neither fetched again nor rewritten."""
-    served, md5s, calls = fake_mirrors
+    """As download_mnist documents: another sum is replaced by the download (and kept when
+    no mirror delivers); the right sum is neither fetched again nor rewritten."""
+    served, sums, calls = fake_mirrors
     root = tmp_path / "dl"
     root.mkdir()
     (root / "train-images-idx3-ubyte.gz").write_bytes(b"another version")
@@ -251,11 +252,18 @@ def test_a_file_present_with_another_md5_is_replaced_and_one_with_the_right_md5_
     before = right.stat()
     download_mnist(root, "mnist")
     assert (root / "train-images-idx3-ubyte.gz").read_bytes() == (served / "train-images-idx3-ubyte.gz").read_bytes()
-    assert {url.rsplit("/", 1)[1] for url in calls} == set(md5s) - {right.name}
+    assert {url.rsplit("/", 1)[1] for url in calls} == set(sums) - {right.name}
     assert (right.stat().st_ino, right.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-    assert sorted(p.name for p in root.iterdir()) == sorted(md5s)
+    assert sorted(p.name for p in root.iterdir()) == sorted(sums)
     (root / "t10k-images-idx3-ubyte.gz").write_bytes(b"another version")
-    monkeypatch.setitem(readers._MNIST_SOURCES, "mnist", (("http://down.invalid/",), md5s))
+    monkeypatch.setitem(readers._MNIST_SOURCES, "mnist", (("http://down.invalid/",), sums))
     with pytest.raises(OSError, match=r"could not download t10k-images-idx3-ubyte\.gz .*mirror down"):
         download_mnist(root, "mnist")
     assert (root / "t10k-images-idx3-ubyte.gz").read_bytes() == b"another version"
+
+
+def test_the_published_sums_are_sha256_digests_of_the_four_files():
+    for kind, (mirrors, sums) in readers._MNIST_SOURCES.items():
+        assert sorted(sums) == sorted(f"{name}.gz" for name in readers.MNIST_FILES), kind
+        assert all(re.fullmatch(r"[0-9a-f]{64}", s) for s in sums.values()), kind
+        assert mirrors and all(m.startswith(("https://", "http://")) and m.endswith("/") for m in mirrors), kind
