@@ -405,3 +405,76 @@ def test_non_finite_loss_on_one_rank_to_the_limit_stops_every_rank(tmp_path):
     for rank in (0, 1):
         assert (run.keep / f"error-{rank}.txt").read_text() == f"TrainingDiverged: {message}"
     assert load_checkpoint(run_dir / "checkpoint.pt")["step"] == 3
+
+
+ES_EPOCHS = 6
+ES_ARGS = [*TRAIN_ARGS, "--epochs", str(ES_EPOCHS), "--lr", "0.1", "--early-stopping", "1"]
+
+
+@pytest.fixture(scope="module")
+def early(tmp_path_factory):
+    """A 2-process run that stops early, and the 1-process reference with the combined
+    batch. With lr 0.1 the validation loss rises after epoch 2 (28.15, then 28.38: far
+    more than the two runs' rounding apart), so ``--early-stopping 1`` ends both after
+    epoch 3 of 6."""
+    tmp = tmp_path_factory.mktemp("early")
+    r = {"ddp": _launch(tmp, "ddp", [*ES_ARGS, "--batch-size", str(B), "--run-dir", str(tmp / "ddp")], nproc=2),
+         "single": _launch(tmp, "single", [*ES_ARGS, "--batch-size", str(2 * B), "--run-dir", str(tmp / "single")],
+                           nproc=1)}
+    r["dirs"] = {k: tmp / k for k in ("ddp", "single")}
+    r["tmp"] = tmp
+    return r
+
+
+def test_early_stopping_stops_every_rank_at_the_epoch_one_process_stops(early):
+    """Every rank takes the early stop after the same epoch as one process with the
+    combined batch, ends fit normally and keeps the same best model."""
+    from vaekit.models import VAE
+
+    ddp, single = _ok(early["ddp"]), _ok(early["single"])
+    stop = 3
+    # every rank returned from fit (no error), with the same history, and one summary line
+    assert not list(ddp.keep.glob("error-*.txt"))
+    strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
+    assert strip(ddp.json("history-0.json")) == strip(ddp.json("history-1.json"))
+    assert re.findall(r"vaekit: trained \d+ epochs", ddp.output) == [f"vaekit: trained {stop} epochs"], ddp.output
+    a, b = _metrics(early["dirs"]["ddp"] / "metrics.csv"), _metrics(early["dirs"]["single"] / "metrics.csv")
+    # stopped early: after epoch 3 of 6, both
+    assert [(r["epoch"], r["split"], r["step"]) for r in a] == [(r["epoch"], r["split"], r["step"]) for r in b] == [
+        (str(e), s, str(e * STEPS_PER_EPOCH)) for e in range(1, stop + 1) for s in ("train", "val")]
+    for ra, rb in zip(a, b):
+        for k in ("loss", "reconstruction", "kl", "elbo"):
+            assert float(ra[k]) == pytest.approx(float(rb[k]), rel=1e-6), (ra["epoch"], ra["split"], k)
+    for run in ("ddp", "single"):
+        ckpt = load_checkpoint(early["dirs"][run] / "checkpoint.pt")
+        assert (ckpt["step"], ckpt["epoch"], ckpt["since_best"]) == (stop * STEPS_PER_EPOCH, stop, 1), run
+    # the last parameters: the same on both ranks, and the reference's (to rounding, which
+    # 33 steps at lr 0.1 carry to about 1e-6)
+    final = [ddp.final(rank) for rank in (0, 1)]
+    assert all(torch.equal(final[1][k], final[0][k]) for k in final[0])
+    assert _max_diff(final[0], single.final(0)) < 1e-5
+    # the model kept is epoch 2's, the best, as the reference keeps it
+    best = {run: VAE.from_pretrained(early["dirs"][run] / "model").state_dict() for run in ("ddp", "single")}
+    assert _max_diff(best["ddp"], ddp.model(2 * STEPS_PER_EPOCH)) == 0.0
+    assert _max_diff(best["ddp"], best["single"]) < 1e-5
+    assert _max_diff(best["ddp"], final[0]) > 1e-3
+
+
+def test_resume_with_another_world_size_is_refused_in_one_line(early):
+    """A checkpoint resumes on the world size that wrote it (the data position counts
+    combined batches): ``vaekit train --resume`` in one process refuses a 2-process run in
+    one line, with exit status 2, and leaves its files as they were; even a run that
+    stopped early, which has nothing left to train. (Not checked with 3 ranks: that
+    launch takes 15-20 s here, and its status and traceback would be torchrun's.)"""
+    run_dir = early["dirs"]["ddp"]
+    _ok(early["ddp"])
+    files = lambda: {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns)  # noqa: E731
+                     for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    before = files()
+    assert {"checkpoint.pt", "config.json", "metrics.csv", "model/model.safetensors"} <= set(before)
+    run = _launch(early["tmp"], "resume-1", ["train", "--resume", str(run_dir)], nproc=1)
+    assert not run.hung and run.rc == 2, run.output[-3000:]
+    assert run.output.strip() == (
+        f"vaekit: error: {run_dir / 'checkpoint.pt'} was written by a run on 2 process(es); resume it with the same "
+        f"number, not 1 (the data position counts combined batches)"), run.output[-3000:]
+    assert files() == before
