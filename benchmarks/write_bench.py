@@ -103,7 +103,7 @@ def main(argv=None) -> None:
     (loop_end, loop_epoch), (bg_end, bg_epoch) = got[False], got[True]
     rows = [("fit, files written in the loop", loop_end, loop_epoch),
             ("fit, files written in the background", bg_end, bg_epoch)]
-    print(f"\n| writes | end of epoch, loop waits (ms) | epoch (s) | loop/this |\n| --- | ---: | ---: | ---: |")
+    print("\n| writes | end of epoch, loop waits (ms) | epoch (s) | loop/this |\n| --- | ---: | ---: | ---: |")
     base = statistics.median(loop_epoch)
     for label, ends, epochs in rows:
         e = statistics.median(epochs)

@@ -327,7 +327,7 @@ def test_a_failed_write_stops_the_run_within_the_reads_of_the_counters(tmp_path,
     """The epoch's checkpoint fails in the background: the run stops at the next check
     (every 50 steps), not at the end of the next epoch."""
     error, steps, failed_at = OSError(5, "Input/output error"), [], []
-    save, step = train.save_checkpoint, train._eager_step
+    step = train._eager_step
 
     def failing(path, state, **kw):
         failed_at.append(len(steps))

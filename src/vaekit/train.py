@@ -37,7 +37,7 @@ from .models import VAE
 from .plots import save_run_pictures
 from .runs import read_for_resume, rng_state, write_metrics
 from .steps import _FOLD_EVERY, _block_fits, _eager_step, _fold, _static_block, _static_step, lr_at
-from .wiring import _Run, _build, _dist_info, resolve_device
+from .wiring import _Run, _build, resolve_device
 
 __all__ = ["TrainConfig", "RunConfig", "fit", "FitResult", "TrainingDiverged", "lr_at", "resolve_device",
            "epochs_for_budget"]
