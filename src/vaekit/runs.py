@@ -62,7 +62,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def _sha256(x: torch.Tensor) -> str:
-    return hashlib.sha256(memoryview(x.numpy()).cast("B")).hexdigest()[:16]
+    return hashlib.sha256(memoryview(x.numpy()).cast("B") if x.numel() else b"").hexdigest()[:16]
 
 
 def data_record(x: torch.Tensor, val: torch.Tensor | None = None) -> dict:
