@@ -619,3 +619,17 @@ def test_a_finished_run_killed_before_its_pictures_gets_them_on_resume(finished,
     stamps = {name: (rd / name).stat().st_mtime_ns for name in pictures}
     train.fit(_small(train__epochs=1), rd, resume=True)
     assert {name: (rd / name).stat().st_mtime_ns for name in pictures} == stamps
+
+
+def test_the_global_generators_seed_is_apart_from_the_data_streams(tmp_path):
+    """fit seeds PyTorch's global generators for draws outside vaekit's keyed streams. NumPy's
+    SeedSequence pads with zeros, so the key (seed, 17, 0) was epoch 17's data-order key
+    (seed, 17): now the global seed carries a tag of its own."""
+    from vaekit.wiring import _GLOBAL_STREAM
+
+    config = tiny_config(train__max_steps=1, train__seed=5)
+    train.fit(config, tmp_path / "run")
+    seed = torch.initial_seed()
+    assert seed == mix_seed(5, _GLOBAL_STREAM, 0)
+    streams = {mix_seed(5, e) for e in range(1000)} | {mix_seed(5, e, b) for e in range(100) for b in range(100)}
+    assert seed not in streams

@@ -57,7 +57,14 @@ def block_steps(step_elements: int) -> int:
 
 
 def mix_seed(*values: int) -> int:
-    """A well-spread 63-bit seed from a tuple of non-negative ints, e.g. (seed, epoch)."""
+    """A well-spread 63-bit seed from a tuple of non-negative ints, e.g. (seed, epoch).
+
+    NumPy's ``SeedSequence`` pads its entropy with zeros, so tuples that differ only by
+    trailing zeros give the same seed (``(s, 3)`` and ``(s, 3, 0)``): streams that must not
+    meet start with a tag of their own (``steps._NOISE_STREAM``, ``train._VAL_STREAM``,
+    ``wiring._GLOBAL_STREAM``). The data order's ``(seed, epoch)`` and the binarization's
+    ``(seed, epoch, 0)`` share a seed, but feed different generators (PyTorch's CPU
+    generator; NumPy's PCG64 or a CUDA generator)."""
     return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, np.uint64)[0]) >> 1
 
 

@@ -134,6 +134,9 @@ class _Run:
         return bool(self.tc.early_stopping) and self.since_best >= self.tc.early_stopping
 
 
+_GLOBAL_STREAM = 0x676C6F62  # the global generators' seed: apart from epoch 17's data order (seed, 17, 0)
+
+
 def _build(config: RunConfig, run_dir: Path, state: dict | None) -> _Run:
     """Device, data, model, batches, objective, optimiser and fast step of a run, and its
     counters from ``state`` (a checkpoint) when it resumes."""
@@ -210,7 +213,7 @@ def _build(config: RunConfig, run_dir: Path, state: dict | None) -> _Run:
                sums=torch.zeros(4, dtype=torch.float64, device=device), data_seen=data_record(data.train, data.val))
 
     # Only draws outside the step- and epoch-keyed streams come from here (none in vaekit itself).
-    torch.manual_seed(mix_seed(tc.seed, 17, rank))
+    torch.manual_seed(mix_seed(tc.seed, _GLOBAL_STREAM, rank))
     if state is not None:
         for key, value in restore(state, run.ckpt_path, model=model, optimizer=opt, batches=batches, device=device,
                                   rank=rank, world=world, data_dir=config.data.data_dir,
