@@ -72,6 +72,116 @@ def test_iterator_resumes_mid_epoch(stop, blocks):
     assert all(torch.equal(a, b) for a, b in zip(head + tail, full))
 
 
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_iterator_resumes_every_rank_at_every_position(world, shuffle, blocks):
+    """A fresh iterator given the state taken anywhere in 2 epochs (after any batch,
+    position == len, the next epoch's 0) goes on with the same batches and draws (to the
+    end of a third epoch: a state at position == len goes on with the next one)."""
+    x = torch.rand(41, 2, generator=torch.Generator().manual_seed(5))
+
+    def make(rank, seed=6):
+        return BatchIterator(x, 3, shuffle=shuffle, dynamic_binarize=True, seed=seed, rank=rank, world_size=world)
+
+    for rank in range(world):
+        it, full, states = make(rank), [], [(0, make(rank).state_dict())]
+        for epoch in range(3):  # states from the first 2 epochs; the third is where they go on
+            for b in it:
+                full.append(b.clone())
+                if epoch < 2:
+                    states.append((len(full), it.state_dict()))
+            if epoch < 2:
+                states.append((len(full), it.state_dict()))  # the epoch done: (epoch + 1, 0)
+        assert {(s["epoch"], s["position"]) for _, s in states} >= {(0, len(it)), (1, 0), (1, len(it)), (2, 0)}
+        for done, state in states:
+            resumed = make(rank, seed=0)
+            resumed.load_state_dict(state)
+            tail = []
+            while resumed.epoch < 3:
+                tail += [b.clone() for b in resumed]
+            assert len(tail) == len(full) - done, (rank, state)
+            assert all(torch.equal(a, b) for a, b in zip(tail, full[done:])), (rank, state)
+
+
+@pytest.mark.parametrize("n, b, world", [(37, 4, 1), (37, 4, 2), (29, 3, 2), (37, 5, 3), (101, 10, 3)])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_iterator_order_follows_the_documented_rule(n, b, world, drop_last, blocks):
+    """Batches against the rule written out here, not against ``permutation``: the order
+    of epoch e is randperm(n) from torch.Generator().manual_seed(mix_seed(seed, e)),
+    combined batch j is its [j*W*b, (j+1)*W*b) and rank r takes part r of its W-way split."""
+    c = world * b
+    ranks = [BatchIterator(ids(n), b, drop_last=drop_last, seed=11, rank=r, world_size=world) for r in range(world)]
+    for epoch in range(2):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(11, epoch))).float()
+        expected = [perm[j * c:(j + 1) * c] for j in range(n // c if drop_last else -(-n // c))]
+        for r, it in enumerate(ranks):
+            got = [batch[:, 0] for batch in it]
+            assert len(got) == len(expected) and it.epoch == epoch + 1
+            assert all(torch.equal(g, e.tensor_split(world)[r]) for g, e in zip(got, expected)), (epoch, r)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_iterator_with_the_data_in_host_memory_gives_the_same_batches(world, dynamic, blocks):
+    """The host-memory path (data left where they are, each block gathered there and
+    copied to the device) on a CPU: "cpu:0" is not the data's "cpu", so
+    keep_on_device=False leaves them out. The batches and draws are the on-device ones."""
+    x = torch.rand(53, 1, 2, 3, generator=torch.Generator().manual_seed(3))
+
+    def make(rank, **kwargs):
+        return BatchIterator(x, 4, dynamic_binarize=dynamic, seed=2, rank=rank, world_size=world, **kwargs)
+
+    for rank in range(world):
+        on_device, on_host = make(rank), make(rank, device="cpu:0", keep_on_device=False)
+        assert on_device.on_device and not on_host.on_device and on_host.x is x
+        full = []
+        for epoch in range(2):
+            a, b = list(on_device), list(on_host)
+            assert len(a) == len(b) == len(on_device) and all(torch.equal(p, q) for p, q in zip(a, b)), (rank, epoch)
+            full += a
+        head = make(rank, device="cpu:0", keep_on_device=False)  # stopped mid-epoch, then resumed
+        gen = iter(head)
+        stream = [next(gen).clone() for _ in range(len(head) // 2)]
+        resumed = make(rank, device="cpu:0", keep_on_device=False)
+        resumed.load_state_dict(head.state_dict())
+        while resumed.epoch < 2:
+            stream += list(resumed)
+        assert len(stream) == len(full) and all(torch.equal(p, q) for p, q in zip(stream, full)), rank
+
+
+def test_fit_with_data_in_host_memory_on_a_cpu_trains_the_same_model_bit_for_bit(monkeypatch, tmp_path):
+    """fit on "cpu:0" (patched in: the config takes "cpu") with the data left on the host
+    ("cpu") gives the weights and metrics, bit for bit, of a run with the data on its device."""
+    import vaekit.wiring
+    from vaekit.cli import build_config
+    from vaekit.io import load_checkpoint
+    from vaekit.train import fit
+
+    made = []
+
+    class Iterator(BatchIterator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(vaekit.wiring, "BatchIterator", Iterator)
+
+    def run(name):
+        config = build_config(overrides={"train.epochs": 2, "train.progress": False, "model.hidden": (16,),
+                                         "model.latent_dim": 2, "train.num_threads": 1, "data.binarize": "dynamic"})
+        return fit(config, tmp_path / name)
+
+    a = run("on-device")
+    monkeypatch.setattr(vaekit.wiring, "resolve_device", lambda *args, **kwargs: torch.device("cpu", 0))
+    monkeypatch.setattr(vaekit.batching, "fits_on_device", lambda *args: False)
+    b = run("on-host")
+    assert made[0].on_device and not made[1].on_device and made[1].device == torch.device("cpu", 0)
+    wa, wb = (load_checkpoint(tmp_path / name / "checkpoint.pt")["model"] for name in ("on-device", "on-host"))
+    assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in a.history] == \
+           [{k: v for k, v in r.items() if k != "seconds"} for r in b.history]
+
+
 @pytest.mark.parametrize("n, drop_last, dynamic", [(29, False, False), (29, True, True), (36, False, True)])
 def test_iterator_ddp_shards_concatenate_to_single_process_batches(n, drop_last, dynamic, blocks):
     x = torch.rand(n, 2, generator=torch.Generator().manual_seed(2)) if dynamic else ids(n, (2,))
@@ -155,6 +265,19 @@ def test_iterator_argument_errors():
     it.set_epoch(3)
     assert it.state_dict() == {"epoch": 3, "position": 0, "seed": 0}
     assert torch.equal(next(iter(it)), x[it.permutation(3)[:2]])
+
+
+@pytest.mark.parametrize("key", ["epoch", "position", "seed"])
+@pytest.mark.parametrize("value, error, said", [
+    ("1", TypeError, "an int, got str"), (1.0, TypeError, "an int, got float"), (True, TypeError, "an int, got bool"),
+    (None, TypeError, "an int, got NoneType"), (-1, ValueError, "an int >= 0, got -1"),
+])
+def test_iterator_refuses_a_state_with_a_bad_value(key, value, error, said):
+    it = BatchIterator(torch.rand(10, 2), 2)
+    state = {"epoch": 1, "position": 2, "seed": 3}
+    with pytest.raises(error, match=rf"state\['{key}'\] must be {said}$"):
+        it.load_state_dict({**state, key: value})
+    assert it.state_dict() == {"epoch": 0, "position": 0, "seed": 0}  # nothing taken from it
 
 
 def test_data_already_on_the_gpu_fit_there_however_the_device_is_named(monkeypatch):

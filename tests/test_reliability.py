@@ -326,6 +326,51 @@ def test_sigterm_during_an_epochs_last_batch_then_resume_matches(recorded, tmp_p
     assert_same_run(rd, recorded)
 
 
+def _same(a, b) -> bool:
+    """``a`` and ``b`` (nested dicts and lists of tensors and numbers) equal bit for bit."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(p, q) for p, q in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("binarize, checkpoint_every, stop, position", [
+    ("dynamic", 0, 26, 4), ("static", 0, 26, 4),
+    ("dynamic", 5, 29, 7),  # blocks held short of the step-count checkpoints: a stop off the epoch's 4-grid
+])
+def test_static_step_in_blocks_of_4_stopped_mid_epoch_then_resumed_ends_bitwise_equal(
+        binarize, checkpoint_every, stop, position, tmp_path, monkeypatch):
+    """fast="static", graph_steps=4, 22 steps an epoch (21 full batches): a SIGINT in the
+    second epoch's first block of 4 stops the run after it, at a step not a multiple of 4;
+    the resumed run ends with the weights, Adam state and metrics of the run never stopped."""
+    config = tiny_config(train__fast="static", train__graph_steps=4, train__batch_size=64,
+                         train__checkpoint_every=checkpoint_every, data__binarize=binarize)
+    assert steps_per_epoch(config) == 22
+    ref = fit(config, tmp_path / "reference")
+
+    block = vaekit.train._static_block
+
+    def stopping(run, xs):  # SIGINT during the block that takes the run to `stop` steps
+        block(run, xs)
+        if run.step < stop <= run.step + len(xs):
+            os.kill(os.getpid(), signal.SIGINT)  # handled by fit: it only sets a flag
+
+    monkeypatch.setattr(vaekit.train, "_static_block", stopping)
+    rd = tmp_path / "run"
+    assert fit(config, rd).interrupted
+    state = load_checkpoint(rd / "checkpoint.pt")
+    assert state["step"] == stop and state["batches"] == {"epoch": 1, "position": position, "seed": 0}
+    monkeypatch.setattr(vaekit.train, "_static_block", block)
+    assert not fit(config, rd, resume=True).interrupted
+    assert_same_run(rd, SimpleNamespace(run=ref.run_dir, state=load_checkpoint(ref.run_dir / "checkpoint.pt")))
+    assert _same(load_checkpoint(rd / "checkpoint.pt")["optimizer"],
+                 load_checkpoint(ref.run_dir / "checkpoint.pt")["optimizer"])
+    assert _history({"history": _rows(rd)}) == _history({"history": _rows(ref.run_dir)})
+
+
 @pytest.mark.parametrize("at", [2, 7], ids=["in-the-warm-up", "in-the-timed-steps"])
 def test_ctrl_c_in_the_time_budget_calibration_stops_the_command(at, tmp_path, monkeypatch, capsys):
     """The calibration is thrown away: a stop there ends the command (status 130, one
