@@ -2,6 +2,7 @@
 while it trains (fit itself: tests/test_train.py)."""
 
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -416,6 +417,52 @@ def test_load_model_refuses_a_bad_saved_model_with_a_checkpoint_error(tmp_path, 
     _edit_saved(tmp_path, case)
     with pytest.raises(CheckpointError, match=message):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.int32])
+def test_load_model_refuses_a_tensor_of_another_dtype_than_the_rest(tmp_path, dtype):
+    """load_model keeps the saved dtypes (assign): one weight cast on its own loaded, and
+    the model then failed in its first product ("self and mat2 must have the same dtype")."""
+    from safetensors.torch import load_file, save_file
+
+    save_model(_tiny_vae(), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    state = load_file(weights)
+    key = sorted(state)[1]
+    save_file({**state, key: state[key].to(dtype)}, weights)
+    if dtype.is_floating_point:
+        message = (rf"^{re.escape(str(weights))} mixes floating-point dtypes: tensor {re.escape(key)} is {dtype}, "
+                   rf"where \S+ is torch\.float32; a saved model has one dtype throughout$")
+    else:
+        message = (rf"^{re.escape(str(weights))}: tensor {re.escape(key)} must be floating-point, as the model's is, "
+                   rf"got {dtype}$")
+    with pytest.raises(CheckpointError, match=message):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("kind", [
+    {"hidden": (8,)},
+    {"arch": "conv", "hidden": (4,), "likelihood": "discretized_logistic"},
+    {"hidden": (8,), "pixelcnn_layers": 1, "pixelcnn_width": 4},
+    {"hidden": (8,), "likelihood": "gaussian", "decoder_variance": "learned"},
+    {"hidden": (8,), "likelihood": "gaussian", "decoder_variance": "optimal"},
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_every_model_kind_vaekit_saves_in_another_dtype_loads_as_saved(tmp_path, kind, dtype):
+    """The one-dtype rule above holds for what save_model writes: persistent buffers (the
+    optimal variance's decoder_mse, trained) are cast with the weights; a PixelCNN's masks
+    are not saved."""
+    from vaekit.models import VAE, ModelConfig
+
+    model = VAE(ModelConfig(input_shape=(1, 4, 4), latent_dim=2, **kind))
+    model.train()
+    model(torch.rand(3, 1, 4, 4).round())  # decoder_mse off its first value
+    model = model.to(dtype)
+    save_model(model, tmp_path)
+    back = load_model(tmp_path)
+    assert {k: (v.dtype, v.shape) for k, v in back.state_dict().items()} == {
+        k: (v.dtype, v.shape) for k, v in model.state_dict().items()}
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("error", [RuntimeError("Storage size calculation overflowed with sizes=[2, 4]"),

@@ -46,6 +46,9 @@ def refused(ckpt, field) -> str:
     return rf"^{re.escape(str(ckpt))} cannot be resumed: {re.escape(field)} must be .*, got "
 
 
+ROW = {"epoch": 1, "step": 12, "split": "train", "loss": 40.0, "reconstruction": 39.0, "kl": 1.0, "elbo": -40.0,
+       "beta": 1.0, "lr": 1e-3, "skipped": 0, "seconds": 0.5}  # a metric row as fit writes it
+
 BAD = [  # (field written, value, field named in the error)
     ("epoch", -1, "epoch"),
     ("step", "5", "step"),
@@ -73,6 +76,18 @@ BAD = [  # (field written, value, field named in the error)
     ("data", {"examples": 5}, "data"),
     ("model", "x", "model"),
     ("optimizer", {}, "optimizer"),
+    # a row without the metric fields (the CLI's summary read row['split']: a KeyError), or of another kind
+    ("history", [{}], "history[0]"),
+    ("history", [{**ROW, "split": "test"}], "history[0]['split']"),
+    ("history", [ROW, {**ROW, "epoch": 0}], "history[1]['epoch']"),
+    ("history", [{**ROW, "loss": "1.5"}], "history[0]['loss']"),
+    ("history", [{**ROW, "skipped": None}], "history[0]['skipped']"),
+    ("optimizer", {"state": {}, "param_groups": "x"}, "optimizer['param_groups']"),
+    ("optimizer", {"state": {}, "param_groups": [{"params": ["0"]}]}, "optimizer['param_groups'][0]['params']"),
+    ("optimizer", {"state": {}, "param_groups": [{"params": [0, 0]}]}, "optimizer['param_groups']"),
+    ("optimizer", {"state": [], "param_groups": [{"params": [0]}]}, "optimizer['state']"),
+    ("optimizer", {"state": {7: {}}, "param_groups": [{"params": [0]}]}, "optimizer['state']"),
+    ("optimizer", {"state": {0: 1.0}, "param_groups": [{"params": [0]}]}, "optimizer['state'][0]"),
 ]
 
 
@@ -150,3 +165,80 @@ def test_a_data_dir_that_cannot_be_resolved_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"^data_dir '\S+loop\.npz': cannot be resolved \("):
         read_for_resume(rd, progress=False, extend_to=2, data_dir=str(tmp_path / "loop.npz"))
     assert snapshot(rd) == before
+
+
+def adam(n, **entries):
+    """An edit of the checkpoint: parameter ``n``'s Adam state updated (a value of ``...``: removed)."""
+    def edit(state):
+        entry = state["optimizer"]["state"][n]
+        entry.update({k: v for k, v in entries.items() if v is not ...})
+        for k in (k for k, v in entries.items() if v is ...):
+            del entry[k]
+    return edit
+
+
+def model_tensor(index, dtype):
+    """An edit of the checkpoint: its ``index``-th model tensor cast to ``dtype``."""
+    def edit(state):
+        key = list(state["model"])[index]
+        state["model"][key] = state["model"][key].to(dtype)
+    return edit
+
+
+ADAM = r"optimizer\['state'\]\[0\]"
+AGAINST_THE_MODEL = [  # (edit of the checkpoint, the error after "cannot be resumed: ")
+    # the fused CPU Adam wrote past the end of this one: exit 134 or 139
+    (adam(0, exp_avg=torch.zeros(1)),
+     rf"{ADAM}\['exp_avg'\] must be a torch\.float32 tensor of shape \(16, 64\) \(parameter \S+\.weight's\), "
+     rf"got a torch\.float32 tensor of shape \(1,\) on cpu$"),
+    (adam(1, exp_avg_sq=torch.zeros(16, dtype=torch.float64)),
+     r"optimizer\['state'\]\[1\]\['exp_avg_sq'\] must be a torch\.float32 tensor of shape \(16,\) "
+     r"\(parameter \S+\.bias's\), got a torch\.float64 tensor"),
+    (adam(0, max_exp_avg_sq=torch.zeros(3, 3)), rf"{ADAM}\['max_exp_avg_sq'\] must be a torch\.float32 tensor"),
+    (adam(0, exp_avg_sq=...), rf"{ADAM}\['exp_avg_sq'\] must be .*, got None$"),
+    (adam(0, step="x"),
+     rf"{ADAM}\['step'\] must be a 0-dim floating-point tensor >= 0 \(the parameter's Adam step count\), got 'x'$"),
+    (adam(0, step=torch.zeros(0)), rf"{ADAM}\['step'\] must be a 0-dim"),
+    (adam(0, step=torch.tensor(-1.0)), rf"{ADAM}\['step'\] must be a 0-dim"),
+    # the moments would start again from zero, with no word
+    (lambda state: state["optimizer"]["state"].pop(0),
+     r"optimizer\['state'\] has no Adam state for parameter 0 \(\S+\.weight\), though the run has taken \d+ "
+     r"optimiser steps$"),
+    # load_state_dict would cast these
+    (model_tensor(0, torch.int32), r"model\['\S+'\] must be a torch\.float32 tensor, as the model's, got a "
+                                   r"torch\.int32 tensor"),
+    (model_tensor(-1, torch.float64), r"model\['\S+'\] must be a torch\.float32 tensor, as the model's, got a "
+                                      r"torch\.float64 tensor"),
+]
+
+
+@pytest.mark.parametrize("edit, message", AGAINST_THE_MODEL, ids=[f"{i:02d}" for i in range(len(AGAINST_THE_MODEL))])
+def test_optimiser_state_and_model_tensors_unlike_the_model_are_named(finished, tmp_path, capsys, edit, message):
+    """What only the model tells: each Adam state of its parameter's shape and dtype (a
+    smaller exp_avg made the fused CPU Adam write outside its memory: exit 134/139), a
+    parameter with no state once the optimiser has stepped, model tensors of the model's
+    dtype. Refused before anything is written; from the CLI, one line and exit 2."""
+    rd = tmp_path / "run"
+    shutil.copytree(finished, rd)
+    ckpt = rd / "checkpoint.pt"
+    state = {k: v for k, v in load_checkpoint(ckpt).items() if k not in ("format", "format_version")}
+    edit(state)
+    save_checkpoint(ckpt, state)
+    before = snapshot(rd)
+    pattern = rf"^{re.escape(str(ckpt))} cannot be resumed: {message}"
+    with pytest.raises(CheckpointError, match=pattern):
+        fit(tiny_config(), rd, resume=True)  # a finished run: nothing would be trained, were it let through
+    with pytest.raises(CheckpointError, match=pattern):
+        fit(tiny_config(), rd, resume=True, epochs=2)
+    rc, _, err = call(["train", "--resume", rd, "--epochs", 2, "--no-progress"], capsys)
+    assert_usage_error(rc, err, pattern[1:])
+    assert snapshot(rd) == before
+
+
+def test_a_parameter_without_adam_state_resumes_where_no_step_was_taken(finished, tmp_path):
+    """Adam makes a parameter's state in its first step: a run whose every step so far was
+    skipped (non-finite) has none, and resumes."""
+    state = load_checkpoint(finished / "checkpoint.pt")
+    rd, _ = edited(finished, tmp_path, skipped=state["step"], optimizer={**state["optimizer"], "state": {}})
+    result = fit(tiny_config(), rd, resume=True, epochs=2)
+    assert result.trained and len(result.history) == 4

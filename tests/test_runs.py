@@ -3,6 +3,8 @@ that writes it is tested in test_train.py (exact resume, extension) and
 test_reliability.py (damaged checkpoints)."""
 
 import csv
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,3 +289,100 @@ def test_an_old_optimal_variance_run_resumed_saves_its_next_model(tmp_path):
     fit(config, rd, resume=True, epochs=2)  # (the load's warning is for evaluation: a resume is its remedy)
     saved = load_file(weights)
     assert float(saved["decoder_mse_steps"]) > 0
+
+
+def _strip_seconds(path):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(path.open())]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_resumes_as_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    """With checkpoint_every=0 the first epoch ends by writing model/, metrics.csv, then
+    checkpoint.pt: a failure (or a kill) between them left a directory that neither
+    resumed ("no checkpoint") nor took a new run ("already holds a run"). Resumed, it now
+    trains from the start with its config.json: the run it was, bit for bit; stale
+    temporary files are cleared from model/ as from the run directory."""
+    import vaekit.train as train
+
+    config = lambda: build_config(overrides={"train.epochs": 2, "train.progress": False, "model.hidden": (16,),
+                                             "model.latent_dim": 2, "train.num_threads": 1})
+    whole = fit(config(), tmp_path / "whole")
+    rd = tmp_path / "run"
+    real = train.save_checkpoint
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train, "save_checkpoint", fail)
+    with pytest.raises(OSError, match="No space left"):
+        fit(config(), rd)
+    monkeypatch.setattr(train, "save_checkpoint", real)
+    assert not (rd / "checkpoint.pt").exists() and (rd / "model" / "model.safetensors").is_file()
+    assert {row["epoch"] for row in csv.DictReader((rd / "metrics.csv").open())} == {"1"}
+    with pytest.raises(ValueError, match="already holds a run"):
+        fit(config(), rd)  # a new run there: still refused
+    stale = [rd / ".metrics.csv.x1.tmp", rd / "model" / ".model.safetensors.x2.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
+    capsys.readouterr()
+    result = fit(build_config(), rd, resume=True)
+    assert f"vaekit: {rd} stopped before its first checkpoint; training it from the start" in capsys.readouterr().out
+    assert result.trained and not result.interrupted and not any(path.exists() for path in stale)
+    for k, v in whole.model.state_dict().items():
+        assert torch.equal(result.model.state_dict()[k], v), k
+    assert _strip_seconds(rd / "metrics.csv") == _strip_seconds(tmp_path / "whole" / "metrics.csv")
+    assert load_checkpoint(rd / "checkpoint.pt")["epoch"] == 2
+
+
+def test_a_run_without_a_checkpoint_restarts_with_more_epochs_and_is_refused_past_its_first_epoch(finished, tmp_path):
+    import json
+    import shutil
+
+    from test_cli import snapshot
+
+    rd = tmp_path / "run"
+    shutil.copytree(finished, rd)
+    (rd / "checkpoint.pt").unlink()  # a finished 2-epoch run whose checkpoint was deleted
+    before = snapshot(rd)
+    with pytest.raises(CheckpointError, match=rf"^no checkpoint at {re.escape(str(rd / 'checkpoint.pt'))}, but "
+                                              rf"{re.escape(str(rd / 'metrics.csv'))} "
+                                              r"records 2 epochs: the run went past its first epoch, and training "
+                                              r"it again from the start would write over them; put its checkpoint"):
+        fit(build_config(), rd, resume=True, epochs=3)
+    assert snapshot(rd) == before
+    # stopped in its first epoch (config.json alone): --epochs N is the restarted run's
+    for name in [p.name for p in rd.iterdir() if p.name != "config.json"]:
+        (shutil.rmtree if (rd / name).is_dir() else Path.unlink)(rd / name)
+    with pytest.raises(ValueError, match=r"must be greater than the 0 epochs .* has done, got 0"):
+        fit(build_config(), rd, resume=True, epochs=0)
+    result = fit(build_config(), rd, resume=True, epochs=1)
+    assert result.trained and len(result.history) == 2
+    assert json.loads((rd / "config.json").read_text())["train"]["epochs"] == 1
+    assert load_checkpoint(rd / "checkpoint.pt")["config"]["train"]["epochs"] == 1
+
+
+def test_a_run_that_max_steps_ended_says_so_and_not_to_extend_it(tmp_path, capsys):
+    """train.max_steps ending a run part way through an epoch: its summary counts steps, not
+    a whole epoch; a plain resume does not advise --epochs, which is refused (saying the
+    value given)."""
+    from vaekit.config import TrainConfig
+    from vaekit.runs import extended
+    from vaekit.train import _trained_for
+
+    rd = tmp_path / "run"
+    result = fit(build_config(overrides={"train.epochs": 5, "train.max_steps": 5, "train.progress": False,
+                                         "model.hidden": (8,), "model.latent_dim": 2}), rd)
+    per_epoch = result.steps_per_epoch
+    assert per_epoch > 5 and result.trained_for() == f"5 steps ({5 / per_epoch:.3g} epochs)"
+    capsys.readouterr()
+    again = fit(build_config(), rd, resume=True)
+    out = capsys.readouterr().out
+    assert not again.trained and out == (f"vaekit: {rd} is finished: train.max_steps 5 ended it after 5 steps "
+                                         f"({5 / per_epoch:.3g} epochs); nothing to train\n")
+    with pytest.raises(ValueError, match=r"cannot extend .*: train\.max_steps 5 ends it and its 5 steps are done, "
+                                         r"got 7$"):
+        fit(build_config(), rd, resume=True, epochs=7)
+    with pytest.raises(ValueError, match=r"cannot extend r: it stopped early after epoch 1, 1 epochs without a better "
+                                         r"validation ELBO \(train\.early_stopping 1\), got 3$"):
+        extended(TrainConfig(epochs=1, early_stopping=1), {"epoch": 1, "step": 10, "since_best": 1}, 3, Path("r"))
+    assert [_trained_for(e, s, 10) for e, s in ((1, 10), (2, 20), (2, 13), (1, 4))] == [
+        "1 epoch", "2 epochs", "13 steps (1.3 epochs)", "4 steps (0.4 epochs)"]

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import tempfile
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from io import BytesIO
@@ -404,6 +404,7 @@ def load_model(directory, *, device=None):
         state = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise CheckpointError(f"{weights} is not a readable safetensors file: {e}") from None
+    _check_saved_dtypes(state, model.state_dict(), weights)
     try:
         # assign: the saved tensors themselves, in their dtype (a float64 or bfloat16 model
         # comes back as it was saved, not cast into a float32 one)
@@ -415,6 +416,28 @@ def load_model(directory, *, device=None):
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def _check_saved_dtypes(state: dict, own: dict, weights: Path) -> None:
+    """Refuse saved tensors that ``load_model`` would load into a model it cannot run:
+    one that is not floating-point where the model's is, or floating-point tensors of
+    more than one dtype (``save_model`` writes a model in one dtype, its persistent
+    buffers cast with it; loaded as saved, a float64 weight among float32 ones fails in
+    the first product)."""
+    floats = {}
+    for k, v in state.items():
+        if k in own and own[k].is_floating_point():
+            if not v.is_floating_point():
+                raise CheckpointError(f"{weights}: tensor {k} must be floating-point, as the model's is, "
+                                      f"got {v.dtype}")
+            floats[k] = v.dtype
+    if len(set(floats.values())) > 1:
+        counts = Counter(floats.values())
+        common = max(counts, key=counts.get)  # the dtype of most tensors; the odd ones named
+        odd = next(k for k, d in floats.items() if d != common)
+        one = next(k for k, d in floats.items() if d == common)
+        raise CheckpointError(f"{weights} mixes floating-point dtypes: tensor {odd} is {floats[odd]}, where {one} "
+                              f"is {common}; a saved model has one dtype throughout")
 
 
 def _buffers_like_weights(model) -> None:

@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import io as _io
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -185,8 +186,20 @@ def _check_fields(state: dict, ckpt_path: Path) -> None:
     if not isinstance(history, list):
         raise bad("history", "a list of metric rows (dicts)", history)
     for i, row in enumerate(history):
-        if not isinstance(row, dict):
-            raise bad(f"history[{i}]", "a metric row (a dict)", row)
+        if not (isinstance(row, dict) and all(k in row for k in METRIC_FIELDS)):
+            raise bad(f"history[{i}]", f"a metric row (a dict with keys {', '.join(METRIC_FIELDS)})", row)
+        for key in METRIC_FIELDS:
+            value = row[key]
+            if key == "split":
+                ok = value in ("train", "val")
+            elif key in ("epoch", "step", "skipped"):
+                ok = is_int(value) and value >= (1 if key == "epoch" else 0)
+            else:  # a diverged epoch's means are NaN
+                ok = is_number(value)
+            if not ok:
+                expected = {"split": "'train' or 'val'", "epoch": "an int >= 1", "step": "an int >= 0",
+                            "skipped": "an int >= 0"}.get(key, "a number")
+                raise bad(f"history[{i}][{key!r}]", expected, value)
     sums = state["sums"]
     if not (isinstance(sums, torch.Tensor) and sums.is_floating_point() and tuple(sums.shape) == (4,)):
         raise bad("sums", "a 1-D floating-point tensor of 4 elements (the partial epoch's sums)", sums)
@@ -219,6 +232,24 @@ def _check_fields(state: dict, ckpt_path: Path) -> None:
     for key, keys in (("model", ()), ("optimizer", ("state", "param_groups"))):
         if not (isinstance(state[key], dict) and all(k in state[key] for k in keys)):
             raise bad(key, "a state dict" + (f" with keys {', '.join(keys)}" if keys else ""), state[key])
+    groups, ids = state["optimizer"]["param_groups"], []
+    if not (isinstance(groups, list) and all(isinstance(g, dict) for g in groups)):
+        raise bad("optimizer['param_groups']", "a list of parameter groups (dicts)", groups)
+    for i, group in enumerate(groups):
+        params = group.get("params")
+        if not (isinstance(params, list) and all(is_int(n) for n in params)):
+            raise bad(f"optimizer['param_groups'][{i}]['params']", "a list of parameter numbers (ints)", params)
+        ids += params
+    if len(set(ids)) != len(ids):
+        raise bad("optimizer['param_groups']", "groups that number each parameter once", ids)
+    moments = state["optimizer"]["state"]
+    if not isinstance(moments, dict):
+        raise bad("optimizer['state']", "a dict of each parameter's Adam state", moments)
+    for n, entry in moments.items():
+        if n not in ids:
+            raise bad("optimizer['state']", "keyed by the parameter numbers its param_groups list", n)
+        if not isinstance(entry, dict):
+            raise bad(f"optimizer['state'][{n}]", "a parameter's Adam state (a dict)", entry)
 
 
 def read_for_resume(run_dir: Path, *, progress: bool, extend_to: int | None,
@@ -227,17 +258,26 @@ def read_for_resume(run_dir: Path, *, progress: bool, extend_to: int | None,
     config with ``train.progress`` from the caller, ``train.epochs`` raised to
     ``extend_to`` when given (:func:`extended`), and ``data.data_dir`` moved to
     ``data_dir`` when given (the run's data are elsewhere now; that they are the same data
-    is checked once they are loaded). Nothing is written here."""
+    is checked once they are loaded). Nothing is written here.
+
+    A run that stopped before its first checkpoint (killed, or a write that failed, in
+    its first epoch: ``config.json`` and maybe ``model/`` and a ``metrics.csv`` of that
+    epoch, but no ``checkpoint.pt``) gives the config of its ``config.json`` and no
+    checkpoint (None): it trains again from the start, which is the run it was (training
+    is a function of its seeds), writing over nothing but its own first epoch's files."""
     ckpt_path = run_dir / "checkpoint.pt"
-    state = load_checkpoint(ckpt_path)
-    missing = sorted(set(CHECKPOINT_KEYS) - set(state))
-    if missing:
-        raise CheckpointError(f"{ckpt_path} lacks {', '.join(missing)}: it was not written by vaekit train")
-    _check_fields(state, ckpt_path)
-    try:
-        config = saved_config(state["config"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{ckpt_path} holds an invalid config: {e}") from None
+    if not os.path.lexists(ckpt_path) and (run_dir / "config.json").exists():
+        state, config = None, _config_before_first_checkpoint(run_dir)
+    else:
+        state = load_checkpoint(ckpt_path)
+        missing = sorted(set(CHECKPOINT_KEYS) - set(state))
+        if missing:
+            raise CheckpointError(f"{ckpt_path} lacks {', '.join(missing)}: it was not written by vaekit train")
+        _check_fields(state, ckpt_path)
+        try:
+            config = saved_config(state["config"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{ckpt_path} holds an invalid config: {e}") from None
     config.train = dataclasses.replace(config.train, progress=progress)
     if data_dir is not None:
         from .data import FILE_DATASETS
@@ -251,8 +291,35 @@ def read_for_resume(run_dir: Path, *, progress: bool, extend_to: int | None,
             raise ValueError(f"data_dir {data_dir!r}: cannot be resolved ({e})") from None
         config.data = dataclasses.replace(config.data, data_dir=str(where))
     if extend_to is not None:
-        config.train = extended(config.train, state, extend_to, run_dir)
+        config.train = extended(config.train, state or {"epoch": 0, "step": 0, "since_best": 0}, extend_to, run_dir)
     return config, state
+
+
+def _config_before_first_checkpoint(run_dir: Path) -> RunConfig:
+    """The config (``config.json``) of the run in ``run_dir``, which has no checkpoint, to
+    train again from the start (:func:`read_for_resume`): refused where its
+    ``metrics.csv`` holds more than its first epoch (a run whose checkpoint was deleted:
+    training it again would write over its later epochs)."""
+    from .io import read_json
+
+    ckpt_path, cfg_path, metrics = run_dir / "checkpoint.pt", run_dir / "config.json", run_dir / "metrics.csv"
+    epochs = 0
+    if metrics.exists():
+        try:
+            with open(metrics, newline="", encoding="utf-8") as f:
+                epochs = max((int(row["epoch"]) for row in csv.DictReader(f)), default=0)
+        except (OSError, ValueError, TypeError, KeyError, csv.Error) as e:  # UnicodeDecodeError is a ValueError
+            raise CheckpointError(f"no checkpoint at {ckpt_path}, and {metrics} cannot be read ({e}), which would "
+                                  f"tell whether the run stopped in its first epoch; nothing to resume") from None
+    if epochs > 1:
+        raise CheckpointError(f"no checkpoint at {ckpt_path}, but {metrics} records {epochs} epochs: the run went "
+                              f"past its first epoch, and training it again from the start would write over them; "
+                              f"put its checkpoint.pt back, or train a new run")
+    try:
+        config = saved_config(read_json(cfg_path)).check()
+    except (TypeError, ValueError, OSError) as e:
+        raise CheckpointError(f"no checkpoint at {ckpt_path}, and {cfg_path} cannot start the run again: {e}") from None
+    return config
 
 
 def extended(tc: TrainConfig, state: dict, epochs, run_dir: Path) -> TrainConfig:
@@ -266,10 +333,10 @@ def extended(tc: TrainConfig, state: dict, epochs, run_dir: Path) -> TrainConfig
     if tc.early_stopping and state["since_best"] >= tc.early_stopping:
         raise ValueError(f"{what} cannot extend {run_dir}: it stopped early after epoch {done}, "
                          f"{state['since_best']} epochs without a better validation ELBO "
-                         f"(train.early_stopping {tc.early_stopping})")
+                         f"(train.early_stopping {tc.early_stopping}), got {epochs}")
     if tc.max_steps and state["step"] >= tc.max_steps:
         raise ValueError(f"{what} cannot extend {run_dir}: train.max_steps {tc.max_steps} ends it "
-                         f"and its {state['step']} steps are done")
+                         f"and its {state['step']} steps are done, got {epochs}")
     return dataclasses.replace(tc, epochs=epochs)
 
 
@@ -288,6 +355,57 @@ def _load_optimizer(optimizer, saved: dict) -> None:
             group["lr"] = float(group["lr"])
 
 
+def _bad_field(ckpt_path: Path, field: str, expected: str, value) -> CheckpointError:
+    return CheckpointError(f"{ckpt_path} cannot be resumed: {field} must be {expected}, got {_shown(value)}")
+
+
+def _check_model_dtypes(state: dict, ckpt_path: Path, model) -> None:
+    """Each model tensor of checkpoint ``state`` of the model's dtype: ``load_state_dict``
+    would cast a float64 or an int32 one without a word (vaekit writes the model's own).
+    Keys and shapes are ``load_state_dict``'s to tell."""
+    own = model.state_dict()
+    for key, value in state["model"].items():
+        if key in own and isinstance(value, torch.Tensor) and value.dtype != own[key].dtype:
+            raise _bad_field(ckpt_path, f"model[{key!r}]", f"a {own[key].dtype} tensor, as the model's", value)
+
+
+def _check_adam_state(state: dict, ckpt_path: Path, model, optimizer) -> None:
+    """Each parameter's Adam state in checkpoint ``state`` of its parameter's shape and
+    dtype, with a step count: the fused CPU Adam takes the moments' size from the
+    parameter, and wrote past the end of a smaller one. A parameter without state is
+    refused once the optimiser has stepped (more steps than were skipped): every parameter
+    of a vaekit model gets a gradient in every step, so its moments would start again from
+    zero. Parameter groups of other sizes are ``load_state_dict``'s to tell."""
+    saved = state["optimizer"]
+    live = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = [n for g in saved["param_groups"] for n in g["params"]]
+    if [len(g["params"]) for g in saved["param_groups"]] != [len(g["params"]) for g in optimizer.param_groups]:
+        return  # load_state_dict says how the groups differ
+    names = {id(p): name for name, p in model.named_parameters()}
+    stepped = state["step"] > state["skipped"]
+    for n, p in zip(ids, live):
+        field, like = f"optimizer['state'][{n}]", f"parameter {names.get(id(p), n)}'s"
+        entry = saved["state"].get(n)
+        if entry is None:
+            if stepped:
+                raise CheckpointError(f"{ckpt_path} cannot be resumed: optimizer['state'] has no Adam state for "
+                                      f"parameter {n} ({names.get(id(p), '?')}), though the run has taken "
+                                      f"{state['step'] - state['skipped']} optimiser steps")
+            continue
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            value = entry.get(key)
+            if key == "max_exp_avg_sq" and value is None:  # amsgrad's alone
+                continue
+            if not (isinstance(value, torch.Tensor) and value.dtype == p.dtype and value.shape == p.shape):
+                raise _bad_field(ckpt_path, f"{field}[{key!r}]",
+                                 f"a {p.dtype} tensor of shape {tuple(p.shape)} ({like})", value)
+        step = entry.get("step")
+        if not (isinstance(step, torch.Tensor) and step.dim() == 0 and step.is_floating_point()
+                and math.isfinite(step) and step >= 0):
+            raise _bad_field(ckpt_path, f"{field}['step']",
+                             "a 0-dim floating-point tensor >= 0 (the parameter's Adam step count)", step)
+
+
 def restore(state: dict, ckpt_path: Path, *, model, optimizer, batches, device: torch.device,
             rank: int, world: int, data_dir: str | None = None, record: dict | None = None) -> dict:
     """Load checkpoint ``state`` into the model, optimiser, batch iterator and this
@@ -298,11 +416,15 @@ def restore(state: dict, ckpt_path: Path, *, model, optimizer, batches, device: 
     the caller has it (a hash of the whole set is not taken twice)."""
     if state.get("data") is not None:  # older checkpoints did not record their data
         _check_same_data(state["data"], record or data_record(batches.x), state, ckpt_path, data_dir)
+    _check_model_dtypes(state, ckpt_path, model)
     try:
         with warnings.catch_warnings():  # an old optimal-variance model: resuming is what its warning asks for
             warnings.filterwarnings("ignore", message=".*saved before vaekit kept an evaluation variance")
             model.load_state_dict(state["model"])
+        _check_adam_state(state, ckpt_path, model, optimizer)  # after the model's keys and shapes are known good
         _load_optimizer(optimizer, state["optimizer"])
+    except CheckpointError:
+        raise
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         why = _state_dict_mismatch(model.state_dict(), state["model"]) if isinstance(state["model"], dict) else ""
         raise CheckpointError(f"{ckpt_path} does not match its own config: "

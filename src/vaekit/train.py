@@ -42,6 +42,7 @@ from .wiring import _Run, _build, resolve_device
 __all__ = ["TrainConfig", "RunConfig", "fit", "FitResult", "TrainingDiverged", "lr_at", "resolve_device",
            "epochs_for_budget"]
 
+
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row; the last good checkpoint is left intact."""
 
@@ -52,6 +53,19 @@ class FitResult(NamedTuple):
     run_dir: Path
     interrupted: bool
     trained: bool = True  # False: a resumed run that was finished already (nothing written)
+    steps_per_epoch: int = 0  # the steps of a full epoch (0: not known)
+
+    def trained_for(self) -> str:
+        """How long the run has trained in all, for a summary line: "3 epochs", or where
+        ``train.max_steps`` ended its last epoch part way, "300 steps (0.6 epochs)"."""
+        rows = [r for r in self.history if r["split"] == "train"]
+        return _trained_for(rows[-1]["epoch"] if rows else 0, rows[-1]["step"] if rows else 0, self.steps_per_epoch)
+
+
+def _trained_for(epochs: int, steps: int, steps_per_epoch: int) -> str:
+    if steps_per_epoch and steps < epochs * steps_per_epoch:  # the last epoch is partial
+        return f"{steps} steps ({steps / steps_per_epoch:.3g} epochs)"
+    return f"{epochs} epoch{'' if epochs == 1 else 's'}"
 
 
 # Whether fit writes its model, metrics and checkpoints on a thread of its own while
@@ -133,7 +147,10 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False, epochs: int | None 
     decays to 0 at the new end), while a resume without ``epochs`` stays bit for bit the
     uninterrupted run. A plain resume of a finished run (or one that stopped early) trains
     nothing and writes nothing (but, with ``data_dir``, the new place of its data): its
-    result says ``trained=False``.
+    result says ``trained=False``. A run that stopped before its first checkpoint (no
+    ``checkpoint.pt``, and a ``metrics.csv`` of its first epoch at most) trains again from
+    the start with its ``config.json``, ``epochs`` and ``data_dir`` applied: the run it
+    was, since training is a function of its seeds.
     PyTorch's CPU thread count, which a run may set, is restored on the way out.
     """
     if not isinstance(resume, bool):  # resume="no" resumed
@@ -168,9 +185,11 @@ def _prepare_run_dir(run: _Run, state: dict | None, changed: bool) -> None:
     """The run directory made; with ``changed`` (a resume that extends the run or moves its
     data) the checkpoint's config rewritten first, so a later plain resume reads it."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in run.run_dir.glob(".*.tmp"):  # left by a process killed mid-write
-        stale.unlink(missing_ok=True)
-    if changed:  # first the checkpoint: a plain resume reads its config
+    for folder in (run.run_dir, run.run_dir / "model"):
+        for stale in folder.glob(".*.tmp"):  # left by a process killed mid-write (io.atomic_write's names)
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
+    if changed and state is not None:  # first the checkpoint: a plain resume reads its config
         save_checkpoint(run.ckpt_path, {**{k: v for k, v in state.items() if k not in ("format", "format_version")},
                                         "config": run.config.to_dict()})
     write_json(run.run_dir / "config.json", {"vaekit_version": __version__, **run.config.to_dict()})
@@ -325,6 +344,7 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None,
         config, state = read_for_resume(run_dir, progress=config.train.progress, extend_to=extend_to,
                                         data_dir=data_dir)
     run = _build(config, run_dir, state)
+    per_epoch = len(run.batches)
     if state is not None and not (run.more_to_do() and not run.stopped_early()):
         # A run resumed after it finished (or stopped early) does not train on, and its
         # files (config.json, the pictures) stay as they are, but for the new place of its
@@ -334,11 +354,18 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None,
                 _prepare_run_dir(run, state, True)
             if not (run_dir / "curves.png").exists():  # stopped (killed) after its last checkpoint
                 _finish(run)
-            print(f"vaekit: {run_dir} is finished ({run.epoch} epoch{'' if run.epoch == 1 else 's'}"
-                  f"{', stopped early' if run.stopped_early() else ''}); nothing to train"
-                  f"{'' if run.stopped_early() else ' (extend it with --epochs N)'}"
+            done = _trained_for(run.epoch, run.step, per_epoch)
+            if run.stopped_early():
+                what = f" ({done}, stopped early); nothing to train"
+            elif run.tc.max_steps and run.step >= run.tc.max_steps:  # which no --epochs extends
+                what = f": train.max_steps {run.tc.max_steps} ended it after {done}; nothing to train"
+            else:
+                what = f" ({done}); nothing to train (extend it with --epochs N)"
+            print(f"vaekit: {run_dir} is finished{what}"
                   f"{'; the new place of its data is recorded' if data_dir is not None else ''}", flush=True)
-        return FitResult(run.model, run.history, run_dir, False, trained=False)
+        return FitResult(run.model, run.history, run_dir, False, trained=False, steps_per_epoch=per_epoch)
+    if resume and state is None and run.is_main:
+        print(f"vaekit: {run_dir} stopped before its first checkpoint; training it from the start", flush=True)
     if run.is_main:
         _prepare_run_dir(run, state, extend_to is not None or data_dir is not None)
     writer = _tensorboard(run_dir) if run.is_main else None
@@ -374,14 +401,14 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None,
             why = f"signal {stop.signum}" if stop.signum else "a signal to another rank"
             print(f"vaekit: interrupted by {why}; checkpoint saved to {run.ckpt_path}; "
                   f"continue with: {_resume_command(run)}", flush=True)
-        return FitResult(run.model, run.history, run_dir, True)
+        return FitResult(run.model, run.history, run_dir, True, steps_per_epoch=per_epoch)
     if run.is_main:
         _finish(run)
         if writer is not None:
             writer.close()
     if run.distributed:
         torch.distributed.barrier()
-    return FitResult(run.model, run.history, run_dir, False)
+    return FitResult(run.model, run.history, run_dir, False, steps_per_epoch=per_epoch)
 
 
 def _finish(run: _Run) -> None:
