@@ -492,6 +492,18 @@ def test_evaluate_and_sample_help_document_every_flag(command, flags, monkeypatc
         assert block is not None and len(block.split()) > 3, f"{command} --help: {flag} undocumented"
 
 
+@pytest.mark.parametrize("command, flags", [
+    ("evaluate", ("--split", "--iw-samples", "--batch-size", "--seed", "--device", "--limit", "--num-threads",
+                  "--precision")),
+    ("sample", ("-n", "--output", "--seed", "--nrow")),
+])
+def test_evaluate_and_sample_help_show_each_default(command, flags, monkeypatch, capsys):
+    blocks = _option_blocks(_help(command, monkeypatch, capsys))
+    for flag in flags:
+        block = next(b for b in blocks if re.search(rf"(^  |, ){re.escape(flag)}\b", b))
+        assert "[default: " in block, f"{command} --help: {flag} does not show its default: {block}"
+
+
 def test_top_level_help_lists_the_commands(monkeypatch, capsys):
     text = _help(None, monkeypatch, capsys)
     assert all(re.search(rf"\b{c}\b", text) for c in ("train", "evaluate", "sample"))
@@ -603,7 +615,12 @@ def test_config_file_then_flags(suffix, tmp_path, capsys):
 BAD_INPUT = [  # (id, argv with {run}/{empty}/{tmp} placeholders, regex the one-line error must match)
     ("unknown-dataset", ["train", "--run-dir", "{empty}", *TINY, "--dataset", "nope"], r"dataset.*'nope'"),
     ("mnist-without-data", ["train", "--run-dir", "{empty}", *TINY, "--dataset", "mnist",
-                            "--data-dir", "{tmp}/no-mnist-here"], r"no-mnist-here"),
+                            "--data-dir", "{tmp}/no-mnist-here"],
+     r"no-mnist-here.*, or add --download to fetch them\.$"),
+    ("mnist-data-dir-the-npz-itself", ["train", "--run-dir", "{empty}", *TINY, "--dataset", "mnist",
+                                       "--data-dir", "{tmp}/mnist/mnist.npz"],
+     r"data_dir '\S+mnist\.npz' is a file; expected the folder that holds the four mnist IDX files or mnist\.npz; "
+     r"give its folder, '\S+/mnist'$"),
     ("negative-epochs", ["train", "--run-dir", "{empty}", *TINY, "--epochs", "-1"], r"epochs.*-1"),
     ("unknown-option", ["train", "--run-dir", "{empty}", *TINY, "--no-such-option"], r"--no-such-option"),
     # a prefix is not a flag: argparse would have read --n 16 as --nrow 16
@@ -613,8 +630,16 @@ BAD_INPUT = [  # (id, argv with {run}/{empty}/{tmp} placeholders, regex the one-
     ("invalid-toml", ["train", "--run-dir", "{empty}", "--config", "{tmp}/bad.toml"], r"bad\.toml.*TOML"),
     ("invalid-json", ["train", "--run-dir", "{empty}", "--config", "{tmp}/bad.json"], r"bad\.json.*JSON"),
     ("unknown-config-key", ["train", "--run-dir", "{empty}", "--config", "{tmp}/typo.toml"], r"unknown key.*epoch\b"),
+    # only the second file was read
+    ("config-twice", ["train", "--run-dir", "{empty}", "--config", "{tmp}/value.json", "--config", "{tmp}/typo.toml"],
+     r"argument --config: given twice \(\S+value\.json, then \S+typo\.toml\); give one file \(flags override its "
+     r"values\)"),
+    # a bad value from the file names the file and its key, not a flag the user did not give
+    ("config-bad-value", ["train", "--run-dir", "{empty}", "--config", "{tmp}/value.json"],
+     r"error: --config \S+value\.json: model\.latent_dim must be an integer in \[1, 2147483647\], got 'x'$"),
     ("run-dir-not-empty", ["train", "--run-dir", "{run}", *TINY], r"--run-dir.*not empty"),
     ("resume-without-checkpoint", ["train", "--resume", "{empty}"], r"--resume.*checkpoint"),
+    ("resume-no-such-directory", ["train", "--resume", "{tmp}/nowhere"], r"--resume \S+nowhere: no such run directory$"),
     ("negative-limit", ["evaluate", "{run}", "--limit", "-3"], r"--limit.*-3"),
     # the default preset binarizes: real values say which setting refuses them
     ("real-values-binarized", ["train", "--run-dir", "{empty}", *TINY, "--dataset", "array", "--data-dir",
@@ -662,10 +687,11 @@ BAD_INPUT = [  # (id, argv with {run}/{empty}/{tmp} placeholders, regex the one-
      r"-n must be an integer in \[1, 10000\].*got 10001$"),
     ("sample-seed-negative", ["sample", "{run}", "--seed", "-1", "-o", "{tmp}/never.png"],
      r"--seed must be an integer in \[0, 18446744073709551613\], got -1$"),
-    ("sample-jpeg-too-tall", ["sample", "{run}", "-n", "600", "--nrow", "1", "-o", "{tmp}/never.jpg"],
+    # (a grid too large for a JPEG at the run's scale is drawn smaller: these pass 65500 at scale 1)
+    ("sample-jpeg-too-tall", ["sample", "{run}", "-n", "6600", "--nrow", "1", "-o", "{tmp}/never.jpg"],
      r"-o/--output \S+never\.jpg: a JPEG image is at most 65500 pixels a side, and this grid is \d+x\d+; "
      r"write a \.png, or put more images in a row \(--nrow\)$"),
-    ("sample-jpeg-too-wide", ["sample", "{run}", "-n", "600", "--nrow", "600", "-o", "{tmp}/never.jpg"],
+    ("sample-jpeg-too-wide", ["sample", "{run}", "-n", "6600", "--nrow", "6600", "-o", "{tmp}/never.jpg"],
      r"this grid is \d+x\d+; write a \.png, or put fewer images in a row \(--nrow\)$"),
     ("pixelcnn-layers-too-many", ["train", "--run-dir", "{empty}", *TINY, "--pixelcnn-layers", "2147483647"],
      r"pixelcnn_layers must be an integer in \[0, 1000\], got 2147483647$"),
@@ -706,7 +732,7 @@ BAD_INPUT = [  # (id, argv with {run}/{empty}/{tmp} placeholders, regex the one-
     ("evaluate-data-dir-empty", ["evaluate", "{run}", "--data-dir", ""], r"--data-dir needs a path, got an empty one$"),
     ("logvar-limit-not-positive", ["train", "--run-dir", "{empty}", *TINY, "--logvar-limit", "-5"],
      r"logvar_limit must be a number in \(0, 80\] \(its exp a normal float32\), got -5"),
-    ("sample-jpeg-path-with-a-colon", ["sample", "{run}", "-n", "600", "--nrow", "1", "-o", "{tmp}/a: b.jpg"],
+    ("sample-jpeg-path-with-a-colon", ["sample", "{run}", "-n", "6600", "--nrow", "1", "-o", "{tmp}/a: b.jpg"],
      r"-o/--output \S+a: b\.jpg: a JPEG image is at most 65500 pixels a side"),
     ("run-dir-a-link-loop", ["train", "--run-dir", "{tmp}/loop", *TINY],
      r"--run-dir \S+loop is a link that leads to no directory"),
@@ -749,6 +775,9 @@ def places(run, tmp_path):
     (tmp_path / "bad.toml").write_text("[train\nepochs = 2\n")
     (tmp_path / "bad.json").write_text('{"train": {"epochs": 2,}')
     (tmp_path / "typo.toml").write_text("[train]\nepoch = 3\n")
+    (tmp_path / "value.json").write_text('{"model": {"latent_dim": "x"}}')
+    (tmp_path / "mnist").mkdir()
+    (tmp_path / "mnist" / "mnist.npz").write_bytes(b"never read")
     (tmp_path / "shape.toml").write_text("[model]\ninput_shape = [3, 32, 32]\n")
     (tmp_path / "afile").write_text("not a directory")
     (tmp_path / "d.png").mkdir()
@@ -1002,3 +1031,119 @@ def test_under_torchrun_each_machine_says_an_error_once(local_rank, waits, capsy
     assert rc == 2 and out == ""
     assert_usage_error(rc, err, "epochs")
     assert slept == ([vaekit.cli._PEER_GRACE_S] if waits else [])
+
+
+# -- the README walk-through's findings (the seventeenth session) ---------------------
+
+
+def test_resume_of_a_run_whose_data_are_gone_says_the_flags_that_find_or_fetch_them(tmp_path, capsys):
+    """The readers' advice is the Python API's (download=True): a resume says how to point
+    at the data (--data-dir) and how a run fetches them (--download)."""
+    from test_data import mnist_like, write_mnist
+
+    write_mnist(tmp_path / "m", mnist_like(np.random.default_rng(0)))
+    rd = tmp_path / "run"
+    rc, _, err = call(["train", "--run-dir", rd, *TINY, "--dataset", "mnist", "--data-dir", tmp_path / "m"], capsys)
+    assert rc == 0, err
+    (tmp_path / "m").rename(tmp_path / "moved")
+    before = snapshot(rd)
+    rc, _, err = call(["train", "--resume", rd, "--epochs", 3], capsys)
+    assert_usage_error(rc, err, rf"--resume \S+run: the run's data are missing: mnist not found in data_dir "
+                                rf".*, or fetch them there with vaekit train --dataset mnist --data-dir "
+                                rf"{re.escape(str(tmp_path / 'm'))} --download\. "
+                                r"\(or give --data-dir where they are now\)$")
+    rc, _, err = call(["train", "--resume", rd, "--data-dir", tmp_path / "nothere"], capsys)
+    assert_usage_error(rc, err, r"--data-dir \S+nothere: mnist not found in data_dir .*--data-dir \S+nothere "
+                                r"--download\.$")
+    assert "download=True" not in err and snapshot(rd) == before
+
+
+@pytest.mark.parametrize("largest, size", [(1_000_000, 984), (500, 492)], ids=["pixels", "jpeg-side"])
+def test_sample_draws_a_grid_too_large_at_the_runs_scale_smaller(largest, size, run, tmp_path, monkeypatch, capsys):
+    """sample has no scale flag: a grid of n images that the run's scale (14 for 8x8) would
+    make too large for Pillow (or a JPEG's side) is drawn at the largest scale that fits."""
+    import vaekit.plots
+
+    jpeg = largest < 65500
+    monkeypatch.setattr(vaekit.plots, "JPEG_MAX_SIDE" if jpeg else "MAX_GRID_PIXELS", largest)
+    out = tmp_path / ("s.jpg" if jpeg else "s.png")
+    rc, _, err = call(["sample", run, "-n", 64, "-o", out], capsys)
+    assert rc == 0, err
+    with Image.open(out) as im:  # 82 pixels a side at scale 1 (8 images of 8 + 2 of padding, 2 more)
+        assert im.size == (size, size)
+
+
+def test_sample_says_which_n_fits_when_even_scale_one_does_not(run, tmp_path, monkeypatch, capsys):
+    import vaekit.models
+    import vaekit.plots
+
+    monkeypatch.setattr(vaekit.plots, "MAX_GRID_PIXELS", 6000)  # 64 images 8x8, 8 a row: 82x82 at scale 1
+    monkeypatch.setattr(vaekit.models.VAE, "sample", lambda *a, **k: pytest.fail("drew before refusing"))
+    rc, _, err = call(["sample", run, "-n", 64, "-o", tmp_path / "s.png"], capsys)
+    assert_usage_error(rc, err, r"-n/--nrow: 64 images 8 a row make a grid of 82x82 pixels, more than the 6000 that "
+                                r"Pillow opens; with --nrow 8 at most -n 56 fit$")
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_evaluate_of_a_run_with_no_saved_model_yet_says_how_to_continue_it(run, tmp_path, capsys):
+    """A run interrupted before its first epoch ended has a checkpoint but no model/."""
+    rd = tmp_path / "run"
+    shutil.copytree(run, rd, ignore=shutil.ignore_patterns("model", "*.png"))
+    for command in (["evaluate", rd], ["sample", rd, "-o", tmp_path / "s.png"]):
+        rc, _, err = call(command, capsys)
+        assert_usage_error(rc, err, rf"RUN {re.escape(str(rd))} has no saved model yet \(it stopped before its first "
+                                    rf"epoch ended\); continue it with vaekit train --resume {re.escape(str(rd))}$")
+    (rd / "checkpoint.pt").unlink()
+    rc, _, err = call(["evaluate", rd], capsys)
+    assert_usage_error(rc, err, r"has no saved model \(it stopped before its first epoch ended, and before its first "
+                                rf"checkpoint\); vaekit train --resume {re.escape(str(rd))} trains it again from the "
+                                r"start$")
+
+
+def test_resume_of_a_run_without_a_checkpoint(run, tmp_path, capsys):
+    """A run killed before its first checkpoint (config.json, maybe the first epoch's files)
+    is trained again from the start by --resume; one whose metrics record more epochs than
+    that is refused, and left as it was; a folder with neither file is no run."""
+    rd = tmp_path / "run"
+    shutil.copytree(run, rd, ignore=shutil.ignore_patterns("checkpoint.pt", "*.png"))
+    before = snapshot(rd)
+    rc, _, err = call(["train", "--resume", rd], capsys)
+    assert_usage_error(rc, err, r"no checkpoint at .*checkpoint\.pt, but .*metrics\.csv records 2 epochs")
+    assert snapshot(rd) == before
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    shutil.copy(run / "config.json", fresh / "config.json")
+    rc, out, _ = call(["train", "--resume", fresh], capsys)
+    assert rc == 0 and f"{fresh} stopped before its first checkpoint; training it from the start" in out, out
+    assert (fresh / "checkpoint.pt").is_file()
+    (tmp_path / "empty").mkdir()
+    rc, _, err = call(["train", "--resume", tmp_path / "empty"], capsys)
+    assert_usage_error(rc, err, r"no checkpoint\.pt \(nor config\.json\) there to resume from$")
+
+
+@pytest.mark.parametrize("checkpoint", ["missing", "truncated"])
+def test_evaluate_data_dir_that_cannot_be_checked_says_so(checkpoint, tmp_path, capsys):
+    rd = _array_run(tmp_path, np.random.default_rng(2), capsys)
+    if checkpoint == "missing":
+        (rd / "checkpoint.pt").unlink()
+    else:
+        (rd / "checkpoint.pt").write_bytes((rd / "checkpoint.pt").read_bytes()[:100])
+    np.save(tmp_path / "other.npy", np.random.default_rng(3).random((60, 16)).astype(np.float32))
+    rc, _, err = call(["evaluate", rd, "--data-dir", tmp_path / "other.npy"], capsys)
+    assert rc == 0 and err == (f"vaekit: note: --data-dir {tmp_path / 'other.npy'} is not checked against the data "
+                               f"{rd} trained on: it has no readable checkpoint.pt\n"), err
+
+
+def test_evaluate_prints_the_example_count_once_and_says_where_bits_per_dim_come_from(run, tmp_path, capsys):
+    rd = tmp_path / "run"
+    shutil.copytree(run, rd)  # the shared run's metrics files stay as other tests left them
+    for argv, source in ((["--iw-samples", 0], "elbo"), (["--iw-samples", 5], "iw_nll")):
+        rc, out, err = call(["evaluate", rd, *argv], capsys)
+        assert rc == 0, err
+        m = read_json(rd / "metrics-test.json")
+        assert m["bits_per_dim_from"] == source and m["n"] == m["num_examples"]  # both keys kept in the file
+        assert re.search(rf"^num_examples\s+{m['n']}$", out, re.M) and not re.search(r"^n\s", out, re.M), out
+        shown = f"{m['bits_per_dim']:.4f}"
+        assert re.search(rf"^bits_per_dim\s+{re.escape(shown)}  \(from {source}\)$", out, re.M), out
+        nll = -m["elbo"] if source == "elbo" else m["iw_nll"]
+        assert m["bits_per_dim"] == pytest.approx(nll / (64 * math.log(2)), rel=1e-12)

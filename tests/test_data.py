@@ -120,6 +120,28 @@ def test_missing_mnist_files_error_lists_files(tmp_path):
     assert all(name in msg for name in MNIST_FILES)
 
 
+@pytest.mark.parametrize("dataset, make, data_dir, error, pattern", [
+    # the .npz itself given for its folder: say so, and what the folder's file must be named
+    ("mnist", "mnist.npz", "mnist.npz", ValueError, r"^data_dir '\S+/mnist\.npz' is a file; expected the folder that "
+                                                    r"holds the four mnist IDX files or mnist\.npz; give its folder, "
+                                                    r"'\S+'$"),
+    ("mnist", "data.npz", "data.npz", ValueError, r"give its folder, '\S+', with the file named mnist\.npz$"),
+    ("fashion-mnist", "notes.txt", "notes.txt", ValueError, r"^data_dir '\S+notes\.txt' is a file; expected the "
+                                                            r"folder that holds the four fashion-mnist IDX files or "
+                                                            r"fashion-mnist\.npz$"),
+    # a folder whose .npz has another name than the one read
+    ("mnist", "data.npz", ".", FileNotFoundError, r"; '\S+' holds data\.npz, but the \.npz read must be named "
+                                                  r"mnist\.npz\. Put"),
+    ("fashion-mnist", "mnist.npz", ".", FileNotFoundError, r"holds mnist\.npz, but the \.npz read must be named "
+                                                           r"fashion-mnist\.npz\."),
+])
+def test_mnist_data_dir_that_is_a_file_or_holds_another_npz_says_what_is_read(tmp_path, dataset, make, data_dir,
+                                                                                error, pattern):
+    (tmp_path / make).write_bytes(b"never read")
+    with pytest.raises(error, match=pattern):
+        load_dataset(DataConfig(dataset=dataset, data_dir=str(tmp_path / data_dir)))
+
+
 def test_mnist_wrong_dims_named(tmp_path):
     x, y, xt, yt = mnist_like(np.random.default_rng(2))
     write_mnist(tmp_path, (x, y, xt, yt[:, None]))  # labels of 2 dims (int32 labels are taken)

@@ -72,6 +72,8 @@ def test_field_docs_are_plain_text_for_help():
     docs = {f"{g}.{k}": v for g, klass in GROUPS.items() for k, v in _field_docs(klass).items()}
     assert docs["data.download"] == "fetch missing MNIST-like files (see download_mnist); for \"mnist\" and \"fashion-mnist\" only."
     assert "(drawn by vaekit.batching.BatchIterator)" in docs["data.binarize"]
+    assert "the directory (not a file in it)" in docs["data.data_dir"]  # the name the .npz must have
+    assert "an .npz named <dataset>.npz (mnist.npz, fashion-mnist.npz;" in docs["data.data_dir"]
     for name, doc in docs.items():
         assert not re.search(r":\w+:`|``", doc), f"{name}: {doc}"
 
@@ -86,3 +88,27 @@ def test_the_iwae_objective_asked_for_with_one_sample_is_refused_on_the_command_
     assert build_config(overrides={"objective.name": "iwae", "objective.iw_samples": 2}).objective.iw_samples == 2
     assert build_config("mnist-large", overrides={"objective.name": "iwae"}).objective.iw_samples == 5  # the preset's k
     assert build_config("mnist-large").objective.name == "iwae"  # the preset's own choice
+
+
+@pytest.mark.parametrize("in_file, overrides, pattern", [
+    # a value from the --config file is named by the file and its key, not by a flag not given
+    ({"model": {"latent_dim": "x"}}, {}, r"^--config \S+run\.json: model\.latent_dim must be an integer in "
+                                         r"\[1, 2147483647\], got 'x'$"),
+    ({"data": {"val_size": -1}}, {}, r"^--config \S+run\.json: data\.val_size must be >= 0, got -1$"),
+    # the flag overrides the file: it is the flag's value that is refused
+    ({"model": {"latent_dim": "x"}}, {"model.latent_dim": 0}, r"^--latent-dim: ModelConfig\.latent_dim must be an "
+                                                              r"integer in \[1, 2147483647\], got 0$"),
+    # CUDA asked for where there is none: the flag (or the file's key), what it takes, what it got
+    ({}, {"train.device": "cuda"}, r"^--device: TrainConfig\.device must be auto or cpu on this machine \(no CUDA "
+                                   r"device is available\), got 'cuda'$"),
+    ({"train": {"device": "cuda:1"}}, {}, r"^--config \S+run\.json: train\.device must be auto or cpu on this "
+                                          r"machine \(no CUDA device is available\), got 'cuda:1'$"),
+])
+def test_a_bad_value_is_named_by_where_the_user_gave_it(in_file, overrides, pattern, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(in_file))
+    with pytest.raises(ValueError, match=pattern):
+        build_config(None, str(path), overrides)

@@ -57,6 +57,17 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
+class _Once(argparse.Action):
+    """A flag given at most once: a second ``--config`` would silently replace the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        first = getattr(namespace, self.dest, None)
+        if first is not None:
+            raise argparse.ArgumentError(self, f"given twice ({first}, then {values}); give one file (flags "
+                                               f"override its values)")
+        setattr(namespace, self.dest, values)
+
+
 # -- train's --config and --time-budget, checked before the run ------------------------
 
 MAX_TIME_BUDGET = 365 * 24 * 3600  # seconds: a budget beyond it is a typo, not a plan
@@ -122,7 +133,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "are the defaults shown (another --preset starts from its own; --config FILE "
                                    "and flags change them).")
     t.add_argument("--preset", choices=list(PRESETS), help=f"named starting configuration [default: {DEFAULT_PRESET}]")
-    t.add_argument("--config", metavar="FILE", help="TOML or JSON file with [model], [data], [train], [objective] sections")
+    t.add_argument("--config", metavar="FILE", action=_Once,
+                   help="TOML or JSON file with [model], [data], [train], [objective] sections")
     t.add_argument("--run-dir", metavar="DIR", help="where to write the run [default: runs/<preset, else dataset>-<time>]")
     t.add_argument("--resume", metavar="RUN",
                    help="continue the run in RUN from its last checkpoint, with its saved configuration; "
@@ -140,7 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run", metavar="RUN", help="run directory written by 'vaekit train'")
     e.add_argument("--split", default="test", choices=["test", "val", "train"], help="which split [default: test]")
     e.add_argument("--iw-samples", type=int, default=0, metavar="K",
-                   help="importance samples for the log-likelihood estimate (0: off; published numbers use 5000)")
+                   help="importance samples for the log-likelihood estimate (0: off; published numbers use 5000) "
+                        "[default: 0]")
     e.add_argument("--batch-size", type=int, default=500, help="examples per evaluation batch [default: 500]")
     e.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise [default: 0]")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [default: auto]")
@@ -177,10 +190,15 @@ def _epochs(n: int) -> str:
 
 
 def _print_table(metrics: dict) -> None:
-    rows = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    # n is num_examples under its older name (both kept in the metrics file): shown once
+    rows = [(k, v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not (k == "n" and "num_examples" in metrics)]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
-        print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+        line = f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
+        if k == "bits_per_dim" and "bits_per_dim_from" in metrics:
+            line += f"  (from {metrics['bits_per_dim_from']})"
+        print(line)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,7 +256,7 @@ def _main(argv: list[str] | None) -> int:
             if train and int(os.environ.get("RANK", "0")) == 0:  # one summary line per job under torchrun
                 score = (f"best val ELBO {-min(r['loss'] for r in val):.3f} nats" if val else
                          f"no validation split, the last model kept (train ELBO {train[-1]['elbo']:.3f} nats)")
-                print(f"vaekit: trained {_epochs(train[-1]['epoch'])}; {score}; run in {result.run_dir}")
+                print(f"vaekit: trained {result.trained_for()}; {score}; run in {result.run_dir}")
             return 0
         if args.command in ("evaluate", "sample"):
             _no_empty_paths(("RUN", args.run), ("--data-dir", getattr(args, "data_dir", None)),

@@ -41,12 +41,55 @@ def train_command(config=None, run_dir=None, *, resume: str | None = None, prese
     check_resume_only(bool(resume), epochs, data_dir, UsageError)
     if resume:
         rd = Path(resume)
-        if not (rd / "checkpoint.pt").is_file():
-            raise UsageError(f"--resume {resume}: no checkpoint.pt there to resume from")
+        if not rd.is_dir():
+            raise UsageError(f"--resume {resume}: no such run directory")
+        if not (rd / "checkpoint.pt").is_file() and not (rd / "config.json").is_file():
+            # (config.json alone: a run stopped before its first checkpoint, which fit starts again)
+            raise UsageError(f"--resume {resume}: no checkpoint.pt (nor config.json) there to resume from")
         from .train import RunConfig
 
-        return fit(config or RunConfig(), rd, resume=True, epochs=epochs, data_dir=data_dir)
-    return fit(config, _new_run_dir(run_dir, config, preset))
+        try:
+            return fit(config or RunConfig(), rd, resume=True, epochs=epochs, data_dir=data_dir)
+        except FileNotFoundError as e:  # the run's data, not where it recorded them
+            if "data_dir" not in str(e):
+                raise
+            saved = _saved_data(rd)
+            msg = _fetch_them(str(e), saved.get("dataset"), data_dir or saved.get("data_dir"))
+            if data_dir is not None:
+                raise UsageError(f"--data-dir {data_dir}: {msg}") from None
+            raise UsageError(f"--resume {resume}: the run's data are missing: {msg} (or give --data-dir where they "
+                             f"are now)") from None
+    run_dir = _new_run_dir(run_dir, config, preset)
+    try:
+        return fit(config, run_dir)
+    except FileNotFoundError as e:  # the readers speak of DataConfig(download=True), a flag here
+        if "data_dir" not in str(e):
+            raise
+        raise UsageError(str(e).replace(_PYTHON_DOWNLOAD, "add --download to fetch them")) from None
+
+
+_PYTHON_DOWNLOAD = "set download=True to fetch them"  # the readers' advice for missing MNIST files
+
+
+def _fetch_them(msg: str, dataset: str | None, data_dir: str | None) -> str:
+    """A reader's missing-data message for a run that exists: its data are fetched by a new
+    run's --download, into the folder the run reads."""
+    if dataset is None:
+        return msg.replace(_PYTHON_DOWNLOAD, "fetch them there with vaekit train's --download")
+    return msg.replace(_PYTHON_DOWNLOAD, f"fetch them there with vaekit train --dataset {dataset} "
+                                         f"--data-dir {data_dir} --download")
+
+
+def _saved_data(rd: Path) -> dict:
+    """The ``data`` section of ``rd/config.json``, or ``{}`` where it cannot be read (only
+    a message's hint depends on it)."""
+    import json
+
+    try:
+        data = json.loads((rd / "config.json").read_text()).get("data")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _new_run_dir(run_dir, config, preset: str | None) -> Path:
@@ -106,6 +149,12 @@ def _load_run(run: str):
         config = saved_config(raw)
     except (TypeError, ValueError) as e:
         raise UsageError(f"{rd / 'config.json'}: {e}") from None
+    if not os.path.lexists(rd / "model"):  # saved at the end of the first epoch
+        if (rd / "checkpoint.pt").is_file():
+            raise UsageError(f"RUN {run} has no saved model yet (it stopped before its first epoch ended); "
+                             f"continue it with vaekit train --resume {run}")
+        raise UsageError(f"RUN {run} has no saved model (it stopped before its first epoch ended, and before its "
+                         f"first checkpoint); vaekit train --resume {run} trains it again from the start")
     model = VAE.from_pretrained(rd / "model")
     return rd, config, model
 
@@ -118,7 +167,9 @@ def _check_trained_on(rd: Path, x, data_dir) -> None:
 
     try:
         saved = load_checkpoint(rd / "checkpoint.pt").get("data")
-    except (CheckpointError, FileNotFoundError):  # no (readable) checkpoint: nothing to check against
+    except (CheckpointError, FileNotFoundError):  # no (readable) checkpoint: nothing to check against, said
+        print(f"vaekit: note: --data-dir {data_dir} is not checked against the data {rd} trained on: it has no "
+              f"readable checkpoint.pt", file=sys.stderr, flush=True)
         return
     now = data_record(x)
     if isinstance(saved, dict) and not same_data(saved, now):
@@ -142,7 +193,11 @@ def evaluate_command(run: str, *, split: str = "test", iw_samples: int = 0, batc
     ``bf16`` (see :func:`vaekit.evaluate.iw_log_likelihood`; the metrics record which).
     ``data_dir``: where the run's data are now, if not where training recorded them (a run
     records an absolute path, which another machine may lack); for a run that still has
-    its checkpoint, they must be the data it trained on."""
+    its checkpoint, they must be the data it trained on (without one, a note says they
+    were not checked). The result (and file) holds :func:`vaekit.evaluate.evaluate_model`'s
+    metrics, ``n`` (the examples scored, its ``num_examples`` too) and, with
+    ``bits_per_dim``, ``bits_per_dim_from``: ``"iw_nll"`` when ``iw_samples > 0``, else
+    ``"elbo"`` (the bound -ELBO, higher)."""
     import torch
 
     from .config import MAX_THREADS
@@ -203,9 +258,7 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
     try:
         data = load_dataset(config.data)
     except FileNotFoundError as e:  # evaluate has no download flag: say where the data go
-        msg = str(e).replace("set download=True to fetch them",
-                             f"fetch them there with vaekit train --dataset {config.data.dataset} "
-                             f"--data-dir {config.data.data_dir} --download")
+        msg = _fetch_them(str(e), config.data.dataset, config.data.data_dir)
         if data_dir is not None:
             raise UsageError(f"--data-dir {data_dir}: {msg}") from None
         raise UsageError(f"{rd / 'config.json'} names data that are missing: {msg} (or give --data-dir where "
@@ -240,6 +293,8 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
     from .data import FILE_DATASETS
 
     read = {"data_dir": config.data.data_dir} if config.data.dataset in FILE_DATASETS else {}  # which files
+    if "bits_per_dim" in metrics:  # of the best NLL at hand (vaekit.evaluate.evaluate_model)
+        metrics["bits_per_dim_from"] = "iw_nll" if "iw_nll" in metrics else "elbo"
     result = {"split": split, "n": int(x.shape[0]), "iw_samples": iw_samples, **metrics,
               "seed": seed, "batch_size": batch_size,  # the estimates depend on both
               **read, "seconds": round(seconds, 3), "device": where, "torch": torch.__version__}
@@ -253,10 +308,11 @@ def metrics_name(split: str, limit: int = 0) -> str:
 
 
 def sample_command(run: str, *, n: int = 64, output: str = "samples.png", seed: int = 0, nrow: int = 8) -> Path:
-    """Draw ``n`` samples from a trained run and save them as an image grid."""
+    """Draw ``n`` samples from a trained run and save them as an image grid, enlarged as
+    the run's ``samples.png`` is, or less where that grid would be too large to open."""
     import torch
 
-    from .plots import _image_shape, save_image_grid
+    from .plots import JPEG_MAX_SIDE, MAX_GRID_PIXELS, _fits, _grid_size, _image_shape, save_image_grid
 
     if not 1 <= n <= MAX_SAMPLES:
         raise UsageError(f"-n must be an integer in [1, {MAX_SAMPLES}] (one image grid; draw more in Python with "
@@ -281,10 +337,20 @@ def sample_command(run: str, *, n: int = 64, output: str = "samples.png", seed: 
     except ValueError:
         raise UsageError(f"vaekit sample draws an image grid, and {run} models data of shape {tuple(shape)}, "
                          f"not images; draw them in Python with VAE.sample") from None
+    if not _fits(image_shape, 1, n, nrow):  # said before minutes of drawing, not after
+        h, w = _grid_size(n, *image_shape[-2:], nrow, 2)
+        most = max((k for k in range(1, n) if _fits(image_shape, 1, k, nrow)), default=0)
+        raise UsageError(f"-n/--nrow: {n} images {min(n, nrow)} a row make a grid of {h}x{w} pixels, more than the "
+                         f"{MAX_GRID_PIXELS} that Pillow opens; "
+                         + (f"with --nrow {nrow} at most -n {most} fit" if most else "not even one image fits"))
+    # enlarged as the run's samples.png, or as much as a grid of n images still allows
+    side = max(_grid_size(n, *image_shape[-2:], nrow, 2))
+    jpeg = out.suffix.lower() in (".jpg", ".jpeg")
+    scale = next((s for s in range(max(1, 112 // image_shape[-1]), 0, -1)
+                  if _fits(image_shape, s, n, nrow) and not (jpeg and side * s > JPEG_MAX_SIDE)), 1)
     model.eval()
     g = torch.Generator().manual_seed(seed)
     images = model.sample(n, generator=g)
-    scale = max(1, 112 // image_shape[-1])  # as the run's samples.png
     try:
         return save_image_grid(images, out, nrow=nrow, scale=scale, image_shape=image_shape)
     except OSError as e:

@@ -62,8 +62,9 @@ class DataConfig:
     Attributes:
         dataset: "digits" (bundled with scikit-learn), "mnist", "fashion-mnist",
             "array" (a .npy/.npz file), "folder" (a folder of images) or "sprites".
-        data_dir: for "mnist"/"fashion-mnist" the directory holding the four IDX files
-            (raw or .gz) or ``<dataset>.npz`` (default ``data/<dataset>``); for "array"
+        data_dir: for "mnist"/"fashion-mnist" the directory (not a file in it) holding
+            the four IDX files (raw or .gz) or an .npz named ``<dataset>.npz``
+            (``mnist.npz``, ``fashion-mnist.npz``; default ``data/<dataset>``); for "array"
             a .npy/.npz file; for "folder" a folder of images. Refused for "digits" and
             "sprites", which read none. ``~`` is expanded; a trained run records the
             absolute path.

@@ -174,14 +174,15 @@ def build_config(preset: str | None = None, config_file: str | None = None, over
     name = preset or DEFAULT_PRESET
     if name not in PRESETS:
         raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
-    user = _read_config_file(config_file) if config_file else {}
+    from_file = user = _read_config_file(config_file) if config_file else {}
     for key, value in (overrides or {}).items():
         group, field_ = key.split(".", 1)
         user = _merge(user, {group: {field_: list(value) if isinstance(value, tuple) else value}})
     try:
         config = RunConfig.from_dict(_without_the_presets_inert(_merge(PRESETS[name], user), user))
+        _check_cuda(config.train.device)
     except (TypeError, ValueError) as e:
-        raise _name_the_flag(_blame_the_preset(e, name, user), user) from None
+        raise _name_the_flag(_blame_the_preset(e, name, user), overrides or {}, config_file, from_file) from None
     asked = user.get("objective") if isinstance(user.get("objective"), dict) else {}
     if asked.get("name") == "iwae" and config.objective.iw_samples == 1:
         # one importance sample: the bound is the ELBO (estimated with its KL sampled), which
@@ -189,6 +190,16 @@ def build_config(preset: str | None = None, config_file: str | None = None, over
         raise UsageError("--objective iwae: with iw_samples=1 (--iw-samples, default 1) the IWAE bound is the "
                          "ELBO; give --iw-samples K with K >= 2 (Burda et al. use 5 or 50), or --objective elbo")
     return config
+
+
+def _check_cuda(device: str) -> None:
+    """A CUDA device asked for where there is none: said before any data are read."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"TrainConfig.device must be auto or cpu on this machine (no CUDA device is "
+                             f"available), got {device!r}")
 
 
 def _without_the_presets_inert(merged: dict, user: dict) -> dict:
@@ -228,14 +239,23 @@ def _blame_the_preset(error: Exception, preset: str, user: dict) -> Exception:
     return type(error)(f"{msg}; the preset {preset!r} sets {said}: override it")
 
 
-def _name_the_flag(error: Exception, user: dict) -> Exception:
-    """``error`` led by the flag of the field it opens with, when the user set that field
-    (by the flag or a ``--config`` file): ``--seed: TrainConfig.seed must be ...``. A field
-    the user did not set is not blamed on its flag (a message may open with one field of
-    several: "beta and beta_schedule are unused ...")."""
+def _name_the_flag(error: Exception, overrides: dict, config_file: str | None = None,
+                   from_file: dict | None = None) -> Exception:
+    """``error`` led by where the user set the field it opens with: its flag (``--seed:
+    TrainConfig.seed must be ...``), else the ``--config`` file and its key (``--config
+    run.json: train.seed must be ...``). A field the user did not set is not blamed on
+    either (a message may open with one field of several: "beta and beta_schedule are
+    unused ...")."""
     msg = str(error)
     found = re.match(r"(\w+Config)\.(\w+)", msg)
     group = _SECTIONS.get(found.group(1)) if found else None
-    given = group is not None and found.group(2) in (user.get(group) or {})
-    flags = _flag_names().get((group, found.group(2))) if given else None
-    return type(error)(f"{flags[0]}: {msg}") if flags else error
+    if group is None:
+        return error
+    field = found.group(2)
+    if f"{group}.{field}" in overrides:  # a flag overrides the file
+        flags = _flag_names().get((group, field))
+        return type(error)(f"{flags[0]}: {msg}") if flags else error
+    section = (from_file or {}).get(group)
+    if isinstance(section, dict) and field in section:
+        return type(error)(f"--config {config_file}: {group}.{field}{msg[found.end():]}")
+    return error

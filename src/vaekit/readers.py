@@ -146,6 +146,11 @@ def _find_idx(root: Path, stem: str) -> Optional[Path]:
 
 
 def _load_mnist(root: Path, kind: str, download: bool):
+    if root.exists() and not root.is_dir():  # the .npz itself, a natural reading of "IDX files or .npz"
+        parent = f"; give its folder, {str(root.parent)!r}" if root.suffix.lower() == ".npz" else ""
+        renamed = f", with the file named {kind}.npz" if parent and root.name != f"{kind}.npz" else ""
+        raise ValueError(f"data_dir {str(root)!r} is a file; expected the folder that holds the four {kind} IDX "
+                         f"files or {kind}.npz{parent}{renamed}")
     npz = root / f"{kind}.npz"
     paths = [_find_idx(root, s) for s in MNIST_FILES]
     if None in paths and not npz.is_file():
@@ -154,6 +159,12 @@ def _load_mnist(root: Path, kind: str, download: bool):
             # a name that is there but is no file (a folder, a pipe) would otherwise read as missing
             odd = [f"; {p.name}: {problem}" for p in (*(root / f"{s}{gz}" for s in missing for gz in ("", ".gz")), npz)
                    if os.path.lexists(p) and (problem := file_problem(p)) is not None]
+            try:  # an .npz of another name (data.npz) is not read: say the name it must have
+                others = sorted(p.name for p in root.glob("*.npz") if p.name != npz.name)
+            except OSError:
+                others = []
+            if others:
+                odd.append(f"; {str(root)!r} holds {', '.join(others)}, but the .npz read must be named {kind}.npz")
             raise FileNotFoundError(
                 f"{kind} not found in data_dir {str(root)!r}: missing {missing}{''.join(odd)}. Put the four files "
                 f"{', '.join(MNIST_FILES)} (raw or .gz) in {str(root)!r}, or {kind}.npz with "
