@@ -577,3 +577,25 @@ def test_a_loaded_model_is_in_evaluation_mode_and_scoring_it_changes_nothing(tmp
     saved = {k: v.clone() for k, v in back.state_dict().items()}
     back.nll(back(torch.randn(4, 6)).decoder_out, torch.randn(4, 6))
     assert all(torch.equal(saved[k], v) for k, v in back.state_dict().items())
+
+
+def test_a_checkpoint_whose_bytes_changed_on_disk_is_refused(tmp_path):
+    """torch.load reads a tensor whose stored bytes changed (a flipped bit) as other
+    numbers; the CRC-32 the zip keeps of each entry tells, and the checkpoint is refused."""
+    import zipfile
+
+    path = tmp_path / "c.pt"
+    w = torch.arange(4096, dtype=torch.float32)
+    save_checkpoint(path, {"step": 1, "model": {"w": w}})
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        entry = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+    assert entry.file_size == w.numel() * 4  # stored, not compressed: the tensor's bytes as they are
+    start = entry.header_offset + 30 + len(entry.filename.encode()) + len(entry.extra)  # past the local header
+    data[start + 1000] ^= 0x01
+    path.write_bytes(bytes(data))
+    loaded = torch.load(path, weights_only=True)  # what torch.load alone makes of it: one value changed
+    assert (loaded["model"]["w"] != w).sum() == 1
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))} is damaged: the bytes of its entry "
+                                              rf"\S+/data/0 do not match their CRC-32"):
+        load_checkpoint(path)

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import tempfile
+import zipfile
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -570,6 +571,17 @@ def _load_failure(error: Exception, path: Path) -> str:
     return line.split(". ", 1)[0].rstrip(".")
 
 
+def _entry_off_its_crc(path: Path) -> str | None:
+    """The first entry of the zip file that ``torch.save`` writes whose bytes do not match
+    the CRC-32 stored with them (a flipped bit on a disk reads back as other numbers), or
+    None. A file that is no zip, or one cut short, is ``torch.load``'s to describe."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
+        return None
+
+
 def load_checkpoint(path, *, map_location="cpu") -> dict:
     """Read a checkpoint written by :func:`save_checkpoint`; never unpickles code.
 
@@ -580,6 +592,10 @@ def load_checkpoint(path, *, map_location="cpu") -> dict:
         _device("map_location", map_location)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
+    damaged = _entry_off_its_crc(path)
+    if damaged is not None:
+        raise CheckpointError(f"{path} is damaged: the bytes of its entry {damaged} do not match their CRC-32 "
+                              f"(torch.load does not check them); refusing it")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
