@@ -163,6 +163,74 @@ def test_array_npy_carves_a_fixed_test_set(tmp_path):
     assert torch.equal(d1.test, d2.test) and not torch.equal(d1.val, d2.val)
 
 
+def indexed(n, hw=(3, 4)):
+    """``n`` uint8 images whose first two pixels spell their index (high byte, low byte),
+    the others random."""
+    x = np.random.default_rng(0).integers(0, 256, (n, *hw), dtype=np.uint8)
+    x[:, 0, 0], x[:, 0, 1] = np.arange(n) // 256, np.arange(n) % 256
+    return x
+
+
+def index_of(images):
+    """The indices that ``indexed`` images (loaded: float [N, 1, H, W]) spell."""
+    v = (images[:, 0, 0, :2] * 255).round().long()
+    return v[:, 0] * 256 + v[:, 1]
+
+
+def test_splits_partition_the_array_keep_labels_aligned_and_carve_a_test_set_that_stays(tmp_path):
+    """300 index-coded images, each labelled (7 i + 3) mod 300 (one label per index): for a
+    count and a fraction, both splits and two seeds, train / val / test partition them, each
+    image keeps its own label and its exact uint8 / 255, "tail" holds out the last val_size
+    of the training set, and the carved 15 % test set (seed 0) is the same every time,
+    as it is with the images binarized (the labels tell the indices then)."""
+    n, n_test = 300, 45
+    x, label = indexed(n), lambda i: (7 * i + 3) % n
+    np.savez(tmp_path / "a.npz", x=x, y=label(np.arange(n)))
+    config = lambda **kw: DataConfig(dataset="array", data_dir=str(tmp_path / "a.npz"), **kw)  # noqa: E731
+    test = None
+    for seed in (0, 3):
+        for val_size in (0, 1, 40, 0.0, 0.25, 0.5):
+            for split in ("random", "tail"):
+                d = load_dataset(config(val_size=val_size, split=split, seed=seed))
+                case = (seed, val_size, split)
+                parts = [index_of(t) for t in (d.train, d.val, d.test)]
+                assert sorted(torch.cat(parts).tolist()) == list(range(n)), case
+                for idx, images, labels in zip(parts, (d.train, d.val, d.test),
+                                               (d.train_labels, d.val_labels, d.test_labels)):
+                    assert torch.equal(labels, label(idx)), case
+                    assert torch.equal(images[:, 0], torch.from_numpy(x[idx.numpy()]).float() / 255), case
+                test = parts[2] if test is None else test
+                assert torch.equal(parts[2], test), case
+                n_val = val_size if isinstance(val_size, int) else int(round(val_size * (n - n_test)))
+                assert len(parts[1]) == n_val, case
+                if split == "tail":
+                    pool = sorted(set(range(n)) - set(test.tolist()))
+                    assert parts[1].tolist() == pool[len(pool) - n_val:], case
+                    assert parts[0].tolist() == pool[:len(pool) - n_val], case
+        assert len(test) == n_test
+    val = {seed: index_of(load_dataset(config(val_size=40, seed=seed)).val) for seed in (0, 3)}
+    assert not torch.equal(val[0], val[3])  # the random split follows the data seed
+    for binarize in ("static", "dynamic"):
+        d = load_dataset(config(val_size=40, seed=3, binarize=binarize))
+        assert torch.equal(d.test_labels, label(test))
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gzip"])
+def test_idx_images_are_their_uint8_values_over_255_exactly(tmp_path, gz):
+    """Every grey level 0..255, read from IDX files: the float32 quotient v / 255 itself
+    (not a product by 1/255, which misses it by a bit for some v), labels as written."""
+    levels = np.random.default_rng(0).permutation(np.arange(20 * 4 * 5) % 256).astype(np.uint8)
+    x, xt = levels.reshape(20, 4, 5), levels[::-1].reshape(20, 4, 5)[:6].copy()
+    y, yt = np.arange(20, dtype=np.uint8) % 10, np.arange(6, dtype=np.uint8)
+    write_mnist(tmp_path, (x, y, xt, yt), gz=(gz,) * 4)
+    d = load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path), val_size=5, split="tail"))
+    assert d.train.dtype == d.test.dtype == torch.float32
+    assert torch.equal(torch.cat([d.train, d.val])[:, 0], torch.from_numpy(x).float() / 255)
+    assert torch.equal(d.test[:, 0], torch.from_numpy(xt).float() / 255)
+    assert torch.equal(torch.cat([d.train_labels, d.val_labels]), torch.from_numpy(y).long())
+    assert torch.equal(d.test_labels, torch.from_numpy(yt).long())
+
+
 def test_array_npz_channels_last_and_flat(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (10, 4, 5, 3), dtype=np.uint8)
