@@ -5,9 +5,15 @@ best model)."""
 
 import csv
 import dataclasses
+import errno
+import hashlib
 import math
+import os
 import shutil
+import tempfile
 import threading
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import vaekit.io
 import vaekit.train as train
 import vaekit.wiring
 from test_cli import snapshot, steps_per_epoch, tiny_config
@@ -22,9 +29,10 @@ from test_reliability import _hooked_vae
 from vaekit.batching import mix_seed
 from vaekit.cli import build_config
 from vaekit.data import load_dataset
-from vaekit.io import load_checkpoint, read_json, save_checkpoint
+from vaekit.io import load_checkpoint, load_model, read_json, save_checkpoint
 from vaekit.models import VAE
 from vaekit.objectives import ObjectiveConfig
+from vaekit.runs import read_for_resume
 from vaekit.steps import _NOISE_STREAM
 
 
@@ -366,6 +374,170 @@ def test_the_loops_own_error_is_the_one_raised_when_a_write_failed_too(tmp_path,
     with pytest.raises(RuntimeError) as got:
         train.fit(tiny_config(train__epochs=2, model__hidden=(8,)), tmp_path / "run")
     assert got.value is boom
+
+
+# -- a full disk at the level of the system calls of vaekit.io's atomic writes ----------
+
+
+class _File:
+    """An atomic write's temporary file, whose write may find the disk full."""
+
+    def __init__(self, f, disk, fd):
+        self._f, self._disk, self._fd = f, disk, fd
+
+    def __getattr__(self, attr):
+        return getattr(self._f, attr)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._disk.fds.pop(self._fd, None)  # the number goes to the next file (or the folder's sync)
+        return self._f.__exit__(*exc)
+
+    def write(self, data):
+        name, tmp = self._disk.fds[self._fd]
+        if self._disk.hit("write", name):
+            self._f.write(bytes(data)[: len(bytes(data)) // 2])  # half of it made it to the disk
+            self._f.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._disk.given[tmp] = self._disk.given.get(tmp, b"") + bytes(data)
+        return self._f.write(data)
+
+
+class _DiskFull:
+    """vaekit.io's ``os`` and ``tempfile.mkstemp`` with each call of an atomic write into
+    ``root`` logged as (call, file): "write" (the temporary file's bytes), "fsync" (its
+    sync) and "replace" (its rename over the file). The ``fail_at``-th call raises ENOSPC
+    as the system does: a write after half its bytes, a rename naming its two files.
+    ``written``: the sha256 of the bytes each file was given in its last write that
+    completed (renamed)."""
+
+    def __init__(self, monkeypatch, root, fail_at=0):
+        self.root, self.fail_at, self.log, self.written, self.fds, self.given = root, fail_at, [], {}, {}, {}
+        proxy = types.ModuleType("os")
+        proxy.__dict__.update(os.__dict__)
+        proxy.replace, proxy.fsync, proxy.fdopen = self._replace, self._fsync, self._fdopen
+        monkeypatch.setattr(vaekit.io, "os", proxy)
+        monkeypatch.setattr(vaekit.io, "tempfile", types.SimpleNamespace(mkstemp=self._mkstemp))
+
+    def hit(self, call, name) -> bool:
+        self.log.append((call, name))
+        return len(self.log) == self.fail_at
+
+    def _name(self, path) -> str:
+        return Path(os.path.relpath(path, self.root)).as_posix()
+
+    def _mkstemp(self, *, prefix, dir, **kw):
+        fd, tmp = tempfile.mkstemp(prefix=prefix, dir=dir, **kw)
+        self.fds[fd] = self._name(Path(dir) / prefix[1:-1]), tmp  # prefix: ".<file name>."
+        self.given[tmp] = b""
+        return fd, tmp
+
+    def _fdopen(self, fd, *args, **kw):
+        return _File(os.fdopen(fd, *args, **kw), self, fd)
+
+    def _fsync(self, fd):
+        if fd in self.fds and self.hit("fsync", self.fds[fd][0]):  # (a folder's sync is not logged)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return os.fsync(fd)
+
+    def _replace(self, src, dst):
+        name = self._name(dst)
+        if self.hit("replace", name):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(src), None, str(dst))
+        os.replace(src, dst)
+        self.written[name] = hashlib.sha256(self.given.pop(str(src), b"")).hexdigest()
+
+
+def _quiet(monkeypatch):
+    """No pictures (seconds of drawing; not what is looked at) and no TensorBoard files."""
+    monkeypatch.setattr(train, "save_run_pictures", lambda *args, **kw: None)
+    monkeypatch.setattr(train, "_tensorboard", lambda run_dir: None)
+
+
+def _metrics(run_dir) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return _no_seconds(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """checkpoint_every -> (directory, calls of its atomic writes) of tiny_config's run
+    (2 epochs of 11 steps) left alone."""
+    runs = {}
+    with pytest.MonkeyPatch.context() as mp:
+        _quiet(mp)
+        for every in (4, 0):
+            rd = tmp_path_factory.mktemp(f"every{every}") / "run"
+            disk = _DiskFull(mp, rd)
+            train.fit(tiny_config(train__checkpoint_every=every), rd)
+            runs[every] = rd, disk.log
+    return runs
+
+
+@pytest.mark.parametrize("call, name, nth, every", [
+    ("write", "model/model.safetensors", 1, 4),  # epoch 1's best model, half written; step 8's checkpoint
+    ("fsync", "metrics.csv", 2, 4),  # epoch 2's rows; its best model written, step 20's checkpoint
+    ("replace", "config.json", 1, 0),  # the run's first file: nothing there to resume
+    ("replace", "model/config.json", 1, 0),  # epoch 1, before any checkpoint: model/ without its config
+    ("write", "checkpoint.pt", 1, 0),  # epoch 1's model and metrics, but no checkpoint
+    ("fsync", "checkpoint.pt", 2, 0),  # epoch 2's model and metrics over epoch 1's checkpoint
+], ids=lambda v: str(v))
+def test_a_full_disk_at_any_write_leaves_whole_files_and_a_resume_ends_as_the_run_left_alone(
+        call, name, nth, every, uninterrupted, tmp_path, monkeypatch):
+    """ENOSPC from the nth write, sync or rename of one of the run's files, found by
+    counting the calls of the run left alone: the run stops with that error, having written
+    nothing after it; each file is its last complete version (or absent), each one that is
+    there reads back, and metrics.csv is the first rows of the run left alone. A resume (a
+    new run where nothing was there) then ends with the weights, Adam state, best model,
+    config.json and metrics.csv (but for seconds) of the run left alone, bit for bit."""
+    ref_dir, ref_log = uninterrupted[every]
+    k = [i for i, c in enumerate(ref_log, 1) if c == (call, name)][nth - 1]
+    _quiet(monkeypatch)
+    rd, config = tmp_path / "run", tiny_config(train__checkpoint_every=every)
+    disk = _DiskFull(monkeypatch, rd, fail_at=k)
+    with pytest.raises(OSError) as got:
+        train.fit(config, rd)
+    assert got.value.errno == errno.ENOSPC and disk.log == ref_log[:k]
+    assert not [t for t in threading.enumerate() if t.name.startswith("vaekit-writer")]
+    files = {p: h for p, h in snapshot(rd).items() if h != "<dir>"}
+    assert files == disk.written  # no half-written file, no temporary file left
+    if "checkpoint.pt" in files:
+        load_checkpoint(rd / "checkpoint.pt")
+    if {"model/model.safetensors", "model/config.json"} <= files.keys():
+        VAE.from_pretrained(rd / "model")
+        load_model(rd / "model")
+    if "metrics.csv" in files:
+        rows = _metrics(rd)
+        assert rows and rows == _metrics(ref_dir)[: len(rows)]
+    if "config.json" in files:
+        read_for_resume(rd, progress=False, extend_to=None)
+        result = train.fit(config, rd, resume=True)
+    else:
+        assert not files
+        result = train.fit(config, rd)
+    assert result.trained and not result.interrupted
+    got_state, want = load_checkpoint(rd / "checkpoint.pt"), load_checkpoint(ref_dir / "checkpoint.pt")
+    assert got_state["step"] == want["step"] == 22
+    for model in (got_state["model"], result.model.state_dict()):
+        assert model.keys() == want["model"].keys() and all(torch.equal(model[p], want["model"][p]) for p in model)
+    adam, ref_adam = got_state["optimizer"]["state"], want["optimizer"]["state"]
+    assert adam.keys() == ref_adam.keys()
+    assert all(torch.equal(adam[i][m], ref_adam[i][m]) for i in adam for m in ("step", "exp_avg", "exp_avg_sq"))
+    assert _metrics(rd) == _metrics(ref_dir)
+    for f in ("config.json", "model/config.json", "model/model.safetensors"):
+        assert (rd / f).read_bytes() == (ref_dir / f).read_bytes(), f
+
+
+# a failed write or fsync of the temporary file: the system's error names no file; atomic_write adds it
+@pytest.mark.parametrize("call", ["write", "fsync"])
+def test_a_write_that_fails_names_its_file(call, uninterrupted, tmp_path, monkeypatch):
+    _, ref_log = uninterrupted[4]
+    _quiet(monkeypatch)
+    _DiskFull(monkeypatch, tmp_path / "run", fail_at=ref_log.index((call, "checkpoint.pt")) + 1)
+    with pytest.raises(OSError, match=r"checkpoint\.pt"):
+        train.fit(tiny_config(train__checkpoint_every=4), tmp_path / "run")
 
 
 def test_validation_means_each_example_once_over_its_batches():

@@ -145,11 +145,13 @@ def atomic_write(path, write) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.filename is None:  # a failed write or fsync names no file: this one
+            e.filename = str(path)
         raise
     _fsync_dir(path.parent)
     return given
