@@ -599,3 +599,18 @@ def test_a_checkpoint_whose_bytes_changed_on_disk_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))} is damaged: the bytes of its entry "
                                               rf"\S+/data/0 do not match their CRC-32"):
         load_checkpoint(path)
+
+
+def test_a_pickle_of_another_protocol_is_refused_in_one_line_without_torchs_warning(tmp_path):
+    """torch.load warns of a pickle protocol it does not expect before its safe unpickler
+    refuses the file; the refusal alone is said (the command line prints one line)."""
+    import pickle
+    import warnings
+
+    path = tmp_path / "c.pt"
+    path.write_bytes(pickle.dumps({"format": "vaekit", "step": 1}, protocol=4))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointError, match=r"could run code when loaded; refusing it"):
+            load_checkpoint(path)
+    assert [str(w.message) for w in seen] == []

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 import zipfile
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
@@ -599,7 +600,9 @@ def load_checkpoint(path, *, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} is damaged: the bytes of its entry {damaged} do not match their CRC-32 "
                               f"(torch.load does not check them); refusing it")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a pickle of another protocol: refused below in one line, not warned of
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         reason = _load_failure(e, path)
         if reason.startswith("Unsupported global"):  # weights_only refused a pickled object
