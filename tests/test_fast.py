@@ -465,6 +465,19 @@ def test_a_static_step_asked_for_by_name_is_refused_where_it_cannot_serve(tmp_pa
     assert fit(config, tmp_path / "auto").history
 
 
+@pytest.mark.parametrize("objective", [{"name": "iwae", "iw_samples": 2}, {"free_bits": 0.5}])
+def test_blocks_of_static_steps_are_refused_where_the_static_step_cannot_serve(tmp_path, objective):
+    """graph_steps > 1 under fast='auto' asks for the static step's blocks: a run it does
+    not compute is refused before anything is written (it used to take the eager step a
+    step at a time, the setting quietly unused)."""
+    config = _tiny("auto", epochs=1, graph_steps=4)
+    config.objective = dataclasses.replace(config.objective, **objective)
+    with pytest.raises(ValueError, match=r"train.graph_steps=4 \(blocks of static steps\) cannot serve this run: "
+                                         r".*use graph_steps=1"):
+        fit(config, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+
 def test_fit_in_blocks_resumes_bit_for_bit(tmp_path, monkeypatch):
     import vaekit.train
 

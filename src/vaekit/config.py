@@ -78,7 +78,7 @@ class TrainConfig:
             captured raises ``vaekit.fast.FastPathError`` naming the setting that runs it
             without, and ``static`` or ``compile`` for a run that the static step cannot
             serve (another objective, free bits, capacity, data-parallel) is refused with
-            a ``ValueError``.
+            a ``ValueError``, as is ``graph_steps`` > 1 for such a run.
         graph_steps: steps per call of the static step (``vaekit.fast.StaticStep.run_block``):
             on CUDA that many steps are captured in one graph, and the host issues one
             replay for them instead of one per step (for small models, whose steps take

@@ -49,7 +49,8 @@ def _adam(model: nn.Module, tc: TrainConfig, *, captured_on: torch.device | None
 
 def _use_static(tc, oc, model, device, distributed: bool) -> bool:
     """Whether the run takes the static step. Asked for by name (``fast`` static or
-    compile) where it cannot serve, it is refused rather than quietly not taken."""
+    compile, or blocks of ``graph_steps`` > 1) where it cannot serve, it is refused rather
+    than quietly not taken."""
     if tc.fast == "off":
         return False
     if distributed:
@@ -58,10 +59,13 @@ def _use_static(tc, oc, model, device, distributed: bool) -> bool:
         why = (f"it serves the plain ELBO / beta-VAE (no free bits, no capacity) with a bernoulli, gaussian, "
                f"continuous_bernoulli or mse likelihood of fixed or learned variance, and this run's objective "
                f"{oc.name!r} with likelihood {model.config.likelihood!r} takes the eager step")
-    else:
-        return tc.fast in ("static", "compile") or device.type == "cuda"
+    else:  # graph_steps > 1 asks for the static step's blocks, on any device
+        return tc.fast in ("static", "compile") or tc.graph_steps > 1 or device.type == "cuda"
     if tc.fast in ("static", "compile"):
         raise ValueError(f"train.fast={tc.fast!r} cannot serve this run: {why}; use fast='auto' or 'off'")
+    if tc.graph_steps > 1:
+        raise ValueError(f"train.graph_steps={tc.graph_steps} (blocks of static steps) cannot serve this run: {why}; "
+                         f"use graph_steps=1")
     return False
 
 
