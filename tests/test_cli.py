@@ -288,6 +288,8 @@ def test_quick_disentanglement_scores_say_so_in_the_metrics_file(tmp_path, capsy
     rc, _, err = call(["evaluate", run, "--disentanglement", "--quick", "--no-progress"], capsys)
     metrics = read_json(run / "metrics-test.json")
     assert rc == 0 and metrics["disentanglement_quick"] is True and 0 <= metrics["beta_vae"] <= 1, err
+    # the scores' time apart from the likelihood estimate's ("seconds"), which it used to pass for
+    assert metrics["disentanglement_seconds"] > 0 and metrics["seconds"] > 0
 
 
 def test_evaluate_scores_a_dynamically_binarized_training_split_on_one_fixed_draw(run, monkeypatch, capsys):
