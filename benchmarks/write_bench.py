@@ -80,6 +80,8 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", default=None, help="where the runs are written (default: a temporary "
                         "directory; the disk under it is what the writes cost)")
     args = parser.parse_args(argv)
+    if args.workdir is not None and not Path(args.workdir).is_dir():
+        parser.error(f"--workdir {args.workdir}: no such folder (the runs are written in a temporary one under it)")
     x_u8, xt_u8, source = load_mnist(args.data)
     x_u8 = (x_u8[: args.n_train] > 127).astype(np.uint8) * 255
     val_u8 = (xt_u8[:1000] > 127).astype(np.uint8) * 255
