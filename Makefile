@@ -20,7 +20,7 @@ demo: setup
 	$(VENV)/bin/vaekit train --run-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
