@@ -83,10 +83,10 @@ def _fetch_them(msg: str, dataset: str | None, data_dir: str | None) -> str:
 def _saved_data(rd: Path) -> dict:
     """The ``data`` section of ``rd/config.json``, or ``{}`` where it cannot be read (only
     a message's hint depends on it)."""
-    import json
+    from .io import read_json
 
     try:
-        data = json.loads((rd / "config.json").read_text()).get("data")
+        data = read_json(rd / "config.json").get("data")
     except (OSError, ValueError, AttributeError):
         return {}
     return data if isinstance(data, dict) else {}

@@ -63,6 +63,8 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def _sha256(x: torch.Tensor) -> str:
+    """The first 16 hex digits of the SHA-256 of ``x``'s values as float32."""
+    x = x.detach().float().cpu().contiguous()
     return hashlib.sha256(memoryview(x.numpy()).cast("B") if x.numel() else b"").hexdigest()[:16]
 
 
@@ -75,12 +77,10 @@ def data_record(x: torch.Tensor, val: torch.Tensor | None = None) -> dict:
     the validation examples (which pick the saved model and stop a run early) get
     ``val_examples`` and ``val_hash`` of their own."""
     n = int(x.shape[0])
-    x = x.detach().float().cpu().contiguous()
-    rows = x[[0, n // 2, n - 1]].contiguous()
-    record = {"examples": n, "shape": list(x.shape[1:]),
-              "fingerprint": hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16], "hash": _sha256(x)}
+    record = {"examples": n, "shape": list(x.shape[1:]), "fingerprint": _sha256(x[[0, n // 2, n - 1]]),
+              "hash": _sha256(x)}
     if val is not None:
-        record.update(val_examples=int(val.shape[0]), val_hash=_sha256(val.detach().float().cpu().contiguous()))
+        record.update(val_examples=int(val.shape[0]), val_hash=_sha256(val))
     return record
 
 
@@ -159,7 +159,7 @@ def _check_fields(state: dict, ckpt_path: Path) -> None:
     may be missing (older checkpoints), ``data`` also None."""
 
     def bad(field: str, expected: str, value) -> CheckpointError:
-        return CheckpointError(f"{ckpt_path} cannot be resumed: {field} must be {expected}, got {_shown(value)}")
+        return _bad_field(ckpt_path, field, expected, value)
 
     def is_int(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
