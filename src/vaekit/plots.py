@@ -433,8 +433,7 @@ def _save_image_pictures(model, x: Tensor, run_dir: Path, seed: int) -> None:
     count = _pictures_that_fit(shape, scale)
     if not count:  # images too large for one picture Pillow opens
         return
-    kl = kl_per_dimension(model, x[:KL_EXAMPLES])  # which rows the traversals show: over the data, not those shown
-    x = x[:count // 2].to(next(model.parameters()).device)
+    data, x = x, x[:count // 2].to(next(model.parameters()).device)
     rec = model.reconstruct(x)
     pairs = torch.stack([x, rec], 1).reshape(-1, *x.shape[1:])  # input, then its reconstruction
     save_image_grid(pairs.cpu(), run_dir / "reconstructions.png", nrow=8, scale=scale, image_shape=shape)
@@ -443,5 +442,6 @@ def _save_image_pictures(model, x: Tensor, run_dir: Path, seed: int) -> None:
                     image_shape=shape)
     dims = next((d for d in range(min(10, model.config.latent_dim), 0, -1) if _fits(shape, scale, 9 * d, 9)), 0)
     if dims:  # a row of 9 values for each of the dimensions of highest KL that fit
-        save_traversals(model, x[:1], run_dir / "traversals.png", kl_per_dim=kl,
-                        dims=dims, scale=scale, image_shape=shape)
+        kl = kl_per_dimension(model, data[:KL_EXAMPLES])  # over the data, not over the examples shown
+        save_traversals(model, x[:1], run_dir / "traversals.png", kl_per_dim=kl, dims=dims, scale=scale,
+                        image_shape=shape)
