@@ -440,6 +440,58 @@ def test_load_model_refuses_a_tensor_of_another_dtype_than_the_rest(tmp_path, dt
         load_model(tmp_path)
 
 
+def test_a_save_interrupted_between_its_two_files_is_refused_not_loaded_as_another_model(tmp_path, monkeypatch):
+    """save_model writes the weights, then the config. Over a model of the same shapes and
+    another likelihood, a failure between the two left the new weights beside the old
+    config, and that pair loaded as a model neither save made (shapes cannot tell); the
+    config records the weights' SHA-256."""
+    from vaekit import io
+    from vaekit.models import VAE, ModelConfig
+
+    old = VAE(ModelConfig(input_shape=(1, 4, 4), latent_dim=2, hidden=(8,), likelihood="bernoulli"))
+    new = VAE(ModelConfig(input_shape=(1, 4, 4), latent_dim=2, hidden=(8,), likelihood="continuous_bernoulli"))
+    save_model(old, tmp_path)
+    write = io.atomic_write
+
+    def fail_at_the_config(path, data):
+        if Path(path).name == "config.json":
+            raise OSError(28, "No space left on device")
+        return write(path, data)
+
+    monkeypatch.setattr(io, "atomic_write", fail_at_the_config)
+    with pytest.raises(OSError):
+        save_model(new, tmp_path)
+    monkeypatch.undo()
+    weights, cfg = tmp_path / "model.safetensors", tmp_path / "config.json"
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(weights))} does not match {re.escape(str(cfg))}: "
+                                              r"its SHA-256 is not the one the config records"):
+        load_model(tmp_path)
+    save_model(new, tmp_path)  # the save done again: a pair
+    assert load_model(tmp_path).config.likelihood == "continuous_bernoulli"
+
+
+def test_weights_changed_after_the_save_are_refused_unless_the_seal_is_removed(tmp_path):
+    """One bit of a weight flipped on disk is told (it loaded as other numbers); a config
+    without weights_sha256 (saved before vaekit wrote it, or edited on purpose) loads."""
+    import json
+
+    model = _tiny_vae()
+    save_model(model, tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x10  # inside the last tensor's bytes
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"its SHA-256 is not the one the config records .* delete "
+                                              r"weights_sha256 from config\.json"):
+        load_model(tmp_path)
+    cfg = tmp_path / "config.json"
+    meta = json.loads(cfg.read_text())
+    assert len(meta.pop("weights_sha256")) == 64
+    cfg.write_text(json.dumps(meta))
+    saved, back = model.state_dict(), load_model(tmp_path).state_dict()
+    assert sum(not torch.equal(saved[k], back[k]) for k in saved) == 1  # the flipped bit, loaded as asked
+
+
 @pytest.mark.parametrize("kind", [
     {"hidden": (8,)},
     {"arch": "conv", "hidden": (4,), "likelihood": "discretized_logistic"},

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -249,6 +250,8 @@ def test_an_optimal_variance_model_saved_before_decoder_mse_still_loads_and_warn
     weights = tmp_path / "m" / "model.safetensors"
     old = {k: v for k, v in load_file(weights).items() if not k.startswith("decoder_mse")}
     save_file(old, weights)
+    config = tmp_path / "m" / "config.json"  # and without the weights' SHA-256, which came later
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "weights_sha256"}))
     with pytest.warns(UserWarning, match="saved before vaekit kept an evaluation variance"):
         back = VAE.from_pretrained(tmp_path / "m")
     back.eval()

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from io import BytesIO
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save as _safetensors_bytes
+from safetensors.torch import load as _safetensors_load, save as _safetensors_bytes
 
 from . import __version__
 
@@ -323,7 +324,9 @@ def save_model(model, directory, *, state: dict | None = None) -> Path:
     earlier; its config and class are the model's).
 
     Everything is checked and serialised before the first file is written: a model that
-    cannot be saved leaves the files already there as they were."""
+    cannot be saved leaves the files already there as they were. The config, written
+    last, records the weights' SHA-256: a save interrupted between the two files leaves
+    a pair that :func:`load_model` refuses, not one it loads as a model neither save made."""
     from .models import VAE
 
     if not isinstance(model, VAE):
@@ -335,16 +338,19 @@ def save_model(model, directory, *, state: dict | None = None) -> Path:
         state = model.state_dict()
     else:  # keep_vars: the tensors themselves, no new ones (this may run on a writing thread)
         _check_model_state(state, model.state_dict(keep_vars=True))
+    weights = _safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in state.items()})
     try:
         meta = _json_bytes({
             "class": type(model).__name__,
             "vaekit_version": __version__,
             "format_version": MODEL_FORMAT,
             "model": model.config.to_dict(),
+            # the pair's seal: the config is written last, so weights from an interrupted
+            # save next to the config of an earlier one are told apart (load_model)
+            "weights_sha256": hashlib.sha256(weights).hexdigest(),
         })
     except (TypeError, ValueError) as e:
         raise TypeError(f"model.config cannot be saved as JSON: {e}") from None
-    weights = _safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in state.items()})
     for name in ("model.safetensors", "config.json"):
         if (directory / name).is_dir():
             raise ValueError(f"directory {str(directory)!r} holds a folder {name}; expected a file there")
@@ -404,8 +410,9 @@ def load_model(directory, *, device=None):
     except (RuntimeError, MemoryError) as e:  # sizes that pass the config's checks but no memory holds
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{cfg_path} describes a model too large to build ({why})") from None
+    data = weights.read_bytes()
     try:
-        state = load_file(str(weights))
+        state = _safetensors_load(data)
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise CheckpointError(f"{weights} is not a readable safetensors file: {e}") from None
     _check_saved_dtypes(state, model.state_dict(), weights)
@@ -416,6 +423,12 @@ def load_model(directory, *, device=None):
     except RuntimeError as e:
         why = _state_dict_mismatch(model.state_dict(), state) or str(e).strip().splitlines()[0]
         raise CheckpointError(f"{weights} does not match {cfg_path}: {why}") from None
+    seal = meta.get("weights_sha256")  # absent from models saved before vaekit recorded it
+    if seal is not None and seal != hashlib.sha256(data).hexdigest():
+        raise CheckpointError(
+            f"{weights} does not match {cfg_path}: its SHA-256 is not the one the config records (the two files "
+            f"come from different saves, or the weights changed since; for weights edited on purpose, delete "
+            f"weights_sha256 from {cfg_path.name})")
     _buffers_like_weights(model)
     if device is not None:
         model.to(device)
