@@ -614,7 +614,7 @@ def test_fit_with_the_kernel_tail_trains_what_fit_without_it_trains(tmp_path, mo
     """TrainConfig(adam_kernel=True): an epoch of fit against the same fit with PyTorch's Adam."""
     _eager_loss_in_the_interpreter(monkeypatch)
     torch.set_num_threads(1)
-    kw = dict(fast="static", epochs=1, **kw)
+    kw = dict(fast="static", epochs=1, batch_size=256, **kw)  # 5 steps and a short one (70 of 1350)
     ref = fit(_tiny(**kw), tmp_path / "torch")
     tail = fit(_tiny(adam_kernel=True, **kw), tmp_path / "triton")
     a = load_checkpoint(tmp_path / "torch" / "checkpoint.pt")
@@ -633,7 +633,8 @@ def test_a_resumed_fit_with_the_kernel_tail_is_the_uninterrupted_one(tmp_path, m
     (its tables point at them): one epoch and a resume to two equal two epochs, bit for bit."""
     _eager_loss_in_the_interpreter(monkeypatch)
     torch.set_num_threads(1)
-    kw = dict(fast="static", adam_kernel=True, grad_clip=5.0, lr_schedule="constant")  # cosine follows the new end
+    kw = dict(fast="static", adam_kernel=True, grad_clip=5.0, lr_schedule="constant",  # cosine follows the new end
+              batch_size=256)
     fit(_tiny(epochs=2, **kw), tmp_path / "straight")
     fit(_tiny(epochs=1, **kw), tmp_path / "resumed")
     fit(_tiny(**kw), tmp_path / "resumed", resume=True, epochs=2)
