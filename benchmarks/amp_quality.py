@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pythae_compare import DEFAULT_DATA, load_mnist, warm_up_torch, write_npz  # noqa: E402  (shared helpers)
+from pythae_compare import DEFAULT_DATA, device_arg, load_mnist, warm_up_torch, write_npz  # noqa: E402  (shared helpers)
 
 PRESET = "mnist-burda"
 N_VAL = 10000  # the preset's split: the tail of the 60,000 training images
@@ -92,7 +92,7 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--iw-samples", type=int, default=0, help="k for the IW test NLL (0: none)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device_arg, default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="TrainConfig.num_threads (0: fit picks)")
     args = parser.parse_args(argv)
     x, xt, source = load_mnist(args.data)

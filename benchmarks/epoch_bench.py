@@ -87,7 +87,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pythae_compare import (  # noqa: E402  (shared benchmark helpers)
-    DEFAULT_DATA, MLPEncoder, import_pythae, load_mnist, mlp_decoder, pythae_dataset, pythae_trainer,
+    DEFAULT_DATA, MLPEncoder, device_arg, import_pythae, load_mnist, mlp_decoder, pythae_dataset, pythae_trainer,
     pythae_vae, quiet, sync, warm_up_torch, write_npz,
 )
 
@@ -357,7 +357,7 @@ def vaekit_fit(x_u8, x_val_u8, epochs, device, threads, workdir, amp: bool | str
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", default="1,2", help="comma list of torch thread counts (CPU only)")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per contender")
     parser.add_argument("--warmup", type=int, default=30, help="untimed warm-up steps per contender")

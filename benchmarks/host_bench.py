@@ -30,12 +30,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pythae_compare import device_arg  # noqa: E402  (shared benchmark helpers)
 
 STEPS = 469  # an epoch of 60,000 images at batch 128
 STEP_BUDGET_US = 60e3 / STEPS  # the 60 ms epoch goal
@@ -85,7 +89,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs (after one untimed)")
     parser.add_argument("--binarize", default="dynamic,none", help="comma list: dynamic, none")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda")
     parser.add_argument("--hidden", default="2",
                         help="the MLP's hidden widths, comma-separated: 800,400 weighs what 784-400-20 does "
                              "(670,000 parameters against 653,000: a checkpoint of its size)")

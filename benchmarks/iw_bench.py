@@ -43,7 +43,9 @@ from torch import nn
 from torch.distributions import Normal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pythae_compare import DEFAULT_DATA, binarize, import_pythae, load_mnist, pythae_vae, sync, warm_up_torch  # noqa: E402
+from pythae_compare import (  # noqa: E402
+    DEFAULT_DATA, binarize, device_arg, import_pythae, load_mnist, pythae_vae, sync, warm_up_torch,
+)
 
 
 @torch.no_grad()
@@ -148,7 +150,7 @@ def timed(fn, device):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--k", type=int, default=None, help="importance samples (default 5000 cuda, 100 cpu)")
     parser.add_argument("--n", type=int, default=None, help="test images (default 10000 cuda, 1000 cpu)")
     parser.add_argument("--n-baseline", type=int, default=None,

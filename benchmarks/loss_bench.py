@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,9 @@ import torch.nn.functional as F
 from vaekit import kernels
 from vaekit.kernels import fused_available, fused_vae_loss
 from vaekit.losses import VAELoss
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pythae_compare import device_arg  # noqa: E402  (shared benchmark helpers)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -157,7 +162,7 @@ def check_correctness(x, logits, mu, logvar, beta, plan="rows") -> bool:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--dim", type=int, default=3 * 64 * 64)
     parser.add_argument("--latent", type=int, default=128)

@@ -39,6 +39,25 @@ ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 
 # ---------------------------------------------------------------------------------------
+# Arguments shared by the benchmarks
+
+
+def device_arg(text: str) -> str:
+    """argparse type for --device: the name of a device this machine has (argparse prints
+    a refusal on one line after the usage and exits with status 2)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu or cuda, got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"this machine has no CUDA device (torch {torch.__version__}); "
+                                         f"use --device cpu, got {text!r}")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda, got {text!r}")
+    return text
+
+
+# ---------------------------------------------------------------------------------------
 # Data shared by the benchmarks
 
 
@@ -295,7 +314,7 @@ def score(model, x, k, device, seed) -> tuple[torch.Tensor, float]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="MNIST .npz or 'synthetic'")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device_arg, default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=100)

@@ -52,7 +52,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from epoch_bench import HIDDEN, LATENT, LR  # noqa: E402  (the benchmarked model's sizes)
-from pythae_compare import sync, warm_up_torch  # noqa: E402
+from pythae_compare import device_arg, sync, warm_up_torch  # noqa: E402
 
 # The newest unmeasured ones first, with the default step (the baseline) third; then the rest.
 VARIANTS = ("static-linear-tf32", "static-linear-bf16", "static-tail-tf32", "static", "static-linear-serial-tf32",
@@ -256,7 +256,7 @@ def first_line(e: Exception) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--variants", default=None, help=f"comma-separated, of {','.join(VARIANTS)} "
                     "(default: all on CUDA, static on a CPU)")
     ap.add_argument("--steps", type=int, default=20, help="profiled steps")

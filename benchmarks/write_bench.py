@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pythae_compare import DEFAULT_DATA, load_mnist, write_npz  # noqa: E402  (shared benchmark helpers)
+from pythae_compare import DEFAULT_DATA, device_arg, load_mnist, write_npz  # noqa: E402  (shared benchmark helpers)
 
 BATCH, HIDDEN, LATENT, LR = 128, 400, 20, 1e-3
 
@@ -70,7 +70,7 @@ def one_fit(npz: Path, run_dir: Path, background: bool, args, device: str) -> tu
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: as found)")
     parser.add_argument("--epochs", type=int, default=5, help="timed epochs a fit (after one more)")
     parser.add_argument("--repeats", type=int, default=2, help="fits of each way, alternating")

@@ -185,3 +185,32 @@ def test_gpu_sh_calls_what_the_scripts_take():
         assert (REPO / path).is_file(), f"gpu.sh runs {path}, which does not exist"
         if test:
             assert re.search(rf"^def {test}\(", (REPO / path).read_text(), re.M), f"gpu.sh runs {path}::{test}: none"
+
+
+NO_CUDA = """
+import contextlib, io, runpy, sys
+for path in sys.argv[1:]:
+    sys.argv, err, code = [path, "--device", "cuda"], io.StringIO(), None
+    with contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(path, run_name="__main__")
+        except SystemExit as e:
+            code = e.code
+    print("=== " + path + f" exit {code}\\n" + err.getvalue())
+"""
+
+
+def test_a_script_given_a_device_this_machine_lacks_says_so_in_one_line():
+    """``--device cuda`` without CUDA (CUDA_VISIBLE_DEVICES is empty here): argparse's
+    usage and one line naming the flag, exit 2; it was a traceback from deep in the run."""
+    import torch
+
+    scripts = sorted(p.stem for p in BENCH.glob("*.py") if '"--device"' in p.read_text())
+    assert len(scripts) >= 8, scripts
+    out = run("-c", NO_CUDA, *(f"benchmarks/{s}.py" for s in scripts), timeout=120)
+    for part in out.split("=== benchmarks/")[1:]:
+        head, _, err = part.partition("\n")
+        assert head.endswith(".py exit 2"), part
+        assert "Traceback" not in err and err.strip().splitlines()[-1].endswith(
+            f"error: argument --device: this machine has no CUDA device (torch {torch.__version__}); "
+            f"use --device cpu, got 'cuda'"), part
