@@ -780,3 +780,57 @@ def test_a_tensor_beta_is_read_only_when_validating():
         loss_fn(x, logits, mu, logvar)
     with pytest.raises(ValueError, match=r"beta must be a finite number >= 0, got -3\.0"):
         VAELoss(beta=torch.nn.Parameter(torch.tensor(-3.0)))  # a Parameter is checked too
+
+
+# ---------------------------------------------------------------------------------------
+# torch.func and second derivatives
+
+
+def test_per_example_gradients_under_vmap_are_a_loop_of_autograd_gradients():
+    """vmap(grad(...)) over the examples, value checks off: each example's gradient as
+    autograd gives it one example at a time. With the checks on, vmap cannot read values:
+    the check says how to turn them off (PyTorch's own error spoke of data-dependent
+    control flow)."""
+    from torch.func import grad, vmap
+
+    B, D, d = 5, 7, 3
+    x, logits = torch.rand(B, D, dtype=F64), torch.randn(B, D, dtype=F64)
+    mu, logvar = torch.randn(B, d, dtype=F64), torch.randn(B, d, dtype=F64)
+    loss = VAELoss(beta=2.5, reduction="sum", validate_args=False)
+
+    def one(lo, xi, m, v):
+        return loss(xi[None], lo[None], m[None], v[None]).loss
+
+    per_example = vmap(grad(one, argnums=(0, 2, 3)))(logits, x, mu, logvar)
+    for i in range(B):
+        inputs = [t[i:i + 1].clone().requires_grad_() for t in (logits, mu, logvar)]
+        loss(x[i:i + 1], inputs[0], inputs[1], inputs[2]).loss.backward()
+        for got, t in zip(per_example, inputs):
+            assert_close(got[i], t.grad[0], rtol=1e-12, atol=1e-14)
+
+    checked = VAELoss(beta=2.5, reduction="sum")
+    for fn, args in ((lambda lo, xi: bernoulli_nll(lo, xi), (logits, x)),
+                     (lambda m, v: gaussian_kl(m[None], v[None]), (mu, logvar)),
+                     (lambda lo, xi, m, v: checked(xi[None], lo[None], m[None], v[None]).loss, (logits, x, mu, logvar))):
+        with pytest.raises(RuntimeError, match=r"^the value check of \w+ cannot run under torch\.func\.vmap .*"
+                                               r"pass validate_args=False or call vaekit\.set_validate_args\(False\)$"):
+            vmap(fn)(*args)
+
+
+@pytest.mark.parametrize("name", ["bernoulli", "gaussian", "continuous_bernoulli", "kl", "vae_loss"])
+def test_second_derivatives_pass_gradgradcheck(name):
+    """Gradient penalties and Hessian-vector products differentiate the losses twice."""
+    from torch.autograd import gradgradcheck
+
+    B, D, d = 3, 4, 2
+    x = torch.rand(B, D, dtype=F64)
+    a, b = torch.randn(B, D, dtype=F64, requires_grad=True), torch.randn(B, D, dtype=F64, requires_grad=True)
+    mu, logvar = torch.randn(B, d, dtype=F64, requires_grad=True), torch.randn(B, d, dtype=F64, requires_grad=True)
+    fn, inputs = {
+        "bernoulli": (lambda lo: bernoulli_nll(lo, x), (a,)),
+        "gaussian": (lambda m, v: gaussian_nll(m, x, v), (a, b)),
+        "continuous_bernoulli": (lambda lo: continuous_bernoulli_nll(lo, x), (a,)),
+        "kl": (gaussian_kl, (mu, logvar)),
+        "vae_loss": (lambda lo, m, v: VAELoss(beta=3.0)(x, lo, m, v).loss, (a, mu, logvar)),
+    }[name]
+    assert gradgradcheck(fn, inputs)

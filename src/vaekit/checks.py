@@ -31,6 +31,7 @@ __all__ = [
     "check_tensor",
     "check_same_shape",
     "check_finite",
+    "read_value",
     "check_unit_interval",
     "check_number",
     "check_int",
@@ -119,15 +120,28 @@ def check_same_shape(a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
         )
 
 
+def read_value(t: Tensor, name: str, as_type=bool):
+    """``as_type(t)`` (``bool`` or ``float``) for a value check of the argument ``name``.
+    ``torch.func.vmap`` cannot read values: there the check says how to turn the checks
+    off, where PyTorch's own error spoke of data-dependent control flow."""
+    try:
+        return as_type(t)
+    except RuntimeError as e:
+        if "vmap" not in str(e):
+            raise
+        raise RuntimeError(f"the value check of {name} cannot run under torch.func.vmap (it reads the values); "
+                           f"pass validate_args=False or call vaekit.set_validate_args(False)") from None
+
+
 def check_finite(name: str, t: Tensor) -> None:
     """Raise if ``t`` holds a NaN or an infinity. A value check: it synchronises."""
-    if not bool(torch.isfinite(t).all()):
+    if not read_value(torch.isfinite(t).all(), name):
         raise ValueError(f"{name} must be finite, but it holds NaN or infinite values")
 
 
 def check_unit_interval(name: str, t: Tensor) -> None:
     """Raise unless every value of ``t`` lies in [0, 1]. A value check: it synchronises."""
-    if not bool(((t >= 0) & (t <= 1)).all()):
+    if not read_value(((t >= 0) & (t <= 1)).all(), name):
         # A NaN fails the range test too, but its min and max are NaN: count them instead.
         n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
         if n_nan or n_inf:
@@ -265,7 +279,7 @@ def check_beta(beta):
             raise ValueError(f"beta must be a scalar (a 0-dim tensor), got a tensor of shape {tuple(beta.shape)}")
         if not beta.is_floating_point():
             raise TypeError(f"beta must be a floating-point tensor, got dtype {beta.dtype}")
-        value = float(beta.detach())  # (a Parameter: read, not differentiated)
+        value = read_value(beta.detach(), "beta", float)  # (a Parameter: read, not differentiated)
     elif isinstance(beta, numbers.Real) and not isinstance(beta, bool):
         value = float(beta)
     else:

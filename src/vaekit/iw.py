@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from .checks import _LOG_2PI, MAX_IW_SAMPLES, check_int, check_same_shape, check_tensor, validating
+from .checks import _LOG_2PI, MAX_IW_SAMPLES, check_int, check_same_shape, check_tensor, read_value, validating
 
 __all__ = ["decode_nll", "repeat_for_samples", "log_weights_from_noise", "log_importance_weights", "iwae_bound", "iwae_loss",
            "iw_from_params", "normal_chunks", "auto_chunk_size", "randn_like_on", "noise_dtype", "MEMORY_BUDGET_BYTES",
@@ -174,7 +174,7 @@ def iwae_bound(log_w: Tensor, *, validate_args: bool | None = None) -> Tensor:
     if log_w.shape[0] == 0:
         raise ValueError(f"log_w must hold k >= 1 samples along its first dimension [k, B], "
                          f"got shape {tuple(log_w.shape)}")
-    if validating(validate_args) and bool((torch.isnan(log_w) | (log_w == math.inf)).any()):
+    if validating(validate_args) and read_value((torch.isnan(log_w) | (log_w == math.inf)).any(), "log_w"):
         raise ValueError("log_w must hold no NaN or +inf values (-inf, a zero weight, is allowed), but it does")
     return torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .checks import (
     _LOG_2PI, check_finite, check_int, check_number, check_same_shape, check_tensor,
-    check_unit_interval, sum_event, upcast, validating,
+    check_unit_interval, read_value, sum_event, upcast, validating,
 )
 
 __all__ = ["optimal_sigma_nll", "discretized_logistic_nll", "bernoulli_nll_samples"]
@@ -99,7 +99,7 @@ def discretized_logistic_nll(mean: Tensor, log_scale: Tensor, x: Tensor, *, n_bi
         check_finite("mean", mean)
         check_finite("log_scale", log_scale)
         check_unit_interval("x", x)
-        off_grid = float((x * levels - (x * levels).round()).abs().max())
+        off_grid = read_value((x * levels - (x * levels).round()).abs().max(), "x", float)
         if off_grid > 1e-3:
             raise ValueError(f"x must hold multiples of 1/{levels} (n_bits={n_bits}); a value is "
                              f"{off_grid:.3g} of a level away from the grid")
