@@ -262,6 +262,19 @@ def test_fused_linear_backward_passes_gradcheck():
         assert torch.autograd.gradcheck(lambda x, w, b: fused_linear(x, w, b, relu), (x, w, b))
 
 
+def test_fused_linear_refuses_a_second_derivative_in_words():
+    """Its backward has no graph: create_graph=True gave a gradient cut from the inputs, and
+    a gradient penalty through it failed far away ("element 0 of tensors does not require
+    grad") or came out 0."""
+    x, w, b = (t.double().requires_grad_() for t in _layer_inputs(4, 3, 5))
+    with pytest.raises(RuntimeError, match=r"^fused_linear can be differentiated once: its gradient has no graph "
+                                           r"\(create_graph=True\); for second derivatives use torch\.nn\.functional\.linear$"):
+        torch.autograd.grad(fused_linear(x, w, b, True).square().sum(), x, create_graph=True)
+    (gx,) = torch.autograd.grad(fused_linear(x, w, b, True).square().sum(), x)  # first order: as F.linear's
+    (ref,) = torch.autograd.grad(torch.relu(torch.nn.functional.linear(x, w, b)).square().sum(), x)
+    torch.testing.assert_close(gx, ref, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("relu", [False, True])
 def test_fused_linear_is_linear_and_relu(relu):
     """Values and gradients as nn.Linear (+ nn.ReLU): the same products, so equal where
@@ -807,19 +820,40 @@ def test_extreme_and_tiny_logvars_match_float64(reconstruction, reduction):
         assert bool(((a.double() - b).abs() <= 1e-5 * b.abs()).all()), ((a.double() - b) / b).abs().max()
 
 
+def _half_ulp(exact: torch.Tensor, dtype) -> torch.Tensor:
+    """Half the spacing of ``dtype``'s numbers around each float64 value of ``exact``: the
+    most one rounding to ``dtype`` can move it (normal numbers; fp16's subnormal spacing
+    as its floor)."""
+    bits = {torch.bfloat16: 8, torch.float16: 11}[dtype]  # significand bits, the implicit one included
+    _, e = torch.frexp(exact)  # |exact| = m 2^e, m in [0.5, 1)
+    spacing = torch.pow(2.0, (e - bits).to(torch.float64))
+    return 0.5 * (spacing.clamp_min(2.0**-24) if dtype == torch.float16 else spacing)
+
+
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_logits(dtype):
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_half_precision_logits(dtype, reduction):
+    """Half-precision inputs: the terms in float32; each gradient rounded to the half dtype
+    once, from float32: within half a unit in the last place of the float64 gradient (with
+    beta, 1/B and the incoming gradients scaling them), give or take float32's own error
+    (sigmoid(l) - x cancels where x is 0 or 1: a float32 ulp of the largest gradient). The
+    bfloat16 buffers were stored in bfloat16, then scaled: rounded twice, 1-2 ulps off."""
     x, out, mu, logvar = _inputs(3, 300, 5, dtype=dtype)
     mu_h, logvar_h = mu.detach().to(dtype).requires_grad_(), logvar.detach().to(dtype).requires_grad_()
-    fused, ref = _both(x, out, mu_h, logvar_h, reduction="sum")
+    fused, ref = _both(x, out, mu_h, logvar_h, beta=2.5, reduction=reduction)
     assert fused.loss.dtype == torch.float32
     _assert_same(fused, ref, rtol=1e-5, atol=1e-3)
-    weights = (torch.tensor(1.0), torch.tensor(0.5), None)
+    weights = (torch.tensor(1.0), torch.tensor(0.3), torch.tensor(0.7))
     ga = _grads(fused, (out, mu_h, logvar_h), weights)
-    gb = _grads(ref, (out, mu_h, logvar_h), weights)
-    assert ga[0].dtype == dtype
-    _assert_grads_same(ga, gb, rtol=1e-2, atol=1e-3)  # one rounding to the half dtype each
+    inputs64 = [t.detach().double().requires_grad_() for t in (out, mu_h, logvar_h)]
+    exact = _grads(VAELoss(2.5, "bernoulli", reduction)(x.double(), *inputs64), inputs64,
+                   [w.double() for w in weights])
+    for name, a, b in zip(("logits", "mu", "logvar"), ga, exact):
+        assert a.dtype == dtype, name
+        off = (a.double() - b).abs()
+        bound = _half_ulp(b, dtype) * (1 + 1e-4) + 2.0**-23 * b.abs().max()
+        assert bool((off <= bound).all()), (name, float((off / (2 * _half_ulp(b, dtype))).max()))
 
 
 @interpreted
@@ -869,6 +903,17 @@ def test_second_backward_through_the_graph_raises():
     fused.loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="back-propagated once"):
         fused.loss.backward()
+
+
+@interpreted
+def test_the_fused_functions_refuse_a_second_derivative_in_words():
+    x, out, mu, logvar = _inputs(2, 10, 3)
+    with pytest.raises(RuntimeError, match=r"^fused_vae_loss can be differentiated once: .* use vaekit\.losses\.VAELoss$"):
+        torch.autograd.grad(fused_vae_loss(x, out, mu, logvar).loss, mu, create_graph=True)
+    head, eps = _posterior_inputs(3, 2, torch.float32)
+    with pytest.raises(RuntimeError, match=r"^fused_posterior_sample can be differentiated once: .* "
+                                           r"use vaekit\.kernels\.posterior_sample$"):
+        torch.autograd.grad(fused_posterior_sample(head, eps, 5.0)[2].sum(), head, create_graph=True)
 
 
 @interpreted
