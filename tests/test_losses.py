@@ -122,6 +122,10 @@ def test_gaussian_kl_refuses_a_1d_mu():
         gaussian_kl(torch.zeros(4), torch.ones(4))
     with pytest.raises(ValueError, match=re.escape("mu must have shape [B, d]")):
         VAELoss(reduction="none")(torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.ones(4))
+    # d latents of one example beside a batch of 4: the KL's message, not "x has batch size 4
+    # but mu has batch size 3" (d read as a batch size)
+    with pytest.raises(ValueError, match=re.escape("mu must have shape [B, d] (at least 2 dims), got shape (3,)")):
+        VAELoss()(torch.rand(4, 6), torch.zeros(4, 6), torch.zeros(3), torch.ones(3))
     assert gaussian_kl(torch.zeros(1, 4), torch.ones(1, 4)).shape == (1,)
 
 

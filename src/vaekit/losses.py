@@ -436,7 +436,8 @@ class VAELoss(torch.nn.Module):
         if not isinstance(beta, Tensor) or beta.dim() or not beta.is_floating_point() or validating(self.validate_args):
             check_beta(beta)
         self._check_choices()
-        if isinstance(x, Tensor) and isinstance(mu, Tensor) and x.dim() >= 1 and mu.dim() >= 1:
+        # (a 1-D mu is left to gaussian_kl, which says why: its length is not a batch size)
+        if isinstance(x, Tensor) and isinstance(mu, Tensor) and x.dim() >= 1 and mu.dim() >= 2:
             if x.shape[0] != mu.shape[0]:
                 raise ValueError(
                     f"x has batch size {x.shape[0]} but mu has batch size {mu.shape[0]}"
