@@ -445,3 +445,27 @@ def test_sample_decodes_in_chunks_where_one_pass_would_hold_too_much(monkeypatch
     assert out.shape == (10, 1, 4, 4) and torch.equal(out, by_hand)
     with pytest.raises(ValueError, match=rf"n must be at most {3 * model.decode_numel // 16} \(images of 16 values"):
         model.sample(3 * model.decode_numel // 16 + 1)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS + [ModelConfig(input_shape=(6,), hidden=(8,), latent_dim=2, likelihood="gaussian",
+                                                       decoder_variance="optimal")], ids=str)
+def test_deepcopy_and_pickle_give_the_same_model(cfg):
+    """copy.deepcopy and a pickle round trip (what DataLoader workers, multiprocessing and
+    checkpointing libraries do with a module): the same config, tensors and outputs, bit for bit."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    model = VAE(cfg)
+    if cfg.decoder_variance == "optimal":  # one training step's tracked variance, so the buffer is not its initial one
+        model.train()
+        model.nll(torch.rand(3, *cfg.input_shape), torch.rand(3, *cfg.input_shape))
+    model.eval()
+    x = torch.rand(2, *cfg.input_shape)
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert other.config == cfg and not other.training
+        for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+            assert torch.equal(a, b), name
+        for a, b in zip(model.encode_params(x), other.encode_params(x)):
+            assert torch.equal(a, b)
+        assert torch.equal(model.reconstruct(x), other.reconstruct(x))
