@@ -177,6 +177,13 @@ def adam(n, **entries):
     return edit
 
 
+def adam_group(**settings):
+    """An edit of the checkpoint: its optimiser's parameter group with ``settings``."""
+    def edit(state):
+        state["optimizer"]["param_groups"][0].update(settings)
+    return edit
+
+
 def model_tensor(index, dtype):
     """An edit of the checkpoint: its ``index``-th model tensor cast to ``dtype``."""
     def edit(state):
@@ -204,6 +211,16 @@ AGAINST_THE_MODEL = [  # (edit of the checkpoint, the error after "cannot be res
     (lambda state: state["optimizer"]["state"].pop(0),
      r"optimizer\['state'\] has no Adam state for parameter 0 \(\S+\.weight\), though the run has taken \d+ "
      r"optimiser steps$"),
+    # Adam's arithmetic other than the run's config gives: maximize climbed the loss
+    (adam_group(maximize=True),
+     r"optimizer\['param_groups'\]\[0\]\['maximize'\] must be False, as the run's config gives, got True$"),
+    (adam_group(betas=(0.5, 0.9)),
+     r"optimizer\['param_groups'\]\[0\]\['betas'\] must be \(0\.9, 0\.999\), as the run's config gives, "
+     r"got a tuple of 2 items$"),
+    (adam_group(weight_decay=0.1), r"optimizer\['param_groups'\]\[0\]\['weight_decay'\] must be 0\.0, as"),
+    (adam_group(amsgrad=True), r"optimizer\['param_groups'\]\[0\]\['amsgrad'\] must be False, as"),
+    (adam_group(lr=math.nan), r"optimizer\['param_groups'\]\[0\]\['lr'\] must be a finite number >= 0, got nan$"),
+    (adam_group(lr=-1e-3), r"optimizer\['param_groups'\]\[0\]\['lr'\] must be a finite number >= 0, got -0\.001$"),
     # load_state_dict would cast these
     (model_tensor(0, torch.int32), r"model\['\S+'\] must be a torch\.float32 tensor, as the model's, got a "
                                    r"torch\.int32 tensor"),
@@ -242,3 +259,22 @@ def test_a_parameter_without_adam_state_resumes_where_no_step_was_taken(finished
     rd, _ = edited(finished, tmp_path, skipped=state["step"], optimizer={**state["optimizer"], "state": {}})
     result = fit(tiny_config(), rd, resume=True, epochs=2)
     assert result.trained and len(result.history) == 4
+
+
+def test_how_a_saved_adam_ran_is_this_process_choice_not_the_checkpoints(finished, tmp_path):
+    """A group's fused / foreach / capturable / differentiable say how the process that
+    saved it ran the update, not what the update is: the resumed run takes its own, and
+    trains what the unedited checkpoint trains, bit for bit."""
+    plain = tmp_path / "plain"
+    shutil.copytree(finished, plain)
+    optimizer = load_checkpoint(finished / "checkpoint.pt")["optimizer"]
+    group = optimizer["param_groups"][0]
+    group.update(fused=not group["fused"], foreach=True, capturable=True, differentiable=True)
+    rd, _ = edited(finished, tmp_path, optimizer=optimizer)
+    a = fit(tiny_config(), plain, resume=True, epochs=2)
+    b = fit(tiny_config(), rd, resume=True, epochs=2)
+    assert [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
+    sa, sb = load_checkpoint(plain / "checkpoint.pt"), load_checkpoint(rd / "checkpoint.pt")
+    for key in sa["model"]:
+        assert torch.equal(sa["model"][key], sb["model"][key]), key
+    assert sb["optimizer"]["param_groups"][0]["capturable"] is False

@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import io as _io
 import math
+import numbers
 import os
 import warnings
 from pathlib import Path
@@ -340,19 +341,44 @@ def extended(tc: TrainConfig, state: dict, epochs, run_dir: Path) -> TrainConfig
     return dataclasses.replace(tc, epochs=epochs)
 
 
-def _load_optimizer(optimizer, saved: dict) -> None:
+# Adam's settings that change its arithmetic: the run's config made them, and a checkpoint
+# that says otherwise was not written by this run. The ones that say how this process runs
+# the update (a fused kernel, a captured step's tensors) are its own, not the checkpoint's.
+_ADAM_MATH = ("betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")
+_ADAM_RUNNER = ("foreach", "capturable", "differentiable", "fused")
+
+
+def _load_optimizer(optimizer, saved: dict, ckpt_path: Path) -> None:
     """``optimizer.load_state_dict(saved)``, each group's learning rate kept of the kind it
     had: a tensor stays the same tensor (a captured step reads it on its device; the
     loaded one is a new tensor on the CPU), now holding the saved value; a number stays a
-    number."""
-    before = [g["lr"] for g in optimizer.param_groups]
+    number. A group setting of Adam's arithmetic other than the run's config gives (a
+    ``maximize=True`` would climb the loss) is refused; the settings of how it runs stay
+    this optimiser's (a saved ``capturable`` or ``fused`` names another process's choice)."""
+    before = [dict(g) for g in optimizer.param_groups]
     optimizer.load_state_dict(saved)
-    for group, lr in zip(optimizer.param_groups, before):
+    for i, (group, own) in enumerate(zip(optimizer.param_groups, before)):
+        for key in _ADAM_MATH:
+            mine, theirs = own.get(key), group.get(key)
+            if isinstance(mine, (tuple, list)) and isinstance(theirs, (tuple, list)):
+                mine, theirs = tuple(mine), tuple(theirs)
+            if theirs != mine:
+                raise _bad_field(ckpt_path, f"optimizer['param_groups'][{i}][{key!r}]",
+                                 f"{mine!r}, as the run's config gives", theirs)
+        for key in _ADAM_RUNNER:
+            if key in own:
+                group[key] = own[key]
+        saved_lr = group["lr"]
+        if isinstance(saved_lr, torch.Tensor) and saved_lr.numel() == 1:
+            saved_lr = saved_lr.item()
+        if isinstance(saved_lr, bool) or not isinstance(saved_lr, numbers.Real) or not 0 <= saved_lr < math.inf:
+            raise _bad_field(ckpt_path, f"optimizer['param_groups'][{i}]['lr']", "a finite number >= 0", group["lr"])
+        lr = own["lr"]
         if isinstance(lr, torch.Tensor):
-            lr.fill_(float(group["lr"]))
+            lr.fill_(float(saved_lr))
             group["lr"] = lr
         else:
-            group["lr"] = float(group["lr"])
+            group["lr"] = float(saved_lr)
 
 
 def _bad_field(ckpt_path: Path, field: str, expected: str, value) -> CheckpointError:
@@ -422,7 +448,7 @@ def restore(state: dict, ckpt_path: Path, *, model, optimizer, batches, device: 
             warnings.filterwarnings("ignore", message=".*saved before vaekit kept an evaluation variance")
             model.load_state_dict(state["model"])
         _check_adam_state(state, ckpt_path, model, optimizer)  # after the model's keys and shapes are known good
-        _load_optimizer(optimizer, state["optimizer"])
+        _load_optimizer(optimizer, state["optimizer"], ckpt_path)
     except CheckpointError:
         raise
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
