@@ -91,6 +91,25 @@ def test_the_iwae_objective_asked_for_with_one_sample_is_refused_on_the_command_
 
 
 @pytest.mark.parametrize("in_file, overrides, pattern", [
+    ({"name": "iwae"}, {}, r"^--config \S+run\.json: objective\.name is 'iwae' with iw_samples=1 \(the default\), "
+                            r"and that IWAE bound is the ELBO; set objective\.iw_samples to K >= 2 .*, or "
+                            r"objective\.name to 'elbo'$"),
+    ({"name": "iwae", "iw_samples": 1}, {}, r"^--config \S+: objective\.name is 'iwae' with iw_samples=1 \(set in the file\)"),
+    ({"iw_samples": 1}, {"objective.name": "iwae"},
+     r"^--objective iwae: with iw_samples=1 \(objective\.iw_samples in \S+run\.json\) the IWAE bound is the ELBO"),
+])
+def test_an_iwae_of_one_sample_from_a_config_file_is_named_by_the_file(tmp_path, in_file, overrides, pattern):
+    """The refusal named --objective and --iw-samples when the file set them."""
+    import json
+
+    from vaekit.flags import UsageError, build_config
+
+    (tmp_path / "run.json").write_text(json.dumps({"objective": in_file}))
+    with pytest.raises(UsageError, match=pattern):
+        build_config(config_file=str(tmp_path / "run.json"), overrides=overrides)
+
+
+@pytest.mark.parametrize("in_file, overrides, pattern", [
     # a value from the --config file is named by the file and its key, not by a flag not given
     ({"model": {"latent_dim": "x"}}, {}, r"^--config \S+run\.json: model\.latent_dim must be an integer in "
                                          r"\[1, 2147483647\], got 'x'$"),

@@ -187,9 +187,22 @@ def build_config(preset: str | None = None, config_file: str | None = None, over
     if asked.get("name") == "iwae" and config.objective.iw_samples == 1:
         # one importance sample: the bound is the ELBO (estimated with its KL sampled), which
         # a user asking for the IWAE bound did not mean (a forgotten --iw-samples)
-        raise UsageError("--objective iwae: with iw_samples=1 (--iw-samples, default 1) the IWAE bound is the "
-                         "ELBO; give --iw-samples K with K >= 2 (Burda et al. use 5 or 50), or --objective elbo")
+        raise UsageError(_iwae_of_one(overrides or {}, config_file, from_file))
     return config
+
+
+def _iwae_of_one(overrides: dict, config_file: str | None, from_file: dict) -> str:
+    """The refusal of an IWAE objective with one sample, naming where the user set each."""
+    in_file = from_file.get("objective") if isinstance(from_file.get("objective"), dict) else {}
+    if "objective.name" in overrides:
+        k = "--iw-samples 1" if "objective.iw_samples" in overrides else (
+            f"objective.iw_samples in {config_file}" if "iw_samples" in in_file else "--iw-samples, default 1")
+        return (f"--objective iwae: with iw_samples=1 ({k}) the IWAE bound is the ELBO; give --iw-samples K with "
+                f"K >= 2 (Burda et al. use 5 or 50), or --objective elbo")
+    k = "--iw-samples 1" if "objective.iw_samples" in overrides else (
+        "set in the file" if "iw_samples" in in_file else "the default")
+    return (f"--config {config_file}: objective.name is 'iwae' with iw_samples=1 ({k}), and that IWAE bound is the "
+            f"ELBO; set objective.iw_samples to K >= 2 (Burda et al. use 5 or 50), or objective.name to 'elbo'")
 
 
 def _check_cuda(device: str) -> None:
