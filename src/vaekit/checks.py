@@ -43,6 +43,11 @@ __all__ = [
     "reset_inert",
     "upcast",
     "sum_event",
+    "slow_bf16_note",
+    "MAX_SEED",
+    "MAX_GENERATOR_SEED",
+    "MAX_EVAL_SEED",
+    "MAX_IW_SAMPLES",
 ]
 
 # log(2 pi), the constant of every Gaussian log-density; one definition for every module.
@@ -178,6 +183,7 @@ MAX_SEED = 2**63 - 1
 # The largest seed a torch.Generator takes; evaluate and sample, which also draw with
 # seed + 1 and seed + 2, take seeds up to MAX_GENERATOR_SEED - 2.
 MAX_GENERATOR_SEED = 2**64 - 1
+MAX_EVAL_SEED = MAX_GENERATOR_SEED - 2  # evaluate and sample also draw with seed + 1 and seed + 2
 
 
 def check_int(name: str, value, *, low: int = 0, high: int | None = None) -> int:

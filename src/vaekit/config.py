@@ -1,10 +1,11 @@
 """Config is data: one dataclass per concern, gathered in :class:`RunConfig`.
 
-``ModelConfig`` (:mod:`vaekit.models`), ``DataConfig`` (:mod:`vaekit.data`) and
-``ObjectiveConfig`` (:mod:`vaekit.objectives`) live beside the code they configure;
-``TrainConfig`` and the run as a whole live here. Each validates itself in
-``__post_init__`` with errors that name the field; a run's resolved configuration is saved
-as JSON, and the command line is a view of these fields (:mod:`vaekit.cli`).
+``ModelConfig`` (:mod:`vaekit.model_config`, re-exported by :mod:`vaekit.models`),
+``DataConfig`` (:mod:`vaekit.data`) and ``ObjectiveConfig`` (:mod:`vaekit.objectives`) live
+beside the code they configure; ``TrainConfig`` and the run as a whole live here. Each
+validates itself in ``__post_init__`` with errors that name the field; a run's resolved
+configuration is saved as JSON, and the command line's flags are a view of these fields
+(:mod:`vaekit.flags`).
 """
 
 from __future__ import annotations

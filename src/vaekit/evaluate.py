@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checks import MAX_GENERATOR_SEED, MAX_IW_SAMPLES, check_generator, check_int, check_number
+from .checks import MAX_EVAL_SEED, MAX_IW_SAMPLES, check_generator, check_int, check_number
 from .losses import gaussian_kl
 from .iw import MEMORY_BUDGET_BYTES, _check_samples, auto_chunk_size, iw_from_params, randn_like_on
 from .iw import decode_nll
@@ -56,10 +56,6 @@ __all__ = [
 
 # The arithmetic an evaluation may run in (see iw_log_likelihood).
 PRECISIONS = ("fp32", "tf32", "bf16")
-
-# The largest seed evaluate_model takes: it also draws with seed + 1 and seed + 2 (the
-# CLI's --seed has the same bound).
-_MAX_SEED = MAX_GENERATOR_SEED - 2
 
 
 # ---------------------------------------------------------------------------------------
@@ -306,7 +302,7 @@ def evaluate_model(
     check_number("threshold", threshold)
     _check_precision(precision, model)
     check_int("iw_samples", iw_samples, high=MAX_IW_SAMPLES)  # 0: no importance-weighted estimate
-    check_int("seed", seed, high=_MAX_SEED)
+    check_int("seed", seed, high=MAX_EVAL_SEED)
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
     from tqdm.auto import tqdm

@@ -187,6 +187,8 @@ class StaticStep:
         grad_clip: global gradient-norm clip (0: off).
         amp: autocast the forward in bfloat16.
         capture: capture a CUDA graph (default: when the model is on CUDA).
+        warmup: eager steps before the capture (CUDA's libraries make their workspaces
+            and a compiled forward is compiled in them); 0 without capture.
         compile: compile the forward pass and the loss with ``torch.compile`` (needs a C++
             compiler on a CPU, Triton on a GPU); compiled in the first call (on CUDA in
             the first warm-up step, before capture).

@@ -232,7 +232,11 @@ def _without_the_presets_inert(merged: dict, user: dict) -> dict:
     return out
 
 
-_SECTIONS = {"ModelConfig": "model", "DataConfig": "data", "TrainConfig": "train", "ObjectiveConfig": "objective"}
+def _sections() -> dict:
+    """A config class's name -> its section in a run's config (``"TrainConfig"`` -> ``"train"``)."""
+    from .config import GROUPS
+
+    return {klass.__name__: group for group, klass in GROUPS.items()}
 
 
 def _blame_the_preset(error: Exception, preset: str, user: dict) -> Exception:
@@ -240,7 +244,7 @@ def _blame_the_preset(error: Exception, preset: str, user: dict) -> Exception:
     (``--preset mnist-large --objective elbo`` meets the preset's ``iw_samples=5``)."""
     msg = str(error)
     section = re.match(r"(\w+Config)\.", msg)
-    group = _SECTIONS.get(section.group(1)) if section else None
+    group = _sections().get(section.group(1)) if section else None
     if group is None:
         return error
     preset_fields = PRESETS[preset].get(group, {})
@@ -261,7 +265,7 @@ def _name_the_flag(error: Exception, overrides: dict, config_file: str | None = 
     unused ...")."""
     msg = str(error)
     found = re.match(r"(\w+Config)\.(\w+)", msg)
-    group = _SECTIONS.get(found.group(1)) if found else None
+    group = _sections().get(found.group(1)) if found else None
     if group is None:
         return error
     field = found.group(2)

@@ -77,7 +77,8 @@ def gaussian_kl(
     .. math::
         \mathrm{KL} = -\tfrac12 \sum_j \big(1 + \log\sigma_j^2 - \mu_j^2 - \sigma_j^2\big)
 
-    for the standard-normal prior; in general, with ``r = logvar - prior_logvar``,
+    for the standard-normal prior; in general, with ``m = prior_mu``, ``s = prior_logvar``
+    and ``r = logvar - s``,
 
     .. math::
         \mathrm{KL} = \tfrac12 \sum_j \big( (e^{r_j} - 1 - r_j) + (\mu_j - m_j)^2 e^{-s_j} \big).

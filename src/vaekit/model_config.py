@@ -3,7 +3,7 @@
 The config names an architecture (``arch``, ``hidden``, ``activation``), a latent size and
 the decoder's likelihood with its variance; :class:`vaekit.models.VAE` builds the networks
 from it. Every field is checked in ``__post_init__`` and an error names the field it is
-about (``ModelConfig.latent_dim must be a positive integer, got 0``). ``to_dict`` gives the
+about (``ModelConfig.latent_dim must be an integer in [1, 2147483647], got 0``). ``to_dict`` gives the
 JSON that :func:`vaekit.io.save_model` writes beside the weights, and the command line's
 ``--help`` takes each field's description from the class docstring (:mod:`vaekit.flags`).
 

@@ -55,7 +55,9 @@ def constant_beta(step: int, beta: float) -> float:
 def linear_warmup(step: int, *, beta: float, warmup_steps: int, start: float = 0.0) -> float:
     """``start + (beta - start) * step / warmup_steps`` for ``step < warmup_steps``, then ``beta``.
 
-    ``warmup_steps = 0`` means no warm-up (``beta`` from step 0).
+    ``warmup_steps = 0`` means no warm-up (``beta`` from step 0); :func:`beta_schedule`
+    and ``ObjectiveConfig`` refuse it with the "linear" schedule, where it would be
+    ``"constant"`` under another name.
     """
     step, warmup_steps = check_int("step", step), check_int("warmup_steps", warmup_steps)
     return _linear(step, check_number("beta", beta), warmup_steps, check_number("start", start))
