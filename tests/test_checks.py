@@ -186,3 +186,19 @@ def test_slow_bf16_note_follows_pytorchs_own_bf16_check(monkeypatch):
     assert c.slow_bf16_note("cuda", "--precision bf16") is None  # a GPU's bfloat16 is its own
     monkeypatch.setattr(c, "_cpu_bf16_fast", lambda: True)
     assert c.slow_bf16_note("cpu", "--precision bf16") is None
+
+
+def test_every_module_exports_only_names_it_has():
+    """Each vaekit module's ``__all__`` resolves (``from vaekit.x import *`` would fail on
+    a stale name)."""
+    import importlib
+    import pkgutil
+
+    import vaekit
+
+    modules = [m.name for m in pkgutil.iter_modules(vaekit.__path__, "vaekit.") if m.name != "vaekit.__main__"]
+    assert len(modules) > 20
+    for name in ["vaekit", *modules]:
+        module = importlib.import_module(name)
+        missing = [n for n in getattr(module, "__all__", ()) if not hasattr(module, n)]
+        assert not missing, f"{name}.__all__ names {missing}, which it does not have"

@@ -469,3 +469,20 @@ def test_deepcopy_and_pickle_give_the_same_model(cfg):
         for a, b in zip(model.encode_params(x), other.encode_params(x)):
             assert torch.equal(a, b)
         assert torch.equal(model.reconstruct(x), other.reconstruct(x))
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/objective.md"])
+def test_the_python_blocks_of_the_readme_and_the_objective_doc_run(doc, tmp_path, monkeypatch, capsys):
+    """What a reader copies first runs as written (in a folder of its own: the README's
+    block saves a model)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / doc).read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+    assert blocks, doc
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, doc, "exec"), {"__name__": "__doc_block__"})
+    if doc == "README.md":
+        assert VAE.from_pretrained(tmp_path / "my-vae").config.latent_dim == 16
