@@ -7,6 +7,7 @@ that calls ``vaekit.cli.main`` after wrapping a few functions of ``vaekit.train`
   folder, so one run gives the parameters after several steps;
 * it logs, per rank, every file-writing call of the loop and the history ``fit`` returns
   (the pictures are logged but not drawn, to save time);
+* it replaces ``{rank}`` in the arguments with the rank (each rank's own files);
 * on request, rank 1 dies (``os._exit(1)``) or receives SIGINT at a given step, or one
   rank's loss is NaN (its gradients left finite) at the steps of a range;
 * it saves each rank's final parameters, and the exception that ended ``fit``.
@@ -68,6 +69,7 @@ signal_step = int(os.environ.get("TEST_SIGNAL_STEP", "-1"))
 nan_from, nan_to = map(int, os.environ.get("TEST_NAN_STEPS", "-1,-1").split(","))
 nan_rank = int(os.environ.get("TEST_NAN_RANK", "1"))
 keep = Path(os.environ["TEST_KEEP"])
+sys.argv[1:] = [a.replace("{rank}", str(rank)) for a in sys.argv[1:]]  # each rank's own file, where a test asks
 (keep / f"pid-{rank}").write_text(str(os.getpid()))  # lets the test kill a hung worker
 writes = []
 forward, save_checkpoint, fit = steps._Objective.forward, train.save_checkpoint, train.fit
@@ -478,3 +480,120 @@ def test_resume_with_another_world_size_is_refused_in_one_line(early):
         f"vaekit: error: {run_dir / 'checkpoint.pt'} was written by a run on 2 process(es); resume it with the same "
         f"number, not 1 (the data position counts combined batches)"), run.output[-3000:]
     assert files() == before
+
+
+def _files(run_dir: Path) -> dict:
+    return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def _one_error_line(run: Launch, pattern: str) -> None:
+    """The job ended at start-up in one line (``vaekit: error: ...`` matching ``pattern``),
+    exit status 2 (torchrun's report), and no rank's traceback."""
+    assert not run.hung, f"the job hung:\n{run.output[-3000:]}"
+    assert run.rc != 0
+    lines = re.findall(r"^vaekit: error: .*", run.output, re.M)
+    assert len(lines) == 1 and re.fullmatch(pattern, lines[0]), run.output[-3000:]
+    assert not re.search(r"^\[rank\d\]:", run.output, re.M), run.output[-3000:]
+    assert re.search(r"exitcode\s*:\s*2\b", run.output.split("Root Cause", 1)[-1]), run.output[-3000:]
+    # every rank that got as far as raising raised the same
+    assert len({p.read_text() for p in run.keep.glob("error-*.txt")}) == 1
+
+
+@pytest.mark.parametrize("case", ["other", "missing"])
+def test_rank_with_other_or_missing_data_stops_every_rank_in_one_line(tmp_path, case):
+    """Each rank loads its own copy of the data: a copy that differs on one machine (here
+    10 rows fewer) would train on examples used twice or never, or leave the ranks in
+    mismatched collectives; a copy missing there stopped rank 1 alone, while rank 0
+    printed a traceback from DDP's start-up. Every rank stops before anything is written,
+    with the one line that says which rank differs or failed."""
+    import numpy as np
+
+    x = np.random.default_rng(0).random((300, 1, 8, 8), dtype=np.float32)
+    np.save(tmp_path / "data-0.npy", x)
+    if case == "other":
+        np.save(tmp_path / "data-1.npy", x[:-10])
+    run_dir = tmp_path / "run"
+    run = _launch(tmp_path, case, [*TRAIN_ARGS, "--batch-size", "32", "--dataset", "array", "--data-dir",
+                                   str(tmp_path / "data-{rank}.npy"), "--run-dir", str(run_dir)], nproc=2)
+    if case == "other":
+        pattern = (r"vaekit: error: rank 1 loaded other training data than rank 0 \(rank 1: \d+ examples of shape "
+                   r"\(1, 8, 8\), hash \w+, from .*data-1\.npy; rank 0: \d+ examples .*data-0\.npy\): every rank "
+                   r"must read the same files")
+    else:
+        pattern = rf"vaekit: error: rank 1: .*{re.escape(str(tmp_path / 'data-1.npy'))}.*"
+    _one_error_line(run, pattern)
+    assert not run_dir.exists()
+
+
+def test_rank_resuming_another_checkpoint_stops_every_rank_in_one_line(runs, tmp_path):
+    """Each rank reads its own checkpoint.pt on resume: rank 1 given an older copy of the
+    run (step 9, where rank 0's is at step 12) made rank 0 write wrong metrics, then wait
+    in a collective until gloo's timeout. Every rank stops in one line instead, the run's
+    copies left as they were."""
+    ddp = _ok(runs["ddp"])
+    copies = [tmp_path / f"run-{rank}" for rank in (0, 1)]
+    for rank, step in ((0, 12), (1, 9)):
+        run_dir = copies[rank]
+        run_dir.mkdir()
+        (run_dir / "config.json").write_bytes((runs["dirs"]["ddp"] / "config.json").read_bytes())
+        (run_dir / "checkpoint.pt").write_bytes((ddp.keep / f"checkpoint-{step}.pt").read_bytes())
+    before = [_files(d) for d in copies]
+    run = _launch(tmp_path, "stale", ["train", "--resume", str(tmp_path / "run-{rank}")], nproc=2)
+    _one_error_line(run, r"vaekit: error: rank 1 resumes from step 9 \(0 epochs done\) where rank 0 resumes from "
+                         r"step 12 \(1 epoch done\): every rank must read the same checkpoint\.pt")
+    assert [_files(d) for d in copies] == before
+
+
+def test_ranks_agree_on_what_they_loaded_or_raise_the_first_error(tmp_path, monkeypatch):
+    """What :func:`vaekit.wiring._agree` makes of the ranks' reports (the launches above
+    try two of them): their configs, validation data and checkpoints compared with rank
+    0's, and the error of the lowest failing rank raised everywhere, of its own type where
+    the command line maps that type to a status."""
+    import copy
+
+    from vaekit.flags import build_config
+    from vaekit.io import CheckpointError
+    from vaekit.wiring import _agree, _build, _facts
+
+    config = build_config(None, None, {"model.hidden": (16,), "model.latent_dim": 2, "train.progress": False})
+    run = _build(config, tmp_path / "run", None)
+    state = {"step": 12, "epoch": 1, "batches": run.batches.state_dict(), "model": run.model.state_dict()}
+    ours = ("ok", _facts(run, state))
+
+    def edited(edit):
+        theirs = copy.deepcopy(ours)
+        edit(theirs[1])
+        return theirs
+
+    def other_weights(facts):
+        facts["resume"] = (*facts["resume"][:3], "0" * 16)
+
+    def other_lr(facts):
+        facts["config"]["train"]["lr"] = 0.5
+
+    def other_val(facts):
+        facts["data"]["val_hash"] = "0" * 16
+
+    error = lambda cls, text: ("error", [c.__name__ for c in cls.__mro__], text)  # noqa: E731
+    cases = [
+        ([edited(other_weights)], ValueError, r"rank 1 resumes from another checkpoint than rank 0 \(at the same "
+                                              r"step 12, but with other weights or data position\): every rank must "
+                                              r"read the same checkpoint\.pt"),
+        ([ours, edited(other_lr), edited(other_lr)], ValueError,
+         rf"rank 2 was given another configuration than rank 0 \(train\.lr 0\.5 vs {config.train.lr}\); rank 3 "
+         r"differs from rank 0 too: every rank must be given the same flags and config file"),
+        ([edited(other_val)], ValueError, r"rank 1 loaded other validation data than rank 0 \(rank 1: \d+ examples, "
+                                          r"hash 0{16}; rank 0: \d+ examples, hash \w+\): every rank must read the "
+                                          r"same files"),
+        ([ours, error(CheckpointError, "x.pt is damaged"), error(ValueError, "y")], CheckpointError,
+         r"rank 2: x\.pt is damaged"),
+        ([error(KeyError, "'k'")], RuntimeError, r"rank 1: KeyError: 'k'"),
+    ]
+    for others, cls, pattern in cases:
+        monkeypatch.setattr(dist, "all_gather_object", lambda out, mine: out.__setitem__(slice(None), [mine, *others]))
+        with pytest.raises(cls, match=f"^{pattern}$"):
+            _agree(run, state, None, 0, 1 + len(others))
+    # the same load everywhere: nothing to say
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, mine: out.__setitem__(slice(None), [mine, ours]))
+    _agree(run, state, None, 0, 2)

@@ -278,3 +278,17 @@ def test_how_a_saved_adam_ran_is_this_process_choice_not_the_checkpoints(finishe
     for key in sa["model"]:
         assert torch.equal(sa["model"][key], sb["model"][key]), key
     assert sb["optimizer"]["param_groups"][0]["capturable"] is False
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_resume_of_a_cuda_run_without_cuda_names_the_saved_device(finished, tmp_path, monkeypatch, device):
+    """A run saved with train.device 'cuda' resumed where there is no CUDA: --resume takes no
+    --device, so the error says the device is the run's and where to resume it."""
+    saved = load_checkpoint(finished / "checkpoint.pt")["config"]
+    rd, _ = edited(finished, tmp_path, config={**saved, "train": {**saved["train"], "device": device}})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    before = snapshot(rd)
+    with pytest.raises(ValueError, match=rf"^train\.device is '{device}' in the saved config of {re.escape(str(rd))}, "
+                                         r"but no CUDA device is available: .*resume it on a machine with CUDA$"):
+        fit(tiny_config(), rd, resume=True, epochs=2)
+    assert snapshot(rd) == before

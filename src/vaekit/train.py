@@ -343,7 +343,7 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None,
     if resume:
         config, state = read_for_resume(run_dir, progress=config.train.progress, extend_to=extend_to,
                                         data_dir=data_dir)
-    run = _build(config, run_dir, state)
+    run = _build(config, run_dir, state, resumed=resume)
     per_epoch = len(run.batches)
     if state is not None and not (run.more_to_do() and not run.stopped_early()):
         # A run resumed after it finished (or stopped early) does not train on, and its

@@ -4,7 +4,8 @@ loop shares.
 :func:`_build` turns a :class:`~vaekit.config.RunConfig` (and, on a resume, its
 checkpoint) into a :class:`_Run`: the device (and the process group under ``torchrun``),
 the data (checked against the likelihood before anything is written), the model, the
-batch iterator, the objective, the optimiser and the static step where it serves. The
+batch iterator, the objective, the optimiser and the static step where it serves; under
+``torchrun``, every rank's load checked against rank 0's (:func:`_agree`). The
 loop (:mod:`vaekit.train`) and the steps (:mod:`vaekit.steps`) read and update the run's
 counters; nothing here writes to the run directory.
 """
@@ -12,6 +13,7 @@ counters; nothing here writes to the run directory.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import sys
@@ -134,14 +136,126 @@ class _Run:
         return bool(self.tc.early_stopping) and self.since_best >= self.tc.early_stopping
 
 
+def _error_classes() -> dict:
+    """The exceptions a rank's failure is raised as on every rank (by the name of the first
+    of them in its class's MRO), so that the CLI maps it to the same status everywhere."""
+    from .flags import UsageError
+    from .fast import FastPathError
+    from .io import CheckpointError
+
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError  # torch.OutOfMemoryError: 2.5 on
+    return {c.__name__: c for c in (UsageError, CheckpointError, FastPathError, FileNotFoundError, PermissionError,
+                                    OSError, ValueError, TypeError, oom, MemoryError)}
+
+
+def _weights_hash(weights: dict) -> str:
+    """The first 16 hex digits of a SHA-256 of a state dict's names and tensor bytes."""
+    h = hashlib.sha256()
+    for key, value in weights.items():
+        h.update(key.encode())
+        if isinstance(value, torch.Tensor):
+            h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+def _facts(run: _Run, state: dict | None) -> dict:
+    """What every rank must have loaded alike: the config (but where the data are, which
+    their hashes check, and settings taken from the data), the data's record and, on a
+    resume, where the checkpoint stands and a hash of its weights."""
+    config = run.config.to_dict()
+    config["data"].pop("data_dir")
+    config["model"].pop("input_shape")
+    config["train"].pop("progress")
+    resume = None if state is None else (state["step"], state["epoch"], sorted(state["batches"].items()),
+                                         _weights_hash(state["model"]))
+    return {"resume": resume, "config": config, "data": run.data_seen, "from": run.data.name}
+
+
+def _ranks(ranks: list) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
+
+
+def _agree(run: _Run | None, state: dict | None, failed: Exception | None, rank: int, world: int) -> None:
+    """Under torchrun, before DDP's first collective: every rank's load (``failed``: its
+    error) gathered in one ``all_gather_object``. An error on any rank is raised on every
+    rank (the lowest failing rank's, named when it is not rank 0's), and so is a rank
+    whose config, data or checkpoint differ from rank 0's: it would train on other
+    examples, or wait in a collective the others never enter."""
+    import torch.distributed as dist
+
+    if failed is not None:
+        mine = ("error", [c.__name__ for c in type(failed).__mro__], str(failed))
+    else:
+        mine = ("ok", _facts(run, state))
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    errors = [(r, got) for r, got in enumerate(everyone) if got[0] == "error"]
+    if errors:
+        first, (_, names, text) = errors[0]
+        if first == 0 and failed is not None and (type(failed).__name__, str(failed)) == (names[0], text):
+            raise failed  # rank 0's error, met here too: as it was
+        classes = _error_classes()
+        cls = next((classes[n] for n in names if n in classes), None)
+        text = (text or names[0]) if cls else f"{names[0]}: {text}"
+        raise (cls or RuntimeError)(text if first == 0 else f"rank {first}: {text}") from (
+            failed if rank == first else None)
+    facts = [got[1] for got in everyone]
+    for what, advice in (("resume", "every rank must read the same checkpoint.pt"),
+                         ("config", "every rank must be given the same flags and config file"),
+                         ("training", "every rank must read the same files"),
+                         ("validation", "every rank must read the same files")):
+        keys = {"training": ("examples", "shape", "hash"), "validation": ("val_examples", "val_hash")}.get(what, ())
+        ranks = [r for r in range(1, world) if (facts[r][what] != facts[0][what] if not keys else
+                                                any(facts[r]["data"].get(k) != facts[0]["data"].get(k) for k in keys))]
+        if ranks:
+            also = "" if len(ranks) == 1 else \
+                f"; {_ranks(ranks[1:])} {'differs' if len(ranks) == 2 else 'differ'} from rank 0 too"
+            raise ValueError(f"{_differs(what, ranks[0], facts[ranks[0]], facts[0])}{also}: {advice}")
+
+
+def _differs(what: str, r: int, theirs: dict, ours: dict) -> str:
+    """How rank ``r``'s load (:func:`_facts`) differs from rank 0's in ``what``."""
+    if what == "resume":
+        def at(resume) -> str:
+            if resume is None:
+                return "starts the run again from the start (no checkpoint.pt)"
+            return f"resumes from step {resume[0]} ({resume[1]} epoch{'' if resume[1] == 1 else 's'} done)"
+
+        a, b = theirs["resume"], ours["resume"]
+        if a is not None and b is not None and a[:2] == b[:2]:
+            return (f"rank {r} resumes from another checkpoint than rank 0 (at the same step {a[0]}, but with other "
+                    f"weights or data position)")
+        return f"rank {r} {at(a)} where rank 0 {at(b)}"
+    if what == "config":
+        changes = [f"{section}.{key} {theirs['config'][section].get(key)!r} vs {value!r}"
+                   for section, fields in ours["config"].items() for key, value in fields.items()
+                   if theirs["config"][section].get(key) != value]
+        return (f"rank {r} was given another configuration than rank 0 ({'; '.join(changes[:3])}"
+                f"{'; ...' if len(changes) > 3 else ''})")
+
+    def told(rank: int, facts: dict) -> str:
+        d = facts["data"]
+        if what == "training":
+            return (f"rank {rank}: {d['examples']:,} examples of shape {tuple(d['shape'])}, hash {d['hash']}, "
+                    f"from {facts['from']}")
+        return f"rank {rank}: {d.get('val_examples', 0):,} examples, hash {d.get('val_hash')}"
+
+    return f"rank {r} loaded other {what} data than rank 0 ({told(r, theirs)}; {told(0, ours)})"
+
+
 _GLOBAL_STREAM = 0x676C6F62  # the global generators' seed: apart from epoch 17's data order (seed, 17, 0)
 
 
-def _build(config: RunConfig, run_dir: Path, state: dict | None) -> _Run:
+def _build(config: RunConfig, run_dir: Path, state: dict | None, *, resumed: bool = False) -> _Run:
     """Device, data, model, batches, objective, optimiser and fast step of a run, and its
-    counters from ``state`` (a checkpoint) when it resumes."""
+    counters from ``state`` (a checkpoint) when it resumes (``resumed``: also a resume
+    without a checkpoint, which starts again with the saved config)."""
     rank, local_rank, world = _dist_info()
-    tc, oc = config.train, config.objective
+    tc = config.train
+    if resumed and tc.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device is {tc.device!r} in the saved config of {run_dir}, but no CUDA device is "
+                         f"available: a resumed run keeps its device (--resume takes no --device); resume it on a "
+                         f"machine with CUDA")
     device = resolve_device(tc.device)
     if tc.amp == "tf32" and device.type != "cuda":  # the metrics would name an arithmetic not used
         raise ValueError(f"train.amp='tf32' is CUDA's arithmetic (TF32 tensor cores); on {device.type} the steps "
@@ -149,15 +263,31 @@ def _build(config: RunConfig, run_dir: Path, state: dict | None) -> _Run:
     slow = slow_bf16_note(device, "train.amp='bf16'") if tc.amp == "bf16" else None
     if slow and rank == 0:
         print(f"vaekit: {slow}", file=sys.stderr, flush=True)
-    if world > 1:
-        import torch.distributed as dist
+    if world == 1:
+        return _wire(config, run_dir, state, device, rank, world)
+    import torch.distributed as dist
 
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        run, failed = _wire(config, run_dir, state, device, rank, world), None
+    except Exception as e:  # told to every rank below: the others would wait for this one in DDP's first collective
+        run, failed = None, e
+    _agree(run, state, failed, rank, world)
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
+    # after the restore: DDP gives every rank rank 0's weights, which _agree found the same
+    run.objective = DDP(run.objective, device_ids=[device.index] if device.type == "cuda" else None)
+    return run
+
+
+def _wire(config: RunConfig, run_dir: Path, state: dict | None, device: torch.device, rank: int,
+          world: int) -> _Run:
+    """The run on ``device`` (the objective not yet wrapped in DDP under torchrun)."""
+    tc, oc = config.train, config.objective
     data = load_dataset(config.data)
     _check_training_data(data, config.model.likelihood)
     if config.data.dataset in FILE_DATASETS:
@@ -191,10 +321,6 @@ def _build(config: RunConfig, run_dir: Path, state: dict | None) -> _Run:
         rank=rank, world_size=world,
     )
     objective = _Objective(model, oc, data.train.shape[0], batches, tc.seed, device)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
     static = _use_static(tc, oc, model, device, world > 1)
     opt = _adam(model, tc, captured_on=device if static and device.type == "cuda" else None)
     if tc.adam_kernel:
