@@ -6,7 +6,8 @@
 * ``model/``: the best model by validation ELBO (``model.safetensors`` + ``config.json``);
 * ``checkpoint.pt``: the latest training state (atomic), for ``resume=True``;
 * ``metrics.csv``, ``curves.png``, ``reconstructions.png``, ``samples.png``,
-  ``traversals.png`` (one row per latent dimension, by decreasing mean KL over the test examples);
+  ``traversals.png`` (a row for each of the (up to) 10 latent dimensions of highest mean KL
+  over the test examples, in decreasing order);
 * TensorBoard events in ``tb/`` when the ``tensorboard`` package is installed.
 
 Resuming continues exactly where the run stopped: the checkpoint holds the model,
