@@ -299,6 +299,21 @@ def test_image_shaped_events_against_a_per_example_loop():
     assert out["bits_per_dim"] == pytest.approx(out["iw_nll"] / (6 * math.log(2.0)))
 
 
+def test_bits_per_dim_of_a_bernoulli_model_only_for_binary_data_and_from_the_elbo_without_samples():
+    """Bernoulli cross-entropy is a code length for binary pixels only (on grey levels it is
+    not a normalised likelihood: no bits per dim); with no importance samples the bound
+    in bits is the ELBO's, not the reconstruction term's."""
+    from vaekit.models import VAE, ModelConfig
+
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(1, 2, 3), latent_dim=2, hidden=(4,))).to(DTYPE)
+    grey = torch.rand(6, 1, 2, 3, dtype=DTYPE)
+    out = ev.evaluate_model(model, grey, iw_samples=0, batch_size=4)
+    assert "bits_per_dim" not in out and out["elbo"] < 0
+    out = ev.evaluate_model(model, grey.round(), iw_samples=0, batch_size=4)
+    assert out["bits_per_dim"] == pytest.approx(-out["elbo"] / (6 * math.log(2.0)), rel=1e-12)
+
+
 def test_evaluate_model_keys_determinism_and_modes(capsys):
     model, x, log_px = make_problem(perturb=0.15, n=40)
     model.train()

@@ -137,3 +137,21 @@ def test_sample_counts_generators_models_and_flags_are_checked():
     with pytest.raises(TypeError, match="on must be a bool, got str"):
         with lat.tf32_flags("yes"):
             pass
+
+
+def test_mutual_information_with_a_variance_per_example_against_a_brute_force():
+    """Posterior variances that differ between examples (in the linear-Gaussian problem they
+    are one for all, and a log-density term that is the same for every example cancels):
+    the estimate against log q(z|x_m) from torch.distributions for every pair, on the
+    same noise."""
+    g = torch.Generator().manual_seed(3)
+    n, dim, samples = 6, 2, 400
+    mu = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    logvar = 1.5 * torch.randn(n, dim, generator=g, dtype=torch.float64)
+    got = lat._mutual_information_from_params(mu, logvar, samples, torch.Generator().manual_seed(11))
+    eps = torch.randn((samples, n, dim), generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    z = mu + (0.5 * logvar).exp() * eps  # [S, N, d]
+    log_q = Normal(mu, (0.5 * logvar).exp()).log_prob(z.unsqueeze(2)).sum(-1)  # [S, N (sample of x_i), N (x_m)]
+    own = log_q.diagonal(dim1=1, dim2=2)
+    expected = (own - (torch.logsumexp(log_q, -1) - math.log(n))).mean()
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)

@@ -204,3 +204,20 @@ def test_an_empty_batch_of_grey_levels_gives_no_values_not_an_error():
 def test_settings_that_overflowed_or_gave_nan_are_refused_by_name(call, pattern):
     with pytest.raises(ValueError, match=pattern):
         call()
+
+
+@pytest.mark.parametrize("log_scale", [-85.0, -100.0, -1e4])
+def test_discretized_logistic_below_the_log_scale_floor_is_the_floor_s_value(log_scale):
+    """log_scale is clamped at -80: below it 1/s overflowed float32 and a mean on a bin's
+    edge gave NaN (loss and gradients). A mean exactly on the edge between levels 3 and 4
+    of 255 under a point-like logistic: half the mass on each side, log 2 each."""
+    levels = 255
+    x = torch.tensor([[3.0, 4.0]]) / levels
+    mean = torch.full((1, 2), 3.5 / levels, requires_grad=True)
+    scale = torch.full((1, 2), log_scale, requires_grad=True)
+    nll = discretized_logistic_nll(mean, scale, x)
+    at_floor = discretized_logistic_nll(mean.detach(), torch.full((1, 2), -80.0), x)
+    assert torch.equal(nll.detach(), at_floor)
+    assert float(nll.detach()) == pytest.approx(2 * math.log(2.0), rel=1e-6)
+    nll.sum().backward()
+    assert bool(torch.isfinite(mean.grad).all()) and bool(torch.isfinite(scale.grad).all())

@@ -39,12 +39,22 @@ def test_shapes_and_posterior(cfg):
 
 
 def test_learned_decoder_variance_gets_gradient():
+    """The learned per-pixel log-variance is the Gaussian's: the NLL and its gradient as
+    torch.distributions' Normal(mean, e^(logvar/2)) gives them, per pixel."""
     cfg = CONFIGS[-1]
+    torch.manual_seed(0)
     model = VAE(cfg)
+    with torch.no_grad():
+        model.decoder_logvar.normal_(0.0, 0.5)  # not one value for every pixel
     x = torch.rand(2, *cfg.input_shape)
-    out = model(x)
-    model.nll(out.decoder_out, x).sum().backward()
-    assert model.decoder_logvar.grad is not None and model.decoder_logvar.grad.abs().sum() > 0
+    mean, logvar = model(x).decoder_out
+    mean = mean.detach()
+    model.nll((mean, logvar), x).sum().backward()
+    ref_logvar = model.decoder_logvar.detach().clone().requires_grad_()
+    ref = -Independent(Normal(mean, torch.exp(0.5 * ref_logvar)), 3).log_prob(x)
+    ref.sum().backward()
+    torch.testing.assert_close(model.nll((mean, model.decoder_logvar), x), ref, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(model.decoder_logvar.grad, ref_logvar.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_logvar_is_bounded_and_finite_for_huge_activations():
@@ -486,3 +496,34 @@ def test_the_python_blocks_of_the_readme_and_the_objective_doc_run(doc, tmp_path
         exec(compile(block, doc, "exec"), {"__name__": "__doc_block__"})
     if doc == "README.md":
         assert VAE.from_pretrained(tmp_path / "my-vae").config.latent_dim == 16
+
+
+@pytest.mark.parametrize("mse", [1e-6, 0.0])
+def test_an_optimal_variance_model_scores_under_the_floor_of_its_variance(mse):
+    """A tracked squared error below e^-9 (or 0: a decoder that reproduced its data) is
+    scored under the variance e^-9, optimal_sigma_nll's floor, not under its own (whose log
+    was -inf for 0)."""
+    from vaekit.losses import gaussian_nll
+
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(6,), hidden=(8,), latent_dim=2, likelihood="gaussian",
+                            decoder_variance="optimal")).eval()
+    model.decoder_mse.fill_(mse)
+    model.decoder_mse_steps.fill_(5)
+    mean, x = torch.randn(4, 6), torch.randn(4, 6)
+    torch.testing.assert_close(model.nll(mean, x), gaussian_nll(mean, x, -9.0), rtol=1e-6, atol=0)
+
+
+def test_forward_draws_z_by_the_reparameterisation_with_the_noise_given():
+    """z = mu + exp(logvar / 2) eps, as torch.distributions' Normal(mu, sigma).rsample
+    forms it from the same eps, and the decoder's output is that z's."""
+    torch.manual_seed(0)
+    model = VAE(CONFIGS[0]).eval()
+    x = torch.rand(3, *CONFIGS[0].input_shape)
+    eps = torch.randn(3, CONFIGS[0].latent_dim)
+    out = model(x, noise=lambda shape: eps)
+    normal = Normal(out.mu, torch.exp(0.5 * out.logvar))
+    torch.testing.assert_close(out.z, normal.loc + normal.scale * eps, rtol=0, atol=0)
+    assert torch.equal(out.decoder_out, model.decode(out.z))
+    mu, logvar = model.encode_params(x)
+    assert torch.equal(out.mu, mu) and torch.equal(out.logvar, logvar)
