@@ -145,3 +145,38 @@ def test_the_budget_names_a_config_it_cannot_use():
     config.train.batch_size = 0  # assigned later: named as the constructor names it
     with pytest.raises(ValueError, match=r"TrainConfig\.batch_size must be an integer in \[1, "):
         epochs_for_budget(config, 10)
+
+
+def test_the_budget_estimate_is_steps_plus_end_plus_checkpoints_on_a_fake_clock(monkeypatch):
+    """Every second comes from a fake clock that only the slowed parts advance (0.01 s a
+    step, 0.5 s an epoch's end, 0.2 s a checkpoint): the estimate is then exact, for long
+    epochs (timed in part) and a short one (timed whole). The tests on real time above
+    allow 0.6-1.6 and could not tell a dropped epoch end."""
+    import types
+
+    import vaekit.budget as budget
+
+    clock = [0.0]
+    monkeypatch.setattr(budget, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    class VAE(vaekit.models.VAE):
+        def decode(self, z):
+            if self.training:
+                clock[0] += 0.01
+            return super().decode(z)
+
+    def slowed(fn, seconds):
+        def call(*args):
+            clock[0] += seconds
+            return fn(*args)
+        return call
+
+    monkeypatch.setattr(vaekit.wiring, "VAE", VAE)
+    monkeypatch.setattr(budget, "_end_epoch", slowed(budget._end_epoch, 0.5))
+    monkeypatch.setattr(budget, "_checkpoint", slowed(budget._checkpoint, 0.2))
+    for batch_size in (8, 64, 512):
+        config = tiny_config(train__batch_size=batch_size, train__checkpoint_every=3)
+        spe = steps_per_epoch(config)
+        epochs, per_epoch = budget.epochs_for_budget(config, 100.0, calibration_seconds=0.1)
+        assert per_epoch == pytest.approx(spe * 0.01 + 0.5 + (spe - 1) / 3 * 0.2, rel=1e-9), batch_size
+        assert epochs == int(100.0 / per_epoch)

@@ -549,3 +549,103 @@ def test_seeds_reach_the_command_line_range():
     assert codes.shape == (5, 4) and factors.shape == (5, 4)
     assert make_sprites(1, seed=2**64 - 1)[0].shape == (1, 1, 64, 64)
     assert make_sprites(0)[0].shape == (0, 1, 64, 64)
+
+
+# -- scores against from-scratch computations (the second mutation audit) ---------------
+
+
+def _plug_in_mi(a, b) -> float:
+    """I(a; b) in nats from the joint counts of two discrete arrays."""
+    ua, ia = np.unique(a, return_inverse=True)
+    ub, ib = np.unique(b, return_inverse=True)
+    joint = np.zeros((len(ua), len(ub)))
+    np.add.at(joint, (ia, ib), 1)
+    p = joint / joint.sum()
+    outer = p.sum(1, keepdims=True) @ p.sum(0, keepdims=True)
+    nz = p > 0
+    return float((p[nz] * np.log(p[nz] / outer[nz])).sum())
+
+
+def _mig_from_scratch(codes, factors, n_bins) -> float:
+    """Each code cut into n_bins equal widths as numpy.histogram cuts them (the last bin
+    closed), the MI of each with each factor and the factor's entropy H = I(f; f)."""
+    gaps = []
+    for k in range(factors.shape[1]):
+        h = _plug_in_mi(factors[:, k], factors[:, k])
+        if h <= 0:
+            continue
+        info = []
+        for c in codes.T:
+            lo, hi = c.min(), c.max()
+            binned = np.minimum(((c - lo) / (hi - lo) * n_bins).astype(int), n_bins - 1) if hi > lo else 0 * c
+            info.append(_plug_in_mi(binned, factors[:, k]))
+        info = sorted(info, reverse=True) + [0.0]
+        gaps.append((info[0] - info[1]) / h)
+    return float(np.mean(gaps))
+
+
+def test_mig_equals_a_from_scratch_computation_on_random_codes():
+    """Skewed factors (H < log 2) and few distinct code values pin the entropy used, the
+    bin count and the bin of each code's maximum (the near-uniform tests above allow 0.02)."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n, d, k, n_bins = rng.integers(5, 300), rng.integers(1, 5), rng.integers(1, 4), int(rng.integers(2, 25))
+        factors = rng.integers(0, rng.integers(2, 6), (n, k))
+        factors[:, 0] = rng.random(n) < 0.15
+        if factors[:, 0].min() == factors[:, 0].max():
+            continue
+        codes = rng.normal(size=(n, d)) + factors[:, rng.integers(0, k, d)] * rng.normal(size=d)
+        assert mig(codes, factors, n_bins=n_bins) == pytest.approx(_mig_from_scratch(codes, factors, n_bins), abs=1e-12)
+
+
+def test_mig_hand_cases_for_bins_and_entropy():
+    skewed = np.array([0] * 9 + [1])[:, None]
+    assert mig(np.stack([skewed[:, 0], np.zeros(10)], 1), skewed) == pytest.approx(1.0)  # I = H, not log 2
+    assert mig(np.arange(20.0)[:, None], np.arange(20)[:, None], n_bins=20) == pytest.approx(1.0)  # a bin each
+    # two bins over [0, 2]: the maximum shares the last bin with 1
+    expected = _plug_in_mi([0, 1, 1], [0, 0, 1]) / _plug_in_mi([0, 0, 1], [0, 0, 1])
+    assert mig(np.array([[0.0], [1.0], [2.0]]), np.array([[0], [0], [1]]), n_bins=2) == pytest.approx(expected)
+
+
+VOTE_SIZES = (3, 4, 5, 6)
+_MIX = torch.tensor([[1.3, 0.7, 2.1, 0.4], [0.9, 1.7, 0.2, 1.1], [0.5, 0.3, 1.9, 2.3], [1.2, 2.2, 0.6, 0.8]],
+                    dtype=torch.float64)
+
+
+def _noisy_code(obs):
+    """A deterministic function of each observation, noisy enough that the votes disagree."""
+    o = obs.double()
+    z = o + 2.0 * torch.sin(1000.0 * (o @ _MIX) + torch.arange(4.0, dtype=torch.float64))
+    return torch.cat([z * torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64), z[:, :1] * 0.2], 1)
+
+
+def _factor_vae_from_scratch(rep, sampler, seed, n_reference, n_train, n_eval, batch_size, prune_fraction=0.05):
+    """Kim and Mnih's vote, on the same random stream: the code scaled by its std over the
+    reference set (collapsed dimensions pruned), each batch's vote the dimension of least
+    variance, each vote's class the majority of its training batches' fixed factors."""
+    gen = torch.Generator().manual_seed(seed)
+    obs, _ = sampler(n_reference, gen)
+    z = rep(obs).numpy()
+    std = z.std(0)
+    kept = std > prune_fraction * std.max()
+    fixed = torch.randint(len(VOTE_SIZES), (n_train + n_eval,), generator=gen).tolist()
+    votes = []
+    for k in fixed:
+        value = int(torch.randint(VOTE_SIZES[k], (), generator=gen))
+        batch = rep(sampler.sample_with_fixed(batch_size, k, value, gen)[0]).numpy()[:, kept] / std[kept]
+        votes.append(int(np.argmin(batch.var(0, ddof=1))))
+    table = {}
+    for vote, k in zip(votes[:n_train], fixed[:n_train]):
+        table.setdefault(vote, []).append(k)
+    majority = {vote: max(set(ks), key=lambda q: (ks.count(q), -q)) for vote, ks in table.items()}
+    return float(np.mean([majority.get(vote, -1) == k for vote, k in zip(votes[n_train:], fixed[n_train:])]))
+
+
+@pytest.mark.parametrize("seed", [0, 8, 10])
+def test_factor_vae_score_equals_a_from_scratch_majority_vote(seed):
+    """A code between the ceiling and chance, few training votes (ties, skews): how the
+    majority is counted matters, and the score is the from-scratch one exactly."""
+    kw = dict(n_reference=300, n_train=30, n_eval=100, batch_size=8)
+    got = factor_vae_score(_noisy_code, FactorSampler(VOTE_SIZES), seed=seed, **kw)
+    assert 0.3 < got < 0.95
+    assert got == _factor_vae_from_scratch(_noisy_code, FactorSampler(VOTE_SIZES), seed, **kw)

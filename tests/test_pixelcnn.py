@@ -291,3 +291,43 @@ def test_chunked_evaluation_reads_the_pixels_once_per_batch_under_late_fusion():
         decode_nll(model, x, torch.randn(2, 6, 3, dtype=torch.float64))
         decode_nll(model, x, torch.randn(2, 6, 3, dtype=torch.float64))
     assert calls == [6, 6]
+
+
+def _causal_mask(k: int, centre: int) -> torch.Tensor:
+    """Rows above the centre, and the centre row left of it (and the centre with ``centre``)."""
+    m = torch.zeros(k, k)
+    m[: k // 2] = 1
+    m[k // 2, : k // 2 + centre] = 1
+    return m
+
+
+@pytest.mark.parametrize("fusion", ["early", "late"])
+def test_the_head_is_its_documented_network(fusion):
+    """The head's forward pass rebuilt from F.conv2d, masks written here and F.unfold: a
+    7x7 mask-A layer, 3x3 mask-B layers with residual connections, the 1x1 output layer,
+    added to the decoder's logits (early) or mixing them over each 3x3 window (late).
+    The causality, normalisation and sampling tests hold for any masked network; this
+    pins the one vaekit documents (saved models compute it)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    head = PixelCNNHead(2, 5, 3, torch.nn.ELU, fusion=fusion)
+    torch.nn.init.normal_(head.out.weight)
+    torch.nn.init.normal_(head.out.bias)
+    x, cond = torch.rand(2, 2, 6, 5).bernoulli(), torch.randn(2, 2, 6, 5)
+    first = head.masked[0]
+    h = F.conv2d(x, first.weight * _causal_mask(7, 0), first.bias, padding=3)
+    h = F.elu(h + F.conv2d(cond, head.cond[0].weight, head.cond[0].bias, padding=1) if fusion == "early" else h)
+    for i, layer in enumerate(head.masked[1:], 1):
+        a = F.conv2d(h, layer.weight * _causal_mask(3, 1), layer.bias, padding=1)
+        if fusion == "early":
+            a = a + F.conv2d(cond, head.cond[i].weight, head.cond[i].bias, padding=1)
+        h = h + F.elu(a)
+    o = F.conv2d(h, head.out.weight, head.out.bias)
+    if fusion == "early":
+        want = cond + o
+    else:
+        o = o.reshape(2, 2, 10, 6, 5)  # per channel: 9 window weights and an offset
+        window = F.unfold(cond, 3, padding=1).reshape(2, 2, 9, 6, 5)
+        want = cond + o[:, :, 9] + (o[:, :, :9] * window).sum(2)
+    torch.testing.assert_close(head(x, cond), want, rtol=1e-5, atol=1e-5)

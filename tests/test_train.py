@@ -805,3 +805,40 @@ def test_the_global_generators_seed_is_apart_from_the_data_streams(tmp_path):
     assert seed == mix_seed(5, _GLOBAL_STREAM, 0)
     streams = {mix_seed(5, e) for e in range(1000)} | {mix_seed(5, e, b) for e in range(100) for b in range(100)}
     assert seed not in streams
+
+
+def _nan_gradient_at_step_6(call, out):
+    if call == 7:  # (the first decode is the warm-up's) step 6: a finite loss whose gradient is NaN
+        out.register_hook(lambda g: g * float("nan"))
+    return out
+
+
+@pytest.mark.parametrize("fast", ["off", "static"])
+def test_a_finite_loss_with_a_non_finite_gradient_is_skipped(fast, grey, tmp_path, monkeypatch):
+    """The skip rule reads the gradient's norm as well as the loss (a learned variance or
+    bfloat16 can overflow the gradient alone): the step is skipped and counted, and the
+    run is the hand-written loop's without it."""
+    monkeypatch.setattr(vaekit.wiring, "VAE", _hooked_vae(_nan_gradient_at_step_6))
+    train.fit(_warmed(grey, train__fast=fast), tmp_path / "run")
+    model, _, _, _ = _by_hand(_warmed(grey), skip={6})
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["skipped"] == 1
+    _assert_close(state["model"], model.state_dict())
+
+
+def test_an_equal_validation_loss_is_not_an_improvement(grey, tmp_path, monkeypatch):
+    """"Better" is strictly lower: a tie keeps the earlier model and counts towards early
+    stopping (with <=, a stalled run saved every epoch and never stopped)."""
+    ends, save = {}, train.save_checkpoint
+
+    def record(path, state, **kw):
+        ends[state["epoch"]] = {k: v.clone() for k, v in state["model"].items()}
+        return save(path, state, **kw)
+
+    monkeypatch.setattr(train, "save_checkpoint", record)
+    monkeypatch.setattr(train, "_validate", lambda *a, **k: {"elbo": -5.0, "reconstruction": 4.0, "kl": 1.0,
+                                                              "loss": 5.0})
+    train.fit(_warmed(grey, train__epochs=6, train__early_stopping=2), tmp_path / "run")
+    assert len(_metrics_rows(tmp_path / "run", "val")) == 3  # epoch 1 improves on inf; 2 and 3 do not
+    saved = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    assert all(torch.equal(saved[k], ends[1][k]) for k in saved)
