@@ -764,3 +764,29 @@ def test_bad_input_gives_one_clear_line_and_changes_nothing(argv, pattern, reque
     assert_usage_error(rc, err, pattern)
     assert {name: snapshot(places[name]) for name in ("empty", "run", "d")} == before
     assert not any(tmp_path.glob("out.*")) and not (bad_inputs / "planted.txt").exists()
+
+
+def test_on_cuda_the_count_read_at_the_epoch_end_stops_a_diverged_run(tmp_path, monkeypatch):
+    """On CUDA the static step's count of non-finite steps in a row is read every
+    ``_FOLD_EVERY`` steps and at the epoch's end (a read waits for the GPU), not after each
+    step as on a CPU. Simulated here: the last steps of the first epoch all NaN, the run
+    stops at that epoch's end, before its validation, metrics row and checkpoint (without
+    the check it trained on into the next epoch, to the next fold)."""
+    from vaekit import steps
+
+    def read_as_on_cuda(run, first, k):
+        if first // steps._FOLD_EVERY != (first + k) // steps._FOLD_EVERY:
+            steps._fold(run)
+
+    monkeypatch.setattr(steps, "_after_static", read_as_on_cuda)
+    monkeypatch.setattr(vaekit.wiring, "VAE", _hooked_vae(lambda n, out: out if n <= 3 else out * float("nan")))
+    config = tiny_config(train__fast="static", train__batch_size=150, train__max_bad_steps=4)
+    spe = steps_per_epoch(config)
+    from vaekit.data import load_dataset
+
+    # no short batch (every step of the epoch static), and no fold inside the epoch
+    assert load_dataset(config.data).train.shape[0] % 150 == 0 and spe < steps._FOLD_EVERY
+    rd = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=rf"^\d+ non-finite steps in a row \(at step {spe}\); stopped$"):
+        fit(config, rd)
+    assert not (rd / "metrics.csv").exists() and not (rd / "checkpoint.pt").exists()
