@@ -30,7 +30,7 @@ from .data import FILE_DATASETS, check_images, load_dataset
 from .fast import StaticStep
 from .io import BackgroundWriter
 from .models import VAE
-from .runs import data_record, restore
+from .runs import _sha256, data_record, restore
 from .steps import _Objective, _adam, _use_static, lr_at
 
 
@@ -149,13 +149,9 @@ def _error_classes() -> dict:
 
 
 def _weights_hash(weights: dict) -> str:
-    """The first 16 hex digits of a SHA-256 of a state dict's names and tensor bytes."""
-    h = hashlib.sha256()
-    for key, value in weights.items():
-        h.update(key.encode())
-        if isinstance(value, torch.Tensor):
-            h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()[:16]
+    """The first 16 hex digits of a SHA-256 of a state dict's names and its tensors' hashes."""
+    each = "".join(f"{key}:{_sha256(value)};" for key, value in weights.items() if isinstance(value, torch.Tensor))
+    return hashlib.sha256(each.encode()).hexdigest()[:16]
 
 
 def _facts(run: _Run, state: dict | None) -> dict:
