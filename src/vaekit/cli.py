@@ -202,14 +202,30 @@ def _print_table(metrics: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``vaekit ARGV``; returns the exit status (2: bad input, 130: interrupted)."""
+    """Run ``vaekit ARGV``; returns the exit status (2: bad input, 130: interrupted). Under
+    torchrun a process that fails leaves at once with its status (see the end)."""
     try:
-        return _main(argv)
+        status = _main(argv)
     except KeyboardInterrupt as e:  # Ctrl-C outside the training loop (which checkpoints and returns 130)
         if os.environ.get("VAEKIT_DEBUG"):
             raise
         print(f"vaekit: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr)
-        return 130
+        status = 130
+    if status and _in_a_process_group():
+        # Every rank refusing at once: the interpreter's teardown with the job's C++ threads
+        # still up aborted one now and then ("terminate called without an active
+        # exception", status -6 where torchrun should report 2). fit has waited for its
+        # files by now; nothing is left to flush but the streams.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+def _in_a_process_group() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _main(argv: list[str] | None) -> int:
