@@ -100,10 +100,16 @@ def test_checkpoints_within_an_epoch_are_counted(batch_size, monkeypatch):
 
 
 def test_a_config_of_max_steps_alone_is_calibrated(monkeypatch):
-    """epochs 0 with max_steps is a valid config; its trial must still build."""
-    monkeypatch.setattr(vaekit.wiring, "VAE", _slow_vae([]))
-    epochs, _ = epochs_for_budget(tiny_config(train__epochs=0, train__max_steps=30), 100.0)
-    assert epochs >= 1
+    """epochs 0 with max_steps is a valid config: its trial times whole epochs as any
+    other config's does (not 30 steps, not 0), and the caller's config is left alone."""
+    calls = []
+    monkeypatch.setattr(vaekit.wiring, "VAE", _slow_vae(calls))
+    config = tiny_config(train__epochs=0, train__max_steps=30)
+    epochs, per_epoch = epochs_for_budget(config, 100.0)
+    spe = steps_per_epoch(config)
+    assert len(calls) == 2 * spe != 30  # one epoch to warm up, one timed whole
+    assert per_epoch > spe * SLEEP and epochs == int(100.0 / per_epoch)
+    assert (config.train.epochs, config.train.max_steps) == (0, 30)
 
 
 @pytest.mark.parametrize("at", [2, 7, 30], ids=["early", "later", "in-the-timed-steps"])
