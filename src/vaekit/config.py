@@ -20,7 +20,8 @@ from .data import DataConfig
 from .models import ModelConfig
 from .objectives import ObjectiveConfig
 
-__all__ = ["TrainConfig", "RunConfig", "section_from_dict", "GROUPS", "LR_SCHEDULES", "AMP_MODES", "FAST_MODES"]
+__all__ = ["TrainConfig", "RunConfig", "section_from_dict", "GROUPS", "LR_SCHEDULES", "AMP_MODES", "FAST_MODES",
+           "MAX_THREADS"]
 
 LR_SCHEDULES = ("constant", "cosine")
 AMP_MODES = ("none", "bf16", "tf32")

@@ -26,7 +26,8 @@ from .sprites import MAX_SPRITES  # sprites_count at most (11.3 GiB in float32)
 
 __all__ = [
     "DataConfig", "SplitData", "load_dataset", "read_idx", "download_mnist",
-    "binarize_static", "binarize_dynamic", "check_images", "DATASETS", "MNIST_FILES",
+    "binarize_static", "binarize_dynamic", "check_images", "DATASETS", "FILE_DATASETS", "BINARIZATIONS",
+    "MNIST_FILES",
 ]
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "array", "folder", "sprites")

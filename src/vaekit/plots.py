@@ -24,7 +24,8 @@ from torch import Tensor
 
 from .checks import check_int, check_number
 
-__all__ = ["image_grid", "save_image_grid", "plot_curves", "save_traversals", "decoder_mean"]
+__all__ = ["image_grid", "save_image_grid", "plot_curves", "save_traversals", "decoder_mean", "save_run_pictures",
+           "MAX_GRID_PIXELS", "JPEG_MAX_SIDE", "KL_EXAMPLES"]
 
 
 # The most pixels a grid may have: what Pillow, vaekit's reader of images, still opens

@@ -47,7 +47,7 @@ from torch import Tensor
 from .checks import MAX_GENERATOR_SEED, check_int
 
 __all__ = ["sprite_factor_sizes", "sprite_factor_names", "render_sprites", "sample_factors", "make_sprites",
-           "iter_all", "FactorSampler", "SpritesFactors"]
+           "iter_all", "FactorSampler", "SpritesFactors", "MAX_SPRITES"]
 
 sprite_factor_sizes = (3, 6, 40, 32, 32)
 sprite_factor_names = ("shape", "scale", "orientation", "pos_x", "pos_y")

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from .train import _Stop
     from .wiring import _Run
 
+# The rest is fit's inside: its names may change between versions.
+__all__ = ["lr_at"]  # also vaekit.train.lr_at
+
 
 def _adam(model: nn.Module, tc: TrainConfig, *, captured_on: torch.device | None = None) -> torch.optim.Adam:
     """Adam, fused where this PyTorch has the fused kernel for the device (on a CPU it

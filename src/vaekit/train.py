@@ -41,7 +41,7 @@ from .steps import _FOLD_EVERY, _block_fits, _eager_step, _fold, _static_block, 
 from .wiring import _Run, _build, resolve_device
 
 __all__ = ["TrainConfig", "RunConfig", "fit", "FitResult", "TrainingDiverged", "lr_at", "resolve_device",
-           "epochs_for_budget"]
+           "epochs_for_budget", "holds_a_run"]
 
 
 class TrainingDiverged(RuntimeError):

@@ -33,6 +33,9 @@ from .models import VAE
 from .runs import _sha256, data_record, restore
 from .steps import _Objective, _adam, _use_static, lr_at
 
+# The rest is fit's inside: its names may change between versions.
+__all__ = ["resolve_device"]  # also vaekit.train.resolve_device
+
 
 def resolve_device(name: str, *, what: str = "TrainConfig.device") -> torch.device:
     """``auto`` -> CUDA when present, else the CPU; refuses CUDA where there is none."""
