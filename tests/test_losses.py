@@ -750,8 +750,8 @@ def test_docstring_examples_run():
     ("beta", -1.0, ValueError, r"beta must be a finite number >= 0, got -1\.0"),
     ("beta", "2", TypeError, r"beta must be a number or a 0-dim floating-point tensor, got str"),
     ("beta", torch.ones(2), ValueError, r"beta must be a scalar \(a 0-dim tensor\), got a tensor of shape \(2,\)"),
-    ("reduction", "avg", ValueError, r"reduction must be one of mean, sum, none; got 'avg'"),
-    ("reconstruction", "poisson", ValueError, r"reconstruction must be one of .*; got 'poisson'"),
+    ("reduction", "avg", ValueError, r"reduction must be one of mean, sum, none, got 'avg'"),
+    ("reconstruction", "poisson", ValueError, r"reconstruction must be one of .*, got 'poisson'"),
 ])
 def test_a_reassigned_setting_is_checked_as_the_constructors_is(field, value, error, pattern):
     """beta "may be reassigned between steps": a negative one gave a loss with a negative KL

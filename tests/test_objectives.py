@@ -563,7 +563,7 @@ def test_a_field_set_after_the_fact_is_checked_as_the_constructor_checks_it():
     config = obj.ObjectiveConfig()
     for field, value, error, match in [
         ("beta", -5.0, ValueError, "ObjectiveConfig.beta must be a finite number >= 0, got -5.0"),
-        ("name", "foo", ValueError, "ObjectiveConfig.name must be one of elbo, iwae, beta_tcvae; got 'foo'"),
+        ("name", "foo", ValueError, "ObjectiveConfig.name must be one of elbo, iwae, beta_tcvae, got 'foo'"),
         ("iw_samples", 10**7, ValueError, r"ObjectiveConfig.iw_samples must be an int in \[1, 1000000\]"),
         ("cycle_ratio", 0.0, ValueError, "ObjectiveConfig.cycle_ratio must be a finite number > 0"),
         ("warmup_steps", 1.5, TypeError, "ObjectiveConfig.warmup_steps must be an int, got float"),

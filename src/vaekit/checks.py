@@ -207,9 +207,9 @@ def check_generator(generator) -> None:
 def check_choice(name: str, value, choices: tuple) -> str:
     """``value``, if it is one of the strings ``choices``. Otherwise raise."""
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, one of {choices}, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a str, one of {', '.join(choices)}, got {type(value).__name__}")
     if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     return value
 
 

@@ -330,7 +330,7 @@ def reconstruction_nll(
         return continuous_bernoulli_nll(decoder_out, x, validate_args=validate_args)
     if kind == "mse":
         return mse(decoder_out, x, validate_args=validate_args)
-    raise ValueError(f"reconstruction must be one of {', '.join(RECONSTRUCTIONS)}; got {kind!r}")
+    raise ValueError(f"reconstruction must be one of {', '.join(RECONSTRUCTIONS)}, got {kind!r}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -425,9 +425,9 @@ class VAELoss(torch.nn.Module):
 
     def _check_choices(self) -> None:
         if self.reconstruction not in RECONSTRUCTIONS:
-            raise ValueError(f"reconstruction must be one of {', '.join(RECONSTRUCTIONS)}; got {self.reconstruction!r}")
+            raise ValueError(f"reconstruction must be one of {', '.join(RECONSTRUCTIONS)}, got {self.reconstruction!r}")
         if self.reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {self.reduction!r}")
+            raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {self.reduction!r}")
 
     def forward(self, x: Tensor, decoder_out, mu: Tensor, logvar: Tensor) -> LossResult:
         # The settings "may be reassigned between steps": checked here as the constructor

@@ -71,7 +71,7 @@ def likelihood_mean(kind: str, decoder_out) -> Tensor:
     if kind == "continuous_bernoulli":
         dist = torch.distributions.ContinuousBernoulli(logits=decoder_out.double(), validate_args=False)
         return dist.mean.to(decoder_out.dtype)
-    raise ValueError(f"likelihood must be one of {', '.join(LIKELIHOODS)}; got {kind!r}")
+    raise ValueError(f"likelihood must be one of {', '.join(LIKELIHOODS)}, got {kind!r}")
 
 
 class VAEOutput(NamedTuple):

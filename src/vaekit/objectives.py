@@ -94,7 +94,7 @@ def _schedule_value(name: str, step: int, beta: float, warmup_steps: int, cycle_
 
 def _check_schedule(name, beta, warmup_steps, cycle_steps, ratio, *, ratio_name="ratio") -> None:
     if name not in SCHEDULES:
-        raise ValueError(f"beta_schedule must be one of {', '.join(SCHEDULES)}; got {name!r}")
+        raise ValueError(f"beta_schedule must be one of {', '.join(SCHEDULES)}, got {name!r}")
     check_number("beta", beta)
     check_number(ratio_name, ratio, open_low=True, high=1.0)
     if check_int("warmup_steps", warmup_steps) == 0 and name == "linear":
@@ -234,7 +234,7 @@ def tc_decomposition(z: Tensor, mu: Tensor, logvar: Tensor, dataset_size: int, *
     if dataset_size < z.shape[0]:  # the batch is drawn from the data set
         raise ValueError(f"dataset_size must be >= the batch size B = {z.shape[0]}, got {dataset_size}")
     if estimator not in TC_ESTIMATORS:
-        raise ValueError(f"estimator must be one of {', '.join(TC_ESTIMATORS)}; got {estimator!r}")
+        raise ValueError(f"estimator must be one of {', '.join(TC_ESTIMATORS)}, got {estimator!r}")
     if validating(validate_args):
         for name, t in (("z", z), ("mu", mu), ("logvar", logvar)):
             check_finite(name, t)
@@ -378,7 +378,7 @@ class ObjectiveConfig:
 def _one_of(choices: tuple):
     def check(name, value):
         if value not in choices:
-            raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     return check
 
 
