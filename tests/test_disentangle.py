@@ -257,6 +257,23 @@ def test_dci_formula_on_hand_matrices():
     d, c = _disentanglement_completeness(r)
     assert d == pytest.approx(1.0)
     assert c == pytest.approx((1 - math.log(2) / math.log(3) + 1.0) / 2)
+    # a factor no code predicts (a constant one: the forest's importances are all 0) is
+    # left out of the completeness, as a code with no importance is out of D
+    assert _disentanglement_completeness(np.diag([1.0, 1.0, 0.0])) == pytest.approx((1.0, 1.0))
+    # factors weigh by their share: factor 0 (weight 3/4) complete, factor 1 (1/4) spread
+    d, c = _disentanglement_completeness(np.array([[3.0, 0.5], [0.0, 0.5]]))
+    assert c == pytest.approx(3 / 4 * 1.0 + 1 / 4 * 0.0)
+
+
+def test_dci_of_a_perfect_code_ignores_a_constant_factor():
+    """Through the forests: a constant factor column gets no importance and does not pull
+    the completeness of a perfect code below 1."""
+    rng = np.random.default_rng(0)
+    factors = np.column_stack([rng.integers(0, 4, 400), rng.integers(0, 3, 400), np.zeros(400, dtype=int)])
+    codes = factors[:, :2] + 0.01 * rng.standard_normal((400, 2))
+    scores = dci(codes[:300], factors[:300], codes[300:], factors[300:])
+    assert scores["disentanglement"] == pytest.approx(1.0, abs=1e-6)
+    assert scores["completeness"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_dci_orders_representations(codes):

@@ -182,7 +182,9 @@ def dci(codes_train, factors_train, codes_test, factors_test, *, seed: int = 0, 
     impurity importances form column ``k`` of ``R [d, K]``. With ``P_jk = R_jk / sum_k R_jk``:
 
     * disentanglement ``D = sum_j rho_j (1 - H_K(P_j.))``, ``rho_j = sum_k R_jk / sum R``;
-    * completeness ``C = mean_k (1 - H_d(R_.k / sum_j R_jk))``;
+    * completeness ``C = sum_k w_k (1 - H_d(R_.k / sum_j R_jk))``, ``w_k = sum_j R_jk / sum R``
+      (every factor the forests can predict has importances summing to 1, so ``C`` is
+      their mean; a constant factor, with none, is left out rather than counted as 0);
     * informativeness: the classifiers' mean test accuracy.
 
     ``H_b`` is the entropy in log base ``b``. The paper uses lasso or random-forest
@@ -217,7 +219,8 @@ def dci(codes_train, factors_train, codes_test, factors_test, *, seed: int = 0, 
 
 
 def _disentanglement_completeness(importance: np.ndarray) -> tuple[float, float]:
-    """``(D, C)`` of an importance matrix ``[d, K]``; codes or factors with no importance weigh 0."""
+    """``(D, C)`` of an importance matrix ``[d, K]``, each code's and each factor's term
+    weighted by its share of the importance (one with none weighs 0)."""
     d, n_factors = importance.shape
     total = importance.sum()
     if total <= 0:  # no code helps any factor: nothing is disentangled
@@ -226,7 +229,7 @@ def _disentanglement_completeness(importance: np.ndarray) -> tuple[float, float]
     p_rows = np.divide(importance, row[:, None], out=np.zeros_like(importance), where=row[:, None] > 0)
     p_cols = np.divide(importance, col[None, :], out=np.zeros_like(importance), where=col[None, :] > 0)
     disent = float(((1.0 - _entropy_rows(p_rows, n_factors)) * row / total).sum())
-    complete = float(np.mean(np.where(col > 0, 1.0 - _entropy_rows(p_cols.T, d), 0.0)))
+    complete = float(((1.0 - _entropy_rows(p_cols.T, d)) * col / total).sum())
     return disent, complete
 
 
