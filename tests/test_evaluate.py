@@ -320,7 +320,7 @@ def test_evaluate_model_keys_determinism_and_modes(capsys):
     model.head.eval()
     out = ev.evaluate_model(model, x, iw_samples=500, batch_size=16, seed=3, progress=True, n_bits=8)
     expected = {"num_examples", "elbo", "reconstruction", "kl", "active_units", "mutual_information",
-                "kl_per_dim", "iw_nll", "iw_samples", "bits_per_dim", "precision"}
+                "mutual_information_max", "kl_per_dim", "iw_nll", "iw_samples", "bits_per_dim", "precision"}
     assert set(out) == expected and out["precision"] == "fp32"
     assert model.training and not model.head.training
     assert all(seen == (False, False) for seen in model.seen)
@@ -328,6 +328,7 @@ def test_evaluate_model_keys_determinism_and_modes(capsys):
     assert out == ev.evaluate_model(model, x, iw_samples=500, batch_size=16, seed=3, n_bits=8)
     assert out["iw_nll"] != ev.evaluate_model(model, x, iw_samples=500, batch_size=16, seed=4)["iw_nll"]
     assert out["iw_samples"] == 500 and out["active_units"] == d and len(out["kl_per_dim"]) == d
+    assert 0 < out["mutual_information"] < out["mutual_information_max"] == math.log(40)  # the estimate's ceiling
     assert out["elbo"] < -out["iw_nll"] < float(log_px.mean()) + 0.05
     assert abs(out["iw_nll"] + float(log_px.mean())) < 0.1
     assert out["bits_per_dim"] == pytest.approx(out["iw_nll"] / (D * math.log(2.0)) + 8)

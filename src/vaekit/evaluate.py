@@ -285,7 +285,9 @@ def evaluate_model(
     ``elbo``, ``reconstruction`` and ``kl`` (nats, ``n_samples`` draws); with
     ``iw_samples = k > 0``, ``iw_nll`` and ``iw_samples``; ``active_units`` (None for one
     example: a variance needs two),
-    ``mutual_information`` (nats) and ``kl_per_dim`` (a list of ``d`` floats); and
+    ``mutual_information`` (nats) with ``mutual_information_max``, the estimate's ceiling
+    ``log num_examples`` (an estimate near it says only that ``I(x; z)`` is at least about
+    that: :func:`mutual_information`), and ``kl_per_dim`` (a list of ``d`` floats); and
     ``bits_per_dim`` of the best NLL at hand (``iw_nll``, else ``-elbo``) where it is a
     code length: a discretized logistic, a Bernoulli likelihood of binary data, or a Gaussian /
     continuous-Bernoulli density when ``n_bits`` says that ``x`` holds dequantised
@@ -329,6 +331,7 @@ def evaluate_model(
             "kl": means["kl"],
             "active_units": _active_units_from_mu(mu, threshold)[0] if n > 1 else None,  # no variance of 1
             "mutual_information": float(_mutual_information_from_params(mu, logvar, 1, g_mi)),
+            "mutual_information_max": math.log(n),
             "kl_per_dim": _kl_per_dim_from_params(mu, logvar).tolist(),
             "precision": precision,
         }
