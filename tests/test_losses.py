@@ -28,6 +28,7 @@ from vaekit import losses
 from vaekit.losses import (
     VAELoss,
     bernoulli_nll,
+    continuous_bernoulli_log_norm,
     continuous_bernoulli_nll,
     gaussian_kl,
     gaussian_nll,
@@ -257,8 +258,8 @@ def test_continuous_bernoulli_matches_torch_on_moderate_logits():
     assert_close(continuous_bernoulli_nll(logits, x), expected, rtol=1e-10, atol=1e-10)
 
 
-# Both sides of the Taylor threshold (1e-3), zero, and logits far beyond torch's clamp.
-_CB_ETAS = [0.0, 1e-5, -1e-5, 5e-4, 9e-4, -9.99e-4, 1e-3 - 1e-9, 1e-3, 1e-3 + 1e-9, -1.001e-3,
+# Both sides of the float64 Taylor threshold (0.05), zero, and logits far beyond torch's clamp.
+_CB_ETAS = [0.0, 1e-5, -1e-5, 5e-4, 1e-3, -1.001e-3, 0.049, -0.04999, 0.05 - 1e-9, 0.05, 0.05 + 1e-9, -0.0501,
             2e-3, 0.3, -3.0, 40.0, -300.0, 1e4]
 
 
@@ -273,10 +274,29 @@ def test_continuous_bernoulli_float64_against_40_digit_reference(x):
 def test_continuous_bernoulli_continuous_across_taylor_threshold():
     # The jump between the two sides must be the true change of the function, no more.
     for sign in (1.0, -1.0):
-        eta, value, grad = _cb_eval([sign * 1e-3 * (1 - 1e-9), sign * 1e-3 * (1 + 1e-9)], 0.25, F64)
+        eta, value, grad = _cb_eval([sign * 0.05 * (1 - 1e-9), sign * 0.05 * (1 + 1e-9)], 0.25, F64)
         ref = [_cb_reference(float(e), 0.25) for e in eta]
         assert abs((value[1] - value[0]) - (ref[1][0] - ref[0][0])) < 2e-15
         assert abs((grad[1] - grad[0]) - (ref[1][1] - ref[0][1])) < 5e-13
+
+
+def test_continuous_bernoulli_log_norm_float64_gradient_is_relatively_exact():
+    """log C's own gradient, sign(eta) (1/a - 1/sinh a), which the nll's gradient adds to
+    sigmoid(eta) - x and so hides where small: within 1e-12 of the 40-digit value relatively,
+    on both sides of the series' switch (at a switch of 1e-3 the exact form's cancellation
+    left 8e-10 just above it)."""
+    etas = np.concatenate([np.geomspace(1e-6, 3.0, 200), -np.geomspace(1e-4, 1.0, 20)])
+    eta = torch.tensor(etas, dtype=F64, requires_grad=True)
+    grad, = torch.autograd.grad(continuous_bernoulli_log_norm(eta).sum(), eta)
+
+    def dlog_norm(eta: float) -> float:  # 40 digits
+        with localcontext() as ctx:
+            ctx.prec = 40
+            a = abs(Decimal(eta))
+            return float((1 / a - 2 / (a.exp() - (-a).exp())) * (1 if eta > 0 else -1))
+
+    ref = torch.tensor([dlog_norm(float(e)) for e in etas], dtype=F64)
+    assert_close(grad, ref, rtol=1e-12, atol=0)
 
 
 def test_continuous_bernoulli_float32_gradient_near_zero():
@@ -297,7 +317,7 @@ def _req(*ts):
     return tuple(t.detach().clone().requires_grad_() for t in ts)
 
 
-_CB_GRAD_LOGITS = torch.tensor([[0.0, 1e-5, -1e-5, 1e-3 - 5e-7, 1e-3 + 5e-7, -1e-3 + 5e-7, 2.5, -6.0]], dtype=F64)
+_CB_GRAD_LOGITS = torch.tensor([[0.0, 1e-5, -1e-5, 0.05 - 5e-7, 0.05 + 5e-7, -0.05 + 5e-7, 2.5, -6.0]], dtype=F64)
 _GRADCHECKS = {
     "gaussian_kl": lambda: (lambda m, lv, pm, plv: gaussian_kl(m, lv, pm, plv), _req(*_latent(), *_latent())),
     "gaussian_kl_std": lambda: (gaussian_kl, _req(*_latent())),

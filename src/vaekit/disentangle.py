@@ -140,7 +140,9 @@ def mig(codes, factors, n_bins: int = 20) -> float:
     ``I[j, k]`` the empirical mutual information between binned code ``j`` and factor
     ``k`` and ``H_k`` the factor's entropy,
     ``MIG = mean_k (I[j1, k] - I[j2, k]) / H_k`` over the two codes ``j1, j2`` most
-    informative about ``k``. Constant factors (``H_k = 0``) are left out.
+    informative about ``k``. Constant factors (``H_k = 0``) are left out. The binned codes
+    are how disentanglement_lib estimates ``I``; Chen et al. estimate it from ``q(z_j|x)``
+    instead, so the two scores of one model can differ.
 
     Shape: codes ``[n, d]``, factors ``[n, K]`` (discrete labels).
     """

@@ -218,7 +218,9 @@ def tc_decomposition(z: Tensor, mu: Tensor, logvar: Tensor, dataset_size: int, *
           (the idea of Chen et al.'s minibatch stratified sampling, with uniform weights
           rather than their weight matrix): the sum is an unbiased estimate of ``q(z_i)``, so
           a factorised ``q(z)`` gives a TC near 0; its logs are biased at small batches
-          (about -1 to -2 nats at B = 64 for a true TC of 0 in an independent check).
+          (two independent checks at B = 64 for a true TC of 0: -1 to -2 nats with
+          overlapping posteriors and d = 6, +0.1 to +0.25 with narrow ones; Chen et al.'s
+          own matrix was +0.3 to +4 nats off in the second).
 
     Shape: ``z``, ``mu``, ``logvar`` are ``[B, d]``; returns three ``[B]`` tensors. Cost ``O(B^2 d)``.
     """
