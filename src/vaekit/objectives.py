@@ -72,6 +72,8 @@ def _linear(step: int, beta: float, warmup_steps: int, start: float = 0.0) -> fl
 def cyclical_beta(step: int, *, beta: float, cycle_steps: int, ratio: float = 0.5) -> float:
     """Cyclical annealing (Fu et al., 2019): with ``tau = (step mod cycle_steps) / cycle_steps``,
     ``beta * min(1, tau / ratio)``: 0 at the start of each cycle, ``beta`` from ``tau = ratio`` on.
+    With ``ratio = 1`` the whole cycle rises and ``beta`` itself is never reached (the last
+    step of a cycle has ``beta * (cycle_steps - 1) / cycle_steps``), as in the paper's formula.
     """
     step, cycle_steps = check_int("step", step), check_int("cycle_steps", cycle_steps, low=1)
     return _cyclical(step, check_number("beta", beta), cycle_steps,
