@@ -42,6 +42,26 @@ def test_optimal_sigma_gradient_is_the_detached_one(per):
     assert torch.autograd.gradcheck(lambda m: optimal_sigma_nll(m, x, per=per), (mean,))
 
 
+@pytest.mark.parametrize("per", ["example", "batch"])
+def test_optimal_sigma_nll_is_the_brute_force_minimum_over_sigma(per):
+    """The NLL minimised over log sigma^2 by a grid on [-12, 4] and a finer one around its
+    best point: per example, or of the batch's sum over one shared sigma."""
+    torch.manual_seed(2)
+    x = torch.rand(5, 2, 3, 4, dtype=D64)
+    mean = x + 0.1 * torch.randn_like(x) * torch.arange(1, 6, dtype=D64).view(5, 1, 1, 1)
+
+    def nll(logvar):  # [G, 1 or B] -> [G, B], or [G, 1] summed over the batch
+        log_p = torch.distributions.Normal(mean.flatten(1), (0.5 * logvar).exp().unsqueeze(-1))
+        out = -log_p.log_prob(x.flatten(1)).sum(-1)
+        return out if per == "example" else out.sum(-1, keepdim=True)
+
+    grid = torch.linspace(-12.0, 4.0, 16001, dtype=D64)
+    best = grid[nll(grid.unsqueeze(1)).argmin(0)]
+    brute = nll(best + torch.linspace(-2e-3, 2e-3, 2001, dtype=D64).unsqueeze(1)).min(0).values
+    out = optimal_sigma_nll(mean, x, per=per)
+    torch.testing.assert_close(out if per == "example" else out.sum(0, keepdim=True), brute, rtol=1e-10, atol=0)
+
+
 def test_optimal_sigma_clamps_a_perfect_reconstruction():
     x = torch.rand(2, 4, dtype=D64)
     mean = x.clone().requires_grad_()
