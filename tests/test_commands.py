@@ -5,7 +5,9 @@ Python caller meets that ``main`` never shows, and the names :mod:`vaekit.cli` k
 importable for the code written against it.
 """
 
+import csv
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,7 @@ import vaekit.commands
 from test_cli import tiny_config
 from vaekit.commands import _check_writable, train_command
 from vaekit.flags import UsageError
+from vaekit.io import read_json
 from vaekit.train import holds_a_run
 
 
@@ -47,3 +50,25 @@ def test_the_run_dir_probe_is_invisible_to_another_rank_checking_it(tmp_path, mo
                                   "_load_run", "_check_writable", "_new_run_dir", "_evaluate", "_MAX_SEED"])
 def test_vaekit_cli_still_gives_the_commands_it_used_to_define(name):
     assert getattr(vaekit.cli, name) is getattr(vaekit.commands, name)
+
+
+def test_runs_started_in_the_same_second_get_directories_of_their_own(tmp_path, monkeypatch):
+    """The made-up name (``runs/<dataset>-<time>``) is claimed by creating it: a second run
+    in the same second gets ``-2``, a third ``-3``, each with its own config and metrics."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(vaekit.commands.time, "strftime", lambda fmt: "20261128-000809")
+    dirs = [train_command(tiny_config(train__epochs=1, objective__beta=b)).run_dir for b in (1.0, 4.0, 2.0)]
+    stem = Path("runs") / "digits-20261128-000809"
+    assert dirs == [stem, stem.with_name(stem.name + "-2"), stem.with_name(stem.name + "-3")]
+    for rd, beta in zip(dirs, (1.0, 4.0, 2.0)):
+        assert read_json(rd / "config.json")["objective"]["beta"] == beta
+        with open(rd / "metrics.csv", newline="") as f:
+            assert {float(r["beta"]) for r in csv.DictReader(f) if r["split"] == "train"} == {beta}
+
+
+def test_a_refused_run_leaves_no_directory_under_a_made_up_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(data__dataset="array", data__data_dir=str(tmp_path / "missing.npy"))
+    with pytest.raises((UsageError, FileNotFoundError)):
+        train_command(config)
+    assert list((tmp_path / "runs").iterdir()) == []

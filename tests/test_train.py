@@ -248,6 +248,65 @@ def test_fit_does_not_train_a_new_run_into_a_directory_that_holds_one(tmp_path):
     assert train.fit(config, tmp_path / "fresh").history
 
 
+def _held(run_dir: Path) -> int:
+    """A descriptor of ``run_dir`` holding its lock, as another process training there holds
+    it (flock locks belong to an open of the directory, so this process's own fit is
+    refused by it too)."""
+    import fcntl
+
+    fd = os.open(run_dir, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def test_a_run_directory_another_process_trains_in_is_refused(tmp_path):
+    """While another process trains in a directory, a resume there and a new run there
+    are refused before anything is written; once it has ended, both go on."""
+    config = tiny_config(train__epochs=1)
+    rd, empty = tmp_path / "run", tmp_path / "empty"
+    train.fit(config, rd)
+    empty.mkdir()
+    before = snapshot(rd)
+    fds = [_held(rd), _held(empty)]
+    try:
+        with pytest.raises(ValueError, match=rf"run_dir {rd} is in use: another vaekit process is training there"):
+            train.fit(config, rd, resume=True, epochs=2)
+        with pytest.raises(ValueError, match=rf"run_dir {empty} is in use"):
+            train.fit(config, empty)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert snapshot(rd) == before and list(empty.iterdir()) == []
+    assert train.fit(config, rd, resume=True, epochs=2).trained
+    assert train.fit(config, empty).trained
+    with pytest.raises(ValueError, match="already holds a run"):  # the lock is free, the run is there
+        train.fit(config, empty)
+
+
+def test_a_run_that_appears_while_a_new_one_waits_for_the_lock_is_not_mixed_into(tmp_path, monkeypatch):
+    """Two new runs started together both find the directory empty; the one that takes the
+    lock second looks again under it and finds the other's files: refused, none touched.
+    A directory made for a refused run is not left behind."""
+    rd = tmp_path / "run"
+    train.fit(tiny_config(train__epochs=1), rd)
+    before, real, calls = snapshot(rd), train.holds_a_run, []
+
+    def first_look_missed_it(run_dir):
+        calls.append(run_dir)
+        return False if len(calls) == 1 else real(run_dir)
+
+    monkeypatch.setattr(train, "holds_a_run", first_look_missed_it)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train.fit(tiny_config(train__epochs=1), rd)
+    assert len(calls) == 2 and snapshot(rd) == before
+    calls.clear()
+    new = tmp_path / "deep" / "new"
+    monkeypatch.setattr(train, "holds_a_run", lambda run_dir: bool(calls.append(run_dir)) or len(calls) == 2)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train.fit(tiny_config(train__epochs=1), new)
+    assert not new.exists()
+
+
 def test_seconds_count_on_across_a_resume(finished, tmp_path):
     """metrics' `seconds` is the training loop's time since the run began: a resumed run
     goes on from the time its checkpoint kept (an older checkpoint: its last row's)."""

@@ -59,6 +59,7 @@ def train_command(config=None, run_dir=None, *, resume: str | None = None, prese
                 raise UsageError(f"--data-dir {data_dir}: {msg}") from None
             raise UsageError(f"--resume {resume}: the run's data are missing: {msg} (or give --data-dir where they "
                              f"are now)") from None
+    named = run_dir is None
     run_dir = _new_run_dir(run_dir, config, preset)
     try:
         return fit(config, run_dir)
@@ -66,6 +67,9 @@ def train_command(config=None, run_dir=None, *, resume: str | None = None, prese
         if "data_dir" not in str(e):
             raise
         raise UsageError(str(e).replace(_PYTHON_DOWNLOAD, "add --download to fetch them")) from None
+    finally:
+        if named:  # the name made up (and the directory claimed) here: not left empty by a refused run
+            _remove_if_unused(run_dir)
 
 
 _PYTHON_DOWNLOAD = "set download=True to fetch them"  # the readers' advice for missing MNIST files
@@ -98,8 +102,7 @@ def _new_run_dir(run_dir, config, preset: str | None) -> Path:
     from .train import holds_a_run
 
     if run_dir is None:
-        stem = preset or config.data.dataset
-        run_dir = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return _claim_new_name(Path("runs") / f"{preset or config.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = Path(run_dir)
     try:
         if os.path.lexists(run_dir) and not run_dir.is_dir():
@@ -112,6 +115,35 @@ def _new_run_dir(run_dir, config, preset: str | None) -> Path:
         raise UsageError(f"--run-dir {run_dir}: {e.strerror or e}") from None
     _check_writable("--run-dir", run_dir, run_dir)
     return run_dir
+
+
+def _claim_new_name(stem: Path) -> Path:
+    """``stem``, or ``stem-2``, ``stem-3``, ...: the first that this process creates itself,
+    so that runs started in the same second each get their own directory. Under torchrun
+    every process makes up its own name and only rank 0 writes (docs/distributed.md): the
+    name is not claimed there."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return stem
+    _check_writable("--run-dir", stem, stem)
+    for k in range(1, 1000):
+        path = stem if k == 1 else stem.with_name(f"{stem.name}-{k}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UsageError(f"--run-dir {path}: {e.strerror or e}") from None
+    raise UsageError(f"--run-dir: {stem} and 998 more names after it are taken; give --run-dir")
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    """``run_dir`` removed if it is empty."""
+    try:
+        run_dir.rmdir()
+    except OSError:
+        pass
 
 
 def _check_writable(flag: str, given, directory: Path) -> None:

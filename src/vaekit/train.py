@@ -162,13 +162,56 @@ def fit(config: RunConfig, run_dir, *, resume: bool = False, epochs: int | None 
         config.check()
     check_resume_only(resume, epochs, data_dir)
     if not resume and holds_a_run(run_dir):
-        raise ValueError(f"run_dir {run_dir} already holds a run; choose another directory, or continue it "
-                         f"with resume=True")
+        raise ValueError(_holds_a_run_message(run_dir))
     threads = torch.get_num_threads()
     try:
-        return _fit(config, run_dir, resume, epochs, data_dir)
+        with _run_lock(Path(run_dir), resume):
+            return _fit(config, run_dir, resume, epochs, data_dir)
     finally:
         torch.set_num_threads(threads)
+
+
+def _holds_a_run_message(run_dir) -> str:
+    return f"run_dir {run_dir} already holds a run; choose another directory, or continue it with resume=True"
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path, resume: bool):
+    """``run_dir`` held by this process (rank 0 under torchrun, the one that writes) while
+    it trains or resumes there: another process that tries the same directory meanwhile
+    is refused, where two runs started together would have passed :func:`holds_a_run`
+    both and mixed their files. An advisory lock (``flock``) on the directory itself: no
+    file is added, and the system releases it when the process ends however it ends.
+    Where the file system does not lock directories, or without ``fcntl`` (Windows),
+    nothing is held. A new run's directory made here is removed again when the run is
+    refused before writing anything."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    made = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"run_dir {run_dir} is in use: another vaekit process is training there; wait for it "
+                             f"to end, or choose another directory") from None
+        except OSError:  # a file system that does not lock directories: unguarded, as before
+            pass
+        if not resume and holds_a_run(run_dir):  # again under the lock: another process may have written since
+            raise ValueError(_holds_a_run_message(run_dir))
+        yield
+    finally:
+        os.close(fd)
+        if made:
+            with contextlib.suppress(OSError):  # only if still empty
+                run_dir.rmdir()
 
 
 def holds_a_run(run_dir) -> bool:
