@@ -21,12 +21,13 @@ from .models import ModelConfig
 from .objectives import ObjectiveConfig
 
 __all__ = ["TrainConfig", "RunConfig", "section_from_dict", "GROUPS", "LR_SCHEDULES", "AMP_MODES", "FAST_MODES",
-           "MAX_THREADS"]
+           "MAX_THREADS", "MAX_COUNT"]
 
 LR_SCHEDULES = ("constant", "cosine")
 AMP_MODES = ("none", "bf16", "tf32")
 FAST_MODES = ("auto", "static", "compile", "off")
 MAX_THREADS = 1024  # more CPU threads than any machine vaekit runs on has; OpenMP fails on far more
+MAX_COUNT = 2**31 - 1  # the most epochs, steps or examples a batch a setting may count
 
 
 def _need(cond: bool, name: str, expected: str, got) -> None:
@@ -123,11 +124,14 @@ class TrainConfig:
         for name in ("epochs", "max_steps", "early_stopping", "checkpoint_every", "num_threads", "seed"):
             v = getattr(self, name)
             _need(_is_int(v) and v >= 0, name, "an integer >= 0", v)
+        for name in ("epochs", "max_steps", "early_stopping", "checkpoint_every"):  # counts, bounded as batch_size
+            v = getattr(self, name)
+            _need(v <= MAX_COUNT, name, f"an integer in [0, {MAX_COUNT}]", v)
         _need(self.seed <= MAX_SEED, "seed", f"an integer in [0, {MAX_SEED}]", self.seed)
         _need(self.num_threads <= MAX_THREADS, "num_threads", f"an integer in [0, {MAX_THREADS}]", self.num_threads)
         _need(self.epochs > 0 or self.max_steps > 0, "epochs", "> 0 (or max_steps > 0)", self.epochs)
-        _need(_is_int(self.batch_size) and 0 < self.batch_size <= 2**31 - 1, "batch_size",
-              f"an integer in [1, {2**31 - 1}]", self.batch_size)
+        _need(_is_int(self.batch_size) and 0 < self.batch_size <= MAX_COUNT, "batch_size",
+              f"an integer in [1, {MAX_COUNT}]", self.batch_size)
         _need(_is_int(self.max_bad_steps) and self.max_bad_steps > 0, "max_bad_steps", "a positive integer", self.max_bad_steps)
         _need(_is_num(self.lr) and self.lr > 0, "lr", "a finite number > 0", self.lr)
         for name in ("weight_decay", "grad_clip"):

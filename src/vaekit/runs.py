@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .config import RunConfig, TrainConfig
+from .config import MAX_COUNT, RunConfig, TrainConfig
 from .io import CheckpointError, _state_dict_mismatch, atomic_write, load_checkpoint
 
 __all__ = ["CHECKPOINT_KEYS", "METRIC_FIELDS", "write_metrics", "rng_state", "set_rng_state",
@@ -331,6 +331,8 @@ def extended(tc: TrainConfig, state: dict, epochs, run_dir: Path) -> TrainConfig
         raise TypeError(f"{what} must be an integer, got {epochs!r}")
     if epochs <= done:
         raise ValueError(f"{what} must be greater than the {done} epochs {run_dir} has done, got {epochs}")
+    if epochs > MAX_COUNT:
+        raise ValueError(f"{what} must be an integer in [{done + 1}, {MAX_COUNT}], got {epochs}")
     if tc.early_stopping and state["since_best"] >= tc.early_stopping:
         raise ValueError(f"{what} cannot extend {run_dir}: it stopped early after epoch {done}, "
                          f"{state['since_best']} epochs without a better validation ELBO "
