@@ -1155,3 +1155,26 @@ def test_evaluate_prints_the_example_count_once_and_says_where_bits_per_dim_come
         assert re.search(rf"^bits_per_dim\s+{re.escape(shown)}  \(from {source}\)$", out, re.M), out
         nll = -m["elbo"] if source == "elbo" else m["iw_nll"]
         assert m["bits_per_dim"] == pytest.approx(nll / (64 * math.log(2)), rel=1e-12)
+
+
+def test_a_ctrl_c_while_torch_is_imported_is_one_line_and_status_130(monkeypatch, capsys):
+    """The ``vaekit`` command (pyproject's entry point) and ``python -m vaekit`` start in
+    ``vaekit.__main__.run``, which imports the command line (and PyTorch) itself: a Ctrl-C
+    in that second is answered as one in main is, not with a traceback from ``import torch``."""
+    import tomllib
+
+    import vaekit.__main__ as entry
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"vaekit": "vaekit.__main__:run"}
+
+    class Interrupted:  # a finder: the import of vaekit.cli is where the Ctrl-C lands
+        def find_spec(self, name, path=None, target=None):
+            if name == "vaekit.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "vaekit.cli")
+    monkeypatch.setattr(sys, "meta_path", [Interrupted(), *sys.meta_path])
+    assert entry.run() == 130
+    assert capsys.readouterr().err == "vaekit: interrupted\n"
