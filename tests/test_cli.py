@@ -1178,3 +1178,28 @@ def test_a_ctrl_c_while_torch_is_imported_is_one_line_and_status_130(monkeypatch
     monkeypatch.setattr(sys, "meta_path", [Interrupted(), *sys.meta_path])
     assert entry.run() == 130
     assert capsys.readouterr().err == "vaekit: interrupted\n"
+
+
+def test_an_evaluation_that_would_drop_a_costlier_one_keeps_it_aside(run, tmp_path, capsys):
+    """metrics-test.json holding an importance-weighted NLL of more samples than the new
+    evaluation takes (or disentanglement scores it lacks) is moved to
+    metrics-test-earlier<n>.json, byte for byte, and the move is said; an evaluation that
+    loses nothing replaces the file as before."""
+    rd = tmp_path / "run"
+    shutil.copytree(run, rd)
+    assert call(["evaluate", rd, "--iw-samples", 10], capsys)[0] == 0
+    with_iw = (rd / "metrics-test.json").read_bytes()
+    rc, out, _ = call(["evaluate", rd], capsys)
+    assert rc == 0 and (rd / "metrics-test-earlier1.json").read_bytes() == with_iw
+    assert (f"vaekit: the earlier metrics-test.json held an importance-weighted NLL of 10 samples, which this "
+            f"evaluation does not: kept as {rd / 'metrics-test-earlier1.json'}") in out
+    assert "iw_nll" not in read_json(rd / "metrics-test.json")
+    for argv in (["evaluate", rd], ["evaluate", rd, "--iw-samples", 4]):  # nothing lost: replaced
+        assert call(argv, capsys)[0] == 0 and not (rd / "metrics-test-earlier2.json").exists()
+    assert call(["evaluate", rd, "--iw-samples", 3], capsys)[0] == 0  # 3 < 4
+    assert read_json(rd / "metrics-test-earlier2.json")["iw_samples"] == 4
+    scored = {**read_json(rd / "metrics-test.json"), "mig": 0.5, "disentanglement_quick": True}
+    (rd / "metrics-test.json").write_text(json.dumps(scored))
+    rc, out, _ = call(["evaluate", rd, "--iw-samples", 3], capsys)
+    assert rc == 0 and "held disentanglement scores, which" in out
+    assert read_json(rd / "metrics-test-earlier3.json") == scored

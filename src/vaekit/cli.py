@@ -148,7 +148,11 @@ def _parser() -> argparse.ArgumentParser:
                         "with the budget")
     _add_config_flags(t)
 
-    e = sub.add_parser("evaluate", help="evaluate a trained run", description="Evaluate a trained run on a split.")
+    e = sub.add_parser("evaluate", help="evaluate a trained run",
+                       description="Evaluate a trained run on a split. The metrics are printed and written to "
+                                   "RUN/metrics-<split>.json; an earlier file there that holds what this evaluation "
+                                   "does not (an importance-weighted NLL of more samples, disentanglement scores) is "
+                                   "kept as metrics-<split>-earlier<n>.json.")
     e.add_argument("run", metavar="RUN", help="run directory written by 'vaekit train'")
     e.add_argument("--split", default="test", choices=["test", "val", "train"], help="which split [default: test]")
     e.add_argument("--iw-samples", type=int, default=0, metavar="K",

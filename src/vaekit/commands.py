@@ -10,7 +10,9 @@ command line's job, in :mod:`vaekit.cli`, which re-exports these names.
 
 Evaluation writes ``RUN/metrics-<split>.json`` (``metrics-<split>-first<N>.json`` for the
 first N examples only: :func:`metrics_name`), with the seed, batch size, device and
-torch version the estimates depend on.
+torch version the estimates depend on; an earlier file there that holds what the new one
+lacks (an importance-weighted NLL of more samples, disentanglement scores) is kept as
+``metrics-<split>-earlier<n>.json``.
 """
 
 from __future__ import annotations
@@ -334,8 +336,50 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
     result = {"split": split, "n": int(x.shape[0]), "iw_samples": iw_samples, **metrics,
               "seed": seed, "batch_size": batch_size,  # the estimates depend on both
               **read, "seconds": round(seconds, 3), "device": where, "torch": torch.__version__}
-    write_json(rd / metrics_name(split, limit), result)
+    path = rd / metrics_name(split, limit)
+    kept = _keep_costlier(path, result)
+    if kept is not None:
+        print(f"vaekit: the earlier {path.name} held {kept[1]}, which this evaluation does not: kept as {kept[0]}",
+              flush=True)
+    write_json(path, result)
     return result
+
+
+def _keep_costlier(path: Path, new: dict) -> tuple[Path, str] | None:
+    """An earlier metrics file at ``path`` that holds what ``new`` lacks (an importance-
+    weighted estimate from more samples, disentanglement scores: hours of work, perhaps)
+    moved aside to ``metrics-<split>-earlier<n>.json`` (the first free ``n``) before ``new``
+    takes its place: ``(where, what)``."""
+    from .io import read_json
+
+    try:
+        old = read_json(path)
+    except (OSError, ValueError):  # none, or not a metrics file: nothing to keep
+        return None
+    if not isinstance(old, dict):
+        return None
+    lost = []
+    k_old, k_new = old.get("iw_samples"), new.get("iw_samples") or 0
+    if "iw_nll" in old and isinstance(k_old, int) and k_old > k_new:
+        lost.append(f"an importance-weighted NLL of {k_old} samples")
+    if "disentanglement_quick" in old and "disentanglement_quick" not in new:
+        lost.append("disentanglement scores")
+    if not lost:
+        return None
+    for n in range(1, 10_000):
+        aside = path.with_name(f"{path.stem}-earlier{n}{path.suffix}")
+        try:
+            os.link(path, aside)  # fails if the name is taken: no earlier copy is written over
+        except FileExistsError:
+            continue
+        except OSError:  # a file system without hard links
+            if aside.exists():
+                continue
+            os.replace(path, aside)
+            return aside, " and ".join(lost)
+        path.unlink()
+        return aside, " and ".join(lost)
+    return None
 
 
 def metrics_name(split: str, limit: int = 0) -> str:
