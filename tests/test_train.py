@@ -901,3 +901,28 @@ def test_an_equal_validation_loss_is_not_an_improvement(grey, tmp_path, monkeypa
     assert len(_metrics_rows(tmp_path / "run", "val")) == 3  # epoch 1 improves on inf; 2 and 3 do not
     saved = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
     assert all(torch.equal(saved[k], ends[1][k]) for k in saved)
+
+
+@pytest.mark.parametrize("binarize, likelihood, noted", [
+    ("none", "bernoulli", True), ("dynamic", "bernoulli", False), ("static", "bernoulli", False),
+    ("none", "continuous_bernoulli", False),
+])
+def test_a_bernoulli_likelihood_on_grey_levels_is_noted(binarize, likelihood, noted, tmp_path, capsys):
+    """The tutorial's mistake 7 made on purpose still trains, with a line that says what its
+    ELBO is not."""
+    config = tiny_config(train__epochs=1, data__binarize=binarize, model__likelihood=likelihood)
+    capsys.readouterr()
+    train.fit(config, tmp_path / "run")
+    err = capsys.readouterr().err
+    assert ("the Bernoulli likelihood on grey levels (data.binarize 'none', digits) is no normalised density"
+            in err) is noted, err
+
+
+def test_binary_data_under_a_bernoulli_likelihood_need_no_binarization_and_get_no_note(tmp_path, capsys):
+    x = (np.random.default_rng(0).random((60, 16)) > 0.5).astype(np.float32)
+    np.save(tmp_path / "binary.npy", x)
+    config = tiny_config(train__epochs=1, data__dataset="array", data__data_dir=str(tmp_path / "binary.npy"),
+                         data__binarize="none")
+    capsys.readouterr()
+    train.fit(config, tmp_path / "run")
+    assert "grey levels" not in capsys.readouterr().err

@@ -289,6 +289,11 @@ def _wire(config: RunConfig, run_dir: Path, state: dict | None, device: torch.de
     tc, oc = config.train, config.objective
     data = load_dataset(config.data)
     _check_training_data(data, config.model.likelihood)
+    if rank == 0 and config.model.likelihood == "bernoulli" and config.data.binarize == "none" \
+            and not bool(((data.train == 0) | (data.train == 1)).all()):
+        print(f"vaekit: the Bernoulli likelihood on grey levels (data.binarize 'none', {data.name}) is no normalised "
+              f"density: the ELBO it reports bounds no log-likelihood. Binarize them ('static' or 'dynamic') or "
+              f"use likelihood 'continuous_bernoulli'", file=sys.stderr, flush=True)
     if config.data.dataset in FILE_DATASETS:
         # the run records where its data are, whatever directory it is evaluated from later
         where = Path(config.data.data_dir or Path("data") / config.data.dataset).expanduser().resolve()
