@@ -1203,3 +1203,18 @@ def test_an_evaluation_that_would_drop_a_costlier_one_keeps_it_aside(run, tmp_pa
     rc, out, _ = call(["evaluate", rd, "--iw-samples", 3], capsys)
     assert rc == 0 and "held disentanglement scores, which" in out
     assert read_json(rd / "metrics-test-earlier3.json") == scored
+
+
+def test_evaluate_model_with_its_defaults_reproduces_vaekit_evaluate(run, tmp_path, capsys):
+    """The Python call with the command's seed and batch size (both defaults) draws the same
+    noise: the same numbers, not merely close ones."""
+    from vaekit.evaluate import evaluate_model
+
+    rd = tmp_path / "run"
+    shutil.copytree(run, rd, ignore=shutil.ignore_patterns("metrics-*.json"))
+    assert call(["evaluate", rd, "--iw-samples", 10], capsys)[0] == 0
+    m = read_json(rd / "metrics-test.json")
+    got = evaluate_model(VAE.from_pretrained(rd / "model"), _test_data(rd), iw_samples=10)
+    assert m["batch_size"] == 500 and m["n"] > 256  # more than one batch of the old default
+    for key in ("elbo", "kl", "iw_nll", "mutual_information"):
+        assert got[key] == m[key], key

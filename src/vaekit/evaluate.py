@@ -270,7 +270,7 @@ def evaluate_model(
     x: Tensor,
     *,
     iw_samples: int = 0,
-    batch_size: int = 256,
+    batch_size: int = 500,
     chunk_size: int | None = None,
     seed: int = 0,
     progress: bool = False,
@@ -292,6 +292,8 @@ def evaluate_model(
     code length: a discretized logistic, a Bernoulli likelihood of binary data, or a Gaussian /
     continuous-Bernoulli density when ``n_bits`` says that ``x`` holds dequantised
     ``n_bits``-bit values scaled by ``2^-n_bits`` (see :func:`continuous_to_discrete_nll`).
+    The noise is drawn batch by batch, so the estimates depend on ``batch_size`` as on
+    ``seed``: the defaults are ``vaekit evaluate``'s, whose numbers they reproduce.
     ``progress=True`` shows a tqdm bar over the batches. ``precision``: as in
     :func:`iw_log_likelihood` (full float32 by default); the result says which
     (``"precision"``).
