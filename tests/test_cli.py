@@ -261,7 +261,7 @@ def test_resume_finds_moved_data_with_data_dir_and_records_where(tmp_path, run, 
     rc, _, err = call(["train", "--resume", rd, "--epochs", "3", "--data-dir", tmp_path / "other.npy"], capsys)
     assert_usage_error(rc, err, r"cannot be resumed on other training data: dataset 'array' \(\S*other\.npy\) now")
     rc, out, err = call(["train", "--resume", rd, "--epochs", "3", "--data-dir", tmp_path / "b" / "flat.npy"], capsys)
-    assert rc == 0 and "trained 3 epochs" in out, err
+    assert rc == 0 and "vaekit: trained 1 more epoch (3 in all); " in out, err
     where = str((tmp_path / "b" / "flat.npy").resolve())
     assert read_json(rd / "config.json")["data"]["data_dir"] == where
     assert load_checkpoint(rd / "checkpoint.pt")["config"]["data"]["data_dir"] == where
@@ -506,6 +506,13 @@ def test_evaluate_and_sample_help_show_each_default(command, flags, monkeypatch,
         assert "[default: " in block, f"{command} --help: {flag} does not show its default: {block}"
 
 
+def test_sample_help_says_where_a_relative_output_goes(monkeypatch, capsys):
+    block = next(b for b in _option_blocks(_help("sample", monkeypatch, capsys)) if "--output" in b)
+    assert re.sub(r"\s+", " ", block).endswith("output image file, .png or .jpg; a relative path is taken from the "
+                                               "current directory, not RUN [default: samples.png, in the current "
+                                               "directory]")
+
+
 def test_top_level_help_lists_the_commands(monkeypatch, capsys):
     text = _help(None, monkeypatch, capsys)
     assert all(re.search(rf"\b{c}\b", text) for c in ("train", "evaluate", "sample"))
@@ -546,7 +553,7 @@ def test_resume_with_epochs_extends_a_finished_run(run, tmp_path, capsys):
     before = _metrics(rd)
     rc, out, err = call(["train", "--resume", rd, "--epochs", "4", "--no-progress"], capsys)
     assert rc == 0, err
-    assert "trained 4 epochs" in out
+    assert "vaekit: trained 2 more epochs (4 in all); " in out  # what this call trained, and the run in all
     rows = _metrics(rd)
     assert rows[: len(before)] == before  # the history carries on
     assert [r["epoch"] for r in rows if r["split"] == "train"] == ["1", "2", "3", "4"]
@@ -631,7 +638,9 @@ BAD_INPUT = [  # (id, argv with {run}/{empty}/{tmp} placeholders, regex the one-
     ("missing-config", ["train", "--run-dir", "{empty}", "--config", "{tmp}/missing.toml"], r"missing\.toml"),
     ("invalid-toml", ["train", "--run-dir", "{empty}", "--config", "{tmp}/bad.toml"], r"bad\.toml.*TOML"),
     ("invalid-json", ["train", "--run-dir", "{empty}", "--config", "{tmp}/bad.json"], r"bad\.json.*JSON"),
-    ("unknown-config-key", ["train", "--run-dir", "{empty}", "--config", "{tmp}/typo.toml"], r"unknown key.*epoch\b"),
+    # named by the file, as a bad value from it is
+    ("unknown-config-key", ["train", "--run-dir", "{empty}", "--config", "{tmp}/typo.toml"],
+     r"error: --config \S+typo\.toml: unknown key\(s\) in config section 'train': epoch; known: "),
     # only the second file was read
     ("config-twice", ["train", "--run-dir", "{empty}", "--config", "{tmp}/value.json", "--config", "{tmp}/typo.toml"],
      r"argument --config: given twice \(\S+value\.json, then \S+typo\.toml\); give one file \(flags override its "
@@ -1106,6 +1115,32 @@ def test_evaluate_of_a_run_with_no_saved_model_yet_says_how_to_continue_it(run, 
     assert_usage_error(rc, err, r"has no saved model \(it stopped before its first epoch ended, and before its first "
                                 rf"checkpoint\); vaekit train --resume {re.escape(str(rd))} trains it again from the "
                                 r"start$")
+
+
+def test_evaluate_and_sample_of_a_saved_models_directory_say_to_give_the_run(run, tmp_path, capsys):
+    """RUN/model (model.safetensors and the model's config.json) was refused as a config
+    with unknown sections."""
+    for command in (["evaluate", run / "model"], ["sample", run / "model", "-o", tmp_path / "never.png"]):
+        rc, _, err = call(command, capsys)
+        assert_usage_error(rc, err, rf"^vaekit: error: RUN {re.escape(str(run / 'model'))} is a saved model's "
+                                    r"directory \(model\.safetensors and its config\.json\), not a run directory: "
+                                    rf"give the run directory that holds it \({re.escape(str(run))}\)$")
+    shutil.copytree(run / "model", tmp_path / "alone")  # no run around it
+    rc, _, err = call(["evaluate", tmp_path / "alone"], capsys)
+    assert_usage_error(rc, err, r"is a saved model's directory .*: give the run directory that vaekit train wrote "
+                                r"\(a saved model alone loads in Python with VAE\.from_pretrained\)$")
+    assert not (tmp_path / "never.png").exists() and not list((run / "model").glob("metrics*"))
+
+
+def test_a_resumed_runs_summary_says_what_this_call_trained_and_in_all():
+    from vaekit.cli import _trained_more
+    from vaekit.train import FitResult
+
+    rows = [{"split": "train", "epoch": e, "step": 10 * e} for e in (1, 2, 3)]
+    assert _trained_more(FitResult(None, rows, "r", False, steps_per_epoch=10), 2, 20) == "1 more epoch (3 in all)"
+    # resumed from a checkpoint part way through epoch 3 (an interrupted run)
+    assert (_trained_more(FitResult(None, rows, "r", False, steps_per_epoch=10), 2, 24)
+            == "6 more steps (0.6 epochs; 3 epochs in all)")
 
 
 def test_resume_of_a_run_without_a_checkpoint(run, tmp_path, capsys):

@@ -131,3 +131,22 @@ def test_a_bad_value_is_named_by_where_the_user_gave_it(in_file, overrides, patt
     path.write_text(json.dumps(in_file))
     with pytest.raises(ValueError, match=pattern):
         build_config(None, str(path), overrides)
+
+
+@pytest.mark.parametrize("in_file, overrides, error, pattern", [
+    ({"train": {"epoch": 3}}, {}, ValueError, r"^--config \S+run\.json: unknown key\(s\) in config section 'train': "
+                                              r"epoch; known: adam_kernel, "),
+    ({"trian": {"epochs": 3}}, {}, ValueError, r"^--config \S+run\.json: unknown config section\(s\): trian; "
+                                               r"known: model, "),
+    ({"train": 3}, {}, TypeError, r"^--config \S+run\.json: config section 'train' must be a mapping, got int$"),
+    ({"train": 3}, {"train.lr": 0.01}, ValueError, r"^--config \S+run\.json: config section 'train' must be a "
+                                                   r"table of settings, got int$"),
+])
+def test_a_name_or_section_of_the_file_that_no_config_takes_is_named_by_the_file(in_file, overrides, error, pattern,
+                                                                                 tmp_path):
+    """Only the file can hold these (the flags and presets give known names only), and the
+    error did not name it, where a bad value from it did."""
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(in_file))
+    with pytest.raises(error, match=pattern):
+        build_config(None, str(path), overrides)

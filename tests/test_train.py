@@ -926,3 +926,13 @@ def test_binary_data_under_a_bernoulli_likelihood_need_no_binarization_and_get_n
     capsys.readouterr()
     train.fit(config, tmp_path / "run")
     assert "grey levels" not in capsys.readouterr().err
+
+
+def test_fit_result_says_where_a_resumed_call_went_on_from(tmp_path):
+    config = tiny_config(train__epochs=1)
+    first = train.fit(config, tmp_path / "run")
+    assert first.resumed_from is None
+    spe = steps_per_epoch(config)
+    again = train.fit(config, tmp_path / "run", resume=True, epochs=2)
+    assert again.resumed_from == (1, spe) and again.history[-1]["step"] == 2 * spe
+    assert train.fit(config, tmp_path / "run", resume=True).resumed_from == (2, 2 * spe)  # finished: nothing trained

@@ -183,7 +183,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "draws its pixels one by one and shows each pixel's probability).")
     s.add_argument("run", metavar="RUN", help="run directory written by 'vaekit train'")
     s.add_argument("-n", type=int, default=64, help="number of samples [default: 64]")
-    s.add_argument("-o", "--output", default="samples.png", help="output image file [default: samples.png]")
+    s.add_argument("-o", "--output", default="samples.png",
+                   help="output image file, .png or .jpg; a relative path is taken from the current directory, "
+                        "not RUN [default: samples.png, in the current directory]")
     s.add_argument("--seed", type=int, default=0, help="sampling seed [default: 0]")
     s.add_argument("--nrow", type=int, default=8, help="images per row [default: 8]")
     return p
@@ -191,6 +193,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def _epochs(n: int) -> str:
     return f"{n} epoch" if n == 1 else f"{n} epochs"
+
+
+def _trained_more(result, epoch: int, step: int) -> str:
+    """A resumed run's training, this call's and in all: "10 more epochs (160 in all)", or
+    where an epoch was trained in part, "45 more steps (0.978 epochs; 3 epochs in all)"."""
+    last = [r for r in result.history if r["split"] == "train"][-1]
+    epochs, steps, per_epoch = last["epoch"] - epoch, last["step"] - step, result.steps_per_epoch
+    if per_epoch and steps < epochs * per_epoch:
+        return f"{steps} more steps ({steps / per_epoch:.3g} epochs; {result.trained_for()} in all)"
+    return f"{epochs} more {'epoch' if epochs == 1 else 'epochs'} ({last['epoch']} in all)"
 
 
 def _print_table(metrics: dict) -> None:
@@ -276,7 +288,8 @@ def _main(argv: list[str] | None) -> int:
             if train and int(os.environ.get("RANK", "0")) == 0:  # one summary line per job under torchrun
                 score = (f"best val ELBO {-min(r['loss'] for r in val):.3f} nats" if val else
                          f"no validation split, the last model kept (train ELBO {train[-1]['elbo']:.3f} nats)")
-                print(f"vaekit: trained {result.trained_for()}; {score}; run in {result.run_dir}")
+                done = _trained_more(result, *result.resumed_from) if result.resumed_from else result.trained_for()
+                print(f"vaekit: trained {done}; {score}; run in {result.run_dir}")
             return 0
         if args.command in ("evaluate", "sample"):
             _no_empty_paths(("RUN", args.run), ("--data-dir", getattr(args, "data_dir", None)),

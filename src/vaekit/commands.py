@@ -176,6 +176,9 @@ def _load_run(run: str):
     rd = Path(run)
     if not rd.is_dir():
         raise UsageError(f"RUN {run}: no such run directory")
+    if (rd / "model.safetensors").is_file():  # RUN/model (its config.json is the model's, not the run's)
+        raise UsageError(f"RUN {run} is a saved model's directory (model.safetensors and its config.json), not a "
+                         f"run directory: {_holding_run(rd)}")
     if not (rd / "config.json").is_file():
         raise UsageError(f"RUN {run}: no config.json; is this a vaekit run directory?")
     raw = read_json(rd / "config.json")
@@ -191,6 +194,16 @@ def _load_run(run: str):
                          f"first checkpoint); vaekit train --resume {run} trains it again from the start")
     model = VAE.from_pretrained(rd / "model")
     return rd, config, model
+
+
+def _holding_run(model_dir: Path) -> str:
+    """What to give instead of a saved model's directory: the run it is the ``model/`` of,
+    where it is one."""
+    parent = model_dir.parent if model_dir.name not in ("", "..") else model_dir.resolve().parent
+    if model_dir.resolve().name == "model" and (parent / "config.json").is_file():
+        return f"give the run directory that holds it ({parent})"
+    return ("give the run directory that vaekit train wrote (a saved model alone loads in Python with "
+            "VAE.from_pretrained)")
 
 
 def _check_trained_on(rd: Path, x, data_dir) -> None:

@@ -175,10 +175,10 @@ def build_config(preset: str | None = None, config_file: str | None = None, over
     if name not in PRESETS:
         raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
     from_file = user = _read_config_file(config_file) if config_file else {}
-    for key, value in (overrides or {}).items():
-        group, field_ = key.split(".", 1)
-        user = _merge(user, {group: {field_: list(value) if isinstance(value, tuple) else value}})
     try:
+        for key, value in (overrides or {}).items():  # (a file's section that is no table is refused here)
+            group, field_ = key.split(".", 1)
+            user = _merge(user, {group: {field_: list(value) if isinstance(value, tuple) else value}})
         config = RunConfig.from_dict(_without_the_presets_inert(_merge(PRESETS[name], user), user))
         _check_cuda(config.train.device)
     except (TypeError, ValueError) as e:
@@ -262,8 +262,11 @@ def _name_the_flag(error: Exception, overrides: dict, config_file: str | None = 
     TrainConfig.seed must be ...``), else the ``--config`` file and its key (``--config
     run.json: train.seed must be ...``). A field the user did not set is not blamed on
     either (a message may open with one field of several: "beta and beta_schedule are
-    unused ...")."""
+    unused ..."). An unknown key or section, or a section that is no table, can only be
+    the file's: it is led by the file."""
     msg = str(error)
+    if config_file and re.match(r"(unknown (key\(s\) in )?)?config section", msg):  # the flags and presets hold none
+        return type(error)(f"--config {config_file}: {msg}")
     found = re.match(r"(\w+Config)\.(\w+)", msg)
     group = _sections().get(found.group(1)) if found else None
     if group is None:

@@ -55,6 +55,7 @@ class FitResult(NamedTuple):
     interrupted: bool
     trained: bool = True  # False: a resumed run that was finished already (nothing written)
     steps_per_epoch: int = 0  # the steps of a full epoch (0: not known)
+    resumed_from: tuple | None = None  # (epoch, step) of the checkpoint this call went on from; None: from the start
 
     def trained_for(self) -> str:
         """How long the run has trained in all, for a summary line: "3 epochs", or where
@@ -389,6 +390,7 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None,
                                         data_dir=data_dir)
     run = _build(config, run_dir, state, resumed=resume)
     per_epoch = len(run.batches)
+    start = (run.epoch, run.step) if state is not None else None
     if state is not None and not (run.more_to_do() and not run.stopped_early()):
         # A run resumed after it finished (or stopped early) does not train on, and its
         # files (config.json, the pictures) stay as they are, but for the new place of its
@@ -407,7 +409,8 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None,
                 what = f" ({done}); nothing to train (extend it with --epochs N)"
             print(f"vaekit: {run_dir} is finished{what}"
                   f"{'; the new place of its data is recorded' if data_dir is not None else ''}", flush=True)
-        return FitResult(run.model, run.history, run_dir, False, trained=False, steps_per_epoch=per_epoch)
+        return FitResult(run.model, run.history, run_dir, False, trained=False, steps_per_epoch=per_epoch,
+                         resumed_from=start)
     if resume and state is None and run.is_main:
         print(f"vaekit: {run_dir} stopped before its first checkpoint; training it from the start", flush=True)
     if run.is_main:
@@ -445,14 +448,14 @@ def _fit(config: RunConfig, run_dir, resume: bool, extend_to: int | None = None,
             why = f"signal {stop.signum}" if stop.signum else "a signal to another rank"
             print(f"vaekit: interrupted by {why}; checkpoint saved to {run.ckpt_path}; "
                   f"continue with: {_resume_command(run)}", flush=True)
-        return FitResult(run.model, run.history, run_dir, True, steps_per_epoch=per_epoch)
+        return FitResult(run.model, run.history, run_dir, True, steps_per_epoch=per_epoch, resumed_from=start)
     if run.is_main:
         _finish(run)
         if writer is not None:
             writer.close()
     if run.distributed:
         torch.distributed.barrier()
-    return FitResult(run.model, run.history, run_dir, False, steps_per_epoch=per_epoch)
+    return FitResult(run.model, run.history, run_dir, False, steps_per_epoch=per_epoch, resumed_from=start)
 
 
 def _finish(run: _Run) -> None:
