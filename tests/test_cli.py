@@ -1253,3 +1253,23 @@ def test_evaluate_model_with_its_defaults_reproduces_vaekit_evaluate(run, tmp_pa
     assert m["batch_size"] == 500 and m["n"] > 256  # more than one batch of the old default
     for key in ("elbo", "kl", "iw_nll", "mutual_information"):
         assert got[key] == m[key], key
+
+
+def test_the_summary_line_gives_the_best_validation_elbo_of_the_metrics(tmp_path, capsys):
+    """'best val ELBO' is the highest validation ELBO in metrics.csv (the model kept), not
+    the last or the lowest; with no validation split, the last training row's ELBO."""
+    rd = tmp_path / "run"
+    rc, out, err = call(["train", "--run-dir", rd, *TINY, "--epochs", 4, "--lr", "0.05"], capsys)
+    assert rc == 0, err
+    with open(rd / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    val = [float(r["elbo"]) for r in rows if r["split"] == "val"]
+    assert round(min(val), 3) < round(max(val), 3)  # the lowest would be another number
+    line = re.search(r"^vaekit: trained 4 epochs; best val ELBO (-?\d+\.\d{3}) nats; run in (.*)$", out, re.M)
+    assert line and float(line.group(1)) == round(max(val), 3) and line.group(2) == str(rd), out
+    rd2 = tmp_path / "noval"
+    rc, out, err = call(["train", "--run-dir", rd2, *TINY, "--val-size", 0], capsys)
+    with open(rd2 / "metrics.csv", newline="") as f:
+        last = [r for r in csv.DictReader(f) if r["split"] == "train"][-1]
+    assert rc == 0 and (f"no validation split, the last model kept (train ELBO {float(last['elbo']):.3f} nats)"
+                        in out), out
