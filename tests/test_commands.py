@@ -72,3 +72,25 @@ def test_a_refused_run_leaves_no_directory_under_a_made_up_name(tmp_path, monkey
     with pytest.raises((UsageError, FileNotFoundError)):
         train_command(config)
     assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_a_run_directory_in_use_is_named_by_its_flag(tmp_path):
+    """fit's refusal of a directory another process trains in, as the command line says it."""
+    import fcntl
+    import os
+
+    rd = tmp_path / "run"
+    train_command(tiny_config(train__epochs=1), rd)
+    fd = os.open(rd, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(UsageError, match=rf"^--resume {rd} is in use: another vaekit process is training there"):
+            train_command(resume=str(rd), epochs=2)
+        (tmp_path / "empty").mkdir()
+        fd2 = os.open(tmp_path / "empty", os.O_RDONLY)
+        fcntl.flock(fd2, fcntl.LOCK_EX)
+        with pytest.raises(UsageError, match=rf"^--run-dir {tmp_path / 'empty'} is in use"):
+            train_command(tiny_config(), tmp_path / "empty")
+        os.close(fd2)
+    finally:
+        os.close(fd)

@@ -17,6 +17,7 @@ lacks (an importance-weighted NLL of more samples, disentanglement scores) is ke
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -51,7 +52,8 @@ def train_command(config=None, run_dir=None, *, resume: str | None = None, prese
         from .train import RunConfig
 
         try:
-            return fit(config or RunConfig(), rd, resume=True, epochs=epochs, data_dir=data_dir)
+            with _in_use_named_by("--resume"):
+                return fit(config or RunConfig(), rd, resume=True, epochs=epochs, data_dir=data_dir)
         except FileNotFoundError as e:  # the run's data, not where it recorded them
             if "data_dir" not in str(e):
                 raise
@@ -64,7 +66,8 @@ def train_command(config=None, run_dir=None, *, resume: str | None = None, prese
     named = run_dir is None
     run_dir = _new_run_dir(run_dir, config, preset)
     try:
-        return fit(config, run_dir)
+        with _in_use_named_by("--run-dir"):
+            return fit(config, run_dir)
     except FileNotFoundError as e:  # the readers speak of DataConfig(download=True), a flag here
         if "data_dir" not in str(e):
             raise
@@ -72,6 +75,17 @@ def train_command(config=None, run_dir=None, *, resume: str | None = None, prese
     finally:
         if named:  # the name made up (and the directory claimed) here: not left empty by a refused run
             _remove_if_unused(run_dir)
+
+
+@contextlib.contextmanager
+def _in_use_named_by(flag: str):
+    """fit's refusal of a run directory another process trains in, named by the flag."""
+    try:
+        yield
+    except ValueError as e:
+        if not str(e).startswith("run_dir ") or " is in use: " not in str(e):
+            raise
+        raise UsageError(f"{flag} {str(e).removeprefix('run_dir ')}") from None
 
 
 _PYTHON_DOWNLOAD = "set download=True to fetch them"  # the readers' advice for missing MNIST files
