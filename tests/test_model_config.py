@@ -95,3 +95,21 @@ def test_a_model_saved_with_a_setting_that_had_no_effect_still_loads(tmp_path):
     saved = model.state_dict()  # the same model: every weight as saved
     assert loaded.state_dict().keys() == saved.keys()
     assert all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items())
+
+
+@pytest.mark.parametrize("taken, refused, pattern", [
+    ({"logvar_limit": math.ulp(0.0)}, {"logvar_limit": 0.0},
+     r"logvar_limit must be a number in \(0, 80\] .*, got 0\.0$"),
+    ({"logvar_limit": 80.0}, {"logvar_limit": 80.001}, r"logvar_limit must be a number in \(0, 80\] .*, got 80\.001$"),
+    ({"likelihood": "gaussian", "fixed_logvar": -80.0}, {"likelihood": "gaussian", "fixed_logvar": -80.001},
+     r"fixed_logvar must be a number in \[-80, 80\] .*, got -80\.001$"),
+    ({"likelihood": "gaussian", "fixed_logvar": 80.0}, {"likelihood": "gaussian", "fixed_logvar": 80.001},
+     r"fixed_logvar must be a number in \[-80, 80\] .*, got 80\.001$"),
+    ({"pixelcnn_layers": 1000}, {"pixelcnn_layers": 1001},
+     r"pixelcnn_layers must be an integer in \[0, 1000\], got 1001$"),
+])
+def test_the_ranges_edges_are_taken_and_one_past_refused(taken, refused, pattern):
+    config = ModelConfig(**taken)
+    assert all(getattr(config, k) == v for k, v in taken.items())
+    with pytest.raises(ValueError, match=r"ModelConfig\." + pattern):
+        ModelConfig(**refused)

@@ -24,6 +24,14 @@ def test_image_grid_shape_padding_and_placement():
     assert (image_grid(images, nrow=2, padding=1, pad_value=0.0)[0] == 0).all()
 
 
+def test_image_grid_draws_nan_black():
+    x = torch.full((1, 1, 2, 2), 0.5)
+    x[0, 0, 0, 1] = float("nan")
+    x[0, 0, 1, 0] = float("inf")
+    x[0, 0, 1, 1] = -float("inf")
+    np.testing.assert_array_equal(image_grid(x, padding=0), [[128, 0], [255, 0]])
+
+
 def test_image_grid_rgb_clip_and_flat_input():
     x = torch.full((3, 3, 2, 2), 2.0)
     x[1] = -1.0
@@ -98,16 +106,17 @@ def test_plot_curves_draws_each_split(tmp_path):
 
 
 class FakeVAE(torch.nn.Module):
-    """Posterior N(0, diag(std^2)); pixel j of the decoded 1 x d image shows z_j."""
+    """Posterior N(mu, diag(std^2)), mu 0 unless given; pixel j of the decoded 1 x d image shows z_j."""
 
-    def __init__(self, std, likelihood="bernoulli"):
+    def __init__(self, std, likelihood="bernoulli", mu=None):
         super().__init__()
         self.std = torch.tensor(std)
+        self.mu = torch.zeros(len(std)) if mu is None else torch.tensor(mu)
         d = len(std)
         self.config = SimpleNamespace(input_shape=(1, 1, d), latent_dim=d, likelihood=likelihood)
 
     def encode(self, x):
-        mu = torch.zeros(x.shape[0], len(self.std))
+        mu = self.mu.expand(x.shape[0], -1)
         return torch.distributions.Independent(torch.distributions.Normal(mu, self.std.expand_as(mu)), 1)
 
     def decode(self, z):
@@ -147,6 +156,32 @@ def test_traversals_rows_ordered_by_kl(tmp_path, likelihood):
     assert _row_dims(path, 2, 5, 4) == [2, 0]
     with pytest.raises(ValueError, match="dims"):
         save_traversals(model, x, tmp_path / "e.png", dims=[4])
+
+
+def test_traversals_rows_ordered_by_the_kl_with_the_mean_term(tmp_path, monkeypatch):
+    """This example's KL(N(mu_j, s_j^2) || N(0, 1)) counts mu_j^2: with equal s, the rows go by |mu_j|;
+    and on a real model the order is that of the closed form, where the mean term changes it."""
+    import vaekit.plots
+    from vaekit.models import VAE, ModelConfig
+
+    model = FakeVAE([0.5] * 4, mu=[0.0, 0.5, -2.0, 1.0])
+    path = save_traversals(model, torch.zeros(1, 1, 1, 4), tmp_path / "t.png", n_steps=5, scale=1)
+    assert _row_dims(path, 4, 5, 4) == [2, 3, 1, 0]
+
+    torch.manual_seed(0)
+    vae = VAE(ModelConfig(input_shape=(1, 4, 4), latent_dim=5, hidden=(8,))).eval()
+    x = torch.rand(1, 1, 4, 4)
+    with torch.no_grad():
+        mu, logvar = (t[0].double() for t in vae.encode_params(x))
+    kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar)  # the closed form, in float64
+    order, without_mean = (torch.argsort(v, descending=True).tolist() for v in (kl, kl - 0.5 * mu ** 2))
+    assert order != without_mean  # the test tells the two apart
+    seen = []
+    real = vaekit.plots._images_of
+    monkeypatch.setattr(vaekit.plots, "_images_of", lambda m, z: seen.append(z.clone()) or real(m, z))
+    save_traversals(vae, x, tmp_path / "r.png", n_steps=3, span=2.0)
+    rows = [int((block != block[0]).any(0).nonzero()) for block in seen[0].split(3)]
+    assert rows == order
 
 
 def test_decoder_mean_matches_distributions():

@@ -144,3 +144,14 @@ def test_a_device_torch_cannot_parse_is_refused_when_the_config_is_made(device):
     with pytest.raises(ValueError, match=rf"TrainConfig\.device must be auto, cpu, cuda or cuda:N, got '{device}'"):
         TrainConfig(device=device)
     assert TrainConfig(device="cuda:1").device == "cuda:1"
+
+
+@pytest.mark.parametrize("name, taken, refused, pattern", [
+    ("graph_steps", 1024, 1025, r"an integer in \[1, 1024\], got 1025"),
+    ("num_threads", 1024, 1025, r"an integer in \[0, 1024\], got 1025"),
+    ("batch_size", 1, 0, r"an integer in \[1, 2147483647\], got 0"),
+])
+def test_the_step_settings_edges_are_taken_and_one_past_refused(name, taken, refused, pattern):
+    assert getattr(TrainConfig(**{name: taken}), name) == taken
+    with pytest.raises(ValueError, match=rf"TrainConfig\.{name} must be {pattern}$"):
+        TrainConfig(**{name: refused})
