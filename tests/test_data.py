@@ -2,6 +2,7 @@
 splits and binarization (the IDX reader and the download: test_readers.py)."""
 
 import gzip
+import math
 import struct
 
 import numpy as np
@@ -43,6 +44,7 @@ def write_mnist(root, arrays, gz=(False, True, False, True)):
     (dict(split="head"), ValueError, "split"),
     (dict(val_size=-1), ValueError, "val_size"),
     (dict(val_size=1.5), ValueError, "val_size"),
+    (dict(val_size=1.0), ValueError, r"val_size as a fraction must lie in \[0, 1\), got 1\.0"),
     (dict(val_size="10"), TypeError, "val_size"),
     (dict(val_size=True), TypeError, "val_size"),
     (dict(seed=-2), ValueError, "seed"),
@@ -59,10 +61,30 @@ def write_mnist(root, arrays, gz=(False, True, False, True)):
     (dict(dataset="array", data_dir="x.npy", download=True), ValueError, r"download=True has no effect"),
     (dict(sprites_count=100), ValueError, r"sprites_count=100 has no effect with dataset='digits'; "
                                           r"use dataset='sprites'$"),
+    (dict(dataset="sprites", sprites_count=1), ValueError, r"sprites_count must be .*got 1"),
 ])
 def test_config_rejects_bad_fields(kwargs, error, field):
     with pytest.raises(error, match=field):
         DataConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(val_size=math.nextafter(1.0, 0.0)),  # the largest fraction below 1
+    dict(val_size=0.0),
+    dict(dataset="sprites", sprites_count=2),
+])
+def test_config_accepts_the_edges_of_each_range(kwargs):
+    config = DataConfig(**kwargs)
+    assert all(getattr(config, k) == v for k, v in kwargs.items())
+
+
+def test_val_size_may_leave_one_training_example_but_not_none():
+    with pytest.raises(ValueError, match=r"val_size=1500 leaves no training examples out of 1500"):
+        load_dataset(DataConfig(val_size=1500))  # the digits' 1,797 less the 297 held out for test
+    with pytest.raises(ValueError, match=r"val_size=0\.9999999999999999 leaves no training examples out of 1500"):
+        load_dataset(DataConfig(val_size=math.nextafter(1.0, 0.0)))
+    d = load_dataset(DataConfig(val_size=1499))
+    assert (len(d.train), len(d.val), len(d.test)) == (1, 1499, 297)
 
 
 def test_the_same_settings_where_they_act_are_taken():
@@ -229,6 +251,19 @@ def test_idx_images_are_their_uint8_values_over_255_exactly(tmp_path, gz):
     assert torch.equal(d.test[:, 0], torch.from_numpy(xt).float() / 255)
     assert torch.equal(torch.cat([d.train_labels, d.val_labels]), torch.from_numpy(y).long())
     assert torch.equal(d.test_labels, torch.from_numpy(yt).long())
+
+
+def test_an_array_npz_with_a_test_split_gives_its_images_over_255_and_its_labels(tmp_path):
+    """x_train, y_train, x_test, y_test: the test split is x_test / 255 exactly (uint8),
+    labelled y_test as given; none of it is carved from the training set."""
+    rng = np.random.default_rng(0)
+    x, xt = rng.integers(0, 256, (20, 4, 4), dtype=np.uint8), rng.integers(0, 256, (5, 4, 4), dtype=np.uint8)
+    y, yt = np.arange(20) % 7, np.array([9, 8, 7, 6, 5])
+    np.savez(tmp_path / "a.npz", x_train=x, y_train=y, x_test=xt, y_test=yt)
+    d = load_dataset(DataConfig(dataset="array", data_dir=str(tmp_path / "a.npz"), val_size=0))
+    assert torch.equal(d.test[:, 0], torch.from_numpy(xt).float() / 255)
+    assert d.test_labels is not None and d.test_labels.tolist() == yt.tolist()
+    assert torch.equal(d.train[:, 0], torch.from_numpy(x).float() / 255) and d.train_labels.tolist() == y.tolist()
 
 
 def test_array_npz_channels_last_and_flat(tmp_path):

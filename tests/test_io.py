@@ -216,6 +216,35 @@ def test_atomic_write_through_a_link_keeps_the_link_and_replaces_its_targets_con
     assert not plain.is_symlink() and plain.read_bytes() == b"x"
 
 
+def _no_space(*args):
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("how", ["callback raises", "write fails: ENOSPC", "fsync fails: ENOSPC"])
+def test_a_failed_atomic_write_leaves_the_folder_as_it_was(tmp_path, monkeypatch, how):
+    path = tmp_path / "metrics.csv"
+    path.write_bytes(b"old")
+    (tmp_path / "other.txt").write_bytes(b"kept")
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def write(f):
+        f.write(b"half")
+        if how == "callback raises":
+            raise KeyError("boom")
+        if how == "write fails: ENOSPC":
+            _no_space()
+
+    if how == "fsync fails: ENOSPC":
+        monkeypatch.setattr(os, "fsync", _no_space)
+    with pytest.raises(KeyError if how == "callback raises" else OSError) as info:
+        atomic_write(path, write)
+    monkeypatch.undo()
+    if how != "callback raises":  # a failed write names no file: the one being written is named
+        assert info.value.errno == 28 and info.value.filename == str(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no .metrics.csv.*.tmp left
+    assert path.read_bytes() == b"old"
+
+
 def test_file_problem_names_what_stands_in_the_way_of_reading(tmp_path):
     (tmp_path / "f").write_text("{}")
     (tmp_path / "d").mkdir()

@@ -326,6 +326,59 @@ def test_sigterm_during_an_epochs_last_batch_then_resume_matches(recorded, tmp_p
     assert_same_run(rd, recorded)
 
 
+def _stopped_then_resumed(config, rd, hook, stop_at, resumed_hook, monkeypatch):
+    """``config`` run in ``rd`` with ``hook`` (:func:`_hooked_vae`), stopped by a SIGTERM
+    in its step ``stop_at`` (mid-epoch), then resumed with ``resumed_hook``."""
+    def stopping(n, out):
+        if n == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by fit: it only sets a flag
+        return hook(n, out)
+
+    monkeypatch.setattr(vaekit.wiring, "VAE", _hooked_vae(stopping))
+    assert fit(config, rd).interrupted
+    state = load_checkpoint(rd / "checkpoint.pt")
+    assert state["step"] == stop_at
+    monkeypatch.setattr(vaekit.wiring, "VAE", _hooked_vae(resumed_hook))
+    assert not fit(config, rd, resume=True).interrupted
+    return state
+
+
+def test_a_run_resumed_after_its_best_epoch_keeps_that_model(tmp_path, monkeypatch):
+    """At a constant lr of 0.5 the second epoch validates worse than the first: resumed in
+    the second epoch, the run still knows its best loss, so model/ stays the first epoch's,
+    bit for bit, as in the run never stopped."""
+    config, plain = tiny_config(train__lr=0.5, train__lr_schedule="constant"), lambda n, out: out
+    ref = fit(config, tmp_path / "reference")
+    val = [row["loss"] for row in ref.history if row["split"] == "val"]
+    assert val[1] > val[0]  # the premise: the best model is the first epoch's
+    rd = tmp_path / "run"
+    state = _stopped_then_resumed(config, rd, plain, steps_per_epoch(config) + 4, plain, monkeypatch)
+    assert state["best"] == val[0] and state["since_best"] == 0
+    assert_same_run(rd, SimpleNamespace(run=ref.run_dir, state=load_checkpoint(ref.run_dir / "checkpoint.pt")))
+    assert _history({"history": _rows(rd)}) == _history({"history": _rows(ref.run_dir)})
+
+
+def test_a_run_resumed_after_a_skipped_step_counts_it_and_draws_on_from_the_global_state(tmp_path, monkeypatch):
+    """A model that draws from the global generator in training (not vaekit's own streams):
+    resumed, it draws on where the checkpoint left it; a non-finite step skipped before the
+    stop is still counted. Both end as the run never stopped."""
+    def noisy(n, out):
+        return out + 0.01 * torch.randn_like(out)
+
+    def poisoned(n, out):
+        return noisy(n, out) * (float("nan") if n == 3 else 1.0)
+
+    config = tiny_config()
+    monkeypatch.setattr(vaekit.wiring, "VAE", _hooked_vae(poisoned))
+    ref = fit(config, tmp_path / "reference")
+    assert [int(row["skipped"]) for row in _rows(ref.run_dir)] == [1] * 4
+    rd = tmp_path / "run"
+    state = _stopped_then_resumed(config, rd, poisoned, steps_per_epoch(config) + 4, noisy, monkeypatch)
+    assert state["skipped"] == 1
+    assert_same_run(rd, SimpleNamespace(run=ref.run_dir, state=load_checkpoint(ref.run_dir / "checkpoint.pt")))
+    assert _history({"history": _rows(rd)}) == _history({"history": _rows(ref.run_dir)})
+
+
 def _same(a, b) -> bool:
     """``a`` and ``b`` (nested dicts and lists of tensors and numbers) equal bit for bit."""
     if isinstance(a, torch.Tensor):

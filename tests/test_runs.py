@@ -28,6 +28,8 @@ def test_metrics_csv_has_the_fields_in_order_and_is_replaced_whole(tmp_path):
     write_metrics(path, rows[:1])
     read = list(csv.DictReader(path.open()))
     assert list(read[0]) == METRIC_FIELDS and len(read) == 1
+    # the README's order, literally: METRIC_FIELDS itself could be wrong
+    assert path.read_text().splitlines()[0] == "epoch,step,split,loss,reconstruction,kl,elbo,beta,lr,skipped,seconds"
     assert read[0]["loss"] == "2.5" and read[0]["kl"] == ""
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]  # no temporary file left
 
@@ -37,6 +39,22 @@ def test_rng_state_round_trip_repeats_the_draws():
     first = torch.rand(5)
     set_rng_state(state, torch.device("cpu"))
     assert torch.equal(torch.rand(5), first)
+
+
+def test_data_record_hashes_are_the_documented_sha256_of_the_float32_values():
+    """Recomputed from the definition in data_record's docstring: the first 16 hex digits
+    of the SHA-256 of the float32 values, of every example (hash, val_hash) and of the
+    first, middle and last (fingerprint)."""
+    import hashlib
+
+    def sha(t):
+        return hashlib.sha256(t.float().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+    x = torch.rand(7, 1, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    val = torch.rand(2, 1, 3, 3, generator=torch.Generator().manual_seed(1))
+    assert data_record(x, val) == {"examples": 7, "shape": [1, 3, 3], "fingerprint": sha(x[[0, 3, 6]]),
+                                   "hash": sha(x), "val_examples": 2, "val_hash": sha(val)}
+    assert data_record(x) == {"examples": 7, "shape": [1, 3, 3], "fingerprint": sha(x[[0, 3, 6]]), "hash": sha(x)}
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +125,19 @@ def test_restore_puts_everything_back_and_refuses_another_world_size(finished):
     with pytest.raises(CheckpointError, match=r"written by a run on 1 process\(es\)"):
         restore(late, finished / "checkpoint.pt", model=model, optimizer=opt, batches=half,
                 device=torch.device("cpu"), rank=0, world=2)
+
+
+def test_restore_gives_back_the_skipped_count_the_best_loss_and_the_global_random_state(finished):
+    config, state = read_for_resume(finished, progress=False, extend_to=None)
+    model = VAE(ModelConfig(**{**config.model.__dict__, "input_shape": (64,)}))
+    batches = BatchIterator(load_dataset(config.data).train, config.train.batch_size, shuffle=True, seed=0)
+    saved_rng = torch.Generator().manual_seed(123).get_state()
+    state = {**state, "skipped": 3, "best": 41.5, "since_best": 1, "rng": [{"cpu": saved_rng}]}
+    torch.manual_seed(0)
+    counters = restore(state, finished / "checkpoint.pt", model=model, optimizer=torch.optim.Adam(model.parameters()),
+                       batches=batches, device=torch.device("cpu"), rank=0, world=1)
+    assert (counters["skipped"], counters["best"], counters["since_best"]) == (3, 41.5, 1)
+    assert torch.equal(torch.get_rng_state(), saved_rng)
 
 
 def test_restore_refuses_other_training_data_and_says_how_they_differ(finished):
