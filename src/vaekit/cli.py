@@ -173,7 +173,8 @@ def _parser() -> argparse.ArgumentParser:
                         "autocast; the reduced ones are faster [default: fp32]")
     e.add_argument("--data-dir", metavar="DIR",
                    help="where the run's data are, if not where training recorded them (mnist, "
-                        "fashion-mnist, array and folder runs; checked against the run's checkpoint)")
+                        "fashion-mnist, array and folder runs; their training examples are checked against the "
+                        "run's checkpoint, the split scored is not)")
     e.add_argument("--no-progress", action="store_true",
                    help="no progress bar over the batches (shown only on a terminal anyway)")
 

@@ -85,7 +85,7 @@ class DataConfig:
         download: fetch missing MNIST-like files (see :func:`download_mnist`); for "mnist"
             and "fashion-mnist" only.
         sprites_count: how many images of the "sprites" factor data set
-            (:mod:`vaekit.disentangle`) to render, factors drawn with seed 0; the
+            (:mod:`vaekit.sprites`) to render, factors drawn with seed 0; the
             labels are the five factors.
     """
 
