@@ -16,6 +16,7 @@ import re
 import shutil
 import stat
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -1273,3 +1274,36 @@ def test_the_summary_line_gives_the_best_validation_elbo_of_the_metrics(tmp_path
         last = [r for r in csv.DictReader(f) if r["split"] == "train"][-1]
     assert rc == 0 and (f"no validation split, the last model kept (train ELBO {float(last['elbo']):.3f} nats)"
                         in out), out
+
+
+def test_a_refused_run_under_a_made_up_name_leaves_no_directory(tmp_path, monkeypatch, capsys):
+    """vaekit train without --run-dir claims runs/<name>-<time> before loading anything: a
+    run refused afterwards (here: its data are missing) removes it again."""
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = call(["train", *TINY, "--dataset", "mnist", "--data-dir", tmp_path / "nowhere"], capsys)
+    assert rc == 2 and "--download" in err
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_evaluate_into_a_run_directory_it_cannot_write_is_refused_before_evaluating(run, tmp_path, monkeypatch,
+                                                                                    capsys):
+    import vaekit.evaluate
+
+    def never(*args, **kwargs):
+        raise AssertionError("evaluated before refusing")
+
+    rd = tmp_path / "run"
+    shutil.copytree(run, rd, ignore=shutil.ignore_patterns("metrics-*.json"))
+    monkeypatch.setattr(vaekit.evaluate, "evaluate_model", never)
+    real = tempfile.TemporaryDirectory
+
+    def read_only(*args, dir=None, **kwargs):  # as a read-only folder answers (root ignores the mode bits)
+        if Path(dir) == rd:
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", read_only)
+    rc, _, err = call(["evaluate", rd], capsys)
+    assert_usage_error(rc, err, rf"RUN {re.escape(str(rd))}: cannot create files in {re.escape(str(rd))} "
+                                r"\(Permission denied\)$")
+    assert not list(rd.glob("metrics-*.json"))

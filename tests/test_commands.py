@@ -94,3 +94,23 @@ def test_a_run_directory_in_use_is_named_by_its_flag(tmp_path):
         os.close(fd2)
     finally:
         os.close(fd)
+
+
+def test_an_earlier_metrics_file_another_evaluation_moved_aside_first_is_no_error(tmp_path, monkeypatch):
+    """Two evaluations end together: the second finds the file gone when it links it aside;
+    its own result is then written as usual (the first kept the earlier one)."""
+    import os
+
+    from vaekit.commands import _keep_costlier
+
+    path = tmp_path / "metrics-test.json"
+    path.write_text('{"iw_nll": 90.0, "iw_samples": 5000}')
+    real = os.link
+
+    def raced(src, dst):
+        os.replace(src, tmp_path / "metrics-test-earlier1.json")  # the other evaluation, just before
+        return real(src, dst)
+
+    monkeypatch.setattr(vaekit.commands.os, "link", raced)
+    assert _keep_costlier(path, {"iw_samples": 0}) is None
+    assert read_json(tmp_path / "metrics-test-earlier1.json")["iw_samples"] == 5000

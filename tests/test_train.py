@@ -936,3 +936,39 @@ def test_fit_result_says_where_a_resumed_call_went_on_from(tmp_path):
     again = train.fit(config, tmp_path / "run", resume=True, epochs=2)
     assert again.resumed_from == (1, spe) and again.history[-1]["step"] == 2 * spe
     assert train.fit(config, tmp_path / "run", resume=True).resumed_from == (2, 2 * spe)  # finished: nothing trained
+
+
+def test_a_run_refused_for_a_directory_in_use_removes_nothing(tmp_path, monkeypatch):
+    """Two new runs start together on a directory neither finds: the one refused (the other
+    holds the lock) must not remove the directory, though its own mkdir may have made it
+    first: the other trains there."""
+    import fcntl
+
+    def taken(fd, op):
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(fcntl, "flock", taken)
+    rd = tmp_path / "new"
+    with pytest.raises(ValueError, match="is in use"):
+        train.fit(tiny_config(train__epochs=1), rd)
+    assert rd.is_dir()
+
+
+def test_the_lock_follows_a_directory_made_again_under_its_name(tmp_path, monkeypatch):
+    """The directory locked was removed from its path and made again meanwhile (by a refused
+    run that had made it): the lock is taken again on the directory the path names now, and
+    the run trains there."""
+    import fcntl
+
+    real, calls, rd = fcntl.flock, [], tmp_path / "new"
+
+    def flock(fd, op):
+        real(fd, op)
+        calls.append(fd)
+        if len(calls) == 1:  # the first directory locked goes, another takes its name
+            rd.rmdir()
+            rd.mkdir()
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    result = train.fit(tiny_config(train__epochs=1), rd)
+    assert len(calls) == 2 and result.trained and (rd / "checkpoint.pt").is_file()

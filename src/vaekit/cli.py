@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from .commands import _new_run_dir, evaluate_command, metrics_name, sample_command, train_command
+from .commands import _new_run_dir, _remove_if_unused, evaluate_command, metrics_name, sample_command, train_command
 # importable from here as before the commands had a module of their own
 # (benchmarks/precision_shift.py reads runs with _load_run)
 from .commands import _MAX_SEED, _check_writable, _evaluate, _load_run  # noqa: F401
@@ -277,9 +277,13 @@ def _main(argv: list[str] | None) -> int:
                 config = build_config(args.preset, args.config, overrides)
                 _check_input_shape(config, args.config)
                 run_dir = _new_run_dir(args.run_dir, config, args.preset)  # before a calibration
-                if args.time_budget is not None:
-                    config = _budgeted(config, args.time_budget, epochs_given="train.epochs" in overrides)
-                result = train_command(config, run_dir, preset=args.preset)
+                try:
+                    if args.time_budget is not None:
+                        config = _budgeted(config, args.time_budget, epochs_given="train.epochs" in overrides)
+                    result = train_command(config, run_dir, preset=args.preset)
+                finally:
+                    if args.run_dir is None:  # the name made up and claimed above: not left empty by a refusal
+                        _remove_if_unused(run_dir)
             if result.interrupted:
                 return 130
             if not result.trained:  # a finished run resumed: it said so

@@ -299,6 +299,7 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
     from .train import resolve_device
 
     rd, config, model = _load_run(run)
+    _check_writable("RUN", run, rd)  # where the metrics go: before the evaluation, not after it
     if disentanglement and config.data.dataset != "sprites":  # before minutes of evaluation, not after
         raise UsageError(f"--disentanglement needs a model trained on the sprites factor dataset (dataset 'sprites'); "
                          f"{run} was trained on {config.data.dataset!r}")
@@ -399,12 +400,17 @@ def _keep_costlier(path: Path, new: dict) -> tuple[Path, str] | None:
             os.link(path, aside)  # fails if the name is taken: no earlier copy is written over
         except FileExistsError:
             continue
+        except FileNotFoundError:  # another evaluation moved it aside first
+            return None
         except OSError:  # a file system without hard links
             if aside.exists():
                 continue
-            os.replace(path, aside)
+            try:
+                os.replace(path, aside)
+            except FileNotFoundError:
+                return None
             return aside, " and ".join(lost)
-        path.unlink()
+        path.unlink(missing_ok=True)  # (another evaluation may have linked it too, and unlinked it first)
         return aside, " and ".join(lost)
     return None
 

@@ -194,25 +194,46 @@ def _run_lock(run_dir: Path, resume: bool):
     if int(os.environ.get("RANK", "0")) != 0:
         yield
         return
-    made = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir, os.O_RDONLY)
-    try:
+    made = held = False
+    fd = None
+    for _ in range(100):
+        try:
+            run_dir.mkdir(parents=True)  # made here (not merely found), or there already
+            made = True
+        except FileExistsError:
+            pass
+        try:
+            fd = os.open(run_dir, os.O_RDONLY)
+        except FileNotFoundError:  # removed meanwhile (a refused run that had made it): again
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise ValueError(f"run_dir {run_dir} is in use: another vaekit process is training there; wait for it "
                              f"to end, or choose another directory") from None
         except OSError:  # a file system that does not lock directories: unguarded, as before
-            pass
+            break
+        try:
+            held = os.path.samestat(os.fstat(fd), os.stat(run_dir))
+        except FileNotFoundError:
+            held = False
+        if held:
+            break
+        # the directory locked is gone from its path (removed by the run that made it, which
+        # was refused): the path's directory now is the one to hold
+        os.close(fd)
+        fd = None
+    try:
         if not resume and holds_a_run(run_dir):  # again under the lock: another process may have written since
             raise ValueError(_holds_a_run_message(run_dir))
         yield
     finally:
-        os.close(fd)
-        if made:
+        if made and held:  # a directory made for a run that wrote nothing: removed while still held
             with contextlib.suppress(OSError):  # only if still empty
                 run_dir.rmdir()
+        if fd is not None:
+            os.close(fd)
 
 
 def holds_a_run(run_dir) -> bool:
