@@ -1307,3 +1307,28 @@ def test_evaluate_into_a_run_directory_it_cannot_write_is_refused_before_evaluat
     assert_usage_error(rc, err, rf"RUN {re.escape(str(rd))}: cannot create files in {re.escape(str(rd))} "
                                 r"\(Permission denied\)$")
     assert not list(rd.glob("metrics-*.json"))
+
+
+def test_evaluate_data_dir_checks_the_split_it_scores(tmp_path, capsys):
+    """Moved data whose training examples are the run's but whose test images differ are
+    refused for --split test, before scoring (the checkpoint records each split's hash);
+    the training and validation splits, unchanged, are scored."""
+    rng = np.random.default_rng(0)
+    x_train, x_test = rng.random((80, 16)).astype(np.float32), rng.random((20, 16)).astype(np.float32)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    np.savez(tmp_path / "a" / "data.npz", x_train=x_train, x_test=x_test)
+    x_test[3] = 1 - x_test[3]  # one image's pixels, each on the other side of the threshold
+    np.savez(tmp_path / "b" / "data.npz", x_train=x_train, x_test=x_test)
+    rd = tmp_path / "run"
+    assert call(["train", "--run-dir", rd, *TINY, "--epochs", 1, "--dataset", "array", "--binarize", "static",
+                 "--data-dir", tmp_path / "a" / "data.npz"], capsys)[0] == 0
+    moved = tmp_path / "b" / "data.npz"
+    rc, _, err = call(["evaluate", rd, "--data-dir", moved], capsys)
+    assert_usage_error(rc, err, rf"--data-dir {re.escape(str(moved))}: the test split there is not the one "
+                                rf"{re.escape(str(rd))} recorded \(20 examples, hash [0-9a-f]{{16}}; its checkpoint "
+                                r"records 20, hash [0-9a-f]{16}\), though its training examples are the run's$")
+    assert not list(rd.glob("metrics-*.json"))
+    for split in ("val", "train"):
+        assert call(["evaluate", rd, "--data-dir", moved, "--split", split], capsys)[0] == 0
+    assert call(["evaluate", rd, "--data-dir", tmp_path / "a" / "data.npz"], capsys)[0] == 0

@@ -417,3 +417,18 @@ def test_a_run_that_max_steps_ended_says_so_and_not_to_extend_it(tmp_path, capsy
         extended(TrainConfig(epochs=1, early_stopping=1), {"epoch": 1, "step": 10, "since_best": 1}, 3, Path("r"))
     assert [_trained_for(e, s, 10) for e, s in ((1, 10), (2, 20), (2, 13), (1, 4))] == [
         "1 epoch", "2 epochs", "13 steps (1.3 epochs)", "4 steps (0.4 epochs)"]
+
+
+def test_the_test_split_is_recorded_but_a_resume_does_not_compare_it():
+    """data_record(test=) adds the test examples' count and hash (what evaluate --data-dir
+    checks the split it scores against); same_data, a resume's check, leaves them out: the
+    test images do not change the training."""
+    from vaekit.runs import _sha256, data_record, same_data
+
+    x, val, test = torch.rand(10, 3), torch.rand(4, 3), torch.rand(5, 3)
+    saved = data_record(x, val, test)
+    assert (saved["test_examples"], saved["test_hash"]) == (5, _sha256(test))
+    assert saved == {**data_record(x, val), "test_examples": 5, "test_hash": _sha256(test)}
+    other = data_record(x, val, test + 1)
+    assert other["test_hash"] != saved["test_hash"] and same_data(saved, other)
+    assert not same_data(saved, data_record(x, val + 1, test))

@@ -173,8 +173,8 @@ def _parser() -> argparse.ArgumentParser:
                         "autocast; the reduced ones are faster [default: fp32]")
     e.add_argument("--data-dir", metavar="DIR",
                    help="where the run's data are, if not where training recorded them (mnist, "
-                        "fashion-mnist, array and folder runs; their training examples are checked against the "
-                        "run's checkpoint, the split scored is not)")
+                        "fashion-mnist, array and folder runs; checked against the run's checkpoint: its training "
+                        "examples, and the split scored where the checkpoint records it)")
     e.add_argument("--no-progress", action="store_true",
                    help="no progress bar over the batches (shown only on a terminal anyway)")
 

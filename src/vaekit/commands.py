@@ -220,11 +220,13 @@ def _holding_run(model_dir: Path) -> str:
             "VAE.from_pretrained)")
 
 
-def _check_trained_on(rd: Path, x, data_dir) -> None:
+def _check_trained_on(rd: Path, x, data_dir, split: str = "train", scored=None) -> None:
     """Data found elsewhere (``--data-dir``) must be the run's: its checkpoint, when it has
-    one, records its training data (:func:`vaekit.runs.data_record`)."""
+    one, records its training data and, for the validation split always and for the test
+    split since vaekit recorded it, the ``split`` about to be ``scored``
+    (:func:`vaekit.runs.data_record`)."""
     from .io import CheckpointError, load_checkpoint
-    from .runs import data_record, same_data
+    from .runs import _sha256, data_record, same_data
 
     try:
         saved = load_checkpoint(rd / "checkpoint.pt").get("data")
@@ -239,6 +241,14 @@ def _check_trained_on(rd: Path, x, data_dir) -> None:
                          f"training examples of shape {tuple(now['shape'])}, {key} {now[key]}; "
                          f"its checkpoint records {saved.get('examples')} of shape "
                          f"{tuple(saved.get('shape') or ())}, {key} {saved.get(key)})")
+    prefix = {"val": "val", "test": "test"}.get(split)
+    if isinstance(saved, dict) and prefix and f"{prefix}_hash" in saved and scored is not None:
+        got = (int(scored.shape[0]), _sha256(scored))
+        if got != (saved.get(f"{prefix}_examples"), saved[f"{prefix}_hash"]):
+            raise UsageError(f"--data-dir {data_dir}: the {split} split there is not the one {rd} recorded "
+                             f"({got[0]} examples, hash {got[1]}; its checkpoint records "
+                             f"{saved.get(f'{prefix}_examples')}, hash {saved[f'{prefix}_hash']}), though its "
+                             f"training examples are the run's")
 
 
 def evaluate_command(run: str, *, split: str = "test", iw_samples: int = 0, batch_size: int = 500,
@@ -327,7 +337,7 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
         raise UsageError(f"{rd / 'config.json'} names data that are missing: {msg} (or give --data-dir where "
                          f"they are now)") from None
     if data_dir is not None:
-        _check_trained_on(rd, data.train, data_dir)
+        _check_trained_on(rd, data.train, data_dir, split, getattr(data, split))
     x = getattr(data, split)
     if limit > x.shape[0]:  # more than the split holds: the split's metrics, not a "first N" file
         limit = 0

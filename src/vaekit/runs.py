@@ -69,19 +69,23 @@ def _sha256(x: torch.Tensor) -> str:
     return hashlib.sha256(memoryview(x.numpy()).cast("B") if x.numel() else b"").hexdigest()[:16]
 
 
-def data_record(x: torch.Tensor, val: torch.Tensor | None = None) -> dict:
+def data_record(x: torch.Tensor, val: torch.Tensor | None = None, test: torch.Tensor | None = None) -> dict:
     """What a checkpoint records of the training data ``x`` (``[N, *event]``), for a
     resume to check it trains on the same: the number of examples, the shape of one, a
     fingerprint (a hash of the first, middle and last examples, which earlier versions
     recorded alone) and ``hash``, a SHA-256 of every example's float32 values (about 0.13 s
     for MNIST's 60,000 images on the project's CPU), which tells any edit. With ``val``,
     the validation examples (which pick the saved model and stop a run early) get
-    ``val_examples`` and ``val_hash`` of their own."""
+    ``val_examples`` and ``val_hash`` of their own; with ``test``, the test examples
+    ``test_examples`` and ``test_hash`` (what ``vaekit evaluate --data-dir`` checks the split
+    it scores against; a resume does not compare them: they do not change the training)."""
     n = int(x.shape[0])
     record = {"examples": n, "shape": list(x.shape[1:]), "fingerprint": _sha256(x[[0, n // 2, n - 1]]),
               "hash": _sha256(x)}
     if val is not None:
         record.update(val_examples=int(val.shape[0]), val_hash=_sha256(val))
+    if test is not None:
+        record.update(test_examples=int(test.shape[0]), test_hash=_sha256(test))
     return record
 
 
@@ -89,8 +93,8 @@ def same_data(saved: dict, now: dict) -> bool:
     """Whether the record ``now`` (:func:`data_record`) matches ``saved``, a checkpoint's,
     in every entry both have: an older record has no ``hash`` (its three examples'
     fingerprint is all it can tell) nor ``val_hash``, and a record made without the
-    validation examples does not compare them."""
-    return all(now[k] == v for k, v in saved.items() if k in now)
+    validation examples does not compare them. The test examples' entries are not compared."""
+    return all(now[k] == v for k, v in saved.items() if k in now and not k.startswith("test_"))
 
 
 def _check_same_data(saved: dict, now: dict, state: dict, ckpt_path: Path, where: str | None) -> None:

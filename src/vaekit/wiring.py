@@ -111,7 +111,7 @@ class _Run:
     beta: float = 0.0
     stop_all: bool = False  # under torchrun: some rank got a stop signal
     t0: float = 0.0  # time.perf_counter() when the run would have started, had it not stopped
-    data_seen: dict = dataclasses.field(default_factory=dict)  # runs.data_record of the training and validation data, once
+    data_seen: dict = dataclasses.field(default_factory=dict)  # runs.data_record of the run's three splits, once
     # Where the checkpoints are written: in the loop unless fit hands them to a thread
     writes: BackgroundWriter = dataclasses.field(default_factory=lambda: BackgroundWriter(False))
     snapshot: dict | None = None  # the last checkpoint's host copy, written over by the next
@@ -340,7 +340,7 @@ def _wire(config: RunConfig, run_dir: Path, state: dict | None, device: torch.de
     val_x = data.val.to(device) if fits_on_device(data.val, device) else data.val  # else a batch at a time
     run = _Run(config, run_dir, device, rank, world, data, val_x, model, batches, objective, opt, total_steps,
                epochs=tc.epochs if tc.epochs else math.ceil(total_steps / steps_per_epoch),
-               sums=torch.zeros(4, dtype=torch.float64, device=device), data_seen=data_record(data.train, data.val))
+               sums=torch.zeros(4, dtype=torch.float64, device=device), data_seen=data_record(data.train, data.val, data.test))
 
     # Only draws outside the step- and epoch-keyed streams come from here (none in vaekit itself).
     torch.manual_seed(mix_seed(tc.seed, _GLOBAL_STREAM, rank))
