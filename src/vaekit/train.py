@@ -184,8 +184,9 @@ def _run_lock(run_dir: Path, resume: bool):
     both and mixed their files. An advisory lock (``flock``) on the directory itself: no
     file is added, and the system releases it when the process ends however it ends.
     Where the file system does not lock directories, or without ``fcntl`` (Windows),
-    nothing is held. A new run's directory made here is removed again when the run is
-    refused before writing anything."""
+    nothing is held. A directory made here is removed again, while still held, when its
+    run ends having written nothing (refused after the lock); a run refused because
+    another holds the directory removes nothing."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
