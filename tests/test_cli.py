@@ -1332,3 +1332,28 @@ def test_evaluate_data_dir_checks_the_split_it_scores(tmp_path, capsys):
     for split in ("val", "train"):
         assert call(["evaluate", rd, "--data-dir", moved, "--split", split], capsys)[0] == 0
     assert call(["evaluate", rd, "--data-dir", tmp_path / "a" / "data.npz"], capsys)[0] == 0
+
+
+def test_train_into_folders_it_cannot_write_says_which_in_one_line(run, tmp_path, monkeypatch, capsys):
+    """A made-up run name in a folder that takes no files is named as such (no --run-dir
+    was given); a run to resume whose folder takes no files is refused before its data
+    are loaded, naming --resume (it failed on a checkpoint's temporary file)."""
+    rd = tmp_path / "run"
+    shutil.copytree(run, rd)
+    real = tempfile.TemporaryDirectory
+
+    def read_only(*args, dir=None, **kwargs):  # as a read-only folder answers (root ignores the mode bits)
+        if Path(dir).resolve() in (tmp_path.resolve(), rd.resolve()):
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", read_only)
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = call(["train", *TINY], capsys)
+    assert_usage_error(rc, err, r"error: the run directory \(no --run-dir given\) runs/digits-\d{8}-\d{6}: cannot "
+                                r"create files in \. \(Permission denied\)$")
+    before = snapshot(rd)
+    rc, _, err = call(["train", "--resume", rd, "--epochs", 3], capsys)
+    assert_usage_error(rc, err, rf"error: --resume {re.escape(str(rd))}: cannot create files in "
+                                rf"{re.escape(str(rd))} \(Permission denied\)$")
+    assert snapshot(rd) == before

@@ -49,6 +49,7 @@ def train_command(config=None, run_dir=None, *, resume: str | None = None, prese
         if not (rd / "checkpoint.pt").is_file() and not (rd / "config.json").is_file():
             # (config.json alone: a run stopped before its first checkpoint, which fit starts again)
             raise UsageError(f"--resume {resume}: no checkpoint.pt (nor config.json) there to resume from")
+        _check_writable("--resume", resume, rd)  # its checkpoints go there: before the data are loaded
         from .train import RunConfig
 
         try:
@@ -140,7 +141,7 @@ def _claim_new_name(stem: Path) -> Path:
     name is not claimed there."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return stem
-    _check_writable("--run-dir", stem, stem)
+    _check_writable("the run directory (no --run-dir given)", stem, stem)
     for k in range(1, 1000):
         path = stem if k == 1 else stem.with_name(f"{stem.name}-{k}")
         try:
