@@ -81,12 +81,12 @@ def train_command(config=None, run_dir=None, *, resume: str | None = None, prese
 @contextlib.contextmanager
 def _in_use_named_by(flag: str):
     """fit's refusal of a run directory another process trains in, named by the flag."""
+    from .train import RunDirectoryInUse
+
     try:
         yield
-    except ValueError as e:
-        if not str(e).startswith("run_dir ") or " is in use: " not in str(e):
-            raise
-        raise UsageError(f"{flag} {str(e).removeprefix('run_dir ')}") from None
+    except RunDirectoryInUse as e:
+        raise UsageError(f"{flag} {e.run_dir} is in use: {e.why}") from None
 
 
 _PYTHON_DOWNLOAD = "set download=True to fetch them"  # the readers' advice for missing MNIST files
@@ -242,7 +242,7 @@ def _check_trained_on(rd: Path, x, data_dir, split: str = "train", scored=None) 
                          f"training examples of shape {tuple(now['shape'])}, {key} {now[key]}; "
                          f"its checkpoint records {saved.get('examples')} of shape "
                          f"{tuple(saved.get('shape') or ())}, {key} {saved.get(key)})")
-    prefix = {"val": "val", "test": "test"}.get(split)
+    prefix = split if split in ("val", "test") else None  # data_record's names for the split's entries
     if isinstance(saved, dict) and prefix and f"{prefix}_hash" in saved and scored is not None:
         got = (int(scored.shape[0]), _sha256(scored))
         if got != (saved.get(f"{prefix}_examples"), saved[f"{prefix}_hash"]):

@@ -41,7 +41,17 @@ from .steps import _FOLD_EVERY, _block_fits, _eager_step, _fold, _static_block, 
 from .wiring import _Run, _build, resolve_device
 
 __all__ = ["TrainConfig", "RunConfig", "fit", "FitResult", "TrainingDiverged", "lr_at", "resolve_device",
-           "epochs_for_budget", "holds_a_run"]
+           "epochs_for_budget", "holds_a_run", "RunDirectoryInUse"]
+
+
+class RunDirectoryInUse(ValueError):
+    """Another process trains in the run directory (it holds the directory's lock)."""
+
+    def __init__(self, run_dir):
+        self.run_dir = run_dir
+        super().__init__(f"run_dir {run_dir} is in use: {self.why}")
+
+    why = "another vaekit process is training there; wait for it to end, or choose another directory"
 
 
 class TrainingDiverged(RuntimeError):
@@ -211,8 +221,7 @@ def _run_lock(run_dir: Path, resume: bool):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise ValueError(f"run_dir {run_dir} is in use: another vaekit process is training there; wait for it "
-                             f"to end, or choose another directory") from None
+            raise RunDirectoryInUse(run_dir) from None
         except OSError:  # a file system that does not lock directories: unguarded, as before
             break
         try:
