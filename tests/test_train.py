@@ -92,9 +92,10 @@ def test_a_run_killed_before_its_first_checkpoint_can_be_started_again(tmp_path)
     run.mkdir()
     (run / "config.json").write_text("{}")  # what a run killed while loading data leaves
     (run / ".checkpoint.pt.abc.tmp").write_bytes(b"partial")
+    (run / ".metrics-test.json.xyz.tmp").write_bytes(b"{")  # an evaluation writing meanwhile: not the run's
     args = ["train", "--epochs", "1", "--hidden", "8", "--latent-dim", "2", "--no-progress", "--run-dir", str(run)]
     assert main(args) == 0
-    assert (run / "checkpoint.pt").is_file() and not list(run.glob(".*.tmp"))
+    assert (run / "checkpoint.pt").is_file() and [p.name for p in run.glob(".*.tmp")] == [".metrics-test.json.xyz.tmp"]
     assert main(args) == 2  # a started run is never overwritten
 
 

@@ -20,6 +20,7 @@ Under ``torchrun`` the same function trains with DistributedDataParallel (see
 from __future__ import annotations
 
 import contextlib
+import glob
 import math
 import os
 import signal
@@ -257,14 +258,23 @@ def holds_a_run(run_dir) -> bool:
                                        for p in run_dir.iterdir())
 
 
+# The files a run writes through io.atomic_write, by folder: a resume removes the temporary
+# files (".<name>.<random>.tmp") a killed run left of these, and no others: an evaluation
+# writing its metrics-<split>.json in the run meanwhile keeps its own.
+_RUN_FILES = {".": ("config.json", "checkpoint.pt", "metrics.csv", "reconstructions.png", "samples.png",
+                    "traversals.png"),
+              "model": ("model.safetensors", "config.json")}
+
+
 def _prepare_run_dir(run: _Run, state: dict | None, changed: bool) -> None:
     """The run directory made; with ``changed`` (a resume that extends the run or moves its
     data) the checkpoint's config rewritten first, so a later plain resume reads it."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    for folder in (run.run_dir, run.run_dir / "model"):
-        for stale in folder.glob(".*.tmp"):  # left by a process killed mid-write (io.atomic_write's names)
-            if stale.is_file():
-                stale.unlink(missing_ok=True)
+    for folder, names in _RUN_FILES.items():
+        for name in names:  # left by a run killed mid-write (io.atomic_write's names); others' are theirs
+            for stale in (run.run_dir / folder).glob(f".{glob.escape(name)}.*.tmp"):
+                if stale.is_file():
+                    stale.unlink(missing_ok=True)
     if changed and state is not None:  # first the checkpoint: a plain resume reads its config
         save_checkpoint(run.ckpt_path, {**{k: v for k, v in state.items() if k not in ("format", "format_version")},
                                         "config": run.config.to_dict()})
