@@ -96,6 +96,38 @@ def test_a_run_directory_in_use_is_named_by_its_flag(tmp_path):
         os.close(fd)
 
 
+def test_a_run_still_in_its_first_epoch_is_named_as_training_by_evaluate_and_sample(tmp_path):
+    """Evaluating a run whose first epoch has not ended says a process trains there (not
+    that the run stopped, nor that the folder is no run); once the process has ended, what
+    the run is."""
+    import fcntl
+    import os
+
+    from vaekit.commands import evaluate_command, sample_command
+    from vaekit.train import in_use
+
+    rd = tmp_path / "run"
+    rd.mkdir()
+    fd = os.open(rd, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a starting run holds it
+    try:
+        assert in_use(rd)
+        with pytest.raises(UsageError, match=rf"^RUN {rd} has no config.json yet: a vaekit process has just started"):
+            evaluate_command(str(rd))
+        (rd / "config.json").write_text("{}")  # written before its first epoch
+        for command in (evaluate_command, sample_command):
+            with pytest.raises(UsageError, match=rf"^RUN {rd} has no saved model yet: a vaekit process is training"):
+                command(str(rd))
+    finally:
+        os.close(fd)
+    assert not in_use(rd) and not in_use(tmp_path / "missing")
+    with pytest.raises(UsageError, match=r"stopped before its first epoch ended, and before its first checkpoint"):
+        evaluate_command(str(rd))
+    (rd / "config.json").unlink()
+    with pytest.raises(UsageError, match=r"no config.json; is this a vaekit run directory"):
+        evaluate_command(str(rd))
+
+
 def test_an_earlier_metrics_file_another_evaluation_moved_aside_first_is_no_error(tmp_path, monkeypatch):
     """Two evaluations end together: the second finds the file gone when it links it aside;
     its own result is then written as usual (the first kept the earlier one)."""

@@ -955,6 +955,24 @@ def test_a_run_refused_for_a_directory_in_use_removes_nothing(tmp_path, monkeypa
     assert rd.is_dir()
 
 
+def test_a_run_starting_while_its_directory_is_probed_trains(tmp_path, monkeypatch):
+    """train.in_use (an evaluation asking whether a run trains) holds the lock shared for a
+    moment: a run starting in that moment waits it out instead of being refused."""
+    import fcntl
+
+    real, calls = fcntl.flock, []
+
+    def probed_once(fd, op):
+        calls.append(op)
+        if len(calls) == 1:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", probed_once)
+    result = train.fit(tiny_config(train__epochs=1), tmp_path / "run")
+    assert result.trained and len(calls) == 2
+
+
 def test_the_lock_follows_a_directory_made_again_under_its_name(tmp_path, monkeypatch):
     """The directory locked was removed from its path and made again meanwhile (by a refused
     run that had made it): the lock is taken again on the directory the path names now, and

@@ -187,6 +187,7 @@ def _load_run(run: str):
     from .io import read_json
     from .models import VAE
     from .runs import saved_config
+    from .train import in_use
 
     rd = Path(run)
     if not rd.is_dir():
@@ -194,7 +195,11 @@ def _load_run(run: str):
     if (rd / "model.safetensors").is_file():  # RUN/model (its config.json is the model's, not the run's)
         raise UsageError(f"RUN {run} is a saved model's directory (model.safetensors and its config.json), not a "
                          f"run directory: {_holding_run(rd)}")
+    training = in_use(rd)
     if not (rd / "config.json").is_file():
+        if training:
+            raise UsageError(f"RUN {run} has no config.json yet: a vaekit process has just started training there; "
+                             f"its model is saved at the end of its first epoch")
         raise UsageError(f"RUN {run}: no config.json; is this a vaekit run directory?")
     raw = read_json(rd / "config.json")
     try:
@@ -202,6 +207,9 @@ def _load_run(run: str):
     except (TypeError, ValueError) as e:
         raise UsageError(f"{rd / 'config.json'}: {e}") from None
     if not os.path.lexists(rd / "model"):  # saved at the end of the first epoch
+        if training:
+            raise UsageError(f"RUN {run} has no saved model yet: a vaekit process is training there, and saves its "
+                             f"model at the end of its first epoch")
         if (rd / "checkpoint.pt").is_file():
             raise UsageError(f"RUN {run} has no saved model yet (it stopped before its first epoch ended); "
                              f"continue it with vaekit train --resume {run}")

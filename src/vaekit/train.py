@@ -42,7 +42,7 @@ from .steps import _FOLD_EVERY, _block_fits, _eager_step, _fold, _static_block, 
 from .wiring import _Run, _build, resolve_device
 
 __all__ = ["TrainConfig", "RunConfig", "fit", "FitResult", "TrainingDiverged", "lr_at", "resolve_device",
-           "epochs_for_budget", "holds_a_run", "RunDirectoryInUse"]
+           "epochs_for_budget", "holds_a_run", "in_use", "RunDirectoryInUse"]
 
 
 class RunDirectoryInUse(ValueError):
@@ -219,7 +219,7 @@ def _run_lock(run_dir: Path, resume: bool):
         except FileNotFoundError:  # removed meanwhile (a refused run that had made it): again
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_or_wait(fd, fcntl)
         except BlockingIOError:
             os.close(fd)
             raise RunDirectoryInUse(run_dir) from None
@@ -245,6 +245,38 @@ def _run_lock(run_dir: Path, resume: bool):
                 run_dir.rmdir()
         if fd is not None:
             os.close(fd)
+
+
+def _lock_or_wait(fd: int, fcntl) -> None:
+    """The run's lock taken on ``fd``, or BlockingIOError where another process holds it:
+    tried for a tenth of a second, since :func:`in_use` holds it shared for a moment."""
+    for wait in (0.0, 0.01, 0.03, 0.06):
+        time.sleep(wait)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+    raise BlockingIOError
+
+
+def in_use(run_dir) -> bool:
+    """Whether a vaekit process trains or resumes in ``run_dir`` now (holds its lock, see
+    :func:`fit`); False where that cannot be told (no such directory, no directory locks)."""
+    try:
+        import fcntl
+        fd = os.open(run_dir, os.O_RDONLY)
+    except (ImportError, OSError):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released on close
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def holds_a_run(run_dir) -> bool:
