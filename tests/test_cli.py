@@ -1216,6 +1216,37 @@ def test_a_ctrl_c_while_torch_is_imported_is_one_line_and_status_130(monkeypatch
     assert capsys.readouterr().err == "vaekit: interrupted\n"
 
 
+def test_a_ctrl_c_during_an_import_is_held_until_the_import_ends(tmp_path, monkeypatch):
+    """The command's process lets no Ctrl-C into the middle of an import (a half-made
+    module fails later with an unrelated error): the interrupt comes where the outermost
+    import returns, the module whole; a second Ctrl-C there goes through at once. The
+    import function and the handler are put back afterwards."""
+    import builtins
+    import signal
+
+    from vaekit.__main__ import _HeldDuringImports
+
+    (tmp_path / "vk_inner.py").write_text("import signal\nsignal.raise_signal(signal.SIGINT)\nwhole = True\n")
+    (tmp_path / "vk_outer.py").write_text("import vk_inner\nouter_whole = True\n")
+    (tmp_path / "vk_twice.py").write_text("import signal\nsignal.raise_signal(signal.SIGINT)\n"
+                                          "signal.raise_signal(signal.SIGINT)\nwhole = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real, handler = builtins.__import__, signal.getsignal(signal.SIGINT)
+    for name in ("vk_inner", "vk_outer", "vk_twice"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with _HeldDuringImports():
+        with pytest.raises(KeyboardInterrupt):
+            import vk_outer  # noqa: F401
+        assert sys.modules["vk_inner"].whole and sys.modules["vk_outer"].outer_whole
+        with pytest.raises(KeyboardInterrupt):
+            import vk_twice  # noqa: F401
+        assert "vk_twice" not in sys.modules  # the second went through, mid-import
+        with pytest.raises(KeyboardInterrupt):  # outside an import: at once, as always
+            signal.raise_signal(signal.SIGINT)
+            pytest.fail("not interrupted")
+    assert builtins.__import__ is real and signal.getsignal(signal.SIGINT) is handler
+
+
 def test_an_evaluation_that_would_drop_a_costlier_one_keeps_it_aside(run, tmp_path, capsys):
     """metrics-test.json holding an importance-weighted NLL of more samples than the new
     evaluation takes (or disentanglement scores it lacks) is moved to
