@@ -202,3 +202,31 @@ def test_every_module_exports_only_names_it_has():
         module = importlib.import_module(name)
         missing = [n for n in getattr(module, "__all__", ()) if not hasattr(module, n)]
         assert not missing, f"{name}.__all__ names {missing}, which it does not have"
+
+
+def test_the_packages_names_are_typed_as_they_are_loaded():
+    """``vaekit.fit`` and ``from vaekit import VAE`` were Any to a type checker (the lazy
+    ``__getattr__``): an ``if TYPE_CHECKING:`` block imports each name of ``__all__`` from
+    the module ``_WHERE`` loads it from, while ``import vaekit`` still loads none of them."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import vaekit
+
+    tree = ast.parse(Path(vaekit.__file__).read_text(encoding="utf-8"))
+    blocks = [node for node in tree.body
+              if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"]
+    assert len(blocks) == 1
+    imported = {}
+    for node in blocks[0].body:
+        assert isinstance(node, ast.ImportFrom) and node.level == 1, ast.dump(node)
+        for alias in node.names:
+            assert alias.asname is None and alias.name not in imported, alias.name
+            imported[alias.name] = node.module
+    assert imported == vaekit._WHERE
+    assert set(imported) == set(vaekit.__all__) - {"__version__"}
+    # at run time the names stay lazy
+    code = "import sys, vaekit; assert 'torch' not in sys.modules; vaekit.VAELoss; assert 'torch' in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -150,3 +150,35 @@ def test_a_name_or_section_of_the_file_that_no_config_takes_is_named_by_the_file
     path.write_text(json.dumps(in_file))
     with pytest.raises(error, match=pattern):
         build_config(None, str(path), overrides)
+
+
+@pytest.mark.parametrize("overrides, error, pattern", [
+    # these failed inside with "not enough values to unpack" and "'str' object has no attribute 'items'"
+    ({"epochs": 3}, ValueError, r'^overrides must be a dict of "group\.field": value, got key \'epochs\'$'),
+    ("train.epochs=3", TypeError, r'^overrides must be a dict of "group\.field": value, got str$'),
+    ([("train.epochs", 3)], TypeError, r"^overrides must be a dict of .*, got list$"),
+    ({3: 1}, TypeError, r"^overrides must be a dict of .*, got key 3 \(int\)$"),
+    ({"train.": 3}, ValueError, r"^overrides must be a dict of .*, got key 'train\.'$"),
+    # an unknown name is the overrides', not the --config file's
+    ({"trian.epochs": 3}, ValueError, r"^overrides: unknown config section 'trian' in 'trian\.epochs'; known: model, "),
+    ({"train.epoch": 3}, ValueError, r"^overrides: unknown key 'epoch' in config section 'train' \('train\.epoch'\); "
+                                     r"known: adam_kernel, "),
+])
+def test_build_config_names_overrides_that_are_not_group_field_settings(overrides, error, pattern, tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"train": {"epochs": 2}}))
+    for config_file in (None, str(path)):
+        with pytest.raises(error, match=pattern):
+            build_config("digits", config_file, overrides=overrides)
+    assert build_config("digits", overrides={"train.epochs": 3}).train.epochs == 3
+
+
+@pytest.mark.parametrize("text, key", [
+    ('{"train": {"epochs": 1}, "train": {"batch_size": 7}}', "train"),  # the first section was dropped
+    ('{"train": {"epochs": 1, "epochs": 2}}', "epochs"),
+])
+def test_a_json_config_with_a_key_given_twice_is_refused(tmp_path, text, key):
+    path = tmp_path / "run.json"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=rf"^--config {re.escape(str(path))}: key '{key}' is given twice"):
+        build_config("digits", str(path))

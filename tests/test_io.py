@@ -216,6 +216,22 @@ def test_atomic_write_through_a_link_keeps_the_link_and_replaces_its_targets_con
     assert not plain.is_symlink() and plain.read_bytes() == b"x"
 
 
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o444])
+def test_atomic_write_keeps_the_mode_of_the_file_it_replaces(tmp_path, mode):
+    """A chmod 600 picture written again came back 644 (the umask's, as a new file gets)."""
+    from vaekit.io import _UMASK
+
+    path, link = tmp_path / "keep.png", tmp_path / "latest.png"
+    path.write_bytes(b"old")
+    os.chmod(path, mode)
+    link.symlink_to(path)
+    for where in (path, link):  # through a link: its target's mode
+        atomic_write(where, lambda f: f.write(b"new"))
+        assert path.read_bytes() == b"new" and os.stat(path).st_mode & 0o7777 == mode
+    atomic_write(tmp_path / "new.png", lambda f: f.write(b"x"))
+    assert os.stat(tmp_path / "new.png").st_mode & 0o7777 == 0o666 & ~_UMASK
+
+
 def _no_space(*args):
     raise OSError(28, "No space left on device")
 

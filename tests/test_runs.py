@@ -73,6 +73,18 @@ def test_read_for_resume_gives_the_saved_config_with_the_callers_progress_and_an
         read_for_resume(finished, progress=False, extend_to=2)
 
 
+def test_read_for_resume_of_a_run_without_a_checkpoint_gives_none_as_annotated(finished, tmp_path):
+    """A run stopped before its first checkpoint gives (config, None); the annotation said a
+    dict, and a type checker let the caller index it."""
+    import shutil
+    import typing
+
+    shutil.copy(finished / "config.json", tmp_path / "config.json")
+    config, state = read_for_resume(tmp_path, progress=False, extend_to=None)
+    assert state is None and config.train.epochs == 2
+    assert typing.get_type_hints(read_for_resume)["return"] == tuple[RunConfig, dict | None]
+
+
 def test_a_checkpoint_missing_keys_is_named(finished, tmp_path):
     from vaekit.io import load_checkpoint
 

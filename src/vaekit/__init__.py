@@ -37,10 +37,20 @@ _WHERE = {
     "iw_nll": "evaluate", "evaluate_model": "evaluate",
 }
 
+TYPE_CHECKING = False  # (typing's own would cost ``import vaekit`` the import of typing)
+if TYPE_CHECKING:  # the names as type checkers see them: the real ones, not __getattr__'s Any
+    from .config import RunConfig, TrainConfig
+    from .data import DataConfig, load_dataset
+    from .evaluate import evaluate_model, iw_nll
+    from .losses import VAELoss, bernoulli_nll, continuous_bernoulli_nll, gaussian_kl, gaussian_nll, mse
+    from .models import VAE, ModelConfig
+    from .objectives import ObjectiveConfig
+    from .train import fit
+else:  # hidden from type checkers, which would take any name as one of its results
 
-def __getattr__(name):
-    if name in _WHERE:
-        import importlib
+    def __getattr__(name: str) -> object:
+        if name in _WHERE:
+            import importlib
 
-        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    raise AttributeError(f"module 'vaekit' has no attribute {name!r}")
+            return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        raise AttributeError(f"module 'vaekit' has no attribute {name!r}")

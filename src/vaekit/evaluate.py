@@ -284,7 +284,8 @@ def evaluate_model(
     Returns a dict of Python numbers: ``num_examples``; the means over examples of
     ``elbo``, ``reconstruction`` and ``kl`` (nats, ``n_samples`` draws); with
     ``iw_samples = k > 0``, ``iw_nll`` and ``iw_samples``; ``active_units`` (None for one
-    example: a variance needs two),
+    example: a variance needs two; the latent dimensions whose posterior mean's variance
+    over the examples is above ``threshold``, :func:`active_units`),
     ``mutual_information`` (nats) with ``mutual_information_max``, the estimate's ceiling
     ``log num_examples`` (an estimate near it says only that ``I(x; z)`` is at least about
     that: :func:`mutual_information`), and ``kl_per_dim`` (a list of ``d`` floats); and
@@ -294,6 +295,8 @@ def evaluate_model(
     ``n_bits``-bit values scaled by ``2^-n_bits`` (see :func:`continuous_to_discrete_nll`).
     The noise is drawn batch by batch, so the estimates depend on ``batch_size`` as on
     ``seed``: the defaults are ``vaekit evaluate``'s, whose numbers they reproduce.
+    ``chunk_size``: importance samples decoded at once for ``iw_nll`` (``None`` picks it
+    from a memory budget; it sets the memory used, not the estimate: :func:`iw_log_likelihood`).
     ``progress=True`` shows a tqdm bar over the batches. ``precision``: as in
     :func:`iw_log_likelihood` (full float32 by default); the result says which
     (``"precision"``).

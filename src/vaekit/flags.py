@@ -11,9 +11,14 @@ import argparse
 import dataclasses
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 from .presets import DEFAULT_PRESET, PRESETS
+
+TYPE_CHECKING = False  # (typing's own would cost the import of typing)
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 __all__ = ["build_config", "UsageError"]
 
@@ -146,12 +151,26 @@ def _read_config_file(path: str) -> dict:
             except ModuleNotFoundError:  # Python 3.10
                 import tomli as tomllib
             return tomllib.loads(text_bytes.decode("utf-8"))
-        data = json.loads(text_bytes.decode("utf-8-sig"))  # a byte-order mark is not an error
+        data = json.loads(text_bytes.decode("utf-8-sig"),  # a byte-order mark is not an error
+                          object_pairs_hook=lambda pairs: _no_key_twice(pairs, path))
+    except UsageError:
+        raise
     except Exception as e:
         raise UsageError(f"--config {path}: cannot be read as {'TOML' if p.suffix.lower() == '.toml' else 'JSON'}: {e}") from None
     if not isinstance(data, dict):
         raise UsageError(f"--config {path}: must hold a table/object of sections, got {type(data).__name__}")
     return data
+
+
+def _no_key_twice(pairs: list, path: str) -> dict:
+    """A JSON object's pairs as a dict, refused where a key comes twice (``json`` keeps the
+    last one silently, dropping a whole section given twice; TOML refuses it)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise UsageError(f"--config {path}: key {key!r} is given twice in one object; give each key once")
+        out[key] = value
+    return out
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -166,11 +185,13 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def build_config(preset: str | None = None, config_file: str | None = None, overrides: dict | None = None):
+def build_config(preset: str | None = None, config_file: str | None = None,
+                 overrides: Mapping[str, object] | None = None) -> RunConfig:
     """The resolved :class:`vaekit.config.RunConfig`: preset, then file, then overrides
     (``{"group.field": value}``)."""
     from .config import RunConfig
 
+    _check_overrides(overrides)
     name = preset or DEFAULT_PRESET
     if name not in PRESETS:
         raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
@@ -191,7 +212,32 @@ def build_config(preset: str | None = None, config_file: str | None = None, over
     return config
 
 
-def _iwae_of_one(overrides: dict, config_file: str | None, from_file: dict) -> str:
+def _check_overrides(overrides) -> None:
+    """``overrides`` None or a mapping of ``"group.field"`` to a value, each a field of a
+    config section: an unknown one named as the overrides' (merged with a ``--config``
+    file's settings, it was blamed on the file)."""
+    expected = 'a dict of "group.field": value'
+    if overrides is None:
+        return
+    if not isinstance(overrides, Mapping):
+        raise TypeError(f"overrides must be {expected}, got {type(overrides).__name__}")
+    from .config import GROUPS
+
+    for key in overrides:
+        if not isinstance(key, str):
+            raise TypeError(f"overrides must be {expected}, got key {key!r} ({type(key).__name__})")
+        group, dot, field_ = key.partition(".")
+        if not (group and dot and field_):
+            raise ValueError(f"overrides must be {expected}, got key {key!r}")
+        if group not in GROUPS:
+            raise ValueError(f"overrides: unknown config section {group!r} in {key!r}; known: {', '.join(GROUPS)}")
+        known = sorted(f.name for f in dataclasses.fields(GROUPS[group]))
+        if field_ not in known:
+            raise ValueError(f"overrides: unknown key {field_!r} in config section {group!r} ({key!r}); "
+                             f"known: {', '.join(known)}")
+
+
+def _iwae_of_one(overrides: Mapping, config_file: str | None, from_file: dict) -> str:
     """The refusal of an IWAE objective with one sample, naming where the user set each."""
     in_file = from_file.get("objective") if isinstance(from_file.get("objective"), dict) else {}
     if "objective.name" in overrides:
@@ -256,7 +302,7 @@ def _blame_the_preset(error: Exception, preset: str, user: dict) -> Exception:
     return type(error)(f"{msg}; the preset {preset!r} sets {said}: override it")
 
 
-def _name_the_flag(error: Exception, overrides: dict, config_file: str | None = None,
+def _name_the_flag(error: Exception, overrides: Mapping, config_file: str | None = None,
                    from_file: dict | None = None) -> Exception:
     """``error`` led by where the user set the field it opens with: its flag (``--seed:
     TrainConfig.seed must be ...``), else the ``--config`` file and its key (``--config

@@ -24,11 +24,15 @@ from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from safetensors.torch import load as _safetensors_load, save as _safetensors_bytes
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .models import VAE
 
 __all__ = [
     "atomic_write",
@@ -55,6 +59,8 @@ CHECKPOINT_MAGIC = "vaekit-checkpoint"
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+
+_T = TypeVar("_T")
 
 
 class CheckpointError(ValueError):
@@ -118,7 +124,9 @@ def file_problem(path) -> str | None:
 
 def check_file(path, label: str, expected: str = "") -> None:
     """Raise unless ``path`` is a file to read: ``FileNotFoundError`` when nothing is there,
-    else ``ValueError`` saying what is (:func:`file_problem`); ``label`` names it."""
+    else ``ValueError`` saying what is (:func:`file_problem`); ``label`` names it.
+    ``expected``: what the file should be, in a few words (``"an IDX file"``), added to the
+    ``ValueError``'s message (``"...; expected an IDX file"``) where given."""
     problem = file_problem(path)
     if problem == "no such file":
         raise FileNotFoundError(f"{label}: no such file")
@@ -130,7 +138,8 @@ def atomic_write(path, write) -> Path:
     """Write ``path`` through ``write(file_object)`` so that readers see the old or the
     new content, never a partial one: temporary file in the same directory, flush,
     fsync, ``os.replace``, fsync of the directory. A link is written through: its target
-    gets the new content and the link stays."""
+    gets the new content and the link stays. A file replaced keeps its permission bits;
+    a new one gets the umask's."""
     given = path = _as_path("path", path)
     if not callable(write):
         raise TypeError(f"write must be a callable that writes into a binary file, got {type(write).__name__}")
@@ -139,9 +148,13 @@ def atomic_write(path, write) -> Path:
     if path.is_dir():
         raise ValueError(f"path {str(given)!r} is a folder; expected a file to write")
     _make_dir("path", path.parent, given)
+    try:  # a file replaced keeps its mode (a chmod 600 on it stays)
+        mode = os.stat(path).st_mode & 0o7777
+    except OSError:  # none there yet (or none to ask): a new file's
+        mode = 0o666 & ~_UMASK
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the run the umask's permissions
+        os.fchmod(fd, mode)  # mkstemp makes 0600
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -207,7 +220,7 @@ def read_json(path) -> dict:
     return obj
 
 
-def host_copy(obj, into=None):
+def host_copy(obj: _T, into: object = None) -> _T:
     """``obj`` (tensors in dicts, lists and tuples, and plain values) with every tensor
     copied into host memory: a snapshot that later in-place updates of the originals (the
     optimiser's) do not reach. Plain values are shared, not copied.
@@ -372,7 +385,7 @@ def _check_model_state(state, own: dict) -> None:
         raise ValueError(f"state must be the model's own state dict (its keys and shapes), but it has {why}")
 
 
-def load_model(directory, *, device=None):
+def load_model(directory: str | os.PathLike[str], *, device: str | torch.device | None = None) -> VAE:
     """Rebuild a :class:`vaekit.models.VAE` from ``save_model``'s files, with the weights
     exactly as saved (their dtype included), in evaluation mode (``.train()`` to train it
     on): in training mode a model with the optimal decoder variance scores each batch

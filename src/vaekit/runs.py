@@ -258,7 +258,7 @@ def _check_fields(state: dict, ckpt_path: Path) -> None:
 
 
 def read_for_resume(run_dir: Path, *, progress: bool, extend_to: int | None,
-                    data_dir: str | None = None) -> tuple[RunConfig, dict]:
+                    data_dir: str | None = None) -> tuple[RunConfig, dict | None]:
     """The configuration and checkpoint of the run in ``run_dir``, checked: the saved
     config with ``train.progress`` from the caller, ``train.epochs`` raised to
     ``extend_to`` when given (:func:`extended`), and ``data.data_dir`` moved to

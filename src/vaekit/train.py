@@ -60,6 +60,19 @@ class TrainingDiverged(RuntimeError):
 
 
 class FitResult(NamedTuple):
+    """What :func:`fit` returns.
+
+    ``model``: the model as training left it (the last step's weights; the model kept,
+    the best on validation, is in ``run_dir / "model"``). ``history``: one dict per row
+    of ``metrics.csv`` (a ``"train"`` row per epoch, and a ``"val"`` row where there is a
+    validation split), the whole run's, resumed parts included. ``run_dir``: the run's
+    directory. ``interrupted``: stopped by SIGINT or SIGTERM (Ctrl-C), with a checkpoint
+    saved to resume from. ``trained``: False for a resume of a run that was finished
+    already (nothing trained). ``steps_per_epoch``: the steps of a full epoch
+    (0: not known). ``resumed_from``: ``(epoch, step)`` of the checkpoint this call went
+    on from; None for a run from the start.
+    """
+
     model: VAE
     history: list
     run_dir: Path
