@@ -79,3 +79,33 @@ def test_iwae_bound_refuses_nan_and_plus_inf_when_validating():
         assert not torch.isfinite(iw.iwae_bound(log_w, validate_args=False)[2])  # the check is the switch's
     log_w[1, 2] = -math.inf  # a zero weight is a weight
     torch.testing.assert_close(iw.iwae_bound(log_w), torch.tensor([0.0, 0.0, -math.log(2.0)]))
+
+
+def test_half_precision_log_weights_are_summed_in_float32():
+    """bfloat16 log-weights in iwae_bound (a 15-nat error at -3000: logsumexp in bfloat16) and
+    an all-float16 posterior in log_weights_from_noise (z^2 overflowed past |z| = 256) are
+    computed in float32, as every likelihood computes half precision; the decoder still gets
+    z in its own dtype."""
+    lw = torch.full((5000, 1), -3000.0, dtype=torch.float64) + torch.linspace(-0.1, 0.1, 5000, dtype=torch.float64)[:, None]
+    lw = lw.bfloat16()
+    got = iw.iwae_bound(lw)
+    want = torch.logsumexp(lw.double(), 0) - math.log(5000)  # float64 of the same bfloat16 values
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-7, atol=0)
+
+    class Stub(torch.nn.Module):
+        def decode(self, z):
+            seen.append(z.dtype)
+            return torch.zeros(z.shape[0], 4)
+
+        def nll(self, out, x):
+            return torch.zeros(out.shape[0])
+
+    seen, h = [], torch.float16
+    mu = torch.full((2, 3), 300.0, dtype=h, requires_grad=True)
+    log_w, _ = iw.log_weights_from_noise(Stub(), torch.zeros(2, 4), mu, torch.zeros(2, 3, dtype=h),
+                                         torch.zeros(1, 2, 3, dtype=h))
+    (g,) = torch.autograd.grad(log_w.sum(), mu)
+    assert seen == [h] and log_w.dtype == torch.float32
+    torch.testing.assert_close(log_w, torch.full((1, 2), -0.5 * 3 * 300.0**2))  # log p(z) - log q(z|x), by hand
+    torch.testing.assert_close(g, torch.full((2, 3), -300.0, dtype=h))

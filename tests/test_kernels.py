@@ -90,6 +90,14 @@ def test_cpu_falls_back_to_eager_bit_for_bit(reconstruction):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("reconstruction", ["bernoulli", "gaussian"])
+def test_float64_inputs_run_the_eager_loss_and_stay_float64(reconstruction):
+    """As fused_vae_loss's Returns says: not fp32 where the eager reference runs instead."""
+    x, out, mu, logvar = (t.detach().double() for t in _inputs(3, 10, 4))
+    fused, ref = _both(x, out, mu, logvar, beta=2.0, reconstruction=reconstruction)
+    assert all(t.dtype == torch.float64 for t in fused) and all(torch.equal(a, b) for a, b in zip(fused, ref))
+
+
 @pytest.mark.parametrize(
     "kwargs, shapes, match",
     [

@@ -73,6 +73,21 @@ def test_optimal_sigma_clamps_a_perfect_reconstruction():
         optimal_sigma_nll(mean, x, per="pixel")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, D64])
+@pytest.mark.parametrize("per", ["example", "batch"])
+def test_optimal_sigma_of_a_perfect_fit_at_the_lowest_min_logvar_is_finite(dtype, per):
+    """min_logvar stops at -80 (below about -87 a perfect fit gave NaN in float32: 0 * e^89 =
+    0 * inf); there the value is the clamped variance's closed form and the gradient 0."""
+    x = torch.rand(2, 4).to(dtype)
+    mean = x.clone().requires_grad_()
+    out = optimal_sigma_nll(mean, x, per=per, min_logvar=-80.0)
+    (g,) = torch.autograd.grad(out.sum(), mean)
+    floor = torch.tensor(math.exp(-80.0), dtype=torch.promote_types(dtype, torch.float32))  # e^-80 as stored
+    want = 0.5 * 4 * (math.log(2 * math.pi) + math.log(float(floor)))
+    torch.testing.assert_close(out.double(), torch.full((2,), want, dtype=D64), rtol=1e-7, atol=0)
+    assert torch.equal(g, torch.zeros_like(g))
+
+
 # ---------------------------------------------------------------------------------------
 # Discretized logistic
 
@@ -217,7 +232,9 @@ def test_an_empty_batch_of_grey_levels_gives_no_values_not_an_error():
     (lambda: discretized_logistic_nll(*[torch.zeros(2, 3)] * 3, n_bits=100), r"n_bits must be an int in \[1, 16\], got 100"),
     (lambda: discretized_logistic_nll(*[torch.zeros(2, 3)] * 3, n_bits=0), r"n_bits must be an int in \[1, 16\], got 0"),
     (lambda: optimal_sigma_nll(torch.rand(4, 10), torch.rand(4, 10), min_logvar=1000.0),
-     r"min_logvar must be a finite number >= -inf and <= 80, got 1000\.0"),
+     r"min_logvar must be a finite number >= -80 and <= 80, got 1000\.0"),
+    (lambda: optimal_sigma_nll(torch.rand(4, 10), torch.rand(4, 10), min_logvar=-89.0),
+     r"min_logvar must be a finite number >= -80 and <= 80, got -89\.0"),  # a perfect fit gave NaN
     (lambda: optimal_sigma_nll(torch.zeros(4, 0), torch.zeros(4, 0)),
      r"x must hold at least one value per example, got shape \(4, 0\)"),  # was NaN
 ])

@@ -365,6 +365,71 @@ def test_extreme_values_are_finite_in_float32():
                                  logits, mu[:1, :3], logvar[:1, :3])
 
 
+@pytest.mark.parametrize("logvar, residual", [(-89.0, 0.0), (-89.0, 2.0**-6), (-170.0, 0.0), (-95.0, 2.0**-25)])
+def test_gaussian_nll_below_float32_s_exp_range_is_its_float64_value(logvar, residual):
+    """(x - mean)^2 * e^-logvar was 0 * inf (NaN, and NaN gradients) at mean = x and inf for a
+    small residual once e^-logvar overflowed float32 (logvar < -88.7), where the true values
+    fit: scaled before it is squared, the residual gives them. A learned log-variance (a
+    tensor) is not clamped; the float64 closed form, value and gradients."""
+    x = torch.full((2, 3), 0.25)
+    mean = (x + residual).requires_grad_()
+    lv = torch.full((2, 3), logvar, requires_grad=True)
+    for out in (gaussian_nll(mean, x, lv),
+                VAELoss(reconstruction="gaussian", reduction="none")(x, (mean, lv), torch.zeros(2, 1),
+                                                                    torch.zeros(2, 1)).reconstruction):
+        g_mean, g_lv = torch.autograd.grad(out.sum(), (mean, lv))
+        r, inv_var = residual, math.exp(-logvar)  # (x + residual) - x is residual exactly (2^-25: an ulp of 0.25)
+        want = 3 * 0.5 * (math.log(2 * math.pi) + logvar + r * r * inv_var)
+        assert_close(out.double(), torch.full((2,), want, dtype=F64), rtol=1e-6, atol=1e-4)
+        assert_close(g_mean.double(), torch.full((2, 3), r * inv_var, dtype=F64), rtol=1e-6, atol=0)
+        assert_close(g_lv.double(), torch.full((2, 3), 0.5 * (1 - r * r * inv_var), dtype=F64), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("call", [
+    lambda lv: gaussian_nll(torch.zeros(2, 3), torch.zeros(2, 3), lv),
+    lambda lv: reconstruction_nll("gaussian", torch.zeros(2, 3), torch.zeros(2, 3), logvar=lv, validate_args=False),
+    lambda lv: VAELoss(reconstruction="gaussian", logvar=lv),
+    lambda lv: VAELoss(reconstruction="gaussian", logvar=lv, validate_args=False),
+])
+@pytest.mark.parametrize("logvar", [-90.0, 80.5, -1e4, math.inf])
+def test_a_fixed_log_variance_number_is_refused_outside_model_config_s_range(call, logvar):
+    """A fixed log-variance given as a number lies in [-80, 80], as ModelConfig.fixed_logvar:
+    beyond, e^-logvar (or e^logvar) leaves float32 (VAELoss(logvar=-90) gave NaN at mean = x)."""
+    from vaekit.model_config import MAX_LOGVAR
+
+    assert losses._MAX_LOGVAR == MAX_LOGVAR
+    message = f"logvar must be a finite number >= -80 and <= 80, got {logvar}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call(logvar)
+    call(-80.0), call(80)  # the bounds themselves
+
+
+@pytest.mark.parametrize("prior_logvar", [-100.0, torch.tensor([-100.0]), torch.full((2, 1), -100.0)])
+@pytest.mark.parametrize("offset", [0.0, 2.0**-20])
+def test_gaussian_kl_to_a_narrow_prior_is_its_float64_value(prior_logvar, offset):
+    """(mu - m)^2 * e^-s was 0 * inf (NaN) at mu = m once e^-s overflowed float32 (s < -88.7);
+    scaled before it is squared, the difference gives the KL, 0 at the prior itself."""
+    mu = torch.full((2, 1), 1.0 + offset, requires_grad=True)
+    logvar = torch.full((2, 1), -100.0, requires_grad=True)
+    kl = gaussian_kl(mu, logvar, 1.0, prior_logvar)
+    g_mu, g_lv = torch.autograd.grad(kl.sum(), (mu, logvar))
+    inv_var = math.exp(100.0)
+    assert_close(kl.double(), torch.full((2,), 0.5 * offset**2 * inv_var, dtype=F64), rtol=1e-6, atol=0)
+    assert_close(g_mu.double(), torch.full((2, 1), offset * inv_var, dtype=F64), rtol=1e-6, atol=0)
+    assert_close(g_lv.double(), torch.zeros(2, 1, dtype=F64), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("x, shown", [
+    (torch.tensor([[0.5, 1.0000001]]), "[0.5, 1.0000001192092896]"),  # :g wrote "1"
+    (torch.tensor([[0.5, 1 + 2.0**-52]], dtype=F64), "[0.5, 1.0000000000000002]"),
+    (torch.tensor([[-0.5, 1.0]]), "[-0.5, 1]"),  # :g where it shows the value outside
+    (torch.tensor([[0.25, 1.5]]), "[0.25, 1.5]"),
+])
+def test_a_value_just_outside_the_unit_interval_is_shown_outside_it(x, shown):
+    with pytest.raises(ValueError, match=re.escape(f"x must lie in [0, 1], got values in {shown}")):
+        bernoulli_nll(torch.zeros_like(x), x)
+
+
 @pytest.mark.parametrize("dtype, big", [(torch.float32, 1e20), (torch.float32, 3e38), (torch.float64, 1e200)])
 def test_continuous_bernoulli_gradient_finite_for_any_finite_logit(dtype, big):
     # "Stable for logits of any size": the unused Taylor branch must not overflow, or

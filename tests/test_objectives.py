@@ -119,6 +119,9 @@ def test_schedules_against_interpolation():
     assert obj.linear_warmup(0, beta=2.0, warmup_steps=0) == 2.0
     assert obj.cyclical_beta(0, beta=4.0, cycle_steps=8) == 0.0
     assert obj.cyclical_beta(7, beta=4.0, cycle_steps=8, ratio=1.0) == pytest.approx(3.5)
+    # the step's share first: beta * step overflowed (inf; a float * a 400-digit int raised OverflowError)
+    assert obj.linear_warmup(10**400, beta=1.0, warmup_steps=10**401) == pytest.approx(0.1)
+    assert obj.beta_schedule("linear", 2, beta=1.7e308, warmup_steps=3) == pytest.approx(1.7e308 / 3 * 2)
 
 
 @pytest.mark.parametrize("fields", [
@@ -175,6 +178,17 @@ def test_capacity_penalty():
     torch.testing.assert_close(grad, 3.0 * torch.sign(kl.detach() - 8.0))
     with pytest.raises(ValueError, match="gamma"):
         obj.capacity_kl_penalty(kl, 0, gamma=0.0, capacity_max=1.0, capacity_steps=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_capacity_penalty_of_a_half_precision_kl_is_computed_in_float32(dtype):
+    """gamma * |kl - C| in float16 overflowed past 65504 (gamma = 1000, kl = 1000: inf)."""
+    kl = torch.tensor([1000.0, 3.0], dtype=dtype, requires_grad=True)
+    out = obj.capacity_kl_penalty(kl, 5, gamma=1000.0, capacity_max=25.0, capacity_steps=10)
+    (g,) = torch.autograd.grad(out.sum(), kl)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.tensor([1000.0 * (1000.0 - 12.5), 1000.0 * 9.5]))
+    torch.testing.assert_close(g, torch.tensor([1000.0, -1000.0], dtype=dtype))
 
 
 def per_dim_kl(mu, logvar):
@@ -449,6 +463,29 @@ def test_tc_gradcheck_and_errors():
         obj.tc_decomposition(z, mu, logvar, 0)
     with pytest.raises(ValueError, match="logvar"):
         obj.tc_decomposition(z, mu, logvar[:, :1], 50)
+
+
+@pytest.mark.parametrize("logvar", [-95.0, -85.0])
+def test_tc_terms_of_point_like_posteriors_at_their_means_by_hand(logvar):
+    """z = mu under posteriors far narrower than their distances: (z - mu)^2 * e^-logvar was
+    0 * inf (NaN) past logvar = -88.7 in float32. Each sample's own posterior is then the
+    whole of each sum, so with w = 1 / (B N) (MWS): MI = log(B N), TC = (d - 1) log(B N),
+    DWKL = sum_j (z_j^2 - logvar_j) / 2 - d log(B N); and the gradients of the telescoped
+    sum, log q(z|x) - log p(z): z in z, 0 in mu, -1/2 in logvar."""
+    n, d = 10, 2
+    mu = torch.tensor([[0.5, 1.0], [2.0, -1.0]], requires_grad=True)
+    z = mu.detach().clone().requires_grad_()
+    lv = torch.full((2, d), logvar, requires_grad=True)
+    terms = obj.tc_decomposition(z, mu, lv, n)
+    log_bn = math.log(2 * n)
+    dwkl = -d * log_bn - 0.5 * d * logvar + 0.5 * z.detach().square().sum(-1)
+    torch.testing.assert_close(terms.mutual_info, torch.full((2,), log_bn))
+    torch.testing.assert_close(terms.total_correlation, torch.full((2,), (d - 1) * log_bn))
+    torch.testing.assert_close(terms.dimwise_kl, dwkl)
+    g_z, g_mu, g_lv = torch.autograd.grad(sum(t.sum() for t in terms), (z, mu, lv))
+    torch.testing.assert_close(g_z, z.detach())
+    torch.testing.assert_close(g_mu, torch.zeros(2, d))
+    torch.testing.assert_close(g_lv, torch.full((2, d), -0.5))
 
 
 def test_the_likelihoods_stay_importable_from_objectives():

@@ -153,7 +153,14 @@ def check_unit_interval(name: str, t: Tensor) -> None:
             raise ValueError(f"{name} must lie in [0, 1], but it holds {n_nan} NaN and {n_inf} infinite "
                              f"value(s) (of {t.numel()})")
         lo, hi = float(t.min()), float(t.max())
-        raise ValueError(f"{name} must lie in [0, 1], got values in [{lo:g}, {hi:g}]")
+        raise ValueError(f"{name} must lie in [0, 1], got values in [{_shown(lo, lo < 0)}, {_shown(hi, hi > 1)}]")
+
+
+def _shown(v: float, outside: bool) -> str:
+    """``v`` as :g writes it, or in full where that would put a value outside [0, 1] inside
+    it (1.0000001 is "1" to :g)."""
+    s = f"{v:g}"
+    return repr(v) if outside and 0 <= float(s) <= 1 else s
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,7 +17,9 @@ import math
 import torch
 from torch import Tensor
 
-from .checks import _LOG_2PI, MAX_IW_SAMPLES, check_int, check_same_shape, check_tensor, read_value, validating
+from .checks import (
+    _LOG_2PI, MAX_IW_SAMPLES, check_int, check_same_shape, check_tensor, read_value, upcast, validating,
+)
 
 __all__ = ["decode_nll", "repeat_for_samples", "log_weights_from_noise", "log_importance_weights", "iwae_bound", "iwae_loss",
            "iw_from_params", "normal_chunks", "auto_chunk_size", "randn_like_on", "noise_dtype", "MEMORY_BUDGET_BYTES",
@@ -28,7 +30,9 @@ def _log_normal(z: Tensor, mu: Tensor | None = None, logvar: Tensor | None = Non
     """Elementwise log N(z | mu, e^logvar); N(0, 1) when mu and logvar are None."""
     if mu is None:
         return -0.5 * (_LOG_2PI + z.square())
-    return -0.5 * (_LOG_2PI + logvar + (z - mu).square() * torch.exp(-logvar))
+    # scaled, then squared: (z - mu)^2 * e^-logvar is 0 * inf (NaN) at z = mu once e^-logvar
+    # overflows (logvar < -88.7 in float32)
+    return -0.5 * (_LOG_2PI + logvar + ((z - mu) * torch.exp(-0.5 * logvar)).square())
 
 
 def _check_samples(name: str, value) -> int:
@@ -98,7 +102,8 @@ def log_weights_from_noise(model, x: Tensor, mu: Tensor, logvar: Tensor, eps: Te
         \log p(z) - \log q(z \mid x) = \tfrac12 \sum_j \big(\epsilon_j^2 - z_j^2 + \log\sigma_j^2\big)
 
     (the ``log 2 pi`` terms cancel): no density is evaluated twice. Differentiable; the
-    IWAE objective and the chunked evaluation in :mod:`vaekit.evaluate` share it.
+    IWAE objective and the chunked evaluation in :mod:`vaekit.evaluate` share it. The
+    decoder gets ``z`` in the inputs' dtype; the sum is computed in at least float32.
 
     Shape: ``x`` ``[B, *event]``; ``mu``, ``logvar`` ``[B, d]``; ``eps`` ``[k, B, d]``.
     """
@@ -112,6 +117,8 @@ def log_weights_from_noise(model, x: Tensor, mu: Tensor, logvar: Tensor, eps: Te
                          f"got shape {tuple(eps.shape)}")
     z = mu + torch.exp(0.5 * logvar) * eps
     nll = decode_nll(model, x, z)
+    # half precision in float32: z^2 overflows float16 from |z| = 256 on
+    eps, z, logvar = upcast(eps, z, logvar)
     return -nll + 0.5 * (eps.square() - z.square() + logvar).sum(-1), nll
 
 
@@ -168,7 +175,7 @@ def iwae_bound(log_w: Tensor, *, validate_args: bool | None = None) -> Tensor:
 
     ``L_1`` is the single-sample ELBO; ``E[L_k]`` rises with ``k`` towards ``log p(x)``.
     A log-weight of ``-inf`` (a zero weight) is allowed; NaN and ``+inf`` are refused when
-    validating (:func:`vaekit.checks.validating`).
+    validating (:func:`vaekit.checks.validating`). Half precision is computed in float32.
     """
     check_tensor("log_w", log_w, min_dim=2)
     if log_w.shape[0] == 0:
@@ -176,6 +183,7 @@ def iwae_bound(log_w: Tensor, *, validate_args: bool | None = None) -> Tensor:
                          f"got shape {tuple(log_w.shape)}")
     if validating(validate_args) and read_value((torch.isnan(log_w) | (log_w == math.inf)).any(), "log_w"):
         raise ValueError("log_w must hold no NaN or +inf values (-inf, a zero weight, is allowed), but it does")
+    (log_w,) = upcast(log_w)
     return torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
 
 

@@ -19,6 +19,7 @@ from .checks import (
     _LOG_2PI, check_finite, check_int, check_number, check_same_shape, check_tensor,
     check_unit_interval, read_value, sum_event, upcast, validating,
 )
+from .losses import _MAX_LOGVAR
 
 __all__ = ["optimal_sigma_nll", "discretized_logistic_nll", "bernoulli_nll_samples"]
 
@@ -38,7 +39,8 @@ def optimal_sigma_nll(mean: Tensor, x: Tensor, *, per: str = "example", min_logv
     detached: it is a stationary point of the (batch-summed) NLL in ``sigma``, so by the
     envelope theorem the gradient in ``mean`` is the same as with a detached ``sigma``, and
     keeping it makes the returned value's own gradient the one back-propagated. The clamp is
-    applied to the MSE before the log, so a perfect reconstruction has finite gradients.
+    applied to the MSE before the log, so a perfect reconstruction has finite gradients;
+    ``min_logvar`` lies in [-80, 80], so that ``1 / sigma^2`` is finite in float32 too.
 
     Shape: ``mean``, ``x`` are ``[B, *event]``; returns ``[B]``.
     """
@@ -49,8 +51,9 @@ def optimal_sigma_nll(mean: Tensor, x: Tensor, *, per: str = "example", min_logv
         raise ValueError(f"per must be 'example' or 'batch', got {per!r}")
     if x.dim() > 1 and math.prod(x.shape[1:]) == 0:  # a variance fitted to no values: NaN
         raise ValueError(f"x must hold at least one value per example, got shape {tuple(x.shape)}")
-    # its exp is the variance's floor: kept a finite float (math.exp overflows past 709)
-    min_logvar = check_number("min_logvar", min_logvar, low=-math.inf, high=80.0)
+    # its exp is the variance's floor, and e^-min_logvar must stay finite in float32 (else a
+    # perfect fit's SSE / sigma^2 is 0 * inf): the range of ModelConfig.fixed_logvar
+    min_logvar = check_number("min_logvar", min_logvar, low=-_MAX_LOGVAR, high=_MAX_LOGVAR)
     if validating(validate_args):
         check_finite("x", x)
         check_finite("mean", mean)

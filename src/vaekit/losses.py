@@ -58,6 +58,9 @@ __all__ = [
 
 RECONSTRUCTIONS = ("bernoulli", "gaussian", "mse", "continuous_bernoulli")
 REDUCTIONS = ("mean", "sum", "none")
+# |logvar| at most for a fixed Gaussian log-variance given as a number: ModelConfig's
+# MAX_LOGVAR (vaekit.model_config imports this module, so it cannot be imported from there).
+_MAX_LOGVAR = 80.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -93,6 +96,7 @@ def gaussian_kl(
         prior_mu, prior_logvar: prior mean and log-variance: numbers, or floating tensors
             whose shape broadcasts to ``mu``'s without changing it (``[d]``, ``[B, d]``, ...).
             Finite, when validating.
+        validate_args: value checks (finiteness); ``None`` follows :func:`set_validate_args`.
 
     Shape:
         returns ``[B]`` (the last dimension is summed; leading dims are kept, so
@@ -117,7 +121,9 @@ def gaussian_kl(
     if isinstance(prior_logvar, float) and prior_logvar == 0.0:
         quad = diff.square()
     else:
-        quad = diff.square() * torch.exp(-torch.as_tensor(prior_logvar, dtype=mu.dtype, device=mu.device))
+        # the residual scaled before it is squared: diff^2 * e^-s is 0 * inf (NaN) at diff = 0
+        # once e^-s overflows (s < -88.7 in float32), where the KL is finite
+        quad = (diff * torch.exp(-0.5 * torch.as_tensor(prior_logvar, dtype=mu.dtype, device=mu.device))).square()
     return 0.5 * (torch.expm1(r) - r + quad).sum(-1)
 
 
@@ -186,6 +192,8 @@ def bernoulli_nll(logits: Tensor, x: Tensor, *, validate_args: bool | None = Non
 
 def _as_logvar(logvar, like: Tensor) -> Tensor:
     if isinstance(logvar, (int, float)) and not isinstance(logvar, bool):
+        # a fixed variance whose exp (and that of its negative) is a normal float32, as ModelConfig.fixed_logvar
+        logvar = check_number("logvar", logvar, low=-_MAX_LOGVAR, high=_MAX_LOGVAR)
         # A fill on the device, not a copy from the host (which a CUDA graph cannot capture);
         # at least float32, as half inputs are computed (not rounded to their precision).
         return torch.full((), float(logvar), dtype=torch.promote_types(like.dtype, torch.float32), device=like.device)
@@ -216,8 +224,10 @@ def gaussian_nll(
     Args:
         mean: decoder means, ``[B, *event]``.
         x: data, ``[B, *event]``.
-        logvar: the decoder log-variance: a scalar (float or 0-dim tensor), one value per
-            data dimension (shape ``event``), or one per element (shape ``[B, *event]``).
+        logvar: the decoder log-variance: a scalar (a number in [-80, 80], or a 0-dim
+            tensor), one value per data dimension (shape ``event``), or one per element
+            (shape ``[B, *event]``).
+        validate_args: value checks (finiteness); ``None`` follows :func:`set_validate_args`.
 
     Shape: returns ``[B]``.
     """
@@ -230,7 +240,9 @@ def gaussian_nll(
         check_finite("mean", mean)
         check_finite("logvar", logvar)
     mean, x, logvar = upcast(mean, x, logvar)
-    elem = 0.5 * (_LOG_2PI + logvar + (x - mean).square() * torch.exp(-logvar))
+    # scaled, then squared: (x - mean)^2 * e^-logvar is 0 * inf (NaN) at x = mean, and inf for
+    # a small residual, once e^-logvar overflows (logvar < -88.7 in float32)
+    elem = 0.5 * (_LOG_2PI + logvar + ((x - mean) * torch.exp(-0.5 * logvar)).square())
     return sum_event(elem.expand_as(x) if elem.shape != x.shape else elem)
 
 
@@ -377,8 +389,8 @@ class VAELoss(torch.nn.Module):
             ``"sum"`` (the whole batch; 0 for an empty batch) or ``"none"`` (``[B]``).
             ``"mean"`` refuses an empty batch rather than return NaN.
         logvar: fixed decoder log-variance for ``"gaussian"`` when the decoder gives only
-            a mean: a finite number, or a floating-point tensor (shapes as for
-            :func:`gaussian_nll`; finite, when validating).
+            a mean: a number in [-80, 80] (as ``ModelConfig.fixed_logvar``), or a
+            floating-point tensor (shapes as for :func:`gaussian_nll`; finite, when validating).
         validate_args: value checks; ``None`` follows :func:`set_validate_args`.
 
     Call:
@@ -417,7 +429,7 @@ class VAELoss(torch.nn.Module):
             if validating(validate_args):
                 check_finite("logvar", logvar)
         else:
-            logvar = check_number("logvar", logvar, low=-math.inf)
+            logvar = check_number("logvar", logvar, low=-_MAX_LOGVAR, high=_MAX_LOGVAR)
         self.beta = check_beta(beta)
         self.reconstruction = reconstruction
         self.reduction = reduction

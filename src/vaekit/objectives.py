@@ -66,7 +66,7 @@ def linear_warmup(step: int, *, beta: float, warmup_steps: int, start: float = 0
 def _linear(step: int, beta: float, warmup_steps: int, start: float = 0.0) -> float:
     if step >= warmup_steps:
         return beta
-    return start + (beta - start) * step / warmup_steps
+    return start + (beta - start) * (step / warmup_steps)  # (a ratio <= 1: no overflow, whatever the sizes)
 
 
 def cyclical_beta(step: int, *, beta: float, cycle_steps: int, ratio: float = 0.5) -> float:
@@ -131,7 +131,8 @@ def capacity_kl_penalty(kl: Tensor, step: int, *, gamma: float, capacity_max: fl
 
     ``C`` rises linearly from 0 to ``capacity_max`` over ``capacity_steps``, then stays.
     The absolute value is taken per example (``mean_i |kl_i - C|``, which by Jensen is >=
-    the ``|mean_i kl_i - C|`` of implementations that penalise the batch-mean KL).
+    the ``|mean_i kl_i - C|`` of implementations that penalise the batch-mean KL). Half
+    precision is computed in float32.
 
     Shape: ``kl`` is ``[B]``; returns ``[B]``.
     """
@@ -142,6 +143,7 @@ def capacity_kl_penalty(kl: Tensor, step: int, *, gamma: float, capacity_max: fl
     check_number("capacity_max", capacity_max)
     check_int("capacity_steps", capacity_steps)
     capacity = linear_warmup(step, beta=capacity_max, warmup_steps=capacity_steps)
+    (kl,) = upcast(kl)  # gamma (1000 by default) times a float16 KL overflows past 65 nats
     return gamma * (kl - capacity).abs()
 
 
