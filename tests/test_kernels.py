@@ -105,6 +105,8 @@ def test_float64_inputs_run_the_eager_loss_and_stay_float64(reconstruction):
         (dict(reconstruction="poisson"), ((2, 3), (2, 3), (2, 4)), "reconstruction must be one of"),
         ({}, ((2, 3), (2, 5), (2, 4)), r"x has shape \(2, 3\) but logits has shape \(2, 5\)"),
         ({}, ((2, 3), (2, 3), (3, 4)), "x has batch size 2 but mu has batch size 3"),
+        (dict(reconstruction="gaussian", gaussian_logvar=-90.0), ((2, 3), (2, 3), (2, 4)),
+         r"logvar must be a finite number >= -80 and <= 80, got -90.0"),
     ],
 )
 def test_errors_are_the_eager_errors(kwargs, shapes, match):

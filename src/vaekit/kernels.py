@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 
 from .checks import check_beta, check_finite, check_number, check_tensor, check_unit_interval, validating
-from .losses import REDUCTIONS, LossResult, VAELoss
+from .losses import _MAX_LOGVAR, REDUCTIONS, LossResult, VAELoss
 
 try:
     import triton
@@ -468,6 +468,8 @@ def _fusable(x, out, mu, logvar, beta, reconstruction, reduction, gaussian_logva
         return False
     tensors = (x, out, mu, logvar)
     if not all(isinstance(t, Tensor) for t in tensors) or type(gaussian_logvar) not in (int, float):
+        return False
+    if not -_MAX_LOGVAR <= gaussian_logvar <= _MAX_LOGVAR:  # (NaN too) the eager loss refuses it, in its words
         return False
     device, grad_mode = x.device, torch.is_grad_enabled()
     if any(t.device != device or t.dtype not in _DTYPES for t in tensors) or not fused_available(device):
