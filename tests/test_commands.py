@@ -67,8 +67,13 @@ def test_runs_started_in_the_same_second_get_directories_of_their_own(tmp_path, 
 
 
 def test_a_refused_run_leaves_no_directory_under_a_made_up_name(tmp_path, monkeypatch):
+    """Nor the runs/ it made for it; a runs/ that was there before stays."""
     monkeypatch.chdir(tmp_path)
     config = tiny_config(data__dataset="array", data__data_dir=str(tmp_path / "missing.npy"))
+    with pytest.raises((UsageError, FileNotFoundError)):
+        train_command(config)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "runs").mkdir()
     with pytest.raises((UsageError, FileNotFoundError)):
         train_command(config)
     assert list((tmp_path / "runs").iterdir()) == []
@@ -146,3 +151,42 @@ def test_an_earlier_metrics_file_another_evaluation_moved_aside_first_is_no_erro
     monkeypatch.setattr(vaekit.commands.os, "link", raced)
     assert _keep_costlier(path, {"iw_samples": 0}) is None
     assert read_json(tmp_path / "metrics-test-earlier1.json")["iw_samples"] == 5000
+
+
+def test_evaluate_checks_the_data_at_the_recorded_path_against_the_checkpoint(tmp_path, capsys):
+    """Data that changed at the path the run recorded were scored as its own (and their
+    metrics written over the run's); without a checkpoint there is nothing to check against,
+    and nothing is said."""
+    import numpy as np
+
+    from vaekit.commands import evaluate_command
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "flat.npy"
+    np.save(data, rng.random((60, 16)).astype(np.float32))
+    rd = tmp_path / "run"
+    train_command(tiny_config(train__epochs=1, data__dataset="array", data__data_dir=str(data)), rd)
+    evaluate_command(str(rd))
+    before = read_json(rd / "metrics-test.json")
+    np.save(data, rng.random((60, 16)).astype(np.float32))
+    with pytest.raises(UsageError, match=rf"^RUN {rd}: the data at \S+flat\.npy changed since the run trained on them "
+                                         r"\(46 training examples of shape \(16,\), hash [0-9a-f]{16}; its checkpoint "
+                                         r"records 46 of shape \(16,\), hash [0-9a-f]{16}\); give --data-dir where "
+                                         r"the run's own data are now$"):
+        evaluate_command(str(rd))
+    assert read_json(rd / "metrics-test.json") == before
+    (rd / "checkpoint.pt").unlink()
+    capsys.readouterr()
+    assert evaluate_command(str(rd))["n"] == 9
+    assert "note" not in capsys.readouterr().err
+
+
+def test_sample_to_a_name_that_ends_with_a_separator_is_refused(tmp_path):
+    """Path() drops the trailing /: dirx.png/ was written as a file named dirx.png."""
+    from vaekit.commands import sample_command
+
+    out = f"{tmp_path / 'dirx.png'}/"
+    with pytest.raises(UsageError, match=r"^-o/--output \S+dirx\.png/ ends with /, so it names a directory; name an "
+                                         r"image file, e\.g\. \S+dirx\.png/samples\.png$"):
+        sample_command(str(tmp_path / "no-run"), output=out)
+    assert not (tmp_path / "dirx.png").exists()

@@ -324,6 +324,79 @@ def test_array_rejects_bad_arrays(tmp_path, array, error, message):
     assert "bad.npy" in str(info.value)
 
 
+def _odd_zip(path, flag: int = 0, method: int = 0, **arrays) -> None:
+    """An .npz of ``arrays`` (``x`` by default) whose zip headers claim ``flag`` (1: encrypted)
+    and ``method`` (a compression method zipfile lacks), as another zip tool may write."""
+    np.savez(path, **(arrays or {"x": np.zeros((6, 2, 2), np.uint8)}))
+    raw = bytearray(path.read_bytes())
+    for magic, at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # each local header, each central directory entry
+        i = raw.find(magic)
+        while i >= 0:
+            raw[i + at] |= flag
+            if method:
+                raw[i + at + 2 : i + at + 4] = struct.pack("<H", method)
+            i = raw.find(magic, i + 4)
+    path.write_bytes(bytes(raw))
+
+
+def _claims_1tib(path, npz: bool = False) -> None:
+    """An .npy (or an .npz of ``x``) whose header claims 2**40 bytes of float32 over 16 bytes of data."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (2**18, 1024, 1024)})
+    raw = buf.getvalue() + bytes(16)
+    if npz:
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("x.npy", raw)
+    else:
+        path.write_bytes(raw)
+
+
+@pytest.mark.parametrize("name, make, message", [
+    ("e.npz", lambda p: _odd_zip(p, flag=1), r"e\.npz: not a readable \.npy or \.npz array file \(File 'x\.npy' is "
+                                             r"encrypted"),
+    ("m.npz", lambda p: _odd_zip(p, method=99), r"m\.npz: not a readable .* \(That compression method is not "
+                                                r"supported\)"),
+    ("big.npy", _claims_1tib, r"big\.npy: its header claims an array of shape \(262144, 1024, 1024\) and dtype "
+                              r"float32 \(1099511627776 bytes\), but the file holds 16 bytes of data \(truncated or "
+                              r"corrupt\)$"),
+    ("big.npz", lambda p: _claims_1tib(p, npz=True), r"big\.npz\[x\]: its header claims .* but the entry holds 16 "
+                                                     r"bytes of data"),
+], ids=["encrypted", "unknown-compression", "header-claims-1TiB", "npz-entry-claims-1TiB"])
+def test_array_files_damaged_past_numpys_own_checks_are_named(tmp_path, name, make, message):
+    """zipfile's RuntimeError and NotImplementedError, and a header whose claim np.load would
+    try to allocate (out of memory), were tracebacks or a misleading advice."""
+    make(tmp_path / name)
+    with pytest.raises(ValueError, match=message):
+        load_dataset(DataConfig(dataset="array", data_dir=str(tmp_path / name)))
+
+
+def test_an_array_file_is_read_by_its_content_whatever_its_suffix_says(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (10, 2, 3), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", x)
+    (tmp_path / "a.npy").rename(tmp_path / "npy-named.npz")
+    np.savez(tmp_path / "b.npz", x=x)
+    (tmp_path / "b.npz").rename(tmp_path / "npz-named.npy")
+    with open(tmp_path / "UPPER.NPY", "wb") as f:  # (np.save would add .npy to the name)
+        np.save(f, x)
+    for name in ("npy-named.npz", "npz-named.npy", "UPPER.NPY"):
+        d = load_dataset(DataConfig(dataset="array", data_dir=str(tmp_path / name), val_size=0))
+        got = torch.cat([d.train, d.test])
+        assert got.shape == (10, 1, 2, 3) and sorted(got.flatten().tolist()) == sorted((x / 255.0).astype(np.float32)
+                                                                                      .flatten().tolist())
+    # the MNIST reader's mnist.npz, an .npy or an encrypted .npz, named too
+    np.save(tmp_path / "mnist.npy", x)
+    (tmp_path / "mnist.npy").rename(tmp_path / "mnist.npz")
+    with pytest.raises(ValueError, match=r"mnist\.npz holds an \.npy array despite its name; expected an \.npz"):
+        load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path)))
+    _odd_zip(tmp_path / "mnist.npz", flag=1, **dict(zip(("x_train", "y_train", "x_test", "y_test"),
+                                                        mnist_like(np.random.default_rng(0)))))
+    with pytest.raises(ValueError, match=r"mnist\.npz: not a readable \.npz file \(File 'x_train\.npy' is encrypted"):
+        load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path)))
+
+
 def test_binarize_rejects_data_outside_unit_interval(tmp_path):
     np.save(tmp_path / "real.npy", np.full((10, 4), 2.0, np.float32))
     assert load_dataset(DataConfig(dataset="array", data_dir=str(tmp_path / "real.npy"))).train.max() == 2.0
@@ -388,6 +461,70 @@ def test_folder_refuses_16_bit_and_damaged_images_by_name(tmp_path):
     (cut / "b.png").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(ValueError, match=r"b\.png is not a readable image"):
         load_dataset(DataConfig(dataset="folder", data_dir=str(cut)))
+
+
+def _png_rgb16(path, a: np.ndarray) -> None:
+    """A 16-bit RGB PNG of ``a`` ([H, W, 3] uint16), written here: Pillow writes none."""
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w, _ = a.shape
+    rows = b"".join(b"\0" + a[r].astype(">u2").tobytes() for r in range(h))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def _alpha_digit(mode):
+    """A 4 x 4 image drawn in its alpha alone (white everywhere, a transparent frame)."""
+    a = np.full((4, 4, 4), 255, np.uint8)
+    a[0, :, 3] = 0
+    if mode == "P":  # a palette with a transparent entry, used by the top row
+        im = Image.fromarray(a[..., 0]).convert("P")
+        im.putpixel((0, 0), 7)
+        im.info["transparency"] = 7
+        return im
+    return Image.fromarray(a, "RGBA").convert(mode)
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda p: _alpha_digit("RGBA").save(p), r"a\.png has transparency \(4 of 16 pixels not opaque, mode 'RGBA'\); "
+                                             r"the folder reader expects opaque images"),
+    (lambda p: _alpha_digit("LA").save(p), r"a\.png has transparency \(4 of 16 pixels not opaque, mode 'LA'\)"),
+    (lambda p: _alpha_digit("P").save(p, transparency=7), r"a\.png has transparency \(1 of 16 pixels not opaque, "
+                                                          r"mode 'P'\)"),
+    (lambda p: _png_rgb16(p, np.full((4, 4, 3), 1000, np.uint16)),
+     r"a\.png has mode 'RGB' stored as 'RGB;16B' \(more than 8 bits a channel\); the folder reader takes 8-bit"),
+    (lambda p: Image.new("L", (4, 4)).save(p), r"a\.png is too large to read: Image size \(16 pixels\) exceeds limit "
+                                               r"of 2 pixels"),
+], ids=["rgba", "la", "palette-transparency", "rgb-16-bit", "decompression-bomb"])
+def test_folder_refuses_what_it_would_read_wrong_by_name(tmp_path, monkeypatch, write, message):
+    """Transparency was dropped (a digit drawn in alpha alone became blank), a 16-bit RGB
+    PNG cut to its high bytes (16-bit grey is refused), and an image past Pillow's bound
+    on pixels (DecompressionBombError, no OSError) was a traceback."""
+    Image.new("L", (4, 4), 128).save(tmp_path / "b.png")
+    write(tmp_path / "a.png")
+    if "too large" in message:
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1)  # 16 pixels > 2 * 1: Pillow's DecompressionBombError
+    with pytest.raises(ValueError, match=message):
+        load_dataset(DataConfig(dataset="folder", data_dir=str(tmp_path), val_size=0))
+
+
+def test_folder_reads_opaque_alpha_and_turns_images_as_their_exif_says(tmp_path):
+    """An alpha channel that is all opaque is no transparency; a JPEG stored 6 wide and 4 high
+    with EXIF orientation 6 (turn 90 degrees clockwise to show) is an image 4 wide and 6 high."""
+    a = np.zeros((4, 6), np.uint8)
+    a[:, :3] = 255  # stored: the left half white; shown turned clockwise, the top half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(a).save(tmp_path / "turned.jpg", exif=exif, quality=100)
+    Image.fromarray(np.full((6, 4, 2), 255, np.uint8), "LA").save(tmp_path / "opaque.png")
+    d = load_dataset(DataConfig(dataset="folder", data_dir=str(tmp_path), val_size=0))
+    x = torch.cat([d.train, d.test])
+    assert x.shape == (2, 1, 6, 4)
+    turned = next(img[0] for img in x if img.min() < 0.5)
+    assert (turned[:3] > 0.9).all() and (turned[3:] < 0.1).all()
 
 
 # ---------------------------------------------------------------------------------------

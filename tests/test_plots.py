@@ -1,3 +1,4 @@
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -435,3 +436,57 @@ def test_a_runs_traversals_pick_their_rows_by_the_kl_over_the_data_not_the_examp
     torch.testing.assert_close(kl, mean_kl(x[:250]), rtol=1e-5, atol=1e-7)
     assert not torch.allclose(kl, mean_kl(x[:32]), rtol=1e-3)  # the test tells the two apart
     assert (tmp_path / "traversals.png").is_file()
+
+
+def _pixelcnn_vae():
+    from vaekit.models import VAE, ModelConfig
+
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(1, 6, 6), latent_dim=3, hidden=(16,), pixelcnn_layers=2, pixelcnn_width=8))
+    with torch.no_grad():
+        for p in model.pixelcnn.parameters():
+            p.normal_(0, 0.5)  # a head whose draws differ visibly
+    return model.eval()
+
+
+def test_a_pixelcnn_runs_pictures_are_those_of_its_seed_and_its_traversal_rows_one_draw(tmp_path):
+    """Its reconstructions and traversals drew from the global generator (two calls with the
+    same seed differed), and each traversal column was a draw of its own, so a row flickered
+    where only z_j should change it."""
+    from vaekit.plots import save_run_pictures
+
+    model = _pixelcnn_vae()
+    x = torch.rand(20, 1, 6, 6).bernoulli()
+    for k in range(2):
+        torch.manual_seed(k)  # the global generator: not what the pictures draw from
+        save_run_pictures(model, x, tmp_path / str(k), [], seed=3)
+    for name in ("reconstructions.png", "samples.png", "traversals.png"):
+        assert (tmp_path / "0" / name).read_bytes() == (tmp_path / "1" / name).read_bytes(), name
+    path = save_traversals(model, x[:1], tmp_path / "t.png", n_steps=4, span=1e-6, scale=1,
+                           generator=torch.Generator().manual_seed(0))
+    with Image.open(path) as im:
+        grid = np.asarray(im)
+    for r in range(3):  # z barely moves along a row: its images are one draw, the same
+        cells = [grid[2 + 8 * r : 8 + 8 * r, 2 + 8 * c : 8 + 8 * c] for c in range(4)]
+        assert all((cell == cells[0]).all() for cell in cells)
+    assert len({grid[2 + 8 * r : 8 + 8 * r, 2:8].tobytes() for r in range(3)}) > 1  # rows drawn apart
+
+
+def test_run_pictures_say_once_that_they_clip_values_outside_0_1(tmp_path, capsys):
+    """A Gaussian run on data in [-1, 1] had half its values drawn black without a word."""
+    from vaekit.models import VAE, ModelConfig
+    from vaekit.plots import save_run_pictures
+
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(1, 4, 4), latent_dim=2, hidden=(8,), likelihood="gaussian"))
+    last = [m for m in model.decoder.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():  # decoded means near 0.5, well inside [0, 1]
+        last.bias.fill_(0.5)
+        last.weight.mul_(0.01)
+    save_run_pictures(model, torch.rand(10, 1, 4, 4), tmp_path / "a", [])
+    assert capsys.readouterr().err == ""
+    save_run_pictures(model, torch.rand(10, 1, 4, 4) * 2 - 1, tmp_path / "b", [])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.fullmatch(
+        r"vaekit: note: the data shown \(values in \[-\d\.\d+, \d\.\d+\]\) lie outside \[0, 1\]; the pictures in "
+        r"\S+b clip them to \[0, 1\]\n", err), err

@@ -45,6 +45,7 @@ def test_read_idx_round_trip(tmp_path, dtype, compress):
     (lambda raw: raw[:2] + b"\x07" + raw[3:], "dtype code"),   # unknown dtype
     (lambda raw: b"", "not an IDX file"),
     (lambda raw: gzip.compress(raw)[:-10], "gzip"),            # truncated gzip stream
+    (lambda raw: gzip.compress(raw + b"\x00"), r"payload has more than the 18 bytes that dims \(2, 3, 3\)"),
     (lambda raw: raw[:4] + b"\xff" * 12, r"need \d{20,} \(truncated"),  # absurd dims: no int64 overflow
 ])
 def test_read_idx_rejects_corrupt_files(tmp_path, mutate, message):
@@ -53,6 +54,20 @@ def test_read_idx_rejects_corrupt_files(tmp_path, mutate, message):
     with pytest.raises(ValueError, match=message) as info:
         read_idx(path)
     assert "bad-idx3-ubyte" in str(info.value)
+
+
+def test_a_gzip_idx_is_decompressed_no_further_than_its_header_announces(tmp_path, monkeypatch):
+    """A small .gz whose header announces 18 bytes but that inflates to 10 MB (a gzip bomb
+    would to gigabytes) was decompressed whole before its header was read."""
+    raw = idx_bytes(np.zeros((2, 3, 3), np.uint8))
+    path = tmp_path / "bomb-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(raw + bytes(10**7)))
+    read, real = [], gzip.GzipFile.read
+    monkeypatch.setattr(gzip.GzipFile, "read", lambda self, n=-1: read.append(len(out := real(self, n))) or out)
+    with pytest.raises(ValueError, match=r"bomb-idx3-ubyte\.gz: payload has more than the 18 bytes that dims "
+                                         r"\(2, 3, 3\) of uint8 need \(trailing data, or corrupt\)"):
+        read_idx(path)
+    assert 0 < sum(read) <= len(raw) + 1
 
 
 @pytest.mark.parametrize("make, error, message", [

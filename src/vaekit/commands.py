@@ -145,8 +145,10 @@ def _claim_new_name(stem: Path) -> Path:
     for k in range(1, 1000):
         path = stem if k == 1 else stem.with_name(f"{stem.name}-{k}")
         try:
+            made = [d for d in path.parents if not d.exists()]  # (runs/): removed again with the run's own
             path.parent.mkdir(parents=True, exist_ok=True)
             path.mkdir()
+            _MADE_ABOVE[path] = made
             return path
         except FileExistsError:
             continue
@@ -155,12 +157,18 @@ def _claim_new_name(stem: Path) -> Path:
     raise UsageError(f"--run-dir: {stem} and 998 more names after it are taken; give --run-dir")
 
 
+# The folders _claim_new_name made above a run directory it claimed, innermost first.
+_MADE_ABOVE: dict = {}
+
+
 def _remove_if_unused(run_dir: Path) -> None:
-    """``run_dir`` removed if it is empty."""
-    try:
-        run_dir.rmdir()
-    except OSError:
-        pass
+    """``run_dir`` removed if it is empty, and with it the folders above it that
+    :func:`_claim_new_name` made for it (never one that was there before) that are empty."""
+    for d in (run_dir, *_MADE_ABOVE.pop(run_dir, ())):
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def _check_writable(flag: str, given, directory: Path) -> None:
@@ -229,35 +237,43 @@ def _holding_run(model_dir: Path) -> str:
             "VAE.from_pretrained)")
 
 
-def _check_trained_on(rd: Path, x, data_dir, split: str = "train", scored=None) -> None:
-    """Data found elsewhere (``--data-dir``) must be the run's: its checkpoint, when it has
-    one, records its training data and, for the validation split always and for the test
-    split since vaekit recorded it, the ``split`` about to be ``scored``
-    (:func:`vaekit.runs.data_record`)."""
+def _check_trained_on(rd: Path, x, data_dir, split: str = "train", scored=None, recorded=None) -> None:
+    """The data about to be scored must be the run's: found elsewhere (``data_dir``, given
+    by --data-dir) or at the path the run recorded (``recorded``, with ``data_dir`` None),
+    which may have changed since. Its checkpoint, when it has one, records its training
+    data and, for the validation split always and for the test split since vaekit recorded
+    it, the ``split`` about to be ``scored`` (:func:`vaekit.runs.data_record`)."""
     from .io import CheckpointError, load_checkpoint
     from .runs import _sha256, data_record, same_data
 
     try:
         saved = load_checkpoint(rd / "checkpoint.pt").get("data")
-    except (CheckpointError, FileNotFoundError):  # no (readable) checkpoint: nothing to check against, said
-        print(f"vaekit: note: --data-dir {data_dir} is not checked against the data {rd} trained on: it has no "
-              f"readable checkpoint.pt", file=sys.stderr, flush=True)
+    except (CheckpointError, FileNotFoundError):  # no (readable) checkpoint: nothing to check against
+        if data_dir is not None:  # (said where the user pointed elsewhere)
+            print(f"vaekit: note: --data-dir {data_dir} is not checked against the data {rd} trained on: it has no "
+                  f"readable checkpoint.pt", file=sys.stderr, flush=True)
         return
+    if data_dir is not None:
+        where, other, hint = f"--data-dir {data_dir}: ", f"these are not the data {rd} trained on", ""
+    else:
+        where, other = f"RUN {rd}: ", f"the data at {recorded} changed since the run trained on them"
+        hint = "; give --data-dir where the run's own data are now"
     now = data_record(x)
     if isinstance(saved, dict) and not same_data(saved, now):
         key = "hash" if "hash" in saved else "fingerprint"
-        raise UsageError(f"--data-dir {data_dir}: these are not the data {rd} trained on ({now['examples']} "
+        raise UsageError(f"{where}{other} ({now['examples']} "
                          f"training examples of shape {tuple(now['shape'])}, {key} {now[key]}; "
                          f"its checkpoint records {saved.get('examples')} of shape "
-                         f"{tuple(saved.get('shape') or ())}, {key} {saved.get(key)})")
+                         f"{tuple(saved.get('shape') or ())}, {key} {saved.get(key)}){hint}")
     prefix = split if split in ("val", "test") else None  # data_record's names for the split's entries
     if isinstance(saved, dict) and prefix and f"{prefix}_hash" in saved and scored is not None:
         got = (int(scored.shape[0]), _sha256(scored))
         if got != (saved.get(f"{prefix}_examples"), saved[f"{prefix}_hash"]):
-            raise UsageError(f"--data-dir {data_dir}: the {split} split there is not the one {rd} recorded "
+            there = "there" if data_dir is not None else f"at {recorded} now"
+            raise UsageError(f"{where}the {split} split {there} is not the one {rd} recorded "
                              f"({got[0]} examples, hash {got[1]}; its checkpoint records "
                              f"{saved.get(f'{prefix}_examples')}, hash {saved[f'{prefix}_hash']}), though its "
-                             f"training examples are the run's")
+                             f"training examples are the run's{hint}")
 
 
 def evaluate_command(run: str, *, split: str = "test", iw_samples: int = 0, batch_size: int = 500,
@@ -272,12 +288,13 @@ def evaluate_command(run: str, *, split: str = "test", iw_samples: int = 0, batc
     the batches; ``precision``: the arithmetic, ``fp32`` (default), ``tf32`` (CUDA) or
     ``bf16`` (see :func:`vaekit.evaluate.iw_log_likelihood`; the metrics record which).
     ``data_dir``: where the run's data are now, if not where training recorded them (a run
-    records an absolute path, which another machine may lack); for a run that still has
-    its checkpoint, they must be the data it trained on (without one, a note says they
-    were not checked). The result (and file) holds :func:`vaekit.evaluate.evaluate_model`'s
-    metrics, ``n`` (the examples scored, its ``num_examples`` too) and, with
-    ``bits_per_dim``, ``bits_per_dim_from``: ``"iw_nll"`` when ``iw_samples > 0``, else
-    ``"elbo"`` (the bound -ELBO, higher). ``seconds`` times the likelihood estimate;
+    records an absolute path, which another machine may lack). For a run that still has
+    its checkpoint, the data read, there or at the recorded path, must be the data it
+    trained on (without one, they are not checked: a note says so for ``data_dir``). The
+    result (and file) holds :func:`vaekit.evaluate.evaluate_model`'s metrics, ``n`` (the
+    examples scored, its ``num_examples`` too) and, with ``bits_per_dim``,
+    ``bits_per_dim_from``: ``"iw_nll"`` when ``iw_samples > 0``, else ``"elbo"`` (the
+    bound -ELBO, higher). ``seconds`` times the likelihood estimate;
     ``disentanglement_seconds`` the scores."""
     import torch
 
@@ -322,9 +339,9 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
     if disentanglement and config.data.dataset != "sprites":  # before minutes of evaluation, not after
         raise UsageError(f"--disentanglement needs a model trained on the sprites factor dataset (dataset 'sprites'); "
                          f"{run} was trained on {config.data.dataset!r}")
-    if data_dir is not None:
-        from .data import FILE_DATASETS
+    from .data import FILE_DATASETS
 
+    if data_dir is not None:
         if config.data.dataset not in FILE_DATASETS:
             raise UsageError(f"--data-dir: {run} was trained on {config.data.dataset!r}, which is made in "
                              f"memory, not read from files; leave --data-dir out")
@@ -345,8 +362,9 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
             raise UsageError(f"--data-dir {data_dir}: {msg}") from None
         raise UsageError(f"{rd / 'config.json'} names data that are missing: {msg} (or give --data-dir where "
                          f"they are now)") from None
-    if data_dir is not None:
-        _check_trained_on(rd, data.train, data_dir, split, getattr(data, split))
+    if config.data.dataset in FILE_DATASETS:  # files, which may have changed since the run trained
+        recorded = config.data.data_dir or os.path.join("data", config.data.dataset)  # (as load_dataset reads)
+        _check_trained_on(rd, data.train, data_dir, split, getattr(data, split), recorded)
     x = getattr(data, split)
     if limit > x.shape[0]:  # more than the split holds: the split's metrics, not a "first N" file
         limit = 0
@@ -375,8 +393,6 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
         # ("seconds" times the likelihood estimate alone, as without the scores)
         metrics["disentanglement_seconds"] = round(time.perf_counter() - t1, 3)
     where = f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else str(dev)
-    from .data import FILE_DATASETS
-
     read = {"data_dir": config.data.data_dir} if config.data.dataset in FILE_DATASETS else {}  # which files
     if "bits_per_dim" in metrics:  # of the best NLL at hand (vaekit.evaluate.evaluate_model)
         metrics["bits_per_dim_from"] = "iw_nll" if "iw_nll" in metrics else "elbo"
@@ -454,6 +470,9 @@ def sample_command(run: str, *, n: int = 64, output: str = "samples.png", seed: 
     if nrow < 1:
         raise UsageError(f"--nrow must be a positive integer, got {nrow}")
     out = Path(output)
+    if str(output).endswith(tuple(filter(None, (os.sep, os.altsep)))):  # Path drops it: dirx.png/ made a file
+        raise UsageError(f"-o/--output {output} ends with {str(output)[-1]}, so it names a directory; name an "
+                         f"image file, e.g. {out / 'samples.png'}")
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise UsageError(f"-o must name a .png or .jpg file, got {output!r}")
     try:

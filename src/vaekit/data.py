@@ -62,7 +62,8 @@ class DataConfig:
 
     Attributes:
         dataset: "digits" (bundled with scikit-learn), "mnist", "fashion-mnist",
-            "array" (a .npy/.npz file), "folder" (a folder of images) or "sprites".
+            "array" (a .npy/.npz file, told apart by its content), "folder" (a folder of
+            PNG or JPEG images, 8 bits a channel and opaque) or "sprites".
         data_dir: for "mnist"/"fashion-mnist" the directory (not a file in it) holding
             the four IDX files (raw or .gz) or an .npz named ``<dataset>.npz``
             (``mnist.npz``, ``fashion-mnist.npz``; default ``data/<dataset>``); for "array"
@@ -221,7 +222,7 @@ def load_dataset(config: DataConfig) -> SplitData:
         xt = yt = None
     else:
         path = Path(config.data_dir).expanduser()
-        if name == "array" and path.suffix not in (".npy", ".npz"):
+        if name == "array" and path.suffix.lower() not in (".npy", ".npz"):  # (read by content: either)
             raise ValueError(f"data_dir for dataset='array' must be a .npy or .npz file, got {str(path)!r}")
         x, y, xt, yt = (_load_array if name == "array" else _load_folder)(path)
         name = str(path)  # the file or folder, as errors about its contents must name it

@@ -15,6 +15,7 @@ import math
 import numbers
 import os
 import stat
+import sys
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -286,6 +287,18 @@ def _images_of(model, z: Tensor) -> Tensor:
     return decoder_mean(model, model.decode(z))
 
 
+def _row_draws(model, z: Tensor, n_steps: int, generator) -> Tensor:
+    """An autoregressive decoder's images of ``z``, rows of ``n_steps``: draws from p(x|z)
+    as :meth:`vaekit.models.VAE.generate` makes them, with one set of uniform numbers a
+    row (drawn from ``generator``), so that along a row only z changes, not the draw."""
+    from .pixelcnn import sample_pixels
+
+    cond = model.decoder(z)
+    u = torch.rand((z.shape[0] // n_steps, *cond.shape[1:]), generator=generator, device=cond.device,
+                   dtype=cond.dtype)
+    return sample_pixels(model.pixelcnn, cond, uniforms=u.repeat_interleave(n_steps, 0)).clamp(0.0, 1.0)
+
+
 def _image_shape(input_shape) -> tuple[int, ...]:
     shape = tuple(int(s) for s in input_shape)
     if len(shape) == 3:
@@ -309,12 +322,17 @@ def save_traversals(
     kl_per_dim=None,
     image_shape=None,
     scale: int = 4,
+    generator: torch.Generator | None = None,
 ) -> Path:
     """Latent traversals of one example: a row per latent dimension, a column per value.
 
     ``x`` (``[1, *input_shape]`` or ``[*input_shape]``) is encoded to ``q(z|x) = N(mu,
     diag sigma^2)``. Row ``j`` decodes ``mu`` with coordinate ``z_j`` replaced by each of
-    ``linspace(-span, span, n_steps)`` and shows ``decoder_mean`` of the result.
+    ``linspace(-span, span, n_steps)`` and shows the image the model makes of it: the
+    mean of p(x|z) (``decoder_mean``), or, for an autoregressive decoder (a PixelCNN
+    head), whose mean has no closed form, a draw from p(x|z) shown as each pixel's
+    probability (:meth:`vaekit.models.VAE.generate`), with the same uniform numbers
+    along a row, drawn from ``generator`` (the global generator when None).
 
     Rows are ordered by decreasing KL: by ``kl_per_dim`` (``[d]``, e.g. the mean KL per
     dimension over a data set, the better guide to which units are active) when given,
@@ -382,7 +400,10 @@ def save_traversals(
             z = mu.repeat(len(chosen) * n_steps, 1)
             for row, j in enumerate(chosen):
                 z[row * n_steps : (row + 1) * n_steps, j] = values
-            images = _images_of(model, z)
+            if getattr(model, "pixelcnn", None) is not None:
+                images = _row_draws(model, z, n_steps, generator)
+            else:
+                images = _images_of(model, z)
     finally:
         if was_training:
             model.train()
@@ -415,7 +436,10 @@ def save_run_pictures(model, x: Tensor, run_dir, history: list, *, seed: int = 0
     Data that are not images (a vector whose length is not a square) get the curves only;
     images so large that these grids would pass what Pillow opens get fewer of them. The
     curves come last: their file says the pictures are all there (a resume of a finished
-    run makes them again without it)."""
+    run makes them again without it). An autoregressive decoder's draws (reconstructions,
+    samples, traversals) each come from a generator seeded with ``seed``: the pictures of
+    one seed are the same. Data shown or decoded means outside [0, 1] are clipped to it,
+    and a note on stderr says so."""
     run_dir = Path(run_dir)
     _save_image_pictures(model, x, run_dir, seed)
     if history:
@@ -435,14 +459,32 @@ def _save_image_pictures(model, x: Tensor, run_dir: Path, seed: int) -> None:
     if not count:  # images too large for one picture Pillow opens
         return
     data, x = x, x[:count // 2].to(next(model.parameters()).device)
-    rec = model.reconstruct(x)
+
+    def seeded():  # one generator a picture: each picture's draws the same whatever the others draw
+        return torch.Generator(device=x.device).manual_seed(seed)
+
+    rec = model.reconstruct(x, generator=seeded())
     pairs = torch.stack([x, rec], 1).reshape(-1, *x.shape[1:])  # input, then its reconstruction
     save_image_grid(pairs.cpu(), run_dir / "reconstructions.png", nrow=8, scale=scale, image_shape=shape)
-    g = torch.Generator(device=x.device).manual_seed(seed)
-    save_image_grid(model.sample(count, generator=g).cpu(), run_dir / "samples.png", nrow=8, scale=scale,
-                    image_shape=shape)
+    samples = model.sample(count, generator=seeded())
+    save_image_grid(samples.cpu(), run_dir / "samples.png", nrow=8, scale=scale, image_shape=shape)
+    _note_clipped(run_dir, x, torch.cat([rec.flatten(), samples.flatten()]))
     dims = next((d for d in range(min(10, model.config.latent_dim), 0, -1) if _fits(shape, scale, 9 * d, 9)), 0)
     if dims:  # a row of 9 values for each of the dimensions of highest KL that fit
         kl = kl_per_dimension(model, data[:KL_EXAMPLES])  # over the data, not over the examples shown
         save_traversals(model, x[:1], run_dir / "traversals.png", kl_per_dim=kl, dims=dims, scale=scale,
-                        image_shape=shape)
+                        image_shape=shape, generator=seeded())
+
+
+def _note_clipped(run_dir: Path, data: Tensor, means: Tensor) -> None:
+    """One line on stderr where the ``data`` shown or the decoded ``means`` lie outside
+    [0, 1], which the pictures clip: data on [-1, 1] would look as if half were black.
+    Data within half a grey level of it are drawn exactly; a Gaussian decoder's means
+    stray a little past its data's range, so they are named only a tenth of it past."""
+    out = {name: (float(t.min()), float(t.max())) for name, t, slack in (("the data shown", data, 0.5 / 255),
+                                                                          ("the decoded means", means, 0.1))
+           if t.numel() and not bool(((t >= -slack) & (t <= 1 + slack)).all())}
+    if out:
+        ranges = " and ".join(f"{name} (values in [{lo:g}, {hi:g}])" for name, (lo, hi) in out.items())
+        print(f"vaekit: note: {ranges} lie outside [0, 1]; the pictures in {run_dir} clip them to [0, 1]",
+              file=sys.stderr, flush=True)

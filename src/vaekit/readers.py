@@ -59,36 +59,68 @@ def read_idx(path) -> np.ndarray:
     """Read an IDX file (raw or gzip, told apart by the gzip magic bytes, not the name).
 
     Layout: two zero bytes, a dtype code, the number of dims ``k``, ``k`` big-endian
-    uint32 sizes, then the big-endian payload of exactly ``prod(sizes)`` items.
+    uint32 sizes, then the big-endian payload of exactly ``prod(sizes)`` items. A gzip
+    file is read through, not decompressed whole: its header is checked first, then at
+    most the payload it announces (and one byte more) is decompressed.
     """
     check_file(path, str(path), "an IDX file")  # before opening: a named pipe would block forever
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        f = open(path, "rb")
     except OSError as e:  # no permission
         raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
-    if raw[:2] == b"\x1f\x8b":
+    with f:
+        gz = f.read(2) == b"\x1f\x8b"
+        f.seek(0)
+        if not gz:
+            return _read_idx_stream(f.read, path, os.fstat(f.fileno()).st_size)
         try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+            with gzip.GzipFile(fileobj=f) as z:
+                return _read_idx_stream(z.read, path, None)
+        except (OSError, EOFError, zlib.error) as e:
             raise ValueError(f"{path}: corrupt gzip stream ({e})") from None
-    if len(raw) < 4 or raw[:2] != b"\x00\x00":
-        raise ValueError(f"{path}: not an IDX file (magic bytes {raw[:4].hex() or 'missing'}, "
+
+
+def _read_at_most(read, n: int) -> bytes:
+    """Up to ``n`` bytes from ``read``, in chunks: an absurd ``n`` allocates nothing ahead."""
+    parts = []
+    while n > 0:
+        part = read(min(n, 1 << 24))
+        if not part:
+            break
+        parts.append(part)
+        n -= len(part)
+    return b"".join(parts)
+
+
+def _read_idx_stream(read, path: Path, size: int | None) -> np.ndarray:
+    """The IDX array that ``read`` gives; ``size``: the file's bytes where known (a raw
+    file), else the payload is read up to one byte past what the header announces."""
+    head = _read_at_most(read, 4)
+    if len(head) < 4 or head[:2] != b"\x00\x00":
+        raise ValueError(f"{path}: not an IDX file (magic bytes {head.hex() or 'missing'}, "
                          "expected 0000 then a dtype code and a dim count)")
-    code, ndim = raw[2], raw[3]
+    code, ndim = head[2], head[3]
     if code not in _IDX_DTYPES:
         raise ValueError(f"{path}: unknown IDX dtype code 0x{code:02x}, expected one of "
                          f"{[hex(c) for c in _IDX_DTYPES]}")
-    if ndim == 0 or len(raw) < 4 + 4 * ndim:
+    sizes = _read_at_most(read, 4 * ndim)
+    if ndim == 0 or len(sizes) < 4 * ndim:
         raise ValueError(f"{path}: header truncated or has {ndim} dims")
-    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, offset=4))
+    dims = tuple(int(d) for d in np.frombuffer(sizes, ">u4", ndim))
     dtype = np.dtype(_IDX_DTYPES[code])
     expected = math.prod(dims) * dtype.itemsize  # Python ints: no overflow for absurd headers
-    got = len(raw) - 4 - 4 * ndim
+    got = None if size is None else size - 4 - 4 * ndim
+    if got is None or got == expected:
+        payload = _read_at_most(read, expected + 1)
+        got = len(payload)
+    if got > expected and size is None:  # (a gzip stream: read no further)
+        raise ValueError(f"{path}: payload has more than the {expected} bytes that dims {dims} of {dtype} need "
+                         f"(trailing data, or corrupt)")
     if got != expected:
         raise ValueError(f"{path}: payload has {got} bytes but dims {dims} of {dtype} need "
                          f"{expected} (truncated or corrupt)")
-    return np.frombuffer(raw, dtype, offset=4 + 4 * ndim).reshape(dims).astype(dtype.newbyteorder("="))
+    return np.frombuffer(payload, dtype).reshape(dims).astype(dtype.newbyteorder("="))
 
 
 def _as_images(a, source: str, *, stacked_hwc: bool = False) -> Tensor:
@@ -176,10 +208,16 @@ def _load_mnist(root: Path, kind: str, download: bool):
     else:
         keys = ("x_train", "y_train", "x_test", "y_test")
         try:
-            with np.load(npz, allow_pickle=False) as f:
+            loaded = _np_load(npz)
+            if isinstance(loaded, np.ndarray):
+                raise ValueError(f"{npz} holds an .npy array despite its name; expected an .npz archive with keys "
+                                 f"{keys}")
+            with loaded as f:
                 found = list(f.files)
-                arrays = [f[k] for k in keys] if set(keys) <= set(found) else None
+                arrays = list(_npz_arrays(f, npz, keys).values()) if set(keys) <= set(found) else None
         except _NP_READ_ERRORS as e:
+            if str(npz) in str(e):
+                raise
             raise ValueError(f"{npz}: not a readable .npz file ({e})") from None
         if arrays is None:
             raise ValueError(f"{npz}: expected keys {keys}, found {found}")
@@ -194,18 +232,64 @@ def _load_mnist(root: Path, kind: str, download: bool):
             _as_images(xt, sources[2]), _as_labels(yt, len(xt), sources[3]))
 
 
-_NP_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+# What np.load raises for a damaged file; zipfile's RuntimeError is an encrypted entry (and its
+# NotImplementedError, a RuntimeError, a compression method it lacks).
+_NP_READ_ERRORS = (OSError, ValueError, EOFError, RuntimeError, zipfile.BadZipFile, zlib.error)
+
+
+def _check_npy_claim(f, size: int, source: str, what: str = "the file") -> None:
+    """Refuse an .npy stream ``f`` (at its start, ``size`` bytes long) whose header claims
+    more data than it holds: np.load would first allocate what it claims (a terabyte,
+    for a corrupt header). Anything that is not an .npy header is left to np.load."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(f)
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+    except (ValueError, SyntaxError, EOFError):
+        return
+    if dtype.hasobject:  # pickled: refused by np.load (allow_pickle=False)
+        return
+    claimed, held = math.prod(shape) * dtype.itemsize, size - f.tell()
+    if claimed > held:
+        raise ValueError(f"{source}: its header claims an array of shape {shape} and dtype {dtype} ({claimed} "
+                         f"bytes), but {what} holds {held} bytes of data (truncated or corrupt)")
+
+
+def _np_load(path: Path):
+    """``np.load(path)`` without pickles: an array (an .npy file, whatever its name) or an
+    NpzFile (an .npz archive), its header checked first (:func:`_check_npy_claim`)."""
+    with open(path, "rb") as f:
+        _check_npy_claim(f, os.fstat(f.fileno()).st_size, str(path))
+    return np.load(path, allow_pickle=False)
+
+
+def _npz_arrays(f, path: Path, keys) -> dict:
+    """The arrays ``keys`` of the NpzFile ``f``, each entry's header checked against its
+    size first."""
+    names = f.zip.namelist()
+    out = {}
+    for k in keys:
+        name = k if k in names else f"{k}.npy"  # as NpzFile looks an entry up
+        info = f.zip.getinfo(name)
+        with f.zip.open(name) as entry:
+            _check_npy_claim(entry, info.file_size, f"{path}[{k}]", "the entry")
+        out[k] = f[k]
+    return out
 
 
 def _load_array(path: Path):
+    """An .npy or .npz file, told apart by its content (np.load's test), not its name."""
     if file_problem(path) == "a folder, not a file":
         raise ValueError(f"data_dir {str(path)!r} is a folder; expected an .npy or .npz file")
     check_file(path, f"data_dir {str(path)!r}", "an .npy or .npz file")
     try:
-        if path.suffix == ".npy":
-            return _as_images(np.load(path, allow_pickle=False), str(path)), None, None, None
-        with np.load(path, allow_pickle=False) as f:
-            d = {k: f[k] for k in f.files}
+        loaded = _np_load(path)
+        if isinstance(loaded, np.ndarray):
+            d = None
+        else:
+            with loaded as f:
+                d = _npz_arrays(f, path, f.files)
     except FileNotFoundError:
         raise FileNotFoundError(f"data_dir {str(path)!r}: no such file") from None
     except IsADirectoryError:
@@ -215,7 +299,9 @@ def _load_array(path: Path):
     except _NP_READ_ERRORS as e:
         if str(path) in str(e):
             raise
-        raise ValueError(f"{path}: not a readable {path.suffix} array file ({e})") from None
+        raise ValueError(f"{path}: not a readable .npy or .npz array file ({e})") from None
+    if d is None:
+        return _as_images(loaded, str(path)), None, None, None
     key = "x_train" if "x_train" in d else "x" if "x" in d else None
     if key is None:
         raise ValueError(f"{path}: expected keys x_train[, y_train, x_test, y_test] or x[, y], found {list(d)}")
@@ -229,7 +315,8 @@ def _load_array(path: Path):
 
 
 def _load_folder(root: Path):
-    from PIL import Image
+    """PNG and JPEG images, 8 bits a channel and opaque, turned as their EXIF orientation says."""
+    from PIL import Image, ImageOps
 
     if not root.exists():
         raise FileNotFoundError(f"data_dir {str(root)!r}: no such folder")
@@ -252,18 +339,31 @@ def _load_folder(root: Path):
     arrays, size = [], None
     for p in files:
         try:
-            with Image.open(p) as im:
+            with Image.open(p) as opened:
+                # Pillow opens a 16-bit RGB(A) PNG as 8-bit RGB(A), cut to the high bytes: its raw
+                # mode, there only before the pixels are read, tells
+                raw = next((t[3] for t in opened.tile if isinstance(t[3], str)), "")
+                im = ImageOps.exif_transpose(opened) if opened.getexif().get(0x0112, 1) != 1 else opened
                 size = size or im.size
                 if im.size != size:
                     raise ValueError(f"{p} is {im.size[0]}x{im.size[1]} but {files[0]} is "
                                      f"{size[0]}x{size[1]}; all images must have the same size")
-                if im.mode.startswith(("I", "F")):  # converting would clip 16-bit levels to 255
-                    raise ValueError(f"{p} has mode {im.mode!r} (more than 8 bits a channel); the folder "
+                if im.mode.startswith(("I", "F")) or ";16" in raw:  # converting would clip 16-bit levels to 255
+                    mode = repr(im.mode) if im.mode.startswith(("I", "F")) else f"{im.mode!r} stored as {raw!r}"
+                    raise ValueError(f"{p} has mode {mode} (more than 8 bits a channel); the folder "
                                      "reader takes 8-bit images (convert them, or load an array)")
+                if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+                    alpha = np.asarray(im.convert("RGBA"))[..., 3]
+                    if (alpha < 255).any():  # dropped by the conversion below: what it drew would vanish
+                        raise ValueError(f"{p} has transparency ({int((alpha < 255).sum())} of {alpha.size} pixels "
+                                         f"not opaque, mode {im.mode!r}); the folder reader expects opaque images "
+                                         "(flatten them onto a background first)")
                 a = np.asarray(im.convert("L" if im.mode in ("1", "L", "LA") else "RGB"))
                 if im.mode in ("P", "PA") and a.ndim == 3 and (a == a[..., :1]).all():  # a grey palette
                     a = a[..., 0]
                 arrays.append(a)
+        except Image.DecompressionBombError as e:  # not an OSError
+            raise ValueError(f"{p} is too large to read: {str(e).rstrip('.')}") from None
         except (OSError, SyntaxError) as e:  # PIL's errors for damaged files (truncated, unknown)
             raise ValueError(f"{p} is not a readable image: {e}") from None
     if any(a.ndim == 3 for a in arrays):  # one image with colour makes the whole set RGB
