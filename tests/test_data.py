@@ -612,6 +612,7 @@ def test_binarize_helpers():
     (torch.zeros(3), ValueError, "shape"),
     (torch.zeros(2, 3, dtype=torch.long), TypeError, "dtype"),
     (np.zeros((2, 3)), TypeError, "Tensor"),
+    (torch.tensor([[0.5, 1.0000001]]), ValueError, r"got values in \[0\.5, 1\.00000011920928\d*\]"),
 ])
 def test_check_images(x, error, message):
     with pytest.raises(error, match=message):

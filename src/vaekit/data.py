@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from .checks import MAX_SEED, check_choice, check_int, check_number, in_section, refuse_inert, reset_inert
+from .checks import MAX_SEED, _shown, check_choice, check_int, check_number, in_section, refuse_inert, reset_inert
 from .readers import MNIST_FILES, _load_array, _load_digits, _load_folder, _load_mnist, download_mnist, read_idx
 from .sprites import MAX_SPRITES  # sprites_count at most (11.3 GiB in float32)
 
@@ -163,7 +163,8 @@ def check_images(x, name: str = "x", support: str = "unit") -> Tensor:
     if bad:
         raise ValueError(f"{name} holds {bad} NaN or infinite values out of {x.numel()}")
     if support == "unit" and not bool(((x >= 0) & (x <= 1)).all()):
-        raise ValueError(f"{name} must lie in [0, 1], got values in [{float(x.min()):g}, {float(x.max()):g}]")
+        lo, hi = float(x.min()), float(x.max())
+        raise ValueError(f"{name} must lie in [0, 1], got values in [{_shown(lo, lo < 0)}, {_shown(hi, hi > 1)}]")
     return x
 
 
