@@ -74,6 +74,9 @@ def test_check_number():
                              (math.nan, {}, ">= 0"), (math.inf, {}, ">= 0"), (3.0, {"high": 2.0}, ">= 0 and <= 2")]:
         with pytest.raises(ValueError, match=re.escape(f"tau must be a finite number {bound}, got {value}")):
             c.check_number("tau", value, **kw)
+    for kw, bound in [({"low": -math.inf}, ""), ({"low": -math.inf, "high": 2.0}, " <= 2")]:  # no ">= -inf"
+        with pytest.raises(ValueError, match=re.escape(f"tau must be a finite number{bound}, got nan") + "$"):
+            c.check_number("tau", math.nan, **kw)
 
 
 def test_check_int():

@@ -175,8 +175,10 @@ def check_number(name: str, value, *, low: float = 0.0, open_low: bool = False,
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     v = float(value)
     if not (math.isfinite(v) and (v > low if open_low else v >= low) and v <= high):
-        bound = f"{'>' if open_low else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
-        raise ValueError(f"{name} must be a finite number {bound}, got {value}")
+        bounds = ([f"{'>' if open_low else '>='} {low:g}"] if low > -math.inf else []) + (
+            [f"<= {high:g}"] if high < math.inf else [])  # (no ">= -inf": any finite number)
+        bound = f" {' and '.join(bounds)}" if bounds else ""
+        raise ValueError(f"{name} must be a finite number{bound}, got {value}")
     return v
 
 

@@ -384,6 +384,8 @@ def save_traversals(
                 kl = kl_per_dim
                 if kl.numel() != d:
                     raise ValueError(f"kl_per_dim must have latent_dim={d} entries, got {kl.numel()}")
+                if not bool(torch.isfinite(kl).all()):  # (on the host) NaN would order the rows at random
+                    raise ValueError(f"kl_per_dim must hold finite numbers, got {kl.tolist()}")
             order = torch.argsort(kl.cpu().double(), descending=True, stable=True).tolist()
             if dims is None:
                 chosen = order
