@@ -494,3 +494,26 @@ def test_run_pictures_say_once_that_they_clip_values_outside_0_1(tmp_path, capsy
     assert err.count("\n") == 1 and re.fullmatch(
         r"vaekit: note: the data shown \(values in \[-\d\.\d+, \d\.\d+\]\) lie outside \[0, 1\]; the pictures in "
         r"\S+b clip them to \[0, 1\]\n", err), err
+
+
+def test_run_pictures_of_a_model_gone_to_nan_say_so_and_leave_the_traversals_out(tmp_path, capsys):
+    """A run whose weights blew up to NaN (every step skipped) ended in a ValueError from
+    the traversals, after its checkpoint; and the note named the range [nan, nan]."""
+    from vaekit.models import VAE, ModelConfig
+    from vaekit.plots import save_run_pictures
+
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(1, 4, 4), latent_dim=2, hidden=(8,)))
+    run = tmp_path / "run"
+    save_run_pictures(model, torch.rand(10, 1, 4, 4), run, [])
+    assert (run / "traversals.png").exists() and capsys.readouterr().err == ""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    save_run_pictures(model, torch.rand(10, 1, 4, 4), run, [])
+    err = capsys.readouterr().err
+    assert not (run / "traversals.png").exists()  # the finite model's picture does not stand for this one
+    assert (run / "reconstructions.png").exists() and (run / "samples.png").exists()
+    assert re.search(r"the decoded means \((\d+) of \1 not finite\) lie outside \[0, 1\]", err), err
+    assert f"the model's KL per latent dimension is not finite; {run} has no traversals.png" in err, err
+    assert "nan, nan" not in err

@@ -473,7 +473,15 @@ def _save_image_pictures(model, x: Tensor, run_dir: Path, seed: int) -> None:
     _note_clipped(run_dir, x, torch.cat([rec.flatten(), samples.flatten()]))
     dims = next((d for d in range(min(10, model.config.latent_dim), 0, -1) if _fits(shape, scale, 9 * d, 9)), 0)
     if dims:  # a row of 9 values for each of the dimensions of highest KL that fit
-        kl = kl_per_dimension(model, data[:KL_EXAMPLES])  # over the data, not over the examples shown
+        try:
+            kl = kl_per_dimension(model, data[:KL_EXAMPLES])  # over the data, not over the examples shown
+        except ValueError:  # the encoder's mu or logvar not finite
+            kl = torch.tensor(float("nan"))
+        if not bool(torch.isfinite(kl).all()):  # a model gone to NaN: no order of its dimensions to show
+            (run_dir / "traversals.png").unlink(missing_ok=True)  # nor an earlier picture standing for it
+            print(f"vaekit: note: the model's KL per latent dimension is not finite; {run_dir} has no "
+                  "traversals.png", file=sys.stderr, flush=True)
+            return
         save_traversals(model, x[:1], run_dir / "traversals.png", kl_per_dim=kl, dims=dims, scale=scale,
                         image_shape=shape, generator=seeded())
 
@@ -483,10 +491,16 @@ def _note_clipped(run_dir: Path, data: Tensor, means: Tensor) -> None:
     [0, 1], which the pictures clip: data on [-1, 1] would look as if half were black.
     Data within half a grey level of it are drawn exactly; a Gaussian decoder's means
     stray a little past its data's range, so they are named only a tenth of it past."""
-    out = {name: (float(t.min()), float(t.max())) for name, t, slack in (("the data shown", data, 0.5 / 255),
-                                                                          ("the decoded means", means, 0.1))
-           if t.numel() and not bool(((t >= -slack) & (t <= 1 + slack)).all())}
+    out = {}
+    for name, t, slack in (("the data shown", data, 0.5 / 255), ("the decoded means", means, 0.1)):
+        if t.numel() and not bool(((t >= -slack) & (t <= 1 + slack)).all()):
+            finite = t[torch.isfinite(t)]
+            bad = t.numel() - finite.numel()
+            shown = f"values in [{float(finite.min()):g}, {float(finite.max()):g}]" if finite.numel() else ""
+            if bad:
+                shown += f"{', ' if shown else ''}{bad} of {t.numel()} not finite"
+            out[name] = shown
     if out:
-        ranges = " and ".join(f"{name} (values in [{lo:g}, {hi:g}])" for name, (lo, hi) in out.items())
+        ranges = " and ".join(f"{name} ({shown})" for name, shown in out.items())
         print(f"vaekit: note: {ranges} lie outside [0, 1]; the pictures in {run_dir} clip them to [0, 1]",
               file=sys.stderr, flush=True)
