@@ -1,5 +1,6 @@
 import json
 import math
+from decimal import Decimal, localcontext
 
 import pytest
 import torch
@@ -294,6 +295,29 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(vaekit.models, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 3 and result.failed == 0
+
+
+def _cb_mean(logit: float) -> float:
+    """The continuous Bernoulli's mean, 1/(1 - e^-l) - 1/l, in 60-digit decimal arithmetic."""
+    with localcontext() as ctx:
+        ctx.prec = 60
+        l = Decimal(logit)
+        return float(1 / (1 - (-l).exp()) - 1 / l)
+
+
+def test_continuous_bernoulli_mean_against_a_60_digit_reference():
+    """torch's ContinuousBernoulli clamps sigmoid(l) to [eps, 1 - eps]: its mean was 0.02774
+    for every l below about -36 (0.025 at -40, 0.00352 at -284, where trained models put
+    the logits of always-black pixels) and 0.9723 at +284 (0.9965). Near 0, where the two
+    terms cancel, the series takes over at |l| = 0.1."""
+    logits = [s * m * 10.0**e for e in range(-6, 5) for m in (1.0, 3.7) for s in (1, -1)]
+    logits += [s * v for v in (0.0999, 0.1, 0.1001, 36.0, 40.0, 100.0, 284.0, 300.0, 800.0) for s in (1, -1)]
+    l = torch.tensor(logits, dtype=torch.float64)
+    want = torch.tensor([_cb_mean(v) for v in logits], dtype=torch.float64)
+    torch.testing.assert_close(likelihood_mean("continuous_bernoulli", l), want, rtol=2e-14, atol=0)
+    torch.testing.assert_close(likelihood_mean("continuous_bernoulli", l.float()), want.float())  # float32 in and out
+    edges = torch.tensor([0.0, -0.0, math.inf, -math.inf])
+    assert likelihood_mean("continuous_bernoulli", edges).tolist() == [0.5, 0.5, 1.0, 0.0]
 
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "continuous_bernoulli"])

@@ -1,6 +1,7 @@
 """Tests for vaekit.objectives: every formula against a second computation."""
 
 import doctest
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -452,6 +453,86 @@ def test_tc_estimators_against_the_exact_aggregate_posterior_of_a_finite_data_se
         assert abs(errors["stratified"]) < abs(errors["chen"]) - 0.05, errors
 
 
+def test_mws_offset_grows_with_the_mutual_information_where_stratified_follows_the_exact_tc():
+    """Why "stratified" is the default. A factorised q(z) (means on a 12 x 12 x 12 grid,
+    shared widths: the exact full-data TC is 0 at every width), batches of 64 of its N =
+    1728 items. MWS's TC is the exact one plus an offset of (d-1) log N where the
+    posteriors overlap (MI ~ 1.4 nats) and d log N - log B where each stands apart (MI =
+    log N): it rises by log(N/B) with the MI, so beta * TC penalises the MI. The
+    stratified estimate stays within its small-batch bias of the exact TC at both."""
+    g = torch.Generator().manual_seed(0)
+    axis = torch.linspace(-2, 2, 12, dtype=D64)
+    mu_all = torch.cartesian_prod(axis, axis, axis)
+    (n, d), b, reps = mu_all.shape, 64, 10
+    eps = torch.randn(n, d, generator=g, dtype=D64)
+    errors = {}
+    for sd in (1.0, 0.01):
+        logvar_all = torch.full_like(mu_all, 2 * math.log(sd))
+        errors[sd] = dict.fromkeys(("mws", "stratified", "mi"), 0.0)
+        for _ in range(reps):
+            rows = torch.randperm(n, generator=g)[:b]
+            mu, logvar = mu_all[rows], logvar_all[rows]
+            z = mu + sd * eps[rows]
+            exact = tc_with_log_weights(z, mu_all, logvar_all, torch.full((b, n), -math.log(n), dtype=D64))
+            torch.testing.assert_close(exact, torch.zeros(b, dtype=D64), rtol=0, atol=1e-10)
+            for est in obj.TC_ESTIMATORS:
+                errors[sd][est] += float((obj.tc_decomposition(z, mu, logvar, n, estimator=est).total_correlation
+                                          - exact).mean()) / reps
+            # the exact MI: log q(z|x) - log mean_n q(z|x_n)
+            log_q = Normal(mu_all, sd).log_prob(z[:, None]).sum(-1)  # [B, N]
+            mi = Normal(mu, sd).log_prob(z).sum(-1) - torch.logsumexp(log_q, 1) + math.log(n)
+            errors[sd]["mi"] += float(mi.mean()) / reps
+    overlap, apart = errors[1.0], errors[0.01]
+    assert overlap["mi"] < 2 and abs(apart["mi"] - math.log(n)) < 0.01, errors
+    assert abs(overlap["mws"] - (d - 1) * math.log(n)) < 0.1, errors
+    assert abs(apart["mws"] - (d * math.log(n) - math.log(b))) < 0.5, errors
+    assert apart["mws"] - overlap["mws"] > math.log(n / b) - 0.5, errors  # the MI penalty, per unit of beta
+    assert abs(overlap["stratified"]) < 0.1 and abs(apart["stratified"]) < 0.5, errors
+
+
+def test_stratified_is_the_default_estimator():
+    z, mu, logvar = tc_inputs(b=5, d=3)
+    chosen = obj.tc_decomposition(z, mu, logvar, 100, estimator="stratified")
+    for got, want in zip(obj.tc_decomposition(z, mu, logvar, 100), chosen):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(obj.beta_tcvae_kl(z, mu, logvar, 100),
+                               obj.beta_tcvae_kl(z, mu, logvar, 100, estimator="stratified"))
+    assert obj.ObjectiveConfig().tc_estimator == obj.ObjectiveConfig(name="beta_tcvae").tc_estimator == "stratified"
+
+
+def test_a_run_saved_with_the_old_default_mws_loads_resumes_and_serves_as_a_config_file(tmp_path):
+    """Earlier versions wrote tc_estimator "mws" (their default) into every run's config.
+    Under another objective than beta_tcvae it is read as the new off value, in a saved
+    run (which resumes) and in a config.json given to --config; a beta_tcvae run keeps
+    the estimator it trained with."""
+    from vaekit.config import RunConfig
+    from vaekit.flags import build_config
+    from vaekit.io import load_checkpoint, read_json, save_checkpoint
+    from vaekit.runs import saved_config
+    from vaekit.train import fit
+
+    assert obj.without_inert({"name": "elbo", "tc_estimator": "mws"}) == {"name": "elbo", "tc_estimator": "stratified"}
+    assert obj.without_inert({"tc_estimator": "mws"}, keep={"tc_estimator"}) == {"tc_estimator": "stratified"}
+    assert obj.without_inert({"name": "beta_tcvae", "tc_estimator": "mws"})["tc_estimator"] == "mws"
+    assert saved_config({"objective": {"name": "beta_tcvae", "tc_estimator": "mws"}}).objective.tc_estimator == "mws"
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((50, 4, 4), dtype=np.float32))
+    config = RunConfig.from_dict({"data": {"dataset": "array", "data_dir": str(tmp_path / "x.npy"), "binarize": "none"},
+                                  "model": {"hidden": [8], "latent_dim": 2, "likelihood": "gaussian"},
+                                  "train": {"epochs": 1, "batch_size": 16, "progress": False, "num_threads": 1}})
+    rd = tmp_path / "run"
+    fit(config, rd)
+    old = lambda cfg: {**cfg, "objective": {**cfg["objective"], "tc_estimator": "mws"}}  # noqa: E731
+    (rd / "config.json").write_text(json.dumps(old(read_json(rd / "config.json"))))
+    state = load_checkpoint(rd / "checkpoint.pt")
+    state["config"] = old(state["config"])
+    save_checkpoint(rd / "checkpoint.pt", {k: v for k, v in state.items() if k not in ("format", "format_version")})
+    result = fit(config, rd, resume=True, epochs=2)
+    assert result.trained and load_checkpoint(rd / "checkpoint.pt")["epoch"] == 2
+    (tmp_path / "old.json").write_text(json.dumps(old(read_json(rd / "config.json"))))
+    again = build_config(config_file=str(tmp_path / "old.json"))
+    assert again.objective.name == "elbo" and again.objective.tc_estimator == "stratified"
+
+
 def test_tc_gradcheck_and_errors():
     z, mu, logvar = (t.requires_grad_() for t in tc_inputs(b=4, d=2))
     for est in obj.TC_ESTIMATORS:
@@ -476,7 +557,7 @@ def test_tc_terms_of_point_like_posteriors_at_their_means_by_hand(logvar):
     mu = torch.tensor([[0.5, 1.0], [2.0, -1.0]], requires_grad=True)
     z = mu.detach().clone().requires_grad_()
     lv = torch.full((2, d), logvar, requires_grad=True)
-    terms = obj.tc_decomposition(z, mu, lv, n)
+    terms = obj.tc_decomposition(z, mu, lv, n, estimator="mws")
     log_bn = math.log(2 * n)
     dwkl = -d * log_bn - 0.5 * d * logvar + 0.5 * z.detach().square().sum(-1)
     torch.testing.assert_close(terms.mutual_info, torch.full((2,), log_bn))
@@ -511,7 +592,7 @@ def test_the_likelihoods_stay_importable_from_objectives():
     ({"name": "iwae", "iw_samples": 5, "beta": 4.0}, "beta"),
     ({"capacity_max": 25.0, "free_bits": 0.5}, "free_bits"),
     ({"tc_alpha": 2.0}, "tc_alpha"),
-    ({"tc_estimator": "stratified"}, "tc_estimator"),
+    ({"tc_estimator": "mws"}, "tc_estimator"),
 ])
 def test_config_rejects(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -531,9 +612,9 @@ def test_config_rejects(kwargs, match):
     ({"cycle_steps": 5}, "cycle_steps=5 has no effect with beta_schedule='constant'; use beta_schedule='cyclical'"),
     ({"capacity_steps": 500}, "capacity_steps=500 has no effect with capacity_max=0.0; use capacity_max > 0"),
     ({"capacity_gamma": 5.0}, "capacity_gamma=5.0 has no effect with capacity_max=0.0; use capacity_max > 0"),
-    ({"tc_estimator": "stratified"}, "tc_estimator='stratified' applies only to name='beta_tcvae', got name='elbo'"),
-    ({"name": "iwae", "iw_samples": 5, "tc_estimator": "stratified"},
-     "tc_estimator='stratified' applies only to name='beta_tcvae', got name='iwae'"),
+    ({"tc_estimator": "mws"}, "tc_estimator='mws' applies only to name='beta_tcvae', got name='elbo'"),
+    ({"name": "iwae", "iw_samples": 5, "tc_estimator": "mws"},
+     "tc_estimator='mws' applies only to name='beta_tcvae', got name='iwae'"),
 ])
 def test_config_rejects_a_setting_that_has_no_effect(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(f"ObjectiveConfig.{message}")):
@@ -546,6 +627,7 @@ def test_config_rejects_a_setting_that_has_no_effect(kwargs, message):
     {"capacity_max": 5.0, "capacity_steps": 500, "capacity_gamma": 5.0},
     {"capacity_max": 5.0},  # capacity_steps = 0: the full capacity from step 0
     {"name": "beta_tcvae", "tc_estimator": "stratified", "beta_schedule": "linear", "warmup_steps": 3},
+    {"name": "beta_tcvae", "tc_estimator": "mws"},
     {"name": "iwae", "iw_samples": 5},
 ])
 def test_config_accepts_the_same_settings_where_they_act(kwargs):
@@ -749,24 +831,31 @@ def with_noise(model, x, config, step, eps, **kw):
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
+@pytest.mark.parametrize("estimator", [None, "mws"])  # None: the default, stratified
 @pytest.mark.parametrize("alpha, beta, gamma, schedule, step, beta_t", [
     (0.3, 5.0, 2.0, {}, 0, 5.0),
     (2.0, 0.5, 3.0, {}, 0, 0.5),
     (0.5, 6.0, 3.0, dict(beta_schedule="linear", warmup_steps=10), 5, 3.0),  # beta_t weighs the TC alone
 ])
-def test_beta_tcvae_value_and_gradient_by_hand(alpha, beta, gamma, schedule, step, beta_t):
-    """nll + alpha MI + beta_t TC + gamma DWKL, the MWS estimates written out (Chen et al.,
-    2018), with the three weights apart: a swap of alpha and gamma fails here."""
+def test_beta_tcvae_value_and_gradient_by_hand(alpha, beta, gamma, schedule, step, beta_t, estimator):
+    """nll + alpha MI + beta_t TC + gamma DWKL, the stratified and the MWS estimates written
+    out (Chen et al., 2018), with the three weights apart: a swap of alpha and gamma fails here."""
     torch.manual_seed(0)
     (b, d, n), model, x = (6, 3, 1000), TinyVAE(latent_dim=3), binary_batch(6)
     eps = torch.randn(b, d, dtype=D64)
-    config = obj.ObjectiveConfig(name="beta_tcvae", beta=beta, tc_alpha=alpha, tc_gamma=gamma, **schedule)
+    chosen = {} if estimator is None else {"tc_estimator": estimator}
+    config = obj.ObjectiveConfig(name="beta_tcvae", beta=beta, tc_alpha=alpha, tc_gamma=gamma, **schedule,
+                                 **chosen)
     res = with_noise(model, x, config, step, eps, dataset_size=n)
     nll, _, z, mu, logvar = by_hand(model, x, eps)
+    if estimator == "mws":
+        log_w = torch.full((b, b), -math.log(b * n), dtype=D64)
+    else:  # the own item weighs 1/N, each other (N-1) / (N (B-1))
+        log_w = torch.full((b, b), math.log((n - 1) / (n * (b - 1))), dtype=D64).fill_diagonal_(-math.log(n))
     log_q = -HALF_LOG_2PI - 0.5 * (logvar + (z[:, None] - mu[None]).square() / logvar.exp())  # [i, j, d]
     log_qz_x = (-HALF_LOG_2PI - 0.5 * (logvar + eps.square())).sum(-1)
-    log_qz = torch.logsumexp(log_q.sum(-1), 1) - math.log(b * n)
-    log_prod = (torch.logsumexp(log_q, 1) - math.log(b * n)).sum(-1)
+    log_qz = torch.logsumexp(log_w + log_q.sum(-1), 1)
+    log_prod = torch.logsumexp(log_w[..., None] + log_q, 1).sum(-1)
     log_pz = (-HALF_LOG_2PI - 0.5 * z.square()).sum(-1)
     want = (nll + alpha * (log_qz_x - log_qz) + beta_t * (log_qz - log_prod) + gamma * (log_prod - log_pz)).mean()
     assert res.beta == beta_t

@@ -288,7 +288,7 @@ def test_a_saved_data_or_model_section_with_settings_that_had_no_effect_still_lo
     ({"beta_schedule": "linear", "warmup_steps": 100, "cycle_steps": 50, "cycle_ratio": 0.3},
      {"warmup_steps": 100, "cycle_steps": 0, "cycle_ratio": 0.5}),
     ({"capacity_steps": 10, "capacity_gamma": 5.0}, {"capacity_steps": 0, "capacity_gamma": 1000.0}),
-    ({"tc_estimator": "stratified"}, {"tc_estimator": "mws"}),
+    ({"tc_estimator": "mws"}, {"tc_estimator": "stratified"}),
     ({"name": "iwae", "capacity_max": 5.0, "capacity_steps": 100}, {"capacity_max": 0.0, "capacity_steps": 0}),
     ({"name": "beta_tcvae", "tc_estimator": "stratified"}, {"tc_estimator": "stratified"}),
 ])
