@@ -741,8 +741,14 @@ BAD_INPUT = [  # (id, argv with {run}/{empty}/{tmp} placeholders, regex the one-
     ("fixed-logvar-beyond-float32", ["train", "--run-dir", "{empty}", *TINY, "--likelihood", "gaussian",
                                      "--binarize", "none", "--fixed-logvar", "1e308"],
      r"fixed_logvar must be a number in \[-80, 80\] \(its exp a normal float32\), got 1e\+308$"),
+    # the schedule's length is named by the flag (or the file's key) that asked for the schedule
     ("linear-schedule-without-warmup", ["train", "--run-dir", "{empty}", *TINY, "--beta-schedule", "linear"],
-     r"error: ObjectiveConfig\.warmup_steps must be >= 1 with the 'linear' beta schedule, got 0$"),
+     r"error: --beta-schedule linear needs --warmup-steps N >= 1, got 0$"),
+    ("cyclical-schedule-without-cycle", ["train", "--run-dir", "{empty}", *TINY, "--beta-schedule", "cyclical"],
+     r"error: --beta-schedule cyclical needs --cycle-steps N >= 1, got 0$"),
+    ("linear-schedule-in-a-file", ["train", "--run-dir", "{empty}", *TINY, "--config", "{tmp}/linear.json"],
+     r"error: --config \S+linear\.json: objective\.beta_schedule 'linear' needs objective\.warmup_steps >= 1 "
+     r"\(or --warmup-steps N\), got 0$"),
     ("resume-empty", ["train", "--resume", ""], r"--resume needs a path, got an empty one$"),
     ("config-empty", ["train", "--run-dir", "{empty}", *TINY, "--config", ""], r"--config needs a path, got an empty one$"),
     ("run-dir-empty", ["train", "--run-dir", "", *TINY], r"--run-dir needs a path, got an empty one$"),
@@ -781,6 +787,42 @@ BAD_INPUT = [  # (id, argv with {run}/{empty}/{tmp} placeholders, regex the one-
      r"error: --fixed-logvar: ModelConfig\.fixed_logvar=-2 has no effect with likelihood='bernoulli'"),
     ("download-with-digits", ["train", "--run-dir", "{empty}", *TINY, "--download"],
      r"error: --download: DataConfig\.download=True has no effect with dataset='digits'"),
+    # the checks a run makes as it is set up (the fuzz of the twentieth session): they name
+    # config fields for a Python caller, and here the flag, the file or the preset they came from
+    ("discretized-logistic-on-the-digits", ["train", "--run-dir", "{empty}", *TINY, "--likelihood",
+                                            "discretized_logistic", "--binarize", "none"],
+     r"error: --likelihood discretized_logistic: digits train data must be 8-bit levels k/255 in \[0, 1\] for "
+     r"likelihood='discretized_logistic'; they are 17 levels k/16: use --binarize static, or another likelihood$"),
+    ("presets-val-size-beyond-the-data", ["train", "--run-dir", "{empty}", *TINY, "--preset", "mnist-burda",
+                                          "--dataset", "digits"],
+     r"error: val_size=10000 leaves no training examples out of 1500; the preset 'mnist-burda' sets val_size=10000 "
+     r"\(--val-size\): override it$"),
+    ("val-size-flag-beyond-the-data", ["train", "--run-dir", "{empty}", *TINY, "--val-size", "1500"],
+     r"error: --val-size 1500: val_size=1500 leaves no training examples out of 1500$"),
+    ("tf32-training-on-the-cpu", ["train", "--run-dir", "{empty}", *TINY, "--device", "cpu", "--amp", "tf32"],
+     r"error: --amp tf32: train\.amp='tf32' is CUDA's arithmetic .*: use --amp none there, or 'bf16'$"),
+    ("tf32-training-from-a-file", ["train", "--run-dir", "{empty}", *TINY, "--device", "cpu", "--config",
+                                   "{tmp}/tf32.json"],
+     r"error: --config \S+tf32\.json: train\.amp='tf32' is CUDA's arithmetic .*: use amp='none' there"),
+    ("early-stopping-without-validation", ["train", "--run-dir", "{empty}", *TINY, "--val-size", "0",
+                                           "--early-stopping", "2"],
+     r"error: --early-stopping 2: train\.early_stopping=2 needs validation examples, and data\.val_size=0 leaves "
+     r"none$"),
+    ("graph-steps-for-the-eager-step", ["train", "--run-dir", "{empty}", *TINY, "--graph-steps", "2", "--objective",
+                                        "iwae", "--iw-samples", "2"],
+     r"error: --graph-steps 2: train\.graph_steps=2 \(blocks of static steps\) cannot serve this run: .*; use "
+     r"--graph-steps 1$"),
+    ("fast-static-for-the-eager-step", ["train", "--run-dir", "{empty}", *TINY, "--fast", "static", "--objective",
+                                        "iwae", "--iw-samples", "2"],
+     r"error: --fast static: train\.fast='static' cannot serve this run: .*; use --fast auto or 'off'$"),
+    ("adam-kernel-for-the-eager-step", ["train", "--run-dir", "{empty}", *TINY, "--device", "cpu", "--adam-kernel"],
+     r"error: --adam-kernel: train\.adam_kernel=True .* cannot serve this run: .*; use --no-adam-kernel$"),
+    ("stratified-tc-of-batches-of-one", ["train", "--run-dir", "{empty}", *TINY, "--objective", "beta_tcvae",
+                                         "--tc-estimator", "stratified", "--batch-size", "1"],
+     r"error: --batch-size 1: train\.batch_size must be at least 2 for objective\.tc_estimator='stratified', "
+     r"got 1; use objective\.tc_estimator='mws' for batches of one$"),
+    ("array-without-data-dir", ["train", "--run-dir", "{empty}", *TINY, "--dataset", "array"],
+     r"error: --dataset array: DataConfig\.data_dir \(--data-dir\) is required for dataset='array', got None$"),
     # the data decide the input shape: a different one asked for is refused, not replaced
     ("config-input-shape", ["train", "--run-dir", "{empty}", *TINY, "--config", "{tmp}/shape.toml"],
      r"shape\.toml: \[model\] input_shape \[3, 32, 32\] is not the shape of the data, \[1, 8, 8\]"),
@@ -797,6 +839,8 @@ def places(run, tmp_path):
     (tmp_path / "mnist").mkdir()
     (tmp_path / "mnist" / "mnist.npz").write_bytes(b"never read")
     (tmp_path / "shape.toml").write_text("[model]\ninput_shape = [3, 32, 32]\n")
+    (tmp_path / "linear.json").write_text('{"objective": {"beta_schedule": "linear"}}')
+    (tmp_path / "tf32.json").write_text('{"train": {"amp": "tf32"}}')
     (tmp_path / "afile").write_text("not a directory")
     (tmp_path / "d.png").mkdir()
     np.save(tmp_path / "real.npy", np.linspace(-2, 2, 40 * 6, dtype=np.float32).reshape(40, 6))
@@ -958,12 +1002,17 @@ def test_a_time_budget_below_one_epoch_says_the_epoch_overruns_it(tmp_path, caps
 
 @pytest.mark.parametrize("argv, pattern", [
     (["--time-budget", "5", "--epochs", "3"], "give --epochs or --time-budget, not both"),
+    # the file's epochs, which the budget would replace silently
+    (["--time-budget", "5", "--config", "{tmp}/ep3.json"],
+     r"--time-budget sets the number of epochs, and --config \S+ep3\.json sets train\.epochs; remove the key from "
+     r"the file, or leave out --time-budget$"),
     (["--time-budget", "0"], r"--time-budget must be a number of seconds in \(0, 31536000\] \(a year\), got 0$"),
     (["--time-budget", "nan"], r"--time-budget must be a number of seconds in \(0, 31536000\].*got nan$"),
     (["--time-budget", "1e300"], r"--time-budget must be a number of seconds in \(0, 31536000\].*got 1e\+300$"),
 ])
 def test_time_budget_refusals(argv, pattern, tmp_path, capsys):
-    rc, _, err = call(["train", "--run-dir", tmp_path / "run", *argv], capsys)
+    (tmp_path / "ep3.json").write_text('{"train": {"epochs": 3}}')
+    rc, _, err = call(["train", "--run-dir", tmp_path / "run", *[a.format(tmp=tmp_path) for a in argv]], capsys)
     assert_usage_error(rc, err, pattern)
     assert not (tmp_path / "run").exists()
 
@@ -1389,3 +1438,37 @@ def test_train_into_folders_it_cannot_write_says_which_in_one_line(run, tmp_path
     assert_usage_error(rc, err, rf"error: --resume {re.escape(str(rd))}: cannot create files in "
                                 rf"{re.escape(str(rd))} \(Permission denied\)$")
     assert snapshot(rd) == before
+
+
+# -- the command-line fuzz's findings (the twentieth session) -------------------------
+
+
+def test_a_refusal_is_said_alone_without_the_bf16_note(tmp_path, monkeypatch, capsys):
+    """The note that bfloat16 is slow on this CPU comes once the checks have passed: a
+    refused train or evaluate prints its one error line alone."""
+    import vaekit.checks
+
+    monkeypatch.setattr(vaekit.checks, "_cpu_bf16_fast", lambda: False)
+    rc, _, err = call(["train", "--run-dir", tmp_path / "run", *TINY, "--device", "cpu", "--amp", "bf16",
+                       "--val-size", "0", "--early-stopping", "2"], capsys)
+    assert_usage_error(rc, err, r"error: --early-stopping 2: train\.early_stopping=2 needs validation examples")
+    rd = tmp_path / "noval"
+    assert call(["train", "--run-dir", rd, *TINY, "--epochs", "1", "--val-size", "0"], capsys)[0] == 0
+    rc, _, err = call(["evaluate", rd, "--split", "val", "--device", "cpu", "--precision", "bf16"], capsys)
+    assert_usage_error(rc, err, r"error: --split val: the split is empty for dataset 'digits'$")
+
+
+def test_a_run_refused_in_new_folders_removes_the_folders_it_made(tmp_path, capsys):
+    """--run-dir a/b/run, refused once the run lock had made it: a, a/b and a/b/run go
+    again; a folder that was there before stays."""
+    (tmp_path / "kept").mkdir()
+    for rd in (tmp_path / "a" / "b" / "run", tmp_path / "kept" / "b" / "run"):
+        rc, _, err = call(["train", "--run-dir", rd, *TINY, "--val-size", "0", "--early-stopping", "2"], capsys)
+        assert_usage_error(rc, err, r"error: --early-stopping 2: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
+
+
+def test_resume_help_says_a_run_ended_by_max_steps_is_not_extended(monkeypatch, capsys):
+    block = next(b for b in _option_blocks(_help("train", monkeypatch, capsys)) if b.startswith("  --resume"))
+    assert "--epochs N extends the run to N epochs in all" in block
+    assert "not a run that stopped early or at its --max-steps" in block

@@ -424,7 +424,7 @@ def test_a_run_that_max_steps_ended_says_so_and_not_to_extend_it(tmp_path, capsy
     with pytest.raises(ValueError, match=r"cannot extend .*: train\.max_steps 5 ends it and its 5 steps are done, "
                                          r"got 7$"):
         fit(build_config(), rd, resume=True, epochs=7)
-    with pytest.raises(ValueError, match=r"cannot extend r: it stopped early after epoch 1, 1 epochs without a better "
+    with pytest.raises(ValueError, match=r"cannot extend r: it stopped early after epoch 1, 1 epoch without a better "
                                          r"validation ELBO \(train\.early_stopping 1\), got 3$"):
         extended(TrainConfig(epochs=1, early_stopping=1), {"epoch": 1, "step": 10, "since_best": 1}, 3, Path("r"))
     assert [_trained_for(e, s, 10) for e, s in ((1, 10), (2, 20), (2, 13), (1, 4))] == [

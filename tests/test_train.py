@@ -171,12 +171,12 @@ def test_an_extended_run_equals_the_longer_run_even_through_a_crash_and_a_plain_
 
 
 @pytest.mark.parametrize("changes, epochs, error, pattern", [
-    ({}, 1, ValueError, r"^epochs \(--epochs\) must be greater than the 1 epochs \S+ has done, got 1$"),
-    ({}, 0, ValueError, r"greater than the 1 epochs \S+ has done, got 0$"),
+    ({}, 1, ValueError, r"^epochs \(--epochs\) must be greater than the 1 epoch \S+ has done, got 1$"),
+    ({}, 0, ValueError, r"greater than the 1 epoch \S+ has done, got 0$"),
     ({}, 2.0, TypeError, r"^epochs \(--epochs\) must be an integer, got 2\.0$"),
     ({}, True, TypeError, r"must be an integer, got True$"),
     ({"train__epochs": 3, "train__early_stopping": 1, "since_best": 1}, 3, ValueError,
-     r"cannot extend \S+: it stopped early after epoch 1, 1 epochs without a better validation ELBO "
+     r"cannot extend \S+: it stopped early after epoch 1, 1 epoch without a better validation ELBO "
      r"\(train\.early_stopping 1\)"),
     ({"train__max_steps": 5}, 3, ValueError, r"cannot extend \S+: train\.max_steps 5 ends it and its \d+ steps are done"),
 ], ids=["as-many", "zero", "float", "bool", "stopped-early", "max-steps-reached"])
@@ -247,6 +247,16 @@ def test_fit_does_not_train_a_new_run_into_a_directory_that_holds_one(tmp_path):
     (tmp_path / "fresh").mkdir()
     (tmp_path / "fresh" / "config.json").write_text("{}")
     assert train.fit(config, tmp_path / "fresh").history
+
+
+def test_a_run_refused_under_the_lock_removes_the_folders_it_made_above_its_directory(tmp_path):
+    """fit into a/b/run, refused after the run lock made the three (no validation examples
+    for early stopping): they go again, and a folder that was there before stays."""
+    (tmp_path / "kept").mkdir()
+    for rd in (tmp_path / "a" / "b" / "run", tmp_path / "kept" / "b" / "run"):
+        with pytest.raises(ValueError, match=r"early_stopping=2 needs validation examples"):
+            train.fit(tiny_config(data__val_size=0, train__early_stopping=2), rd)
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any((tmp_path / "kept").iterdir())
 
 
 def _held(run_dir: Path) -> int:

@@ -33,7 +33,7 @@ from .commands import _new_run_dir, _remove_if_unused, evaluate_command, metrics
 # importable from here as before the commands had a module of their own
 # (benchmarks/precision_shift.py reads runs with _load_run)
 from .commands import _MAX_SEED, _check_writable, _evaluate, _load_run  # noqa: F401
-from .flags import UsageError, _add_config_flags, _flag_names, build_config
+from .flags import UsageError, _add_config_flags, _flag_names, _read_config_file, _said_as_set, build_config
 from .presets import DEFAULT_PRESET, PRESETS
 
 __all__ = ["main", "train_command", "evaluate_command", "sample_command", "PRESETS", "build_config", "UsageError"]
@@ -77,7 +77,6 @@ def _check_input_shape(config, config_file: str | None) -> None:
     """A ``[model] input_shape`` in ``--config`` must be the data's: the run takes its
     input shape from the data, and replacing the one asked for would hide a mistake."""
     from .data import load_dataset
-    from .flags import _read_config_file
 
     model = _read_config_file(config_file).get("model") if config_file else None
     if not isinstance(model, dict) or "input_shape" not in model:
@@ -92,16 +91,28 @@ def _check_input_shape(config, config_file: str | None) -> None:
                          f"the data: remove the key")
 
 
-def _budgeted(config, seconds: float, *, epochs_given: bool):
+def _epochs_given(args, overrides: dict) -> str | None:
+    """Where the user gave a number of epochs, which --time-budget would replace: the flag
+    (``"--epochs"``), the ``--config`` file (``"--config FILE"``), or None."""
+    if "train.epochs" in overrides:
+        return "--epochs"
+    section = _read_config_file(args.config).get("train") if args.config else None
+    return f"--config {args.config}" if isinstance(section, dict) and "epochs" in section else None
+
+
+def _budgeted(config, seconds: float, *, epochs_given: str | None):
     """``config`` with the epochs that fit in ``seconds`` (--time-budget), said before and after
-    the calibration."""
+    the calibration; ``epochs_given``: where the user gave epochs too (refused)."""
     import dataclasses
     import math
 
     from .budget import epochs_for_budget
 
-    if epochs_given:
+    if epochs_given == "--epochs":
         raise UsageError("--time-budget sets the number of epochs; give --epochs or --time-budget, not both")
+    if epochs_given:
+        raise UsageError(f"--time-budget sets the number of epochs, and {epochs_given} sets train.epochs; remove "
+                         f"the key from the file, or leave out --time-budget")
     if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIME_BUDGET):
         raise UsageError(f"--time-budget must be a number of seconds in (0, {MAX_TIME_BUDGET}] (a year), "
                          f"got {seconds:g}")
@@ -139,7 +150,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN",
                    help="continue the run in RUN from its last checkpoint, with its saved configuration; "
                         "only --no-progress, --epochs N and --data-dir DIR go with it. --epochs N extends the "
-                        "run to N epochs in all (more than it has done) and saves N in RUN/config.json; a "
+                        "run to N epochs in all (more than it has done) and saves N in RUN/config.json (not a run "
+                        "that stopped early or at its --max-steps, which ends it for good); a "
                         "cosine learning rate then follows the cosine over N epochs from the resume point on. "
                         "--data-dir DIR: the run's data are there now (they must be the same data)")
     t.add_argument("--time-budget", type=float, metavar="SECONDS",
@@ -275,15 +287,22 @@ def _main(argv: list[str] | None) -> int:
                                        epochs=epochs, data_dir=data_dir)
             else:
                 config = build_config(args.preset, args.config, overrides)
-                _check_input_shape(config, args.config)
-                run_dir = _new_run_dir(args.run_dir, config, args.preset)  # before a calibration
                 try:
-                    if args.time_budget is not None:
-                        config = _budgeted(config, args.time_budget, epochs_given="train.epochs" in overrides)
-                    result = train_command(config, run_dir, preset=args.preset)
-                finally:
-                    if args.run_dir is None:  # the name made up and claimed above: not left empty by a refusal
-                        _remove_if_unused(run_dir)
+                    _check_input_shape(config, args.config)
+                    run_dir = _new_run_dir(args.run_dir, config, args.preset)  # before a calibration
+                    try:
+                        if args.time_budget is not None:
+                            config = _budgeted(config, args.time_budget, epochs_given=_epochs_given(args, overrides))
+                        result = train_command(config, run_dir, preset=args.preset)
+                    finally:
+                        if args.run_dir is None:  # the name made up and claimed above: not left empty by a refusal
+                            _remove_if_unused(run_dir)
+                except (ValueError, TypeError) as e:
+                    if type(e) not in (ValueError, TypeError):  # (a UsageError names its flag already)
+                        raise
+                    # the run's own checks name config fields, as for a Python caller: here, flags
+                    raise type(e)(_said_as_set(str(e), args.preset, overrides, args.config,
+                                               _read_config_file(args.config) if args.config else {})) from None
             if result.interrupted:
                 return 130
             if not result.trained:  # a finished run resumed: it said so

@@ -330,7 +330,7 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
     import torch
 
     from .data import load_dataset
-    from .evaluate import evaluate_model
+    from .evaluate import _check_precision, evaluate_model
     from .io import write_json
     from .train import resolve_device
 
@@ -350,9 +350,6 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
     if precision == "tf32" and dev.type != "cuda":  # the metrics would claim an arithmetic not used
         raise UsageError(f"--precision tf32 is CUDA's arithmetic; on {dev} the evaluation is float32 "
                          "(--precision fp32) or bfloat16 (--precision bf16)")
-    slow = slow_bf16_note(dev, "--precision bf16") if precision == "bf16" else None
-    if slow:
-        print(f"vaekit: {slow}", file=sys.stderr, flush=True)
     model.to(dev)
     try:
         data = load_dataset(config.data)
@@ -380,6 +377,10 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
     x = x.to(dev, next(model.parameters()).dtype)  # a float64 model: float64 data
     if x.shape[0] == 0:
         raise UsageError(f"--split {split}: the split is empty for dataset {config.data.dataset!r}")
+    _check_precision(precision, model)  # (a float64 model) before the note: a refusal is said alone
+    slow = slow_bf16_note(dev, "--precision bf16") if precision == "bf16" else None
+    if slow:
+        print(f"vaekit: {slow}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     metrics = evaluate_model(model, x, iw_samples=iw_samples, batch_size=batch_size, seed=seed, progress=progress,
                              precision=precision)

@@ -203,7 +203,14 @@ def build_config(preset: str | None = None, config_file: str | None = None,
         config = RunConfig.from_dict(_without_the_presets_inert(_merge(PRESETS[name], user), user))
         _check_cuda(config.train.device)
     except (TypeError, ValueError) as e:
-        raise _name_the_flag(_blame_the_preset(e, name, user), overrides or {}, config_file, from_file) from None
+        said = _schedule_needs_steps(str(e), overrides or {}, config_file, from_file)
+        if said:
+            raise UsageError(said) from None
+        blamed = _blame_the_preset(e, name, user)
+        named = _name_the_flag(blamed, overrides or {}, config_file, from_file)
+        if named is blamed:  # the field it opens with is not the user's: another it names may be
+            named = type(e)(_said_as_set(str(blamed), name, overrides or {}, config_file, from_file, blame=False))
+        raise named from None
     asked = user.get("objective") if isinstance(user.get("objective"), dict) else {}
     if asked.get("name") == "iwae" and config.objective.iw_samples == 1:
         # one importance sample: the bound is the ELBO (estimated with its KL sampled), which
@@ -325,3 +332,115 @@ def _name_the_flag(error: Exception, overrides: Mapping, config_file: str | None
     if isinstance(section, dict) and field in section:
         return type(error)(f"--config {config_file}: {group}.{field}{msg[found.end():]}")
     return error
+
+
+def _schedule_needs_steps(msg: str, overrides: Mapping, config_file: str | None, from_file: dict) -> str | None:
+    """ObjectiveConfig's refusal of a schedule without its length (``--beta-schedule linear``
+    and no ``--warmup-steps``) said by where the user asked for the schedule; None for any
+    other message, or a schedule the user did not set."""
+    found = re.match(r"ObjectiveConfig\.(warmup_steps|cycle_steps) must be >= 1 with the '(\w+)' beta schedule, "
+                     r"got 0$", msg)
+    if not found:
+        return None
+    steps, schedule = found.groups()
+    flag = _flag_names()[("objective", steps)][0]
+    in_file = from_file.get("objective") if isinstance(from_file.get("objective"), dict) else {}
+    if "objective.beta_schedule" in overrides:
+        where = f" (set by --config {config_file})" if steps in in_file and f"objective.{steps}" not in overrides \
+            else ""
+        return f"--beta-schedule {schedule} needs {flag} N >= 1, got 0{where}"
+    if "beta_schedule" in in_file and f"objective.{steps}" not in overrides:
+        return (f"--config {config_file}: objective.beta_schedule {schedule!r} needs objective.{steps} >= 1 "
+                f"(or {flag} N), got 0")
+    return None
+
+
+# A config field named in a message: ``train.amp``, ``DataConfig.data_dir`` or, followed by
+# its value, a bare ``val_size=``.
+_FIELD = re.compile(r"(?<![\w./-])(?:(\w+Config|model|data|train|objective)\.(\w+)|(\w+)(?==))")
+# A value as a message shows it (its repr) after ``field=``.
+_VALUE = r"('[^']*'|True|False|None|-?\d+(?:\.\d+)?(?:e[+-]?\d+)?)"
+
+
+def _fields_named(msg: str) -> list:
+    """``(group, field, match)`` of each config field ``msg`` names, in order: qualified by
+    its section, or bare where its name is one section's alone."""
+    from .config import GROUPS
+
+    sections, bare = _sections(), {}
+    for group, klass in GROUPS.items():
+        for f in dataclasses.fields(klass):
+            bare.setdefault(f.name, []).append(group)
+    out = []
+    for m in _FIELD.finditer(msg):
+        if m.group(3):
+            group, field_ = (bare[m.group(3)][0] if len(bare.get(m.group(3), ())) == 1 else None), m.group(3)
+        else:
+            group, field_ = sections.get(m.group(1), m.group(1)), m.group(2)
+        if group in GROUPS and field_ in {f.name for f in dataclasses.fields(GROUPS[group])}:
+            out.append((group, field_, m))
+    return out
+
+
+def _as_given(flag: str, value) -> str:
+    """A flag with its value as the user gives it: ``--amp tf32``, ``--no-adam-kernel``."""
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}"
+    return f"{flag} {value if isinstance(value, str) else _shown(value)}"
+
+
+def _said_as_set(msg: str, preset: str | None, overrides: Mapping, config_file: str | None = None,
+                 from_file: dict | None = None, *, blame: bool = True) -> str:
+    """``msg``, an error that names config fields as the Python API does (``train.amp='tf32'
+    is CUDA's arithmetic ...; use amp='none'``), as the command line says it: led by the
+    first field it names that the user set, by its flag and value (``--amp tf32: ...``,
+    its advice ``use amp='none'`` then ``use --amp none``) or by the ``--config`` file
+    (its key qualified: ``--config run.toml: data.val_size=...``); a field it opens with
+    that neither the user nor the preset set followed by its flag (``DataConfig.data_dir
+    (--data-dir) is required ...``); with ``blame``, the fields the preset set and the user
+    did not said to be the preset's, as :func:`_blame_the_preset` says them."""
+    named = _fields_named(msg)
+    if msg.startswith("-") or not named:
+        return msg
+    flags, from_file = _flag_names(), from_file or {}
+    name = preset or DEFAULT_PRESET
+
+    def the_users(group, field_):
+        section = from_file.get(group)
+        return f"{group}.{field_}" in overrides or (isinstance(section, dict) and field_ in section)
+
+    def the_presets(group, field_):
+        return field_ in PRESETS[name].get(group, {}) and not the_users(group, field_)
+
+    named = [(g, f, m) for g, f, m in named if (g, f) in flags]
+    if not named:
+        return msg
+    lead = next(((g, f, m) for g, f, m in named if the_users(g, f)), None)
+    by_flag = lead is not None and f"{lead[0]}.{lead[1]}" in overrides
+    inserts = []  # (position, text), made from the last back
+    g, f, first = named[0]
+    if not the_users(g, f) and not the_presets(g, f):
+        value = re.compile(_VALUE).match(msg, first.end() + 1) if msg[first.end():first.end() + 1] == "=" else None
+        inserts.append(((value or first).end(), f" ({flags[(g, f)][0]})"))
+    if lead is not None and not by_flag and not lead[2].group(1):  # a bare name: the file's key
+        inserts.append((lead[2].start(), f"{lead[0]}."))
+    for at, text in sorted(inserts, reverse=True):
+        msg = msg[:at] + text + msg[at:]
+    if by_flag:
+        def use(m):
+            found = _fields_named(f"{m.group(1)}=")
+            if not found or found[0][:2] not in flags:
+                return m.group(0)
+            value = m.group(2).strip("'")
+            return f"use {_as_given(flags[found[0][:2]][0], {'True': True, 'False': False}.get(value, value))}"
+
+        msg = re.sub(rf"\buse (\w+)={_VALUE}", use, msg)
+        msg = f"{_as_given(flags[lead[:2]][0], overrides[f'{lead[0]}.{lead[1]}'])}: {msg}"
+    elif lead is not None:
+        msg = f"--config {config_file}: {msg}"
+    if blame:
+        blamed = list(dict.fromkeys((g, f) for g, f, _ in named if the_presets(g, f)))
+        if blamed:
+            said = ", ".join(f"{f}={PRESETS[name][g][f]!r} ({flags[(g, f)][0]})" for g, f in blamed)
+            msg = f"{msg}; the preset {name!r} sets {said}: override it"
+    return msg

@@ -334,12 +334,13 @@ def extended(tc: TrainConfig, state: dict, epochs, run_dir: Path) -> TrainConfig
     if not isinstance(epochs, int) or isinstance(epochs, bool):
         raise TypeError(f"{what} must be an integer, got {epochs!r}")
     if epochs <= done:
-        raise ValueError(f"{what} must be greater than the {done} epochs {run_dir} has done, got {epochs}")
+        raise ValueError(f"{what} must be greater than the {done} epoch{'s' * (done != 1)} {run_dir} has done, "
+                         f"got {epochs}")
     if epochs > MAX_COUNT:
         raise ValueError(f"{what} must be an integer in [{done + 1}, {MAX_COUNT}], got {epochs}")
     if tc.early_stopping and state["since_best"] >= tc.early_stopping:
         raise ValueError(f"{what} cannot extend {run_dir}: it stopped early after epoch {done}, "
-                         f"{state['since_best']} epochs without a better validation ELBO "
+                         f"{state['since_best']} epoch{'s' * (state['since_best'] != 1)} without a better validation ELBO "
                          f"(train.early_stopping {tc.early_stopping}), got {epochs}")
     if tc.max_steps and state["step"] >= tc.max_steps:
         raise ValueError(f"{what} cannot extend {run_dir}: train.max_steps {tc.max_steps} ends it "

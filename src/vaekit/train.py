@@ -209,8 +209,9 @@ def _run_lock(run_dir: Path, resume: bool):
     file is added, and the system releases it when the process ends however it ends.
     Where the file system does not lock directories, or without ``fcntl`` (Windows),
     nothing is held. A directory made here is removed again, while still held, when its
-    run ends having written nothing (refused after the lock); a run refused because
-    another holds the directory removes nothing."""
+    run ends having written nothing (refused after the lock), and with it the folders made
+    above it here that are empty; a run refused because another holds the directory
+    removes nothing."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
@@ -221,10 +222,12 @@ def _run_lock(run_dir: Path, resume: bool):
         return
     made = held = False
     fd = None
+    above = []  # the folders above run_dir made here, innermost first
     for _ in range(100):
         try:
+            missing = [d for d in run_dir.parents if not d.exists()]
             run_dir.mkdir(parents=True)  # made here (not merely found), or there already
-            made = True
+            made, above = True, missing
         except FileExistsError:
             pass
         try:
@@ -254,8 +257,9 @@ def _run_lock(run_dir: Path, resume: bool):
         yield
     finally:
         if made and held:  # a directory made for a run that wrote nothing: removed while still held
-            with contextlib.suppress(OSError):  # only if still empty
-                run_dir.rmdir()
+            with contextlib.suppress(OSError):  # only if still empty, and the folders made above it too
+                for d in (run_dir, *above):
+                    d.rmdir()
         if fd is not None:
             os.close(fd)
 

@@ -73,10 +73,17 @@ def _check_training_data(data, likelihood: str) -> None:
             continue
         if likelihood in ("bernoulli", "continuous_bernoulli"):
             check_images(t, f"{data.name} {split} data (likelihood {likelihood!r})")
-        elif likelihood == "discretized_logistic" and not bool(
-                ((t * 255 - torch.round(t * 255)).abs() < 1e-3).all() & (t >= 0).all() & (t <= 1).all()):
-            raise ValueError(f"{data.name} {split} data must be 8-bit levels k/255 in [0, 1] for the "
-                             f"discretized_logistic likelihood (use binarize 'none' on uint8 images)")
+        elif likelihood == "discretized_logistic" and not _levels(t, 255):
+            # (binarized data are levels 0 and 255/255; the digits, 17 levels k/16, are not)
+            advice = ("they are 17 levels k/16: use binarize='static', or another likelihood" if _levels(t, 16) else
+                      "use another likelihood (gaussian, continuous_bernoulli), or 8-bit images")
+            raise ValueError(f"{data.name} {split} data must be 8-bit levels k/255 in [0, 1] for "
+                             f"likelihood='discretized_logistic'; {advice}")
+
+
+def _levels(t: torch.Tensor, n: int) -> bool:
+    """Whether every value of ``t`` is a level k/n in [0, 1]."""
+    return bool(((t * n - torch.round(t * n)).abs() < 1e-3).all() & (t >= 0).all() & (t <= 1).all())
 
 
 @dataclasses.dataclass(eq=False)
@@ -115,6 +122,7 @@ class _Run:
     # Where the checkpoints are written: in the loop unless fit hands them to a thread
     writes: BackgroundWriter = dataclasses.field(default_factory=lambda: BackgroundWriter(False))
     snapshot: dict | None = None  # the last checkpoint's host copy, written over by the next
+    notes: list = dataclasses.field(default_factory=list)  # said on stderr once the run's checks have passed
 
     @property
     def tc(self) -> TrainConfig:
@@ -259,11 +267,12 @@ def _build(config: RunConfig, run_dir: Path, state: dict | None, *, resumed: boo
     if tc.amp == "tf32" and device.type != "cuda":  # the metrics would name an arithmetic not used
         raise ValueError(f"train.amp='tf32' is CUDA's arithmetic (TF32 tensor cores); on {device.type} the steps "
                          f"would run in float32: use amp='none' there, or 'bf16'")
-    slow = slow_bf16_note(device, "train.amp='bf16'") if tc.amp == "bf16" else None
-    if slow and rank == 0:
-        print(f"vaekit: {slow}", file=sys.stderr, flush=True)
+    # said once the run's checks have passed: a refused run says its refusal alone
+    slow = slow_bf16_note(device, "train.amp='bf16'") if tc.amp == "bf16" and rank == 0 else None
     if world == 1:
-        return _wire(config, run_dir, state, device, rank, world)
+        run = _wire(config, run_dir, state, device, rank, world)
+        _say_notes(run, slow)
+        return run
     import torch.distributed as dist
 
     if device.type == "cuda":
@@ -276,6 +285,7 @@ def _build(config: RunConfig, run_dir: Path, state: dict | None, *, resumed: boo
     except Exception as e:  # told to every rank below: the others would wait for this one in DDP's first collective
         run, failed = None, e
     _agree(run, state, failed, rank, world)
+    _say_notes(run, slow)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     # after the restore: DDP gives every rank rank 0's weights, which _agree found the same
@@ -289,11 +299,8 @@ def _wire(config: RunConfig, run_dir: Path, state: dict | None, device: torch.de
     tc, oc = config.train, config.objective
     data = load_dataset(config.data)
     _check_training_data(data, config.model.likelihood)
-    if rank == 0 and config.model.likelihood == "bernoulli" and config.data.binarize == "none" \
-            and not bool(((data.train == 0) | (data.train == 1)).all()):
-        print(f"vaekit: the Bernoulli likelihood on grey levels (data.binarize 'none', {data.name}) is no normalised "
-              f"density: the ELBO it reports bounds no log-likelihood. Binarize them ('static' or 'dynamic') or "
-              f"use likelihood 'continuous_bernoulli'", file=sys.stderr, flush=True)
+    grey = (rank == 0 and config.model.likelihood == "bernoulli" and config.data.binarize == "none"
+            and not bool(((data.train == 0) | (data.train == 1)).all()))
     if config.data.dataset in FILE_DATASETS:
         # the run records where its data are, whatever directory it is evaluated from later
         where = Path(config.data.data_dir or Path("data") / config.data.dataset).expanduser().resolve()
@@ -315,7 +322,7 @@ def _wire(config: RunConfig, run_dir: Path, state: dict | None, device: torch.de
     least = 2 if oc.name == "beta_tcvae" and oc.tc_estimator == "stratified" else 1
     if tc.batch_size < least:
         raise ValueError(f"train.batch_size must be at least 2 for objective.tc_estimator='stratified', "
-                         f"got {tc.batch_size}")
+                         f"got {tc.batch_size}; use objective.tc_estimator='mws' for batches of one")
     batches = BatchIterator(
         # A last combined batch too small to give each rank `least` examples is skipped
         # (fewer than `least * world` examples an epoch).
@@ -353,4 +360,15 @@ def _wire(config: RunConfig, run_dir: Path, state: dict | None, device: torch.de
         run.static = StaticStep(model, opt, batch_size=tc.batch_size, grad_clip=tc.grad_clip, amp=tc.amp == "bf16",
                                 compile=tc.fast == "compile", adam_kernel=tc.adam_kernel)
     run.lr, run.beta = lr_at(run.step, total_steps, tc), oc.beta
+    if grey:
+        run.notes.append(f"the Bernoulli likelihood on grey levels (data.binarize 'none', {data.name}) is no "
+                         f"normalised density: the ELBO it reports bounds no log-likelihood. Binarize them ('static' "
+                         f"or 'dynamic') or use likelihood 'continuous_bernoulli'")
     return run
+
+
+def _say_notes(run: _Run, *more: str | None) -> None:
+    """The run's notes on stderr (rank 0's), once its checks have passed."""
+    for note in (*more, *run.notes):
+        if note:
+            print(f"vaekit: {note}", file=sys.stderr, flush=True)
