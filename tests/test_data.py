@@ -668,3 +668,118 @@ def test_load_dataset_checks_a_field_assigned_after_the_config_was_made():
 def test_binarize_static_names_a_threshold_outside_the_images_range(threshold, error, pattern):
     with pytest.raises(error, match=pattern):
         binarize_static(torch.rand(2, 3), threshold=threshold)
+
+
+# -- the sprites (vaekit.sprites), against computations written out here ------------------
+
+
+def _sprite_factors(rows):
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _inside_by_hand(shape, scale, angle, pos_x, pos_y):
+    """The documented rasteriser in float64: pixel centre p = (j + 1/2, i + 1/2), centre
+    c = 16 + (pos_x, pos_y), q = R(-theta) (p - c) / (10 s) with s = 0.5 + 0.1 scale and
+    theta = 2 pi angle / 40; returns the shape's implicit function F(q) (inside: F <= 0)."""
+    grid = torch.arange(64, dtype=torch.float64) + 0.5
+    dx, dy = grid[None, :] - (16 + pos_x), grid[:, None] - (16 + pos_y)
+    theta, s = 2 * math.pi * angle / 40, 10 * (0.5 + 0.1 * scale)
+    qx = (math.cos(theta) * dx + math.sin(theta) * dy) / s
+    qy = (-math.sin(theta) * dx + math.cos(theta) * dy) / s
+    if shape == 0:  # the square, half-side 1
+        return torch.maximum(qx.abs(), qy.abs()) - 1
+    if shape == 1:  # the ellipse, semi-axes 1 and 1/2
+        return qx**2 + 4 * qy**2 - 1
+    u, v = 1.139 * qx, 0.118 - 1.139 * qy  # the heart (x^2 + y^2 - 1)^3 = x^2 y^3, tip down
+    return (u**2 + v**2 - 1) ** 3 - u**2 * v**3
+
+
+@pytest.mark.parametrize("shape", [0, 1, 2], ids=["square", "ellipse", "heart"])
+def test_sprites_are_the_implicit_shapes_written_out_in_float64(shape):
+    """Every pixel of each sprite is on exactly when its centre is inside the shape's
+    implicit curve, computed here in float64 from the documented formulas (the heart's
+    (x^2 + y^2 - 1)^3 = x^2 y^3); a pixel may differ only where the curve passes within
+    float32's rounding of its centre."""
+    from vaekit.sprites import render_sprites
+
+    rows = [[shape, sc, a, px, py] for sc, a, px, py in
+            [(5, 0, 16, 16), (0, 7, 3, 29), (3, 13, 31, 0), (5, 21, 10, 11), (2, 33, 24, 5)]]
+    images = render_sprites(_sprite_factors(rows))[:, 0]
+    for img, row in zip(images, rows):
+        f = _inside_by_hand(*row)
+        want = f <= 0
+        differ = img.bool() != want
+        assert want.sum() > 20
+        assert (f[differ].abs() < 1e-4).all(), (row, f[differ])
+        assert differ.sum() <= 2, row
+
+
+def test_moving_pos_x_or_pos_y_moves_every_pixel_by_that_many_pixels():
+    """pos_x = i puts the centre on column 16 + i: one step of pos_x moves the whole sprite
+    one pixel right (pos_y: one down), nothing else changes; an unrotated square's centre of
+    mass is then exactly (16 + pos_x, 16 + pos_y), for each of the 32 positions."""
+    from vaekit.sprites import render_sprites
+
+    for shape, scale, angle in [(2, 4, 7), (1, 5, 3), (0, 1, 11)]:
+        row = _sprite_factors([[shape, scale, angle, i, 5] for i in range(32)])
+        col = _sprite_factors([[shape, scale, angle, 5, i] for i in range(32)])
+        by_x, by_y = render_sprites(row)[:, 0], render_sprites(col)[:, 0]
+        for i in range(32):
+            assert torch.equal(by_x[i], torch.roll(by_x[0], i, dims=1)), (shape, i)
+            assert torch.equal(by_y[i], torch.roll(by_y[0], i, dims=0)), (shape, i)
+    squares = render_sprites(_sprite_factors([[0, 5, 0, i, 31 - i] for i in range(32)]))[:, 0].double()
+    grid = torch.arange(64, dtype=torch.float64) + 0.5
+    mass = squares.sum((1, 2))
+    assert (mass == 400).all()  # 20 x 20 pixels
+    cx, cy = (squares.sum(1) * grid).sum(1) / mass, (squares.sum(2) * grid).sum(1) / mass
+    assert torch.equal(cx, torch.arange(32, dtype=torch.float64) + 16)
+    assert torch.equal(cy, 31 - torch.arange(32, dtype=torch.float64) + 16)
+
+
+@pytest.mark.parametrize("batch_size", [100_000, 737_280, 1_000_000])
+def test_iter_all_walks_every_factor_combination_once_with_the_last_partial_batch(batch_size, monkeypatch):
+    """iter_all gives the 737,280 combinations of (3, 6, 40, 32, 32) once each, in
+    lexicographic order (pos_y fastest: numpy's C-ordered indices), batch_size at a time and
+    the rest in a last partial batch; each batch's images are the rendering of its factors.
+    (The rendering is replaced by a cheap stand-in that records what it was asked for: all
+    of them would take minutes.)"""
+    import vaekit.sprites as sprites
+
+    asked = []
+
+    def render(factors, dtype, chunk=1024):
+        asked.append(factors)
+        return torch.zeros(len(factors), 1, 1, 1, dtype=dtype)
+
+    monkeypatch.setattr(sprites, "_render_chunked", render)
+    batches = list(sprites.iter_all(batch_size))
+    total = 3 * 6 * 40 * 32 * 32
+    sizes = [len(f) for _, f in batches]
+    full, rest = divmod(total, batch_size)
+    assert sizes == [batch_size] * full + ([rest] if rest else [])
+    assert [len(im) for im, _ in batches] == sizes and all(im.dtype == torch.uint8 for im, _ in batches)
+    assert len(asked) == len(batches) and all(a is f for a, (_, f) in zip(asked, batches))
+    factors = torch.cat([f for _, f in batches])
+    want = torch.from_numpy(np.indices((3, 6, 40, 32, 32)).reshape(5, -1).T.copy())
+    assert factors.dtype == torch.long and torch.equal(factors, want)
+
+
+def test_iter_all_renders_its_last_partial_batch(monkeypatch):
+    """The last batch, short, is rendered like any other: with batches of 245,759 (three
+    full ones, then 3 sprites) its images are render_sprites of its factors, the last three
+    sprites (hearts at the largest scale and the last orientation, pos_y 29 to 31). The full
+    batches get a blank stand-in: rendering them would take a minute."""
+    import vaekit.sprites as sprites
+
+    real, calls = sprites._render_chunked, []
+
+    def render(factors, dtype, chunk=1024):
+        calls.append(len(factors))
+        return real(factors, dtype) if len(factors) < 10 else torch.zeros(len(factors), 1, 1, 1, dtype=dtype)
+
+    monkeypatch.setattr(sprites, "_render_chunked", render)
+    *_, (images, factors) = sprites.iter_all(245_759, dtype=torch.float32)
+    assert calls == [245_759] * 3 + [3] and images.shape == (3, 1, 64, 64)
+    assert torch.equal(factors, torch.tensor([[2, 5, 39, 31, 29], [2, 5, 39, 31, 30], [2, 5, 39, 31, 31]]))
+    assert torch.equal(images, sprites.render_sprites(factors))
+    assert (images.sum((1, 2, 3)) > 100).all()

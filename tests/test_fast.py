@@ -812,3 +812,78 @@ def test_static_step_with_every_fast_option_matches_a_float64_step(likelihood):
     torch.testing.assert_close(step.sums.cpu(), sums, rtol=2e-6, atol=0)
     assert float(step.sums[3]) == 5 * B
     assert (int(step.skipped), int(step.bad_run)) == (skipped, bad_run) == (2, 1)
+
+
+# ------------------------------------------------------------------ bf16 autocast, refusals
+
+
+def test_the_static_step_under_amp_computes_in_bfloat16_on_the_cpu():
+    """StaticStep(amp=True) off CUDA really autocasts its forward pass to bfloat16: each
+    step's loss and the weights after it are those of the eager step under
+    torch.autocast('cpu', bfloat16) (to float32 rounding of the loss's sum), and not those
+    of the float32 step, which differ by some 1e-3 nats a step (bfloat16's 8-bit mantissa)."""
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(1, 6, 6), latent_dim=2, hidden=(16,)))
+    m32, eager = copy.deepcopy(model), copy.deepcopy(model)
+    bf16_step = StaticStep(model, _adam(model.parameters(), "cpu", "fused"), batch_size=8, amp=True)
+    f32_step = StaticStep(m32, _adam(m32.parameters(), "cpu", "fused"), batch_size=8)
+    eager_opt = torch.optim.Adam(eager.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        x = torch.rand(8, 1, 6, 6, generator=g).bernoulli(generator=g)
+        eps = torch.randn(8, 2, generator=g)
+        before = float(bf16_step.sums[0]), float(f32_step.sums[0])
+        bf16_step.run(x, eps, 1e-2, 1.0)
+        f32_step.run(x, eps, 1e-2, 1.0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = float(_manual_step(eager, eager_opt, x, eps, 1.0).detach())
+        got, f32 = (float(bf16_step.sums[0]) - before[0]) / 8, (float(f32_step.sums[0]) - before[1]) / 8
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-5)
+        assert abs(got - f32) > 3e-4
+    for p, q, r in zip(model.parameters(), eager.parameters(), m32.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert max(float((p - r).detach().abs().max()) for p, r in zip(model.parameters(), m32.parameters())) > 1e-3
+
+
+def test_fit_with_amp_bf16_gives_the_static_step_bfloat16_as_the_eager_step_has_it(tmp_path, monkeypatch):
+    """fit(fast='static', amp='bf16') on the CPU: the weights and losses of the eager
+    bfloat16 run (fast='off', amp='bf16'), not those of the float32 static run."""
+    import vaekit.train
+
+    monkeypatch.setattr(vaekit.train, "save_run_pictures", lambda *args, **kw: None)  # seconds of drawing
+    monkeypatch.setattr(vaekit.train, "_tensorboard", lambda run_dir: None)
+    torch.set_num_threads(1)
+    runs = {}
+    for name, fast, amp in (("static-bf16", "static", "bf16"), ("eager-bf16", "off", "bf16"),
+                            ("static-f32", "static", "none")):
+        result = fit(_tiny(fast, epochs=1, max_steps=6, amp=amp, device="cpu"), tmp_path / name)
+        runs[name] = result.history[0]["loss"], load_checkpoint(tmp_path / name / "checkpoint.pt")["model"]
+    (loss, weights), (eager_loss, eager_weights), (f32_loss, f32_weights) = runs.values()
+    assert loss == pytest.approx(eager_loss, rel=1e-7)
+    assert abs(loss - f32_loss) > 1e-4
+    for k in weights:
+        torch.testing.assert_close(weights[k], eager_weights[k], rtol=1e-5, atol=1e-6)
+    assert max(float((weights[k] - f32_weights[k]).abs().max()) for k in weights) > 1e-3
+
+
+def test_the_static_step_refuses_a_decoder_variance_it_does_not_compute(tmp_path):
+    """decoder_variance='optimal' (each batch's own maximum-likelihood variance, and the
+    evaluation variance tracked in a buffer) is the eager step's alone: fast='static' is
+    refused by name before anything is written, and the message says what the run was
+    given; fast='auto' takes the eager step."""
+    from vaekit.fast import static_step_supported
+    from vaekit.objectives import ObjectiveConfig
+
+    config = _tiny("static", epochs=1, max_steps=2, device="cpu")
+    config.model = dataclasses.replace(config.model, likelihood="gaussian", decoder_variance="optimal")
+    cfg = dataclasses.replace(config.model, input_shape=(1, 8, 8))
+    assert not static_step_supported(VAE(cfg), ObjectiveConfig())
+    assert static_step_supported(VAE(dataclasses.replace(cfg, decoder_variance="learned")), ObjectiveConfig())
+    with pytest.raises(ValueError, match=r"^train\.fast='static' cannot serve this run: it serves the plain ELBO .* "
+                                         r"of fixed or learned variance, and this run's objective 'elbo', likelihood "
+                                         r"'gaussian', decoder_variance 'optimal' takes the eager step; use "
+                                         r"fast='auto' or 'off'$"):
+        fit(config, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    config.train = dataclasses.replace(config.train, fast="auto")
+    assert fit(config, tmp_path / "auto").history

@@ -113,3 +113,22 @@ def test_the_ranges_edges_are_taken_and_one_past_refused(taken, refused, pattern
     assert all(getattr(config, k) == v for k, v in taken.items())
     with pytest.raises(ValueError, match=r"ModelConfig\." + pattern):
         ModelConfig(**refused)
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"arch": "conv", "hidden": ()}, r"ModelConfig\.hidden must be at least one channel count for arch 'conv', got \(\)$"),
+    ({"arch": "conv", "hidden": []}, r"ModelConfig\.hidden must be at least one channel count for arch 'conv', got \(\)$"),
+    ({"arch": "conv", "input_shape": (784,)},
+     r"ModelConfig\.input_shape must be \(C, H, W\) for arch 'conv', got \(784,\)$"),
+    ({"arch": "conv", "input_shape": (1, 28, 28, 1)},
+     r"ModelConfig\.input_shape must be \(C, H, W\) for arch 'conv', got \(1, 28, 28, 1\)$"),
+], ids=["hidden-empty", "hidden-empty-list", "input-flat", "input-4d"])
+def test_the_conv_architecture_refuses_no_channels_or_an_input_that_is_not_an_image(kwargs, pattern):
+    """arch='conv' needs a channel count for each stride-2 convolution (an empty hidden would
+    build a model of no convolution at all) and (C, H, W) inputs: the error names the field,
+    what conv expects and the value given. The same values are taken by the MLP."""
+    with pytest.raises(ValueError, match=pattern):
+        ModelConfig(**kwargs)
+    mlp = ModelConfig(**{**kwargs, "arch": "mlp"})
+    assert mlp.hidden == tuple(kwargs.get("hidden", mlp.hidden))
+    assert ModelConfig(arch="conv", hidden=(1,), input_shape=(1, 1, 1)).hidden == (1,)  # the least it takes

@@ -551,3 +551,156 @@ def test_forward_draws_z_by_the_reparameterisation_with_the_noise_given():
     assert torch.equal(out.decoder_out, model.decode(out.z))
     mu, logvar = model.encode_params(x)
     assert torch.equal(out.mu, mu) and torch.equal(out.logvar, logvar)
+
+
+def test_forward_in_training_draws_its_own_noise_as_a_standard_normal_scaled_by_exp_half_logvar():
+    """Without a noise argument, forward (in training mode) draws eps ~ N(0, I) from the
+    global generator after encoding (encoding draws nothing) and forms z = mu + e^(logvar/2) eps:
+    with the same seed, z is the closed form of that draw. And logvar is a log-variance, not a
+    log-standard-deviation: with the head's output pinned to (mu, logvar) = (0.3, log 0.25),
+    20,000 draws of z have mean 0.3 and variance 0.25 (standard errors 0.0035 and 0.0025)."""
+    torch.manual_seed(0)
+    model = VAE(CONFIGS[0]).train()
+    x = torch.rand(5, *CONFIGS[0].input_shape)
+    torch.manual_seed(11)
+    out = model(x)
+    torch.manual_seed(11)
+    eps = torch.randn(5, CONFIGS[0].latent_dim)
+    mu, logvar = model.encode_params(x)
+    want = mu.double() + torch.exp(0.5 * logvar.double()) * eps.double()
+    torch.testing.assert_close(out.z.double(), want, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(out.z, mu)  # the noise was used
+
+    model = VAE(ModelConfig(input_shape=(3,), latent_dim=2, hidden=(), logvar_limit=12.0)).train()
+    with torch.no_grad():
+        model.head.weight.zero_()
+        raw = 12.0 * math.atanh(math.log(0.25) / 12.0)  # the head's raw output whose bound is log 0.25
+        model.head.bias.copy_(torch.tensor([0.3, 0.3, raw, raw]))
+    torch.manual_seed(5)
+    z = model(torch.rand(20000, 3)).z.double()
+    torch.testing.assert_close(model.encode_params(torch.rand(1, 3))[1], torch.full((1, 2), math.log(0.25)))
+    assert (z.mean(0) - 0.3).abs().max() < 0.015
+    assert (z.var(0) - 0.25).abs().max() < 0.012
+
+
+_ODD = [
+    ModelConfig(arch="conv", input_shape=(1, 7, 9), latent_dim=2, hidden=(4,)),
+    ModelConfig(arch="conv", input_shape=(1, 7, 9), latent_dim=2, hidden=(4, 6, 3)),
+    ModelConfig(arch="conv", input_shape=(3, 13, 11), latent_dim=3, hidden=(4, 5), likelihood="gaussian",
+                fixed_logvar=-0.5),
+    ModelConfig(arch="conv", input_shape=(3, 13, 11), latent_dim=3, hidden=(5, 4, 4, 4), likelihood="gaussian",
+                decoder_variance="learned"),
+    ModelConfig(arch="conv", input_shape=(2, 5, 13), latent_dim=2, hidden=(3, 3), likelihood="discretized_logistic"),
+]
+
+
+@pytest.mark.parametrize("cfg", _ODD, ids=lambda c: f"{'x'.join(map(str, c.input_shape))}-{len(c.hidden)}-{c.likelihood}")
+def test_conv_models_on_odd_sides_mirror_every_layer_and_score_every_pixel(cfg):
+    """Odd heights and widths: each stride-2 convolution (kernel 3, padding 1) gives
+    floor((n - 1) / 2) + 1 rows and columns, as Conv2d's own formula says; each transposed
+    convolution gives back the size its encoder twin took, so the decoder's output has the
+    input's shape exactly; and the reconstruction term is the per-example sum over every
+    pixel of each pixel's own NLL (torch.distributions or the BCE, in float64)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = VAE(cfg)
+    x = torch.rand(3, *cfg.input_shape)
+    if cfg.likelihood == "bernoulli":
+        x = x.bernoulli()
+    if cfg.likelihood == "discretized_logistic":
+        x = torch.randint(0, 256, x.shape) / 255.0
+    sizes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: sizes.append((type(m).__name__, tuple(i[0].shape[-2:]),
+                                                                   tuple(o.shape[-2:]))))
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    out = model(x)
+    for h in hooks:
+        h.remove()
+    n = len(cfg.hidden)
+    encoder, decoder = sizes[:n], sizes[n:]
+    for name, (h, w), (ho, wo) in encoder:
+        assert name == "Conv2d" and (ho, wo) == ((h - 1) // 2 + 1, (w - 1) // 2 + 1)
+    assert [s[0] for s in decoder] == ["ConvTranspose2d"] * n + ["Conv2d"]
+    assert [s[2] for s in decoder[:n]] == [s[1] for s in reversed(encoder)]  # each undoes its twin
+    assert decoder[-1][1] == decoder[-1][2] == cfg.input_shape[1:]
+    mean = out.decoder_out[0] if isinstance(out.decoder_out, tuple) else out.decoder_out
+    assert mean.shape == x.shape
+    nll = model.nll(out.decoder_out, x)
+    assert nll.shape == (3,)
+    xd = x.double()
+    if cfg.likelihood == "bernoulli":
+        per_pixel = torch.nn.functional.binary_cross_entropy_with_logits(mean.double(), xd, reduction="none")
+    elif cfg.likelihood == "gaussian":
+        logvar = out.decoder_out[1].double() if cfg.decoder_variance == "learned" else torch.tensor(cfg.fixed_logvar)
+        per_pixel = -Normal(mean.double(), torch.exp(0.5 * logvar)).log_prob(xd)
+    else:
+        from vaekit.likelihoods import discretized_logistic_nll
+
+        log_scale = out.decoder_out[1]
+        assert log_scale.shape == x.shape
+        # each pixel scored alone, as a one-pixel image, then added up
+        per_pixel = discretized_logistic_nll(mean.reshape(-1, 1), log_scale.reshape(-1, 1),
+                                             x.reshape(-1, 1)).double().reshape(x.shape)
+    assert per_pixel.shape == x.shape
+    torch.testing.assert_close(nll.double(), per_pixel.flatten(1).sum(1), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("fixed_logvar", [0.0, -1.3, 2.5])
+def test_a_learned_decoder_variance_starts_at_fixed_logvar(fixed_logvar):
+    """decoder_variance='learned': one log-variance per data dimension, a parameter, each
+    starting at fixed_logvar (the config's documented starting value); decode hands it out
+    as the second of (mean, logvar), and the untrained model scores x under N(mean,
+    e^fixed_logvar) per pixel."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(input_shape=(2, 3, 4), latent_dim=2, hidden=(8,), likelihood="gaussian",
+                      decoder_variance="learned", fixed_logvar=fixed_logvar)
+    model = VAE(cfg)
+    lv = model.decoder_logvar
+    assert isinstance(lv, torch.nn.Parameter) and lv.requires_grad and lv.dtype == torch.float32
+    assert lv.shape == (2, 3, 4)
+    assert torch.equal(lv, torch.full((2, 3, 4), fixed_logvar))
+    assert any(p is lv for p in model.parameters())
+    mean, logvar = model.decode(torch.randn(3, 2))
+    assert logvar is lv
+    x = torch.randn(3, 2, 3, 4)
+    want = -Normal(mean.double(), math.exp(0.5 * fixed_logvar)).log_prob(x.double()).flatten(1).sum(1)
+    torch.testing.assert_close(model.nll((mean, logvar), x).double(), want, rtol=1e-5, atol=1e-4)
+
+
+_ACTS = {"relu": (torch.nn.ReLU, torch.nn.functional.relu), "tanh": (torch.nn.Tanh, torch.tanh),
+         "elu": (torch.nn.ELU, torch.nn.functional.elu), "gelu": (torch.nn.GELU, torch.nn.functional.gelu),
+         "silu": (torch.nn.SiLU, torch.nn.functional.silu)}
+
+
+@pytest.mark.parametrize("name", sorted(_ACTS))
+def test_each_activation_name_builds_the_module_it_names(name):
+    """Every activation module of an MLP and a conv model is the class the name says (and
+    one follows each hidden layer), its forward is torch.nn.functional's function of that
+    name, and the MLP's encoder and decoder are the layers with that function between them,
+    written out here."""
+    from torch import nn
+
+    from vaekit.models import ACTIVATIONS
+
+    assert set(ACTIVATIONS) == set(_ACTS)
+    klass, fn = _ACTS[name]
+    all_classes = tuple(k for k, _ in _ACTS.values())
+    torch.manual_seed(0)
+    mlp = VAE(ModelConfig(input_shape=(6,), latent_dim=2, hidden=(5, 4), activation=name))
+    conv = VAE(ModelConfig(arch="conv", input_shape=(1, 6, 6), latent_dim=2, hidden=(3, 4), activation=name))
+    for model, count in ((mlp, 4), (conv, 5)):  # mlp: 2 + 2 layers; conv: 2 + the decoder's linear + 2
+        acts = [m for m in model.modules() if isinstance(m, all_classes)]
+        assert len(acts) == count and all(type(m) is klass for m in acts)
+    t = torch.linspace(-4, 4, 81)
+    for m in (m for m in mlp.modules() if isinstance(m, klass)):
+        torch.testing.assert_close(m(t), fn(t), rtol=0, atol=0)
+    x, z = torch.randn(3, 6), torch.randn(3, 2)
+    lin = [m for m in mlp.modules() if isinstance(m, nn.Linear)]  # enc 6-5, 5-4, head 4-4, dec 2-4, 4-5, 5-6
+
+    def f(layer, h):
+        return torch.nn.functional.linear(h, layer.weight, layer.bias)
+
+    head = f(lin[2], fn(f(lin[1], fn(f(lin[0], x)))))
+    torch.testing.assert_close(mlp.encoder_head(x), head, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mlp.decode(z), f(lin[5], fn(f(lin[4], fn(f(lin[3], z))))), rtol=1e-6, atol=1e-6)

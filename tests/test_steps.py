@@ -155,3 +155,36 @@ def test_the_step_settings_edges_are_taken_and_one_past_refused(name, taken, ref
     assert getattr(TrainConfig(**{name: taken}), name) == taken
     with pytest.raises(ValueError, match=rf"TrainConfig\.{name} must be {pattern}$"):
         TrainConfig(**{name: refused})
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.3])
+def test_weight_decay_is_adams_l2_penalty_written_out_in_float64(weight_decay):
+    """TrainConfig.weight_decay is Adam's (torch.optim.Adam's weight_decay: the L2 penalty
+    added to the gradient, g + wd w, before the moments; not AdamW's decoupled decay): the
+    optimiser fit builds (steps._adam) moves a float64 model's weights as Adam written out
+    here, over three steps of given gradients."""
+    from vaekit.models import VAE, ModelConfig
+
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(input_shape=(5,), latent_dim=2, hidden=(4,))).double()
+    lr, (b1, b2), eps = 0.05, (0.9, 0.999), 1e-8
+    opt = steps._adam(model, TrainConfig(lr=lr, weight_decay=weight_decay))
+    params = list(model.parameters())
+    w = [p.detach().clone() for p in params]
+    m = [torch.zeros_like(t) for t in w]
+    v = [torch.zeros_like(t) for t in w]
+    g = torch.Generator().manual_seed(1)
+    for t in range(1, 4):
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+        for p, gr in zip(params, grads):
+            p.grad = gr.clone()
+        opt.step()
+        for j, gr in enumerate(grads):
+            gr = gr + weight_decay * w[j]
+            m[j] = b1 * m[j] + (1 - b1) * gr
+            v[j] = b2 * v[j] + (1 - b2) * gr * gr
+            m_hat, v_hat = m[j] / (1 - b1**t), v[j] / (1 - b2**t)
+            w[j] = w[j] - lr * m_hat / (v_hat.sqrt() + eps)
+    for p, want in zip(params, w):
+        torch.testing.assert_close(p.detach(), want, rtol=1e-12, atol=1e-14)
+    assert all(group["weight_decay"] == weight_decay for group in opt.param_groups)

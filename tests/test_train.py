@@ -699,7 +699,8 @@ def _by_hand(config, skip=()):
     epoch's permuted images (one block), u from PCG64(mix_seed(seed, e, 0)); step s's noise
     row s of randn(32, b, d) by a generator seeded with mix_seed(seed, noise stream, 0) (one
     block of 32 steps), its first rows for a short batch; lr 0.5 lr (1 + cos(pi s / T));
-    the warmed-up beta; mean(BCE + beta KL) by their own formulas; the norm clipped; Adam.
+    the warmed-up beta; mean(BCE + beta KL) by their own formulas; the norm clipped; Adam
+    (with train.weight_decay, its L2 penalty).
     Steps in ``skip`` take no optimiser step and are left out of the epoch's means.
     Returns the model, the optimiser, the training rows and every step's beta."""
     tc, oc = config.train, config.objective
@@ -710,7 +711,7 @@ def _by_hand(config, skip=()):
     assert total <= 32 and b * d * 32 <= 2**24 and b * x[0].numel() * per_epoch <= 2**24  # one block each
     torch.manual_seed(tc.seed)
     model = VAE(dataclasses.replace(config.model, input_shape=tuple(x.shape[1:])))
-    opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     noise = torch.randn(32, b, d, generator=torch.Generator().manual_seed(mix_seed(tc.seed, _NOISE_STREAM, 0)))
     rows, betas, step, skipped = [], [], 0, 0
     for epoch in range(tc.epochs):
@@ -1001,3 +1002,87 @@ def test_the_lock_follows_a_directory_made_again_under_its_name(tmp_path, monkey
     monkeypatch.setattr(fcntl, "flock", flock)
     result = train.fit(tiny_config(train__epochs=1), rd)
     assert len(calls) == 2 and result.trained and (rd / "checkpoint.pt").is_file()
+
+
+def test_fit_takes_train_weight_decay_as_adams_l2_penalty(grey, tmp_path, monkeypatch):
+    """train.weight_decay reaches the run's optimiser: the weights after 20 steps are the
+    hand loop's with Adam's weight decay (its L2 penalty; test_steps writes that Adam out in
+    float64), and not those of the same loop without it."""
+    _quiet(monkeypatch)
+    config = _warmed(grey, train__weight_decay=0.05)
+    model, _, rows, _ = _by_hand(config)
+    result = train.fit(_warmed(grey, train__weight_decay=0.05), tmp_path / "run")
+    _assert_close(result.model.state_dict(), model.state_dict())
+    _assert_train_rows(tmp_path / "run", rows)
+    plain = _by_hand(_warmed(grey))[0].state_dict()
+    assert max(float((v - plain[k]).abs().max()) for k, v in model.state_dict().items()) > 1e-3
+
+
+def test_epochs_0_with_max_steps_trains_by_max_steps_alone(grey, tmp_path, monkeypatch):
+    """TrainConfig(epochs=0, max_steps=12) (a config may give max_steps alone) trains 12
+    steps: with 5 steps an epoch, two whole epochs and 2 steps of a third, each with its
+    row; the cosine learning rate decays over those 12 steps; the run is the one with
+    epochs=3 that max_steps=12 cuts short, weights and rows. epochs=0 and max_steps=0 together
+    are refused by name."""
+    _quiet(monkeypatch)
+    alone = train.fit(_warmed(grey, train__epochs=0, train__max_steps=12), tmp_path / "alone")
+    bounded = train.fit(_warmed(grey, train__epochs=3, train__max_steps=12), tmp_path / "bounded")
+    train_rows = [r for r in alone.history if r["split"] == "train"]
+    assert [(r["epoch"], r["step"]) for r in train_rows] == [(1, 5), (2, 10), (3, 12)]
+    assert alone.steps_per_epoch == 5 and alone.trained and not alone.interrupted
+    assert train_rows[-1]["lr"] == pytest.approx(0.5 * 3e-2 * (1 + math.cos(math.pi * 11 / 12)), rel=1e-12)
+    assert load_checkpoint(tmp_path / "alone" / "checkpoint.pt")["step"] == 12
+    assert _no_seconds(alone.history) == _no_seconds(bounded.history)
+    for k, v in alone.model.state_dict().items():
+        assert torch.equal(v, bounded.model.state_dict()[k]), k
+    with pytest.raises(ValueError, match=r"TrainConfig\.epochs must be > 0 \(or max_steps > 0\), got 0$"):
+        _warmed(grey, train__epochs=0, train__max_steps=0)
+
+
+def test_beta_tcvae_is_given_the_number_of_training_examples(grey, tmp_path, monkeypatch):
+    """beta-TCVAE's estimator weighs the batch by the data set's size N: fit hands it the
+    number of training examples (48 of the 60, 12 going to validation), at every step,
+    whatever the batch's size (10, and 8 in the short last batch) and not the size of the
+    validation (12) or test (15) split."""
+    import vaekit.objectives as objectives
+
+    _quiet(monkeypatch)
+    seen, real = [], objectives.tc_decomposition
+
+    def recording(z, mu, logvar, dataset_size, **kw):
+        seen.append((dataset_size, z.shape[0]))
+        return real(z, mu, logvar, dataset_size, **kw)
+
+    monkeypatch.setattr(objectives, "tc_decomposition", recording)
+    config = _warmed(grey, objective__name="beta_tcvae", objective__beta_schedule="constant",
+                     objective__warmup_steps=0, train__epochs=2)
+    data = load_dataset(config.data)
+    assert (len(data.train), len(data.val), len(data.test)) == (48, 12, 15)
+    train.fit(config, tmp_path / "run")
+    assert seen == [(48, 10)] * 4 + [(48, 8)] + [(48, 10)] * 4 + [(48, 8)]
+
+
+@pytest.mark.parametrize("off, taken", [(0.0, True), (0.9e-3, True), (-0.9e-3, True), (1.1e-3, False),
+                                        (-1.1e-3, False), (0.5, False)])
+def test_the_8_bit_grid_check_takes_values_within_a_thousandth_of_a_level(off, taken):
+    """likelihood='discretized_logistic' trains on 8-bit levels k/255: a value within
+    1e-3/255 of a level (float rounding of k/255, in float32) is taken as that level, one
+    further off is refused, with the split and the way out named."""
+    from types import SimpleNamespace
+
+    from vaekit.wiring import _check_training_data, _levels
+
+    k = torch.arange(1, 255, dtype=torch.float64)
+    x = ((k + off) / 255).to(torch.float32).reshape(-1, 2, 1)
+    assert _levels(x, 255) is taken
+    empty = torch.zeros(0, 2, 1)
+    data = SimpleNamespace(name="grid", train=torch.zeros(4, 2, 1), val=x, test=empty)
+    if taken:
+        _check_training_data(data, "discretized_logistic")
+    else:
+        with pytest.raises(ValueError, match=r"^grid val data must be 8-bit levels k/255 in \[0, 1\] for "
+                                             r"likelihood='discretized_logistic'; use another likelihood"):
+            _check_training_data(data, "discretized_logistic")
+    # the ends of [0, 1] are levels; past them, nothing is
+    assert _levels(torch.tensor([0.0, 1.0]), 255)
+    assert not _levels(torch.tensor([-1 / 255]), 255) and not _levels(torch.tensor([256 / 255]), 255)

@@ -59,9 +59,15 @@ def _use_static(tc, oc, model, device, distributed: bool) -> bool:
     if distributed:
         why = "a data-parallel run (torchrun) takes the eager step"
     elif not static_step_supported(model, oc):
+        # what this run was given, where it is not what the static step serves
+        given = [f"objective {oc.name!r}"]
+        given += [f"{name} {getattr(oc, name)!r}" for name in ("free_bits", "capacity_max") if getattr(oc, name)]
+        given.append(f"likelihood {model.config.likelihood!r}")
+        if model.config.decoder_variance not in ("fixed", "learned"):
+            given.append(f"decoder_variance {model.config.decoder_variance!r}")
         why = (f"it serves the plain ELBO / beta-VAE (no free bits, no capacity) with a bernoulli, gaussian, "
-               f"continuous_bernoulli or mse likelihood of fixed or learned variance, and this run's objective "
-               f"{oc.name!r} with likelihood {model.config.likelihood!r} takes the eager step")
+               f"continuous_bernoulli or mse likelihood of fixed or learned variance, and this run's "
+               f"{', '.join(given)} takes the eager step")
     else:  # graph_steps > 1 asks for the static step's blocks, on any device
         return tc.fast in ("static", "compile") or tc.graph_steps > 1 or device.type == "cuda"
     if tc.fast in ("static", "compile"):
