@@ -233,3 +233,60 @@ def test_the_packages_names_are_typed_as_they_are_loaded():
     # at run time the names stay lazy
     code = "import sys, vaekit; assert 'torch' not in sys.modules; vaekit.VAELoss; assert 'torch' in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------------------------
+# The range of a data set in one pass
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 7, 16, 33, 65, 1000])
+def test_value_range_and_the_nonfinite_count_see_every_position(dtype, n):
+    """min and max in one pass show a NaN or an infinity wherever it sits (the vectorised
+    body or the tail of the loop); the count agrees with isfinite's, element by element."""
+    base = (torch.arange(n, dtype=torch.float64) / n).to(dtype).reshape(n, 1)
+    assert c._value_range(base) == (float(base.min()), float(base.max()))
+    for pos in sorted({0, n // 2, n - 1}):
+        for bad in (math.nan, math.inf, -math.inf):
+            t = base.clone()
+            t[pos] = bad
+            lo, hi = c._value_range(t)
+            assert not (math.isfinite(lo) and math.isfinite(hi)), (pos, bad)
+            if bad == math.inf:
+                assert hi == math.inf
+            assert c._count_nonfinite(t) == int((~torch.isfinite(t)).sum()) == 1
+
+
+def test_the_nonfinite_count_spans_its_blocks():
+    t = torch.zeros(5_000_000, 1)  # two blocks of 2**22 rows
+    for pos in (0, 2**22 - 1, 2**22, 5_000_000 - 1):
+        t[pos] = math.nan
+    t[7] = -math.inf
+    assert c._count_nonfinite(t) == 5 and c._count_nonfinite(t.reshape(-1)) == 5
+
+
+def test_check_images_reads_the_data_without_copies_of_it():
+    """check_images finds the range in one pass: what it allocates, as the allocator
+    records it, is a few scalars, not masks of the data's size (they took 2.3 times it);
+    its messages are as before."""
+    from test_latents import _peak_allocated
+    from vaekit.data import check_images
+
+    x = torch.rand(2000, 1, 28, 28)
+    assert _peak_allocated(lambda: check_images(x, "x")) < 1024
+    wide = x * 4 - 2
+    assert _peak_allocated(lambda: check_images(wide, "x", support="real")) < 1024
+    for bad, message in ((math.nan, r"x holds 2 NaN or infinite values out of 1568000$"),
+                         (math.inf, r"x holds 2 NaN or infinite values out of 1568000$")):
+        y = x.clone()
+        y[3, 0, 5, 5] = y[1999, 0, 27, 27] = bad
+        with pytest.raises(ValueError, match=message):
+            check_images(y, "x", support="real")
+    y = x.clone()
+    y[5, 0, 0, 0], y[6, 0, 0, 1] = -0.25, 1.5
+    with pytest.raises(ValueError, match=r"^x must lie in \[0, 1\], got values in \[-0\.25, 1\.5\]$"):
+        check_images(y, "x")
+    y[5, 0, 0, 0] = 0.0
+    with pytest.raises(ValueError, match=r"^x must lie in \[0, 1\], got values in \[0, 1\.5\]$"):
+        check_images(y, "x")
+    assert check_images(y, "x", support="real") is y

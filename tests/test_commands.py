@@ -190,3 +190,74 @@ def test_sample_to_a_name_that_ends_with_a_separator_is_refused(tmp_path):
                                          r"image file, e\.g\. \S+dirx\.png/samples\.png$"):
         sample_command(str(tmp_path / "no-run"), output=out)
     assert not (tmp_path / "dirx.png").exists()
+
+
+@pytest.fixture(scope="module")
+def array_run(tmp_path_factory):
+    """A run trained one epoch on an array of 60 flat examples (9 carved off to test, 5 to
+    validation), scored as they are (a Gaussian likelihood, no binarization)."""
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("array_run")
+    data = root / "flat.npy"
+    np.save(data, np.random.default_rng(0).random((60, 16)).astype(np.float32))
+    train_command(tiny_config(train__epochs=1, data__dataset="array", data__data_dir=str(data), data__binarize="none",
+                              model__likelihood="gaussian"), root / "run")
+    return root / "run"
+
+
+@pytest.mark.parametrize("split, limit", [("test", 0), ("val", 0), ("train", 0), ("train", 3)])
+def test_evaluate_lets_go_of_the_splits_it_does_not_score(array_run, split, limit, monkeypatch):
+    """Once the training data are hashed, evaluate keeps only the split it scores, in memory
+    of its own (the splits are views of one copy of the data set) unless it is most of that
+    memory: the training data's tensor is gone by the time the model is evaluated."""
+    import weakref
+
+    import vaekit.data
+    import vaekit.evaluate
+    from vaekit.commands import evaluate_command
+
+    loaded, seen = [], {}
+    load_dataset, evaluate_model = vaekit.data.load_dataset, vaekit.evaluate.evaluate_model
+
+    def loading(config):
+        data = load_dataset(config)
+        loaded.append(weakref.ref(data.train))
+        return data
+
+    def evaluating(model, x, **kwargs):
+        seen.update(train_alive=loaded[0]() is not None, held=x.untyped_storage().nbytes(), own=x.nbytes)
+        return evaluate_model(model, x, **kwargs)
+
+    monkeypatch.setattr(vaekit.data, "load_dataset", loading)
+    monkeypatch.setattr(vaekit.evaluate, "evaluate_model", evaluating)
+    n = evaluate_command(str(array_run), split=split, limit=limit)["n"]
+    assert n == {"test": 9, "val": 5, "train": limit or 46}[split]
+    assert seen["train_alive"] is (split == "train" and not limit)  # (the split scored is the training data)
+    # the test and validation splits and a --limit's part in memory of their own; the training
+    # split, most of the memory it shares with the others (all 60 examples), as it is
+    assert seen["held"] == (seen["own"] if split != "train" or limit else 60 * 16 * 4)
+
+
+def test_evaluate_out_of_memory_while_loading_says_the_data_do_not_fit(array_run, monkeypatch, capsys):
+    """Memory that runs out while the data load is not a batch too large: the line says the
+    data set is loaded whole, whatever the flags, not to ask for a smaller --batch-size; other
+    errors pass as they were."""
+    import vaekit.data
+
+    def failing(config):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 400000000000 bytes.\nmore")
+
+    monkeypatch.setattr(vaekit.data, "load_dataset", failing)
+    assert vaekit.cli.main(["evaluate", str(array_run)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"vaekit: error: out of memory loading the data {array_run} trained on ([enforce fail at "
+                   f"alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                   f"400000000000 bytes.): every split of the data set is loaded whole, whatever --split, --limit, "
+                   f"--batch-size or --iw-samples; free memory, or evaluate on a machine with more\n")
+    other = RuntimeError("something else")
+    monkeypatch.setattr(vaekit.data, "load_dataset", lambda config: (_ for _ in ()).throw(other))
+    with pytest.raises(RuntimeError) as info:
+        vaekit.commands.evaluate_command(str(array_run))
+    assert info.value is other

@@ -109,3 +109,61 @@ def test_half_precision_log_weights_are_summed_in_float32():
     assert seen == [h] and log_w.dtype == torch.float32
     torch.testing.assert_close(log_w, torch.full((1, 2), -0.5 * 3 * 300.0**2))  # log p(z) - log q(z|x), by hand
     torch.testing.assert_close(g, torch.full((2, 3), -300.0, dtype=h))
+
+
+def _needs_impossible_memory(model, per_latent: int):
+    """``model`` whose decoder also allocates ``per_latent`` bytes for every latent it decodes:
+    for more than a couple of latents, more than any machine's address space (2**47 bytes),
+    so that PyTorch's allocator fails at once, as a chunk too large for memory makes it fail."""
+    decode = model.decode
+
+    def hungry(z, *rest):
+        torch.empty(z.shape[0] * per_latent, dtype=torch.uint8)
+        return decode(z, *rest)
+
+    model.decode = hungry
+    return model
+
+
+def test_a_chunk_too_large_for_memory_is_named_with_advice():
+    """An allocation that fails while a chunk is decoded (here a real one: PyTorch's CPU
+    allocator refusing 2**49 bytes) says which argument sized the chunk, its value, and
+    what to make smaller; it is still an OutOfMemoryError (a RuntimeError), with the
+    allocator's own error as its cause."""
+    from vaekit.evaluate import iw_log_likelihood
+
+    model, x, _, _ = _small()
+    _needs_impossible_memory(model, 2**46)
+    with pytest.raises(torch.OutOfMemoryError, match=r"out of memory decoding 4 importance samples of each of 3 "
+                       r"examples at once \(.*DefaultCPUAllocator.*\): chunk_size=4 is too large for this device; "
+                       r"pass a smaller chunk_size") as info:
+        iw_log_likelihood(model, x, 8, chunk_size=4, generator=torch.Generator().manual_seed(0))
+    assert isinstance(info.value.__cause__, RuntimeError) and "can't allocate memory" in str(info.value.__cause__)
+    # chunk_size beyond k: the samples decoded are k, the value named is the one given
+    with pytest.raises(torch.OutOfMemoryError, match=r"decoding 8 importance samples .* chunk_size=1000 is too large"):
+        iw_log_likelihood(model, x, 8, chunk_size=1000)
+    # sized from the batch (chunk_size=None: all 8 samples of the 3 examples fit the budget)
+    with pytest.raises(torch.OutOfMemoryError, match=r"decoding 8 importance samples of each of 3 examples .*: "
+                       r"with chunk_size=None the chunk was sized from the batch of 3 examples \(k=8\); pass a "
+                       r"smaller batch_size, or a chunk_size below 8$"):
+        iw_log_likelihood(model, x, 8)
+
+
+def test_out_of_memory_errors_of_every_kind_get_the_advice_and_other_errors_pass_unchanged(monkeypatch):
+    from vaekit.evaluate import iw_log_likelihood
+
+    model, x, _, _ = _small()
+    for error in (MemoryError("Unable to allocate 93.6 GiB"), torch.OutOfMemoryError("CUDA out of memory. Tried"),
+                  RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory")):
+        def failing(*args, error=error):
+            raise error
+
+        monkeypatch.setattr(iw, "log_weights_from_noise", failing)
+        first = str(error).split(".")[0]
+        with pytest.raises(torch.OutOfMemoryError, match=rf"\({re.escape(first)}.*chunk_size=2 is too large"):
+            iw_log_likelihood(model, x, 5, chunk_size=2)
+    other = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    monkeypatch.setattr(iw, "log_weights_from_noise", lambda *a: (_ for _ in ()).throw(other))
+    with pytest.raises(RuntimeError) as info:
+        iw_log_likelihood(model, x, 5, chunk_size=2)
+    assert info.value is other

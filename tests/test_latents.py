@@ -65,12 +65,14 @@ def test_mutual_information():
 
 @pytest.mark.parametrize("n_samples, n", [(5, 30), (4, 30), (2, 30), (7, 17), (1, 17)])
 def test_mutual_information_draws_its_samples_in_chunks_within_the_memory_budget(n_samples, n, monkeypatch):
-    """Where z [S, N, d] or a row of log q [S, 1, N] would pass MEMORY_BUDGET_BYTES, the
-    samples are drawn in chunks of as many as fit, each its own randn(s, N, d): the mutual
-    information of that noise, computed here directly, with no draw or block over the budget."""
+    """Where z [S, N, d] would pass its half of the MEMORY_BUDGET_BYTES that the float64
+    [N, d] terms leave, the samples are drawn in chunks of as many as fit, each its own
+    randn(s, N, d): the mutual information of that noise, computed here directly, with no
+    draw or block over the budget."""
     model, x, _ = make_problem(n=n, perturb=0.5)
     model.enc_logvar.fill_(-2.0)
-    budget = 2 * n * d * 8 + 5  # z of 2 samples (d float64 values each), one row of log q for 2 samples
+    # the [N, d] terms, then z of 2 samples (d float64 values each) twice: half for z, half for the blocks
+    budget = (5 * d + 2) * n * 8 + 2 * (2 * n * d * 8) + 5
     monkeypatch.setattr(lat, "MEMORY_BUDGET_BYTES", budget)
     draws, blocks = [], []
     randn_like_on, logsumexp = lat.randn_like_on, torch.logsumexp
@@ -155,3 +157,74 @@ def test_mutual_information_with_a_variance_per_example_against_a_brute_force():
     own = log_q.diagonal(dim1=1, dim2=2)
     expected = (own - (torch.logsumexp(log_q, -1) - math.log(n))).mean()
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def _peak_allocated(fn) -> int:
+    """The most bytes that what ``fn`` allocated held at once, summed from the profiler's
+    record of each allocation and free by PyTorch's CPU allocator (sizes, not times)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def test_the_peak_allocation_counter_counts_what_is_held_at_once():
+    def three():
+        a, b = torch.empty(1000), torch.empty(2000)  # 12,000 bytes at once
+        del a
+        torch.empty(500)
+        return b  # held to the end
+
+    assert _peak_allocated(three) == 12000
+
+
+@pytest.mark.parametrize("n, dim, n_samples", [(1000, 8, 1), (1000, 8, 3), (200, 40, 30)])  # the last in two draws
+def test_mutual_information_allocates_within_the_memory_budget(n, dim, n_samples, monkeypatch):
+    """What the estimate holds at once (the float64 [N, d] terms, the draw z, the blocks of
+    log q with their temporaries), as the allocator records it, stays within
+    MEMORY_BUDGET_BYTES (it took 2.2 times it: the blocks were sized as if z and their
+    temporaries took nothing), and uses a fair part of it (blocks of a few rows would crawl)."""
+    budget = 2**21
+    monkeypatch.setattr(lat, "MEMORY_BUDGET_BYTES", budget)
+    g = gen(3)
+    mu, logvar = torch.randn(n, dim, generator=g), torch.randn(n, dim, generator=g) * 0.1
+    draws = []
+    randn_like_on = lat.randn_like_on
+    monkeypatch.setattr(lat, "randn_like_on", lambda shape, *a: draws.append(shape[0]) or randn_like_on(shape, *a))
+    peak = _peak_allocated(lambda: lat._mutual_information_from_params(mu, logvar, n_samples, gen(4)))
+    assert budget / 3 < peak <= budget, peak / budget
+    assert sum(draws) == n_samples and len(draws) == (2 if n_samples == 30 else 1)
+
+
+def test_the_checks_on_x_read_it_in_one_pass_and_say_what_is_wrong():
+    """x is checked from its smallest and largest values (one pass, a few scalars
+    allocated, not masks of x's size); a NaN or an infinity anywhere, or a value outside
+    [0, 1] for a Bernoulli likelihood, is named as before; an empty event passes."""
+    from vaekit.models import VAE, ModelConfig
+
+    model = VAE(ModelConfig(input_shape=(1, 16, 16), latent_dim=2, hidden=(8,), likelihood="bernoulli"))
+    x = torch.rand(500, 1, 16, 16)
+    assert _peak_allocated(lambda: lat._check_x(model, x)) < 1024
+    for pos, bad in ((0, math.nan), (-1, math.nan), (7, math.inf), (-1, -math.inf)):
+        y = x.clone()
+        y.view(-1)[pos] = bad
+        with pytest.raises(ValueError, match=r"^x must be finite, but it holds NaN or infinite values$"):
+            lat._check_x(model, y)
+    y = x.clone()
+    y[3, 0, 2, 2], y[9, 0, 0, 0] = -0.5, 1.25
+    with pytest.raises(ValueError, match=r"^x must lie in \[0, 1\] for a bernoulli likelihood, got values in "
+                                         r"\[-0\.5, 1\.25\]$"):
+        lat._check_x(model, y)
+    y[3, 0, 2, 2] = 0.0
+    with pytest.raises(ValueError, match=r"\[0, 1\.25\]$"):  # above 1 alone
+        lat._check_x(model, y)
+    gaussian = VAE(ModelConfig(input_shape=(1, 16, 16), latent_dim=2, hidden=(8,), likelihood="gaussian"))
+    lat._check_x(gaussian, y)  # any finite values for a density on the reals
+    lat._check_x(object.__new__(type("Encoder", (), {"encode_params": None})), torch.zeros(3, 0))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from test_data import idx_bytes, mnist_like, write_mnist
 from vaekit import readers
@@ -282,3 +283,105 @@ def test_the_published_sums_are_sha256_digests_of_the_four_files():
         assert sorted(sums) == sorted(f"{name}.gz" for name in readers.MNIST_FILES), kind
         assert all(re.fullmatch(r"[0-9a-f]{64}", s) for s in sums.values()), kind
         assert mirrors and all(m.startswith(("https://", "http://")) and m.endswith("/") for m in mirrors), kind
+
+
+# ---------------------------------------------------------------------------------------
+# Memory: one float copy of the data, the same values
+
+
+def test_dividing_in_place_gives_the_float32_quotients_of_the_division_out_of_place():
+    """uint8 levels are divided by 255 in place: for every level, the same float32 as
+    ``astype(float32) / 255`` (the computation before) and as the exact quotient rounded
+    once to float32 (float64's quotient, rounded again, is that: 53 >= 2 * 24 + 2 bits)."""
+    levels = np.arange(256, dtype=np.uint8)
+    before = levels.astype(np.float32) / 255
+    rounded_once = (levels.astype(np.float64) / 255).astype(np.float32)
+    got = readers._as_images(np.tile(levels, (3, 1)), "levels").numpy()
+    assert got.dtype == np.float32
+    for row in got:
+        assert row.tobytes() == before.tobytes() == rounded_once.tobytes()
+
+
+def _arrays(tmp_path, rng):
+    x, y, xt, yt = mnist_like(rng, n_train=40, n_test=7, hw=(6, 5))
+    np.save(tmp_path / "x.npy", x)
+    np.savez(tmp_path / "split.npz", x_train=x, y_train=y, x_test=xt, y_test=yt)
+    write_mnist(tmp_path / "idx", (x, y, xt, yt))
+    (tmp_path / "npz").mkdir()
+    np.savez(tmp_path / "npz" / "mnist.npz", x_train=x, y_train=y, x_test=xt, y_test=yt)
+    return x, y, xt, yt
+
+
+@pytest.mark.parametrize("source", ["npy", "npz", "idx", "mnist.npz"])
+@pytest.mark.parametrize("split, binarize", [("tail", "none"), ("random", "none"), ("random", "static")])
+def test_loaded_splits_are_the_old_computation_held_in_one_copy(tmp_path, source, split, binarize):
+    """load_dataset's splits hold, bit for bit, what it computed before: the images as
+    ``x.astype(np.float32) / 255`` (a .npy, an .npz, the MNIST IDX files and mnist.npz),
+    indexed by the split's indices (a test set carved with seed 0 where the file has none),
+    binarized as ``(t > 0.5)`` in float32; and they are views of one copy of the data
+    (a random split moves the rows in place), not copies of it."""
+    from vaekit.data import _split
+
+    x, y, xt, yt = _arrays(tmp_path, np.random.default_rng(5))
+    config = {"npy": dict(dataset="array", data_dir=str(tmp_path / "x.npy")),
+              "npz": dict(dataset="array", data_dir=str(tmp_path / "split.npz")),
+              "idx": dict(dataset="mnist", data_dir=str(tmp_path / "idx")),
+              "mnist.npz": dict(dataset="mnist", data_dir=str(tmp_path / "npz"))}[source]
+    data = load_dataset(DataConfig(**config, val_size=9, split=split, seed=3, binarize=binarize))
+    whole = torch.from_numpy(x.astype(np.float32) / 255)[:, None]
+    labels = None if source == "npy" else torch.from_numpy(y.astype(np.int64))
+    if source == "npy":  # no test set: 15 % carved, seed 0
+        keep, held = _split(len(x), 6, 0, tail=False)
+        whole, test, test_labels = whole[keep], whole[held], None
+    else:
+        test = torch.from_numpy(xt.astype(np.float32) / 255)[:, None]
+        test_labels = torch.from_numpy(yt.astype(np.int64))
+    keep, held = _split(len(whole), 9, 3, tail=split == "tail")
+    want = [whole[keep], whole[held], test]
+    if binarize == "static":
+        want = [(t > 0.5).to(torch.float32) for t in want]
+    for got, expected in zip((data.train, data.val, data.test), want):
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        assert got.numpy().tobytes() == expected.numpy().tobytes()
+    if labels is not None:
+        assert torch.equal(data.train_labels, labels[keep]) and torch.equal(data.val_labels, labels[held])
+        assert torch.equal(data.test_labels, test_labels)
+    # one copy: train and val (and a carved test set) share one tensor's memory, no more than they use
+    parts = (data.train, data.val, data.test) if source == "npy" else (data.train, data.val)
+    storage = data.train.untyped_storage()
+    assert all(t.untyped_storage().data_ptr() == storage.data_ptr() for t in parts)
+    assert storage.nbytes() == sum(t.nbytes for t in parts)
+
+
+def test_uint8_images_become_floats_in_one_copy():
+    """The conversion holds the uint8 array and one float32 copy (NumPy's allocations,
+    traced), not a float32 copy and then its quotient (twice the data)."""
+    import tracemalloc
+
+    a = np.random.default_rng(0).integers(0, 256, (500, 28, 28), dtype=np.uint8)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        t = readers._as_images(a, "a")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert t.nbytes <= peak <= 1.05 * t.nbytes
+
+
+def test_a_random_split_moves_rows_in_a_few_blocks_of_memory(tmp_path, monkeypatch):
+    """A random split allocates the held-out rows and a block of rows at a time (here 10,
+    as the allocator records it), not a copy of the kept ones."""
+    from test_latents import _peak_allocated
+    from vaekit import data as data_module
+
+    x = np.random.default_rng(1).integers(0, 256, (400, 28, 28), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    row = 28 * 28 * 4
+    monkeypatch.setattr(data_module, "_MOVE_BYTES", 10 * row)
+    config = DataConfig(dataset="array", data_dir=str(tmp_path / "x.npy"), val_size=50, split="random")
+    out = []
+    peak = _peak_allocated(lambda: out.append(load_dataset(config)))
+    # held-out rows (the carved test set's 60, then validation's 50), a block, and the indices
+    assert peak <= (60 + 10) * row + 400 * 8 * 6, peak / row
+    assert out[0].train.shape == (290, 1, 28, 28)

@@ -156,6 +156,35 @@ def check_unit_interval(name: str, t: Tensor) -> None:
         raise ValueError(f"{name} must lie in [0, 1], got values in [{_shown(lo, lo < 0)}, {_shown(hi, hi > 1)}]")
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation that failed (host or accelerator memory), which a
+    setting too large for the machine causes: NumPy's and Python's MemoryError, PyTorch's
+    OutOfMemoryError and its CPU allocator's RuntimeError."""
+    if isinstance(e, MemoryError):
+        return True
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    text = str(e)
+    return isinstance(e, oom) or "DefaultCPUAllocator" in text or "can't allocate memory" in text
+
+
+def _value_range(t: Tensor) -> tuple[float, float]:
+    """``(min, max)`` of ``t``'s values as floats, from one pass (``torch.aminmax``) that
+    makes no temporary of ``t``'s size, where ``isfinite`` and comparisons would make
+    several. Both are NaN when ``t`` holds a NaN; an infinity shows as itself. ``t`` must
+    be a non-empty floating-point tensor."""
+    lo, hi = torch.aminmax(t.detach())
+    return tuple(torch.stack((lo, hi)).tolist())  # one device synchronisation, not two
+
+
+def _count_nonfinite(t: Tensor) -> int:
+    """How many of ``t``'s values are NaN or infinite, counted a block of rows at a time
+    so that the masks stay small (a data set of any size costs a few MB here)."""
+    if t.dim() == 0 or t.numel() == 0:
+        return int((~torch.isfinite(t)).sum())
+    rows = max(1, (1 << 22) // max(1, t[0].numel()))
+    return sum(int((~torch.isfinite(t[i : i + rows])).sum()) for i in range(0, t.shape[0], rows))
+
+
 def _shown(v: float, outside: bool) -> str:
     """``v`` as :g writes it, or in full where that would put a value outside [0, 1] inside
     it (1.0000001 is "1" to :g)."""

@@ -343,6 +343,8 @@ def _main(argv: list[str] | None) -> int:
         _say_error(str(e).splitlines()[0] if str(e) else type(e).__name__)
         return 2
     except (MemoryError, RuntimeError) as e:
+        from .checks import _out_of_memory
+
         if os.environ.get("VAEKIT_DEBUG") or not _out_of_memory(e):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -365,19 +367,6 @@ _LESS = {
     "sample": "fewer images (-n)",
     None: "a smaller model, batch, data set or sample count",
 }
-
-
-def _out_of_memory(e: BaseException) -> bool:
-    """Whether ``e`` is an allocation that failed (host or GPU memory), which a setting too
-    large for the machine causes: NumPy's and Python's MemoryError, PyTorch's
-    OutOfMemoryError and its CPU allocator's RuntimeError."""
-    if isinstance(e, MemoryError):
-        return True
-    import torch
-
-    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-    text = str(e)
-    return isinstance(e, oom) or "DefaultCPUAllocator" in text or "can't allocate memory" in text
 
 
 # Under torchrun, how long a process other than a machine's first waits before it says an

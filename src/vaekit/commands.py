@@ -359,6 +359,16 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
             raise UsageError(f"--data-dir {data_dir}: {msg}") from None
         raise UsageError(f"{rd / 'config.json'} names data that are missing: {msg} (or give --data-dir where "
                          f"they are now)") from None
+    except (MemoryError, RuntimeError) as e:
+        from .checks import _out_of_memory
+
+        if not _out_of_memory(e):
+            raise
+        # (not the command line's advice of a smaller batch: every split is loaded whole, whatever the flags)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"out of memory loading the data {run} trained on ({first}): every split of the data set "
+                         f"is loaded whole, whatever --split, --limit, --batch-size or --iw-samples; free memory, "
+                         f"or evaluate on a machine with more") from None
     if config.data.dataset in FILE_DATASETS:  # files, which may have changed since the run trained
         recorded = config.data.data_dir or os.path.join("data", config.data.dataset)  # (as load_dataset reads)
         _check_trained_on(rd, data.train, data_dir, split, getattr(data, split), recorded)
@@ -375,6 +385,9 @@ def _evaluate(run, split, iw_samples, batch_size, seed, device, disentanglement,
         x = binarize_dynamic(x, torch.Generator().manual_seed(config.data.seed + 2))
     x = x[:limit] if limit else x
     x = x.to(dev, next(model.parameters()).dtype)  # a float64 model: float64 data
+    if x.untyped_storage().nbytes() >= 2 * x.nbytes:  # a view into the other splits' memory (or a --limit's part)
+        x = x.clone()  # a copy of its own, so that theirs goes back
+    del data  # the training data, hashed above, are not needed any more
     if x.shape[0] == 0:
         raise UsageError(f"--split {split}: the split is empty for dataset {config.data.dataset!r}")
     _check_precision(precision, model)  # (a float64 model) before the note: a refusal is said alone

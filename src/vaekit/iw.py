@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from .checks import (
-    _LOG_2PI, MAX_IW_SAMPLES, check_int, check_same_shape, check_tensor, read_value, upcast, validating,
+    _LOG_2PI, MAX_IW_SAMPLES, _out_of_memory, check_int, check_same_shape, check_tensor, read_value, upcast,
+    validating,
 )
 
 __all__ = ["decode_nll", "repeat_for_samples", "log_weights_from_noise", "log_importance_weights", "iwae_bound", "iwae_loss",
@@ -263,6 +264,7 @@ def iw_from_params(model, x, mu, logvar, k, chunk_size, generator, out_dtype=Non
     k = _check_samples("k", k)
     if chunk_size is not None:
         check_int("chunk_size", chunk_size, low=1)
+    given = chunk_size is not None
     if chunk_size is None:
         # decode_numel: what one decoded example holds (an autoregressive head holds feature maps).
         chunk_size = auto_chunk_size(x.shape[0], getattr(model, "decode_numel", x[0].numel()), out_dtype or mu.dtype,
@@ -270,9 +272,25 @@ def iw_from_params(model, x, mu, logvar, k, chunk_size, generator, out_dtype=Non
     total = None
     # A model may share work on x across the chunks (the late-fusion PixelCNN head's pixel features).
     sharing = getattr(model, "sharing_pixels", None)
-    with sharing(x) if sharing is not None else contextlib.nullcontext():
-        for eps in normal_chunks(k, chunk_size, mu, generator):
-            chunk = torch.logsumexp(log_weights_from_noise(model, x, mu, logvar, eps)[0], dim=0)
-            # log(a + b) from log a and log b: a running logsumexp that never overflows.
-            total = chunk if total is None else torch.logaddexp(total, chunk)
+    try:
+        with sharing(x) if sharing is not None else contextlib.nullcontext():
+            for eps in normal_chunks(k, chunk_size, mu, generator):
+                chunk = torch.logsumexp(log_weights_from_noise(model, x, mu, logvar, eps)[0], dim=0)
+                # log(a + b) from log a and log b: a running logsumexp that never overflows.
+                total = chunk if total is None else torch.logaddexp(total, chunk)
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        raise torch.OutOfMemoryError(_chunk_advice(e, chunk_size, given, x.shape[0], k)) from e
     return total - math.log(k)
+
+
+def _chunk_advice(e: BaseException, chunk: int, given: bool, batch: int, k: int) -> str:
+    """What an allocation that failed while a chunk was decoded says: the setting that
+    sized the chunk, its value and what to make smaller."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    what = f"decoding {min(chunk, k)} importance samples of each of {batch} examples at once ({first})"
+    if given:
+        return f"out of memory {what}: chunk_size={chunk} is too large for this device; pass a smaller chunk_size"
+    return (f"out of memory {what}: with chunk_size=None the chunk was sized from the batch of {batch} examples "
+            f"(k={k}); pass a smaller batch_size, or a chunk_size below {min(chunk, k)}")

@@ -24,7 +24,9 @@ import math
 import torch
 from torch import Tensor
 
-from .checks import _LOG_2PI, check_generator, check_int, check_number, validate_args_enabled, value_checks
+from .checks import (
+    _LOG_2PI, _value_range, check_generator, check_int, check_number, validate_args_enabled, value_checks,
+)
 from .iw import MEMORY_BUDGET_BYTES, _check_model, _check_samples, randn_like_on
 from .losses import gaussian_kl
 
@@ -57,13 +59,13 @@ def _check_x(model, x) -> None:
         raise ValueError(
             f"x has event shape {tuple(x.shape[1:])} but model.config.input_shape is {tuple(expected)}"
         )
-    if validate_args_enabled():
-        if not bool(torch.isfinite(x).all()):
+    if validate_args_enabled() and x.numel():
+        lo, hi = _value_range(x)  # one pass, no masks of x's size (NaN and infinities show in it)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError("x must be finite, but it holds NaN or infinite values")
         kind = getattr(getattr(model, "config", None), "likelihood", None)
-        if kind in ("bernoulli", "continuous_bernoulli") and not bool(((x >= 0) & (x <= 1)).all()):
-            raise ValueError(f"x must lie in [0, 1] for a {kind} likelihood, got values in "
-                             f"[{float(x.min()):g}, {float(x.max()):g}]")
+        if kind in ("bernoulli", "continuous_bernoulli") and not (lo >= 0 and hi <= 1):
+            raise ValueError(f"x must lie in [0, 1] for a {kind} likelihood, got values in [{lo:g}, {hi:g}]")
 
 
 def _device_of(model, fallback: torch.device) -> torch.device:
@@ -195,6 +197,27 @@ def kl_per_dimension(model, x: Tensor, *, batch_size: int | None = 256) -> Tenso
     return _kl_per_dim_from_params(mu, logvar)
 
 
+def _mi_blocks(n: int, d: int, n_samples: int, itemsize: int):
+    """How :func:`_mutual_information_from_params` splits its work so that what it
+    allocates stays within :data:`vaekit.iw.MEMORY_BUDGET_BYTES`: ``(chunk, rows_for)``,
+    the samples drawn at once and, for a draw of ``s`` samples, the rows of ``log q`` made
+    at once. What it holds: the float64 ``[N, d]`` terms of the means and variances (three,
+    and two temporaries while they are made) and ``[N]`` constants; the draw ``z``
+    ``[s, N, d]`` in the parameters' dtype; and per block of ``b`` rows two float64
+    ``[s, b, N]`` matrices at a time (``log q`` and the term added to it, or logsumexp's
+    shifted copy) and three ``[s, b, d]`` ones. The draw gets half of what the fixed terms
+    leave, the blocks the other half. Usually that is all the samples, in one randn: a
+    CPU randn in pieces is not the same numbers as one randn of them all."""
+    fixed = (5 * d + 2) * n * 8
+    half = max(0, MEMORY_BUDGET_BYTES - fixed) // 2
+    chunk = max(1, min(n_samples, half // (n * d * itemsize)))
+
+    def rows_for(s: int) -> int:
+        return max(1, half // (8 * s * (2 * n + 3 * d)))
+
+    return chunk, rows_for
+
+
 def _mutual_information_from_params(mu, logvar, n_samples, generator) -> Tensor:
     # a bf16 encoder's parameters (precision="bf16") are summarised in float32 at least
     mu, logvar = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (mu, logvar))
@@ -207,18 +230,19 @@ def _mutual_information_from_params(mu, logvar, n_samples, generator) -> Tensor:
     m, inv_var = mu.double() - center, torch.exp(-logvar.double())  # [N, d]
     const = -0.5 * (logvar.double().sum(-1) + d * _LOG_2PI + (m.square() * inv_var).sum(-1))
     m_over_v = m * inv_var
-    # Samples drawn at once: as many as keep z [s, N, d] and one row of log q [s, 1, N] (and
-    # its float64 temporary) within the budget. Usually all of them, in one randn as before
-    # the chunking: a CPU randn in pieces is not the same numbers as one randn of them all.
-    chunk = max(1, MEMORY_BUDGET_BYTES // (n * max(d * mu.element_size(), 2 * 8)))
+    chunk, rows_for = _mi_blocks(n, d, n_samples, mu.element_size())
     total = mu.new_zeros((), dtype=torch.float64)
     for first in range(0, n_samples, chunk):
         s = min(chunk, n_samples - first)
-        z = mu + torch.exp(0.5 * logvar) * randn_like_on((s, n, d), generator, mu)  # [s, N, d]
-        rows = max(1, MEMORY_BUDGET_BYTES // (2 * 8 * s * n))
+        # mu + sigma * noise, computed in the noise's own memory (the same numbers: the
+        # product and the sum commute exactly)
+        z = randn_like_on((s, n, d), generator, mu).mul_(torch.exp(0.5 * logvar)).add_(mu)  # [s, N, d]
+        rows = rows_for(s)
         for start in range(0, n, rows):
             zc = z[:, start : start + rows].double() - center  # [s, b, d]
-            log_q = const - 0.5 * zc.square() @ inv_var.T + zc @ m_over_v.T  # [s, b, N]
+            # const - 0.5 z^2 . (1/v) + z . (m/v), in log_q's own memory: -(a) + c is c - a exactly
+            log_q = (0.5 * zc.square() @ inv_var.T).neg_().add_(const)  # [s, b, N]
+            log_q += zc @ m_over_v.T
             index = torch.arange(start, start + zc.shape[1], device=mu.device)
             # The own term from the same matrix, so that an x-independent encoder gives 0.
             own = log_q.gather(-1, index.expand(s, -1).unsqueeze(-1)).squeeze(-1)
@@ -242,8 +266,10 @@ def mutual_information(
     term is at most ``log N``, so the estimate never exceeds ``log N`` and is biased low
     for the population value whenever that value is not small next to ``log N``. Use
     as many examples as you can afford (the cost is ``N^2 d``). The noise is one
-    ``torch.randn(n_samples, N, d, generator=generator)`` draw when it fits in
-    :data:`vaekit.iw.MEMORY_BUDGET_BYTES`, else one draw per chunk of as many samples as fit.
+    ``torch.randn(n_samples, N, d, generator=generator)`` draw when it fits in half of
+    :data:`vaekit.iw.MEMORY_BUDGET_BYTES` (less the float64 ``[N, d]`` terms of the
+    estimate), else one draw per chunk of as many samples as fit; the estimate's own
+    allocations stay within the budget.
 
     Returns:
         a 0-dim tensor, in nats.

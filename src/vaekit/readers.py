@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checks import check_choice
+from .checks import _count_nonfinite, _value_range, check_choice
 from .io import check_file, file_problem
 
 __all__ = ["read_idx", "download_mnist", "MNIST_FILES"]
@@ -133,13 +133,15 @@ def _as_images(a, source: str, *, stacked_hwc: bool = False) -> Tensor:
     if a.size == 0:
         raise ValueError(f"{source}: the image array is empty, shape {a.shape}")
     if a.dtype == np.uint8:
-        t = torch.from_numpy(a.astype(np.float32) / 255.0)
+        f = a.astype(np.float32)
+        f /= 255.0  # in place: the same float32 quotients as f / 255.0, without a second copy
+        t = torch.from_numpy(f)
     elif a.dtype == np.bool_ or np.issubdtype(a.dtype, np.floating):
         with np.errstate(over="ignore", invalid="ignore"):  # values beyond float32: refused just below
             t = torch.from_numpy(a.astype(np.float32))
-        bad = int((~torch.isfinite(t)).sum())
-        if bad:
-            raise ValueError(f"{source}: {bad} of {t.numel()} values are NaN or infinite (in float32)")
+        if not all(math.isfinite(v) for v in _value_range(t)):  # one pass; masks only for the count
+            raise ValueError(f"{source}: {_count_nonfinite(t)} of {t.numel()} values are NaN or infinite "
+                             f"(in float32)")
     else:
         raise TypeError(f"{source}: images must be uint8 (0..255) or floating point, got dtype {a.dtype}")
     if t.dim() == 3:
