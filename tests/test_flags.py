@@ -182,3 +182,18 @@ def test_a_json_config_with_a_key_given_twice_is_refused(tmp_path, text, key):
     path.write_text(text)
     with pytest.raises(UsageError, match=rf"^--config {re.escape(str(path))}: key '{key}' is given twice"):
         build_config("digits", str(path))
+
+
+def test_the_old_default_tc_estimator_is_taken_from_a_file_and_refused_as_a_flag(tmp_path):
+    """Earlier versions' default tc_estimator "mws" fills every run's config.json: given
+    back with --config under another objective than beta_tcvae, it is read as off; asked
+    for by a flag (an override), it is the user's own inert setting, refused as any other."""
+    path = tmp_path / "old.json"
+    path.write_text('{"objective": {"name": "elbo", "tc_estimator": "mws"}}')
+    assert build_config(config_file=str(path)).objective.tc_estimator == "stratified"
+    with pytest.raises(ValueError, match=r"tc_estimator='mws' applies only to name='beta_tcvae', got name='elbo'"):
+        build_config(overrides={"objective.tc_estimator": "mws"})
+    with pytest.raises(ValueError, match=r"tc_estimator='mws' applies only to name='beta_tcvae'"):
+        build_config(config_file=str(path), overrides={"objective.tc_estimator": "mws"})
+    assert build_config(overrides={"objective.name": "beta_tcvae", "objective.tc_estimator": "mws"}
+                        ).objective.tc_estimator == "mws"

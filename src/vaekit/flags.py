@@ -200,7 +200,7 @@ def build_config(preset: str | None = None, config_file: str | None = None,
         for key, value in (overrides or {}).items():  # (a file's section that is no table is refused here)
             group, field_ = key.split(".", 1)
             user = _merge(user, {group: {field_: list(value) if isinstance(value, tuple) else value}})
-        config = RunConfig.from_dict(_without_the_presets_inert(_merge(PRESETS[name], user), user))
+        config = RunConfig.from_dict(_without_the_presets_inert(_merge(PRESETS[name], user), user, overrides))
         _check_cuda(config.train.device)
     except (TypeError, ValueError) as e:
         said = _schedule_needs_steps(str(e), overrides or {}, config_file, from_file)
@@ -268,11 +268,13 @@ def _check_cuda(device: str) -> None:
                              f"available), got {device!r}")
 
 
-def _without_the_presets_inert(merged: dict, user: dict) -> dict:
+def _without_the_presets_inert(merged: dict, user: dict, overrides: Mapping | None = None) -> dict:
     """``merged`` with each field the preset set (and the user did not) that the user's own
     settings leave with no effect back at its default: ``--preset mnist-pixelcnn
     --pixelcnn-layers 0`` drops the preset's head width, ``--preset mnist-large --objective
-    elbo`` its ``iw_samples``. A user's own setting with no effect stays, to be refused."""
+    elbo`` its ``iw_samples``. A user's own setting with no effect stays, to be refused
+    (an old run's ``config.json`` may record an earlier version's default: a flag, in
+    ``overrides``, is refused whatever its value)."""
     from .data import data_without_inert
     from .model_config import model_without_inert
     from .objectives import without_inert
@@ -281,7 +283,12 @@ def _without_the_presets_inert(merged: dict, user: dict) -> dict:
     for section, reset in (("data", data_without_inert), ("model", model_without_inert), ("objective", without_inert)):
         mine = user.get(section, {})
         if isinstance(out.get(section), dict) and isinstance(mine, dict):
-            out[section] = reset(out[section], keep=frozenset(mine))
+            keep = frozenset(mine)
+            if section == "objective":
+                given = frozenset(k.partition(".")[2] for k in (overrides or {}) if k.startswith("objective."))
+                out[section] = reset(out[section], keep=keep, given=given)
+            else:
+                out[section] = reset(out[section], keep=keep)
     return out
 
 

@@ -423,18 +423,19 @@ def _kl_weight_unused(name, capacity_max) -> bool:
     return name == "iwae" or capacity_max > 0
 
 
-def without_inert(section: dict, keep=()) -> dict:
+def without_inert(section: dict, keep=(), given=()) -> dict:
     """A saved ``objective`` section with each field that could have no effect there (the
     ``_ONLY_FOR`` / ``_ONLY_WITH`` cases, which earlier versions accepted: ``warmup_steps``
     with the constant schedule, ...) set to its "off" value, so that runs saved then still
     load: they trained exactly as the section now says. Fields in ``keep`` stay as they
     are (:func:`vaekit.flags.build_config` keeps the user's own, to be refused), but for
     an earlier version's off value (``tc_estimator="mws"``, the default before
-    "stratified", which a run's ``config.json`` given to ``--config`` records)."""
+    "stratified", which a run's ``config.json`` given to ``--config`` records); fields in
+    ``given`` (the user's flags, not a file) stay whatever their value."""
     defaults = {name: f.default for name, f in ObjectiveConfig.__dataclass_fields__.items()}
     out = dict(section)
     for field, (objective, off) in _ONLY_FOR.items():
-        mine = field in keep and not (field in _OLD_OFF and out.get(field) == _OLD_OFF[field])
+        mine = field in given or (field in keep and not (field in _OLD_OFF and out.get(field) == _OLD_OFF[field]))
         if field in out and not mine and out.get("name", defaults["name"]) != objective:
             out[field] = off
     try:
