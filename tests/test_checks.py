@@ -290,3 +290,22 @@ def test_check_images_reads_the_data_without_copies_of_it():
     with pytest.raises(ValueError, match=r"^x must lie in \[0, 1\], got values in \[0, 1\.5\]$"):
         check_images(y, "x")
     assert check_images(y, "x", support="real") is y
+
+
+def test_holds_for_all_sees_every_row_of_every_block():
+    """The test is made a block of rows at a time (4 rows of 2^20 values here, so three
+    blocks for 10 rows): a single failing value in any row, the last block's short one
+    included, makes it false; a tensor that passes everywhere is true, as the one-mask
+    computation says."""
+    from vaekit.checks import _holds_for_all
+
+    t = torch.zeros(10, 1 << 20, dtype=torch.uint8)
+    binary = lambda b: (b == 0) | (b == 1)  # noqa: E731
+    assert _holds_for_all(t, binary) and bool(binary(t).all())
+    for row in range(10):
+        t[row, -1] = 2
+        assert not _holds_for_all(t, binary), row
+        t[row, -1] = 1
+    assert _holds_for_all(t, binary)
+    assert _holds_for_all(torch.tensor(1.0), binary) and not _holds_for_all(torch.tensor(3.0), binary)
+    assert _holds_for_all(torch.zeros(0, 3), binary)

@@ -176,6 +176,15 @@ def _value_range(t: Tensor) -> tuple[float, float]:
     return tuple(torch.stack((lo, hi)).tolist())  # one device synchronisation, not two
 
 
+def _holds_for_all(t: Tensor, test) -> bool:
+    """Whether ``test(block)``, a boolean tensor, is true everywhere for every block of
+    ``t``'s rows: the masks ``test`` makes stay a few MB, whatever the data set."""
+    if t.dim() == 0 or t.numel() == 0:
+        return bool(test(t).all())
+    rows = max(1, (1 << 22) // max(1, t[0].numel()))
+    return all(bool(test(t[i : i + rows]).all()) for i in range(0, t.shape[0], rows))
+
+
 def _count_nonfinite(t: Tensor) -> int:
     """How many of ``t``'s values are NaN or infinite, counted a block of rows at a time
     so that the masks stay small (a data set of any size costs a few MB here)."""

@@ -24,7 +24,7 @@ from torch import nn
 
 from .adam_tail import adam_tail_unsupported
 from .batching import BatchIterator, fits_on_device, mix_seed
-from .checks import slow_bf16_note
+from .checks import _holds_for_all, slow_bf16_note
 from .config import RunConfig, TrainConfig
 from .data import FILE_DATASETS, check_images, load_dataset
 from .fast import StaticStep
@@ -83,7 +83,7 @@ def _check_training_data(data, likelihood: str) -> None:
 
 def _levels(t: torch.Tensor, n: int) -> bool:
     """Whether every value of ``t`` is a level k/n in [0, 1]."""
-    return bool(((t * n - torch.round(t * n)).abs() < 1e-3).all() & (t >= 0).all() & (t <= 1).all())
+    return _holds_for_all(t, lambda b: ((b * n - torch.round(b * n)).abs() < 1e-3) & (b >= 0) & (b <= 1))
 
 
 @dataclasses.dataclass(eq=False)
@@ -300,7 +300,7 @@ def _wire(config: RunConfig, run_dir: Path, state: dict | None, device: torch.de
     data = load_dataset(config.data)
     _check_training_data(data, config.model.likelihood)
     grey = (rank == 0 and config.model.likelihood == "bernoulli" and config.data.binarize == "none"
-            and not bool(((data.train == 0) | (data.train == 1)).all()))
+            and not _holds_for_all(data.train, lambda b: (b == 0) | (b == 1)))
     if config.data.dataset in FILE_DATASETS:
         # the run records where its data are, whatever directory it is evaluated from later
         where = Path(config.data.data_dir or Path("data") / config.data.dataset).expanduser().resolve()
